@@ -1,0 +1,334 @@
+"""The CPU reference: the specification every backend must match bit for bit.
+
+Written in plain torch for clarity, not speed (the CPU backend compiles these same
+functions). Semantics, also in NUMERICS.md:
+
+* A block's amax is the largest finite |x|; NaN and +-Inf do not take part.
+* fp32 scale = amax / qmax (IEEE division); an all-zero block gets scale 1.0.
+* pow2 scale (FP8/INT8) = 2**ceil(log2(amax / qmax)), so nothing overflows.
+* MX scale (OCP MX v1.0) = 2**(floor(log2(amax)) - emax_elem).
+* Codes: q = x / scale (IEEE division), clamped to +-qmax, then rounded to nearest,
+  ties to even, onto the element grid (subnormals kept). +-Inf saturates to +-qmax.
+  NaN encodes as the format's NaN (E4M3/E5M2: 0x7F); formats without NaN encode
+  it as the code of 0.0 (int8: 0, int8_asym: the zero point, E2M1: 0). NaNs are
+  counted by `report`.
+* int8_asym: lo = min(min x, 0), hi = max(max x, 0), scale = (hi - lo) / 255,
+  zero_point = -128 - round(lo / scale), code = clamp(round(x / scale) + zp, -128, 127).
+* Dequantized value = code x scale (int8_asym: (code - zp) x scale), in fp32, cast once.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .spec import (E2M1, E8M0_BIAS, ElementFormat, Format, Granularity, QuantizedTensor, QuantSpec,
+                   ScaleEncoding, INPUT_DTYPES, _cdiv)
+
+# ---- element grids ------------------------------------------------------------------
+
+
+def _exponent(a: torch.Tensor) -> torch.Tensor:
+    """floor(log2(a)) for positive normal fp32 a, read off the bits (-127 for subnormals and 0)."""
+    return ((a.view(torch.int32) >> 23) & 0xFF) - 127
+
+
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """2**e as fp32 for integer e in [-126, 127]."""
+    return ((e + 127) << 23).view(torch.float32)
+
+
+def round_to_grid(v: torch.Tensor, el: ElementFormat) -> torch.Tensor:
+    """Round fp32 `v` (finite, |v| <= el.max) to the nearest value of a minifloat grid, ties to even."""
+    a = v.abs()
+    quantum = _pow2(torch.clamp(_exponent(a), min=el.emin) - el.mbits)
+    return torch.copysign(torch.round(a / quantum) * quantum, v)
+
+
+def encode_minifloat_bits(g: torch.Tensor, el: ElementFormat) -> torch.Tensor:
+    """Raw bits (int32) of grid values `g` (exactly representable in `el`)."""
+    a = g.abs()
+    normal = a >= el.min_normal
+    e = _exponent(a)
+    mant_normal = (a.view(torch.int32) >> (23 - el.mbits)) & ((1 << el.mbits) - 1)
+    normal_bits = ((e + el.bias) << el.mbits) | mant_normal
+    sub_bits = (a / el.min_subnormal).to(torch.int32)
+    bits = torch.where(normal, normal_bits, sub_bits)
+    return bits | (torch.signbit(g).to(torch.int32) << (el.bits - 1))
+
+
+def decode_e2m1(nibbles: torch.Tensor) -> torch.Tensor:
+    """fp32 values of E2M1 codes (int tensor of 4-bit values)."""
+    table = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+    return table[nibbles.long()]
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """(..., K) int codes -> (..., ceil(K/2)) uint8, element 2i in the low nibble."""
+    if codes.shape[-1] % 2:
+        codes = F.pad(codes, (0, 1))
+    codes = codes.to(torch.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of pack_nibbles: (..., ceil(K/2)) uint8 -> (..., K) int32 codes."""
+    low, high = packed & 0xF, packed >> 4
+    return torch.stack([low, high], dim=-1).flatten(-2)[..., :k].to(torch.int32)
+
+
+# ---- blocks --------------------------------------------------------------------------
+
+
+def to_blocks(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """View `x` as (num_blocks, block_elems) fp32, zero-padding ragged blocks.
+
+    Blocks come out in the row-major order of spec.scale_shape(x.shape).
+    """
+    g = spec.granularity
+    x = x.float()
+    if g == Granularity.TENSOR:
+        return x.reshape(1, -1)
+    if g == Granularity.CHANNEL:
+        return x.movedim(spec.axis, 0).reshape(x.shape[spec.axis], -1)
+    if g == Granularity.FLAT:
+        n = spec.block_size
+        flat = x.reshape(-1)
+        return F.pad(flat, (0, (-flat.numel()) % n)).reshape(-1, n)
+    rows, k = math.prod(x.shape[:-1]), x.shape[-1]
+    x2 = x.reshape(rows, k)
+    if g == Granularity.GROUP:
+        gs = spec.group_size
+        return F.pad(x2, (0, (-k) % gs)).reshape(-1, gs)
+    bm, bn = spec.tile
+    x2 = F.pad(x2, (0, (-k) % bn, 0, (-rows) % bm))
+    tr, tc = x2.shape[0] // bm, x2.shape[1] // bn
+    return x2.reshape(tr, bm, tc, bn).permute(0, 2, 1, 3).reshape(tr * tc, bm * bn)
+
+
+def from_blocks(blocks: torch.Tensor, spec: QuantSpec, shape) -> torch.Tensor:
+    """Inverse of to_blocks: (num_blocks, block_elems) -> `shape`, dropping the padding."""
+    shape = tuple(shape)
+    g = spec.granularity
+    numel = math.prod(shape)
+    if g in (Granularity.TENSOR, Granularity.FLAT):
+        return blocks.reshape(-1)[:numel].reshape(shape)
+    if g == Granularity.CHANNEL:
+        moved = (shape[spec.axis],) + shape[:spec.axis % len(shape)] + shape[spec.axis % len(shape) + 1:]
+        return blocks.reshape(moved).movedim(0, spec.axis)
+    rows, k = math.prod(shape[:-1]), shape[-1]
+    if g == Granularity.GROUP:
+        return blocks.reshape(rows, -1)[:, :k].reshape(shape)
+    bm, bn = spec.tile
+    tr, tc = _cdiv(rows, bm), _cdiv(k, bn)
+    x2 = blocks.reshape(tr, tc, bm, bn).permute(0, 2, 1, 3).reshape(tr * bm, tc * bn)
+    return x2[:rows, :k].reshape(shape)
+
+
+# ---- scales --------------------------------------------------------------------------
+
+
+def block_amax(blocks: torch.Tensor) -> torch.Tensor:
+    """Largest finite |x| of each block, (B, 1)."""
+    a = blocks.abs()
+    return torch.where(torch.isfinite(a), a, 0.0).amax(dim=1, keepdim=True)
+
+
+def pow2_exponent(s: torch.Tensor, ceil: bool) -> torch.Tensor:
+    """floor or ceil of log2 of positive fp32 `s`, clamped to E8M0's [-127, 127]."""
+    e = _exponent(s)
+    if ceil:
+        e = e + ((s.view(torch.int32) & 0x7FFFFF) != 0).to(torch.int32)
+    return torch.clamp(e, -127, 127)
+
+
+def compute_scales(blocks: torch.Tensor, spec: QuantSpec):
+    """Per-block (scale fp32 (B, 1), E8M0 exponent or None, zero point or None)."""
+    el = spec.element
+    if spec.format == Format.INT8_ASYM:
+        finite = torch.isfinite(blocks)
+        lo = torch.where(finite, blocks, 0.0).amin(dim=1, keepdim=True).clamp(max=0.0)
+        hi = torch.where(finite, blocks, 0.0).amax(dim=1, keepdim=True).clamp(min=0.0)
+        span = hi - lo
+        scale = torch.where(span > 0, span / 255.0, 1.0)
+        zp = -128 - torch.round(lo / scale)
+        return scale, None, zp
+    amax = block_amax(blocks)
+    if spec.scale_encoding == ScaleEncoding.FP32:
+        return torch.where(amax > 0, amax / el.max, 1.0), None, None
+    if spec.is_mx:
+        e = torch.clamp(_exponent(amax) - el.emax, -127, 127)
+    else:
+        e = pow2_exponent(amax / el.max, ceil=True)
+    e = torch.where(amax > 0, e, 0)
+    return torch.ldexp(torch.ones_like(amax), e.float()), e, None
+
+
+# ---- quantize -----------------------------------------------------------------------
+
+
+def encode_blocks(blocks: torch.Tensor, scale: torch.Tensor, zp, el: ElementFormat):
+    """Codes of `blocks` given per-block scales: fp32 grid values, or int values for int8."""
+    nan = torch.isnan(blocks)
+    q = torch.clamp(blocks / scale, -el.max if zp is None else -math.inf, el.max if zp is None else math.inf)
+    if el.kind == "int":
+        if zp is None:
+            codes = torch.round(torch.clamp(q, -127.0, 127.0))
+        else:
+            codes = torch.clamp(torch.round(torch.clamp(q, -256.0, 256.0)) + zp, -128.0, 127.0)
+        return torch.where(nan, 0.0 if zp is None else zp, codes)
+    return torch.where(nan, q, round_to_grid(torch.where(nan, 0.0, q), el))
+
+
+def store_codes(values: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Grid values (fp32) -> the storage dtype of the spec's codes."""
+    el = spec.element
+    if el.kind == "int":
+        return values.to(torch.int8)
+    if el is E2M1:
+        return pack_nibbles(encode_minifloat_bits(torch.nan_to_num(values, nan=0.0), el))
+    # Exact values only reach this cast; NaN is written explicitly as the canonical code.
+    codes = values.to(el.code_dtype).view(torch.uint8)
+    return torch.where(torch.isnan(values), el.nan_code, codes).view(el.code_dtype)
+
+
+def check_input(x: torch.Tensor, spec: QuantSpec) -> None:
+    if x.dtype not in INPUT_DTYPES:
+        raise TypeError(f"quantize: input dtype {x.dtype} is not supported (expected bfloat16, float16 or float32)")
+    spec.check_shape(x.shape)
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = None) -> QuantizedTensor:
+    """Quantize `x` with `spec`. If `scales` (fp32, shape spec.scale_shape) is given it is used as is."""
+    check_input(x, spec)
+    if scales is not None and spec.format == Format.INT8_ASYM:
+        raise ValueError("quantize: int8_asym derives its scales and zero points; explicit scales are not supported")
+    codes, stored_scales, zero_points = quantize_tensors(x, spec, scales)
+    return QuantizedTensor(codes, as_e8m0(stored_scales), spec, tuple(x.shape), zero_points)
+
+
+def quantize_tensors(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = None):
+    """quantize() on tensors alone: (codes, stored scales, zero points or None)."""
+    blocks = to_blocks(x, spec)
+    if scales is None:
+        scale, e8m0, zp = compute_scales(blocks, spec)
+    else:
+        scale, e8m0, zp = scales.float().reshape(-1, 1), None, None
+    values = from_blocks(encode_blocks(blocks, scale, zp, spec.element).expand(blocks.shape), spec, x.shape)
+    sshape = spec.scale_shape(x.shape)
+    if spec.scale_encoding == ScaleEncoding.POW2:
+        e8m0 = pow2_exponent(scale, ceil=False) if e8m0 is None else e8m0
+        stored_scales = (e8m0 + E8M0_BIAS).to(torch.uint8).reshape(sshape)
+    else:
+        stored_scales = scale.reshape(sshape)
+    zero_points = None if zp is None else zp.to(torch.int8).reshape(sshape)
+    return store_codes(values, spec), stored_scales, zero_points
+
+
+def as_e8m0(stored_scales: torch.Tensor) -> torch.Tensor:
+    """uint8 E8M0 bits -> torch.float8_e8m0fnu (a view; kept outside compiled graphs)."""
+    return stored_scales.view(torch.float8_e8m0fnu) if stored_scales.dtype == torch.uint8 else stored_scales
+
+
+# ---- dequantize ---------------------------------------------------------------------
+
+
+def code_values(qt: QuantizedTensor) -> torch.Tensor:
+    """fp32 values of the codes (before scaling), in the original shape."""
+    el = qt.spec.element
+    if el is E2M1:
+        k = qt.shape[-1] if qt.shape else 1
+        return decode_e2m1(unpack_nibbles(qt.codes, k)).reshape(qt.shape)
+    return qt.codes.float()
+
+
+def scale_values(qt: QuantizedTensor) -> torch.Tensor:
+    """fp32 scales, logical shape spec.scale_shape."""
+    return qt.scales.float()
+
+
+def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    spec = qt.spec
+    vals = to_blocks(code_values(qt), spec)
+    scale = scale_values(qt).reshape(-1, 1)
+    if qt.zero_points is not None:
+        vals = vals - qt.zero_points.float().reshape(-1, 1)
+    out = from_blocks(vals * scale, spec, qt.shape)
+    return out.to(out_dtype or spec.dequant_dtype)
+
+
+# ---- report -------------------------------------------------------------------------
+
+
+def report(x: torch.Tensor, qt: QuantizedTensor) -> dict:
+    """What the server tells a client about a quantization: amax, SQNR, saturation, NaNs."""
+    xf = x.float()
+    finite = torch.isfinite(xf)
+    deq = dequantize(qt, torch.float32)
+    err = torch.where(finite, xf - deq, 0.0).double()
+    sig = torch.where(finite, xf, 0.0).double()
+    noise = float((err * err).sum())
+    signal = float((sig * sig).sum())
+    return {
+        "amax": float(block_amax(xf.reshape(1, -1))) if xf.numel() else 0.0,
+        "sqnr_db": math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf,
+        "saturated": saturated_count(x, qt),
+        "nan_count": int(torch.isnan(xf).sum()),
+    }
+
+
+def saturated_count(x: torch.Tensor, qt: QuantizedTensor) -> int:
+    """Elements whose value fell outside the code range and were clamped (+-Inf included)."""
+    blocks = to_blocks(x, qt.spec)
+    q = blocks / scale_values(qt).reshape(-1, 1)
+    el = qt.spec.element
+    if el.kind == "int":
+        if qt.zero_points is not None:
+            q = torch.round(torch.clamp(q, -512.0, 512.0)) + qt.zero_points.float().reshape(-1, 1)
+            over = (q < -128) | (q > 127)
+        else:
+            over = torch.round(torch.clamp(q.abs(), max=512.0)) > 127
+    else:
+        over = q.abs() > el.max + 2.0 ** (el.emax - el.mbits - 1)
+    return int((over & ~torch.isnan(blocks)).sum())
+
+
+# ---- GEMMs --------------------------------------------------------------------------
+
+
+def matmul(a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """C = A @ B^T for A (M, K) and B (N, K), the nn.Linear convention.
+
+    FP8/MX operands: the dequantized operands multiplied in fp64 per K block and summed
+    in fp32 block by block, as a block-scaled GEMM with fp32 accumulation does.
+    INT8: int32 accumulation of the codes with zero-point correction, then scaled.
+    """
+    if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"matmul: expected A (M, K) and B (N, K), got {list(a.shape)} and {list(b.shape)}")
+    ea, eb = a.spec.element, b.spec.element
+    if (ea.kind == "int") != (eb.kind == "int"):
+        raise ValueError("matmul: cannot mix integer and floating-point operands")
+    if ea.kind == "int":
+        return _int8_matmul(a, b).to(out_dtype)
+    return (dequantize(a, torch.float32).double() @ dequantize(b, torch.float32).double().T).float().to(out_dtype)
+
+
+def _row_scales(qt: QuantizedTensor, rows: int):
+    """Per-row scale and zero point of an int8 operand quantized per tensor or per row (channel axis 0)."""
+    g = qt.spec.granularity
+    if not (g == Granularity.TENSOR or (g == Granularity.CHANNEL and qt.spec.axis in (0, -2))):
+        raise ValueError(f"matmul: int8 operands must be quantized per tensor or per row (channel, axis 0), got {g.value}")
+    scale = qt.scales.float().reshape(-1).expand(rows)
+    zp = (qt.zero_points.int().reshape(-1) if qt.zero_points is not None else torch.zeros(1, dtype=torch.int32)).expand(rows)
+    return scale, zp
+
+
+def _int8_matmul(a: QuantizedTensor, b: QuantizedTensor) -> torch.Tensor:
+    qa, qb = a.codes.to(torch.int64), b.codes.to(torch.int64)
+    k = qa.shape[1]
+    sa, za = _row_scales(a, qa.shape[0])
+    sb, zb = _row_scales(b, qb.shape[0])
+    acc = qa @ qb.T
+    acc = acc - za[:, None] * qb.sum(1)[None, :] - zb[None, :] * qa.sum(1)[:, None] + k * za[:, None] * zb[None, :]
+    return acc.to(torch.int32).float() * (sa[:, None] * sb[None, :])
