@@ -1,0 +1,186 @@
+"""Quantize / dequantize bandwidth on the GPU, against a device-to-device copy and peers.
+
+GB/s counts the bytes each op must move (input read once, codes, scales and outputs
+written once); every ratio is taken against the copy measured in the same run.
+Peers: torch.compile of the reference (dynamic=False) and a DeepSeek-style act_quant
+(one 128-group per program, amax / 448, x / s), written here.
+
+    python3 benchmarks/quantize.py [--out DIR] [--sweep]      (quantd importable: pip install -e .)
+
+Writes DIR/quantize_bench.json and DIR/quantize_bandwidth.png (GB/s against size).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+from quantd.kernels import reference, triton_quantize
+from quantd.kernels.spec import QuantizedTensor, QuantSpec
+from quantd.kernels.triton_dequantize import dequantize
+
+quantize, quantize_dual = triton_quantize.quantize, triton_quantize.quantize_dual
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, y_ptr, s_ptr, BLOCK_SIZE: tl.constexpr):
+    """DeepSeek-V3-style activation quantization: one 1 x 128 group a program."""
+    pid = tl.program_id(axis=0)
+    offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    x = tl.load(x_ptr + offs).to(tl.float32)
+    s = tl.max(tl.abs(x)) / 448.0
+    y = (x / s).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs, y)
+    tl.store(s_ptr + pid, s)
+
+
+def act_quant(x, y, s):
+    _act_quant_kernel[(x.numel() // 128,)](x, y, s, BLOCK_SIZE=128)
+
+
+def bench(fn) -> float:
+    """Median milliseconds."""
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def quant_bytes(x, spec) -> int:
+    n = x.numel()
+    codes = math.prod(spec.code_shape(x.shape))
+    scales = math.prod(spec.scale_shape(x.shape)) * (4 if spec.scale_dtype == torch.float32 else 1)
+    zps = math.prod(spec.scale_shape(x.shape)) if spec.format.value == "int8_asym" else 0
+    return n * x.element_size() + codes + scales + zps
+
+
+CASES = [  # (name, spec)
+    ("fp8 e4m3 1x128", QuantSpec()),
+    ("fp8 e4m3 128x128", QuantSpec(granularity="tile", tile=(128, 128))),
+    ("fp8 e4m3 1x128 pow2", QuantSpec(scale_encoding="pow2")),
+    ("mxfp8", QuantSpec(format="mxfp8")),
+    ("mxfp4", QuantSpec(format="mxfp4")),
+    ("int8 sym 1x128", QuantSpec(format="int8_sym")),
+    ("int8 asym 1x128", QuantSpec(format="int8_asym")),
+    ("fp8 e4m3 tensor", QuantSpec(granularity="tensor")),
+    ("int8 sym channel0", QuantSpec(format="int8_sym", granularity="channel", axis=0)),
+]
+
+
+def run_main(n: int, rows: list, with_compile: bool):
+    x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16) * 3
+    dst = torch.empty_like(x)
+    t_copy = bench(lambda: dst.copy_(x))
+    copy_gbs = 2 * x.numel() * x.element_size() / t_copy / 1e6
+    rows.append(dict(n=n, op="copy", name="torch copy", ms=t_copy, gbs=copy_gbs, ratio=1.0))
+    print(f"{n:>6} copy {t_copy:8.3f} ms {copy_gbs:7.0f} GB/s", flush=True)
+
+    def add(op, name, ms, nbytes):
+        gbs = nbytes / ms / 1e6
+        rows.append(dict(n=n, op=op, name=name, ms=ms, gbs=gbs, ratio=gbs / copy_gbs))
+        print(f"{n:>6} {op:<10} {name:<55} {ms:8.3f} ms {gbs:7.0f} GB/s {gbs / copy_gbs:6.3f} x copy", flush=True)
+
+    for name, spec in CASES:
+        qt = quantize(x, spec)
+        add("quantize", name, bench(lambda: quantize(x, spec)), quant_bytes(x, spec))
+        out_bytes = x.numel() * 2 + quant_bytes(x, spec) - x.numel() * x.element_size()
+        add("dequantize", name + " -> bf16", bench(lambda: dequantize(qt, torch.bfloat16)), out_bytes)
+    spec = QuantSpec()
+    add("quantize", "fp8 e4m3 dual 1x128 + 128x1", bench(lambda: quantize_dual(x, spec)),
+        quant_bytes(x, spec) + x.numel() + quant_bytes(x.T, spec) - x.numel() * x.element_size())
+    y = torch.empty(x.shape, device="cuda", dtype=torch.float8_e4m3fn)
+    s = torch.empty(x.numel() // 128, device="cuda", dtype=torch.float32)
+    add("quantize", "peer: DeepSeek act_quant 1x128", bench(lambda: act_quant(x, y, s)), quant_bytes(x, spec))
+    if with_compile:
+        for name, spec in CASES[:2]:
+            f = torch.compile(lambda t, spec=spec: reference.quantize_tensors(t, spec), dynamic=False)
+            f(x)
+            add("quantize", "peer: torch.compile reference " + name, bench(lambda: f(x)), quant_bytes(x, spec))
+        qt = quantize(x, QuantSpec())
+        g = torch.compile(lambda c, s_: reference.dequantize(QuantizedTensor(c, s_, qt.spec, qt.shape), torch.bfloat16),
+                          dynamic=False)
+        g(qt.codes, qt.scales)
+        add("dequantize", "peer: torch.compile reference fp8 e4m3 1x128 -> bf16",
+            bench(lambda: g(qt.codes, qt.scales)), x.numel() * 3 + qt.scales.numel() * 4)
+
+
+def sweep_configs(n: int):
+    """GB/s of the main kernels over program sizes and warps (prints; picks nothing)."""
+    x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    out = []
+    for elems in (8192, 16384):
+        for warps in (4, 8, 16):
+            triton_quantize.TILE_ELEMS, triton_quantize.TILE_WARPS = elems, warps
+            line = [f"elems {elems:5d} warps {warps:2d}"]
+            for name, spec in CASES[:2] + CASES[4:6]:
+                qt = quantize(x, spec)
+                tq = bench(lambda: quantize(x, spec))
+                td = bench(lambda: dequantize(qt, torch.bfloat16))
+                qb = quant_bytes(x, spec)  # bf16 in: dequantize moves the same bytes
+                line.append(f"{name}: q {qb / tq / 1e6:5.0f} dq {qb / td / 1e6:5.0f}")
+            print(" | ".join(line), flush=True)
+            out.append(line)
+    triton_quantize.TILE_ELEMS, triton_quantize.TILE_WARPS = 8192, None
+    return out
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    names = []
+    for r in rows:
+        if (r["op"], r["name"]) not in names:
+            names.append((r["op"], r["name"]))
+    for op, name in names:
+        pts = sorted((r["n"] * r["n"] * 2 / 2**20, r["gbs"]) for r in rows if r["op"] == op and r["name"] == name)
+        if len(pts) > 1:
+            ax.plot(*zip(*pts), marker="o", label=f"{op}: {name}" if op != "copy" else name,
+                    linestyle="--" if op == "copy" else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("input size (MiB of bf16, square n x n)")
+    ax.set_ylabel("GB/s (bytes read + written)")
+    ax.set_title(f"quantd quantize/dequantize, {torch.cuda.get_device_name()}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--sweep", action="store_true", help="also sweep program sizes and warps")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    args = ap.parse_args()
+    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                python=sys.version.split()[0])
+    print(meta, flush=True)
+    if args.sweep:
+        sweep_configs(16384)
+    rows = []
+    for n in (1024, 2048, 4096, 8192):
+        run_main(n, rows, with_compile=False)
+    run_main(16384, rows, with_compile=not args.no_compile)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "quantize_bench.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    try:
+        plot(rows, os.path.join(args.out, "quantize_bandwidth.png"))
+    except ImportError as e:
+        print("no plot:", e)
+    print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}")
+    print(f"{'n x n bf16':>10} {'op':<10} {'what':<55} {'ms':>8} {'GB/s':>7} {'x copy':>7}")
+    for r in rows:
+        if r["n"] == 16384:
+            print(f"{r['n']:>10} {r['op']:<10} {r['name']:<55} {r['ms']:8.3f} {r['gbs']:7.0f} {r['ratio']:7.3f}")
+
+
+if __name__ == "__main__":
+    main()

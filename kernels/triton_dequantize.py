@@ -1,0 +1,168 @@
+"""Triton dequantization kernel, bit-exact with reference.dequantize.
+
+value = code x scale (int8_asym: (code - zero point) x scale) in fp32, cast once to the
+output dtype. Tiles use the quantize kernels' block geometry (triton_quantize.block_geometry).
+Compiled, fp8 codes are widened by the hardware; interpreted (whose fp8 casts are not
+trusted) and for E2M1, codes are decoded from their bits with the format's constants.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .spec import E2M1, QuantizedTensor, ScaleEncoding, _cdiv
+from .triton_quantize import (MAX_REGISTER_BLOCK, _as_grid, _bytes_of, _pow2, _pow2_ceil, _tile_geometry, _warps,
+                              block_geometry, interpreting)
+
+
+@triton.jit
+def _decode_minifloat(b, NBITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr,
+                      SPECIALS: tl.constexpr):
+    """fp32 value of minifloat bits `b` (int32). SPECIALS 0: none, 1: all-ones is NaN (fn), 2: IEEE inf/NaN."""
+    e = (b >> MBITS) & ((1 << EBITS) - 1)
+    m = b & ((1 << MBITS) - 1)
+    # Normal codes move their fields into fp32's; subnormal ones are m * 2**(1 - BIAS - MBITS).
+    normal = ((e + (127 - BIAS)) << 23) | (m << (23 - MBITS))
+    sub = m.to(tl.float32) * (tl.zeros_like(e) + ((1 - BIAS - MBITS + 127) << 23)).to(tl.float32, bitcast=True)
+    mag = tl.where(e == 0, sub, normal.to(tl.float32, bitcast=True))
+    if SPECIALS == 1:
+        mag = tl.where((e == (1 << EBITS) - 1) & (m == (1 << MBITS) - 1), float("nan"), mag)
+    if SPECIALS == 2:
+        mag = tl.where(e == (1 << EBITS) - 1, tl.where(m == 0, float("inf"), float("nan")), mag)
+    # The sign goes on as a bit: Triton's -x is 0 - x, which loses the sign of zero.
+    sign = ((b >> (NBITS - 1)) & 1) << 31
+    return (mag.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dequantize_kernel(
+    codes_ptr, scales_ptr, zp_ptr, out_ptr,
+    R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sq_p, sq_r, ss_r, ss_c,
+    RB: tl.constexpr, TBR: tl.constexpr, TBRP: tl.constexpr, CB: tl.constexpr, TBC: tl.constexpr, TBCP: tl.constexpr,
+    BLOCKED: tl.constexpr, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr, UNPACK4: tl.constexpr,
+    DECODE_BITS: tl.constexpr, POW2: tl.constexpr, ASYM: tl.constexpr,
+    NBITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, SPECIALS: tl.constexpr,
+    BF16_BITS: tl.constexpr,
+):
+    """Values of one [RB, TBRP, CB, TBCP] tile over the (P, R, C) view (codes and output contiguous).
+
+    BLOCKED: the TBR x TBC sub-tiles are the blocks (one scale each); else each element's
+    block is looked up (on rows and/or columns: BID_ROWS / BID_COLS).
+    DECODE_BITS: codes are raw bits to decode; else the code dtype widens.
+    BF16_BITS: round to bf16 on the bits (the interpreter's fp32 -> bf16 cast truncates).
+    """
+    pid = tl.program_id(0)
+    pid_c = pid % TILES_C
+    pid_r = (pid // TILES_C) % TILES_R
+    p = pid // (TILES_C * TILES_R)
+    rb = tl.arange(0, RB)[:, None, None, None]
+    i = tl.arange(0, TBRP)[None, :, None, None]
+    cb = tl.arange(0, CB)[None, None, :, None]
+    j = tl.arange(0, TBCP)[None, None, None, :]
+    rows = (pid_r * RB + rb) * TBR + i
+    cols = (pid_c * CB + cb) * TBC + j
+    valid = (rows < R) & (cols < C)
+    if TBR != TBRP:
+        valid = valid & (i < TBR)
+    if TBC != TBCP:
+        valid = valid & (j < TBC)
+    q_base = codes_ptr + p.to(tl.int64) * sq_p + rows.to(tl.int64) * sq_r
+    if UNPACK4:
+        jb = tl.arange(0, TBCP // 2)[None, None, None, :]
+        bcols = (pid_c * CB + cb) * (TBC // 2) + jb
+        packed = tl.load(q_base + bcols, mask=(rows < R) & (bcols < sq_r), other=0).to(tl.int32)
+        bits = tl.reshape(tl.join(packed & 0xF, packed >> 4), [RB, TBRP, CB, TBCP])
+        v = _decode_minifloat(bits, NBITS, EBITS, MBITS, BIAS, SPECIALS)
+    elif DECODE_BITS:
+        bits = tl.load(q_base + cols, mask=valid, other=0).to(tl.int32)
+        v = _decode_minifloat(bits, NBITS, EBITS, MBITS, BIAS, SPECIALS)
+    else:
+        v = tl.load(q_base + cols, mask=valid).to(tl.float32)  # masked lanes are never stored
+
+    if BLOCKED:
+        brow = pid_r * RB + rb
+        bcol = pid_c * CB + cb
+        smask = (brow < NBR) & (bcol < NBC)
+        soff = brow.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c
+    else:  # blocks larger than a tile: ids where the block varies, clamped into the grid
+        brow = tl.zeros([1, 1, 1, 1], tl.int32)
+        bcol = tl.zeros([1, 1, 1, 1], tl.int32)
+        if BID_ROWS:
+            brow = tl.minimum(rows // BR, NBR - 1)
+        if BID_COLS:
+            bcol = tl.minimum(cols // BC, NBC - 1)
+        smask = (brow < NBR) & (bcol < NBC)
+        soff = brow.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c
+    if POW2:
+        e8 = tl.load(scales_ptr + soff, mask=smask, other=127).to(tl.int32)
+        scale = tl.where(e8 == 255, float("nan"), _pow2(e8 - 127))
+    else:
+        scale = tl.load(scales_ptr + soff, mask=smask, other=1.0)
+    if ASYM:
+        v = v - tl.load(zp_ptr + soff, mask=smask, other=0).to(tl.float32)
+    out = v * scale
+    o_base = out_ptr + p.to(tl.int64) * R * C + rows.to(tl.int64) * C
+    if BF16_BITS:  # out_ptr is bf16 viewed as int16: round to nearest even on the bits
+        b = out.to(tl.int32, bitcast=True)
+        out = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).to(tl.int16)
+    tl.store(o_base + cols, out.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+def _specials(el) -> int:
+    if not el.has_nan:
+        return 0
+    return 1 if el.emax + el.bias == (1 << el.ebits) - 1 else 2
+
+
+def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
+               exact_fp8: bool | None = None) -> torch.Tensor:
+    """Values of `qt` in `out_dtype` (default: its spec's), on the codes' device; reference semantics.
+
+    exact_fp8: decode fp8 codes from their bits (True) or by the hardware cast (False);
+    default: from bits only when interpreted.
+    """
+    spec, el = qt.spec, qt.spec.element
+    out_dtype = out_dtype or spec.dequant_dtype
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"dequantize: out_dtype {out_dtype} is not supported (expected bfloat16, float16 or float32)")
+    if tuple(qt.codes.shape) != tuple(spec.code_shape(qt.shape)):
+        raise ValueError(f"dequantize: codes of shape {list(qt.codes.shape)} do not fit a tensor of shape "
+                         f"{list(qt.shape)}")
+    numel = math.prod(qt.shape)
+    if numel == 0:
+        return torch.empty(qt.shape, dtype=out_dtype, device=qt.codes.device)
+    (P, R, C), (br, bc) = block_geometry(qt.shape, spec)
+    nbr, nbc = _cdiv(R, br), _cdiv(C, bc)
+    out = torch.empty(qt.shape, dtype=out_dtype, device=qt.codes.device)
+    exact = interpreting() if exact_fp8 is None else bool(exact_fp8)
+    decode_bits = el.kind == "float" and (exact or el is E2M1)
+    codes = qt.codes.contiguous()
+    codes = _bytes_of(codes) if decode_bits else codes
+    pow2 = spec.scale_encoding == ScaleEncoding.POW2
+    scales = _as_grid(qt.scales, nbr, nbc)
+    scales = _bytes_of(scales) if pow2 else scales.float()
+    zps = None
+    if qt.zero_points is not None:  # read with the scales' strides
+        zps = torch.empty_strided(scales.shape, scales.stride(), dtype=torch.int8, device=scales.device)
+        zps.copy_(_as_grid(qt.zero_points, nbr, nbc))
+
+    blocked = _pow2_ceil(br) * _pow2_ceil(bc) <= MAX_REGISTER_BLOCK
+    rb, tbr, tbrp, cb, tbc, tbcp, _ = _tile_geometry(br, bc, R, C, blocked)
+    warps = _warps(rb * tbrp * cb * tbcp)
+    tiles_r, tiles_c = _cdiv(R, rb * tbr), _cdiv(C, cb * tbc)
+    ccols = (C + 1) // 2 if el is E2M1 else C
+    bf16_bits = interpreting() and out_dtype == torch.bfloat16
+    _dequantize_kernel[(P * tiles_r * tiles_c,)](
+        codes, scales, scales if zps is None else zps, out.view(torch.int16) if bf16_bits else out,
+        R, C, nbr, nbc, br, bc, tiles_r, tiles_c, R * ccols, ccols, scales.stride(0), scales.stride(1),
+        RB=rb, TBR=tbr, TBRP=tbrp, CB=cb, TBC=tbc, TBCP=tbcp, BLOCKED=blocked, BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
+        UNPACK4=el is E2M1,
+        DECODE_BITS=decode_bits, POW2=pow2, ASYM=zps is not None,
+        NBITS=el.bits, EBITS=el.ebits, MBITS=el.mbits, BIAS=el.bias, SPECIALS=_specials(el),
+        BF16_BITS=bf16_bits, num_warps=warps,
+    )
+    return out
+

@@ -1,0 +1,592 @@
+"""Triton quantization kernels, bit-exact with kernels/reference.py.
+
+Every granularity is seen through one geometry: the input viewed as (P, R, C) with
+strides, blocks of (BR, BC) elements over the (R, C) plane, shared by all P
+(P > 1 only for a channel axis in the middle of the tensor). Scales are laid out as
+the (NBR, NBC) grid of blocks. Two kernels do all the work:
+
+* `_quantize_kernel` loads a 4-D register tile [RB, BRP, CB, BCP] (RB x CB blocks,
+  each padded to powers of two), reduces each block's amax in registers and writes
+  codes and scales in one read of X. With DUAL it also reduces each column of the
+  tile and writes the transposed, column-wise quantized copy from the same read.
+  When a block is too large for registers (per tensor, per channel, huge groups)
+  or the scales are given, it reads per-block statistics or scales instead.
+* `_block_stats_kernel` computes those statistics for the large blocks with
+  atomic max (exact and order independent, hence deterministic).
+
+Under the Triton interpreter the float -> fp8 cast is wrong, so EXACT_FP8 computes
+fp8 codes with the reference's integer grid arithmetic; compiled kernels use the
+hardware cast (both are checked against the reference on the GPU).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from .dispatch import _with_scale_layout, scale_tensor
+from .spec import E2M1, E4M3, E5M2, Format, Granularity, QuantizedTensor, QuantSpec, ScaleEncoding, _cdiv
+
+# Padded elements a block may have to be reduced in registers; larger ones take two passes.
+MAX_REGISTER_BLOCK = 16384
+# Elements one program covers (bytes in flight per program) and its warps (None: by size);
+# tuned on an H100 by benchmarks/quantize.py.
+TILE_ELEMS = 8192
+TILE_WARPS = None
+# Programs the statistics pass aims at where it can loop (a few waves of the largest GPUs).
+STATS_PROGRAMS = 2048
+
+
+# ---- element arithmetic (shared by every kernel) -----------------------------------------
+
+
+@triton.jit
+def _exponent(a):
+    """floor(log2(a)) of non-negative fp32 `a` from its bits; -127 for zero and subnormals."""
+    return ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+
+
+@triton.jit
+def _pow2(e):
+    """2**e as fp32 for int32 e in [-127, 127] (2**-127 is a subnormal)."""
+    bits = tl.where(e >= -126, (e + 127) << 23, 1 << tl.maximum(e + 149, 0))
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rint(v):
+    """Round fp32 |v| <= 2**22 to an integer, ties to even (exact: the sum's rounding does it)."""
+    return (v + 12582912.0) - 12582912.0  # 1.5 * 2**23
+
+
+@triton.jit
+def _block_scale(amax, nlo, QMAX: tl.constexpr, ASYM: tl.constexpr, POW2: tl.constexpr, MX: tl.constexpr,
+                 EMAX: tl.constexpr):
+    """(scale, zero point) of a block from its finite amax (or, for ASYM, hi = amax and lo = -nlo)."""
+    zp = tl.zeros_like(amax)
+    if ASYM:
+        span = amax + nlo  # hi - lo with lo = -nlo: exact negation, one rounding as in the reference
+        scale = tl.math.div_rn(span, 2 * QMAX + 1)
+        scale = tl.where(scale > 0, scale, 1.0)
+        zp = -(QMAX + 1) - _rint(tl.math.div_rn(-nlo, scale))
+    elif POW2:
+        if MX:
+            e = _exponent(amax) - EMAX
+        else:
+            ratio = tl.math.div_rn(amax, QMAX)
+            e = _exponent(ratio) + ((ratio.to(tl.int32, bitcast=True) & 0x7FFFFF) != 0).to(tl.int32)
+        scale = _pow2(tl.where(amax > 0, tl.minimum(tl.maximum(e, -127), 127), 0))
+    else:
+        scale = tl.math.div_rn(amax, QMAX)
+        scale = tl.where(scale > 0, scale, 1.0)
+    return scale, zp
+
+
+@triton.jit
+def _stored_scale(scale, POW2: tl.constexpr):
+    """What the scale tensor holds: fp32, or the E8M0 byte of floor(log2(scale))."""
+    if POW2:
+        stored = (tl.minimum(tl.maximum(_exponent(scale), -127), 127) + 127).to(tl.uint8)
+    else:
+        stored = scale
+    return stored
+
+
+@triton.jit
+def _quotient(x, scale, SCALE_IS_POW2: tl.constexpr):
+    """x / scale rounded to nearest even fp32 (IEEE division), as the reference divides.
+
+    SCALE_IS_POW2: scale is 2**e, e in [-127, 127]: 1 / scale is exact and x times it
+    rounds as x / scale does (one correctly rounded result of the same real number).
+    """
+    if SCALE_IS_POW2:
+        q = x * tl.math.div_rn(1.0, scale)
+    else:
+        q = tl.math.div_rn(x, scale)
+    return q
+
+
+@triton.jit
+def _encode(x, scale, zp, QMAX: tl.constexpr, IS_INT: tl.constexpr, ASYM: tl.constexpr,
+            NBITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, BIAS: tl.constexpr,
+            NAN_CODE: tl.constexpr, HW_FP8: tl.constexpr, EXACT_FP8: tl.constexpr, SCALE_IS_POW2: tl.constexpr):
+    """Code bits (int32; two's complement for int8) of fp32 `x` under `scale` (and `zp`).
+
+    SCALE_IS_POW2: see _quotient.
+    """
+    q = _quotient(x, scale, SCALE_IS_POW2)
+    if IS_INT:
+        if ASYM:
+            c = _rint(tl.minimum(tl.maximum(q, -2.0 * (QMAX + 1)), 2.0 * (QMAX + 1))) + zp
+            c = tl.minimum(tl.maximum(c, -QMAX - 1.0), QMAX)
+            c = tl.where(x != x, zp, tl.where(q != q, 0.0, c))
+        else:
+            c = _rint(tl.minimum(tl.maximum(q, -QMAX), QMAX))
+            c = tl.where(q != q, 0.0, c)
+        # A NaN quotient of a non-NaN x (Inf / Inf when span overflowed) is stored as torch
+        # stores NaN in int8: 0. (min/max may drop NaN, so this is tested on q.)
+        bits = c.to(tl.int32)
+    else:
+        bits = _encode_float(q, QMAX, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8)
+    return bits
+
+
+@triton.jit
+def _encode_float(q, QMAX: tl.constexpr, NBITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
+                  BIAS: tl.constexpr, NAN_CODE: tl.constexpr, HW_FP8: tl.constexpr, EXACT_FP8: tl.constexpr):
+    """Minifloat code bits of quotients `q`: clamp, round to nearest even, NaN -> NAN_CODE."""
+    qc = tl.minimum(tl.maximum(q, -QMAX), QMAX)  # +-Inf saturates; NaN is replaced below
+    if EXACT_FP8 or HW_FP8 == 0:
+        # The reference's round_to_grid + encode_minifloat_bits, exactly, in integer arithmetic:
+        # normal results round the fp32 bits to MBITS mantissa bits (ties to even; a carry
+        # moves into the exponent) and re-bias; subnormal ones let an fp32 addition round
+        # onto the 2**(EMIN - MBITS) grid and read the multiple off the sum's bits.
+        ab = tl.abs(qc).to(tl.int32, bitcast=True)
+        normal = ((ab + ((1 << (22 - MBITS)) - 1) + ((ab >> (23 - MBITS)) & 1)) >> (23 - MBITS)) \
+            - ((127 - BIAS) << MBITS)
+        magic = tl.zeros_like(ab) + ((EMIN - MBITS + 23 + 127) << 23)  # 2**(EMIN - MBITS + 23)
+        sub = (tl.abs(qc) + magic.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True) - magic
+        bits = tl.where(ab < ((EMIN + 127) << 23), sub, normal)
+        bits = bits | (((qc.to(tl.int32, bitcast=True) >> 31) & 1) << (NBITS - 1))
+    elif HW_FP8 == 1:
+        bits = qc.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+    else:
+        bits = qc.to(tl.float8e5).to(tl.uint8, bitcast=True).to(tl.int32)
+    return tl.where(q != q, NAN_CODE, bits)
+
+
+@triton.jit
+def _load_fp32(ptrs, mask, BF16_BITS: tl.constexpr):
+    """Load as fp32. BF16_BITS: the input is bf16 viewed as int16, widened on the bits
+    (the interpreter's bf16 -> fp32 cast loses subnormals)."""
+    if BF16_BITS:
+        x = (tl.load(ptrs, mask=mask, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _finite_abs(x):
+    a = tl.abs(x)
+    return tl.where(a < float("inf"), a, 0.0)
+
+
+# ---- kernels ------------------------------------------------------------------------------
+
+
+@triton.jit
+def _quantize_kernel(
+    x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr, scales_t_ptr, zp_t_ptr,
+    R, C, NBR, NBC, BR, BC, TILES_R, TILES_C,
+    sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, sst_r, sst_c,
+    RB: tl.constexpr, TBR: tl.constexpr, TBRP: tl.constexpr, CB: tl.constexpr, TBC: tl.constexpr, TBCP: tl.constexpr,
+    SCALE_SRC: tl.constexpr, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr, DUAL: tl.constexpr, PACK4: tl.constexpr,
+    QMAX: tl.constexpr, IS_INT: tl.constexpr, ASYM: tl.constexpr, POW2: tl.constexpr, MX: tl.constexpr,
+    EMAX: tl.constexpr, NBITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, BIAS: tl.constexpr,
+    NAN_CODE: tl.constexpr, HW_FP8: tl.constexpr, EXACT_FP8: tl.constexpr, BF16_BITS: tl.constexpr,
+):
+    """Codes (and scales) of one [RB, TBRP, CB, TBCP] tile.
+
+    The tile holds RB x CB sub-tiles of TBR x TBC elements (padded to TBRP x TBCP).
+    SCALE_SRC 0: sub-tiles are the blocks; their scales are reduced here.
+    SCALE_SRC 1: scales come from per-block stats (amax, or hi and -lo) in stats_ptr.
+    SCALE_SRC 2: scales are given (fp32) in given_ptr.
+    (1 and 2 look blocks up by row and/or column ids: BID_ROWS / BID_COLS.)
+    Codes are written contiguously over (P, R, C) (PACK4: two nibbles a byte along C).
+    DUAL (1 x TBC row groups, RB = TBC rows a program): each column of the tile is also a
+    block of X^T, quantized into codes_t (C, R), scales_t and zp_t from the same registers.
+    """
+    pid = tl.program_id(0)
+    pid_c = pid % TILES_C
+    pid_r = (pid // TILES_C) % TILES_R
+    p = pid // (TILES_C * TILES_R)
+    rb = tl.arange(0, RB)[:, None, None, None]
+    i = tl.arange(0, TBRP)[None, :, None, None]
+    cb = tl.arange(0, CB)[None, None, :, None]
+    j = tl.arange(0, TBCP)[None, None, None, :]
+    rows = (pid_r * RB + rb) * TBR + i
+    cols = (pid_c * CB + cb) * TBC + j
+    valid = (rows < R) & (cols < C)
+    if TBR != TBRP:
+        valid = valid & (i < TBR)
+    if TBC != TBCP:
+        valid = valid & (j < TBC)
+    x_base = x_ptr + p.to(tl.int64) * sx_p
+    x = _load_fp32(x_base + rows.to(tl.int64) * sx_r + cols.to(tl.int64) * sx_c, valid, BF16_BITS)
+
+    if SCALE_SRC == 0:
+        brow = pid_r * RB + rb  # [RB, 1, 1, 1]
+        bcol = pid_c * CB + cb  # [1, 1, CB, 1]
+        if ASYM:
+            hi = tl.max(tl.max(tl.where(x < float("inf"), x, 0.0), axis=3, keep_dims=True), axis=1, keep_dims=True)
+            nlo = tl.max(tl.max(tl.where(-x < float("inf"), -x, 0.0), axis=3, keep_dims=True), axis=1, keep_dims=True)
+            scale, zp = _block_scale(tl.maximum(hi, 0.0), tl.maximum(nlo, 0.0), QMAX, ASYM, POW2, MX, EMAX)
+        else:
+            amax = tl.max(tl.max(_finite_abs(x), axis=3, keep_dims=True), axis=1, keep_dims=True)
+            scale, zp = _block_scale(amax, 0.0, QMAX, ASYM, POW2, MX, EMAX)
+        smask = (brow < NBR) & (bcol < NBC)
+        soff = brow.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c
+        tl.store(scales_ptr + soff, _stored_scale(scale, POW2), mask=smask)
+        if ASYM:
+            tl.store(zp_ptr + soff, zp.to(tl.int32).to(tl.uint8), mask=smask)
+    else:
+        # Blocks larger than a sub-tile: look the blocks up, on 1-D row and column ids where the
+        # block varies (BID_ROWS / BID_COLS), clamped so that padding lanes read a real block.
+        brow = tl.zeros([1, 1, 1, 1], tl.int32)
+        bcol = tl.zeros([1, 1, 1, 1], tl.int32)
+        if BID_ROWS:
+            brow = tl.minimum(rows // BR, NBR - 1)
+        if BID_COLS:
+            bcol = tl.minimum(cols // BC, NBC - 1)
+        bid = brow * NBC + bcol
+        if SCALE_SRC == 1:
+            if ASYM:
+                scale, zp = _block_scale(tl.load(stats_ptr + bid), tl.load(stats_ptr + NBR * NBC + bid),
+                                         QMAX, ASYM, POW2, MX, EMAX)
+            else:
+                scale, zp = _block_scale(tl.load(stats_ptr + bid), 0.0, QMAX, ASYM, POW2, MX, EMAX)
+        else:
+            scale = tl.load(given_ptr + bid)
+            zp = 0.0
+        # Each block's scale is written once, by the program holding its first element.
+        if p == 0:
+            origin = valid & (rows % BR == 0) & (cols % BC == 0)
+            soff = (rows // BR).to(tl.int64) * ss_r + (cols // BC).to(tl.int64) * ss_c
+            tl.store(scales_ptr + soff, _stored_scale(scale, POW2), mask=origin)
+            if ASYM:
+                tl.store(zp_ptr + soff, zp.to(tl.int32).to(tl.uint8), mask=origin)
+
+    # Given scales need not be powers of two even when stored as E8M0.
+    bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
+                   POW2 and SCALE_SRC != 2)
+    q_base = codes_ptr + p.to(tl.int64) * sq_p + rows.to(tl.int64) * sq_r
+    if PACK4:
+        # Element 2i in the low nibble: shift odd elements up and add the pairs (disjoint bits).
+        nib = tl.reshape(bits & 0xF, [RB, TBRP, CB, TBCP // 2, 2]) << (4 * tl.arange(0, 2))[None, None, None, None, :]
+        packed = tl.sum(nib, axis=4)
+        jb = tl.arange(0, TBCP // 2)[None, None, None, :]
+        bcols = (pid_c * CB + cb) * (TBC // 2) + jb
+        bmask = (rows < R) & (bcols < sq_r)  # sq_r = ceil(C / 2) code bytes a row
+        tl.store(q_base + bcols, packed.to(tl.uint8), mask=bmask)
+    else:
+        tl.store(q_base + cols, bits.to(tl.uint8), mask=valid)
+
+    if DUAL:
+        # The column-wise copy: each column of the RB rows (one group of X^T) shares a scale.
+        if ASYM:
+            hi_t = tl.max(tl.where(x < float("inf"), x, 0.0), axis=0, keep_dims=True)
+            nlo_t = tl.max(tl.where(-x < float("inf"), -x, 0.0), axis=0, keep_dims=True)
+            scale_t, zp_t = _block_scale(tl.maximum(hi_t, 0.0), tl.maximum(nlo_t, 0.0), QMAX, ASYM, POW2, MX, EMAX)
+        else:
+            scale_t, zp_t = _block_scale(tl.max(_finite_abs(x), axis=0, keep_dims=True), 0.0,
+                                         QMAX, ASYM, POW2, MX, EMAX)
+        cmask = cols < C  # [1, 1, CB, TBCP]
+        st_off = cols.to(tl.int64) * sst_r + pid_r * sst_c
+        tl.store(scales_t_ptr + st_off, _stored_scale(scale_t, POW2), mask=cmask)
+        if ASYM:
+            tl.store(zp_t_ptr + st_off, zp_t.to(tl.int32).to(tl.uint8), mask=cmask)
+        bits_t = _encode(x, scale_t, zp_t, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
+                         POW2)
+        # Transposed in registers so that the stores run along X^T's rows.
+        bits_t = tl.permute(bits_t.to(tl.uint8), (2, 3, 1, 0))  # [CB, TBCP, 1, RB]
+        rows_t = pid_r * RB + tl.arange(0, RB)[None, None, None, :]
+        cols_t = (pid_c * CB + tl.arange(0, CB)[:, None, None, None]) * TBC + tl.arange(0, TBCP)[None, :, None, None]
+        tl.store(codes_t_ptr + cols_t.to(tl.int64) * R + rows_t, bits_t, mask=(rows_t < R) & (cols_t < C))
+
+
+@triton.jit
+def _block_stats_kernel(
+    x_ptr, stats_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, ITERS, sx_p, sx_r, sx_c,
+    TR: tl.constexpr, TC: tl.constexpr, KEEP_R: tl.constexpr, KEEP_C: tl.constexpr, ASYM: tl.constexpr,
+    BF16_BITS: tl.constexpr,
+):
+    """Per-block finite amax (ASYM: max(x, 0) and max(-x, 0)) by atomic max into zeroed stats.
+
+    A [TR, TC] tile meets at most two blocks along a dim (TR <= BR, TC <= BC) unless that
+    dim's blocks are single rows/columns (KEEP_R / KEEP_C), which stay unreduced. A program
+    takes ITERS tiles, along the columns if KEEP_R else along the rows, reducing them in
+    registers first; ITERS > 1 only where that dim is a single block.
+    """
+    pid = tl.program_id(0)
+    pid_c = pid % TILES_C
+    pid_r = (pid // TILES_C) % TILES_R
+    p = pid // (TILES_C * TILES_R)
+    hi = tl.zeros([TR, TC], tl.float32)
+    nlo = tl.zeros([TR, TC], tl.float32)
+    for it in range(ITERS):
+        if KEEP_R:
+            rows = pid_r * TR + tl.arange(0, TR)[:, None]
+            cols = (pid_c * ITERS + it) * TC + tl.arange(0, TC)[None, :]
+        else:
+            rows = (pid_r * ITERS + it) * TR + tl.arange(0, TR)[:, None]
+            cols = pid_c * TC + tl.arange(0, TC)[None, :]
+        x = _load_fp32(x_ptr + p.to(tl.int64) * sx_p + rows.to(tl.int64) * sx_r + cols.to(tl.int64) * sx_c,
+                       (rows < R) & (cols < C), BF16_BITS)
+        if ASYM:
+            hi = tl.maximum(hi, tl.where(x < float("inf"), x, 0.0))
+            nlo = tl.maximum(nlo, tl.where(-x < float("inf"), -x, 0.0))
+        else:
+            hi = tl.maximum(hi, _finite_abs(x))
+    # Block ids from the first tile: along the looped dim all tiles share one block.
+    if KEEP_R:
+        rows = pid_r * TR + tl.arange(0, TR)[:, None]
+        cols = pid_c * ITERS * TC + tl.arange(0, TC)[None, :]
+        bc0 = (pid_c * ITERS * TC) // BC
+        br0 = (pid_r * TR) // BR
+    else:
+        rows = pid_r * ITERS * TR + tl.arange(0, TR)[:, None]
+        cols = pid_c * TC + tl.arange(0, TC)[None, :]
+        bc0 = (pid_c * TC) // BC
+        br0 = (pid_r * ITERS * TR) // BR
+    for half in tl.static_range(2 if ASYM else 1):
+        v = hi if half == 0 else nlo
+        for sr in tl.static_range(1 if KEEP_R else 2):
+            for sc in tl.static_range(1 if KEEP_C else 2):
+                m = v
+                if KEEP_R:
+                    brow = rows
+                else:
+                    m = tl.max(tl.where(rows // BR == br0 + sr, m, 0.0), axis=0, keep_dims=True)
+                    brow = br0 + sr + tl.zeros([1, 1], tl.int32)
+                if KEEP_C:
+                    bcol = cols
+                else:
+                    m = tl.max(tl.where(cols // BC == bc0 + sc, m, 0.0), axis=1, keep_dims=True)
+                    bcol = bc0 + sc + tl.zeros([1, 1], tl.int32)
+                tl.atomic_max(stats_ptr + half * NBR * NBC + brow * NBC + bcol, m, mask=(brow < NBR) & (bcol < NBC))
+
+
+# ---- host side ----------------------------------------------------------------------------
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def block_geometry(shape, spec: QuantSpec):
+    """((P, R, C), (BR, BC)): how a tensor of `shape` is seen by the kernels.
+
+    The tensor is viewed as (P, R, C); blocks are BR x BC over the (R, C) plane and
+    shared by all P; scales are the (ceil(R/BR), ceil(C/BC)) grid of blocks.
+    """
+    g = spec.granularity
+    shape = tuple(shape)
+    n = math.prod(shape)
+    k = shape[-1] if shape else 1
+    if g == Granularity.CHANNEL:
+        a = spec.axis % len(shape)
+        pre, ch, post = math.prod(shape[:a]), shape[a], math.prod(shape[a + 1:])
+        if post == 1:  # last axis: one block per column of the (rows, C) matrix
+            return (1, pre, ch), (max(pre, 1), 1)
+        return (pre, ch, post), (1, post)
+    if g == Granularity.FLAT:
+        return (1, 1, n), (1, spec.block_size)
+    rows = n // k if k else math.prod(shape[:-1])
+    if g == Granularity.GROUP:
+        return (1, rows, k), (1, spec.group_size)
+    if g == Granularity.TILE:
+        return (1, rows, k), spec.tile
+    return (1, rows, k), (max(rows, 1), max(k, 1))  # tensor: one block
+
+
+def block_view(x: torch.Tensor, spec: QuantSpec):
+    """`x` as its (P, R, C) tensor (a view when torch can express one, else a copy) and (BR, BC)."""
+    dims, block = block_geometry(x.shape, spec)
+    return x.reshape(dims), block
+
+
+def element_constants(spec: QuantSpec, exact_fp8: bool | None = None) -> dict:
+    """The kernels' format constexprs, read off spec.element."""
+    el = spec.element
+    hw = {E4M3.code_dtype: 1, E5M2.code_dtype: 2}.get(el.code_dtype, 0) if el.kind == "float" and el is not E2M1 else 0
+    return dict(
+        QMAX=float(el.max), IS_INT=el.kind == "int", ASYM=spec.format == Format.INT8_ASYM,
+        POW2=spec.scale_encoding == ScaleEncoding.POW2, MX=spec.is_mx, EMAX=el.emax if el.kind == "float" else 0,
+        NBITS=el.bits, MBITS=el.mbits, EMIN=el.emin, BIAS=el.bias, NAN_CODE=el.nan_code if el.has_nan else 0,
+        HW_FP8=hw, EXACT_FP8=interpreting() if exact_fp8 is None else bool(exact_fp8),
+    )
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _as_grid(t: torch.Tensor, nbr: int, nbc: int) -> torch.Tensor:
+    """A scale tensor as its (NBR, NBC) block grid (a view for both layouts)."""
+    return t.reshape(nbr, nbc) if t.dim() != 2 else t
+
+
+def _tile_geometry(br: int, bc: int, rows: int, cols: int, register: bool):
+    """(RB, TBR, TBRP, CB, TBC, TBCP, num_warps) of a quantize/dequantize tile.
+
+    register: the tile is made of whole BR x BC blocks; else of 1 x TBC strips.
+    """
+    if register:  # whole blocks in registers
+        tbr, tbc = br, bc
+        tbrp, tbcp = _pow2_ceil(br), _pow2_ceil(bc)
+    else:  # any tile; blocks are looked up
+        tbr, tbc = 1, min(_pow2_ceil(cols), 1024)
+        tbrp, tbcp = 1, tbc
+    per_block = tbrp * tbcp
+    cb = max(1, min(_pow2_ceil(_cdiv(cols, tbc)), TILE_ELEMS // per_block))
+    rb = max(1, min(_pow2_ceil(_cdiv(rows, tbr)), TILE_ELEMS // (per_block * cb)))
+    elems = rb * tbrp * cb * tbcp
+    return rb, tbr, tbrp, cb, tbc, tbcp, _warps(elems // 2 if register and tbrp == 1 else elems)
+
+
+def _warps(elems: int) -> int:
+    """Warps of a program over `elems` elements: 32 elements a thread, or 64 for row groups
+    (their amax stays within a warp), as measured on an H100 (benchmarks/quantize.py --sweep)."""
+    return TILE_WARPS or max(4, min(16, elems // 1024))
+
+
+def _bf16_bits(x: torch.Tensor) -> bool:
+    return interpreting() and x.dtype == torch.bfloat16
+
+
+def _input_view(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int16) if _bf16_bits(x) else x
+
+
+def _bytes_of(t: torch.Tensor) -> torch.Tensor:
+    """One-byte tensors (fp8, E8M0, int8) as uint8 views; the kernels write raw bits."""
+    return t.view(torch.uint8) if t.element_size() == 1 and t.dtype != torch.uint8 else t
+
+
+def check_scales(scales: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Explicit scales as a flat fp32 tensor on x's device, after the reference's checks."""
+    if spec.format == Format.INT8_ASYM:
+        raise ValueError("quantize: int8_asym derives its scales and zero points; explicit scales are not supported")
+    want = spec.scale_shape(x.shape)
+    if scales.numel() != math.prod(want):
+        raise ValueError(f"quantize: scales must have shape {list(want)}, got {list(scales.shape)}")
+    if scales.device != x.device:
+        raise ValueError(f"quantize: scales are on {scales.device}, the input on {x.device}")
+    return scales.float().reshape(-1).contiguous()
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = None, *,
+             scale_layout: str = "row", exact_fp8: bool | None = None) -> QuantizedTensor:
+    """Quantize `x` (bf16/fp16/fp32, CUDA or, interpreted, CPU) with `spec`; reference semantics.
+
+    scales: explicit fp32 scales of shape spec.scale_shape (static quantization).
+    scale_layout: "row" (row-major) or "col" (the last scale dim slowest).
+    exact_fp8: force (True) or forbid (False) integer fp8 encoding; default: only when interpreted.
+    """
+    reference.check_input(x, spec)
+    given = None if scales is None else check_scales(scales, x, spec)
+    if x.numel() == 0:
+        qt = reference.quantize(x.cpu(), spec, None if scales is None else scales.cpu())
+        return _with_scale_layout(_to_device(qt, x.device), scale_layout)
+    consts = element_constants(spec, exact_fp8)
+    v, (br, bc) = block_view(x, spec)
+    P, R, C = v.shape
+    nbr, nbc = _cdiv(R, br), _cdiv(C, bc)
+    sshape = spec.scale_shape(x.shape)
+    codes = torch.empty(spec.code_shape(x.shape), dtype=spec.code_dtype, device=x.device)
+    stored = scale_tensor(sshape, spec.scale_dtype, x.device, scale_layout)
+    zps = scale_tensor(sshape, torch.int8, x.device, scale_layout) if consts["ASYM"] else None
+    register = given is None and P == 1 and _pow2_ceil(br) * _pow2_ceil(bc) <= MAX_REGISTER_BLOCK
+    stats = None
+    if given is None and not register:
+        stats = _block_stats(v, br, bc, nbr, nbc, consts["ASYM"])
+    grid_s = _as_grid(stored, nbr, nbc)
+    _launch_quantize(v, codes, grid_s, None if zps is None else _as_grid(zps, nbr, nbc), stats, given,
+                     br, bc, nbr, nbc, register, consts, spec)
+    return QuantizedTensor(codes, stored, spec, tuple(x.shape), zps)
+
+
+def _launch_quantize(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, register, consts, spec,
+                     dual_out=None, geometry=None):
+    P, R, C = v.shape
+    rb, tbr, tbrp, cb, tbc, tbcp, warps = geometry or _tile_geometry(br, bc, R, C, register)
+    tiles_r, tiles_c = _cdiv(R, rb * tbr), _cdiv(C, cb * tbc)
+    codes_b = _bytes_of(codes)
+    ccols = (C + 1) // 2 if spec.element.bits == 4 else C  # codes are contiguous over (P, R, C)
+    sq_r, sq_p = ccols, R * ccols
+    dummy = codes_b
+    codes_t = scales_t = zp_t = None
+    if dual_out is not None:
+        codes_t, scales_t, zp_t = dual_out
+    _quantize_kernel[(P * tiles_r * tiles_c,)](
+        _input_view(v), codes_b, _bytes_of(grid_s), dummy if grid_zp is None else _bytes_of(grid_zp),
+        dummy if stats is None else stats, dummy if given is None else given,
+        dummy if codes_t is None else _bytes_of(codes_t), dummy if scales_t is None else _bytes_of(scales_t),
+        dummy if zp_t is None else _bytes_of(zp_t),
+        R, C, nbr, nbc, br, bc, tiles_r, tiles_c,
+        v.stride(0), v.stride(1), v.stride(2), sq_p, sq_r, grid_s.stride(0), grid_s.stride(1),
+        0 if scales_t is None else scales_t.stride(0), 0 if scales_t is None else scales_t.stride(1),
+        RB=rb, TBR=tbr, TBRP=tbrp, CB=cb, TBC=tbc, TBCP=tbcp,
+        SCALE_SRC=0 if register else (1 if stats is not None else 2), BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
+        DUAL=dual_out is not None,
+        PACK4=spec.element.bits == 4, BF16_BITS=_bf16_bits(v), num_warps=warps, **consts,
+    )
+
+
+def _block_stats(v, br, bc, nbr, nbc, asym):
+    P, R, C = v.shape
+    keep_r, keep_c = br == 1, bc == 1
+    tc = min(_pow2_ceil(C), 256) if keep_c else min(_pow2_ceil(C), 256, 1 << (bc.bit_length() - 1))
+    tr_cap = max(1, 4096 // tc)
+    tr = min(_pow2_ceil(R), tr_cap) if keep_r else min(_pow2_ceil(R), tr_cap, 1 << (br.bit_length() - 1))
+    stats = torch.zeros((2 if asym else 1) * nbr * nbc, dtype=torch.float32, device=v.device)
+    tiles_r, tiles_c = _cdiv(R, tr), _cdiv(C, tc)
+    # Fewer, longer programs (fewer atomics on one address) where the looped dim is one block.
+    iters = 1
+    if (bc >= C) if keep_r else (br >= R):
+        iters = max(1, min(tiles_c if keep_r else tiles_r, P * tiles_r * tiles_c // STATS_PROGRAMS))
+        if keep_r:
+            tiles_c = _cdiv(tiles_c, iters)
+        else:
+            tiles_r = _cdiv(tiles_r, iters)
+    _block_stats_kernel[(P * tiles_r * tiles_c,)](
+        _input_view(v), stats, R, C, nbr, nbc, br, bc, tiles_r, tiles_c, iters, v.stride(0), v.stride(1), v.stride(2),
+        TR=tr, TC=tc, KEEP_R=keep_r, KEEP_C=keep_c, ASYM=asym, BF16_BITS=_bf16_bits(v), num_warps=4,
+    )
+    return stats
+
+
+def quantize_dual(x: torch.Tensor, spec: QuantSpec, *, scale_layout: str = "row",
+                  exact_fp8: bool | None = None):
+    """From one read of X (M, K): (X quantized 1 x g along rows, X^T (K, M) quantized 1 x g along its rows).
+
+    The second is what reference.quantize(x.T.contiguous(), spec) gives: the 128x1 column
+    blocks of X that a backward pass needs. spec must be group granularity with a
+    power-of-two group size and one byte a code (not mxfp4).
+    """
+    reference.check_input(x, spec)
+    if x.dim() != 2:
+        raise ValueError(f"quantize_dual: expected a 2-D tensor, got shape {list(x.shape)}")
+    g = spec.group_size
+    if spec.granularity != Granularity.GROUP or g & (g - 1) or g > 256:
+        raise ValueError("quantize_dual: needs group granularity with a power-of-two group size <= 256, "
+                         f"got {spec.describe()}")
+    if spec.element.bits != 8:
+        raise ValueError(f"quantize_dual: {spec.format.value} packs two codes a byte; the dual layout needs one")
+    if x.numel() == 0:
+        return quantize(x, spec, scale_layout=scale_layout), quantize(x.T, spec, scale_layout=scale_layout)
+    consts = element_constants(spec, exact_fp8)
+    M, K = x.shape
+    v = x.reshape(1, M, K)
+    outs = []
+    for shape in ((M, K), (K, M)):
+        sshape = spec.scale_shape(shape)
+        outs.append((torch.empty(shape, dtype=spec.code_dtype, device=x.device),
+                     scale_tensor(sshape, spec.scale_dtype, x.device, scale_layout),
+                     scale_tensor(sshape, torch.int8, x.device, scale_layout) if consts["ASYM"] else None))
+    (codes, stored, zps), (codes_t, stored_t, zps_t) = outs
+    cb = max(1, min(_pow2_ceil(_cdiv(K, g)), max(1, TILE_ELEMS // (g * g))))
+    geometry = (g, 1, 1, cb, g, g, _warps(g * g * cb))
+    _launch_quantize(v, codes, stored, zps, None, None, 1, g, M, _cdiv(K, g), True, consts, spec,
+                     dual_out=(codes_t, stored_t, zps_t), geometry=geometry)
+    return (QuantizedTensor(codes, stored, spec, (M, K), zps), QuantizedTensor(codes_t, stored_t, spec, (K, M), zps_t))
+
+
+def _to_device(qt: QuantizedTensor, device) -> QuantizedTensor:
+    zp = None if qt.zero_points is None else qt.zero_points.to(device)
+    return QuantizedTensor(qt.codes.to(device), qt.scales.to(device), qt.spec, qt.shape, zp)

@@ -1,0 +1,144 @@
+"""Triton dequantize kernel against reference.dequantize, bit for bit (any NaN matches any NaN).
+
+Without a GPU (CI) the kernel runs under the Triton interpreter, where fp8 codes are
+decoded from their bits with the format's constants (exact_fp8) and bf16 results are
+rounded on the bits (the interpreter's fp32 -> bf16 cast truncates). The `gpu` tests
+check the compiled kernel, whose fp8 codes are widened by the hardware, and the
+bit-decoding path compiled, on every code and many shapes.
+"""
+import pytest
+import torch
+
+from quantd.kernels import dispatch, reference
+from quantd.kernels.spec import QuantizedTensor, QuantSpec
+from quantd.kernels.triton_dequantize import dequantize
+from triton_cases import DTYPES, all_specs, assert_same_values, random_input, reference_quantize
+
+SPECS = all_specs()
+SPEC_IDS = [i for i, _ in SPECS]
+
+
+def check(qt: QuantizedTensor, out_dtype, **kw):
+    want = reference.dequantize(_on_cpu(qt), out_dtype)
+    assert_same_values(dequantize(qt, out_dtype, **kw), want)
+
+
+def _on_cpu(qt: QuantizedTensor) -> QuantizedTensor:
+    zp = None if qt.zero_points is None else qt.zero_points.cpu()
+    return QuantizedTensor(qt.codes.cpu(), qt.scales.cpu(), qt.spec, qt.shape, zp)
+
+
+def _to(qt: QuantizedTensor, device) -> QuantizedTensor:
+    zp = None if qt.zero_points is None else qt.zero_points.to(device)
+    return QuantizedTensor(qt.codes.to(device), qt.scales.to(device), qt.spec, qt.shape, zp)
+
+
+def random_codes(spec: QuantSpec, shape, gen: torch.Generator) -> QuantizedTensor:
+    """Arbitrary code bytes (NaN/Inf codes included), random scales (E8M0: every byte but NaN)
+    and zero points: the kernel must decode whatever arrives, not only what quantize writes."""
+    cshape, sshape = spec.code_shape(shape), spec.scale_shape(shape)
+    codes = torch.randint(0, 256, cshape, generator=gen, dtype=torch.int32).to(torch.uint8)
+    if spec.element.bits == 4 and shape[-1] % 2:
+        codes[..., -1] &= 0xF  # the pad nibble is zero
+    codes = codes.view(spec.code_dtype)
+    if spec.scale_dtype == torch.float32:
+        scales = torch.exp2(torch.randn(sshape, generator=gen) * 20)
+    else:
+        scales = torch.randint(0, 255, sshape, generator=gen, dtype=torch.int32).to(torch.uint8).view(spec.scale_dtype)
+    zp = None
+    if spec.format.value == "int8_asym":
+        zp = torch.randint(-128, 128, sshape, generator=gen, dtype=torch.int32).to(torch.int8)
+    return QuantizedTensor(codes, scales, spec, tuple(shape), zp)
+
+
+# ---- CI: interpreter, CPU tensors -------------------------------------------------------
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("spec", [s for _, s in SPECS], ids=SPEC_IDS)
+def test_matches_reference(spec, out_dtype, rng):
+    check(reference_quantize(random_input((37, 300), torch.bfloat16, rng), spec), out_dtype)
+    check(random_codes(spec, (37, 300), rng), out_dtype)
+
+
+@pytest.mark.parametrize("spec", [s for _, s in SPECS], ids=SPEC_IDS)
+def test_shapes(spec, rng):
+    for shape in ((3, 20, 50), (1000,), (1, 1), (70, 33)):
+        check(random_codes(spec, shape, rng), torch.float32)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "mxfp4", "mxfp8", "int8_sym"])
+def test_every_code(fmt):
+    """All codes under unit and extreme E8M0/fp32 scales."""
+    spec = QuantSpec(format=fmt, granularity="group", group_size=32)
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).repeat(4).reshape(4, 256)
+    if spec.element.bits == 4:
+        codes = codes.reshape(4, 256)
+        shape = (4, 512)
+    else:
+        shape = (4, 256)
+    nb = spec.scale_shape(shape)
+    if spec.scale_dtype == torch.float32:
+        scales = torch.tensor([1.0, 2.0 ** -149, 3.0e38, 0.1]).reshape(4, 1).expand(nb).contiguous()
+    else:
+        scales = torch.tensor([127, 0, 254, 3], dtype=torch.uint8).reshape(4, 1).expand(nb).contiguous()
+        scales = scales.view(spec.scale_dtype)
+    qt = QuantizedTensor(codes.view(spec.code_dtype), scales, spec, shape)
+    for out_dtype in DTYPES:
+        check(qt, out_dtype)
+
+
+def test_column_major_scales(rng):
+    x = random_input((37, 300), torch.float16, rng)
+    for spec in (QuantSpec(), QuantSpec(format="int8_asym"), QuantSpec(format="mxfp4"),
+                 QuantSpec(granularity="tile", tile=(16, 128))):
+        qt = dispatch.quantize(x, spec, backend="triton", scale_layout="col")
+        assert qt.scales.stride(0) == 1
+        check(qt, torch.bfloat16)
+
+
+def test_round_trip_through_dispatch(rng):
+    x = random_input((64, 256), torch.bfloat16, rng)
+    qt = dispatch.quantize(x, QuantSpec(format="int8_asym"), backend="triton")
+    assert_same_values(dispatch.dequantize(qt, backend="triton"), reference.dequantize(_on_cpu(qt)))
+
+
+def test_bad_input():
+    qt = reference.quantize(torch.randn(4, 256), QuantSpec())
+    with pytest.raises(TypeError, match="out_dtype"):
+        dequantize(qt, torch.int32)
+    with pytest.raises(ValueError, match="do not fit"):
+        dequantize(QuantizedTensor(qt.codes[:, :100], qt.scales, qt.spec, qt.shape), torch.float32)
+
+
+# ---- GPU: compiled kernel, CUDA tensors ---------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("spec", [s for _, s in SPECS], ids=SPEC_IDS)
+def test_gpu_matches_reference(spec, out_dtype, rng):
+    if out_dtype != torch.bfloat16 and not spec.is_mx and spec.granularity.value not in ("group", "tensor"):
+        pytest.skip("other output dtypes are covered on the group, tensor and MX specs")
+    for shape in ((1, 1), (3, 129), (127, 257), (1024, 4096), (4097, 1000)):
+        check(_to(random_codes(spec, shape, rng), "cuda"), out_dtype)
+    check(_to(reference_quantize(random_input((1024, 1000), torch.bfloat16, rng), spec), "cuda"), out_dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("exact_fp8", [False, True], ids=["hw_cast", "exact"])
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "mxfp4", "mxfp8"])
+def test_gpu_every_code(fmt, exact_fp8, rng):
+    spec = QuantSpec(format=fmt, granularity="group", group_size=32)
+    shape = (64, 4096)
+    qt = random_codes(spec, shape, rng)
+    qt.codes.view(torch.uint8).reshape(-1)[:256] = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    for out_dtype in DTYPES:
+        check(_to(qt, "cuda"), out_dtype, exact_fp8=exact_fp8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", [QuantSpec(), QuantSpec(granularity="tile", tile=(128, 128)),
+                                  QuantSpec(format="mxfp4"), QuantSpec(format="int8_asym")], ids=str)
+def test_gpu_large(spec, rng):
+    check(_to(random_codes(spec, (16384, 4096), rng), "cuda"), torch.bfloat16)

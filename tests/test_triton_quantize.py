@@ -1,0 +1,235 @@
+"""Triton quantize kernels against the CPU reference, bit for bit (codes, scales, zero points).
+
+Without a GPU (CI) the kernels run under the Triton interpreter on CPU tensors. The
+interpreter's float -> fp8 cast is wrong, so there the kernels encode fp8 with exact
+integer arithmetic (exact_fp8, on by default when interpreted): CI checks that path,
+for every format and granularity. The hardware fp8 cast used by compiled kernels is
+checked by the `gpu` tests (pytest -m gpu on a GPU machine), which also run the
+exact path compiled, and every bf16/fp16 bit pattern through both.
+"""
+import pytest
+import torch
+
+from quantd.kernels import dispatch, reference
+from quantd.kernels.spec import QuantSpec
+from quantd.kernels import triton_quantize
+from quantd.kernels.triton_quantize import quantize, quantize_dual
+from triton_cases import (DTYPES, FP8, all_specs, assert_same_qt, random_input, reference_quantize)
+
+SPECS = all_specs()
+SPEC_IDS = [i for i, _ in SPECS]
+DUAL_FORMATS = ("fp8_e4m3", "fp8_e5m2", "int8_sym", "int8_asym", "mxfp8")
+
+
+def check(x, spec, scales=None, **kw):
+    assert_same_qt(quantize(x, spec, scales, **kw), reference_quantize(x, spec, scales))
+
+
+# ---- CI: interpreter, CPU tensors -------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("spec", [s for _, s in SPECS], ids=SPEC_IDS)
+def test_matches_reference(spec, dtype, rng):
+    check(random_input((37, 300), dtype, rng), spec)
+
+
+@pytest.mark.parametrize("spec", [s for _, s in SPECS], ids=SPEC_IDS)
+def test_shapes_and_strides(spec, rng):
+    """1-D, 3-D and non-contiguous (transposed, sliced) inputs, all-zero and all-subnormal tensors."""
+    check(random_input((3, 20, 50), torch.bfloat16, rng), spec)
+    check(random_input((1000,), torch.float16, rng), spec)
+    check(random_input((160, 70), torch.float32, rng).T, spec)
+    check(random_input((40, 400), torch.bfloat16, rng)[::3, 7:390:2], spec)
+    check(torch.zeros(5, 70), spec)
+    check((torch.randint(-40, 40, (5, 70), generator=rng) * torch.finfo(torch.float32).tiny / 64), spec)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2, -1])
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8_asym"])
+def test_channel_any_axis(fmt, axis, rng):
+    check(random_input((6, 20, 30), torch.bfloat16, rng), QuantSpec(format=fmt, granularity="channel", axis=axis))
+    check(random_input((6, 20, 30), torch.float32, rng).permute(2, 0, 1),
+          QuantSpec(format=fmt, granularity="channel", axis=axis))
+
+
+@pytest.mark.parametrize("spec", [
+    QuantSpec(group_size=2048), QuantSpec(format="int8_asym", group_size=20001),
+    QuantSpec(format="fp8_e5m2", granularity="tile", tile=(130, 150), scale_encoding="pow2"),
+    QuantSpec(format="int8_sym", granularity="flat", block_size=33333)], ids=str)
+def test_blocks_too_large_for_registers(spec, rng):
+    """Blocks over MAX_REGISTER_BLOCK take the statistics pass (tiles straddle block edges)."""
+    check(random_input((300, 700), torch.bfloat16, rng), spec)
+
+
+@pytest.mark.parametrize("spec", [
+    QuantSpec(granularity="tensor"), QuantSpec(format="int8_asym", granularity="tensor"),
+    QuantSpec(format="int8_sym", granularity="channel", axis=-1), QuantSpec(granularity="channel", axis=1),
+    QuantSpec(format="int8_asym", granularity="channel", axis=0)], ids=str)
+def test_statistics_pass_loops(spec, rng, monkeypatch):
+    """Programs of the statistics pass that reduce several tiles in registers before their atomics."""
+    monkeypatch.setattr(triton_quantize, "STATS_PROGRAMS", 2)
+    check(random_input((6, 300, 200), torch.bfloat16, rng), spec)
+
+
+STATIC_SPECS = [s for i, s in SPECS
+                if "asym" not in i and any(g in i for g in ("group128", "tensor", "channel", "tile16"))]
+
+
+@pytest.mark.parametrize("spec", STATIC_SPECS + [QuantSpec(format="mxfp8")], ids=str)
+def test_explicit_scales(spec, rng):
+    """Static quantization: given scales are used as they are (pow2: stored as floor(log2))."""
+    x = random_input((37, 300), torch.bfloat16, rng)
+    shape = spec.scale_shape(x.shape)
+    scales = torch.exp2(torch.randn(shape, generator=rng) * 4)
+    check(x, spec, scales)
+    # Ties: half-integers under a unit scale round to even on every grid.
+    halves = (torch.arange(-300, 300, dtype=torch.float32) / 2).reshape(6, 100)
+    check(halves, spec, torch.ones(spec.scale_shape(halves.shape)))
+
+
+@pytest.mark.parametrize("fmt", FP8 + ("mxfp4",))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_16bit_input(fmt, dtype):
+    """Every bf16/fp16 bit pattern through the encoder, at unit scale and with scales from the data."""
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).reshape(256, 256)
+    if fmt == "mxfp4":
+        check(x, QuantSpec(format=fmt))
+        return
+    check(x, QuantSpec(format=fmt, granularity="tensor"), torch.ones(()))
+    check(x, QuantSpec(format=fmt, group_size=64))
+
+
+def test_scale_layouts(rng):
+    x = random_input((37, 300), torch.bfloat16, rng)
+    for spec in (QuantSpec(), QuantSpec(format="int8_asym"), QuantSpec(format="mxfp4"),
+                 QuantSpec(granularity="tile", tile=(16, 128))):
+        want = reference_quantize(x, spec)
+        for backend in ("triton", "reference"):
+            got = dispatch.quantize(x, spec, backend=backend, scale_layout="col")
+            assert got.scales.stride()[-1] == got.scales.shape[0] and got.scales.stride()[0] == 1
+            assert_same_qt(got, want)
+            assert torch.equal(dispatch.dequantize(got, backend="reference").view(torch.int16),
+                               reference.dequantize(want).view(torch.int16))
+
+
+@pytest.mark.parametrize("fmt", DUAL_FORMATS)
+@pytest.mark.parametrize("shape", [(256, 384), (200, 130)], ids=str)
+def test_dual_layout(fmt, shape, rng):
+    spec = QuantSpec(format=fmt)
+    x = random_input(shape, torch.bfloat16, rng)
+    rows, cols = quantize_dual(x, spec)
+    want_rows, want_cols = dispatch.quantize_dual(x, spec, backend="reference")
+    assert_same_qt(rows, want_rows)
+    assert_same_qt(cols, want_cols)
+    assert_same_qt(cols, reference_quantize(x.T.contiguous(), spec))
+
+
+def test_dual_through_dispatch_col_scales(rng):
+    x = random_input((128, 256), torch.float16, rng)
+    spec = QuantSpec(scale_encoding="pow2")
+    rows, cols = dispatch.quantize_dual(x, spec, backend="triton", scale_layout="col")
+    assert cols.scales.stride() == (1, cols.scales.shape[0])
+    assert_same_qt(rows, reference_quantize(x, spec))
+    assert_same_qt(cols, reference_quantize(x.T.contiguous(), spec))
+
+
+def test_bad_input():
+    x = torch.randn(4, 256)
+    with pytest.raises(TypeError, match="dtype"):
+        quantize(x.to(torch.int32), QuantSpec())
+    with pytest.raises(ValueError, match="scales must have shape"):
+        quantize(x, QuantSpec(), torch.ones(3))
+    with pytest.raises(ValueError, match="int8_asym"):
+        quantize(x, QuantSpec(format="int8_asym"), torch.ones(4, 2))
+    with pytest.raises(ValueError, match="scale_layout"):
+        quantize(x, QuantSpec(), scale_layout="diagonal")
+    with pytest.raises(ValueError, match="power-of-two"):
+        quantize_dual(x, QuantSpec(group_size=100))
+    with pytest.raises(ValueError, match="two codes a byte"):
+        quantize_dual(x, QuantSpec(format="mxfp4"))
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_dual(x.reshape(2, 2, 256), QuantSpec())
+
+
+def test_empty_input():
+    """Empty tensors follow the reference (which handles an empty last dim)."""
+    check(torch.empty(4, 0), QuantSpec())
+
+
+# ---- GPU: compiled kernels, CUDA tensors --------------------------------------------------
+
+GPU_SHAPES = [(1, 1), (3, 129), (127, 257), (1024, 4096), (4097, 1000)]
+LARGE_SPECS = [QuantSpec(), QuantSpec(granularity="tile", tile=(128, 128)), QuantSpec(format="mxfp8"),
+               QuantSpec(format="mxfp4"), QuantSpec(format="int8_sym"), QuantSpec(format="int8_asym"),
+               QuantSpec(format="fp8_e5m2", granularity="tensor"), QuantSpec(granularity="channel", axis=-1)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("spec", [s for _, s in SPECS], ids=SPEC_IDS)
+def test_gpu_matches_reference(spec, dtype, rng):
+    """Compiled kernels (hardware fp8 cast) on fresh inputs of many shapes; every spec in
+    bf16, the 1x128-group, per-tensor and MX specs in every input dtype."""
+    if dtype != torch.bfloat16 and not spec.is_mx and spec.granularity.value not in ("group", "tensor"):
+        pytest.skip("other input dtypes are covered on the group, tensor and MX specs")
+    for shape in GPU_SHAPES:
+        check(random_input(shape, dtype, rng).cuda(), spec)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", [s for i, s in SPECS if i.startswith("fp8")],
+                         ids=[i for i in SPEC_IDS if i.startswith("fp8")])
+def test_gpu_exact_fp8_path(spec, rng):
+    """The interpreter's integer fp8 encoding, compiled, agrees too."""
+    for shape in GPU_SHAPES[2:]:
+        check(random_input(shape, torch.bfloat16, rng).cuda(), spec, exact_fp8=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", LARGE_SPECS, ids=str)
+def test_gpu_large(spec, rng):
+    check(random_input((16384, 4096), torch.bfloat16, rng).cuda(), spec)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", [s for _, s in SPECS], ids=SPEC_IDS)
+def test_gpu_shapes_and_strides(spec, rng):
+    check(random_input((3, 20, 50), torch.bfloat16, rng).cuda(), spec)
+    check(random_input((100000,), torch.float16, rng).cuda(), spec)
+    check(random_input((1600, 700), torch.float32, rng).cuda().T, spec)
+    check(random_input((400, 4000), torch.bfloat16, rng).cuda()[::3, 7:3900:2], spec)
+    check(torch.zeros(5, 700, device="cuda"), spec)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("exact_fp8", [False, True], ids=["hw_cast", "exact"])
+@pytest.mark.parametrize("fmt", FP8 + ("mxfp8", "mxfp4"))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_every_16bit_input(fmt, dtype, exact_fp8):
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).reshape(256, 256).cuda()
+    if fmt.startswith("mx"):
+        check(x, QuantSpec(format=fmt), exact_fp8=exact_fp8)
+        return
+    check(x, QuantSpec(format=fmt, granularity="tensor"), torch.ones((), device="cuda"), exact_fp8=exact_fp8)
+    check(x, QuantSpec(format=fmt, group_size=64), exact_fp8=exact_fp8)
+    check(x, QuantSpec(format=fmt, group_size=64, scale_encoding="pow2"), exact_fp8=exact_fp8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("exact_fp8", [False, True], ids=["hw_cast", "exact"])
+@pytest.mark.parametrize("fmt", DUAL_FORMATS)
+@pytest.mark.parametrize("shape", [(128, 128), (1000, 3000), (4096, 8192)], ids=str)
+def test_gpu_dual_layout(fmt, shape, exact_fp8, rng):
+    spec = QuantSpec(format=fmt)
+    x = random_input(shape, torch.bfloat16, rng).cuda()
+    rows, cols = quantize_dual(x, spec, exact_fp8=exact_fp8)
+    assert_same_qt(rows, reference_quantize(x, spec))
+    assert_same_qt(cols, reference_quantize(x.T.contiguous(), spec))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", [s for s in STATIC_SPECS if s.granularity.value in ("group", "tensor")], ids=str)
+def test_gpu_explicit_scales(spec, rng):
+    x = random_input((1000, 3000), torch.bfloat16, rng).cuda()
+    check(x, spec, torch.exp2(torch.randn(spec.scale_shape(x.shape), generator=rng) * 4).cuda())
