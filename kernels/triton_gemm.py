@@ -1,0 +1,408 @@
+"""Triton GEMMs on quantized operands: C = A @ B^T for A (M, K) and B (N, K), the nn.Linear convention.
+
+`matmul` picks one of two kernels from the operand specs:
+
+* _scaled_gemm_kernel, FP8 (E4M3/E5M2) or INT8 codes multiplied as they are on the tensor cores.
+  - Scales that vary along K (1 x g groups, bm x g tiles, g a multiple of 128; the DeepSeek-style
+    A 1x128 x B 128x128 recipe): every 128-wide K block's fp32 partial product is scaled by
+    sa[row, k-group] * sb[col, k-group] before it joins the fp32 accumulator.
+  - Scales constant along K (per tensor, or per row: channel axis 0): the K loop sums the codes
+    alone (fp32 for FP8; int32 for INT8, with the int8_asym zero-point correction) and the scales
+    are applied once at the end, exactly as reference._int8_matmul does.
+* _mx_gemm_kernel, MXFP4 / MXFP8 operands (E8M0 scales over 1x32 groups), in any pairing: each tile
+  is upcast in-kernel to bf16 with its power-of-two scale folded in (exact: E2M1/E4M3/E5M2 times a
+  power of two fits bf16's 8-bit significand), then multiplied on the bf16 tensor cores in fp32.
+
+Both kernels are persistent (one or two programs per SM, each walking an L2-friendly tile order) and
+read the codes through TMA tensor descriptors, whose zero fill beyond the edges handles ragged M, N, K.
+Scales are read through plain pointers with any strides (row- or column-major).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .spec import E2M1, MX_BLOCK, Granularity, QuantizedTensor
+
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+K_BLOCK = 128  # BLOCK_K of the FP8/INT8 kernel: K scale groups must be multiples of it
+ONE_SCALE = 0  # "rows per scale" of an operand whose one scale covers every row
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---- kernels ----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_offsets(tile, num_m, num_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """First row and column of `tile`, walking GROUP_M row-tiles per column so B tiles stay in L2."""
+    per_group = GROUP_M * num_n
+    first_m = (tile // per_group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % per_group) % group_m
+    pid_n = (tile % per_group) // group_m
+    return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+
+@triton.jit
+def _scale_ptrs(ptr, start, n, stride, ROWS: tl.constexpr, BLOCK: tl.constexpr, AXIS: tl.constexpr):
+    """Pointers to the scales of rows start..start+BLOCK at K group 0, ROWS rows per scale.
+
+    A single pointer when the whole block shares one scale, else a (BLOCK, 1) (AXIS 0) or
+    (1, BLOCK) (AXIS 1) tensor of them; rows past the end read the last row's scale.
+    """
+    if ROWS == 0:
+        return ptr
+    elif ROWS % BLOCK == 0:
+        return ptr + (start // ROWS) * stride
+    else:
+        rows = tl.minimum(start + tl.arange(0, BLOCK), n - 1)
+        p = ptr + (rows // ROWS) * stride
+        if AXIS == 0:
+            return p[:, None]
+        else:
+            return p[None, :]
+
+
+@triton.jit
+def _store_tile(c_ptr, acc, off_m, off_n, M, N, stride_cm, stride_cn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rm = off_m + tl.arange(0, BLOCK_M)
+    rn = off_n + tl.arange(0, BLOCK_N)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scaled_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr,
+                        M, N, K, stride_cm, stride_cn,
+                        stride_sam, stride_sak, stride_sbn, stride_sbk, stride_za, stride_zb,
+                        group_ka, group_kb,
+                        A_ROWS: tl.constexpr, B_ROWS: tl.constexpr,
+                        SCALE_PER_K: tl.constexpr, IS_INT: tl.constexpr, HAS_ZP: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, CTAS_PER_SM: tl.constexpr,
+                        FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+                        FP8_PROMOTE_K: tl.constexpr = None):
+    """C = (A codes x B codes^T) with A's and B's scales; see the module docstring.
+
+    FP8_PROMOTE_K: K elements the FP8 MMA may sum in its reduced precision before the partial
+    goes to fp32 (None: the whole BLOCK_K).
+    """
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS * CTAS_PER_SM, flatten=FLATTEN,
+                         warp_specialize=WARP_SPECIALIZE):
+        off_m, off_n = _tile_offsets(tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
+        sa_ptrs = _scale_ptrs(sa_ptr, off_m, M, stride_sam, A_ROWS, BLOCK_M, 0)
+        sb_ptrs = _scale_ptrs(sb_ptr, off_n, N, stride_sbn, B_ROWS, BLOCK_N, 1)
+        if IS_INT:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            sum_a = tl.zeros((BLOCK_M, 1), dtype=tl.int32)
+            sum_b = tl.zeros((1, BLOCK_N), dtype=tl.int32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        sa = tl.load(sa_ptrs)  # K group 0: the only one unless SCALE_PER_K
+        sb = tl.load(sb_ptrs)
+        for ki in range(k_tiles):
+            k = ki * BLOCK_K
+            a = a_desc.load([off_m, k])
+            b = b_desc.load([off_n, k])
+            if IS_INT:
+                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+                if HAS_ZP:
+                    sum_a += tl.sum(a.to(tl.int32), axis=1, keep_dims=True)
+                    sum_b += tl.sum(b.to(tl.int32), axis=1)[None, :]
+            elif SCALE_PER_K:
+                # The next block's scales are loaded a block ahead, so their latency hides behind this MMA.
+                k_next = tl.minimum(k + BLOCK_K, K - 1)
+                sa_next = tl.load(sa_ptrs + (k_next // group_ka) * stride_sak)
+                sb_next = tl.load(sb_ptrs + (k_next // group_kb) * stride_sbk)
+                # A fresh dot per K block: Hopper's FP8 MMA accumulates in reduced precision, so
+                # each block's partial is promoted to the fp32 accumulator (and scaled there).
+                acc += tl.dot(a, b.T, max_num_imprecise_acc=FP8_PROMOTE_K) * (sa * sb)
+                sa = sa_next
+                sb = sb_next
+            else:
+                acc += tl.dot(a, b.T, max_num_imprecise_acc=FP8_PROMOTE_K)
+        if IS_INT:
+            if HAS_ZP:
+                za = tl.load(_scale_ptrs(za_ptr, off_m, M, stride_za, A_ROWS, BLOCK_M, 0)).to(tl.int32)
+                zb = tl.load(_scale_ptrs(zb_ptr, off_n, N, stride_zb, B_ROWS, BLOCK_N, 1)).to(tl.int32)
+                acc = acc - za * sum_b - zb * sum_a + K * za * zb
+            acc = acc.to(tl.float32)
+        if not SCALE_PER_K:
+            acc = acc * (sa * sb)
+        _store_tile(c_ptr, acc, off_m, off_n, M, N, stride_cm, stride_cn, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _e2m1_to_f32(codes):
+    """fp32 values of 4-bit E2M1 codes (any int tensor holding 0..15), built from the bits."""
+    c = codes.to(tl.int32)
+    exp = (c >> 1) & 3
+    man = c & 1
+    # exponent field 0 is the subnormal 0.5 (or zero); otherwise 2**(exp-1) * (1 + man/2)
+    bits = tl.where(exp == 0, man * (126 << 23), ((exp + 126) << 23) | (man << 22))
+    bits = bits | ((c & 8) << 28)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e8m0_to_f32(e):
+    """2**(e - 127) as fp32 for E8M0 bits e (0 gives the subnormal 2**-127)."""
+    e = e.to(tl.int32)
+    return tl.where(e == 0, 0x00400000, e << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mx_tile(desc, s_ptrs, stride_sk, k_groups, off, k, FP4: tl.constexpr, ROWS: tl.constexpr,
+             BLOCK_K: tl.constexpr, GROUP: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Values (codes x scale) of an MX operand's (ROWS, BLOCK_K) tile at row `off`, column `k`.
+
+    bf16, or fp32 if DOT_FP32.
+    """
+    if FP4:
+        packed = desc.load([off, k // 2])
+        codes = tl.join(packed & 0xF, packed >> 4).reshape(ROWS, BLOCK_K)  # low nibble first
+        vals = _e2m1_to_f32(codes)
+    else:
+        vals = desc.load([off, k]).to(tl.float32)
+    g = k // GROUP + tl.arange(0, BLOCK_K // GROUP)
+    e = tl.load(s_ptrs + g[None, :] * stride_sk, mask=g[None, :] < k_groups, other=127)
+    vals = vals.reshape(ROWS, BLOCK_K // GROUP, GROUP) * _e8m0_to_f32(e)[:, :, None]
+    vals = vals.reshape(ROWS, BLOCK_K)
+    if DOT_FP32:
+        return vals
+    else:
+        return vals.to(tl.bfloat16)
+
+
+@triton.jit
+def _mx_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr,
+                    M, N, K, stride_cm, stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk,
+                    A_FP4: tl.constexpr, B_FP4: tl.constexpr, GROUP: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, CTAS_PER_SM: tl.constexpr,
+                    FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, DOT_FP32: tl.constexpr):
+    """C = dequant(A) x dequant(B)^T for MX operands, upcast per tile; see the module docstring.
+
+    DOT_FP32 multiplies the same exact values in fp32 instead of bf16: the Triton interpreter's
+    bf16 tl.dot reads the raw bits as integers (triton 3.9).
+    """
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_groups = tl.cdiv(K, GROUP)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS * CTAS_PER_SM, flatten=FLATTEN,
+                         warp_specialize=WARP_SPECIALIZE):
+        off_m, off_n = _tile_offsets(tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
+        sa_ptrs = _scale_ptrs(sa_ptr, off_m, M, stride_sam, 1, BLOCK_M, 0)
+        sb_ptrs = _scale_ptrs(sb_ptr, off_n, N, stride_sbn, 1, BLOCK_N, 0)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            a = _mx_tile(a_desc, sa_ptrs, stride_sak, k_groups, off_m, k, A_FP4, BLOCK_M, BLOCK_K, GROUP, DOT_FP32)
+            b = _mx_tile(b_desc, sb_ptrs, stride_sbk, k_groups, off_n, k, B_FP4, BLOCK_N, BLOCK_K, GROUP, DOT_FP32)
+            acc = tl.dot(a, b.T, acc, input_precision="ieee")
+        _store_tile(c_ptr, acc, off_m, off_n, M, N, stride_cm, stride_cn, BLOCK_M, BLOCK_N)
+
+
+# ---- launch configurations --------------------------------------------------------------------
+
+
+def _set_block_shapes(nargs):
+    """Give the TMA descriptors the tile shape of the config being launched (MXFP4 packs 2 a byte)."""
+    bk = nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [nargs["BLOCK_M"], bk // 2 if nargs.get("A_FP4") else bk]
+    nargs["b_desc"].block_shape = [nargs["BLOCK_N"], bk // 2 if nargs.get("B_FP4") else bk]
+
+
+def _config(bm, bn, bk, warps, stages, flatten=False, ws=False, promote_k=None, ctas_per_sm=1):
+    """A launch config; ctas_per_sm > 1 starts that many persistent programs per SM (small tiles that
+    fit twice, so one program's scaling math overlaps the other's MMA)."""
+    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "FLATTEN": flatten, "WARP_SPECIALIZE": ws,
+              "CTAS_PER_SM": ctas_per_sm}
+    if promote_k is not None:
+        kwargs["FP8_PROMOTE_K"] = promote_k
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages, pre_hook=_set_block_shapes)
+
+
+# Small plain lists, tried once per (M, N, K) on the GPU; the interpreter runs one small config.
+# Each measured alone on an H100 (BENCHMARKS.md): the first two are the block-scaled FP8 bests,
+# 128x256 is INT8's and per-tensor FP8's at 8192.
+SCALED_CONFIGS = [
+    _config(128, 128, 128, 8, 4),
+    _config(64, 128, 128, 4, 4, flatten=True, ctas_per_sm=2),
+    _config(128, 256, 128, 8, 3),
+]
+MX_CONFIGS = [
+    _config(128, 128, 64, 8, 3),
+    _config(128, 128, 128, 8, 3),
+    _config(128, 256, 64, 8, 3),
+    _config(64, 128, 64, 4, 3, ctas_per_sm=2),
+]
+INTERPRETER_CONFIG = [_config(32, 32, 128, 4, 1)]
+
+
+_AUTOTUNED = {}
+
+
+def _tuned(kernel, configs):
+    """`kernel` autotuned over `configs` (one small config under the interpreter), built once per list."""
+    configs = INTERPRETER_CONFIG if _interpreting() else configs
+    if (kernel, id(configs)) not in _AUTOTUNED:
+        key = ["M", "N", "K", "SCALE_PER_K", "IS_INT", "HAS_ZP"] if kernel is _scaled_gemm_kernel else [
+            "M", "N", "K", "A_FP4", "B_FP4"]
+        _AUTOTUNED[kernel, id(configs)] = (configs, triton.autotune(configs=configs, key=key)(kernel))
+    return _AUTOTUNED[kernel, id(configs)][1]
+
+
+def _grid(M: int, N: int, num_sms: int):
+    """Persistent launch: CTAS_PER_SM programs per SM, never more than there are tiles."""
+    def grid(meta):
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        return (min(num_sms * meta["CTAS_PER_SM"], tiles),)
+    return grid
+
+
+def _num_programs(device) -> int:
+    if _interpreting() or device.type != "cuda":
+        return 2  # still walks several tiles per program, as on the GPU
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# ---- host side ----------------------------------------------------------------------------------
+
+
+def _descriptor(codes: torch.Tensor, k: int) -> TensorDescriptor:
+    """A TMA descriptor over 2-D codes with logical width `k` (bytes for packed MXFP4).
+
+    TMA wants a unit inner stride and 16-byte aligned rows and base; other layouts are
+    copied once into a zero-padded buffer (ragged K that is not a multiple of 16 bytes).
+    """
+    rows, esize = codes.shape[0], codes.element_size()
+    if not (codes.stride(1) == 1 and (codes.stride(0) * esize) % 16 == 0 and codes.data_ptr() % 16 == 0):
+        width = -(-k * esize // 16) * 16 // esize
+        padded = torch.zeros((rows, width), dtype=codes.dtype, device=codes.device)
+        padded[:, :k] = codes
+        codes = padded
+    # The block shape is a placeholder: _set_block_shapes sets the launched config's.
+    return TensorDescriptor(codes, [rows, k], [codes.stride(0), 1], [16, 16])
+
+
+def _k_scales(qt: QuantizedTensor, name: str):
+    """How an FP8/INT8 operand's scales map onto (row, K): (fp32 scales, stride_row, stride_k, rows per scale, K group).
+
+    K group is None when the scales are constant along K (per tensor, per row).
+    """
+    spec, s = qt.spec, qt.scales
+    s = s if s.dtype == torch.float32 else s.float()  # pow2 scales are E8M0
+    g = spec.granularity
+    if g == Granularity.TENSOR:
+        return s, 0, 0, ONE_SCALE, None
+    if g == Granularity.CHANNEL and spec.axis in (0, -2):
+        return s, s.stride(0), 0, 1, None
+    if g == Granularity.GROUP and spec.group_size % K_BLOCK == 0:
+        return s, s.stride(0), s.stride(1), 1, spec.group_size
+    if g == Granularity.TILE and spec.tile[1] % K_BLOCK == 0:
+        return s, s.stride(0), s.stride(1), spec.tile[0], spec.tile[1]
+    raise ValueError(f"matmul: operand {name} ({spec.describe()}) is not supported by the Triton GEMM: it needs "
+                     f"scales per tensor, per row (channel axis 0), or over K groups that are multiples of {K_BLOCK}")
+
+
+def _zero_points(qt: QuantizedTensor, needed: bool) -> tuple:
+    """(zero points, stride); a zero when the operand is symmetric but the other is not, and
+    any tensor (never read) when neither operand has zero points."""
+    zp = qt.zero_points
+    if zp is None:
+        return (torch.zeros(1, dtype=torch.int8, device=qt.codes.device) if needed else qt.codes), 0
+    return zp, (zp.stride(0) if zp.dim() else 0)
+
+
+def _scaled_matmul(a: QuantizedTensor, b: QuantizedTensor, c: torch.Tensor) -> torch.Tensor:
+    (M, K), N = a.shape, b.shape[0]
+    is_int = a.spec.element.kind == "int"
+    sa, sam, sak, a_rows, ga = _k_scales(a, "A")
+    sb, sbn, sbk, b_rows, gb = _k_scales(b, "B")
+    per_k = ga is not None or gb is not None
+    if is_int and per_k:
+        raise ValueError("matmul: int8 operands must be quantized per tensor or per row (channel, axis 0)")
+    has_zp = a.zero_points is not None or b.zero_points is not None
+    za, stride_za = _zero_points(a, has_zp)
+    zb, stride_zb = _zero_points(b, has_zp)
+    num_sms = _num_programs(c.device)
+    _tuned(_scaled_gemm_kernel, SCALED_CONFIGS)[_grid(M, N, num_sms)](
+        _descriptor(a.codes, K), _descriptor(b.codes, K), c, sa, sb, za, zb,
+        M, N, K, c.stride(0), c.stride(1), sam, sak, sbn, sbk, stride_za, stride_zb,
+        ga or K_BLOCK, gb or K_BLOCK, A_ROWS=a_rows, B_ROWS=b_rows,
+        SCALE_PER_K=per_k, IS_INT=is_int, HAS_ZP=has_zp, NUM_SMS=num_sms)
+    return c
+
+
+def _mx_matmul(a: QuantizedTensor, b: QuantizedTensor, c: torch.Tensor) -> torch.Tensor:
+    (M, K), N = a.shape, b.shape[0]
+    a_fp4, b_fp4 = a.spec.element is E2M1, b.spec.element is E2M1
+    sa, sb = a.scales.view(torch.uint8), b.scales.view(torch.uint8)
+    num_sms = _num_programs(c.device)
+    _tuned(_mx_gemm_kernel, MX_CONFIGS)[_grid(M, N, num_sms)](
+        _descriptor(a.codes, a.codes.shape[1]), _descriptor(b.codes, b.codes.shape[1]), c, sa, sb,
+        M, N, K, c.stride(0), c.stride(1), sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1),
+        A_FP4=a_fp4, B_FP4=b_fp4, GROUP=MX_BLOCK, NUM_SMS=num_sms, DOT_FP32=_interpreting())
+    return c
+
+
+def _check_operand(qt: QuantizedTensor, name: str) -> None:
+    spec = qt.spec
+    if qt.codes.dtype != spec.code_dtype:
+        raise TypeError(f"matmul: operand {name} codes are {qt.codes.dtype}, "
+                        f"its spec {spec.describe()} stores {spec.code_dtype}")
+    if tuple(qt.codes.shape) != spec.code_shape(qt.shape):
+        raise ValueError(f"matmul: operand {name} codes have shape {list(qt.codes.shape)}, "
+                         f"expected {list(spec.code_shape(qt.shape))} for a {list(qt.shape)} tensor")
+    if tuple(qt.scales.shape) != spec.scale_shape(qt.shape):
+        raise ValueError(f"matmul: operand {name} scales have shape {list(qt.scales.shape)}, "
+                         f"expected {list(spec.scale_shape(qt.shape))} for {spec.describe()}")
+
+
+def matmul(a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """C = A @ B^T (M, N) in `out_dtype` for quantized A (M, K) and B (N, K), on the GPU (or the interpreter).
+
+    FP8 x FP8 (scales per tensor, per row, or over K groups of multiples of 128 such as
+    A 1x128 x B 128x128), INT8 x INT8 (sym or asym, per tensor or per row), and MXFP4/MXFP8 x
+    MXFP4/MXFP8. Raises ValueError/TypeError for anything else.
+    """
+    if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"matmul: expected A (M, K) and B (N, K), got {list(a.shape)} and {list(b.shape)}")
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"matmul: out_dtype {out_dtype} is not supported (expected bfloat16, float16 or float32)")
+    if a.codes.device != b.codes.device:
+        raise ValueError(f"matmul: operands on different devices ({a.codes.device} and {b.codes.device})")
+    if a.codes.device.type != "cuda" and not _interpreting():
+        raise ValueError("matmul: the Triton GEMM needs CUDA tensors (or TRITON_INTERPRET=1)")
+    _check_operand(a, "A")
+    _check_operand(b, "B")
+    kinds = {a.spec.element.kind, b.spec.element.kind}
+    if len(kinds) != 1:
+        raise ValueError("matmul: cannot mix integer and floating-point operands")
+    if a.spec.is_mx != b.spec.is_mx:
+        raise ValueError(f"matmul: cannot pair an MX operand with a non-MX one "
+                         f"({a.spec.describe()} x {b.spec.describe()})")
+    (M, K), N = a.shape, b.shape[0]
+    # The interpreter's fp32->bf16 cast truncates; there the kernel writes fp32 and torch rounds.
+    kernel_dtype = torch.float32 if _interpreting() and out_dtype == torch.bfloat16 else out_dtype
+    c = torch.empty((M, N), dtype=kernel_dtype, device=a.codes.device)
+    if M == 0 or N == 0 or K == 0:
+        return c.zero_().to(out_dtype)
+    return (_mx_matmul if a.spec.is_mx else _scaled_matmul)(a, b, c).to(out_dtype)
