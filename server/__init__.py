@@ -1,0 +1,1 @@
+"""quantd's gRPC server: `quantd serve`, or QuantdServer / BackgroundServer from quantd.server.app."""

@@ -1,0 +1,135 @@
+"""Quantize throughput through the service against a raw gRPC byte stream (the ceiling).
+
+    python benchmarks/service.py [--sizes-mib 64 256 1024] [--chunks-kib 64 1024 4096] [--device auto]
+
+Both servers run in their own process on 127.0.0.1 (so client and server do not share a
+GIL), and both see the same traffic: the client uploads the tensor in chunks of the same size,
+the server sends back half as many bytes (the fp8 codes of a bf16 tensor) as they arrive.
+The raw server does nothing else, so its rate is what Python gRPC can move; quantd's ratio to it
+says how much of the link the service keeps. Throughput = input bytes / wall time of the call,
+best of --repeat runs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+
+RAW_METHOD = "/bench.Raw/Stream"
+MiB = 1 << 20
+
+
+def raw_server(port: int) -> None:
+    """Stream-stream echo of half the bytes of every request message, with no protobuf at all."""
+    import asyncio
+
+    async def stream(request_iterator, context):
+        async for data in request_iterator:
+            yield data[: len(data) // 2]
+
+    async def main():
+        handler = grpc.method_handlers_generic_handler("bench.Raw", {
+            "Stream": grpc.stream_stream_rpc_method_handler(stream)})
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
+        server.add_generic_rpc_handlers((handler,))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+    asyncio.run(main())
+
+
+def raw_call(channel, data: memoryview, chunk: int) -> None:
+    call = channel.stream_stream(RAW_METHOD)
+
+    def requests():
+        for start in range(0, len(data), chunk):
+            yield bytes(data[start:start + chunk])
+    for _ in call(requests()):
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(target: str, seconds: float = 120) -> None:
+    channel = grpc.insecure_channel(target)
+    grpc.channel_ready_future(channel).result(timeout=seconds)
+    channel.close()
+
+
+def best_rate(fn, nbytes: int, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return nbytes / min(times) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes-mib", type=int, nargs="+", default=[64, 256, 1024])
+    parser.add_argument("--chunks-kib", type=int, nargs="+", default=[64, 1024, 4096])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--format", default="fp8_e4m3")
+    parser.add_argument("--group", type=int, default=128)
+    parser.add_argument("--raw-server", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.raw_server:
+        return raw_server(args.raw_server)
+
+    import torch
+
+    from quantd.client import QuantdClient, wire
+    from quantd.kernels import dispatch
+    from quantd.kernels.spec import QuantSpec
+
+    raw_port, quantd_port = free_port(), free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    servers = [subprocess.Popen([sys.executable, __file__, "--raw-server", str(raw_port)], env=env),
+               subprocess.Popen([sys.executable, "-m", "quantd.client.cli", "serve", "--host", "127.0.0.1",
+                                 "--port", str(quantd_port), "--device", args.device, "--log-format", "json"],
+                                env=env, stderr=subprocess.DEVNULL)]
+    try:
+        raw_target, quantd_target = f"127.0.0.1:{raw_port}", f"127.0.0.1:{quantd_port}"
+        wait_ready(raw_target)
+        wait_ready(quantd_target)
+        spec = QuantSpec(args.format, group_size=args.group)
+        raw_channel = grpc.insecure_channel(raw_target, options=[("grpc.max_receive_message_length", -1)])
+        with QuantdClient(quantd_target) as probe:
+            info = probe.server_info()
+        print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  server backend={info['backend']} "
+              f"device={info['device']}  grpc {grpc.__version__}  torch {torch.__version__}  cpus {os.cpu_count()}")
+        print(f"# spec {spec.describe()}, bf16 input, report off, checksums off; GB/s = input bytes / wall time")
+        print(f"{'size MiB':>8} {'chunk KiB':>9} {'raw GB/s':>9} {'quantd GB/s':>11} {'ratio':>6}")
+        for size in args.sizes_mib:
+            x = torch.randn(size * MiB // 2 // 4096, 4096).bfloat16()
+            data = wire.tensor_bytes(x)
+            local = dispatch.quantize(x[:256], spec)  # result check below compares a slice bit for bit
+            for chunk_kib in args.chunks_kib:
+                chunk = chunk_kib * 1024
+                raw = best_rate(lambda: raw_call(raw_channel, data, chunk), len(data), args.repeat)
+                with QuantdClient(quantd_target, chunk_bytes=chunk) as client:
+                    client.quantize(x[:4096], spec, report=False)  # warm: the server compiles per shape family
+                    result = {}
+                    rate = best_rate(lambda: result.update(q=client.quantize(x, spec, report=False)), len(data), args.repeat)
+                assert torch.equal(result["q"].codes[:256].view(torch.uint8), local.codes.view(torch.uint8))
+                print(f"{size:>8} {chunk_kib:>9} {raw:>9.2f} {rate:>11.2f} {rate / raw:>6.2f}", flush=True)
+    finally:
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            server.wait(30)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs (import package `quantd.v1`); regenerate with protos/generate.py, never edit."""

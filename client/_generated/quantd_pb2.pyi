@@ -1,0 +1,243 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class QuantSpec(_message.Message):
+    __slots__ = ("format", "granularity", "group_size", "tile", "block_size", "axis", "scale_encoding", "out_dtype")
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    GRANULARITY_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TILE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    AXIS_FIELD_NUMBER: _ClassVar[int]
+    SCALE_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    OUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    format: str
+    granularity: str
+    group_size: int
+    tile: _containers.RepeatedScalarFieldContainer[int]
+    block_size: int
+    axis: int
+    scale_encoding: str
+    out_dtype: str
+    def __init__(self, format: _Optional[str] = ..., granularity: _Optional[str] = ..., group_size: _Optional[int] = ..., tile: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., axis: _Optional[int] = ..., scale_encoding: _Optional[str] = ..., out_dtype: _Optional[str] = ...) -> None: ...
+
+class TensorInfo(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("tensor", "offset", "data", "crc32c")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
+    tensor: int
+    offset: int
+    data: bytes
+    crc32c: int
+    def __init__(self, tensor: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ...) -> None: ...
+
+class QuantizeHeader(_message.Message):
+    __slots__ = ("tensor", "spec", "return_dequantized", "return_report", "chunk_bytes", "checksums")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    RETURN_DEQUANTIZED_FIELD_NUMBER: _ClassVar[int]
+    RETURN_REPORT_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    tensor: TensorInfo
+    spec: QuantSpec
+    return_dequantized: bool
+    return_report: bool
+    chunk_bytes: int
+    checksums: bool
+    def __init__(self, tensor: _Optional[_Union[TensorInfo, _Mapping]] = ..., spec: _Optional[_Union[QuantSpec, _Mapping]] = ..., return_dequantized: _Optional[bool] = ..., return_report: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., checksums: _Optional[bool] = ...) -> None: ...
+
+class QuantizedOperand(_message.Message):
+    __slots__ = ("spec", "shape", "codes", "scales", "zero_points")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    CODES_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
+    ZERO_POINTS_FIELD_NUMBER: _ClassVar[int]
+    spec: QuantSpec
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    codes: TensorInfo
+    scales: TensorInfo
+    zero_points: TensorInfo
+    def __init__(self, spec: _Optional[_Union[QuantSpec, _Mapping]] = ..., shape: _Optional[_Iterable[int]] = ..., codes: _Optional[_Union[TensorInfo, _Mapping]] = ..., scales: _Optional[_Union[TensorInfo, _Mapping]] = ..., zero_points: _Optional[_Union[TensorInfo, _Mapping]] = ...) -> None: ...
+
+class DequantizeHeader(_message.Message):
+    __slots__ = ("operand", "out_dtype", "chunk_bytes", "checksums")
+    OPERAND_FIELD_NUMBER: _ClassVar[int]
+    OUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    operand: QuantizedOperand
+    out_dtype: str
+    chunk_bytes: int
+    checksums: bool
+    def __init__(self, operand: _Optional[_Union[QuantizedOperand, _Mapping]] = ..., out_dtype: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., checksums: _Optional[bool] = ...) -> None: ...
+
+class TensorOperand(_message.Message):
+    __slots__ = ("tensor", "spec")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    tensor: TensorInfo
+    spec: QuantSpec
+    def __init__(self, tensor: _Optional[_Union[TensorInfo, _Mapping]] = ..., spec: _Optional[_Union[QuantSpec, _Mapping]] = ...) -> None: ...
+
+class MatmulOperand(_message.Message):
+    __slots__ = ("tensor", "quantized")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZED_FIELD_NUMBER: _ClassVar[int]
+    tensor: TensorOperand
+    quantized: QuantizedOperand
+    def __init__(self, tensor: _Optional[_Union[TensorOperand, _Mapping]] = ..., quantized: _Optional[_Union[QuantizedOperand, _Mapping]] = ...) -> None: ...
+
+class MatmulHeader(_message.Message):
+    __slots__ = ("a", "b", "out_dtype", "chunk_bytes", "checksums")
+    A_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    OUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    a: MatmulOperand
+    b: MatmulOperand
+    out_dtype: str
+    chunk_bytes: int
+    checksums: bool
+    def __init__(self, a: _Optional[_Union[MatmulOperand, _Mapping]] = ..., b: _Optional[_Union[MatmulOperand, _Mapping]] = ..., out_dtype: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., checksums: _Optional[bool] = ...) -> None: ...
+
+class QuantizeRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: QuantizeHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[QuantizeHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class DequantizeRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: DequantizeHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[DequantizeHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class MatmulRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: MatmulHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[MatmulHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class OutputHeader(_message.Message):
+    __slots__ = ("tensors", "scale_layout")
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    SCALE_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorInfo]
+    scale_layout: str
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., scale_layout: _Optional[str] = ...) -> None: ...
+
+class Report(_message.Message):
+    __slots__ = ("amax", "sqnr_db", "saturated", "nan_count")
+    AMAX_FIELD_NUMBER: _ClassVar[int]
+    SQNR_DB_FIELD_NUMBER: _ClassVar[int]
+    SATURATED_FIELD_NUMBER: _ClassVar[int]
+    NAN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    amax: float
+    sqnr_db: float
+    saturated: int
+    nan_count: int
+    def __init__(self, amax: _Optional[float] = ..., sqnr_db: _Optional[float] = ..., saturated: _Optional[int] = ..., nan_count: _Optional[int] = ...) -> None: ...
+
+class Summary(_message.Message):
+    __slots__ = ("bytes", "crc32c", "report")
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    bytes: _containers.RepeatedScalarFieldContainer[int]
+    crc32c: _containers.RepeatedScalarFieldContainer[int]
+    report: Report
+    def __init__(self, bytes: _Optional[_Iterable[int]] = ..., crc32c: _Optional[_Iterable[int]] = ..., report: _Optional[_Union[Report, _Mapping]] = ...) -> None: ...
+
+class QuantizeResponse(_message.Message):
+    __slots__ = ("header", "chunk", "summary")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    header: OutputHeader
+    chunk: Chunk
+    summary: Summary
+    def __init__(self, header: _Optional[_Union[OutputHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., summary: _Optional[_Union[Summary, _Mapping]] = ...) -> None: ...
+
+class DequantizeResponse(_message.Message):
+    __slots__ = ("header", "chunk", "summary")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    header: OutputHeader
+    chunk: Chunk
+    summary: Summary
+    def __init__(self, header: _Optional[_Union[OutputHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., summary: _Optional[_Union[Summary, _Mapping]] = ...) -> None: ...
+
+class MatmulResponse(_message.Message):
+    __slots__ = ("header", "chunk", "summary")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    header: OutputHeader
+    chunk: Chunk
+    summary: Summary
+    def __init__(self, header: _Optional[_Union[OutputHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., summary: _Optional[_Union[Summary, _Mapping]] = ...) -> None: ...
+
+class GetServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("max_tensor_bytes", "chunk_bytes", "max_message_bytes", "max_concurrent_streams")
+    MAX_TENSOR_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    max_tensor_bytes: int
+    chunk_bytes: int
+    max_message_bytes: int
+    max_concurrent_streams: int
+    def __init__(self, max_tensor_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ...) -> None: ...
+
+class ServerInfo(_message.Message):
+    __slots__ = ("version", "backend", "device", "formats", "granularities", "scale_encodings", "input_dtypes", "limits", "draining")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    FORMATS_FIELD_NUMBER: _ClassVar[int]
+    GRANULARITIES_FIELD_NUMBER: _ClassVar[int]
+    SCALE_ENCODINGS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_DTYPES_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    backend: str
+    device: str
+    formats: _containers.RepeatedScalarFieldContainer[str]
+    granularities: _containers.RepeatedScalarFieldContainer[str]
+    scale_encodings: _containers.RepeatedScalarFieldContainer[str]
+    input_dtypes: _containers.RepeatedScalarFieldContainer[str]
+    limits: Limits
+    draining: bool
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., formats: _Optional[_Iterable[str]] = ..., granularities: _Optional[_Iterable[str]] = ..., scale_encodings: _Optional[_Iterable[str]] = ..., input_dtypes: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., draining: _Optional[bool] = ...) -> None: ...

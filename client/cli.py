@@ -1,0 +1,211 @@
+"""The `quantd` command.
+
+    quantd serve [--host H --port P --device auto|cpu|cuda:N ...]     start a server
+    quantd quantize model.safetensors -o model-fp8.safetensors --format fp8_e4m3 --group 128 --server HOST:PORT
+    quantd dequantize model-fp8.safetensors -o model.safetensors --server HOST:PORT
+    quantd info --server HOST:PORT
+
+A quantized checkpoint keeps each quantized tensor's name for its codes and adds
+"<name>.scales" (and "<name>.zero_points" for int8_asym); the safetensors metadata entry
+"quantd" holds, per quantized tensor, its spec, original shape and dtype as JSON. Tensors
+that are not floating point, or that the spec cannot take (a 0-d tensor with group or tile
+granularity), are copied unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+import os
+import sys
+
+SCALES, ZERO_POINTS = ".scales", ".zero_points"
+METADATA_KEY = "quantd"
+
+
+def _server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default=os.environ.get("QUANTD_SERVER", "localhost:50051"),
+                        help="HOST:PORT, a comma-separated list, or dns:///name:port (env QUANTD_SERVER)")
+    parser.add_argument("--token", default=os.environ.get("QUANTD_TOKEN"), help="bearer token (env QUANTD_TOKEN)")
+    parser.add_argument("--ca-file", help="PEM CA certificate: connect with TLS")
+    parser.add_argument("--cert-file", help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--key-file", help="PEM key of the client certificate")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per call")
+
+
+def _client(args):
+    from .api import QuantdClient
+
+    def read(path):
+        return open(path, "rb").read() if path else None
+    return QuantdClient(args.server, token=args.token, root_certificates=read(args.ca_file),
+                        private_key=read(args.key_file), certificate_chain=read(args.cert_file), timeout=args.timeout)
+
+
+def _spec(args):
+    from quantd.kernels.spec import QuantSpec
+    fields = {"format": args.format, "granularity": args.granularity, "scale_encoding": args.scale_encoding,
+              "out_dtype": args.out_dtype}
+    if args.group is not None:
+        fields.update(group_size=args.group, granularity=fields["granularity"] or "group")
+    if args.tile is not None:
+        fields.update(tile=tuple(int(t) for t in args.tile.lower().split("x")), granularity=fields["granularity"] or "tile")
+    if args.block is not None:
+        fields.update(block_size=args.block, granularity=fields["granularity"] or "flat")
+    if args.axis is not None:
+        fields.update(axis=args.axis, granularity=fields["granularity"] or "channel")
+    return QuantSpec(**{k: v for k, v in fields.items() if v is not None})
+
+
+def spec_to_json(spec) -> dict:
+    import dataclasses
+    return {k: (v.value if isinstance(v, enum.Enum) else list(v) if isinstance(v, tuple) else v)
+            for k, v in dataclasses.asdict(spec).items()}
+
+
+def _quantizable(tensor, spec) -> bool:
+    from quantd.kernels.spec import INPUT_DTYPES
+    if tensor.dtype not in INPUT_DTYPES:
+        return False
+    try:
+        spec.check_shape(tensor.shape)
+    except ValueError:
+        return False
+    return True
+
+
+def _progress(names, desc: str):
+    from tqdm import tqdm
+    return tqdm(names, unit="tensor", desc=desc, disable=None)
+
+
+def cmd_quantize(args) -> int:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    spec = _spec(args)
+    out, layout = {}, {}
+    with _client(args) as client, safe_open(args.input, framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+        names = list(f.keys())
+        clashes = [n for n in names if n + SCALES in names or n + ZERO_POINTS in names]
+        if clashes:
+            raise ValueError(f"tensor names {clashes} would collide with the names of their scales")
+        copied = []
+        with _progress(names, "quantize") as bar:
+            for name in bar:
+                tensor = f.get_tensor(name)
+                bar.set_postfix_str(name)
+                if not _quantizable(tensor, spec):
+                    out[name] = tensor
+                    copied.append(name)
+                else:
+                    qt = client.quantize(tensor, spec, report=False)
+                    out[name], out[name + SCALES] = qt.codes, qt.scales
+                    if qt.zero_points is not None:
+                        out[name + ZERO_POINTS] = qt.zero_points
+                    layout[name] = {"spec": spec_to_json(spec), "shape": list(tensor.shape),
+                                    "dtype": str(tensor.dtype).removeprefix("torch.")}
+    metadata[METADATA_KEY] = json.dumps(layout)
+    save_file(out, args.output, metadata=metadata)
+    print(f"{args.output}: {len(layout)} tensor(s) quantized with {spec.describe()}, {len(copied)} copied unchanged"
+          + (f" ({', '.join(copied[:5])}{', ...' if len(copied) > 5 else ''})" if copied else ""))
+    return 0
+
+
+def cmd_dequantize(args) -> int:
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from quantd.kernels.spec import QuantizedTensor, QuantSpec
+    from .wire import dtype_from_name
+
+    out = {}
+    with _client(args) as client, safe_open(args.input, framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+        layout = json.loads(metadata.pop(METADATA_KEY, "{}"))
+        companions = {n + SCALES for n in layout} | {n + ZERO_POINTS for n in layout}
+        names = [n for n in f.keys() if n not in companions]
+        with _progress(names, "dequantize") as bar:
+            for name in bar:
+                codes = f.get_tensor(name)
+                bar.set_postfix_str(name)
+                if name in layout:
+                    entry = layout[name]
+                    spec = QuantSpec(**{k: tuple(v) if k == "tile" else v for k, v in entry["spec"].items()})
+                    zp = f.get_tensor(name + ZERO_POINTS) if name + ZERO_POINTS in f.keys() else None
+                    qt = QuantizedTensor(codes, f.get_tensor(name + SCALES), spec, tuple(entry["shape"]), zp)
+                    dtype = dtype_from_name(args.dtype or entry["dtype"])
+                    out[name] = client.dequantize(qt, dtype)
+                else:
+                    out[name] = codes
+    save_file({k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in out.items()}, args.output,
+              metadata=metadata or None)
+    print(f"{args.output}: {len(layout)} tensor(s) dequantized, {len(names) - len(layout)} copied unchanged")
+    return 0
+
+
+def cmd_info(args) -> int:
+    with _client(args) as client:
+        print(json.dumps(client.server_info(), indent=2))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from quantd.server import app, config  # the server's dependencies load only when serving
+    app.main(config.from_args(args))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quantd", description="GPU-backed gRPC quantization service")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start a server")
+    from quantd.server import config
+    config.add_arguments(serve)
+    serve.set_defaults(run=cmd_serve)
+
+    q = sub.add_parser("quantize", help="quantize a safetensors file through a server")
+    q.add_argument("input")
+    q.add_argument("-o", "--output", required=True)
+    q.add_argument("--format", default="fp8_e4m3", help="fp8_e4m3 | fp8_e5m2 | int8_sym | int8_asym | mxfp4 | mxfp8")
+    q.add_argument("--granularity", help="tensor | channel | group | tile | flat (default: implied by the size flag)")
+    q.add_argument("--group", type=int, help="group size (group granularity)")
+    q.add_argument("--tile", help="tile as ROWSxCOLS, e.g. 128x128 (tile granularity)")
+    q.add_argument("--block", type=int, help="block size (flat granularity)")
+    q.add_argument("--axis", type=int, help="channel axis (channel granularity)")
+    q.add_argument("--scale-encoding", help="fp32 | pow2")
+    q.add_argument("--out-dtype", help="dtype dequantization gives back: bfloat16 | float16 | float32")
+    _server_arguments(q)
+    q.set_defaults(run=cmd_quantize)
+
+    d = sub.add_parser("dequantize", help="dequantize a file written by `quantd quantize`")
+    d.add_argument("input")
+    d.add_argument("-o", "--output", required=True)
+    d.add_argument("--dtype", help="output dtype (default: each tensor's original dtype)")
+    _server_arguments(d)
+    d.set_defaults(run=cmd_dequantize)
+
+    i = sub.add_parser("info", help="show a server's version, backend, formats and limits")
+    _server_arguments(i)
+    i.set_defaults(run=cmd_info)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from .api import QuantdError
+    try:
+        return args.run(args)
+    except QuantdError as exc:
+        print(f"quantd: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"quantd: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

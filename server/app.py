@@ -1,0 +1,151 @@
+"""The quantd server: the servicer plus health, reflection, security, metrics and a graceful drain.
+
+    quantd serve [--host --port --device ...]     (see ServerConfig for every setting)
+
+On SIGTERM (or SIGINT) the server reports NOT_SERVING, answers new streams with UNAVAILABLE,
+lets the streams in flight finish for up to drain_seconds, then stops.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import signal
+import threading
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from quantd.v1 import quantd_pb2, quantd_pb2_grpc
+
+from . import logs, security
+from .config import ServerConfig
+from .metrics import Metrics
+from .servicer import QuantdServicer
+
+log = logging.getLogger("quantd.server")
+SERVICE_NAME = quantd_pb2.DESCRIPTOR.services_by_name["Quantd"].full_name
+COMPUTE_THREADS = 2  # one piece computing while the next one's bytes are copied to the device
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
+    return device
+
+
+class QuantdServer:
+    """One server; start() binds it, drain() winds it down. Usable from any running event loop."""
+
+    def __init__(self, config: ServerConfig, metrics: Metrics | None = None):
+        self.config = config
+        self.device = pick_device(config.device)
+        self.metrics = metrics or Metrics()
+        self.executor = concurrent.futures.ThreadPoolExecutor(COMPUTE_THREADS, thread_name_prefix="quantd-compute")
+        self.servicer = QuantdServicer(config, self.device, self.executor, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port: int | None = None
+        self.stopped = asyncio.Event()
+
+    async def start(self) -> int:
+        """Bind and start serving; returns the port (a free one when config.port is 0)."""
+        interceptors = [self.metrics.interceptor()]
+        auth = security.auth_interceptor(self.config)
+        if auth is not None:
+            interceptors.append(auth)
+        options = [("grpc.max_receive_message_length", self.config.max_message_bytes),
+                   ("grpc.max_send_message_length", -1)]
+        self.server = grpc.aio.server(interceptors=interceptors, options=options)
+        quantd_pb2_grpc.add_QuantdServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        address = f"{self.config.host}:{self.config.port}"
+        credentials = security.server_credentials(self.config)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
+        await self.server.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.metrics_port:
+            self.metrics.start_http(self.config.metrics_port)
+        log.info("quantd serving on %s:%d (device %s)", self.config.host, self.port, self.device)
+        return self.port
+
+    async def drain(self, seconds: float | None = None) -> None:
+        """NOT_SERVING, refuse new streams, wait up to `seconds` (drain_seconds) for the streams in flight, stop."""
+        seconds = self.config.drain_seconds if seconds is None else seconds
+        self.servicer.draining = True
+        await self.health.enter_graceful_shutdown()
+        log.info("draining %d stream(s) for up to %.1f s", self.servicer.active_streams, seconds)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while self.servicer.active_streams and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # let calls that just ended finish their interceptors before the server goes
+        await self.server.stop(grace=max(0.0, deadline - loop.time()))
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.metrics.stop_http()
+        self.stopped.set()
+
+    async def wait(self) -> None:
+        await self.stopped.wait()
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run a server until SIGTERM/SIGINT, then drain it."""
+    server = QuantdServer(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    draining = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: draining or draining.append(asyncio.ensure_future(server.drain())))
+    await server.wait()
+
+
+def main(config: ServerConfig) -> None:
+    logs.configure(config.log_format)
+    asyncio.run(serve(config))
+
+
+class BackgroundServer:
+    """A server on its own event loop in a daemon thread, for embedding (notebooks, tests, benchmarks).
+
+        with BackgroundServer(ServerConfig(host="127.0.0.1", port=0)) as server:
+            client = QuantdClient(server.target)
+    """
+
+    def __init__(self, config: ServerConfig):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="quantd-server", daemon=True)
+        self.thread.start()
+        self.server = self.call(self._create(config))
+        self.port = self.call(self.server.start())
+        self.target = f"{config.host}:{self.port}"
+
+    @staticmethod
+    async def _create(config):
+        return QuantdServer(config)  # created on the server's loop
+
+    def call(self, coroutine, timeout: float | None = None):
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self, drain_seconds: float = 5.0) -> None:
+        if not self.server.stopped.is_set():
+            self.call(self.server.drain(drain_seconds))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,93 @@
+"""ServerConfig: every setting of `quantd serve`, from flags with defaults from QUANTD_<FIELD> variables."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Optional
+
+from quantd.client.wire import DEFAULT_CHUNK_BYTES
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 50051
+    device: str = "auto"                   # auto | cpu | cuda | cuda:N
+    max_tensor_bytes: int = 16 * GiB       # declared input bytes per stream
+    max_concurrent_streams: int = 16       # Quantize/Dequantize/Matmul streams served at once
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES  # default size of response chunks
+    piece_bytes: int = 32 * MiB            # input bytes quantized per pipelined step
+    staging_pool_bytes: int = 2 * GiB      # idle staging buffers kept for the next streams (0: none)
+    tls_cert_file: Optional[str] = None
+    tls_key_file: Optional[str] = None
+    tls_client_ca_file: Optional[str] = None  # mutual TLS when set
+    auth_tokens: tuple = ()
+    auth_tokens_file: Optional[str] = None
+    metrics_port: int = 0                  # 0: no metrics endpoint
+    drain_seconds: float = 30.0
+    log_format: str = "text"               # text | json
+
+    def __post_init__(self):
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
+        if self.staging_pool_bytes < 0:
+            raise ValueError(f"staging_pool_bytes must be >= 0, got {self.staging_pool_bytes}")
+        for name in ("max_tensor_bytes", "max_concurrent_streams", "chunk_bytes", "piece_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    @property
+    def max_message_bytes(self) -> int:
+        """Largest request message accepted: room for chunks of up to 64 MiB (or chunk_bytes, if larger)."""
+        return max(64 * MiB, self.chunk_bytes) + MiB
+
+
+def _field_type(field):
+    return {"int": int, "float": float, "tuple": tuple}.get(str(field.type).replace("Optional[", "").rstrip("]"), str)
+
+
+def _parse(field, text: str):
+    kind = _field_type(field)
+    if kind is tuple:
+        return tuple(t.strip() for t in text.split(",") if t.strip())
+    return kind(text)
+
+
+def from_env(environ=None, **overrides) -> ServerConfig:
+    """A ServerConfig from QUANTD_<FIELD> environment variables, then `overrides`."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for field in dataclasses.fields(ServerConfig):
+        text = environ.get(f"QUANTD_{field.name.upper()}")
+        if text:
+            values[field.name] = _parse(field, text)
+    values.update(overrides)
+    return ServerConfig(**values)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One --flag per ServerConfig field (--auth-token repeatable); unset flags keep the environment's value."""
+    for field in dataclasses.fields(ServerConfig):
+        flag = "--" + field.name.replace("_", "-")
+        env = f"QUANTD_{field.name.upper()}"
+        kind = _field_type(field)
+        if kind is tuple:
+            parser.add_argument("--auth-token", dest=field.name, action="append", default=None,
+                                help=f"accepted bearer token (repeatable; env {env}, comma-separated)")
+        else:
+            parser.add_argument(flag, dest=field.name, type=kind, default=None,
+                                help=f"default {field.default!r} (env {env})")
+
+
+def from_args(args: argparse.Namespace, environ=None) -> ServerConfig:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)
+             if getattr(args, f.name, None) is not None}
+    if "auth_tokens" in given:
+        given["auth_tokens"] = tuple(given["auth_tokens"])
+    return from_env(environ, **given)

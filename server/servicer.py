@@ -1,0 +1,317 @@
+"""The quantd.v1.Quantd servicer: each method reads like the protocol it serves.
+
+No numerics here: the kernels (quantd.kernels.dispatch) compute, off the event loop in a
+small thread pool, so the server keeps serving while a tensor is being quantized.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from importlib import metadata
+
+import grpc
+import torch
+
+from quantd.client import wire
+from quantd.kernels import dispatch, reference
+from quantd.kernels.spec import (INPUT_DTYPES, OUT_DTYPES, Format, Granularity, QuantizedTensor,
+                                 QuantSpec, ScaleEncoding)
+from quantd.v1 import quantd_pb2 as pb
+from quantd.v1 import quantd_pb2_grpc
+
+from .errors import ServiceError, grpc_status, invalid
+from .pipeline import DeviceInput, plan_pieces
+from .streams import OutputSender, StagingPool, StreamAssembler, chunks_of
+
+
+def check_input_info(info: pb.TensorInfo, spec: QuantSpec, what: str) -> None:
+    """ValueError unless `info` is a bf16/fp16/fp32 tensor `spec` can quantize."""
+    dtype = wire.dtype_from_name(info.dtype)
+    if dtype not in INPUT_DTYPES:
+        raise invalid(f"{what}: dtype {info.dtype} cannot be quantized (expected bfloat16, float16 or float32)")
+    wire.info_nbytes(info)
+    spec.check_shape(tuple(info.shape))
+
+
+def check_quantized_operand(msg: pb.QuantizedOperand, what: str) -> QuantSpec:
+    """The operand's spec, after checking its tensors' dtypes and shapes against it."""
+    spec = wire.spec_from_proto(msg.spec)
+    shape = tuple(msg.shape)
+    if any(s < 0 for s in shape):
+        raise invalid(f"{what}: negative dimension in shape {list(shape)}")
+    expected = [("codes", spec.code_dtype, spec.code_shape(shape)), ("scales", spec.scale_dtype, spec.scale_shape(shape))]
+    if spec.format == Format.INT8_ASYM:
+        expected.append(("zero_points", torch.int8, spec.scale_shape(shape)))
+    elif msg.HasField("zero_points"):
+        raise invalid(f"{what}: zero_points given, but only int8_asym has zero points")
+    for name, dtype, want_shape in expected:
+        if not msg.HasField(name):
+            raise invalid(f"{what}: {name} missing ({spec.describe()} needs them)")
+        info = getattr(msg, name)
+        if info.dtype != wire.dtype_name(dtype):
+            raise invalid(f"{what}: dtype mismatch: {name} are {info.dtype}, {spec.describe()} stores {wire.dtype_name(dtype)}")
+        if tuple(info.shape) != tuple(want_shape):
+            raise invalid(f"{what}: bad shape: {name} have shape {list(info.shape)}, {spec.describe()} of a "
+                          f"{list(shape)} tensor has {list(want_shape)}")
+    return spec
+
+
+def quantized_tensor(msg: pb.QuantizedOperand, tensors: list, device) -> QuantizedTensor:
+    spec = wire.spec_from_proto(msg.spec)
+    tensors = [t.to(device) for t in tensors]
+    return QuantizedTensor(tensors[0], tensors[1], spec, tuple(msg.shape), tensors[2] if len(tensors) > 2 else None)
+
+
+def output_tensors(qt: QuantizedTensor) -> list:
+    return [qt.codes, qt.scales] + ([qt.zero_points] if qt.zero_points is not None else [])
+
+
+def joined_pieces(parts: list, spec: QuantSpec, shape: tuple) -> QuantizedTensor:
+    """The QuantizedTensor of the whole input from those of its pieces (their bytes, concatenated)."""
+    def join(tensors, out_shape):
+        if len(tensors) == 1:
+            return tensors[0].reshape(out_shape)
+        flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors])
+        return flat.view(tensors[0].dtype).reshape(out_shape)
+    scale_shape = spec.scale_shape(shape)
+    zero_points = None if parts[0].zero_points is None else join([p.zero_points for p in parts], scale_shape)
+    return QuantizedTensor(join([p.codes for p in parts], spec.code_shape(shape)),
+                           join([p.scales for p in parts], scale_shape), spec, shape, zero_points)
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("quantd")
+    except metadata.PackageNotFoundError:  # running from a source tree that was not installed
+        return "0+unknown"
+
+
+class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
+    def __init__(self, config, device: torch.device, executor, metrics=None):
+        self.config = config
+        self.device = device
+        self.executor = executor
+        self.metrics = metrics
+        self.active_streams = 0
+        self.draining = False
+        self.pool = StagingPool(config.staging_pool_bytes, pin=device.type == "cuda")
+
+    # ---- helpers ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _stream(self):
+        """Admission of one streaming call: UNAVAILABLE while draining, RESOURCE_EXHAUSTED over the limit.
+
+        Yields a function making StreamAssemblers whose buffers go back to the pool when the call ends."""
+        if self.draining:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down (draining); retry on another replica")
+        if self.active_streams >= self.config.max_concurrent_streams:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"too many concurrent streams: this server serves {self.config.max_concurrent_streams} at once")
+        self.active_streams += 1
+        if self.metrics is not None:
+            self.metrics.stream_started()
+        assemblers = []
+
+        def assembler(infos) -> StreamAssembler:
+            assemblers.append(StreamAssembler(infos, max_bytes=self.config.max_tensor_bytes, pool=self.pool))
+            return assemblers[-1]
+        try:
+            yield assembler
+        finally:
+            for used in assemblers:
+                used.release()
+            self.active_streams -= 1
+            if self.metrics is not None:
+                self.metrics.stream_finished()
+
+    async def _compute(self, rpc: str, fn, *args):
+        """Run fn(*args) in the compute pool; record its time."""
+        def timed():
+            started = time.perf_counter()
+            result = fn(*args)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            if self.metrics is not None:
+                self.metrics.observe_kernel_seconds(rpc, time.perf_counter() - started)
+            return result
+        return await asyncio.get_running_loop().run_in_executor(self.executor, timed)
+
+    async def _receive(self, chunks, assembler: StreamAssembler, on_progress=None):
+        async for chunk in chunks:
+            index, nbytes = await assembler.add(chunk)
+            if self.metrics is not None:
+                self.metrics.add_bytes("in", nbytes)
+            if on_progress is not None:
+                on_progress(index)
+        assembler.check_complete()
+
+    def _sender(self, response_type, infos, chunk_bytes: int, checksums: bool) -> OutputSender:
+        return OutputSender(response_type, infos, chunk_bytes=chunk_bytes or self.config.chunk_bytes,
+                            checksums=checksums, metrics=self.metrics)
+
+    # ---- RPCs -----------------------------------------------------------------------------
+    @grpc_status
+    async def Quantize(self, request_iterator, context):
+        with self._stream() as new_assembler:
+            header, chunks = await chunks_of(request_iterator, "header")
+            spec = wire.spec_from_proto(header.spec)
+            info = header.tensor
+            check_input_info(info, spec, "Quantize")
+            dtype, shape = wire.dtype_from_name(info.dtype), tuple(info.shape)
+            assembler = new_assembler([info])
+            outputs = [wire.tensor_info("codes", spec.code_dtype, spec.code_shape(shape)),
+                       wire.tensor_info("scales", spec.scale_dtype, spec.scale_shape(shape))]
+            if spec.format == Format.INT8_ASYM:
+                outputs.append(wire.tensor_info("zero_points", torch.int8, spec.scale_shape(shape)))
+            if header.return_dequantized:
+                outputs.append(wire.tensor_info("dequantized", spec.dequant_dtype, shape))
+            sender = self._sender(pb.QuantizeResponse, outputs, header.chunk_bytes, header.checksums)
+            yield sender.header()
+
+            x = DeviceInput(assembler.buffers[0], dtype, shape, self.device)
+            keep = header.return_report or header.return_dequantized
+            parts = []  # device-side piece results, kept only when the whole result is needed again
+            async for qt, host in self._quantize_pieces(spec, x, chunks, assembler):
+                if keep:
+                    parts.append(qt)
+                for index, tensor in enumerate(host):
+                    async for message in sender.send(index, tensor):
+                        yield message
+            report = None
+            if keep:
+                whole = joined_pieces(parts, spec, shape)
+                if header.return_dequantized:
+                    deq = await self._compute("Quantize", lambda: dispatch.dequantize(whole).cpu())
+                    async for message in sender.send(len(outputs) - 1, deq):
+                        yield message
+                if header.return_report:
+                    report = await self._compute("Quantize", reference.report, x.whole(), whole)
+            yield sender.summary(report)
+
+    async def _quantize_pieces(self, spec: QuantSpec, x: DeviceInput, chunks, assembler: StreamAssembler):
+        """(QuantizedTensor on the device, its tensors on the host) of each piece of the input, in order,
+        each computed as soon as its bytes have arrived."""
+        pieces = plan_pieces(spec, x.shape, self.config.piece_bytes, x.host.element_size())
+        itemsize = x.host.element_size()
+        pending: asyncio.Queue = asyncio.Queue()
+        scheduled = 0
+
+        def quantize(piece):
+            qt = dispatch.quantize(x.piece(piece), spec)
+            return qt, [t.cpu() for t in output_tensors(qt)]
+
+        def schedule(_index=0):
+            nonlocal scheduled
+            arrived = assembler.received[0] // itemsize
+            while scheduled < len(pieces) and pieces[scheduled].end <= arrived:
+                pending.put_nowait(asyncio.ensure_future(self._compute("Quantize", quantize, pieces[scheduled])))
+                scheduled += 1
+
+        async def receive():
+            try:
+                await self._receive(chunks, assembler, schedule)
+                schedule()
+                pending.put_nowait(None)
+            except Exception as exc:  # noqa: BLE001 (handed to the sending side, which maps it)
+                pending.put_nowait(exc)
+
+        receiver = asyncio.ensure_future(receive())
+        try:
+            while (item := await pending.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield await item
+        finally:
+            receiver.cancel()
+            while not pending.empty():
+                item = pending.get_nowait()
+                if isinstance(item, asyncio.Future):
+                    item.cancel()
+
+    @grpc_status
+    async def Dequantize(self, request_iterator, context):
+        with self._stream() as new_assembler:
+            header, chunks = await chunks_of(request_iterator, "header")
+            spec = check_quantized_operand(header.operand, "Dequantize")
+            out_name = header.out_dtype if header.HasField("out_dtype") else spec.out_dtype
+            if out_name not in OUT_DTYPES:
+                raise invalid(f"Dequantize: out_dtype {out_name!r} is not one of {', '.join(OUT_DTYPES)}")
+            infos = wire.operand_infos(header.operand)
+            assembler = new_assembler(infos)
+            sender = self._sender(pb.DequantizeResponse, [wire.tensor_info("output", OUT_DTYPES[out_name], header.operand.shape)],
+                                  header.chunk_bytes, header.checksums)
+            yield sender.header()
+            await self._receive(chunks, assembler)
+
+            def dequantize():
+                qt = quantized_tensor(header.operand, [assembler.tensor(i) for i in range(len(infos))], self.device)
+                return dispatch.dequantize(qt, OUT_DTYPES[out_name]).cpu()
+            out = await self._compute("Dequantize", dequantize)
+            async for message in sender.send(0, out):
+                yield message
+            yield sender.summary()
+
+    @grpc_status
+    async def Matmul(self, request_iterator, context):
+        with self._stream() as new_assembler:
+            header, chunks = await chunks_of(request_iterator, "header")
+            out_name = header.out_dtype or "bfloat16"
+            if out_name not in OUT_DTYPES:
+                raise invalid(f"Matmul: out_dtype {out_name!r} is not one of {', '.join(OUT_DTYPES)}")
+            shapes, infos = [], []
+            for name in ("a", "b"):
+                operand = getattr(header, name)
+                kind = operand.WhichOneof("kind")
+                if kind == "tensor":
+                    check_input_info(operand.tensor.tensor, wire.spec_from_proto(operand.tensor.spec), f"Matmul {name.upper()}")
+                    shapes.append(tuple(operand.tensor.tensor.shape))
+                    infos.append([operand.tensor.tensor])
+                elif kind == "quantized":
+                    check_quantized_operand(operand.quantized, f"Matmul {name.upper()}")
+                    shapes.append(tuple(operand.quantized.shape))
+                    infos.append(wire.operand_infos(operand.quantized))
+                else:
+                    raise invalid(f"Matmul: operand {name.upper()} missing")
+            (a_shape, b_shape) = shapes
+            if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != b_shape[1]:
+                raise invalid(f"Matmul: bad shape: expected A (M, K) and B (N, K), got {list(a_shape)} and {list(b_shape)}")
+            assembler = new_assembler(infos[0] + infos[1])
+            sender = self._sender(pb.MatmulResponse, [wire.tensor_info("output", OUT_DTYPES[out_name], (a_shape[0], b_shape[0]))],
+                                  header.chunk_bytes, header.checksums)
+            yield sender.header()
+            await self._receive(chunks, assembler)
+
+            def operand(msg, first: int, count: int) -> QuantizedTensor:
+                tensors = [assembler.tensor(i) for i in range(first, first + count)]
+                if msg.WhichOneof("kind") == "tensor":
+                    return dispatch.quantize(tensors[0].to(self.device), wire.spec_from_proto(msg.tensor.spec))
+                return quantized_tensor(msg.quantized, tensors, self.device)
+
+            def matmul():
+                a = operand(header.a, 0, len(infos[0]))
+                b = operand(header.b, len(infos[0]), len(infos[1]))
+                return dispatch.matmul(a, b, OUT_DTYPES[out_name]).cpu()
+            out = await self._compute("Matmul", matmul)
+            async for message in sender.send(0, out):
+                yield message
+            yield sender.summary()
+
+    @grpc_status
+    async def GetServerInfo(self, request, context):
+        return self.server_info()
+
+    def server_info(self) -> pb.ServerInfo:
+        device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return pb.ServerInfo(
+            version=package_version(),
+            backend=dispatch.default_backend(torch.empty(0, device=self.device)),
+            device=device,
+            formats=[f.value for f in Format],
+            granularities=[g.value for g in Granularity],
+            scale_encodings=[e.value for e in ScaleEncoding],
+            input_dtypes=[wire.dtype_name(d) for d in INPUT_DTYPES],
+            limits=pb.Limits(max_tensor_bytes=self.config.max_tensor_bytes, chunk_bytes=self.config.chunk_bytes,
+                             max_message_bytes=self.config.max_message_bytes,
+                             max_concurrent_streams=self.config.max_concurrent_streams),
+            draining=self.draining)
