@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .spec import E2M1, QuantizedTensor, ScaleEncoding, _cdiv
-from .triton_quantize import (MAX_REGISTER_BLOCK, _as_grid, _bytes_of, _pow2, _pow2_ceil, _tile_geometry, _warps,
+from .triton_quantize import (MAX_REGISTER_BLOCK, _tile_coords, _as_grid, _bytes_of, _pow2, _pow2_ceil, _tile_geometry, _warps,
                               block_geometry, interpreting)
 
 
@@ -54,21 +54,8 @@ def _dequantize_kernel(
     DECODE_BITS: codes are raw bits to decode; else the code dtype widens.
     BF16_BITS: round to bf16 on the bits (the interpreter's fp32 -> bf16 cast truncates).
     """
-    pid = tl.program_id(0)
-    pid_c = pid % TILES_C
-    pid_r = (pid // TILES_C) % TILES_R
-    p = pid // (TILES_C * TILES_R)
-    rb = tl.arange(0, RB)[:, None, None, None]
-    i = tl.arange(0, TBRP)[None, :, None, None]
-    cb = tl.arange(0, CB)[None, None, :, None]
-    j = tl.arange(0, TBCP)[None, None, None, :]
-    rows = (pid_r * RB + rb) * TBR + i
-    cols = (pid_c * CB + cb) * TBC + j
-    valid = (rows < R) & (cols < C)
-    if TBR != TBRP:
-        valid = valid & (i < TBR)
-    if TBC != TBCP:
-        valid = valid & (j < TBC)
+    p, pid_r, pid_c, rb, i, cb, j, rows, cols, valid = _tile_coords(
+        R, C, TILES_R, TILES_C, RB, TBR, TBRP, CB, TBC, TBCP)
     q_base = codes_ptr + p.to(tl.int64) * sq_p + rows.to(tl.int64) * sq_r
     if UNPACK4:
         jb = tl.arange(0, TBCP // 2)[None, None, None, :]

@@ -160,6 +160,32 @@ def _encode_float(q, QMAX: tl.constexpr, NBITS: tl.constexpr, MBITS: tl.constexp
 
 
 @triton.jit
+def _tile_coords(R, C, TILES_R, TILES_C, RB: tl.constexpr, TBR: tl.constexpr, TBRP: tl.constexpr,
+                 CB: tl.constexpr, TBC: tl.constexpr, TBCP: tl.constexpr):
+    """This program's tile of RB x CB sub-tiles (TBR x TBC, padded to TBRP x TBCP) over the (P, R, C) view.
+
+    Returns (p, pid_r, pid_c, rb, i, cb, j, rows, cols, valid): the 4-D [RB, TBRP, CB, TBCP] index
+    pieces, the element rows and columns, and the mask of real elements.
+    """
+    pid = tl.program_id(0)
+    pid_c = pid % TILES_C
+    pid_r = (pid // TILES_C) % TILES_R
+    p = pid // (TILES_C * TILES_R)
+    rb = tl.arange(0, RB)[:, None, None, None]
+    i = tl.arange(0, TBRP)[None, :, None, None]
+    cb = tl.arange(0, CB)[None, None, :, None]
+    j = tl.arange(0, TBCP)[None, None, None, :]
+    rows = (pid_r * RB + rb) * TBR + i
+    cols = (pid_c * CB + cb) * TBC + j
+    valid = (rows < R) & (cols < C)
+    if TBR != TBRP:
+        valid = valid & (i < TBR)
+    if TBC != TBCP:
+        valid = valid & (j < TBC)
+    return p, pid_r, pid_c, rb, i, cb, j, rows, cols, valid
+
+
+@triton.jit
 def _load_fp32(ptrs, mask, BF16_BITS: tl.constexpr):
     """Load as fp32. BF16_BITS: the input is bf16 viewed as int16, widened on the bits
     (the interpreter's bf16 -> fp32 cast loses subnormals)."""
@@ -201,21 +227,8 @@ def _quantize_kernel(
     DUAL (1 x TBC row groups, RB = TBC rows a program): each column of the tile is also a
     block of X^T, quantized into codes_t (C, R), scales_t and zp_t from the same registers.
     """
-    pid = tl.program_id(0)
-    pid_c = pid % TILES_C
-    pid_r = (pid // TILES_C) % TILES_R
-    p = pid // (TILES_C * TILES_R)
-    rb = tl.arange(0, RB)[:, None, None, None]
-    i = tl.arange(0, TBRP)[None, :, None, None]
-    cb = tl.arange(0, CB)[None, None, :, None]
-    j = tl.arange(0, TBCP)[None, None, None, :]
-    rows = (pid_r * RB + rb) * TBR + i
-    cols = (pid_c * CB + cb) * TBC + j
-    valid = (rows < R) & (cols < C)
-    if TBR != TBRP:
-        valid = valid & (i < TBR)
-    if TBC != TBCP:
-        valid = valid & (j < TBC)
+    p, pid_r, pid_c, rb, i, cb, j, rows, cols, valid = _tile_coords(
+        R, C, TILES_R, TILES_C, RB, TBR, TBRP, CB, TBC, TBCP)
     x_base = x_ptr + p.to(tl.int64) * sx_p
     x = _load_fp32(x_base + rows.to(tl.int64) * sx_r + cols.to(tl.int64) * sx_c, valid, BF16_BITS)
 
