@@ -87,6 +87,12 @@ def package_version() -> str:
         return "0+unknown"
 
 
+
+def out_dtype_name(name: str, rpc: str) -> str:
+    if name not in OUT_DTYPES:
+        raise invalid(f"{rpc}: out_dtype {name!r} is not one of {', '.join(OUT_DTYPES)}")
+    return name
+
 class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
     def __init__(self, config, device: torch.device, executor, metrics=None):
         self.config = config
@@ -234,9 +240,7 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         with self._stream() as new_assembler:
             header, chunks = await chunks_of(request_iterator, "header")
             spec = check_quantized_operand(header.operand, "Dequantize")
-            out_name = header.out_dtype if header.HasField("out_dtype") else spec.out_dtype
-            if out_name not in OUT_DTYPES:
-                raise invalid(f"Dequantize: out_dtype {out_name!r} is not one of {', '.join(OUT_DTYPES)}")
+            out_name = out_dtype_name(header.out_dtype if header.HasField("out_dtype") else spec.out_dtype, "Dequantize")
             infos = wire.operand_infos(header.operand)
             assembler = new_assembler(infos)
             sender = self._sender(pb.DequantizeResponse, [wire.tensor_info("output", OUT_DTYPES[out_name], header.operand.shape)],
@@ -247,18 +251,14 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
             def dequantize():
                 qt = quantized_tensor(header.operand, [assembler.tensor(i) for i in range(len(infos))], self.device)
                 return dispatch.dequantize(qt, OUT_DTYPES[out_name]).cpu()
-            out = await self._compute("Dequantize", dequantize)
-            async for message in sender.send(0, out):
+            async for message in self._compute_and_send("Dequantize", dequantize, sender):
                 yield message
-            yield sender.summary()
 
     @grpc_status
     async def Matmul(self, request_iterator, context):
         with self._stream() as new_assembler:
             header, chunks = await chunks_of(request_iterator, "header")
-            out_name = header.out_dtype or "bfloat16"
-            if out_name not in OUT_DTYPES:
-                raise invalid(f"Matmul: out_dtype {out_name!r} is not one of {', '.join(OUT_DTYPES)}")
+            out_name = out_dtype_name(header.out_dtype or "bfloat16", "Matmul")
             shapes, infos = [], []
             for name in ("a", "b"):
                 operand = getattr(header, name)
@@ -292,10 +292,15 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
                 a = operand(header.a, 0, len(infos[0]))
                 b = operand(header.b, len(infos[0]), len(infos[1]))
                 return dispatch.matmul(a, b, OUT_DTYPES[out_name]).cpu()
-            out = await self._compute("Matmul", matmul)
-            async for message in sender.send(0, out):
+            async for message in self._compute_and_send("Matmul", matmul, sender):
                 yield message
-            yield sender.summary()
+
+    async def _compute_and_send(self, rpc: str, fn, sender):
+        """Run fn off the event loop, then stream its one output tensor and the summary."""
+        out = await self._compute(rpc, fn)
+        async for message in sender.send(0, out):
+            yield message
+        yield sender.summary()
 
     @grpc_status
     async def GetServerInfo(self, request, context):
