@@ -1,2 +1,147 @@
-"""The CPU backend: the reference's own functions, compiled."""
-from .reference import dequantize, matmul, quantize  # noqa: F401  (compiled fast path to come)
+"""The CPU backend: the reference's own block functions, compiled with torch.compile.
+
+The compiled graph is reference.quantize_blocks on a (num_blocks, block_elems) view,
+plus the storage cast, with the fp8 rounding left to torch's native RNE cast after the
+reference's explicit clamp (tests/test_encoders.py proves that cast equal to
+round_to_grid on every bf16/fp16 value and on random fp32). Blocking (reshape, pad,
+permute) stays in eager torch: a view where the blocks divide the shape, except tiles and
+channels of axis != 0, which are copied into block order.
+
+One graph per (spec, input dtype, explicit scales or not): the number of blocks is
+dynamic and the block size static, so tensors of any shape reuse it. Where compiling fails
+(no working C++ compiler) the backend logs a warning and runs the same functions eagerly.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import types
+
+import torch
+
+from . import reference
+from .spec import E2M1, Format, Granularity, QuantizedTensor, QuantSpec
+
+log = logging.getLogger(__name__)
+
+# Graphs of one spec's code object: input (or code and output) dtypes x explicit scales or not,
+# plus size-1 specializations. Past the default limit (8) dynamo would silently run eagerly.
+_RECOMPILE_LIMIT = 64
+
+
+def _quantize_blocks(blocks: torch.Tensor, scales: torch.Tensor | None, *, spec: QuantSpec):
+    """(B, E) blocks of the input dtype -> (codes (B, E) in storage layout, stored scales (B,), zero points)."""
+    values, stored_scales, zero_points = reference.quantize_blocks(blocks.float(), spec, scales, native_cast=True)
+    return reference.store_codes(values, spec), stored_scales, zero_points
+
+
+def _dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_points, out_dtype: torch.dtype, *,
+                       spec: QuantSpec):
+    """(B, E) codes (fp8/int8 storage dtype) and (B, 1) scales -> (B, E) values of out_dtype.
+
+    `spec` is unused here: it gives each spec (so each block size) its own compiled graphs.
+    """
+    return reference.dequantize_blocks(codes.float(), scale, zero_points).to(out_dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn, spec: QuantSpec):
+    """torch.compile of fn with spec bound, or fn itself when the compiler is unavailable.
+
+    Each spec gets a copy of fn with a code object of its own. Dynamo keeps compiled graphs
+    per code object behind guards on the arguments, and its guards on the spec's fields are
+    not to be trusted (mxfp8 reused the mxfp4 graph in torch 2.13); with one code object per
+    spec, only dtypes and sizes are left to the guards.
+    """
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{abs(hash(spec)):x}")
+    fn = functools.partial(types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__), spec=spec)
+    try:
+        import torch._dynamo as dynamo
+        import torch._inductor.config  # noqa: F401  (fails early where inductor is missing)
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo.config, name):
+                setattr(dynamo.config, name, max(getattr(dynamo.config, name), _RECOMPILE_LIMIT))
+        return torch.compile(fn, dynamic=False, fullgraph=True)
+    except Exception as exc:  # pragma: no cover - depends on the installation
+        log.warning("quantd CPU backend: torch.compile unavailable (%s); running eagerly", exc)
+        return fn
+
+
+# (fn, spec) pairs whose compilation failed: they run eagerly from then on.
+_eager = set()
+
+
+def _run(fn, spec, *args):
+    """Run fn compiled; if compiling fails (no C++ compiler, ...), warn and run it eagerly from then on."""
+    if (fn, spec) not in _eager:
+        try:
+            return _compiled(fn, spec)(*args)
+        except Exception as exc:
+            if not _is_compile_error(exc):
+                raise
+            _eager.add((fn, spec))
+            log.warning("quantd CPU backend: compiling %s for %s failed (%s: %s); running eagerly", fn.__name__,
+                        spec.describe(), type(exc).__name__, exc)
+    return fn(*args, spec=spec)
+
+
+def _is_compile_error(exc: Exception) -> bool:
+    mod = type(exc).__module__ or ""
+    return mod.startswith(("torch._dynamo", "torch._inductor")) or isinstance(exc, (OSError, RuntimeError)) and (
+        "compile" in str(exc).lower() or "inductor" in str(exc).lower())
+
+
+def _mark_blocks_dynamic(spec: QuantSpec, *tensors):
+    """Let the block count vary without recompiling; tensor and channel blocks also vary in size."""
+    whole = spec.granularity in (Granularity.TENSOR, Granularity.CHANNEL)
+    for t in tensors:
+        if t is not None and t.dim() >= 1:
+            torch._dynamo.decorators.mark_unbacked(t, 0)
+            if whole and t.dim() == 2 and t.shape[1] > 1:
+                torch._dynamo.maybe_mark_dynamic(t, 1)  # backed: unbacked sizes stop vectorization
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = None) -> QuantizedTensor:
+    """Same contract and bits as reference.quantize."""
+    reference.check_input(x, spec)
+    x = x.detach()  # quantization has no gradient; a graph traced for autograd would be another compile
+    if x.numel() == 0 or (scales is not None and spec.format == Format.INT8_ASYM):
+        return reference.quantize(x, spec, scales)  # nothing to compile, or the reference's error
+    # contiguous: one memory layout per graph (channel blocks of axis != 0 are strided views)
+    blocks = reference.to_blocks(x, spec, dtype=x.dtype).contiguous()
+    if scales is not None:
+        scales = scales.float().reshape(-1, 1)
+    _mark_blocks_dynamic(spec, blocks, scales)
+    codes, stored_scales, zero_points = _run(_quantize_blocks, spec, blocks, scales)
+    sshape = spec.scale_shape(x.shape)
+    codes = _codes_from_blocks(codes, spec, tuple(x.shape)).contiguous()
+    zero_points = None if zero_points is None else zero_points.reshape(sshape)
+    return QuantizedTensor(codes, reference.as_e8m0(stored_scales.reshape(sshape)), spec, tuple(x.shape), zero_points)
+
+
+def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Same contract and bits as reference.dequantize."""
+    spec, shape = qt.spec, tuple(qt.shape)
+    if spec.element is E2M1 or math.prod(shape) == 0:
+        return reference.dequantize(qt, out_dtype)
+    codes = reference.to_blocks(qt.codes, spec, dtype=qt.codes.dtype).contiguous()
+    scale = reference.scale_values(qt).reshape(-1, 1)
+    zp = None if qt.zero_points is None else qt.zero_points.reshape(-1, 1)
+    _mark_blocks_dynamic(spec, codes, scale, zp)
+    out = _run(_dequantize_blocks, spec, codes, scale, zp, out_dtype or spec.dequant_dtype)
+    return reference.from_blocks(out, spec, shape).contiguous()
+
+
+# GEMMs on the CPU are the reference's (fp64 products of the dequantized operands).
+matmul = reference.matmul
+
+
+def _codes_from_blocks(codes: torch.Tensor, spec: QuantSpec, shape: tuple) -> torch.Tensor:
+    """Block-layout codes -> the reference's code layout (E2M1: packed pairs within 32-element groups)."""
+    if spec.element is not E2M1:
+        return reference.from_blocks(codes, spec, shape)
+    # MX groups are 32 wide and start at even columns, so pairs packed inside a group are the
+    # pairs reference.pack_nibbles forms along the last dim; the padding packs as code 0.
+    packed = QuantSpec(Format.FP8_E4M3, Granularity.GROUP, group_size=spec.group_size // 2)
+    return reference.from_blocks(codes, packed, spec.code_shape(shape))

@@ -4,17 +4,23 @@ Written in plain torch for clarity, not speed (the CPU backend compiles these sa
 functions). Semantics, also in NUMERICS.md:
 
 * A block's amax is the largest finite |x|; NaN and +-Inf do not take part.
-* fp32 scale = amax / qmax (IEEE division); an all-zero block gets scale 1.0.
-* pow2 scale (FP8/INT8) = 2**ceil(log2(amax / qmax)), so nothing overflows.
-* MX scale (OCP MX v1.0) = 2**(floor(log2(amax)) - emax_elem).
+* fp32 scale = amax / qmax (IEEE division); a scale that would be 0 (an all-zero block,
+  or amax so small that the division underflows) is 1.0.
+* pow2 scale (FP8/INT8) = 2**ceil(log2(amax / qmax)), so nothing overflows (amax / qmax
+  below 2**-126 counts as 2**-126); all-zero blocks get 2**0.
+* MX scale (OCP MX v1.0) = 2**(floor(log2(amax)) - emax_elem); elements may saturate.
+  pow2/MX exponents are clamped to [-127, 127] and stored as E8M0 bits.
+* Ragged blocks are zero-padded; an empty tensor quantizes like an all-zero one.
 * Codes: q = x / scale (IEEE division), clamped to +-qmax, then rounded to nearest,
   ties to even, onto the element grid (subnormals kept). +-Inf saturates to +-qmax.
-  NaN encodes as the format's NaN (E4M3/E5M2: 0x7F); formats without NaN encode
+  NaN encodes as the format's NaN (E4M3/E5M2: 0x7F, either sign); formats without NaN encode
   it as the code of 0.0 (int8: 0, int8_asym: the zero point, E2M1: 0). NaNs are
   counted by `report`.
-* int8_asym: lo = min(min x, 0), hi = max(max x, 0), scale = (hi - lo) / 255,
+* int8_asym: lo = min(min x, 0), hi = max(max x, 0) over finite x, scale = (hi - lo) / 255,
   zero_point = -128 - round(lo / scale), code = clamp(round(x / scale) + zp, -128, 127).
-* Dequantized value = code x scale (int8_asym: (code - zp) x scale), in fp32, cast once.
+* Dequantized value = code x scale (int8_asym: (code - zp) x scale), in fp32, cast once;
+  NaN payloads are unspecified.
+* matmul: C = A @ B^T (A (M, K), B (N, K)); see its docstring.
 """
 from __future__ import annotations
 
@@ -81,30 +87,38 @@ def unpack_nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
 # ---- blocks --------------------------------------------------------------------------
 
 
-def to_blocks(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """View `x` as (num_blocks, block_elems) fp32, zero-padding ragged blocks.
+def to_blocks(x: torch.Tensor, spec: QuantSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """View `x` as (num_blocks, block_elems) of `dtype` (fp32 unless told), zero-padding ragged blocks.
 
     Blocks come out in the row-major order of spec.scale_shape(x.shape).
     """
     g = spec.granularity
-    x = x.float()
+    x = x.to(dtype)
+    # Tensor and channel blocks of an empty tensor get one padding zero, so that every
+    # block has an amax (an empty block quantizes like an all-zero one).
     if g == Granularity.TENSOR:
-        return x.reshape(1, -1)
+        return _pad(x.reshape(1, -1), (0, int(x.numel() == 0)))
     if g == Granularity.CHANNEL:
-        return x.movedim(spec.axis, 0).reshape(x.shape[spec.axis], -1)
+        rest = math.prod(x.shape) // max(x.shape[spec.axis], 1)
+        return _pad(x.movedim(spec.axis, 0).reshape(x.shape[spec.axis], rest), (0, int(rest == 0)))
     if g == Granularity.FLAT:
         n = spec.block_size
         flat = x.reshape(-1)
-        return F.pad(flat, (0, (-flat.numel()) % n)).reshape(-1, n)
+        return _pad(flat, (0, (-flat.numel()) % n)).reshape(-1, n)
     rows, k = math.prod(x.shape[:-1]), x.shape[-1]
     x2 = x.reshape(rows, k)
     if g == Granularity.GROUP:
         gs = spec.group_size
-        return F.pad(x2, (0, (-k) % gs)).reshape(-1, gs)
+        return _pad(x2, (0, (-k) % gs)).reshape(-1, gs)
     bm, bn = spec.tile
-    x2 = F.pad(x2, (0, (-k) % bn, 0, (-rows) % bm))
+    x2 = _pad(x2, (0, (-k) % bn, 0, (-rows) % bm))
     tr, tc = x2.shape[0] // bm, x2.shape[1] // bn
     return x2.reshape(tr, bm, tc, bn).permute(0, 2, 1, 3).reshape(tr * tc, bm * bn)
+
+
+def _pad(x: torch.Tensor, pad: tuple) -> torch.Tensor:
+    """F.pad with zeros, but a view (no copy) when nothing needs padding."""
+    return F.pad(x, pad) if any(pad) else x
 
 
 def from_blocks(blocks: torch.Tensor, spec: QuantSpec, shape) -> torch.Tensor:
@@ -116,7 +130,7 @@ def from_blocks(blocks: torch.Tensor, spec: QuantSpec, shape) -> torch.Tensor:
         return blocks.reshape(-1)[:numel].reshape(shape)
     if g == Granularity.CHANNEL:
         moved = (shape[spec.axis],) + shape[:spec.axis % len(shape)] + shape[spec.axis % len(shape) + 1:]
-        return blocks.reshape(moved).movedim(0, spec.axis)
+        return blocks[:, :math.prod(moved[1:])].reshape(moved).movedim(0, spec.axis)
     rows, k = math.prod(shape[:-1]), shape[-1]
     if g == Granularity.GROUP:
         return blocks.reshape(rows, -1)[:, :k].reshape(shape)
@@ -132,11 +146,18 @@ def from_blocks(blocks: torch.Tensor, spec: QuantSpec, shape) -> torch.Tensor:
 def block_amax(blocks: torch.Tensor) -> torch.Tensor:
     """Largest finite |x| of each block, (B, 1)."""
     a = blocks.abs()
-    return torch.where(torch.isfinite(a), a, 0.0).amax(dim=1, keepdim=True)
+    # a < inf is isfinite for a = |x| (false for NaN and Inf), written as a comparison,
+    # which the compiled CPU backend vectorizes.
+    return torch.where(a < math.inf, a, 0.0).amax(dim=1, keepdim=True)
 
 
 def pow2_exponent(s: torch.Tensor, ceil: bool) -> torch.Tensor:
-    """floor or ceil of log2 of positive fp32 `s`, clamped to E8M0's [-127, 127]."""
+    """floor or ceil of log2 of positive fp32 `s`, clamped to E8M0's [-127, 127].
+
+    Read off the bits: ceil takes a subnormal `s` (< 2**-126) as 2**-126, so it gives -126
+    where the exact ceil would be -127 (s <= 2**-127); the scale is then one binade
+    coarser than needed, and still never lets a code overflow.
+    """
     e = _exponent(s)
     if ceil:
         e = e + ((s.view(torch.int32) & 0x7FFFFF) != 0).to(torch.int32)
@@ -147,16 +168,18 @@ def compute_scales(blocks: torch.Tensor, spec: QuantSpec):
     """Per-block (scale fp32 (B, 1), E8M0 exponent or None, zero point or None)."""
     el = spec.element
     if spec.format == Format.INT8_ASYM:
-        finite = torch.isfinite(blocks)
+        finite = blocks.abs() < math.inf  # isfinite, as a comparison (vectorized when compiled)
         lo = torch.where(finite, blocks, 0.0).amin(dim=1, keepdim=True).clamp(max=0.0)
         hi = torch.where(finite, blocks, 0.0).amax(dim=1, keepdim=True).clamp(min=0.0)
         span = hi - lo
-        scale = torch.where(span > 0, span / 255.0, 1.0)
+        scale = span / 255.0
+        scale = torch.where(scale > 0, scale, 1.0)
         zp = -128 - torch.round(lo / scale)
         return scale, None, zp
     amax = block_amax(blocks)
     if spec.scale_encoding == ScaleEncoding.FP32:
-        return torch.where(amax > 0, amax / el.max, 1.0), None, None
+        scale = amax / el.max
+        return torch.where(scale > 0, scale, 1.0), None, None
     if spec.is_mx:
         e = torch.clamp(_exponent(amax) - el.emax, -127, 127)
     else:
@@ -168,10 +191,17 @@ def compute_scales(blocks: torch.Tensor, spec: QuantSpec):
 # ---- quantize -----------------------------------------------------------------------
 
 
-def encode_blocks(blocks: torch.Tensor, scale: torch.Tensor, zp, el: ElementFormat):
-    """Codes of `blocks` given per-block scales: fp32 grid values, or int values for int8."""
-    nan = torch.isnan(blocks)
+def encode_blocks(blocks: torch.Tensor, scale: torch.Tensor, zp, el: ElementFormat, native_cast: bool = False):
+    """Codes of `blocks` given per-block scales: fp32 grid values, or int values for int8.
+
+    native_cast: for formats with a torch float8 dtype, return the clamped quotients and
+    leave the rounding to store_codes' cast (torch's RNE cast, proven equal to
+    round_to_grid on every input by the tests; used by the CPU backend for speed).
+    """
+    nan = blocks != blocks  # isnan, as a comparison (vectorized when compiled)
     q = torch.clamp(blocks / scale, -el.max if zp is None else -math.inf, el.max if zp is None else math.inf)
+    if native_cast and el.code_dtype.is_floating_point:
+        return q
     if el.kind == "int":
         if zp is None:
             codes = torch.round(torch.clamp(q, -127.0, 127.0))
@@ -182,15 +212,16 @@ def encode_blocks(blocks: torch.Tensor, scale: torch.Tensor, zp, el: ElementForm
 
 
 def store_codes(values: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Grid values (fp32) -> the storage dtype of the spec's codes."""
+    """Grid values (fp32) -> the storage dtype of the spec's codes (E2M1: packed along the last dim)."""
     el = spec.element
     if el.kind == "int":
         return values.to(torch.int8)
     if el is E2M1:
         return pack_nibbles(encode_minifloat_bits(torch.nan_to_num(values, nan=0.0), el))
-    # Exact values only reach this cast; NaN is written explicitly as the canonical code.
-    codes = values.to(el.code_dtype).view(torch.uint8)
-    return torch.where(torch.isnan(values), el.nan_code, codes).view(el.code_dtype)
+    # Grid values (or, with native_cast, clamped quotients) only reach this cast. Every NaN
+    # becomes +NaN first (v != v is isnan, vectorized when compiled), which torch's cast
+    # writes as el.nan_code (0x7F); a NaN's sign would otherwise survive as 0xFF.
+    return torch.where(values != values, math.nan, values).to(el.code_dtype)
 
 
 def check_input(x: torch.Tensor, spec: QuantSpec) -> None:
@@ -210,20 +241,30 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
 
 def quantize_tensors(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = None):
     """quantize() on tensors alone: (codes, stored scales, zero points or None)."""
-    blocks = to_blocks(x, spec)
+    values, stored_scales, zero_points = quantize_blocks(to_blocks(x, spec), spec, scales)
+    sshape = spec.scale_shape(x.shape)
+    zero_points = None if zero_points is None else zero_points.reshape(sshape)
+    return store_codes(from_blocks(values, spec, x.shape), spec), stored_scales.reshape(sshape), zero_points
+
+
+def quantize_blocks(blocks: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = None,
+                    native_cast: bool = False):
+    """The blockwise core of quantize on (B, E) fp32 blocks.
+
+    Returns (code values (B, E) fp32 as encode_blocks gives them, stored scales (B,)
+    fp32 or uint8 E8M0 bits, int8 zero points (B,) or None).
+    """
     if scales is None:
         scale, e8m0, zp = compute_scales(blocks, spec)
     else:
         scale, e8m0, zp = scales.float().reshape(-1, 1), None, None
-    values = from_blocks(encode_blocks(blocks, scale, zp, spec.element).expand(blocks.shape), spec, x.shape)
-    sshape = spec.scale_shape(x.shape)
+    values = encode_blocks(blocks, scale, zp, spec.element, native_cast).expand(blocks.shape)
     if spec.scale_encoding == ScaleEncoding.POW2:
         e8m0 = pow2_exponent(scale, ceil=False) if e8m0 is None else e8m0
-        stored_scales = (e8m0 + E8M0_BIAS).to(torch.uint8).reshape(sshape)
+        stored_scales = (e8m0 + E8M0_BIAS).to(torch.uint8).reshape(-1)
     else:
-        stored_scales = scale.reshape(sshape)
-    zero_points = None if zp is None else zp.to(torch.int8).reshape(sshape)
-    return store_codes(values, spec), stored_scales, zero_points
+        stored_scales = scale.reshape(-1)
+    return values, stored_scales, None if zp is None else zp.to(torch.int8).reshape(-1)
 
 
 def as_e8m0(stored_scales: torch.Tensor) -> torch.Tensor:
@@ -249,13 +290,18 @@ def scale_values(qt: QuantizedTensor) -> torch.Tensor:
 
 
 def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """code x scale (int8_asym: (code - zp) x scale) in fp32, cast once to out_dtype (default spec.out_dtype)."""
     spec = qt.spec
-    vals = to_blocks(code_values(qt), spec)
-    scale = scale_values(qt).reshape(-1, 1)
-    if qt.zero_points is not None:
-        vals = vals - qt.zero_points.float().reshape(-1, 1)
-    out = from_blocks(vals * scale, spec, qt.shape)
-    return out.to(out_dtype or spec.dequant_dtype)
+    zp = None if qt.zero_points is None else qt.zero_points.reshape(-1, 1)
+    vals = dequantize_blocks(to_blocks(code_values(qt), spec), scale_values(qt).reshape(-1, 1), zp)
+    return from_blocks(vals, spec, qt.shape).to(out_dtype or spec.dequant_dtype)
+
+
+def dequantize_blocks(values: torch.Tensor, scale: torch.Tensor, zero_points: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, E) fp32 code values, (B, 1) fp32 scales and int8 zero points (or None) -> (B, E) fp32."""
+    if zero_points is not None:
+        values = values - zero_points.float()
+    return values * scale
 
 
 # ---- report -------------------------------------------------------------------------
@@ -300,9 +346,10 @@ def saturated_count(x: torch.Tensor, qt: QuantizedTensor) -> int:
 def matmul(a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """C = A @ B^T for A (M, K) and B (N, K), the nn.Linear convention.
 
-    FP8/MX operands: the dequantized operands multiplied in fp64 per K block and summed
-    in fp32 block by block, as a block-scaled GEMM with fp32 accumulation does.
-    INT8: int32 accumulation of the codes with zero-point correction, then scaled.
+    FP8/MX operands: the fp32 dequantized operands (code x scale, exact) multiplied and
+    summed in fp64, rounded once to fp32, then cast to out_dtype. A block-scaled GEMM with
+    fp32 accumulation rounds along the way, so backends agree with this to a tolerance.
+    INT8: int32 accumulation of the codes with zero-point correction, then scaled in fp32.
     """
     if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"matmul: expected A (M, K) and B (N, K), got {list(a.shape)} and {list(b.shape)}")

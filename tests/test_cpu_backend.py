@@ -1,0 +1,145 @@
+"""The CPU backend (compiled) against the reference, bit for bit: codes, scales, zero points, dequantized values.
+
+Compiling costs seconds a graph on CI's 2 cores, so the specs below cover every format,
+granularity and scale encoding at least once with one input dtype each (rotating), rather
+than the full cross product; many shapes then run through each graph.
+"""
+import logging
+import math
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from quantd.kernels import cpu, dispatch, reference
+from quantd.kernels.spec import QuantSpec
+
+CASES = [  # (spec, input dtype)
+    (QuantSpec("fp8_e4m3"), torch.bfloat16),  # the 1x128 default
+    (QuantSpec("fp8_e4m3", "tile", tile=(16, 32)), torch.float32),
+    (QuantSpec("fp8_e5m2", "channel", axis=1), torch.float16),
+    (QuantSpec("fp8_e5m2", "flat", block_size=100, scale_encoding="pow2"), torch.bfloat16),
+    (QuantSpec("int8_sym", "tensor"), torch.float32),
+    (QuantSpec("int8_sym", "group", group_size=64, scale_encoding="pow2"), torch.float16),
+    (QuantSpec("int8_asym", "group", group_size=32), torch.bfloat16),
+    (QuantSpec("mxfp4"), torch.float32),
+    (QuantSpec("mxfp8"), torch.bfloat16),
+]
+SHAPES = [(64, 256), (33, 97), (5, 7, 70), (130,), (1, 1)]  # (1, 1) last: see the graph count below
+
+
+def random_input(shape, dtype, rng):
+    """Normal values over a wide range of magnitudes, with NaN, +-Inf, the dtype's max,
+    a subnormal, and one all-zero row (an all-zero block in row-wise granularities)."""
+    x = torch.randn(shape, generator=rng) * torch.exp2(torch.randint(-12, 12, shape, generator=rng).float())
+    x = x.to(dtype)
+    if x.dim() >= 2 and x.shape[0] > 2:
+        x[1] = 0
+    flat = x.view(-1)
+    if flat.numel() >= 16:
+        info = torch.finfo(dtype)
+        flat[[0, 3, 5, 7, 9, 11]] = torch.tensor([math.nan, math.inf, -math.inf, -math.nan, info.max, info.tiny / 4],
+                                                  dtype=dtype)
+    return x
+
+
+def bits(t):
+    t = t.contiguous().reshape(-1)
+    return t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+def same_values(a, b) -> bool:
+    """Bit-identical dequantized values; NaNs match any NaN (payloads are unspecified)."""
+    nan = torch.isnan(a)
+    return a.dtype == b.dtype and torch.equal(nan, torch.isnan(b)) and torch.equal(bits(a[~nan]), bits(b[~nan]))
+
+
+def assert_same(q, r):
+    assert q.codes.dtype == r.codes.dtype and q.codes.shape == r.codes.shape
+    assert torch.equal(bits(q.codes), bits(r.codes))
+    assert q.scales.dtype == r.scales.dtype and q.scales.shape == r.scales.shape
+    assert torch.equal(bits(q.scales), bits(r.scales))
+    assert (q.zero_points is None) == (r.zero_points is None)
+    if r.zero_points is not None:
+        assert torch.equal(q.zero_points, r.zero_points)
+
+
+@pytest.mark.parametrize("spec,dtype", CASES, ids=[f"{s.describe()}-{str(d)[6:]}" for s, d in CASES])
+def test_quantize_dequantize_bit_identical(spec, dtype, rng):
+    graphs = None
+    for shape in SHAPES:
+        if spec.granularity.value == "channel" and len(shape) < 2:
+            continue
+        x = random_input(shape, dtype, rng)
+        want = reference.quantize(x, spec)
+        got = cpu.quantize(x, spec)
+        assert_same(got, want)
+        assert same_values(cpu.dequantize(want), reference.dequantize(want))
+        # a non-contiguous view quantizes like its contiguous copy
+        xt = x.transpose(0, -1) if x.dim() >= 2 else x[::2]
+        assert_same(cpu.quantize(xt, spec), reference.quantize(xt.contiguous(), spec))
+        if graphs is None:
+            graphs = counters["stats"]["unique_graphs"]
+        if shape == (130,):
+            # every later shape reused the graphs compiled for the first one (blocks of one
+            # element, as (1, 1) gives tensor/channel granularity, are specialized by dynamo)
+            assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize("spec,dtype", CASES, ids=[f"{s.describe()}-{str(d)[6:]}" for s, d in CASES])
+def test_subnormal_blocks(spec, dtype, rng):
+    """Blocks whose amax, scale and values are fp32 subnormals (no flush-to-zero in compiled code)."""
+    low = -28 if dtype == torch.float16 else -140  # fp16 subnormals start at 2^-14
+    x = torch.randn(33, 97, generator=rng) * torch.exp2(torch.randint(low, low + 20, (33, 1), generator=rng).float())
+    x = x.to(dtype)
+    assert_same(cpu.quantize(x, spec), want := reference.quantize(x, spec))
+    assert same_values(cpu.dequantize(want, torch.float32), reference.dequantize(want, torch.float32))
+
+
+@pytest.mark.parametrize("spec,dtype", CASES[:6], ids=[s.describe() for s, _ in CASES[:6]])
+def test_explicit_scales(spec, dtype, rng):
+    x = random_input((48, 256), dtype, rng)
+    scales = reference.quantize(x, spec).scales.float() * 1.5
+    assert_same(cpu.quantize(x, spec, scales), reference.quantize(x, spec, scales))
+
+
+def test_int8_asym_rejects_explicit_scales():
+    spec = QuantSpec("int8_asym")
+    with pytest.raises(ValueError, match="int8_asym"):
+        cpu.quantize(torch.randn(4, 128), spec, torch.ones(4, 1))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_dequantize_out_dtypes(out_dtype, rng):
+    spec = QuantSpec("fp8_e4m3")
+    qt = reference.quantize(random_input((40, 300), torch.bfloat16, rng), spec)
+    assert same_values(cpu.dequantize(qt, out_dtype), reference.dequantize(qt, out_dtype))
+
+
+def test_matmul_and_dispatch_default(rng):
+    a = random_input((16, 256), torch.bfloat16, rng).nan_to_num(0.0, 0.0, 0.0)
+    b = random_input((24, 256), torch.bfloat16, rng).nan_to_num(0.0, 0.0, 0.0)
+    spec = QuantSpec("fp8_e4m3")
+    qa, qb = dispatch.quantize(a, spec), dispatch.quantize(b, spec)  # CPU tensors: the CPU backend
+    assert_same(qa, reference.quantize(a, spec))
+    assert same_values(dispatch.matmul(qa, qb), reference.matmul(qa, qb))
+
+
+def test_empty_and_zero_dim(rng):
+    spec = QuantSpec("fp8_e4m3", "tensor")
+    for x in (torch.empty(0, 128), torch.tensor(3.5)):
+        assert_same(cpu.quantize(x, spec), reference.quantize(x, spec))
+
+
+def test_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog, rng):
+    """No working C++ compiler: a warning, then the same bits from the eager functions."""
+    import torch._inductor.config as inductor_config
+    spec = QuantSpec("fp8_e4m3", "group", group_size=48)  # compiled nowhere else
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # no compiled graph from an earlier run
+    monkeypatch.setattr(cpu, "_eager", set())
+    x = random_input((8, 96), torch.float32, rng)
+    with caplog.at_level(logging.WARNING, logger=cpu.__name__):
+        got = cpu.quantize(x, spec)
+    assert (cpu._quantize_blocks, spec) in cpu._eager and "running eagerly" in caplog.text
+    assert_same(got, reference.quantize(x, spec))

@@ -1,0 +1,238 @@
+"""Properties of the CPU reference (NUMERICS.md), with Hypothesis, and its GEMMs against fp64 products."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from quantd.kernels import reference
+from quantd.kernels.spec import Format, Granularity, QuantSpec, ScaleEncoding
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+VALID_SPECS = [
+    QuantSpec(fmt, gran, group_size=gs, tile=(3, 8), block_size=10, axis=ax, scale_encoding=enc)
+    for fmt in ("fp8_e4m3", "fp8_e5m2", "int8_sym")
+    for enc in ("fp32", "pow2")
+    for gran, gs, ax in (("tensor", 128, 0), ("channel", 128, -1), ("group", 16, 0), ("tile", 128, 0), ("flat", 128, 0))
+] + [QuantSpec("int8_asym", g) for g in ("tensor", "group", "tile", "flat")] + [
+    QuantSpec("int8_asym", "channel", axis=0), QuantSpec("mxfp4"), QuantSpec("mxfp8")]
+
+
+def finite_arrays(max_dims=3):
+    """float32 arrays of 0-3 dims, magnitudes from subnormal to ~1e30, some repeated values (ties)."""
+    shapes = hnp.array_shapes(min_dims=0, max_dims=max_dims, min_side=1, max_side=20)
+    elements = st.one_of(st.floats(-2.0 ** 100, 2.0 ** 100, width=32), st.sampled_from([0.0, -0.0, 1.0, -448.0, 3.0, 0.5]))
+    return hnp.arrays(np.float32, shapes, elements=elements)
+
+
+def usable(spec: QuantSpec, shape) -> bool:
+    try:
+        spec.check_shape(shape)
+        return True
+    except ValueError:
+        return False
+
+
+def element_bound(x: torch.Tensor, qt) -> torch.Tensor:
+    """Per element, the largest |x - dequantized| the spec allows: half the grid spacing at
+    |x| / scale (times the scale), plus what saturation clamps off, plus fp32 rounding of
+    the division and the product."""
+    spec, el = qt.spec, qt.spec.element
+    xb = reference.to_blocks(x, spec).double()
+    scale = reference.scale_values(qt).double().reshape(-1, 1)
+    q = (xb / scale).abs()
+    if el.kind == "int":
+        half = torch.full_like(q, 1.0 if spec.format == Format.INT8_ASYM else 0.5)  # asym: zp rounding + clamp
+        excess = torch.clamp(q - 127.0, min=0)
+    else:
+        a = torch.clamp(q, max=el.max)
+        e = torch.floor(torch.log2(torch.where(a > 0, a, 1.0))).clamp(min=el.emin)
+        half = torch.exp2(e - el.mbits - 1)
+        excess = torch.clamp(q - el.max, min=0)
+    if spec.format == Format.INT8_ASYM:
+        excess = torch.zeros_like(q)  # the whole [min, max] range is representable
+    bound = (half + excess) * scale + xb.abs() * 2.0 ** -22 + 1e-44
+    return reference.from_blocks(bound, spec, x.shape)
+
+
+@SETTINGS
+@given(spec=st.sampled_from(VALID_SPECS), arr=finite_arrays(), dtype=st.sampled_from(["float32", "bfloat16"]))
+def test_round_trip_error_within_half_a_grid_step(spec, arr, dtype):
+    x = torch.from_numpy(arr).to(getattr(torch, dtype))
+    if not usable(spec, x.shape):
+        return
+    qt = reference.quantize(x, spec)
+    assert qt.codes.shape == spec.code_shape(x.shape) and qt.codes.dtype == spec.code_dtype
+    assert qt.scales.shape == spec.scale_shape(x.shape) and qt.scales.dtype == spec.scale_dtype
+    deq = reference.dequantize(qt, torch.float32).double()
+    assert not torch.isnan(deq).any()
+    err = (x.double() - deq).abs()
+    assert (err <= element_bound(x.float(), qt)).all()
+
+
+@SETTINGS
+@given(spec=st.sampled_from(VALID_SPECS), arr=finite_arrays(max_dims=3))
+def test_non_contiguous_equals_contiguous(spec, arr):
+    x = torch.from_numpy(arr)
+    if x.dim() < 2:
+        x = x.reshape(1, -1)
+    xt = x.transpose(0, -1)
+    if not usable(spec, xt.shape):
+        return
+    a, b = reference.quantize(xt, spec), reference.quantize(xt.contiguous(), spec)
+    assert torch.equal(a.codes.view(torch.uint8) if a.codes.element_size() == 1 else a.codes,
+                       b.codes.view(torch.uint8) if b.codes.element_size() == 1 else b.codes)
+
+
+@pytest.mark.parametrize("spec", VALID_SPECS, ids=lambda s: s.describe())
+def test_all_zero_blocks(spec):
+    for shape in [(), (1,), (7,), (4, 33), (2, 3, 40)]:
+        if not usable(spec, shape):
+            continue
+        qt = reference.quantize(torch.zeros(shape), spec)
+        assert (reference.scale_values(qt) == 1.0).all()
+        assert not torch.isnan(reference.code_values(qt)).any()
+        deq = reference.dequantize(qt, torch.float32)
+        assert deq.shape == shape and (deq == 0).all()
+
+
+def test_single_element_and_ragged_last_block():
+    for spec in (QuantSpec(), QuantSpec("fp8_e4m3", "flat", block_size=3), QuantSpec("mxfp4"),
+                 QuantSpec("int8_asym", "tile", tile=(2, 2))):
+        x = torch.tensor([[0.3, -7.0, 2.5, 0.01, 100.0]])
+        qt = reference.quantize(x, spec)
+        scales = reference.scale_values(qt).reshape(-1)
+        blocks = reference.to_blocks(x, spec)
+        # the ragged last block's scale comes from its real elements (padding is 0)
+        assert torch.equal(scales[-1:], reference.compute_scales(blocks[-1:], spec)[0].reshape(-1))
+        one = reference.quantize(torch.tensor([-2.0]), spec)
+        assert torch.allclose(reference.dequantize(one, torch.float32), torch.tensor([-2.0]), rtol=0.2)
+
+
+def test_nan_and_inf_semantics():
+    x = torch.tensor([[1.0, math.nan, math.inf, -math.inf, -2.0, 0.0]])
+    for fmt in Format:
+        qt = reference.quantize(x, QuantSpec(fmt, "tensor") if fmt not in (Format.MXFP4, Format.MXFP8) else QuantSpec(fmt))
+        el = qt.spec.element
+        amax_scale = reference.compute_scales(reference.to_blocks(x[:, [0, 4, 5]], qt.spec), qt.spec)[0]
+        assert torch.equal(reference.scale_values(qt).reshape(-1)[:1], amax_scale.reshape(-1)[:1])  # NaN/Inf ignored
+        vals = reference.code_values(qt).reshape(-1)
+        if el.has_nan:
+            assert qt.codes.view(torch.uint8).reshape(-1)[1] == el.nan_code
+        elif fmt == Format.INT8_ASYM:
+            assert vals[1] == qt.zero_points.float()  # NaN -> the zero point: dequantizes to 0
+        else:
+            assert vals[1] == 0
+        top = 127 if el.kind == "int" else el.max
+        if fmt == Format.INT8_ASYM:
+            assert vals[2] == 127 and vals[3] == -128
+        else:
+            assert vals[2] == top and vals[3] == -top  # +-Inf saturates
+        report = reference.report(x, qt)
+        assert report["nan_count"] == 1 and report["saturated"] >= 2
+
+
+@pytest.mark.parametrize("fmt,gran,enc", list(itertools.product(
+    [f.value for f in Format], [g.value for g in Granularity], [e.value for e in ScaleEncoding])))
+def test_every_combination_constructs_or_names_the_field(fmt, gran, enc):
+    mx = fmt in ("mxfp4", "mxfp8")
+    valid = (gran == "group" and enc == "pow2") if mx else not (fmt == "int8_asym" and enc == "pow2")
+    if valid:
+        spec = QuantSpec(fmt, gran, scale_encoding=enc)
+        assert (spec.format.value, spec.granularity.value, spec.scale_encoding.value) == (fmt, gran, enc)
+        x = torch.randn(4, 64)
+        assert reference.dequantize(reference.quantize(x, spec)).shape == x.shape
+    else:
+        with pytest.raises(ValueError, match=r"QuantSpec\.(granularity|scale_encoding)"):
+            QuantSpec(fmt, gran, scale_encoding=enc)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(format="fp9"), "format"), (dict(granularity="row"), "granularity"), (dict(scale_encoding="log"), "scale_encoding"),
+    (dict(group_size=0), "group_size"), (dict(block_size=-1), "block_size"), (dict(tile=(0, 4)), "tile"),
+    (dict(out_dtype="int8"), "out_dtype"), (dict(format="mxfp4", group_size=64), "granularity")])
+def test_invalid_fields_raise_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"QuantSpec\.{field}"):
+        QuantSpec(**kwargs)
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(TypeError, match="dtype"):
+        reference.quantize(torch.ones(4, dtype=torch.int32), QuantSpec())
+    with pytest.raises(ValueError, match="axis"):
+        reference.quantize(torch.ones(4, 4), QuantSpec(granularity="channel", axis=2))
+    with pytest.raises(ValueError, match="0-d"):
+        reference.quantize(torch.tensor(1.0), QuantSpec())
+
+
+@SETTINGS
+@given(arr=finite_arrays(max_dims=2), fmt=st.sampled_from(["fp8_e4m3", "fp8_e5m2", "int8_sym"]))
+def test_pow2_scales_never_overflow(arr, fmt):
+    x = torch.from_numpy(arr)
+    qt = reference.quantize(x, QuantSpec(fmt, "flat", block_size=8, scale_encoding="pow2"))
+    assert reference.saturated_count(x, qt) == 0
+    s = reference.scale_values(qt)
+    assert torch.equal(torch.exp2(torch.round(torch.log2(s))), s)  # powers of two
+
+
+@SETTINGS
+@given(arr=hnp.arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(1, 70)),
+                      elements=st.floats(-2.0 ** 100, 2.0 ** 100, width=32)), fmt=st.sampled_from(["mxfp4", "mxfp8"]))
+def test_mx_scale_rule(arr, fmt):
+    """OCP MX v1.0: shared exponent = floor(log2 amax) - emax_elem (2 for E2M1, 8 for E4M3)."""
+    x = torch.from_numpy(arr)
+    spec = QuantSpec(fmt)
+    qt = reference.quantize(x, spec)
+    assert qt.scales.dtype == torch.float8_e8m0fnu
+    amax = reference.to_blocks(x, spec).abs().amax(dim=1).double().numpy()
+    emax = {"mxfp4": 2, "mxfp8": 8}[fmt]
+    _, ex = np.frexp(amax)
+    want = np.where(amax > 0, np.clip(ex - 1 - emax, -127, 127), 0)
+    assert torch.equal(qt.scales.view(torch.uint8).reshape(-1).int(), torch.from_numpy((want + 127).astype(np.int32)))
+
+
+# ---- GEMMs against fp64 products ----------------------------------------------------
+
+
+def test_fp8_block_scaled_gemm(rng):
+    """1x128 activations x 128x128 weights: the result is the fp64 product of the dequantized operands."""
+    a = torch.randn(48, 384, generator=rng, dtype=torch.float32).bfloat16()
+    b = torch.randn(200, 384, generator=rng, dtype=torch.float32).bfloat16()
+    qa = reference.quantize(a, QuantSpec("fp8_e4m3", "group", group_size=128))
+    qb = reference.quantize(b, QuantSpec("fp8_e4m3", "tile", tile=(128, 128)))
+    assert qb.scales.shape == (2, 3)
+    out = reference.matmul(qa, qb, torch.float32)
+    exact = reference.dequantize(qa, torch.float32).double() @ reference.dequantize(qb, torch.float32).double().T
+    assert torch.allclose(out.double(), exact, rtol=2 ** -23, atol=1e-30)
+    # and it stays near the unquantized product (E4M3: ~2^-4 relative per element)
+    true = a.double() @ b.double().T
+    assert (out.double() - true).abs().max() < 0.05 * true.abs().max()
+    assert reference.matmul(qa, qb).dtype == torch.bfloat16
+
+
+def test_int8_gemm_with_zero_points(rng):
+    a = torch.randn(33, 100, generator=rng) + 0.7
+    b = torch.randn(17, 100, generator=rng)
+    qa = reference.quantize(a, QuantSpec("int8_asym", "tensor"))
+    qb = reference.quantize(b, QuantSpec("int8_sym", "channel", axis=0))
+    out = reference.matmul(qa, qb, torch.float32)
+    ca = (qa.codes.double() - qa.zero_points.double()) * qa.scales.double()
+    cb = qb.codes.double() * qb.scales.double()[:, None]
+    assert torch.allclose(out.double(), ca @ cb.T, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="per tensor or per row"):
+        reference.matmul(reference.quantize(a, QuantSpec("int8_sym")), qb)
+
+
+def test_mxfp4_gemm(rng):
+    a = torch.randn(8, 96, generator=rng)
+    b = torch.randn(12, 96, generator=rng)
+    qa, qb = reference.quantize(a, QuantSpec("mxfp4")), reference.quantize(b, QuantSpec("mxfp4"))
+    out = reference.matmul(qa, qb, torch.float32)
+    exact = reference.dequantize(qa, torch.float32).double() @ reference.dequantize(qb, torch.float32).double().T
+    assert torch.allclose(out.double(), exact, rtol=2 ** -23, atol=1e-30)
+    with pytest.raises(ValueError, match="mix"):
+        reference.matmul(qa, reference.quantize(b, QuantSpec("int8_sym", "tensor")))
