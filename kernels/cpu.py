@@ -104,10 +104,10 @@ def _mark_blocks_dynamic(spec: QuantSpec, *tensors):
 
 def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = None) -> QuantizedTensor:
     """Same contract and bits as reference.quantize."""
-    reference.check_input(x, spec)
+    reference.check_input(x, spec, scales)
     x = x.detach()  # quantization has no gradient; a graph traced for autograd would be another compile
-    if x.numel() == 0 or (scales is not None and spec.format == Format.INT8_ASYM):
-        return reference.quantize(x, spec, scales)  # nothing to compile, or the reference's error
+    if x.numel() == 0:
+        return reference.quantize(x, spec, scales)  # nothing to compile
     # contiguous: one memory layout per graph (channel blocks of axis != 0 are strided views)
     blocks = reference.to_blocks(x, spec, dtype=x.dtype).contiguous()
     if scales is not None:

@@ -133,7 +133,7 @@ def from_blocks(blocks: torch.Tensor, spec: QuantSpec, shape) -> torch.Tensor:
         return blocks[:, :math.prod(moved[1:])].reshape(moved).movedim(0, spec.axis)
     rows, k = math.prod(shape[:-1]), shape[-1]
     if g == Granularity.GROUP:
-        return blocks.reshape(rows, -1)[:, :k].reshape(shape)
+        return blocks.reshape(rows, _cdiv(k, spec.group_size) * spec.group_size)[:, :k].reshape(shape)
     bm, bn = spec.tile
     tr, tc = _cdiv(rows, bm), _cdiv(k, bn)
     x2 = blocks.reshape(tr, tc, bm, bn).permute(0, 2, 1, 3).reshape(tr * bm, tc * bn)
@@ -224,17 +224,32 @@ def store_codes(values: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return torch.where(values != values, math.nan, values).to(el.code_dtype)
 
 
-def check_input(x: torch.Tensor, spec: QuantSpec) -> None:
+def check_input(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = None) -> None:
+    """Raise TypeError/ValueError for an input (and explicit scales) that quantize cannot take."""
     if x.dtype not in INPUT_DTYPES:
         raise TypeError(f"quantize: input dtype {x.dtype} is not supported (expected bfloat16, float16 or float32)")
     spec.check_shape(x.shape)
+    if scales is None:
+        return
+    if spec.format == Format.INT8_ASYM:
+        raise ValueError("quantize: int8_asym derives its scales and zero points; explicit scales are not supported")
+    want = spec.scale_shape(x.shape)
+    if scales.numel() != math.prod(want):
+        raise ValueError(f"quantize: scales must have shape {list(want)}, got {list(scales.shape)}")
+    if scales.device != x.device:
+        raise ValueError(f"quantize: scales are on {scales.device}, the input on {x.device}")
+    s = scales.float()
+    if not bool(((s > 0) & (s < math.inf)).all()):
+        raise ValueError("quantize: explicit scales must be positive and finite")
+    if spec.scale_encoding == ScaleEncoding.POW2:
+        exact = (s.view(torch.int32) & 0x7FFFFF) == 0
+        if not bool((exact & (s >= 2.0 ** -126) & (s <= 2.0 ** 127)).all()):
+            raise ValueError("quantize: pow2 scales must be powers of two in [2**-126, 2**127] (E8M0)")
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = None) -> QuantizedTensor:
     """Quantize `x` with `spec`. If `scales` (fp32, shape spec.scale_shape) is given it is used as is."""
-    check_input(x, spec)
-    if scales is not None and spec.format == Format.INT8_ASYM:
-        raise ValueError("quantize: int8_asym derives its scales and zero points; explicit scales are not supported")
+    check_input(x, spec, scales)
     codes, stored_scales, zero_points = quantize_tensors(x, spec, scales)
     return QuantizedTensor(codes, as_e8m0(stored_scales), spec, tuple(x.shape), zero_points)
 

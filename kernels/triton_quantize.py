@@ -471,15 +471,8 @@ def _bytes_of(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.element_size() == 1 and t.dtype != torch.uint8 else t
 
 
-def check_scales(scales: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Explicit scales as a flat fp32 tensor on x's device, after the reference's checks."""
-    if spec.format == Format.INT8_ASYM:
-        raise ValueError("quantize: int8_asym derives its scales and zero points; explicit scales are not supported")
-    want = spec.scale_shape(x.shape)
-    if scales.numel() != math.prod(want):
-        raise ValueError(f"quantize: scales must have shape {list(want)}, got {list(scales.shape)}")
-    if scales.device != x.device:
-        raise ValueError(f"quantize: scales are on {scales.device}, the input on {x.device}")
+def flat_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Explicit scales (checked by reference.check_input) as a flat contiguous fp32 tensor."""
     return scales.float().reshape(-1).contiguous()
 
 
@@ -491,8 +484,8 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
     scale_layout: "row" (row-major) or "col" (the last scale dim slowest).
     exact_fp8: force (True) or forbid (False) integer fp8 encoding; default: only when interpreted.
     """
-    reference.check_input(x, spec)
-    given = None if scales is None else check_scales(scales, x, spec)
+    reference.check_input(x, spec, scales)
+    given = None if scales is None else flat_scales(scales)
     if x.numel() == 0:
         qt = reference.quantize(x.cpu(), spec, None if scales is None else scales.cpu())
         return _with_scale_layout(_to_device(qt, x.device), scale_layout)

@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from quantd.kernels import reference
+from quantd.kernels import dispatch, reference
 from quantd.kernels.spec import Format, Granularity, QuantSpec, ScaleEncoding
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -168,6 +168,31 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="0-d"):
         reference.quantize(torch.tensor(1.0), QuantSpec())
 
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_explicit_scales_are_checked(backend):
+    x = torch.randn(4, 256)
+    q = lambda spec, s: dispatch.quantize(x, spec, scales=s, backend=backend)  # noqa: E731
+    good = torch.full((4, 2), 0.25)
+    assert torch.equal(q(QuantSpec(scale_encoding="pow2"), good).scales.float(), good)
+    for bad, match in ((torch.full((4, 3), 0.25), "shape"), (torch.zeros(4, 2), "positive"),
+                       (torch.full((4, 2), math.nan), "positive"), (torch.full((4, 2), -1.0), "positive")):
+        with pytest.raises(ValueError, match=match):
+            q(QuantSpec(), bad)
+    with pytest.raises(ValueError, match="powers of two"):
+        q(QuantSpec(scale_encoding="pow2"), torch.full((4, 2), 0.3))
+    with pytest.raises(ValueError, match="int8_asym"):
+        q(QuantSpec("int8_asym"), good)
+
+
+@pytest.mark.parametrize("shape", [(0, 256), (3, 0), (0,), (2, 0, 5)])
+@pytest.mark.parametrize("spec", [QuantSpec(), QuantSpec("mxfp4"), QuantSpec(granularity="tensor"),
+                                  QuantSpec(granularity="tile"), QuantSpec(granularity="flat")], ids=str)
+def test_empty_tensors(spec, shape):
+    qt = reference.quantize(torch.empty(shape), spec)
+    assert qt.codes.numel() == 0 and tuple(qt.scales.shape) == spec.scale_shape(shape)
+    assert tuple(reference.dequantize(qt).shape) == shape
 
 @SETTINGS
 @given(arr=finite_arrays(max_dims=2), fmt=st.sampled_from(["fp8_e4m3", "fp8_e5m2", "int8_sym"]))

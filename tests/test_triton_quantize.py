@@ -78,11 +78,15 @@ STATIC_SPECS = [s for i, s in SPECS
 
 @pytest.mark.parametrize("spec", STATIC_SPECS + [QuantSpec(format="mxfp8")], ids=str)
 def test_explicit_scales(spec, rng):
-    """Static quantization: given scales are used as they are (pow2: stored as floor(log2))."""
+    """Static quantization: given scales are used as they are (pow2 specs take powers of two only)."""
     x = random_input((37, 300), torch.bfloat16, rng)
     shape = spec.scale_shape(x.shape)
-    scales = torch.exp2(torch.randn(shape, generator=rng) * 4)
-    check(x, spec, scales)
+    exponents = torch.randn(shape, generator=rng) * 4
+    pow2 = spec.scale_encoding.value == "pow2"
+    check(x, spec, torch.exp2(torch.round(exponents) if pow2 else exponents))
+    if pow2:
+        with pytest.raises(ValueError, match="powers of two"):
+            check(x, spec, torch.full(shape, 0.3))
     # Ties: half-integers under a unit scale round to even on every grid.
     halves = (torch.arange(-300, 300, dtype=torch.float32) / 2).reshape(6, 100)
     check(halves, spec, torch.ones(spec.scale_shape(halves.shape)))
