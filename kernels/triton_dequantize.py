@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .spec import E2M1, QuantizedTensor, ScaleEncoding, _cdiv
-from .triton_quantize import (MAX_REGISTER_BLOCK, _tile_coords, _as_grid, _bytes_of, _pow2, _pow2_ceil, _tile_geometry, _warps,
+from .triton_quantize import (MAX_REGISTER_BLOCK, _block_ids, _tile_coords, _as_grid, _bytes_of, _pow2, _pow2_ceil, _tile_geometry, _warps,
                               block_geometry, interpreting)
 
 
@@ -75,12 +75,7 @@ def _dequantize_kernel(
         smask = (brow < NBR) & (bcol < NBC)
         soff = brow.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c
     else:  # blocks larger than a tile: ids where the block varies, clamped into the grid
-        brow = tl.zeros([1, 1, 1, 1], tl.int32)
-        bcol = tl.zeros([1, 1, 1, 1], tl.int32)
-        if BID_ROWS:
-            brow = tl.minimum(rows // BR, NBR - 1)
-        if BID_COLS:
-            bcol = tl.minimum(cols // BC, NBC - 1)
+        brow, bcol = _block_ids(rows, cols, BR, BC, NBR, NBC, BID_ROWS, BID_COLS)
         smask = (brow < NBR) & (bcol < NBC)
         soff = brow.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c
     if POW2:

@@ -186,6 +186,19 @@ def _tile_coords(R, C, TILES_R, TILES_C, RB: tl.constexpr, TBR: tl.constexpr, TB
 
 
 @triton.jit
+def _block_ids(rows, cols, BR, BC, NBR, NBC, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr):
+    """Block row and column of each element, for blocks of BR x BC, on the axes where the block
+    varies (else 0), clamped into the NBR x NBC grid so that padding lanes name a real block."""
+    brow = tl.zeros([1, 1, 1, 1], tl.int32)
+    bcol = tl.zeros([1, 1, 1, 1], tl.int32)
+    if BID_ROWS:
+        brow = tl.minimum(rows // BR, NBR - 1)
+    if BID_COLS:
+        bcol = tl.minimum(cols // BC, NBC - 1)
+    return brow, bcol
+
+
+@triton.jit
 def _load_fp32(ptrs, mask, BF16_BITS: tl.constexpr):
     """Load as fp32. BF16_BITS: the input is bf16 viewed as int16, widened on the bits
     (the interpreter's bf16 -> fp32 cast loses subnormals)."""
@@ -250,12 +263,7 @@ def _quantize_kernel(
     else:
         # Blocks larger than a sub-tile: look the blocks up, on 1-D row and column ids where the
         # block varies (BID_ROWS / BID_COLS), clamped so that padding lanes read a real block.
-        brow = tl.zeros([1, 1, 1, 1], tl.int32)
-        bcol = tl.zeros([1, 1, 1, 1], tl.int32)
-        if BID_ROWS:
-            brow = tl.minimum(rows // BR, NBR - 1)
-        if BID_COLS:
-            bcol = tl.minimum(cols // BC, NBC - 1)
+        brow, bcol = _block_ids(rows, cols, BR, BC, NBR, NBC, BID_ROWS, BID_COLS)
         bid = brow * NBC + bcol
         if SCALE_SRC == 1:
             if ASYM:
