@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.testing
 
+from peers import torchao_blockwise
 from quantd.kernels import reference, triton_gemm
 from quantd.kernels.spec import QuantizedTensor, QuantSpec
 
@@ -141,6 +142,15 @@ def run_size(s: int, results: dict) -> None:
         print(f"cuBLAS blockwise unavailable: {type(e).__name__}: {str(e)[:500]}", flush=True)
         row["cublas fp8 blockwise"] = None
 
+    tao = torchao_blockwise()
+    if tao is not None:  # its layouts: B column-major (K, N), both scale tensors column-major
+        a_s, b_s = qa.scales.t().contiguous().t(), qb.scales.t()
+        record("torchao triton fp8 blockwise", lambda: tao.triton_fp8_gemm_1x128_128x128(
+            qa.codes, qb.codes.t(), a_s, b_s, out_dtype=torch.bfloat16))
+        row["torchao rel diff vs ours"] = relative_error(
+            tao.triton_fp8_gemm_1x128_128x128(qa.codes, qb.codes.t(), a_s, b_s, out_dtype=torch.float32),
+            triton_gemm.matmul(qa, qb, torch.float32))
+
     ta, tb = quantize(x, TENSOR), quantize(w, TENSOR)
     record("triton fp8 per-tensor", lambda: triton_gemm.matmul(ta, tb, torch.bfloat16))
     record("cublas fp8 per-tensor", lambda: torch._scaled_mm(ta.codes, tb.codes.t(), scale_a=ta.scales.reshape(()),
@@ -170,6 +180,11 @@ def sweep(sizes, results: dict) -> None:
         (make(64, 128, 128, 4, 3, flatten=True, ctas_per_sm=2), False),
         (make(128, 64, 128, 4, 4, ctas_per_sm=2), False),
         (make(64, 256, 128, 8, 3), False),
+        (make(128, 128, 128, 8, 3, pair_k=True), False),
+        (make(128, 128, 128, 8, 4, pair_k=True), False),
+        (make(64, 128, 128, 4, 3, flatten=True, ctas_per_sm=2, pair_k=True), False),
+        (make(64, 128, 128, 4, 4, ctas_per_sm=2, pair_k=True), False),
+        (make(128, 256, 128, 8, 3, pair_k=True), False),
     ]
     num_programs = triton_gemm._num_programs
     for s in sizes:
@@ -184,6 +199,7 @@ def sweep(sizes, results: dict) -> None:
                     f"{' flatten' if kw['FLATTEN'] else ''}{' ws' if kw['WARP_SPECIALIZE'] else ''}"
                     f"{' promote%d' % kw['FP8_PROMOTE_K'] if kw.get('FP8_PROMOTE_K') else ''}"
                     f"{' %d/SM' % kw['CTAS_PER_SM'] if kw['CTAS_PER_SM'] > 1 else ''}"
+                    f"{' pair-k' if kw.get('PAIR_K') else ''}"
                     f"{' non-persistent' if one_tile_per_program else ''}")
             triton_gemm.SCALED_CONFIGS = [cfg]
             if one_tile_per_program:

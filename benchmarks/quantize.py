@@ -2,8 +2,8 @@
 
 GB/s counts the bytes each op must move (input read once, codes, scales and outputs
 written once); every ratio is taken against the copy measured in the same run.
-Peers: torch.compile of the reference (dynamic=False) and a DeepSeek-style act_quant
-(one 128-group per program, amax / 448, x / s), written here.
+Peers: torch.compile of the reference (dynamic=False), torchao's blockwise FP8 Triton quantizers
+(if importable) and a DeepSeek-style act_quant (one 128-group per program, amax / 448, x / s), written here.
 
     python3 benchmarks/quantize.py [--out DIR] [--sweep]      (quantd importable: pip install -e .)
 
@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from peers import torchao_blockwise
 from quantd.kernels import reference, triton_quantize
 from quantd.kernels.spec import QuantizedTensor, QuantSpec
 from quantd.kernels.triton_dequantize import dequantize
@@ -95,6 +96,12 @@ def run_main(n: int, rows: list, with_compile: bool):
     y = torch.empty(x.shape, device="cuda", dtype=torch.float8_e4m3fn)
     s = torch.empty(x.numel() // 128, device="cuda", dtype=torch.float32)
     add("quantize", "peer: DeepSeek act_quant 1x128", bench(lambda: act_quant(x, y, s)), quant_bytes(x, spec))
+    tao = torchao_blockwise()
+    if tao is not None:
+        add("quantize", "peer: torchao 1x128 act_quant_lhs", bench(lambda: tao.triton_fp8_blockwise_act_quant_lhs(x, 128)),
+            quant_bytes(x, spec))
+        add("quantize", "peer: torchao 128x128 weight_quant_rhs",
+            bench(lambda: tao.triton_fp8_blockwise_weight_quant_rhs(x, 128)), quant_bytes(x, CASES[1][1]))
     if with_compile:
         for name, spec in CASES[:2]:
             f = torch.compile(lambda t, spec=spec: reference.quantize_tensors(t, spec), dynamic=False)

@@ -120,16 +120,19 @@ def _encode(x, scale, zp, QMAX: tl.constexpr, IS_INT: tl.constexpr, ASYM: tl.con
     """
     q = _quotient(x, scale, SCALE_IS_POW2)
     if IS_INT:
+        # Integers are read off the bits of v + 1.5 * 2**23, whose addition rounds v to an
+        # integer, ties to even (exact for |v| <= 2**22); int8 is the one integer format.
         if ASYM:
-            c = _rint(tl.minimum(tl.maximum(q, -2.0 * (QMAX + 1)), 2.0 * (QMAX + 1))) + zp
-            c = tl.minimum(tl.maximum(c, -QMAX - 1.0), QMAX)
-            c = tl.where(x != x, zp, tl.where(q != q, 0.0, c))
+            c = (tl.minimum(tl.maximum(q, -2.0 * (QMAX + 1)), 2.0 * (QMAX + 1)) + 12582912.0).to(
+                tl.int32, bitcast=True) - 0x4B400000
+            zpi = zp.to(tl.int32)
+            c = tl.minimum(tl.maximum(c + zpi, -128), 127)
+            bits = tl.where(x != x, zpi, tl.where(q != q, 0, c))
         else:
-            c = _rint(tl.minimum(tl.maximum(q, -QMAX), QMAX))
-            c = tl.where(q != q, 0.0, c)
+            c = (tl.minimum(tl.maximum(q, -QMAX), QMAX) + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+            bits = tl.where(q != q, 0, c)
         # A NaN quotient of a non-NaN x (Inf / Inf when span overflowed) is stored as torch
         # stores NaN in int8: 0. (min/max may drop NaN, so this is tested on q.)
-        bits = c.to(tl.int32)
     else:
         bits = _encode_float(q, QMAX, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8)
     return bits
@@ -139,12 +142,19 @@ def _encode(x, scale, zp, QMAX: tl.constexpr, IS_INT: tl.constexpr, ASYM: tl.con
 def _encode_float(q, QMAX: tl.constexpr, NBITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
                   BIAS: tl.constexpr, NAN_CODE: tl.constexpr, HW_FP8: tl.constexpr, EXACT_FP8: tl.constexpr):
     """Minifloat code bits of quotients `q`: clamp, round to nearest even, NaN -> NAN_CODE."""
-    qc = tl.minimum(tl.maximum(q, -QMAX), QMAX)  # +-Inf saturates; NaN is replaced below
-    if EXACT_FP8 or HW_FP8 == 0:
+    if HW_FP8 != 0 and not EXACT_FP8:
+        # The hardware conversion (cvt.rn.satfinite) is the reference's encoding: it rounds to
+        # nearest even, saturates +-Inf and overflow to +-max, and writes 0x7F (NAN_CODE) for NaN.
+        if HW_FP8 == 1:
+            bits = q.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+        else:
+            bits = q.to(tl.float8e5).to(tl.uint8, bitcast=True).to(tl.int32)
+    else:
         # The reference's round_to_grid + encode_minifloat_bits, exactly, in integer arithmetic:
         # normal results round the fp32 bits to MBITS mantissa bits (ties to even; a carry
         # moves into the exponent) and re-bias; subnormal ones let an fp32 addition round
         # onto the 2**(EMIN - MBITS) grid and read the multiple off the sum's bits.
+        qc = tl.minimum(tl.maximum(q, -QMAX), QMAX)  # +-Inf saturates; NaN is replaced below
         ab = tl.abs(qc).to(tl.int32, bitcast=True)
         normal = ((ab + ((1 << (22 - MBITS)) - 1) + ((ab >> (23 - MBITS)) & 1)) >> (23 - MBITS)) \
             - ((127 - BIAS) << MBITS)
@@ -152,11 +162,8 @@ def _encode_float(q, QMAX: tl.constexpr, NBITS: tl.constexpr, MBITS: tl.constexp
         sub = (tl.abs(qc) + magic.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True) - magic
         bits = tl.where(ab < ((EMIN + 127) << 23), sub, normal)
         bits = bits | (((qc.to(tl.int32, bitcast=True) >> 31) & 1) << (NBITS - 1))
-    elif HW_FP8 == 1:
-        bits = qc.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
-    else:
-        bits = qc.to(tl.float8e5).to(tl.uint8, bitcast=True).to(tl.int32)
-    return tl.where(q != q, NAN_CODE, bits)
+        bits = tl.where(q != q, NAN_CODE, bits)
+    return bits
 
 
 @triton.jit

@@ -249,7 +249,8 @@ def config_id(case) -> str:
         return case
     kw = case.kwargs
     return (f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}w{case.num_warps}s{case.num_stages}"
-            + ("-flatten" if kw.get("FLATTEN") else "") + f"-{kw['CTAS_PER_SM']}perSM")
+            + ("-flatten" if kw.get("FLATTEN") else "") + ("-pairk" if kw.get("PAIR_K") else "")
+            + f"-{kw['CTAS_PER_SM']}perSM")
 
 
 @pytest.mark.parametrize("name,config", CONFIG_CASES, ids=config_id)

@@ -104,6 +104,24 @@ def test_every_16bit_input(fmt, dtype):
     check(x, QuantSpec(format=fmt, group_size=64))
 
 
+def every_bf16_under_scales_across_fp32(fmt, gen, device="cpu"):
+    """Every bf16 value (one row of 128 a group) under explicit fp32 scales whose exponents span
+    fp32: subnormal scales, tiny and huge ones, so that quotients cover every code, underflow
+    and overflow."""
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(512, 128)
+    spec = QuantSpec(format=fmt, group_size=128)
+    exponents = torch.cat([torch.tensor([[-149.0], [-127.0], [-31.0], [60.0], [127.0]]),
+                           torch.randint(-149, 128, (507, 1), generator=gen).float()])
+    scales = torch.exp2(exponents) * (1 + torch.rand(512, 1, generator=gen))
+    scales = torch.where(torch.isfinite(scales), scales, torch.finfo(torch.float32).max)
+    check(x.to(device), spec, scales.to(device))
+
+
+@pytest.mark.parametrize("fmt", FP8 + ("int8_sym",))
+def test_quotient_across_fp32_range(fmt, rng):
+    every_bf16_under_scales_across_fp32(fmt, rng)
+
+
 def test_scale_layouts(rng):
     x = random_input((37, 300), torch.bfloat16, rng)
     for spec in (QuantSpec(), QuantSpec(format="int8_asym"), QuantSpec(format="mxfp4"),
@@ -236,4 +254,13 @@ def test_gpu_dual_layout(fmt, shape, exact_fp8, rng):
 @pytest.mark.parametrize("spec", [s for s in STATIC_SPECS if s.granularity.value in ("group", "tensor")], ids=str)
 def test_gpu_explicit_scales(spec, rng):
     x = random_input((1000, 3000), torch.bfloat16, rng).cuda()
-    check(x, spec, torch.exp2(torch.randn(spec.scale_shape(x.shape), generator=rng) * 4).cuda())
+    exponents = torch.randn(spec.scale_shape(x.shape), generator=rng) * 4
+    pow2 = spec.scale_encoding.value == "pow2"
+    check(x, spec, torch.exp2(torch.round(exponents) if pow2 else exponents).cuda())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FP8 + ("int8_sym",))
+def test_gpu_quotient_across_fp32_range(fmt, rng):
+    for _ in range(20):
+        every_bf16_under_scales_across_fp32(fmt, rng, "cuda")
