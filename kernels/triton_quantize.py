@@ -123,11 +123,10 @@ def _encode(x, scale, zp, QMAX: tl.constexpr, IS_INT: tl.constexpr, ASYM: tl.con
         # Integers are read off the bits of v + 1.5 * 2**23, whose addition rounds v to an
         # integer, ties to even (exact for |v| <= 2**22); int8 is the one integer format.
         if ASYM:
-            # clamp(rint(q) + zp, -128, 127) = rint(clamp(q, -128 - zp, 127 - zp)) + zp: the
-            # bounds are integers, so the clamp and the rounding commute (bounds per block).
+            c = (tl.minimum(tl.maximum(q, -2.0 * (QMAX + 1)), 2.0 * (QMAX + 1)) + 12582912.0).to(
+                tl.int32, bitcast=True) - 0x4B400000
             zpi = zp.to(tl.int32)
-            c = (tl.minimum(tl.maximum(q, -QMAX - 1.0 - zp), QMAX - zp) + 12582912.0).to(
-                tl.int32, bitcast=True) - (0x4B400000 - zpi)
+            c = tl.minimum(tl.maximum(c + zpi, -128), 127)
             bits = tl.where(x != x, zpi, tl.where(q != q, 0, c))
         else:
             c = (tl.minimum(tl.maximum(q, -QMAX), QMAX) + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
@@ -218,12 +217,6 @@ def _load_fp32(ptrs, mask, BF16_BITS: tl.constexpr):
 
 
 @triton.jit
-def _finite(x):
-    """x with non-finite values replaced by 0."""
-    return tl.where(tl.abs(x) < float("inf"), x, 0.0)
-
-
-@triton.jit
 def _finite_abs(x):
     a = tl.abs(x)
     return tl.where(a < float("inf"), a, 0.0)
@@ -263,10 +256,9 @@ def _quantize_kernel(
         brow = pid_r * RB + rb  # [RB, 1, 1, 1]
         bcol = pid_c * CB + cb  # [1, 1, CB, 1]
         if ASYM:
-            xf = _finite(x)
-            hi = tl.max(tl.max(xf, axis=3, keep_dims=True), axis=1, keep_dims=True)
-            lo = tl.min(tl.min(xf, axis=3, keep_dims=True), axis=1, keep_dims=True)
-            scale, zp = _block_scale(tl.maximum(hi, 0.0), tl.maximum(-lo, 0.0), QMAX, ASYM, POW2, MX, EMAX)
+            hi = tl.max(tl.max(tl.where(x < float("inf"), x, 0.0), axis=3, keep_dims=True), axis=1, keep_dims=True)
+            nlo = tl.max(tl.max(tl.where(-x < float("inf"), -x, 0.0), axis=3, keep_dims=True), axis=1, keep_dims=True)
+            scale, zp = _block_scale(tl.maximum(hi, 0.0), tl.maximum(nlo, 0.0), QMAX, ASYM, POW2, MX, EMAX)
         else:
             amax = tl.max(tl.max(_finite_abs(x), axis=3, keep_dims=True), axis=1, keep_dims=True)
             scale, zp = _block_scale(amax, 0.0, QMAX, ASYM, POW2, MX, EMAX)
@@ -315,10 +307,9 @@ def _quantize_kernel(
     if DUAL:
         # The column-wise copy: each column of the RB rows (one group of X^T) shares a scale.
         if ASYM:
-            xf = _finite(x)
-            scale_t, zp_t = _block_scale(tl.maximum(tl.max(xf, axis=0, keep_dims=True), 0.0),
-                                         tl.maximum(-tl.min(xf, axis=0, keep_dims=True), 0.0),
-                                         QMAX, ASYM, POW2, MX, EMAX)
+            hi_t = tl.max(tl.where(x < float("inf"), x, 0.0), axis=0, keep_dims=True)
+            nlo_t = tl.max(tl.where(-x < float("inf"), -x, 0.0), axis=0, keep_dims=True)
+            scale_t, zp_t = _block_scale(tl.maximum(hi_t, 0.0), tl.maximum(nlo_t, 0.0), QMAX, ASYM, POW2, MX, EMAX)
         else:
             scale_t, zp_t = _block_scale(tl.max(_finite_abs(x), axis=0, keep_dims=True), 0.0,
                                          QMAX, ASYM, POW2, MX, EMAX)
