@@ -22,18 +22,22 @@ import time
 from typing import Optional
 
 import grpc
-import numpy as np
 import torch
 
 from quantd.kernels.spec import QuantizedTensor, QuantSpec
 from quantd.v1 import quantd_pb2 as pb
 from quantd.v1 import quantd_pb2_grpc
 
-from . import wire
+from . import chunks, wire
 from .channels import make_channel
 from .crc32c import combine, crc32c
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+SERVICE = pb.DESCRIPTOR.services_by_name["Quantd"]
+# The streaming RPCs' (request, response) classes. Their messages travel raw: quantd.client.chunks writes
+# and reads the chunks without protobuf's copies of the payload.
+STREAMS = {m.name: (getattr(pb, m.input_type.name), getattr(pb, m.output_type.name))
+           for m in SERVICE.methods if m.client_streaming}
 
 
 class QuantdError(Exception):
@@ -68,51 +72,45 @@ def as_dict(message) -> dict:
 
 
 def _requests(request_type, header, tensors, chunk_bytes: int, checksums: bool):
-    """The header, then every tensor's bytes in chunks."""
+    """The header, then every tensor's bytes in encoded chunk messages."""
     yield request_type(header=header)
+    writer = chunks.ChunkWriter(len(tensors), chunk_bytes)
     for index, tensor in enumerate(tensors):
-        data = wire.tensor_bytes(tensor)
-        for start in range(0, len(data), chunk_bytes):
-            request = request_type()
-            chunk = request.chunk  # filled in place: constructing with chunk=... would copy the bytes again
-            piece = bytes(data[start:start + chunk_bytes])
-            chunk.tensor, chunk.offset, chunk.data = index, start, piece
-            if checksums:
-                chunk.crc32c = crc32c(piece)
-            yield request
+        for piece in writer.pieces(wire.tensor_bytes(tensor)):
+            yield writer.message(index, piece, crc32c(piece) if checksums else None)
 
 
-def _collect(responses, checksums: bool):
-    """(tensors by name, Summary) of a response stream, checked against its header and summary."""
-    buffers, arrays, infos, received, crcs, summary = [], [], [], [], [], None
-    for response in responses:
-        kind = response.WhichOneof("kind")
-        if kind == "header":
-            infos = list(response.header.tensors)
-            # zeros, not empty: torch fills in parallel, taking the first-touch page faults on every core now
-            # instead of one at a time in this thread as chunks arrive
-            buffers = [torch.zeros(wire.info_nbytes(i), dtype=torch.uint8) for i in infos]
-            arrays = [b.numpy() for b in buffers]
-            received, crcs = [0] * len(infos), [0] * len(infos)
-        elif kind == "chunk":
-            chunk = response.chunk
-            data = chunk.data  # each read of .data copies the bytes: read it once
-            i, n = chunk.tensor, len(data)
-            if i >= len(infos) or chunk.offset != received[i] or received[i] + n > len(arrays[i]):
-                raise QuantdError(grpc.StatusCode.INTERNAL, f"malformed response chunk (tensor #{i}, offset {chunk.offset})")
-            if chunk.HasField("crc32c"):
-                crc = crc32c(data)
-                if crc != chunk.crc32c:
-                    raise QuantdError(grpc.StatusCode.DATA_LOSS, f"CRC32C mismatch in response chunk of "
-                                      f"{infos[i].name!r} at offset {chunk.offset}")
-                crcs[i] = combine(crcs[i], crc, n)
-            arrays[i][received[i]:received[i] + n] = np.frombuffer(data, dtype=np.uint8)
-            received[i] += n
-        elif kind == "summary":
-            summary = response.summary
+def _collect(responses, response_type, checksums: bool):
+    """(tensors by name, Summary) of a stream of raw `response_type` messages, checked against its header and summary."""
+    buffers, infos, reader, crcs, summary = [], [], None, [], None
+    try:
+        for raw in responses:
+            message = chunks.decode(raw, response_type)
+            if isinstance(message, chunks.Chunk):
+                if reader is None:
+                    raise ValueError("a chunk before the header")
+                reader.check(message)
+                if message.crc32c is not None:
+                    reader.verify(message)
+                    crcs[message.tensor] = combine(crcs[message.tensor], message.crc32c, len(message.data))
+                reader.store(message)
+            elif message.WhichOneof("kind") == "header":
+                infos = list(message.header.tensors)
+                # zeros, not empty: torch fills in parallel, taking the first-touch page faults on every core now
+                # instead of one at a time in this thread as chunks arrive
+                buffers = [torch.zeros(wire.info_nbytes(i), dtype=torch.uint8) for i in infos]
+                reader = chunks.ChunkReader([b.numpy() for b in buffers], [i.name for i in infos])
+                crcs = [0] * len(infos)
+            elif message.WhichOneof("kind") == "summary":
+                summary = message.summary
+    except chunks.ChecksumMismatch as exc:
+        raise QuantdError(grpc.StatusCode.DATA_LOSS, f"response: {exc}") from None
+    except ValueError as exc:
+        raise QuantdError(grpc.StatusCode.INTERNAL, f"malformed response: {exc}") from None
     if summary is None:
         raise QuantdError(grpc.StatusCode.INTERNAL, "the response stream ended without a summary")
-    if list(summary.bytes) != [len(a) for a in arrays] or received != list(summary.bytes):
+    received = reader.received if reader else []
+    if list(summary.bytes) != [len(b) for b in buffers] or received != list(summary.bytes):
         raise QuantdError(grpc.StatusCode.DATA_LOSS, f"received {received} bytes, the server sent {list(summary.bytes)}")
     if checksums and list(summary.crc32c) != crcs:
         raise QuantdError(grpc.StatusCode.DATA_LOSS, "CRC32C of the whole response differs from the server's")
@@ -137,6 +135,8 @@ class QuantdClient:
         self.channel = make_channel(target, root_certificates=root_certificates, private_key=private_key,
                                     certificate_chain=certificate_chain, token=token, options=options)
         self.stub = quantd_pb2_grpc.QuantdStub(self.channel)
+        self.streams = {name: self.channel.stream_stream(f"/{SERVICE.full_name}/{name}", request_serializer=chunks.serialize)
+                        for name in STREAMS}
         self.timeout = timeout
         self.retries = retries
         self.chunk_bytes = chunk_bytes
@@ -163,13 +163,14 @@ class QuantdClient:
                     raise QuantdError(exc.code(), exc.details() or "") from None
             time.sleep(min(0.05 * 2 ** tries, 1.0))
 
-    def _stream(self, method, request_type, header, tensors, timeout):
-        """Send a header and tensors on a streaming RPC; (output tensors by name, Summary)."""
+    def _stream(self, rpc: str, header, tensors, timeout):
+        """Send a header and tensors on the streaming RPC `rpc`; (output tensors by name, Summary)."""
         tensors = [t.detach().cpu() for t in tensors]
+        request_type, response_type = STREAMS[rpc]
 
         def attempt(deadline):
             requests = _requests(request_type, header, tensors, self.chunk_bytes, self.checksums)
-            return _collect(method(requests, timeout=deadline), self.checksums)
+            return _collect(self.streams[rpc](requests, timeout=deadline), response_type, self.checksums)
         return self._call(attempt, timeout)
 
     def quantize(self, tensor, spec: QuantSpec | None = None, *, report: bool = True, dequantized: bool = False,
@@ -181,7 +182,7 @@ class QuantdClient:
         header = pb.QuantizeHeader(tensor=wire.tensor_info("input", x.dtype, x.shape), spec=wire.spec_to_proto(spec),
                                    return_dequantized=dequantized, return_report=report,
                                    chunk_bytes=self.chunk_bytes, checksums=self.checksums)
-        out, summary = self._stream(self.stub.Quantize, pb.QuantizeRequest, header, [x], timeout)
+        out, summary = self._stream("Quantize", header, [x], timeout)
         out = {name: t.to(x.device) for name, t in out.items()}
         return QuantizeResult(out["codes"], out["scales"], spec, tuple(x.shape), out.get("zero_points"),
                               report=as_dict(summary.report) if report else None,
@@ -194,7 +195,7 @@ class QuantdClient:
                                      checksums=self.checksums)
         if out_dtype is not None:
             header.out_dtype = wire.dtype_name(out_dtype)
-        out, _ = self._stream(self.stub.Dequantize, pb.DequantizeRequest, header, wire.operand_tensors(qt), timeout)
+        out, _ = self._stream("Dequantize", header, wire.operand_tensors(qt), timeout)
         return out["output"].to(qt.codes.device)
 
     def matmul(self, a, b, *, a_spec: QuantSpec | None = None, b_spec: QuantSpec | None = None,
@@ -214,7 +215,7 @@ class QuantdClient:
         header = pb.MatmulHeader(a=operands[0], b=operands[1], out_dtype=wire.dtype_name(out_dtype),
                                  chunk_bytes=self.chunk_bytes, checksums=self.checksums)
         device = (a.codes if isinstance(a, QuantizedTensor) else wire.as_torch(a)).device
-        out, _ = self._stream(self.stub.Matmul, pb.MatmulRequest, header, tensors, timeout)
+        out, _ = self._stream("Matmul", header, tensors, timeout)
         return out["output"].to(device)
 
     def server_info(self, *, timeout: float | None = None) -> dict:

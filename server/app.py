@@ -18,7 +18,8 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from quantd.v1 import quantd_pb2, quantd_pb2_grpc
+from quantd.client import chunks
+from quantd.v1 import quantd_pb2
 
 from . import logs, security
 from .config import ServerConfig
@@ -26,7 +27,8 @@ from .metrics import Metrics
 from .servicer import QuantdServicer
 
 log = logging.getLogger("quantd.server")
-SERVICE_NAME = quantd_pb2.DESCRIPTOR.services_by_name["Quantd"].full_name
+SERVICE = quantd_pb2.DESCRIPTOR.services_by_name["Quantd"]
+SERVICE_NAME = SERVICE.full_name
 COMPUTE_THREADS = 2  # one piece computing while the next one's bytes are copied to the device
 
 
@@ -37,6 +39,23 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available")
     return device
+
+
+def add_servicer(servicer: QuantdServicer, server: grpc.aio.Server) -> None:
+    """Register the servicer's RPCs. Streaming ones get their request messages as raw bytes (the servicer decodes
+    them with quantd.client.chunks, which takes chunks apart without protobuf's copies of the payload) and send
+    encoded chunks as they are; the wire format is the generated code's, so any quantd.v1 client works."""
+    handlers = {}
+    for method in SERVICE.methods:
+        behavior = getattr(servicer, method.name)
+        if method.client_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(behavior, response_serializer=chunks.serialize)
+        else:
+            request, response = (getattr(quantd_pb2, t.name) for t in (method.input_type, method.output_type))
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                behavior, request_deserializer=request.FromString, response_serializer=response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 class QuantdServer:
@@ -62,7 +81,7 @@ class QuantdServer:
         options = [("grpc.max_receive_message_length", self.config.max_message_bytes),
                    ("grpc.max_send_message_length", -1)]
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
-        quantd_pb2_grpc.add_QuantdServicer_to_server(self.servicer, self.server)
+        add_servicer(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         address = f"{self.config.host}:{self.config.port}"

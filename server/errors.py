@@ -1,8 +1,9 @@
 """The one place where a failure becomes a gRPC status.
 
 ServiceError carries a status chosen where the problem is found (limits, stream order,
-checksums, draining); the kernels' ValueError/TypeError mean bad input; running out of
-memory is RESOURCE_EXHAUSTED; anything else is INTERNAL.
+draining); a chunk whose CRC32C is wrong is DATA_LOSS; ValueError/TypeError (the kernels',
+malformed messages, chunks that do not fit) mean bad input; running out of memory is
+RESOURCE_EXHAUSTED; anything else is INTERNAL.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import logging
 
 import grpc
 import torch
+
+from quantd.client.chunks import ChecksumMismatch
 
 log = logging.getLogger("quantd.server")
 
@@ -31,6 +34,8 @@ def status_of(exc: Exception) -> tuple:
     """(grpc.StatusCode, message) for an exception raised while serving a call."""
     if isinstance(exc, ServiceError):
         return exc.code, exc.message
+    if isinstance(exc, ChecksumMismatch):
+        return grpc.StatusCode.DATA_LOSS, str(exc)
     if isinstance(exc, (ValueError, TypeError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):

@@ -160,7 +160,7 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
     @grpc_status
     async def Quantize(self, request_iterator, context):
         with self._stream() as new_assembler:
-            header, chunks = await chunks_of(request_iterator, "header")
+            header, chunks = await chunks_of(request_iterator, pb.QuantizeRequest)
             spec = wire.spec_from_proto(header.spec)
             info = header.tensor
             check_input_info(info, spec, "Quantize")
@@ -238,7 +238,7 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
     @grpc_status
     async def Dequantize(self, request_iterator, context):
         with self._stream() as new_assembler:
-            header, chunks = await chunks_of(request_iterator, "header")
+            header, chunks = await chunks_of(request_iterator, pb.DequantizeRequest)
             spec = check_quantized_operand(header.operand, "Dequantize")
             out_name = out_dtype_name(header.out_dtype if header.HasField("out_dtype") else spec.out_dtype, "Dequantize")
             infos = wire.operand_infos(header.operand)
@@ -257,7 +257,7 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
     @grpc_status
     async def Matmul(self, request_iterator, context):
         with self._stream() as new_assembler:
-            header, chunks = await chunks_of(request_iterator, "header")
+            header, chunks = await chunks_of(request_iterator, pb.MatmulRequest)
             out_name = out_dtype_name(header.out_dtype or "bfloat16", "Matmul")
             shapes, infos = [], []
             for name in ("a", "b"):

@@ -103,7 +103,7 @@ def test_dns_name_balances_over_every_address():
 
 # -- several replicas, one dies -------------------------------------------------------------------------------------
 class CountedStreams:
-    """Wraps a client's Quantize stub method: counts the streams it opens and records the ones that fail."""
+    """Wraps a client's Quantize stream method: counts the streams it opens and records the ones that fail."""
 
     def __init__(self, open_stream):
         self._open = open_stream
@@ -147,8 +147,8 @@ def test_streams_survive_a_replica_dying_mid_run(processes, rng):
     warm = [s.scrape()[QUANTIZE_OK] for s in servers]
 
     client = QuantdClient([s.target for s in servers], retries=5, timeout=120)
-    streams = CountedStreams(client.stub.Quantize)
-    client.stub.Quantize = streams
+    streams = CountedStreams(client.streams["Quantize"])
+    client.streams["Quantize"] = streams
     done = []
     at_kill = {}
 
@@ -219,7 +219,8 @@ class GatedStream:
     def result(self) -> dict:
         """The output tensors by name (codes, scales); grpc.RpcError if the stream failed."""
         try:
-            return _collect(self.responses, checksums=False)[0]
+            raw = (response.SerializeToString() for response in self.responses)
+            return _collect(raw, pb.QuantizeResponse, checksums=False)[0]
         finally:
             self.channel.close()
 

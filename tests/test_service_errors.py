@@ -1,12 +1,13 @@
-"""Malformed streams sent through the generated stub get the right status, and the server keeps serving."""
+"""Malformed streams sent through the generated stub (or as raw bytes) get the right status, and the server keeps serving."""
 import threading
 import time
 
 import grpc
 import pytest
 import torch
+from test_chunks import field
 
-from quantd.client import QuantdClient, QuantdError, crc32c, wire
+from quantd.client import QuantdClient, QuantdError, chunks, crc32c, wire
 from quantd.kernels import reference
 from quantd.kernels.spec import QuantSpec
 from quantd.server.app import BackgroundServer
@@ -88,6 +89,48 @@ def test_bad_quantize_streams_get_their_status(stub, case):
 def test_a_good_stream_with_checksums_passes(stub):
     messages = [header(), chunk(0, DATA[:300], crc=crc32c.crc32c(DATA[:300])), chunk(300, DATA[300:], crc=crc32c.crc32c(DATA[300:]))]
     assert status_of(stub.Quantize(iter(messages), timeout=30)) == (grpc.StatusCode.OK, "")
+
+
+def raw_quantize(server, messages: list, response_deserializer=None) -> tuple:
+    """(responses, code, details) of a Quantize call whose request messages are the bytes `messages`, sent as they are."""
+    responses = []
+    with grpc.insecure_channel(server.target) as channel:
+        call = channel.stream_stream("/quantd.v1.Quantd/Quantize", response_deserializer=response_deserializer)
+        try:
+            responses.extend(call(iter(messages), timeout=30))
+        except grpc.RpcError as exc:
+            return responses, exc.code(), exc.details()
+    return responses, grpc.StatusCode.OK, ""
+
+
+HEADER = header().SerializeToString()
+RAW_CASES = {
+    "truncated chunk": ([HEADER, chunks.encode(0, 0, DATA)[:100]], "malformed QuantizeRequest message (100 bytes)"),
+    "chunk data cut short": ([HEADER, b"\x12\x05\x1a\x08abc"], "malformed QuantizeRequest message"),
+    "garbage after the header": ([HEADER, b"\xff\xff\xff"], "malformed QuantizeRequest message"),
+    "truncated header": ([HEADER[:len(HEADER) // 2]], "malformed QuantizeRequest message"),
+}
+
+
+@pytest.mark.parametrize("case", list(RAW_CASES))
+def test_malformed_messages_get_invalid_argument(server, case):
+    messages, text = RAW_CASES[case]
+    _, code, details = raw_quantize(server, messages)
+    assert code == INVALID and text in details, details
+    assert_still_serving(server)
+
+
+def test_chunks_written_by_another_encoder_pass(server):
+    """Chunk fields in reverse order, a zero written out and an unknown field, as other protobuf encoders may send them."""
+    rest = DATA[200:]
+    inner = (field(5, chunks.VARINT, 9) + field(chunks.CRC32C, chunks.VARINT, crc32c.crc32c(rest))
+             + field(chunks.DATA, chunks.LEN, rest) + field(chunks.OFFSET, chunks.VARINT, 200) + field(chunks.TENSOR, chunks.VARINT, 0))
+    messages = [HEADER, chunks.encode(0, 0, DATA[:200]), field(chunks.CHUNK_FIELD, chunks.LEN, inner)]
+    responses, code, details = raw_quantize(server, messages, pb.QuantizeResponse.FromString)
+    assert code == grpc.StatusCode.OK, details
+    codes = b"".join(r.chunk.data for r in responses if r.WhichOneof("kind") == "chunk" and r.chunk.tensor == 0)
+    x = torch.frombuffer(bytearray(DATA), dtype=torch.bfloat16).reshape(4, 64)
+    assert codes == reference.quantize(x, QuantSpec("fp8_e4m3")).codes.view(torch.uint8).numpy().tobytes()
 
 
 def dequantize_header(**change):
