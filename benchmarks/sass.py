@@ -1,0 +1,105 @@
+"""Instructions per element of the quantize kernel, compiled for sm_90 on a machine without a GPU.
+
+    python benchmarks/sass.py [--shape 16384 16384] [--dump DIR]
+
+Compiles `_quantize_kernel` ahead of time (triton.compile with an sm_90 target, the launch geometry
+of kernels/triton_quantize.py, the specializations a real launch gets: unit column strides,
+16-byte-aligned pointers and rows) and disassembles it with the cuobjdump that ships with triton.
+Prints the static SASS instruction count divided by the elements a thread handles, and the most
+frequent opcodes. Static counts include the division's slow path (never taken on normal data) and say
+nothing of latency, so they are a proxy to compare variants of one kernel, not a model: on an H100
+(BENCHMARKS.md) E4M3 1x128 at ~26 ran at 0.99 x copy, INT8 sym at ~31 at 0.90, MXFP4 at ~30 at 0.70,
+INT8 asym at ~39 at 0.66. The GPU's own timings decide.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+from quantd.kernels import triton_quantize as tq
+from quantd.kernels.spec import QuantSpec
+
+SPECS = [
+    ("fp8 e4m3 1x128", QuantSpec()),
+    ("fp8 e4m3 1x128 pow2", QuantSpec(scale_encoding="pow2")),
+    ("fp8 e4m3 128x128", QuantSpec(granularity="tile", tile=(128, 128))),
+    ("mxfp8", QuantSpec(format="mxfp8")),
+    ("mxfp4", QuantSpec(format="mxfp4")),
+    ("int8 sym 1x128", QuantSpec(format="int8_sym")),
+    ("int8 asym 1x128", QuantSpec(format="int8_asym")),
+]
+POINTER_TYPES = {torch.float32: "*fp32", torch.uint8: "*u8"}
+
+
+def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16"):
+    """(compiled kernel, elements a thread handles) of the register-block quantize launch of `spec`."""
+    (_, rows, cols), (br, bc) = tq.block_geometry(shape, spec)
+    rb, tbr, tbrp, cb, tbc, tbcp, warps = tq._tile_geometry(br, bc, rows, cols, True)
+    constexprs = dict(RB=rb, TBR=tbr, TBRP=tbrp, CB=cb, TBC=tbc, TBCP=tbcp, SCALE_SRC=0, BID_ROWS=True,
+                      BID_COLS=True, DUAL=False, PACK4=spec.element.bits == 4, BF16_BITS=False,
+                      sx_c=1, ss_c=1, **tq.element_constants(spec, exact_fp8=False))
+    names = tq._quantize_kernel.arg_names
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name == "x_ptr":
+            signature[name] = f"*{dtype}"
+        elif name == "scales_ptr":
+            signature[name] = POINTER_TYPES[torch.float32 if spec.scale_dtype == torch.float32 else torch.uint8]
+        elif name.endswith("_ptr"):
+            signature[name] = "*u8"
+        else:
+            signature[name] = "i32"
+    aligned = {"R", "C", "sx_p", "sx_r", "sq_p", "sq_r"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr") or n in aligned}
+    src = triton.compiler.ASTSource(fn=tq._quantize_kernel, signature=signature, attrs=attrs,
+                                    constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    return kernel, rb * tbrp * cb * tbcp / (warps * 32)
+
+
+def sass_of(kernel, path: str) -> str:
+    with open(path, "wb") as f:
+        f.write(kernel.asm["cubin"])
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+
+
+def opcodes(sass: str) -> list:
+    """Opcodes of the instructions in a cuobjdump listing (predicates and modifiers dropped)."""
+    out = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", line)
+        if m:
+            out.append(m.group(1))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", type=int, nargs="+", default=[16384, 16384])
+    ap.add_argument("--dump", default="/tmp/quantd-sass", help="folder for the cubins and SASS listings")
+    args = ap.parse_args()
+    os.makedirs(args.dump, exist_ok=True)
+    print(f"triton {triton.__version__}, sm_90, input bf16 {args.shape}")
+    for name, spec in SPECS:
+        kernel, per_thread = compile_quantize(spec, args.shape)
+        stem = os.path.join(args.dump, re.sub(r"\W+", "_", name))
+        sass = sass_of(kernel, stem + ".cubin")
+        with open(stem + ".sass", "w") as f:
+            f.write(sass)
+        ops = opcodes(sass)
+        top = ", ".join(f"{op} {n / per_thread:.1f}" for op, n in collections.Counter(ops).most_common(8))
+        print(f"{name:22s} {len(ops) / per_thread:5.1f} instructions/element ({per_thread:.0f} a thread)   {top}")
+
+
+if __name__ == "__main__":
+    main()
