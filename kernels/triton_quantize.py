@@ -64,6 +64,12 @@ def _rint(v):
 
 
 @triton.jit
+def _rint_int32(v):
+    """_rint(v) as int32, read off the bits of the same sum (no float -> int conversion)."""
+    return (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+
+
+@triton.jit
 def _block_scale(amax, nlo, QMAX: tl.constexpr, ASYM: tl.constexpr, POW2: tl.constexpr, MX: tl.constexpr,
                  EMAX: tl.constexpr):
     """(scale, zero point) of a block from its finite amax (or, for ASYM, hi = amax and lo = -nlo)."""
@@ -120,17 +126,14 @@ def _encode(x, scale, zp, QMAX: tl.constexpr, IS_INT: tl.constexpr, ASYM: tl.con
     """
     q = _quotient(x, scale, SCALE_IS_POW2)
     if IS_INT:
-        # Integers are read off the bits of v + 1.5 * 2**23, whose addition rounds v to an
-        # integer, ties to even (exact for |v| <= 2**22); int8 is the one integer format.
+        # int8 is the one integer format.
         if ASYM:
-            c = (tl.minimum(tl.maximum(q, -2.0 * (QMAX + 1)), 2.0 * (QMAX + 1)) + 12582912.0).to(
-                tl.int32, bitcast=True) - 0x4B400000
             zpi = zp.to(tl.int32)
-            c = tl.minimum(tl.maximum(c + zpi, -128), 127)
+            c = _rint_int32(tl.minimum(tl.maximum(q, -2.0 * (QMAX + 1)), 2.0 * (QMAX + 1))) + zpi
+            c = tl.minimum(tl.maximum(c, -128), 127)
             bits = tl.where(x != x, zpi, tl.where(q != q, 0, c))
         else:
-            c = (tl.minimum(tl.maximum(q, -QMAX), QMAX) + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
-            bits = tl.where(q != q, 0, c)
+            bits = tl.where(q != q, 0, _rint_int32(tl.minimum(tl.maximum(q, -QMAX), QMAX)))
         # A NaN quotient of a non-NaN x (Inf / Inf when span overflowed) is stored as torch
         # stores NaN in int8: 0. (min/max may drop NaN, so this is tested on q.)
     else:
