@@ -30,7 +30,7 @@ from quantd.v1 import quantd_pb2_grpc
 
 from . import chunks, wire
 from .channels import make_channel
-from .crc32c import combine, crc32c
+from .crc32c import crc32c
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 SERVICE = pb.DESCRIPTOR.services_by_name["Quantd"]
@@ -82,7 +82,7 @@ def _requests(request_type, header, tensors, chunk_bytes: int, checksums: bool):
 
 def _collect(responses, response_type, checksums: bool):
     """(tensors by name, Summary) of a stream of raw `response_type` messages, checked against its header and summary."""
-    buffers, infos, reader, crcs, summary = [], [], None, [], None
+    buffers, infos, reader, summary = [], [], None, None
     try:
         for raw in responses:
             message = chunks.decode(raw, response_type)
@@ -92,7 +92,6 @@ def _collect(responses, response_type, checksums: bool):
                 reader.check(message)
                 if message.crc32c is not None:
                     reader.verify(message)
-                    crcs[message.tensor] = combine(crcs[message.tensor], message.crc32c, len(message.data))
                 reader.store(message)
             elif message.WhichOneof("kind") == "header":
                 infos = list(message.header.tensors)
@@ -100,7 +99,6 @@ def _collect(responses, response_type, checksums: bool):
                 # instead of one at a time in this thread as chunks arrive
                 buffers = [torch.zeros(wire.info_nbytes(i), dtype=torch.uint8) for i in infos]
                 reader = chunks.ChunkReader([b.numpy() for b in buffers], [i.name for i in infos])
-                crcs = [0] * len(infos)
             elif message.WhichOneof("kind") == "summary":
                 summary = message.summary
     except chunks.ChecksumMismatch as exc:
@@ -109,7 +107,7 @@ def _collect(responses, response_type, checksums: bool):
         raise QuantdError(grpc.StatusCode.INTERNAL, f"malformed response: {exc}") from None
     if summary is None:
         raise QuantdError(grpc.StatusCode.INTERNAL, "the response stream ended without a summary")
-    received = reader.received if reader else []
+    received, crcs = (reader.received, reader.crcs) if reader else ([], [])
     if list(summary.bytes) != [len(b) for b in buffers] or received != list(summary.bytes):
         raise QuantdError(grpc.StatusCode.DATA_LOSS, f"received {received} bytes, the server sent {list(summary.bytes)}")
     if checksums and list(summary.crc32c) != crcs:

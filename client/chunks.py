@@ -207,6 +207,7 @@ class ChunkReader:
         self.buffers = buffers
         self.names = [name or f"#{i}" for i, name in enumerate(names)]
         self.received = [0] * len(buffers)
+        self.crcs = [0] * len(buffers)  # CRC32C of each tensor's verified chunks, as ChunkWriter keeps them
 
     def check(self, chunk: Chunk) -> None:
         """ValueError unless `chunk` is the next piece of a declared tensor and fits in it."""
@@ -225,11 +226,13 @@ class ChunkReader:
                              f"past the {size} bytes its dtype and shape declare")
 
     def verify(self, chunk: Chunk) -> None:
-        """ChecksumMismatch unless the chunk's bytes have the CRC32C it carries (call only when it carries one)."""
+        """ChecksumMismatch unless the chunk's bytes have the CRC32C it carries (call only when it carries one);
+        a matching CRC joins its tensor's in `crcs`."""
         actual = crc32c(chunk.data)
         if actual != chunk.crc32c:
             raise ChecksumMismatch(f"CRC32C mismatch in chunk of tensor {self.names[chunk.tensor]!r} at offset "
                                    f"{chunk.offset}: computed {actual:#010x}, the chunk says {chunk.crc32c:#010x}")
+        self.crcs[chunk.tensor] = combine(self.crcs[chunk.tensor], actual, len(chunk.data))
 
     def store(self, chunk: Chunk) -> int:
         """Copy a checked chunk into its buffer; returns its size."""

@@ -250,6 +250,7 @@ def test_writer_cuts_tensors_and_reader_puts_them_back():
         reader.store(chunk)
     reader.check_complete()
     assert all(np.array_equal(b, t) for b, t in zip(buffers, tensors))
+    assert reader.crcs == writer.crcs
 
 
 def test_reader_refuses_chunks_that_do_not_continue_their_tensor():
