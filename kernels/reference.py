@@ -66,7 +66,8 @@ def encode_minifloat_bits(g: torch.Tensor, el: ElementFormat) -> torch.Tensor:
 
 def decode_e2m1(nibbles: torch.Tensor) -> torch.Tensor:
     """fp32 values of E2M1 codes (int tensor of 4-bit values)."""
-    table = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+    table = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                         device=nibbles.device)
     return table[nibbles.long()]
 
 
@@ -382,7 +383,7 @@ def _row_scales(qt: QuantizedTensor, rows: int):
     if not (g == Granularity.TENSOR or (g == Granularity.CHANNEL and qt.spec.axis in (0, -2))):
         raise ValueError(f"matmul: int8 operands must be quantized per tensor or per row (channel, axis 0), got {g.value}")
     scale = qt.scales.float().reshape(-1).expand(rows)
-    zp = (qt.zero_points.int().reshape(-1) if qt.zero_points is not None else torch.zeros(1, dtype=torch.int32)).expand(rows)
+    zp = (qt.zero_points.int().reshape(-1) if qt.zero_points is not None else torch.zeros(1, dtype=torch.int32, device=qt.codes.device)).expand(rows)
     return scale, zp
 
 

@@ -261,3 +261,28 @@ def test_mxfp4_gemm(rng):
     assert torch.allclose(out.double(), exact, rtol=2 ** -23, atol=1e-30)
     with pytest.raises(ValueError, match="mix"):
         reference.matmul(qa, reference.quantize(b, QuantSpec("int8_sym", "tensor")))
+
+
+
+def on_meta(qt):
+    """A QuantizedTensor's tensors on the meta device, which stands in for another device."""
+    def meta(t):
+        return None if t is None else t.to("meta")
+
+    return type(qt)(meta(qt.codes), meta(qt.scales), qt.spec, qt.shape, meta(qt.zero_points))
+
+
+@pytest.mark.parametrize("spec", VALID_SPECS, ids=lambda s: s.describe())
+def test_the_reference_computes_on_the_device_of_its_inputs(spec):
+    """The server runs the reference on CUDA tensors (reports, dequantized outputs): no op may make
+    its constants on the CPU, and every result stays on its inputs' device."""
+    x = torch.randn(8, 64)
+    assert reference.quantize(x.to("meta"), spec).codes.is_meta
+    assert reference.dequantize(on_meta(reference.quantize(x, spec)), torch.float32).is_meta
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int8_sym", "channel", axis=0), QuantSpec("int8_asym", "tensor"),
+                                  QuantSpec("mxfp4")], ids=lambda s: s.describe())
+def test_the_reference_matmul_computes_on_the_device_of_its_inputs(spec):
+    qt = on_meta(reference.quantize(torch.randn(8, 64), spec))
+    assert reference.matmul(qt, qt).is_meta
