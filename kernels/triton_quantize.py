@@ -102,15 +102,36 @@ def _stored_scale(scale, POW2: tl.constexpr):
     return stored
 
 
+# How x / scale is computed (see _quotient).
+DIVIDE = tl.constexpr(0)
+RECIPROCAL = tl.constexpr(1)
+CORRECTED = tl.constexpr(2)
+# Scales within which CORRECTED is exact for every quotient that can change a code (and x finite).
+CORRECTED_MIN = tl.constexpr(2.0 ** -80)
+CORRECTED_MAX = tl.constexpr(2.0 ** 100)
+
+
 @triton.jit
-def _quotient(x, scale, SCALE_IS_POW2: tl.constexpr):
+def _quotient(x, scale, QUOTIENT: tl.constexpr):
     """x / scale rounded to nearest even fp32 (IEEE division), as the reference divides.
 
-    SCALE_IS_POW2: scale is 2**e, e in [-127, 127]: 1 / scale is exact and x times it
-    rounds as x / scale does (one correctly rounded result of the same real number).
+    DIVIDE: IEEE division, element by element.
+    RECIPROCAL: scale is 2**e, e in [-127, 127]: 1 / scale is exact and x times it rounds as
+    x / scale does (one correctly rounded result of the same real number).
+    CORRECTED: q0 = x * r with r = RN(1 / scale) per block, then one correction by the exact
+    remainder, q0 + RN(x - q0 * scale) * r (two fmas): the same steps as the GPU's own division,
+    with a correctly rounded reciprocal. The caller guarantees finite x, |x / scale| <= 2**9 and
+    scale in [CORRECTED_MIN, CORRECTED_MAX]: there the remainder is exact wherever
+    |x / scale| >= 2**-20, and the result is the IEEE quotient (NUMERICS.md); smaller quotients
+    may differ in the last bits, and every format's code of them is zero.
     """
-    if SCALE_IS_POW2:
+    if QUOTIENT == RECIPROCAL:
         q = x * tl.math.div_rn(1.0, scale)
+    elif QUOTIENT == CORRECTED:
+        r = tl.math.div_rn(1.0, scale)
+        q0 = x * r
+        # The remainder as -(q0 * scale - x): zero x then keeps its sign (x - q0 * scale is +0 for -0).
+        q = tl.fma(-tl.fma(q0, scale, -x), r, q0)
     else:
         q = tl.math.div_rn(x, scale)
     return q
@@ -119,12 +140,12 @@ def _quotient(x, scale, SCALE_IS_POW2: tl.constexpr):
 @triton.jit
 def _encode(x, scale, zp, QMAX: tl.constexpr, IS_INT: tl.constexpr, ASYM: tl.constexpr,
             NBITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, BIAS: tl.constexpr,
-            NAN_CODE: tl.constexpr, HW_FP8: tl.constexpr, EXACT_FP8: tl.constexpr, SCALE_IS_POW2: tl.constexpr):
+            NAN_CODE: tl.constexpr, HW_FP8: tl.constexpr, EXACT_FP8: tl.constexpr, QUOTIENT: tl.constexpr):
     """Code bits (int32; two's complement for int8) of fp32 `x` under `scale` (and `zp`).
 
-    SCALE_IS_POW2: see _quotient.
+    QUOTIENT: how x / scale is computed (see _quotient).
     """
-    q = _quotient(x, scale, SCALE_IS_POW2)
+    q = _quotient(x, scale, QUOTIENT)
     if IS_INT:
         # int8 is the one integer format.
         if ASYM:
@@ -225,6 +246,66 @@ def _finite_abs(x):
     return tl.where(a < float("inf"), a, 0.0)
 
 
+@triton.jit
+def _blocks_max(v, COLUMNS: tl.constexpr):
+    """Max of v over each block of a [RB, TBRP, CB, TBCP] tile (axes 1 and 3), or over each column
+    (axis 0: DUAL's blocks of X^T). NaN is ignored, as max ignores it."""
+    if COLUMNS:
+        m = tl.max(v, axis=0, keep_dims=True)
+    else:
+        m = tl.max(tl.max(v, axis=3, keep_dims=True), axis=1, keep_dims=True)
+    return m
+
+
+@triton.jit
+def _register_scales(x, COLUMNS: tl.constexpr, QMAX: tl.constexpr, ASYM: tl.constexpr, POW2: tl.constexpr,
+                     MX: tl.constexpr, EMAX: tl.constexpr):
+    """(scale, zero point, careful) of the blocks of a register tile (see _blocks_max).
+
+    The amax (ASYM: hi and -lo) is first reduced over all elements, one max an element. careful
+    (a scalar) is 1 where that met an Inf or NaN, or some scale of the tile is outside
+    [CORRECTED_MIN, CORRECTED_MAX]: then the amax is reduced again over the finite elements only,
+    as the reference does, and the codes are divided exactly.
+    """
+    if ASYM:
+        hi = _blocks_max(x, COLUMNS)
+        nlo = _blocks_max(-x, COLUMNS)
+    else:
+        hi = _blocks_max(tl.abs(x), COLUMNS)
+        nlo = 0.0
+    scale, zp = _block_scale(tl.maximum(hi, 0.0), tl.maximum(nlo, 0.0), QMAX, ASYM, POW2, MX, EMAX)
+    wild = (scale < CORRECTED_MIN) | (scale > CORRECTED_MAX) | ~(hi < float("inf"))  # NaN: a max may keep it
+    if ASYM:
+        wild = wild | ~(nlo < float("inf"))
+    careful = tl.max(wild.to(tl.int32))
+    if careful != 0:
+        if ASYM:
+            hi = _blocks_max(tl.where(x < float("inf"), x, 0.0), COLUMNS)
+            nlo = _blocks_max(tl.where(-x < float("inf"), -x, 0.0), COLUMNS)
+        else:
+            hi = _blocks_max(_finite_abs(x), COLUMNS)
+        scale, zp = _block_scale(tl.maximum(hi, 0.0), tl.maximum(nlo, 0.0), QMAX, ASYM, POW2, MX, EMAX)
+    return scale, zp, careful
+
+
+@triton.jit
+def _encode_register(x, scale, zp, careful, QMAX: tl.constexpr, IS_INT: tl.constexpr, ASYM: tl.constexpr,
+                     NBITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, BIAS: tl.constexpr,
+                     NAN_CODE: tl.constexpr, HW_FP8: tl.constexpr, EXACT_FP8: tl.constexpr, POW2: tl.constexpr):
+    """_encode with the scales of _register_scales: a power-of-two scale by its reciprocal, any
+    other by the corrected quotient unless the tile is careful."""
+    if POW2:
+        bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
+                       RECIPROCAL)
+    elif careful == 0:
+        bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
+                       CORRECTED)
+    else:
+        bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
+                       DIVIDE)
+    return bits
+
+
 # ---- kernels ------------------------------------------------------------------------------
 
 
@@ -258,13 +339,7 @@ def _quantize_kernel(
     if SCALE_SRC == 0:
         brow = pid_r * RB + rb  # [RB, 1, 1, 1]
         bcol = pid_c * CB + cb  # [1, 1, CB, 1]
-        if ASYM:
-            hi = tl.max(tl.max(tl.where(x < float("inf"), x, 0.0), axis=3, keep_dims=True), axis=1, keep_dims=True)
-            nlo = tl.max(tl.max(tl.where(-x < float("inf"), -x, 0.0), axis=3, keep_dims=True), axis=1, keep_dims=True)
-            scale, zp = _block_scale(tl.maximum(hi, 0.0), tl.maximum(nlo, 0.0), QMAX, ASYM, POW2, MX, EMAX)
-        else:
-            amax = tl.max(tl.max(_finite_abs(x), axis=3, keep_dims=True), axis=1, keep_dims=True)
-            scale, zp = _block_scale(amax, 0.0, QMAX, ASYM, POW2, MX, EMAX)
+        scale, zp, careful = _register_scales(x, False, QMAX, ASYM, POW2, MX, EMAX)
         smask = (brow < NBR) & (bcol < NBC)
         soff = brow.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c
         tl.store(scales_ptr + soff, _stored_scale(scale, POW2), mask=smask)
@@ -292,9 +367,15 @@ def _quantize_kernel(
             if ASYM:
                 tl.store(zp_ptr + soff, zp.to(tl.int32).to(tl.uint8), mask=origin)
 
-    # Given scales need not be powers of two even when stored as E8M0.
-    bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
-                   POW2 and SCALE_SRC != 2)
+    if SCALE_SRC == 0:
+        bits = _encode_register(x, scale, zp, careful, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE,
+                                HW_FP8, EXACT_FP8, POW2)
+    elif POW2 and SCALE_SRC == 1:  # given scales need not be powers of two even when stored as E8M0
+        bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
+                       RECIPROCAL)
+    else:
+        bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
+                       DIVIDE)
     q_base = codes_ptr + p.to(tl.int64) * sq_p + rows.to(tl.int64) * sq_r
     if PACK4:
         # Element 2i in the low nibble: shift odd elements up and add the pairs (disjoint bits).
@@ -309,20 +390,14 @@ def _quantize_kernel(
 
     if DUAL:
         # The column-wise copy: each column of the RB rows (one group of X^T) shares a scale.
-        if ASYM:
-            hi_t = tl.max(tl.where(x < float("inf"), x, 0.0), axis=0, keep_dims=True)
-            nlo_t = tl.max(tl.where(-x < float("inf"), -x, 0.0), axis=0, keep_dims=True)
-            scale_t, zp_t = _block_scale(tl.maximum(hi_t, 0.0), tl.maximum(nlo_t, 0.0), QMAX, ASYM, POW2, MX, EMAX)
-        else:
-            scale_t, zp_t = _block_scale(tl.max(_finite_abs(x), axis=0, keep_dims=True), 0.0,
-                                         QMAX, ASYM, POW2, MX, EMAX)
+        scale_t, zp_t, careful_t = _register_scales(x, True, QMAX, ASYM, POW2, MX, EMAX)
         cmask = cols < C  # [1, 1, CB, TBCP]
         st_off = cols.to(tl.int64) * sst_r + pid_r * sst_c
         tl.store(scales_t_ptr + st_off, _stored_scale(scale_t, POW2), mask=cmask)
         if ASYM:
             tl.store(zp_t_ptr + st_off, zp_t.to(tl.int32).to(tl.uint8), mask=cmask)
-        bits_t = _encode(x, scale_t, zp_t, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
-                         POW2)
+        bits_t = _encode_register(x, scale_t, zp_t, careful_t, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE,
+                                  HW_FP8, EXACT_FP8, POW2)
         # Transposed in registers so that the stores run along X^T's rows.
         bits_t = tl.permute(bits_t.to(tl.uint8), (2, 3, 1, 0))  # [CB, TBCP, 1, RB]
         rows_t = pid_r * RB + tl.arange(0, RB)[None, None, None, :]

@@ -92,6 +92,59 @@ def test_explicit_scales(spec, rng):
     check(halves, spec, torch.ones(spec.scale_shape(halves.shape)))
 
 
+def near_boundaries(fmt: str, rows: int, gen: torch.Generator) -> torch.Tensor:
+    """fp32 rows of 128 whose quotients x / scale fall on or within 2 ulps of the points where a
+    code changes (fp8 midpoints, int8 half-integers).
+
+    Each row holds its amax (and, for int8_asym, its negative: zero point 0) so that the scale is
+    known; amax exponents span 2**-60 .. 2**60."""
+    el = QuantSpec(format=fmt).element
+    if el.kind == "int":
+        points = torch.arange(-127, 128, dtype=torch.float32) + 0.5
+    else:
+        grid = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(el.code_dtype).float()
+        grid = torch.unique(grid[grid.abs() <= el.max])
+        points = (grid[1:] + grid[:-1]) / 2  # exact in fp32
+    asym = fmt == "int8_asym"
+    out = []
+    for _ in range(rows):
+        amax = torch.exp2(torch.randint(-60, 61, (), generator=gen).float()) * (1 + torch.rand((), generator=gen))
+        scale = 2 * amax / 255 if asym else amax / el.max
+        x = points[torch.randint(0, len(points), (126 if asym else 127,), generator=gen)] * scale
+        steps = torch.randint(-2, 3, x.shape, generator=gen)
+        for k in range(2):
+            x = torch.where(steps > k, torch.nextafter(x, torch.tensor(float("inf"))), x)
+            x = torch.where(steps < -k, torch.nextafter(x, torch.tensor(float("-inf"))), x)
+        head = torch.stack([amax, -amax]) if asym else amax.reshape(1)
+        out.append(torch.cat([head, x.clamp(-amax, amax)]))
+    return torch.stack(out)
+
+
+def codes_of_quotients(q: torch.Tensor, qt) -> torch.Tensor:
+    """Code bytes of fp32 quotients under qt's format (and zero points): clamp, round to nearest even."""
+    el = qt.spec.element
+    if el.kind == "int":
+        zp = 0 if qt.zero_points is None else qt.zero_points.float().reshape(-1, 1)
+        return (torch.round(q.clamp(-256, 256)) + zp).clamp(-128, 127).to(torch.int8).view(torch.uint8)
+    return q.clamp(-el.max, el.max).to(el.code_dtype).view(torch.uint8)
+
+
+@pytest.mark.parametrize("fmt", FP8 + ("int8_sym", "int8_asym"))
+def test_quotients_near_code_boundaries(fmt, rng):
+    """Register blocks divide by the scale as x * RN(1 / scale) corrected by the exact remainder
+    (NUMERICS.md). On these inputs the uncorrected product x * RN(1 / scale) gives other codes
+    than the IEEE quotient that the reference uses (asserted, so that the test can tell); the
+    kernel's codes must be the reference's, for 1 x 128 groups and 128 x 128 tiles alike."""
+    x = near_boundaries(fmt, 128, rng)
+    spec = QuantSpec(format=fmt)
+    want = reference_quantize(x, spec)
+    scale = reference.scale_values(want).reshape(-1, 1)
+    assert torch.equal(codes_of_quotients(x / scale, want), want.codes.view(torch.uint8).reshape(x.shape))
+    assert (codes_of_quotients(x * (1 / scale), want) != want.codes.view(torch.uint8).reshape(x.shape)).sum() > 0
+    check(x, spec)
+    check(x, QuantSpec(format=fmt, granularity="tile", tile=(128, 128)))
+
+
 @pytest.mark.parametrize("fmt", FP8 + ("mxfp4",))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_every_16bit_input(fmt, dtype):
