@@ -120,10 +120,10 @@ def _quotient(x, scale, QUOTIENT: tl.constexpr):
     x / scale does (one correctly rounded result of the same real number).
     CORRECTED: q0 = x * r with r = RN(1 / scale) per block, then one correction by the exact
     remainder, q0 + RN(x - q0 * scale) * r (two fmas): the same steps as the GPU's own division,
-    with a correctly rounded reciprocal. The caller guarantees finite x, |x / scale| <= 2**9 and
+    with a correctly rounded reciprocal. The caller guarantees finite x, |x / scale| < 2**17 and
     scale in [CORRECTED_MIN, CORRECTED_MAX]: there the remainder is exact wherever
-    |x / scale| >= 2**-20, and the result is the IEEE quotient (NUMERICS.md); smaller quotients
-    may differ in the last bits, and every format's code of them is zero.
+    |x / scale| >= 2**-20, and the result is the IEEE quotient in every case searched (NUMERICS.md);
+    smaller quotients may differ in the last bits, and every format's code of them is zero.
     """
     if QUOTIENT == RECIPROCAL:
         q = x * tl.math.div_rn(1.0, scale)

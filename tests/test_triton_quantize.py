@@ -9,6 +9,8 @@ exact path compiled, and every bf16/fp16 bit pattern through both.
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from quantd.kernels import dispatch, reference
 from quantd.kernels.spec import QuantSpec
@@ -127,6 +129,44 @@ def codes_of_quotients(q: torch.Tensor, qt) -> torch.Tensor:
         zp = 0 if qt.zero_points is None else qt.zero_points.float().reshape(-1, 1)
         return (torch.round(q.clamp(-256, 256)) + zp).clamp(-128, 127).to(torch.int8).view(torch.uint8)
     return q.clamp(-el.max, el.max).to(el.code_dtype).view(torch.uint8)
+
+
+@triton.jit
+def _corrected_quotient_kernel(v_ptr, mant_ptr, pow_ptr, bad_ptr, N, BLOCK: tl.constexpr):
+    """Per scale (one a program): elements x = v * 2**E whose corrected quotient is not the IEEE one."""
+    pid = tl.program_id(0)
+    scale = tl.load(mant_ptr + pid) * tl.load(pow_ptr + pid)
+    bad = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, N, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        x = tl.load(v_ptr + offs, mask=offs < N, other=0.0) * tl.load(pow_ptr + pid)
+        want = triton_quantize._quotient(x, scale, triton_quantize.DIVIDE)
+        got = triton_quantize._quotient(x, scale, triton_quantize.CORRECTED)
+        bad += ((got != want) & (tl.abs(want) >= 2.0 ** -20)).to(tl.int32)
+    tl.store(bad_ptr + pid, tl.sum(bad))
+
+
+def corrected_quotient_mismatches(n_scales: int, gen: torch.Generator, device: str = "cpu") -> int:
+    """Quotients x / scale where CORRECTED differs from IEEE division (ignoring |q| < 2**-20, coded
+    as zero by every format): scales m * 2**E over the exponents CORRECTED is used for, mantissas
+    random and the hard ones (all ones, all zeros, one bit); x every bf16 value with |x / 2**E|
+    in [2**-21, 2**17) and as many random fp32 ones."""
+    bf = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    bf = bf[(bf.abs() >= 2.0 ** -21) & (bf.abs() < 2.0 ** 17)]
+    rnd = torch.exp2(torch.rand(len(bf), generator=gen) * 38 - 21) * torch.sign(torch.randn(len(bf), generator=gen))
+    v = torch.cat([bf, rnd])
+    bits = torch.randint(0, 1 << 23, (n_scales,), generator=gen, dtype=torch.int32)
+    bits[0::4], bits[1::4] = (1 << 23) - 1, 1
+    bits[2::8] = 0
+    mant = (bits | 0x3F800000).view(torch.float32)
+    pows = torch.exp2(torch.randint(-80, 101, (n_scales,), generator=gen).float())
+    bad = torch.zeros(n_scales, dtype=torch.int32, device=device)
+    _corrected_quotient_kernel[(n_scales,)](v.to(device), mant.to(device), pows.to(device), bad, len(v), BLOCK=4096)
+    return int(bad.sum())
+
+
+def test_corrected_quotient_is_the_ieee_quotient(rng):
+    assert corrected_quotient_mismatches(256, rng) == 0
 
 
 @pytest.mark.parametrize("fmt", FP8 + ("int8_sym", "int8_asym"))
@@ -259,6 +299,12 @@ def test_gpu_exact_fp8_path(spec, rng):
     """The interpreter's integer fp8 encoding, compiled, agrees too."""
     for shape in GPU_SHAPES[2:]:
         check(random_input(shape, torch.bfloat16, rng).cuda(), spec, exact_fp8=True)
+
+
+@pytest.mark.gpu
+def test_gpu_corrected_quotient_is_the_ieee_quotient(rng):
+    """The compiled fmas, on 2**16 scales (~1.6e9 quotients)."""
+    assert corrected_quotient_mismatches(1 << 16, rng, "cuda") == 0
 
 
 @pytest.mark.gpu
