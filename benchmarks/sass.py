@@ -66,6 +66,19 @@ def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16"):
     return kernel, rb * tbrp * cb * tbcp / (warps * 32)
 
 
+def compile_mxfp4_pairs():
+    """(compiled kernel, elements a thread handles) of the MXFP4 pairs kernel on bf16 input."""
+    fn, names = tq._mxfp4_pairs_kernel, tq._mxfp4_pairs_kernel.arg_names
+    constexprs = dict(ROWS=tq.PAIRS_ROWS, GROUPS=tq.PAIRS_GROUPS, FP16=False, EMAX=2, ss_c=1)
+    signature = {n: "constexpr" if n in constexprs else "*i32" if n == "w_ptr" else "*u8" if n.endswith("_ptr")
+                 else "i32" for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr") or n in ("C2", "sw_r")}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, attrs=attrs,
+                                    constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": tq.PAIRS_WARPS})
+    return kernel, tq.PAIRS_ROWS * tq.PAIRS_GROUPS * 32 / (tq.PAIRS_WARPS * 32)
+
+
 def sass_of(kernel, path: str) -> str:
     with open(path, "wb") as f:
         f.write(kernel.asm["cubin"])
@@ -90,8 +103,10 @@ def main() -> None:
     args = ap.parse_args()
     os.makedirs(args.dump, exist_ok=True)
     print(f"triton {triton.__version__}, sm_90, input bf16 {args.shape}")
-    for name, spec in SPECS:
-        kernel, per_thread = compile_quantize(spec, args.shape)
+    builds = [(name, lambda spec=spec: compile_quantize(spec, args.shape)) for name, spec in SPECS]
+    builds.append(("mxfp4, pairs kernel", compile_mxfp4_pairs))
+    for name, build in builds:
+        kernel, per_thread = build()
         stem = os.path.join(args.dump, re.sub(r"\W+", "_", name))
         sass = sass_of(kernel, stem + ".cubin")
         with open(stem + ".sass", "w") as f:

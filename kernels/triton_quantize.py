@@ -163,10 +163,26 @@ def _encode(x, scale, zp, QMAX: tl.constexpr, IS_INT: tl.constexpr, ASYM: tl.con
 
 
 @triton.jit
+def _e2m1(q):
+    """E2M1 code bits of fp32 quotients q: round to nearest even, +-Inf and overflow saturate to
+    +-6, NaN -> 0 (E2M1 has no NaN; the reference's NAN_CODE). |q| >= 1 rounds the fp32 bits to
+    one mantissa bit (a carry moves into the exponent) and re-biases; |q| < 1 lies on the grid
+    of 0.5, rounded by an fp32 addition."""
+    a = tl.minimum(tl.abs(q), 6.0)
+    b = a.to(tl.int32, bitcast=True)
+    normal = ((b + 0x1FFFFF + ((b >> 22) & 1)) >> 22) - 252
+    sub = (a * 2.0 + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000
+    bits = tl.where(a < 1.0, sub, normal) | ((q.to(tl.int32, bitcast=True) >> 28) & 8)
+    return tl.where(q != q, 0, bits)
+
+
+@triton.jit
 def _encode_float(q, QMAX: tl.constexpr, NBITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
                   BIAS: tl.constexpr, NAN_CODE: tl.constexpr, HW_FP8: tl.constexpr, EXACT_FP8: tl.constexpr):
     """Minifloat code bits of quotients `q`: clamp, round to nearest even, NaN -> NAN_CODE."""
-    if HW_FP8 != 0 and not EXACT_FP8:
+    if NBITS == 4:
+        bits = _e2m1(q)
+    elif HW_FP8 != 0 and not EXACT_FP8:
         # The hardware conversion (cvt.rn.satfinite) is the reference's encoding: it rounds to
         # nearest even, saturates +-Inf and overflow to +-max, and writes 0x7F (NAN_CODE) for NaN.
         if HW_FP8 == 1:
@@ -467,6 +483,40 @@ def _block_stats_kernel(
                 tl.atomic_max(stats_ptr + half * NBR * NBC + brow * NBC + bcol, m, mask=(brow < NBR) & (bcol < NBC))
 
 
+@triton.jit
+def _mxfp4_pairs_kernel(w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c,
+                        ROWS: tl.constexpr, GROUPS: tl.constexpr, FP16: tl.constexpr, EMAX: tl.constexpr):
+    """MXFP4 codes of a 16-bit (R, 2 * C2) matrix read as int32 pairs of elements: each word's two
+    codes make one byte (element 2i in the low nibble) without reshaping registers.
+
+    A program takes ROWS rows x GROUPS MX blocks of 16 words each.
+    """
+    pid = tl.program_id(0)
+    tiles_c = tl.cdiv(C2, GROUPS * 16)
+    pr = pid // tiles_c
+    pc = pid % tiles_c
+    r = pr * ROWS + tl.arange(0, ROWS)[:, None, None]
+    g = pc * GROUPS + tl.arange(0, GROUPS)[None, :, None]
+    k = g * 16 + tl.arange(0, 16)[None, None, :]
+    mask = (r < R) & (k < C2)
+    w = tl.load(w_ptr + r.to(tl.int64) * sw_r + k, mask=mask, other=0)
+    if FP16:
+        lo = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        lo = (w << 16).to(tl.float32, bitcast=True)
+        hi = (w & -65536).to(tl.float32, bitcast=True)
+    amax = tl.maximum(tl.max(tl.abs(lo), axis=2, keep_dims=True), tl.max(tl.abs(hi), axis=2, keep_dims=True))
+    if tl.max((~(amax < float("inf"))).to(tl.int32)) != 0:  # an Inf or NaN: the amax of the finite elements
+        amax = tl.maximum(tl.max(_finite_abs(lo), axis=2, keep_dims=True),
+                          tl.max(_finite_abs(hi), axis=2, keep_dims=True))
+    scale, zp = _block_scale(amax, 0.0, 6.0, False, True, True, EMAX)
+    tl.store(scales_ptr + r.to(tl.int64) * ss_r + g * ss_c, _stored_scale(scale, True), mask=(r < R) & (g * 16 < C2))
+    inv = tl.math.div_rn(1.0, scale)  # exact: scale is a power of two
+    packed = (_e2m1(lo * inv) & 0xF) | ((_e2m1(hi * inv) & 0xF) << 4)
+    tl.store(codes_ptr + r.to(tl.int64) * C2 + k, packed.to(tl.uint8), mask=mask)
+
+
 # ---- host side ----------------------------------------------------------------------------
 
 
@@ -590,6 +640,8 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
     codes = torch.empty(spec.code_shape(x.shape), dtype=spec.code_dtype, device=x.device)
     stored = scale_tensor(sshape, spec.scale_dtype, x.device, scale_layout)
     zps = scale_tensor(sshape, torch.int8, x.device, scale_layout) if consts["ASYM"] else None
+    if given is None and _mxfp4_pairs(v, codes, stored, spec):
+        return QuantizedTensor(codes, stored, spec, tuple(x.shape), zps)
     register = given is None and P == 1 and _pow2_ceil(br) * _pow2_ceil(bc) <= MAX_REGISTER_BLOCK
     stats = None
     if given is None and not register:
@@ -598,6 +650,28 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
     _launch_quantize(v, codes, grid_s, None if zps is None else _as_grid(zps, nbr, nbc), stats, given,
                      br, bc, nbr, nbc, register, consts, spec)
     return QuantizedTensor(codes, stored, spec, tuple(x.shape), zps)
+
+
+# Rows and MX blocks a program of the MXFP4 pairs kernel takes (8192 elements, 4 warps).
+PAIRS_ROWS, PAIRS_GROUPS, PAIRS_WARPS = 16, 16, 4
+
+
+def _mxfp4_pairs(v, codes, stored, spec) -> bool:
+    """Quantize with _mxfp4_pairs_kernel when `v` (1, R, C) is an MXFP4 input it can read as int32
+    pairs (16-bit, unit column stride, even C, row stride and base); False otherwise."""
+    P, R, C = v.shape
+    if not (spec.element is E2M1 and P == 1 and v.element_size() == 2 and v.stride(2) == 1 and C % 2 == 0
+            and v.stride(1) % 2 == 0 and v.data_ptr() % 4 == 0 and R > 0):
+        return False
+    pairs = v.reshape(R, C).view(torch.int32) if v.stride(1) == C else torch.as_strided(
+        v.view(torch.int16), (R, C), (v.stride(1), 1)).view(torch.int32)
+    grid_s = _as_grid(stored, R, _cdiv(C, 32))
+    c2 = C // 2
+    grid = (_cdiv(R, PAIRS_ROWS) * _cdiv(c2, PAIRS_GROUPS * 16),)
+    _mxfp4_pairs_kernel[grid](pairs, _bytes_of(codes), _bytes_of(grid_s), R, c2, pairs.stride(0),
+                              grid_s.stride(0), grid_s.stride(1), ROWS=PAIRS_ROWS, GROUPS=PAIRS_GROUPS,
+                              FP16=v.dtype == torch.float16, EMAX=spec.element.emax, num_warps=PAIRS_WARPS)
+    return True
 
 
 def _launch_quantize(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, register, consts, spec,

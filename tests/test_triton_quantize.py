@@ -215,6 +215,22 @@ def test_quotient_across_fp32_range(fmt, rng):
     every_bf16_under_scales_across_fp32(fmt, rng)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_mxfp4_pairs_kernel(dtype, rng, monkeypatch):
+    """16-bit MXFP4 inputs whose rows can be read as int32 pairs take _mxfp4_pairs_kernel (ragged last
+    block, sliced rows, column scales); others (odd width, strided columns, fp32) the generic kernel."""
+    taken = []
+    pairs = triton_quantize._mxfp4_pairs
+    monkeypatch.setattr(triton_quantize, "_mxfp4_pairs", lambda *a: taken.append(pairs(*a)) or taken[-1])
+    spec = QuantSpec(format="mxfp4")
+    x = random_input((70, 400), dtype, rng)
+    for t in (x, x[3:50, 16:316], x[:, :301], x[:, ::2], x.float()):
+        check(t, spec)
+    got = dispatch.quantize(x, spec, backend="triton", scale_layout="col")
+    assert_same_qt(got, reference_quantize(x, spec))
+    assert taken == [True, True, False, False, False, True]
+
+
 def test_scale_layouts(rng):
     x = random_input((37, 300), torch.bfloat16, rng)
     for spec in (QuantSpec(), QuantSpec(format="int8_asym"), QuantSpec(format="mxfp4"),
