@@ -164,6 +164,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sweep", action="store_true", help="also sweep program sizes and warps")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384],
+                    help="n of the n x n inputs (the last also runs the peers)")
     args = ap.parse_args()
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -172,9 +174,9 @@ def main():
     if args.sweep:
         sweep_configs(16384)
     rows = []
-    for n in (1024, 2048, 4096, 8192):
+    for n in args.sizes[:-1]:
         run_main(n, rows, with_compile=False)
-    run_main(16384, rows, with_compile=not args.no_compile)
+    run_main(args.sizes[-1], rows, with_compile=not args.no_compile)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "quantize_bench.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
@@ -185,7 +187,7 @@ def main():
     print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}")
     print(f"{'n x n bf16':>10} {'op':<10} {'what':<55} {'ms':>8} {'GB/s':>7} {'x copy':>7}")
     for r in rows:
-        if r["n"] == 16384:
+        if r["n"] == args.sizes[-1]:
             print(f"{r['n']:>10} {r['op']:<10} {r['name']:<55} {r['ms']:8.3f} {r['gbs']:7.0f} {r['ratio']:7.3f}")
 
 

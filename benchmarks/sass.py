@@ -1,20 +1,25 @@
 """Instructions per element of the quantize kernel, compiled for sm_90 on a machine without a GPU.
 
-    python benchmarks/sass.py [--shape 16384 16384] [--dump DIR]
+    python benchmarks/sass.py [--shape 16384 16384] [--dump DIR] [--common-path]
 
 Compiles `_quantize_kernel` ahead of time (triton.compile with an sm_90 target, the launch geometry
 of kernels/triton_quantize.py, the specializations a real launch gets: unit column strides,
 16-byte-aligned pointers and rows) and disassembles it with the cuobjdump that ships with triton.
 Prints the static SASS instruction count divided by the elements a thread handles, and the most
-frequent opcodes. Static counts include the division's slow path (never taken on normal data) and say
-nothing of latency, so they are a proxy to compare variants of one kernel, not a model: on an H100
-(BENCHMARKS.md) E4M3 1x128 at ~26 ran at 0.99 x copy, INT8 sym at ~31 at 0.90, MXFP4 at ~30 at 0.70,
-INT8 asym at ~39 at 0.66. The GPU's own timings decide.
+frequent opcodes. Static counts include code that normal data never runs (the division's slow path,
+the branch a program takes when its amax meets an Inf or NaN); --common-path compiles a copy of the
+module without those branches, which is what a program of finite values under ordinary scales runs.
+Counts say nothing of latency, so they are a proxy to compare variants of one kernel, not a model: on
+an H100 (BENCHMARKS.md), common path, E4M3 1x128 at ~14 ran at 1.02 x copy, INT8 sym at ~22 at 0.99,
+the 128x128 tile at ~30 (it divides per element) at 0.88, INT8 asym at ~34 at 0.63. The GPU's own
+timings decide.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
+import inspect
 import os
 import re
 import subprocess
@@ -96,13 +101,39 @@ def opcodes(sass: str) -> list:
     return out
 
 
+# The rare branches of kernels/triton_quantize.py and what --common-path puts in their place.
+RARE_BRANCHES = [("    if careful != 0:", "    if False:"), ("    elif careful == 0:", "    elif True:"),
+                 ('    if tl.max((~(amax < float("inf"))).to(tl.int32)) != 0:', "    if False:")]
+
+
+def common_path_module(folder: str):
+    """A copy of kernels/triton_quantize.py without its rare branches, imported from `folder`."""
+    src = inspect.getsource(tq)
+    for old, new in RARE_BRANCHES:
+        if src.count(old) != 1:
+            raise SystemExit(f"sass.py --common-path: expected one {old.strip()!r} in triton_quantize.py")
+        src = src.replace(old, new)
+    path = os.path.join(folder, "triton_quantize_common_path.py")
+    with open(path, "w") as f:
+        f.write(src)
+    spec = importlib.util.spec_from_file_location("quantd.kernels.triton_quantize_common_path", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main() -> None:
+    global tq
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs="+", default=[16384, 16384])
     ap.add_argument("--dump", default="/tmp/quantd-sass", help="folder for the cubins and SASS listings")
+    ap.add_argument("--common-path", action="store_true",
+                    help="count a copy of the kernels without the branches for Inf/NaN and extreme scales")
     args = ap.parse_args()
     os.makedirs(args.dump, exist_ok=True)
-    print(f"triton {triton.__version__}, sm_90, input bf16 {args.shape}")
+    if args.common_path:
+        tq = common_path_module(args.dump)
+    print(f"triton {triton.__version__}, sm_90, input bf16 {args.shape}{', common path' if args.common_path else ''}")
     builds = [(name, lambda spec=spec: compile_quantize(spec, args.shape)) for name, spec in SPECS]
     builds.append(("mxfp4, pairs kernel", compile_mxfp4_pairs))
     for name, build in builds:

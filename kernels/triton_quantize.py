@@ -130,8 +130,7 @@ def _quotient(x, scale, QUOTIENT: tl.constexpr):
     elif QUOTIENT == CORRECTED:
         r = tl.math.div_rn(1.0, scale)
         q0 = x * r
-        # The remainder as -(q0 * scale - x): zero x then keeps its sign (x - q0 * scale is +0 for -0).
-        q = tl.fma(-tl.fma(q0, scale, -x), r, q0)
+        q = tl.where(x == 0.0, x, tl.fma(tl.fma(-q0, scale, x), r, q0))  # x = -0 keeps its sign
     else:
         q = tl.math.div_rn(x, scale)
     return q
@@ -145,7 +144,15 @@ def _encode(x, scale, zp, QMAX: tl.constexpr, IS_INT: tl.constexpr, ASYM: tl.con
 
     QUOTIENT: how x / scale is computed (see _quotient).
     """
-    q = _quotient(x, scale, QUOTIENT)
+    return _encode_quotient(x, _quotient(x, scale, QUOTIENT), zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS,
+                            NAN_CODE, HW_FP8, EXACT_FP8)
+
+
+@triton.jit
+def _encode_quotient(x, q, zp, QMAX: tl.constexpr, IS_INT: tl.constexpr, ASYM: tl.constexpr,
+                     NBITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, BIAS: tl.constexpr,
+                     NAN_CODE: tl.constexpr, HW_FP8: tl.constexpr, EXACT_FP8: tl.constexpr):
+    """Code bits of the quotients q = x / scale (see _encode)."""
     if IS_INT:
         # int8 is the one integer format.
         if ASYM:
@@ -307,19 +314,22 @@ def _register_scales(x, COLUMNS: tl.constexpr, QMAX: tl.constexpr, ASYM: tl.cons
 @triton.jit
 def _encode_register(x, scale, zp, careful, QMAX: tl.constexpr, IS_INT: tl.constexpr, ASYM: tl.constexpr,
                      NBITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, BIAS: tl.constexpr,
-                     NAN_CODE: tl.constexpr, HW_FP8: tl.constexpr, EXACT_FP8: tl.constexpr, POW2: tl.constexpr):
+                     NAN_CODE: tl.constexpr, HW_FP8: tl.constexpr, EXACT_FP8: tl.constexpr, POW2: tl.constexpr,
+                     ONE_BLOCK: tl.constexpr):
     """_encode with the scales of _register_scales: a power-of-two scale by its reciprocal, any
-    other by the corrected quotient unless the tile is careful."""
+    other by the corrected quotient unless the tile is careful. (Only the fp32 quotient is
+    chosen under the branch; the codes are encoded after it.) ONE_BLOCK: the program holds one
+    block of many elements (128 x 128 tiles, channels), which divides element by element: with
+    the branch, those programs ran slower on an H100 (BENCHMARKS.md)."""
     if POW2:
-        bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
-                       RECIPROCAL)
+        q = _quotient(x, scale, RECIPROCAL)
+    elif ONE_BLOCK:
+        q = _quotient(x, scale, DIVIDE)
     elif careful == 0:
-        bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
-                       CORRECTED)
+        q = _quotient(x, scale, CORRECTED)
     else:
-        bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
-                       DIVIDE)
-    return bits
+        q = _quotient(x, scale, DIVIDE)
+    return _encode_quotient(x, q, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8)
 
 
 # ---- kernels ------------------------------------------------------------------------------
@@ -385,7 +395,7 @@ def _quantize_kernel(
 
     if SCALE_SRC == 0:
         bits = _encode_register(x, scale, zp, careful, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE,
-                                HW_FP8, EXACT_FP8, POW2)
+                                HW_FP8, EXACT_FP8, POW2, RB * CB == 1)
     elif POW2 and SCALE_SRC == 1:  # given scales need not be powers of two even when stored as E8M0
         bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
                        RECIPROCAL)
@@ -413,7 +423,7 @@ def _quantize_kernel(
         if ASYM:
             tl.store(zp_t_ptr + st_off, zp_t.to(tl.int32).to(tl.uint8), mask=cmask)
         bits_t = _encode_register(x, scale_t, zp_t, careful_t, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE,
-                                  HW_FP8, EXACT_FP8, POW2)
+                                  HW_FP8, EXACT_FP8, POW2, False)
         # Transposed in registers so that the stores run along X^T's rows.
         bits_t = tl.permute(bits_t.to(tl.uint8), (2, 3, 1, 0))  # [CB, TBCP, 1, RB]
         rows_t = pid_r * RB + tl.arange(0, RB)[None, None, None, :]
