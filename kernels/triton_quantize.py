@@ -17,6 +17,9 @@ the (NBR, NBC) grid of blocks. Two kernels do all the work:
 Under the Triton interpreter the float -> fp8 cast is wrong, so EXACT_FP8 computes
 fp8 codes with the reference's integer grid arithmetic; compiled kernels use the
 hardware cast (both are checked against the reference on the GPU).
+
+Every code is that of the IEEE quotient x / scale, as in the reference; _quotient says
+how each kind of program gets it without an IEEE division per element where it can.
 """
 from __future__ import annotations
 
