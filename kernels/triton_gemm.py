@@ -81,6 +81,12 @@ def _store_tile(c_ptr, acc, off_m, off_n, M, N, stride_cm, stride_cn, BLOCK_M: t
 
 
 @triton.jit
+def _scales_at_k(sa_ptrs, sb_ptrs, k, group_ka, group_kb, stride_sak, stride_sbk):
+    """A's and B's scales of the K group that holds K index k."""
+    return tl.load(sa_ptrs + (k // group_ka) * stride_sak), tl.load(sb_ptrs + (k // group_kb) * stride_sbk)
+
+
+@triton.jit
 def _scaled_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr,
                         M, N, K, stride_cm, stride_cn,
                         stride_sam, stride_sak, stride_sbn, stride_sbk, stride_za, stride_zb,
@@ -125,14 +131,13 @@ def _scaled_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr,
                 a1 = a_desc.load([off_m, k1])
                 b1 = b_desc.load([off_n, k1])
                 k1s = tl.minimum(k1, K - 1)
-                s1 = tl.load(sa_ptrs + (k1s // group_ka) * stride_sak) * tl.load(sb_ptrs + (k1s // group_kb) * stride_sbk)
+                sa1, sb1 = _scales_at_k(sa_ptrs, sb_ptrs, k1s, group_ka, group_kb, stride_sak, stride_sbk)
                 k_next = tl.minimum(k + 2 * BLOCK_K, K - 1)
                 p0 = tl.dot(a, b.T, max_num_imprecise_acc=FP8_PROMOTE_K)
                 p1 = tl.dot(a1, b1.T, max_num_imprecise_acc=FP8_PROMOTE_K)
                 acc += p0 * (sa * sb)
-                acc += p1 * s1
-                sa = tl.load(sa_ptrs + (k_next // group_ka) * stride_sak)
-                sb = tl.load(sb_ptrs + (k_next // group_kb) * stride_sbk)
+                acc += p1 * (sa1 * sb1)
+                sa, sb = _scales_at_k(sa_ptrs, sb_ptrs, k_next, group_ka, group_kb, stride_sak, stride_sbk)
             elif IS_INT:
                 acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
                 if HAS_ZP:
@@ -141,8 +146,7 @@ def _scaled_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr,
             elif SCALE_PER_K:
                 # The next block's scales are loaded a block ahead, so their latency hides behind this MMA.
                 k_next = tl.minimum(k + BLOCK_K, K - 1)
-                sa_next = tl.load(sa_ptrs + (k_next // group_ka) * stride_sak)
-                sb_next = tl.load(sb_ptrs + (k_next // group_kb) * stride_sbk)
+                sa_next, sb_next = _scales_at_k(sa_ptrs, sb_ptrs, k_next, group_ka, group_kb, stride_sak, stride_sbk)
                 # A fresh dot per K block: Hopper's FP8 MMA accumulates in reduced precision, so
                 # each block's partial is promoted to the fp32 accumulator (and scaled there).
                 acc += tl.dot(a, b.T, max_num_imprecise_acc=FP8_PROMOTE_K) * (sa * sb)
