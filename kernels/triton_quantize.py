@@ -525,8 +525,7 @@ def _mxfp4_pairs_kernel(w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c,
                           tl.max(_finite_abs(hi), axis=2, keep_dims=True))
     scale, zp = _block_scale(amax, 0.0, 6.0, False, True, True, EMAX)
     tl.store(scales_ptr + r.to(tl.int64) * ss_r + g * ss_c, _stored_scale(scale, True), mask=(r < R) & (g * 16 < C2))
-    inv = tl.math.div_rn(1.0, scale)  # exact: scale is a power of two
-    packed = (_e2m1(lo * inv) & 0xF) | ((_e2m1(hi * inv) & 0xF) << 4)
+    packed = (_e2m1(_quotient(lo, scale, RECIPROCAL)) & 0xF) | ((_e2m1(_quotient(hi, scale, RECIPROCAL)) & 0xF) << 4)
     tl.store(codes_ptr + r.to(tl.int64) * C2 + k, packed.to(tl.uint8), mask=mask)
 
 
@@ -678,7 +677,7 @@ def _mxfp4_pairs(v, codes, stored, spec) -> bool:
         return False
     pairs = v.reshape(R, C).view(torch.int32) if v.stride(1) == C else torch.as_strided(
         v.view(torch.int16), (R, C), (v.stride(1), 1)).view(torch.int32)
-    grid_s = _as_grid(stored, R, _cdiv(C, 32))
+    grid_s = _as_grid(stored, R, _cdiv(C, spec.group_size))
     c2 = C // 2
     grid = (_cdiv(R, PAIRS_ROWS) * _cdiv(c2, PAIRS_GROUPS * 16),)
     _mxfp4_pairs_kernel[grid](pairs, _bytes_of(codes), _bytes_of(grid_s), R, c2, pairs.stride(0),
