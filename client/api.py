@@ -86,20 +86,21 @@ def _collect(responses, response_type, checksums: bool):
     try:
         for raw in responses:
             message = chunks.decode(raw, response_type)
-            if isinstance(message, chunks.Chunk):
+            kind = chunks.kind(message)
+            if kind == "chunk":
                 if reader is None:
                     raise ValueError("a chunk before the header")
                 reader.check(message)
                 if message.crc32c is not None:
                     reader.verify(message)
                 reader.store(message)
-            elif message.WhichOneof("kind") == "header":
+            elif kind == "header":
                 infos = list(message.header.tensors)
                 # zeros, not empty: torch fills in parallel, taking the first-touch page faults on every core now
                 # instead of one at a time in this thread as chunks arrive
                 buffers = [torch.zeros(wire.info_nbytes(i), dtype=torch.uint8) for i in infos]
                 reader = chunks.ChunkReader([b.numpy() for b in buffers], [i.name for i in infos])
-            elif message.WhichOneof("kind") == "summary":
+            elif kind == "summary":
                 summary = message.summary
     except chunks.ChecksumMismatch as exc:
         raise QuantdError(grpc.StatusCode.DATA_LOSS, f"response: {exc}") from None

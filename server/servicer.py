@@ -87,11 +87,12 @@ def package_version() -> str:
         return "0+unknown"
 
 
-
 def out_dtype_name(name: str, rpc: str) -> str:
+    """`name` if it is an output dtype quantd writes; INVALID_ARGUMENT naming the choices otherwise."""
     if name not in OUT_DTYPES:
         raise invalid(f"{rpc}: out_dtype {name!r} is not one of {', '.join(OUT_DTYPES)}")
     return name
+
 
 class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
     def __init__(self, config, device: torch.device, executor, metrics=None):
