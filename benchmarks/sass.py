@@ -29,7 +29,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from quantd.kernels import triton_quantize as tq
-from quantd.kernels.spec import QuantSpec
+from quantd.kernels.spec import E2M1, QuantSpec
 
 SPECS = [
     ("fp8 e4m3 1x128", QuantSpec()),
@@ -63,25 +63,28 @@ def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16"):
             signature[name] = "*u8"
         else:
             signature[name] = "i32"
-    aligned = {"R", "C", "sx_p", "sx_r", "sq_p", "sq_r"}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr") or n in aligned}
-    src = triton.compiler.ASTSource(fn=tq._quantize_kernel, signature=signature, attrs=attrs,
-                                    constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    kernel = compile_sm90(tq._quantize_kernel, signature, constexprs, {"R", "C", "sx_p", "sx_r", "sq_p", "sq_r"}, warps)
     return kernel, rb * tbrp * cb * tbcp / (warps * 32)
 
 
 def compile_mxfp4_pairs():
     """(compiled kernel, elements a thread handles) of the MXFP4 pairs kernel on bf16 input."""
-    fn, names = tq._mxfp4_pairs_kernel, tq._mxfp4_pairs_kernel.arg_names
-    constexprs = dict(ROWS=tq.PAIRS_ROWS, GROUPS=tq.PAIRS_GROUPS, FP16=False, EMAX=2, ss_c=1)
+    fn = tq._mxfp4_pairs_kernel
+    constexprs = dict(ROWS=tq.PAIRS_ROWS, GROUPS=tq.PAIRS_GROUPS, FP16=False, EMAX=E2M1.emax, ss_c=1)
     signature = {n: "constexpr" if n in constexprs else "*i32" if n == "w_ptr" else "*u8" if n.endswith("_ptr")
-                 else "i32" for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr") or n in ("C2", "sw_r")}
+                 else "i32" for n in fn.arg_names}
+    kernel = compile_sm90(fn, signature, constexprs, {"C2", "sw_r"}, tq.PAIRS_WARPS)
+    return kernel, tq.PAIRS_ROWS * tq.PAIRS_GROUPS * 32 / (tq.PAIRS_WARPS * 32)
+
+
+def compile_sm90(fn, signature: dict, constexprs: dict, aligned: set, warps: int):
+    """triton.compile of jit function `fn` for sm_90, its pointers and the `aligned` integer arguments
+    specialized as 16-byte aligned, as a real launch specializes them."""
+    names = fn.arg_names
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr") or n in aligned}
     src = triton.compiler.ASTSource(fn=fn, signature=signature, attrs=attrs,
                                     constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": tq.PAIRS_WARPS})
-    return kernel, tq.PAIRS_ROWS * tq.PAIRS_GROUPS * 32 / (tq.PAIRS_WARPS * 32)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
 def sass_of(kernel, path: str) -> str:
