@@ -123,12 +123,11 @@ def near_boundaries(fmt: str, rows: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def codes_of_quotients(q: torch.Tensor, qt) -> torch.Tensor:
-    """Code bytes of fp32 quotients under qt's format (and zero points): clamp, round to nearest even."""
-    el = qt.spec.element
-    if el.kind == "int":
-        zp = 0 if qt.zero_points is None else qt.zero_points.float().reshape(-1, 1)
-        return (torch.round(q.clamp(-256, 256)) + zp).clamp(-128, 127).to(torch.int8).view(torch.uint8)
-    return q.clamp(-el.max, el.max).to(el.code_dtype).view(torch.uint8)
+    """Code bytes the reference's encoder gives fp32 quotients q (one block a row) under qt's format
+    and zero points (q / 1 is q)."""
+    zp = None if qt.zero_points is None else qt.zero_points.float().reshape(-1, 1)
+    values = reference.encode_blocks(q, torch.ones(q.shape[0], 1), zp, qt.spec.element)
+    return reference.store_codes(values, qt.spec).view(torch.uint8)
 
 
 @triton.jit
