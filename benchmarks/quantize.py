@@ -5,7 +5,9 @@ written once); every ratio is taken against the copy measured in the same run.
 Peers: torch.compile of the reference (dynamic=False), torchao's blockwise FP8 Triton quantizers
 (if importable) and a DeepSeek-style act_quant (one 128-group per program, amax / 448, x / s), written here.
 
-    python3 benchmarks/quantize.py [--out DIR] [--sweep]      (quantd importable: pip install -e .)
+    python3 benchmarks/quantize.py [--out DIR] [--sweep] [--variants] [--no-compile] [--sizes N ...]
+
+(quantd importable: pip install -e .)
 
 Writes DIR/quantize_bench.json and DIR/quantize_bandwidth.png (GB/s against size).
 """
@@ -135,6 +137,34 @@ def sweep_configs(n: int):
     return out
 
 
+VARIANTS = [  # (ONE_BLOCK_DIVIDES, ASYM_DIVIDES)
+    (True, False), (False, True)]
+VARIANT_CASES = [CASES[1], CASES[5], CASES[6], CASES[8]]  # 128x128, int8 sym, int8 asym, int8 sym channel0
+
+
+def time_variants(n: int) -> list:
+    """The division variants of triton_quantize (ONE_BLOCK_DIVIDES, ASYM_DIVIDES), alternating, in this
+    run: x copy for the cases they change. Prints and returns rows; the defaults are restored."""
+    x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16) * 3
+    dst = torch.empty_like(x)
+    out = []
+    defaults = triton_quantize.ONE_BLOCK_DIVIDES, triton_quantize.ASYM_DIVIDES
+    for rep in range(2):
+        t_copy = bench(lambda: dst.copy_(x))
+        copy_gbs = 2 * x.numel() * x.element_size() / t_copy / 1e6
+        for variant in VARIANTS:
+            triton_quantize.ONE_BLOCK_DIVIDES, triton_quantize.ASYM_DIVIDES = variant
+            for name, spec in VARIANT_CASES:
+                ms = bench(lambda: quantize(x, spec))
+                ratio = quant_bytes(x, spec) / ms / 1e6 / copy_gbs
+                out.append(dict(n=n, rep=rep, one_block_divides=variant[0], asym_divides=variant[1], name=name,
+                                ms=ms, ratio=ratio))
+                print(f"variants rep {rep} one_block_divides={variant[0]!s:5} asym_divides={variant[1]!s:5} "
+                      f"{name:<20} {ms:7.3f} ms {ratio:6.3f} x copy", flush=True)
+    triton_quantize.ONE_BLOCK_DIVIDES, triton_quantize.ASYM_DIVIDES = defaults
+    return out
+
+
 def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -164,6 +194,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sweep", action="store_true", help="also sweep program sizes and warps")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    ap.add_argument("--variants", action="store_true", help="also time the division variants against each other")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384],
                     help="n of the n x n inputs (the last also runs the peers)")
     args = ap.parse_args()
@@ -173,13 +204,14 @@ def main():
     print(meta, flush=True)
     if args.sweep:
         sweep_configs(16384)
+    variants = time_variants(16384) if args.variants else []
     rows = []
     for n in args.sizes[:-1]:
         run_main(n, rows, with_compile=False)
     run_main(args.sizes[-1], rows, with_compile=not args.no_compile)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "quantize_bench.json"), "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        json.dump(dict(meta=meta, rows=rows, variants=variants), f, indent=1)
     try:
         plot(rows, os.path.join(args.out, "quantize_bandwidth.png"))
     except ImportError as e:

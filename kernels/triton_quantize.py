@@ -42,6 +42,11 @@ TILE_ELEMS = 8192
 TILE_WARPS = None
 # Programs the statistics pass aims at where it can loop (a few waves of the largest GPUs).
 STATS_PROGRAMS = 2048
+# Division variants to time against each other (benchmarks/quantize.py --variants): programs of one
+# large block divide per element (else: the corrected quotient, encoded under the careful branch);
+# INT8 asym divides per element (else: the corrected quotient).
+ONE_BLOCK_DIVIDES = True
+ASYM_DIVIDES = False
 
 
 # ---- element arithmetic (shared by every kernel) -----------------------------------------
@@ -109,6 +114,7 @@ def _stored_scale(scale, POW2: tl.constexpr):
 DIVIDE = tl.constexpr(0)
 RECIPROCAL = tl.constexpr(1)
 CORRECTED = tl.constexpr(2)
+CORRECTED_ANY_ZERO = tl.constexpr(3)
 # Scales within which CORRECTED is exact for every quotient that can change a code (and x finite).
 CORRECTED_MIN = tl.constexpr(2.0 ** -80)
 CORRECTED_MAX = tl.constexpr(2.0 ** 100)
@@ -130,10 +136,12 @@ def _quotient(x, scale, QUOTIENT: tl.constexpr):
     """
     if QUOTIENT == RECIPROCAL:
         q = x * tl.math.div_rn(1.0, scale)
-    elif QUOTIENT == CORRECTED:
+    elif QUOTIENT == CORRECTED or QUOTIENT == CORRECTED_ANY_ZERO:
         r = tl.math.div_rn(1.0, scale)
         q0 = x * r
-        q = tl.where(x == 0.0, x, tl.fma(tl.fma(-q0, scale, x), r, q0))  # x = -0 keeps its sign
+        q = tl.fma(tl.fma(-q0, scale, x), r, q0)
+        if QUOTIENT == CORRECTED:
+            q = tl.where(x == 0.0, x, q)  # x = -0 keeps its sign (CORRECTED_ANY_ZERO: for int8, which has one zero)
     else:
         q = tl.math.div_rn(x, scale)
     return q
@@ -321,18 +329,36 @@ def _encode_register(x, scale, zp, careful, QMAX: tl.constexpr, IS_INT: tl.const
                      ONE_BLOCK: tl.constexpr):
     """_encode with the scales of _register_scales: a power-of-two scale by its reciprocal, any
     other by the corrected quotient unless the tile is careful. (Only the fp32 quotient is
-    chosen under the branch; the codes are encoded after it.) ONE_BLOCK: the program holds one
-    block of many elements (128 x 128 tiles, channels), which divides element by element: with
-    the branch, those programs ran slower on an H100 (BENCHMARKS.md)."""
+    chosen under the branch; the codes are encoded after it.) Int8 codes have one zero, so their
+    corrected quotient need not keep the sign of -0. ONE_BLOCK (see _one_block): 1 divides element
+    by element, 2 encodes under the branch; programs of one large block (128 x 128 tiles, channels)
+    ran slower with the quotient under the branch on an H100 (BENCHMARKS.md)."""
     if POW2:
-        q = _quotient(x, scale, RECIPROCAL)
-    elif ONE_BLOCK:
-        q = _quotient(x, scale, DIVIDE)
-    elif careful == 0:
-        q = _quotient(x, scale, CORRECTED)
+        bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
+                       RECIPROCAL)
+    elif ONE_BLOCK == 1:
+        bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
+                       DIVIDE)
+    elif ONE_BLOCK == 2:  # variant: the whole encoding under the branch
+        if careful == 0 and IS_INT:
+            bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
+                           CORRECTED_ANY_ZERO)
+        elif careful == 0:
+            bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
+                           CORRECTED)
+        else:
+            bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
+                           DIVIDE)
     else:
-        q = _quotient(x, scale, DIVIDE)
-    return _encode_quotient(x, q, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8)
+        if careful == 0:
+            if IS_INT:
+                q = _quotient(x, scale, CORRECTED_ANY_ZERO)
+            else:
+                q = _quotient(x, scale, CORRECTED)
+        else:
+            q = _quotient(x, scale, DIVIDE)
+        bits = _encode_quotient(x, q, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8)
+    return bits
 
 
 # ---- kernels ------------------------------------------------------------------------------
@@ -348,6 +374,7 @@ def _quantize_kernel(
     QMAX: tl.constexpr, IS_INT: tl.constexpr, ASYM: tl.constexpr, POW2: tl.constexpr, MX: tl.constexpr,
     EMAX: tl.constexpr, NBITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, BIAS: tl.constexpr,
     NAN_CODE: tl.constexpr, HW_FP8: tl.constexpr, EXACT_FP8: tl.constexpr, BF16_BITS: tl.constexpr,
+    ONE_BLOCK: tl.constexpr = 0,
 ):
     """Codes (and scales) of one [RB, TBRP, CB, TBCP] tile.
 
@@ -398,7 +425,7 @@ def _quantize_kernel(
 
     if SCALE_SRC == 0:
         bits = _encode_register(x, scale, zp, careful, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE,
-                                HW_FP8, EXACT_FP8, POW2, RB * CB == 1)
+                                HW_FP8, EXACT_FP8, POW2, ONE_BLOCK)
     elif POW2 and SCALE_SRC == 1:  # given scales need not be powers of two even when stored as E8M0
         bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
                        RECIPROCAL)
@@ -709,8 +736,20 @@ def _launch_quantize(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, 
         RB=rb, TBR=tbr, TBRP=tbrp, CB=cb, TBC=tbc, TBCP=tbcp,
         SCALE_SRC=0 if register else (1 if stats is not None else 2), BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
         DUAL=dual_out is not None,
-        PACK4=spec.element.bits == 4, BF16_BITS=_bf16_bits(v), num_warps=warps, **consts,
+        PACK4=spec.element.bits == 4, BF16_BITS=_bf16_bits(v), num_warps=warps, ONE_BLOCK=_one_block(rb, cb, consts),
+        **consts,
     )
+
+
+def _one_block(rb: int, cb: int, consts: dict) -> int:
+    """How _encode_register divides (ONE_BLOCK): 1 per element (one large block a program, or INT8
+    asym with ASYM_DIVIDES), 2 the corrected quotient with the encoding under the branch (one large
+    block a program without ONE_BLOCK_DIVIDES), 0 the corrected quotient under the branch."""
+    if consts["ASYM"] and ASYM_DIVIDES:
+        return 1
+    if rb * cb == 1:
+        return 1 if ONE_BLOCK_DIVIDES else 2
+    return 0
 
 
 def _block_stats(v, br, bc, nbr, nbc, asym):

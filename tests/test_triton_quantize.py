@@ -184,6 +184,25 @@ def test_quotients_near_code_boundaries(fmt, rng):
     check(x, QuantSpec(format=fmt, granularity="tile", tile=(128, 128)))
 
 
+VARIANT_SPECS = [QuantSpec(granularity="tile", tile=(128, 128)), QuantSpec(format="fp8_e5m2", granularity="tile", tile=(64, 64)),
+                 QuantSpec(format="int8_sym", granularity="channel", axis=0), QuantSpec(format="int8_sym"),
+                 QuantSpec(format="int8_asym"), QuantSpec(format="int8_asym", granularity="tile", tile=(128, 128))]
+
+
+def with_variant(monkeypatch, one_block_divides, asym_divides):
+    monkeypatch.setattr(triton_quantize, "ONE_BLOCK_DIVIDES", one_block_divides)
+    monkeypatch.setattr(triton_quantize, "ASYM_DIVIDES", asym_divides)
+
+
+@pytest.mark.parametrize("one_block_divides,asym_divides", [(False, False), (True, True)])
+@pytest.mark.parametrize("spec", VARIANT_SPECS, ids=str)
+def test_division_variants(spec, one_block_divides, asym_divides, rng, monkeypatch):
+    """The division variants benchmarks/quantize.py --variants times give the reference's codes too."""
+    with_variant(monkeypatch, one_block_divides, asym_divides)
+    check(random_input((300, 260), torch.bfloat16, rng), spec)
+    check(near_boundaries(spec.format.value, 128, rng), spec)
+
+
 @pytest.mark.parametrize("fmt", FP8 + ("mxfp4",))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_every_16bit_input(fmt, dtype):
@@ -314,6 +333,18 @@ def test_gpu_exact_fp8_path(spec, rng):
     """The interpreter's integer fp8 encoding, compiled, agrees too."""
     for shape in GPU_SHAPES[2:]:
         check(random_input(shape, torch.bfloat16, rng).cuda(), spec, exact_fp8=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("one_block_divides,asym_divides", [(False, False), (True, True)])
+@pytest.mark.parametrize("spec", VARIANT_SPECS, ids=str)
+def test_gpu_division_variants(spec, one_block_divides, asym_divides, rng, monkeypatch):
+    with_variant(monkeypatch, one_block_divides, asym_divides)
+    for shape in GPU_SHAPES[2:]:
+        check(random_input(shape, torch.bfloat16, rng).cuda(), spec)
+    check(near_boundaries(spec.format.value, 128, rng).cuda(), spec)
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(256, 256).cuda()
+    check(x, spec)
 
 
 @pytest.mark.gpu
