@@ -100,7 +100,8 @@ def run_main(n: int, rows: list, with_compile: bool):
     add("quantize", "peer: DeepSeek act_quant 1x128", bench(lambda: act_quant(x, y, s)), quant_bytes(x, spec))
     tao = torchao_blockwise()
     if tao is not None:
-        add("quantize", "peer: torchao 1x128 act_quant_lhs", bench(lambda: tao.triton_fp8_blockwise_act_quant_lhs(x, 128)),
+        add("quantize", "peer: torchao 1x128 act_quant_lhs",
+            bench(lambda: tao.triton_fp8_blockwise_act_quant_lhs(x, 128)),
             quant_bytes(x, spec))
         add("quantize", "peer: torchao 128x128 weight_quant_rhs",
             bench(lambda: tao.triton_fp8_blockwise_weight_quant_rhs(x, 128)), quant_bytes(x, CASES[1][1]))
@@ -137,31 +138,32 @@ def sweep_configs(n: int):
     return out
 
 
-VARIANTS = [  # (ONE_BLOCK_DIVIDES, ASYM_DIVIDES)
-    (True, False), (False, True)]
+VARIANTS = [  # (ONE_BLOCK_DIVIDES, ASYM_DIVIDES, ASYM_FINITE_ENCODE)
+    (True, False, False), (False, False, True), (True, True, False)]
 VARIANT_CASES = [CASES[1], CASES[5], CASES[6], CASES[8]]  # 128x128, int8 sym, int8 asym, int8 sym channel0
 
 
 def time_variants(n: int) -> list:
-    """The division variants of triton_quantize (ONE_BLOCK_DIVIDES, ASYM_DIVIDES), alternating, in this
+    """The division variants of triton_quantize (VARIANTS), alternating, in this
     run: x copy for the cases they change. Prints and returns rows; the defaults are restored."""
     x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16) * 3
     dst = torch.empty_like(x)
     out = []
-    defaults = triton_quantize.ONE_BLOCK_DIVIDES, triton_quantize.ASYM_DIVIDES
+    knobs = ("ONE_BLOCK_DIVIDES", "ASYM_DIVIDES", "ASYM_FINITE_ENCODE")
+    defaults = [getattr(triton_quantize, k) for k in knobs]
     for rep in range(2):
         t_copy = bench(lambda: dst.copy_(x))
         copy_gbs = 2 * x.numel() * x.element_size() / t_copy / 1e6
         for variant in VARIANTS:
-            triton_quantize.ONE_BLOCK_DIVIDES, triton_quantize.ASYM_DIVIDES = variant
+            for k, v in zip(knobs, variant):
+                setattr(triton_quantize, k, v)
             for name, spec in VARIANT_CASES:
                 ms = bench(lambda: quantize(x, spec))
                 ratio = quant_bytes(x, spec) / ms / 1e6 / copy_gbs
-                out.append(dict(n=n, rep=rep, one_block_divides=variant[0], asym_divides=variant[1], name=name,
-                                ms=ms, ratio=ratio))
-                print(f"variants rep {rep} one_block_divides={variant[0]!s:5} asym_divides={variant[1]!s:5} "
-                      f"{name:<20} {ms:7.3f} ms {ratio:6.3f} x copy", flush=True)
-    triton_quantize.ONE_BLOCK_DIVIDES, triton_quantize.ASYM_DIVIDES = defaults
+                out.append(dict(n=n, rep=rep, variant=dict(zip(knobs, variant)), name=name, ms=ms, ratio=ratio))
+                print(f"variants rep {rep} {variant} {name:<20} {ms:7.3f} ms {ratio:6.3f} x copy", flush=True)
+    for k, v in zip(knobs, defaults):
+        setattr(triton_quantize, k, v)
     return out
 
 

@@ -47,6 +47,9 @@ STATS_PROGRAMS = 2048
 # INT8 asym divides per element (else: the corrected quotient).
 ONE_BLOCK_DIVIDES = True
 ASYM_DIVIDES = False
+# INT8 asym of programs of many blocks: the corrected quotient's codes encoded under the branch,
+# for x without +-Inf (no clamp before rounding, one NaN select).
+ASYM_FINITE_ENCODE = False
 
 
 # ---- element arithmetic (shared by every kernel) -----------------------------------------
@@ -162,9 +165,16 @@ def _encode(x, scale, zp, QMAX: tl.constexpr, IS_INT: tl.constexpr, ASYM: tl.con
 @triton.jit
 def _encode_quotient(x, q, zp, QMAX: tl.constexpr, IS_INT: tl.constexpr, ASYM: tl.constexpr,
                      NBITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, BIAS: tl.constexpr,
-                     NAN_CODE: tl.constexpr, HW_FP8: tl.constexpr, EXACT_FP8: tl.constexpr):
-    """Code bits of the quotients q = x / scale (see _encode)."""
-    if IS_INT:
+                     NAN_CODE: tl.constexpr, HW_FP8: tl.constexpr, EXACT_FP8: tl.constexpr,
+                     FINITE: tl.constexpr = False):
+    """Code bits of the quotients q = x / scale (see _encode).
+
+    FINITE (int8 asym): no x is +-Inf and q = x / scale of the block's own scale, so |q| <= 2 * 128
+    or q is NaN (x NaN): no clamp before rounding, and only NaN x needs a select."""
+    if ASYM and FINITE:
+        zpi = zp.to(tl.int32)
+        bits = tl.where(x != x, zpi, tl.minimum(tl.maximum(_rint_int32(q) + zpi, -128), 127))
+    elif IS_INT:
         # int8 is the one integer format.
         if ASYM:
             zpi = zp.to(tl.int32)
@@ -346,6 +356,13 @@ def _encode_register(x, scale, zp, careful, QMAX: tl.constexpr, IS_INT: tl.const
         elif careful == 0:
             bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
                            CORRECTED)
+        else:
+            bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
+                           DIVIDE)
+    elif ONE_BLOCK == 3:  # variant: int8 asym codes of x without Inf encoded under the branch
+        if careful == 0:
+            bits = _encode_quotient(x, _quotient(x, scale, CORRECTED_ANY_ZERO), zp, QMAX, IS_INT, ASYM, NBITS, MBITS,
+                                    EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8, True)
         else:
             bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
                            DIVIDE)
@@ -744,12 +761,13 @@ def _launch_quantize(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, 
 def _one_block(rb: int, cb: int, consts: dict) -> int:
     """How _encode_register divides (ONE_BLOCK): 1 per element (one large block a program, or INT8
     asym with ASYM_DIVIDES), 2 the corrected quotient with the encoding under the branch (one large
-    block a program without ONE_BLOCK_DIVIDES), 0 the corrected quotient under the branch."""
+    block a program without ONE_BLOCK_DIVIDES), 3 INT8 asym with ASYM_FINITE_ENCODE: its codes of x
+    without Inf under the branch, 0 the corrected quotient under the branch."""
     if consts["ASYM"] and ASYM_DIVIDES:
         return 1
     if rb * cb == 1:
         return 1 if ONE_BLOCK_DIVIDES else 2
-    return 0
+    return 3 if consts["ASYM"] and ASYM_FINITE_ENCODE else 0
 
 
 def _block_stats(v, br, bc, nbr, nbc, asym):

@@ -184,14 +184,17 @@ def test_quotients_near_code_boundaries(fmt, rng):
     check(x, QuantSpec(format=fmt, granularity="tile", tile=(128, 128)))
 
 
-VARIANT_SPECS = [QuantSpec(granularity="tile", tile=(128, 128)), QuantSpec(format="fp8_e5m2", granularity="tile", tile=(64, 64)),
+VARIANT_SPECS = [QuantSpec(granularity="tile", tile=(128, 128)),
+                 QuantSpec(format="fp8_e5m2", granularity="tile", tile=(64, 64)),
                  QuantSpec(format="int8_sym", granularity="channel", axis=0), QuantSpec(format="int8_sym"),
                  QuantSpec(format="int8_asym"), QuantSpec(format="int8_asym", granularity="tile", tile=(128, 128))]
 
 
 def with_variant(monkeypatch, one_block_divides, asym_divides):
+    """The knobs benchmarks/quantize.py --variants sets: the default and the other setting of each."""
     monkeypatch.setattr(triton_quantize, "ONE_BLOCK_DIVIDES", one_block_divides)
     monkeypatch.setattr(triton_quantize, "ASYM_DIVIDES", asym_divides)
+    monkeypatch.setattr(triton_quantize, "ASYM_FINITE_ENCODE", not one_block_divides)
 
 
 @pytest.mark.parametrize("one_block_divides,asym_divides", [(False, False), (True, True)])
