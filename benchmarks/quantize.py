@@ -138,9 +138,10 @@ def sweep_configs(n: int):
     return out
 
 
-VARIANTS = [  # (ONE_BLOCK_DIVIDES, ASYM_DIVIDES, ASYM_FINITE_ENCODE)
-    (True, False, False), (False, False, True), (True, True, False)]
-VARIANT_CASES = [CASES[1], CASES[5], CASES[6], CASES[8]]  # 128x128, int8 sym, int8 asym, int8 sym channel0
+VARIANTS = [  # (ONE_BLOCK_DIVIDES, ASYM_DIVIDES, ASYM_FINITE_ENCODE, TILE_STAGES): the defaults first
+    (True, False, False, 0), (False, False, True, 0), (True, True, False, 0), (True, False, False, 2),
+    (True, False, False, 3), (False, False, True, 3)]
+VARIANT_CASES = [CASES[0], CASES[1], CASES[5], CASES[6], CASES[8]]  # 1x128, 128x128, int8 sym/asym, channel0
 
 
 def time_variants(n: int) -> list:
@@ -149,7 +150,7 @@ def time_variants(n: int) -> list:
     x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16) * 3
     dst = torch.empty_like(x)
     out = []
-    knobs = ("ONE_BLOCK_DIVIDES", "ASYM_DIVIDES", "ASYM_FINITE_ENCODE")
+    knobs = ("ONE_BLOCK_DIVIDES", "ASYM_DIVIDES", "ASYM_FINITE_ENCODE", "TILE_STAGES")
     defaults = [getattr(triton_quantize, k) for k in knobs]
     for rep in range(2):
         t_copy = bench(lambda: dst.copy_(x))

@@ -51,6 +51,7 @@ def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16"):
                       BID_COLS=True, DUAL=False, PACK4=spec.element.bits == 4, BF16_BITS=False,
                       sx_c=1, ss_c=1, **tq.element_constants(spec, exact_fp8=False))
     constexprs["ONE_BLOCK"] = tq._one_block(rb, cb, constexprs)
+    constexprs["STAGES"] = tq.TILE_STAGES
     names = tq._quantize_kernel.arg_names
     signature = {}
     for name in names:
@@ -131,12 +132,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs="+", default=[16384, 16384])
     ap.add_argument("--dump", default="/tmp/quantd-sass", help="folder for the cubins and SASS listings")
+    ap.add_argument("--stages", type=int, default=None, help="persistent programs with these load stages "
+                    "(triton_quantize.TILE_STAGES); counts are then per element of one tile")
     ap.add_argument("--common-path", action="store_true",
                     help="count a copy of the kernels without the branches for Inf/NaN and extreme scales")
     args = ap.parse_args()
     os.makedirs(args.dump, exist_ok=True)
     if args.common_path:
         tq = common_path_module(args.dump)
+    if args.stages is not None:
+        tq.TILE_STAGES = args.stages
     print(f"triton {triton.__version__}, sm_90, input bf16 {args.shape}{', common path' if args.common_path else ''}")
     builds = [(name, lambda spec=spec: compile_quantize(spec, args.shape)) for name, spec in SPECS]
     builds.append(("mxfp4, pairs kernel", compile_mxfp4_pairs))

@@ -55,7 +55,7 @@ def _dequantize_kernel(
     BF16_BITS: round to bf16 on the bits (the interpreter's fp32 -> bf16 cast truncates).
     """
     p, pid_r, pid_c, rb, i, cb, j, rows, cols, valid = _tile_coords(
-        R, C, TILES_R, TILES_C, RB, TBR, TBRP, CB, TBC, TBCP)
+        tl.program_id(0), R, C, TILES_R, TILES_C, RB, TBR, TBRP, CB, TBC, TBCP)
     q_base = codes_ptr + p.to(tl.int64) * sq_p + rows.to(tl.int64) * sq_r
     if UNPACK4:
         jb = tl.arange(0, TBCP // 2)[None, None, None, :]

@@ -50,6 +50,10 @@ ASYM_DIVIDES = False
 # INT8 asym of programs of many blocks: the corrected quotient's codes encoded under the branch,
 # for x without +-Inf (no clamp before rounding, one NaN select).
 ASYM_FINITE_ENCODE = False
+# Persistent quantize programs (also timed by --variants): 0 is one tile a program; else a program
+# loops over tiles with the loads of the next TILE_STAGES - 1 tiles in flight, PROGRAMS_PER_SM an SM.
+TILE_STAGES = 0
+PROGRAMS_PER_SM = 2
 
 
 # ---- element arithmetic (shared by every kernel) -----------------------------------------
@@ -235,14 +239,13 @@ def _encode_float(q, QMAX: tl.constexpr, NBITS: tl.constexpr, MBITS: tl.constexp
 
 
 @triton.jit
-def _tile_coords(R, C, TILES_R, TILES_C, RB: tl.constexpr, TBR: tl.constexpr, TBRP: tl.constexpr,
+def _tile_coords(pid, R, C, TILES_R, TILES_C, RB: tl.constexpr, TBR: tl.constexpr, TBRP: tl.constexpr,
                  CB: tl.constexpr, TBC: tl.constexpr, TBCP: tl.constexpr):
-    """This program's tile of RB x CB sub-tiles (TBR x TBC, padded to TBRP x TBCP) over the (P, R, C) view.
+    """Tile `pid`: RB x CB sub-tiles (TBR x TBC, padded to TBRP x TBCP) over the (P, R, C) view.
 
     Returns (p, pid_r, pid_c, rb, i, cb, j, rows, cols, valid): the 4-D [RB, TBRP, CB, TBCP] index
     pieces, the element rows and columns, and the mask of real elements.
     """
-    pid = tl.program_id(0)
     pid_c = pid % TILES_C
     pid_r = (pid // TILES_C) % TILES_R
     p = pid // (TILES_C * TILES_R)
@@ -382,7 +385,8 @@ def _encode_register(x, scale, zp, careful, QMAX: tl.constexpr, IS_INT: tl.const
 
 
 @triton.jit
-def _quantize_kernel(
+def _quantize_tile(
+    pid,
     x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr, scales_t_ptr, zp_t_ptr,
     R, C, NBR, NBC, BR, BC, TILES_R, TILES_C,
     sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, sst_r, sst_c,
@@ -405,7 +409,7 @@ def _quantize_kernel(
     block of X^T, quantized into codes_t (C, R), scales_t and zp_t from the same registers.
     """
     p, pid_r, pid_c, rb, i, cb, j, rows, cols, valid = _tile_coords(
-        R, C, TILES_R, TILES_C, RB, TBR, TBRP, CB, TBC, TBCP)
+        pid, R, C, TILES_R, TILES_C, RB, TBR, TBRP, CB, TBC, TBCP)
     x_base = x_ptr + p.to(tl.int64) * sx_p
     x = _load_fp32(x_base + rows.to(tl.int64) * sx_r + cols.to(tl.int64) * sx_c, valid, BF16_BITS)
 
@@ -476,6 +480,35 @@ def _quantize_kernel(
         rows_t = pid_r * RB + tl.arange(0, RB)[None, None, None, :]
         cols_t = (pid_c * CB + tl.arange(0, CB)[:, None, None, None]) * TBC + tl.arange(0, TBCP)[None, :, None, None]
         tl.store(codes_t_ptr + cols_t.to(tl.int64) * R + rows_t, bits_t, mask=(rows_t < R) & (cols_t < C))
+
+
+@triton.jit
+def _quantize_kernel(
+    x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr, scales_t_ptr, zp_t_ptr,
+    R, C, NBR, NBC, BR, BC, TILES_R, TILES_C,
+    sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, sst_r, sst_c,
+    RB: tl.constexpr, TBR: tl.constexpr, TBRP: tl.constexpr, CB: tl.constexpr, TBC: tl.constexpr, TBCP: tl.constexpr,
+    SCALE_SRC: tl.constexpr, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr, DUAL: tl.constexpr, PACK4: tl.constexpr,
+    QMAX: tl.constexpr, IS_INT: tl.constexpr, ASYM: tl.constexpr, POW2: tl.constexpr, MX: tl.constexpr,
+    EMAX: tl.constexpr, NBITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, BIAS: tl.constexpr,
+    NAN_CODE: tl.constexpr, HW_FP8: tl.constexpr, EXACT_FP8: tl.constexpr, BF16_BITS: tl.constexpr,
+    ONE_BLOCK: tl.constexpr = 0, NUM_TILES=1, STAGES: tl.constexpr = 0,
+):
+    """_quantize_tile of tile program_id(0) (STAGES 0), or of tiles pid, pid + programs, ... < NUM_TILES
+    with the loads of the next STAGES - 1 tiles in flight (persistent programs)."""
+    if STAGES == 0:
+        _quantize_tile(tl.program_id(0), x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr,
+                       scales_t_ptr, zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r,
+                       ss_r, ss_c, sst_r, sst_c, RB, TBR, TBRP, CB, TBC, TBCP, SCALE_SRC, BID_ROWS, BID_COLS, DUAL,
+                       PACK4, QMAX, IS_INT, ASYM, POW2, MX, EMAX, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
+                       BF16_BITS, ONE_BLOCK)
+    else:
+        for tile in tl.range(tl.program_id(0), NUM_TILES, tl.num_programs(0), num_stages=STAGES):
+            _quantize_tile(tile, x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr, scales_t_ptr,
+                           zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c,
+                           sst_r, sst_c, RB, TBR, TBRP, CB, TBC, TBCP, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, QMAX,
+                           IS_INT, ASYM, POW2, MX, EMAX, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
+                           BF16_BITS, ONE_BLOCK)
 
 
 @triton.jit
@@ -742,7 +775,9 @@ def _launch_quantize(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, 
     codes_t = scales_t = zp_t = None
     if dual_out is not None:
         codes_t, scales_t, zp_t = dual_out
-    _quantize_kernel[(P * tiles_r * tiles_c,)](
+    tiles = P * tiles_r * tiles_c
+    programs = tiles if TILE_STAGES == 0 else min(tiles, _persistent_programs(v.device))
+    _quantize_kernel[(programs,)](
         _input_view(v), codes_b, _bytes_of(grid_s), dummy if grid_zp is None else _bytes_of(grid_zp),
         dummy if stats is None else stats, dummy if given is None else given,
         dummy if codes_t is None else _bytes_of(codes_t), dummy if scales_t is None else _bytes_of(scales_t),
@@ -754,8 +789,16 @@ def _launch_quantize(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, 
         SCALE_SRC=0 if register else (1 if stats is not None else 2), BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
         DUAL=dual_out is not None,
         PACK4=spec.element.bits == 4, BF16_BITS=_bf16_bits(v), num_warps=warps, ONE_BLOCK=_one_block(rb, cb, consts),
-        **consts,
+        NUM_TILES=tiles, STAGES=TILE_STAGES, **consts,
     )
+
+
+def _persistent_programs(device) -> int:
+    """Programs of a persistent launch: PROGRAMS_PER_SM on each SM (3 under the interpreter, so that
+    programs take several tiles there too)."""
+    if device.type != "cuda":
+        return 3
+    return torch.cuda.get_device_properties(device).multi_processor_count * PROGRAMS_PER_SM
 
 
 def _one_block(rb: int, cb: int, consts: dict) -> int:

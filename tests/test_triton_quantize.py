@@ -190,20 +190,31 @@ VARIANT_SPECS = [QuantSpec(granularity="tile", tile=(128, 128)),
                  QuantSpec(format="int8_asym"), QuantSpec(format="int8_asym", granularity="tile", tile=(128, 128))]
 
 
-def with_variant(monkeypatch, one_block_divides, asym_divides):
-    """The knobs benchmarks/quantize.py --variants sets: the default and the other setting of each."""
-    monkeypatch.setattr(triton_quantize, "ONE_BLOCK_DIVIDES", one_block_divides)
-    monkeypatch.setattr(triton_quantize, "ASYM_DIVIDES", asym_divides)
-    monkeypatch.setattr(triton_quantize, "ASYM_FINITE_ENCODE", not one_block_divides)
+# Settings of the knobs benchmarks/quantize.py --variants times: each knob's other setting, and persistent
+# programs with 2 and 3 load stages.
+VARIANTS = [dict(ONE_BLOCK_DIVIDES=False, ASYM_DIVIDES=False, ASYM_FINITE_ENCODE=True, TILE_STAGES=3),
+            dict(ONE_BLOCK_DIVIDES=True, ASYM_DIVIDES=True, ASYM_FINITE_ENCODE=False, TILE_STAGES=0),
+            dict(ONE_BLOCK_DIVIDES=True, ASYM_DIVIDES=False, ASYM_FINITE_ENCODE=False, TILE_STAGES=2)]
 
 
-@pytest.mark.parametrize("one_block_divides,asym_divides", [(False, False), (True, True)])
+def with_variant(monkeypatch, variant):
+    for knob, value in variant.items():
+        monkeypatch.setattr(triton_quantize, knob, value)
+
+
+@pytest.mark.parametrize("variant", range(len(VARIANTS)))
 @pytest.mark.parametrize("spec", VARIANT_SPECS, ids=str)
-def test_division_variants(spec, one_block_divides, asym_divides, rng, monkeypatch):
-    """The division variants benchmarks/quantize.py --variants times give the reference's codes too."""
-    with_variant(monkeypatch, one_block_divides, asym_divides)
+def test_variants(spec, variant, rng, monkeypatch):
+    """The variants benchmarks/quantize.py --variants times give the reference's codes too (persistent
+    programs take several tiles each: 3 programs under the interpreter)."""
+    with_variant(monkeypatch, VARIANTS[variant])
     check(random_input((300, 260), torch.bfloat16, rng), spec)
     check(near_boundaries(spec.format.value, 128, rng), spec)
+    if spec.granularity.value == "group":
+        x = random_input((256, 384), torch.bfloat16, rng)
+        rows, cols = quantize_dual(x, spec)
+        assert_same_qt(rows, reference_quantize(x, spec))
+        assert_same_qt(cols, reference_quantize(x.T.contiguous(), spec))
 
 
 @pytest.mark.parametrize("fmt", FP8 + ("mxfp4",))
@@ -339,10 +350,10 @@ def test_gpu_exact_fp8_path(spec, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("one_block_divides,asym_divides", [(False, False), (True, True)])
-@pytest.mark.parametrize("spec", VARIANT_SPECS, ids=str)
-def test_gpu_division_variants(spec, one_block_divides, asym_divides, rng, monkeypatch):
-    with_variant(monkeypatch, one_block_divides, asym_divides)
+@pytest.mark.parametrize("variant", range(len(VARIANTS)))
+@pytest.mark.parametrize("spec", VARIANT_SPECS + [QuantSpec(), QuantSpec(format="mxfp8")], ids=str)
+def test_gpu_variants(spec, variant, rng, monkeypatch):
+    with_variant(monkeypatch, VARIANTS[variant])
     for shape in GPU_SHAPES[2:]:
         check(random_input(shape, torch.bfloat16, rng).cuda(), spec)
     check(near_boundaries(spec.format.value, 128, rng).cuda(), spec)
