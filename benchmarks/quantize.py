@@ -159,10 +159,16 @@ def time_variants(n: int) -> list:
             for k, v in zip(knobs, variant):
                 setattr(triton_quantize, k, v)
             for name, spec in VARIANT_CASES:
-                ms = bench(lambda: quantize(x, spec))
-                ratio = quant_bytes(x, spec) / ms / 1e6 / copy_gbs
-                out.append(dict(n=n, rep=rep, variant=dict(zip(knobs, variant)), name=name, ms=ms, ratio=ratio))
-                print(f"variants rep {rep} {variant} {name:<20} {ms:7.3f} ms {ratio:6.3f} x copy", flush=True)
+                qt = quantize(x, spec)
+                out_bytes = x.numel() * 2 + quant_bytes(x, spec) - x.numel() * x.element_size()
+                for op, fn, nbytes in (("quantize", lambda: quantize(x, spec), quant_bytes(x, spec)),
+                                       ("dequantize", lambda: dequantize(qt, torch.bfloat16), out_bytes)):
+                    ms = bench(fn)
+                    ratio = nbytes / ms / 1e6 / copy_gbs
+                    out.append(dict(n=n, rep=rep, variant=dict(zip(knobs, variant)), op=op, name=name, ms=ms,
+                                    ratio=ratio))
+                    print(f"variants rep {rep} {variant} {op:<10} {name:<20} {ms:7.3f} ms {ratio:6.3f} x copy",
+                          flush=True)
     for k, v in zip(knobs, defaults):
         setattr(triton_quantize, k, v)
     return out

@@ -50,8 +50,9 @@ ASYM_DIVIDES = False
 # INT8 asym of programs of many blocks: the corrected quotient's codes encoded under the branch,
 # for x without +-Inf (no clamp before rounding, one NaN select).
 ASYM_FINITE_ENCODE = False
-# Persistent quantize programs (also timed by --variants): 0 is one tile a program; else a program
-# loops over tiles with the loads of the next TILE_STAGES - 1 tiles in flight, PROGRAMS_PER_SM an SM.
+# Persistent quantize and dequantize programs (also timed by --variants): 0 is one tile a program;
+# else a program loops over tiles with the loads of the next TILE_STAGES - 1 tiles in flight,
+# PROGRAMS_PER_SM an SM.
 TILE_STAGES = 0
 PROGRAMS_PER_SM = 2
 

@@ -16,7 +16,9 @@ from quantd.kernels import dispatch, reference
 from quantd.kernels.spec import QuantSpec
 from quantd.kernels import triton_quantize
 from quantd.kernels.triton_quantize import quantize, quantize_dual
-from triton_cases import (DTYPES, FP8, all_specs, assert_same_qt, random_input, reference_quantize)
+from quantd.kernels.triton_dequantize import dequantize
+from triton_cases import (DTYPES, FP8, all_specs, assert_same_qt, assert_same_values, random_input,
+                         reference_quantize)
 
 SPECS = all_specs()
 SPEC_IDS = [i for i, _ in SPECS]
@@ -208,8 +210,11 @@ def test_variants(spec, variant, rng, monkeypatch):
     """The variants benchmarks/quantize.py --variants times give the reference's codes too (persistent
     programs take several tiles each: 3 programs under the interpreter)."""
     with_variant(monkeypatch, VARIANTS[variant])
-    check(random_input((300, 260), torch.bfloat16, rng), spec)
+    x = random_input((300, 260), torch.bfloat16, rng)
+    check(x, spec)
     check(near_boundaries(spec.format.value, 128, rng), spec)
+    qt = reference_quantize(x, spec)
+    assert_same_values(dequantize(qt, torch.float32), reference.dequantize(qt, torch.float32))
     if spec.granularity.value == "group":
         x = random_input((256, 384), torch.bfloat16, rng)
         rows, cols = quantize_dual(x, spec)
@@ -355,7 +360,11 @@ def test_gpu_exact_fp8_path(spec, rng):
 def test_gpu_variants(spec, variant, rng, monkeypatch):
     with_variant(monkeypatch, VARIANTS[variant])
     for shape in GPU_SHAPES[2:]:
-        check(random_input(shape, torch.bfloat16, rng).cuda(), spec)
+        x = random_input(shape, torch.bfloat16, rng).cuda()
+        check(x, spec)
+        qt = quantize(x, spec)
+        assert_same_values(dequantize(qt, torch.float32).cpu(),
+                           reference.dequantize(triton_quantize._to_device(qt, "cpu"), torch.float32))
     check(near_boundaries(spec.format.value, 128, rng).cuda(), spec)
     x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(256, 256).cuda()
     check(x, spec)
