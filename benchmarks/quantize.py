@@ -141,7 +141,7 @@ def sweep_configs(n: int):
 VARIANTS = [  # (ONE_BLOCK_DIVIDES, ASYM_DIVIDES, ASYM_FINITE_ENCODE, TILE_STAGES): the defaults first
     (True, False, False, 0), (False, False, True, 0), (True, True, False, 0), (True, False, False, 2),
     (True, False, False, 3), (False, False, True, 3)]
-VARIANT_CASES = [CASES[0], CASES[1], CASES[5], CASES[6], CASES[8]]  # 1x128, 128x128, int8 sym/asym, channel0
+VARIANT_CASES = [CASES[0], CASES[1], CASES[4], CASES[5], CASES[6], CASES[8]]  # + mxfp4, int8 sym/asym, channel0
 
 
 def time_variants(n: int) -> list:

@@ -72,7 +72,8 @@ def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16"):
 def compile_mxfp4_pairs():
     """(compiled kernel, elements a thread handles) of the MXFP4 pairs kernel on bf16 input."""
     fn = tq._mxfp4_pairs_kernel
-    constexprs = dict(ROWS=tq.PAIRS_ROWS, GROUPS=tq.PAIRS_GROUPS, FP16=False, EMAX=E2M1.emax, ss_c=1)
+    constexprs = dict(ROWS=tq.PAIRS_ROWS, GROUPS=tq.PAIRS_GROUPS, FP16=False, EMAX=E2M1.emax, ss_c=1,
+                      STAGES=tq.TILE_STAGES)
     signature = {n: "constexpr" if n in constexprs else "*i32" if n == "w_ptr" else "*u8" if n.endswith("_ptr")
                  else "i32" for n in fn.arg_names}
     kernel = compile_sm90(fn, signature, constexprs, {"C2", "sw_r"}, tq.PAIRS_WARPS)

@@ -50,7 +50,7 @@ ASYM_DIVIDES = False
 # INT8 asym of programs of many blocks: the corrected quotient's codes encoded under the branch,
 # for x without +-Inf (no clamp before rounding, one NaN select).
 ASYM_FINITE_ENCODE = False
-# Persistent quantize and dequantize programs (also timed by --variants): 0 is one tile a program;
+# Persistent quantize (MXFP4 pairs too) and dequantize programs (also timed by --variants): 0 is one tile a program;
 # else a program loops over tiles with the loads of the next TILE_STAGES - 1 tiles in flight,
 # PROGRAMS_PER_SM an SM.
 TILE_STAGES = 0
@@ -575,14 +575,13 @@ def _block_stats_kernel(
 
 
 @triton.jit
-def _mxfp4_pairs_kernel(w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c,
-                        ROWS: tl.constexpr, GROUPS: tl.constexpr, FP16: tl.constexpr, EMAX: tl.constexpr):
+def _mxfp4_pairs_tile(pid, w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c,
+                      ROWS: tl.constexpr, GROUPS: tl.constexpr, FP16: tl.constexpr, EMAX: tl.constexpr):
     """MXFP4 codes of a 16-bit (R, 2 * C2) matrix read as int32 pairs of elements: each word's two
     codes make one byte (element 2i in the low nibble) without reshaping registers.
 
-    A program takes ROWS rows x GROUPS MX blocks of 16 words each.
+    Tile `pid`: ROWS rows x GROUPS MX blocks of 16 words each.
     """
-    pid = tl.program_id(0)
     tiles_c = tl.cdiv(C2, GROUPS * 16)
     pr = pid // tiles_c
     pc = pid % tiles_c
@@ -605,6 +604,19 @@ def _mxfp4_pairs_kernel(w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c,
     tl.store(scales_ptr + r.to(tl.int64) * ss_r + g * ss_c, _stored_scale(scale, True), mask=(r < R) & (g * 16 < C2))
     packed = (_e2m1(_quotient(lo, scale, RECIPROCAL)) & 0xF) | ((_e2m1(_quotient(hi, scale, RECIPROCAL)) & 0xF) << 4)
     tl.store(codes_ptr + r.to(tl.int64) * C2 + k, packed.to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _mxfp4_pairs_kernel(w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c, NUM_TILES,
+                        ROWS: tl.constexpr, GROUPS: tl.constexpr, FP16: tl.constexpr, EMAX: tl.constexpr,
+                        STAGES: tl.constexpr = 0):
+    """_mxfp4_pairs_tile of tile program_id(0) (STAGES 0), or persistent as _quantize_kernel."""
+    if STAGES == 0:
+        _mxfp4_pairs_tile(tl.program_id(0), w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c, ROWS, GROUPS, FP16,
+                          EMAX)
+    else:
+        for tile in tl.range(tl.program_id(0), NUM_TILES, tl.num_programs(0), num_stages=STAGES):
+            _mxfp4_pairs_tile(tile, w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c, ROWS, GROUPS, FP16, EMAX)
 
 
 # ---- host side ----------------------------------------------------------------------------
@@ -757,10 +769,12 @@ def _mxfp4_pairs(v, codes, stored, spec) -> bool:
         v.view(torch.int16), (R, C), (v.stride(1), 1)).view(torch.int32)
     grid_s = _as_grid(stored, R, _cdiv(C, spec.group_size))
     c2 = C // 2
-    grid = (_cdiv(R, PAIRS_ROWS) * _cdiv(c2, PAIRS_GROUPS * 16),)
-    _mxfp4_pairs_kernel[grid](pairs, _bytes_of(codes), _bytes_of(grid_s), R, c2, pairs.stride(0),
-                              grid_s.stride(0), grid_s.stride(1), ROWS=PAIRS_ROWS, GROUPS=PAIRS_GROUPS,
-                              FP16=v.dtype == torch.float16, EMAX=spec.element.emax, num_warps=PAIRS_WARPS)
+    tiles = _cdiv(R, PAIRS_ROWS) * _cdiv(c2, PAIRS_GROUPS * 16)
+    programs = tiles if TILE_STAGES == 0 else min(tiles, _persistent_programs(v.device))
+    _mxfp4_pairs_kernel[(programs,)](pairs, _bytes_of(codes), _bytes_of(grid_s), R, c2, pairs.stride(0),
+                                     grid_s.stride(0), grid_s.stride(1), tiles, ROWS=PAIRS_ROWS, GROUPS=PAIRS_GROUPS,
+                                     FP16=v.dtype == torch.float16, EMAX=spec.element.emax, STAGES=TILE_STAGES,
+                                     num_warps=PAIRS_WARPS)
     return True
 
 
