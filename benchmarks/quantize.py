@@ -5,7 +5,7 @@ written once); every ratio is taken against the copy measured in the same run.
 Peers: torch.compile of the reference (dynamic=False), torchao's blockwise FP8 Triton quantizers
 (if importable) and a DeepSeek-style act_quant (one 128-group per program, amax / 448, x / s), written here.
 
-    python3 benchmarks/quantize.py [--out DIR] [--sweep] [--variants] [--no-compile] [--sizes N ...]
+    python3 benchmarks/quantize.py [--out DIR] [--sweep] [--no-compile] [--sizes N ...]
 
 (quantd importable: pip install -e .)
 
@@ -71,6 +71,8 @@ CASES = [  # (name, spec)
     ("int8 asym 1x128", QuantSpec(format="int8_asym")),
     ("fp8 e4m3 tensor", QuantSpec(granularity="tensor")),
     ("int8 sym channel0", QuantSpec(format="int8_sym", granularity="channel", axis=0)),
+    ("fp8 e4m3 128x128 pow2", QuantSpec(granularity="tile", tile=(128, 128), scale_encoding="pow2")),
+    ("int8 sym 128x128", QuantSpec(format="int8_sym", granularity="tile", tile=(128, 128))),
 ]
 
 
@@ -138,42 +140,6 @@ def sweep_configs(n: int):
     return out
 
 
-VARIANTS = [  # (ONE_BLOCK_DIVIDES, ASYM_DIVIDES, ASYM_FINITE_ENCODE, TILE_STAGES): the defaults first
-    (True, False, False, 0), (False, False, True, 0), (True, True, False, 0), (True, False, False, 2),
-    (True, False, False, 3), (False, False, True, 3)]
-VARIANT_CASES = [CASES[0], CASES[1], CASES[4], CASES[5], CASES[6], CASES[8]]  # + mxfp4, int8 sym/asym, channel0
-
-
-def time_variants(n: int) -> list:
-    """The division variants of triton_quantize (VARIANTS), alternating, in this
-    run: x copy for the cases they change. Prints and returns rows; the defaults are restored."""
-    x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16) * 3
-    dst = torch.empty_like(x)
-    out = []
-    knobs = ("ONE_BLOCK_DIVIDES", "ASYM_DIVIDES", "ASYM_FINITE_ENCODE", "TILE_STAGES")
-    defaults = [getattr(triton_quantize, k) for k in knobs]
-    for rep in range(2):
-        t_copy = bench(lambda: dst.copy_(x))
-        copy_gbs = 2 * x.numel() * x.element_size() / t_copy / 1e6
-        for variant in VARIANTS:
-            for k, v in zip(knobs, variant):
-                setattr(triton_quantize, k, v)
-            for name, spec in VARIANT_CASES:
-                qt = quantize(x, spec)
-                out_bytes = x.numel() * 2 + quant_bytes(x, spec) - x.numel() * x.element_size()
-                for op, fn, nbytes in (("quantize", lambda: quantize(x, spec), quant_bytes(x, spec)),
-                                       ("dequantize", lambda: dequantize(qt, torch.bfloat16), out_bytes)):
-                    ms = bench(fn)
-                    ratio = nbytes / ms / 1e6 / copy_gbs
-                    out.append(dict(n=n, rep=rep, variant=dict(zip(knobs, variant)), op=op, name=name, ms=ms,
-                                    ratio=ratio))
-                    print(f"variants rep {rep} {variant} {op:<10} {name:<20} {ms:7.3f} ms {ratio:6.3f} x copy",
-                          flush=True)
-    for k, v in zip(knobs, defaults):
-        setattr(triton_quantize, k, v)
-    return out
-
-
 def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -203,7 +169,6 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sweep", action="store_true", help="also sweep program sizes and warps")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
-    ap.add_argument("--variants", action="store_true", help="also time the division variants against each other")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384],
                     help="n of the n x n inputs (the last also runs the peers)")
     args = ap.parse_args()
@@ -213,14 +178,13 @@ def main():
     print(meta, flush=True)
     if args.sweep:
         sweep_configs(16384)
-    variants = time_variants(16384) if args.variants else []
     rows = []
     for n in args.sizes[:-1]:
         run_main(n, rows, with_compile=False)
     run_main(args.sizes[-1], rows, with_compile=not args.no_compile)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "quantize_bench.json"), "w") as f:
-        json.dump(dict(meta=meta, rows=rows, variants=variants), f, indent=1)
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
     try:
         plot(rows, os.path.join(args.out, "quantize_bandwidth.png"))
     except ImportError as e:

@@ -9,6 +9,8 @@ Prints the static SASS instruction count divided by the elements a thread handle
 frequent opcodes. Static counts include code that normal data never runs (the division's slow path,
 the branch a program takes when its amax meets an Inf or NaN); --common-path compiles a copy of the
 module without those branches, which is what a program of finite values under ordinary scales runs.
+Persistent programs (one block a program, INT8 asym) are counted over their whole loop, prologue
+included, per element of one tile.
 Counts say nothing of latency, so they are a proxy to compare variants of one kernel, not a model: on
 an H100 (BENCHMARKS.md), common path, E4M3 1x128 at ~14 ran at 1.02 x copy, INT8 sym at ~22 at 0.99,
 the 128x128 tile at ~30 (it divides per element) at 0.88, INT8 asym at ~34 at 0.63. The GPU's own
@@ -50,8 +52,7 @@ def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16"):
     constexprs = dict(RB=rb, TBR=tbr, TBRP=tbrp, CB=cb, TBC=tbc, TBCP=tbcp, SCALE_SRC=0, BID_ROWS=True,
                       BID_COLS=True, DUAL=False, PACK4=spec.element.bits == 4, BF16_BITS=False,
                       sx_c=1, ss_c=1, **tq.element_constants(spec, exact_fp8=False))
-    constexprs["ONE_BLOCK"] = tq._one_block(rb, cb, constexprs)
-    constexprs["STAGES"] = tq.TILE_STAGES
+    constexprs["ONE_BLOCK"], _, constexprs["STAGES"] = tq._schedule(rb, cb, True, False, constexprs["ASYM"])
     names = tq._quantize_kernel.arg_names
     signature = {}
     for name in names:
@@ -72,8 +73,7 @@ def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16"):
 def compile_mxfp4_pairs():
     """(compiled kernel, elements a thread handles) of the MXFP4 pairs kernel on bf16 input."""
     fn = tq._mxfp4_pairs_kernel
-    constexprs = dict(ROWS=tq.PAIRS_ROWS, GROUPS=tq.PAIRS_GROUPS, FP16=False, EMAX=E2M1.emax, ss_c=1,
-                      STAGES=tq.TILE_STAGES)
+    constexprs = dict(ROWS=tq.PAIRS_ROWS, GROUPS=tq.PAIRS_GROUPS, FP16=False, EMAX=E2M1.emax, ss_c=1)
     signature = {n: "constexpr" if n in constexprs else "*i32" if n == "w_ptr" else "*u8" if n.endswith("_ptr")
                  else "i32" for n in fn.arg_names}
     kernel = compile_sm90(fn, signature, constexprs, {"C2", "sw_r"}, tq.PAIRS_WARPS)
@@ -133,16 +133,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs="+", default=[16384, 16384])
     ap.add_argument("--dump", default="/tmp/quantd-sass", help="folder for the cubins and SASS listings")
-    ap.add_argument("--stages", type=int, default=None, help="persistent programs with these load stages "
-                    "(triton_quantize.TILE_STAGES); counts are then per element of one tile")
     ap.add_argument("--common-path", action="store_true",
                     help="count a copy of the kernels without the branches for Inf/NaN and extreme scales")
     args = ap.parse_args()
     os.makedirs(args.dump, exist_ok=True)
     if args.common_path:
         tq = common_path_module(args.dump)
-    if args.stages is not None:
-        tq.TILE_STAGES = args.stages
     print(f"triton {triton.__version__}, sm_90, input bf16 {args.shape}{', common path' if args.common_path else ''}")
     builds = [(name, lambda spec=spec: compile_quantize(spec, args.shape)) for name, spec in SPECS]
     builds.append(("mxfp4, pairs kernel", compile_mxfp4_pairs))

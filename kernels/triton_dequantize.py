@@ -14,9 +14,8 @@ import triton
 import triton.language as tl
 
 from .spec import E2M1, QuantizedTensor, ScaleEncoding, _cdiv
-from . import triton_quantize
-from .triton_quantize import (MAX_REGISTER_BLOCK, _as_grid, _block_ids, _bytes_of, _persistent_programs, _pow2,
-                              _pow2_ceil, _tile_coords, _tile_geometry, _warps, block_geometry, interpreting)
+from .triton_quantize import (MAX_REGISTER_BLOCK, _block_ids, _tile_coords, _as_grid, _bytes_of, _pow2, _pow2_ceil, _tile_geometry, _warps,
+                              block_geometry, interpreting)
 
 
 @triton.jit
@@ -39,8 +38,7 @@ def _decode_minifloat(b, NBITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.con
 
 
 @triton.jit
-def _dequantize_tile(
-    pid,
+def _dequantize_kernel(
     codes_ptr, scales_ptr, zp_ptr, out_ptr,
     R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sq_p, sq_r, ss_r, ss_c,
     RB: tl.constexpr, TBR: tl.constexpr, TBRP: tl.constexpr, CB: tl.constexpr, TBC: tl.constexpr, TBCP: tl.constexpr,
@@ -57,7 +55,7 @@ def _dequantize_tile(
     BF16_BITS: round to bf16 on the bits (the interpreter's fp32 -> bf16 cast truncates).
     """
     p, pid_r, pid_c, rb, i, cb, j, rows, cols, valid = _tile_coords(
-        pid, R, C, TILES_R, TILES_C, RB, TBR, TBRP, CB, TBC, TBCP)
+        tl.program_id(0), R, C, TILES_R, TILES_C, RB, TBR, TBRP, CB, TBC, TBCP)
     q_base = codes_ptr + p.to(tl.int64) * sq_p + rows.to(tl.int64) * sq_r
     if UNPACK4:
         jb = tl.arange(0, TBCP // 2)[None, None, None, :]
@@ -93,29 +91,6 @@ def _dequantize_tile(
         b = out.to(tl.int32, bitcast=True)
         out = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).to(tl.int16)
     tl.store(o_base + cols, out.to(out_ptr.dtype.element_ty), mask=valid)
-
-
-@triton.jit
-def _dequantize_kernel(
-    codes_ptr, scales_ptr, zp_ptr, out_ptr,
-    R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sq_p, sq_r, ss_r, ss_c,
-    RB: tl.constexpr, TBR: tl.constexpr, TBRP: tl.constexpr, CB: tl.constexpr, TBC: tl.constexpr, TBCP: tl.constexpr,
-    BLOCKED: tl.constexpr, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr, UNPACK4: tl.constexpr,
-    DECODE_BITS: tl.constexpr, POW2: tl.constexpr, ASYM: tl.constexpr,
-    NBITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, SPECIALS: tl.constexpr,
-    BF16_BITS: tl.constexpr, NUM_TILES=1, STAGES: tl.constexpr = 0,
-):
-    """_dequantize_tile of tile program_id(0) (STAGES 0), or of tiles pid, pid + programs, ... < NUM_TILES
-    with the loads of the next STAGES - 1 tiles in flight (persistent programs)."""
-    if STAGES == 0:
-        _dequantize_tile(tl.program_id(0), codes_ptr, scales_ptr, zp_ptr, out_ptr, R, C, NBR, NBC, BR, BC, TILES_R,
-                         TILES_C, sq_p, sq_r, ss_r, ss_c, RB, TBR, TBRP, CB, TBC, TBCP, BLOCKED, BID_ROWS, BID_COLS,
-                         UNPACK4, DECODE_BITS, POW2, ASYM, NBITS, EBITS, MBITS, BIAS, SPECIALS, BF16_BITS)
-    else:
-        for tile in tl.range(tl.program_id(0), NUM_TILES, tl.num_programs(0), num_stages=STAGES):
-            _dequantize_tile(tile, codes_ptr, scales_ptr, zp_ptr, out_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C,
-                             sq_p, sq_r, ss_r, ss_c, RB, TBR, TBRP, CB, TBC, TBCP, BLOCKED, BID_ROWS, BID_COLS, UNPACK4,
-                             DECODE_BITS, POW2, ASYM, NBITS, EBITS, MBITS, BIAS, SPECIALS, BF16_BITS)
 
 
 def _specials(el) -> int:
@@ -160,18 +135,16 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
     rb, tbr, tbrp, cb, tbc, tbcp, _ = _tile_geometry(br, bc, R, C, blocked)
     warps = _warps(rb * tbrp * cb * tbcp)
     tiles_r, tiles_c = _cdiv(R, rb * tbr), _cdiv(C, cb * tbc)
-    tiles = P * tiles_r * tiles_c
-    stages = triton_quantize.TILE_STAGES
     ccols = (C + 1) // 2 if el is E2M1 else C
     bf16_bits = interpreting() and out_dtype == torch.bfloat16
-    _dequantize_kernel[(tiles if stages == 0 else min(tiles, _persistent_programs(out.device)),)](
+    _dequantize_kernel[(P * tiles_r * tiles_c,)](
         codes, scales, scales if zps is None else zps, out.view(torch.int16) if bf16_bits else out,
         R, C, nbr, nbc, br, bc, tiles_r, tiles_c, R * ccols, ccols, scales.stride(0), scales.stride(1),
         RB=rb, TBR=tbr, TBRP=tbrp, CB=cb, TBC=tbc, TBCP=tbcp, BLOCKED=blocked, BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
         UNPACK4=el is E2M1,
         DECODE_BITS=decode_bits, POW2=pow2, ASYM=zps is not None,
         NBITS=el.bits, EBITS=el.ebits, MBITS=el.mbits, BIAS=el.bias, SPECIALS=_specials(el),
-        BF16_BITS=bf16_bits, NUM_TILES=tiles, STAGES=stages, num_warps=warps,
+        BF16_BITS=bf16_bits, num_warps=warps,
     )
     return out
 

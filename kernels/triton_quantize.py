@@ -42,19 +42,14 @@ TILE_ELEMS = 8192
 TILE_WARPS = None
 # Programs the statistics pass aims at where it can loop (a few waves of the largest GPUs).
 STATS_PROGRAMS = 2048
-# Division variants to time against each other (benchmarks/quantize.py --variants): programs of one
-# large block divide per element (else: the corrected quotient, encoded under the careful branch);
-# INT8 asym divides per element (else: the corrected quotient).
-ONE_BLOCK_DIVIDES = True
-ASYM_DIVIDES = False
-# INT8 asym of programs of many blocks: the corrected quotient's codes encoded under the branch,
-# for x without +-Inf (no clamp before rounding, one NaN select).
-ASYM_FINITE_ENCODE = False
-# Persistent quantize (MXFP4 pairs too) and dequantize programs (also timed by --variants): 0 is one tile a program;
-# else a program loops over tiles with the loads of the next TILE_STAGES - 1 tiles in flight,
-# PROGRAMS_PER_SM an SM.
-TILE_STAGES = 0
-PROGRAMS_PER_SM = 2
+# Persistent quantize programs: where a program's registers wait on a reduction over the whole tile
+# (one large block a program: 128 x 128 tiles, channels) or its encoding is long (INT8 asym), each
+# program loops over tiles with the loads of the next PERSISTENT_STAGES - 1 tiles in flight
+# (cp.async), ONE_BLOCK_PROGRAMS / ASYM_PROGRAMS an SM. Other programs take one tile each, which
+# ran faster for them (H100, BENCHMARKS.md).
+PERSISTENT_STAGES = 3
+ONE_BLOCK_PROGRAMS = 1
+ASYM_PROGRAMS = 2
 
 
 # ---- element arithmetic (shared by every kernel) -----------------------------------------
@@ -337,45 +332,42 @@ def _register_scales(x, COLUMNS: tl.constexpr, QMAX: tl.constexpr, ASYM: tl.cons
 
 
 @triton.jit
+def _encode_careless(x, scale, zp, QMAX: tl.constexpr, IS_INT: tl.constexpr, ASYM: tl.constexpr,
+                     NBITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, BIAS: tl.constexpr,
+                     NAN_CODE: tl.constexpr, HW_FP8: tl.constexpr, EXACT_FP8: tl.constexpr):
+    """Codes of a tile that is not careful (see _register_scales): the corrected quotient (int8, with
+    one zero, need not keep the sign of -0); INT8 asym without the clamp before rounding (x finite)."""
+    if IS_INT:
+        bits = _encode_quotient(x, _quotient(x, scale, CORRECTED_ANY_ZERO), zp, QMAX, IS_INT, ASYM, NBITS, MBITS,
+                                EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8, ASYM)
+    else:
+        bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
+                       CORRECTED)
+    return bits
+
+
+@triton.jit
 def _encode_register(x, scale, zp, careful, QMAX: tl.constexpr, IS_INT: tl.constexpr, ASYM: tl.constexpr,
                      NBITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, BIAS: tl.constexpr,
-                     NAN_CODE: tl.constexpr, HW_FP8: tl.constexpr, EXACT_FP8: tl.constexpr, POW2: tl.constexpr,
-                     ONE_BLOCK: tl.constexpr):
-    """_encode with the scales of _register_scales: a power-of-two scale by its reciprocal, any
-    other by the corrected quotient unless the tile is careful. (Only the fp32 quotient is
-    chosen under the branch; the codes are encoded after it.) Int8 codes have one zero, so their
-    corrected quotient need not keep the sign of -0. ONE_BLOCK (see _one_block): 1 divides element
-    by element, 2 encodes under the branch; programs of one large block (128 x 128 tiles, channels)
-    ran slower with the quotient under the branch on an H100 (BENCHMARKS.md)."""
+                     NAN_CODE: tl.constexpr, HW_FP8: tl.constexpr, EXACT_FP8: tl.constexpr, POW2: tl.constexpr):
+    """_encode with the scales of _register_scales of a tile of many blocks: a power-of-two scale by
+    its reciprocal, any other by the corrected quotient unless the tile is careful. Only the fp32
+    quotient is chosen under the branch and encoded after it (int8 sym too: without the select that
+    keeps -0 it ran slower on an H100, BENCHMARKS.md), except for INT8 asym, whose codes are encoded
+    under it (_encode_careless). Programs of one block branch around the store too (_quantize_tile)."""
     if POW2:
         bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
                        RECIPROCAL)
-    elif ONE_BLOCK == 1:
-        bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
-                       DIVIDE)
-    elif ONE_BLOCK == 2:  # variant: the whole encoding under the branch
-        if careful == 0 and IS_INT:
-            bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
-                           CORRECTED_ANY_ZERO)
-        elif careful == 0:
-            bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
-                           CORRECTED)
-        else:
-            bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
-                           DIVIDE)
-    elif ONE_BLOCK == 3:  # variant: int8 asym codes of x without Inf encoded under the branch
+    elif ASYM:
         if careful == 0:
-            bits = _encode_quotient(x, _quotient(x, scale, CORRECTED_ANY_ZERO), zp, QMAX, IS_INT, ASYM, NBITS, MBITS,
-                                    EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8, True)
+            bits = _encode_careless(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8,
+                                    EXACT_FP8)
         else:
             bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
                            DIVIDE)
     else:
         if careful == 0:
-            if IS_INT:
-                q = _quotient(x, scale, CORRECTED_ANY_ZERO)
-            else:
-                q = _quotient(x, scale, CORRECTED)
+            q = _quotient(x, scale, CORRECTED)
         else:
             q = _quotient(x, scale, DIVIDE)
         bits = _encode_quotient(x, q, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8)
@@ -383,6 +375,23 @@ def _encode_register(x, scale, zp, careful, QMAX: tl.constexpr, IS_INT: tl.const
 
 
 # ---- kernels ------------------------------------------------------------------------------
+
+
+@triton.jit
+def _store_codes(bits, codes_ptr, p, rows, cols, valid, pid_c, cb, R, sq_p, sq_r, RB: tl.constexpr,
+                 TBRP: tl.constexpr, CB: tl.constexpr, TBC: tl.constexpr, TBCP: tl.constexpr, PACK4: tl.constexpr):
+    """Store a tile's code bits, contiguous over (P, R, C) (PACK4: two nibbles a byte along C)."""
+    q_base = codes_ptr + p.to(tl.int64) * sq_p + rows.to(tl.int64) * sq_r
+    if PACK4:
+        # Element 2i in the low nibble: shift odd elements up and add the pairs (disjoint bits).
+        nib = tl.reshape(bits & 0xF, [RB, TBRP, CB, TBCP // 2, 2]) << (4 * tl.arange(0, 2))[None, None, None, None, :]
+        packed = tl.sum(nib, axis=4)
+        jb = tl.arange(0, TBCP // 2)[None, None, None, :]
+        bcols = (pid_c * CB + cb) * (TBC // 2) + jb
+        bmask = (rows < R) & (bcols < sq_r)  # sq_r = ceil(C / 2) code bytes a row
+        tl.store(q_base + bcols, packed.to(tl.uint8), mask=bmask)
+    else:
+        tl.store(q_base + cols, bits.to(tl.uint8), mask=valid)
 
 
 @triton.jit
@@ -408,6 +417,7 @@ def _quantize_tile(
     Codes are written contiguously over (P, R, C) (PACK4: two nibbles a byte along C).
     DUAL (1 x TBC row groups, RB = TBC rows a program): each column of the tile is also a
     block of X^T, quantized into codes_t (C, R), scales_t and zp_t from the same registers.
+    ONE_BLOCK: the tile is one block (SCALE_SRC 0, RB = CB = 1).
     """
     p, pid_r, pid_c, rb, i, cb, j, rows, cols, valid = _tile_coords(
         pid, R, C, TILES_R, TILES_C, RB, TBR, TBRP, CB, TBC, TBCP)
@@ -445,26 +455,28 @@ def _quantize_tile(
             if ASYM:
                 tl.store(zp_ptr + soff, zp.to(tl.int32).to(tl.uint8), mask=origin)
 
-    if SCALE_SRC == 0:
-        bits = _encode_register(x, scale, zp, careful, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE,
-                                HW_FP8, EXACT_FP8, POW2, ONE_BLOCK)
-    elif POW2 and SCALE_SRC == 1:  # given scales need not be powers of two even when stored as E8M0
-        bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
-                       RECIPROCAL)
+    if SCALE_SRC == 0 and ONE_BLOCK and not POW2:
+        # One block a program: the codes are encoded and stored under the branch (faster on an H100
+        # than a store after it, and the form that matched the reference there: BENCHMARKS.md).
+        if careful == 0:
+            bits = _encode_careless(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8,
+                                    EXACT_FP8)
+            _store_codes(bits, codes_ptr, p, rows, cols, valid, pid_c, cb, R, sq_p, sq_r, RB, TBRP, CB, TBC, TBCP, PACK4)
+        else:
+            bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
+                           DIVIDE)
+            _store_codes(bits, codes_ptr, p, rows, cols, valid, pid_c, cb, R, sq_p, sq_r, RB, TBRP, CB, TBC, TBCP, PACK4)
     else:
-        bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
-                       DIVIDE)
-    q_base = codes_ptr + p.to(tl.int64) * sq_p + rows.to(tl.int64) * sq_r
-    if PACK4:
-        # Element 2i in the low nibble: shift odd elements up and add the pairs (disjoint bits).
-        nib = tl.reshape(bits & 0xF, [RB, TBRP, CB, TBCP // 2, 2]) << (4 * tl.arange(0, 2))[None, None, None, None, :]
-        packed = tl.sum(nib, axis=4)
-        jb = tl.arange(0, TBCP // 2)[None, None, None, :]
-        bcols = (pid_c * CB + cb) * (TBC // 2) + jb
-        bmask = (rows < R) & (bcols < sq_r)  # sq_r = ceil(C / 2) code bytes a row
-        tl.store(q_base + bcols, packed.to(tl.uint8), mask=bmask)
-    else:
-        tl.store(q_base + cols, bits.to(tl.uint8), mask=valid)
+        if SCALE_SRC == 0:
+            bits = _encode_register(x, scale, zp, careful, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE,
+                                    HW_FP8, EXACT_FP8, POW2)
+        elif POW2 and SCALE_SRC == 1:  # given scales need not be powers of two even when stored as E8M0
+            bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
+                           RECIPROCAL)
+        else:
+            bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
+                           DIVIDE)
+        _store_codes(bits, codes_ptr, p, rows, cols, valid, pid_c, cb, R, sq_p, sq_r, RB, TBRP, CB, TBC, TBCP, PACK4)
 
     if DUAL:
         # The column-wise copy: each column of the RB rows (one group of X^T) shares a scale.
@@ -475,7 +487,7 @@ def _quantize_tile(
         if ASYM:
             tl.store(zp_t_ptr + st_off, zp_t.to(tl.int32).to(tl.uint8), mask=cmask)
         bits_t = _encode_register(x, scale_t, zp_t, careful_t, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE,
-                                  HW_FP8, EXACT_FP8, POW2, False)
+                                  HW_FP8, EXACT_FP8, POW2)
         # Transposed in registers so that the stores run along X^T's rows.
         bits_t = tl.permute(bits_t.to(tl.uint8), (2, 3, 1, 0))  # [CB, TBCP, 1, RB]
         rows_t = pid_r * RB + tl.arange(0, RB)[None, None, None, :]
@@ -575,13 +587,14 @@ def _block_stats_kernel(
 
 
 @triton.jit
-def _mxfp4_pairs_tile(pid, w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c,
-                      ROWS: tl.constexpr, GROUPS: tl.constexpr, FP16: tl.constexpr, EMAX: tl.constexpr):
+def _mxfp4_pairs_kernel(w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c,
+                        ROWS: tl.constexpr, GROUPS: tl.constexpr, FP16: tl.constexpr, EMAX: tl.constexpr):
     """MXFP4 codes of a 16-bit (R, 2 * C2) matrix read as int32 pairs of elements: each word's two
     codes make one byte (element 2i in the low nibble) without reshaping registers.
 
-    Tile `pid`: ROWS rows x GROUPS MX blocks of 16 words each.
+    A program takes ROWS rows x GROUPS MX blocks of 16 words each.
     """
+    pid = tl.program_id(0)
     tiles_c = tl.cdiv(C2, GROUPS * 16)
     pr = pid // tiles_c
     pc = pid % tiles_c
@@ -604,19 +617,6 @@ def _mxfp4_pairs_tile(pid, w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c
     tl.store(scales_ptr + r.to(tl.int64) * ss_r + g * ss_c, _stored_scale(scale, True), mask=(r < R) & (g * 16 < C2))
     packed = (_e2m1(_quotient(lo, scale, RECIPROCAL)) & 0xF) | ((_e2m1(_quotient(hi, scale, RECIPROCAL)) & 0xF) << 4)
     tl.store(codes_ptr + r.to(tl.int64) * C2 + k, packed.to(tl.uint8), mask=mask)
-
-
-@triton.jit
-def _mxfp4_pairs_kernel(w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c, NUM_TILES,
-                        ROWS: tl.constexpr, GROUPS: tl.constexpr, FP16: tl.constexpr, EMAX: tl.constexpr,
-                        STAGES: tl.constexpr = 0):
-    """_mxfp4_pairs_tile of tile program_id(0) (STAGES 0), or persistent as _quantize_kernel."""
-    if STAGES == 0:
-        _mxfp4_pairs_tile(tl.program_id(0), w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c, ROWS, GROUPS, FP16,
-                          EMAX)
-    else:
-        for tile in tl.range(tl.program_id(0), NUM_TILES, tl.num_programs(0), num_stages=STAGES):
-            _mxfp4_pairs_tile(tile, w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c, ROWS, GROUPS, FP16, EMAX)
 
 
 # ---- host side ----------------------------------------------------------------------------
@@ -769,12 +769,10 @@ def _mxfp4_pairs(v, codes, stored, spec) -> bool:
         v.view(torch.int16), (R, C), (v.stride(1), 1)).view(torch.int32)
     grid_s = _as_grid(stored, R, _cdiv(C, spec.group_size))
     c2 = C // 2
-    tiles = _cdiv(R, PAIRS_ROWS) * _cdiv(c2, PAIRS_GROUPS * 16)
-    programs = tiles if TILE_STAGES == 0 else min(tiles, _persistent_programs(v.device))
-    _mxfp4_pairs_kernel[(programs,)](pairs, _bytes_of(codes), _bytes_of(grid_s), R, c2, pairs.stride(0),
-                                     grid_s.stride(0), grid_s.stride(1), tiles, ROWS=PAIRS_ROWS, GROUPS=PAIRS_GROUPS,
-                                     FP16=v.dtype == torch.float16, EMAX=spec.element.emax, STAGES=TILE_STAGES,
-                                     num_warps=PAIRS_WARPS)
+    grid = (_cdiv(R, PAIRS_ROWS) * _cdiv(c2, PAIRS_GROUPS * 16),)
+    _mxfp4_pairs_kernel[grid](pairs, _bytes_of(codes), _bytes_of(grid_s), R, c2, pairs.stride(0),
+                              grid_s.stride(0), grid_s.stride(1), ROWS=PAIRS_ROWS, GROUPS=PAIRS_GROUPS,
+                              FP16=v.dtype == torch.float16, EMAX=spec.element.emax, num_warps=PAIRS_WARPS)
     return True
 
 
@@ -791,7 +789,8 @@ def _launch_quantize(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, 
     if dual_out is not None:
         codes_t, scales_t, zp_t = dual_out
     tiles = P * tiles_r * tiles_c
-    programs = tiles if TILE_STAGES == 0 else min(tiles, _persistent_programs(v.device))
+    one_block, per_sm, stages = _schedule(rb, cb, register, dual_out is not None, consts["ASYM"])
+    programs = min(tiles, _persistent_programs(v.device, per_sm)) if per_sm else tiles
     _quantize_kernel[(programs,)](
         _input_view(v), codes_b, _bytes_of(grid_s), dummy if grid_zp is None else _bytes_of(grid_zp),
         dummy if stats is None else stats, dummy if given is None else given,
@@ -803,29 +802,25 @@ def _launch_quantize(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, 
         RB=rb, TBR=tbr, TBRP=tbrp, CB=cb, TBC=tbc, TBCP=tbcp,
         SCALE_SRC=0 if register else (1 if stats is not None else 2), BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
         DUAL=dual_out is not None,
-        PACK4=spec.element.bits == 4, BF16_BITS=_bf16_bits(v), num_warps=warps, ONE_BLOCK=_one_block(rb, cb, consts),
-        NUM_TILES=tiles, STAGES=TILE_STAGES, **consts,
+        PACK4=spec.element.bits == 4, BF16_BITS=_bf16_bits(v), num_warps=warps, ONE_BLOCK=one_block,
+        NUM_TILES=tiles, STAGES=stages, **consts,
     )
 
 
-def _persistent_programs(device) -> int:
-    """Programs of a persistent launch: PROGRAMS_PER_SM on each SM (3 under the interpreter, so that
-    programs take several tiles there too)."""
+def _schedule(rb: int, cb: int, register: bool, dual: bool, asym: bool):
+    """(ONE_BLOCK, programs an SM of a persistent launch or 0, STAGES) of a quantize launch (see
+    PERSISTENT_STAGES)."""
+    one_block = register and not dual and rb * cb == 1
+    per_sm = ONE_BLOCK_PROGRAMS if one_block else ASYM_PROGRAMS if register and not dual and asym else 0
+    return one_block, per_sm, PERSISTENT_STAGES if per_sm else 0
+
+
+def _persistent_programs(device, per_sm: int) -> int:
+    """Programs of a persistent launch: per_sm on each SM (3 under the interpreter, so that programs
+    take several tiles there too)."""
     if device.type != "cuda":
         return 3
-    return torch.cuda.get_device_properties(device).multi_processor_count * PROGRAMS_PER_SM
-
-
-def _one_block(rb: int, cb: int, consts: dict) -> int:
-    """How _encode_register divides (ONE_BLOCK): 1 per element (one large block a program, or INT8
-    asym with ASYM_DIVIDES), 2 the corrected quotient with the encoding under the branch (one large
-    block a program without ONE_BLOCK_DIVIDES), 3 INT8 asym with ASYM_FINITE_ENCODE: its codes of x
-    without Inf under the branch, 0 the corrected quotient under the branch."""
-    if consts["ASYM"] and ASYM_DIVIDES:
-        return 1
-    if rb * cb == 1:
-        return 1 if ONE_BLOCK_DIVIDES else 2
-    return 3 if consts["ASYM"] and ASYM_FINITE_ENCODE else 0
+    return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
 
 
 def _block_stats(v, br, bc, nbr, nbc, asym):
