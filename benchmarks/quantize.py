@@ -121,22 +121,32 @@ def run_main(n: int, rows: list, with_compile: bool):
 
 
 def sweep_configs(n: int):
-    """GB/s of the main kernels over program sizes and warps (prints; picks nothing)."""
+    """x copy of the register-block kernels over program sizes, warps and register limits (prints;
+    picks nothing). Dequantize does not depend on the register limit and is timed without it."""
     x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(x)
+    copy_gbs = 2 * x.numel() * x.element_size() / bench(lambda: dst.copy_(x)) / 1e6
+    cases = [c for c in CASES if c[0] in ("fp8 e4m3 1x128", "fp8 e4m3 128x128", "int8 sym 1x128", "int8 asym 1x128",
+                                          "int8 sym channel0")]
     out = []
-    for elems in (8192, 16384):
+    for elems in (4096, 8192, 16384):
         for warps in (4, 8, 16):
-            triton_quantize.TILE_ELEMS, triton_quantize.TILE_WARPS = elems, warps
-            line = [f"elems {elems:5d} warps {warps:2d}"]
-            for name, spec in CASES[:2] + CASES[4:7]:
-                qt = quantize(x, spec)
-                tq = bench(lambda: quantize(x, spec))
-                td = bench(lambda: dequantize(qt, torch.bfloat16))
-                qb = quant_bytes(x, spec)  # bf16 in: dequantize moves the same bytes
-                line.append(f"{name}: q {qb / tq / 1e6:5.0f} dq {qb / td / 1e6:5.0f}")
-            print(" | ".join(line), flush=True)
-            out.append(line)
-    triton_quantize.TILE_ELEMS, triton_quantize.TILE_WARPS = 8192, None
+            for maxnreg in (None, 128):
+                triton_quantize.TILE_ELEMS, triton_quantize.TILE_WARPS = elems, warps
+                triton_quantize.TILE_MAXNREG = maxnreg
+                line = [f"elems {elems:5d} warps {warps:2d} maxnreg {maxnreg}"]
+                for name, spec in cases:
+                    qb = quant_bytes(x, spec)  # bf16 in: dequantize moves the same bytes
+                    ratio = qb / bench(lambda: quantize(x, spec)) / 1e6 / copy_gbs
+                    if maxnreg is None:
+                        qt = quantize(x, spec)
+                        ratio_d = qb / bench(lambda: dequantize(qt, torch.bfloat16)) / 1e6 / copy_gbs
+                        line.append(f"{name}: q {ratio:.3f} dq {ratio_d:.3f}")
+                    else:
+                        line.append(f"{name}: q {ratio:.3f}")
+                print(" | ".join(line), flush=True)
+                out.append(line)
+    triton_quantize.TILE_ELEMS, triton_quantize.TILE_WARPS, triton_quantize.TILE_MAXNREG = 8192, None, None
     return out
 
 
@@ -167,7 +177,7 @@ def plot(rows, path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--sweep", action="store_true", help="also sweep program sizes and warps")
+    ap.add_argument("--sweep", action="store_true", help="also sweep program sizes, warps and register limits")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384],
                     help="n of the n x n inputs (the last also runs the peers)")

@@ -40,6 +40,9 @@ MAX_REGISTER_BLOCK = 16384
 # tuned on an H100 by benchmarks/quantize.py.
 TILE_ELEMS = 8192
 TILE_WARPS = None
+# Registers a thread of the quantize programs may use (None: as ptxas chooses); swept by
+# benchmarks/quantize.py --sweep.
+TILE_MAXNREG = None
 # Programs the statistics pass aims at where it can loop (a few waves of the largest GPUs).
 STATS_PROGRAMS = 2048
 # Persistent quantize programs: where a program's registers wait on a reduction over the whole tile
@@ -791,6 +794,7 @@ def _launch_quantize(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, 
     tiles = P * tiles_r * tiles_c
     one_block, per_sm, stages = _schedule(rb, cb, register, dual_out is not None, consts["ASYM"])
     programs = min(tiles, _persistent_programs(v.device, per_sm)) if per_sm else tiles
+    limits = {} if TILE_MAXNREG is None else dict(maxnreg=TILE_MAXNREG)
     _quantize_kernel[(programs,)](
         _input_view(v), codes_b, _bytes_of(grid_s), dummy if grid_zp is None else _bytes_of(grid_zp),
         dummy if stats is None else stats, dummy if given is None else given,
@@ -803,7 +807,7 @@ def _launch_quantize(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, 
         SCALE_SRC=0 if register else (1 if stats is not None else 2), BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
         DUAL=dual_out is not None,
         PACK4=spec.element.bits == 4, BF16_BITS=_bf16_bits(v), num_warps=warps, ONE_BLOCK=one_block,
-        NUM_TILES=tiles, STAGES=stages, **consts,
+        NUM_TILES=tiles, STAGES=stages, **consts, **limits,
     )
 
 
