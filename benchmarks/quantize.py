@@ -128,24 +128,25 @@ def sweep_configs(n: int):
     copy_gbs = 2 * x.numel() * x.element_size() / bench(lambda: dst.copy_(x)) / 1e6
     cases = [c for c in CASES if c[0] in ("fp8 e4m3 1x128", "fp8 e4m3 128x128", "int8 sym 1x128", "int8 asym 1x128",
                                           "int8 sym channel0")]
+    # (elements a program, warps, register limit); 32 warps: one-block programs at 64 registers a thread.
+    configs = [(elems, warps, None) for elems in (4096, 8192, 16384) for warps in (4, 8, 16)]
+    configs += [(4096, 4, 128), (8192, 4, 128), (8192, 8, 128), (8192, 32, None)]
     out = []
-    for elems in (4096, 8192, 16384):
-        for warps in (4, 8, 16):
-            for maxnreg in (None, 128):
-                triton_quantize.TILE_ELEMS, triton_quantize.TILE_WARPS = elems, warps
-                triton_quantize.TILE_MAXNREG = maxnreg
-                line = [f"elems {elems:5d} warps {warps:2d} maxnreg {maxnreg}"]
-                for name, spec in cases:
-                    qb = quant_bytes(x, spec)  # bf16 in: dequantize moves the same bytes
-                    ratio = qb / bench(lambda: quantize(x, spec)) / 1e6 / copy_gbs
-                    if maxnreg is None:
-                        qt = quantize(x, spec)
-                        ratio_d = qb / bench(lambda: dequantize(qt, torch.bfloat16)) / 1e6 / copy_gbs
-                        line.append(f"{name}: q {ratio:.3f} dq {ratio_d:.3f}")
-                    else:
-                        line.append(f"{name}: q {ratio:.3f}")
-                print(" | ".join(line), flush=True)
-                out.append(line)
+    for elems, warps, maxnreg in configs:
+        triton_quantize.TILE_ELEMS, triton_quantize.TILE_WARPS = elems, warps
+        triton_quantize.TILE_MAXNREG = maxnreg
+        line = [f"elems {elems:5d} warps {warps:2d} maxnreg {maxnreg}"]
+        for name, spec in cases:
+            qb = quant_bytes(x, spec)  # bf16 in: dequantize moves the same bytes
+            ratio = qb / bench(lambda: quantize(x, spec)) / 1e6 / copy_gbs
+            if maxnreg is None:
+                qt = quantize(x, spec)
+                ratio_d = qb / bench(lambda: dequantize(qt, torch.bfloat16)) / 1e6 / copy_gbs
+                line.append(f"{name}: q {ratio:.3f} dq {ratio_d:.3f}")
+            else:
+                line.append(f"{name}: q {ratio:.3f}")
+        print(" | ".join(line), flush=True)
+        out.append(line)
     triton_quantize.TILE_ELEMS, triton_quantize.TILE_WARPS, triton_quantize.TILE_MAXNREG = 8192, None, None
     return out
 
