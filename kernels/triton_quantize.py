@@ -339,7 +339,8 @@ def _encode_careless(x, scale, zp, QMAX: tl.constexpr, IS_INT: tl.constexpr, ASY
                      NBITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, BIAS: tl.constexpr,
                      NAN_CODE: tl.constexpr, HW_FP8: tl.constexpr, EXACT_FP8: tl.constexpr):
     """Codes of a tile that is not careful (see _register_scales): the corrected quotient (int8, with
-    one zero, need not keep the sign of -0); INT8 asym without the clamp before rounding (x finite)."""
+    one zero, need not keep the sign of -0); INT8 asym without the clamp before rounding (no x is
+    +-Inf there; NaN may be)."""
     if IS_INT:
         bits = _encode_quotient(x, _quotient(x, scale, CORRECTED_ANY_ZERO), zp, QMAX, IS_INT, ASYM, NBITS, MBITS,
                                 EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8, ASYM)
@@ -356,8 +357,8 @@ def _encode_register(x, scale, zp, careful, QMAX: tl.constexpr, IS_INT: tl.const
     """_encode with the scales of _register_scales of a tile of many blocks: a power-of-two scale by
     its reciprocal, any other by the corrected quotient unless the tile is careful. Only the fp32
     quotient is chosen under the branch and encoded after it (int8 sym too: without the select that
-    keeps -0 it ran slower on an H100, BENCHMARKS.md), except for INT8 asym, whose codes are encoded
-    under it (_encode_careless). Programs of one block branch around the store too (_quantize_tile)."""
+    keeps -0 ptxas gave it 167 registers a thread instead of 127, and it ran slower on an H100,
+    BENCHMARKS.md), except for INT8 asym, whose codes are encoded under it (_encode_careless). Programs of one block branch around the store too (_quantize_tile)."""
     if POW2:
         bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
                        RECIPROCAL)
