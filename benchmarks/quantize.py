@@ -53,6 +53,13 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
+def time_copy(x) -> tuple:
+    """(median ms, GB/s read + written) of a device-to-device copy of `x`: the reference of every ratio."""
+    dst = torch.empty_like(x)
+    ms = bench(lambda: dst.copy_(x))
+    return ms, 2 * x.numel() * x.element_size() / ms / 1e6
+
+
 def quant_bytes(x, spec) -> int:
     n = x.numel()
     codes = math.prod(spec.code_shape(x.shape))
@@ -78,9 +85,7 @@ CASES = [  # (name, spec)
 
 def run_main(n: int, rows: list, with_compile: bool):
     x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16) * 3
-    dst = torch.empty_like(x)
-    t_copy = bench(lambda: dst.copy_(x))
-    copy_gbs = 2 * x.numel() * x.element_size() / t_copy / 1e6
+    t_copy, copy_gbs = time_copy(x)
     rows.append(dict(n=n, op="copy", name="torch copy", ms=t_copy, gbs=copy_gbs, ratio=1.0))
     print(f"{n:>6} copy {t_copy:8.3f} ms {copy_gbs:7.0f} GB/s", flush=True)
 
@@ -124,14 +129,14 @@ def sweep_configs(n: int):
     """x copy of the register-block kernels over program sizes, warps and register limits (prints;
     picks nothing). Dequantize does not depend on the register limit and is timed without it."""
     x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(x)
-    copy_gbs = 2 * x.numel() * x.element_size() / bench(lambda: dst.copy_(x)) / 1e6
+    _, copy_gbs = time_copy(x)
     cases = [c for c in CASES if c[0] in ("fp8 e4m3 1x128", "fp8 e4m3 128x128", "int8 sym 1x128", "int8 asym 1x128",
                                           "int8 sym channel0")]
     # (elements a program, warps, register limit); 32 warps: one-block programs at 64 registers a thread.
     configs = [(elems, warps, None) for elems in (4096, 8192, 16384) for warps in (4, 8, 16)]
     configs += [(4096, 4, 128), (8192, 4, 128), (8192, 8, 128), (8192, 32, None)]
     out = []
+    tuned = triton_quantize.TILE_ELEMS, triton_quantize.TILE_WARPS, triton_quantize.TILE_MAXNREG
     for elems, warps, maxnreg in configs:
         triton_quantize.TILE_ELEMS, triton_quantize.TILE_WARPS = elems, warps
         triton_quantize.TILE_MAXNREG = maxnreg
@@ -147,7 +152,7 @@ def sweep_configs(n: int):
                 line.append(f"{name}: q {ratio:.3f}")
         print(" | ".join(line), flush=True)
         out.append(line)
-    triton_quantize.TILE_ELEMS, triton_quantize.TILE_WARPS, triton_quantize.TILE_MAXNREG = 8192, None, None
+    triton_quantize.TILE_ELEMS, triton_quantize.TILE_WARPS, triton_quantize.TILE_MAXNREG = tuned
     return out
 
 
