@@ -94,6 +94,11 @@ def test_explicit_scales(spec, rng):
     check(halves, spec, torch.ones(spec.scale_shape(halves.shape)))
 
 
+def every_16bit(dtype: torch.dtype) -> torch.Tensor:
+    """Every bit pattern of a 16-bit float dtype, in order of the patterns as int16 (65536 values)."""
+    return torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
 def near_boundaries(fmt: str, rows: int, gen: torch.Generator) -> torch.Tensor:
     """fp32 rows of 128 whose quotients x / scale fall on or within 2 ulps of the points where a
     code changes (fp8 midpoints, int8 half-integers).
@@ -150,7 +155,7 @@ def corrected_quotient_mismatches(n_scales: int, gen: torch.Generator, device: s
     as zero by every format): scales m * 2**E over the exponents CORRECTED is used for, mantissas
     random and the hard ones (all ones, all zeros, one bit); x every bf16 value with |x / 2**E|
     in [2**-21, 2**17) and as many random fp32 ones."""
-    bf = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    bf = every_16bit(torch.bfloat16).float()
     bf = bf[(bf.abs() >= 2.0 ** -21) & (bf.abs() < 2.0 ** 17)]
     rnd = torch.exp2(torch.rand(len(bf), generator=gen) * 38 - 21) * torch.sign(torch.randn(len(bf), generator=gen))
     v = torch.cat([bf, rnd])
@@ -217,7 +222,7 @@ def test_persistent_programs(spec, shape, rng):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_every_16bit_input(fmt, dtype):
     """Every bf16/fp16 bit pattern through the encoder, at unit scale and with scales from the data."""
-    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).reshape(256, 256)
+    x = every_16bit(dtype).reshape(256, 256)
     if fmt == "mxfp4":
         check(x, QuantSpec(format=fmt))
         return
@@ -229,7 +234,7 @@ def every_bf16_under_scales_across_fp32(fmt, gen, device="cpu"):
     """Every bf16 value (one row of 128 a group) under explicit fp32 scales whose exponents span
     fp32: subnormal scales, tiny and huge ones, so that quotients cover every code, underflow
     and overflow."""
-    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(512, 128)
+    x = every_16bit(torch.bfloat16).reshape(512, 128)
     spec = QuantSpec(format=fmt, group_size=128)
     exponents = torch.cat([torch.tensor([[-149.0], [-127.0], [-31.0], [60.0], [127.0]]),
                            torch.randint(-149, 128, (507, 1), generator=gen).float()])
@@ -349,12 +354,11 @@ def test_gpu_exact_fp8_path(spec, rng):
 @pytest.mark.parametrize("spec,shape", PERSISTENT_CASES, ids=str)
 def test_gpu_persistent_programs(spec, shape, rng):
     """Persistent programs over ragged and aligned shapes, with and without Inf/NaN, and every bf16."""
-    for shape in GPU_SHAPES[2:] + [shape, (129, 129), (1000, 3), (513, 129), (70, 9000)]:
-        check(random_input(shape, torch.bfloat16, rng).cuda(), spec)
-        check(random_input(shape, torch.float32, rng, edge_cases=False).cuda(), spec)
+    for size in GPU_SHAPES[2:] + [shape, (129, 129), (1000, 3), (513, 129), (70, 9000)]:
+        check(random_input(size, torch.bfloat16, rng).cuda(), spec)
+        check(random_input(size, torch.float32, rng, edge_cases=False).cuda(), spec)
     check(near_boundaries(spec.format.value, 128, rng).cuda(), spec)
-    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(256, 256).cuda()
-    check(x, spec)
+    check(every_16bit(torch.bfloat16).reshape(256, 256).cuda(), spec)
 
 
 @pytest.mark.gpu
@@ -384,7 +388,7 @@ def test_gpu_shapes_and_strides(spec, rng):
 @pytest.mark.parametrize("fmt", FP8 + ("mxfp8", "mxfp4"))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_every_16bit_input(fmt, dtype, exact_fp8):
-    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).reshape(256, 256).cuda()
+    x = every_16bit(dtype).reshape(256, 256).cuda()
     if fmt.startswith("mx"):
         check(x, QuantSpec(format=fmt), exact_fp8=exact_fp8)
         return
