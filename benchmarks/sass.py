@@ -11,10 +11,10 @@ the branch a program takes when its amax meets an Inf or NaN); --common-path com
 module without those branches, which is what a program of finite values under ordinary scales runs.
 Persistent programs (one block a program, INT8 asym) are counted over their whole loop, prologue
 included, per element of one tile.
-Counts say nothing of latency, so they are a proxy to compare variants of one kernel, not a model: on
-an H100 (BENCHMARKS.md), common path, E4M3 1x128 at ~14 ran at 1.02 x copy, INT8 sym at ~22 at 0.99,
-the 128x128 tile at ~30 (it divides per element) at 0.88, INT8 asym at ~34 at 0.63. The GPU's own
-timings decide.
+Counts say nothing of latency or registers, so they are a proxy to compare variants of one kernel,
+not a model: on an H100 (BENCHMARKS.md), common path, E4M3 1x128 at ~14-15 ran at 1.02 x copy and INT8
+sym at ~22 at 0.99, while an INT8 sym variant at ~18 ran at 0.92 because it needed 167 registers a
+thread instead of 127. The GPU's own timings decide.
 """
 from __future__ import annotations
 
