@@ -73,7 +73,7 @@ def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16"):
 def compile_mxfp4_pairs():
     """(compiled kernel, elements a thread handles) of the MXFP4 pairs kernel on bf16 input."""
     fn = tq._mxfp4_pairs_kernel
-    constexprs = dict(ROWS=tq.PAIRS_ROWS, GROUPS=tq.PAIRS_GROUPS, FP16=False, EMAX=E2M1.emax, ss_c=1)
+    constexprs = dict(ROWS=tq.PAIRS_ROWS, GROUPS=tq.PAIRS_GROUPS, FP16=False, EMAX=E2M1.emax, ss_c=1, PACKED=True)
     signature = {n: "constexpr" if n in constexprs else "*i32" if n == "w_ptr" else "*u8" if n.endswith("_ptr")
                  else "i32" for n in fn.arg_names}
     kernel = compile_sm90(fn, signature, constexprs, {"C2", "sw_r"}, tq.PAIRS_WARPS)
@@ -108,8 +108,7 @@ def opcodes(sass: str) -> list:
 
 
 # The rare branches of kernels/triton_quantize.py and what --common-path puts in their place.
-RARE_BRANCHES = [("careful != 0", "False"), ("careful == 0", "True"),
-                 ('if tl.max((~(amax < float("inf"))).to(tl.int32)) != 0:', "if False:")]
+RARE_BRANCHES = [("careful != 0", "False"), ("careful == 0", "True")]
 
 
 def common_path_module(folder: str):

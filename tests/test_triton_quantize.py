@@ -7,6 +7,8 @@ for every format and granularity. The hardware fp8 cast used by compiled kernels
 checked by the `gpu` tests (pytest -m gpu on a GPU machine), which also run the
 exact path compiled, and every bf16/fp16 bit pattern through both.
 """
+import math
+
 import pytest
 import torch
 import triton
@@ -218,6 +220,27 @@ def test_persistent_programs(spec, shape, rng):
     check(near_boundaries(spec.format.value, 128, rng), spec)
 
 
+def every_bf16_under_scales(exponents) -> torch.Tensor:
+    """(rows, 32) bf16: MX blocks of the scale 2**e for each e in `exponents` (a leading 2**(e + 2)
+    sets the amax), the other 31 elements every finite bf16 value below 2**(e + 3), padded with
+    zeros."""
+    finite = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    finite = finite[finite.abs() < math.inf]
+    rows = []
+    for e in exponents:
+        vals = finite[finite.abs() < 2.0 ** (e + 3)]
+        vals = torch.cat([vals, vals.new_zeros(-len(vals) % 31)]).reshape(-1, 31)
+        rows.append(torch.cat([torch.full((len(vals), 1), 2.0 ** (e + 2)), vals], dim=1))
+    return torch.cat(rows).to(torch.bfloat16)
+
+
+def test_mxfp4_bf16_under_chosen_scales():
+    """Every finite bf16 value under the E8M0 scales at both ends of the range and around 1 (as the
+    GPU test does for every scale); the pairs kernel's integer amax and scale exponent."""
+    x = every_bf16_under_scales([-127, -126, -2, 0, 1, 125])
+    check(x, QuantSpec(format="mxfp4"))
+
+
 @pytest.mark.parametrize("fmt", FP8 + ("mxfp4",))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_every_16bit_input(fmt, dtype):
@@ -381,6 +404,13 @@ def test_gpu_shapes_and_strides(spec, rng):
     check(random_input((1600, 700), torch.float32, rng).cuda().T, spec)
     check(random_input((400, 4000), torch.bfloat16, rng).cuda()[::3, 7:3900:2], spec)
     check(torch.zeros(5, 700, device="cuda"), spec)
+
+
+@pytest.mark.gpu
+def test_gpu_mxfp4_bf16_under_every_scale():
+    """The packed bf16x2 E2M1 encoder (compiled only): every finite bf16 value under every E8M0 scale
+    its block can have (~8.6M elements)."""
+    check(every_bf16_under_scales(range(-127, 126)).cuda(), QuantSpec(format="mxfp4"))
 
 
 @pytest.mark.gpu
