@@ -224,7 +224,7 @@ def every_bf16_under_scales(exponents) -> torch.Tensor:
     """(rows, 32) bf16: MX blocks of the scale 2**e for each e in `exponents` (a leading 2**(e + 2)
     sets the amax), the other 31 elements every finite bf16 value below 2**(e + 3), padded with
     zeros."""
-    finite = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    finite = every_16bit(torch.bfloat16).float()
     finite = finite[finite.abs() < math.inf]
     rows = []
     for e in exponents:
