@@ -125,34 +125,56 @@ def run_main(n: int, rows: list, with_compile: bool):
             bench(lambda: g(qt.codes, qt.scales)), x.numel() * 3 + qt.scales.numel() * 4)
 
 
-def sweep_configs(n: int):
-    """x copy of the register-block kernels over program sizes, warps and register limits (prints;
-    picks nothing). Dequantize does not depend on the register limit and is timed without it."""
-    x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    _, copy_gbs = time_copy(x)
-    cases = [c for c in CASES if c[0] in ("fp8 e4m3 1x128", "fp8 e4m3 128x128", "int8 sym 1x128", "int8 asym 1x128",
-                                          "int8 sym channel0")]
-    # (elements a program, warps, register limit); 32 warps: one-block programs at 64 registers a thread.
-    configs = [(elems, warps, None) for elems in (4096, 8192, 16384) for warps in (4, 8, 16)]
-    configs += [(4096, 4, 128), (8192, 4, 128), (8192, 8, 128), (8192, 32, None)]
+# What --sweep tries: (cases, settings), a setting being values of triton_quantize's tuning globals
+# (the first setting of each group is the shipped one). A case is (name, spec, shape, dual).
+SWEEP_N = 16384
+SWEEPS = [
+    ([("fp8 e4m3 128x128", CASES[1][1], (SWEEP_N, SWEEP_N), False),
+      ("int8 sym 128x128", CASES[10][1], (SWEEP_N, SWEEP_N), False)],
+     [dict(TILE_WARPS=w, ONE_BLOCK_PROGRAMS=p, PERSISTENT_STAGES=s)
+      for w, p, s in ((None, 1, 3), (None, 1, 2), (None, 1, 4), (8, 1, 3), (8, 2, 2), (8, 2, 3))]),
+    ([("int8 sym channel0", CASES[8][1], (SWEEP_N, SWEEP_N), False),
+      ("fp8 e4m3 channel0", QuantSpec(granularity="channel", axis=0), (SWEEP_N, SWEEP_N), False),
+      ("int8 asym channel0", QuantSpec(format="int8_asym", granularity="channel", axis=0), (SWEEP_N, SWEEP_N), False),
+      ("int8 sym channel0 8192", CASES[8][1], (2 * SWEEP_N, SWEEP_N // 2), False),
+      ("fp8 e4m3 channel0 8192", QuantSpec(granularity="channel", axis=0), (2 * SWEEP_N, SWEEP_N // 2), False)],
+     [dict(ROW_BLOCK_THREAD_ELEMS=e) for e in (64, 32, 16)]),
+    ([("int8 asym 1x128", CASES[6][1], (SWEEP_N, SWEEP_N), False)],
+     [dict(ASYM_WARPS=w, ASYM_MAXNREG=r, ASYM_PROGRAMS=p, PERSISTENT_STAGES=s)
+      for w, r, p, s in ((8, 128, 2, 3), (4, None, 2, 3), (8, 128, 2, 2), (8, 128, 2, 4), (8, None, 1, 3),
+                         (8, 128, 0, 3))]),
+    ([("fp8 e4m3 dual 1x128 + 128x1", QuantSpec(), (SWEEP_N, SWEEP_N), True)],
+     [dict(DUAL_PROGRAMS=p, TILE_WARPS=w, PERSISTENT_STAGES=s)
+      for p, w, s in ((0, None, 3), (0, 8, 3), (1, None, 2), (1, None, 3), (2, 8, 2), (2, 8, 3))]),
+]
+
+
+def sweep_configs():
+    """x copy of quantize (and dequantize, where the setting can matter to it) under each setting of
+    SWEEPS (prints; picks nothing)."""
     out = []
-    tuned = triton_quantize.TILE_ELEMS, triton_quantize.TILE_WARPS, triton_quantize.TILE_MAXNREG
-    for elems, warps, maxnreg in configs:
-        triton_quantize.TILE_ELEMS, triton_quantize.TILE_WARPS = elems, warps
-        triton_quantize.TILE_MAXNREG = maxnreg
-        line = [f"elems {elems:5d} warps {warps:2d} maxnreg {maxnreg}"]
-        for name, spec in cases:
-            qb = quant_bytes(x, spec)  # bf16 in: dequantize moves the same bytes
-            ratio = qb / bench(lambda: quantize(x, spec)) / 1e6 / copy_gbs
-            if maxnreg is None:
-                qt = quantize(x, spec)
-                ratio_d = qb / bench(lambda: dequantize(qt, torch.bfloat16)) / 1e6 / copy_gbs
-                line.append(f"{name}: q {ratio:.3f} dq {ratio_d:.3f}")
-            else:
-                line.append(f"{name}: q {ratio:.3f}")
-        print(" | ".join(line), flush=True)
-        out.append(line)
-    triton_quantize.TILE_ELEMS, triton_quantize.TILE_WARPS, triton_quantize.TILE_MAXNREG = tuned
+    for cases, settings in SWEEPS:
+        for name, spec, shape, dual in cases:
+            x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+            _, copy_gbs = time_copy(x)
+            qb = quant_bytes(x, spec) + (quant_bytes(x.T, spec) - x.numel() * x.element_size() if dual else 0)
+            for setting in settings:
+                kept = {k: getattr(triton_quantize, k) for k in setting}
+                for k, v in setting.items():
+                    setattr(triton_quantize, k, v)
+                try:
+                    run = (lambda: quantize_dual(x, spec)) if dual else (lambda: quantize(x, spec))
+                    line = f"{name:<30} {setting}: q {qb / bench(run) / 1e6 / copy_gbs:.3f}"
+                    if "TILE_WARPS" in setting and not dual:
+                        qt = quantize(x, spec)
+                        line += f" dq {qb / bench(lambda: dequantize(qt, torch.bfloat16)) / 1e6 / copy_gbs:.3f}"
+                except Exception as exc:  # one failing setting must not hide the others
+                    line = f"{name:<30} {setting}: failed: {type(exc).__name__}: {exc}"
+                finally:
+                    for k, v in kept.items():
+                        setattr(triton_quantize, k, v)
+                print(line, flush=True)
+                out.append(line)
     return out
 
 
@@ -183,7 +205,7 @@ def plot(rows, path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--sweep", action="store_true", help="also sweep program sizes, warps and register limits")
+    ap.add_argument("--sweep", action="store_true", help="also time the settings of SWEEPS")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384],
                     help="n of the n x n inputs (the last also runs the peers)")
@@ -193,7 +215,7 @@ def main():
                 python=sys.version.split()[0])
     print(meta, flush=True)
     if args.sweep:
-        sweep_configs(16384)
+        sweep_configs()
     rows = []
     for n in args.sizes[:-1]:
         run_main(n, rows, with_compile=False)

@@ -41,6 +41,8 @@ SPECS = [
     ("mxfp4", QuantSpec(format="mxfp4")),
     ("int8 sym 1x128", QuantSpec(format="int8_sym")),
     ("int8 asym 1x128", QuantSpec(format="int8_asym")),
+    ("int8 sym channel0", QuantSpec(format="int8_sym", granularity="channel", axis=0)),
+    ("fp8 e4m3 channel0", QuantSpec(granularity="channel", axis=0)),
 ]
 POINTER_TYPES = {torch.float32: "*fp32", torch.uint8: "*u8"}
 
@@ -52,7 +54,8 @@ def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16"):
     constexprs = dict(RB=rb, TBR=tbr, TBRP=tbrp, CB=cb, TBC=tbc, TBCP=tbcp, SCALE_SRC=0, BID_ROWS=True,
                       BID_COLS=True, DUAL=False, PACK4=spec.element.bits == 4, BF16_BITS=False,
                       sx_c=1, ss_c=1, **tq.element_constants(spec, exact_fp8=False))
-    constexprs["ONE_BLOCK"], _, constexprs["STAGES"] = tq._schedule(rb, cb, True, False, constexprs["ASYM"])
+    run = tq._schedule(rb, cb, tbrp, tbcp, warps, True, False, constexprs["ASYM"])
+    constexprs["ONE_BLOCK"], constexprs["STAGES"] = run.one_block, run.stages
     names = tq._quantize_kernel.arg_names
     signature = {}
     for name in names:
@@ -66,8 +69,9 @@ def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16"):
             signature[name] = "*u8"
         else:
             signature[name] = "i32"
-    kernel = compile_sm90(tq._quantize_kernel, signature, constexprs, {"R", "C", "sx_p", "sx_r", "sq_p", "sq_r"}, warps)
-    return kernel, rb * tbrp * cb * tbcp / (warps * 32)
+    kernel = compile_sm90(tq._quantize_kernel, signature, constexprs, {"R", "C", "sx_p", "sx_r", "sq_p", "sq_r"},
+                          run.warps, run.maxnreg)
+    return kernel, rb * tbrp * cb * tbcp / (run.warps * 32)
 
 
 def compile_mxfp4_pairs():
@@ -80,14 +84,15 @@ def compile_mxfp4_pairs():
     return kernel, tq.PAIRS_ROWS * tq.PAIRS_GROUPS * 32 / (tq.PAIRS_WARPS * 32)
 
 
-def compile_sm90(fn, signature: dict, constexprs: dict, aligned: set, warps: int):
+def compile_sm90(fn, signature: dict, constexprs: dict, aligned: set, warps: int, maxnreg: int | None = None):
     """triton.compile of jit function `fn` for sm_90, its pointers and the `aligned` integer arguments
     specialized as 16-byte aligned, as a real launch specializes them."""
     names = fn.arg_names
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr") or n in aligned}
     src = triton.compiler.ASTSource(fn=fn, signature=signature, attrs=attrs,
                                     constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    options = {"num_warps": warps} if maxnreg is None else {"num_warps": warps, "maxnreg": maxnreg}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def sass_of(kernel, path: str) -> str:
@@ -95,6 +100,14 @@ def sass_of(kernel, path: str) -> str:
         f.write(kernel.asm["cubin"])
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     return subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+
+
+def resources(path: str) -> str:
+    """Registers a thread, spill stores and shared memory of a cubin, as cuobjdump -res-usage reports them."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
+    return f"{found.get('REG', '?')} regs, stack {found.get('STACK', '?')}, shared {found.get('SHARED', '?')}"
 
 
 def opcodes(sass: str) -> list:
@@ -149,7 +162,8 @@ def main() -> None:
             f.write(sass)
         ops = opcodes(sass)
         top = ", ".join(f"{op} {n / per_thread:.1f}" for op, n in collections.Counter(ops).most_common(8))
-        print(f"{name:22s} {len(ops) / per_thread:5.1f} instructions/element ({per_thread:.0f} a thread)   {top}")
+        print(f"{name:22s} {len(ops) / per_thread:5.1f} instructions/element ({per_thread:.0f} a thread, "
+              f"{kernel.metadata.num_warps} warps, {resources(stem + '.cubin')})   {top}")
 
 
 if __name__ == "__main__":

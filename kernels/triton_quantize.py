@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -48,11 +49,17 @@ STATS_PROGRAMS = 2048
 # Persistent quantize programs: where a program's registers wait on a reduction over the whole tile
 # (one large block a program: 128 x 128 tiles, channels) or its encoding is long (INT8 asym), each
 # program loops over tiles with the loads of the next PERSISTENT_STAGES - 1 tiles in flight
-# (cp.async), ONE_BLOCK_PROGRAMS / ASYM_PROGRAMS an SM. Other programs take one tile each, which
-# ran faster for them (H100, BENCHMARKS.md).
+# (cp.async), ONE_BLOCK_PROGRAMS / ASYM_PROGRAMS / DUAL_PROGRAMS an SM (0: one tile a program).
+# Other programs take one tile each, which ran faster for them (H100, BENCHMARKS.md).
 PERSISTENT_STAGES = 3
 ONE_BLOCK_PROGRAMS = 1
 ASYM_PROGRAMS = 2
+DUAL_PROGRAMS = 0
+# Elements a thread of a one-block program over a single row (channels, long flat blocks) reduces.
+ROW_BLOCK_THREAD_ELEMS = 64
+# INT8 asym programs: warps, and the register limit that keeps two of them on an SM without spilling
+# (255 registers at 4 warps otherwise: 0.918 against 0.852 x copy, H100, BENCHMARKS.md).
+ASYM_WARPS, ASYM_MAXNREG = 8, 128
 
 
 # ---- element arithmetic (shared by every kernel) -----------------------------------------
@@ -884,9 +891,9 @@ def _launch_quantize(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, 
     if dual_out is not None:
         codes_t, scales_t, zp_t = dual_out
     tiles = P * tiles_r * tiles_c
-    one_block, per_sm, stages = _schedule(rb, cb, register, dual_out is not None, consts["ASYM"])
-    programs = min(tiles, _persistent_programs(v.device, per_sm)) if per_sm else tiles
-    limits = {} if TILE_MAXNREG is None else dict(maxnreg=TILE_MAXNREG)
+    run = _schedule(rb, cb, tbrp, tbcp, warps, register, dual_out is not None, consts["ASYM"])
+    programs = min(tiles, _persistent_programs(v.device, run.per_sm)) if run.per_sm else tiles
+    limits = {} if run.maxnreg is None else dict(maxnreg=run.maxnreg)
     _quantize_kernel[(programs,)](
         _input_view(v), codes_b, _bytes_of(grid_s), dummy if grid_zp is None else _bytes_of(grid_zp),
         dummy if stats is None else stats, dummy if given is None else given,
@@ -898,17 +905,38 @@ def _launch_quantize(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, 
         RB=rb, TBR=tbr, TBRP=tbrp, CB=cb, TBC=tbc, TBCP=tbcp,
         SCALE_SRC=0 if register else (1 if stats is not None else 2), BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
         DUAL=dual_out is not None,
-        PACK4=spec.element.bits == 4, BF16_BITS=_bf16_bits(v), num_warps=warps, ONE_BLOCK=one_block,
-        NUM_TILES=tiles, STAGES=stages, **consts, **limits,
+        PACK4=spec.element.bits == 4, BF16_BITS=_bf16_bits(v), num_warps=run.warps, ONE_BLOCK=run.one_block,
+        NUM_TILES=tiles, STAGES=run.stages, **consts, **limits,
     )
 
 
-def _schedule(rb: int, cb: int, register: bool, dual: bool, asym: bool):
-    """(ONE_BLOCK, programs an SM of a persistent launch or 0, STAGES) of a quantize launch (see
-    PERSISTENT_STAGES)."""
+class Schedule(NamedTuple):
+    """How a quantize launch runs (see PERSISTENT_STAGES)."""
+    one_block: bool  # each tile is one block
+    per_sm: int  # programs an SM of a persistent launch; 0: one tile a program
+    stages: int  # STAGES of the kernel: tiles in flight of a persistent program (0: not persistent)
+    warps: int
+    maxnreg: int | None  # register limit a thread (None: as ptxas chooses)
+
+
+def _schedule(rb: int, cb: int, tbrp: int, tbcp: int, warps: int, register: bool, dual: bool,
+              asym: bool) -> Schedule:
+    """The Schedule of a quantize launch of the given tile geometry (warps: _tile_geometry's)."""
     one_block = register and not dual and rb * cb == 1
-    per_sm = ONE_BLOCK_PROGRAMS if one_block else ASYM_PROGRAMS if register and not dual and asym else 0
-    return one_block, per_sm, PERSISTENT_STAGES if per_sm else 0
+    maxnreg = TILE_MAXNREG
+    if one_block:
+        per_sm = ONE_BLOCK_PROGRAMS
+        if tbrp == 1 and not TILE_WARPS:
+            warps = max(4, min(32, tbcp // (32 * ROW_BLOCK_THREAD_ELEMS)))
+    elif dual:
+        per_sm = DUAL_PROGRAMS
+    elif register and asym:
+        per_sm = ASYM_PROGRAMS
+        warps = TILE_WARPS or ASYM_WARPS
+        maxnreg = maxnreg or ASYM_MAXNREG
+    else:
+        per_sm = 0
+    return Schedule(one_block, per_sm, PERSISTENT_STAGES if per_sm else 0, warps, maxnreg)
 
 
 def _persistent_programs(device, per_sm: int) -> int:

@@ -205,8 +205,8 @@ PERSISTENT_CASES = [(QuantSpec(granularity="tile", tile=(128, 128)), (300, 260))
 def persistent_launch(x, spec) -> bool:
     """Whether quantize(x, spec) launches persistent programs (triton_quantize._schedule)."""
     (P, R, C), (br, bc) = triton_quantize.block_geometry(x.shape, spec)
-    rb, _, _, cb, _, _, _ = triton_quantize._tile_geometry(br, bc, R, C, True)
-    return triton_quantize._schedule(rb, cb, True, False, spec.format.value == "int8_asym")[1] > 0
+    rb, _, tbrp, cb, _, tbcp, warps = triton_quantize._tile_geometry(br, bc, R, C, True)
+    return triton_quantize._schedule(rb, cb, tbrp, tbcp, warps, True, False, spec.format.value == "int8_asym").per_sm > 0
 
 
 @pytest.mark.parametrize("spec,shape", PERSISTENT_CASES, ids=str)
