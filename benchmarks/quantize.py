@@ -100,8 +100,11 @@ def run_main(n: int, rows: list, with_compile: bool):
         out_bytes = x.numel() * 2 + quant_bytes(x, spec) - x.numel() * x.element_size()
         add("dequantize", name + " -> bf16", bench(lambda: dequantize(qt, torch.bfloat16)), out_bytes)
     spec = QuantSpec()
-    add("quantize", "fp8 e4m3 dual 1x128 + 128x1", bench(lambda: quantize_dual(x, spec)),
-        quant_bytes(x, spec) + x.numel() + quant_bytes(x.T, spec) - x.numel() * x.element_size())
+    dual_bytes = quant_bytes(x, spec) + quant_bytes(x.T, spec) - x.numel() * x.element_size()  # X read once
+    add("quantize", "fp8 e4m3 dual 1x128 + 128x1", bench(lambda: quantize_dual(x, spec)), dual_bytes)
+    # The same two results without the dual kernel (its bytes counted the same way, so the ratio compares times).
+    add("quantize", "  same by quantize(X), X^T copied, quantize(X^T)",
+        bench(lambda: (quantize(x, spec), quantize(x.T.contiguous(), spec))), dual_bytes)
     y = torch.empty(x.shape, device="cuda", dtype=torch.float8_e4m3fn)
     s = torch.empty(x.numel() // 128, device="cuda", dtype=torch.float32)
     add("quantize", "peer: DeepSeek act_quant 1x128", bench(lambda: act_quant(x, y, s)), quant_bytes(x, spec))
@@ -131,21 +134,18 @@ SWEEP_N = 16384
 SWEEPS = [
     ([("fp8 e4m3 128x128", CASES[1][1], (SWEEP_N, SWEEP_N), False),
       ("int8 sym 128x128", CASES[10][1], (SWEEP_N, SWEEP_N), False)],
-     [dict(TILE_WARPS=w, ONE_BLOCK_PROGRAMS=p, PERSISTENT_STAGES=s)
-      for w, p, s in ((None, 1, 3), (None, 1, 2), (None, 1, 4), (8, 1, 3), (8, 2, 2), (8, 2, 3))]),
+     [dict(TILE_WARPS=w, ONE_BLOCK_PROGRAMS=p, PERSISTENT_STAGES=s, TILE_MAXNREG=r)
+      for w, p, s, r in ((None, 1, 3, None), (None, 1, 4, None), (None, 0, 3, None), (None, 0, 3, 64), (8, 0, 3, None),
+                         (8, 0, 3, 128), (None, 1, 3, 96))]),
     ([("int8 sym channel0", CASES[8][1], (SWEEP_N, SWEEP_N), False),
-      ("fp8 e4m3 channel0", QuantSpec(granularity="channel", axis=0), (SWEEP_N, SWEEP_N), False),
-      ("int8 asym channel0", QuantSpec(format="int8_asym", granularity="channel", axis=0), (SWEEP_N, SWEEP_N), False),
-      ("int8 sym channel0 8192", CASES[8][1], (2 * SWEEP_N, SWEEP_N // 2), False),
-      ("fp8 e4m3 channel0 8192", QuantSpec(granularity="channel", axis=0), (2 * SWEEP_N, SWEEP_N // 2), False)],
-     [dict(ROW_BLOCK_THREAD_ELEMS=e) for e in (64, 32, 16)]),
+      ("fp8 e4m3 channel0", QuantSpec(granularity="channel", axis=0), (SWEEP_N, SWEEP_N), False)],
+     [dict(ROW_BLOCK_THREAD_ELEMS=e) for e in (64, 16)]),
     ([("int8 asym 1x128", CASES[6][1], (SWEEP_N, SWEEP_N), False)],
      [dict(ASYM_WARPS=w, ASYM_MAXNREG=r, ASYM_PROGRAMS=p, PERSISTENT_STAGES=s)
-      for w, r, p, s in ((8, 128, 2, 3), (4, None, 2, 3), (8, 128, 2, 2), (8, 128, 2, 4), (8, None, 1, 3),
-                         (8, 128, 0, 3))]),
+      for w, r, p, s in ((8, 128, 2, 3), (8, 128, 2, 4), (4, None, 2, 3))]),
     ([("fp8 e4m3 dual 1x128 + 128x1", QuantSpec(), (SWEEP_N, SWEEP_N), True)],
-     [dict(DUAL_PROGRAMS=p, TILE_WARPS=w, PERSISTENT_STAGES=s)
-      for p, w, s in ((0, None, 3), (0, 8, 3), (1, None, 2), (1, None, 3), (2, 8, 2), (2, 8, 3))]),
+     [dict(DUAL_PROGRAMS=p, DUAL_WARPS=w, PERSISTENT_STAGES=s, TILE_MAXNREG=r)
+      for p, w, s, r in ((0, 8, 3, None), (0, 16, 3, None), (0, 8, 3, 128), (2, 8, 3, 128), (0, 4, 3, None))]),
 ]
 
 
