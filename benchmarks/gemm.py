@@ -133,7 +133,10 @@ def run_size(s: int, results: dict) -> None:
     # Operands quantized once by the reference (plain torch; it runs on the GPU tensors).
     qa, qb = quantize(x, BLOCK_A), quantize(w, BLOCK_B)
     ours = lambda: triton_gemm.matmul(qa, qb, torch.bfloat16)  # noqa: E731
-    record("triton fp8 block-scaled", ours)
+    record("triton fp8 block-scaled", ours)  # matmul: the Gluon kernel where it applies (sm_90)
+    triton_gemm.USE_GLUON = False
+    record("triton fp8 block-scaled, Triton kernel", ours)
+    triton_gemm.USE_GLUON = True
     try:
         cublas, api = cublas_blockwise(qa, qb)
         results["cublas_blockwise_api"] = api

@@ -13,7 +13,10 @@
   is upcast in-kernel to bf16 with its power-of-two scale folded in (exact: E2M1/E4M3/E5M2 times a
   power of two fits bf16's 8-bit significand), then multiplied on the bf16 tensor cores in fp32.
 
-Both kernels are persistent (one or two programs per SM, each walking an L2-friendly tile order) and
+* gluon_gemm._blockscaled_gemm_kernel takes the A E4M3 1x128 x B E4M3 128x128 product on sm_90
+  GPUs (warp-specialized, MMAs overlapped with the scaling; same products as the Triton kernel).
+
+The Triton kernels are persistent (one or two programs per SM, each walking an L2-friendly tile order) and
 read the codes through TMA tensor descriptors, whose zero fill beyond the edges handles ragged M, N, K.
 Scales are read through plain pointers with any strides (row- or column-major).
 """
@@ -27,11 +30,13 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from . import gluon_gemm
 from .spec import E2M1, MX_BLOCK, Granularity, QuantizedTensor
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 K_BLOCK = 128  # BLOCK_K of the FP8/INT8 kernel: K scale groups must be multiples of it
 ONE_SCALE = 0  # "rows per scale" of an operand whose one scale covers every row
+USE_GLUON = True  # run the Gluon kernel where it applies (see _gluon_applies)
 
 
 def _interpreting() -> bool:
@@ -356,11 +361,23 @@ def _zero_points(qt: QuantizedTensor, needed: bool) -> tuple:
     return zp, (zp.stride(0) if zp.dim() else 0)
 
 
+def _gluon_applies(a: QuantizedTensor, b: QuantizedTensor, device: torch.device) -> bool:
+    """Whether gluon_gemm takes A @ B^T: E4M3 A in 1 x 128 groups, E4M3 B in 128 x 128 tiles, on an
+    sm_90 GPU with a triton that has the Gluon Hopper API (never under the interpreter)."""
+    return (USE_GLUON and gluon_gemm.AVAILABLE and not _interpreting() and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] == 9
+            and a.codes.dtype == b.codes.dtype == torch.float8_e4m3fn
+            and a.spec.granularity == Granularity.GROUP and a.spec.group_size == K_BLOCK
+            and b.spec.granularity == Granularity.TILE and tuple(b.spec.tile) == (K_BLOCK, K_BLOCK))
+
+
 def _scaled_matmul(a: QuantizedTensor, b: QuantizedTensor, c: torch.Tensor) -> torch.Tensor:
     (M, K), N = a.shape, b.shape[0]
     is_int = a.spec.element.kind == "int"
     sa, sam, sak, a_rows, ga = _k_scales(a, "A")
     sb, sbn, sbk, b_rows, gb = _k_scales(b, "B")
+    if _gluon_applies(a, b, c.device):
+        return gluon_gemm.blockscaled_matmul(a.codes, sa, b.codes, sb, c.dtype, out=c)
     per_k = ga is not None or gb is not None
     if is_int and per_k:
         raise ValueError("matmul: int8 operands must be quantized per tensor or per row (channel, axis 0)")

@@ -14,14 +14,19 @@ the fp32 accumulator (about 1.3e-4 relative on random data, the same for cuBLAS 
 test_gpu_fp8_as_accurate_as_cublas), so compiled FP8 x FP8 products are held to FP8_MMA_TOL.
 """
 import math
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from quantd.kernels import reference, triton_gemm
+from quantd.kernels import gluon_gemm, reference, triton_gemm
 from quantd.kernels.spec import QuantizedTensor, QuantSpec
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FP32_TOL = 1e-5
 FP8_MMA_TOL = 3e-4
 OUT_TOL = {torch.float32: FP32_TOL, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
@@ -305,3 +310,61 @@ def test_gpu_fp8_as_accurate_as_cublas(rng):
     theirs = relative_error(cublas, expected)
     print(f"relative error vs fp64: triton {ours:.3e}, cuBLAS {theirs:.3e}")
     assert ours <= 1.25 * theirs + 1e-7
+
+
+# ---- the Gluon kernel (A E4M3 1x128 x B E4M3 128x128 on sm_90) ---------------------------------
+
+
+def test_gluon_kernel_only_where_it_applies(rng):
+    """The interpreter and CPU tensors never reach the Gluon kernel; other recipes never do either."""
+    qa, qb = quantized_pair(130, 7, 383, *BLOCK_SCALED, rng)
+    assert not triton_gemm._gluon_applies(qa, qb, torch.device("cpu"))
+    if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9 and gluon_gemm.AVAILABLE:
+        assert triton_gemm._gluon_applies(to_device(qa), to_device(qb), torch.device("cuda"))
+    for spec_a, spec_b in FP8_PAIRS:
+        if (spec_a, spec_b) != BLOCK_SCALED:
+            qa, qb = quantized_pair(130, 7, 383, spec_a, spec_b, rng)
+            assert not triton_gemm._gluon_applies(to_device(qa), to_device(qb), torch.device(DEVICE))
+
+
+def test_gluon_kernel_compiles_for_sm90(tmp_path):
+    """Without a GPU: every Gluon launch variant compiles for sm_90 with the installed triton, keeps its
+    registers (no spills), uses the FP8 wgmma, and leaves one MMA in flight while a product is scaled
+    (wait_group 1); ptxas does not serialize the wgmmas."""
+    if not gluon_gemm.AVAILABLE:
+        pytest.fail(gluon_gemm.UNAVAILABLE_REASON)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # it compiles; nothing runs
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gluon_gemm_sass.py"), "--dump",
+                          str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    variants = out.stdout.split("\n== ")[1:]
+    assert len(variants) == len(gluon_gemm.CONFIGS), out.stdout[-3000:]
+    for v in variants:
+        assert "compile failed" not in v and "serialized" not in v, v
+        assert "0 bytes spill stores, 0 bytes spill loads" in v, v
+        assert int(re.search(r"HGMMA/QGMMA (\d+)", v).group(1)) > 0, v
+        depths = re.search(r"wait_group depths in order: \[([\d, ]*)\]", v).group(1)
+        assert "1" in depths.split(", "), v
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (130, 7, 383), (257, 383, 1100), (1000, 1000, 4096),
+                                   (2048, 1536, 3072)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_gluon_same_products_as_triton(m, n, k, out_dtype, rng, monkeypatch):
+    """matmul's Gluon kernel gives the Triton kernel's products bit for bit (same MMA per K block, same
+    scaling order), with row- and column-major scales, fp32 and power-of-two scales."""
+    assert torch.cuda.get_device_capability()[0] == 9 and gluon_gemm.AVAILABLE, "needs an sm_90 GPU and Gluon"
+    for spec_a, spec_b in (BLOCK_SCALED, FP8_PAIRS[3]):
+        qa, qb = (to_device(q) for q in quantized_pair(m, n, k, spec_a, spec_b, rng))
+        assert triton_gemm._gluon_applies(qa, qb, qa.codes.device)
+        ours = triton_gemm.matmul(qa, qb, out_dtype)
+        col = QuantizedTensor(qa.codes, qa.scales.t().contiguous().t(), qa.spec, qa.shape)
+        assert torch.equal(triton_gemm.matmul(col, qb, out_dtype), ours)
+        monkeypatch.setattr(triton_gemm, "USE_GLUON", False)
+        assert torch.equal(triton_gemm.matmul(qa, qb, out_dtype), ours), f"{m}x{n}x{k} {spec_a.describe()}"
+        monkeypatch.setattr(triton_gemm, "USE_GLUON", True)
+        # fp16 overflows on these magnitudes (products up to ~1e6), where one rounding on either side of
+        # 65504 decides Inf; the fp32 products it is rounded from are the ones checked here.
+        full = ours if out_dtype != torch.float16 else triton_gemm.matmul(qa, qb, torch.float32)
+        assert relative_error(full, reference.matmul(qa, qb, full.dtype)) <= tolerance(qa.spec, full.dtype)

@@ -1,0 +1,116 @@
+"""Compile kernels/gluon_gemm.py for sm_90 on a machine without a GPU and report what ptxas made of it.
+
+    python benchmarks/gluon_gemm_sass.py [--dump DIR]
+
+For each launch variant in gluon_gemm.CONFIGS: triton.compile of the Gluon kernel with the
+specializations a real launch of contiguous operands gets (16-byte aligned pointers and C rows,
+unit inner strides of C and of row-major scales), then
+  * registers, spills, shared memory (cuobjdump -res-usage, and ptxas -v on the PTX, whose
+    warnings also say whether ptxas serialized the wgmma pipeline);
+  * the setmaxnreg split between the partitions;
+  * HGMMA / WARPGROUP.DEPBAR counts in the SASS and the wgmma.wait_group depths in the PTX
+    (wait_group 1 inside the K loop means block k+1's MMA stays in flight while block k is scaled).
+Like benchmarks/sass.py, static counts are evidence of the schedule, not of speed.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+from quantd.kernels import gluon_gemm
+
+
+
+def compile_variant(gg, cfg, out: str = "bf16"):
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    fn = gg._blockscaled_gemm_kernel
+    layout = gl.NVMMASharedLayout.get_default_for([128, gg.K_BLOCK], gl.float8e4nv)
+    desc = f"tensordesc<fp8e4nv[128, {gg.K_BLOCK}],{layout!r}>"
+    constexprs = dict(STAGES=cfg.stages, GROUP_M=cfg.group_m, CHAIN=cfg.chain, CONSUMER_REGS=cfg.consumer_regs,
+                      PRODUCER_REGS=cfg.producer_regs, stride_cn=1, stride_sak=1, stride_sbk=1)
+    types = dict(a_desc=desc, b_desc=desc, c_ptr=f"*{out}", sa_ptr="*fp32", sb_ptr="*fp32")
+    names = fn.arg_names
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    aligned = {"c_ptr", "sa_ptr", "sb_ptr", "stride_cm", "stride_sam", "stride_sbn", "M", "N", "K"}  # as M = N = K = 4096
+    attrs = {(i, ): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned}
+    src = GluonASTSource(fn=fn, signature=signature, attrs=attrs,
+                         constexprs={(names.index(k), ): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": cfg.maxnreg})
+
+
+def tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def ptxas_path() -> str:
+    """The ptxas triton itself runs for sm_90 (newer triton ships more than one)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    return get_ptxas(90).path
+
+
+def wait_depths(ptx: str) -> list:
+    """wgmma.wait_group depths in PTX order (1: the newest MMA stays in flight while older ones are read)."""
+    return [int(d) for d in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dump", default="/tmp/quantd-gluon-sass")
+    ap.add_argument("--out", default="bf16", choices=["bf16", "fp16", "fp32"])
+    args = ap.parse_args()
+    os.makedirs(args.dump, exist_ok=True)
+    gg = gluon_gemm
+    if not gg.AVAILABLE:
+        sys.exit(gg.UNAVAILABLE_REASON)
+    print(f"triton {triton.__version__}, sm_90, out {args.out}")
+    for cfg in gg.CONFIGS:
+        name = re.sub(r"\W+", "_", repr(cfg))
+        stem = os.path.join(args.dump, name)
+        try:
+            k = compile_variant(gg, cfg, args.out)
+        except Exception as e:
+            print(f"{cfg!r}: compile failed: {type(e).__name__}: {str(e)[:2000]}")
+            continue
+        for ext in ("ptx", "ttgir", "llir"):
+            with open(f"{stem}.{ext}", "w") as f:
+                f.write(k.asm[ext])
+        with open(stem + ".cubin", "wb") as f:
+            f.write(k.asm["cubin"])
+        sass = subprocess.run([tool("cuobjdump"), "-sass", stem + ".cubin"], capture_output=True, text=True).stdout
+        with open(stem + ".sass", "w") as f:
+            f.write(sass)
+        res = subprocess.run([tool("cuobjdump"), "-res-usage", stem + ".cubin"], capture_output=True, text=True).stdout
+        ptxas = subprocess.run([ptxas_path(), "-arch=sm_90a", "-v", "--warn-on-spills", f"{stem}.ptx", "-o",
+                                f"{stem}.ptxas.cubin"], capture_output=True, text=True)
+        ptx = k.asm["ptx"]
+        ops = collections.Counter(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9.]*)", sass, re.M))
+        hgmma = sum(n for op, n in ops.items() if op.startswith(("HGMMA", "QGMMA")))  # QGMMA: the FP8 form
+        depbar = sum(n for op, n in ops.items() if op.startswith("WARPGROUP.DEPBAR"))
+        arrives = sum(n for op, n in ops.items() if op.startswith("WARPGROUP.ARRIVE"))
+        print(f"\n== {cfg!r}")
+        print(f"metadata: shared {k.metadata.shared} B, num_warps {k.metadata.num_warps}, "
+              f"maxnreg {cfg.maxnreg}, launch warps {getattr(k.metadata, 'num_warps', '?')}")
+        print("res-usage:", " ".join(line.strip() for line in res.splitlines() if "REG" in line))
+        for line in (ptxas.stdout + ptxas.stderr).splitlines():
+            if "Used" in line or "spill" in line or "arning" in line or "rror" in line or "Performance" in line:
+                print("ptxas:", line.strip())
+        print("setmaxnreg:", re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))
+        forms = sorted(set(re.findall(r"WARPGROUP\.DEPBAR[.A-Z]*\s+gsb0,\s*0x\w+", sass)))
+        print(f"SASS: HGMMA/QGMMA {hgmma}, WARPGROUP.DEPBAR {depbar}, WARPGROUP.ARRIVE {arrives}; depbar forms {forms}")
+        print("PTX wgmma.mma_async:", len(re.findall(r"wgmma\.mma_async", ptx)),
+              "wait_group depths in order:", wait_depths(ptx),
+              "mbarrier.arrive:", len(re.findall(r"mbarrier\.arrive", ptx)))
+        print("top SASS ops:", ", ".join(f"{op} {n}" for op, n in ops.most_common(12)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""Hopper (sm_90) block-scaled FP8 GEMM in Triton's Gluon dialect: C = A @ B^T.
+
+The DeepSeek recipe only: A (M, K) E4M3 codes with fp32 scales per 1 x 128 group, sa (M, K/128);
+B (N, K) E4M3 codes with fp32 scales per 128 x 128 tile, sb (N/128, K/128). Every 128-wide K block's
+MMA product is promoted into an fp32 accumulator times sa[row, kb] * sb[col // 128, kb], as in
+triton_gemm._scaled_gemm_kernel; what differs is the schedule, which Gluon lets us write by hand:
+
+* Warp specialization, three partitions in one persistent program per SM:
+  - a producer (1 warp, few registers) that walks the same tiles and streams A and B blocks into a
+    ring of STAGES shared-memory slots with TMA, each slot guarded by a "ready" and an "empty" mbarrier;
+  - two consumer warpgroups (the default partition and one worker), each owning 64 rows of the
+    128 x 128 tile and reading the same B slot, each with most of the register file.
+* Inside a consumer, the MMA of K block k+1 is issued asynchronously (wgmma) into a second register
+  tile before block k's product is waited for (wgmma.wait_group 1); block k's product is then scaled
+  into the fp32 accumulator on the CUDA cores while block k+1 runs on the tensor cores. The two
+  product tiles alternate through a chain of CHAIN blocks (static unroll); the last block of a chain
+  is scaled with nothing queued behind it in this warpgroup (the other warpgroup's MMAs can fill the
+  gap). Chains rather than a rolling pipeline because ptxas serializes every wgmma of the kernel
+  (C7514) when an MMA issued before a loop back-edge is read by the CUDA cores after it. The K block
+  count is padded to even with an all-zero block (TMA zero fill).
+* The two warpgroups are not locked together: each arrives on the slot's "empty" barrier itself.
+
+Ragged M, N, K: TMA zero-fills out-of-bounds codes, scale indices are clamped, the C store is masked.
+Scales are read through plain pointers with any strides (row- or column-major).
+
+triton_gemm.matmul runs this kernel for that recipe on sm_90 GPUs and _scaled_gemm_kernel for
+everything else (and under the interpreter, which has no Gluon). Both give the same products: the
+same MMA per K block, scaled and added in the same order.
+
+Needs triton.experimental.gluon with the Hopper API of triton 3.6 (run on an H100) or later (3.9
+compiles it for sm_90); `AVAILABLE` is False and `UNAVAILABLE_REASON` says why when the import fails.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import triton
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    # gl.warp_specialize took (default_args, default_partition, worker_args, ...) before 3.6 and
+    # keywords after it; this file is written against 3.6's [(function, args), ...] form.
+    if list(inspect.signature(gl.warp_specialize).parameters)[0] != "functions_and_args":
+        raise ImportError("gl.warp_specialize has a different signature from triton 3.6's")
+    # TMA's global -> shared copy: async_load from triton 3.7 on (the old name raises there).
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    AVAILABLE, UNAVAILABLE_REASON = True, ""
+except Exception as e:  # older triton, or a Gluon without the Hopper API
+    AVAILABLE, UNAVAILABLE_REASON = False, f"triton {triton.__version__}: Gluon Hopper API unavailable ({e!r})"
+
+K_BLOCK = 128  # one MMA (and one scale group) per 128-wide K block
+SCALE_TILE = 128  # rows of B per scale (B's 128 x 128 tiles)
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class GluonConfig:
+    """A launch variant: ring depth, K blocks per MMA chain, tile walk, register split between partitions.
+
+    The tile is fixed at 128 x 128 x 128: two consumer warpgroups of 64 rows, each holding three
+    64 x 128 fp32 register tiles (accumulator and two MMA products, 192 registers a thread).
+    chain: K blocks per software-pipelined chain (even); only the last block of a chain is scaled
+    with no MMA queued behind it. maxnreg caps the whole program (12 warps: 4 + 4 + 1 padded to a
+    warpgroup, 65536 / 384 -> 168); consumer_regs and producer_regs are the setmaxnreg targets of the
+    worker partitions, and the default (consumer) partition gets what is left.
+    """
+
+    def __init__(self, stages=4, chain=4, group_m=8, maxnreg=168, consumer_regs=240, producer_regs=24):
+        self.stages, self.chain, self.group_m = stages, chain, group_m
+        self.maxnreg, self.consumer_regs, self.producer_regs = maxnreg, consumer_regs, producer_regs
+
+    def __repr__(self):
+        return (f"gluon 128x128x128 stages{self.stages} chain{self.chain} group{self.group_m} "
+                f"regs{self.consumer_regs}/{self.producer_regs}")
+
+
+# The first is the default. On an H100 (BENCHMARKS.md): chains of 8 with 4 stages 1009 / 1000 TFLOPS
+# at 4096^3 / 8192^3, chains of 4 999 / 992, chains of 2 984 / 957, 3 stages 888 / 899.
+CONFIGS = [GluonConfig(4, 8), GluonConfig(4, 4), GluonConfig(4, 2), GluonConfig(3, 4)]
+
+
+if AVAILABLE:
+
+    @gluon.jit
+    def _tile_offsets(tile, num_m, num_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+        """First row and column of `tile`, walking GROUP_M row-tiles per column so B tiles stay in L2."""
+        per_group = GROUP_M * num_n
+        first_m = (tile // per_group) * GROUP_M
+        group_m = gl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % per_group) % group_m
+        pid_n = (tile % per_group) // group_m
+        return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+    @gluon.jit
+    def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                  GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+        """TMA loads of every K block of this program's tiles into the slot ring (one warp)."""
+        num_m = gl.cdiv(M, BLOCK_M)
+        num_n = gl.cdiv(N, BLOCK_N)
+        blocks = 2 * gl.cdiv(gl.cdiv(K, BLOCK_K), 2)  # even: the consumers take K blocks in pairs
+        nbytes: gl.constexpr = (BLOCK_M + BLOCK_N) * BLOCK_K  # one byte a code
+        c = 0
+        for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
+            off_m, off_n = _tile_offsets(tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
+            for kb in range(blocks):
+                s = c % STAGES
+                # A fresh mbarrier counts as having completed the phase before 0: the first lap waits for nothing.
+                mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
+                mbarrier.expect(ready.index(s), nbytes)
+                # Past K (the padding block) TMA writes zeros and still counts the whole box.
+                _tma_load(a_desc, [off_m, kb * BLOCK_K], ready.index(s), a_bufs.index(s))
+                _tma_load(b_desc, [off_n, kb * BLOCK_K], ready.index(s), b_bufs.index(s))
+                c += 1
+
+    @gluon.jit
+    def _issue(a_bufs, b_bufs, ready, c, free, sa_ptrs, sb_ptr, kb, k_groups, stride_sak, stride_sbk,
+               WG: gl.constexpr, HALF_M: gl.constexpr, STAGES: gl.constexpr):
+        """Start the MMA of slot c's block into the register tile `free` (its old value unused) and load
+        that block's scales; returns (MMA in flight, A's scales (HALF_M,), B's scale)."""
+        s = c % STAGES
+        mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+        a = a_bufs.index(s).slice(WG * HALF_M, HALF_M, dim=0)
+        tok = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), free, use_acc=False, is_async=True)
+        kq = gl.minimum(kb, k_groups - 1)  # the padding block (all zeros) reads the last group's scales
+        return tok, gl.load(sa_ptrs + kq * stride_sak), gl.load(sb_ptr + kq * stride_sbk)
+
+    @gluon.jit
+    def _retire(tok, acc, sa, sb, empty, c, OUTSTANDING: gl.constexpr, STAGES: gl.constexpr):
+        """Wait for the MMA `tok` (leaving OUTSTANDING newer ones running), free its slot, and add its
+        scaled product to the fp32 accumulator; returns (accumulator, the product's registers, now free)."""
+        p = warpgroup_mma_wait(num_outstanding=OUTSTANDING, deps=[tok])
+        mbarrier.arrive(empty.index(c % STAGES), count=1)
+        # acc += p * scale as inline asm with side effects: LLVM must keep it before the next wgmma
+        # that reuses p's registers. (A plain fma is sunk past that wgmma; p's registers then have to
+        # live on while the wgmma writes them, and ptxas serializes every wgmma of the kernel.)
+        acc = gl.inline_asm_elementwise("fma.rn.f32 $0, $1, $2, $3;", "=r,r,r,r",
+                                        [p, gl.expand_dims(sa, 1) * sb, acc], dtype=gl.float32,
+                                        is_pure=False, pack=1)
+        return acc, p
+
+    @gluon.jit
+    def _chain(a_bufs, b_bufs, ready, empty, x, y, acc, c, kb, sa_ptrs, sb_tile, k_groups, stride_sak, stride_sbk,
+               WG: gl.constexpr, HALF_M: gl.constexpr, STAGES: gl.constexpr, BLOCKS: gl.constexpr):
+        """BLOCKS (even) consecutive K blocks from slot c / K block kb, alternating between the product
+        tiles x and y: each block's MMA is issued before the previous block's product is waited for
+        and scaled, so the tensor cores always have one queued, except while the last is scaled.
+
+        Every MMA is retired inside the chain: ptxas serializes all wgmmas of the kernel (C7514) when
+        one issued before a loop back-edge is read by the CUDA cores after it.
+        """
+        tx, sax, sbx = _issue(a_bufs, b_bufs, ready, c, x, sa_ptrs, sb_tile, kb, k_groups, stride_sak, stride_sbk,
+                              WG, HALF_M, STAGES)
+        for j in gl.static_range(0, BLOCKS, 2):
+            ty, say, sby = _issue(a_bufs, b_bufs, ready, c + j + 1, y, sa_ptrs, sb_tile, kb + j + 1, k_groups,
+                                  stride_sak, stride_sbk, WG, HALF_M, STAGES)
+            acc, x = _retire(tx, acc, sax, sbx, empty, c + j, 1, STAGES)
+            if j + 2 < BLOCKS:
+                tx, sax, sbx = _issue(a_bufs, b_bufs, ready, c + j + 2, x, sa_ptrs, sb_tile, kb + j + 2, k_groups,
+                                      stride_sak, stride_sbk, WG, HALF_M, STAGES)
+                acc, y = _retire(ty, acc, say, sby, empty, c + j + 1, 1, STAGES)
+            else:
+                acc, y = _retire(ty, acc, say, sby, empty, c + j + 1, 0, STAGES)
+        return acc, x, y
+
+    @gluon.jit
+    def _consumer(a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, M, N, K,
+                  stride_cm, stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk,
+                  WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                  GROUP_M: gl.constexpr, STAGES: gl.constexpr, CHAIN: gl.constexpr):
+        """One warpgroup: rows WG*64 .. WG*64+63 of every tile, K blocks in chains of CHAIN (the last
+        pairs of a tile in chains of 2), then a masked store of its 64 x 128 piece of C."""
+        HALF_M: gl.constexpr = BLOCK_M // 2
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BLOCK_N, 32])
+        VEC: gl.constexpr = 128 // c_ptr.dtype.element_ty.primitive_bitwidth  # elements in 16 bytes
+        store_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // BLOCK_N, BLOCK_N // VEC], [4, 1], [1, 0])
+        num_m = gl.cdiv(M, BLOCK_M)
+        num_n = gl.cdiv(N, BLOCK_N)
+        k_groups = gl.cdiv(K, BLOCK_K)
+        pairs = gl.cdiv(k_groups, 2)  # the producer pads an odd block count with one zero block
+        x = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma)  # the two MMA product tiles
+        y = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma)
+        c = 0  # slot counter, in step with the producer's
+        for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
+            off_m, off_n = _tile_offsets(tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
+            rows = off_m + WG * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, mma))
+            sa_ptrs = sa_ptr + gl.minimum(rows, M - 1) * stride_sam
+            sb_tile = sb_ptr + (off_n // 128) * stride_sbn
+            acc = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma)
+            kb = 0
+            for i in range(pairs // (CHAIN // 2)):
+                acc, x, y = _chain(a_bufs, b_bufs, ready, empty, x, y, acc, c, kb, sa_ptrs, sb_tile, k_groups,
+                                   stride_sak, stride_sbk, WG, HALF_M, STAGES, CHAIN)
+                c += CHAIN
+                kb += CHAIN
+            for i in range(pairs % (CHAIN // 2)):
+                acc, x, y = _chain(a_bufs, b_bufs, ready, empty, x, y, acc, c, kb, sa_ptrs, sb_tile, k_groups,
+                                   stride_sak, stride_sbk, WG, HALF_M, STAGES, 2)
+                c += 2
+                kb += 2
+            # Through shared memory into rows of 16-byte pieces, for wide coalesced stores.
+            out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), store_layout)
+            r = gl.expand_dims(off_m + WG * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, store_layout)), 1)
+            q = gl.expand_dims(off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, store_layout)), 0)
+            gl.store(c_ptr + r.to(gl.int64) * stride_cm + q * stride_cn, out, mask=(r < M) & (q < N))
+
+    @gluon.jit
+    def _blockscaled_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, M, N, K,
+                                 stride_cm, stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk,
+                                 STAGES: gl.constexpr, GROUP_M: gl.constexpr, CHAIN: gl.constexpr,
+                                 CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+        """C = (A codes x B codes^T) with A's 1x128 and B's 128x128 scales; see the module docstring.
+
+        Persistent: program p takes tiles p, p + num_programs, ... in the GROUP_M order of _tile_offsets.
+        Launched with num_warps=4 (the default partition, consumer warpgroup 0).
+        """
+        BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+        gl.static_assert(BLOCK_N == 128, "one B scale (128 x 128 tiles) per tile column")
+        gl.static_assert(CHAIN % 2 == 0, "K blocks go in pairs")
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)  # the producer's expect; TMA completes the bytes
+            mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warpgroup
+        gl.warp_specialize([
+            (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, M, N, K, stride_cm, stride_cn,
+                         stride_sam, stride_sak, stride_sbn, stride_sbk, 0, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, CHAIN)),
+            (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, M, N, K, stride_cm, stride_cn,
+                         stride_sam, stride_sak, stride_sbn, stride_sbk, 1, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, CHAIN)),
+            (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K,
+                         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+# ---- host side ----------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _codes_descriptor(codes: torch.Tensor, k: int, rows_per_block: int):
+    """A TMA descriptor over 2-D E4M3 codes (block rows_per_block x 128); rows whose byte stride is not
+    a multiple of 16 (ragged K) are first copied into a zero-padded buffer, as triton_gemm does."""
+    rows = codes.shape[0]
+    if not (codes.stride(1) == 1 and codes.stride(0) % 16 == 0 and codes.data_ptr() % 16 == 0):
+        padded = torch.zeros((rows, -(-k // 16) * 16), dtype=codes.dtype, device=codes.device)
+        padded[:, :k] = codes
+        codes = padded
+    block = [rows_per_block, K_BLOCK]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv)
+    return TensorDescriptor(codes, [rows, k], [codes.stride(0), 1], block, layout)
+
+
+def blockscaled_matmul(a_codes: torch.Tensor, sa: torch.Tensor, b_codes: torch.Tensor, sb: torch.Tensor,
+                       out_dtype: torch.dtype = torch.bfloat16, config: GluonConfig | None = None,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """C = dequant(A) @ dequant(B)^T (M, N) in `out_dtype`, on an sm_90 GPU.
+
+    a_codes (M, K) float8_e4m3fn with sa (M, ceil(K/128)) fp32 scales (1 x 128 groups);
+    b_codes (N, K) float8_e4m3fn with sb (ceil(N/128), ceil(K/128)) fp32 scales (128 x 128 tiles).
+    Scales may have any strides. `config` picks a launch variant (default CONFIGS[0]). `out`: an (M, N)
+    tensor of out_dtype to write into (any strides) instead of a new one.
+    """
+    if not AVAILABLE:
+        raise RuntimeError(f"gluon_gemm: {UNAVAILABLE_REASON}")
+    (M, K), N = a_codes.shape, b_codes.shape[0]
+    kb = -(-K // K_BLOCK)
+    if a_codes.dtype != torch.float8_e4m3fn or b_codes.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"gluon_gemm: codes must be float8_e4m3fn, got {a_codes.dtype} and {b_codes.dtype}")
+    if b_codes.shape[1] != K or tuple(sa.shape) != (M, kb) or tuple(sb.shape) != (-(-N // SCALE_TILE), kb):
+        raise ValueError(f"gluon_gemm: shapes A {list(a_codes.shape)} sa {list(sa.shape)} B {list(b_codes.shape)} "
+                         f"sb {list(sb.shape)} do not fit the 1x128 x 128x128 recipe")
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"gluon_gemm: out_dtype {out_dtype} is not supported")
+    if a_codes.device.type != "cuda" or torch.cuda.get_device_capability(a_codes.device)[0] != 9:
+        raise ValueError("gluon_gemm: needs CUDA tensors on an sm_90 (Hopper) GPU")
+    c = torch.empty((M, N), dtype=out_dtype, device=a_codes.device) if out is None else out
+    if tuple(c.shape) != (M, N) or c.dtype != out_dtype:
+        raise ValueError(f"gluon_gemm: out is {c.dtype} {list(c.shape)}, expected {out_dtype} {[M, N]}")
+    if M == 0 or N == 0:
+        return c
+    if K == 0:
+        return c.zero_()
+    cfg = config or CONFIGS[0]
+    sa, sb = sa.float(), sb.float()
+    tiles = -(-M // 128) * -(-N // 128)
+    index = a_codes.device.index if a_codes.device.index is not None else torch.cuda.current_device()
+    grid = (min(_sm_count(index), tiles), )
+    _blockscaled_gemm_kernel[grid](
+        _codes_descriptor(a_codes, K, 128), _codes_descriptor(b_codes, K, 128), c, sa, sb, M, N, K,
+        c.stride(0), c.stride(1), sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1),
+        STAGES=cfg.stages, GROUP_M=cfg.group_m, CHAIN=cfg.chain, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
+        num_warps=4, maxnreg=cfg.maxnreg)
+    return c
