@@ -27,7 +27,6 @@ from triton.backends.compiler import GPUTarget
 from quantd.kernels import gluon_gemm
 
 
-
 def compile_variant(gg, cfg, out: str = "bf16"):
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource

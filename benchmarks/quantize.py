@@ -178,11 +178,11 @@ def sweep_configs():
     return out
 
 
-def plot(rows, path):
+def plot(rows, path, device: str):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(12, 6))
     names = []
     for r in rows:
         if (r["op"], r["name"]) not in names:
@@ -195,9 +195,9 @@ def plot(rows, path):
     ax.set_xscale("log", base=2)
     ax.set_xlabel("input size (MiB of bf16, square n x n)")
     ax.set_ylabel("GB/s (bytes read + written)")
-    ax.set_title(f"quantd quantize/dequantize, {torch.cuda.get_device_name()}")
+    ax.set_title(f"quantd quantize/dequantize, {device}")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -209,7 +209,14 @@ def main():
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384],
                     help="n of the n x n inputs (the last also runs the peers)")
+    ap.add_argument("--plot-only", metavar="JSON", help="redraw quantize_bandwidth.png in --out from a saved "
+                    "quantize_bench.json")
     args = ap.parse_args()
+    if args.plot_only:
+        with open(args.plot_only) as f:
+            saved = json.load(f)
+        plot(saved["rows"], os.path.join(args.out, "quantize_bandwidth.png"), saved["meta"]["device"])
+        return
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 python=sys.version.split()[0])
@@ -224,7 +231,7 @@ def main():
     with open(os.path.join(args.out, "quantize_bench.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     try:
-        plot(rows, os.path.join(args.out, "quantize_bandwidth.png"))
+        plot(rows, os.path.join(args.out, "quantize_bandwidth.png"), meta["device"])
     except ImportError as e:
         print("no plot:", e)
     print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}")
