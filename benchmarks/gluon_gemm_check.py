@@ -8,8 +8,7 @@
     operands, relative difference to the Triton kernel (triton_gemm.matmul without Gluon, fp32 out; expected
     <= 1e-6), and the same product with column-major scales (expected identical).
 (b) At each --sizes S (S^3): median GPU time (triton.testing.do_bench_cudagraph) and TFLOPS of each
-    variant, of the Triton kernel and of cuBLAS blockwise (torch scaled_mm, as benchmarks/gemm.py
-    calls it), and the ratios.
+    variant, of the Triton kernel and of cuBLAS blockwise (gemm.cublas_blockwise), and the ratios.
 Each variant is tried on its own: a failure is printed and the others still run (a CUDA fault, though,
 poisons the context for everything after it; a hang needs the caller's timeout).
 """
@@ -24,28 +23,10 @@ import torch
 import triton
 import triton.testing
 
+from gemm import BLOCK_A, BLOCK_B, cublas_blockwise
 from quantd.kernels import gluon_gemm, reference, triton_gemm
-from quantd.kernels.spec import QuantSpec
 
-BLOCK_A = QuantSpec("fp8_e4m3", "group", group_size=128)
-BLOCK_B = QuantSpec("fp8_e4m3", "tile", tile=(128, 128))
 SHAPES = [(128, 128, 128), (257, 383, 1100), (1000, 1000, 4096), (4096, 4096, 4096)]
-
-
-def cublas_blockwise(qa, qb):
-    """cuBLAS 1x128 x 128x128 through torch, called as benchmarks/gemm.py calls it.
-
-    cuBLAS wants A's scales M-major (column-major (M, K/128)) and B's as (K/128, N/128), K-major.
-    """
-    a, b = qa.codes, qb.codes.t()
-    sa = qa.scales.t().contiguous().t()
-    sb = qb.scales.t()
-    F = torch.nn.functional
-    if hasattr(F, "scaled_mm") and hasattr(F, "ScalingType"):
-        st = F.ScalingType
-        return lambda: F.scaled_mm(a, b, sa, st.BlockWise1x128, sb, st.BlockWise128x128,  # noqa: E731
-                                   output_dtype=torch.bfloat16)
-    return lambda: torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)  # noqa: E731
 
 
 def relative_error(c, ref) -> float:
@@ -109,7 +90,7 @@ def bench(gg, sizes) -> None:
             except Exception as e:
                 report_failure(f"bench {s:5d} {name}", e)
 
-        record("cublas blockwise (torch scaled_mm)", cublas_blockwise(qa, qb))
+        record("cublas blockwise (torch scaled_mm)", cublas_blockwise(qa, qb)[0])
         record("triton_gemm.matmul", lambda: triton_gemm.matmul(qa, qb, torch.bfloat16))
         for cfg in gg.CONFIGS:
             record(repr(cfg), lambda cfg=cfg: gg.blockscaled_matmul(qa.codes, qa.scales, qb.codes, qb.scales,

@@ -38,6 +38,8 @@ import inspect
 import torch
 import triton
 
+from .tile_order import tile_offsets
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -86,15 +88,7 @@ CONFIGS = [GluonConfig(4, 8), GluonConfig(4, 4), GluonConfig(4, 2), GluonConfig(
 
 if AVAILABLE:
 
-    @gluon.jit
-    def _tile_offsets(tile, num_m, num_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
-        """First row and column of `tile`, walking GROUP_M row-tiles per column so B tiles stay in L2."""
-        per_group = GROUP_M * num_n
-        first_m = (tile // per_group) * GROUP_M
-        group_m = gl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % per_group) % group_m
-        pid_n = (tile % per_group) // group_m
-        return pid_m * BLOCK_M, pid_n * BLOCK_N
+    _tile_offsets = gluon.jit(tile_offsets)
 
     @gluon.jit
     def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K,

@@ -31,6 +31,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import gluon_gemm
+from .tile_order import tile_offsets
 from .spec import E2M1, MX_BLOCK, Granularity, QuantizedTensor
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -46,15 +47,7 @@ def _interpreting() -> bool:
 # ---- kernels ----------------------------------------------------------------------------------
 
 
-@triton.jit
-def _tile_offsets(tile, num_m, num_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """First row and column of `tile`, walking GROUP_M row-tiles per column so B tiles stay in L2."""
-    per_group = GROUP_M * num_n
-    first_m = (tile // per_group) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (tile % per_group) % group_m
-    pid_n = (tile % per_group) // group_m
-    return pid_m * BLOCK_M, pid_n * BLOCK_N
+_tile_offsets = triton.jit(tile_offsets)
 
 
 @triton.jit
