@@ -453,3 +453,27 @@ def test_gpu_explicit_scales(spec, rng):
 def test_gpu_quotient_across_fp32_range(fmt, rng):
     for _ in range(20):
         every_bf16_under_scales_across_fp32(fmt, rng, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_backend_runs_on_the_tensors_device(rng):
+    """Triton launches on the current device: the backend makes the tensors' device current, so a
+    tensor on cuda:1 is quantized, dequantized and multiplied there while cuda:0 is current."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs (the second must not be the current device)")
+    spec = QuantSpec(granularity="tile", tile=(128, 128))
+    x = random_input((300, 260), torch.bfloat16, rng)
+    with torch.cuda.device(0):
+        got = dispatch.quantize(x.to("cuda:1"), spec)
+        assert got.codes.device == torch.device("cuda:1")
+        assert_same_qt(got, reference_quantize(x, spec))
+        back = dispatch.dequantize(got, torch.float32)
+        want = dispatch.dequantize(reference_quantize(x, spec), torch.float32, backend="reference")
+        torch.testing.assert_close(back.cpu(), want, rtol=0, atol=0, equal_nan=True)
+        finite = x.float().nan_to_num(0.0, 0.0, 0.0)
+        a, b = (dispatch.quantize(finite.to("cuda:1"), s) for s in (QuantSpec(), spec))
+        c = dispatch.matmul(a, b, torch.float32)
+        want = dispatch.matmul(reference_quantize(finite, QuantSpec()), reference_quantize(finite, spec), torch.float32,
+                               backend="reference")
+        assert c.device == torch.device("cuda:1")
+        assert float((c.cpu().double() - want.double()).norm() / want.double().norm()) < 3e-4
