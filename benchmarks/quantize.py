@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from peers import torchao_blockwise
-from quantd.kernels import reference, triton_quantize
+from quantd.kernels import reference, triton_dequantize, triton_quantize
 from quantd.kernels.spec import QuantizedTensor, QuantSpec
 from quantd.kernels.triton_dequantize import dequantize
 
@@ -128,51 +128,75 @@ def run_main(n: int, rows: list, with_compile: bool):
             bench(lambda: g(qt.codes, qt.scales)), x.numel() * 3 + qt.scales.numel() * 4)
 
 
-# What --sweep tries: (cases, settings), a setting being values of triton_quantize's tuning globals
-# (the first setting of each group is the shipped one). A case is (name, spec, shape, dual).
+# What --sweep tries: (cases, settings), a setting being values of the tuning globals of
+# triton_quantize or triton_dequantize (the first setting of each group is the shipped one).
+# A case is (name, spec, shape, op), op "quantize", "dual" or "dequantize".
 SWEEP_N = 16384
+SQUARE = (SWEEP_N, SWEEP_N)
 SWEEPS = [
-    ([("fp8 e4m3 128x128", CASES[1][1], (SWEEP_N, SWEEP_N), False),
-      ("int8 sym 128x128", CASES[10][1], (SWEEP_N, SWEEP_N), False)],
+    ([("fp8 e4m3 128x128", CASES[1][1], SQUARE, "quantize"), ("int8 sym 128x128", CASES[10][1], SQUARE, "quantize")],
      [dict(TILE_WARPS=w, ONE_BLOCK_PROGRAMS=p, PERSISTENT_STAGES=s, TILE_MAXNREG=r)
       for w, p, s, r in ((None, 1, 3, None), (None, 1, 4, None), (None, 0, 3, None), (None, 0, 3, 64), (8, 0, 3, None),
                          (8, 0, 3, 128), (None, 1, 3, 96))]),
-    ([("int8 sym channel0", CASES[8][1], (SWEEP_N, SWEEP_N), False),
-      ("fp8 e4m3 channel0", QuantSpec(granularity="channel", axis=0), (SWEEP_N, SWEEP_N), False)],
+    ([("fp8 e4m3 128x128", CASES[1][1], SQUARE, "dequantize"),
+      ("int8 asym 128x128", QuantSpec(format="int8_asym", granularity="tile", tile=(128, 128)), SQUARE, "dequantize")],
+     [dict(DEQUANT_SPLIT=n, TILE_WARPS=w) for n, w in ((1, None), (2, None), (4, None), (2, 16), (4, 16), (2, 4))]),
+    ([("int8 sym channel0", CASES[8][1], SQUARE, "quantize"),
+      ("fp8 e4m3 channel0", QuantSpec(granularity="channel", axis=0), SQUARE, "quantize")],
      [dict(ROW_BLOCK_THREAD_ELEMS=e) for e in (64, 16)]),
-    ([("int8 asym 1x128", CASES[6][1], (SWEEP_N, SWEEP_N), False)],
+    ([("int8 asym 1x128", CASES[6][1], SQUARE, "quantize")],
      [dict(ASYM_WARPS=w, ASYM_MAXNREG=r, ASYM_PROGRAMS=p, PERSISTENT_STAGES=s)
       for w, r, p, s in ((8, 128, 2, 3), (8, 128, 2, 4), (4, None, 2, 3))]),
-    ([("fp8 e4m3 dual 1x128 + 128x1", QuantSpec(), (SWEEP_N, SWEEP_N), True)],
+    ([("fp8 e4m3 dual 1x128 + 128x1", QuantSpec(), SQUARE, "dual")],
      [dict(DUAL_PROGRAMS=p, DUAL_WARPS=w, PERSISTENT_STAGES=s, TILE_MAXNREG=r)
       for p, w, s, r in ((0, 8, 3, None), (0, 16, 3, None), (0, 8, 3, 128), (2, 8, 3, 128), (0, 4, 3, None))]),
 ]
 
 
+def _result_bytes(result) -> list:
+    """A result as byte tensors: a dequantized tensor, or the codes, scales and zero points of a quantize
+    (of both, for the dual layout)."""
+    if isinstance(result, torch.Tensor):
+        return [result.contiguous().view(torch.uint8)]
+    out = []
+    for qt in result if isinstance(result, tuple) else (result,):
+        out += [t.contiguous().view(torch.uint8) for t in (qt.codes, qt.scales, qt.zero_points) if t is not None]
+    return out
+
+
+def _tuned_module(name: str):
+    return triton_quantize if hasattr(triton_quantize, name) else triton_dequantize
+
+
 def sweep_configs():
-    """x copy of quantize (and dequantize, where the setting can matter to it) under each setting of
-    SWEEPS (prints; picks nothing)."""
+    """x copy of each case under each setting of SWEEPS (prints; picks nothing). Every setting's result
+    must be byte-identical to the first setting's (the input has Inf, NaN and subnormal blocks too)."""
     out = []
     for cases, settings in SWEEPS:
-        for name, spec, shape, dual in cases:
+        for name, spec, shape, op in cases:
             x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+            x[:7, :5] = torch.tensor([float("inf"), float("nan"), -1e-40, 0.0, -float("inf")])
             _, copy_gbs = time_copy(x)
-            qb = quant_bytes(x, spec) + (quant_bytes(x.T, spec) - x.numel() * x.element_size() if dual else 0)
+            qb = quant_bytes(x, spec) + (quant_bytes(x.T, spec) - x.numel() * x.element_size() if op == "dual" else 0)
+            qt = quantize(x, spec)  # shipped settings: what dequantize reads
+            first = None
             for setting in settings:
-                kept = {k: getattr(triton_quantize, k) for k in setting}
+                kept = {k: getattr(_tuned_module(k), k) for k in setting}
                 for k, v in setting.items():
-                    setattr(triton_quantize, k, v)
+                    setattr(_tuned_module(k), k, v)
                 try:
-                    run = (lambda: quantize_dual(x, spec)) if dual else (lambda: quantize(x, spec))
-                    line = f"{name:<30} {setting}: q {qb / bench(run) / 1e6 / copy_gbs:.3f}"
-                    if "TILE_WARPS" in setting and not dual:
-                        qt = quantize(x, spec)
-                        line += f" dq {qb / bench(lambda: dequantize(qt, torch.bfloat16)) / 1e6 / copy_gbs:.3f}"
+                    run = {"quantize": lambda: quantize(x, spec), "dual": lambda: quantize_dual(x, spec),
+                           "dequantize": lambda: dequantize(qt, torch.bfloat16)}[op]
+                    got = _result_bytes(run())
+                    first = got if first is None else first
+                    same = len(got) == len(first) and all(torch.equal(a, b) for a, b in zip(got, first))
+                    line = f"{name:<30} {op:<10} {setting}: {qb / bench(run) / 1e6 / copy_gbs:.3f} x copy"
+                    line += "" if same else "  RESULT DIFFERS FROM THE FIRST SETTING'S"
                 except Exception as exc:  # one failing setting must not hide the others
-                    line = f"{name:<30} {setting}: failed: {type(exc).__name__}: {exc}"
+                    line = f"{name:<30} {op} {setting}: failed: {type(exc).__name__}: {exc}"
                 finally:
                     for k, v in kept.items():
-                        setattr(triton_quantize, k, v)
+                        setattr(_tuned_module(k), k, v)
                 print(line, flush=True)
                 out.append(line)
     return out

@@ -18,6 +18,11 @@ from .triton_quantize import (MAX_REGISTER_BLOCK, _block_ids, _tile_coords, _as_
                               block_geometry, interpreting)
 
 
+# Programs a block of one-block tiles (a power-of-two number of rows: 128 x 128 tiles) is dequantized
+# by, each taking its share of the rows (1: a block a program); swept by benchmarks/quantize.py.
+DEQUANT_SPLIT = 1
+
+
 @triton.jit
 def _decode_minifloat(b, NBITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr,
                       SPECIALS: tl.constexpr):
@@ -42,15 +47,16 @@ def _dequantize_kernel(
     codes_ptr, scales_ptr, zp_ptr, out_ptr,
     R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sq_p, sq_r, ss_r, ss_c,
     RB: tl.constexpr, TBR: tl.constexpr, TBRP: tl.constexpr, CB: tl.constexpr, TBC: tl.constexpr, TBCP: tl.constexpr,
-    BLOCKED: tl.constexpr, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr, UNPACK4: tl.constexpr,
+    BLOCKED: tl.constexpr, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr, UNPACK4: tl.constexpr, SPLIT: tl.constexpr,
     DECODE_BITS: tl.constexpr, POW2: tl.constexpr, ASYM: tl.constexpr,
     NBITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, SPECIALS: tl.constexpr,
     BF16_BITS: tl.constexpr,
 ):
     """Values of one [RB, TBRP, CB, TBCP] tile over the (P, R, C) view (codes and output contiguous).
 
-    BLOCKED: the TBR x TBC sub-tiles are the blocks (one scale each); else each element's
-    block is looked up (on rows and/or columns: BID_ROWS / BID_COLS).
+    BLOCKED: the TBR x TBC sub-tiles are the blocks (one scale each), or SPLIT > 1 of them stacked make
+    one block (its rows split across programs); else each element's block is looked up (on rows
+    and/or columns: BID_ROWS / BID_COLS).
     DECODE_BITS: codes are raw bits to decode; else the code dtype widens.
     BF16_BITS: round to bf16 on the bits (the interpreter's fp32 -> bf16 cast truncates).
     """
@@ -70,7 +76,7 @@ def _dequantize_kernel(
         v = tl.load(q_base + cols, mask=valid).to(tl.float32)  # masked lanes are never stored
 
     if BLOCKED:
-        brow = pid_r * RB + rb
+        brow = (pid_r * RB + rb) // SPLIT
         bcol = pid_c * CB + cb
         smask = (brow < NBR) & (bcol < NBC)
         soff = brow.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c
@@ -133,6 +139,10 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
 
     blocked = _pow2_ceil(br) * _pow2_ceil(bc) <= MAX_REGISTER_BLOCK
     rb, tbr, tbrp, cb, tbc, tbcp, _ = _tile_geometry(br, bc, R, C, blocked)
+    split = 1
+    if blocked and rb * cb == 1 and br == tbrp and br % DEQUANT_SPLIT == 0 and DEQUANT_SPLIT < br:
+        split = DEQUANT_SPLIT  # one block in SPLIT programs of br / SPLIT rows each
+        tbr = tbrp = br // split
     warps = _warps(rb * tbrp * cb * tbcp)
     tiles_r, tiles_c = _cdiv(R, rb * tbr), _cdiv(C, cb * tbc)
     ccols = (C + 1) // 2 if el is E2M1 else C
@@ -141,7 +151,7 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
         codes, scales, scales if zps is None else zps, out.view(torch.int16) if bf16_bits else out,
         R, C, nbr, nbc, br, bc, tiles_r, tiles_c, R * ccols, ccols, scales.stride(0), scales.stride(1),
         RB=rb, TBR=tbr, TBRP=tbrp, CB=cb, TBC=tbc, TBCP=tbcp, BLOCKED=blocked, BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
-        UNPACK4=el is E2M1,
+        UNPACK4=el is E2M1, SPLIT=split,
         DECODE_BITS=decode_bits, POW2=pow2, ASYM=zps is not None,
         NBITS=el.bits, EBITS=el.ebits, MBITS=el.mbits, BIAS=el.bias, SPECIALS=_specials(el),
         BF16_BITS=bf16_bits, num_warps=warps,

@@ -9,7 +9,7 @@ bit-decoding path compiled, on every code and many shapes.
 import pytest
 import torch
 
-from quantd.kernels import dispatch, reference
+from quantd.kernels import dispatch, reference, triton_dequantize
 from quantd.kernels.spec import QuantizedTensor, QuantSpec
 from quantd.kernels.triton_dequantize import dequantize
 from triton_cases import DTYPES, all_specs, assert_same_values, random_input, reference_quantize
@@ -103,6 +103,21 @@ def test_round_trip_through_dispatch(rng):
     assert_same_values(dispatch.dequantize(qt, backend="triton"), reference.dequantize(_on_cpu(qt)))
 
 
+SPLIT_SPECS = [QuantSpec(granularity="tile", tile=(128, 128)), QuantSpec(format="int8_asym", granularity="tile",
+                                                                          tile=(128, 128)),
+               QuantSpec(format="fp8_e5m2", granularity="tile", tile=(256, 64), scale_encoding="pow2")]
+
+
+@pytest.mark.parametrize("split", [2, 4])
+@pytest.mark.parametrize("spec", SPLIT_SPECS, ids=str)
+def test_blocks_split_across_programs(spec, split, rng, monkeypatch):
+    """DEQUANT_SPLIT: a block's rows dequantized by several programs, each reading the block's scale."""
+    monkeypatch.setattr(triton_dequantize, "DEQUANT_SPLIT", split)
+    for shape in ((300, 260), (129, 100), (1, 5)):
+        check(random_codes(spec, shape, rng), torch.float32)
+    check(reference_quantize(random_input((257, 300), torch.bfloat16, rng), spec), torch.bfloat16)
+
+
 def test_bad_input():
     qt = reference.quantize(torch.randn(4, 256), QuantSpec())
     with pytest.raises(TypeError, match="out_dtype"):
@@ -135,6 +150,15 @@ def test_gpu_every_code(fmt, exact_fp8, rng):
     qt.codes.view(torch.uint8).reshape(-1)[:256] = torch.arange(256, dtype=torch.int32).to(torch.uint8)
     for out_dtype in DTYPES:
         check(_to(qt, "cuda"), out_dtype, exact_fp8=exact_fp8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [2, 4])
+@pytest.mark.parametrize("spec", SPLIT_SPECS, ids=str)
+def test_gpu_blocks_split_across_programs(spec, split, rng, monkeypatch):
+    monkeypatch.setattr(triton_dequantize, "DEQUANT_SPLIT", split)
+    for shape in ((1, 1), (127, 257), (4097, 1000), (16384, 4096)):
+        check(_to(random_codes(spec, shape, rng), "cuda"), torch.bfloat16)
 
 
 @pytest.mark.gpu
