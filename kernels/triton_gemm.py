@@ -177,9 +177,9 @@ def _e2m1_to_f32(codes):
 
 @triton.jit
 def _e8m0_to_f32(e):
-    """2**(e - 127) as fp32 for E8M0 bits e (0 gives the subnormal 2**-127)."""
+    """2**(e - 127) as fp32 for E8M0 bits e (0 gives the subnormal 2**-127; 255 is NaN, as the reference reads it)."""
     e = e.to(tl.int32)
-    return tl.where(e == 0, 0x00400000, e << 23).to(tl.float32, bitcast=True)
+    return tl.where(e == 0, 0x00400000, tl.where(e == 255, 0x7FC00000, e << 23)).to(tl.float32, bitcast=True)
 
 
 @triton.jit

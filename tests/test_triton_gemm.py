@@ -210,6 +210,22 @@ def test_mx_nan_and_bf16_out(rng):
     check(reference.quantize(a, QuantSpec("mxfp4")), reference.quantize(b, QuantSpec("mxfp4")), torch.bfloat16)
 
 
+@pytest.mark.parametrize("spec_a,spec_b", MX_PAIRS[:2], ids=lambda s: s.describe())
+def test_mx_nan_scale(spec_a, spec_b, rng):
+    """E8M0 byte 255 is NaN (the reference's reading): every product that uses that group is NaN."""
+    qa = reference.quantize(random_matrix((20, 100), rng), spec_a)
+    qb = reference.quantize(random_matrix((30, 100), rng).abs(), spec_b)
+    scales, codes = qa.scales.clone(), qa.codes.clone()
+    scales.view(torch.uint8)[4, 1] = 255
+    # That group's values all +1 and B's all >= 0: an Inf scale would give +Inf, not NaN.
+    if spec_a.element.bits == 4:
+        codes.view(torch.uint8)[4, 16:32] = 0x22  # elements 32..63, two E2M1 1.0 a byte
+    else:
+        codes.view(torch.uint8)[4, 32:64] = 0x38  # E4M3 1.0
+    got, _ = check(QuantizedTensor(codes, scales, qa.spec, qa.shape), qb)
+    assert torch.isnan(got[4]).all() and not torch.isnan(got[:4]).any()
+
+
 # ---- bad input ---------------------------------------------------------------------------------
 
 
