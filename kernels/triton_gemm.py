@@ -11,7 +11,9 @@
     are applied once at the end, exactly as reference._int8_matmul does.
 * _mx_gemm_kernel, MXFP4 / MXFP8 operands (E8M0 scales over 1x32 groups), in any pairing: each tile
   is upcast in-kernel to bf16 with its power-of-two scale folded in (exact: E2M1/E4M3/E5M2 times a
-  power of two fits bf16's 8-bit significand), then multiplied on the bf16 tensor cores in fp32.
+  power of two fits bf16's 8-bit significand, except E4M3/E5M2 subnormals under the smallest scales,
+  below 2**-133 where bf16 has no subnormal step left, which round), then multiplied on the bf16
+  tensor cores in fp32.
 
 * gluon_gemm._blockscaled_gemm_kernel takes the A E4M3 1x128 x B E4M3 128x128 product on sm_90
   GPUs (warp-specialized, MMAs overlapped with the scaling; same products as the Triton kernel).
