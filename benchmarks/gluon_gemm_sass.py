@@ -2,14 +2,18 @@
 
     python benchmarks/gluon_gemm_sass.py [--dump DIR]
 
-For each launch variant in gluon_gemm.CONFIGS: triton.compile of the Gluon kernel with the
-specializations a real launch of contiguous operands gets (16-byte aligned pointers and C rows,
-unit inner strides of C and of row-major scales), then
+For each launch variant in gluon_gemm.CONFIGS, in both modes of the kernel (block-scaled: A 1x128 x B
+128x128 scales; per-tensor: one scale for A and one for B, constant along K), and for the E5M2 x E4M3
+block-scaled product and the E4M3 x E5M2 per-row one (A and B one scale a row) with the default
+variant: triton.compile of the Gluon kernel with the specializations a real launch of contiguous
+operands gets (16-byte aligned pointers and C rows, unit inner strides of C and of row-major scales,
+zero strides of single scales), then
   * registers, spills, shared memory (cuobjdump -res-usage, and ptxas -v on the PTX, whose
     warnings also say whether ptxas serialized the wgmma pipeline);
   * the setmaxnreg split between the partitions;
-  * HGMMA / WARPGROUP.DEPBAR counts in the SASS and the wgmma.wait_group depths in the PTX
-    (wait_group 1 inside the K loop means block k+1's MMA stays in flight while block k is scaled).
+  * HGMMA / WARPGROUP.DEPBAR counts in the SASS, the wgmma forms (operand types) and wgmma.wait_group
+    depths in the PTX (wait_group 1 inside the K loop means block k+1's MMA stays in flight while block k
+    is promoted), and the promotions: fma.rn.f32 (block-scaled) or add.rn.f32 (scales constant along K).
 Like benchmarks/sass.py, static counts are evidence of the schedule, not of speed.
 """
 from __future__ import annotations
@@ -27,19 +31,43 @@ from triton.backends.compiler import GPUTarget
 from quantd.kernels import gluon_gemm
 
 
-def compile_variant(gg, cfg, out: str = "bf16"):
+# (mode, A codes, B codes): block-scaled, per-tensor (sa and sb one scale each) or per-row (one a row of A
+# and of B); the first two with every launch variant, the others with the default (CONFIGS[0]).
+MODES = [("block-scaled", "fp8e4nv", "fp8e4nv"), ("per-tensor", "fp8e4nv", "fp8e4nv")]
+DEFAULT_ONLY = [("block-scaled", "fp8e5", "fp8e4nv"), ("per-row", "fp8e4nv", "fp8e5")]
+GL_DTYPES = {"fp8e4nv": "float8e4nv", "fp8e5": "float8e5"}
+
+
+def variants(gg) -> list:
+    return [(mode, a, b, cfg) for mode, a, b in MODES for cfg in gg.CONFIGS] + [
+        (mode, a, b, gg.CONFIGS[0]) for mode, a, b in DEFAULT_ONLY]
+
+
+def compile_variant(gg, cfg, out: str = "bf16", mode: str = "block-scaled", a_dtype: str = "fp8e4nv",
+                    b_dtype: str = "fp8e4nv"):
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    fn = gg._blockscaled_gemm_kernel
-    layout = gl.NVMMASharedLayout.get_default_for([128, gg.K_BLOCK], gl.float8e4nv)
-    desc = f"tensordesc<fp8e4nv[128, {gg.K_BLOCK}],{layout!r}>"
+    fn = gg._fp8_gemm_kernel
+
+    def desc(dtype):
+        layout = gl.NVMMASharedLayout.get_default_for([128, gg.K_BLOCK], getattr(gl, GL_DTYPES[dtype]))
+        return f"tensordesc<{dtype}[128, {gg.K_BLOCK}],{layout!r}>"
+
     constexprs = dict(STAGES=cfg.stages, GROUP_M=cfg.group_m, CHAIN=cfg.chain, CONSUMER_REGS=cfg.consumer_regs,
-                      PRODUCER_REGS=cfg.producer_regs, stride_cn=1, stride_sak=1, stride_sbk=1)
-    types = dict(a_desc=desc, b_desc=desc, c_ptr=f"*{out}", sa_ptr="*fp32", sb_ptr="*fp32")
+                      PRODUCER_REGS=cfg.producer_regs, SCALE_PER_K=mode == "block-scaled", stride_cn=1)
+    aligned = {"c_ptr", "sa_ptr", "sb_ptr", "stride_cm", "M", "N", "K"}  # as M = N = K = 4096
+    if mode == "block-scaled":  # row-major (M, K/128) and (N/128, K/128) scales
+        constexprs.update(stride_sak=1, stride_sbk=1)
+        aligned |= {"stride_sam", "stride_sbn"}
+    elif mode == "per-tensor":  # every scale stride 0 (0 is divisible by 16)
+        aligned |= {"stride_sam", "stride_sak", "stride_sbn", "stride_sbk"}
+    else:  # per-row: (M,) and (N,) contiguous, K strides 0
+        constexprs.update(stride_sam=1, stride_sbn=1)
+        aligned |= {"stride_sak", "stride_sbk"}
+    types = dict(a_desc=desc(a_dtype), b_desc=desc(b_dtype), c_ptr=f"*{out}", sa_ptr="*fp32", sb_ptr="*fp32")
     names = fn.arg_names
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
-    aligned = {"c_ptr", "sa_ptr", "sb_ptr", "stride_cm", "stride_sam", "stride_sbn", "M", "N", "K"}  # as M = N = K = 4096
     attrs = {(i, ): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned}
     src = GluonASTSource(fn=fn, signature=signature, attrs=attrs,
                          constexprs={(names.index(k), ): v for k, v in constexprs.items()})
@@ -71,13 +99,16 @@ def main() -> None:
     if not gg.AVAILABLE:
         sys.exit(gg.UNAVAILABLE_REASON)
     print(f"triton {triton.__version__}, sm_90, out {args.out}")
-    for cfg in gg.CONFIGS:
+    for mode, a_dtype, b_dtype, cfg in variants(gg):
+        label = f"{mode} {a_dtype} x {b_dtype} | {cfg!r}"
         name = re.sub(r"\W+", "_", repr(cfg))
+        if (mode, a_dtype, b_dtype) != MODES[0]:  # the block-scaled E4M3 variants keep their file names
+            name = re.sub(r"\W+", "_", f"{mode} {a_dtype} {b_dtype} ") + name
         stem = os.path.join(args.dump, name)
         try:
-            k = compile_variant(gg, cfg, args.out)
+            k = compile_variant(gg, cfg, args.out, mode, a_dtype, b_dtype)
         except Exception as e:
-            print(f"{cfg!r}: compile failed: {type(e).__name__}: {str(e)[:2000]}")
+            print(f"\n== {label}\ncompile failed: {type(e).__name__}: {str(e)[:2000]}")
             continue
         for ext in ("ptx", "ttgir", "llir"):
             with open(f"{stem}.{ext}", "w") as f:
@@ -95,7 +126,7 @@ def main() -> None:
         hgmma = sum(n for op, n in ops.items() if op.startswith(("HGMMA", "QGMMA")))  # QGMMA: the FP8 form
         depbar = sum(n for op, n in ops.items() if op.startswith("WARPGROUP.DEPBAR"))
         arrives = sum(n for op, n in ops.items() if op.startswith("WARPGROUP.ARRIVE"))
-        print(f"\n== {cfg!r}")
+        print(f"\n== {label}")
         print(f"metadata: shared {k.metadata.shared} B, num_warps {k.metadata.num_warps}, "
               f"maxnreg {cfg.maxnreg}, launch warps {getattr(k.metadata, 'num_warps', '?')}")
         print("res-usage:", " ".join(line.strip() for line in res.splitlines() if "REG" in line))
@@ -105,6 +136,9 @@ def main() -> None:
         print("setmaxnreg:", re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))
         forms = sorted(set(re.findall(r"WARPGROUP\.DEPBAR[.A-Z]*\s+gsb0,\s*0x\w+", sass)))
         print(f"SASS: HGMMA/QGMMA {hgmma}, WARPGROUP.DEPBAR {depbar}, WARPGROUP.ARRIVE {arrives}; depbar forms {forms}")
+        print("PTX promotion:", "fma.rn.f32", len(re.findall(r"\bfma\.rn\.f32", ptx)),
+              "add.rn.f32", len(re.findall(r"\badd\.rn\.f32", ptx)))
+        print("PTX wgmma forms", sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.([\w.]+)", ptx))))
         print("PTX wgmma.mma_async:", len(re.findall(r"wgmma\.mma_async", ptx)),
               "wait_group depths in order:", wait_depths(ptx),
               "mbarrier.arrive:", len(re.findall(r"mbarrier\.arrive", ptx)))

@@ -1,9 +1,15 @@
-"""Hopper (sm_90) block-scaled FP8 GEMM in Triton's Gluon dialect: C = A @ B^T.
+"""Hopper (sm_90) FP8 GEMM in Triton's Gluon dialect: C = A @ B^T, A (M, K) and B (N, K) FP8 codes
+(E4M3 or E5M2, in any pairing), in one of two modes (the constexpr SCALE_PER_K):
 
-The DeepSeek recipe only: A (M, K) E4M3 codes with fp32 scales per 1 x 128 group, sa (M, K/128);
-B (N, K) E4M3 codes with fp32 scales per 128 x 128 tile, sb (N/128, K/128). Every 128-wide K block's
-MMA product is promoted into an fp32 accumulator times sa[row, kb] * sb[col // 128, kb], as in
-triton_gemm._scaled_gemm_kernel; what differs is the schedule, which Gluon lets us write by hand:
+* block-scaled, the DeepSeek recipe (blockscaled_matmul): fp32 scales per 1 x 128 group of A,
+  sa (M, K/128), and per 128 x 128 tile of B, sb (N/128, K/128). Every 128-wide K block's MMA product
+  is promoted into an fp32 accumulator times sa[row, kb] * sb[col // 128, kb];
+* scales constant along K (rowscaled_matmul): one scale for A or one per row of A, one for B or one
+  per row of B (a column of C). Every K block's MMA product is added to the fp32 accumulator as it
+  is, and after the K loop C = acc * (sa[row] * sb[col]).
+
+Both as in triton_gemm._scaled_gemm_kernel (SCALE_PER_K True / False); what differs is the schedule,
+which Gluon lets us write by hand:
 
 * Warp specialization, three partitions in one persistent program per SM:
   - a producer (1 warp, few registers) that walks the same tiles and streams A and B blocks into a
@@ -12,18 +18,19 @@ triton_gemm._scaled_gemm_kernel; what differs is the schedule, which Gluon lets 
     128 x 128 tile and reading the same B slot, each with most of the register file.
 * Inside a consumer, the MMA of K block k+1 is issued asynchronously (wgmma) into a second register
   tile before block k's product is waited for (wgmma.wait_group 1); block k's product is then scaled
-  into the fp32 accumulator on the CUDA cores while block k+1 runs on the tensor cores. The two
-  product tiles alternate through a chain of CHAIN blocks (static unroll); the last block of a chain
-  is scaled with nothing queued behind it in this warpgroup (the other warpgroup's MMAs can fill the
-  gap). Chains rather than a rolling pipeline because ptxas serializes every wgmma of the kernel
-  (C7514) when an MMA issued before a loop back-edge is read by the CUDA cores after it. The K block
-  count is padded to even with an all-zero block (TMA zero fill).
+  (or, without per-K scales, added) into the fp32 accumulator on the CUDA cores while block k+1 runs
+  on the tensor cores. The two product tiles alternate through a chain of CHAIN blocks (static
+  unroll); the last block of a chain is promoted with nothing queued behind it in this warpgroup (the
+  other warpgroup's MMAs can fill the gap). Chains rather than a rolling pipeline because ptxas
+  serializes every wgmma of the kernel (C7514) when an MMA issued before a loop back-edge is read by
+  the CUDA cores after it. The K block count is padded to even with an all-zero block (TMA zero fill).
 * The two warpgroups are not locked together: each arrives on the slot's "empty" barrier itself.
 
 Ragged M, N, K: TMA zero-fills out-of-bounds codes, scale indices are clamped, the C store is masked.
-Scales are read through plain pointers with any strides (row- or column-major).
+(The zero padding block adds +0 to an accumulator that is never -0: sums start at +0 and round to
+nearest, so it changes nothing.) Scales are read through plain pointers with any strides.
 
-triton_gemm.matmul runs this kernel for that recipe on sm_90 GPUs and _scaled_gemm_kernel for
+triton_gemm.matmul runs this kernel for those recipes on sm_90 GPUs and _scaled_gemm_kernel for
 everything else (and under the interpreter, which has no Gluon). Both give the same products: the
 same MMA per K block, scaled and added in the same order.
 
@@ -59,6 +66,7 @@ except Exception as e:  # older triton, or a Gluon without the Hopper API
 K_BLOCK = 128  # one MMA (and one scale group) per 128-wide K block
 SCALE_TILE = 128  # rows of B per scale (B's 128 x 128 tiles)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+CODE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # A and B each, in any pairing
 
 
 class GluonConfig:
@@ -89,6 +97,7 @@ CONFIGS = [GluonConfig(4, 8), GluonConfig(4, 4), GluonConfig(4, 2), GluonConfig(
 if AVAILABLE:
 
     _tile_offsets = gluon.jit(tile_offsets)
+    _GL_CODE_DTYPES = {torch.float8_e4m3fn: gl.float8e4nv, torch.float8_e5m2: gl.float8e5}
 
     @gluon.jit
     def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K,
@@ -114,33 +123,44 @@ if AVAILABLE:
 
     @gluon.jit
     def _issue(a_bufs, b_bufs, ready, c, free, sa_ptrs, sb_ptr, kb, k_groups, stride_sak, stride_sbk,
-               WG: gl.constexpr, HALF_M: gl.constexpr, STAGES: gl.constexpr):
+               WG: gl.constexpr, HALF_M: gl.constexpr, STAGES: gl.constexpr, SCALE_PER_K: gl.constexpr):
         """Start the MMA of slot c's block into the register tile `free` (its old value unused) and load
-        that block's scales; returns (MMA in flight, A's scales (HALF_M,), B's scale)."""
+        that block's scales; returns (MMA in flight, A's scales (HALF_M,), B's scale). Without
+        SCALE_PER_K nothing is loaded: the scales come back as given (sa_ptrs, sb_ptr), unused."""
         s = c % STAGES
         mbarrier.wait(ready.index(s), (c // STAGES) & 1)
         a = a_bufs.index(s).slice(WG * HALF_M, HALF_M, dim=0)
         tok = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), free, use_acc=False, is_async=True)
-        kq = gl.minimum(kb, k_groups - 1)  # the padding block (all zeros) reads the last group's scales
-        return tok, gl.load(sa_ptrs + kq * stride_sak), gl.load(sb_ptr + kq * stride_sbk)
+        if SCALE_PER_K:
+            kq = gl.minimum(kb, k_groups - 1)  # the padding block (all zeros) reads the last group's scales
+            return tok, gl.load(sa_ptrs + kq * stride_sak), gl.load(sb_ptr + kq * stride_sbk)
+        else:
+            return tok, sa_ptrs, sb_ptr
 
     @gluon.jit
-    def _retire(tok, acc, sa, sb, empty, c, OUTSTANDING: gl.constexpr, STAGES: gl.constexpr):
+    def _retire(tok, acc, sa, sb, empty, c, OUTSTANDING: gl.constexpr, STAGES: gl.constexpr,
+                SCALE_PER_K: gl.constexpr):
         """Wait for the MMA `tok` (leaving OUTSTANDING newer ones running), free its slot, and add its
-        scaled product to the fp32 accumulator; returns (accumulator, the product's registers, now free)."""
+        scaled product to the fp32 accumulator (without SCALE_PER_K: the product alone, sa and sb
+        unused); returns (accumulator, the product's registers, now free)."""
         p = warpgroup_mma_wait(num_outstanding=OUTSTANDING, deps=[tok])
         mbarrier.arrive(empty.index(c % STAGES), count=1)
         # acc += p * scale as inline asm with side effects: LLVM must keep it before the next wgmma
         # that reuses p's registers. (A plain fma is sunk past that wgmma; p's registers then have to
         # live on while the wgmma writes them, and ptxas serializes every wgmma of the kernel.)
-        acc = gl.inline_asm_elementwise("fma.rn.f32 $0, $1, $2, $3;", "=r,r,r,r",
-                                        [p, gl.expand_dims(sa, 1) * sb, acc], dtype=gl.float32,
-                                        is_pure=False, pack=1)
+        if SCALE_PER_K:
+            acc = gl.inline_asm_elementwise("fma.rn.f32 $0, $1, $2, $3;", "=r,r,r,r",
+                                            [p, gl.expand_dims(sa, 1) * sb, acc], dtype=gl.float32,
+                                            is_pure=False, pack=1)
+        else:  # acc + p, the Triton kernel's addf, kept in place the same way
+            acc = gl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=r,r,r", [acc, p], dtype=gl.float32,
+                                            is_pure=False, pack=1)
         return acc, p
 
     @gluon.jit
     def _chain(a_bufs, b_bufs, ready, empty, x, y, acc, c, kb, sa_ptrs, sb_tile, k_groups, stride_sak, stride_sbk,
-               WG: gl.constexpr, HALF_M: gl.constexpr, STAGES: gl.constexpr, BLOCKS: gl.constexpr):
+               WG: gl.constexpr, HALF_M: gl.constexpr, STAGES: gl.constexpr, BLOCKS: gl.constexpr,
+               SCALE_PER_K: gl.constexpr):
         """BLOCKS (even) consecutive K blocks from slot c / K block kb, alternating between the product
         tiles x and y: each block's MMA is issued before the previous block's product is waited for
         and scaled, so the tensor cores always have one queued, except while the last is scaled.
@@ -149,31 +169,35 @@ if AVAILABLE:
         one issued before a loop back-edge is read by the CUDA cores after it.
         """
         tx, sax, sbx = _issue(a_bufs, b_bufs, ready, c, x, sa_ptrs, sb_tile, kb, k_groups, stride_sak, stride_sbk,
-                              WG, HALF_M, STAGES)
+                              WG, HALF_M, STAGES, SCALE_PER_K)
         for j in gl.static_range(0, BLOCKS, 2):
             ty, say, sby = _issue(a_bufs, b_bufs, ready, c + j + 1, y, sa_ptrs, sb_tile, kb + j + 1, k_groups,
-                                  stride_sak, stride_sbk, WG, HALF_M, STAGES)
-            acc, x = _retire(tx, acc, sax, sbx, empty, c + j, 1, STAGES)
+                                  stride_sak, stride_sbk, WG, HALF_M, STAGES, SCALE_PER_K)
+            acc, x = _retire(tx, acc, sax, sbx, empty, c + j, 1, STAGES, SCALE_PER_K)
             if j + 2 < BLOCKS:
                 tx, sax, sbx = _issue(a_bufs, b_bufs, ready, c + j + 2, x, sa_ptrs, sb_tile, kb + j + 2, k_groups,
-                                      stride_sak, stride_sbk, WG, HALF_M, STAGES)
-                acc, y = _retire(ty, acc, say, sby, empty, c + j + 1, 1, STAGES)
+                                      stride_sak, stride_sbk, WG, HALF_M, STAGES, SCALE_PER_K)
+                acc, y = _retire(ty, acc, say, sby, empty, c + j + 1, 1, STAGES, SCALE_PER_K)
             else:
-                acc, y = _retire(ty, acc, say, sby, empty, c + j + 1, 0, STAGES)
+                acc, y = _retire(ty, acc, say, sby, empty, c + j + 1, 0, STAGES, SCALE_PER_K)
         return acc, x, y
 
     @gluon.jit
     def _consumer(a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, M, N, K,
                   stride_cm, stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk,
                   WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                  GROUP_M: gl.constexpr, STAGES: gl.constexpr, CHAIN: gl.constexpr):
+                  GROUP_M: gl.constexpr, STAGES: gl.constexpr, CHAIN: gl.constexpr, SCALE_PER_K: gl.constexpr):
         """One warpgroup: rows WG*64 .. WG*64+63 of every tile, K blocks in chains of CHAIN (the last
-        pairs of a tile in chains of 2), then a masked store of its 64 x 128 piece of C."""
+        pairs of a tile in chains of 2), then a masked store of its 64 x 128 piece of C.
+
+        Without SCALE_PER_K the scales are one per row of A and one per row of B (stride 0: one for
+        all): read once a tile, before its K loop, and applied after it as acc * (sa * sb)."""
         HALF_M: gl.constexpr = BLOCK_M // 2
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_N, 32])
         VEC: gl.constexpr = 128 // c_ptr.dtype.element_ty.primitive_bitwidth  # elements in 16 bytes
         store_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // BLOCK_N, BLOCK_N // VEC], [4, 1], [1, 0])
+        col_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])  # B's per-row scales (not SCALE_PER_K)
         num_m = gl.cdiv(M, BLOCK_M)
         num_n = gl.cdiv(N, BLOCK_N)
         k_groups = gl.cdiv(K, BLOCK_K)
@@ -185,19 +209,30 @@ if AVAILABLE:
             off_m, off_n = _tile_offsets(tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
             rows = off_m + WG * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, mma))
             sa_ptrs = sa_ptr + gl.minimum(rows, M - 1) * stride_sam
-            sb_tile = sb_ptr + (off_n // 128) * stride_sbn
+            if SCALE_PER_K:
+                sb_tile = sb_ptr + (off_n // 128) * stride_sbn
+            else:
+                # Loaded ahead, their latency hidden by the K loop: A's in the rows' layout (2 registers
+                # a thread), B's one a thread, moved into the columns' layout after the loop.
+                sa = gl.load(sa_ptrs)
+                cols = off_n + gl.arange(0, BLOCK_N, layout=col_layout)
+                sb = gl.load(sb_ptr + gl.minimum(cols, N - 1) * stride_sbn)
+                sb_tile = sb_ptr
             acc = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma)
             kb = 0
             for i in range(pairs // (CHAIN // 2)):
                 acc, x, y = _chain(a_bufs, b_bufs, ready, empty, x, y, acc, c, kb, sa_ptrs, sb_tile, k_groups,
-                                   stride_sak, stride_sbk, WG, HALF_M, STAGES, CHAIN)
+                                   stride_sak, stride_sbk, WG, HALF_M, STAGES, CHAIN, SCALE_PER_K)
                 c += CHAIN
                 kb += CHAIN
             for i in range(pairs % (CHAIN // 2)):
                 acc, x, y = _chain(a_bufs, b_bufs, ready, empty, x, y, acc, c, kb, sa_ptrs, sb_tile, k_groups,
-                                   stride_sak, stride_sbk, WG, HALF_M, STAGES, 2)
+                                   stride_sak, stride_sbk, WG, HALF_M, STAGES, 2, SCALE_PER_K)
                 c += 2
                 kb += 2
+            if not SCALE_PER_K:  # as _scaled_gemm_kernel: acc * (sa * sb), sa per row, sb per column
+                sb_cols = gl.convert_layout(sb, gl.SliceLayout(0, mma))
+                acc = acc * (gl.expand_dims(sa, 1) * gl.expand_dims(sb_cols, 0))
             # Through shared memory into rows of 16-byte pieces, for wide coalesced stores.
             out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), store_layout)
             r = gl.expand_dims(off_m + WG * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, store_layout)), 1)
@@ -205,11 +240,15 @@ if AVAILABLE:
             gl.store(c_ptr + r.to(gl.int64) * stride_cm + q * stride_cn, out, mask=(r < M) & (q < N))
 
     @gluon.jit
-    def _blockscaled_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, M, N, K,
-                                 stride_cm, stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk,
-                                 STAGES: gl.constexpr, GROUP_M: gl.constexpr, CHAIN: gl.constexpr,
-                                 CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
-        """C = (A codes x B codes^T) with A's 1x128 and B's 128x128 scales; see the module docstring.
+    def _fp8_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, M, N, K,
+                         stride_cm, stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk,
+                         STAGES: gl.constexpr, GROUP_M: gl.constexpr, CHAIN: gl.constexpr,
+                         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, SCALE_PER_K: gl.constexpr):
+        """C = (A codes x B codes^T) with A's and B's scales; see the module docstring.
+
+        SCALE_PER_K: A's 1x128 and B's 128x128 scales, applied to every K block's product. Otherwise
+        scales constant along K, per row of A and of B (stride_sam / stride_sbn 0: one for all), applied
+        after the K loop; stride_sak and stride_sbk are then unused.
 
         Persistent: program p takes tiles p, p + num_programs, ... in the GROUP_M order of _tile_offsets.
         Launched with num_warps=4 (the default partition, consumer warpgroup 0).
@@ -228,9 +267,11 @@ if AVAILABLE:
             mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warpgroup
         gl.warp_specialize([
             (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, M, N, K, stride_cm, stride_cn,
-                         stride_sam, stride_sak, stride_sbn, stride_sbk, 0, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, CHAIN)),
+                         stride_sam, stride_sak, stride_sbn, stride_sbk, 0, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES,
+                         CHAIN, SCALE_PER_K)),
             (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, M, N, K, stride_cm, stride_cn,
-                         stride_sam, stride_sak, stride_sbn, stride_sbk, 1, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, CHAIN)),
+                         stride_sam, stride_sak, stride_sbn, stride_sbk, 1, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES,
+                         CHAIN, SCALE_PER_K)),
             (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K,
                          BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -245,7 +286,7 @@ def _sm_count(index: int) -> int:
 
 
 def _codes_descriptor(codes: torch.Tensor, k: int, rows_per_block: int):
-    """A TMA descriptor over 2-D E4M3 codes (block rows_per_block x 128); rows whose byte stride is not
+    """A TMA descriptor over 2-D FP8 codes (block rows_per_block x 128); rows whose byte stride is not
     a multiple of 16 (ragged K) are first copied into a zero-padded buffer, as triton_gemm does."""
     rows = codes.shape[0]
     if not (codes.stride(1) == 1 and codes.stride(0) % 16 == 0 and codes.data_ptr() % 16 == 0):
@@ -253,29 +294,20 @@ def _codes_descriptor(codes: torch.Tensor, k: int, rows_per_block: int):
         padded[:, :k] = codes
         codes = padded
     block = [rows_per_block, K_BLOCK]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv)
+    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_CODE_DTYPES[codes.dtype])
     return TensorDescriptor(codes, [rows, k], [codes.stride(0), 1], block, layout)
 
 
-def blockscaled_matmul(a_codes: torch.Tensor, sa: torch.Tensor, b_codes: torch.Tensor, sb: torch.Tensor,
-                       out_dtype: torch.dtype = torch.bfloat16, config: GluonConfig | None = None,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
-    """C = dequant(A) @ dequant(B)^T (M, N) in `out_dtype`, on an sm_90 GPU.
-
-    a_codes (M, K) float8_e4m3fn with sa (M, ceil(K/128)) fp32 scales (1 x 128 groups);
-    b_codes (N, K) float8_e4m3fn with sb (ceil(N/128), ceil(K/128)) fp32 scales (128 x 128 tiles).
-    Scales may have any strides. `config` picks a launch variant (default CONFIGS[0]). `out`: an (M, N)
-    tensor of out_dtype to write into (any strides) instead of a new one.
-    """
+def _output(a_codes, b_codes, out_dtype, out):
+    """Checks shared by both recipes; returns (M, N, K, C) (C: `out` or a new tensor)."""
     if not AVAILABLE:
         raise RuntimeError(f"gluon_gemm: {UNAVAILABLE_REASON}")
     (M, K), N = a_codes.shape, b_codes.shape[0]
-    kb = -(-K // K_BLOCK)
-    if a_codes.dtype != torch.float8_e4m3fn or b_codes.dtype != torch.float8_e4m3fn:
-        raise TypeError(f"gluon_gemm: codes must be float8_e4m3fn, got {a_codes.dtype} and {b_codes.dtype}")
-    if b_codes.shape[1] != K or tuple(sa.shape) != (M, kb) or tuple(sb.shape) != (-(-N // SCALE_TILE), kb):
-        raise ValueError(f"gluon_gemm: shapes A {list(a_codes.shape)} sa {list(sa.shape)} B {list(b_codes.shape)} "
-                         f"sb {list(sb.shape)} do not fit the 1x128 x 128x128 recipe")
+    if a_codes.dtype not in CODE_DTYPES or b_codes.dtype not in CODE_DTYPES:
+        raise TypeError(f"gluon_gemm: codes must be float8_e4m3fn or float8_e5m2, "
+                        f"got {a_codes.dtype} and {b_codes.dtype}")
+    if b_codes.shape[1] != K:
+        raise ValueError(f"gluon_gemm: A {list(a_codes.shape)} and B {list(b_codes.shape)} differ in K")
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"gluon_gemm: out_dtype {out_dtype} is not supported")
     if a_codes.device.type != "cuda" or torch.cuda.get_device_capability(a_codes.device)[0] != 9:
@@ -283,18 +315,71 @@ def blockscaled_matmul(a_codes: torch.Tensor, sa: torch.Tensor, b_codes: torch.T
     c = torch.empty((M, N), dtype=out_dtype, device=a_codes.device) if out is None else out
     if tuple(c.shape) != (M, N) or c.dtype != out_dtype:
         raise ValueError(f"gluon_gemm: out is {c.dtype} {list(c.shape)}, expected {out_dtype} {[M, N]}")
+    return M, N, K, c
+
+
+def _launch(a_codes, b_codes, c, sa, sb, scale_strides, scale_per_k: bool, config: GluonConfig | None):
+    (M, K), N = a_codes.shape, b_codes.shape[0]
+    cfg = config or CONFIGS[0]
+    tiles = -(-M // 128) * -(-N // 128)
+    index = a_codes.device.index if a_codes.device.index is not None else torch.cuda.current_device()
+    grid = (min(_sm_count(index), tiles), )
+    _fp8_gemm_kernel[grid](
+        _codes_descriptor(a_codes, K, 128), _codes_descriptor(b_codes, K, 128), c, sa, sb, M, N, K,
+        c.stride(0), c.stride(1), *scale_strides,
+        STAGES=cfg.stages, GROUP_M=cfg.group_m, CHAIN=cfg.chain, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
+        SCALE_PER_K=scale_per_k, num_warps=4, maxnreg=cfg.maxnreg)
+    return c
+
+
+def blockscaled_matmul(a_codes: torch.Tensor, sa: torch.Tensor, b_codes: torch.Tensor, sb: torch.Tensor,
+                       out_dtype: torch.dtype = torch.bfloat16, config: GluonConfig | None = None,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """C = dequant(A) @ dequant(B)^T (M, N) in `out_dtype`, on an sm_90 GPU.
+
+    a_codes (M, K) FP8 (float8_e4m3fn or float8_e5m2) with sa (M, ceil(K/128)) fp32 scales (1 x 128 groups);
+    b_codes (N, K) FP8 with sb (ceil(N/128), ceil(K/128)) fp32 scales (128 x 128 tiles).
+    Scales may have any strides. `config` picks a launch variant (default CONFIGS[0]). `out`: an (M, N)
+    tensor of out_dtype to write into (any strides) instead of a new one.
+    """
+    M, N, K, c = _output(a_codes, b_codes, out_dtype, out)
+    kb = -(-K // K_BLOCK)
+    if tuple(sa.shape) != (M, kb) or tuple(sb.shape) != (-(-N // SCALE_TILE), kb):
+        raise ValueError(f"gluon_gemm: shapes A {list(a_codes.shape)} sa {list(sa.shape)} B {list(b_codes.shape)} "
+                         f"sb {list(sb.shape)} do not fit the 1x128 x 128x128 recipe")
     if M == 0 or N == 0:
         return c
     if K == 0:
         return c.zero_()
-    cfg = config or CONFIGS[0]
     sa, sb = sa.float(), sb.float()
-    tiles = -(-M // 128) * -(-N // 128)
-    index = a_codes.device.index if a_codes.device.index is not None else torch.cuda.current_device()
-    grid = (min(_sm_count(index), tiles), )
-    _blockscaled_gemm_kernel[grid](
-        _codes_descriptor(a_codes, K, 128), _codes_descriptor(b_codes, K, 128), c, sa, sb, M, N, K,
-        c.stride(0), c.stride(1), sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1),
-        STAGES=cfg.stages, GROUP_M=cfg.group_m, CHAIN=cfg.chain, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
-        num_warps=4, maxnreg=cfg.maxnreg)
-    return c
+    return _launch(a_codes, b_codes, c, sa, sb, (sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1)), True, config)
+
+
+def _row_scales(s: torch.Tensor, rows: int, name: str) -> tuple:
+    """(fp32 scales, stride between rows) of one scale (numel 1: stride 0) or one per row ((rows,))."""
+    if s.numel() == 1:
+        return s.float().reshape(1), 0
+    if tuple(s.shape) != (rows, ):
+        raise ValueError(f"gluon_gemm: {name} has shape {list(s.shape)}: expected one scale or ({rows},), one per row")
+    s = s.float()
+    return s, s.stride(0)
+
+
+def rowscaled_matmul(a_codes: torch.Tensor, sa: torch.Tensor, b_codes: torch.Tensor, sb: torch.Tensor,
+                     out_dtype: torch.dtype = torch.bfloat16, config: GluonConfig | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """C = dequant(A) @ dequant(B)^T (M, N) in `out_dtype` for scales constant along K, on an sm_90 GPU.
+
+    a_codes (M, K) and b_codes (N, K) FP8 (float8_e4m3fn or float8_e5m2, in any pairing); sa one
+    scale (any shape of one element: per tensor) or (M,) (per row of A), sb one or (N,) (per row of
+    B, a column of C); fp32 or any dtype .float() reads exactly. The K loop sums the MMA products of
+    the codes, one fresh product per 128-wide K block added in fp32, and C = acc * (sa * sb), as in
+    triton_gemm._scaled_gemm_kernel. `config` and `out` as in blockscaled_matmul.
+    """
+    M, N, K, c = _output(a_codes, b_codes, out_dtype, out)
+    (sa, sam), (sb, sbn) = _row_scales(sa, M, "sa"), _row_scales(sb, N, "sb")
+    if M == 0 or N == 0:
+        return c
+    if K == 0:
+        return c.zero_()
+    return _launch(a_codes, b_codes, c, sa, sb, (sam, 0, sbn, 0), False, config)

@@ -15,8 +15,9 @@
   below 2**-133 where bf16 has no subnormal step left, which round), then multiplied on the bf16
   tensor cores in fp32.
 
-* gluon_gemm._blockscaled_gemm_kernel takes the A E4M3 1x128 x B E4M3 128x128 product on sm_90
-  GPUs (warp-specialized, MMAs overlapped with the scaling; same products as the Triton kernel).
+* gluon_gemm._fp8_gemm_kernel takes FP8 x FP8 (E4M3/E5M2, any pairing) on sm_90 GPUs for A 1x128 x
+  B 128x128 scales and for scales constant along K (each operand per tensor or per row): warp-
+  specialized, each MMA overlapped with the previous product's promotion; same products as the Triton kernel.
 
 The Triton kernels are persistent (one or two programs per SM, each walking an L2-friendly tile order) and
 read the codes through TMA tensor descriptors, whose zero fill beyond the edges handles ragged M, N, K.
@@ -356,14 +357,31 @@ def _zero_points(qt: QuantizedTensor, needed: bool) -> tuple:
     return zp, (zp.stride(0) if zp.dim() else 0)
 
 
+def _constant_along_k(spec) -> bool:
+    """Scales per tensor or per row (channel, axis 0): the same at every K."""
+    return spec.granularity == Granularity.TENSOR or (spec.granularity == Granularity.CHANNEL and spec.axis in (0, -2))
+
+
+def _gluon_recipe(a: QuantizedTensor, b: QuantizedTensor) -> str | None:
+    """Which mode of gluon_gemm's kernel computes A @ B^T, from the operands alone (any device):
+    "block-scaled" (A in 1 x 128 groups, B in 128 x 128 tiles), "row-scaled" (each operand per tensor
+    or per row), or None; both operands FP8 (E4M3 or E5M2, in any pairing), not MX."""
+    if a.spec.is_mx or b.spec.is_mx or a.codes.dtype not in gluon_gemm.CODE_DTYPES or \
+            b.codes.dtype not in gluon_gemm.CODE_DTYPES:
+        return None
+    if (a.spec.granularity == Granularity.GROUP and a.spec.group_size == K_BLOCK
+            and b.spec.granularity == Granularity.TILE and tuple(b.spec.tile) == (K_BLOCK, K_BLOCK)):
+        return "block-scaled"
+    if _constant_along_k(a.spec) and _constant_along_k(b.spec):
+        return "row-scaled"
+    return None
+
+
 def _gluon_applies(a: QuantizedTensor, b: QuantizedTensor, device: torch.device) -> bool:
-    """Whether gluon_gemm takes A @ B^T: E4M3 A in 1 x 128 groups, E4M3 B in 128 x 128 tiles, on an
-    sm_90 GPU with a triton that has the Gluon Hopper API (never under the interpreter)."""
+    """Whether gluon_gemm takes A @ B^T: a recipe it implements (_gluon_recipe), on an sm_90 GPU with
+    a triton that has the Gluon Hopper API (never under the interpreter)."""
     return (USE_GLUON and gluon_gemm.AVAILABLE and not _interpreting() and device.type == "cuda"
-            and torch.cuda.get_device_capability(device)[0] == 9
-            and a.codes.dtype == b.codes.dtype == torch.float8_e4m3fn
-            and a.spec.granularity == Granularity.GROUP and a.spec.group_size == K_BLOCK
-            and b.spec.granularity == Granularity.TILE and tuple(b.spec.tile) == (K_BLOCK, K_BLOCK))
+            and torch.cuda.get_device_capability(device)[0] == 9 and _gluon_recipe(a, b) is not None)
 
 
 def _scaled_matmul(a: QuantizedTensor, b: QuantizedTensor, c: torch.Tensor) -> torch.Tensor:
@@ -372,6 +390,8 @@ def _scaled_matmul(a: QuantizedTensor, b: QuantizedTensor, c: torch.Tensor) -> t
     sa, sam, sak, a_rows, ga = _k_scales(a, "A")
     sb, sbn, sbk, b_rows, gb = _k_scales(b, "B")
     if _gluon_applies(a, b, c.device):
+        if _gluon_recipe(a, b) == "row-scaled":
+            return gluon_gemm.rowscaled_matmul(a.codes, sa, b.codes, sb, c.dtype, out=c)
         return gluon_gemm.blockscaled_matmul(a.codes, sa, b.codes, sb, c.dtype, out=c)
     per_k = ga is not None or gb is not None
     if is_int and per_k:

@@ -328,25 +328,75 @@ def test_gpu_fp8_as_accurate_as_cublas(rng):
     assert ours <= 1.25 * theirs + 1e-7
 
 
-# ---- the Gluon kernel (A E4M3 1x128 x B E4M3 128x128 on sm_90) ---------------------------------
+# ---- the Gluon kernel (FP8 x FP8 on sm_90: A 1x128 x B 128x128, or scales constant along K) ---------
+
+E4M3, E5M2 = "fp8_e4m3", "fp8_e5m2"
+# The products with scales constant along K that gluon_gemm's kernel takes (each operand per tensor or per row).
+ROW_SCALED = [
+    (QuantSpec(E4M3, "tensor"), QuantSpec(E4M3, "tensor")),
+    (QuantSpec(E4M3, "channel", axis=0), QuantSpec(E4M3, "tensor")),
+    (QuantSpec(E4M3, "tensor"), QuantSpec(E4M3, "channel", axis=0)),
+    (QuantSpec(E4M3, "channel", axis=0), QuantSpec(E4M3, "channel", axis=-2)),
+    (QuantSpec(E5M2, "channel", axis=0), QuantSpec(E4M3, "channel", axis=0)),
+    (QuantSpec(E4M3, "tensor"), QuantSpec(E5M2, "tensor")),
+    (QuantSpec(E5M2, "channel", axis=0), QuantSpec(E5M2, "tensor")),
+    (QuantSpec(E4M3, "tensor", scale_encoding="pow2"), QuantSpec(E4M3, "channel", axis=0, scale_encoding="pow2")),
+]
+BLOCK_SCALED_E5M2 = [
+    (QuantSpec(E5M2, "group", group_size=128), QuantSpec(E4M3, "tile", tile=(128, 128))),
+    (QuantSpec(E4M3, "group", group_size=128), QuantSpec(E5M2, "tile", tile=(128, 128))),
+]
+# (A, B, the mode of gluon_gemm's kernel that takes it on sm_90, or None: the Triton kernel does)
+GLUON_ROUTES = [(a, b, "block-scaled") for a, b in [BLOCK_SCALED, FP8_PAIRS[3]] + BLOCK_SCALED_E5M2] + [
+    (a, b, "row-scaled") for a, b in ROW_SCALED] + [
+    (QuantSpec(E5M2, "group", group_size=256), QuantSpec(E4M3, "tile", tile=(64, 128)), None),  # K groups of 256
+    (QuantSpec(E4M3, "tile", tile=(128, 128)), QuantSpec(E4M3, "group", group_size=128), None),  # A in tiles
+    (QuantSpec(E4M3, "group", group_size=128), QuantSpec(E4M3, "tile", tile=(128, 256)), None),  # B tiles 128x256
+    (QuantSpec(E4M3, "group", group_size=128), QuantSpec(E4M3, "group", group_size=128), None),  # B in groups
+    (QuantSpec(E4M3, "group", group_size=128), QuantSpec(E4M3, "tensor"), None),  # one operand per K group
+    (QuantSpec(E4M3, "channel", axis=0), QuantSpec(E4M3, "tile", tile=(1, 256)), None),
+    (QuantSpec(E4M3, "channel", axis=1), QuantSpec(E4M3, "tensor"), None),  # per column: varies along K
+    (QuantSpec(E4M3, "flat"), QuantSpec(E4M3, "tensor"), None),
+    (INT8_SPECS[0], INT8_SPECS[0], None),
+    (INT8_SPECS[3], INT8_SPECS[1], None),
+    (QuantSpec("mxfp8"), QuantSpec("mxfp8"), None),
+    (QuantSpec("mxfp8"), QuantSpec("mxfp4"), None),
+]
 
 
-def test_gluon_kernel_only_where_it_applies(rng):
-    """The interpreter and CPU tensors never reach the Gluon kernel; other recipes never do either."""
-    qa, qb = quantized_pair(130, 7, 383, *BLOCK_SCALED, rng)
+def route_id(x) -> str:
+    return x.describe() if isinstance(x, QuantSpec) else str(x)
+
+
+@pytest.mark.parametrize("spec_a,spec_b,mode", GLUON_ROUTES, ids=route_id)
+def test_gluon_kernel_only_where_it_applies(spec_a, spec_b, mode, rng, monkeypatch):
+    """Which recipes go to the Gluon kernel, and in which mode; the interpreter, CPU tensors and GPUs
+    other than sm_90 never reach it. Checked without a GPU by standing in for the device queries."""
+    qa, qb = quantized_pair(130, 7, 383, spec_a, spec_b, rng)
+    assert triton_gemm._gluon_recipe(qa, qb) == mode
     assert not triton_gemm._gluon_applies(qa, qb, torch.device("cpu"))
-    if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9 and gluon_gemm.AVAILABLE:
-        assert triton_gemm._gluon_applies(to_device(qa), to_device(qb), torch.device("cuda"))
-    for spec_a, spec_b in FP8_PAIRS:
-        if (spec_a, spec_b) != BLOCK_SCALED:
-            qa, qb = quantized_pair(130, 7, 383, spec_a, spec_b, rng)
-            assert not triton_gemm._gluon_applies(to_device(qa), to_device(qb), torch.device(DEVICE))
+    if triton_gemm._interpreting():
+        assert not triton_gemm._gluon_applies(qa, qb, torch.device("cuda"))
+    on_hopper = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9 and gluon_gemm.AVAILABLE
+    assert triton_gemm._gluon_applies(to_device(qa), to_device(qb), torch.device(DEVICE)) == (
+        on_hopper and mode is not None)
+    # The device conditions alone, with the queries standing in for a compiled run on each GPU generation.
+    monkeypatch.setattr(triton_gemm, "_interpreting", lambda: False)
+    for major in (8, 9, 10, 12):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, major=major: (major, 0))
+        expected = major == 9 and gluon_gemm.AVAILABLE and mode is not None
+        assert triton_gemm._gluon_applies(qa, qb, torch.device("cuda")) == expected, major
+        assert not triton_gemm._gluon_applies(qa, qb, torch.device("cpu"))
+        monkeypatch.setattr(triton_gemm, "USE_GLUON", False)
+        assert not triton_gemm._gluon_applies(qa, qb, torch.device("cuda"))
+        monkeypatch.setattr(triton_gemm, "USE_GLUON", True)
 
 
 def test_gluon_kernel_compiles_for_sm90(tmp_path):
-    """Without a GPU: every Gluon launch variant compiles for sm_90 with the installed triton, keeps its
-    registers (no spills), uses the FP8 wgmma, and leaves one MMA in flight while a product is scaled
-    (wait_group 1); ptxas does not serialize the wgmmas."""
+    """Without a GPU: every Gluon launch variant compiles for sm_90 with the installed triton, in both
+    modes (block-scaled, per-tensor) and with E5M2 operands, keeps its registers (no spills), uses the FP8
+    wgmma, and leaves one MMA in flight while a product is promoted (wait_group 1); ptxas does not
+    serialize the wgmmas."""
     if not gluon_gemm.AVAILABLE:
         pytest.fail(gluon_gemm.UNAVAILABLE_REASON)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # it compiles; nothing runs
@@ -354,13 +404,23 @@ def test_gluon_kernel_compiles_for_sm90(tmp_path):
                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     variants = out.stdout.split("\n== ")[1:]
-    assert len(variants) == len(gluon_gemm.CONFIGS), out.stdout[-3000:]
+    labels = [v.splitlines()[0] for v in variants]
+    expected = [f"{mode} fp8e4nv x fp8e4nv | {cfg!r}" for mode in ("block-scaled", "per-tensor")
+                for cfg in gluon_gemm.CONFIGS] + [f"block-scaled fp8e5 x fp8e4nv | {gluon_gemm.CONFIGS[0]!r}",
+                                                  f"per-row fp8e4nv x fp8e5 | {gluon_gemm.CONFIGS[0]!r}"]
+    assert labels == expected, out.stdout[-3000:]
     for v in variants:
         assert "compile failed" not in v and "serialized" not in v, v
         assert "0 bytes spill stores, 0 bytes spill loads" in v, v
         assert int(re.search(r"HGMMA/QGMMA (\d+)", v).group(1)) > 0, v
+        dtypes = re.search(r"(fp8e\w+) x (fp8e\w+)", v.splitlines()[0]).groups()
+        ptx_types = {"fp8e4nv": "e4m3", "fp8e5": "e5m2"}
+        forms = "['m64n128k32.f32.{}.{}']".format(*(ptx_types[d] for d in dtypes))  # the operands' FP8 types
+        assert f"wgmma forms {forms}" in v, v
         depths = re.search(r"wait_group depths in order: \[([\d, ]*)\]", v).group(1)
         assert "1" in depths.split(", "), v
+        fma, add = map(int, re.search(r"promotion: fma\.rn\.f32 (\d+) add\.rn\.f32 (\d+)", v).groups())
+        assert (fma > 0 and add == 0) if v.startswith("block-scaled") else (fma == 0 and add > 0), v
 
 
 @pytest.mark.gpu
@@ -369,11 +429,12 @@ def test_gluon_kernel_compiles_for_sm90(tmp_path):
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_gpu_gluon_same_products_as_triton(m, n, k, out_dtype, rng, monkeypatch):
     """matmul's Gluon kernel gives the Triton kernel's products bit for bit (same MMA per K block, same
-    scaling order), with row- and column-major scales, fp32 and power-of-two scales."""
+    scaling order), with row- and column-major scales, fp32 and power-of-two scales, E4M3 and E5M2."""
     assert torch.cuda.get_device_capability()[0] == 9 and gluon_gemm.AVAILABLE, "needs an sm_90 GPU and Gluon"
-    for spec_a, spec_b in (BLOCK_SCALED, FP8_PAIRS[3]):
+    for spec_a, spec_b in [BLOCK_SCALED, FP8_PAIRS[3]] + BLOCK_SCALED_E5M2:
         qa, qb = (to_device(q) for q in quantized_pair(m, n, k, spec_a, spec_b, rng))
         assert triton_gemm._gluon_applies(qa, qb, qa.codes.device)
+        assert triton_gemm._gluon_recipe(qa, qb) == "block-scaled"
         ours = triton_gemm.matmul(qa, qb, out_dtype)
         col = QuantizedTensor(qa.codes, qa.scales.t().contiguous().t(), qa.spec, qa.shape)
         assert torch.equal(triton_gemm.matmul(col, qb, out_dtype), ours)
@@ -384,3 +445,36 @@ def test_gpu_gluon_same_products_as_triton(m, n, k, out_dtype, rng, monkeypatch)
         # 65504 decides Inf; the fp32 products it is rounded from are the ones checked here.
         full = ours if out_dtype != torch.float16 else triton_gemm.matmul(qa, qb, torch.float32)
         assert relative_error(full, reference.matmul(qa, qb, full.dtype)) <= tolerance(qa.spec, full.dtype)
+
+
+def strided(s: torch.Tensor) -> torch.Tensor:
+    """The same per-row scales every other element of a buffer twice as long (stride 2)."""
+    t = torch.empty(2 * s.numel(), dtype=s.dtype, device=s.device)[::2]
+    t.copy_(s)
+    return t
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (130, 7, 383), (257, 383, 1100), (1000, 1000, 4096),
+                                   (2048, 1536, 3072)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_gluon_row_scaled_same_products_as_triton(m, n, k, out_dtype, rng, monkeypatch):
+    """Scales constant along K (per tensor / per row, E4M3 and E5M2 in any pairing): the Gluon kernel sums
+    a fresh MMA product per K block in fp32 and scales by sa * sb after the loop, as the Triton kernel does;
+    the outputs are bit-identical, also with strided per-row scales."""
+    assert torch.cuda.get_device_capability()[0] == 9 and gluon_gemm.AVAILABLE, "needs an sm_90 GPU and Gluon"
+    for spec_a, spec_b in ROW_SCALED:
+        qa, qb = (to_device(q) for q in quantized_pair(m, n, k, spec_a, spec_b, rng))
+        what = f"{m}x{n}x{k} {spec_a.describe()} x {spec_b.describe()} {out_dtype}"
+        assert triton_gemm._gluon_applies(qa, qb, qa.codes.device) and triton_gemm._gluon_recipe(qa, qb) == "row-scaled"
+        ours = triton_gemm.matmul(qa, qb, out_dtype)
+        if qa.scales.dim() == 1 and qb.scales.dim() == 1:
+            qa2 = QuantizedTensor(qa.codes, strided(qa.scales), qa.spec, qa.shape)
+            qb2 = QuantizedTensor(qb.codes, strided(qb.scales), qb.spec, qb.shape)
+            assert torch.equal(triton_gemm.matmul(qa2, qb2, out_dtype), ours), what
+        monkeypatch.setattr(triton_gemm, "USE_GLUON", False)
+        assert torch.equal(triton_gemm.matmul(qa, qb, out_dtype), ours), what
+        monkeypatch.setattr(triton_gemm, "USE_GLUON", True)
+        # fp16: compared with the reference through the fp32 products (see the block-scaled test).
+        full = ours if out_dtype != torch.float16 else triton_gemm.matmul(qa, qb, torch.float32)
+        assert relative_error(full, reference.matmul(qa, qb, full.dtype)) <= tolerance(qa.spec, full.dtype), what
