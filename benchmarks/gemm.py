@@ -7,7 +7,8 @@ do_bench_cudagraph, GPU time without Python launch cost) and reports TFLOPS = 2 
   triton block-scaled FP8 (A 1x128, B 128x128)   vs  cuBLAS blockwise (torch scaled_mm,
                                                      BlockWise1x128 x BlockWise128x128), and torchao's
                                                      Triton kernel for the same recipe (if importable)
-  triton per-tensor FP8                          vs  cuBLAS per-tensor FP8 (torch._scaled_mm)
+  triton per-tensor FP8 (Gluon on sm_90, and the   vs  cuBLAS per-tensor FP8 (torch._scaled_mm)
+  Triton kernel)
   triton INT8 (per-row scales)                   vs  cuBLAS int8 (torch._int_mm, int32 out, unscaled)
   triton MXFP4 x MXFP4, MXFP8 x MXFP4 (upcast)    vs  bf16 torch.matmul
 The sweep then times block-scaled launch configs alone (the autotuned list plus variants:
@@ -156,7 +157,10 @@ def run_size(s: int, results: dict) -> None:
             triton_gemm.matmul(qa, qb, torch.float32))
 
     ta, tb = quantize(x, TENSOR), quantize(w, TENSOR)
-    record("triton fp8 per-tensor", lambda: triton_gemm.matmul(ta, tb, torch.bfloat16))
+    record("triton fp8 per-tensor", lambda: triton_gemm.matmul(ta, tb, torch.bfloat16))  # Gluon on sm_90
+    triton_gemm.USE_GLUON = False
+    record("triton fp8 per-tensor, Triton kernel", lambda: triton_gemm.matmul(ta, tb, torch.bfloat16))
+    triton_gemm.USE_GLUON = True
     record("cublas fp8 per-tensor", lambda: torch._scaled_mm(ta.codes, tb.codes.t(), scale_a=ta.scales.reshape(()),
                                                              scale_b=tb.scales.reshape(()), out_dtype=torch.bfloat16))
     record("cublas bf16", lambda: torch.matmul(x, w.t()))

@@ -1,4 +1,5 @@
-"""Correctness and speed of each launch variant of the Gluon block-scaled FP8 GEMM (kernels/gluon_gemm.py) on an H100.
+"""Correctness and speed of each launch variant of the Gluon FP8 GEMM (kernels/gluon_gemm.py) on an H100, in
+both of its modes: block-scaled (A 1x128 x B 128x128) and scales constant along K (per tensor / per row).
 
     python benchmarks/gluon_gemm_check.py [--sizes 4096 8192] [--no-bench]
 
@@ -7,8 +8,12 @@
     relative Frobenius error of fp32 and bf16 output against the fp64 product of the dequantized
     operands, relative difference to the Triton kernel (triton_gemm.matmul without Gluon, fp32 out; expected
     <= 1e-6), and the same product with column-major scales (expected identical).
-(b) At each --sizes S (S^3): median GPU time (triton.testing.do_bench_cudagraph) and TFLOPS of each
-    variant, of the Triton kernel and of cuBLAS blockwise (gemm.cublas_blockwise), and the ratios.
+(b) The same shapes per tensor (E4M3 x E4M3, every variant) and per row (A E4M3 x B E5M2, the default
+    variant): relative error of fp32 and bf16 output against the fp64 product, and both outputs against
+    the Triton kernel's (its first launch config, the one the GPU tests compare with; expected identical).
+(c) At each --sizes S (S^3): median GPU time (triton.testing.do_bench_cudagraph) and TFLOPS of each
+    variant, of the Triton kernel and of cuBLAS: blockwise (gemm.cublas_blockwise) for the block-scaled
+    product, per-tensor torch._scaled_mm (use_fast_accum=False) for the per-tensor one; and the ratios.
 Each variant is tried on its own: a failure is printed and the others still run (a CUDA fault, though,
 poisons the context for everything after it; a hang needs the caller's timeout).
 """
@@ -23,8 +28,11 @@ import torch
 import triton
 import triton.testing
 
-from gemm import BLOCK_A, BLOCK_B, cublas_blockwise
+from gemm import BLOCK_A, BLOCK_B, TENSOR, cublas_blockwise
 from quantd.kernels import gluon_gemm, reference, triton_gemm
+from quantd.kernels.spec import QuantSpec
+
+ROW_A, ROW_B = QuantSpec("fp8_e4m3", "channel", axis=0), QuantSpec("fp8_e5m2", "channel", axis=0)
 
 SHAPES = [(128, 128, 128), (257, 383, 1100), (1000, 1000, 4096), (4096, 4096, 4096)]
 
@@ -33,11 +41,11 @@ def relative_error(c, ref) -> float:
     return float((c.double() - ref.double()).norm() / ref.double().norm())
 
 
-def operands(m: int, n: int, k: int, seed: int):
+def operands(m: int, n: int, k: int, seed: int, spec_a=BLOCK_A, spec_b=BLOCK_B):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(m, k, device="cuda", generator=gen)
     w = torch.randn(n, k, device="cuda", generator=gen)
-    return reference.quantize(x, BLOCK_A), reference.quantize(w, BLOCK_B)
+    return reference.quantize(x, spec_a), reference.quantize(w, spec_b)
 
 
 def report_failure(what: str, e: Exception) -> None:
@@ -74,6 +82,50 @@ def check(gg, shapes) -> bool:
     return ok
 
 
+def triton_kernel(qa, qb, out_dtype):
+    """The Triton kernel's product (USE_GLUON is off here) with its first launch config alone."""
+    configs = triton_gemm.SCALED_CONFIGS
+    try:
+        triton_gemm.SCALED_CONFIGS = configs[:1]
+        return triton_gemm.matmul(qa, qb, out_dtype)
+    finally:
+        triton_gemm.SCALED_CONFIGS = configs
+
+
+def check_row_scaled(gg, shapes) -> bool:
+    ok = True
+    for m, n, k in shapes:
+        for name, spec_a, spec_b, configs in [("per-tensor e4m3 x e4m3", TENSOR, TENSOR, gg.CONFIGS),
+                                              ("per-row e4m3 x e5m2", ROW_A, ROW_B, gg.CONFIGS[:1])]:
+            what = f"check {name} {m}x{n}x{k}"
+            try:
+                qa, qb = operands(m, n, k, m + n + k, spec_a, spec_b)
+                ref = (reference.dequantize(qa, torch.float32).double()
+                       @ reference.dequantize(qb, torch.float32).double().T)
+                t32, t16 = triton_kernel(qa, qb, torch.float32), triton_kernel(qa, qb, torch.bfloat16)
+                print(f"{what}: triton_gemm fp32 out rel err {relative_error(t32, ref):.3e}", flush=True)
+            except Exception as e:
+                ok = False
+                report_failure(what, e)
+                continue
+            for cfg in configs:
+                try:
+                    c32 = gg.rowscaled_matmul(qa.codes, qa.scales, qb.codes, qb.scales, torch.float32, config=cfg)
+                    c16 = gg.rowscaled_matmul(qa.codes, qa.scales, qb.codes, qb.scales, torch.bfloat16, config=cfg)
+                    torch.cuda.synchronize()
+                    err32, err16 = relative_error(c32, ref), relative_error(c16, ref)
+                    same32, same16 = bool(torch.equal(c32, t32)), bool(torch.equal(c16, t16))
+                    good = err32 < 3e-4 and err16 < 5e-3 and same32 and same16
+                    ok &= good
+                    print(f"{what} {cfg!r}: rel err fp32 {err32:.3e} bf16 {err16:.3e} | vs triton_gemm "
+                          f"{relative_error(c32, t32):.1e}, identical fp32 {same32} bf16 {same16} "
+                          f"-> {'ok' if good else 'BAD'}", flush=True)
+                except Exception as e:
+                    ok = False
+                    report_failure(f"{what} {cfg!r}", e)
+    return ok
+
+
 def bench(gg, sizes) -> None:
     for s in sizes:
         qa, qb = operands(s, s, s, s)
@@ -101,6 +153,21 @@ def bench(gg, sizes) -> None:
                           ("triton_gemm.matmul", "cublas blockwise (torch scaled_mm)") if rows.get(peer)]
                 print(f"ratio {s:5d} {name:60s} " + ", ".join(ratios), flush=True)
 
+        ta, tb = operands(s, s, s, s, TENSOR, TENSOR)
+        rows.clear()
+        record("per-tensor cublas (torch _scaled_mm)", lambda: torch._scaled_mm(
+            ta.codes, tb.codes.t(), scale_a=ta.scales.reshape(()), scale_b=tb.scales.reshape(()),
+            out_dtype=torch.bfloat16, use_fast_accum=False))
+        record("per-tensor triton_gemm.matmul", lambda: triton_gemm.matmul(ta, tb, torch.bfloat16))
+        for cfg in gg.CONFIGS:
+            record(f"per-tensor {cfg!r}", lambda cfg=cfg: gg.rowscaled_matmul(
+                ta.codes, ta.scales, tb.codes, tb.scales, torch.bfloat16, config=cfg))
+        for name, tflops in rows.items():
+            if name.startswith("per-tensor gluon"):
+                ratios = [f"{tflops / rows[peer]:.3f} x {peer.split()[1]}" for peer in
+                          ("per-tensor triton_gemm.matmul", "per-tensor cublas (torch _scaled_mm)") if rows.get(peer)]
+                print(f"ratio {s:5d} {name:60s} " + ", ".join(ratios), flush=True)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,7 +184,10 @@ def main() -> None:
         sys.exit(1)
     t0 = time.time()
     ok = check(gg, SHAPES)
-    print(f"correctness: {'all ok' if ok else 'FAILURES'} ({time.time() - t0:.0f} s)", flush=True)
+    print(f"correctness, block-scaled: {'all ok' if ok else 'FAILURES'} ({time.time() - t0:.0f} s)", flush=True)
+    ok_rows = check_row_scaled(gg, SHAPES)
+    print(f"correctness, per tensor / per row: {'all ok' if ok_rows else 'FAILURES'} ({time.time() - t0:.0f} s)",
+          flush=True)
     if not args.no_bench:
         bench(gg, args.sizes)
     print(f"done in {time.time() - t0:.0f} s", flush=True)
