@@ -28,17 +28,13 @@ import torch
 import triton
 import triton.testing
 
-from gemm import BLOCK_A, BLOCK_B, TENSOR, cublas_blockwise
+from gemm import BLOCK_A, BLOCK_B, TENSOR, cublas_blockwise, fp64_product, relative_error
 from quantd.kernels import gluon_gemm, reference, triton_gemm
 from quantd.kernels.spec import QuantSpec
 
 ROW_A, ROW_B = QuantSpec("fp8_e4m3", "channel", axis=0), QuantSpec("fp8_e5m2", "channel", axis=0)
 
 SHAPES = [(128, 128, 128), (257, 383, 1100), (1000, 1000, 4096), (4096, 4096, 4096)]
-
-
-def relative_error(c, ref) -> float:
-    return float((c.double() - ref.double()).norm() / ref.double().norm())
 
 
 def operands(m: int, n: int, k: int, seed: int, spec_a=BLOCK_A, spec_b=BLOCK_B):
@@ -57,7 +53,7 @@ def check(gg, shapes) -> bool:
     ok = True
     for m, n, k in shapes:
         qa, qb = operands(m, n, k, m + n + k)
-        ref = reference.dequantize(qa, torch.float32).double() @ reference.dequantize(qb, torch.float32).double().T
+        ref = fp64_product(qa, qb)
         ours_triton = triton_gemm.matmul(qa, qb, torch.float32)
         print(f"check {m}x{n}x{k}: triton_gemm fp32 out rel err {relative_error(ours_triton, ref):.3e}, "
               f"fp64 product rounded to bf16 {relative_error(ref.float().bfloat16(), ref):.3e}", flush=True)
@@ -100,8 +96,7 @@ def check_row_scaled(gg, shapes) -> bool:
             what = f"check {name} {m}x{n}x{k}"
             try:
                 qa, qb = operands(m, n, k, m + n + k, spec_a, spec_b)
-                ref = (reference.dequantize(qa, torch.float32).double()
-                       @ reference.dequantize(qb, torch.float32).double().T)
+                ref = fp64_product(qa, qb)
                 t32, t16 = triton_kernel(qa, qb, torch.float32), triton_kernel(qa, qb, torch.bfloat16)
                 print(f"{what}: triton_gemm fp32 out rel err {relative_error(t32, ref):.3e}", flush=True)
             except Exception as e:

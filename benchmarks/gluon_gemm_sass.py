@@ -29,6 +29,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from quantd.kernels import gluon_gemm
+from sass import cuobjdump
 
 
 # (mode, A codes, B codes): block-scaled, per-tensor (sa and sb one scale each) or per-row (one a row of A
@@ -74,10 +75,6 @@ def compile_variant(gg, cfg, out: str = "bf16", mode: str = "block-scaled", a_dt
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": cfg.maxnreg})
 
 
-def tool(name: str) -> str:
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-
-
 def ptxas_path() -> str:
     """The ptxas triton itself runs for sm_90 (newer triton ships more than one)."""
     from triton.backends.nvidia.compiler import get_ptxas
@@ -115,10 +112,10 @@ def main() -> None:
                 f.write(k.asm[ext])
         with open(stem + ".cubin", "wb") as f:
             f.write(k.asm["cubin"])
-        sass = subprocess.run([tool("cuobjdump"), "-sass", stem + ".cubin"], capture_output=True, text=True).stdout
+        sass = cuobjdump("-sass", stem + ".cubin", check=False)
         with open(stem + ".sass", "w") as f:
             f.write(sass)
-        res = subprocess.run([tool("cuobjdump"), "-res-usage", stem + ".cubin"], capture_output=True, text=True).stdout
+        res = cuobjdump("-res-usage", stem + ".cubin", check=False)
         ptxas = subprocess.run([ptxas_path(), "-arch=sm_90a", "-v", "--warn-on-spills", f"{stem}.ptx", "-o",
                                 f"{stem}.ptxas.cubin"], capture_output=True, text=True)
         ptx = k.asm["ptx"]
