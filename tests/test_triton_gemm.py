@@ -312,8 +312,9 @@ def test_packed_mxfp4_decode_is_the_fp32_decode():
 @triton.jit
 def _decode_tile_kernel(codes_ptr, scales_ptr, out_ptr, ROWS: tl.constexpr, BYTES: tl.constexpr,
                         PACKED: tl.constexpr, DOT_FP32: tl.constexpr):
-    """The GEMM's MXFP4 tile decode on a (ROWS, BYTES) tile of code bytes with its (ROWS, BYTES // 16) scales."""
-    r = tl.arange(0, ROWS)[:, None]
+    """The GEMM's MXFP4 tile decode on program i's (ROWS, BYTES) tile of code bytes (rows i * ROWS on)
+    with its (ROWS, BYTES // 16) scales."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
     packed = tl.load(codes_ptr + r * BYTES + tl.arange(0, BYTES)[None, :])
     e = tl.load(scales_ptr + r * (BYTES // 16) + tl.arange(0, BYTES // 16)[None, :])
     vals = _mx_values(packed, e, True, ROWS, 2 * BYTES, 32, DOT_FP32, PACKED)
@@ -327,7 +328,7 @@ def decode_tile(packed: bool) -> torch.Tensor:
     scales = e[:, :16].to(torch.uint8).contiguous().to(DEVICE)  # a row's 16 groups share its scale
     fp32 = triton_gemm._interpreting()  # the interpreter's bf16 cast truncates: there torch rounds
     out = torch.empty((256, 512), dtype=torch.float32 if fp32 else torch.bfloat16, device=DEVICE)
-    _decode_tile_kernel[(1,)](codes, scales, out, ROWS=256, BYTES=256, PACKED=packed, DOT_FP32=fp32)
+    _decode_tile_kernel[(256 // 16,)](codes, scales, out, ROWS=16, BYTES=256, PACKED=packed, DOT_FP32=fp32)
     return out.cpu().to(torch.bfloat16).reshape(256, 256, 2)
 
 
