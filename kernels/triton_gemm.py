@@ -26,7 +26,6 @@ Scales are read through plain pointers with any strides (row- or column-major).
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -35,7 +34,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import gluon_gemm
-from .tile_order import tile_offsets
+from .launch import sm_count, tile_offsets, tma_rows
 from .spec import E2M1, MX_BLOCK, Granularity, QuantizedTensor
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -366,12 +365,7 @@ def _grid(M: int, N: int, num_sms: int):
 def _num_programs(device) -> int:
     if _interpreting() or device.type != "cuda":
         return 2  # still walks several tiles per program, as on the GPU
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return sm_count(device)
 
 
 # ---- host side ----------------------------------------------------------------------------------
@@ -380,17 +374,11 @@ def _sm_count(index: int) -> int:
 def _descriptor(codes: torch.Tensor, k: int) -> TensorDescriptor:
     """A TMA descriptor over 2-D codes with logical width `k` (bytes for packed MXFP4).
 
-    TMA wants a unit inner stride and 16-byte aligned rows and base; other layouts are
-    copied once into a zero-padded buffer (ragged K that is not a multiple of 16 bytes).
+    Layouts TMA cannot read are copied first (launch.tma_rows).
     """
-    rows, esize = codes.shape[0], codes.element_size()
-    if not (codes.stride(1) == 1 and (codes.stride(0) * esize) % 16 == 0 and codes.data_ptr() % 16 == 0):
-        width = -(-k * esize // 16) * 16 // esize
-        padded = torch.zeros((rows, width), dtype=codes.dtype, device=codes.device)
-        padded[:, :k] = codes
-        codes = padded
+    codes = tma_rows(codes, k)
     # The block shape is a placeholder: _set_block_shapes sets the launched config's.
-    return TensorDescriptor(codes, [rows, k], [codes.stride(0), 1], [16, 16])
+    return TensorDescriptor(codes, [codes.shape[0], k], [codes.stride(0), 1], [16, 16])
 
 
 def _k_scales(qt: QuantizedTensor, name: str):
