@@ -13,7 +13,9 @@
   is upcast in-kernel to bf16 with its power-of-two scale folded in (exact: E2M1/E4M3/E5M2 times a
   power of two fits bf16's 8-bit significand, except E4M3/E5M2 subnormals under the smallest scales,
   below 2**-133 where bf16 has no subnormal step left, which round), then multiplied on the bf16
-  tensor cores in fp32.
+  tensor cores in fp32. Compiled MXFP4 tiles are decoded a code byte at a time into a bf16x2 word by
+  integer ops and two bf16x2 multiplies (_e2m1x2_scaled); MXFP8 tiles and the interpreter go through
+  fp32. Both give the same bf16 bits.
 
 * gluon_gemm._fp8_gemm_kernel takes FP8 x FP8 (E4M3/E5M2, any pairing) on sm_90 GPUs for A 1x128 x
   B 128x128 scales and for scales constant along K (each operand per tensor or per row): warp-
@@ -40,6 +42,7 @@ OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 K_BLOCK = 128  # BLOCK_K of the FP8/INT8 kernel: K scale groups must be multiples of it
 ONE_SCALE = 0  # "rows per scale" of an operand whose one scale covers every row
 USE_GLUON = True  # run the Gluon kernel where it applies (see _gluon_applies)
+PACKED_DECODE = True  # compiled MXFP4 tiles decoded in bf16x2 PTX (_e2m1x2_scaled); False: through fp32
 
 
 def _interpreting() -> bool:
@@ -179,26 +182,85 @@ def _e2m1_to_f32(codes):
 
 @triton.jit
 def _e8m0_to_f32(e):
-    """2**(e - 127) as fp32 for E8M0 bits e (0 gives the subnormal 2**-127; 255 is NaN, as the reference reads it)."""
+    """2**(e - 127) as fp32 for E8M0 bits e (0 gives the subnormal 2**-127, 255 NaN as the reference reads it)."""
     e = e.to(tl.int32)
     return tl.where(e == 0, 0x00400000, tl.where(e == 255, 0x7FC00000, e << 23)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
+def _e8m0_bf16x2(e):
+    """Two bf16 copies of 2**(e - 127) in an int32 word for E8M0 bits e (0 gives the bf16 subnormal
+    2**-127, 255 NaN): every factor is exact in bf16, whose exponent range is fp32's."""
+    e = e.to(tl.int32)
+    h = tl.where(e == 0, 0x0040, tl.where(e == 255, 0x7FC0, e << 7))
+    return h | (h << 16)
+
+
+@triton.jit
+def _e2m1x2_scaled(b, f):
+    """bf16x2 words (element 2i in the low half) of E2M1 code bytes b (int32 0..255, element 2i in the
+    low nibble) times the bf16x2 factors f (sm_90 PTX).
+
+    Each nibble s e1 e0 m becomes the bf16 with sign s, exponent field e1 e0 and mantissa top bit m
+    (the copies of b at shifts 6/18 put the magnitude bits at 6..8/22..24, those at 12/24 the signs at
+    15/31; the copies never overlap, so the products are ORs). That bf16 is the code's value times
+    2**-126: exponent field 0 is the subnormal 2**-127 (m = 1: 0.5) or zero. Two bf16 multiplies,
+    by 2**126 (giving the code's value) and by the factor, are exact wherever the result is a bf16
+    (two significant bits times a power of two in [2**-128, 1.5 * 2**129]), round to +-Inf past bf16's
+    range, as the fp32 path's cast does, and give NaN for a NaN factor. A single multiply by
+    2**(s - 1) would leave bf16's range for scales s > 128. tests/test_triton_gemm.py models every
+    step in torch for every code pair and scale (test_packed_mxfp4_decode_is_the_fp32_decode).
+    """
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 m, s, c;
+        mul.lo.u32 m, $1, 0x00040040;
+        mul.lo.u32 s, $1, 0x01001000;
+        and.b32 m, m, 0x01C001C0;
+        and.b32 s, s, 0x80008000;
+        or.b32 m, m, s;
+        mov.b32 c, 0x7E807E80;
+        mul.rn.bf16x2 m, m, c;
+        mul.rn.bf16x2 $0, m, $2;
+        }
+        """,
+        constraints="=r,r,r", args=[b, f], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _mx_tile(desc, s_ptrs, stride_sk, k_groups, off, k, FP4: tl.constexpr, ROWS: tl.constexpr,
-             BLOCK_K: tl.constexpr, GROUP: tl.constexpr, DOT_FP32: tl.constexpr):
+             BLOCK_K: tl.constexpr, GROUP: tl.constexpr, DOT_FP32: tl.constexpr, PACKED: tl.constexpr):
     """Values (codes x scale) of an MX operand's (ROWS, BLOCK_K) tile at row `off`, column `k`.
 
-    bf16, or fp32 if DOT_FP32.
+    bf16, or fp32 if DOT_FP32. PACKED (compiled MXFP4): each code byte becomes one bf16x2 word
+    (_e2m1x2_scaled), the same bf16 values as the fp32 path's.
     """
     if FP4:
         packed = desc.load([off, k // 2])
+    else:
+        packed = desc.load([off, k])
+    g = k // GROUP + tl.arange(0, BLOCK_K // GROUP)
+    e = tl.load(s_ptrs + g[None, :] * stride_sk, mask=g[None, :] < k_groups, other=127)
+    return _mx_values(packed, e, FP4, ROWS, BLOCK_K, GROUP, DOT_FP32, PACKED)
+
+
+@triton.jit
+def _mx_values(packed, e, FP4: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+               DOT_FP32: tl.constexpr, PACKED: tl.constexpr):
+    """(ROWS, BLOCK_K) values of MX codes (MXFP4: (ROWS, BLOCK_K // 2) bytes; MXFP8: (ROWS, BLOCK_K)
+    E4M3) under E8M0 scale bits e (ROWS, BLOCK_K // GROUP); see _mx_tile."""
+    if FP4 and PACKED:
+        f = tl.broadcast_to(_e8m0_bf16x2(e)[:, :, None], (ROWS, BLOCK_K // GROUP, GROUP // 2))
+        w = _e2m1x2_scaled(packed.to(tl.int32), f.reshape(ROWS, BLOCK_K // 2))
+        lo = w.to(tl.int16).to(tl.bfloat16, bitcast=True)
+        hi = (w >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        return tl.join(lo, hi).reshape(ROWS, BLOCK_K)
+    if FP4:
         codes = tl.join(packed & 0xF, packed >> 4).reshape(ROWS, BLOCK_K)  # low nibble first
         vals = _e2m1_to_f32(codes)
     else:
-        vals = desc.load([off, k]).to(tl.float32)
-    g = k // GROUP + tl.arange(0, BLOCK_K // GROUP)
-    e = tl.load(s_ptrs + g[None, :] * stride_sk, mask=g[None, :] < k_groups, other=127)
+        vals = packed.to(tl.float32)
     vals = vals.reshape(ROWS, BLOCK_K // GROUP, GROUP) * _e8m0_to_f32(e)[:, :, None]
     vals = vals.reshape(ROWS, BLOCK_K)
     if DOT_FP32:
@@ -213,11 +275,13 @@ def _mx_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr,
                     A_FP4: tl.constexpr, B_FP4: tl.constexpr, GROUP: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, CTAS_PER_SM: tl.constexpr,
-                    FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, DOT_FP32: tl.constexpr):
+                    FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, DOT_FP32: tl.constexpr,
+                    PACKED: tl.constexpr = False):
     """C = dequant(A) x dequant(B)^T for MX operands, upcast per tile; see the module docstring.
 
     DOT_FP32 multiplies the same exact values in fp32 instead of bf16: the Triton interpreter's
-    bf16 tl.dot reads the raw bits as integers (triton 3.9).
+    bf16 tl.dot reads the raw bits as integers (triton 3.9). PACKED decodes MXFP4 tiles in bf16x2
+    PTX (compiled only; the interpreter cannot run PTX).
     """
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -229,8 +293,10 @@ def _mx_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr,
         sb_ptrs = _scale_ptrs(sb_ptr, off_n, N, stride_sbn, 1, BLOCK_N, 0)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
-            a = _mx_tile(a_desc, sa_ptrs, stride_sak, k_groups, off_m, k, A_FP4, BLOCK_M, BLOCK_K, GROUP, DOT_FP32)
-            b = _mx_tile(b_desc, sb_ptrs, stride_sbk, k_groups, off_n, k, B_FP4, BLOCK_N, BLOCK_K, GROUP, DOT_FP32)
+            a = _mx_tile(a_desc, sa_ptrs, stride_sak, k_groups, off_m, k, A_FP4, BLOCK_M, BLOCK_K, GROUP, DOT_FP32,
+                         PACKED)
+            b = _mx_tile(b_desc, sb_ptrs, stride_sbk, k_groups, off_n, k, B_FP4, BLOCK_N, BLOCK_K, GROUP, DOT_FP32,
+                         PACKED)
             acc = tl.dot(a, b.T, acc, input_precision="ieee")
         _store_tile(c_ptr, acc, off_m, off_n, M, N, stride_cm, stride_cn, BLOCK_M, BLOCK_N)
 
@@ -404,7 +470,8 @@ def _mx_matmul(a: QuantizedTensor, b: QuantizedTensor, c: torch.Tensor) -> torch
     _tuned(_mx_gemm_kernel, MX_CONFIGS)[_grid(M, N, num_sms)](
         _descriptor(a.codes, a.codes.shape[1]), _descriptor(b.codes, b.codes.shape[1]), c, sa, sb,
         M, N, K, c.stride(0), c.stride(1), sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1),
-        A_FP4=a_fp4, B_FP4=b_fp4, GROUP=MX_BLOCK, NUM_SMS=num_sms, DOT_FP32=_interpreting())
+        A_FP4=a_fp4, B_FP4=b_fp4, GROUP=MX_BLOCK, NUM_SMS=num_sms, DOT_FP32=_interpreting(),
+        PACKED=PACKED_DECODE and not _interpreting())
     return c
 
 

@@ -17,9 +17,12 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from quantd.kernels import gluon_gemm, reference, triton_gemm
-from quantd.kernels.spec import QuantizedTensor, QuantSpec
+from quantd.kernels.spec import E2M1, QuantizedTensor, QuantSpec
+from quantd.kernels.triton_gemm import _mx_values
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_TOL = 1e-5
@@ -219,6 +222,155 @@ def test_mx_nan_scale(spec_a, spec_b, rng):
         codes.view(torch.uint8)[4, 32:64] = 0x38  # E4M3 1.0
     got, _ = check(QuantizedTensor(codes, scales, qa.spec, qa.shape), qb)
     assert torch.isnan(got[4]).all() and not torch.isnan(got[:4]).any()
+
+
+# ---- the packed MXFP4 decode (bf16x2 PTX on the GPU), modelled exactly in torch -------------------
+
+BF16_MAX = (2 - 2.0 ** -7) * 2.0 ** 127
+
+
+def bf16_round_exact(p: torch.Tensor) -> torch.Tensor:
+    """RN-even to bf16 of fp64 values that are bf16 values already or lie past bf16's range (+-Inf), and
+    NaN: asserts that no other rounding is needed, so the fp64 product is the bf16 multiply's result."""
+    finite = torch.isfinite(p)
+    big = finite & (p.abs() > BF16_MAX)
+    assert (p[big].abs() >= BF16_MAX + 2.0 ** 119).all(), "a product rounds to bf16's max, not to Inf"
+    q = p[finite & ~big]
+    e = torch.frexp(q)[1].to(torch.float64) - 1  # floor(log2 |q|) where q != 0
+    quantum = torch.exp2(torch.clamp(e, min=-126) - 7)
+    assert torch.equal(q / quantum, torch.round(q / quantum)), "a product is not a bf16 value"
+    out = p.clone()
+    out[big] = torch.copysign(torch.full_like(p[big], math.inf), p[big])
+    return out.to(torch.float32).to(torch.bfloat16)  # exact: every value is a bf16 or +-Inf or NaN
+
+
+def bf16_halves(words: torch.Tensor) -> torch.Tensor:
+    """int64 words holding two bf16 (element 2i in the low half) -> (..., 2) bf16."""
+    halves = torch.stack([words & 0xFFFF, (words >> 16) & 0xFFFF], -1)
+    return (halves - ((halves & 0x8000) << 1)).to(torch.int16).view(torch.bfloat16)
+
+
+def packed_decode_model(byte: torch.Tensor, e8m0: torch.Tensor) -> torch.Tensor:
+    """bf16 (..., 2) of _e2m1x2_scaled(byte, _e8m0_bf16x2(e8m0)), every step as the PTX does it: the
+    integer word, then two bf16x2 multiplies, emulated exactly by bf16_round_exact."""
+    b = byte.to(torch.int64)
+    word = ((b * 0x00040040) & 0x01C001C0) | ((b * 0x01001000) & 0x80008000)
+    e = e8m0.to(torch.int64)
+    h = torch.where(e == 0, 0x0040, torch.where(e == 255, 0x7FC0, e << 7))
+    factor = bf16_halves(h | (h << 16)).double()
+    two126 = bf16_halves(torch.tensor(0x7E807E80)).double()
+    x = bf16_round_exact(bf16_halves(word).double() * two126)
+    return bf16_round_exact(x.double() * factor)
+
+
+def fp32_decode_model(byte: torch.Tensor, e8m0: torch.Tensor) -> torch.Tensor:
+    """bf16 (..., 2) of the fp32 path, as kernels/triton_gemm.py writes it: _e2m1_to_f32(code) *
+    _e8m0_to_f32(e) in fp32, cast to bf16."""
+    codes = torch.stack([byte.to(torch.int32) & 0xF, byte.to(torch.int32) >> 4], -1)
+    exp, man = (codes >> 1) & 3, codes & 1
+    bits = torch.where(exp == 0, man * (126 << 23), ((exp + 126) << 23) | (man << 22)) | ((codes & 8) << 28)
+    e = e8m0.to(torch.int32)[..., None]
+    scale = torch.where(e == 0, 0x00400000, torch.where(e == 255, 0x7FC00000, e << 23)).view(torch.float32)
+    return (bits.view(torch.float32) * scale).to(torch.bfloat16)
+
+
+def every_byte_and_scale():
+    """(256 scales, 256 bytes) grids: every pair of E2M1 codes under every E8M0 scale (255 is NaN)."""
+    return torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")[::-1]
+
+
+def same_bf16(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical, NaN matching NaN (payloads are unspecified)."""
+    nan = torch.isnan(a.float())
+    return torch.equal(nan, torch.isnan(b.float())) and torch.equal(a.view(torch.int16)[~nan],
+                                                                    b.view(torch.int16)[~nan])
+
+
+def test_packed_mxfp4_decode_is_the_fp32_decode():
+    """Every E2M1 code pair x every E8M0 scale: the packed arithmetic gives the fp32 path's bf16 bits
+    (NaN for scale 255), and both are the reference's dequantized values cast to bf16."""
+    byte, e = every_byte_and_scale()
+    packed, fp32 = packed_decode_model(byte, e), fp32_decode_model(byte, e)
+    assert same_bf16(packed, fp32)
+    codes = torch.stack([byte & 0xF, byte >> 4], -1)
+    scale = e.to(torch.uint8).view(torch.float8_e8m0fnu).float()[..., None]
+    ref = (reference.decode_e2m1(codes) * scale).to(torch.bfloat16)
+    assert same_bf16(fp32, ref)
+    assert torch.isnan(packed[255].float()).all() and not torch.isnan(packed[:255].float()).any()
+    # the extremes the products reach: subnormal results, +-Inf past bf16's range, signed zeros
+    assert packed[0, 1, 0].item() == 2.0 ** -128 and packed[0, 0x99, 1].item() == -(2.0 ** -128)
+    assert packed[254, 0x40, 1].item() == math.inf and packed[254, 0xC0, 1].item() == -math.inf
+    assert packed[252, 0x07, 0].item() == 1.5 * 2.0 ** 127
+    assert packed[200, 0x88].view(torch.int16).eq(-32768).all()  # -0.0 stays -0.0
+
+
+@triton.jit
+def _decode_tile_kernel(codes_ptr, scales_ptr, out_ptr, ROWS: tl.constexpr, BYTES: tl.constexpr,
+                        PACKED: tl.constexpr, DOT_FP32: tl.constexpr):
+    """The GEMM's MXFP4 tile decode on program i's (ROWS, BYTES) tile of code bytes (rows i * ROWS on)
+    with its (ROWS, BYTES // 16) scales."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
+    packed = tl.load(codes_ptr + r * BYTES + tl.arange(0, BYTES)[None, :])
+    e = tl.load(scales_ptr + r * (BYTES // 16) + tl.arange(0, BYTES // 16)[None, :])
+    vals = _mx_values(packed, e, True, ROWS, 2 * BYTES, 32, DOT_FP32, PACKED)
+    tl.store(out_ptr + r * (2 * BYTES) + tl.arange(0, 2 * BYTES)[None, :], vals)
+
+
+def decode_tile(packed: bool) -> torch.Tensor:
+    """_mx_values on every byte (columns) under every scale (rows): (256 scales, 256 bytes, 2) bf16."""
+    byte, e = every_byte_and_scale()
+    codes = byte.to(torch.uint8).to(DEVICE)
+    scales = e[:, :16].to(torch.uint8).contiguous().to(DEVICE)  # a row's 16 groups share its scale
+    fp32 = triton_gemm._interpreting()  # the interpreter's bf16 cast truncates: there torch rounds
+    out = torch.empty((256, 512), dtype=torch.float32 if fp32 else torch.bfloat16, device=DEVICE)
+    _decode_tile_kernel[(256 // 16,)](codes, scales, out, ROWS=16, BYTES=256, PACKED=packed, DOT_FP32=fp32)
+    return out.cpu().to(torch.bfloat16).reshape(256, 256, 2)
+
+
+def test_fp32_decode_kernel_matches_model():
+    """The kernel's own fp32 path (interpreted without a GPU) on every code pair x scale is the model above."""
+    byte, e = every_byte_and_scale()
+    assert same_bf16(decode_tile(False), fp32_decode_model(byte, e))
+
+
+@pytest.mark.gpu
+def test_gpu_packed_decode_bit_identical():
+    """Compiled: the bf16x2 PTX decode gives the fp32 path's bf16 bits for every code pair x every scale."""
+    byte, e = every_byte_and_scale()
+    new, old = decode_tile(True), decode_tile(False)
+    assert same_bf16(old, fp32_decode_model(byte, e))
+    assert same_bf16(new, old)
+
+
+def mx_operand(rows: int, k: int, spec: QuantSpec, exps: torch.Tensor, gen) -> QuantizedTensor:
+    """Random MX codes (no E4M3 NaN; MXFP4's padding nibble zero) under E8M0 scale bits `exps` (rows, groups)."""
+    if spec.element is E2M1:
+        nib = torch.randint(0, 16, (rows, k + k % 2), generator=gen)
+        nib[:, k:] = 0
+        codes = (nib[:, 0::2] | (nib[:, 1::2] << 4)).to(torch.uint8)
+    else:
+        b = torch.randint(0, 256, (rows, k), generator=gen)
+        codes = torch.where((b & 0x7F) == 0x7F, b - 1, b).to(torch.uint8).view(torch.float8_e4m3fn)
+    return QuantizedTensor(codes, exps.to(torch.uint8).view(torch.float8_e8m0fnu), spec, (rows, k))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec_a,spec_b", MX_PAIRS, ids=lambda s: s.describe())
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (17, 33, 129), (130, 70, 383), (257, 383, 1100)])
+def test_gpu_mx_scales_span_e8m0(m, n, k, spec_a, spec_b, rng, monkeypatch):
+    """Scales across E8M0's range, group by group (A's rising, B's falling so that products stay in
+    fp32's range): the compiled GEMM against the reference, and the bf16x2 decode's products equal to
+    the fp32 decode's bit for bit. 3..246 keeps every E4M3 value times its scale a bf16 (below 3 the
+    smallest E4M3 subnormals fall under bf16's) and every value finite; test_gpu_packed_decode_bit_identical
+    covers every scale."""
+    groups = -(-k // 32)
+    base = torch.linspace(3, 244, groups).round().to(torch.int64)
+    ea = base[None, :] + torch.randint(0, 3, (m, groups), generator=rng)
+    eb = (247 - base)[None, :] + torch.randint(0, 3, (n, groups), generator=rng)
+    qa, qb = mx_operand(m, k, spec_a, ea, rng), mx_operand(n, k, spec_b, eb, rng)
+    got, _ = check(qa, qb)
+    monkeypatch.setattr(triton_gemm, "PACKED_DECODE", False)
+    assert torch.equal(triton_gemm.matmul(to_device(qa), to_device(qb), torch.float32), got)
 
 
 # ---- bad input ---------------------------------------------------------------------------------
