@@ -135,15 +135,18 @@ SWEEP_N = 16384
 SQUARE = (SWEEP_N, SWEEP_N)
 SWEEPS = [
     ([("fp8 e4m3 128x128", CASES[1][1], SQUARE, "quantize"), ("int8 sym 128x128", CASES[10][1], SQUARE, "quantize")],
-     [dict(TILE_WARPS=w, ONE_BLOCK_PROGRAMS=p, PERSISTENT_STAGES=s, TILE_MAXNREG=r)
-      for w, p, s, r in ((None, 1, 3, None), (None, 1, 4, None), (None, 0, 3, None), (None, 0, 3, 64), (8, 0, 3, None),
-                         (8, 0, 3, 128), (None, 1, 3, 96))]),
+     [dict(DEFER_CAREFUL=d, TILE_WARPS=w, ONE_BLOCK_PROGRAMS=p, PERSISTENT_STAGES=s, TILE_MAXNREG=r)
+      for d, w, p, s, r in ((False, None, 1, 3, None), (True, None, 1, 3, None), (True, 8, 0, 3, 128),
+                            (True, None, 0, 3, 64), (True, None, 0, 3, None), (True, 32, 0, 3, None),
+                            (True, 8, 1, 3, None), (True, None, 1, 4, None))]),
     ([("fp8 e4m3 128x128", CASES[1][1], SQUARE, "dequantize"),
       ("int8 asym 128x128", QuantSpec(format="int8_asym", granularity="tile", tile=(128, 128)), SQUARE, "dequantize")],
      [dict(DEQUANT_SPLIT=n, TILE_WARPS=w) for n, w in ((1, None), (2, None), (4, None), (2, 16), (4, 16), (2, 4))]),
     ([("int8 sym channel0", CASES[8][1], SQUARE, "quantize"),
       ("fp8 e4m3 channel0", QuantSpec(granularity="channel", axis=0), SQUARE, "quantize")],
-     [dict(ROW_BLOCK_THREAD_ELEMS=e) for e in (64, 16)]),
+     [dict(DEFER_CAREFUL=d, ROW_BLOCK_THREAD_ELEMS=e, ONE_BLOCK_PROGRAMS=p, TILE_MAXNREG=r)
+      for d, e, p, r in ((False, 64, 1, None), (False, 16, 1, None), (True, 64, 1, None), (True, 64, 0, 128),
+                         (True, 16, 1, None), (True, 16, 0, None))]),
     ([("int8 asym 1x128", CASES[6][1], SQUARE, "quantize")],
      [dict(ASYM_WARPS=w, ASYM_MAXNREG=r, ASYM_PROGRAMS=p, PERSISTENT_STAGES=s)
       for w, r, p, s in ((8, 128, 2, 3), (8, 128, 2, 4), (4, None, 2, 3))]),

@@ -58,6 +58,10 @@ DUAL_PROGRAMS = 0
 # Warps of a dual-layout program of up to 16384 elements (a 128 x 128 tile): 8 ran at 0.43 x copy
 # against 0.35 for 16 (H100).
 DUAL_WARPS = 8
+# One-block programs without the code for careful tiles (Inf/NaN, extreme scales), which they list
+# for a second launch of FIXUP_PROGRAMS an SM that quantizes them (fewer registers a program).
+DEFER_CAREFUL = False
+FIXUP_PROGRAMS = 2
 # Elements a thread of a one-block program over a single row (channels, long flat blocks) reduces.
 ROW_BLOCK_THREAD_ELEMS = 64
 # INT8 asym programs: warps, and the register limit that keeps two of them on an SM without spilling
@@ -321,13 +325,14 @@ def _blocks_max(v, COLUMNS: tl.constexpr):
 
 @triton.jit
 def _register_scales(x, COLUMNS: tl.constexpr, QMAX: tl.constexpr, ASYM: tl.constexpr, POW2: tl.constexpr,
-                     MX: tl.constexpr, EMAX: tl.constexpr):
+                     MX: tl.constexpr, EMAX: tl.constexpr, DEFER: tl.constexpr = False):
     """(scale, zero point, careful) of the blocks of a register tile (see _blocks_max).
 
     The amax (ASYM: hi and -lo) is first reduced over all elements, one max an element. careful
     (a scalar) is 1 where that met an Inf or NaN, or some scale of the tile is outside
     [CORRECTED_MIN, CORRECTED_MAX]: then the amax is reduced again over the finite elements only,
-    as the reference does, and the codes are divided exactly.
+    as the reference does, and the codes are divided exactly. DEFER: a careful tile is left to another
+    launch (ONE_BLOCK 2 of _quantize_tile), so its scales are not reduced again here.
     """
     if ASYM:
         hi = _blocks_max(x, COLUMNS)
@@ -340,7 +345,7 @@ def _register_scales(x, COLUMNS: tl.constexpr, QMAX: tl.constexpr, ASYM: tl.cons
     if ASYM:
         wild = wild | ~(nlo < float("inf"))
     careful = tl.max(wild.to(tl.int32))
-    if careful != 0:
+    if careful != 0 and not DEFER:
         if ASYM:
             hi = _blocks_max(tl.where(x < float("inf"), x, 0.0), COLUMNS)
             nlo = _blocks_max(tl.where(-x < float("inf"), -x, 0.0), COLUMNS)
@@ -437,7 +442,7 @@ def _quantize_tile(
     Codes are written contiguously over (P, R, C) (PACK4: two nibbles a byte along C).
     DUAL (1 x TBC row groups, RB = TBC rows a program): each column of the tile is also a
     block of X^T, quantized into codes_t (C, R), scales_t and zp_t from the same registers.
-    ONE_BLOCK: the tile is one block (SCALE_SRC 0, RB = CB = 1).
+    ONE_BLOCK: the tile is one block (SCALE_SRC 0, RB = CB = 1); 2: the same, careful tiles deferred.
     """
     p, pid_r, pid_c, rb, i, cb, j, rows, cols, valid = _tile_coords(
         pid, R, C, TILES_R, TILES_C, RB, TBR, TBRP, CB, TBC, TBCP)
@@ -447,7 +452,7 @@ def _quantize_tile(
     if SCALE_SRC == 0:
         brow = pid_r * RB + rb  # [RB, 1, 1, 1]
         bcol = pid_c * CB + cb  # [1, 1, CB, 1]
-        scale, zp, careful = _register_scales(x, False, QMAX, ASYM, POW2, MX, EMAX)
+        scale, zp, careful = _register_scales(x, False, QMAX, ASYM, POW2, MX, EMAX, ONE_BLOCK == 2)
         smask = (brow < NBR) & (bcol < NBC)
         soff = brow.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c
         tl.store(scales_ptr + soff, _stored_scale(scale, POW2), mask=smask)
@@ -475,7 +480,21 @@ def _quantize_tile(
             if ASYM:
                 tl.store(zp_ptr + soff, zp.to(tl.int32).to(tl.uint8), mask=origin)
 
-    if SCALE_SRC == 0 and ONE_BLOCK and not POW2:
+    if SCALE_SRC == 0 and ONE_BLOCK == 2:
+        # Careful tiles are left to a second launch (FIXUP of _quantize_kernel) over the list in
+        # stats_ptr (their count, then their ids), so that these programs need no registers for them.
+        if careful == 0:
+            if POW2:
+                bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8,
+                               EXACT_FP8, RECIPROCAL)
+            else:
+                bits = _encode_careless(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8,
+                                        EXACT_FP8)
+            _store_codes(bits, codes_ptr, p, rows, cols, valid, pid_c, cb, R, sq_p, sq_r, RB, TBRP, CB, TBC, TBCP, PACK4)
+        else:
+            slot = tl.atomic_add(stats_ptr, 1)
+            tl.store(stats_ptr + 1 + slot, pid)
+    elif SCALE_SRC == 0 and ONE_BLOCK and not POW2:
         # One block a program: the codes are encoded and stored under the branch (faster on an H100
         # than a store after it, and the form that matched the reference there: BENCHMARKS.md).
         if careful == 0:
@@ -525,11 +544,19 @@ def _quantize_kernel(
     QMAX: tl.constexpr, IS_INT: tl.constexpr, ASYM: tl.constexpr, POW2: tl.constexpr, MX: tl.constexpr,
     EMAX: tl.constexpr, NBITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, BIAS: tl.constexpr,
     NAN_CODE: tl.constexpr, HW_FP8: tl.constexpr, EXACT_FP8: tl.constexpr, BF16_BITS: tl.constexpr,
-    ONE_BLOCK: tl.constexpr = 0, NUM_TILES=1, STAGES: tl.constexpr = 0,
+    ONE_BLOCK: tl.constexpr = 0, NUM_TILES=1, STAGES: tl.constexpr = 0, FIXUP: tl.constexpr = False,
 ):
     """_quantize_tile of tile program_id(0) (STAGES 0), or of tiles pid, pid + programs, ... < NUM_TILES
-    with the loads of the next STAGES - 1 tiles in flight (persistent programs)."""
-    if STAGES == 0:
+    with the loads of the next STAGES - 1 tiles in flight (persistent programs). FIXUP: of the tiles
+    listed in stats_ptr by a launch with ONE_BLOCK 2, each program taking every programs-th."""
+    if FIXUP:
+        for i in range(tl.program_id(0), tl.load(stats_ptr), tl.num_programs(0)):
+            _quantize_tile(tl.load(stats_ptr + 1 + i), x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr,
+                           codes_t_ptr, scales_t_ptr, zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r,
+                           sx_c, sq_p, sq_r, ss_r, ss_c, sst_r, sst_c, RB, TBR, TBRP, CB, TBC, TBCP, SCALE_SRC, BID_ROWS,
+                           BID_COLS, DUAL, PACK4, QMAX, IS_INT, ASYM, POW2, MX, EMAX, NBITS, MBITS, EMIN, BIAS, NAN_CODE,
+                           HW_FP8, EXACT_FP8, BF16_BITS, ONE_BLOCK)
+    elif STAGES == 0:
         _quantize_tile(tl.program_id(0), x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr,
                        scales_t_ptr, zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r,
                        ss_r, ss_c, sst_r, sst_c, RB, TBR, TBRP, CB, TBC, TBCP, SCALE_SRC, BID_ROWS, BID_COLS, DUAL,
@@ -897,20 +924,25 @@ def _launch_quantize(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, 
     run = _schedule(rb, cb, tbrp, tbcp, warps, register, dual_out is not None, consts["ASYM"])
     programs = min(tiles, _persistent_programs(v.device, run.per_sm)) if run.per_sm else tiles
     limits = {} if run.maxnreg is None else dict(maxnreg=run.maxnreg)
-    _quantize_kernel[(programs,)](
-        _input_view(v), codes_b, _bytes_of(grid_s), dummy if grid_zp is None else _bytes_of(grid_zp),
-        dummy if stats is None else stats, dummy if given is None else given,
-        dummy if codes_t is None else _bytes_of(codes_t), dummy if scales_t is None else _bytes_of(scales_t),
-        dummy if zp_t is None else _bytes_of(zp_t),
-        R, C, nbr, nbc, br, bc, tiles_r, tiles_c,
-        v.stride(0), v.stride(1), v.stride(2), sq_p, sq_r, grid_s.stride(0), grid_s.stride(1),
-        0 if scales_t is None else scales_t.stride(0), 0 if scales_t is None else scales_t.stride(1),
-        RB=rb, TBR=tbr, TBRP=tbrp, CB=cb, TBC=tbc, TBCP=tbcp,
-        SCALE_SRC=0 if register else (1 if stats is not None else 2), BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
-        DUAL=dual_out is not None,
-        PACK4=spec.element.bits == 4, BF16_BITS=_bf16_bits(v), num_warps=run.warps, ONE_BLOCK=run.one_block,
-        NUM_TILES=tiles, STAGES=run.stages, **consts, **limits,
-    )
+    defer = run.one_block and DEFER_CAREFUL
+    if defer:  # the careful tiles' count, then their ids
+        stats = torch.zeros(1 + tiles, dtype=torch.int32, device=v.device)
+    args = (_input_view(v), codes_b, _bytes_of(grid_s), dummy if grid_zp is None else _bytes_of(grid_zp),
+            dummy if stats is None else stats, dummy if given is None else given,
+            dummy if codes_t is None else _bytes_of(codes_t), dummy if scales_t is None else _bytes_of(scales_t),
+            dummy if zp_t is None else _bytes_of(zp_t),
+            R, C, nbr, nbc, br, bc, tiles_r, tiles_c,
+            v.stride(0), v.stride(1), v.stride(2), sq_p, sq_r, grid_s.stride(0), grid_s.stride(1),
+            0 if scales_t is None else scales_t.stride(0), 0 if scales_t is None else scales_t.stride(1))
+    kwargs = dict(RB=rb, TBR=tbr, TBRP=tbrp, CB=cb, TBC=tbc, TBCP=tbcp,
+                  SCALE_SRC=0 if register or defer else (1 if stats is not None else 2), BID_ROWS=nbr > 1,
+                  BID_COLS=nbc > 1, DUAL=dual_out is not None, PACK4=spec.element.bits == 4, BF16_BITS=_bf16_bits(v),
+                  num_warps=run.warps, NUM_TILES=tiles, **consts)
+    _quantize_kernel[(programs,)](*args, ONE_BLOCK=2 if defer else run.one_block, STAGES=run.stages, **kwargs,
+                                  **limits)
+    if defer:
+        _quantize_kernel[(min(tiles, _persistent_programs(v.device, FIXUP_PROGRAMS)),)](
+            *args, ONE_BLOCK=1, FIXUP=True, **kwargs)
 
 
 class Schedule(NamedTuple):

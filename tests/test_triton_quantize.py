@@ -220,6 +220,33 @@ def test_persistent_programs(spec, shape, rng):
     check(near_boundaries(spec.format.value, 128, rng), spec)
 
 
+DEFER_CASES = [(QuantSpec(granularity="tile", tile=(128, 128)), (300, 260)),
+               (QuantSpec(granularity="tile", tile=(128, 128), scale_encoding="pow2"), (300, 260)),
+               (QuantSpec(format="int8_asym", granularity="tile", tile=(128, 128)), (300, 260)),
+               (QuantSpec(format="fp8_e5m2", granularity="channel", axis=0), (7, 4500))]
+
+
+def deferred_input(shape, dtype, rng) -> torch.Tensor:
+    """random_input (Inf, NaN in the first tile) with one more block of subnormals only (a scale outside
+    the corrected range) and a NaN in the last block."""
+    x = random_input(shape, dtype, rng)
+    x[-1, -1] = math.nan
+    x[2:5, 130:200] = torch.finfo(dtype).tiny / 8
+    return x
+
+
+@pytest.mark.parametrize("spec,shape", DEFER_CASES, ids=str)
+@pytest.mark.parametrize("persistent", [False, True])
+def test_deferred_careful_tiles(spec, shape, persistent, rng, monkeypatch):
+    """DEFER_CAREFUL: one-block programs list their careful tiles (Inf/NaN, extreme scales) for a second
+    launch, which must give them the reference's codes and scales; the others are coded in the first."""
+    monkeypatch.setattr(triton_quantize, "DEFER_CAREFUL", True)
+    monkeypatch.setattr(triton_quantize, "ONE_BLOCK_PROGRAMS", 1 if persistent else 0)
+    check(deferred_input(shape, torch.bfloat16, rng), spec)
+    check(deferred_input(shape, torch.float32, rng), spec)
+    check(random_input(shape, torch.bfloat16, rng, edge_cases=False), spec)
+
+
 def every_bf16_under_scales(exponents) -> torch.Tensor:
     """(rows, 32) bf16: MX blocks of the scale 2**e for each e in `exponents` (a leading 2**(e + 2)
     sets the amax), the other 31 elements every finite bf16 value below 2**(e + 3), padded with
@@ -381,6 +408,20 @@ def test_gpu_persistent_programs(spec, shape, rng):
         check(random_input(size, torch.bfloat16, rng).cuda(), spec)
         check(random_input(size, torch.float32, rng, edge_cases=False).cuda(), spec)
     check(near_boundaries(spec.format.value, 128, rng).cuda(), spec)
+    check(every_16bit(torch.bfloat16).reshape(256, 256).cuda(), spec)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec,shape", DEFER_CASES, ids=str)
+@pytest.mark.parametrize("warps,programs,maxnreg", [(None, 1, None), (8, 0, 128), (None, 0, 64), (32, 0, None)])
+def test_gpu_deferred_careful_tiles(spec, shape, warps, programs, maxnreg, rng, monkeypatch):
+    """The deferred careful tiles (DEFER_CAREFUL) under the launch settings quantize.py --sweep times."""
+    for name, value in (("DEFER_CAREFUL", True), ("TILE_WARPS", warps), ("ONE_BLOCK_PROGRAMS", programs),
+                        ("TILE_MAXNREG", maxnreg)):
+        monkeypatch.setattr(triton_quantize, name, value)
+    for size in [shape, (129, 129), (513, 1000), (2048, 8192)]:
+        check(deferred_input(size, torch.bfloat16, rng).cuda(), spec)
+        check(random_input(size, torch.float32, rng, edge_cases=False).cuda(), spec)
     check(every_16bit(torch.bfloat16).reshape(256, 256).cuda(), spec)
 
 
