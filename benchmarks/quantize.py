@@ -151,8 +151,9 @@ SWEEPS = [
      [dict(ASYM_WARPS=w, ASYM_MAXNREG=r, ASYM_PROGRAMS=p, PERSISTENT_STAGES=s)
       for w, r, p, s in ((8, 128, 2, 3), (8, 128, 2, 4), (4, None, 2, 3))]),
     ([("fp8 e4m3 dual 1x128 + 128x1", QuantSpec(), SQUARE, "dual")],
-     [dict(DUAL_PROGRAMS=p, DUAL_WARPS=w, PERSISTENT_STAGES=s, TILE_MAXNREG=r)
-      for p, w, s, r in ((0, 8, 3, None), (0, 16, 3, None), (0, 8, 3, 128), (2, 8, 3, 128), (0, 4, 3, None))]),
+     [dict(DUAL_RELOAD=d, DUAL_PROGRAMS=p, DUAL_WARPS=w, TILE_MAXNREG=r)
+      for d, p, w, r in ((False, 0, 8, None), (True, 0, 8, None), (True, 0, 16, None), (True, 0, 8, 128),
+                         (True, 0, 16, 64), (True, 2, 8, 128))]),
 ]
 
 

@@ -62,6 +62,9 @@ DUAL_WARPS = 8
 # for a second launch of FIXUP_PROGRAMS an SM that quantizes them (fewer registers a program).
 DEFER_CAREFUL = False
 FIXUP_PROGRAMS = 2
+# Dual layout: the column-wise copy from a second load of the tile (from L2) laid out along X^T's rows,
+# instead of from the registers of the first (a reduction across threads and a transpose).
+DUAL_RELOAD = False
 # Elements a thread of a one-block program over a single row (channels, long flat blocks) reduces.
 ROW_BLOCK_THREAD_ELEMS = 64
 # INT8 asym programs: warps, and the register limit that keeps two of them on an SM without spilling
@@ -517,7 +520,23 @@ def _quantize_tile(
                            DIVIDE)
         _store_codes(bits, codes_ptr, p, rows, cols, valid, pid_c, cb, R, sq_p, sq_r, RB, TBRP, CB, TBC, TBCP, PACK4)
 
-    if DUAL:
+    if DUAL == 2:
+        # The column-wise copy from a second load of the tile (an L2 hit), laid out as X^T's rows:
+        # [CB * TBCP, 1, 1, RB], each row (a column of X) one group, so that it is reduced and
+        # encoded like the row-wise copy and stored along X^T's rows.
+        rows_t = pid_r * RB + tl.arange(0, RB)[None, None, None, :]
+        cols_t = pid_c * CB * TBC + tl.arange(0, CB * TBCP)[:, None, None, None]
+        valid_t = (rows_t < R) & (cols_t < C)
+        xt = _load_fp32(x_base + rows_t.to(tl.int64) * sx_r + cols_t.to(tl.int64) * sx_c, valid_t, BF16_BITS)
+        scale_t, zp_t, careful_t = _register_scales(xt, False, QMAX, ASYM, POW2, MX, EMAX)
+        st_off = cols_t.to(tl.int64) * sst_r + pid_r * sst_c
+        tl.store(scales_t_ptr + st_off, _stored_scale(scale_t, POW2), mask=cols_t < C)
+        if ASYM:
+            tl.store(zp_t_ptr + st_off, zp_t.to(tl.int32).to(tl.uint8), mask=cols_t < C)
+        bits_t = _encode_register(xt, scale_t, zp_t, careful_t, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE,
+                                  HW_FP8, EXACT_FP8, POW2)
+        tl.store(codes_t_ptr + cols_t.to(tl.int64) * R + rows_t, bits_t.to(tl.uint8), mask=valid_t)
+    elif DUAL:
         # The column-wise copy: each column of the RB rows (one group of X^T) shares a scale.
         scale_t, zp_t, careful_t = _register_scales(x, True, QMAX, ASYM, POW2, MX, EMAX)
         cmask = cols < C  # [1, 1, CB, TBCP]
@@ -936,7 +955,8 @@ def _launch_quantize(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, 
             0 if scales_t is None else scales_t.stride(0), 0 if scales_t is None else scales_t.stride(1))
     kwargs = dict(RB=rb, TBR=tbr, TBRP=tbrp, CB=cb, TBC=tbc, TBCP=tbcp,
                   SCALE_SRC=0 if register or defer else (1 if stats is not None else 2), BID_ROWS=nbr > 1,
-                  BID_COLS=nbc > 1, DUAL=dual_out is not None, PACK4=spec.element.bits == 4, BF16_BITS=_bf16_bits(v),
+                  BID_COLS=nbc > 1, DUAL=(2 if DUAL_RELOAD else 1) if dual_out is not None else 0,
+                  PACK4=spec.element.bits == 4, BF16_BITS=_bf16_bits(v),
                   num_warps=run.warps, NUM_TILES=tiles, **consts)
     _quantize_kernel[(programs,)](*args, ONE_BLOCK=2 if defer else run.one_block, STAGES=run.stages, **kwargs,
                                   **limits)

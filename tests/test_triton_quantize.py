@@ -327,9 +327,13 @@ def test_scale_layouts(rng):
                                reference.dequantize(want).view(torch.int16))
 
 
+@pytest.mark.parametrize("reload", [False, True], ids=["registers", "reload"])
 @pytest.mark.parametrize("fmt", DUAL_FORMATS)
 @pytest.mark.parametrize("shape", [(256, 384), (200, 130)], ids=str)
-def test_dual_layout(fmt, shape, rng):
+def test_dual_layout(fmt, shape, reload, rng, monkeypatch):
+    """Both ways to the column-wise copy (DUAL_RELOAD): from the row pass's registers, or from a second
+    load of the tile laid out along X^T's rows."""
+    monkeypatch.setattr(triton_quantize, "DUAL_RELOAD", reload)
     spec = QuantSpec(format=fmt)
     x = random_input(shape, torch.bfloat16, rng)
     rows, cols = quantize_dual(x, spec)
@@ -472,7 +476,9 @@ def test_gpu_every_16bit_input(fmt, dtype, exact_fp8):
 @pytest.mark.parametrize("exact_fp8", [False, True], ids=["hw_cast", "exact"])
 @pytest.mark.parametrize("fmt", DUAL_FORMATS)
 @pytest.mark.parametrize("shape", [(128, 128), (1000, 3000), (4096, 8192)], ids=str)
-def test_gpu_dual_layout(fmt, shape, exact_fp8, rng):
+@pytest.mark.parametrize("reload", [False, True], ids=["registers", "reload"])
+def test_gpu_dual_layout(fmt, shape, exact_fp8, reload, rng, monkeypatch):
+    monkeypatch.setattr(triton_quantize, "DUAL_RELOAD", reload)
     spec = QuantSpec(format=fmt)
     x = random_input(shape, torch.bfloat16, rng).cuda()
     rows, cols = quantize_dual(x, spec, exact_fp8=exact_fp8)
