@@ -23,14 +23,10 @@ import torch
 import triton
 import triton.testing
 
-from gemm import BLOCK_A, BLOCK_B, cublas_blockwise
+from gemm import BLOCK_A, BLOCK_B, cublas_blockwise, fp64_product, relative_error
 from quantd.kernels import gluon_gemm, reference, triton_gemm
 
 SHAPES = [(128, 128, 128), (257, 383, 1100), (1000, 1000, 4096), (4096, 4096, 4096)]
-
-
-def relative_error(c, ref) -> float:
-    return float((c.double() - ref.double()).norm() / ref.double().norm())
 
 
 def operands(m: int, n: int, k: int, seed: int):
@@ -49,7 +45,7 @@ def check(gg, shapes) -> bool:
     ok = True
     for m, n, k in shapes:
         qa, qb = operands(m, n, k, m + n + k)
-        ref = reference.dequantize(qa, torch.float32).double() @ reference.dequantize(qb, torch.float32).double().T
+        ref = fp64_product(qa, qb)
         ours_triton = triton_gemm.matmul(qa, qb, torch.float32)
         print(f"check {m}x{n}x{k}: triton_gemm fp32 out rel err {relative_error(ours_triton, ref):.3e}, "
               f"fp64 product rounded to bf16 {relative_error(ref.float().bfloat16(), ref):.3e}", flush=True)

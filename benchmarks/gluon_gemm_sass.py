@@ -25,6 +25,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from quantd.kernels import gluon_gemm
+from sass import cuobjdump
 
 
 def compile_variant(gg, cfg, out: str = "bf16"):
@@ -44,10 +45,6 @@ def compile_variant(gg, cfg, out: str = "bf16"):
     src = GluonASTSource(fn=fn, signature=signature, attrs=attrs,
                          constexprs={(names.index(k), ): v for k, v in constexprs.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": cfg.maxnreg})
-
-
-def tool(name: str) -> str:
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
 def ptxas_path() -> str:
@@ -84,10 +81,10 @@ def main() -> None:
                 f.write(k.asm[ext])
         with open(stem + ".cubin", "wb") as f:
             f.write(k.asm["cubin"])
-        sass = subprocess.run([tool("cuobjdump"), "-sass", stem + ".cubin"], capture_output=True, text=True).stdout
+        sass = cuobjdump("-sass", stem + ".cubin", check=False)
         with open(stem + ".sass", "w") as f:
             f.write(sass)
-        res = subprocess.run([tool("cuobjdump"), "-res-usage", stem + ".cubin"], capture_output=True, text=True).stdout
+        res = cuobjdump("-res-usage", stem + ".cubin", check=False)
         ptxas = subprocess.run([ptxas_path(), "-arch=sm_90a", "-v", "--warn-on-spills", f"{stem}.ptx", "-o",
                                 f"{stem}.ptxas.cubin"], capture_output=True, text=True)
         ptx = k.asm["ptx"]

@@ -98,17 +98,21 @@ def compile_sm90(fn, signature: dict, constexprs: dict, aligned: set, warps: int
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def cuobjdump(*args, check: bool = True) -> str:
+    """stdout of the cuobjdump that ships with triton."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return subprocess.run([tool, *args], capture_output=True, text=True, check=check).stdout
+
+
 def sass_of(kernel, path: str) -> str:
     with open(path, "wb") as f:
         f.write(kernel.asm["cubin"])
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    return subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+    return cuobjdump("-sass", path)
 
 
 def resources(path: str) -> str:
     """Registers a thread, spill stores and shared memory of a cubin, as cuobjdump -res-usage reports them."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    out = cuobjdump("-res-usage", path)
     found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
     return f"{found.get('REG', '?')} regs, stack {found.get('STACK', '?')}, shared {found.get('SHARED', '?')}"
 

@@ -32,13 +32,12 @@ compiles it for sm_90); `AVAILABLE` is False and `UNAVAILABLE_REASON` says why w
 """
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
 import triton
 
-from .tile_order import tile_offsets
+from .launch import sm_count, tile_offsets, tma_rows
 
 try:
     from triton.experimental import gluon
@@ -239,22 +238,13 @@ if AVAILABLE:
 # ---- host side ----------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _codes_descriptor(codes: torch.Tensor, k: int, rows_per_block: int):
-    """A TMA descriptor over 2-D E4M3 codes (block rows_per_block x 128); rows whose byte stride is not
-    a multiple of 16 (ragged K) are first copied into a zero-padded buffer, as triton_gemm does."""
-    rows = codes.shape[0]
-    if not (codes.stride(1) == 1 and codes.stride(0) % 16 == 0 and codes.data_ptr() % 16 == 0):
-        padded = torch.zeros((rows, -(-k // 16) * 16), dtype=codes.dtype, device=codes.device)
-        padded[:, :k] = codes
-        codes = padded
+    """A TMA descriptor over 2-D E4M3 codes (block rows_per_block x 128); layouts TMA cannot read are
+    copied first (launch.tma_rows)."""
+    codes = tma_rows(codes, k)
     block = [rows_per_block, K_BLOCK]
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv)
-    return TensorDescriptor(codes, [rows, k], [codes.stride(0), 1], block, layout)
+    return TensorDescriptor(codes, [codes.shape[0], k], [codes.stride(0), 1], block, layout)
 
 
 def blockscaled_matmul(a_codes: torch.Tensor, sa: torch.Tensor, b_codes: torch.Tensor, sb: torch.Tensor,
@@ -290,8 +280,7 @@ def blockscaled_matmul(a_codes: torch.Tensor, sa: torch.Tensor, b_codes: torch.T
     cfg = config or CONFIGS[0]
     sa, sb = sa.float(), sb.float()
     tiles = -(-M // 128) * -(-N // 128)
-    index = a_codes.device.index if a_codes.device.index is not None else torch.cuda.current_device()
-    grid = (min(_sm_count(index), tiles), )
+    grid = (min(sm_count(a_codes.device), tiles), )
     _blockscaled_gemm_kernel[grid](
         _codes_descriptor(a_codes, K, 128), _codes_descriptor(b_codes, K, 128), c, sa, sb, M, N, K,
         c.stride(0), c.stride(1), sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1),

@@ -11,7 +11,9 @@
     are applied once at the end, exactly as reference._int8_matmul does.
 * _mx_gemm_kernel, MXFP4 / MXFP8 operands (E8M0 scales over 1x32 groups), in any pairing: each tile
   is upcast in-kernel to bf16 with its power-of-two scale folded in (exact: E2M1/E4M3/E5M2 times a
-  power of two fits bf16's 8-bit significand), then multiplied on the bf16 tensor cores in fp32.
+  power of two fits bf16's 8-bit significand, except E4M3/E5M2 subnormals under the smallest scales,
+  below 2**-133 where bf16 has no subnormal step left, which round), then multiplied on the bf16
+  tensor cores in fp32.
 
 * gluon_gemm._blockscaled_gemm_kernel takes the A E4M3 1x128 x B E4M3 128x128 product on sm_90
   GPUs (warp-specialized, MMAs overlapped with the scaling; same products as the Triton kernel).
@@ -22,7 +24,6 @@ Scales are read through plain pointers with any strides (row- or column-major).
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -31,7 +32,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import gluon_gemm
-from .tile_order import tile_offsets
+from .launch import sm_count, tile_offsets, tma_rows
 from .spec import E2M1, MX_BLOCK, Granularity, QuantizedTensor
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -177,9 +178,9 @@ def _e2m1_to_f32(codes):
 
 @triton.jit
 def _e8m0_to_f32(e):
-    """2**(e - 127) as fp32 for E8M0 bits e (0 gives the subnormal 2**-127)."""
+    """2**(e - 127) as fp32 for E8M0 bits e (0 gives the subnormal 2**-127; 255 is NaN, as the reference reads it)."""
     e = e.to(tl.int32)
-    return tl.where(e == 0, 0x00400000, e << 23).to(tl.float32, bitcast=True)
+    return tl.where(e == 0, 0x00400000, tl.where(e == 255, 0x7FC00000, e << 23)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -298,12 +299,7 @@ def _grid(M: int, N: int, num_sms: int):
 def _num_programs(device) -> int:
     if _interpreting() or device.type != "cuda":
         return 2  # still walks several tiles per program, as on the GPU
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return sm_count(device)
 
 
 # ---- host side ----------------------------------------------------------------------------------
@@ -312,17 +308,11 @@ def _sm_count(index: int) -> int:
 def _descriptor(codes: torch.Tensor, k: int) -> TensorDescriptor:
     """A TMA descriptor over 2-D codes with logical width `k` (bytes for packed MXFP4).
 
-    TMA wants a unit inner stride and 16-byte aligned rows and base; other layouts are
-    copied once into a zero-padded buffer (ragged K that is not a multiple of 16 bytes).
+    Layouts TMA cannot read are copied first (launch.tma_rows).
     """
-    rows, esize = codes.shape[0], codes.element_size()
-    if not (codes.stride(1) == 1 and (codes.stride(0) * esize) % 16 == 0 and codes.data_ptr() % 16 == 0):
-        width = -(-k * esize // 16) * 16 // esize
-        padded = torch.zeros((rows, width), dtype=codes.dtype, device=codes.device)
-        padded[:, :k] = codes
-        codes = padded
+    codes = tma_rows(codes, k)
     # The block shape is a placeholder: _set_block_shapes sets the launched config's.
-    return TensorDescriptor(codes, [rows, k], [codes.stride(0), 1], [16, 16])
+    return TensorDescriptor(codes, [codes.shape[0], k], [codes.stride(0), 1], [16, 16])
 
 
 def _k_scales(qt: QuantizedTensor, name: str):

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from . import reference
 from .dispatch import _with_scale_layout, scale_tensor
+from .launch import sm_count
 from .spec import E2M1, E4M3, E5M2, Format, Granularity, QuantizedTensor, QuantSpec, ScaleEncoding, _cdiv
 
 # Padded elements a block may have to be reduced in registers; larger ones take two passes.
@@ -999,7 +1000,7 @@ def _persistent_programs(device, per_sm: int) -> int:
     take several tiles there too)."""
     if device.type != "cuda":
         return 3
-    return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
+    return sm_count(device) * per_sm
 
 
 def _block_stats(v, br, bc, nbr, nbc, asym):
