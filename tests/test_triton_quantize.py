@@ -206,13 +206,21 @@ def persistent_launch(x, spec) -> bool:
     """Whether quantize(x, spec) launches persistent programs (triton_quantize._schedule)."""
     (P, R, C), (br, bc) = triton_quantize.block_geometry(x.shape, spec)
     rb, _, tbrp, cb, _, tbcp, warps = triton_quantize._tile_geometry(br, bc, R, C, True)
-    return triton_quantize._schedule(rb, cb, tbrp, tbcp, warps, True, False, spec.format.value == "int8_asym").per_sm > 0
+    return triton_quantize._schedule(rb, cb, tbrp, tbcp, warps, True, False, spec.format.value == "int8_asym",
+                                     spec.format.value.startswith("int8")).per_sm > 0
+
+
+def set_one_block(monkeypatch, **fields):
+    """Both one-block schedules (float and INT8 formats) with `fields` changed (triton_quantize.OneBlock)."""
+    for name in ("ONE_BLOCK_FLOAT", "ONE_BLOCK_INT"):
+        monkeypatch.setattr(triton_quantize, name, getattr(triton_quantize, name)._replace(**fields))
 
 
 @pytest.mark.parametrize("spec,shape", PERSISTENT_CASES, ids=str)
-def test_persistent_programs(spec, shape, rng):
+def test_persistent_programs(spec, shape, rng, monkeypatch):
     """Programs that loop over several tiles (3 programs under the interpreter), careful tiles (Inf,
     NaN) among ordinary ones, quotients next to code boundaries."""
+    set_one_block(monkeypatch, per_sm=1)
     x = random_input(shape, torch.bfloat16, rng)
     assert persistent_launch(x, spec)
     check(x, spec)
@@ -237,11 +245,12 @@ def deferred_input(shape, dtype, rng) -> torch.Tensor:
 
 @pytest.mark.parametrize("spec,shape", DEFER_CASES, ids=str)
 @pytest.mark.parametrize("persistent", [False, True])
-def test_deferred_careful_tiles(spec, shape, persistent, rng, monkeypatch):
-    """DEFER_CAREFUL: one-block programs list their careful tiles (Inf/NaN, extreme scales) for a second
-    launch, which must give them the reference's codes and scales; the others are coded in the first."""
-    monkeypatch.setattr(triton_quantize, "DEFER_CAREFUL", True)
-    monkeypatch.setattr(triton_quantize, "ONE_BLOCK_PROGRAMS", 1 if persistent else 0)
+@pytest.mark.parametrize("defer", [False, True], ids=["careful_in_place", "deferred"])
+def test_deferred_careful_tiles(spec, shape, persistent, defer, rng, monkeypatch):
+    """OneBlock.defer: one-block programs list their careful tiles (Inf/NaN, extreme scales) for a second
+    launch, which must give them the reference's codes and scales; the others are coded in the first.
+    Without it, careful tiles are coded in place. Both for float and INT8 formats, whichever is shipped."""
+    set_one_block(monkeypatch, defer=defer, per_sm=1 if persistent else 0)
     check(deferred_input(shape, torch.bfloat16, rng), spec)
     check(deferred_input(shape, torch.float32, rng), spec)
     check(random_input(shape, torch.bfloat16, rng, edge_cases=False), spec)
@@ -327,13 +336,9 @@ def test_scale_layouts(rng):
                                reference.dequantize(want).view(torch.int16))
 
 
-@pytest.mark.parametrize("reload", [False, True], ids=["registers", "reload"])
 @pytest.mark.parametrize("fmt", DUAL_FORMATS)
 @pytest.mark.parametrize("shape", [(256, 384), (200, 130)], ids=str)
-def test_dual_layout(fmt, shape, reload, rng, monkeypatch):
-    """Both ways to the column-wise copy (DUAL_RELOAD): from the row pass's registers, or from a second
-    load of the tile laid out along X^T's rows."""
-    monkeypatch.setattr(triton_quantize, "DUAL_RELOAD", reload)
+def test_dual_layout(fmt, shape, rng):
     spec = QuantSpec(format=fmt)
     x = random_input(shape, torch.bfloat16, rng)
     rows, cols = quantize_dual(x, spec)
@@ -406,8 +411,11 @@ def test_gpu_exact_fp8_path(spec, rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec,shape", PERSISTENT_CASES, ids=str)
-def test_gpu_persistent_programs(spec, shape, rng):
-    """Persistent programs over ragged and aligned shapes, with and without Inf/NaN, and every bf16."""
+@pytest.mark.parametrize("per_sm", [0, 1], ids=["tile_a_program", "persistent"])
+def test_gpu_persistent_programs(spec, shape, per_sm, rng, monkeypatch):
+    """One-block programs, one tile a program or persistent, over ragged and aligned shapes, with and without
+    Inf/NaN, and every bf16."""
+    set_one_block(monkeypatch, per_sm=per_sm)
     for size in GPU_SHAPES[2:] + [shape, (129, 129), (1000, 3), (513, 129), (70, 9000)]:
         check(random_input(size, torch.bfloat16, rng).cuda(), spec)
         check(random_input(size, torch.float32, rng, edge_cases=False).cuda(), spec)
@@ -419,10 +427,10 @@ def test_gpu_persistent_programs(spec, shape, rng):
 @pytest.mark.parametrize("spec,shape", DEFER_CASES, ids=str)
 @pytest.mark.parametrize("warps,programs,maxnreg", [(None, 1, None), (8, 0, 128), (None, 0, 64), (32, 0, None)])
 def test_gpu_deferred_careful_tiles(spec, shape, warps, programs, maxnreg, rng, monkeypatch):
-    """The deferred careful tiles (DEFER_CAREFUL) under the launch settings quantize.py --sweep times."""
-    for name, value in (("DEFER_CAREFUL", True), ("TILE_WARPS", warps), ("ONE_BLOCK_PROGRAMS", programs),
-                        ("TILE_MAXNREG", maxnreg)):
-        monkeypatch.setattr(triton_quantize, name, value)
+    """The deferred careful tiles (OneBlock.defer) under the launch settings quantize.py --sweep times."""
+    set_one_block(monkeypatch, defer=True, per_sm=programs)
+    monkeypatch.setattr(triton_quantize, "TILE_WARPS", warps)
+    monkeypatch.setattr(triton_quantize, "TILE_MAXNREG", maxnreg)
     for size in [shape, (129, 129), (513, 1000), (2048, 8192)]:
         check(deferred_input(size, torch.bfloat16, rng).cuda(), spec)
         check(random_input(size, torch.float32, rng, edge_cases=False).cuda(), spec)
@@ -476,9 +484,7 @@ def test_gpu_every_16bit_input(fmt, dtype, exact_fp8):
 @pytest.mark.parametrize("exact_fp8", [False, True], ids=["hw_cast", "exact"])
 @pytest.mark.parametrize("fmt", DUAL_FORMATS)
 @pytest.mark.parametrize("shape", [(128, 128), (1000, 3000), (4096, 8192)], ids=str)
-@pytest.mark.parametrize("reload", [False, True], ids=["registers", "reload"])
-def test_gpu_dual_layout(fmt, shape, exact_fp8, reload, rng, monkeypatch):
-    monkeypatch.setattr(triton_quantize, "DUAL_RELOAD", reload)
+def test_gpu_dual_layout(fmt, shape, exact_fp8, rng):
     spec = QuantSpec(format=fmt)
     x = random_input(shape, torch.bfloat16, rng).cuda()
     rows, cols = quantize_dual(x, spec, exact_fp8=exact_fp8)
