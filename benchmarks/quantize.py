@@ -133,23 +133,29 @@ def run_main(n: int, rows: list, with_compile: bool):
 # A case is (name, spec, shape, op), op "quantize", "dual" or "dequantize".
 SWEEP_N = 16384
 SQUARE = (SWEEP_N, SWEEP_N)
+OB = triton_quantize.OneBlock
 SWEEPS = [
-    ([("fp8 e4m3 128x128", CASES[1][1], SQUARE, "quantize"), ("int8 sym 128x128", CASES[10][1], SQUARE, "quantize")],
-     [dict(TILE_WARPS=w, ONE_BLOCK_PROGRAMS=p, PERSISTENT_STAGES=s, TILE_MAXNREG=r)
-      for w, p, s, r in ((None, 1, 3, None), (None, 1, 4, None), (None, 0, 3, None), (None, 0, 3, 64), (8, 0, 3, None),
-                         (8, 0, 3, 128), (None, 1, 3, 96))]),
+    ([("fp8 e4m3 128x128", CASES[1][1], SQUARE, "quantize"), ("fp8 e4m3 128x128 pow2", CASES[9][1], SQUARE, "quantize"),
+      ("fp8 e5m2 128x128", QuantSpec(format="fp8_e5m2", granularity="tile", tile=(128, 128)), SQUARE, "quantize"),
+      ("fp8 e4m3 channel0", QuantSpec(granularity="channel", axis=0), SQUARE, "quantize")],
+     [dict(ONE_BLOCK_FLOAT=ob) for ob in (triton_quantize.ONE_BLOCK_FLOAT, OB(False, 1, 32, 64, None),
+                                          OB(True, 0, 128, 128, None), OB(True, 0, 64, 64, None),
+                                          OB(True, 0, 64, 32, 128))]),
+    ([("int8 sym 128x128", CASES[10][1], SQUARE, "quantize"),
+      ("int8 asym 128x128", QuantSpec(format="int8_asym", granularity="tile", tile=(128, 128)), SQUARE, "quantize"),
+      ("int8 sym channel0", CASES[8][1], SQUARE, "quantize")],
+     [dict(ONE_BLOCK_INT=ob) for ob in (triton_quantize.ONE_BLOCK_INT, OB(False, 1, 32, 64, None),
+                                        OB(True, 0, 64, 64, 128), OB(False, 0, 32, 16, None), OB(False, 1, 16, 8, None))]),
     ([("fp8 e4m3 128x128", CASES[1][1], SQUARE, "dequantize"),
       ("int8 asym 128x128", QuantSpec(format="int8_asym", granularity="tile", tile=(128, 128)), SQUARE, "dequantize")],
-     [dict(DEQUANT_SPLIT=n, TILE_WARPS=w) for n, w in ((1, None), (2, None), (4, None), (2, 16), (4, 16), (2, 4))]),
-    ([("int8 sym channel0", CASES[8][1], SQUARE, "quantize"),
-      ("fp8 e4m3 channel0", QuantSpec(granularity="channel", axis=0), SQUARE, "quantize")],
-     [dict(ROW_BLOCK_THREAD_ELEMS=e) for e in (64, 16)]),
-    ([("int8 asym 1x128", CASES[6][1], SQUARE, "quantize")],
-     [dict(ASYM_WARPS=w, ASYM_MAXNREG=r, ASYM_PROGRAMS=p, PERSISTENT_STAGES=s)
-      for w, r, p, s in ((8, 128, 2, 3), (8, 128, 2, 4), (4, None, 2, 3))]),
+     [dict(DEQUANT_SPLIT=n, DEQUANT_TILE_ELEMS=t) for n, t in ((128, 4096), (1, 8192), (16, 8192), (64, 8192), (128, 8192),
+                                                               (16, 4096), (128, 2048), (64, 2048))]),
+    ([("fp8 e4m3 1x128", CASES[0][1], SQUARE, "dequantize"), ("mxfp8", CASES[3][1], SQUARE, "dequantize"),
+      ("mxfp4", CASES[4][1], SQUARE, "dequantize"), ("int8 asym 1x128", CASES[6][1], SQUARE, "dequantize"),
+      ("fp8 e4m3 tensor", CASES[7][1], SQUARE, "dequantize")],
+     [dict(DEQUANT_TILE_ELEMS=t) for t in (4096, 8192, 2048, 1024)]),
     ([("fp8 e4m3 dual 1x128 + 128x1", QuantSpec(), SQUARE, "dual")],
-     [dict(DUAL_PROGRAMS=p, DUAL_WARPS=w, PERSISTENT_STAGES=s, TILE_MAXNREG=r)
-      for p, w, s, r in ((0, 8, 3, None), (0, 16, 3, None), (0, 8, 3, 128), (2, 8, 3, 128), (0, 4, 3, None))]),
+     [dict(DUAL_WARPS=w, DUAL_MAXNREG=r) for w, r in ((8, 128), (8, None), (4, None), (16, 64))]),
 ]
 
 

@@ -54,8 +54,9 @@ def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16"):
     constexprs = dict(RB=rb, TBR=tbr, TBRP=tbrp, CB=cb, TBC=tbc, TBCP=tbcp, SCALE_SRC=0, BID_ROWS=True,
                       BID_COLS=True, DUAL=False, PACK4=spec.element.bits == 4, BF16_BITS=False,
                       sx_c=1, ss_c=1, **tq.element_constants(spec, exact_fp8=False))
-    run = tq._schedule(rb, cb, tbrp, tbcp, warps, True, False, constexprs["ASYM"])
-    constexprs["ONE_BLOCK"], constexprs["STAGES"] = run.one_block, run.stages
+    run = tq._schedule(rb, cb, tbrp, tbcp, warps, True, False, constexprs["ASYM"], constexprs["IS_INT"])
+    constexprs["ONE_BLOCK"] = 2 if run.defer else run.one_block
+    constexprs["STAGES"], constexprs["FIXUP"] = run.stages, False
     names = tq._quantize_kernel.arg_names
     signature = {}
     for name in names:
@@ -63,6 +64,8 @@ def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16"):
             signature[name] = "constexpr"
         elif name == "x_ptr":
             signature[name] = f"*{dtype}"
+        elif name == "stats_ptr" and constexprs["ONE_BLOCK"] == 2:  # the deferred tiles' list
+            signature[name] = "*i32"
         elif name == "scales_ptr":
             signature[name] = POINTER_TYPES[torch.float32 if spec.scale_dtype == torch.float32 else torch.uint8]
         elif name.endswith("_ptr"):

@@ -18,9 +18,13 @@ from .triton_quantize import (MAX_REGISTER_BLOCK, _block_ids, _tile_coords, _as_
                               block_geometry, interpreting)
 
 
-# Programs a block of one-block tiles (a power-of-two number of rows: 128 x 128 tiles) is dequantized
-# by, each taking its share of the rows (1: a block a program); swept by benchmarks/quantize.py.
-DEQUANT_SPLIT = 1
+# Elements a dequantize program covers, and the sub-tiles one-block tiles (a power-of-two number of
+# rows: 128 x 128 tiles) are dequantized in: 1 / DEQUANT_SPLIT of a block's rows, as many blocks side by
+# side as fit (1: a block a program). 4096 and rows of 128 x 128 blocks one at a time: on an H200,
+# 1x128 E4M3 0.960 x copy against 0.939 at 8192 elements, 128x128 0.969 against 0.959 a block a program
+# (benchmarks/quantize.py --sweep, BENCHMARKS.md).
+DEQUANT_TILE_ELEMS = 4096
+DEQUANT_SPLIT = 128
 
 
 @triton.jit
@@ -138,11 +142,12 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
         zps.copy_(_as_grid(qt.zero_points, nbr, nbc))
 
     blocked = _pow2_ceil(br) * _pow2_ceil(bc) <= MAX_REGISTER_BLOCK
-    rb, tbr, tbrp, cb, tbc, tbcp, _ = _tile_geometry(br, bc, R, C, blocked)
+    rb, tbr, tbrp, cb, tbc, tbcp, _ = _tile_geometry(br, bc, R, C, blocked, DEQUANT_TILE_ELEMS)
     split = 1
-    if blocked and rb * cb == 1 and br == tbrp and br % DEQUANT_SPLIT == 0 and DEQUANT_SPLIT < br:
-        split = DEQUANT_SPLIT  # one block in SPLIT programs of br / SPLIT rows each
-        tbr = tbrp = br // split
+    if blocked and rb * cb == 1 and br == tbrp and br % DEQUANT_SPLIT == 0:
+        # Sub-tiles of br / SPLIT rows, SPLIT of them stacked making a block, as many a tile as fit.
+        split = DEQUANT_SPLIT
+        rb, tbr, tbrp, cb, tbc, tbcp, _ = _tile_geometry(br // split, bc, R, C, True, DEQUANT_TILE_ELEMS)
     warps = _warps(rb * tbrp * cb * tbcp)
     tiles_r, tiles_c = _cdiv(R, rb * tbr), _cdiv(C, cb * tbc)
     ccols = (C + 1) // 2 if el is E2M1 else C

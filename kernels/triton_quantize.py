@@ -7,8 +7,8 @@ the (NBR, NBC) grid of blocks. Two kernels do all the work:
 
 * `_quantize_kernel` loads a 4-D register tile [RB, BRP, CB, BCP] (RB x CB blocks,
   each padded to powers of two), reduces each block's amax in registers and writes
-  codes and scales in one read of X. With DUAL it also reduces each column of the
-  tile and writes the transposed, column-wise quantized copy from the same read.
+  codes and scales in one read of X. With DUAL it also writes the transposed, column-wise
+  quantized copy, from a second load of the tile that hits L2.
   When a block is too large for registers (per tensor, per channel, huge groups)
   or the scales are given, it reads per-block statistics or scales instead.
 * `_block_stats_kernel` computes those statistics for the large blocks with
@@ -49,18 +49,32 @@ TILE_MAXNREG = None
 STATS_PROGRAMS = 2048
 # Persistent quantize programs: where a program's registers wait on a reduction over the whole tile
 # (one large block a program: 128 x 128 tiles, channels) or its encoding is long (INT8 asym), each
-# program loops over tiles with the loads of the next PERSISTENT_STAGES - 1 tiles in flight
-# (cp.async), ONE_BLOCK_PROGRAMS / ASYM_PROGRAMS / DUAL_PROGRAMS an SM (0: one tile a program).
-# Other programs take one tile each, which ran faster for them (H100, BENCHMARKS.md).
+# program may loop over tiles with the loads of the next PERSISTENT_STAGES - 1 tiles in flight
+# (cp.async), OneBlock.per_sm / ASYM_PROGRAMS / DUAL_PROGRAMS an SM (0: one tile a program).
 PERSISTENT_STAGES = 3
-ONE_BLOCK_PROGRAMS = 1
 ASYM_PROGRAMS = 2
 DUAL_PROGRAMS = 0
-# Warps of a dual-layout program of up to 16384 elements (a 128 x 128 tile): 8 ran at 0.43 x copy
-# against 0.35 for 16 (H100).
-DUAL_WARPS = 8
-# Elements a thread of a one-block program over a single row (channels, long flat blocks) reduces.
-ROW_BLOCK_THREAD_ELEMS = 64
+# Warps of a dual-layout program of up to 16384 elements (a 128 x 128 tile), and its register limit
+# (two programs an SM): 0.56 x copy against 0.43 at 8 warps without the limit (H100).
+DUAL_WARPS, DUAL_MAXNREG = 8, 128
+
+
+class OneBlock(NamedTuple):
+    """How programs of one block a tile run (128 x 128 tiles, channels, long flat blocks)."""
+    defer: bool  # no code for careful tiles (Inf/NaN, extreme scales): listed for a second launch (FIXUP)
+    per_sm: int  # persistent programs an SM (0: one tile a program)
+    tile_elems: int  # elements a thread of a 2-D block
+    row_elems: int  # elements a thread of a block of one row
+    maxnreg: int | None  # register limit a thread (None: as ptxas chooses)
+
+
+# Float formats: careful tiles deferred, one tile a program at 8 warps (a 128 x 128 tile) within 128
+# registers, two programs an SM. INT8, whose codes take more registers: persistent programs, a row block
+# at 16 elements a thread. Measured on an H100 (benchmarks/quantize.py --sweep, BENCHMARKS.md).
+ONE_BLOCK_FLOAT = OneBlock(defer=True, per_sm=0, tile_elems=64, row_elems=64, maxnreg=128)
+ONE_BLOCK_INT = OneBlock(defer=False, per_sm=1, tile_elems=32, row_elems=16, maxnreg=None)
+# Programs an SM of the launch that quantizes the deferred careful tiles.
+FIXUP_PROGRAMS = 2
 # INT8 asym programs: warps, and the register limit that keeps two of them on an SM without spilling
 # (255 registers at 4 warps otherwise: 0.918 against 0.852 x copy, H100, BENCHMARKS.md).
 ASYM_WARPS, ASYM_MAXNREG = 8, 128
@@ -310,43 +324,40 @@ def _finite_abs(x):
 
 
 @triton.jit
-def _blocks_max(v, COLUMNS: tl.constexpr):
-    """Max of v over each block of a [RB, TBRP, CB, TBCP] tile (axes 1 and 3), or over each column
-    (axis 0: DUAL's blocks of X^T). NaN is ignored, as max ignores it."""
-    if COLUMNS:
-        m = tl.max(v, axis=0, keep_dims=True)
-    else:
-        m = tl.max(tl.max(v, axis=3, keep_dims=True), axis=1, keep_dims=True)
-    return m
+def _blocks_max(v):
+    """Max of v over each block of a [RB, TBRP, CB, TBCP] tile (axes 1 and 3). NaN is ignored, as max
+    ignores it."""
+    return tl.max(tl.max(v, axis=3, keep_dims=True), axis=1, keep_dims=True)
 
 
 @triton.jit
-def _register_scales(x, COLUMNS: tl.constexpr, QMAX: tl.constexpr, ASYM: tl.constexpr, POW2: tl.constexpr,
-                     MX: tl.constexpr, EMAX: tl.constexpr):
+def _register_scales(x, QMAX: tl.constexpr, ASYM: tl.constexpr, POW2: tl.constexpr,
+                     MX: tl.constexpr, EMAX: tl.constexpr, DEFER: tl.constexpr = False):
     """(scale, zero point, careful) of the blocks of a register tile (see _blocks_max).
 
     The amax (ASYM: hi and -lo) is first reduced over all elements, one max an element. careful
     (a scalar) is 1 where that met an Inf or NaN, or some scale of the tile is outside
     [CORRECTED_MIN, CORRECTED_MAX]: then the amax is reduced again over the finite elements only,
-    as the reference does, and the codes are divided exactly.
+    as the reference does, and the codes are divided exactly. DEFER: a careful tile is left to another
+    launch (ONE_BLOCK 2 of _quantize_tile), so its scales are not reduced again here.
     """
     if ASYM:
-        hi = _blocks_max(x, COLUMNS)
-        nlo = _blocks_max(-x, COLUMNS)
+        hi = _blocks_max(x)
+        nlo = _blocks_max(-x)
     else:
-        hi = _blocks_max(tl.abs(x), COLUMNS)
+        hi = _blocks_max(tl.abs(x))
         nlo = 0.0
     scale, zp = _block_scale(tl.maximum(hi, 0.0), tl.maximum(nlo, 0.0), QMAX, ASYM, POW2, MX, EMAX)
     wild = (scale < CORRECTED_MIN) | (scale > CORRECTED_MAX) | ~(hi < float("inf"))  # NaN: a max may keep it
     if ASYM:
         wild = wild | ~(nlo < float("inf"))
     careful = tl.max(wild.to(tl.int32))
-    if careful != 0:
+    if careful != 0 and not DEFER:
         if ASYM:
-            hi = _blocks_max(tl.where(x < float("inf"), x, 0.0), COLUMNS)
-            nlo = _blocks_max(tl.where(-x < float("inf"), -x, 0.0), COLUMNS)
+            hi = _blocks_max(tl.where(x < float("inf"), x, 0.0))
+            nlo = _blocks_max(tl.where(-x < float("inf"), -x, 0.0))
         else:
-            hi = _blocks_max(_finite_abs(x), COLUMNS)
+            hi = _blocks_max(_finite_abs(x))
         scale, zp = _block_scale(tl.maximum(hi, 0.0), tl.maximum(nlo, 0.0), QMAX, ASYM, POW2, MX, EMAX)
     return scale, zp, careful
 
@@ -437,8 +448,8 @@ def _quantize_tile(
     (1 and 2 look blocks up by row and/or column ids: BID_ROWS / BID_COLS.)
     Codes are written contiguously over (P, R, C) (PACK4: two nibbles a byte along C).
     DUAL (1 x TBC row groups, RB = TBC rows a program): each column of the tile is also a
-    block of X^T, quantized into codes_t (C, R), scales_t and zp_t from the same registers.
-    ONE_BLOCK: the tile is one block (SCALE_SRC 0, RB = CB = 1).
+    block of X^T, quantized into codes_t (C, R), scales_t and zp_t.
+    ONE_BLOCK: the tile is one block (SCALE_SRC 0, RB = CB = 1); 2: the same, careful tiles deferred.
     """
     p, pid_r, pid_c, rb, i, cb, j, rows, cols, valid = _tile_coords(
         pid, R, C, TILES_R, TILES_C, RB, TBR, TBRP, CB, TBC, TBCP)
@@ -448,7 +459,7 @@ def _quantize_tile(
     if SCALE_SRC == 0:
         brow = pid_r * RB + rb  # [RB, 1, 1, 1]
         bcol = pid_c * CB + cb  # [1, 1, CB, 1]
-        scale, zp, careful = _register_scales(x, False, QMAX, ASYM, POW2, MX, EMAX)
+        scale, zp, careful = _register_scales(x, QMAX, ASYM, POW2, MX, EMAX, ONE_BLOCK == 2)
         smask = (brow < NBR) & (bcol < NBC)
         soff = brow.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c
         tl.store(scales_ptr + soff, _stored_scale(scale, POW2), mask=smask)
@@ -476,7 +487,21 @@ def _quantize_tile(
             if ASYM:
                 tl.store(zp_ptr + soff, zp.to(tl.int32).to(tl.uint8), mask=origin)
 
-    if SCALE_SRC == 0 and ONE_BLOCK and not POW2:
+    if SCALE_SRC == 0 and ONE_BLOCK == 2:
+        # Careful tiles are left to a second launch (FIXUP of _quantize_kernel) over the list in
+        # stats_ptr (their count, then their ids), so that these programs need no registers for them.
+        if careful == 0:
+            if POW2:
+                bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8,
+                               EXACT_FP8, RECIPROCAL)
+            else:
+                bits = _encode_careless(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8,
+                                        EXACT_FP8)
+            _store_codes(bits, codes_ptr, p, rows, cols, valid, pid_c, cb, R, sq_p, sq_r, RB, TBRP, CB, TBC, TBCP, PACK4)
+        else:
+            slot = tl.atomic_add(stats_ptr, 1)
+            tl.store(stats_ptr + 1 + slot, pid)
+    elif SCALE_SRC == 0 and ONE_BLOCK and not POW2:
         # One block a program: the codes are encoded and stored under the branch (faster on an H100
         # than a store after it, and the form that matched the reference there: BENCHMARKS.md).
         if careful == 0:
@@ -500,20 +525,22 @@ def _quantize_tile(
         _store_codes(bits, codes_ptr, p, rows, cols, valid, pid_c, cb, R, sq_p, sq_r, RB, TBRP, CB, TBC, TBCP, PACK4)
 
     if DUAL:
-        # The column-wise copy: each column of the RB rows (one group of X^T) shares a scale.
-        scale_t, zp_t, careful_t = _register_scales(x, True, QMAX, ASYM, POW2, MX, EMAX)
-        cmask = cols < C  # [1, 1, CB, TBCP]
-        st_off = cols.to(tl.int64) * sst_r + pid_r * sst_c
-        tl.store(scales_t_ptr + st_off, _stored_scale(scale_t, POW2), mask=cmask)
-        if ASYM:
-            tl.store(zp_t_ptr + st_off, zp_t.to(tl.int32).to(tl.uint8), mask=cmask)
-        bits_t = _encode_register(x, scale_t, zp_t, careful_t, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE,
-                                  HW_FP8, EXACT_FP8, POW2)
-        # Transposed in registers so that the stores run along X^T's rows.
-        bits_t = tl.permute(bits_t.to(tl.uint8), (2, 3, 1, 0))  # [CB, TBCP, 1, RB]
+        # The column-wise copy from a second load of the tile (an L2 hit), laid out as X^T's rows:
+        # [CB * TBCP, 1, 1, RB], each row (a column of X) one group, so that it is reduced and
+        # encoded like the row-wise copy and stored along X^T's rows (faster on an H100 and an H200 than
+        # reducing the first load's registers along the columns and transposing the codes, BENCHMARKS.md).
         rows_t = pid_r * RB + tl.arange(0, RB)[None, None, None, :]
-        cols_t = (pid_c * CB + tl.arange(0, CB)[:, None, None, None]) * TBC + tl.arange(0, TBCP)[None, :, None, None]
-        tl.store(codes_t_ptr + cols_t.to(tl.int64) * R + rows_t, bits_t, mask=(rows_t < R) & (cols_t < C))
+        cols_t = pid_c * CB * TBC + tl.arange(0, CB * TBCP)[:, None, None, None]
+        valid_t = (rows_t < R) & (cols_t < C)
+        xt = _load_fp32(x_base + rows_t.to(tl.int64) * sx_r + cols_t.to(tl.int64) * sx_c, valid_t, BF16_BITS)
+        scale_t, zp_t, careful_t = _register_scales(xt, QMAX, ASYM, POW2, MX, EMAX)
+        st_off = cols_t.to(tl.int64) * sst_r + pid_r * sst_c
+        tl.store(scales_t_ptr + st_off, _stored_scale(scale_t, POW2), mask=cols_t < C)
+        if ASYM:
+            tl.store(zp_t_ptr + st_off, zp_t.to(tl.int32).to(tl.uint8), mask=cols_t < C)
+        bits_t = _encode_register(xt, scale_t, zp_t, careful_t, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE,
+                                  HW_FP8, EXACT_FP8, POW2)
+        tl.store(codes_t_ptr + cols_t.to(tl.int64) * R + rows_t, bits_t.to(tl.uint8), mask=valid_t)
 
 
 @triton.jit
@@ -526,11 +553,19 @@ def _quantize_kernel(
     QMAX: tl.constexpr, IS_INT: tl.constexpr, ASYM: tl.constexpr, POW2: tl.constexpr, MX: tl.constexpr,
     EMAX: tl.constexpr, NBITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, BIAS: tl.constexpr,
     NAN_CODE: tl.constexpr, HW_FP8: tl.constexpr, EXACT_FP8: tl.constexpr, BF16_BITS: tl.constexpr,
-    ONE_BLOCK: tl.constexpr = 0, NUM_TILES=1, STAGES: tl.constexpr = 0,
+    ONE_BLOCK: tl.constexpr = 0, NUM_TILES=1, STAGES: tl.constexpr = 0, FIXUP: tl.constexpr = False,
 ):
     """_quantize_tile of tile program_id(0) (STAGES 0), or of tiles pid, pid + programs, ... < NUM_TILES
-    with the loads of the next STAGES - 1 tiles in flight (persistent programs)."""
-    if STAGES == 0:
+    with the loads of the next STAGES - 1 tiles in flight (persistent programs). FIXUP: of the tiles
+    listed in stats_ptr by a launch with ONE_BLOCK 2, each program taking every programs-th."""
+    if FIXUP:
+        for i in range(tl.program_id(0), tl.load(stats_ptr), tl.num_programs(0)):
+            _quantize_tile(tl.load(stats_ptr + 1 + i), x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr,
+                           codes_t_ptr, scales_t_ptr, zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r,
+                           sx_c, sq_p, sq_r, ss_r, ss_c, sst_r, sst_c, RB, TBR, TBRP, CB, TBC, TBCP, SCALE_SRC, BID_ROWS,
+                           BID_COLS, DUAL, PACK4, QMAX, IS_INT, ASYM, POW2, MX, EMAX, NBITS, MBITS, EMIN, BIAS, NAN_CODE,
+                           HW_FP8, EXACT_FP8, BF16_BITS, ONE_BLOCK)
+    elif STAGES == 0:
         _quantize_tile(tl.program_id(0), x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr,
                        scales_t_ptr, zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r,
                        ss_r, ss_c, sst_r, sst_c, RB, TBR, TBRP, CB, TBC, TBCP, SCALE_SRC, BID_ROWS, BID_COLS, DUAL,
@@ -784,11 +819,13 @@ def _as_grid(t: torch.Tensor, nbr: int, nbc: int) -> torch.Tensor:
     return t.reshape(nbr, nbc) if t.dim() != 2 else t
 
 
-def _tile_geometry(br: int, bc: int, rows: int, cols: int, register: bool):
+def _tile_geometry(br: int, bc: int, rows: int, cols: int, register: bool, tile_elems: int | None = None):
     """(RB, TBR, TBRP, CB, TBC, TBCP, num_warps) of a quantize/dequantize tile.
 
-    register: the tile is made of whole BR x BC blocks; else of 1 x TBC strips.
+    register: the tile is made of whole BR x BC blocks; else of 1 x TBC strips. tile_elems: the elements
+    a tile aims at (default TILE_ELEMS).
     """
+    tile_elems = tile_elems or TILE_ELEMS
     if register:  # whole blocks in registers
         tbr, tbc = br, bc
         tbrp, tbcp = _pow2_ceil(br), _pow2_ceil(bc)
@@ -796,8 +833,8 @@ def _tile_geometry(br: int, bc: int, rows: int, cols: int, register: bool):
         tbr, tbc = 1, min(_pow2_ceil(cols), 1024)
         tbrp, tbcp = 1, tbc
     per_block = tbrp * tbcp
-    cb = max(1, min(_pow2_ceil(_cdiv(cols, tbc)), TILE_ELEMS // per_block))
-    rb = max(1, min(_pow2_ceil(_cdiv(rows, tbr)), TILE_ELEMS // (per_block * cb)))
+    cb = max(1, min(_pow2_ceil(_cdiv(cols, tbc)), tile_elems // per_block))
+    rb = max(1, min(_pow2_ceil(_cdiv(rows, tbr)), tile_elems // (per_block * cb)))
     elems = rb * tbrp * cb * tbcp
     return rb, tbr, tbrp, cb, tbc, tbcp, _warps(elems // 2 if register and tbrp == 1 else elems)
 
@@ -895,28 +932,35 @@ def _launch_quantize(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, 
     if dual_out is not None:
         codes_t, scales_t, zp_t = dual_out
     tiles = P * tiles_r * tiles_c
-    run = _schedule(rb, cb, tbrp, tbcp, warps, register, dual_out is not None, consts["ASYM"])
+    run = _schedule(rb, cb, tbrp, tbcp, warps, register, dual_out is not None, consts["ASYM"], consts["IS_INT"])
     programs = min(tiles, _persistent_programs(v.device, run.per_sm)) if run.per_sm else tiles
     limits = {} if run.maxnreg is None else dict(maxnreg=run.maxnreg)
-    _quantize_kernel[(programs,)](
-        _input_view(v), codes_b, _bytes_of(grid_s), dummy if grid_zp is None else _bytes_of(grid_zp),
-        dummy if stats is None else stats, dummy if given is None else given,
-        dummy if codes_t is None else _bytes_of(codes_t), dummy if scales_t is None else _bytes_of(scales_t),
-        dummy if zp_t is None else _bytes_of(zp_t),
-        R, C, nbr, nbc, br, bc, tiles_r, tiles_c,
-        v.stride(0), v.stride(1), v.stride(2), sq_p, sq_r, grid_s.stride(0), grid_s.stride(1),
-        0 if scales_t is None else scales_t.stride(0), 0 if scales_t is None else scales_t.stride(1),
-        RB=rb, TBR=tbr, TBRP=tbrp, CB=cb, TBC=tbc, TBCP=tbcp,
-        SCALE_SRC=0 if register else (1 if stats is not None else 2), BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
-        DUAL=dual_out is not None,
-        PACK4=spec.element.bits == 4, BF16_BITS=_bf16_bits(v), num_warps=run.warps, ONE_BLOCK=run.one_block,
-        NUM_TILES=tiles, STAGES=run.stages, **consts, **limits,
-    )
+    defer = run.defer
+    if defer:  # the careful tiles' count, then their ids
+        stats = torch.zeros(1 + tiles, dtype=torch.int32, device=v.device)
+    args = (_input_view(v), codes_b, _bytes_of(grid_s), dummy if grid_zp is None else _bytes_of(grid_zp),
+            dummy if stats is None else stats, dummy if given is None else given,
+            dummy if codes_t is None else _bytes_of(codes_t), dummy if scales_t is None else _bytes_of(scales_t),
+            dummy if zp_t is None else _bytes_of(zp_t),
+            R, C, nbr, nbc, br, bc, tiles_r, tiles_c,
+            v.stride(0), v.stride(1), v.stride(2), sq_p, sq_r, grid_s.stride(0), grid_s.stride(1),
+            0 if scales_t is None else scales_t.stride(0), 0 if scales_t is None else scales_t.stride(1))
+    kwargs = dict(RB=rb, TBR=tbr, TBRP=tbrp, CB=cb, TBC=tbc, TBCP=tbcp,
+                  SCALE_SRC=0 if register or defer else (1 if stats is not None else 2), BID_ROWS=nbr > 1,
+                  BID_COLS=nbc > 1, DUAL=dual_out is not None,
+                  PACK4=spec.element.bits == 4, BF16_BITS=_bf16_bits(v),
+                  num_warps=run.warps, NUM_TILES=tiles, **consts)
+    _quantize_kernel[(programs,)](*args, ONE_BLOCK=2 if defer else run.one_block, STAGES=run.stages, **kwargs,
+                                  **limits)
+    if defer:
+        _quantize_kernel[(min(tiles, _persistent_programs(v.device, FIXUP_PROGRAMS)),)](
+            *args, ONE_BLOCK=1, FIXUP=True, **kwargs)
 
 
 class Schedule(NamedTuple):
     """How a quantize launch runs (see PERSISTENT_STAGES)."""
     one_block: bool  # each tile is one block
+    defer: bool  # careful tiles are left to a FIXUP launch (one-block programs only)
     per_sm: int  # programs an SM of a persistent launch; 0: one tile a program
     stages: int  # STAGES of the kernel: tiles in flight of a persistent program (0: not persistent)
     warps: int
@@ -924,23 +968,26 @@ class Schedule(NamedTuple):
 
 
 def _schedule(rb: int, cb: int, tbrp: int, tbcp: int, warps: int, register: bool, dual: bool,
-              asym: bool) -> Schedule:
+              asym: bool, is_int: bool) -> Schedule:
     """The Schedule of a quantize launch of the given tile geometry (warps: _tile_geometry's)."""
     one_block = register and not dual and rb * cb == 1
-    maxnreg = TILE_MAXNREG
+    maxnreg, defer = TILE_MAXNREG, False
     if one_block:
-        per_sm = ONE_BLOCK_PROGRAMS
-        if tbrp == 1 and not TILE_WARPS:
-            warps = max(4, min(32, tbcp // (32 * ROW_BLOCK_THREAD_ELEMS)))
+        run = ONE_BLOCK_INT if is_int else ONE_BLOCK_FLOAT
+        per_sm, defer = run.per_sm, run.defer
+        maxnreg = maxnreg or (None if TILE_WARPS else run.maxnreg)  # its limit is for its warps
+        thread_elems = run.row_elems if tbrp == 1 else run.tile_elems
+        warps = TILE_WARPS or max(4, min(32, tbrp * tbcp // (32 * thread_elems)))
     elif dual:
         per_sm = DUAL_PROGRAMS
+        maxnreg = maxnreg or (None if TILE_WARPS else DUAL_MAXNREG)
     elif register and asym:
         per_sm = ASYM_PROGRAMS
         warps = TILE_WARPS or ASYM_WARPS
-        maxnreg = maxnreg or ASYM_MAXNREG
+        maxnreg = maxnreg or (None if TILE_WARPS else ASYM_MAXNREG)
     else:
         per_sm = 0
-    return Schedule(one_block, per_sm, PERSISTENT_STAGES if per_sm else 0, warps, maxnreg)
+    return Schedule(one_block, defer, per_sm, PERSISTENT_STAGES if per_sm else 0, warps, maxnreg)
 
 
 def _persistent_programs(device, per_sm: int) -> int:

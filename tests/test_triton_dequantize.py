@@ -108,10 +108,11 @@ SPLIT_SPECS = [QuantSpec(granularity="tile", tile=(128, 128)), QuantSpec(format=
                QuantSpec(format="fp8_e5m2", granularity="tile", tile=(256, 64), scale_encoding="pow2")]
 
 
-@pytest.mark.parametrize("split", [2, 4])
+@pytest.mark.parametrize("split", [1, 2, 16, 128])
 @pytest.mark.parametrize("spec", SPLIT_SPECS, ids=str)
 def test_blocks_split_across_programs(spec, split, rng, monkeypatch):
-    """DEQUANT_SPLIT: a block's rows dequantized by several programs, each reading the block's scale."""
+    """DEQUANT_SPLIT: a block's rows dequantized by one program (1) or several, each reading the block's
+    scale (16, 128: programs of several blocks' rows side by side)."""
     monkeypatch.setattr(triton_dequantize, "DEQUANT_SPLIT", split)
     for shape in ((300, 260), (129, 100), (1, 5)):
         check(random_codes(spec, shape, rng), torch.float32)
@@ -153,7 +154,7 @@ def test_gpu_every_code(fmt, exact_fp8, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("split", [2, 4])
+@pytest.mark.parametrize("split", [1, 2, 16, 128])
 @pytest.mark.parametrize("spec", SPLIT_SPECS, ids=str)
 def test_gpu_blocks_split_across_programs(spec, split, rng, monkeypatch):
     monkeypatch.setattr(triton_dequantize, "DEQUANT_SPLIT", split)

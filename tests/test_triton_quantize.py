@@ -206,18 +206,54 @@ def persistent_launch(x, spec) -> bool:
     """Whether quantize(x, spec) launches persistent programs (triton_quantize._schedule)."""
     (P, R, C), (br, bc) = triton_quantize.block_geometry(x.shape, spec)
     rb, _, tbrp, cb, _, tbcp, warps = triton_quantize._tile_geometry(br, bc, R, C, True)
-    return triton_quantize._schedule(rb, cb, tbrp, tbcp, warps, True, False, spec.format.value == "int8_asym").per_sm > 0
+    return triton_quantize._schedule(rb, cb, tbrp, tbcp, warps, True, False, spec.format.value == "int8_asym",
+                                     spec.format.value.startswith("int8")).per_sm > 0
+
+
+def set_one_block(monkeypatch, **fields):
+    """Both one-block schedules (float and INT8 formats) with `fields` changed (triton_quantize.OneBlock)."""
+    for name in ("ONE_BLOCK_FLOAT", "ONE_BLOCK_INT"):
+        monkeypatch.setattr(triton_quantize, name, getattr(triton_quantize, name)._replace(**fields))
 
 
 @pytest.mark.parametrize("spec,shape", PERSISTENT_CASES, ids=str)
-def test_persistent_programs(spec, shape, rng):
+def test_persistent_programs(spec, shape, rng, monkeypatch):
     """Programs that loop over several tiles (3 programs under the interpreter), careful tiles (Inf,
     NaN) among ordinary ones, quotients next to code boundaries."""
+    set_one_block(monkeypatch, per_sm=1)
     x = random_input(shape, torch.bfloat16, rng)
     assert persistent_launch(x, spec)
     check(x, spec)
     check(random_input(shape, torch.float32, rng, edge_cases=False), spec)
     check(near_boundaries(spec.format.value, 128, rng), spec)
+
+
+DEFER_CASES = [(QuantSpec(granularity="tile", tile=(128, 128)), (300, 260)),
+               (QuantSpec(granularity="tile", tile=(128, 128), scale_encoding="pow2"), (300, 260)),
+               (QuantSpec(format="int8_asym", granularity="tile", tile=(128, 128)), (300, 260)),
+               (QuantSpec(format="fp8_e5m2", granularity="channel", axis=0), (7, 4500))]
+
+
+def deferred_input(shape, dtype, rng) -> torch.Tensor:
+    """random_input (Inf, NaN in the first tile) with one more block of subnormals only (a scale outside
+    the corrected range) and a NaN in the last block."""
+    x = random_input(shape, dtype, rng)
+    x[-1, -1] = math.nan
+    x[2:5, 130:200] = torch.finfo(dtype).tiny / 8
+    return x
+
+
+@pytest.mark.parametrize("spec,shape", DEFER_CASES, ids=str)
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("defer", [False, True], ids=["careful_in_place", "deferred"])
+def test_deferred_careful_tiles(spec, shape, persistent, defer, rng, monkeypatch):
+    """OneBlock.defer: one-block programs list their careful tiles (Inf/NaN, extreme scales) for a second
+    launch, which must give them the reference's codes and scales; the others are coded in the first.
+    Without it, careful tiles are coded in place. Both for float and INT8 formats, whichever is shipped."""
+    set_one_block(monkeypatch, defer=defer, per_sm=1 if persistent else 0)
+    check(deferred_input(shape, torch.bfloat16, rng), spec)
+    check(deferred_input(shape, torch.float32, rng), spec)
+    check(random_input(shape, torch.bfloat16, rng, edge_cases=False), spec)
 
 
 def every_bf16_under_scales(exponents) -> torch.Tensor:
@@ -375,12 +411,29 @@ def test_gpu_exact_fp8_path(spec, rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec,shape", PERSISTENT_CASES, ids=str)
-def test_gpu_persistent_programs(spec, shape, rng):
-    """Persistent programs over ragged and aligned shapes, with and without Inf/NaN, and every bf16."""
+@pytest.mark.parametrize("per_sm", [0, 1], ids=["tile_a_program", "persistent"])
+def test_gpu_persistent_programs(spec, shape, per_sm, rng, monkeypatch):
+    """One-block programs, one tile a program or persistent, over ragged and aligned shapes, with and without
+    Inf/NaN, and every bf16."""
+    set_one_block(monkeypatch, per_sm=per_sm)
     for size in GPU_SHAPES[2:] + [shape, (129, 129), (1000, 3), (513, 129), (70, 9000)]:
         check(random_input(size, torch.bfloat16, rng).cuda(), spec)
         check(random_input(size, torch.float32, rng, edge_cases=False).cuda(), spec)
     check(near_boundaries(spec.format.value, 128, rng).cuda(), spec)
+    check(every_16bit(torch.bfloat16).reshape(256, 256).cuda(), spec)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec,shape", DEFER_CASES, ids=str)
+@pytest.mark.parametrize("warps,programs,maxnreg", [(None, 1, None), (8, 0, 128), (None, 0, 64), (32, 0, None)])
+def test_gpu_deferred_careful_tiles(spec, shape, warps, programs, maxnreg, rng, monkeypatch):
+    """The deferred careful tiles (OneBlock.defer) under the launch settings quantize.py --sweep times."""
+    set_one_block(monkeypatch, defer=True, per_sm=programs)
+    monkeypatch.setattr(triton_quantize, "TILE_WARPS", warps)
+    monkeypatch.setattr(triton_quantize, "TILE_MAXNREG", maxnreg)
+    for size in [shape, (129, 129), (513, 1000), (2048, 8192)]:
+        check(deferred_input(size, torch.bfloat16, rng).cuda(), spec)
+        check(random_input(size, torch.float32, rng, edge_cases=False).cuda(), spec)
     check(every_16bit(torch.bfloat16).reshape(256, 256).cuda(), spec)
 
 
