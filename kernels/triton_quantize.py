@@ -176,7 +176,7 @@ def _quotient(x, scale, QUOTIENT: tl.constexpr):
     elif QUOTIENT == CORRECTED or QUOTIENT == CORRECTED_ANY_ZERO:
         r = tl.math.div_rn(1.0, scale)
         q0 = x * r
-        q = tl.fma(tl.fma(-q0, scale, x), r, q0)
+        q = tl.fma(tl.fma(q0, -scale, x), r, q0)  # -scale: the block's, exact (Triton's -q0 is 0 - q0, an extra op)
         if QUOTIENT == CORRECTED:
             q = tl.where(x == 0.0, x, q)  # x = -0 keeps its sign (CORRECTED_ANY_ZERO: for int8, which has one zero)
     else:
