@@ -386,7 +386,8 @@ def _encode_register(x, scale, zp, careful, QMAX: tl.constexpr, IS_INT: tl.const
     its reciprocal, any other by the corrected quotient unless the tile is careful. Only the fp32
     quotient is chosen under the branch and encoded after it (int8 sym too: without the select that
     keeps -0 ptxas gave it 167 registers a thread instead of 127, and it ran slower on an H100,
-    BENCHMARKS.md), except for INT8 asym, whose codes are encoded under it (_encode_careless). Programs of one block branch around the store too (_quantize_tile)."""
+    BENCHMARKS.md), except for INT8 asym, whose codes are encoded under it (_encode_careless). Programs of
+    one block branch around the store too (_quantize_tile)."""
     if POW2:
         bits = _encode(x, scale, zp, QMAX, IS_INT, ASYM, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8,
                        RECIPROCAL)
@@ -935,8 +936,7 @@ def _launch_quantize(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, 
     run = _schedule(rb, cb, tbrp, tbcp, warps, register, dual_out is not None, consts["ASYM"], consts["IS_INT"])
     programs = min(tiles, _persistent_programs(v.device, run.per_sm)) if run.per_sm else tiles
     limits = {} if run.maxnreg is None else dict(maxnreg=run.maxnreg)
-    defer = run.defer
-    if defer:  # the careful tiles' count, then their ids
+    if run.defer:  # the careful tiles' count, then their ids
         stats = torch.zeros(1 + tiles, dtype=torch.int32, device=v.device)
     args = (_input_view(v), codes_b, _bytes_of(grid_s), dummy if grid_zp is None else _bytes_of(grid_zp),
             dummy if stats is None else stats, dummy if given is None else given,
@@ -946,13 +946,13 @@ def _launch_quantize(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, 
             v.stride(0), v.stride(1), v.stride(2), sq_p, sq_r, grid_s.stride(0), grid_s.stride(1),
             0 if scales_t is None else scales_t.stride(0), 0 if scales_t is None else scales_t.stride(1))
     kwargs = dict(RB=rb, TBR=tbr, TBRP=tbrp, CB=cb, TBC=tbc, TBCP=tbcp,
-                  SCALE_SRC=0 if register or defer else (1 if stats is not None else 2), BID_ROWS=nbr > 1,
+                  SCALE_SRC=0 if register else (1 if stats is not None else 2), BID_ROWS=nbr > 1,
                   BID_COLS=nbc > 1, DUAL=dual_out is not None,
                   PACK4=spec.element.bits == 4, BF16_BITS=_bf16_bits(v),
                   num_warps=run.warps, NUM_TILES=tiles, **consts)
-    _quantize_kernel[(programs,)](*args, ONE_BLOCK=2 if defer else run.one_block, STAGES=run.stages, **kwargs,
+    _quantize_kernel[(programs,)](*args, ONE_BLOCK=2 if run.defer else run.one_block, STAGES=run.stages, **kwargs,
                                   **limits)
-    if defer:
+    if run.defer:
         _quantize_kernel[(min(tiles, _persistent_programs(v.device, FIXUP_PROGRAMS)),)](
             *args, ONE_BLOCK=1, FIXUP=True, **kwargs)
 
@@ -980,7 +980,9 @@ def _schedule(rb: int, cb: int, tbrp: int, tbcp: int, warps: int, register: bool
         warps = TILE_WARPS or max(4, min(32, tbrp * tbcp // (32 * thread_elems)))
     elif dual:
         per_sm = DUAL_PROGRAMS
-        maxnreg = maxnreg or (None if TILE_WARPS else DUAL_MAXNREG)
+        if rb * tbrp * cb * tbcp <= 16384:  # DUAL_WARPS and its register limit are for a 128 x 128 tile
+            warps = TILE_WARPS or DUAL_WARPS
+            maxnreg = maxnreg or (None if TILE_WARPS else DUAL_MAXNREG)
     elif register and asym:
         per_sm = ASYM_PROGRAMS
         warps = TILE_WARPS or ASYM_WARPS
@@ -1051,8 +1053,7 @@ def quantize_dual(x: torch.Tensor, spec: QuantSpec, *, scale_layout: str = "row"
                      scale_tensor(sshape, torch.int8, x.device, scale_layout) if consts["ASYM"] else None))
     (codes, stored, zps), (codes_t, stored_t, zps_t) = outs
     cb = max(1, min(_pow2_ceil(_cdiv(K, g)), max(1, TILE_ELEMS // (g * g))))
-    elems = g * g * cb
-    geometry = (g, 1, 1, cb, g, g, TILE_WARPS or (DUAL_WARPS if elems <= 16384 else _warps(elems)))
+    geometry = (g, 1, 1, cb, g, g, _warps(g * g * cb))
     _launch_quantize(v, codes, stored, zps, None, None, 1, g, M, _cdiv(K, g), True, consts, spec,
                      dual_out=(codes_t, stored_t, zps_t), geometry=geometry)
     return (QuantizedTensor(codes, stored, spec, (M, K), zps), QuantizedTensor(codes_t, stored_t, spec, (K, M), zps_t))

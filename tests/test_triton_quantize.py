@@ -191,8 +191,9 @@ def test_quotients_near_code_boundaries(fmt, rng):
     check(x, QuantSpec(format=fmt, granularity="tile", tile=(128, 128)))
 
 
-# (spec, shape) whose register programs are persistent (one block a program, INT8 asym); a pow2 tile
-# has no branch around its store. Channels are one block a program from 4097 elements a channel.
+# (spec, shape) whose register programs can be persistent (one block a program with OneBlock.per_sm,
+# INT8 asym); a pow2 tile has no branch around its store. Channels are one block a program from 4097
+# elements a channel.
 PERSISTENT_CASES = [(QuantSpec(granularity="tile", tile=(128, 128)), (300, 260)),
                     (QuantSpec(format="fp8_e5m2", granularity="tile", tile=(96, 100)), (300, 260)),
                     (QuantSpec(granularity="tile", tile=(128, 128), scale_encoding="pow2"), (300, 260)),
@@ -208,6 +209,15 @@ def persistent_launch(x, spec) -> bool:
     rb, _, tbrp, cb, _, tbcp, warps = triton_quantize._tile_geometry(br, bc, R, C, True)
     return triton_quantize._schedule(rb, cb, tbrp, tbcp, warps, True, False, spec.format.value == "int8_asym",
                                      spec.format.value.startswith("int8")).per_sm > 0
+
+
+def test_dual_schedule_limits_only_its_tile():
+    """DUAL_WARPS and DUAL_MAXNREG are chosen for 128 x 128 programs; larger groups keep _tile_geometry's
+    warps and no register limit (a limit meant for 8 warps would make 16 spill)."""
+    small = triton_quantize._schedule(128, 1, 1, 128, 16, True, True, False, False)
+    assert (small.warps, small.maxnreg) == (triton_quantize.DUAL_WARPS, triton_quantize.DUAL_MAXNREG)
+    large = triton_quantize._schedule(256, 1, 1, 256, 16, True, True, False, False)
+    assert (large.warps, large.maxnreg) == (16, None)
 
 
 def set_one_block(monkeypatch, **fields):
