@@ -68,6 +68,16 @@ def quant_bytes(x, spec) -> int:
     return n * x.element_size() + codes + scales + zps
 
 
+def op_bytes(x, spec, op: str) -> int:
+    """Bytes an op must move: quantize reads x and writes codes, scales (and zero points); dequantize reads
+    those and writes bf16; dual reads x once and writes both layouts' codes and scales."""
+    if op == "dequantize":
+        return x.numel() * 2 + quant_bytes(x, spec) - x.numel() * x.element_size()
+    if op == "dual":
+        return quant_bytes(x, spec) + quant_bytes(x.T, spec) - x.numel() * x.element_size()
+    return quant_bytes(x, spec)
+
+
 CASES = [  # (name, spec)
     ("fp8 e4m3 1x128", QuantSpec()),
     ("fp8 e4m3 128x128", QuantSpec(granularity="tile", tile=(128, 128))),
@@ -96,11 +106,11 @@ def run_main(n: int, rows: list, with_compile: bool):
 
     for name, spec in CASES:
         qt = quantize(x, spec)
-        add("quantize", name, bench(lambda: quantize(x, spec)), quant_bytes(x, spec))
-        out_bytes = x.numel() * 2 + quant_bytes(x, spec) - x.numel() * x.element_size()
-        add("dequantize", name + " -> bf16", bench(lambda: dequantize(qt, torch.bfloat16)), out_bytes)
+        add("quantize", name, bench(lambda: quantize(x, spec)), op_bytes(x, spec, "quantize"))
+        add("dequantize", name + " -> bf16", bench(lambda: dequantize(qt, torch.bfloat16)),
+            op_bytes(x, spec, "dequantize"))
     spec = QuantSpec()
-    dual_bytes = quant_bytes(x, spec) + quant_bytes(x.T, spec) - x.numel() * x.element_size()  # X read once
+    dual_bytes = op_bytes(x, spec, "dual")
     add("quantize", "fp8 e4m3 dual 1x128 + 128x1", bench(lambda: quantize_dual(x, spec)), dual_bytes)
     # The same two results without the dual kernel (its bytes counted the same way, so the ratio compares times).
     add("quantize", "  same by quantize(X), X^T copied, quantize(X^T)",
@@ -125,7 +135,7 @@ def run_main(n: int, rows: list, with_compile: bool):
                           dynamic=False)
         g(qt.codes, qt.scales)
         add("dequantize", "peer: torch.compile reference fp8 e4m3 1x128 -> bf16",
-            bench(lambda: g(qt.codes, qt.scales)), x.numel() * 3 + qt.scales.numel() * 4)
+            bench(lambda: g(qt.codes, qt.scales)), op_bytes(x, qt.spec, "dequantize"))
 
 
 # What --sweep tries: (cases, settings), a setting being values of the tuning globals of
@@ -183,7 +193,7 @@ def sweep_configs():
             x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
             x[:7, :5] = torch.tensor([float("inf"), float("nan"), -1e-40, 0.0, -float("inf")])
             _, copy_gbs = time_copy(x)
-            qb = quant_bytes(x, spec) + (quant_bytes(x.T, spec) - x.numel() * x.element_size() if op == "dual" else 0)
+            qb = op_bytes(x, spec, op)
             qt = quantize(x, spec)  # shipped settings: what dequantize reads
             first = None
             for setting in settings:

@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from .spec import E2M1, QuantizedTensor, ScaleEncoding, _cdiv
-from .triton_quantize import (MAX_REGISTER_BLOCK, _block_ids, _tile_coords, _as_grid, _bytes_of, _pow2, _pow2_ceil, _tile_geometry, _warps,
-                              block_geometry, interpreting)
+from .triton_quantize import (MAX_REGISTER_BLOCK, _as_grid, _block_ids, _bytes_of, _pow2, _pow2_ceil, _tile_coords,
+                              _tile_geometry, _warps, block_geometry, interpreting)
 
 
 # Elements a dequantize program covers, and the sub-tiles one-block tiles (a power-of-two number of
