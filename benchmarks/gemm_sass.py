@@ -19,12 +19,11 @@ import os
 import re
 
 import triton
-from triton.backends.compiler import GPUTarget
 
 from quantd.kernels import triton_gemm as tg
 from quantd.kernels.spec import MX_BLOCK
 
-from sass import opcodes, resources, sass_of
+from sass import compile_sm90, opcodes, resources, sass_of
 
 PAIRINGS = [("mxfp4 x mxfp4", True, True), ("mxfp8 x mxfp4", False, True)]
 SIZE = 4096
@@ -45,12 +44,8 @@ def compile_mx(cfg, a_fp4: bool, b_fp4: bool, packed: bool):
     names = fn.arg_names
     constexprs = {k: v for k, v in constexprs.items() if k in names}  # a kernel without PACKED: the fp32 decode
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
-    aligned = {"c_ptr", "sa_ptr", "sb_ptr", "M", "N", "K", "stride_cm", "stride_sam", "stride_sbn"}  # as at 4096
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned}
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, attrs=attrs,
-                                    constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    aligned = {"M", "N", "K", "stride_cm", "stride_sam", "stride_sbn"}  # as at 4096 (and every pointer)
+    return compile_sm90(fn, signature, constexprs, aligned, cfg.num_warps, stages=cfg.num_stages)
 
 
 def k_loop(sass: str) -> list:

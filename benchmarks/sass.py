@@ -87,14 +87,19 @@ def compile_mxfp4_pairs():
     return kernel, tq.PAIRS_ROWS * tq.PAIRS_GROUPS * 32 / (tq.PAIRS_WARPS * 32)
 
 
-def compile_sm90(fn, signature: dict, constexprs: dict, aligned: set, warps: int, maxnreg: int | None = None):
+def compile_sm90(fn, signature: dict, constexprs: dict, aligned: set, warps: int, maxnreg: int | None = None,
+                 stages: int | None = None):
     """triton.compile of jit function `fn` for sm_90, its pointers and the `aligned` integer arguments
-    specialized as 16-byte aligned, as a real launch specializes them."""
+    specialized as 16-byte aligned, as a real launch specializes them (stages: num_stages, if set)."""
     names = fn.arg_names
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr") or n in aligned}
     src = triton.compiler.ASTSource(fn=fn, signature=signature, attrs=attrs,
                                     constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    options = {"num_warps": warps} if maxnreg is None else {"num_warps": warps, "maxnreg": maxnreg}
+    options = {"num_warps": warps}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    if stages is not None:
+        options["num_stages"] = stages
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
