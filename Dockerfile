@@ -11,7 +11,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY kernels/ kernels/
 COPY server/ server/
+COPY protocol/ protocol/
 COPY client/ client/
+COPY cli/ cli/
 RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # --- runtime ----------------------------------------------------------------------------------------------------

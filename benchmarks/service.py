@@ -89,14 +89,15 @@ def main() -> None:
 
     import torch
 
-    from quantd.client import QuantdClient, wire
+    from quantd.client import QuantdClient
+    from quantd.protocol import wire
     from quantd.kernels import dispatch
     from quantd.kernels.spec import QuantSpec
 
     raw_port, quantd_port = free_port(), free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     servers = [subprocess.Popen([sys.executable, __file__, "--raw-server", str(raw_port)], env=env),
-               subprocess.Popen([sys.executable, "-m", "quantd.client.cli", "serve", "--host", "127.0.0.1",
+               subprocess.Popen([sys.executable, "-m", "quantd.cli", "serve", "--host", "127.0.0.1",
                                  "--port", str(quantd_port), "--device", args.device, "--log-format", "json"],
                                 env=env, stderr=subprocess.DEVNULL)]
     try:

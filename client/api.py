@@ -28,13 +28,14 @@ from quantd.kernels.spec import QuantizedTensor, QuantSpec
 from quantd.v1 import quantd_pb2 as pb
 from quantd.v1 import quantd_pb2_grpc
 
-from . import chunks, wire
+from quantd.protocol import chunks, wire
+from quantd.protocol.crc32c import crc32c
+
 from .channels import make_channel
-from .crc32c import crc32c
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 SERVICE = pb.DESCRIPTOR.services_by_name["Quantd"]
-# The streaming RPCs' (request, response) classes. Their messages travel raw: quantd.client.chunks writes
+# The streaming RPCs' (request, response) classes. Their messages travel raw: quantd.protocol.chunks writes
 # and reads the chunks without protobuf's copies of the payload.
 STREAMS = {m.name: (getattr(pb, m.input_type.name), getattr(pb, m.output_type.name))
            for m in SERVICE.methods if m.client_streaming}

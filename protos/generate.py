@@ -2,7 +2,7 @@
 
     pip install grpcio-tools==1.84.0 && python protos/generate.py
 
-The stubs land in client/_generated/, which pyproject maps to the import package
+The stubs land in protocol/_generated/, which pyproject maps to the import package
 `quantd.v1` (so the generated `from quantd.v1 import ...` lines resolve). Generate with
 the oldest grpcio-tools we support: the generated *_pb2_grpc.py refuses to import under
 a grpcio older than the grpcio-tools that wrote it.
@@ -15,7 +15,7 @@ import sys
 import tempfile
 
 PROTOS = pathlib.Path(__file__).resolve().parent
-OUT = PROTOS.parent / "client" / "_generated"
+OUT = PROTOS.parent / "protocol" / "_generated"
 SUPPORTED_TOOLS = "1.84.0"
 
 

@@ -18,7 +18,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from quantd.client import chunks
+from quantd.protocol import chunks
 from quantd.v1 import quantd_pb2
 
 from . import logs, security
@@ -43,7 +43,7 @@ def pick_device(name: str) -> torch.device:
 
 def add_servicer(servicer: QuantdServicer, server: grpc.aio.Server) -> None:
     """Register the servicer's RPCs. Streaming ones get their request messages as raw bytes (the servicer decodes
-    them with quantd.client.chunks, which takes chunks apart without protobuf's copies of the payload) and send
+    them with quantd.protocol.chunks, which takes chunks apart without protobuf's copies of the payload) and send
     encoded chunks as they are; the wire format is the generated code's, so any quantd.v1 client works."""
     handlers = {}
     for method in SERVICE.methods:

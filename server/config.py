@@ -6,7 +6,7 @@ import dataclasses
 import os
 from typing import Optional
 
-from quantd.client.wire import DEFAULT_CHUNK_BYTES
+from quantd.protocol.wire import DEFAULT_CHUNK_BYTES
 
 MiB = 1 << 20
 GiB = 1 << 30

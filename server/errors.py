@@ -14,7 +14,7 @@ import logging
 import grpc
 import torch
 
-from quantd.client.chunks import ChecksumMismatch
+from quantd.protocol.chunks import ChecksumMismatch
 
 log = logging.getLogger("quantd.server")
 

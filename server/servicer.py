@@ -13,7 +13,7 @@ from importlib import metadata
 import grpc
 import torch
 
-from quantd.client import wire
+from quantd.protocol import wire
 from quantd.kernels import dispatch, reference
 from quantd.kernels.spec import (INPUT_DTYPES, OUT_DTYPES, Format, Granularity, QuantizedTensor,
                                  QuantSpec, ScaleEncoding)

@@ -1,6 +1,6 @@
 """Chunked streams: incoming chunks into staging buffers, outgoing tensors into chunks.
 
-Request messages arrive as raw bytes and quantd.client.chunks takes the chunks apart without
+Request messages arrive as raw bytes and quantd.protocol.chunks takes the chunks apart without
 copying them; their bytes are then copied once, into a buffer allocated for the whole tensor
 when the header arrives (pinned when the server computes on a GPU, so the copy to the device
 is a DMA). Outgoing tensors are cut into chunk_bytes slices of their bytes, each copied once,
@@ -13,8 +13,8 @@ import asyncio
 import grpc
 import torch
 
-from quantd.client import chunks, wire
-from quantd.client.crc32c import crc32c
+from quantd.protocol import chunks, wire
+from quantd.protocol.crc32c import crc32c
 from quantd.v1 import quantd_pb2 as pb
 
 from .errors import ServiceError, invalid

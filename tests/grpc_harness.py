@@ -113,7 +113,7 @@ def free_port() -> int:
 def quantd_command() -> list[str]:
     """The `quantd` console script installed beside this Python (what the image's ENTRYPOINT runs)."""
     script = Path(sys.executable).with_name("quantd")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "quantd.client.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "quantd.cli"]
 
 
 class ServerProcess:

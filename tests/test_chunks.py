@@ -1,4 +1,4 @@
-"""quantd.client.chunks against protobuf: the same bytes out, any valid encoding read alike, bad bytes refused."""
+"""quantd.protocol.chunks against protobuf: the same bytes out, any valid encoding read alike, bad bytes refused."""
 import random
 
 import grpc
@@ -7,7 +7,8 @@ import pytest
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
-from quantd.client import QuantdError, chunks, crc32c
+from quantd.client import QuantdError
+from quantd.protocol import chunks, crc32c
 from quantd.client.api import _collect
 from quantd.v1 import quantd_pb2 as pb
 

@@ -24,7 +24,7 @@ from grpc_harness import ServerProcess, quantd_command
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 
-from quantd.client import cli
+from quantd import cli
 from quantd.kernels import reference
 from quantd.kernels.spec import QuantSpec
 from quantd.server.config import ServerConfig
@@ -195,10 +195,11 @@ def test_the_wheel_builds_from_what_the_dockerfile_copies(tmp_path):
         names = set(zf.namelist())
         entry_points = next(zf.read(n).decode() for n in names if n.endswith("entry_points.txt"))
     for module in ("quantd/server/app.py", "quantd/server/healthcheck.py", "quantd/server/security.py",
-                   "quantd/server/metrics.py", "quantd/client/cli.py", "quantd/client/channels.py",
+                   "quantd/server/metrics.py", "quantd/server/__main__.py", "quantd/cli/main.py",
+                   "quantd/client/channels.py", "quantd/protocol/chunks.py",
                    "quantd/kernels/reference.py", "quantd/v1/quantd_pb2.py", "quantd/v1/quantd_pb2_grpc.py"):
         assert module in names, module
-    assert "quantd = quantd.client.cli:main" in entry_points
+    assert "quantd = quantd.cli:main" in entry_points
 
 
 # -- docker-compose.yml ---------------------------------------------------------------------------------------------

@@ -18,11 +18,12 @@ import pytest
 import torch
 from grpc_harness import UNARY, ServerProcess, echo_server, free_port
 
-from quantd.client import QuantdClient, QuantdError, wire
+from quantd.client import QuantdClient, QuantdError
 from quantd.client.api import _collect
 from quantd.client.channels import channel_target, make_channel
 from quantd.kernels import reference
 from quantd.kernels.spec import QuantSpec
+from quantd.protocol import wire
 from quantd.server.metrics import Metrics
 from quantd.v1 import quantd_pb2 as pb
 from quantd.v1 import quantd_pb2_grpc

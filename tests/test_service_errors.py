@@ -7,7 +7,8 @@ import pytest
 import torch
 from test_chunks import field
 
-from quantd.client import QuantdClient, QuantdError, chunks, crc32c, wire
+from quantd.client import QuantdClient, QuantdError
+from quantd.protocol import chunks, crc32c, wire
 from quantd.kernels import reference
 from quantd.kernels.spec import QuantSpec
 from quantd.server.app import BackgroundServer

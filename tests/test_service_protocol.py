@@ -9,8 +9,8 @@ import pytest
 import torch
 from google.protobuf import descriptor_pb2
 
-from quantd.client import crc32c as crc
-from quantd.client import wire
+from quantd.protocol import crc32c as crc
+from quantd.protocol import wire
 from quantd.kernels import reference
 from quantd.kernels.spec import Format, QuantSpec
 from quantd.server import config as server_config
@@ -45,7 +45,7 @@ def test_generated_stubs_match_the_proto_files():
     compiled = compiled_descriptors()
     committed = descriptor_pb2.FileDescriptorProto.FromString(quantd_pb2.DESCRIPTOR.serialized_pb)
     assert set(compiled) == {committed.name}, "a .proto file has no committed stubs: run protos/generate.py"
-    assert compiled[committed.name] == committed, "client/_generated is stale: run protos/generate.py"
+    assert compiled[committed.name] == committed, "protocol/_generated is stale: run protos/generate.py"
     service = quantd_pb2.DESCRIPTOR.services_by_name["Quantd"]
     for method in service.methods:  # the grpc stubs cover every RPC of the descriptor
         assert hasattr(quantd_pb2_grpc.QuantdServicer, method.name)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from quantd.client import QuantdClient, QuantdError, QuantizeResult, wire
+from quantd.client import QuantdClient, QuantdError, QuantizeResult
+from quantd.protocol import wire
 from quantd.kernels import dispatch, reference
 from quantd.kernels.spec import QuantizedTensor, QuantSpec
 from quantd.server.app import BackgroundServer

@@ -1,4 +1,4 @@
-"""The `quantd` command.
+"""The `quantd` command: the client's commands, and `serve`, handed to quantd.server.
 
     quantd serve [--host H --port P --device auto|cpu|cuda:N ...]     start a server
     quantd quantize model.safetensors -o model-fp8.safetensors --format fp8_e4m3 --group 128 --server HOST:PORT
@@ -34,7 +34,7 @@ def _server_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _client(args):
-    from .api import QuantdClient
+    from quantd.client import QuantdClient
 
     def read(path):
         return open(path, "rb").read() if path else None
@@ -119,7 +119,7 @@ def cmd_dequantize(args) -> int:
     from safetensors.torch import save_file
 
     from quantd.kernels.spec import QuantizedTensor, QuantSpec
-    from .wire import dtype_from_name
+    from quantd.protocol.wire import dtype_from_name
 
     out = {}
     with _client(args) as client, safe_open(args.input, framework="pt") as f:
@@ -152,20 +152,13 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    from quantd.server import app, config  # the server's dependencies load only when serving
-    app.main(config.from_args(args))
-    return 0
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quantd", description="GPU-backed gRPC quantization service")
     sub = p.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="start a server")
-    from quantd.server import config
-    config.add_arguments(serve)
-    serve.set_defaults(run=cmd_serve)
+    # Only listed here: main() hands `quantd serve ...` to quantd.server before parsing, so the client
+    # commands never load the server's code.
+    sub.add_parser("serve", help="start a server (`quantd serve --help` lists its settings)")
 
     q = sub.add_parser("quantize", help="quantize a safetensors file through a server")
     q.add_argument("input")
@@ -195,8 +188,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        from quantd.server.__main__ import main as serve
+        return serve(argv[1:])
     args = parser().parse_args(argv)
-    from .api import QuantdError
+    from quantd.client import QuantdError
     try:
         return args.run(args)
     except QuantdError as exc:

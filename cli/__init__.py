@@ -1,0 +1,4 @@
+"""The `quantd` command line: quantize, dequantize and info through quantd.client; serve through quantd.server."""
+from .main import main
+
+__all__ = ["main"]

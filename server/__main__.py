@@ -1,0 +1,22 @@
+"""`quantd serve` (also `python -m quantd.server`): settings from flags and QUANTD_* variables."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import app, config
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quantd serve", description="start a quantd server")
+    config.add_arguments(p)
+    return p
+
+
+def main(argv=None) -> int:
+    app.main(config.from_args(parser().parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
