@@ -1,4 +1,2 @@
-"""The `quantd` command line: quantize, dequantize and info through quantd.client; serve through quantd.server."""
-from .main import main
-
-__all__ = ["main"]
+"""The `quantd` command line (quantd.cli.main): quantize, dequantize and info through quantd.client; serve
+through quantd.server."""

@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from quantd import cli
+from quantd.cli import main as cli
 from quantd.kernels import dispatch, reference
 from quantd.kernels.spec import QuantizedTensor, QuantSpec
 from quantd.server.app import BackgroundServer

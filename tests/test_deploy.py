@@ -24,7 +24,7 @@ from grpc_harness import ServerProcess, quantd_command
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 
-from quantd import cli
+from quantd.cli import main as cli
 from quantd.kernels import reference
 from quantd.kernels.spec import QuantSpec
 from quantd.server.config import ServerConfig
@@ -199,7 +199,7 @@ def test_the_wheel_builds_from_what_the_dockerfile_copies(tmp_path):
                    "quantd/client/channels.py", "quantd/protocol/chunks.py",
                    "quantd/kernels/reference.py", "quantd/v1/quantd_pb2.py", "quantd/v1/quantd_pb2_grpc.py"):
         assert module in names, module
-    assert "quantd = quantd.cli:main" in entry_points
+    assert "quantd = quantd.cli.main:main" in entry_points
 
 
 # -- docker-compose.yml ---------------------------------------------------------------------------------------------

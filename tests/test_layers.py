@@ -56,7 +56,7 @@ def test_the_scan_sees_relative_and_lazy_imports(tmp_path):
 
 
 def test_client_commands_load_no_server_code():
-    code = ("import sys\nfrom quantd.cli import main\n"
+    code = ("import sys\nfrom quantd.cli.main import main\n"
             "try:\n    main(['quantize', '--help'])\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in sys.modules if m.startswith('quantd.server')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
