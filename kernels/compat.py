@@ -8,7 +8,8 @@ Conventions that differ from quantd's (NUMERICS.md, "Seed APIs"):
   (an fp32 division) and never expose the divisor. Codes are raw E4M3 bits in uint8
   (viewable as torch.float8_e4m3fn), not the seed's offset encoding.
 * fp8_block_quantize returns the quantize-dequantize values with real E4M3 rounding
-  (the seed's listing clamps but skips the cast to FP8, so its output equals the input).
+  (the seed's listing clamps but skips the cast to FP8, so its output equals the input);
+  round_to_fp8=False reproduces the listing's numbers exactly.
 * deepml_block_quantize reports x / scale rounded to integers, as the seed's examples do.
 """
 from __future__ import annotations
@@ -54,23 +55,32 @@ def deepml_block_quantize(tensor, block_size: int) -> list[dict]:
 # ---- 001: quantize-dequantize over flat blocks ----------------------------------------
 
 
-def fp8_block_quantize(weights, block_size: int = 32, fp8_max: float = 448.0) -> dict:
-    """2-D weights -> {"quantized_weights": E4M3 quantize-dequantize values, "scales": amax / fp8_max}.
+def fp8_block_quantize(weights, block_size: int = 32, fp8_max: float = 448.0, *, round_to_fp8: bool = True) -> dict:
+    """2-D weights -> {"quantized_weights": quantize-dequantize values, "scales": amax / fp8_max}.
 
     Blocks of `block_size` run over the row-major flattened weights (crossing rows).
     Scales are rounded to 8 digits and values to 6, as the seed does; fp8_max < 448
     narrows the range the block maps onto (fp8_max > 448 would not fit E4M3).
+    round_to_fp8=True rounds each scaled value to E4M3 (quantd's FP8 path); False gives the
+    seed listing's numbers exactly: float64 multiplier fp8_max / amax, clamp, divide back
+    (no FP8 rounding, so the values come back unchanged but for the clamp and the rounding to 6 digits).
     """
-    x = torch.as_tensor(weights, dtype=torch.float32)
+    x = torch.as_tensor(weights, dtype=torch.float32 if round_to_fp8 else torch.float64)
     if x.dim() != 2:
         raise ValueError(f"fp8_block_quantize: weights must be 2-D (rows x cols), got shape {list(x.shape)}")
     if not 0 < fp8_max <= E4M3.max:
         raise ValueError(f"fp8_block_quantize: fp8_max must be in (0, {E4M3.max}], got {fp8_max}")
     spec = QuantSpec(Format.FP8_E4M3, Granularity.FLAT, block_size=_positive_int(block_size, "block_size"),
                      out_dtype="float32")
-    amax = reference.block_amax(reference.to_blocks(x, spec))
-    scales = torch.where(amax > 0, amax / fp8_max, 1.0).reshape(-1)
-    deq = dispatch.quantize(x, spec, scales=scales).dequantize(torch.float32)
+    blocks = reference.to_blocks(x, spec, dtype=x.dtype)
+    amax = reference.block_amax(blocks)
+    if round_to_fp8:
+        scales = torch.where(amax > 0, amax / fp8_max, 1.0).reshape(-1)
+        deq = dispatch.quantize(x, spec, scales=scales).dequantize(torch.float32)
+    else:  # the listing's arithmetic, in Python floats (float64)
+        multiplier = torch.where(amax < 1e-12, 1.0, fp8_max / amax)
+        scales = (1.0 / multiplier).reshape(-1)
+        deq = reference.from_blocks(torch.clamp(blocks * multiplier, -fp8_max, fp8_max) / multiplier, spec, x.shape)
     return {"quantized_weights": [[round(v, 6) for v in row] for row in deq.tolist()],
             "scales": [round(s, 8) for s in scales.tolist()]}
 

@@ -94,6 +94,21 @@ def test_001_rejects_bad_arguments():
         fp8_block_quantize([1.0, 2.0])
 
 
+@pytest.mark.parametrize("block_size,fp8_max", [(32, 448.0), (5, 448.0), (7, 240.0), (64, 1.5)])
+def test_001_listing_numbers_without_fp8_rounding(rng, block_size, fp8_max):
+    w = (torch.randn(9, 13, generator=rng, dtype=torch.float64) * 10 ** torch.randint(-8, 4, (9, 1), generator=rng))
+    w[2] = 0.0  # an all-zero stretch: the listing's scale 1.0
+    w[3, :4] = 1e-13  # below the listing's 1e-12 threshold
+    weights = w.tolist()
+    got = fp8_block_quantize(weights, block_size=block_size, fp8_max=fp8_max, round_to_fp8=False)
+    values, scales = seed_listing(weights, block_size, fp8_max)
+    assert got["scales"] == scales
+    assert [v for row in got["quantized_weights"] for v in row] == values
+    # and the default still rounds to E4M3: values move off the input
+    rounded = fp8_block_quantize(weights, block_size=block_size, fp8_max=fp8_max)
+    assert rounded["quantized_weights"] != got["quantized_weights"]
+
+
 # ---- 002 -----------------------------------------------------------------------------
 
 W = torch.tensor([[0.7, -0.2], [-0.5, 0.1]])
