@@ -75,10 +75,11 @@ def _meta_quantized(spec, shape):
 
 
 def _kept_modules(folder, decisions, profile) -> list:
-    """Modules of kept 2-D floating-point weights, named as the loaders' skip lists name them."""
+    """Modules of kept 2-D floating-point weights but embeddings (not Linear layers), named as the loaders'
+    skip lists name them."""
     entries = {n: e for s in folder.shards for n, e in folder.entries(s).items()}
     return sorted(d.name.removesuffix(".weight") for d in decisions
-                  if d.action != "quantize" and d.name.endswith(".weight")
+                  if d.action != "quantize" and d.name.endswith(".weight") and "embed" not in d.name
                   and entries[d.name].dtype in FLOATS and len(entries[d.name].shape) == 2)
 
 
@@ -295,6 +296,6 @@ def inspect_checkpoint(src) -> dict:
     code_dtypes = {chosen.spec.code_dtype}
     for name, entry in entries.items():
         if name not in stored and entry.dtype in code_dtypes and entry.dtype not in FLOATS and len(entry.shape) >= 2:
-            report["problems"].append(f"{name}: {str(entry.dtype)[6:]} weight without its scales")
+            report["problems"].append(f"{name}: {str(entry.dtype)[6:]} weight outside any complete quantized tensor")
     report.update(quantized=len(originals), kept=len(entries) - len(stored))
     return report
