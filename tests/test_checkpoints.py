@@ -239,3 +239,19 @@ def test_bad_input_is_a_clear_error(server, llama, tmp_path, capsys):
     assert cli.main(["quantize", str(odd), "-o", str(tmp_path / "y"), *flags, "--skip-unsupported"]) == 0
     entries, _ = files.read_header(tmp_path / "y" / files.SINGLE)
     assert entries["a.weight"].dtype == torch.bfloat16 and entries["b.weight_packed"].dtype == torch.uint8
+
+
+@pytest.mark.gpu
+def test_hf_fp8_runs_on_the_gpu_fp8_path(server, llama, tmp_path):
+    """On a GPU: the hf-fp8 checkpoint loads with transformers' FineGrainedFP8 kernels (no dequantize) and its
+    logits stay within the FP8 bound of the bf16 model's."""
+    src, model = llama
+    quantize(server, src, tmp_path / "q", "--profile", "hf-fp8")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "q", dtype=torch.bfloat16, device_map="cuda", use_kernels=False).eval()
+    assert loaded.model.layers[0].self_attn.q_proj.weight.dtype == torch.float8_e4m3fn
+    x = (torch.arange(24).reshape(1, 24) % 300).cuda()
+    with torch.no_grad():
+        a, b = model.cuda()(x).logits.float(), loaded(x).logits.float()
+    model.cpu()
+    assert float((a - b).abs().max() / a.abs().max()) < LOGIT_BOUND["fp8-block"]
