@@ -4,6 +4,12 @@
     quantd quantize model.safetensors -o model-fp8.safetensors --format fp8_e4m3 --group 128 --server HOST:PORT
     quantd dequantize model-fp8.safetensors -o model.safetensors --server HOST:PORT
     quantd info --server HOST:PORT
+    quantd quantize MODEL_DIR -o OUT_DIR --profile hf-fp8|compressed-tensors|gpt-oss-mxfp4 [--scheme ...] --server HOST:PORT
+    quantd dequantize MODEL_DIR -o OUT_DIR --server HOST:PORT
+    quantd inspect MODEL_DIR
+
+A model folder (config.json and safetensors shards) is written in the layout a serving stack loads
+(quantd.client.checkpoint, FORMATS.md). For a single safetensors file:
 
 A quantized checkpoint keeps each quantized tensor's name for its codes and adds
 "<name>.scales" (and "<name>.zero_points" for int8_asym); the safetensors metadata entry
@@ -79,10 +85,36 @@ def _progress(names, desc: str):
     return tqdm(names, unit="tensor", desc=desc, disable=None)
 
 
+def _summary(result, verb: str) -> str:
+    kept = len(result.decisions) - len(result.quantized)
+    return (f"{len(result.quantized)} tensor(s) {verb}, {kept} kept; {len(result.written)} shard(s) written, "
+            f"{len(result.skipped)} skipped as finished; {result.bytes_in / 2**20:.1f} MiB in, "
+            f"{result.bytes_out / 2**20:.1f} MiB out")
+
+
+def cmd_quantize_checkpoint(args) -> int:
+    from quantd.client.checkpoint import quantize_checkpoint
+    options = dict(profile=args.profile, scheme=args.scheme, ignore=args.ignore, include=args.include,
+                   pow2_scales=args.pow2_scales, skip_unsupported=args.skip_unsupported, workers=args.workers,
+                   log=lambda line: print(line, file=sys.stderr))
+    if args.dry_run:
+        result = quantize_checkpoint(None, args.input, args.output, dry_run=True, **options)
+        for d in result.decisions:
+            print(f"{d.action:11} {d.name}" + (f"  ({d.reason})" if d.reason else ""))
+        return 0
+    with _client(args) as client:
+        result = client.quantize_checkpoint(args.input, args.output, **options)
+    print(f"{args.output}: {args.profile} {args.scheme or ''} ".replace("  ", " ") + _summary(result, "quantized"))
+    return 0
+
+
 def cmd_quantize(args) -> int:
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
+    from quantd.client.checkpoint.files import save
+
+    if os.path.isdir(args.input):
+        return cmd_quantize_checkpoint(args)
     spec = _spec(args)
     out, layout = {}, {}
     with _client(args) as client, safe_open(args.input, framework="pt") as f:
@@ -107,7 +139,7 @@ def cmd_quantize(args) -> int:
                     layout[name] = {"spec": spec_to_json(spec), "shape": list(tensor.shape),
                                     "dtype": str(tensor.dtype).removeprefix("torch.")}
     metadata[METADATA_KEY] = json.dumps(layout)
-    save_file(out, args.output, metadata=metadata)
+    save(args.output, out, metadata)
     print(f"{args.output}: {len(layout)} tensor(s) quantized with {spec.describe()}, {len(copied)} copied unchanged"
           + (f" ({', '.join(copied[:5])}{', ...' if len(copied) > 5 else ''})" if copied else ""))
     return 0
@@ -116,11 +148,18 @@ def cmd_quantize(args) -> int:
 def cmd_dequantize(args) -> int:
     import torch
     from safetensors import safe_open
-    from safetensors.torch import save_file
+
+    from quantd.client.checkpoint.files import save
 
     from quantd.kernels.spec import QuantizedTensor, QuantSpec
     from quantd.protocol.wire import dtype_from_name
 
+    if os.path.isdir(args.input):
+        with _client(args) as client:
+            result = client.dequantize_checkpoint(args.input, args.output, dtype=dtype_from_name(args.dtype or "bfloat16"),
+                                                  log=lambda line: print(line, file=sys.stderr))
+        print(f"{args.output}: " + _summary(result, "dequantized"))
+        return 0
     out = {}
     with _client(args) as client, safe_open(args.input, framework="pt") as f:
         metadata = dict(f.metadata() or {})
@@ -140,10 +179,19 @@ def cmd_dequantize(args) -> int:
                     out[name] = client.dequantize(qt, dtype)
                 else:
                     out[name] = codes
-    save_file({k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in out.items()}, args.output,
-              metadata=metadata or None)
+    save(args.output, {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in out.items()}, metadata)
     print(f"{args.output}: {len(layout)} tensor(s) dequantized, {len(names) - len(layout)} copied unchanged")
     return 0
+
+
+def cmd_inspect(args) -> int:
+    from quantd.client.checkpoint import inspect_checkpoint
+    report = inspect_checkpoint(args.input)
+    print(f"{args.input}: profile {report['profile'] or 'none (not quantized)'}, scheme {report['scheme'] or '-'}, "
+          f"{report['quantized']} quantized and {report['kept']} kept tensor(s), {report['bytes'] / 2**20:.1f} MiB")
+    for problem in report["problems"]:
+        print(f"  problem: {problem}")
+    return 1 if report["problems"] else 0
 
 
 def cmd_info(args) -> int:
@@ -160,9 +208,21 @@ def parser() -> argparse.ArgumentParser:
     # commands never load the server's code.
     sub.add_parser("serve", help="start a server (`quantd serve --help` lists its settings)")
 
-    q = sub.add_parser("quantize", help="quantize a safetensors file through a server")
-    q.add_argument("input")
+    q = sub.add_parser("quantize", help="quantize a model folder or a safetensors file through a server")
+    q.add_argument("input", help="a Hugging Face model folder, or one safetensors file")
     q.add_argument("-o", "--output", required=True)
+    from quantd.client.checkpoint.profiles import PROFILES
+    folder = q.add_argument_group("model folders")
+    folder.add_argument("--profile", default="hf-fp8", choices=list(PROFILES), help="layout to write (default hf-fp8)")
+    folder.add_argument("--scheme", help="fp8-block | fp8-channel | int8 | int8-asym | mxfp4 | mxfp8 (default: the profile's first)")
+    folder.add_argument("--ignore", action="append", default=[], metavar="REGEX", help="also keep tensors matching (repeatable)")
+    folder.add_argument("--include", action="append", default=[], metavar="REGEX",
+                        help="quantize tensors matching even if the default skip list keeps them (repeatable)")
+    folder.add_argument("--pow2-scales", action="store_true", help="power-of-two scales (hf-fp8: scale_fmt ue8m0)")
+    folder.add_argument("--skip-unsupported", action="store_true", help="keep tensors the scheme cannot take instead of failing")
+    folder.add_argument("--dry-run", action="store_true", help="list what would be quantized and kept, and why; write nothing")
+    folder.add_argument("--workers", type=int, default=4, help="tensors in flight through the service (default 4)")
+    q.add_argument_group("safetensors files")
     q.add_argument("--format", default="fp8_e4m3", help="fp8_e4m3 | fp8_e5m2 | int8_sym | int8_asym | mxfp4 | mxfp8")
     q.add_argument("--granularity", help="tensor | channel | group | tile | flat (default: implied by the size flag)")
     q.add_argument("--group", type=int, help="group size (group granularity)")
@@ -174,12 +234,16 @@ def parser() -> argparse.ArgumentParser:
     _server_arguments(q)
     q.set_defaults(run=cmd_quantize)
 
-    d = sub.add_parser("dequantize", help="dequantize a file written by `quantd quantize`")
+    d = sub.add_parser("dequantize", help="dequantize a model folder (any profile) or a file written by `quantd quantize`")
     d.add_argument("input")
     d.add_argument("-o", "--output", required=True)
-    d.add_argument("--dtype", help="output dtype (default: each tensor's original dtype)")
+    d.add_argument("--dtype", help="output dtype (default: bfloat16 for a model folder, each tensor's original dtype for a file)")
     _server_arguments(d)
     d.set_defaults(run=cmd_dequantize)
+
+    n = sub.add_parser("inspect", help="a model folder's profile, scheme and tensors; exit 1 if any is missing or wrong")
+    n.add_argument("input")
+    n.set_defaults(run=cmd_inspect)
 
     i = sub.add_parser("info", help="show a server's version, backend, formats and limits")
     _server_arguments(i)

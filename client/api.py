@@ -218,6 +218,23 @@ class QuantdClient:
         out, _ = self._stream("Matmul", header, tensors, timeout)
         return out["output"].to(device)
 
+    def quantize_checkpoint(self, src, dst, **options):
+        """Quantize the Hugging Face model folder `src` into `dst` in a serving stack's layout
+        (quantd.client.checkpoint.quantize_checkpoint: profile=, scheme=, ignore=, ...)."""
+        from .checkpoint import quantize_checkpoint
+        return quantize_checkpoint(self, src, dst, **options)
+
+    def dequantize_checkpoint(self, src, dst, **options):
+        """Write a quantized model folder (any profile) as a plain bf16 one (dtype= to choose)."""
+        from .checkpoint import dequantize_checkpoint
+        return dequantize_checkpoint(self, src, dst, **options)
+
+    @staticmethod
+    def inspect_checkpoint(src) -> dict:
+        """Profile, scheme, tensor counts, bytes and problems of a model folder (no server needed)."""
+        from .checkpoint import inspect_checkpoint
+        return inspect_checkpoint(src)
+
     def server_info(self, *, timeout: float | None = None) -> dict:
         """Version, backend, device, supported formats and limits of the server answering."""
         info = self._call(lambda deadline: self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=deadline), timeout)

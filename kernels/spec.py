@@ -113,12 +113,13 @@ class QuantSpec:
     out_dtype     dtype that dequantization produces
 
     Fields left as None take the format's defaults: MX formats are group 32 with
-    pow2 scales; everything else defaults to 1x128 groups with fp32 scales.
+    pow2 scales; everything else defaults to 1x128 groups with fp32 scales. An MX
+    spec given any other group size (128 included) is refused.
     """
 
     format: Format = Format.FP8_E4M3
     granularity: Optional[Granularity] = None
-    group_size: int = 128
+    group_size: Optional[int] = None
     tile: tuple = (128, 128)
     block_size: int = 128
     axis: int = 0
@@ -135,8 +136,8 @@ class QuantSpec:
         enc = (ScaleEncoding.POW2 if mx else ScaleEncoding.FP32) if self.scale_encoding is None else _enum(
             ScaleEncoding, self.scale_encoding, "scale_encoding")
         set_("scale_encoding", enc)
-        if mx and self.group_size == 128 and gran == Granularity.GROUP:
-            set_("group_size", MX_BLOCK)
+        if self.group_size is None:
+            set_("group_size", MX_BLOCK if mx else 128)
         set_("tile", tuple(int(t) for t in self.tile))
         if self.out_dtype not in OUT_DTYPES:
             raise ValueError(f"QuantSpec.out_dtype: unknown dtype {self.out_dtype!r} (expected one of {', '.join(OUT_DTYPES)})")

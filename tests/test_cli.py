@@ -1,5 +1,6 @@
 """`quantd quantize / dequantize / info` against a real server: the files load back with torch."""
 import json
+import os
 
 import pytest
 import torch
@@ -83,3 +84,25 @@ def test_unreachable_server_is_a_clean_error(checkpoint, tmp_path, capsys):
     path, _ = checkpoint
     code = cli.main(["quantize", str(path), "-o", str(tmp_path / "x.safetensors"), "--server", "127.0.0.1:1", "--timeout", "2"])
     assert code == 1 and "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_explicit_group_128_for_mx_is_refused(server, checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    code = cli.main(["quantize", str(path), "-o", str(tmp_path / "x.safetensors"), "--server", server.target,
+                     "--format", "mxfp4", "--group", "128"])
+    assert code == 2 and "mxfp4 is defined on 1x32 groups only" in capsys.readouterr().err
+    assert QuantSpec("mxfp4").group_size == 32 and QuantSpec().group_size == 128
+
+
+def test_output_files_are_reproducible_with_ordinary_modes(server, checkpoint, tmp_path):
+    path, _ = checkpoint
+    outputs = []
+    for run in ("a", "b"):
+        q, back = tmp_path / f"{run}.safetensors", tmp_path / f"{run}-back.safetensors"
+        assert cli.main(["quantize", str(path), "-o", str(q), "--server", server.target]) == 0
+        assert cli.main(["dequantize", str(q), "-o", str(back), "--server", server.target]) == 0
+        outputs.append((q.read_bytes(), back.read_bytes()))
+        mask = os.umask(0)
+        os.umask(mask)
+        assert {os.stat(p).st_mode & 0o777 for p in (q, back)} == {0o666 & ~mask}
+    assert outputs[0] == outputs[1]

@@ -1,0 +1,301 @@
+"""quantize_checkpoint, dequantize_checkpoint, inspect_checkpoint: Hugging Face model folders through the service.
+
+Each input shard becomes one output shard of the same name, written tensor by tensor while later tensors
+are still at the server (`workers` calls in flight, at most `window_bytes` of input among them), so memory
+stays near window_bytes plus the largest tensor whatever the model's size. A finished shard is recorded
+(size and SHA-256) in OUT/.quantd-checkpoint.json with the settings; a rerun with the same settings skips
+every shard whose file still has that size and digest.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import re
+import shutil
+from collections import deque
+from pathlib import Path
+
+import torch
+
+from .files import INDEX, ModelFolder, ShardWriter, _planned, file_digest, write_json
+from .profiles import DEFAULT_IGNORE, FLOATS, PROFILES, detect, pow2
+
+MANIFEST = ".quantd-checkpoint.json"
+
+
+@dataclasses.dataclass
+class Decision:
+    name: str
+    action: str          # "quantize", "keep" or "unsupported"
+    reason: str = ""
+
+
+@dataclasses.dataclass
+class Result:
+    """What a run did: per-tensor decisions, shards written and skipped, bytes read and written."""
+
+    decisions: list
+    written: list
+    skipped: list
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    @property
+    def quantized(self) -> list:
+        return [d.name for d in self.decisions if d.action == "quantize"]
+
+
+def _matches(patterns, name) -> bool:
+    return any(re.search(p, name) for p in patterns)
+
+
+def plan(folder: ModelFolder, profile, spec, ignore=(), include=()) -> list:
+    """Which tensors are quantized, and why the others are kept."""
+    decisions = []
+    for shard in folder.shards:
+        for name, entry in folder.entries(shard).items():
+            if not profile.candidate(name, entry.dtype, entry.shape):
+                decisions.append(Decision(name, "keep", "not a target of the profile"))
+            elif _matches(ignore, name) or (_matches(DEFAULT_IGNORE, name) and not _matches(include, name)):
+                decisions.append(Decision(name, "keep", "ignored"))
+            elif (why := profile.unsupported(spec, entry.shape)) is not None:
+                decisions.append(Decision(name, "unsupported", why))
+            else:
+                decisions.append(Decision(name, "quantize"))
+    return decisions
+
+
+def _meta_quantized(spec, shape):
+    from quantd.kernels.spec import QuantizedTensor
+    meta = lambda s, d: torch.empty(s, dtype=d, device="meta")  # noqa: E731
+    zp = meta(spec.scale_shape(shape), torch.int8) if spec.format.value == "int8_asym" else None
+    return QuantizedTensor(meta(spec.code_shape(shape), spec.code_dtype), meta(spec.scale_shape(shape), spec.scale_dtype),
+                           spec, tuple(shape), zp)
+
+
+def _kept_modules(folder, decisions, profile) -> list:
+    """Modules of kept 2-D floating-point weights but embeddings (not Linear layers), named as the loaders'
+    skip lists name them."""
+    entries = {n: e for s in folder.shards for n, e in folder.entries(s).items()}
+    return sorted(d.name.removesuffix(".weight") for d in decisions
+                  if d.action != "quantize" and d.name.endswith(".weight") and "embed" not in d.name
+                  and entries[d.name].dtype in FLOATS and len(entries[d.name].shape) == 2)
+
+
+class _Manifest:
+    def __init__(self, out: Path, settings: dict):
+        self.path, self.settings = out / MANIFEST, settings
+        old = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.shards = old.get("shards", {}) if old.get("settings") == settings else {}
+
+    def finished(self, out: Path, shard: str) -> bool:
+        record, path = self.shards.get(shard), out / shard
+        return (record is not None and path.is_file() and path.stat().st_size == record["size"]
+                and file_digest(path) == record["sha256"])
+
+    def record(self, shard: str, size: int, digest: str) -> None:
+        self.shards[shard] = {"size": size, "sha256": digest}
+        write_json(self.path, {"settings": self.settings, "shards": dict(sorted(self.shards.items()))})
+
+
+def _progress(total: int, desc: str, show: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None if show else True)
+
+
+def _run_shard(writer: ShardWriter, jobs, workers: int, window_bytes: int, bar) -> None:
+    """Run jobs ((input bytes, fn returning {name: tensor})) `workers` at a time, at most window_bytes of
+    input in flight (always at least one job), writing each result as it is ready."""
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        flight, in_flight = deque(), 0
+        for nbytes, fn in jobs:
+            while flight and (len(flight) >= workers or in_flight + nbytes > window_bytes):
+                in_flight -= _finish(writer, flight.popleft(), bar)
+            flight.append((nbytes, pool.submit(fn)))
+            in_flight += nbytes
+        while flight:
+            _finish(writer, flight.popleft(), bar)
+
+
+def _finish(writer, job, bar) -> int:
+    nbytes, future = job
+    for name, tensor in future.result().items():
+        writer.write(name, tensor)
+    bar.update(nbytes)
+    return nbytes
+
+
+def _convert(folder: ModelFolder, out, shard_plans: dict, config: dict, settings: dict, desc: str,
+             workers: int, window_bytes: int, progress: bool, log) -> tuple[list, list, int, int]:
+    """Write every shard of shard_plans ({shard: (planned outputs, jobs factory)}), resuming; then the index,
+    config.json and the other files. Returns (written, skipped, input bytes, output bytes)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = _Manifest(out, settings)
+    todo = [s for s in folder.shards if not manifest.finished(out, s)]
+    skipped = [s for s in folder.shards if s not in todo]
+    if skipped:
+        log(f"{len(skipped)} shard(s) already finished, skipped: {', '.join(skipped)}")
+    total = sum(e.nbytes for s in todo for e in folder.entries(s).values())
+    with _progress(total, desc, progress) as bar:
+        for shard in todo:
+            planned, jobs = shard_plans[shard]
+            writer = ShardWriter(out / shard, planned, metadata={"format": "pt"})
+            try:
+                _run_shard(writer, jobs(), workers, window_bytes, bar)
+            except BaseException:
+                writer.abort()
+                raise
+            manifest.record(shard, *writer.close())
+    if folder.index is not None:
+        weight_map = {n: s for s, (planned, _) in shard_plans.items() for n in planned}
+        write_json(out / INDEX, {"metadata": {"total_size": sum(manifest.shards[s]["size"] for s in folder.shards)},
+                                 "weight_map": dict(sorted(weight_map.items()))})
+    write_json(out / "config.json", config)
+    for path in folder.other_files():
+        shutil.copyfile(path, out / path.name)
+    return todo, skipped, total, sum(manifest.shards[s]["size"] for s in folder.shards)
+
+
+def quantize_checkpoint(client, src, dst, *, profile: str = "hf-fp8", scheme: str | None = None, ignore=(), include=(),
+                        pow2_scales: bool = False, skip_unsupported: bool = False, dry_run: bool = False,
+                        workers: int = 4, window_bytes: int = 1 << 30, progress: bool = True, log=print) -> Result:
+    """Quantize the model folder `src` into `dst` in `profile`'s layout, through `client` (a QuantdClient)."""
+    folder = ModelFolder(src)
+    if folder.config.get("quantization_config"):
+        raise ValueError(f"{src}: already quantized (config.json has a quantization_config)")
+    prof = PROFILES.get(profile)
+    if prof is None:
+        raise ValueError(f"unknown profile {profile!r} (expected one of {', '.join(PROFILES)})")
+    chosen = prof.scheme(scheme)
+    spec = pow2(chosen.spec) if pow2_scales else chosen.spec
+    decisions = plan(folder, prof, spec, ignore, include)
+    result = Result(decisions, [], [])
+    unsupported = [d for d in decisions if d.action == "unsupported"]
+    if unsupported and not skip_unsupported:
+        raise ValueError(f"{len(unsupported)} tensor(s) the scheme {chosen.name} cannot take (--skip-unsupported keeps "
+                         "them as they are): " + "; ".join(f"{d.name}: {d.reason}" for d in unsupported[:10]))
+    if dry_run:
+        return result
+    quantize = {d.name for d in decisions if d.action == "quantize"}
+
+    def shard_plan(shard):
+        entries = folder.entries(shard)
+        planned = {}
+        for name, entry in entries.items():
+            if name in quantize:
+                shape = prof.service_input(torch.empty(entry.shape, device="meta")).shape
+                planned.update(_planned(prof.store(name, _meta_quantized(spec, shape))))
+            else:
+                planned[name] = (entry.dtype, entry.shape)
+
+        def job(name):
+            if name not in quantize:
+                return lambda: {name: folder.tensor(shard, name)}
+            return lambda: prof.store(name, client.quantize(prof.service_input(folder.tensor(shard, name)), spec,
+                                                             report=False))
+        return planned, lambda: [(e.nbytes, job(n)) for n, e in entries.items()]
+
+    config = dict(folder.config, quantization_config=prof.quantization_config(chosen, spec, _kept_modules(folder, decisions, prof)))
+    settings = {"operation": "quantize", "profile": prof.name, "scheme": chosen.name, "spec": spec.describe(),
+                "quantize": sorted(quantize)}
+    result.written, result.skipped, result.bytes_in, result.bytes_out = _convert(
+        folder, dst, {s: shard_plan(s) for s in folder.shards}, config, settings, "quantize", workers, window_bytes,
+        progress, log)
+    return result
+
+
+def dequantize_checkpoint(client, src, dst, *, dtype: torch.dtype = torch.bfloat16, workers: int = 4,
+                          window_bytes: int = 1 << 30, progress: bool = True, log=print) -> Result:
+    """Write the quantized model folder `src` (any profile) as a plain `dtype` model into `dst`."""
+    folder = ModelFolder(src)
+    prof, chosen = detect(folder.config)
+    shard_of = {n: s for s in folder.shards for n in folder.entries(s)}
+    originals = prof.originals(shard_of)
+    companions = {n for o in originals for n in _stored_names(prof, chosen, o, folder, shard_of)}
+    decisions = [Decision(o, "quantize") for o in originals] + [Decision(n, "keep") for n in shard_of if n not in companions]
+
+    def get(name):
+        return folder.tensor(shard_of[name], name)
+
+    def shard_plan(shard):
+        mine = [o for o in originals if shard_of[prof.base(o) + prof.scale_suffix] == shard]
+        planned = {o: (dtype, prof.service_output(torch.empty(prof.load(o, _meta_get(folder, shard_of), chosen).shape,
+                                                              device="meta")).shape) for o in mine}
+        kept = [n for n, s in shard_of.items() if s == shard and n not in companions]
+        planned.update({n: (folder.entries(shard)[n].dtype, folder.entries(shard)[n].shape) for n in kept})
+
+        def dequantize(o):
+            return lambda: {o: prof.service_output(client.dequantize(prof.load(o, get, chosen), dtype))}
+        jobs = [(folder.entries(shard)[n].nbytes, lambda n=n: {n: get(n)}) for n in kept]
+        return planned, lambda: jobs + [(sum(folder.entries(shard_of[c])[c].nbytes for c in
+                                             _stored_names(prof, chosen, o, folder, shard_of)), dequantize(o)) for o in mine]
+
+    config = {k: v for k, v in folder.config.items() if k != "quantization_config"}
+    settings = {"operation": "dequantize", "profile": prof.name, "scheme": chosen.name, "dtype": str(dtype)}
+    result = Result(decisions, [], [])
+    result.written, result.skipped, result.bytes_in, result.bytes_out = _convert(
+        folder, dst, {s: shard_plan(s) for s in folder.shards}, config, settings, "dequantize", workers, window_bytes,
+        progress, log)
+    return result
+
+
+def _meta_get(folder, shard_of):
+    def get(name):
+        entry = folder.entries(shard_of[name])[name]
+        return torch.empty(entry.shape, dtype=entry.dtype, device="meta")
+    return get
+
+
+def _stored_names(prof, scheme, original, folder, shard_of) -> list:
+    """Names a quantized tensor is stored under, recorded by running the profile's load on meta tensors."""
+    seen = []
+    meta = _meta_get(folder, shard_of)
+
+    def get(name):
+        if name not in shard_of:
+            raise KeyError(name)
+        seen.append(name)
+        return meta(name)
+    prof.load(original, get, scheme)
+    return seen
+
+
+def inspect_checkpoint(src) -> dict:
+    """Profile, scheme, counts and bytes of a model folder, and `problems`: every tensor the config implies
+    that is missing or has the wrong dtype or shape."""
+    folder = ModelFolder(src)
+    entries = {n: e for s in folder.shards for n, e in folder.entries(s).items()}
+    report = {"profile": None, "scheme": None, "quantized": 0, "kept": len(entries),
+              "bytes": sum(e.nbytes for e in entries.values()), "problems": []}
+    if not folder.config.get("quantization_config"):
+        return report
+    prof, chosen = detect(folder.config)
+    report.update(profile=prof.name, scheme=chosen.name)
+    originals = prof.originals(entries)
+    stored = set()
+    for original in originals:
+        try:
+            qt = prof.load(original, lambda n: torch.empty(entries[n].shape, dtype=entries[n].dtype, device="meta"), chosen)
+        except KeyError as exc:
+            report["problems"].append(f"{original}: stored tensor {exc.args[0]} is missing")
+            continue
+        spec = qt.spec
+        if prof.name == "hf-fp8" and folder.config["quantization_config"].get("scale_fmt") == "ue8m0":
+            spec = pow2(spec)
+        want = _planned(prof.store(original, _meta_quantized(spec, qt.shape)))
+        for name, (dtype, shape) in want.items():
+            stored.add(name)
+            have = entries.get(name)
+            if have is None:
+                report["problems"].append(f"{name}: missing")
+            elif (have.dtype, have.shape) != (dtype, shape):
+                report["problems"].append(f"{name}: {str(have.dtype)[6:]} {list(have.shape)}, expected "
+                                          f"{str(dtype)[6:]} {list(shape)}")
+    code_dtypes = {chosen.spec.code_dtype}
+    for name, entry in entries.items():
+        if name not in stored and entry.dtype in code_dtypes and entry.dtype not in FLOATS and len(entry.shape) >= 2:
+            report["problems"].append(f"{name}: {str(entry.dtype)[6:]} weight outside any complete quantized tensor")
+    report.update(quantized=len(originals), kept=len(entries) - len(stored))
+    return report

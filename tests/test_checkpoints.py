@@ -1,0 +1,257 @@
+"""Model folders through a real `quantd serve`, loaded back with the libraries each profile targets
+(transformers, compressed-tensors), on tiny models built locally from transformers' own classes."""
+import json
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+ct_quant = pytest.importorskip("compressed_tensors.quantization")
+
+from grpc_harness import ServerProcess  # noqa: E402
+
+from quantd import cli  # noqa: E402
+from quantd.client.checkpoint import files  # noqa: E402
+from quantd.client.checkpoint.profiles import CT_SCHEMES  # noqa: E402
+from quantd.kernels import dispatch, reference  # noqa: E402
+
+# max |logit - bf16 logit| / max |bf16 logit| on the tiny model (measured 0.01-0.06, mxfp4 0.2)
+LOGIT_BOUND = {"fp8-block": 0.1, "fp8-channel": 0.1, "int8": 0.1, "int8-asym": 0.1, "mxfp8": 0.1, "mxfp4": 0.35}
+CT_PRESETS = {"fp8-block": "FP8_BLOCK", "fp8-channel": "FP8_DYNAMIC", "int8": "W8A8", "mxfp4": "MXFP4", "mxfp8": "MXFP8"}
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc = ServerProcess()
+    yield proc
+    proc.close()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A tiny Llama (hidden 128) saved in 5 shards with an index, and the model itself."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    path = tmp_path_factory.mktemp("llama") / "model"
+    model.save_pretrained(path, max_shard_size="200KB")
+    (path / "tokenizer_config.json").write_text("{}")
+    return path, model
+
+
+def load(path, config=None):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.bfloat16,
+                                                             use_kernels=False).eval()
+
+
+def quantize(server, src, dst, *flags):
+    assert cli.main(["quantize", str(src), "-o", str(dst), "--server", server.target, *flags]) == 0
+
+
+def logit_error(model, other) -> float:
+    x = torch.arange(24).reshape(1, 24) % 300
+    with torch.no_grad():
+        a, b = model(x).logits.float(), other(x).logits.float()
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def check_weights(model, loaded, spec, names):
+    """Every quantized Linear weight of `loaded` equals quantd's own dequantization, bit for bit."""
+    params = dict(model.named_parameters())
+    got = dict(loaded.named_parameters())
+    for name in names:
+        want = dispatch.dequantize(reference.quantize(params[name].detach(), spec), torch.bfloat16)
+        assert torch.equal(got[name].detach(), want), name
+
+
+def quantized_names(model):
+    return [n for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n and "lm_head" not in n]
+
+
+@pytest.mark.parametrize("scheme", list(CT_SCHEMES))
+def test_compressed_tensors_loads_in_transformers(server, llama, tmp_path, scheme):
+    src, model = llama
+    quantize(server, src, tmp_path / "q", "--profile", "compressed-tensors", "--scheme", scheme)
+    loaded = load(tmp_path / "q", transformers.CompressedTensorsConfig(run_compressed=False))
+    assert logit_error(model, loaded) < LOGIT_BOUND[scheme]
+    check_weights(model, loaded, CT_SCHEMES[scheme].spec, quantized_names(model))
+
+    qconfig = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    parsed = ct_quant.QuantizationConfig.model_validate(qconfig)
+    assert parsed.format == CT_SCHEMES[scheme].ct_format and parsed.quantization_status == "compressed"
+    assert parsed.ignore == ["lm_head"]
+    if scheme in CT_PRESETS:  # as the library writes its own scheme of that name into config.json
+        preset = ct_quant.preset_name_to_scheme(CT_PRESETS[scheme], ["Linear"])
+        assert parsed.config_groups["group_0"].model_dump() == preset.model_dump()
+
+
+@pytest.mark.parametrize("pow2", [False, True], ids=["fp32-scales", "ue8m0"])
+def test_hf_fp8_loads_in_transformers_and_matches_vllm_layout(server, llama, tmp_path, pow2):
+    src, model = llama
+    quantize(server, src, tmp_path / "q", "--profile", "hf-fp8", *(["--pow2-scales"] if pow2 else []))
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    want = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+            "modules_to_not_convert": ["lm_head"], "ignored_layers": ["lm_head"]}
+    assert config == (dict(want, scale_fmt="ue8m0") if pow2 else want)
+    # What vLLM's Fp8LinearMethod.create_weights allocates for each Linear (the stand-in for a vLLM run):
+    # weight float8_e4m3fn [N, K], weight_scale_inv float32 [ceil(N/128), ceil(K/128)].
+    index = json.loads((tmp_path / "q" / files.INDEX).read_text())["weight_map"]
+    headers = {n: files.read_header(tmp_path / "q" / s)[0][n] for n, s in index.items()}
+    for name in quantized_names(model):
+        n, k = dict(model.named_parameters())[name].shape
+        assert (headers[name].dtype, headers[name].shape) == (torch.float8_e4m3fn, (n, k))
+        scale = headers[name.removesuffix(".weight") + ".weight_scale_inv"]
+        assert (scale.dtype, scale.shape) == (torch.float32, (-(-n // 128), -(-k // 128)))
+    assert headers["lm_head.weight"].dtype == torch.bfloat16
+    loaded = load(tmp_path / "q", transformers.FineGrainedFP8Config(dequantize=True))
+    assert logit_error(model, loaded) < LOGIT_BOUND["fp8-block"]
+    spec = CT_SCHEMES["fp8-block"].spec
+    check_weights(model, loaded, spec.__class__(**{**spec.__dict__, "scale_encoding": "pow2"}) if pow2 else spec,
+                  quantized_names(model))
+
+
+def test_gpt_oss_mxfp4_loads_in_transformers(server, tmp_path):
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                       vocab_size=300, max_position_embeddings=64, layer_types=["full_attention"] * 2)
+    model = transformers.GptOssForCausalLM(config).to(torch.bfloat16).eval()
+    model.save_pretrained(tmp_path / "src")
+    quantize(server, tmp_path / "src", tmp_path / "q", "--profile", "gpt-oss-mxfp4")
+    entries, _ = files.read_header(tmp_path / "q" / files.SINGLE)
+    e, h, i2 = model.model.layers[0].mlp.experts.gate_up_proj.shape
+    blocks = entries["model.layers.0.mlp.experts.gate_up_proj_blocks"]
+    assert (blocks.dtype, blocks.shape) == (torch.uint8, (e, i2, h // 32, 16))
+    assert entries["model.layers.0.mlp.experts.gate_up_proj_scales"].shape == (e, i2, h // 32)
+    assert entries["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16  # the rest stays bf16
+    loaded = load(tmp_path / "q", transformers.Mxfp4Config(dequantize=True))
+    assert logit_error(model, loaded) < LOGIT_BOUND["mxfp4"]
+    for layer, other in zip(model.model.layers, loaded.model.layers):
+        for proj in ("gate_up_proj", "down_proj"):
+            w = getattr(layer.mlp.experts, proj).detach()
+            qt = reference.quantize(w.transpose(1, 2).contiguous(), CT_SCHEMES["mxfp4"].spec)
+            want = dispatch.dequantize(qt, torch.bfloat16).transpose(1, 2)
+            assert torch.equal(getattr(other.mlp.experts, proj).detach(), want)
+
+    assert cli.main(["dequantize", str(tmp_path / "q"), "-o", str(tmp_path / "plain"), "--server", server.target]) == 0
+    plain = load(tmp_path / "plain")
+    assert torch.equal(plain.model.layers[1].mlp.experts.down_proj, loaded.model.layers[1].mlp.experts.down_proj)
+
+
+@pytest.mark.parametrize("profile,scheme", [("hf-fp8", "fp8-block"), ("compressed-tensors", "mxfp4"),
+                                            ("compressed-tensors", "int8-asym")])
+def test_dequantize_writes_a_plain_model(server, llama, tmp_path, profile, scheme):
+    src, model = llama
+    quantize(server, src, tmp_path / "q", "--profile", profile, "--scheme", scheme)
+    assert cli.main(["dequantize", str(tmp_path / "q"), "-o", str(tmp_path / "plain"), "--server", server.target]) == 0
+    assert "quantization_config" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    plain = load(tmp_path / "plain")
+    check_weights(model, plain, CT_SCHEMES[scheme].spec, quantized_names(model))
+    assert torch.equal(plain.lm_head.weight, model.lm_head.weight)
+
+
+def folder_bytes(path):
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def test_output_is_reproducible_and_resumes(server, llama, tmp_path, capsys):
+    src, _ = llama
+    for out in ("a", "b"):
+        quantize(server, src, tmp_path / out, "--profile", "compressed-tensors", "--scheme", "mxfp8")
+    first = folder_bytes(tmp_path / "a")
+    assert first == folder_bytes(tmp_path / "b")
+    assert {oct(os.stat(tmp_path / "a" / n).st_mode & 0o777) for n in first} == {oct(0o666 & ~current_umask())}
+    shards = sorted(n for n in first if n.endswith(".safetensors"))
+    (tmp_path / "a" / shards[1]).unlink()
+    with open(tmp_path / "a" / shards[3], "r+b") as f:  # a shard cut short, as by a kill
+        f.truncate(100)
+    capsys.readouterr()
+    quantize(server, src, tmp_path / "a", "--profile", "compressed-tensors", "--scheme", "mxfp8")
+    captured = capsys.readouterr()
+    assert f"{len(shards) - 2} shard(s) already finished, skipped" in captured.err
+    assert "2 shard(s) written" in captured.out
+    assert folder_bytes(tmp_path / "a") == first
+    # other settings: nothing is skipped
+    quantize(server, src, tmp_path / "a", "--profile", "compressed-tensors", "--scheme", "fp8-block")
+    assert "already finished" not in capsys.readouterr().err
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_dry_run_lists_the_skip_list_and_include_overrides_it(llama, capsys):
+    src, _ = llama
+    assert cli.main(["quantize", str(src), "-o", "unused", "--dry-run", "--ignore", r"layers\.1\."]) == 0
+    lines = dict(line.split(None, 1)[::-1] for line in capsys.readouterr().out.splitlines())
+    assert lines["lm_head.weight  (ignored)"] == "keep"
+    assert lines["model.layers.0.self_attn.q_proj.weight"] == "quantize"
+    assert lines["model.layers.1.self_attn.q_proj.weight  (ignored)"] == "keep"
+    assert lines["model.norm.weight  (not a target of the profile)"] == "keep"
+    assert cli.main(["quantize", str(src), "-o", "unused", "--dry-run", "--include", "lm_head"]) == 0
+    assert "quantize    lm_head.weight" in capsys.readouterr().out
+
+
+def test_inspect(server, llama, tmp_path, capsys):
+    src, _ = llama
+    quantize(server, src, tmp_path / "q", "--profile", "compressed-tensors", "--scheme", "int8-asym")
+    capsys.readouterr()
+    assert cli.main(["inspect", str(tmp_path / "q")]) == 0
+    out = capsys.readouterr().out
+    assert "profile compressed-tensors, scheme int8-asym, 14 quantized and 7 kept" in out
+    index = json.loads((tmp_path / "q" / files.INDEX).read_text())["weight_map"]
+    victim = "model.layers.0.mlp.up_proj.weight_zero_point"
+    shard = tmp_path / "q" / index[victim]
+    entries, _ = files.read_header(shard)
+    files.save(shard, {n: files.read_tensor(shard, e) for n, e in entries.items() if n != victim})
+    del index[victim]
+    files.write_json(tmp_path / "q" / files.INDEX, {"weight_map": index})
+    assert cli.main(["inspect", str(tmp_path / "q")]) == 1
+    assert f"problem: model.layers.0.mlp.up_proj.weight: stored tensor {victim} is missing" in capsys.readouterr().out
+
+
+def test_bad_input_is_a_clear_error(server, llama, tmp_path, capsys):
+    src, _ = llama
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["quantize", str(tmp_path / "empty"), "-o", str(tmp_path / "x"), "--server", server.target]) == 2
+    assert "not a model folder (no config.json)" in capsys.readouterr().err
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for p in src.iterdir():
+        if p.name != "model-00002-of-00005.safetensors":
+            (broken / p.name).write_bytes(p.read_bytes())
+    assert cli.main(["inspect", str(broken)]) == 2
+    assert "missing: model-00002-of-00005.safetensors" in capsys.readouterr().err
+
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text((src / "config.json").read_text())
+    files.save(odd / files.SINGLE, {"a.weight": torch.ones(64, 48, dtype=torch.bfloat16),
+                                    "b.weight": torch.ones(64, 64, dtype=torch.bfloat16)})
+    flags = ["--profile", "compressed-tensors", "--scheme", "mxfp4", "--server", server.target]
+    assert cli.main(["quantize", str(odd), "-o", str(tmp_path / "y"), *flags]) == 2
+    assert "a.weight: its last dim 48 is not a multiple of 32" in capsys.readouterr().err
+    assert cli.main(["quantize", str(odd), "-o", str(tmp_path / "y"), *flags, "--skip-unsupported"]) == 0
+    entries, _ = files.read_header(tmp_path / "y" / files.SINGLE)
+    assert entries["a.weight"].dtype == torch.bfloat16 and entries["b.weight_packed"].dtype == torch.uint8
+
+
+@pytest.mark.gpu
+def test_hf_fp8_runs_on_the_gpu_fp8_path(server, llama, tmp_path):
+    """On a GPU: the hf-fp8 checkpoint loads with transformers' FineGrainedFP8 kernels (no dequantize) and its
+    logits stay within the FP8 bound of the bf16 model's."""
+    src, model = llama
+    quantize(server, src, tmp_path / "q", "--profile", "hf-fp8")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "q", dtype=torch.bfloat16, device_map="cuda", use_kernels=False).eval()
+    assert loaded.model.layers[0].self_attn.q_proj.weight.dtype == torch.float8_e4m3fn
+    x = (torch.arange(24).reshape(1, 24) % 300).cuda()
+    with torch.no_grad():
+        a, b = model.cuda()(x).logits.float(), loaded(x).logits.float()
+    model.cpu()
+    assert float((a - b).abs().max() / a.abs().max()) < LOGIT_BOUND["fp8-block"]
