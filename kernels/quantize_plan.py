@@ -14,8 +14,8 @@ import torch
 
 from .config import KernelConfig
 from .launch import interpreting, sm_count
-from .triton_elements import HW_E4M3, HW_E5M2, SOFT_FP8
 from .spec import E2M1, E4M3, E5M2, Format, Granularity, QuantSpec, ScaleEncoding, _cdiv
+from .triton_elements import HW_E4M3, HW_E5M2, SOFT_FP8
 
 # Padded elements a block may have to be reduced in registers; larger ones take two passes.
 MAX_REGISTER_BLOCK = 16384

@@ -96,7 +96,7 @@ def _mxfp4_pairs_kernel(w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c,
     A program takes ROWS rows x GROUPS MX blocks of 16 words each. The amax is reduced on the
     magnitude bits (16-bit floats order as their bits do). PACKED (bf16, compiled): tiles without
     Inf or NaN are encoded two elements at a time (_e2m1_bf16_pairs); other tiles, fp16 and the
-    interpreter go through fp32 and _e2m1.
+    interpreter go through fp32 and e2m1.
     """
     pid = tl.program_id(0)
     tiles_c = tl.cdiv(C2, GROUPS * 16)
@@ -123,7 +123,7 @@ def _mxfp4_pairs_kernel(w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c,
     c_ptrs = codes_ptr + r.to(tl.int64) * C2 + k
     if PACKED:
         if careful == 0:
-            # The scale's exponent from the amax's bits, as _block_scale finds it from the amax.
+            # The scale's exponent from the amax's bits, as block_scale finds it from the amax.
             e = scale_exponent((mag >> 7) - 127 - FMT.EMAX, mag > 0)
             tl.store(s_ptrs, (e + 127).to(tl.uint8), mask=s_mask)
             tl.store(c_ptrs, _e2m1_bf16_pairs(w, e).to(tl.uint8), mask=mask)
@@ -135,7 +135,7 @@ def _mxfp4_pairs_kernel(w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c,
 
 @triton.jit
 def _mxfp4_pairs_fp32(w, amax, careful, s_ptrs, s_mask, c_ptrs, mask, FP16: tl.constexpr, FMT: tl.constexpr):
-    """Scales and codes of a tile of _mxfp4_pairs_kernel through fp32 and _e2m1: the elements of each
+    """Scales and codes of a tile of _mxfp4_pairs_kernel through fp32 and e2m1: the elements of each
     word as fp32 (lo, hi); a careful tile takes the amax of its finite elements."""
     if FP16:
         lo = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
