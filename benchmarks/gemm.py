@@ -139,7 +139,8 @@ def run_size(s: int, results: dict) -> None:
     qa, qb = quantize(x, BLOCK_A), quantize(w, BLOCK_B)
     ours = lambda: triton_gemm.matmul(qa, qb, torch.bfloat16)  # noqa: E731
     record("triton fp8 block-scaled", ours)  # matmul: the Gluon kernel where it applies (sm_90)
-    record("triton fp8 block-scaled, Triton kernel", lambda: triton_gemm.matmul(qa, qb, torch.bfloat16, config=NO_GLUON))
+    record("triton fp8 block-scaled, Triton kernel",
+           lambda: triton_gemm.matmul(qa, qb, torch.bfloat16, config=NO_GLUON))
     try:
         cublas, api = cublas_blockwise(qa, qb)
         results["cublas_blockwise_api"] = api

@@ -1,5 +1,5 @@
-"""Launch helpers shared by the kernels: whether Triton interprets, the SM count, TMA-ready GEMM operands, and the order in which
-the persistent GEMM programs walk their output tiles.
+"""Launch helpers shared by the kernels: whether Triton interprets, the SM count, TMA-ready GEMM operands,
+and the order in which the persistent GEMM programs walk their output tiles.
 
 tile_offsets is plain Python, compiled by triton.jit (triton_gemm) and by gluon.jit (gluon_gemm): one
 source for both.
@@ -24,7 +24,7 @@ def tile_offsets(tile, num_m, num_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
 
 
 def interpreting() -> bool:
-    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET set, as triton reads it at import)."""
+    """Whether kernels run in the Triton interpreter (TRITON_INTERPRET set, and not to 0)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

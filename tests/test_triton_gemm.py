@@ -556,7 +556,8 @@ def test_gpu_gluon_same_products_as_triton(m, n, k, out_dtype, rng, monkeypatch)
         ours = triton_gemm.matmul(qa, qb, out_dtype)
         col = QuantizedTensor(qa.codes, qa.scales.t().contiguous().t(), qa.spec, qa.shape)
         assert torch.equal(triton_gemm.matmul(col, qb, out_dtype), ours)
-        assert torch.equal(triton_gemm.matmul(qa, qb, out_dtype, config=NO_GLUON), ours), f"{m}x{n}x{k} {spec_a.describe()}"
+        triton_kernel = triton_gemm.matmul(qa, qb, out_dtype, config=NO_GLUON)
+        assert torch.equal(triton_kernel, ours), f"{m}x{n}x{k} {spec_a.describe()}"
         # fp16 overflows on these magnitudes (products up to ~1e6), where one rounding on either side of
         # 65504 decides Inf; the fp32 products it is rounded from are the ones checked here.
         full = ours if out_dtype != torch.float16 else triton_gemm.matmul(qa, qb, torch.float32)
