@@ -18,6 +18,7 @@ Writes DIR/gemm.json and DIR/gemm_tflops.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -29,12 +30,15 @@ import triton.testing
 
 from peers import torchao_blockwise
 from quantd.kernels import reference, triton_gemm
+from quantd.kernels.config import DEFAULT
 from quantd.kernels.spec import QuantizedTensor, QuantSpec
 
 BLOCK_A = QuantSpec("fp8_e4m3", "group", group_size=128)
 BLOCK_B = QuantSpec("fp8_e4m3", "tile", tile=(128, 128))
 TENSOR = QuantSpec("fp8_e4m3", "tensor")
 INT8_ROW = QuantSpec("int8_sym", "channel", axis=0)
+
+NO_GLUON = dataclasses.replace(DEFAULT, use_gluon=False)  # the Triton kernel where Gluon would apply
 
 
 def bench(fn) -> tuple:
@@ -135,9 +139,8 @@ def run_size(s: int, results: dict) -> None:
     qa, qb = quantize(x, BLOCK_A), quantize(w, BLOCK_B)
     ours = lambda: triton_gemm.matmul(qa, qb, torch.bfloat16)  # noqa: E731
     record("triton fp8 block-scaled", ours)  # matmul: the Gluon kernel where it applies (sm_90)
-    triton_gemm.USE_GLUON = False
-    record("triton fp8 block-scaled, Triton kernel", ours)
-    triton_gemm.USE_GLUON = True
+    record("triton fp8 block-scaled, Triton kernel",
+           lambda: triton_gemm.matmul(qa, qb, torch.bfloat16, config=NO_GLUON))
     try:
         cublas, api = cublas_blockwise(qa, qb)
         results["cublas_blockwise_api"] = api
@@ -158,9 +161,8 @@ def run_size(s: int, results: dict) -> None:
 
     ta, tb = quantize(x, TENSOR), quantize(w, TENSOR)
     record("triton fp8 per-tensor", lambda: triton_gemm.matmul(ta, tb, torch.bfloat16))  # Gluon on sm_90
-    triton_gemm.USE_GLUON = False
-    record("triton fp8 per-tensor, Triton kernel", lambda: triton_gemm.matmul(ta, tb, torch.bfloat16))
-    triton_gemm.USE_GLUON = True
+    record("triton fp8 per-tensor, Triton kernel",
+           lambda: triton_gemm.matmul(ta, tb, torch.bfloat16, config=NO_GLUON))
     record("cublas fp8 per-tensor", lambda: torch._scaled_mm(ta.codes, tb.codes.t(), scale_a=ta.scales.reshape(()),
                                                              scale_b=tb.scales.reshape(()), out_dtype=torch.bfloat16))
     record("cublas bf16", lambda: torch.matmul(x, w.t()))

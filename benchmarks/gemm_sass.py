@@ -8,7 +8,7 @@ operands gets (16-byte aligned pointers, M = N = K = 4096, unit strides of C and
 dimension), then the SASS of the K loop (the innermost loop holding the HGMMAs): its static
 instruction count, divided by the elements a thread decodes per K step ((BLOCK_M + BLOCK_N) x
 BLOCK_K / threads), the same per K step, the most frequent opcodes, and registers and spills
-(cuobjdump -res-usage; spills as STL/LDL instructions). --fp32-decode counts the fp32 decode (triton_gemm.PACKED_DECODE = False).
+(cuobjdump -res-usage; spills as STL/LDL instructions). --fp32-decode counts the fp32 decode (KernelConfig.packed_decode = False).
 Like benchmarks/sass.py: static counts of one kernel's variants, a proxy, not a timing.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ import re
 import triton
 
 from quantd.kernels import triton_gemm as tg
+from quantd.kernels.config import DEFAULT
 from quantd.kernels.spec import MX_BLOCK
 
 from sass import compile_sm90, opcodes, resources, sass_of
@@ -71,10 +72,10 @@ def k_loop(sass: str) -> list:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dump", default="/tmp/quantd-gemm-sass", help="folder for the cubins and SASS listings")
-    ap.add_argument("--fp32-decode", action="store_true", help="count the fp32 decode (PACKED_DECODE = False)")
+    ap.add_argument("--fp32-decode", action="store_true", help="count the fp32 decode (packed_decode=False)")
     args = ap.parse_args()
     os.makedirs(args.dump, exist_ok=True)
-    packed = getattr(tg, "PACKED_DECODE", False) and not args.fp32_decode
+    packed = DEFAULT.packed_decode and not args.fp32_decode
     print(f"triton {triton.__version__}, sm_90, _mx_gemm_kernel, {'bf16x2' if packed else 'fp32'} MXFP4 decode")
     for name, a_fp4, b_fp4 in PAIRINGS:
         for cfg in tg.MX_CONFIGS:

@@ -20,6 +20,7 @@ poisons the context for everything after it; a hang needs the caller's timeout).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 import traceback
@@ -30,7 +31,11 @@ import triton.testing
 
 from gemm import BLOCK_A, BLOCK_B, TENSOR, cublas_blockwise, fp64_product, relative_error
 from quantd.kernels import gluon_gemm, reference, triton_gemm
+from quantd.kernels.config import DEFAULT
 from quantd.kernels.spec import QuantSpec
+
+# "triton_gemm.matmul" here is the Triton kernel, the variants' yardstick
+NO_GLUON = dataclasses.replace(DEFAULT, use_gluon=False)
 
 ROW_A, ROW_B = QuantSpec("fp8_e4m3", "channel", axis=0), QuantSpec("fp8_e5m2", "channel", axis=0)
 
@@ -54,7 +59,7 @@ def check(gg, shapes) -> bool:
     for m, n, k in shapes:
         qa, qb = operands(m, n, k, m + n + k)
         ref = fp64_product(qa, qb)
-        ours_triton = triton_gemm.matmul(qa, qb, torch.float32)
+        ours_triton = triton_gemm.matmul(qa, qb, torch.float32, config=NO_GLUON)
         print(f"check {m}x{n}x{k}: triton_gemm fp32 out rel err {relative_error(ours_triton, ref):.3e}, "
               f"fp64 product rounded to bf16 {relative_error(ref.float().bfloat16(), ref):.3e}", flush=True)
         for cfg in gg.CONFIGS:
@@ -79,11 +84,11 @@ def check(gg, shapes) -> bool:
 
 
 def triton_kernel(qa, qb, out_dtype):
-    """The Triton kernel's product (USE_GLUON is off here) with its first launch config alone."""
+    """The Triton kernel's product (never Gluon) with its first launch config alone."""
     configs = triton_gemm.SCALED_CONFIGS
     try:
         triton_gemm.SCALED_CONFIGS = configs[:1]
-        return triton_gemm.matmul(qa, qb, out_dtype)
+        return triton_gemm.matmul(qa, qb, out_dtype, config=NO_GLUON)
     finally:
         triton_gemm.SCALED_CONFIGS = configs
 
@@ -138,7 +143,7 @@ def bench(gg, sizes) -> None:
                 report_failure(f"bench {s:5d} {name}", e)
 
         record("cublas blockwise (torch scaled_mm)", cublas_blockwise(qa, qb)[0])
-        record("triton_gemm.matmul", lambda: triton_gemm.matmul(qa, qb, torch.bfloat16))
+        record("triton_gemm.matmul", lambda: triton_gemm.matmul(qa, qb, torch.bfloat16, config=NO_GLUON))
         for cfg in gg.CONFIGS:
             record(repr(cfg), lambda cfg=cfg: gg.blockscaled_matmul(qa.codes, qa.scales, qb.codes, qb.scales,
                                                                      torch.bfloat16, config=cfg))
@@ -153,7 +158,7 @@ def bench(gg, sizes) -> None:
         record("per-tensor cublas (torch _scaled_mm)", lambda: torch._scaled_mm(
             ta.codes, tb.codes.t(), scale_a=ta.scales.reshape(()), scale_b=tb.scales.reshape(()),
             out_dtype=torch.bfloat16, use_fast_accum=False))
-        record("per-tensor triton_gemm.matmul", lambda: triton_gemm.matmul(ta, tb, torch.bfloat16))
+        record("per-tensor triton_gemm.matmul", lambda: triton_gemm.matmul(ta, tb, torch.bfloat16, config=NO_GLUON))
         for cfg in gg.CONFIGS:
             record(f"per-tensor {cfg!r}", lambda cfg=cfg: gg.rowscaled_matmul(
                 ta.codes, ta.scales, tb.codes, tb.scales, torch.bfloat16, config=cfg))
@@ -172,7 +177,6 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("benchmarks/gluon_gemm_check.py needs a CUDA GPU")
     gg = gluon_gemm
-    triton_gemm.USE_GLUON = False  # "triton_gemm.matmul" below is the Triton kernel, the variants' yardstick
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"gluon available: {gg.AVAILABLE} {gg.UNAVAILABLE_REASON}", flush=True)
     if not gg.AVAILABLE:

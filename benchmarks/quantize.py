@@ -14,6 +14,7 @@ Writes DIR/quantize_bench.json and DIR/quantize_bandwidth.png (GB/s against size
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -25,7 +26,8 @@ import triton
 import triton.language as tl
 
 from peers import torchao_blockwise
-from quantd.kernels import reference, triton_dequantize, triton_quantize
+from quantd.kernels import reference, triton_quantize
+from quantd.kernels.config import DEFAULT, OneBlock
 from quantd.kernels.spec import QuantizedTensor, QuantSpec
 from quantd.kernels.triton_dequantize import dequantize
 
@@ -138,34 +140,34 @@ def run_main(n: int, rows: list, with_compile: bool):
             bench(lambda: g(qt.codes, qt.scales)), op_bytes(x, qt.spec, "dequantize"))
 
 
-# What --sweep tries: (cases, settings), a setting being values of the tuning globals of
-# triton_quantize or triton_dequantize (the first setting of each group is the shipped one).
+# What --sweep tries: (cases, settings), a setting being fields of the KernelConfig (kernels/config.py)
+# changed from DEFAULT (the first setting of each group is the shipped one).
 # A case is (name, spec, shape, op), op "quantize", "dual" or "dequantize".
 SWEEP_N = 16384
 SQUARE = (SWEEP_N, SWEEP_N)
-OB = triton_quantize.OneBlock
+OB = OneBlock
 SWEEPS = [
     ([("fp8 e4m3 128x128", CASES[1][1], SQUARE, "quantize"), ("fp8 e4m3 128x128 pow2", CASES[9][1], SQUARE, "quantize"),
       ("fp8 e5m2 128x128", QuantSpec(format="fp8_e5m2", granularity="tile", tile=(128, 128)), SQUARE, "quantize"),
       ("fp8 e4m3 channel0", QuantSpec(granularity="channel", axis=0), SQUARE, "quantize")],
-     [dict(ONE_BLOCK_FLOAT=ob) for ob in (triton_quantize.ONE_BLOCK_FLOAT, OB(False, 1, 32, 64, None),
+     [dict(one_block_float=ob) for ob in (DEFAULT.one_block_float, OB(False, 1, 32, 64, None),
                                           OB(True, 0, 128, 128, None), OB(True, 0, 64, 64, None),
                                           OB(True, 0, 64, 32, 128))]),
     ([("int8 sym 128x128", CASES[10][1], SQUARE, "quantize"),
       ("int8 asym 128x128", QuantSpec(format="int8_asym", granularity="tile", tile=(128, 128)), SQUARE, "quantize"),
       ("int8 sym channel0", CASES[8][1], SQUARE, "quantize")],
-     [dict(ONE_BLOCK_INT=ob) for ob in (triton_quantize.ONE_BLOCK_INT, OB(False, 1, 32, 64, None),
+     [dict(one_block_int=ob) for ob in (DEFAULT.one_block_int, OB(False, 1, 32, 64, None),
                                         OB(True, 0, 64, 64, 128), OB(False, 0, 32, 16, None), OB(False, 1, 16, 8, None))]),
     ([("fp8 e4m3 128x128", CASES[1][1], SQUARE, "dequantize"),
       ("int8 asym 128x128", QuantSpec(format="int8_asym", granularity="tile", tile=(128, 128)), SQUARE, "dequantize")],
-     [dict(DEQUANT_SPLIT=n, DEQUANT_TILE_ELEMS=t) for n, t in ((128, 4096), (1, 8192), (16, 8192), (64, 8192), (128, 8192),
+     [dict(dequant_split=n, dequant_tile_elems=t) for n, t in ((128, 4096), (1, 8192), (16, 8192), (64, 8192), (128, 8192),
                                                                (16, 4096), (128, 2048), (64, 2048))]),
     ([("fp8 e4m3 1x128", CASES[0][1], SQUARE, "dequantize"), ("mxfp8", CASES[3][1], SQUARE, "dequantize"),
       ("mxfp4", CASES[4][1], SQUARE, "dequantize"), ("int8 asym 1x128", CASES[6][1], SQUARE, "dequantize"),
       ("fp8 e4m3 tensor", CASES[7][1], SQUARE, "dequantize")],
-     [dict(DEQUANT_TILE_ELEMS=t) for t in (4096, 8192, 2048, 1024)]),
+     [dict(dequant_tile_elems=t) for t in (4096, 8192, 2048, 1024)]),
     ([("fp8 e4m3 dual 1x128 + 128x1", QuantSpec(), SQUARE, "dual")],
-     [dict(DUAL_WARPS=w, DUAL_MAXNREG=r) for w, r in ((8, 128), (8, None), (4, None), (16, 64))]),
+     [dict(dual_warps=w, dual_maxnreg=r) for w, r in ((8, 128), (8, None), (4, None), (16, 64))]),
 ]
 
 
@@ -178,10 +180,6 @@ def _result_bytes(result) -> list:
     for qt in result if isinstance(result, tuple) else (result,):
         out += [t.contiguous().view(torch.uint8) for t in (qt.codes, qt.scales, qt.zero_points) if t is not None]
     return out
-
-
-def _tuned_module(name: str):
-    return triton_quantize if hasattr(triton_quantize, name) else triton_dequantize
 
 
 def sweep_configs():
@@ -197,12 +195,11 @@ def sweep_configs():
             qt = quantize(x, spec)  # shipped settings: what dequantize reads
             first = None
             for setting in settings:
-                kept = {k: getattr(_tuned_module(k), k) for k in setting}
-                for k, v in setting.items():
-                    setattr(_tuned_module(k), k, v)
+                config = dataclasses.replace(DEFAULT, **setting)
                 try:
-                    run = {"quantize": lambda: quantize(x, spec), "dual": lambda: quantize_dual(x, spec),
-                           "dequantize": lambda: dequantize(qt, torch.bfloat16)}[op]
+                    run = {"quantize": lambda: quantize(x, spec, config=config),
+                           "dual": lambda: quantize_dual(x, spec, config=config),
+                           "dequantize": lambda: dequantize(qt, torch.bfloat16, config=config)}[op]
                     got = _result_bytes(run())
                     first = got if first is None else first
                     same = len(got) == len(first) and all(torch.equal(a, b) for a, b in zip(got, first))
@@ -210,9 +207,6 @@ def sweep_configs():
                     line += "" if same else "  RESULT DIFFERS FROM THE FIRST SETTING'S"
                 except Exception as exc:  # one failing setting must not hide the others
                     line = f"{name:<30} {op} {setting}: failed: {type(exc).__name__}: {exc}"
-                finally:
-                    for k, v in kept.items():
-                        setattr(_tuned_module(k), k, v)
                 print(line, flush=True)
                 out.append(line)
     return out

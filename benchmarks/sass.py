@@ -3,7 +3,7 @@
     python benchmarks/sass.py [--shape 16384 16384] [--dump DIR] [--common-path]
 
 Compiles `_quantize_kernel` ahead of time (triton.compile with an sm_90 target, the launch geometry
-of kernels/triton_quantize.py, the specializations a real launch gets: unit column strides,
+of kernels/quantize_plan.py, the specializations a real launch gets: unit column strides,
 16-byte-aligned pointers and rows) and disassembles it with the cuobjdump that ships with triton.
 Prints the static SASS instruction count divided by the elements a thread handles, and the most
 frequent opcodes. Static counts include code that normal data never runs (the division's slow path,
@@ -30,8 +30,11 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
+from quantd.kernels import triton_mxfp4_pairs as pairs
 from quantd.kernels import triton_quantize as tq
-from quantd.kernels.spec import E2M1, QuantSpec
+from quantd.kernels.config import DEFAULT
+from quantd.kernels.quantize_plan import block_geometry, element_constants, schedule, tile_geometry
+from quantd.kernels.spec import QuantSpec
 
 SPECS = [
     ("fp8 e4m3 1x128", QuantSpec()),
@@ -49,14 +52,13 @@ POINTER_TYPES = {torch.float32: "*fp32", torch.uint8: "*u8"}
 
 def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16"):
     """(compiled kernel, elements a thread handles) of the register-block quantize launch of `spec`."""
-    (_, rows, cols), (br, bc) = tq.block_geometry(shape, spec)
-    rb, tbr, tbrp, cb, tbc, tbcp, warps = tq._tile_geometry(br, bc, rows, cols, True)
-    constexprs = dict(RB=rb, TBR=tbr, TBRP=tbrp, CB=cb, TBC=tbc, TBCP=tbcp, SCALE_SRC=0, BID_ROWS=True,
-                      BID_COLS=True, DUAL=False, PACK4=spec.element.bits == 4, BF16_BITS=False,
-                      sx_c=1, ss_c=1, **tq.element_constants(spec, exact_fp8=False))
-    run = tq._schedule(rb, cb, tbrp, tbcp, warps, True, False, constexprs["ASYM"], constexprs["IS_INT"])
-    constexprs["ONE_BLOCK"] = 2 if run.defer else run.one_block
-    constexprs["STAGES"], constexprs["FIXUP"] = run.stages, False
+    (_, rows, cols), (br, bc) = block_geometry(shape, spec)
+    tile, warps = tile_geometry(br, bc, rows, cols, True, DEFAULT)
+    fmt = element_constants(spec, exact_fp8=False)
+    run = schedule(tile, warps, True, False, fmt.ASYM, fmt.IS_INT, DEFAULT)
+    constexprs = dict(TILE=tile, FMT=fmt, SCALE_SRC=tq.SCALE_REGISTER.value, BID_ROWS=True, BID_COLS=True, DUAL=False,
+                      PACK4=spec.element.bits == 4, BF16_BITS=False, sx_c=1, ss_c=1, ONE_BLOCK=tq.one_block_mode(run),
+                      STAGES=run.stages, FIXUP=False)
     names = tq._quantize_kernel.arg_names
     signature = {}
     for name in names:
@@ -64,7 +66,7 @@ def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16"):
             signature[name] = "constexpr"
         elif name == "x_ptr":
             signature[name] = f"*{dtype}"
-        elif name == "stats_ptr" and constexprs["ONE_BLOCK"] == 2:  # the deferred tiles' list
+        elif name == "stats_ptr" and run.defer:  # the deferred tiles' list
             signature[name] = "*i32"
         elif name == "scales_ptr":
             signature[name] = POINTER_TYPES[torch.float32 if spec.scale_dtype == torch.float32 else torch.uint8]
@@ -74,17 +76,18 @@ def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16"):
             signature[name] = "i32"
     kernel = compile_sm90(tq._quantize_kernel, signature, constexprs, {"R", "C", "sx_p", "sx_r", "sq_p", "sq_r"},
                           run.warps, run.maxnreg)
-    return kernel, rb * tbrp * cb * tbcp / (run.warps * 32)
+    return kernel, tile.elems / (run.warps * 32)
 
 
 def compile_mxfp4_pairs():
     """(compiled kernel, elements a thread handles) of the MXFP4 pairs kernel on bf16 input."""
-    fn = tq._mxfp4_pairs_kernel
-    constexprs = dict(ROWS=tq.PAIRS_ROWS, GROUPS=tq.PAIRS_GROUPS, FP16=False, EMAX=E2M1.emax, ss_c=1, PACKED=True)
+    fn = pairs._mxfp4_pairs_kernel
+    constexprs = dict(ROWS=pairs.PAIRS_ROWS, GROUPS=pairs.PAIRS_GROUPS, FP16=False,
+                      FMT=element_constants(QuantSpec(format="mxfp4")), ss_c=1, PACKED=True)
     signature = {n: "constexpr" if n in constexprs else "*i32" if n == "w_ptr" else "*u8" if n.endswith("_ptr")
                  else "i32" for n in fn.arg_names}
-    kernel = compile_sm90(fn, signature, constexprs, {"C2", "sw_r"}, tq.PAIRS_WARPS)
-    return kernel, tq.PAIRS_ROWS * tq.PAIRS_GROUPS * 32 / (tq.PAIRS_WARPS * 32)
+    kernel = compile_sm90(fn, signature, constexprs, {"C2", "sw_r"}, pairs.PAIRS_WARPS)
+    return kernel, pairs.PAIRS_ROWS * pairs.PAIRS_GROUPS * 32 / (pairs.PAIRS_WARPS * 32)
 
 
 def compile_sm90(fn, signature: dict, constexprs: dict, aligned: set, warps: int, maxnreg: int | None = None,
@@ -132,28 +135,30 @@ def opcodes(sass: str) -> list:
     return out
 
 
-# The rare branches of kernels/triton_quantize.py and what --common-path puts in their place.
+# The rare branches of the quantize kernels and what --common-path puts in their place.
 RARE_BRANCHES = [("careful != 0", "False"), ("careful == 0", "True")]
 
 
-def common_path_module(folder: str):
-    """A copy of kernels/triton_quantize.py without its rare branches, imported from `folder`."""
-    src = inspect.getsource(tq)
+def common_path_module(module, folder: str):
+    """A copy of kernel module `module` (kernels/triton_quantize.py, triton_mxfp4_pairs.py) without its rare
+    branches, imported from `folder`."""
+    src = inspect.getsource(module)
+    name = module.__name__.rsplit(".", 1)[1]
     for old, new in RARE_BRANCHES:
         if old not in src:
-            raise SystemExit(f"sass.py --common-path: no {old!r} in triton_quantize.py")
+            raise SystemExit(f"sass.py --common-path: no {old!r} in {name}.py")
         src = src.replace(old, new)
-    path = os.path.join(folder, "triton_quantize_common_path.py")
+    path = os.path.join(folder, f"{name}_common_path.py")
     with open(path, "w") as f:
         f.write(src)
-    spec = importlib.util.spec_from_file_location("quantd.kernels.triton_quantize_common_path", path)
+    spec = importlib.util.spec_from_file_location(f"quantd.kernels.{name}_common_path", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def main() -> None:
-    global tq
+    global tq, pairs
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs="+", default=[16384, 16384])
     ap.add_argument("--dump", default="/tmp/quantd-sass", help="folder for the cubins and SASS listings")
@@ -162,7 +167,7 @@ def main() -> None:
     args = ap.parse_args()
     os.makedirs(args.dump, exist_ok=True)
     if args.common_path:
-        tq = common_path_module(args.dump)
+        tq, pairs = common_path_module(tq, args.dump), common_path_module(pairs, args.dump)
     print(f"triton {triton.__version__}, sm_90, input bf16 {args.shape}{', common path' if args.common_path else ''}")
     builds = [(name, lambda spec=spec: compile_quantize(spec, args.shape)) for name, spec in SPECS]
     builds.append(("mxfp4, pairs kernel", compile_mxfp4_pairs))

@@ -4,6 +4,8 @@ Backends are modules with the same three functions as the reference:
 quantize(x, spec, scales), dequantize(qt, out_dtype), matmul(a, b, out_dtype).
 "reference" is the specification itself; "triton" on CPU tensors runs under the
 Triton interpreter (TRITON_INTERPRET=1 must be set before triton is imported).
+`config` (kernels/config.py; None: DEFAULT) chooses how the Triton kernels launch; other backends
+ignore it.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import importlib
 
 import torch
 
+from .config import KernelConfig
+from .layout import with_scale_layout
 from .spec import QuantizedTensor, QuantSpec
 
 _MODULES = {"reference": ".reference", "cpu": ".cpu", "triton": ".triton_backend"}
@@ -26,8 +30,14 @@ def default_backend(t: torch.Tensor) -> str:
     return "triton" if t.is_cuda else "cpu"
 
 
+def _config_kwargs(module, config: KernelConfig | None) -> dict:
+    """config=... for a backend whose kernels take a KernelConfig."""
+    return {"config": config} if config is not None and getattr(module, "TAKES_KERNEL_CONFIG", False) else {}
+
+
 def quantize(x: torch.Tensor, spec: QuantSpec, *, scales: torch.Tensor | None = None,
-             backend: str | None = None, scale_layout: str = "row") -> QuantizedTensor:
+             backend: str | None = None, scale_layout: str = "row",
+             config: KernelConfig | None = None) -> QuantizedTensor:
     """Quantize `x` (bf16/fp16/fp32, any device) with `spec`; `scales` fixes the scales (static quantization).
 
     scale_layout "col" stores the scales (and zero points) column-major: same logical
@@ -35,12 +45,13 @@ def quantize(x: torch.Tensor, spec: QuantSpec, *, scales: torch.Tensor | None = 
     """
     module = backend_module(backend or default_backend(x))
     if getattr(module, "WRITES_SCALE_LAYOUTS", False):
-        return module.quantize(x, spec, scales, scale_layout=scale_layout)
-    return _with_scale_layout(module.quantize(x, spec, scales), scale_layout)
+        return module.quantize(x, spec, scales, scale_layout=scale_layout, **_config_kwargs(module, config))
+    return with_scale_layout(module.quantize(x, spec, scales), scale_layout)
 
 
 def quantize_dual(x: torch.Tensor, spec: QuantSpec, *, backend: str | None = None,
-                  scale_layout: str = "row") -> tuple[QuantizedTensor, QuantizedTensor]:
+                  scale_layout: str = "row", config: KernelConfig | None = None
+                  ) -> tuple[QuantizedTensor, QuantizedTensor]:
     """X (M, K) quantized along its rows and X^T (K, M) quantized along its rows (X's 1 x g and g x 1 blocks).
 
     The Triton backend reads X once for both; other backends compose
@@ -49,45 +60,20 @@ def quantize_dual(x: torch.Tensor, spec: QuantSpec, *, backend: str | None = Non
     name = backend or default_backend(x)
     module = backend_module(name)
     if hasattr(module, "quantize_dual"):
-        return module.quantize_dual(x, spec, scale_layout=scale_layout)
-    return (quantize(x, spec, backend=name, scale_layout=scale_layout),
-            quantize(x.T.contiguous(), spec, backend=name, scale_layout=scale_layout))
+        return module.quantize_dual(x, spec, scale_layout=scale_layout, **_config_kwargs(module, config))
+    return (quantize(x, spec, backend=name, scale_layout=scale_layout, config=config),
+            quantize(x.T.contiguous(), spec, backend=name, scale_layout=scale_layout, config=config))
 
 
-def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *, backend: str | None = None) -> torch.Tensor:
-    return backend_module(backend or default_backend(qt.codes)).dequantize(qt, out_dtype)
+def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *, backend: str | None = None,
+               config: KernelConfig | None = None) -> torch.Tensor:
+    module = backend_module(backend or default_backend(qt.codes))
+    return module.dequantize(qt, out_dtype, **_config_kwargs(module, config))
 
 
 def matmul(a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype = torch.bfloat16, *,
-           backend: str | None = None) -> torch.Tensor:
+           backend: str | None = None, config: KernelConfig | None = None) -> torch.Tensor:
     """C = A @ B^T for quantized A (M, K) and B (N, K)."""
-    return backend_module(backend or default_backend(a.codes)).matmul(a, b, out_dtype)
+    module = backend_module(backend or default_backend(a.codes))
+    return module.matmul(a, b, out_dtype, **_config_kwargs(module, config))
 
-
-SCALE_LAYOUTS = ("row", "col")
-
-
-def scale_tensor(shape, dtype: torch.dtype, device, layout: str = "row") -> torch.Tensor:
-    """An empty scale (or zero-point) tensor of logical `shape`; "col" makes the last dim the slowest."""
-    if layout not in SCALE_LAYOUTS:
-        raise ValueError(f"scale_layout must be one of {', '.join(SCALE_LAYOUTS)}, got {layout!r}")
-    shape = tuple(shape)
-    if layout == "row" or len(shape) < 2:
-        return torch.empty(shape, dtype=dtype, device=device)
-    return torch.empty((shape[-1],) + shape[:-1], dtype=dtype, device=device).movedim(0, -1)
-
-
-def _with_scale_layout(qt: QuantizedTensor, layout: str) -> QuantizedTensor:
-    """`qt` with its scales and zero points copied into `layout` (values unchanged)."""
-    def moved(t):
-        if t is None:
-            return None
-        out = scale_tensor(t.shape, t.dtype, t.device, layout)
-        if t.element_size() == 1:  # float8_e8m0fnu has no copy kernel everywhere: copy the bytes
-            out.view(torch.uint8).copy_(t.view(torch.uint8))
-        else:
-            out.copy_(t)
-        return out
-    if layout == "row":
-        return qt
-    return QuantizedTensor(qt.codes, moved(qt.scales), qt.spec, qt.shape, moved(qt.zero_points))

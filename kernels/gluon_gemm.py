@@ -45,6 +45,7 @@ import torch
 import triton
 
 from .launch import sm_count, tile_offsets, tma_rows
+from .spec import OUT_DTYPES
 
 try:
     from triton.experimental import gluon
@@ -64,7 +65,6 @@ except Exception as e:  # older triton, or a Gluon without the Hopper API
 
 K_BLOCK = 128  # one MMA (and one scale group) per 128-wide K block
 SCALE_TILE = 128  # rows of B per scale (B's 128 x 128 tiles)
-OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CODE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # A and B each, in any pairing
 
 
@@ -298,7 +298,7 @@ def _output(a_codes, b_codes, out_dtype, out):
                         f"got {a_codes.dtype} and {b_codes.dtype}")
     if b_codes.shape[1] != K:
         raise ValueError(f"gluon_gemm: A {list(a_codes.shape)} and B {list(b_codes.shape)} differ in K")
-    if out_dtype not in OUT_DTYPES:
+    if out_dtype not in OUT_DTYPES.values():
         raise TypeError(f"gluon_gemm: out_dtype {out_dtype} is not supported")
     if a_codes.device.type != "cuda" or torch.cuda.get_device_capability(a_codes.device)[0] != 9:
         raise ValueError("gluon_gemm: needs CUDA tensors on an sm_90 (Hopper) GPU")

@@ -1,5 +1,5 @@
-"""Launch helpers shared by the kernels: the SM count, TMA-ready GEMM operands, and the order in which
-the persistent GEMM programs walk their output tiles.
+"""Launch helpers shared by the kernels: whether Triton interprets, the SM count, TMA-ready GEMM operands,
+and the order in which the persistent GEMM programs walk their output tiles.
 
 tile_offsets is plain Python, compiled by triton.jit (triton_gemm) and by gluon.jit (gluon_gemm): one
 source for both.
@@ -7,6 +7,7 @@ source for both.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton.language as tl
@@ -20,6 +21,11 @@ def tile_offsets(tile, num_m, num_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
     pid_m = first_m + (tile % per_group) % group_m
     pid_n = (tile % per_group) // group_m
     return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+
+def interpreting() -> bool:
+    """Whether kernels run in the Triton interpreter (TRITON_INTERPRET set, and not to 0)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def sm_count(device: torch.device) -> int:

@@ -205,9 +205,10 @@ def encode_blocks(blocks: torch.Tensor, scale: torch.Tensor, zp, el: ElementForm
         return q
     if el.kind == "int":
         if zp is None:
-            codes = torch.round(torch.clamp(q, -127.0, 127.0))
+            codes = torch.round(torch.clamp(q, -el.max, el.max))
         else:
-            codes = torch.clamp(torch.round(torch.clamp(q, -256.0, 256.0)) + zp, -128.0, 127.0)
+            lo, hi = torch.iinfo(torch.int8).min, torch.iinfo(torch.int8).max
+            codes = torch.clamp(torch.round(torch.clamp(q, -2 * (el.max + 1), 2 * (el.max + 1))) + zp, lo, hi)
         return torch.where(nan, 0.0 if zp is None else zp, codes)
     return torch.where(nan, q, round_to_grid(torch.where(nan, 0.0, q), el))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -99,6 +99,15 @@ def _enum(cls, value, field):
     except ValueError:
         choices = ", ".join(m.value for m in cls)
         raise ValueError(f"QuantSpec.{field}: unknown value {value!r} (expected one of {choices})") from None
+
+
+class Storage(NamedTuple):
+    """The tensors a quantized tensor is stored in: (shape, dtype) of its codes, its scales and its zero
+    points (int8_asym only, beside the scales; else None). Scales are listed in their row-major logical
+    shape whatever their layout."""
+    codes: tuple
+    scales: tuple
+    zero_points: Optional[tuple] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +234,12 @@ class QuantSpec:
             return (_cdiv(rows, self.tile[0]), _cdiv(shape[-1], self.tile[1]))
         return (_cdiv(math.prod(shape), self.block_size),)
 
+    def storage(self, shape) -> Storage:
+        """What a tensor of `shape` quantized with this spec is stored in (raises as scale_shape does)."""
+        scales = self.scale_shape(shape)
+        zero_points = (scales, torch.int8) if self.format == Format.INT8_ASYM else None
+        return Storage((self.code_shape(shape), self.code_dtype), (scales, self.scale_dtype), zero_points)
+
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -248,5 +263,5 @@ class QuantizedTensor:
     zero_points: Optional[torch.Tensor] = None
 
     def dequantize(self, out_dtype=None):
-        from . import dispatch
+        from . import dispatch  # here, not at the top: the dispatcher loads the backends, which import spec
         return dispatch.dequantize(self, out_dtype=out_dtype)

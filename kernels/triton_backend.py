@@ -11,9 +11,11 @@ import functools
 import torch
 
 from . import triton_dequantize, triton_quantize
+from .config import DEFAULT, KernelConfig
 from .spec import QuantizedTensor
 
 WRITES_SCALE_LAYOUTS = True  # quantize takes scale_layout="row"|"col" itself
+TAKES_KERNEL_CONFIG = True  # every function takes config=KernelConfig (kernels/config.py)
 
 
 def _on_its_device(fn):
@@ -28,9 +30,10 @@ def _on_its_device(fn):
     return run
 
 
-def _matmul(a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def _matmul(a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype = torch.bfloat16, *,
+            config: KernelConfig = DEFAULT) -> torch.Tensor:
     from .triton_gemm import matmul  # loaded when the first GEMM runs
-    return matmul(a, b, out_dtype)
+    return matmul(a, b, out_dtype, config=config)
 
 
 quantize = _on_its_device(triton_quantize.quantize)

@@ -1,7 +1,7 @@
 """Triton dequantization kernel, bit-exact with reference.dequantize.
 
 value = code x scale (int8_asym: (code - zero point) x scale) in fp32, cast once to the
-output dtype. Tiles use the quantize kernels' block geometry (triton_quantize.block_geometry).
+output dtype. Tiles use the quantize kernels' block geometry (quantize_plan.block_geometry).
 Compiled, fp8 codes are widened by the hardware; interpreted (whose fp8 casts are not
 trusted) and for E2M1, codes are decoded from their bits with the format's constants.
 """
@@ -13,33 +13,31 @@ import torch
 import triton
 import triton.language as tl
 
-from .spec import E2M1, QuantizedTensor, ScaleEncoding, _cdiv
-from .triton_quantize import (MAX_REGISTER_BLOCK, _as_grid, _block_ids, _bytes_of, _pow2, _pow2_ceil, _tile_coords,
-                              _tile_geometry, _warps, block_geometry, interpreting)
+from .config import DEFAULT, KernelConfig
+from .launch import interpreting
+from .quantize_plan import MAX_REGISTER_BLOCK, as_grid, block_geometry, bytes_of, pow2_ceil, tile_geometry, warps
+from .spec import E2M1, OUT_DTYPES, QuantizedTensor, ScaleEncoding, _cdiv
+from .triton_elements import block_ids, pow2, tile_coords
 
-
-# Elements a dequantize program covers, and the sub-tiles one-block tiles (a power-of-two number of
-# rows: 128 x 128 tiles) are dequantized in: 1 / DEQUANT_SPLIT of a block's rows, as many blocks side by
-# side as fit (1: a block a program). 4096 and rows of 128 x 128 blocks one at a time: on an H200,
-# 1x128 E4M3 0.960 x copy against 0.939 at 8192 elements, 128x128 0.969 against 0.959 a block a program
-# (benchmarks/quantize.py --sweep, BENCHMARKS.md).
-DEQUANT_TILE_ELEMS = 4096
-DEQUANT_SPLIT = 128
+# SPECIALS of _decode_minifloat: which codes are not numbers.
+NO_SPECIALS = tl.constexpr(0)  # E2M1
+NAN_ALL_ONES = tl.constexpr(1)  # fn formats (E4M3): all-ones is NaN, no Inf
+IEEE_SPECIALS = tl.constexpr(2)  # E5M2: the top exponent is Inf (mantissa 0) or NaN
 
 
 @triton.jit
 def _decode_minifloat(b, NBITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr,
                       SPECIALS: tl.constexpr):
-    """fp32 value of minifloat bits `b` (int32). SPECIALS 0: none, 1: all-ones is NaN (fn), 2: IEEE inf/NaN."""
+    """fp32 value of minifloat bits `b` (int32); SPECIALS: NO_SPECIALS, NAN_ALL_ONES or IEEE_SPECIALS."""
     e = (b >> MBITS) & ((1 << EBITS) - 1)
     m = b & ((1 << MBITS) - 1)
     # Normal codes move their fields into fp32's; subnormal ones are m * 2**(1 - BIAS - MBITS).
     normal = ((e + (127 - BIAS)) << 23) | (m << (23 - MBITS))
     sub = m.to(tl.float32) * (tl.zeros_like(e) + ((1 - BIAS - MBITS + 127) << 23)).to(tl.float32, bitcast=True)
     mag = tl.where(e == 0, sub, normal.to(tl.float32, bitcast=True))
-    if SPECIALS == 1:
+    if SPECIALS == NAN_ALL_ONES:
         mag = tl.where((e == (1 << EBITS) - 1) & (m == (1 << MBITS) - 1), float("nan"), mag)
-    if SPECIALS == 2:
+    if SPECIALS == IEEE_SPECIALS:
         mag = tl.where(e == (1 << EBITS) - 1, tl.where(m == 0, float("inf"), float("nan")), mag)
     # The sign goes on as a bit: Triton's -x is 0 - x, which loses the sign of zero.
     sign = ((b >> (NBITS - 1)) & 1) << 31
@@ -50,13 +48,14 @@ def _decode_minifloat(b, NBITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.con
 def _dequantize_kernel(
     codes_ptr, scales_ptr, zp_ptr, out_ptr,
     R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sq_p, sq_r, ss_r, ss_c,
-    RB: tl.constexpr, TBR: tl.constexpr, TBRP: tl.constexpr, CB: tl.constexpr, TBC: tl.constexpr, TBCP: tl.constexpr,
-    BLOCKED: tl.constexpr, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr, UNPACK4: tl.constexpr, SPLIT: tl.constexpr,
+    TILE: tl.constexpr, BLOCKED: tl.constexpr, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr, UNPACK4: tl.constexpr,
+    SPLIT: tl.constexpr,
     DECODE_BITS: tl.constexpr, POW2: tl.constexpr, ASYM: tl.constexpr,
     NBITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, SPECIALS: tl.constexpr,
     BF16_BITS: tl.constexpr,
 ):
-    """Values of one [RB, TBRP, CB, TBCP] tile over the (P, R, C) view (codes and output contiguous).
+    """Values of one [RB, TBRP, CB, TBCP] tile (TILE: quantize_plan.Tile) over the (P, R, C) view (codes and
+    output contiguous).
 
     BLOCKED: the TBR x TBC sub-tiles are the blocks (one scale each), or SPLIT > 1 of them stacked make
     one block (its rows split across programs); else each element's block is looked up (on rows
@@ -64,8 +63,12 @@ def _dequantize_kernel(
     DECODE_BITS: codes are raw bits to decode; else the code dtype widens.
     BF16_BITS: round to bf16 on the bits (the interpreter's fp32 -> bf16 cast truncates).
     """
-    p, pid_r, pid_c, rb, i, cb, j, rows, cols, valid = _tile_coords(
-        tl.program_id(0), R, C, TILES_R, TILES_C, RB, TBR, TBRP, CB, TBC, TBCP)
+    RB: tl.constexpr = TILE.RB
+    TBRP: tl.constexpr = TILE.TBRP
+    CB: tl.constexpr = TILE.CB
+    TBC: tl.constexpr = TILE.TBC
+    TBCP: tl.constexpr = TILE.TBCP
+    p, pid_r, pid_c, rb, i, cb, j, rows, cols, valid = tile_coords(tl.program_id(0), R, C, TILES_R, TILES_C, TILE)
     q_base = codes_ptr + p.to(tl.int64) * sq_p + rows.to(tl.int64) * sq_r
     if UNPACK4:
         jb = tl.arange(0, TBCP // 2)[None, None, None, :]
@@ -85,12 +88,12 @@ def _dequantize_kernel(
         smask = (brow < NBR) & (bcol < NBC)
         soff = brow.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c
     else:  # blocks larger than a tile: ids where the block varies, clamped into the grid
-        brow, bcol = _block_ids(rows, cols, BR, BC, NBR, NBC, BID_ROWS, BID_COLS)
+        brow, bcol = block_ids(rows, cols, BR, BC, NBR, NBC, BID_ROWS, BID_COLS)
         smask = (brow < NBR) & (bcol < NBC)
         soff = brow.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c
     if POW2:
         e8 = tl.load(scales_ptr + soff, mask=smask, other=127).to(tl.int32)
-        scale = tl.where(e8 == 255, float("nan"), _pow2(e8 - 127))
+        scale = tl.where(e8 == 255, float("nan"), pow2(e8 - 127))
     else:
         scale = tl.load(scales_ptr + soff, mask=smask, other=1.0)
     if ASYM:
@@ -105,20 +108,20 @@ def _dequantize_kernel(
 
 def _specials(el) -> int:
     if not el.has_nan:
-        return 0
-    return 1 if el.emax + el.bias == (1 << el.ebits) - 1 else 2
+        return NO_SPECIALS.value
+    return (NAN_ALL_ONES if el.emax + el.bias == (1 << el.ebits) - 1 else IEEE_SPECIALS).value
 
 
 def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
-               exact_fp8: bool | None = None) -> torch.Tensor:
+               exact_fp8: bool | None = None, config: KernelConfig = DEFAULT) -> torch.Tensor:
     """Values of `qt` in `out_dtype` (default: its spec's), on the codes' device; reference semantics.
 
     exact_fp8: decode fp8 codes from their bits (True) or by the hardware cast (False);
-    default: from bits only when interpreted.
+    default: from bits only when interpreted. config: the launch choices (kernels/config.py).
     """
     spec, el = qt.spec, qt.spec.element
     out_dtype = out_dtype or spec.dequant_dtype
-    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+    if out_dtype not in OUT_DTYPES.values():
         raise TypeError(f"dequantize: out_dtype {out_dtype} is not supported (expected bfloat16, float16 or float32)")
     if tuple(qt.codes.shape) != tuple(spec.code_shape(qt.shape)):
         raise ValueError(f"dequantize: codes of shape {list(qt.codes.shape)} do not fit a tensor of shape "
@@ -132,34 +135,33 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
     exact = interpreting() if exact_fp8 is None else bool(exact_fp8)
     decode_bits = el.kind == "float" and (exact or el is E2M1)
     codes = qt.codes.contiguous()
-    codes = _bytes_of(codes) if decode_bits else codes
+    codes = bytes_of(codes) if decode_bits else codes
     pow2 = spec.scale_encoding == ScaleEncoding.POW2
-    scales = _as_grid(qt.scales, nbr, nbc)
-    scales = _bytes_of(scales) if pow2 else scales.float()
+    scales = as_grid(qt.scales, nbr, nbc)
+    scales = bytes_of(scales) if pow2 else scales.float()
     zps = None
     if qt.zero_points is not None:  # read with the scales' strides
         zps = torch.empty_strided(scales.shape, scales.stride(), dtype=torch.int8, device=scales.device)
-        zps.copy_(_as_grid(qt.zero_points, nbr, nbc))
+        zps.copy_(as_grid(qt.zero_points, nbr, nbc))
 
-    blocked = _pow2_ceil(br) * _pow2_ceil(bc) <= MAX_REGISTER_BLOCK
-    rb, tbr, tbrp, cb, tbc, tbcp, _ = _tile_geometry(br, bc, R, C, blocked, DEQUANT_TILE_ELEMS)
+    blocked = pow2_ceil(br) * pow2_ceil(bc) <= MAX_REGISTER_BLOCK
+    tile, _ = tile_geometry(br, bc, R, C, blocked, config, config.dequant_tile_elems)
     split = 1
-    if blocked and rb * cb == 1 and br == tbrp and br % DEQUANT_SPLIT == 0:
+    if blocked and tile.RB * tile.CB == 1 and br == tile.TBRP and br % config.dequant_split == 0:
         # Sub-tiles of br / SPLIT rows, SPLIT of them stacked making a block, as many a tile as fit.
-        split = DEQUANT_SPLIT
-        rb, tbr, tbrp, cb, tbc, tbcp, _ = _tile_geometry(br // split, bc, R, C, True, DEQUANT_TILE_ELEMS)
-    warps = _warps(rb * tbrp * cb * tbcp)
-    tiles_r, tiles_c = _cdiv(R, rb * tbr), _cdiv(C, cb * tbc)
+        split = config.dequant_split
+        tile, _ = tile_geometry(br // split, bc, R, C, True, config, config.dequant_tile_elems)
+    tiles_r, tiles_c = _cdiv(R, tile.RB * tile.TBR), _cdiv(C, tile.CB * tile.TBC)
     ccols = (C + 1) // 2 if el is E2M1 else C
     bf16_bits = interpreting() and out_dtype == torch.bfloat16
     _dequantize_kernel[(P * tiles_r * tiles_c,)](
         codes, scales, scales if zps is None else zps, out.view(torch.int16) if bf16_bits else out,
         R, C, nbr, nbc, br, bc, tiles_r, tiles_c, R * ccols, ccols, scales.stride(0), scales.stride(1),
-        RB=rb, TBR=tbr, TBRP=tbrp, CB=cb, TBC=tbc, TBCP=tbcp, BLOCKED=blocked, BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
+        TILE=tile, BLOCKED=blocked, BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
         UNPACK4=el is E2M1, SPLIT=split,
         DECODE_BITS=decode_bits, POW2=pow2, ASYM=zps is not None,
         NBITS=el.bits, EBITS=el.ebits, MBITS=el.mbits, BIAS=el.bias, SPECIALS=_specials(el),
-        BF16_BITS=bf16_bits, num_warps=warps,
+        BF16_BITS=bf16_bits, num_warps=warps(tile.elems, config),
     )
     return out
 

@@ -27,26 +27,19 @@ Scales are read through plain pointers with any strides (row- or column-major).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import gluon_gemm
-from .launch import sm_count, tile_offsets, tma_rows
-from .spec import E2M1, MX_BLOCK, Granularity, QuantizedTensor
+from .config import DEFAULT, KernelConfig
+from .launch import interpreting, sm_count, tile_offsets, tma_rows
+from .spec import E2M1, MX_BLOCK, OUT_DTYPES, Granularity, QuantizedTensor
 
-OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 K_BLOCK = 128  # BLOCK_K of the FP8/INT8 kernel: K scale groups must be multiples of it
 ONE_SCALE = 0  # "rows per scale" of an operand whose one scale covers every row
-USE_GLUON = True  # run the Gluon kernel where it applies (see _gluon_applies)
-PACKED_DECODE = True  # compiled MXFP4 tiles decoded in bf16x2 PTX (_e2m1x2_scaled); False: through fp32
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ---- kernels ----------------------------------------------------------------------------------
@@ -347,7 +340,7 @@ _AUTOTUNED = {}
 
 def _tuned(kernel, configs):
     """`kernel` autotuned over `configs` (one small config under the interpreter), built once per list."""
-    configs = INTERPRETER_CONFIG if _interpreting() else configs
+    configs = INTERPRETER_CONFIG if interpreting() else configs
     if (kernel, id(configs)) not in _AUTOTUNED:
         key = ["M", "N", "K", "SCALE_PER_K", "IS_INT", "HAS_ZP"] if kernel is _scaled_gemm_kernel else [
             "M", "N", "K", "A_FP4", "B_FP4"]
@@ -364,7 +357,7 @@ def _grid(M: int, N: int, num_sms: int):
 
 
 def _num_programs(device) -> int:
-    if _interpreting() or device.type != "cuda":
+    if interpreting() or device.type != "cuda":
         return 2  # still walks several tiles per program, as on the GPU
     return sm_count(device)
 
@@ -431,19 +424,20 @@ def _gluon_recipe(a: QuantizedTensor, b: QuantizedTensor) -> str | None:
     return None
 
 
-def _gluon_applies(a: QuantizedTensor, b: QuantizedTensor, device: torch.device) -> bool:
+def _gluon_applies(a: QuantizedTensor, b: QuantizedTensor, device: torch.device,
+                   config: KernelConfig = DEFAULT) -> bool:
     """Whether gluon_gemm takes A @ B^T: a recipe it implements (_gluon_recipe), on an sm_90 GPU with
-    a triton that has the Gluon Hopper API (never under the interpreter)."""
-    return (USE_GLUON and gluon_gemm.AVAILABLE and not _interpreting() and device.type == "cuda"
+    a triton that has the Gluon Hopper API (never under the interpreter), unless config.use_gluon is off."""
+    return (config.use_gluon and gluon_gemm.AVAILABLE and not interpreting() and device.type == "cuda"
             and torch.cuda.get_device_capability(device)[0] == 9 and _gluon_recipe(a, b) is not None)
 
 
-def _scaled_matmul(a: QuantizedTensor, b: QuantizedTensor, c: torch.Tensor) -> torch.Tensor:
+def _scaled_matmul(a: QuantizedTensor, b: QuantizedTensor, c: torch.Tensor, config: KernelConfig) -> torch.Tensor:
     (M, K), N = a.shape, b.shape[0]
     is_int = a.spec.element.kind == "int"
     sa, sam, sak, a_rows, ga = _k_scales(a, "A")
     sb, sbn, sbk, b_rows, gb = _k_scales(b, "B")
-    if _gluon_applies(a, b, c.device):
+    if _gluon_applies(a, b, c.device, config):
         if _gluon_recipe(a, b) == "row-scaled":
             return gluon_gemm.rowscaled_matmul(a.codes, sa, b.codes, sb, c.dtype, out=c)
         return gluon_gemm.blockscaled_matmul(a.codes, sa, b.codes, sb, c.dtype, out=c)
@@ -462,7 +456,7 @@ def _scaled_matmul(a: QuantizedTensor, b: QuantizedTensor, c: torch.Tensor) -> t
     return c
 
 
-def _mx_matmul(a: QuantizedTensor, b: QuantizedTensor, c: torch.Tensor) -> torch.Tensor:
+def _mx_matmul(a: QuantizedTensor, b: QuantizedTensor, c: torch.Tensor, config: KernelConfig) -> torch.Tensor:
     (M, K), N = a.shape, b.shape[0]
     a_fp4, b_fp4 = a.spec.element is E2M1, b.spec.element is E2M1
     sa, sb = a.scales.view(torch.uint8), b.scales.view(torch.uint8)
@@ -470,8 +464,8 @@ def _mx_matmul(a: QuantizedTensor, b: QuantizedTensor, c: torch.Tensor) -> torch
     _tuned(_mx_gemm_kernel, MX_CONFIGS)[_grid(M, N, num_sms)](
         _descriptor(a.codes, a.codes.shape[1]), _descriptor(b.codes, b.codes.shape[1]), c, sa, sb,
         M, N, K, c.stride(0), c.stride(1), sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1),
-        A_FP4=a_fp4, B_FP4=b_fp4, GROUP=MX_BLOCK, NUM_SMS=num_sms, DOT_FP32=_interpreting(),
-        PACKED=PACKED_DECODE and not _interpreting())
+        A_FP4=a_fp4, B_FP4=b_fp4, GROUP=MX_BLOCK, NUM_SMS=num_sms, DOT_FP32=interpreting(),
+        PACKED=config.packed_decode and not interpreting())
     return c
 
 
@@ -488,20 +482,21 @@ def _check_operand(qt: QuantizedTensor, name: str) -> None:
                          f"expected {list(spec.scale_shape(qt.shape))} for {spec.describe()}")
 
 
-def matmul(a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def matmul(a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype = torch.bfloat16, *,
+           config: KernelConfig = DEFAULT) -> torch.Tensor:
     """C = A @ B^T (M, N) in `out_dtype` for quantized A (M, K) and B (N, K), on the GPU (or the interpreter).
 
     FP8 x FP8 (scales per tensor, per row, or over K groups of multiples of 128 such as
     A 1x128 x B 128x128), INT8 x INT8 (sym or asym, per tensor or per row), and MXFP4/MXFP8 x
-    MXFP4/MXFP8. Raises ValueError/TypeError for anything else.
+    MXFP4/MXFP8. Raises ValueError/TypeError for anything else. config: the kernel choices (kernels/config.py).
     """
     if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"matmul: expected A (M, K) and B (N, K), got {list(a.shape)} and {list(b.shape)}")
-    if out_dtype not in OUT_DTYPES:
+    if out_dtype not in OUT_DTYPES.values():
         raise TypeError(f"matmul: out_dtype {out_dtype} is not supported (expected bfloat16, float16 or float32)")
     if a.codes.device != b.codes.device:
         raise ValueError(f"matmul: operands on different devices ({a.codes.device} and {b.codes.device})")
-    if a.codes.device.type != "cuda" and not _interpreting():
+    if a.codes.device.type != "cuda" and not interpreting():
         raise ValueError("matmul: the Triton GEMM needs CUDA tensors (or TRITON_INTERPRET=1)")
     _check_operand(a, "A")
     _check_operand(b, "B")
@@ -513,8 +508,8 @@ def matmul(a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype = torc
                          f"({a.spec.describe()} x {b.spec.describe()})")
     (M, K), N = a.shape, b.shape[0]
     # The interpreter's fp32->bf16 cast truncates; there the kernel writes fp32 and torch rounds.
-    kernel_dtype = torch.float32 if _interpreting() and out_dtype == torch.bfloat16 else out_dtype
+    kernel_dtype = torch.float32 if interpreting() and out_dtype == torch.bfloat16 else out_dtype
     c = torch.empty((M, N), dtype=kernel_dtype, device=a.codes.device)
     if M == 0 or N == 0 or K == 0:
         return c.zero_().to(out_dtype)
-    return (_mx_matmul if a.spec.is_mx else _scaled_matmul)(a, b, c).to(out_dtype)
+    return (_mx_matmul if a.spec.is_mx else _scaled_matmul)(a, b, c, config).to(out_dtype)

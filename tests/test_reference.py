@@ -160,6 +160,20 @@ def test_invalid_fields_raise_naming_the_field(kwargs, field):
         QuantSpec(**kwargs)
 
 
+@pytest.mark.parametrize("spec,shape", [(QuantSpec(), (3, 300)), (QuantSpec(format="mxfp4"), (2, 5, 65)),
+                                        (QuantSpec(format="int8_asym", granularity="tile", tile=(4, 8)), (9, 17)),
+                                        (QuantSpec(format="int8_sym", granularity="channel", axis=1), (2, 3, 4))],
+                         ids=str)
+def test_storage_is_what_quantize_returns(spec, shape):
+    """QuantSpec.storage names the shapes and dtypes of the codes, scales and zero points quantize gives."""
+    store = spec.storage(shape)
+    qt = reference.quantize(torch.randn(shape), spec)
+    assert store.codes == (tuple(qt.codes.shape), qt.codes.dtype)
+    assert store.scales == (tuple(qt.scales.shape), qt.scales.dtype)
+    assert store.zero_points == (None if qt.zero_points is None else (tuple(qt.zero_points.shape), torch.int8))
+    assert (store.zero_points is None) == (spec.format != Format.INT8_ASYM)
+
+
 def test_bad_inputs_raise():
     with pytest.raises(TypeError, match="dtype"):
         reference.quantize(torch.ones(4, dtype=torch.int32), QuantSpec())

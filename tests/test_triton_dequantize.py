@@ -6,10 +6,13 @@ rounded on the bits (the interpreter's fp32 -> bf16 cast truncates). The `gpu` t
 check the compiled kernel, whose fp8 codes are widened by the hardware, and the
 bit-decoding path compiled, on every code and many shapes.
 """
+import dataclasses
+
 import pytest
 import torch
 
-from quantd.kernels import dispatch, reference, triton_dequantize
+from quantd.kernels import dispatch, reference
+from quantd.kernels.config import DEFAULT
 from quantd.kernels.spec import QuantizedTensor, QuantSpec
 from quantd.kernels.triton_dequantize import dequantize
 from triton_cases import DTYPES, all_specs, assert_same_values, random_input, reference_quantize
@@ -110,13 +113,13 @@ SPLIT_SPECS = [QuantSpec(granularity="tile", tile=(128, 128)), QuantSpec(format=
 
 @pytest.mark.parametrize("split", [1, 2, 16, 128])
 @pytest.mark.parametrize("spec", SPLIT_SPECS, ids=str)
-def test_blocks_split_across_programs(spec, split, rng, monkeypatch):
-    """DEQUANT_SPLIT: a block's rows dequantized by one program (1) or several, each reading the block's
-    scale (16, 128: programs of several blocks' rows side by side)."""
-    monkeypatch.setattr(triton_dequantize, "DEQUANT_SPLIT", split)
+def test_blocks_split_across_programs(spec, split, rng):
+    """KernelConfig.dequant_split: a block's rows dequantized by one program (1) or several, each reading the
+    block's scale (16, 128: programs of several blocks' rows side by side)."""
+    config = dataclasses.replace(DEFAULT, dequant_split=split)
     for shape in ((300, 260), (129, 100), (1, 5)):
-        check(random_codes(spec, shape, rng), torch.float32)
-    check(reference_quantize(random_input((257, 300), torch.bfloat16, rng), spec), torch.bfloat16)
+        check(random_codes(spec, shape, rng), torch.float32, config=config)
+    check(reference_quantize(random_input((257, 300), torch.bfloat16, rng), spec), torch.bfloat16, config=config)
 
 
 def test_bad_input():
@@ -156,10 +159,10 @@ def test_gpu_every_code(fmt, exact_fp8, rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("split", [1, 2, 16, 128])
 @pytest.mark.parametrize("spec", SPLIT_SPECS, ids=str)
-def test_gpu_blocks_split_across_programs(spec, split, rng, monkeypatch):
-    monkeypatch.setattr(triton_dequantize, "DEQUANT_SPLIT", split)
+def test_gpu_blocks_split_across_programs(spec, split, rng):
+    config = dataclasses.replace(DEFAULT, dequant_split=split)
     for shape in ((1, 1), (127, 257), (4097, 1000), (16384, 4096)):
-        check(_to(random_codes(spec, shape, rng), "cuda"), torch.bfloat16)
+        check(_to(random_codes(spec, shape, rng), "cuda"), torch.bfloat16, config=config)
 
 
 @pytest.mark.gpu

@@ -13,6 +13,7 @@ tensor-core MMA sums the products inside each instruction in reduced precision b
 the fp32 accumulator (about 1.3e-4 relative on random data, the same for cuBLAS per-tensor FP8, see
 test_gpu_fp8_as_accurate_as_cublas), so compiled FP8 x FP8 products are held to FP8_MMA_TOL.
 """
+import dataclasses
 import math
 
 import pytest
@@ -21,6 +22,7 @@ import triton
 import triton.language as tl
 
 from quantd.kernels import gluon_gemm, reference, triton_gemm
+from quantd.kernels.config import DEFAULT
 from quantd.kernels.spec import E2M1, QuantizedTensor, QuantSpec
 from quantd.kernels.triton_gemm import _mx_values
 
@@ -33,6 +35,8 @@ OUT_TOL = {torch.float32: FP32_TOL, torch.bfloat16: 2.0 ** -8, torch.float16: 2.
 # keeps the compiled suite from autotuning every shape and spec combination.
 ALL_CONFIGS = {"SCALED_CONFIGS": list(triton_gemm.SCALED_CONFIGS), "MX_CONFIGS": list(triton_gemm.MX_CONFIGS),
                "INTERPRETER_CONFIG": list(triton_gemm.INTERPRETER_CONFIG)}
+
+NO_GLUON = dataclasses.replace(DEFAULT, use_gluon=False)  # matmul always through the Triton kernel
 
 
 @pytest.fixture(autouse=True)
@@ -149,7 +153,7 @@ def test_any_scale_and_code_strides(rng):
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
 def test_edge_values(fmt, rng):
     """All-zero blocks, +-max and tiny-scale rows, Inf (saturates) and NaN (propagates to its row)."""
-    if fmt == "fp8_e4m3" and triton_gemm._interpreting():
+    if fmt == "fp8_e4m3" and triton_gemm.interpreting():
         pytest.skip("the interpreter upcasts fp8 bitwise and reads the E4M3 NaN code 0x7F as 480; "
                     "E4M3 NaN propagation is checked by the gpu run, E5M2 here")
     spec_a = QuantSpec(fmt, "group", group_size=128)
@@ -321,7 +325,7 @@ def decode_tile(packed: bool) -> torch.Tensor:
     byte, e = every_byte_and_scale()
     codes = byte.to(torch.uint8).to(DEVICE)
     scales = e[:, :16].to(torch.uint8).contiguous().to(DEVICE)  # a row's 16 groups share its scale
-    fp32 = triton_gemm._interpreting()  # the interpreter's bf16 cast truncates: there torch rounds
+    fp32 = triton_gemm.interpreting()  # the interpreter's bf16 cast truncates: there torch rounds
     out = torch.empty((256, 512), dtype=torch.float32 if fp32 else torch.bfloat16, device=DEVICE)
     _decode_tile_kernel[(256 // 16,)](codes, scales, out, ROWS=16, BYTES=256, PACKED=packed, DOT_FP32=fp32)
     return out.cpu().to(torch.bfloat16).reshape(256, 256, 2)
@@ -369,8 +373,8 @@ def test_gpu_mx_scales_span_e8m0(m, n, k, spec_a, spec_b, rng, monkeypatch):
     eb = (247 - base)[None, :] + torch.randint(0, 3, (n, groups), generator=rng)
     qa, qb = mx_operand(m, k, spec_a, ea, rng), mx_operand(n, k, spec_b, eb, rng)
     got, _ = check(qa, qb)
-    monkeypatch.setattr(triton_gemm, "PACKED_DECODE", False)
-    assert torch.equal(triton_gemm.matmul(to_device(qa), to_device(qb), torch.float32), got)
+    fp32_decode = dataclasses.replace(DEFAULT, packed_decode=False)
+    assert torch.equal(triton_gemm.matmul(to_device(qa), to_device(qb), torch.float32, config=fp32_decode), got)
 
 
 # ---- bad input ---------------------------------------------------------------------------------
@@ -522,21 +526,19 @@ def test_gluon_kernel_only_where_it_applies(spec_a, spec_b, mode, rng, monkeypat
     qa, qb = quantized_pair(130, 7, 383, spec_a, spec_b, rng)
     assert triton_gemm._gluon_recipe(qa, qb) == mode
     assert not triton_gemm._gluon_applies(qa, qb, torch.device("cpu"))
-    if triton_gemm._interpreting():
+    if triton_gemm.interpreting():
         assert not triton_gemm._gluon_applies(qa, qb, torch.device("cuda"))
     on_hopper = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9 and gluon_gemm.AVAILABLE
     assert triton_gemm._gluon_applies(to_device(qa), to_device(qb), torch.device(DEVICE)) == (
         on_hopper and mode is not None)
     # The device conditions alone, with the queries standing in for a compiled run on each GPU generation.
-    monkeypatch.setattr(triton_gemm, "_interpreting", lambda: False)
+    monkeypatch.setattr(triton_gemm, "interpreting", lambda: False)
     for major in (8, 9, 10, 12):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, major=major: (major, 0))
         expected = major == 9 and gluon_gemm.AVAILABLE and mode is not None
         assert triton_gemm._gluon_applies(qa, qb, torch.device("cuda")) == expected, major
         assert not triton_gemm._gluon_applies(qa, qb, torch.device("cpu"))
-        monkeypatch.setattr(triton_gemm, "USE_GLUON", False)
-        assert not triton_gemm._gluon_applies(qa, qb, torch.device("cuda"))
-        monkeypatch.setattr(triton_gemm, "USE_GLUON", True)
+        assert not triton_gemm._gluon_applies(qa, qb, torch.device("cuda"), NO_GLUON)
 
 
 @pytest.mark.gpu
@@ -554,9 +556,8 @@ def test_gpu_gluon_same_products_as_triton(m, n, k, out_dtype, rng, monkeypatch)
         ours = triton_gemm.matmul(qa, qb, out_dtype)
         col = QuantizedTensor(qa.codes, qa.scales.t().contiguous().t(), qa.spec, qa.shape)
         assert torch.equal(triton_gemm.matmul(col, qb, out_dtype), ours)
-        monkeypatch.setattr(triton_gemm, "USE_GLUON", False)
-        assert torch.equal(triton_gemm.matmul(qa, qb, out_dtype), ours), f"{m}x{n}x{k} {spec_a.describe()}"
-        monkeypatch.setattr(triton_gemm, "USE_GLUON", True)
+        triton_kernel = triton_gemm.matmul(qa, qb, out_dtype, config=NO_GLUON)
+        assert torch.equal(triton_kernel, ours), f"{m}x{n}x{k} {spec_a.describe()}"
         # fp16 overflows on these magnitudes (products up to ~1e6), where one rounding on either side of
         # 65504 decides Inf; the fp32 products it is rounded from are the ones checked here.
         full = ours if out_dtype != torch.float16 else triton_gemm.matmul(qa, qb, torch.float32)
@@ -588,9 +589,7 @@ def test_gpu_gluon_row_scaled_same_products_as_triton(m, n, k, out_dtype, rng, m
             qa2 = QuantizedTensor(qa.codes, strided(qa.scales), qa.spec, qa.shape)
             qb2 = QuantizedTensor(qb.codes, strided(qb.scales), qb.spec, qb.shape)
             assert torch.equal(triton_gemm.matmul(qa2, qb2, out_dtype), ours), what
-        monkeypatch.setattr(triton_gemm, "USE_GLUON", False)
-        assert torch.equal(triton_gemm.matmul(qa, qb, out_dtype), ours), what
-        monkeypatch.setattr(triton_gemm, "USE_GLUON", True)
+        assert torch.equal(triton_gemm.matmul(qa, qb, out_dtype, config=NO_GLUON), ours), what
         # fp16: compared with the reference through the fp32 products (see the block-scaled test).
         full = ours if out_dtype != torch.float16 else triton_gemm.matmul(qa, qb, torch.float32)
         assert relative_error(full, reference.matmul(qa, qb, full.dtype)) <= tolerance(qa.spec, full.dtype), what

@@ -7,6 +7,7 @@ for every format and granularity. The hardware fp8 cast used by compiled kernels
 checked by the `gpu` tests (pytest -m gpu on a GPU machine), which also run the
 exact path compiled, and every bf16/fp16 bit pattern through both.
 """
+import dataclasses
 import math
 
 import pytest
@@ -14,9 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from quantd.kernels import dispatch, reference
+from quantd.kernels import dispatch, reference, triton_elements, triton_quantize
+from quantd.kernels.config import DEFAULT
+from quantd.kernels.quantize_plan import Tile, block_geometry, schedule, tile_geometry
 from quantd.kernels.spec import QuantSpec
-from quantd.kernels import triton_quantize
 from quantd.kernels.triton_quantize import quantize, quantize_dual
 from triton_cases import (DTYPES, FP8, all_specs, assert_same_qt, random_input, reference_quantize)
 
@@ -70,10 +72,9 @@ def test_blocks_too_large_for_registers(spec, rng):
     QuantSpec(granularity="tensor"), QuantSpec(format="int8_asym", granularity="tensor"),
     QuantSpec(format="int8_sym", granularity="channel", axis=-1), QuantSpec(granularity="channel", axis=1),
     QuantSpec(format="int8_asym", granularity="channel", axis=0)], ids=str)
-def test_statistics_pass_loops(spec, rng, monkeypatch):
+def test_statistics_pass_loops(spec, rng):
     """Programs of the statistics pass that reduce several tiles in registers before their atomics."""
-    monkeypatch.setattr(triton_quantize, "STATS_PROGRAMS", 2)
-    check(random_input((6, 300, 200), torch.bfloat16, rng), spec)
+    check(random_input((6, 300, 200), torch.bfloat16, rng), spec, config=dataclasses.replace(DEFAULT, stats_programs=2))
 
 
 STATIC_SPECS = [s for i, s in SPECS
@@ -146,8 +147,8 @@ def _corrected_quotient_kernel(v_ptr, mant_ptr, pow_ptr, bad_ptr, N, BLOCK: tl.c
     for start in range(0, N, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(v_ptr + offs, mask=offs < N, other=0.0) * tl.load(pow_ptr + pid)
-        want = triton_quantize._quotient(x, scale, triton_quantize.DIVIDE)
-        got = triton_quantize._quotient(x, scale, triton_quantize.CORRECTED)
+        want = triton_elements.quotient(x, scale, triton_elements.DIVIDE)
+        got = triton_elements.quotient(x, scale, triton_elements.CORRECTED)
         bad += ((got != want) & (tl.abs(want) >= 2.0 ** -20)).to(tl.int32)
     tl.store(bad_ptr + pid, tl.sum(bad))
 
@@ -203,39 +204,39 @@ PERSISTENT_CASES = [(QuantSpec(granularity="tile", tile=(128, 128)), (300, 260))
                     (QuantSpec(format="int8_asym", granularity="tile", tile=(128, 128)), (300, 260))]
 
 
-def persistent_launch(x, spec) -> bool:
-    """Whether quantize(x, spec) launches persistent programs (triton_quantize._schedule)."""
-    (P, R, C), (br, bc) = triton_quantize.block_geometry(x.shape, spec)
-    rb, _, tbrp, cb, _, tbcp, warps = triton_quantize._tile_geometry(br, bc, R, C, True)
-    return triton_quantize._schedule(rb, cb, tbrp, tbcp, warps, True, False, spec.format.value == "int8_asym",
-                                     spec.format.value.startswith("int8")).per_sm > 0
+def persistent_launch(x, spec, config) -> bool:
+    """Whether quantize(x, spec, config=config) launches persistent programs (quantize_plan.schedule)."""
+    (P, R, C), (br, bc) = block_geometry(x.shape, spec)
+    tile, warps = tile_geometry(br, bc, R, C, True, config)
+    return schedule(tile, warps, True, False, spec.format.value == "int8_asym", spec.format.value.startswith("int8"),
+                    config).per_sm > 0
 
 
 def test_dual_schedule_limits_only_its_tile():
-    """DUAL_WARPS and DUAL_MAXNREG are chosen for 128 x 128 programs; larger groups keep _tile_geometry's
+    """dual_warps and dual_maxnreg are chosen for 128 x 128 programs; larger groups keep tile_geometry's
     warps and no register limit (a limit meant for 8 warps would make 16 spill)."""
-    small = triton_quantize._schedule(128, 1, 1, 128, 16, True, True, False, False)
-    assert (small.warps, small.maxnreg) == (triton_quantize.DUAL_WARPS, triton_quantize.DUAL_MAXNREG)
-    large = triton_quantize._schedule(256, 1, 1, 256, 16, True, True, False, False)
+    small = schedule(Tile(128, 1, 1, 1, 128, 128), 16, True, True, False, False, DEFAULT)
+    assert (small.warps, small.maxnreg) == (DEFAULT.dual_warps, DEFAULT.dual_maxnreg)
+    large = schedule(Tile(256, 1, 1, 1, 256, 256), 16, True, True, False, False, DEFAULT)
     assert (large.warps, large.maxnreg) == (16, None)
 
 
-def set_one_block(monkeypatch, **fields):
-    """Both one-block schedules (float and INT8 formats) with `fields` changed (triton_quantize.OneBlock)."""
-    for name in ("ONE_BLOCK_FLOAT", "ONE_BLOCK_INT"):
-        monkeypatch.setattr(triton_quantize, name, getattr(triton_quantize, name)._replace(**fields))
+def one_block_config(config=DEFAULT, **fields):
+    """`config` with both one-block schedules (float and INT8 formats) changed by `fields` (config.OneBlock)."""
+    return dataclasses.replace(config, one_block_float=dataclasses.replace(config.one_block_float, **fields),
+                               one_block_int=dataclasses.replace(config.one_block_int, **fields))
 
 
 @pytest.mark.parametrize("spec,shape", PERSISTENT_CASES, ids=str)
-def test_persistent_programs(spec, shape, rng, monkeypatch):
+def test_persistent_programs(spec, shape, rng):
     """Programs that loop over several tiles (3 programs under the interpreter), careful tiles (Inf,
     NaN) among ordinary ones, quotients next to code boundaries."""
-    set_one_block(monkeypatch, per_sm=1)
+    config = one_block_config(per_sm=1)
     x = random_input(shape, torch.bfloat16, rng)
-    assert persistent_launch(x, spec)
-    check(x, spec)
-    check(random_input(shape, torch.float32, rng, edge_cases=False), spec)
-    check(near_boundaries(spec.format.value, 128, rng), spec)
+    assert persistent_launch(x, spec, config)
+    check(x, spec, config=config)
+    check(random_input(shape, torch.float32, rng, edge_cases=False), spec, config=config)
+    check(near_boundaries(spec.format.value, 128, rng), spec, config=config)
 
 
 DEFER_CASES = [(QuantSpec(granularity="tile", tile=(128, 128)), (300, 260)),
@@ -256,14 +257,14 @@ def deferred_input(shape, dtype, rng) -> torch.Tensor:
 @pytest.mark.parametrize("spec,shape", DEFER_CASES, ids=str)
 @pytest.mark.parametrize("persistent", [False, True])
 @pytest.mark.parametrize("defer", [False, True], ids=["careful_in_place", "deferred"])
-def test_deferred_careful_tiles(spec, shape, persistent, defer, rng, monkeypatch):
+def test_deferred_careful_tiles(spec, shape, persistent, defer, rng):
     """OneBlock.defer: one-block programs list their careful tiles (Inf/NaN, extreme scales) for a second
     launch, which must give them the reference's codes and scales; the others are coded in the first.
     Without it, careful tiles are coded in place. Both for float and INT8 formats, whichever is shipped."""
-    set_one_block(monkeypatch, defer=defer, per_sm=1 if persistent else 0)
-    check(deferred_input(shape, torch.bfloat16, rng), spec)
-    check(deferred_input(shape, torch.float32, rng), spec)
-    check(random_input(shape, torch.bfloat16, rng, edge_cases=False), spec)
+    config = one_block_config(defer=defer, per_sm=1 if persistent else 0)
+    check(deferred_input(shape, torch.bfloat16, rng), spec, config=config)
+    check(deferred_input(shape, torch.float32, rng), spec, config=config)
+    check(random_input(shape, torch.bfloat16, rng, edge_cases=False), spec, config=config)
 
 
 def every_bf16_under_scales(exponents) -> torch.Tensor:
@@ -322,8 +323,8 @@ def test_mxfp4_pairs_kernel(dtype, rng, monkeypatch):
     """16-bit MXFP4 inputs whose rows can be read as int32 pairs take _mxfp4_pairs_kernel (ragged last
     block, sliced rows, column scales); others (odd width, strided columns, fp32) the generic kernel."""
     taken = []
-    pairs = triton_quantize._mxfp4_pairs
-    monkeypatch.setattr(triton_quantize, "_mxfp4_pairs", lambda *a: taken.append(pairs(*a)) or taken[-1])
+    pairs = triton_quantize.mxfp4_pairs
+    monkeypatch.setattr(triton_quantize, "mxfp4_pairs", lambda *a: taken.append(pairs(*a)) or taken[-1])
     spec = QuantSpec(format="mxfp4")
     x = random_input((70, 400), dtype, rng)
     for t in (x, x[3:50, 16:316], x[:, :301], x[:, ::2], x.float()):
@@ -422,29 +423,28 @@ def test_gpu_exact_fp8_path(spec, rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec,shape", PERSISTENT_CASES, ids=str)
 @pytest.mark.parametrize("per_sm", [0, 1], ids=["tile_a_program", "persistent"])
-def test_gpu_persistent_programs(spec, shape, per_sm, rng, monkeypatch):
+def test_gpu_persistent_programs(spec, shape, per_sm, rng):
     """One-block programs, one tile a program or persistent, over ragged and aligned shapes, with and without
     Inf/NaN, and every bf16."""
-    set_one_block(monkeypatch, per_sm=per_sm)
+    config = one_block_config(per_sm=per_sm)
     for size in GPU_SHAPES[2:] + [shape, (129, 129), (1000, 3), (513, 129), (70, 9000)]:
-        check(random_input(size, torch.bfloat16, rng).cuda(), spec)
-        check(random_input(size, torch.float32, rng, edge_cases=False).cuda(), spec)
-    check(near_boundaries(spec.format.value, 128, rng).cuda(), spec)
-    check(every_16bit(torch.bfloat16).reshape(256, 256).cuda(), spec)
+        check(random_input(size, torch.bfloat16, rng).cuda(), spec, config=config)
+        check(random_input(size, torch.float32, rng, edge_cases=False).cuda(), spec, config=config)
+    check(near_boundaries(spec.format.value, 128, rng).cuda(), spec, config=config)
+    check(every_16bit(torch.bfloat16).reshape(256, 256).cuda(), spec, config=config)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec,shape", DEFER_CASES, ids=str)
 @pytest.mark.parametrize("warps,programs,maxnreg", [(None, 1, None), (8, 0, 128), (None, 0, 64), (32, 0, None)])
-def test_gpu_deferred_careful_tiles(spec, shape, warps, programs, maxnreg, rng, monkeypatch):
+def test_gpu_deferred_careful_tiles(spec, shape, warps, programs, maxnreg, rng):
     """The deferred careful tiles (OneBlock.defer) under the launch settings quantize.py --sweep times."""
-    set_one_block(monkeypatch, defer=True, per_sm=programs)
-    monkeypatch.setattr(triton_quantize, "TILE_WARPS", warps)
-    monkeypatch.setattr(triton_quantize, "TILE_MAXNREG", maxnreg)
+    config = one_block_config(dataclasses.replace(DEFAULT, tile_warps=warps, tile_maxnreg=maxnreg), defer=True,
+                              per_sm=programs)
     for size in [shape, (129, 129), (513, 1000), (2048, 8192)]:
-        check(deferred_input(size, torch.bfloat16, rng).cuda(), spec)
-        check(random_input(size, torch.float32, rng, edge_cases=False).cuda(), spec)
-    check(every_16bit(torch.bfloat16).reshape(256, 256).cuda(), spec)
+        check(deferred_input(size, torch.bfloat16, rng).cuda(), spec, config=config)
+        check(random_input(size, torch.float32, rng, edge_cases=False).cuda(), spec, config=config)
+    check(every_16bit(torch.bfloat16).reshape(256, 256).cuda(), spec, config=config)
 
 
 @pytest.mark.gpu

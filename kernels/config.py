@@ -1,0 +1,65 @@
+"""Kernel choices of the Triton backend, as one frozen object passed down from the dispatcher.
+
+DEFAULT is what ships (each value measured on an H100 or H200 with benchmarks/quantize.py --sweep and
+benchmarks/gemm.py, BENCHMARKS.md); benchmarks and tests try others with dataclasses.replace(DEFAULT, ...).
+None of these choices changes a result: every setting gives the reference's bits.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class OneBlock:
+    """How programs of one block a tile run (128 x 128 tiles, channels, long flat blocks)."""
+    defer: bool  # no code for careful tiles (Inf/NaN, extreme scales): listed for a second launch (FIXUP)
+    per_sm: int  # persistent programs an SM (0: one tile a program)
+    tile_elems: int  # elements a thread of a 2-D block
+    row_elems: int  # elements a thread of a block of one row
+    maxnreg: int | None  # register limit a thread (None: as ptxas chooses)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    # Elements one quantize program covers (bytes in flight per program) and its warps (None: by size).
+    tile_elems: int = 8192
+    tile_warps: int | None = None
+    # Registers a thread of the quantize programs may use (None: as ptxas chooses).
+    tile_maxnreg: int | None = None
+    # Programs the statistics pass aims at where it can loop (a few waves of the largest GPUs).
+    stats_programs: int = 2048
+    # Persistent quantize programs: where a program's registers wait on a reduction over the whole tile
+    # (one large block a program: 128 x 128 tiles, channels) or its encoding is long (INT8 asym), each
+    # program may loop over tiles with the loads of the next persistent_stages - 1 tiles in flight
+    # (cp.async), OneBlock.per_sm / asym_programs / dual_programs an SM (0: one tile a program).
+    persistent_stages: int = 3
+    asym_programs: int = 2
+    dual_programs: int = 0
+    # Warps of a dual-layout program of up to 16384 elements (a 128 x 128 tile), and its register limit
+    # (two programs an SM): 0.56 x copy against 0.43 at 8 warps without the limit (H100).
+    dual_warps: int = 8
+    dual_maxnreg: int | None = 128
+    # INT8 asym programs: warps, and the register limit that keeps two of them on an SM without spilling
+    # (255 registers at 4 warps otherwise: 0.918 against 0.852 x copy, H100).
+    asym_warps: int = 8
+    asym_maxnreg: int | None = 128
+    # Float formats: careful tiles deferred, one tile a program at 8 warps (a 128 x 128 tile) within 128
+    # registers, two programs an SM. INT8, whose codes take more registers: persistent programs, a row
+    # block at 16 elements a thread.
+    one_block_float: OneBlock = OneBlock(defer=True, per_sm=0, tile_elems=64, row_elems=64, maxnreg=128)
+    one_block_int: OneBlock = OneBlock(defer=False, per_sm=1, tile_elems=32, row_elems=16, maxnreg=None)
+    # Programs an SM of the launch that quantizes the deferred careful tiles.
+    fixup_programs: int = 2
+    # Elements a dequantize program covers, and the sub-tiles one-block tiles (a power-of-two number of
+    # rows: 128 x 128 tiles) are dequantized in: 1 / dequant_split of a block's rows, as many blocks side
+    # by side as fit (1: a block a program). 4096 and rows of 128 x 128 blocks one at a time: on an H200,
+    # 1x128 E4M3 0.960 x copy against 0.939 at 8192 elements, 128x128 0.969 against 0.959 a block a program.
+    dequant_tile_elems: int = 4096
+    dequant_split: int = 128
+    # GEMMs: the Gluon kernel where it applies (triton_gemm._gluon_applies), and compiled MXFP4 tiles
+    # decoded in bf16x2 PTX (triton_gemm._e2m1x2_scaled; False: through fp32).
+    use_gluon: bool = True
+    packed_decode: bool = True
+
+
+DEFAULT = KernelConfig()

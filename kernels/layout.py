@@ -1,0 +1,38 @@
+"""Scale layouts: how the scale (and zero-point) tensors of a QuantizedTensor lie in memory.
+
+Backends allocate their outputs through scale_tensor; the dispatcher moves the results of backends
+that write only the row-major layout (with_scale_layout). Nothing here needs a backend or the dispatcher.
+"""
+from __future__ import annotations
+
+import torch
+
+from .spec import QuantizedTensor
+
+SCALE_LAYOUTS = ("row", "col")
+
+
+def scale_tensor(shape, dtype: torch.dtype, device, layout: str = "row") -> torch.Tensor:
+    """An empty scale (or zero-point) tensor of logical `shape`; "col" makes the last dim the slowest."""
+    if layout not in SCALE_LAYOUTS:
+        raise ValueError(f"scale_layout must be one of {', '.join(SCALE_LAYOUTS)}, got {layout!r}")
+    shape = tuple(shape)
+    if layout == "row" or len(shape) < 2:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.empty((shape[-1],) + shape[:-1], dtype=dtype, device=device).movedim(0, -1)
+
+
+def with_scale_layout(qt: QuantizedTensor, layout: str) -> QuantizedTensor:
+    """`qt` with its scales and zero points copied into `layout` (values unchanged)."""
+    def moved(t):
+        if t is None:
+            return None
+        out = scale_tensor(t.shape, t.dtype, t.device, layout)
+        if t.element_size() == 1:  # float8_e8m0fnu has no copy kernel everywhere: copy the bytes
+            out.view(torch.uint8).copy_(t.view(torch.uint8))
+        else:
+            out.copy_(t)
+        return out
+    if layout == "row":
+        return qt
+    return QuantizedTensor(qt.codes, moved(qt.scales), qt.spec, qt.shape, moved(qt.zero_points))

@@ -1,0 +1,260 @@
+"""Element arithmetic and tile indexing shared by the Triton quantize and dequantize kernels.
+
+The format a kernel codes is one constexpr bundle, FMT (quantize_plan.ElementConstants: QMAX, IS_INT,
+ASYM, POW2, MX, EMAX, NBITS, MBITS, EMIN, BIAS, NAN_CODE, HW_FP8, EXACT_FP8), and a tile's geometry
+another, TILE (quantize_plan.Tile: RB, TBR, TBRP, CB, TBC, TBCP). Every code is that of the IEEE
+quotient x / scale, as in the reference; quotient says how each kind of program gets it without an
+IEEE division per element where it can.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# FMT.HW_FP8: how a float code is made (see encode_float).
+SOFT_FP8 = tl.constexpr(0)  # integer arithmetic (E2M1, and fp8 under EXACT_FP8)
+HW_E4M3 = tl.constexpr(1)  # the hardware cast to float8e4nv
+HW_E5M2 = tl.constexpr(2)  # the hardware cast to float8e5
+
+@triton.jit
+def exponent(a):
+    """floor(log2(a)) of non-negative fp32 `a` from its bits; -127 for zero and subnormals."""
+    return ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+
+
+@triton.jit
+def pow2(e):
+    """2**e as fp32 for int32 e in [-127, 127] (2**-127 is a subnormal)."""
+    bits = tl.where(e >= -126, (e + 127) << 23, 1 << tl.maximum(e + 149, 0))
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def rint(v):
+    """Round fp32 |v| <= 2**22 to an integer, ties to even (exact: the sum's rounding does it)."""
+    return (v + 12582912.0) - 12582912.0  # 1.5 * 2**23
+
+
+@triton.jit
+def rint_int32(v):
+    """rint(v) as int32, read off the bits of the same sum (no float -> int conversion)."""
+    return (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+
+
+@triton.jit
+def block_scale(amax, nlo, FMT: tl.constexpr):
+    """(scale, zero point) of a block from its finite amax (or, for FMT.ASYM, hi = amax and lo = -nlo)."""
+    zp = tl.zeros_like(amax)
+    if FMT.ASYM:
+        span = amax + nlo  # hi - lo with lo = -nlo: exact negation, one rounding as in the reference
+        scale = tl.math.div_rn(span, 2 * FMT.QMAX + 1)
+        scale = tl.where(scale > 0, scale, 1.0)
+        zp = -(FMT.QMAX + 1) - rint(tl.math.div_rn(-nlo, scale))
+    elif FMT.POW2:
+        if FMT.MX:
+            e = exponent(amax) - FMT.EMAX
+        else:
+            ratio = tl.math.div_rn(amax, FMT.QMAX)
+            e = exponent(ratio) + ((ratio.to(tl.int32, bitcast=True) & 0x7FFFFF) != 0).to(tl.int32)
+        scale = pow2(scale_exponent(e, amax > 0))
+    else:
+        scale = tl.math.div_rn(amax, FMT.QMAX)
+        scale = tl.where(scale > 0, scale, 1.0)
+    return scale, zp
+
+
+@triton.jit
+def scale_exponent(e, nonzero):
+    """The exponent of a power-of-two scale: e clamped to E8M0's [-127, 127]; 0 for an all-zero block."""
+    return tl.where(nonzero, tl.minimum(tl.maximum(e, -127), 127), 0)
+
+
+@triton.jit
+def stored_scale(scale, POW2: tl.constexpr):
+    """What the scale tensor holds: fp32, or the E8M0 byte of floor(log2(scale))."""
+    if POW2:
+        stored = (tl.minimum(tl.maximum(exponent(scale), -127), 127) + 127).to(tl.uint8)
+    else:
+        stored = scale
+    return stored
+
+
+# How x / scale is computed (see quotient).
+DIVIDE = tl.constexpr(0)
+RECIPROCAL = tl.constexpr(1)
+CORRECTED = tl.constexpr(2)
+CORRECTED_ANY_ZERO = tl.constexpr(3)
+# Scales within which CORRECTED is exact for every quotient that can change a code (and x finite).
+CORRECTED_MIN = tl.constexpr(2.0 ** -80)
+CORRECTED_MAX = tl.constexpr(2.0 ** 100)
+
+
+@triton.jit
+def quotient(x, scale, QUOTIENT: tl.constexpr):
+    """x / scale rounded to nearest even fp32 (IEEE division), as the reference divides.
+
+    DIVIDE: IEEE division, element by element.
+    RECIPROCAL: scale is 2**e, e in [-127, 127]: 1 / scale is exact and x times it rounds as
+    x / scale does (one correctly rounded result of the same real number).
+    CORRECTED: q0 = x * r with r = RN(1 / scale) per block, then one correction by the exact
+    remainder, q0 + RN(x - q0 * scale) * r (two fmas): the same steps as the GPU's own division,
+    with a correctly rounded reciprocal. The caller guarantees finite x, |x / scale| < 2**17 and
+    scale in [CORRECTED_MIN, CORRECTED_MAX]: there the remainder is exact wherever
+    |x / scale| >= 2**-20, and the result is the IEEE quotient in every case searched (NUMERICS.md);
+    smaller quotients may differ in the last bits, and every format's code of them is zero.
+    """
+    if QUOTIENT == RECIPROCAL:
+        q = x * tl.math.div_rn(1.0, scale)
+    elif QUOTIENT == CORRECTED or QUOTIENT == CORRECTED_ANY_ZERO:
+        r = tl.math.div_rn(1.0, scale)
+        q0 = x * r
+        q = tl.fma(tl.fma(q0, -scale, x), r, q0)  # -scale: the block's, exact (Triton's -q0 is 0 - q0, an extra op)
+        if QUOTIENT == CORRECTED:
+            q = tl.where(x == 0.0, x, q)  # x = -0 keeps its sign (CORRECTED_ANY_ZERO: for int8, which has one zero)
+    else:
+        q = tl.math.div_rn(x, scale)
+    return q
+
+
+@triton.jit
+def encode(x, scale, zp, FMT: tl.constexpr, QUOTIENT: tl.constexpr):
+    """Code bits (int32; two's complement for int8) of fp32 `x` under `scale` (and `zp`).
+
+    QUOTIENT: how x / scale is computed (see quotient).
+    """
+    return encode_quotient(x, quotient(x, scale, QUOTIENT), zp, FMT)
+
+
+@triton.jit
+def encode_quotient(x, q, zp, FMT: tl.constexpr, FINITE: tl.constexpr = False):
+    """Code bits of the quotients q = x / scale (see encode).
+
+    FINITE (int8 asym): no x is +-Inf and q = x / scale of the block's own scale, so |q| <= 2 * 128
+    or q is NaN (x NaN): no clamp before rounding, and only NaN x needs a select."""
+    if FMT.ASYM and FINITE:
+        zpi = zp.to(tl.int32)
+        bits = tl.where(x != x, zpi, tl.minimum(tl.maximum(rint_int32(q) + zpi, -128), 127))
+    elif FMT.IS_INT:
+        # int8 is the one integer format.
+        if FMT.ASYM:
+            zpi = zp.to(tl.int32)
+            c = rint_int32(tl.minimum(tl.maximum(q, -2.0 * (FMT.QMAX + 1)), 2.0 * (FMT.QMAX + 1))) + zpi
+            c = tl.minimum(tl.maximum(c, -128), 127)
+            bits = tl.where(x != x, zpi, tl.where(q != q, 0, c))
+        else:
+            bits = tl.where(q != q, 0, rint_int32(tl.minimum(tl.maximum(q, -FMT.QMAX), FMT.QMAX)))
+        # A NaN quotient of a non-NaN x (Inf / Inf when span overflowed) is stored as torch
+        # stores NaN in int8: 0. (min/max may drop NaN, so this is tested on q.)
+    else:
+        bits = encode_float(q, FMT)
+    return bits
+
+
+@triton.jit
+def e2m1(q):
+    """E2M1 code bits of fp32 quotients q: round to nearest even, +-Inf and overflow saturate to
+    +-6, NaN -> 0 (E2M1 has no NaN; the reference's NAN_CODE). |q| >= 1 rounds the fp32 bits to
+    one mantissa bit (a carry moves into the exponent) and re-biases; |q| < 1 lies on the grid
+    of 0.5, rounded by an fp32 addition."""
+    a = tl.minimum(tl.abs(q), 6.0)
+    b = a.to(tl.int32, bitcast=True)
+    normal = ((b + 0x1FFFFF + ((b >> 22) & 1)) >> 22) - 252
+    sub = (a * 2.0 + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000
+    bits = tl.where(a < 1.0, sub, normal) | ((q.to(tl.int32, bitcast=True) >> 28) & 8)
+    return tl.where(q != q, 0, bits)
+
+
+@triton.jit
+def encode_float(q, FMT: tl.constexpr):
+    """Minifloat code bits of quotients `q`: clamp, round to nearest even, NaN -> FMT.NAN_CODE."""
+    QMAX: tl.constexpr = FMT.QMAX
+    NBITS: tl.constexpr = FMT.NBITS
+    MBITS: tl.constexpr = FMT.MBITS
+    EMIN: tl.constexpr = FMT.EMIN
+    BIAS: tl.constexpr = FMT.BIAS
+    if NBITS == 4:
+        bits = e2m1(q)
+    elif FMT.HW_FP8 != SOFT_FP8 and not FMT.EXACT_FP8:
+        # The hardware conversion (cvt.rn.satfinite) is the reference's encoding: it rounds to
+        # nearest even, saturates +-Inf and overflow to +-max, and writes 0x7F (NAN_CODE) for NaN.
+        if FMT.HW_FP8 == HW_E4M3:
+            bits = q.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+        else:
+            bits = q.to(tl.float8e5).to(tl.uint8, bitcast=True).to(tl.int32)
+    else:
+        # The reference's round_to_grid + encode_minifloat_bits, exactly, in integer arithmetic:
+        # normal results round the fp32 bits to MBITS mantissa bits (ties to even; a carry
+        # moves into the exponent) and re-bias; subnormal ones let an fp32 addition round
+        # onto the 2**(EMIN - MBITS) grid and read the multiple off the sum's bits.
+        qc = tl.minimum(tl.maximum(q, -QMAX), QMAX)  # +-Inf saturates; NaN is replaced below
+        ab = tl.abs(qc).to(tl.int32, bitcast=True)
+        normal = ((ab + ((1 << (22 - MBITS)) - 1) + ((ab >> (23 - MBITS)) & 1)) >> (23 - MBITS)) \
+            - ((127 - BIAS) << MBITS)
+        magic = tl.zeros_like(ab) + ((EMIN - MBITS + 23 + 127) << 23)  # 2**(EMIN - MBITS + 23)
+        sub = (tl.abs(qc) + magic.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True) - magic
+        bits = tl.where(ab < ((EMIN + 127) << 23), sub, normal)
+        bits = bits | (((qc.to(tl.int32, bitcast=True) >> 31) & 1) << (NBITS - 1))
+        bits = tl.where(q != q, FMT.NAN_CODE, bits)
+    return bits
+
+
+@triton.jit
+def tile_coords(pid, R, C, TILES_R, TILES_C, TILE: tl.constexpr):
+    """Tile `pid`: RB x CB sub-tiles (TBR x TBC, padded to TBRP x TBCP; the fields of TILE) over the
+    (P, R, C) view.
+
+    Returns (p, pid_r, pid_c, rb, i, cb, j, rows, cols, valid): the 4-D [RB, TBRP, CB, TBCP] index
+    pieces, the element rows and columns, and the mask of real elements.
+    """
+    RB: tl.constexpr = TILE.RB
+    TBR: tl.constexpr = TILE.TBR
+    TBRP: tl.constexpr = TILE.TBRP
+    CB: tl.constexpr = TILE.CB
+    TBC: tl.constexpr = TILE.TBC
+    TBCP: tl.constexpr = TILE.TBCP
+    pid_c = pid % TILES_C
+    pid_r = (pid // TILES_C) % TILES_R
+    p = pid // (TILES_C * TILES_R)
+    rb = tl.arange(0, RB)[:, None, None, None]
+    i = tl.arange(0, TBRP)[None, :, None, None]
+    cb = tl.arange(0, CB)[None, None, :, None]
+    j = tl.arange(0, TBCP)[None, None, None, :]
+    rows = (pid_r * RB + rb) * TBR + i
+    cols = (pid_c * CB + cb) * TBC + j
+    valid = (rows < R) & (cols < C)
+    if TBR != TBRP:
+        valid = valid & (i < TBR)
+    if TBC != TBCP:
+        valid = valid & (j < TBC)
+    return p, pid_r, pid_c, rb, i, cb, j, rows, cols, valid
+
+
+@triton.jit
+def block_ids(rows, cols, BR, BC, NBR, NBC, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr):
+    """Block row and column of each element, for blocks of BR x BC, on the axes where the block
+    varies (else 0), clamped into the NBR x NBC grid so that padding lanes name a real block."""
+    brow = tl.zeros([1, 1, 1, 1], tl.int32)
+    bcol = tl.zeros([1, 1, 1, 1], tl.int32)
+    if BID_ROWS:
+        brow = tl.minimum(rows // BR, NBR - 1)
+    if BID_COLS:
+        bcol = tl.minimum(cols // BC, NBC - 1)
+    return brow, bcol
+
+
+@triton.jit
+def load_fp32(ptrs, mask, BF16_BITS: tl.constexpr):
+    """Load as fp32. BF16_BITS: the input is bf16 viewed as int16, widened on the bits
+    (the interpreter's bf16 -> fp32 cast loses subnormals)."""
+    if BF16_BITS:
+        x = (tl.load(ptrs, mask=mask, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def finite_abs(x):
+    a = tl.abs(x)
+    return tl.where(a < float("inf"), a, 0.0)
+

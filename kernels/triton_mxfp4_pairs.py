@@ -1,0 +1,153 @@
+"""MXFP4 quantization of 16-bit inputs read as int32 pairs of elements: each word's two codes make one
+code byte without reshaping registers. triton_quantize.quantize takes it where the input allows.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import interpreting
+from .quantize_plan import as_grid, bytes_of, element_constants
+from .spec import E2M1, _cdiv
+from .triton_elements import RECIPROCAL, block_scale, e2m1, finite_abs, quotient, scale_exponent, stored_scale
+
+# Rows and MX blocks a program of the MXFP4 pairs kernel takes (8192 elements, 4 warps).
+PAIRS_ROWS, PAIRS_GROUPS, PAIRS_WARPS = 16, 16, 4
+
+
+def mxfp4_pairs(v, codes, stored, spec) -> bool:
+    """Quantize with _mxfp4_pairs_kernel when `v` (1, R, C) is an MXFP4 input it can read as int32
+    pairs (16-bit, unit column stride, even C, row stride and base); False otherwise."""
+    P, R, C = v.shape
+    if not (spec.element is E2M1 and P == 1 and v.element_size() == 2 and v.stride(2) == 1 and C % 2 == 0
+            and v.stride(1) % 2 == 0 and v.data_ptr() % 4 == 0 and R > 0):
+        return False
+    pairs = v.reshape(R, C).view(torch.int32) if v.stride(1) == C else torch.as_strided(
+        v.view(torch.int16), (R, C), (v.stride(1), 1)).view(torch.int32)
+    grid_s = as_grid(stored, R, _cdiv(C, spec.group_size))
+    c2 = C // 2
+    grid = (_cdiv(R, PAIRS_ROWS) * _cdiv(c2, PAIRS_GROUPS * 16),)
+    _mxfp4_pairs_kernel[grid](pairs, bytes_of(codes), bytes_of(grid_s), R, c2, pairs.stride(0),
+                              grid_s.stride(0), grid_s.stride(1), ROWS=PAIRS_ROWS, GROUPS=PAIRS_GROUPS,
+                              FP16=v.dtype == torch.float16, FMT=element_constants(spec),
+                              PACKED=v.dtype == torch.bfloat16 and not interpreting(), num_warps=PAIRS_WARPS)
+    return True
+
+
+@triton.jit
+def _e2m1_bf16_pairs(w, e):
+    """E2M1 code byte of each int32 word of two bf16 elements (element 2i in the low nibble) under the
+    scale 2**e (e in [-127, 127]), in packed bf16x2 arithmetic (sm_90 PTX; no NaN among the elements).
+
+    Per element: q = x * 2**-e, exact but where it falls below bf16's normals (such q code as 0);
+    a = min(|q|, 6);
+    M = 2**(6 + max(floor(log2(a)), 0)), the bf16 whose ulp is the E2M1 step in a's binade (0.5, 1
+    or 2); s = RN(a + M) puts a on the E2M1 grid, ties to even; the code is the number of steps s
+    lies above M (its low 7 bits) plus twice M's exponent above 2**6 (bits 7-8 of s hold that
+    exponent above 2**5). Every lane stays within its 16 bits, so the integer steps act on both
+    elements at once. The same arithmetic in torch matched the reference's codes of every bf16
+    value under every scale 2**-127 .. 2**127.
+    """
+    r = tl.where(e < 127, (127 - e) << 7, 0x40)  # bf16 bits of 2**-e (2**-127 is a subnormal)
+    r2 = tl.broadcast_to(r | (r << 16), w.shape)
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 q, a, m, s, t, six, one;
+        mov.b32 six, 0x40C040C0;
+        mov.b32 one, 0x3F803F80;
+        mul.rn.bf16x2 q, $1, $2;
+        and.b32 a, q, 0x7FFF7FFF;
+        min.u16x2 a, a, six;
+        and.b32 m, a, 0x7F807F80;
+        max.u16x2 m, m, one;
+        add.u32 m, m, 0x03000300;
+        add.rn.bf16x2 s, a, m;
+        shr.u32 t, s, 6;
+        and.b32 t, t, 0x00060006;
+        and.b32 s, s, 0x007F007F;
+        add.u32 s, s, t;
+        sub.u32 s, s, 0x00020002;
+        shr.u32 t, $1, 12;
+        and.b32 t, t, 0x00080008;
+        or.b32 s, s, t;
+        shr.u32 t, s, 12;
+        or.b32 s, s, t;
+        and.b32 $0, s, 0xFF;
+        }
+        """,
+        constraints="=r,r,r", args=[w, r2], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _max_u16x2(a, b):
+    """Maximum of each 16-bit half of int32 words (sm_90 PTX)."""
+    return tl.inline_asm_elementwise("max.u16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _mxfp4_pairs_kernel(w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c,
+                        ROWS: tl.constexpr, GROUPS: tl.constexpr, FP16: tl.constexpr, FMT: tl.constexpr,
+                        PACKED: tl.constexpr):
+    """MXFP4 codes of a 16-bit (R, 2 * C2) matrix read as int32 pairs of elements: each word's two
+    codes make one byte (element 2i in the low nibble) without reshaping registers.
+
+    A program takes ROWS rows x GROUPS MX blocks of 16 words each. The amax is reduced on the
+    magnitude bits (16-bit floats order as their bits do). PACKED (bf16, compiled): tiles without
+    Inf or NaN are encoded two elements at a time (_e2m1_bf16_pairs); other tiles, fp16 and the
+    interpreter go through fp32 and e2m1.
+    """
+    pid = tl.program_id(0)
+    tiles_c = tl.cdiv(C2, GROUPS * 16)
+    pr = pid // tiles_c
+    pc = pid % tiles_c
+    r = pr * ROWS + tl.arange(0, ROWS)[:, None, None]
+    g = pc * GROUPS + tl.arange(0, GROUPS)[None, :, None]
+    k = g * 16 + tl.arange(0, 16)[None, None, :]
+    mask = (r < R) & (k < C2)
+    w = tl.load(w_ptr + r.to(tl.int64) * sw_r + k, mask=mask, other=0)
+    if PACKED:  # both halves at once (max.u16x2), then the larger half
+        mag = tl.reduce(w & 0x7FFF7FFF, 2, _max_u16x2, keep_dims=True)
+        mag = tl.maximum(mag & 0xFFFF, mag >> 16)
+    else:
+        mag = tl.max(tl.maximum(w & 0x7FFF, (w >> 16) & 0x7FFF), axis=2, keep_dims=True)
+    if FP16:
+        amax = mag.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        careful = tl.max((mag >= 0x7C00).to(tl.int32))  # an Inf or NaN
+    else:
+        amax = (mag << 16).to(tl.float32, bitcast=True)
+        careful = tl.max((mag >= 0x7F80).to(tl.int32))
+    s_ptrs = scales_ptr + r.to(tl.int64) * ss_r + g * ss_c
+    s_mask = (r < R) & (g * 16 < C2)
+    c_ptrs = codes_ptr + r.to(tl.int64) * C2 + k
+    if PACKED:
+        if careful == 0:
+            # The scale's exponent from the amax's bits, as block_scale finds it from the amax.
+            e = scale_exponent((mag >> 7) - 127 - FMT.EMAX, mag > 0)
+            tl.store(s_ptrs, (e + 127).to(tl.uint8), mask=s_mask)
+            tl.store(c_ptrs, _e2m1_bf16_pairs(w, e).to(tl.uint8), mask=mask)
+        else:
+            _mxfp4_pairs_fp32(w, amax, careful, s_ptrs, s_mask, c_ptrs, mask, FP16, FMT)
+    else:
+        _mxfp4_pairs_fp32(w, amax, careful, s_ptrs, s_mask, c_ptrs, mask, FP16, FMT)
+
+
+@triton.jit
+def _mxfp4_pairs_fp32(w, amax, careful, s_ptrs, s_mask, c_ptrs, mask, FP16: tl.constexpr, FMT: tl.constexpr):
+    """Scales and codes of a tile of _mxfp4_pairs_kernel through fp32 and e2m1: the elements of each
+    word as fp32 (lo, hi); a careful tile takes the amax of its finite elements."""
+    if FP16:
+        lo = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        lo = (w << 16).to(tl.float32, bitcast=True)
+        hi = (w & -65536).to(tl.float32, bitcast=True)
+    if careful != 0:
+        amax = tl.maximum(tl.max(finite_abs(lo), axis=2, keep_dims=True),
+                          tl.max(finite_abs(hi), axis=2, keep_dims=True))
+    scale, zp = block_scale(amax, 0.0, FMT)
+    tl.store(s_ptrs, stored_scale(scale, FMT.POW2), mask=s_mask)
+    packed = (e2m1(quotient(lo, scale, RECIPROCAL)) & 0xF) | ((e2m1(quotient(hi, scale, RECIPROCAL)) & 0xF) << 4)
+    tl.store(c_ptrs, packed.to(tl.uint8), mask=mask)
+
