@@ -182,10 +182,11 @@ def compute_scales(blocks: torch.Tensor, spec: QuantSpec):
         scale = amax / el.max
         return torch.where(scale > 0, scale, 1.0), None, None
     if spec.is_mx:
+        # OCP MX: floor(log2(amax)) - emax, clamped; an all-zero block (amax exponent -127) gets -127, E8M0 0,
+        # as the OCP reference library (microxcaling) and torchao write it.
         e = torch.clamp(_exponent(amax) - el.emax, -127, 127)
     else:
-        e = pow2_exponent(amax / el.max, ceil=True)
-    e = torch.where(amax > 0, e, 0)
+        e = torch.where(amax > 0, pow2_exponent(amax / el.max, ceil=True), 0)
     return torch.ldexp(torch.ones_like(amax), e.float()), e, None
 
 

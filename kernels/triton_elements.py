@@ -52,11 +52,11 @@ def block_scale(amax, nlo, FMT: tl.constexpr):
         zp = -(FMT.QMAX + 1) - rint(tl.math.div_rn(-nlo, scale))
     elif FMT.POW2:
         if FMT.MX:
-            e = exponent(amax) - FMT.EMAX
+            scale = pow2(mx_scale_exponent(exponent(amax), FMT.EMAX))
         else:
             ratio = tl.math.div_rn(amax, FMT.QMAX)
             e = exponent(ratio) + ((ratio.to(tl.int32, bitcast=True) & 0x7FFFFF) != 0).to(tl.int32)
-        scale = pow2(scale_exponent(e, amax > 0))
+            scale = pow2(scale_exponent(e, amax > 0))
     else:
         scale = tl.math.div_rn(amax, FMT.QMAX)
         scale = tl.where(scale > 0, scale, 1.0)
@@ -64,16 +64,29 @@ def block_scale(amax, nlo, FMT: tl.constexpr):
 
 
 @triton.jit
+def clamp_exponent(e):
+    """e clamped to E8M0's [-127, 127]."""
+    return tl.minimum(tl.maximum(e, -127), 127)
+
+
+@triton.jit
 def scale_exponent(e, nonzero):
-    """The exponent of a power-of-two scale: e clamped to E8M0's [-127, 127]; 0 for an all-zero block."""
-    return tl.where(nonzero, tl.minimum(tl.maximum(e, -127), 127), 0)
+    """The exponent of an FP8/INT8 power-of-two scale: e clamped; 0 for an all-zero block."""
+    return tl.where(nonzero, clamp_exponent(e), 0)
+
+
+@triton.jit
+def mx_scale_exponent(amax_exponent, EMAX: tl.constexpr):
+    """The OCP MX scale exponent floor(log2(amax)) - emax, clamped: an all-zero block (amax exponent -127)
+    gets -127, E8M0 0, as the OCP reference library and torchao write it."""
+    return clamp_exponent(amax_exponent - EMAX)
 
 
 @triton.jit
 def stored_scale(scale, POW2: tl.constexpr):
     """What the scale tensor holds: fp32, or the E8M0 byte of floor(log2(scale))."""
     if POW2:
-        stored = (tl.minimum(tl.maximum(exponent(scale), -127), 127) + 127).to(tl.uint8)
+        stored = (clamp_exponent(exponent(scale)) + 127).to(tl.uint8)
     else:
         stored = scale
     return stored

@@ -10,7 +10,7 @@ import triton.language as tl
 from .launch import interpreting
 from .quantize_plan import as_grid, bytes_of, element_constants
 from .spec import E2M1, _cdiv
-from .triton_elements import RECIPROCAL, block_scale, e2m1, finite_abs, quotient, scale_exponent, stored_scale
+from .triton_elements import RECIPROCAL, block_scale, e2m1, finite_abs, mx_scale_exponent, quotient, stored_scale
 
 # Rows and MX blocks a program of the MXFP4 pairs kernel takes (8192 elements, 4 warps).
 PAIRS_ROWS, PAIRS_GROUPS, PAIRS_WARPS = 16, 16, 4
@@ -124,7 +124,7 @@ def _mxfp4_pairs_kernel(w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c,
     if PACKED:
         if careful == 0:
             # The scale's exponent from the amax's bits, as block_scale finds it from the amax.
-            e = scale_exponent((mag >> 7) - 127 - FMT.EMAX, mag > 0)
+            e = mx_scale_exponent((mag >> 7) - 127, FMT.EMAX)
             tl.store(s_ptrs, (e + 127).to(tl.uint8), mask=s_mask)
             tl.store(c_ptrs, _e2m1_bf16_pairs(w, e).to(tl.uint8), mask=mask)
         else:

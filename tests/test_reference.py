@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from quantd.kernels import dispatch, reference
-from quantd.kernels.spec import Format, Granularity, QuantSpec, ScaleEncoding
+from quantd.kernels.spec import Format, Granularity, QuantizedTensor, QuantSpec, ScaleEncoding
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -94,7 +94,8 @@ def test_all_zero_blocks(spec):
         if not usable(spec, shape):
             continue
         qt = reference.quantize(torch.zeros(shape), spec)
-        assert (reference.scale_values(qt) == 1.0).all()
+        # MX takes the smallest E8M0 exponent for a zero amax (NUMERICS.md, Scales); the others scale 1.0
+        assert (reference.scale_values(qt) == (2.0 ** -127 if spec.is_mx else 1.0)).all()
         assert not torch.isnan(reference.code_values(qt)).any()
         deq = reference.dequantize(qt, torch.float32)
         assert deq.shape == shape and (deq == 0).all()
@@ -230,8 +231,31 @@ def test_mx_scale_rule(arr, fmt):
     amax = reference.to_blocks(x, spec).abs().amax(dim=1).double().numpy()
     emax = {"mxfp4": 2, "mxfp8": 8}[fmt]
     _, ex = np.frexp(amax)
-    want = np.where(amax > 0, np.clip(ex - 1 - emax, -127, 127), 0)
+    want = np.where(amax > 0, np.clip(ex - 1 - emax, -127, 127), -127)  # log2(0) = -inf, clamped
     assert torch.equal(qt.scales.view(torch.uint8).reshape(-1).int(), torch.from_numpy((want + 127).astype(np.int32)))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mx_zero_blocks_get_e8m0_zero(backend, fmt, dtype, rng):
+    """All-zero and all-NaN/Inf MX blocks: E8M0 bits 0 (2^-127), as microxcaling and torchao write; the
+    other blocks keep the OCP rule, and every backend writes the same bytes."""
+    x = torch.randn(3, 128, generator=rng)
+    x[0, :32] = 0.0
+    x[1, 32:64] = float("nan")
+    x[2, 96:] = torch.tensor([float("inf"), -float("inf")]).repeat(16)
+    x = x.to(dtype)
+    on_gpu = backend == "triton" and torch.cuda.is_available()  # compiled there; interpreted without a GPU
+    qt = dispatch.quantize(x.cuda() if on_gpu else x, QuantSpec(fmt), backend=backend)
+    qt = QuantizedTensor(qt.codes.cpu(), qt.scales.cpu(), qt.spec, qt.shape)
+    bits = qt.scales.view(torch.uint8)
+    assert bits[0, 0] == 0 and bits[1, 1] == 0 and bits[2, 3] == 0
+    emax = {"mxfp4": 2, "mxfp8": 8}[fmt]
+    _, ex = np.frexp(x[2, :32].abs().max().item())
+    assert bits[2, 0] == ex - 1 - emax + 127
+    assert (reference.dequantize(qt, torch.float32)[0, :32] == 0).all()
+    assert torch.equal(bits, reference.quantize(x, QuantSpec(fmt)).scales.view(torch.uint8))
 
 
 # ---- GEMMs against fp64 products ----------------------------------------------------
