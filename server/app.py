@@ -91,7 +91,10 @@ class QuantdServer:
         # gRPC itself cuts only messages over twice the limit (the handler then sees a bare cancellation); up to that,
         # the servicer refuses them with a status it records (streams.chunks_of)
         options = [("grpc.max_receive_message_length", 2 * self.config.max_message_bytes),
-                   ("grpc.max_send_message_length", -1)]
+                   ("grpc.max_send_message_length", -1),
+                   # clients ping every few seconds to find frozen replicas (quantd.client.channels.KEEPALIVE_OPTIONS)
+                   ("grpc.keepalive_permit_without_calls", 1),
+                   ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000), ("grpc.http2.max_ping_strikes", 0)]
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         add_servicer(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

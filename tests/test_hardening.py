@@ -87,14 +87,6 @@ def assert_serves(server: ServerProcess):
     assert torch.equal(got.codes.view(torch.uint8), reference.quantize(x, SPEC).codes.view(torch.uint8))
 
 
-@pytest.fixture
-def processes():
-    started = []
-    yield started
-    for server in started:
-        server.close()
-
-
 def test_aborted_streams_give_their_memory_back(processes):
     """Three Dequantize streams, each sent 192 MiB of a declared 256 MiB, then cancelled (two) or cut by their
     deadline (one): the server's RSS comes back down after each, with no garbage collection to wait for."""
