@@ -136,11 +136,12 @@ def test_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog, rng):
     """No working C++ compiler: a warning, then the same bits from the eager functions."""
     import torch._inductor.config as inductor_config
     spec = QuantSpec("fp8_e4m3", "group", group_size=48)  # compiled nowhere else
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # no compiled graph from an earlier run
     monkeypatch.setattr(cpu, "_eager", set())
     x = random_input((8, 96), torch.float32, rng)
-    with caplog.at_level(logging.WARNING, logger=cpu.__name__):
+    # inductor's own patch (its settings are context variables, which monkeypatch's undo leaves broken for other
+    # threads); no cached graph from an earlier run
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}), \
+            caplog.at_level(logging.WARNING, logger=cpu.__name__):
         got = cpu.quantize(x, spec)
     assert (cpu._quantize_blocks, spec) in cpu._eager and "running eagerly" in caplog.text
     assert_same(got, reference.quantize(x, spec))
