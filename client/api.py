@@ -12,12 +12,15 @@ Inputs are torch tensors (CPU or CUDA; CUDA ones are copied to the host to be se
 results come back on the same device) or numpy arrays (numpy has no bfloat16: pass a torch
 tensor, or an ml_dtypes.bfloat16 array). Every failure is a QuantdError carrying the gRPC
 status code. Quantize, Dequantize, Matmul and GetServerInfo have no side effects, so a call
-that meets UNAVAILABLE (a server down or draining) is sent again, whole, up to `retries`
-times; with several targets gRPC's round_robin balancing sends it to another server.
+that meets UNAVAILABLE (a server down, draining or frozen) or RESOURCE_EXHAUSTED (a server
+full), or a stream that gets no response within `stall_timeout`, is sent again, whole, up to
+`retries` times, within the call's one deadline, with backoff and a retry budget shared by
+the client's calls; with several targets gRPC's round_robin balancing sends it to another server.
 """
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from typing import Optional
 
@@ -33,7 +36,7 @@ from quantd.protocol.crc32c import crc32c
 
 from .channels import make_channel
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 SERVICE = pb.DESCRIPTOR.services_by_name["Quantd"]
 # The streaming RPCs' (request, response) classes. Their messages travel raw: quantd.protocol.chunks writes
 # and reads the chunks without protobuf's copies of the payload.
@@ -48,6 +51,55 @@ class QuantdError(Exception):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+
+
+class Stalled(Exception):
+    """A stream that received no response within the client's stall_timeout (its server is frozen or lost)."""
+
+
+class RetryBudget:
+    """Retries a client may still make: each costs a token, each call that succeeds gives back a tenth of one (as
+    gRPC's retry throttling), so a client facing servers that all fail stops multiplying its load on them."""
+
+    def __init__(self, tokens: float = 10.0):
+        self.most = self.tokens = tokens
+        self._lock = threading.Lock()
+
+    def spend(self) -> bool:
+        with self._lock:
+            if self.tokens < 1:
+                return False
+            self.tokens -= 1
+            return True
+
+    def earn(self) -> None:
+        with self._lock:
+            self.tokens = min(self.most, self.tokens + 0.1)
+
+
+def _watched(call, stall_timeout: float | None):
+    """The responses of a streaming call; Stalled (the call cancelled) when the first takes over stall_timeout.
+    A server sends its first response as soon as it has admitted the stream, before any computing."""
+    if stall_timeout is None:
+        yield from call
+        return
+    stalled = threading.Event()
+
+    def give_up():
+        stalled.set()
+        call.cancel()
+    timer = threading.Timer(stall_timeout, give_up)
+    timer.start()
+    try:
+        for response in call:
+            timer.cancel()
+            yield response
+    except grpc.RpcError:
+        if stalled.is_set():
+            raise Stalled(f"no response within {stall_timeout:g} s (stall_timeout)") from None
+        raise
+    finally:
+        timer.cancel()
 
 
 @dataclasses.dataclass
@@ -120,8 +172,10 @@ def _collect(responses, response_type, checksums: bool):
 class QuantdClient:
     """A connection to one quantd server, or to several (a list, "a:p,b:p", or "dns:///name:port").
 
-    timeout: seconds per call (a deadline), None for none. retries: how many times a call that met
-    UNAVAILABLE is sent again. chunk_bytes: size of the messages tensors are cut into. checksums: put
+    timeout: seconds per call (a deadline for all its attempts), None for none. retries: how many times a call
+    that met UNAVAILABLE or RESOURCE_EXHAUSTED, or stalled, is sent again. stall_timeout: seconds a stream waits
+    for its first response before it is given up and sent again (None: no limit). chunk_bytes: size of the
+    messages tensors are cut into. checksums: put
     a CRC32C on every chunk, both ways (off by default: TCP and TLS already check the bytes, and
     the CRC costs a little throughput). token, root_certificates, private_key, certificate_chain:
     bearer-token authentication and (mutual) TLS, see quantd.client.channels.make_channel.
@@ -130,7 +184,7 @@ class QuantdClient:
     def __init__(self, target, *, token: str | None = None, root_certificates: bytes | None = None,
                  private_key: bytes | None = None, certificate_chain: bytes | None = None,
                  timeout: float | None = None, retries: int = 3, chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES,
-                 checksums: bool = False, options=()):
+                 checksums: bool = False, stall_timeout: float | None = 10.0, options=()):
         options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1), *options]
         self.channel = make_channel(target, root_certificates=root_certificates, private_key=private_key,
                                     certificate_chain=certificate_chain, token=token, options=options)
@@ -139,6 +193,8 @@ class QuantdClient:
                         for name in STREAMS}
         self.timeout = timeout
         self.retries = retries
+        self.stall_timeout = stall_timeout
+        self.retry_budget = RetryBudget()
         self.chunk_bytes = chunk_bytes
         self.checksums = checksums
 
@@ -153,15 +209,25 @@ class QuantdClient:
 
     # ---- calls ---------------------------------------------------------------------------
     def _call(self, attempt, timeout):
-        """Run attempt(timeout) with retries on UNAVAILABLE; grpc.RpcError becomes QuantdError."""
+        """Run attempt(seconds left) with retries (RETRYABLE codes, stalls) within one deadline; grpc.RpcError
+        becomes QuantdError."""
         timeout = self.timeout if timeout is None else timeout
+        ends = None if timeout is None else time.monotonic() + timeout
         for tries in range(self.retries + 1):
+            left = None if ends is None else max(0.0, ends - time.monotonic())
             try:
-                return attempt(timeout)
+                result = attempt(left)
+                self.retry_budget.earn()
+                return result
             except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE or tries == self.retries:
-                    raise QuantdError(exc.code(), exc.details() or "") from None
-            time.sleep(min(0.05 * 2 ** tries, 1.0))
+                code, details = exc.code(), exc.details() or ""
+            except Stalled as exc:
+                code, details = grpc.StatusCode.UNAVAILABLE, str(exc)
+            backoff = min(0.05 * 2 ** tries, 1.0)
+            out_of_time = ends is not None and time.monotonic() + backoff >= ends
+            if code not in RETRYABLE or tries == self.retries or out_of_time or not self.retry_budget.spend():
+                raise QuantdError(code, details)
+            time.sleep(backoff)
 
     def _stream(self, rpc: str, header, tensors, timeout):
         """Send a header and tensors on the streaming RPC `rpc`; (output tensors by name, Summary)."""
@@ -170,7 +236,8 @@ class QuantdClient:
 
         def attempt(deadline):
             requests = _requests(request_type, header, tensors, self.chunk_bytes, self.checksums)
-            return _collect(self.streams[rpc](requests, timeout=deadline), response_type, self.checksums)
+            call = self.streams[rpc](requests, timeout=deadline)
+            return _collect(_watched(call, self.stall_timeout), response_type, self.checksums)
         return self._call(attempt, timeout)
 
     def quantize(self, tensor, spec: QuantSpec | None = None, *, report: bool = True, dequantized: bool = False,

@@ -6,7 +6,8 @@ make_channel("dns:///quantd-headless:50051")   every address DNS returns, resolv
 make_channel(["10.0.0.5:50051", "10.0.0.6:50051"]) or "10.0.0.5:50051,10.0.0.6:50051"
                                                a static list, as gRPC's "ipv4:a:p,b:p" target
 Every channel balances calls round_robin over the addresses it has (gRPC's own load balancing): each new call
-(one stream) goes to the next ready server, and servers that are down are skipped.
+(one stream) goes to the next ready server, and servers that are down are skipped. Keepalive pings find servers
+that stopped answering (a frozen process): their connections close, and they are skipped too.
 """
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ from collections.abc import Sequence
 import grpc
 
 LB_POLICY_OPTION = "grpc.lb_policy_name"
+# A ping every 10 s, unanswered for 5 s, closes the connection: a frozen server's calls fail UNAVAILABLE, and
+# round_robin stops picking it until it answers a new connection (servers accept the pings: quantd.server.app).
+KEEPALIVE_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+                     ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
 AUTHORIZATION_METADATA = "authorization"
 
 
@@ -137,7 +142,7 @@ def make_channel(targets: str | Sequence[str], *, root_certificates: bytes | Non
         raise ValueError("token must be non-empty and contain no whitespace")
     target, authority = channel_target(targets)
     given = {name for name, _ in options}
-    channel_options = [(LB_POLICY_OPTION, "round_robin")]
+    channel_options = [(LB_POLICY_OPTION, "round_robin"), *KEEPALIVE_OPTIONS]
     if authority is not None:
         channel_options.append(("grpc.default_authority", authority))
     channel_options = [o for o in channel_options if o[0] not in given] + list(options)

@@ -26,7 +26,9 @@ from .spec import E2M1, Format, Granularity, QuantizedTensor, QuantSpec
 log = logging.getLogger(__name__)
 
 # Graphs of one spec's code object: input (or code and output) dtypes x explicit scales or not,
-# plus size-1 specializations. Past the default limit (8) dynamo would silently run eagerly.
+# plus size-1 specializations. Past the default limit (8) dynamo would run eagerly. Dynamo's config
+# is a context variable, so the limit is raised around each call, in the thread making it (the
+# server compiles in its compute threads, which never saw a setting made in another thread).
 _RECOMPILE_LIMIT = 64
 
 
@@ -59,13 +61,15 @@ def _compiled(fn, spec: QuantSpec):
     try:
         import torch._dynamo as dynamo
         import torch._inductor.config  # noqa: F401  (fails early where inductor is missing)
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(dynamo.config, name):
-                setattr(dynamo.config, name, max(getattr(dynamo.config, name), _RECOMPILE_LIMIT))
-        return torch.compile(fn, dynamic=False, fullgraph=True)
+        compiled = torch.compile(fn, dynamic=False, fullgraph=True)
     except Exception as exc:  # pragma: no cover - depends on the installation
         log.warning("quantd CPU backend: torch.compile unavailable (%s); running eagerly", exc)
         return fn
+
+    def run(*args):
+        with dynamo.config.patch(recompile_limit=max(dynamo.config.recompile_limit, _RECOMPILE_LIMIT)):
+            return compiled(*args)
+    return run
 
 
 # (fn, spec) pairs whose compilation failed: they run eagerly from then on.

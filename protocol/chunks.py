@@ -201,10 +201,13 @@ class ChunkWriter:
 
 class ChunkReader:
     """Copies received chunks into `buffers` (flat uint8 numpy arrays, one per tensor, of its exact size),
-    after checking that each one continues its tensor. `names` name the tensors in error messages."""
+    after checking that each one continues its tensor. `names` name the tensors in error messages. With
+    `sizes` given, a buffer may be None until its tensor's first chunk has been checked (the owner puts it
+    in place before store())."""
 
-    def __init__(self, buffers: list, names: list):
+    def __init__(self, buffers: list, names: list, sizes: list | None = None):
         self.buffers = buffers
+        self.sizes = [len(b) for b in buffers] if sizes is None else list(sizes)
         self.names = [name or f"#{i}" for i, name in enumerate(names)]
         self.received = [0] * len(buffers)
         self.crcs = [0] * len(buffers)  # CRC32C of each tensor's verified chunks, as ChunkWriter keeps them
@@ -214,7 +217,7 @@ class ChunkReader:
         index, offset = chunk.tensor, chunk.offset
         if index >= len(self.buffers):
             raise ValueError(f"chunk for tensor #{index}, but the header declares {len(self.buffers)} tensor(s)")
-        size, expected, name = len(self.buffers[index]), self.received[index], self.names[index]
+        size, expected, name = self.sizes[index], self.received[index], self.names[index]
         if offset < expected:
             raise ValueError(f"chunk of tensor {name!r} at offset {offset} overlaps bytes already received "
                              f"(next expected offset {expected})")
@@ -243,7 +246,7 @@ class ChunkReader:
 
     def check_complete(self) -> None:
         """ValueError unless every tensor has all its bytes."""
-        for index, buf in enumerate(self.buffers):
-            if self.received[index] != len(buf):
+        for index, size in enumerate(self.sizes):
+            if self.received[index] != size:
                 raise ValueError(f"byte count mismatch: the stream ended after {self.received[index]} of the "
-                                 f"{len(buf)} bytes of tensor {self.names[index]!r} (missing chunks)")
+                                 f"{size} bytes of tensor {self.names[index]!r} (missing chunks)")

@@ -72,10 +72,12 @@ def tensor_info(name: str, dtype: torch.dtype, shape) -> pb.TensorInfo:
 
 
 def info_nbytes(info: pb.TensorInfo) -> int:
-    """Byte size an info declares; ValueError for an unknown dtype or a negative dim."""
+    """Byte size an info declares; ValueError for an unknown dtype, a negative dim or a size past 64 bits."""
     dtype = dtype_from_name(info.dtype)
     if any(s < 0 for s in info.shape):
         raise ValueError(f"tensor {info.name!r}: negative dimension in shape {list(info.shape)}")
+    if math.prod(s for s in info.shape if s) * dtype.itemsize >= 1 << 63:  # what torch would refuse to allocate
+        raise ValueError(f"tensor {info.name!r}: shape {list(info.shape)} is too large (its size overflows 64 bits)")
     return math.prod(info.shape) * dtype.itemsize
 
 

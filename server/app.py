@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ipaddress
 import logging
 import signal
 import threading
@@ -39,6 +40,15 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available")
     return device
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def add_servicer(servicer: QuantdServicer, server: grpc.aio.Server) -> None:
@@ -78,8 +88,13 @@ class QuantdServer:
         auth = security.auth_interceptor(self.config)
         if auth is not None:
             interceptors.append(auth)
-        options = [("grpc.max_receive_message_length", self.config.max_message_bytes),
-                   ("grpc.max_send_message_length", -1)]
+        # gRPC itself cuts only messages over twice the limit (the handler then sees a bare cancellation); up to that,
+        # the servicer refuses them with a status it records (streams.chunks_of)
+        options = [("grpc.max_receive_message_length", 2 * self.config.max_message_bytes),
+                   ("grpc.max_send_message_length", -1),
+                   # clients ping every few seconds to find frozen replicas (quantd.client.channels.KEEPALIVE_OPTIONS)
+                   ("grpc.keepalive_permit_without_calls", 1),
+                   ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000), ("grpc.http2.max_ping_strikes", 0)]
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         add_servicer(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -94,8 +109,11 @@ class QuantdServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_port:
-            self.metrics.start_http(self.config.metrics_port)
+            self.metrics.start_http(self.config.metrics_port, self.config.metrics_host or self.config.host)
         log.info("quantd serving on %s:%d (device %s)", self.config.host, self.port, self.device)
+        if credentials is None and auth is None and not is_loopback(self.config.host):
+            log.warning("serving on %s without TLS or tokens: anyone who reaches this address can use the server "
+                        "(set QUANTD_TLS_CERT_FILE/QUANTD_TLS_KEY_FILE or QUANTD_AUTH_TOKENS)", self.config.host)
         return self.port
 
     async def drain(self, seconds: float | None = None) -> None:

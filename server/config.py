@@ -14,11 +14,13 @@ GiB = 1 << 30
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"                # the container image sets 0.0.0.0
     port: int = 50051
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
-    max_tensor_bytes: int = 16 * GiB       # declared input bytes per stream
+    max_tensor_bytes: int = 16 * GiB       # declared input bytes, and output bytes, per stream
     max_concurrent_streams: int = 16       # Quantize/Dequantize/Matmul streams served at once
+    max_memory_bytes: int = 0              # tensors of all streams in flight together (0: half the machine's memory)
+    stream_idle_seconds: float = 30.0      # a stream that sends no message for this long ends DEADLINE_EXCEEDED
     chunk_bytes: int = DEFAULT_CHUNK_BYTES  # default size of response chunks
     piece_bytes: int = 32 * MiB            # input bytes quantized per pipelined step
     staging_pool_bytes: int = 2 * GiB      # idle staging buffers kept for the next streams (0: none)
@@ -28,19 +30,30 @@ class ServerConfig:
     auth_tokens: tuple = ()
     auth_tokens_file: Optional[str] = None
     metrics_port: int = 0                  # 0: no metrics endpoint
+    metrics_host: Optional[str] = None     # where the metrics endpoint listens (unset: the same host as gRPC)
     drain_seconds: float = 30.0
     log_format: str = "text"               # text | json
 
     def __post_init__(self):
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
-        if self.staging_pool_bytes < 0:
-            raise ValueError(f"staging_pool_bytes must be >= 0, got {self.staging_pool_bytes}")
+        for name in ("staging_pool_bytes", "max_memory_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.stream_idle_seconds > 0:
+            raise ValueError(f"stream_idle_seconds must be > 0, got {self.stream_idle_seconds}")
         for name in ("max_tensor_bytes", "max_concurrent_streams", "chunk_bytes", "piece_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    @property
+    def memory_budget(self) -> int:
+        """Bytes of tensors the streams in flight may hold together: max_memory_bytes, or half the machine's memory."""
+        if self.max_memory_bytes:
+            return self.max_memory_bytes
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
     @property
     def max_message_bytes(self) -> int:

@@ -2,8 +2,8 @@
 
 ServiceError carries a status chosen where the problem is found (limits, stream order,
 draining); a chunk whose CRC32C is wrong is DATA_LOSS; ValueError/TypeError (the kernels',
-malformed messages, chunks that do not fit) mean bad input; running out of memory is
-RESOURCE_EXHAUSTED; anything else is INTERNAL.
+malformed messages, chunks that do not fit) mean bad input; running out of memory (an
+allocation that fails, on the host or the GPU) is RESOURCE_EXHAUSTED; anything else is INTERNAL.
 """
 from __future__ import annotations
 
@@ -38,9 +38,14 @@ def status_of(exc: Exception) -> tuple:
         return grpc.StatusCode.DATA_LOSS, str(exc)
     if isinstance(exc, (ValueError, TypeError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or _allocation_failed(exc):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of memory: {exc}"
     return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+
+
+def _allocation_failed(exc: Exception) -> bool:
+    """torch's CPU allocator reports a failed allocation as a RuntimeError."""
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
 def grpc_status(method):

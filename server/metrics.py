@@ -113,7 +113,7 @@ class Metrics:
         self.active_streams.dec()
 
     # -- HTTP endpoint ----------------------------------------------------------------------------------------------
-    def start_http(self, port: int, addr: str = "0.0.0.0") -> int:
+    def start_http(self, port: int, addr: str = "127.0.0.1") -> int:
         """Serves /metrics on addr:port from a daemon thread; returns the bound port (port 0 picks a free one)."""
         if self.http_server is not None:
             raise RuntimeError(f"metrics HTTP endpoint already running on port {self.http_port}")
@@ -144,17 +144,24 @@ class Metrics:
         self.request_seconds.labels(service, rpc).observe(seconds)
 
 
+# The client's deadline passes before the server's (which starts when the request arrives): a call that fails this
+# close to its deadline was ended by it, even if the handler saw a cancellation or a cut request stream first.
+DEADLINE_SLACK_SECONDS = 0.5
+
+
 def _final_code(context, error: BaseException | None) -> str:
-    """The status the client will see, from what the handler did (returned, set_code, abort, raised, cancelled)."""
-    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):  # the call ended before the handler did
-        remaining = context.time_remaining()
-        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    """The status the client saw, from what the handler did (returned, set_code, abort, raised, cancelled)."""
     code = context.code()  # a grpc.StatusCode once set_code or abort set one, else None
-    if code is not None and code != grpc.StatusCode.OK:
-        return code.name
-    if error is not None and not isinstance(error, grpc.aio.AbortError):
-        return "UNKNOWN"  # grpc turns an unhandled exception into UNKNOWN
-    return "OK"
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):  # the call ended before the handler did
+        name = "CANCELLED"
+    elif code is not None and code != grpc.StatusCode.OK:
+        name = code.name
+    elif error is not None and not isinstance(error, grpc.aio.AbortError):
+        name = "UNKNOWN"  # grpc turns an unhandled exception into UNKNOWN
+    else:
+        return "OK"
+    remaining = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining < DEADLINE_SLACK_SECONDS else name
 
 
 _HANDLER_FACTORIES = {
@@ -206,29 +213,33 @@ class _MetricsInterceptor(grpc.aio.ServerInterceptor):
                 async def observed_stream(request, context):
                     started, request_bytes = start(context)
                     peer = context.peer()  # read now: after a call is cancelled by its deadline, peer() can segfault
-                    error = None
+                    code = "OK"
                     try:
                         async for response in behavior(request, context):
                             yield response
                     except BaseException as exc:
-                        error = exc
+                        code = _final_code(context, exc)  # the code, not the exception: its frames hold the call's buffers
                         raise
+                    else:
+                        code = _final_code(context, None)
                     finally:
-                        metrics._finish(method, _final_code(context, error), started, request_bytes, peer)
+                        metrics._finish(method, code, started, request_bytes, peer)
                 return observed_stream
 
             async def observed(request, context):
                 started, request_bytes = start(context)
                 peer = context.peer()
-                error = None
+                code = "OK"
                 try:
                     result = behavior(request, context)
-                    return await result if inspect.isawaitable(result) else result
+                    result = await result if inspect.isawaitable(result) else result
+                    code = _final_code(context, None)
+                    return result
                 except BaseException as exc:
-                    error = exc
+                    code = _final_code(context, exc)
                     raise
                 finally:
-                    metrics._finish(method, _final_code(context, error), started, request_bytes, peer)
+                    metrics._finish(method, code, started, request_bytes, peer)
             return observed
 
         return wrap_handler(handler, wrap)

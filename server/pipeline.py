@@ -62,13 +62,21 @@ def plan_pieces(spec: QuantSpec, shape, piece_bytes: int, itemsize: int) -> list
 
 
 class DeviceInput:
-    """The input tensor where the kernels read it: the staging buffer itself on CPU, a device copy on a GPU."""
+    """The input tensor where the kernels read it: the staging buffer itself on CPU, a device copy on a GPU.
 
-    def __init__(self, staging: torch.Tensor, dtype: torch.dtype, shape: tuple, device: torch.device):
+    stage(buffer) hands it the staging buffer, from the event loop, before the first piece is read."""
+
+    def __init__(self, dtype: torch.dtype, shape: tuple, device: torch.device):
+        self.dtype = dtype
         self.shape = tuple(shape)
-        self.host = staging.view(dtype)
         self.device = device
-        self.flat = self.host if device.type == "cpu" else torch.empty(self.host.numel(), dtype=dtype, device=device)
+        self.host = self.flat = None
+
+    def stage(self, staging: torch.Tensor) -> None:
+        if self.host is None:
+            self.host = staging.view(self.dtype)
+            on_cpu = self.device.type == "cpu"
+            self.flat = self.host if on_cpu else torch.empty(self.host.numel(), dtype=self.dtype, device=self.device)
 
     def piece(self, piece: Piece) -> torch.Tensor:
         """The elements of `piece` on the device (copied there first when it is a GPU), shaped for quantizing."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from importlib import metadata
 
@@ -22,7 +23,9 @@ from quantd.v1 import quantd_pb2_grpc
 
 from .errors import ServiceError, grpc_status, invalid
 from .pipeline import DeviceInput, plan_pieces
-from .streams import OutputSender, StagingPool, StreamAssembler, chunks_of
+from .streams import MIN_CHUNK_BYTES, MemoryBudget, OutputSender, StagingPool, StreamAssembler, StreamMemory, chunks_of
+
+PADDING_ALLOWANCE = 1 << 20  # elements of padding any tensor may have, beyond its own size
 
 
 def check_input_info(info: pb.TensorInfo, spec: QuantSpec, what: str) -> None:
@@ -31,7 +34,21 @@ def check_input_info(info: pb.TensorInfo, spec: QuantSpec, what: str) -> None:
     if dtype not in INPUT_DTYPES:
         raise invalid(f"{what}: dtype {info.dtype} cannot be quantized (expected bfloat16, float16 or float32)")
     wire.info_nbytes(info)
-    spec.check_shape(tuple(info.shape))
+    check_blocks(spec, tuple(info.shape), what)
+
+
+def check_blocks(spec: QuantSpec, shape: tuple, what: str) -> None:
+    """INVALID_ARGUMENT unless `spec` can block a tensor of `shape` without padding it past twice its size (plus
+    PADDING_ALLOWANCE elements): a group, tile or flat block far larger than the tensor would have the kernels
+    fill and scan gigabytes of padding for a few bytes of input."""
+    spec.check_shape(shape)
+    numel = math.prod(shape)
+    padded = numel
+    if spec.granularity in (Granularity.GROUP, Granularity.TILE, Granularity.FLAT):
+        padded = math.prod(spec.scale_shape(shape)) * math.prod(spec.block_shape)
+    if padded > 2 * numel + PADDING_ALLOWANCE:
+        raise invalid(f"{what}: {spec.describe()} blocks would pad a {list(shape)} tensor to {padded} elements; "
+                      f"use blocks no larger than the tensor")
 
 
 def check_quantized_operand(msg: pb.QuantizedOperand, what: str) -> QuantSpec:
@@ -40,6 +57,7 @@ def check_quantized_operand(msg: pb.QuantizedOperand, what: str) -> QuantSpec:
     shape = tuple(msg.shape)
     if any(s < 0 for s in shape):
         raise invalid(f"{what}: negative dimension in shape {list(shape)}")
+    check_blocks(spec, shape, what)
     expected = [("codes", spec.code_dtype, spec.code_shape(shape)), ("scales", spec.scale_dtype, spec.scale_shape(shape))]
     if spec.format == Format.INT8_ASYM:
         expected.append(("zero_points", torch.int8, spec.scale_shape(shape)))
@@ -103,37 +121,45 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         self.active_streams = 0
         self.draining = False
         self.pool = StagingPool(config.staging_pool_bytes, pin=device.type == "cuda")
+        self.budget = MemoryBudget(config.memory_budget)
 
     # ---- helpers ------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _stream(self):
-        """Admission of one streaming call: UNAVAILABLE while draining, RESOURCE_EXHAUSTED over the limit.
+    async def _header(self, requests, request_type):
+        """(header, chunks) of a request stream, the header's first message awaited at most stream_idle_seconds."""
+        return await chunks_of(requests, request_type, idle_seconds=self.config.stream_idle_seconds,
+                               max_message_bytes=self.config.max_message_bytes)
 
-        Yields a function making StreamAssemblers whose buffers go back to the pool when the call ends."""
+    @contextlib.asynccontextmanager
+    async def _admitted(self, inputs: list, outputs: list, working_bytes: int = 0):
+        """Admission of a stream whose header has arrived: UNAVAILABLE while draining; RESOURCE_EXHAUSTED over the
+        stream count, for inputs or outputs over max_tensor_bytes, or when its tensors (and `working_bytes`) do
+        not fit in the memory budget. Yields its StreamMemory, closed when the call ends, however it ends."""
         if self.draining:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down (draining); retry on another replica")
         if self.active_streams >= self.config.max_concurrent_streams:
             raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"too many concurrent streams: this server serves {self.config.max_concurrent_streams} at once")
+        sizes = {}
+        for what, infos in (("declares", inputs), ("would return", outputs)):
+            sizes[what] = sum(wire.info_nbytes(info) for info in infos)
+            if sizes[what] > self.config.max_tensor_bytes:
+                raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"the stream {what} {sizes[what]} bytes of tensors, over this server's limit of "
+                                   f"{self.config.max_tensor_bytes} bytes (max_tensor_bytes)")
+        memory = StreamMemory(self.budget, self.pool, sum(sizes.values()) + working_bytes)
         self.active_streams += 1
         if self.metrics is not None:
             self.metrics.stream_started()
-        assemblers = []
-
-        def assembler(infos) -> StreamAssembler:
-            assemblers.append(StreamAssembler(infos, max_bytes=self.config.max_tensor_bytes, pool=self.pool))
-            return assemblers[-1]
         try:
-            yield assembler
+            yield memory
         finally:
-            for used in assemblers:
-                used.release()
             self.active_streams -= 1
             if self.metrics is not None:
                 self.metrics.stream_finished()
+            await memory.close()
 
-    async def _compute(self, rpc: str, fn, *args):
-        """Run fn(*args) in the compute pool; record its time."""
+    async def _compute(self, memory: StreamMemory, rpc: str, fn, *args):
+        """Run fn(*args) in the compute pool; record its time. `memory` keeps the stream's buffers until it is done."""
         def timed():
             started = time.perf_counter()
             result = fn(*args)
@@ -142,7 +168,9 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
             if self.metrics is not None:
                 self.metrics.observe_kernel_seconds(rpc, time.perf_counter() - started)
             return result
-        return await asyncio.get_running_loop().run_in_executor(self.executor, timed)
+        future = self.executor.submit(timed)
+        memory.track(future)
+        return await asyncio.wrap_future(future)
 
     async def _receive(self, chunks, assembler: StreamAssembler, on_progress=None):
         async for chunk in chunks:
@@ -154,32 +182,37 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         assembler.check_complete()
 
     def _sender(self, response_type, infos, chunk_bytes: int, checksums: bool) -> OutputSender:
+        """The sender of a response; INVALID_ARGUMENT for a chunk_bytes outside MIN_CHUNK_BYTES..max_message_bytes
+        (0 takes the server's chunk_bytes)."""
+        if chunk_bytes and not MIN_CHUNK_BYTES <= chunk_bytes <= self.config.max_message_bytes:
+            raise invalid(f"chunk_bytes {chunk_bytes} is out of range: 0 (the server's default) or "
+                          f"{MIN_CHUNK_BYTES}..{self.config.max_message_bytes}")
         return OutputSender(response_type, infos, chunk_bytes=chunk_bytes or self.config.chunk_bytes,
                             checksums=checksums, metrics=self.metrics)
 
     # ---- RPCs -----------------------------------------------------------------------------
     @grpc_status
     async def Quantize(self, request_iterator, context):
-        with self._stream() as new_assembler:
-            header, chunks = await chunks_of(request_iterator, pb.QuantizeRequest)
-            spec = wire.spec_from_proto(header.spec)
-            info = header.tensor
-            check_input_info(info, spec, "Quantize")
-            dtype, shape = wire.dtype_from_name(info.dtype), tuple(info.shape)
-            assembler = new_assembler([info])
-            outputs = [wire.tensor_info("codes", spec.code_dtype, spec.code_shape(shape)),
-                       wire.tensor_info("scales", spec.scale_dtype, spec.scale_shape(shape))]
-            if spec.format == Format.INT8_ASYM:
-                outputs.append(wire.tensor_info("zero_points", torch.int8, spec.scale_shape(shape)))
-            if header.return_dequantized:
-                outputs.append(wire.tensor_info("dequantized", spec.dequant_dtype, shape))
-            sender = self._sender(pb.QuantizeResponse, outputs, header.chunk_bytes, header.checksums)
+        header, chunks = await self._header(request_iterator, pb.QuantizeRequest)
+        spec = wire.spec_from_proto(header.spec)
+        info = header.tensor
+        check_input_info(info, spec, "Quantize")
+        dtype, shape = wire.dtype_from_name(info.dtype), tuple(info.shape)
+        outputs = [wire.tensor_info("codes", spec.code_dtype, spec.code_shape(shape)),
+                   wire.tensor_info("scales", spec.scale_dtype, spec.scale_shape(shape))]
+        if spec.format == Format.INT8_ASYM:
+            outputs.append(wire.tensor_info("zero_points", torch.int8, spec.scale_shape(shape)))
+        if header.return_dequantized:
+            outputs.append(wire.tensor_info("dequantized", spec.dequant_dtype, shape))
+        sender = self._sender(pb.QuantizeResponse, outputs, header.chunk_bytes, header.checksums)
+        async with self._admitted([info], outputs) as memory:
+            assembler = memory.assembler([info])
             yield sender.header()
 
-            x = DeviceInput(assembler.buffers[0], dtype, shape, self.device)
+            x = DeviceInput(dtype, shape, self.device)
             keep = header.return_report or header.return_dequantized
             parts = []  # device-side piece results, kept only when the whole result is needed again
-            async for qt, host in self._quantize_pieces(spec, x, chunks, assembler):
+            async for qt, host in self._quantize_pieces(memory, spec, x, chunks, assembler):
                 if keep:
                     parts.append(qt)
                 for index, tensor in enumerate(host):
@@ -189,18 +222,19 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
             if keep:
                 whole = joined_pieces(parts, spec, shape)
                 if header.return_dequantized:
-                    deq = await self._compute("Quantize", lambda: dispatch.dequantize(whole).cpu())
+                    deq = await self._compute(memory, "Quantize", lambda: dispatch.dequantize(whole).cpu())
                     async for message in sender.send(len(outputs) - 1, deq):
                         yield message
                 if header.return_report:
-                    report = await self._compute("Quantize", reference.report, x.whole(), whole)
+                    report = await self._compute(memory, "Quantize", reference.report, x.whole(), whole)
             yield sender.summary(report)
 
-    async def _quantize_pieces(self, spec: QuantSpec, x: DeviceInput, chunks, assembler: StreamAssembler):
+    async def _quantize_pieces(self, memory: StreamMemory, spec: QuantSpec, x: DeviceInput, chunks,
+                               assembler: StreamAssembler):
         """(QuantizedTensor on the device, its tensors on the host) of each piece of the input, in order,
         each computed as soon as its bytes have arrived."""
-        pieces = plan_pieces(spec, x.shape, self.config.piece_bytes, x.host.element_size())
-        itemsize = x.host.element_size()
+        itemsize = x.dtype.itemsize
+        pieces = plan_pieces(spec, x.shape, self.config.piece_bytes, itemsize)
         pending: asyncio.Queue = asyncio.Queue()
         scheduled = 0
 
@@ -212,7 +246,8 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
             nonlocal scheduled
             arrived = assembler.received[0] // itemsize
             while scheduled < len(pieces) and pieces[scheduled].end <= arrived:
-                pending.put_nowait(asyncio.ensure_future(self._compute("Quantize", quantize, pieces[scheduled])))
+                x.stage(assembler.buffer(0))
+                pending.put_nowait(asyncio.ensure_future(self._compute(memory, "Quantize", quantize, pieces[scheduled])))
                 scheduled += 1
 
         async def receive():
@@ -238,48 +273,51 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
 
     @grpc_status
     async def Dequantize(self, request_iterator, context):
-        with self._stream() as new_assembler:
-            header, chunks = await chunks_of(request_iterator, pb.DequantizeRequest)
-            spec = check_quantized_operand(header.operand, "Dequantize")
-            out_name = out_dtype_name(header.out_dtype if header.HasField("out_dtype") else spec.out_dtype, "Dequantize")
-            infos = wire.operand_infos(header.operand)
-            assembler = new_assembler(infos)
-            sender = self._sender(pb.DequantizeResponse, [wire.tensor_info("output", OUT_DTYPES[out_name], header.operand.shape)],
-                                  header.chunk_bytes, header.checksums)
+        header, chunks = await self._header(request_iterator, pb.DequantizeRequest)
+        spec = check_quantized_operand(header.operand, "Dequantize")
+        out_name = out_dtype_name(header.out_dtype if header.HasField("out_dtype") else spec.out_dtype, "Dequantize")
+        infos = wire.operand_infos(header.operand)
+        output = wire.tensor_info("output", OUT_DTYPES[out_name], header.operand.shape)
+        sender = self._sender(pb.DequantizeResponse, [output], header.chunk_bytes, header.checksums)
+        async with self._admitted(infos, [output]) as memory:
+            assembler = memory.assembler(infos)
             yield sender.header()
             await self._receive(chunks, assembler)
 
             def dequantize():
                 qt = quantized_tensor(header.operand, [assembler.tensor(i) for i in range(len(infos))], self.device)
                 return dispatch.dequantize(qt, OUT_DTYPES[out_name]).cpu()
-            async for message in self._compute_and_send("Dequantize", dequantize, sender):
+            async for message in self._compute_and_send(memory, "Dequantize", dequantize, sender):
                 yield message
 
     @grpc_status
     async def Matmul(self, request_iterator, context):
-        with self._stream() as new_assembler:
-            header, chunks = await chunks_of(request_iterator, pb.MatmulRequest)
-            out_name = out_dtype_name(header.out_dtype or "bfloat16", "Matmul")
-            shapes, infos = [], []
-            for name in ("a", "b"):
-                operand = getattr(header, name)
-                kind = operand.WhichOneof("kind")
-                if kind == "tensor":
-                    check_input_info(operand.tensor.tensor, wire.spec_from_proto(operand.tensor.spec), f"Matmul {name.upper()}")
-                    shapes.append(tuple(operand.tensor.tensor.shape))
-                    infos.append([operand.tensor.tensor])
-                elif kind == "quantized":
-                    check_quantized_operand(operand.quantized, f"Matmul {name.upper()}")
-                    shapes.append(tuple(operand.quantized.shape))
-                    infos.append(wire.operand_infos(operand.quantized))
-                else:
-                    raise invalid(f"Matmul: operand {name.upper()} missing")
-            (a_shape, b_shape) = shapes
-            if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != b_shape[1]:
-                raise invalid(f"Matmul: bad shape: expected A (M, K) and B (N, K), got {list(a_shape)} and {list(b_shape)}")
-            assembler = new_assembler(infos[0] + infos[1])
-            sender = self._sender(pb.MatmulResponse, [wire.tensor_info("output", OUT_DTYPES[out_name], (a_shape[0], b_shape[0]))],
-                                  header.chunk_bytes, header.checksums)
+        header, chunks = await self._header(request_iterator, pb.MatmulRequest)
+        out_name = out_dtype_name(header.out_dtype or "bfloat16", "Matmul")
+        shapes, infos = [], []
+        for name in ("a", "b"):
+            operand = getattr(header, name)
+            kind = operand.WhichOneof("kind")
+            if kind == "tensor":
+                check_input_info(operand.tensor.tensor, wire.spec_from_proto(operand.tensor.spec), f"Matmul {name.upper()}")
+                shapes.append(tuple(operand.tensor.tensor.shape))
+                infos.append([operand.tensor.tensor])
+            elif kind == "quantized":
+                check_quantized_operand(operand.quantized, f"Matmul {name.upper()}")
+                shapes.append(tuple(operand.quantized.shape))
+                infos.append(wire.operand_infos(operand.quantized))
+            else:
+                raise invalid(f"Matmul: operand {name.upper()} missing")
+        (a_shape, b_shape) = shapes
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != b_shape[1]:
+            raise invalid(f"Matmul: bad shape: expected A (M, K) and B (N, K), got {list(a_shape)} and {list(b_shape)}")
+        output = wire.tensor_info("output", OUT_DTYPES[out_name], (a_shape[0], b_shape[0]))
+        sender = self._sender(pb.MatmulResponse, [output], header.chunk_bytes, header.checksums)
+        # the CPU GEMM is the reference's: both operands and the product in fp64
+        (m, k), n = a_shape, b_shape[0]
+        working = 8 * (m * n + (m + n) * k) if self.device.type == "cpu" else 0
+        async with self._admitted(infos[0] + infos[1], [output], working) as memory:
+            assembler = memory.assembler(infos[0] + infos[1])
             yield sender.header()
             await self._receive(chunks, assembler)
 
@@ -293,12 +331,12 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
                 a = operand(header.a, 0, len(infos[0]))
                 b = operand(header.b, len(infos[0]), len(infos[1]))
                 return dispatch.matmul(a, b, OUT_DTYPES[out_name]).cpu()
-            async for message in self._compute_and_send("Matmul", matmul, sender):
+            async for message in self._compute_and_send(memory, "Matmul", matmul, sender):
                 yield message
 
-    async def _compute_and_send(self, rpc: str, fn, sender):
+    async def _compute_and_send(self, memory: StreamMemory, rpc: str, fn, sender):
         """Run fn off the event loop, then stream its one output tensor and the summary."""
-        out = await self._compute(rpc, fn)
+        out = await self._compute(memory, rpc, fn)
         async for message in sender.send(0, out):
             yield message
         yield sender.summary()

@@ -25,3 +25,12 @@ def rng():
     print(f"torch seed {seed}")
     g = torch.Generator().manual_seed(seed)
     return g
+
+
+@pytest.fixture
+def processes():
+    """A list for the test's grpc_harness.ServerProcess servers: each is closed (killed) after the test."""
+    started = []
+    yield started
+    for server in started:
+        server.close()

@@ -118,12 +118,16 @@ def quantd_command() -> list[str]:
 
 class ServerProcess:
     """`quantd serve --host 127.0.0.1 --port <free> --device cpu [args]` with QUANTD_* `env` on top of this
-    process's environment; waits until its health service says SERVING. Its log goes to a temporary file."""
+    process's environment; waits until its health service says SERVING. Its log goes to a temporary file.
+    rss() is its resident memory."""
 
-    def __init__(self, *args: str, env: dict | None = None, metrics: bool = False, wait: bool = True):
+    def __init__(self, *args: str, env: dict | None = None, metrics: bool = False, wait: bool = True,
+                 host: str | None = "127.0.0.1"):
         self.port = free_port()
         self.metrics_port = free_port() if metrics else None
-        command = quantd_command() + ["serve", "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu"]
+        command = quantd_command() + ["serve", "--port", str(self.port), "--device", "cpu"]
+        if host is not None:  # None: the default host
+            command += ["--host", host]
         if metrics:
             command += ["--metrics-port", str(self.metrics_port)]
         self._log = tempfile.NamedTemporaryFile("w+", prefix="quantd-serve-", suffix=".log")
@@ -156,6 +160,11 @@ class ServerProcess:
                 self.kill()
                 raise RuntimeError(f"quantd serve not SERVING after {seconds} s:\n{self.log()}")
             time.sleep(0.1)
+
+    def rss(self) -> int:
+        """Resident memory of the server process, in bytes."""
+        with open(f"/proc/{self.proc.pid}/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) * 1024
 
     def terminate(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

@@ -136,11 +136,45 @@ def test_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog, rng):
     """No working C++ compiler: a warning, then the same bits from the eager functions."""
     import torch._inductor.config as inductor_config
     spec = QuantSpec("fp8_e4m3", "group", group_size=48)  # compiled nowhere else
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # no compiled graph from an earlier run
     monkeypatch.setattr(cpu, "_eager", set())
     x = random_input((8, 96), torch.float32, rng)
-    with caplog.at_level(logging.WARNING, logger=cpu.__name__):
+    # inductor's own patch (its settings are context variables, which monkeypatch's undo leaves broken for other
+    # threads); no cached graph from an earlier run
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}), \
+            caplog.at_level(logging.WARNING, logger=cpu.__name__):
         got = cpu.quantize(x, spec)
     assert (cpu._quantize_blocks, spec) in cpu._eager and "running eagerly" in caplog.text
     assert_same(got, reference.quantize(x, spec))
+
+
+
+@pytest.mark.slow
+def test_many_specs_and_variants_stay_compiled_in_worker_threads(rng):
+    """As in the server, graphs are compiled in worker threads, for many specs and shapes: one spec through more
+    graphs than dynamo's default limit (8: 3 input dtypes x explicit scales or not x single- or many-element
+    blocks), its first compiled in another thread, then 20 more specs; none falls back to eager, and every
+    result is bit-identical to the reference."""
+    import concurrent.futures
+
+    many = QuantSpec("int8_sym", "tensor", scale_encoding="pow2")
+    specs = [QuantSpec(fmt, "group", group_size=g) for fmt in ("fp8_e4m3", "int8_sym") for g in (8, 16, 24, 40, 56)]
+    specs += [QuantSpec("fp8_e5m2", "flat", block_size=b) for b in (24, 40, 72, 88, 104)]
+    specs += [QuantSpec("int8_asym", "group", group_size=g) for g in (8, 24, 40, 72, 88)]
+    jobs = [(many, shape, dtype, explicit) for dtype in (torch.bfloat16, torch.float16, torch.float32)
+            for explicit in (False, True) for shape in ((9, 40), (1, 1))]
+    jobs += [(spec, (6, 144), torch.bfloat16, False) for spec in specs]
+    assert len({spec for spec, *_ in jobs}) == 21
+
+    def run(job):
+        spec, shape, dtype, explicit = job
+        x = random_input(shape, dtype, rng).nan_to_num(0.0, 0.0, 0.0)
+        scales = reference.quantize(x, spec).scales.float() * 2 if explicit else None
+        return cpu.quantize(x, spec, scales), reference.quantize(x, spec, scales)
+
+    before = set(cpu._eager)
+    run(jobs[0])  # compiled here: a worker thread then finds the spec's compiled function made
+    with concurrent.futures.ThreadPoolExecutor(1) as worker:  # in order, in a fresh thread
+        results = list(worker.map(run, jobs))
+    assert set(cpu._eager) == before, f"fell back to eager: {set(cpu._eager) - before}"
+    for got, want in results:
+        assert_same(got, want)

@@ -47,14 +47,6 @@ def assert_matches_reference(result, x: torch.Tensor, spec: QuantSpec, what: str
     assert same_bits(result.scales, expected.scales), f"{what}: scales differ"
 
 
-@pytest.fixture
-def processes():
-    started = []
-    yield started
-    for server in started:
-        server.close()
-
-
 # -- targets --------------------------------------------------------------------------------------------------------
 def test_channel_targets():
     assert channel_target("10.0.0.5:50051") == ("10.0.0.5:50051", None)
@@ -113,17 +105,27 @@ class CountedStreams:
         self.failures: list[grpc.StatusCode] = []
 
     def __call__(self, requests, **kwargs):
-        responses = self._open(requests, **kwargs)
+        call = self._open(requests, **kwargs)
         with self._lock:
             self.started += 1
-        return self._watch(responses)
+        return Watched(call, self.failures)
 
-    def _watch(self, responses):
+
+class Watched:
+    """A streaming call whose failure codes go to `failures`; it can be cancelled like the call."""
+
+    def __init__(self, call, failures: list):
+        self.call, self.failures = call, failures
+
+    def __iter__(self):
         try:
-            yield from responses
+            yield from self.call
         except grpc.RpcError as exc:
             self.failures.append(exc.code())
             raise
+
+    def cancel(self):
+        self.call.cancel()
 
 
 def test_streams_survive_a_replica_dying_mid_run(processes, rng):
@@ -275,3 +277,31 @@ def test_drain_timeout_ends_a_stuck_stream(processes, rng):
         assert ended.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
     finally:
         stream.release()
+
+
+def test_a_frozen_replica_is_routed_around(processes, rng):
+    """Two replicas, one SIGSTOPped (its connections stay open, it answers nothing): every call through a client
+    over both succeeds, bit-exact; streams sent to the frozen one are given up (no response within stall_timeout,
+    or its connection closed by keepalive) and sent again to the other."""
+    servers = [ServerProcess(wait=False) for _ in range(2)]
+    processes += servers
+    for server in servers:
+        server.wait_serving()
+    tensors = [(torch.randn(64, 1024, generator=rng) * 4).to(torch.bfloat16) for _ in range(6)]
+    keepalive = [("grpc.keepalive_time_ms", 2000), ("grpc.keepalive_timeout_ms", 2000)]
+    client = QuantdClient([s.target for s in servers], timeout=300, stall_timeout=3, options=keepalive)
+    with client:
+        for _ in range(4):  # connected to both, each has compiled the kernel
+            client.quantize(tensors[0], SPEC, report=False)
+        streams = CountedStreams(client.streams["Quantize"])
+        client.streams["Quantize"] = streams
+        servers[1].proc.send_signal(signal.SIGSTOP)
+        try:
+            results = [client.quantize(x, SPEC, report=False) for x in tensors]
+        finally:
+            servers[1].proc.send_signal(signal.SIGCONT)
+    for i, (x, result) in enumerate(zip(tensors, results)):
+        assert_matches_reference(result, x, SPEC, f"tensor {i}")
+    assert streams.failures, "no stream went to the frozen replica: nothing was tested"
+    assert set(streams.failures) <= {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}, streams.failures
+    assert streams.started == len(tensors) + len(streams.failures)

@@ -291,3 +291,43 @@ def test_text_log_format_and_bad_format(quantd_logger):
     assert second.endswith("INFO quantd.server plain line")
     with pytest.raises(ValueError, match="log_format"):
         logs.configure("xml")
+
+
+def test_recorded_status_is_the_one_the_client_saw(log_lines):
+    """A stream cut by the client's deadline is recorded DEADLINE_EXCEEDED (not the CANCELLED or INVALID_ARGUMENT
+    the handler saw); a request message over the limit is recorded RESOURCE_EXHAUSTED, as the client got it."""
+    from quantd.protocol import wire
+    from quantd.v1 import quantd_pb2 as pb
+
+    config = ServerConfig(host="127.0.0.1", port=0, device="cpu")
+    header = pb.QuantizeRequest(header=pb.QuantizeHeader(tensor=wire.tensor_info("input", torch.bfloat16, (64 << 20,)),
+                                                         spec=wire.spec_to_proto(QuantSpec())))
+    gate = threading.Event()
+
+    def cut_by_deadline():
+        yield header
+        yield pb.QuantizeRequest(chunk=pb.Chunk(data=bytes(4096)))
+        gate.wait(10)
+
+    def oversized():
+        yield header
+        yield pb.QuantizeRequest(chunk=pb.Chunk(data=bytes(config.max_message_bytes + 1)))
+
+    seen = []
+    with BackgroundServer(config) as server, grpc.insecure_channel(server.target) as channel:
+        quantize = channel.stream_stream("/quantd.v1.Quantd/Quantize", request_serializer=pb.QuantizeRequest.SerializeToString)
+        for requests, timeout in ((cut_by_deadline(), 1.0), (oversized(), 30)):
+            with pytest.raises(grpc.RpcError) as failed:
+                list(quantize(requests, timeout=timeout))
+            seen.append(failed.value.code().name)
+            gate.set()
+        registry = server.server.metrics.registry
+        deadline = time.monotonic() + 30
+        recorded = lambda code: registry.get_sample_value(  # noqa: E731
+            "quantd_requests_total", {"service": "quantd.v1.Quantd", "rpc": "Quantize", "code": code}) or 0
+        while recorded(seen[0]) + recorded(seen[1]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert seen == ["DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"]
+    assert recorded("DEADLINE_EXCEEDED") == 1 and recorded("RESOURCE_EXHAUSTED") == 1
+    access = [line["status"] for line in log_lines() if line["logger"] == "quantd.access" and line.get("rpc") == "Quantize"]
+    assert access == seen

@@ -21,7 +21,8 @@ DEVICE = os.environ.get("QUANTD_TEST_DEVICE", "cpu")
 
 @pytest.fixture(scope="module")
 def server():
-    # Tiny pieces and chunks so every tensor below is pipelined and chunked many times over.
+    # Tiny pieces and chunks (the smallest a request may ask for) so every tensor below is pipelined and chunked
+    # many times over.
     config = ServerConfig(host="127.0.0.1", port=0, device=DEVICE, piece_bytes=2048, chunk_bytes=1500)
     with BackgroundServer(config) as running:
         yield running
@@ -31,7 +32,7 @@ def server():
 def client(server):
     # A CPU server compiles each new spec on its first call; on a loaded machine (pytest -n 16 next to
     # the GPU tests) that took over 60 s, so the deadline only guards against hangs.
-    with QuantdClient(server.target, chunk_bytes=1000, timeout=600) as c:
+    with QuantdClient(server.target, chunk_bytes=4096, timeout=600) as c:
         yield c
 
 
@@ -173,7 +174,7 @@ def test_concurrent_clients(server, rng):
     inputs = [sample((16 + i, 200), torch.bfloat16, rng) for i in range(12)]
 
     def one(x):
-        with QuantdClient(server.target, chunk_bytes=2048) as c:
+        with QuantdClient(server.target, chunk_bytes=4096) as c:
             return c.quantize(x, spec, report=False)
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         results = list(pool.map(one, inputs))

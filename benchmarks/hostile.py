@@ -1,0 +1,179 @@
+"""What hostile or failing clients do to a `quantd serve` process (CPU, on 127.0.0.1).
+
+    python benchmarks/hostile.py [--declared-mib 1024] [--sent-mib 0] [--idle-streams 200]
+                                 [--only aborted admission frozen]
+
+aborted    three Quantize streams that send a header declaring --declared-mib of bf16 and --sent-mib of it,
+           cancelled one by one (staging pool off): the server's RSS after each and 5 s after the last.
+admission  --idle-streams streams that send nothing, then as many that send a header and then nothing, held
+           open; each time, another client's Quantize (1 s apart until one succeeds, for up to 60 s): its
+           status and when it succeeded.
+frozen     two servers, one SIGSTOPped; a client over both quantizes 6 small tensors (timeout 15 s): the
+           longest call and the failures.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import torch
+
+from quantd.client import QuantdClient, QuantdError
+from quantd.kernels.spec import QuantSpec
+from quantd.protocol import wire
+from quantd.server.healthcheck import check
+from quantd.v1 import quantd_pb2 as pb
+
+MiB = 1 << 20
+SPEC = QuantSpec("fp8_e4m3", group_size=128)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *args: str):
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "quantd.server", "--host", "127.0.0.1", "--port",
+                                      str(self.port), "--device", "cpu", *args],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if check(self.target, timeout=1.0) == "SERVING":
+                    break
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("quantd serve did not start")
+            time.sleep(0.1)
+
+    def rss_gib(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as status:
+            kib = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+        return kib / (1 << 20)
+
+    def close(self):
+        os.kill(self.proc.pid, signal.SIGCONT)
+        self.proc.kill()
+        self.proc.wait()
+
+
+def held_stream(channel, nbytes: int, stop: threading.Event, sent: int = 0, header: bool = True):
+    """A Quantize call that sends a header declaring `nbytes` of bf16 input and `sent` bytes of it, then nothing
+    until `stop` (header=False: sends nothing at all)."""
+    info = wire.tensor_info("input", torch.bfloat16, (nbytes // 2,))
+    piece = bytes(4 * MiB)
+
+    def requests():
+        if header:
+            yield pb.QuantizeRequest(header=pb.QuantizeHeader(tensor=info, spec=wire.spec_to_proto(SPEC)))
+        for offset in range(0, sent, len(piece)):
+            yield pb.QuantizeRequest(chunk=pb.Chunk(offset=offset, data=piece))
+        stop.wait()
+    return channel.stream_stream("/quantd.v1.Quantd/Quantize", request_serializer=pb.QuantizeRequest.SerializeToString,
+                                 response_deserializer=pb.QuantizeResponse.FromString)(requests(), timeout=600)
+
+
+def aborted(declared_mib: int, sent_mib: int) -> None:
+    server = Server("--staging-pool-bytes", "0")
+    try:
+        print(f"aborted: RSS at start {server.rss_gib():.2f} GiB")
+        with grpc.insecure_channel(server.target) as channel:
+            for i in range(3):
+                stop = threading.Event()
+                call = held_stream(channel, declared_mib * MiB, stop, sent_mib * MiB)
+                time.sleep(1.5 + sent_mib / 256)
+                call.cancel()
+                stop.set()
+                time.sleep(1.0)
+                print(f"aborted: after stream {i + 1} cancelled: RSS {server.rss_gib():.2f} GiB")
+        time.sleep(5)
+        print(f"aborted: 5 s later: RSS {server.rss_gib():.2f} GiB")
+    finally:
+        server.close()
+
+
+def admission(count: int) -> None:
+    server = Server()
+    x = torch.randn(256, 1024).to(torch.bfloat16)
+    try:
+        with QuantdClient(server.target, timeout=300) as client:
+            client.quantize(x, SPEC)  # compiled before the clock starts
+        for header in (False, True):
+            stop = threading.Event()
+            with grpc.insecure_channel(server.target) as channel:
+                calls = [held_stream(channel, 64 * MiB, stop, header=header) for _ in range(count)]
+                time.sleep(1)
+                started, outcomes = time.monotonic(), []
+                while time.monotonic() - started < 60:
+                    try:
+                        with QuantdClient(server.target, timeout=60, retries=0) as client:
+                            client.quantize(x, SPEC)
+                        outcomes.append("OK")
+                        break
+                    except QuantdError as exc:
+                        outcomes.append(exc.code.name)
+                    time.sleep(1)
+                kind = "header-only" if header else "silent"
+                print(f"admission: {count} {kind} streams held: another client's Quantize {outcomes[-1]} after "
+                      f"{time.monotonic() - started:.1f} s ({len(outcomes)} tries); server RSS {server.rss_gib():.2f} GiB")
+                stop.set()
+                for call in calls:
+                    call.cancel()
+    finally:
+        server.close()
+
+
+def frozen() -> None:
+    servers = [Server(), Server()]
+    try:
+        x = torch.randn(128, 1024).to(torch.bfloat16)
+        for server in servers:  # each compiles its kernel before the test
+            with QuantdClient(server.target, timeout=300) as one:
+                one.quantize(x, SPEC, report=False)
+        os.kill(servers[1].proc.pid, signal.SIGSTOP)
+        times, failures = [], []
+        with QuantdClient([s.target for s in servers], timeout=15) as client:
+            for _ in range(6):
+                started = time.monotonic()
+                try:
+                    client.quantize(x, SPEC, report=False)
+                except QuantdError as exc:
+                    failures.append(exc.code.name)
+                times.append(time.monotonic() - started)
+        print(f"frozen: 6 calls over 2 replicas, one frozen: longest {max(times):.1f} s, "
+              f"total {sum(times):.1f} s, failures {failures}")
+    finally:
+        for server in servers:
+            server.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--declared-mib", type=int, default=1024)
+    parser.add_argument("--sent-mib", type=int, default=0)
+    parser.add_argument("--idle-streams", type=int, default=200)
+    parser.add_argument("--only", nargs="*", default=["aborted", "admission", "frozen"])
+    args = parser.parse_args()
+    if "aborted" in args.only:
+        aborted(args.declared_mib, args.sent_mib)
+    if "admission" in args.only:
+        admission(args.idle_streams)
+    if "frozen" in args.only:
+        frozen()
+
+
+if __name__ == "__main__":
+    main()
