@@ -30,13 +30,14 @@ class ServerConfig:
     metrics_port: int = 0                  # 0: no metrics endpoint
     drain_seconds: float = 30.0
     log_format: str = "text"               # text | json
+    workers: int = 1                       # server processes sharing the port (SO_REUSEPORT)
 
     def __post_init__(self):
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
         if self.staging_pool_bytes < 0:
             raise ValueError(f"staging_pool_bytes must be >= 0, got {self.staging_pool_bytes}")
-        for name in ("max_tensor_bytes", "max_concurrent_streams", "chunk_bytes", "piece_bytes"):
+        for name in ("max_tensor_bytes", "max_concurrent_streams", "chunk_bytes", "piece_bytes", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
