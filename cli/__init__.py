@@ -1,4 +1,4 @@
 """The `quantd` command line: quantize, dequantize and info through quantd.client; serve through quantd.server."""
-from .main import main
+from .main import main, parser
 
-__all__ = ["main"]
+__all__ = ["main", "parser"]
