@@ -37,7 +37,7 @@ def denied(message: str) -> ServiceError:
 class Region:
     """One mapped shared-memory object. `users` counts calls using it; it is unmapped when released and unused."""
 
-    def __init__(self, region_id: str, session: str, name: str, size: int, pin: bool):
+    def __init__(self, region_id: str, session: str, name: str, size: int):
         self.id, self.session, self.name, self.size = region_id, session, name, size
         self.path = os.path.join(shared.SHM_DIR, name)
         try:
@@ -61,7 +61,11 @@ class Region:
         self.buffer = torch.frombuffer(self.map, dtype=torch.uint8)
         self.users = 0
         self.released = False
-        self.pinned = pin and _host_register(self.buffer)
+        self.pinned = False
+
+    def pin(self) -> None:
+        """Page-lock the region for the GPU (cudaHostRegister), so copies from and to it run at DMA speed."""
+        self.pinned = int(torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.size, 0)) == 0
 
     def proves(self, nonce: bytes) -> bool:
         return hmac.compare_digest(bytes(self.map[:shared.NONCE_BYTES]), nonce)
@@ -90,10 +94,6 @@ class Region:
         except BufferError:  # a view is still referenced somewhere: the mapping goes when it is collected
             pass
         os.close(self.fd)
-
-
-def _host_register(buffer: torch.Tensor) -> bool:
-    return int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)) == 0
 
 
 class RegionTable:
@@ -128,11 +128,13 @@ class RegionTable:
         if len(owned) >= MAX_REGIONS_PER_SESSION:
             raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"a session holds at most {MAX_REGIONS_PER_SESSION} regions")
-        region = Region(secrets.token_hex(8), session, name, size, self.pin)
+        region = Region(secrets.token_hex(8), session, name, size)
         if not region.proves(nonce):
             region.close()
             raise denied(f"region {name!r} does not hold the request's nonce: the client must write it into the "
                          f"region, on the server's host, before registering")
+        if self.pin:
+            region.pin()
         owned.add(region.id)
         self.regions[region.id] = region
         return region

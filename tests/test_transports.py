@@ -417,3 +417,20 @@ def test_cuda_ipc_falls_back_when_the_server_is_on_the_cpu(server):
         assert got.transport.transport == "grpc"
         assert got.transport.reason.startswith("ipc: the server computes on the CPU, the tensors are on GPU-")
         assert_same(got, quantize(x.cpu(), QuantSpec()))
+
+
+@pytest.mark.gpu
+def test_shm_regions_are_pinned_for_a_gpu_server():
+    from quantd.kernels import dispatch
+    server = ServerProcess("--device", "cuda")
+    try:
+        x, spec = torch.randn(2048, 4096).bfloat16(), QuantSpec("mxfp8")
+        with QuantdClient(server.target, transport="auto") as client:
+            got = client.quantize(x, spec, dequantized=True)
+            assert got.transport == Choice("shm", "the server shares this host")
+            want = dispatch.quantize(x.cuda(), spec)
+            assert_same(got, want)
+            assert torch.equal(got.dequantized, dispatch.dequantize(want).cpu())
+            assert all(r["pinned"] for r in client.region_status()["regions"])
+    finally:
+        server.close()
