@@ -1,6 +1,7 @@
 """Quantize throughput through the service against a raw gRPC byte stream (the ceiling).
 
     python benchmarks/service.py [--sizes-mib 64 256 1024] [--chunks-kib 64 1024 4096] [--device auto]
+    python benchmarks/service.py --transports [--workers 8] [--sizes-mib 16 64 256 1024] [--plot out.png]
 
 Both servers run in their own process on 127.0.0.1 (so client and server do not share a
 GIL), and both see the same traffic: the client uploads the tensor in chunks of the same size,
@@ -8,6 +9,12 @@ the server sends back half as many bytes (the fp8 codes of a bf16 tensor) as the
 The raw server does nothing else, so its rate is what Python gRPC can move; quantd's ratio to it
 says how much of the link the service keeps. Throughput = input bytes / wall time of the call,
 best of --repeat runs.
+
+--transports compares the ways a tensor can reach the server (quantd.client.transports), 4 MiB chunks: grpc
+(one stream), shm (the tensor copied into a shared-memory region), shm-tensor (the tensor already lives in one,
+QuantdClient.shm_tensor), streams (split over --workers connections to `quantd serve --workers N`, beside grpc to
+that server: grpc@workers), and on a GPU ipc (a CUDA tensor passed by its CUDA IPC handle), beside the raw gRPC
+ceiling, the kernel alone on the server's device, and (on a GPU) pinned host-to-device copies.
 """
 from __future__ import annotations
 
@@ -74,6 +81,115 @@ def best_rate(fn, nbytes: int, repeat: int) -> float:
     return nbytes / min(times) / 1e9
 
 
+def kernel_rate(x, spec, device: str, repeat: int) -> float:
+    """GB/s of the quantize kernel alone on `device` (input already there)."""
+    import torch
+
+    from quantd.kernels import dispatch
+    x = x.to(device)
+
+    def run():
+        dispatch.quantize(x, spec)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+    run()
+    return best_rate(run, x.numel() * x.element_size(), repeat)
+
+
+def h2d_rate(nbytes: int, repeat: int) -> float:
+    import torch
+    host, dev = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+
+    def run():
+        dev.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+    run()
+    return best_rate(run, nbytes, repeat)
+
+
+def transports_main(args, servers, env) -> None:
+    import torch
+
+    from quantd.client import QuantdClient
+    from quantd.kernels import dispatch
+    from quantd.kernels.spec import QuantSpec
+    from quantd.protocol import wire
+
+    raw_target, quantd_target = f"127.0.0.1:{args.ports[0]}", f"127.0.0.1:{args.ports[1]}"
+    workers_port = free_port()
+    servers.append(subprocess.Popen([sys.executable, "-m", "quantd.cli", "serve", "--host", "127.0.0.1", "--port",
+                                     str(workers_port), "--device", args.device, "--workers", str(args.workers),
+                                     "--log-format", "json"], env=env, stderr=subprocess.DEVNULL))
+    workers_target = f"127.0.0.1:{workers_port}"
+    wait_ready(workers_target)
+    spec = QuantSpec(args.format, group_size=args.group)
+    raw_channel = grpc.insecure_channel(raw_target, options=[("grpc.max_receive_message_length", -1)])
+    clients = {"grpc": QuantdClient(quantd_target), "shm": QuantdClient(quantd_target, transport="shm"),
+               "shm-tensor": QuantdClient(quantd_target, transport="shm"),
+               "grpc@workers": QuantdClient(workers_target),
+               "streams": QuantdClient(workers_target, transport="streams", parallel_streams=args.workers)}
+    gpu = torch.cuda.is_available() and args.device != "cpu"
+    if gpu:
+        clients["ipc"] = QuantdClient(quantd_target, transport="ipc")
+    device = clients["grpc"].server_info()["device"]
+    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  device={device}  grpc {grpc.__version__}  "
+          f"torch {torch.__version__}  cpus {os.cpu_count()}  workers {args.workers}")
+    print(f"# spec {spec.describe()}, bf16 input, report off; GB/s = input bytes / wall time, best of {args.repeat}")
+    names = ["raw", *clients, "kernel"] + (["h2d"] if gpu else [])
+    print(f"{'size MiB':>8} " + " ".join(f"{n:>12}" for n in names), flush=True)
+    rows = []
+    for size in args.sizes_mib:
+        x = torch.randn(size * MiB // 2 // 4096, 4096).bfloat16()
+        data = wire.tensor_bytes(x)
+        local = dispatch.quantize(x[:256], spec)
+        rates = {"raw": best_rate(lambda: raw_call(raw_channel, data, 4 * MiB), len(data), args.repeat)}
+        for name, client in clients.items():
+            source = x
+            if name == "shm-tensor":
+                source = client.shm_tensor(x.shape, x.dtype)
+                source.copy_(x)
+            elif name == "ipc":
+                source = x.cuda()
+            client.quantize(source[:4096], spec, report=False)  # warm: compiles, opens the session
+            result = {}
+            rates[name] = best_rate(lambda: result.update(q=client.quantize(source, spec, report=False)), len(data),
+                                    args.repeat)
+            assert client.last_transport.transport == name.split("@")[0].removesuffix("-tensor"), client.last_transport
+            assert torch.equal(result["q"].codes[:256].view(torch.uint8).cpu(), local.codes.view(torch.uint8))
+        rates["kernel"] = kernel_rate(x, spec, "cuda" if gpu else "cpu", args.repeat)
+        if "h2d" in names:
+            rates["h2d"] = h2d_rate(len(data), args.repeat)
+        rows.append((size, rates))
+        print(f"{size:>8} " + " ".join(f"{rates[n]:>12.2f}" for n in names), flush=True)
+    for size, rates in rows:
+        print(f"# {size} MiB: shm/grpc {rates['shm'] / rates['grpc']:.2f}  shm-tensor/grpc "
+              f"{rates['shm-tensor'] / rates['grpc']:.2f}  streams/(N x grpc@workers) "
+              f"{rates['streams'] / (args.workers * rates['grpc@workers']):.2f}"
+              + (f"  shm-tensor/h2d {rates['shm-tensor'] / rates['h2d']:.2f}  ipc/kernel "
+                 f"{rates['ipc'] / rates['kernel']:.2f}" if gpu else ""))
+    for client in clients.values():
+        client.close()
+    if args.plot:
+        plot(rows, names, args.plot)
+
+
+def plot(rows, names, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sizes = [size for size, _ in rows]
+    for name in names:
+        ax.plot(sizes, [rates[name] for _, rates in rows], marker="o", label=name,
+                linestyle="--" if name in ("raw", "kernel", "h2d") else "-")
+    ax.set(xscale="log", yscale="log", xlabel="tensor size (MiB, bf16)", ylabel="GB/s (input bytes / wall time)",
+           title="quantd Quantize by transport")
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes-mib", type=int, nargs="+", default=[64, 256, 1024])
@@ -82,6 +198,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--format", default="fp8_e4m3")
     parser.add_argument("--group", type=int, default=128)
+    parser.add_argument("--transports", action="store_true", help="compare grpc, shm and parallel streams")
+    parser.add_argument("--workers", type=int, default=4, help="--transports: server processes and parallel streams")
+    parser.add_argument("--plot", help="--transports: write a plot of GB/s against size to this file")
     parser.add_argument("--raw-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.raw_server:
@@ -104,6 +223,9 @@ def main() -> None:
         raw_target, quantd_target = f"127.0.0.1:{raw_port}", f"127.0.0.1:{quantd_port}"
         wait_ready(raw_target)
         wait_ready(quantd_target)
+        if args.transports:
+            args.ports = (raw_port, quantd_port)
+            return transports_main(args, servers, env)
         spec = QuantSpec(args.format, group_size=args.group)
         raw_channel = grpc.insecure_channel(raw_target, options=[("grpc.max_receive_message_length", -1)])
         with QuantdClient(quantd_target) as probe:

@@ -37,6 +37,9 @@ def _server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cert-file", help="PEM client certificate (mutual TLS)")
     parser.add_argument("--key-file", help="PEM key of the client certificate")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per call")
+    parser.add_argument("--transport", choices=("auto", "grpc", "shm", "streams"), default="grpc",
+                        help="how tensors reach the server (README, Transports)")
+    parser.add_argument("--streams", type=int, default=1, help="parallel streams for --transport streams/auto")
 
 
 def _client(args):
@@ -45,7 +48,8 @@ def _client(args):
     def read(path):
         return open(path, "rb").read() if path else None
     return QuantdClient(args.server, token=args.token, root_certificates=read(args.ca_file),
-                        private_key=read(args.key_file), certificate_chain=read(args.cert_file), timeout=args.timeout)
+                        private_key=read(args.key_file), certificate_chain=read(args.cert_file), timeout=args.timeout,
+                        transport=args.transport, parallel_streams=args.streams)
 
 
 def _spec(args):

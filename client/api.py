@@ -19,7 +19,9 @@ the client's calls; with several targets gRPC's round_robin balancing sends it t
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import math
 import threading
 import time
 from typing import Optional
@@ -33,7 +35,9 @@ from quantd.v1 import quantd_pb2_grpc
 
 from quantd.protocol import chunks, wire
 from quantd.protocol.crc32c import crc32c
+from quantd.protocol.pieces import join_pieces, plan_pieces, unit_shape
 
+from . import transports
 from .channels import make_channel
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -109,6 +113,7 @@ class QuantizeResult(QuantizedTensor):
 
     report: Optional[dict] = None
     dequantized: Optional[torch.Tensor] = None
+    transport: Optional[transports.Choice] = None
 
 
 def as_dict(message) -> dict:
@@ -169,6 +174,20 @@ def _collect(responses, response_type, checksums: bool):
     return {info.name: wire.tensor_from_buffer(buf, info) for info, buf in zip(infos, buffers)}, summary
 
 
+def _summary(responses, response_type):
+    """The Summary of a response stream whose outputs went into shared-memory regions (no chunks)."""
+    summary = None
+    for raw in responses:
+        message = chunks.decode(raw, response_type)
+        if chunks.kind(message) == "chunk":
+            raise QuantdError(grpc.StatusCode.INTERNAL, "malformed response: a chunk in a response into regions")
+        if chunks.kind(message) == "summary":
+            summary = message.summary
+    if summary is None:
+        raise QuantdError(grpc.StatusCode.INTERNAL, "the response stream ended without a summary")
+    return summary
+
+
 class QuantdClient:
     """A connection to one quantd server, or to several (a list, "a:p,b:p", or "dns:///name:port").
 
@@ -179,12 +198,20 @@ class QuantdClient:
     a CRC32C on every chunk, both ways (off by default: TCP and TLS already check the bytes, and
     the CRC costs a little throughput). token, root_certificates, private_key, certificate_chain:
     bearer-token authentication and (mutual) TLS, see quantd.client.channels.make_channel.
+    transport: "grpc" (stream the bytes), "ipc" (CUDA tensors by their CUDA IPC handles), "shm" (shared memory on
+    the server's host), "streams" (a Quantize split over parallel_streams connections) or "auto" (the first of ipc,
+    shm, streams that works); a transport that cannot
+    serve a call falls back to grpc, and last_transport says which one ran and why (quantd.client.transports).
     """
 
     def __init__(self, target, *, token: str | None = None, root_certificates: bytes | None = None,
                  private_key: bytes | None = None, certificate_chain: bytes | None = None,
                  timeout: float | None = None, retries: int = 3, chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES,
-                 checksums: bool = False, stall_timeout: float | None = 10.0, options=()):
+                 checksums: bool = False, stall_timeout: float | None = 10.0, options=(), transport: str = "grpc",
+                 parallel_streams: int = 1):
+        self._settings = dict(target=target, token=token, root_certificates=root_certificates, private_key=private_key,
+                              certificate_chain=certificate_chain, timeout=timeout, retries=retries,
+                              chunk_bytes=chunk_bytes, checksums=checksums, stall_timeout=stall_timeout, options=options)
         options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1), *options]
         self.channel = make_channel(target, root_certificates=root_certificates, private_key=private_key,
                                     certificate_chain=certificate_chain, token=token, options=options)
@@ -197,8 +224,19 @@ class QuantdClient:
         self.retry_budget = RetryBudget()
         self.chunk_bytes = chunk_bytes
         self.checksums = checksums
+        self.transport = transports.check(transport)
+        self.parallel_streams = parallel_streams
+        self.last_transport: transports.Choice | None = None
+        self._shm: transports.ShmTransport | None = None
+        self._shm_error: str | None = None
+        self._server_uuid: str | None = None
+        self._parallel: list = []  # one QuantdClient per stream, each on a connection of its own
 
     def close(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
+        for sub in self._parallel:
+            sub.close()
         self.channel.close()
 
     def __enter__(self):
@@ -229,10 +267,52 @@ class QuantdClient:
                 raise QuantdError(code, details)
             time.sleep(backoff)
 
-    def _stream(self, rpc: str, header, tensors, timeout):
-        """Send a header and tensors on the streaming RPC `rpc`; (output tensors by name, Summary)."""
-        tensors = [t.detach().cpu() for t in tensors]
+    def _shm_reason(self) -> str | None:
+        """None once a shared-memory session is open on the server, else why there is none (tried once)."""
+        if self._shm is None and self._shm_error is None:
+            try:
+                self._shm = transports.ShmTransport(self.stub)
+            except grpc.RpcError as exc:
+                self._shm_error = f"the server cannot use this host's shared memory ({exc.code().name}: {exc.details()})"
+            except OSError as exc:
+                self._shm_error = f"cannot create a shared-memory region here: {exc}"
+        return self._shm_error
+
+    def _ipc_reason(self, tensors) -> str | None:
+        """None when the server can open these tensors' CUDA IPC handles, else why not."""
+        if not all(t.is_cuda for t in tensors):
+            return "the tensors are not all on a GPU"
+        shm_reason = self._shm_reason()
+        if shm_reason is not None:
+            return f"no proof that the server shares this host ({shm_reason})"
+        local = transports.device_uuid(tensors[0].device)
+        if self._server_uuid is None:
+            self._server_uuid = self.server_info()["device_uuid"]
+        if self._server_uuid != local:
+            return f"the server computes on {self._server_uuid or 'the CPU'}, the tensors are on {local}"
+        return None
+
+    def _choose(self, transport, tensors, streams_reason=lambda: "only Quantize splits a tensor over streams") -> str:
+        self.last_transport = transports.choose(transport or self.transport, lambda: self._ipc_reason(tensors),
+                                                self._shm_reason, streams_reason)
+        return self.last_transport.transport
+
+    def _stream(self, rpc: str, header, tensors, timeout, outputs, transport="grpc"):
+        """Send a header and tensors on the streaming RPC `rpc`, or (transport shm) place them and the outputs
+        (the TensorInfos outputs() returns) in shared memory; (output tensors by name, Summary)."""
         request_type, response_type = STREAMS[rpc]
+        if transport in ("shm", "ipc"):
+            try:
+                outputs = outputs()
+            except (ValueError, IndexError) as exc:  # a shape the server would refuse: the same status
+                raise QuantdError(grpc.StatusCode.INVALID_ARGUMENT, f"{rpc}: {exc}") from None
+
+            def send(deadline):
+                return lambda h: _summary(self.streams[rpc](iter([request_type(header=h)]), timeout=deadline), response_type)
+            memory = self._shm if transport == "shm" else transports.IpcTransport(self._shm, self._server_uuid)
+            tensors = [t.detach() for t in tensors]
+            return self._call(lambda deadline: memory.call_with(send(deadline), header, tensors, outputs), timeout)
+        tensors = [t.detach().cpu() for t in tensors]
 
         def attempt(deadline):
             requests = _requests(request_type, header, tensors, self.chunk_bytes, self.checksums)
@@ -241,32 +321,67 @@ class QuantdClient:
         return self._call(attempt, timeout)
 
     def quantize(self, tensor, spec: QuantSpec | None = None, *, report: bool = True, dequantized: bool = False,
-                 timeout: float | None = None) -> QuantizeResult:
+                 timeout: float | None = None, transport: str | None = None) -> QuantizeResult:
         """Quantize a bf16/fp16/fp32 tensor with `spec` (default QuantSpec()); the result is bit-identical
         to quantd.kernels.quantize(tensor, spec) and sits on the tensor's device."""
         x = wire.as_torch(tensor)
         spec = spec or QuantSpec()
+
+        def streams_reason():
+            if self.parallel_streams < 2:
+                return "parallel_streams is 1"
+            if report or dequantized:
+                return "report and dequantized need the whole tensor in one call"
+            if x.dim() == 0 or unit_shape(spec, tuple(x.shape)) is None:
+                return f"{spec.describe()} needs the whole tensor for its scales"
+            return None
+        chosen = self._choose(transport, [x], streams_reason)
+        if chosen == "streams":
+            return self._quantize_streams(x, spec, timeout)
         header = pb.QuantizeHeader(tensor=wire.tensor_info("input", x.dtype, x.shape), spec=wire.spec_to_proto(spec),
                                    return_dequantized=dequantized, return_report=report,
                                    chunk_bytes=self.chunk_bytes, checksums=self.checksums)
-        out, summary = self._stream("Quantize", header, [x], timeout)
+        outputs = lambda: wire.quantize_outputs(spec, tuple(x.shape), dequantized)  # noqa: E731
+        out, summary = self._stream("Quantize", header, [x], timeout, outputs, chosen)
         out = {name: t.to(x.device) for name, t in out.items()}
         return QuantizeResult(out["codes"], out["scales"], spec, tuple(x.shape), out.get("zero_points"),
                               report=as_dict(summary.report) if report else None,
-                              dequantized=out.get("dequantized"))
+                              dequantized=out.get("dequantized"), transport=self.last_transport)
+
+    def _quantize_streams(self, x: torch.Tensor, spec: QuantSpec, timeout) -> QuantizeResult:
+        """Quantize independent pieces of x on parallel_streams connections at once and join their results."""
+        choice, n = self.last_transport, self.parallel_streams
+        while len(self._parallel) < n:
+            settings = {**self._settings, "options": [*self._settings["options"], ("grpc.use_local_subchannel_pool", 1)]}
+            self._parallel.append(QuantdClient(**settings))
+        flat = x.detach().cpu().contiguous().reshape(-1)
+        pieces = plan_pieces(spec, tuple(x.shape), math.ceil(flat.numel() / n) * flat.element_size(), flat.element_size())
+
+        def quantize(i):
+            piece = pieces[i]
+            return self._parallel[i % n].quantize(flat[piece.start:piece.end].view(piece.shape), spec, report=False,
+                                                  timeout=timeout)
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            whole = join_pieces(list(pool.map(quantize, range(len(pieces)))), spec, tuple(x.shape))
+        zero_points = None if whole.zero_points is None else whole.zero_points.to(x.device)
+        return QuantizeResult(whole.codes.to(x.device), whole.scales.to(x.device), spec, tuple(x.shape), zero_points,
+                              transport=choice)
 
     def dequantize(self, qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
-                   timeout: float | None = None) -> torch.Tensor:
+                   timeout: float | None = None, transport: str | None = None) -> torch.Tensor:
         """The high-precision tensor of `qt` (in out_dtype, default qt.spec.out_dtype), on qt.codes' device."""
         header = pb.DequantizeHeader(operand=wire.quantized_operand(qt), chunk_bytes=self.chunk_bytes,
                                      checksums=self.checksums)
         if out_dtype is not None:
             header.out_dtype = wire.dtype_name(out_dtype)
-        out, _ = self._stream("Dequantize", header, wire.operand_tensors(qt), timeout)
+        outputs = lambda: [wire.tensor_info("output", out_dtype or qt.spec.dequant_dtype, qt.shape)]  # noqa: E731
+        tensors = wire.operand_tensors(qt)
+        out, _ = self._stream("Dequantize", header, tensors, timeout, outputs, self._choose(transport, tensors))
         return out["output"].to(qt.codes.device)
 
     def matmul(self, a, b, *, a_spec: QuantSpec | None = None, b_spec: QuantSpec | None = None,
-               out_dtype: torch.dtype = torch.bfloat16, timeout: float | None = None) -> torch.Tensor:
+               out_dtype: torch.dtype = torch.bfloat16, timeout: float | None = None,
+               transport: str | None = None) -> torch.Tensor:
         """C = A @ B^T for A (M, K) and B (N, K): QuantizedTensors, or tensors the server quantizes with
         a_spec / b_spec (default QuantSpec())."""
         operands, tensors = [], []
@@ -282,7 +397,9 @@ class QuantdClient:
         header = pb.MatmulHeader(a=operands[0], b=operands[1], out_dtype=wire.dtype_name(out_dtype),
                                  chunk_bytes=self.chunk_bytes, checksums=self.checksums)
         device = (a.codes if isinstance(a, QuantizedTensor) else wire.as_torch(a)).device
-        out, _ = self._stream("Matmul", header, tensors, timeout)
+        shapes = [op.shape if isinstance(op, QuantizedTensor) else wire.as_torch(op).shape for op in (a, b)]
+        outputs = lambda: [wire.tensor_info("output", out_dtype, [shape[0] for shape in shapes])]  # noqa: E731
+        out, _ = self._stream("Matmul", header, tensors, timeout, outputs, self._choose(transport, tensors))
         return out["output"].to(device)
 
     def quantize_checkpoint(self, src, dst, **options):
@@ -301,6 +418,21 @@ class QuantdClient:
         """Profile, scheme, tensor counts, bytes and problems of a model folder (no server needed)."""
         from .checkpoint import inspect_checkpoint
         return inspect_checkpoint(src)
+
+    def shm_tensor(self, shape, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """A CPU tensor in shared memory registered with the server: passed to a call with transport shm (or auto),
+        it is read where it is, without a copy. Its memory lives until close(). QuantdError when the server cannot
+        share memory with this client (another host)."""
+        reason = self._shm_reason()
+        if reason is not None:
+            raise QuantdError(grpc.StatusCode.FAILED_PRECONDITION, f"no shared memory with the server: {reason}")
+        return self._shm.tensor(shape, dtype)
+
+    def region_status(self) -> dict:
+        """This client's shared-memory regions on the server, and how many the server holds in all."""
+        if self._shm is None:
+            return {"regions": [], "server_regions": 0}
+        return as_dict(self._call(lambda _: self._shm.status(), None))
 
     def server_info(self, *, timeout: float | None = None) -> dict:
         """Version, backend, device, supported formats and limits of the server answering."""

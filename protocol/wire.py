@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from quantd.kernels.spec import QuantizedTensor, QuantSpec
+from quantd.kernels.spec import Format, QuantizedTensor, QuantSpec
 from quantd.v1 import quantd_pb2 as pb
 
 # Measured with benchmarks/service.py (BENCHMARKS.md, "Service"): Python gRPC moves the most bytes per
@@ -101,6 +101,17 @@ def as_torch(x) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(x).view(np.uint16)).view(torch.bfloat16)
         return torch.from_numpy(np.ascontiguousarray(x))
     raise TypeError(f"expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def quantize_outputs(spec: QuantSpec, shape, dequantized: bool) -> list:
+    """The tensors a Quantize answers with, in order: codes, scales, [zero_points], [dequantized]."""
+    outputs = [tensor_info("codes", spec.code_dtype, spec.code_shape(shape)),
+               tensor_info("scales", spec.scale_dtype, spec.scale_shape(shape))]
+    if spec.format == Format.INT8_ASYM:
+        outputs.append(tensor_info("zero_points", torch.int8, spec.scale_shape(shape)))
+    if dequantized:
+        outputs.append(tensor_info("dequantized", spec.dequant_dtype, shape))
+    return outputs
 
 
 def quantized_operand(qt: QuantizedTensor) -> pb.QuantizedOperand:

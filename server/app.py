@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import ipaddress
 import logging
+import multiprocessing
+import os
 import signal
 import threading
 
@@ -60,6 +63,10 @@ def add_servicer(servicer: QuantdServicer, server: grpc.aio.Server) -> None:
         behavior = getattr(servicer, method.name)
         if method.client_streaming:
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(behavior, response_serializer=chunks.serialize)
+        elif method.server_streaming:
+            request, response = (getattr(quantd_pb2, t.name) for t in (method.input_type, method.output_type))
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                behavior, request_deserializer=request.FromString, response_serializer=response.SerializeToString)
         else:
             request, response = (getattr(quantd_pb2, t.name) for t in (method.input_type, method.output_type))
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
@@ -94,7 +101,8 @@ class QuantdServer:
                    ("grpc.max_send_message_length", -1),
                    # clients ping every few seconds to find frozen replicas (quantd.client.channels.KEEPALIVE_OPTIONS)
                    ("grpc.keepalive_permit_without_calls", 1),
-                   ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000), ("grpc.http2.max_ping_strikes", 0)]
+                   ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000), ("grpc.http2.max_ping_strikes", 0),
+                   ("grpc.so_reuseport", 1)]  # gRPC's default on Linux, relied upon by serve_workers
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         add_servicer(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -120,6 +128,7 @@ class QuantdServer:
         """NOT_SERVING, refuse new streams, wait up to `seconds` (drain_seconds) for the streams in flight, stop."""
         seconds = self.config.drain_seconds if seconds is None else seconds
         self.servicer.draining = True
+        self.servicer.sessions_end.set()
         await self.health.enter_graceful_shutdown()
         log.info("draining %d stream(s) for up to %.1f s", self.servicer.active_streams, seconds)
         loop = asyncio.get_running_loop()
@@ -149,7 +158,31 @@ async def serve(config: ServerConfig) -> None:
 
 def main(config: ServerConfig) -> None:
     logs.configure(config.log_format)
+    if config.workers > 1:
+        return serve_workers(config)
     asyncio.run(serve(config))
+
+
+def serve_workers(config: ServerConfig) -> None:
+    """config.workers server processes on one port: SO_REUSEPORT lets the kernel spread connections over them, so
+    parallel streams on several connections are served by several processes (and their GIL-bound gRPC loops).
+    Worker i serves metrics on metrics_port + i. SIGTERM/SIGINT are passed on; returns when every worker exited."""
+    if config.port == 0:
+        raise ValueError("workers > 1 needs a fixed port (port 0 would give each worker a port of its own)")
+    context = multiprocessing.get_context("spawn")  # no forked copy of this process's threads or CUDA state
+    workers = [context.Process(target=main, name=f"quantd-worker-{i}", args=(dataclasses.replace(
+        config, workers=1, metrics_port=config.metrics_port and config.metrics_port + i),)) for i in range(config.workers)]
+    for worker in workers:
+        worker.start()
+
+    def forward(signum, _frame):
+        for worker in workers:
+            if worker.is_alive():
+                os.kill(worker.pid, signum)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    for worker in workers:
+        worker.join()
 
 
 class BackgroundServer:

@@ -33,6 +33,7 @@ class ServerConfig:
     metrics_host: Optional[str] = None     # where the metrics endpoint listens (unset: the same host as gRPC)
     drain_seconds: float = 30.0
     log_format: str = "text"               # text | json
+    workers: int = 1                       # server processes sharing the port (SO_REUSEPORT)
 
     def __post_init__(self):
         if self.log_format not in ("text", "json"):
@@ -42,7 +43,7 @@ class ServerConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.stream_idle_seconds > 0:
             raise ValueError(f"stream_idle_seconds must be > 0, got {self.stream_idle_seconds}")
-        for name in ("max_tensor_bytes", "max_concurrent_streams", "chunk_bytes", "piece_bytes"):
+        for name in ("max_tensor_bytes", "max_concurrent_streams", "chunk_bytes", "piece_bytes", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):

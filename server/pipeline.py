@@ -1,64 +1,9 @@
-"""Which parts of a tensor can be quantized before the rest has arrived.
-
-A piece is a run of whole scale blocks that no other block depends on: complete rows for
-group granularity, complete rows of tiles for tile, complete blocks for flat, complete
-slices along the leading axis for channel(axis 0). Quantizing the pieces one by one gives
-exactly the bytes of quantizing the whole tensor (codes and scales are both laid out in
-row-major block order). Tensor granularity, and channel over any other axis, need every
-element before the first scale is known: they run as one piece once the tensor is in.
-"""
+"""The input tensor where the kernels read it; which pieces of it are independent is quantd.protocol.pieces."""
 from __future__ import annotations
-
-import dataclasses
-import math
 
 import torch
 
-from quantd.kernels.spec import Granularity, QuantSpec
-
-
-@dataclasses.dataclass(frozen=True)
-class Piece:
-    start: int    # first element (flat index into the input)
-    end: int      # one past the last element
-    shape: tuple  # shape to quantize the elements with
-
-
-def unit_shape(spec: QuantSpec, shape: tuple):
-    """(elements per aligned unit, shape of `n` units as a function) or None when the tensor is one piece."""
-    g = spec.granularity
-    if g == Granularity.GROUP:
-        k = shape[-1]
-        return k, lambda n: (n, k)
-    if g == Granularity.TILE:
-        k = shape[-1]
-        return spec.tile[0] * k, lambda n_rows: (n_rows, k)
-    if g == Granularity.FLAT:
-        return spec.block_size, lambda n: (n,)
-    if g == Granularity.CHANNEL and shape and spec.axis % len(shape) == 0:
-        rest = shape[1:]
-        return math.prod(rest), lambda n: (n,) + rest
-    return None
-
-
-def plan_pieces(spec: QuantSpec, shape, piece_bytes: int, itemsize: int) -> list:
-    """Pieces of about `piece_bytes` input bytes (at least one aligned unit each), in order."""
-    shape = tuple(shape)
-    numel = math.prod(shape)
-    unit = unit_shape(spec, shape)
-    if unit is None or numel == 0:
-        return [Piece(0, numel, shape)]
-    unit_elems, shape_of = unit
-    per_piece = max(1, piece_bytes // (unit_elems * itemsize)) * unit_elems
-    pieces = []
-    for start in range(0, numel, per_piece):
-        end = min(start + per_piece, numel)
-        if spec.granularity == Granularity.TILE:
-            count = (end - start) // shape[-1]  # rows; the last piece may end on a partial tile row
-        else:
-            count = (end - start) // unit_elems if spec.granularity != Granularity.FLAT else end - start
-        pieces.append(Piece(start, end, shape_of(count)))
-    return pieces
+from quantd.protocol.pieces import Piece, plan_pieces  # noqa: F401 (plan_pieces was defined here)
 
 
 class DeviceInput:

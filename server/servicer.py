@@ -22,7 +22,11 @@ from quantd.v1 import quantd_pb2 as pb
 from quantd.v1 import quantd_pb2_grpc
 
 from .errors import ServiceError, grpc_status, invalid
-from .pipeline import DeviceInput, plan_pieces
+from quantd.protocol.pieces import join_pieces, plan_pieces
+
+from . import cuda_ipc
+from .pipeline import DeviceInput
+from .regions import RegionTable
 from .streams import MIN_CHUNK_BYTES, MemoryBudget, OutputSender, StagingPool, StreamAssembler, StreamMemory, chunks_of
 
 PADDING_ALLOWANCE = 1 << 20  # elements of padding any tensor may have, beyond its own size
@@ -85,17 +89,9 @@ def output_tensors(qt: QuantizedTensor) -> list:
     return [qt.codes, qt.scales] + ([qt.zero_points] if qt.zero_points is not None else [])
 
 
-def joined_pieces(parts: list, spec: QuantSpec, shape: tuple) -> QuantizedTensor:
-    """The QuantizedTensor of the whole input from those of its pieces (their bytes, concatenated)."""
-    def join(tensors, out_shape):
-        if len(tensors) == 1:
-            return tensors[0].reshape(out_shape)
-        flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors])
-        return flat.view(tensors[0].dtype).reshape(out_shape)
-    scale_shape = spec.scale_shape(shape)
-    zero_points = None if parts[0].zero_points is None else join([p.zero_points for p in parts], scale_shape)
-    return QuantizedTensor(join([p.codes for p in parts], spec.code_shape(shape)),
-                           join([p.scales for p in parts], scale_shape), spec, shape, zero_points)
+def in_memory(header) -> bool:
+    """True when a request's tensors are in shared-memory regions or GPU memory rather than in its stream."""
+    return header.HasField("regions") or header.HasField("cuda")
 
 
 def package_version() -> str:
@@ -122,6 +118,8 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         self.draining = False
         self.pool = StagingPool(config.staging_pool_bytes, pin=device.type == "cuda")
         self.budget = MemoryBudget(config.memory_budget)
+        self.regions = RegionTable(pin=device.type == "cuda")
+        self.sessions_end = asyncio.Event()  # set when the server stops: open sessions end
 
     # ---- helpers ------------------------------------------------------------------------
     async def _header(self, requests, request_type):
@@ -181,6 +179,28 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
                 on_progress(index)
         assembler.check_complete()
 
+    def _memory(self, header, input_infos, output_infos):
+        """A context holding (input tensors, output byte views) of a request whose tensors are in shared-memory
+        regions or in the client's GPU memory."""
+        if header.HasField("regions"):
+            return self.regions.use(header.regions, input_infos, output_infos)
+        return contextlib.nullcontext(cuda_ipc.open_tensors(header.cuda, input_infos, output_infos, self.device,
+                                                            self.regions))
+
+    async def _memory_call(self, memory: StreamMemory, rpc: str, header, input_infos, sender, fn):
+        """Serve a request whose tensors are in shared or GPU memory: fn(input tensors) -> (output tensors, report)
+        runs in the compute pool and its outputs are written where the request says; the header and summary go back."""
+        with self._memory(header, input_infos, sender.infos) as (inputs, outputs):
+            yield sender.header()
+
+            def compute():
+                results, report = fn([t.to(self.device, non_blocking=True) for t in inputs])
+                for view, result in zip(outputs, results):
+                    view.copy_(result.reshape(-1).view(torch.uint8))
+                return report
+            report = await self._compute(memory, rpc, compute)
+        yield sender.summary(report, [view.numel() for view in outputs])
+
     def _sender(self, response_type, infos, chunk_bytes: int, checksums: bool) -> OutputSender:
         """The sender of a response; INVALID_ARGUMENT for a chunk_bytes outside MIN_CHUNK_BYTES..max_message_bytes
         (0 takes the server's chunk_bytes)."""
@@ -198,14 +218,17 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         info = header.tensor
         check_input_info(info, spec, "Quantize")
         dtype, shape = wire.dtype_from_name(info.dtype), tuple(info.shape)
-        outputs = [wire.tensor_info("codes", spec.code_dtype, spec.code_shape(shape)),
-                   wire.tensor_info("scales", spec.scale_dtype, spec.scale_shape(shape))]
-        if spec.format == Format.INT8_ASYM:
-            outputs.append(wire.tensor_info("zero_points", torch.int8, spec.scale_shape(shape)))
-        if header.return_dequantized:
-            outputs.append(wire.tensor_info("dequantized", spec.dequant_dtype, shape))
+        outputs = wire.quantize_outputs(spec, shape, header.return_dequantized)
         sender = self._sender(pb.QuantizeResponse, outputs, header.chunk_bytes, header.checksums)
         async with self._admitted([info], outputs) as memory:
+            if in_memory(header):
+                def quantize(inputs):
+                    qt = dispatch.quantize(inputs[0], spec)
+                    results = output_tensors(qt) + ([dispatch.dequantize(qt)] if header.return_dequantized else [])
+                    return results, reference.report(inputs[0], qt) if header.return_report else None
+                async for message in self._memory_call(memory, "Quantize", header, [info], sender, quantize):
+                    yield message
+                return
             assembler = memory.assembler([info])
             yield sender.header()
 
@@ -220,7 +243,7 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
                         yield message
             report = None
             if keep:
-                whole = joined_pieces(parts, spec, shape)
+                whole = join_pieces(parts, spec, shape)
                 if header.return_dequantized:
                     deq = await self._compute(memory, "Quantize", lambda: dispatch.dequantize(whole).cpu())
                     async for message in sender.send(len(outputs) - 1, deq):
@@ -280,14 +303,10 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         output = wire.tensor_info("output", OUT_DTYPES[out_name], header.operand.shape)
         sender = self._sender(pb.DequantizeResponse, [output], header.chunk_bytes, header.checksums)
         async with self._admitted(infos, [output]) as memory:
-            assembler = memory.assembler(infos)
-            yield sender.header()
-            await self._receive(chunks, assembler)
-
-            def dequantize():
-                qt = quantized_tensor(header.operand, [assembler.tensor(i) for i in range(len(infos))], self.device)
-                return dispatch.dequantize(qt, OUT_DTYPES[out_name]).cpu()
-            async for message in self._compute_and_send(memory, "Dequantize", dequantize, sender):
+            def dequantize(tensors):
+                return dispatch.dequantize(quantized_tensor(header.operand, tensors, self.device), OUT_DTYPES[out_name])
+            async for message in self._serve_one_output(memory, "Dequantize", header, infos, chunks, sender,
+                                                        dequantize):
                 yield message
 
     @grpc_status
@@ -317,29 +336,59 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         (m, k), n = a_shape, b_shape[0]
         working = 8 * (m * n + (m + n) * k) if self.device.type == "cpu" else 0
         async with self._admitted(infos[0] + infos[1], [output], working) as memory:
-            assembler = memory.assembler(infos[0] + infos[1])
-            yield sender.header()
-            await self._receive(chunks, assembler)
-
-            def operand(msg, first: int, count: int) -> QuantizedTensor:
-                tensors = [assembler.tensor(i) for i in range(first, first + count)]
+            def operand(msg, tensors) -> QuantizedTensor:
                 if msg.WhichOneof("kind") == "tensor":
                     return dispatch.quantize(tensors[0].to(self.device), wire.spec_from_proto(msg.tensor.spec))
                 return quantized_tensor(msg.quantized, tensors, self.device)
 
-            def matmul():
-                a = operand(header.a, 0, len(infos[0]))
-                b = operand(header.b, len(infos[0]), len(infos[1]))
-                return dispatch.matmul(a, b, OUT_DTYPES[out_name]).cpu()
-            async for message in self._compute_and_send(memory, "Matmul", matmul, sender):
+            def matmul(tensors):
+                split = len(infos[0])
+                a, b = operand(header.a, tensors[:split]), operand(header.b, tensors[split:])
+                return dispatch.matmul(a, b, OUT_DTYPES[out_name])
+            async for message in self._serve_one_output(memory, "Matmul", header, infos[0] + infos[1], chunks,
+                                                        sender, matmul):
                 yield message
 
-    async def _compute_and_send(self, memory: StreamMemory, rpc: str, fn, sender):
-        """Run fn off the event loop, then stream its one output tensor and the summary."""
-        out = await self._compute(memory, rpc, fn)
+    async def _serve_one_output(self, memory: StreamMemory, rpc: str, header, infos, chunks, sender, fn):
+        """Serve a call with one output, fn(input tensors): from and into shared or GPU memory when the header says
+        so, else receive every input's chunks, compute off the event loop, stream the output back, then the summary."""
+        if in_memory(header):
+            async for message in self._memory_call(memory, rpc, header, infos, sender, lambda ts: ([fn(ts)], None)):
+                yield message
+            return
+        assembler = memory.assembler(infos)
+        yield sender.header()
+        await self._receive(chunks, assembler)
+        out = await self._compute(memory, rpc, lambda: fn([assembler.tensor(i) for i in range(len(infos))]).cpu())
         async for message in sender.send(0, out):
             yield message
         yield sender.summary()
+
+    # ---- shared-memory regions ------------------------------------------------------------
+    @grpc_status
+    async def OpenSession(self, request, context):
+        session = self.regions.open_session()
+        try:
+            yield pb.SessionEvent(session=session)
+            await self.sessions_end.wait()  # until the server stops, or the call ends (cancelled: CancelledError)
+        finally:
+            self.regions.close_session(session)
+
+    @grpc_status
+    async def RegisterRegion(self, request, context):
+        region = self.regions.register(request.session, request.name, request.size, request.nonce)
+        return pb.RegisterRegionResponse(region=region.id)
+
+    @grpc_status
+    async def UnregisterRegion(self, request, context):
+        self.regions.unregister(request.session, request.region)
+        return pb.UnregisterRegionResponse()
+
+    @grpc_status
+    async def RegionStatus(self, request, context):
+        regions = [pb.RegionInfo(region=r.id, name=r.name, size=r.size, pinned=r.pinned)
+                   for r in self.regions.status(request.session)]
+        return pb.RegionStatusResponse(regions=regions, server_regions=len(self.regions.regions))
 
     @grpc_status
     async def GetServerInfo(self, request, context):
@@ -358,4 +407,4 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
             limits=pb.Limits(max_tensor_bytes=self.config.max_tensor_bytes, chunk_bytes=self.config.chunk_bytes,
                              max_message_bytes=self.config.max_message_bytes,
                              max_concurrent_streams=self.config.max_concurrent_streams),
-            draining=self.draining)
+            draining=self.draining, device_uuid=cuda_ipc.device_uuid(self.device))

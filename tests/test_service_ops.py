@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from multiprocessing import shared_memory
 
 import grpc
 import pytest
@@ -64,7 +65,16 @@ def test_reflection_driven_client_discovers_and_calls_every_rpc(server):
         "Matmul": [{"header": {"a": {"quantized": quantized}, "b": {"quantized": quantized}, "out_dtype": "float32"}}]
                   + qchunks + [{"chunk": {**c["chunk"], "tensor": c["chunk"]["tensor"] + 2}} for c in qchunks],
         "GetServerInfo": {},
+        # the region RPCs, in declaration order: a session, a region registered in it, released, the status after
+        "OpenSession": {},
+        "RegisterRegion": lambda: {"session": session(), "name": region.name, "size": 4096, "nonce": nonce},
+        "UnregisterRegion": lambda: {"session": session(), "region": answers["RegisterRegion"]["region"]},
+        "RegionStatus": lambda: {"session": session()},
     }
+    region = shared_memory.SharedMemory(create=True, size=4096)
+    region.buf[:32] = os.urandom(32)
+    nonce = base64.b64encode(bytes(region.buf[:32])).decode()
+    session = lambda: answers["OpenSession"][0]["session"]  # noqa: E731
     with grpc.insecure_channel(server.target) as channel:
         database = ProtoReflectionDescriptorDatabase(channel)
         assert "quantd.v1.Quantd" in database.get_services()
@@ -81,10 +91,19 @@ def test_reflection_driven_client_discovers_and_calls_every_rpc(server):
                                              response_deserializer=response_class.FromString)
                 messages = [json_format.ParseDict(r, request_class()) for r in requests[method.name]]
                 answers[method.name] = [json_format.MessageToDict(m) for m in call(iter(messages), timeout=30)]
+            elif method.server_streaming:  # OpenSession: its first event; the session lasts while the call is open
+                call = channel.unary_stream(path, request_serializer=request_class.SerializeToString,
+                                            response_deserializer=response_class.FromString)
+                session_call = call(json_format.ParseDict(requests[method.name], request_class()))
+                answers[method.name] = [json_format.MessageToDict(next(session_call))]
             else:
                 call = channel.unary_unary(path, request_serializer=request_class.SerializeToString,
                                            response_deserializer=response_class.FromString)
-                answers[method.name] = json_format.MessageToDict(call(json_format.ParseDict(requests[method.name], request_class()), timeout=30))
+                request = requests[method.name]() if callable(requests[method.name]) else requests[method.name]
+                answers[method.name] = json_format.MessageToDict(call(json_format.ParseDict(request, request_class()), timeout=30))
+        session_call.cancel()
+    region.close()
+    region.unlink()
     def payload(answer, tensor=0):
         return b"".join(base64.b64decode(m["chunk"]["data"]) for m in answer if "chunk" in m and m["chunk"].get("tensor", 0) == tensor)
     assert payload(answers["Quantize"], 0) == want.codes.numpy().tobytes()
@@ -92,6 +111,8 @@ def test_reflection_driven_client_discovers_and_calls_every_rpc(server):
     assert payload(answers["Dequantize"]) == reference.dequantize(want, torch.float32).numpy().tobytes()
     assert payload(answers["Matmul"]) == reference.matmul(want, want, torch.float32).numpy().tobytes()
     assert "int8_asym" in answers["GetServerInfo"]["formats"]
+    assert answers["RegisterRegion"]["region"] and answers["UnregisterRegion"] == {}
+    assert answers["RegionStatus"] == {}  # no regions left in the session, none on the server
 
 
 class SlowUpload:

@@ -49,20 +49,24 @@ class Chunk(_message.Message):
     def __init__(self, tensor: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class QuantizeHeader(_message.Message):
-    __slots__ = ("tensor", "spec", "return_dequantized", "return_report", "chunk_bytes", "checksums")
+    __slots__ = ("tensor", "spec", "return_dequantized", "return_report", "chunk_bytes", "checksums", "regions", "cuda")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     RETURN_DEQUANTIZED_FIELD_NUMBER: _ClassVar[int]
     RETURN_REPORT_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    CUDA_FIELD_NUMBER: _ClassVar[int]
     tensor: TensorInfo
     spec: QuantSpec
     return_dequantized: bool
     return_report: bool
     chunk_bytes: int
     checksums: bool
-    def __init__(self, tensor: _Optional[_Union[TensorInfo, _Mapping]] = ..., spec: _Optional[_Union[QuantSpec, _Mapping]] = ..., return_dequantized: _Optional[bool] = ..., return_report: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., checksums: _Optional[bool] = ...) -> None: ...
+    regions: RegionTensors
+    cuda: CudaTensors
+    def __init__(self, tensor: _Optional[_Union[TensorInfo, _Mapping]] = ..., spec: _Optional[_Union[QuantSpec, _Mapping]] = ..., return_dequantized: _Optional[bool] = ..., return_report: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., checksums: _Optional[bool] = ..., regions: _Optional[_Union[RegionTensors, _Mapping]] = ..., cuda: _Optional[_Union[CudaTensors, _Mapping]] = ...) -> None: ...
 
 class QuantizedOperand(_message.Message):
     __slots__ = ("spec", "shape", "codes", "scales", "zero_points")
@@ -79,16 +83,20 @@ class QuantizedOperand(_message.Message):
     def __init__(self, spec: _Optional[_Union[QuantSpec, _Mapping]] = ..., shape: _Optional[_Iterable[int]] = ..., codes: _Optional[_Union[TensorInfo, _Mapping]] = ..., scales: _Optional[_Union[TensorInfo, _Mapping]] = ..., zero_points: _Optional[_Union[TensorInfo, _Mapping]] = ...) -> None: ...
 
 class DequantizeHeader(_message.Message):
-    __slots__ = ("operand", "out_dtype", "chunk_bytes", "checksums")
+    __slots__ = ("operand", "out_dtype", "chunk_bytes", "checksums", "regions", "cuda")
     OPERAND_FIELD_NUMBER: _ClassVar[int]
     OUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    CUDA_FIELD_NUMBER: _ClassVar[int]
     operand: QuantizedOperand
     out_dtype: str
     chunk_bytes: int
     checksums: bool
-    def __init__(self, operand: _Optional[_Union[QuantizedOperand, _Mapping]] = ..., out_dtype: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., checksums: _Optional[bool] = ...) -> None: ...
+    regions: RegionTensors
+    cuda: CudaTensors
+    def __init__(self, operand: _Optional[_Union[QuantizedOperand, _Mapping]] = ..., out_dtype: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., checksums: _Optional[bool] = ..., regions: _Optional[_Union[RegionTensors, _Mapping]] = ..., cuda: _Optional[_Union[CudaTensors, _Mapping]] = ...) -> None: ...
 
 class TensorOperand(_message.Message):
     __slots__ = ("tensor", "spec")
@@ -107,18 +115,22 @@ class MatmulOperand(_message.Message):
     def __init__(self, tensor: _Optional[_Union[TensorOperand, _Mapping]] = ..., quantized: _Optional[_Union[QuantizedOperand, _Mapping]] = ...) -> None: ...
 
 class MatmulHeader(_message.Message):
-    __slots__ = ("a", "b", "out_dtype", "chunk_bytes", "checksums")
+    __slots__ = ("a", "b", "out_dtype", "chunk_bytes", "checksums", "regions", "cuda")
     A_FIELD_NUMBER: _ClassVar[int]
     B_FIELD_NUMBER: _ClassVar[int]
     OUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    CUDA_FIELD_NUMBER: _ClassVar[int]
     a: MatmulOperand
     b: MatmulOperand
     out_dtype: str
     chunk_bytes: int
     checksums: bool
-    def __init__(self, a: _Optional[_Union[MatmulOperand, _Mapping]] = ..., b: _Optional[_Union[MatmulOperand, _Mapping]] = ..., out_dtype: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., checksums: _Optional[bool] = ...) -> None: ...
+    regions: RegionTensors
+    cuda: CudaTensors
+    def __init__(self, a: _Optional[_Union[MatmulOperand, _Mapping]] = ..., b: _Optional[_Union[MatmulOperand, _Mapping]] = ..., out_dtype: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., checksums: _Optional[bool] = ..., regions: _Optional[_Union[RegionTensors, _Mapping]] = ..., cuda: _Optional[_Union[CudaTensors, _Mapping]] = ...) -> None: ...
 
 class QuantizeRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -221,7 +233,7 @@ class Limits(_message.Message):
     def __init__(self, max_tensor_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "backend", "device", "formats", "granularities", "scale_encodings", "input_dtypes", "limits", "draining")
+    __slots__ = ("version", "backend", "device", "formats", "granularities", "scale_encodings", "input_dtypes", "limits", "draining", "device_uuid")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +243,7 @@ class ServerInfo(_message.Message):
     INPUT_DTYPES_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
     version: str
     backend: str
     device: str
@@ -240,4 +253,123 @@ class ServerInfo(_message.Message):
     input_dtypes: _containers.RepeatedScalarFieldContainer[str]
     limits: Limits
     draining: bool
-    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., formats: _Optional[_Iterable[str]] = ..., granularities: _Optional[_Iterable[str]] = ..., scale_encodings: _Optional[_Iterable[str]] = ..., input_dtypes: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., draining: _Optional[bool] = ...) -> None: ...
+    device_uuid: str
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., formats: _Optional[_Iterable[str]] = ..., granularities: _Optional[_Iterable[str]] = ..., scale_encodings: _Optional[_Iterable[str]] = ..., input_dtypes: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., draining: _Optional[bool] = ..., device_uuid: _Optional[str] = ...) -> None: ...
+
+class OpenSessionRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SessionEvent(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    def __init__(self, session: _Optional[str] = ...) -> None: ...
+
+class RegisterRegionRequest(_message.Message):
+    __slots__ = ("session", "name", "size", "nonce")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    name: str
+    size: int
+    nonce: bytes
+    def __init__(self, session: _Optional[str] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+
+class RegisterRegionResponse(_message.Message):
+    __slots__ = ("region",)
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    def __init__(self, region: _Optional[str] = ...) -> None: ...
+
+class UnregisterRegionRequest(_message.Message):
+    __slots__ = ("session", "region")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    region: str
+    def __init__(self, session: _Optional[str] = ..., region: _Optional[str] = ...) -> None: ...
+
+class UnregisterRegionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RegionStatusRequest(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    def __init__(self, session: _Optional[str] = ...) -> None: ...
+
+class RegionInfo(_message.Message):
+    __slots__ = ("region", "name", "size", "pinned")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    name: str
+    size: int
+    pinned: bool
+    def __init__(self, region: _Optional[str] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., pinned: _Optional[bool] = ...) -> None: ...
+
+class RegionStatusResponse(_message.Message):
+    __slots__ = ("regions", "server_regions")
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_REGIONS_FIELD_NUMBER: _ClassVar[int]
+    regions: _containers.RepeatedCompositeFieldContainer[RegionInfo]
+    server_regions: int
+    def __init__(self, regions: _Optional[_Iterable[_Union[RegionInfo, _Mapping]]] = ..., server_regions: _Optional[int] = ...) -> None: ...
+
+class RegionRef(_message.Message):
+    __slots__ = ("region", "offset", "size")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    offset: int
+    size: int
+    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+
+class RegionTensors(_message.Message):
+    __slots__ = ("session", "inputs", "outputs")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    inputs: _containers.RepeatedCompositeFieldContainer[RegionRef]
+    outputs: _containers.RepeatedCompositeFieldContainer[RegionRef]
+    def __init__(self, session: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[RegionRef, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[RegionRef, _Mapping]]] = ...) -> None: ...
+
+class CudaIpcTensor(_message.Message):
+    __slots__ = ("handle", "storage_bytes", "storage_offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required", "offset_bytes")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    handle: bytes
+    storage_bytes: int
+    storage_offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    offset_bytes: int
+    def __init__(self, handle: _Optional[bytes] = ..., storage_bytes: _Optional[int] = ..., storage_offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ..., offset_bytes: _Optional[int] = ...) -> None: ...
+
+class CudaTensors(_message.Message):
+    __slots__ = ("session", "device_uuid", "inputs", "outputs")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    device_uuid: str
+    inputs: _containers.RepeatedCompositeFieldContainer[CudaIpcTensor]
+    outputs: _containers.RepeatedCompositeFieldContainer[CudaIpcTensor]
+    def __init__(self, session: _Optional[str] = ..., device_uuid: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[CudaIpcTensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[CudaIpcTensor, _Mapping]]] = ...) -> None: ...

@@ -54,6 +54,26 @@ class QuantdStub:
                 request_serializer=quantd_dot_v1_dot_quantd__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=quantd_dot_v1_dot_quantd__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.OpenSession = channel.unary_stream(
+                '/quantd.v1.Quantd/OpenSession',
+                request_serializer=quantd_dot_v1_dot_quantd__pb2.OpenSessionRequest.SerializeToString,
+                response_deserializer=quantd_dot_v1_dot_quantd__pb2.SessionEvent.FromString,
+                _registered_method=True)
+        self.RegisterRegion = channel.unary_unary(
+                '/quantd.v1.Quantd/RegisterRegion',
+                request_serializer=quantd_dot_v1_dot_quantd__pb2.RegisterRegionRequest.SerializeToString,
+                response_deserializer=quantd_dot_v1_dot_quantd__pb2.RegisterRegionResponse.FromString,
+                _registered_method=True)
+        self.UnregisterRegion = channel.unary_unary(
+                '/quantd.v1.Quantd/UnregisterRegion',
+                request_serializer=quantd_dot_v1_dot_quantd__pb2.UnregisterRegionRequest.SerializeToString,
+                response_deserializer=quantd_dot_v1_dot_quantd__pb2.UnregisterRegionResponse.FromString,
+                _registered_method=True)
+        self.RegionStatus = channel.unary_unary(
+                '/quantd.v1.Quantd/RegionStatus',
+                request_serializer=quantd_dot_v1_dot_quantd__pb2.RegionStatusRequest.SerializeToString,
+                response_deserializer=quantd_dot_v1_dot_quantd__pb2.RegionStatusResponse.FromString,
+                _registered_method=True)
 
 
 class QuantdServicer:
@@ -87,6 +107,33 @@ class QuantdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenSession(self, request, context):
+        """Shared-memory regions on the server's host (POSIX shm), registered once and reused by requests
+        that name them instead of streaming chunks. A session owns its regions: they are released on
+        UnregisterRegion and when the OpenSession call ends (the client closed it, was cancelled or died).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterRegion(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterRegion(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegionStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QuantdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +156,26 @@ def add_QuantdServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=quantd_dot_v1_dot_quantd__pb2.GetServerInfoRequest.FromString,
                     response_serializer=quantd_dot_v1_dot_quantd__pb2.ServerInfo.SerializeToString,
+            ),
+            'OpenSession': grpc.unary_stream_rpc_method_handler(
+                    servicer.OpenSession,
+                    request_deserializer=quantd_dot_v1_dot_quantd__pb2.OpenSessionRequest.FromString,
+                    response_serializer=quantd_dot_v1_dot_quantd__pb2.SessionEvent.SerializeToString,
+            ),
+            'RegisterRegion': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterRegion,
+                    request_deserializer=quantd_dot_v1_dot_quantd__pb2.RegisterRegionRequest.FromString,
+                    response_serializer=quantd_dot_v1_dot_quantd__pb2.RegisterRegionResponse.SerializeToString,
+            ),
+            'UnregisterRegion': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterRegion,
+                    request_deserializer=quantd_dot_v1_dot_quantd__pb2.UnregisterRegionRequest.FromString,
+                    response_serializer=quantd_dot_v1_dot_quantd__pb2.UnregisterRegionResponse.SerializeToString,
+            ),
+            'RegionStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegionStatus,
+                    request_deserializer=quantd_dot_v1_dot_quantd__pb2.RegionStatusRequest.FromString,
+                    response_serializer=quantd_dot_v1_dot_quantd__pb2.RegionStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +286,114 @@ class Quantd:
             '/quantd.v1.Quantd/GetServerInfo',
             quantd_dot_v1_dot_quantd__pb2.GetServerInfoRequest.SerializeToString,
             quantd_dot_v1_dot_quantd__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/quantd.v1.Quantd/OpenSession',
+            quantd_dot_v1_dot_quantd__pb2.OpenSessionRequest.SerializeToString,
+            quantd_dot_v1_dot_quantd__pb2.SessionEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterRegion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quantd.v1.Quantd/RegisterRegion',
+            quantd_dot_v1_dot_quantd__pb2.RegisterRegionRequest.SerializeToString,
+            quantd_dot_v1_dot_quantd__pb2.RegisterRegionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterRegion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quantd.v1.Quantd/UnregisterRegion',
+            quantd_dot_v1_dot_quantd__pb2.UnregisterRegionRequest.SerializeToString,
+            quantd_dot_v1_dot_quantd__pb2.UnregisterRegionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegionStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quantd.v1.Quantd/RegionStatus',
+            quantd_dot_v1_dot_quantd__pb2.RegionStatusRequest.SerializeToString,
+            quantd_dot_v1_dot_quantd__pb2.RegionStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

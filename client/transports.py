@@ -1,0 +1,205 @@
+"""How a call's tensors reach the server: streamed chunks ("grpc"), GPU memory shared by CUDA IPC ("ipc"), shared
+memory on the server's host ("shm"), or one tensor split over parallel streams on separate connections ("streams").
+
+The client picks one per call (transport="auto") and says which and why in QuantdClient.last_transport:
+- ipc for CUDA tensors on the server's GPU, once shm proved the server shares this host: the server opens the
+  tensors' CUDA IPC handles (torch.multiprocessing.reductions) and writes the outputs into buffers the client
+  allocated on the same GPU.
+- shm when the server proves to share this host: the client creates a POSIX shared-memory region, writes a
+  random nonce into it and registers it; a server on another host cannot open it, or finds other bytes.
+  Inputs are copied into the region (no copy for a tensor from QuantdClient.shm_tensor), the server writes the
+  outputs into it, and only the header and summary cross gRPC.
+- streams for a Quantize whose pieces are independent (quantd.protocol.pieces) when parallel_streams > 1.
+- grpc otherwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import threading
+from multiprocessing import shared_memory
+
+import grpc
+import torch
+
+from quantd.protocol import regions as shared
+from quantd.protocol import wire
+from quantd.v1 import quantd_pb2 as pb
+
+TRANSPORTS = ("auto", "grpc", "ipc", "shm", "streams")
+MIN_REGION_BYTES = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    transport: str   # grpc | shm | streams
+    reason: str
+
+
+class ShmRegion:
+    """A POSIX shared-memory object this client created and registered with the server (name quantd-<random>)."""
+
+    def __init__(self, stub, session: str, size: int):
+        self.shm = shared_memory.SharedMemory(f"quantd-{secrets.token_hex(8)}", create=True, size=size)
+        self.size = size
+        self.buffer = torch.frombuffer(self.shm.buf, dtype=torch.uint8)
+        nonce = secrets.token_bytes(shared.NONCE_BYTES)
+        self.buffer[:shared.NONCE_BYTES] = torch.frombuffer(bytearray(nonce), dtype=torch.uint8)
+        try:
+            self.id = stub.RegisterRegion(pb.RegisterRegionRequest(session=session, name=self.shm.name, size=size,
+                                                                   nonce=nonce)).region
+        except BaseException:
+            self._free()
+            raise
+
+    def offset_of(self, t: torch.Tensor) -> int | None:
+        """Byte offset of a contiguous CPU tensor lying inside this region, else None."""
+        start = t.data_ptr() - self.buffer.data_ptr()
+        inside = 0 <= start and start + t.numel() * t.element_size() <= self.size
+        return start if t.device.type == "cpu" and t.is_contiguous() and inside else None
+
+    def _free(self) -> None:
+        self.buffer = None
+        self.shm.close()
+        self.shm.unlink()
+
+    def close(self, stub, session: str) -> None:
+        try:
+            stub.UnregisterRegion(pb.UnregisterRegionRequest(session=session, region=self.id))
+        except grpc.RpcError:
+            pass  # the session ended already: the server released the region with it
+        self._free()
+
+
+class ShmTransport:
+    """One session on the server, a scratch region grown as needed, and the regions of shm_tensor()s."""
+
+    def __init__(self, stub):
+        self.stub = stub
+        self.lock = threading.Lock()
+        self.call = stub.OpenSession(pb.OpenSessionRequest())  # no deadline: the session lasts until close()
+        try:
+            self.session = next(self.call).session
+            self.scratch = ShmRegion(stub, self.session, MIN_REGION_BYTES)
+        except BaseException:
+            self.call.cancel()
+            raise
+        self.user_regions: list = []
+
+    def tensor(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """A CPU tensor living in a registered region of its own: calls reference it without copying it."""
+        nbytes = max(shared.NONCE_BYTES, int(torch.Size(shape).numel()) * dtype.itemsize)
+        region = ShmRegion(self.stub, self.session, shared.layout([nbytes], shared.ALIGN)[1])
+        self.user_regions.append(region)
+        return region.buffer[shared.ALIGN:shared.ALIGN + nbytes].view(dtype)[:torch.Size(shape).numel()].view(shape)
+
+    def _scratch(self, size: int) -> ShmRegion:
+        if size > self.scratch.size:
+            self.scratch.close(self.stub, self.session)
+            self.scratch = ShmRegion(self.stub, self.session, max(size, 2 * self.scratch.size))
+        return self.scratch
+
+    def call_with(self, send, header, tensors, outputs):
+        """Run send(header) with `tensors` and `outputs` (TensorInfos) placed in regions; (output tensors by name,
+        Summary). The scratch region serves one call at a time."""
+        with self.lock:
+            placed = [self._in_user_region(t) for t in tensors]
+            copied = [t for t, p in zip(tensors, placed) if p is None]
+            sizes = [t.numel() * t.element_size() for t in copied] + [wire.info_nbytes(i) for i in outputs]
+            offsets, end = shared.layout(sizes, shared.ALIGN)
+            scratch = self._scratch(end)
+            msg = pb.RegionTensors(session=self.session)
+            at = iter(zip(offsets, sizes))
+            for t, p in zip(tensors, placed):
+                if p is None:
+                    offset, size = next(at)
+                    scratch.buffer[offset:offset + size].copy_(t.contiguous().reshape(-1).view(torch.uint8))
+                    p = (scratch.id, offset, size)
+                msg.inputs.append(pb.RegionRef(region=p[0], offset=p[1], size=p[2]))
+            out_at = list(at)
+            msg.outputs.extend(pb.RegionRef(region=scratch.id, offset=o, size=s) for o, s in out_at)
+            header.regions.CopyFrom(msg)
+            summary = send(header)
+            if list(summary.bytes) != [s for _, s in out_at]:
+                raise ValueError(f"the server wrote {list(summary.bytes)} bytes, expected {[s for _, s in out_at]}")
+            return {info.name: wire.tensor_from_buffer(scratch.buffer[o:o + s].clone(), info)
+                    for info, (o, s) in zip(outputs, out_at)}, summary
+
+    def _in_user_region(self, t: torch.Tensor):
+        for region in self.user_regions:
+            offset = region.offset_of(t)
+            if offset is not None:
+                return region.id, offset, t.numel() * t.element_size()
+        return None
+
+    def status(self) -> pb.RegionStatusResponse:
+        return self.stub.RegionStatus(pb.RegionStatusRequest(session=self.session))
+
+    def close(self) -> None:
+        for region in [self.scratch, *self.user_regions]:
+            region.close(self.stub, self.session)
+        self.user_regions = []
+        self.call.cancel()
+
+
+class IpcTransport:
+    """CUDA tensors passed by their CUDA IPC handles, in the session of a ShmTransport (the same-host proof)."""
+
+    def __init__(self, shm: ShmTransport, device_uuid: str):
+        self.shm = shm
+        self.device_uuid = device_uuid
+
+    def call_with(self, send, header, tensors, outputs):
+        """Like ShmTransport.call_with, for CUDA tensors; the outputs are allocated on the inputs' GPU."""
+        device = tensors[0].device
+        tensors = [t.contiguous() for t in tensors]
+        buffers = [torch.empty(wire.info_nbytes(info), dtype=torch.uint8, device=device) for info in outputs]
+        torch.cuda.current_stream(device).synchronize()  # the inputs are written before the server reads them
+        header.cuda.CopyFrom(pb.CudaTensors(session=self.shm.session, device_uuid=self.device_uuid,
+                                            inputs=[ipc_tensor(t) for t in tensors],
+                                            outputs=[ipc_tensor(b) for b in buffers]))
+        summary = send(header)
+        if list(summary.bytes) != [b.numel() for b in buffers]:
+            raise ValueError(f"the server wrote {list(summary.bytes)} bytes, expected {[b.numel() for b in buffers]}")
+        return {info.name: wire.tensor_from_buffer(b, info) for info, b in zip(outputs, buffers)}, summary
+
+
+def ipc_tensor(t: torch.Tensor) -> pb.CudaIpcTensor:
+    """The CUDA IPC description of a contiguous CUDA tensor, as torch.multiprocessing shares it."""
+    from torch.multiprocessing.reductions import reduce_tensor
+    (_, _, _, offset, _, _, _, handle, storage_bytes, storage_offset_bytes, _, ref_counter_handle, ref_counter_offset,
+     event_handle, event_sync_required) = reduce_tensor(t)[1]
+    return pb.CudaIpcTensor(handle=handle, storage_bytes=storage_bytes, storage_offset_bytes=storage_offset_bytes,
+                            ref_counter_handle=ref_counter_handle, ref_counter_offset=ref_counter_offset,
+                            event_handle=event_handle or b"", event_sync_required=event_sync_required,
+                            offset_bytes=offset * t.element_size())
+
+
+def device_uuid(device: torch.device) -> str:
+    return f"GPU-{torch.cuda.get_device_properties(device).uuid}"
+
+
+def check(transport: str) -> str:
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+    return transport
+
+
+WHY = {"ipc": "the tensors are on the server's GPU", "shm": "the server shares this host",
+       "streams": "a Quantize in independent pieces"}
+
+
+def choose(asked: str, ipc_reason, shm_reason, streams_reason) -> Choice:
+    """The transport for a call: `asked` if it works, else the next that does, with the reasons.
+
+    ipc_reason() / shm_reason() / streams_reason(): None when that transport can serve the call, else why not."""
+    if check(asked) == "grpc":
+        return Choice("grpc", "asked for")
+    reasons = []
+    for name, why_not in (("ipc", ipc_reason), ("shm", shm_reason), ("streams", streams_reason)):
+        if asked in ("auto", name):
+            reason = why_not()
+            if reason is None:
+                return Choice(name, "asked for" if asked == name else WHY[name])
+            reasons.append(f"{name}: {reason}")
+    return Choice("grpc", "; ".join(reasons))

@@ -1,0 +1,215 @@
+"""Shared-memory regions registered by clients on this host, and the sessions that own them.
+
+A session lives as long as its OpenSession call: when the call ends (the client closed it, cancelled it, or its
+connection dropped because it died) every region it registered is released. A region is mapped once, at
+registration, after the nonce check; it is pinned for the GPU (cudaHostRegister) when the server computes on one,
+so copies from it run at host-to-device speed. Every use checks the session, the bounds, overlaps between inputs
+and outputs, and that the shared-memory object is still there.
+"""
+from __future__ import annotations
+
+import contextlib
+import hmac
+import mmap
+import os
+import secrets
+import stat
+
+import grpc
+import torch
+
+from quantd.protocol import regions as shared
+from quantd.protocol import wire
+
+from .errors import ServiceError, invalid
+
+MAX_REGIONS_PER_SESSION = 256
+
+
+def not_found(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.NOT_FOUND, message)
+
+
+def denied(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.PERMISSION_DENIED, message)
+
+
+class Region:
+    """One mapped shared-memory object. `users` counts calls using it; it is unmapped when released and unused."""
+
+    def __init__(self, region_id: str, session: str, name: str, size: int):
+        self.id, self.session, self.name, self.size = region_id, session, name, size
+        self.path = os.path.join(shared.SHM_DIR, name)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise not_found(f"no shared-memory object {name!r} on the server's host (is the client on this host, "
+                            f"sharing its /dev/shm?)") from None
+        except OSError as exc:
+            raise denied(f"cannot open shared-memory object {name!r}: {exc.strerror}") from None
+        try:
+            st = os.fstat(self.fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise invalid(f"{name!r} is not a shared-memory object")
+            if st.st_size < size:
+                raise invalid(f"region {name!r} is {st.st_size} bytes, smaller than the {size} registered")
+            self.inode = st.st_ino
+            self.map = mmap.mmap(self.fd, size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.buffer = torch.frombuffer(self.map, dtype=torch.uint8)
+        self.users = 0
+        self.released = False
+        self.pinned = False
+
+    def pin(self) -> None:
+        """Page-lock the region for the GPU (cudaHostRegister), so copies from and to it run at DMA speed."""
+        self.pinned = int(torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.size, 0)) == 0
+
+    def proves(self, nonce: bytes) -> bool:
+        return hmac.compare_digest(bytes(self.map[:shared.NONCE_BYTES]), nonce)
+
+    def check_present(self) -> None:
+        """NOT_FOUND once the object was removed (or replaced) or shrank below the registered size: writing into
+        an object that shrank would fault."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        if st is None or st.st_ino != self.inode:
+            raise not_found(f"region {self.id}: its shared-memory object {self.name!r} vanished")
+        if os.fstat(self.fd).st_size < self.size:
+            raise not_found(f"region {self.id}: its shared-memory object {self.name!r} shrank below {self.size} bytes")
+
+    def view(self, offset: int, size: int) -> torch.Tensor:
+        return self.buffer[offset:offset + size]
+
+    def close(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
+        self.buffer = None
+        try:
+            self.map.close()
+        except BufferError:  # a view is still referenced somewhere: the mapping goes when it is collected
+            pass
+        os.close(self.fd)
+
+
+class RegionTable:
+    """Sessions and their regions; used from the event loop thread only."""
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self.sessions: dict = {}   # session id -> set of region ids
+        self.regions: dict = {}    # region id -> Region
+
+    def open_session(self) -> str:
+        session = secrets.token_hex(16)
+        self.sessions[session] = set()
+        return session
+
+    def close_session(self, session: str) -> None:
+        for region_id in list(self.sessions.pop(session, ())):
+            self._release(region_id)
+
+    def _session(self, session: str) -> set:
+        if session not in self.sessions:
+            raise not_found("unknown session (it ended, or was never opened on this server): open a new one")
+        return self.sessions[session]
+
+    def register(self, session: str, name: str, size: int, nonce: bytes) -> Region:
+        owned = self._session(session)
+        shared.check_name(name)
+        if len(nonce) != shared.NONCE_BYTES:
+            raise invalid(f"RegisterRegion: nonce must be {shared.NONCE_BYTES} bytes, got {len(nonce)}")
+        if size < shared.NONCE_BYTES:
+            raise invalid(f"RegisterRegion: size {size} is smaller than the {shared.NONCE_BYTES}-byte nonce")
+        if len(owned) >= MAX_REGIONS_PER_SESSION:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"a session holds at most {MAX_REGIONS_PER_SESSION} regions")
+        region = Region(secrets.token_hex(8), session, name, size)
+        if not region.proves(nonce):
+            region.close()
+            raise denied(f"region {name!r} does not hold the request's nonce: the client must write it into the "
+                         f"region, on the server's host, before registering")
+        if self.pin:
+            region.pin()
+        owned.add(region.id)
+        self.regions[region.id] = region
+        return region
+
+    def _owned(self, session: str, region_id: str) -> Region:
+        self._session(session)
+        region = self.regions.get(region_id)
+        if region is None:
+            raise not_found(f"unknown region {region_id!r} (never registered, or released)")
+        if not hmac.compare_digest(region.session, session):
+            raise denied(f"region {region_id!r} belongs to another session")
+        return region
+
+    def unregister(self, session: str, region_id: str) -> None:
+        self._owned(session, region_id)
+        self.sessions[session].discard(region_id)
+        self._release(region_id)
+
+    def _release(self, region_id: str) -> None:
+        region = self.regions.pop(region_id)
+        region.released = True
+        if region.users == 0:
+            region.close()
+
+    def status(self, session: str) -> list:
+        return [self.regions[r] for r in sorted(self._session(session))]
+
+    @contextlib.contextmanager
+    def use(self, msg, input_infos, output_infos):
+        """(input tensors, output byte views) of a request's RegionTensors `msg`, after checking it against the
+        tensors the request declares; the regions stay mapped until the block ends."""
+        if len(msg.inputs) != len(input_infos) or len(msg.outputs) != len(output_infos):
+            raise invalid(f"regions: {len(input_infos)} input(s) and {len(output_infos)} output(s) expected, "
+                          f"got {len(msg.inputs)} and {len(msg.outputs)}")
+        refs = list(msg.inputs) + list(msg.outputs)
+        infos = list(input_infos) + list(output_infos)
+        regions = [self._owned(msg.session, ref.region) for ref in refs]
+        for ref, info, region in zip(refs, infos, regions):
+            _check_ref(ref, info, region)
+        check_overlaps([(f"region {ref.region}", ref.offset, ref.size) for ref in refs], len(msg.inputs))
+        for region in set(regions):
+            region.check_present()
+            region.users += 1
+        try:
+            views = [region.view(ref.offset, ref.size) for ref, region in zip(refs, regions)]
+            inputs = [wire.tensor_from_buffer(v, info) for v, info in zip(views, input_infos)]
+            yield inputs, views[len(input_infos):]
+            for region in set(regions):
+                region.check_present()
+        finally:
+            for region in set(regions):
+                region.users -= 1
+                if region.released and region.users == 0:
+                    region.close()
+
+
+def _check_ref(ref, info, region: Region) -> None:
+    nbytes = wire.info_nbytes(info)
+    itemsize = wire.dtype_from_name(info.dtype).itemsize
+    where = f"region {ref.region}: tensor {info.name!r}"
+    if ref.size != nbytes:
+        raise invalid(f"{where} is {nbytes} bytes, the reference gives {ref.size}")
+    if ref.offset < 0 or ref.offset + ref.size > region.size:
+        raise invalid(f"{where}: bytes [{ref.offset}, {ref.offset + ref.size}) out of bounds of the "
+                      f"{region.size}-byte region")
+    if ref.offset % itemsize:
+        raise invalid(f"{where}: offset {ref.offset} is not a multiple of its element size {itemsize}")
+
+
+def check_overlaps(spans, n_inputs: int) -> None:
+    """INVALID_ARGUMENT when an output overlaps an input or another output (inputs may share bytes).
+    spans: (memory, offset, size) of the inputs, then of the outputs."""
+    for i, (memory, offset, size) in enumerate(spans[n_inputs:], n_inputs):
+        for j, (other, other_offset, other_size) in enumerate(spans[:i]):
+            if other == memory and size and other_size and offset < other_offset + other_size and \
+                    other_offset < offset + size:
+                kind = "input" if j < n_inputs else "output"
+                raise invalid(f"{memory}: output {i - n_inputs} overlaps {kind} {j if j < n_inputs else j - n_inputs}")

@@ -1,0 +1,436 @@
+"""Shared-memory regions and parallel streams, end to end through real servers (in this process and `quantd serve`).
+
+Every result is compared bit for bit with quantd.kernels on this machine; every violation of a region's bounds,
+ownership or same-host proof gets its status, and the server keeps serving and releases what it mapped.
+"""
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_harness import ServerProcess, free_port, quantd_command
+
+from quantd.client import QuantdClient, QuantdError
+from quantd.client.transports import Choice
+from quantd.kernels import QuantSpec, quantize
+from quantd.protocol import regions, wire
+from quantd.server.app import BackgroundServer
+from quantd.server.config import ServerConfig
+from quantd.v1 import quantd_pb2 as pb
+from quantd.v1 import quantd_pb2_grpc
+
+INVALID, DENIED, NOT_FOUND = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+                              grpc.StatusCode.NOT_FOUND)
+SPECS = [QuantSpec("fp8_e4m3", group_size=64), QuantSpec("int8_asym", granularity="channel"),
+         QuantSpec("mxfp4"), QuantSpec("fp8_e5m2", granularity="tile", tile=(8, 32)),
+         QuantSpec("int8_sym", granularity="flat", block_size=96), QuantSpec("fp8_e4m3", granularity="tensor")]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with BackgroundServer(ServerConfig(host="127.0.0.1", port=0, device="cpu", piece_bytes=4096)) as running:
+        yield running
+
+
+def server_regions(server) -> int:
+    return len(server.server.servicer.regions.regions)
+
+
+def assert_same(got, want):
+    for name in ("codes", "scales", "zero_points"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            assert torch.equal(a.reshape(-1).view(torch.uint8).cpu(), b.reshape(-1).view(torch.uint8).cpu()), name
+
+
+def wait_for(condition, seconds=30.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+# ---- shared memory: results ------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
+def test_shm_quantize_dequantize_matmul_match_the_kernels(server, spec):
+    x = torch.randn(48, 96, generator=torch.Generator().manual_seed(1)).bfloat16()
+    want = quantize(x, spec)
+    with QuantdClient(server.target, transport="shm") as client:
+        got = client.quantize(x, spec, dequantized=True)
+        assert got.transport.transport == "shm"
+        assert_same(got, want)
+        assert torch.equal(got.dequantized, want.dequantize())
+        assert got.report == QuantdClient(server.target).quantize(x, spec).report
+        assert torch.equal(client.dequantize(got, torch.float32), want.dequantize(torch.float32))
+        assert client.last_transport.transport == "shm"
+        if spec is SPECS[0]:
+            a = torch.randn(8, 96).bfloat16()
+            assert torch.equal(client.matmul(a, got, a_spec=QuantSpec("fp8_e4m3", group_size=32)),
+                               QuantdClient(server.target).matmul(a, got, a_spec=QuantSpec("fp8_e4m3", group_size=32)))
+    wait_for(lambda: server_regions(server) == 0)
+
+
+def test_shm_tensor_is_read_where_it_is(server):
+    x = torch.randn(1024, 1024).bfloat16()  # 2 MiB: it would not fit the 1 MiB scratch region
+    spec = QuantSpec("fp8_e4m3")
+    with QuantdClient(server.target, transport="shm") as client:
+        shared_x = client.shm_tensor(x.shape, x.dtype)
+        shared_x.copy_(x)
+        assert_same(client.quantize(shared_x, spec, report=False), quantize(x, spec))
+        sizes = sorted(r["size"] for r in client.region_status()["regions"])
+        # the scratch region grew from 1 MiB to 2 MiB for the 1 MiB of codes and the scales; had the 2 MiB input
+        # been copied into it, it would have grown to more than 3 MiB; the tensor's own region holds the nonce too
+        assert sizes == [2 << 20, (2 << 20) + regions.ALIGN]
+    wait_for(lambda: server_regions(server) == 0)
+
+
+def test_auto_takes_shm_on_this_host_and_says_so(server):
+    with QuantdClient(server.target, transport="auto") as client:
+        x = torch.randn(16, 128).bfloat16()
+        assert_same(client.quantize(x), quantize(x, QuantSpec()))
+        assert (client.last_transport.transport, client.last_transport.reason) == ("shm", "the server shares this host")
+    with pytest.raises(ValueError, match="transport must be one of"):
+        QuantdClient(server.target, transport="carrier-pigeon")
+
+
+# ---- shared memory: violations --------------------------------------------------------
+
+class RawSession:
+    """A session opened through the generated stub, and helpers to make regions and requests by hand."""
+
+    def __init__(self, target):
+        self.channel = grpc.insecure_channel(target)
+        self.stub = quantd_pb2_grpc.QuantdStub(self.channel)
+        self.call = self.stub.OpenSession(pb.OpenSessionRequest())
+        self.session = next(self.call).session
+        self.objects = []
+
+    def shm(self, size, nonce=None):
+        obj = shared_memory.SharedMemory(f"quantd-test-{secrets.token_hex(6)}", create=True, size=size)
+        nonce = nonce or secrets.token_bytes(regions.NONCE_BYTES)
+        obj.buf[:regions.NONCE_BYTES] = nonce
+        self.objects.append(obj)
+        return obj, nonce
+
+    def register(self, size=4096, **kw):
+        obj, nonce = self.shm(size)
+        request = dict(session=self.session, name=obj.name, size=size, nonce=nonce, **kw)
+        return obj, self.stub.RegisterRegion(pb.RegisterRegionRequest(**request)).region
+
+    def quantize(self, inputs, outputs, session=None, shape=(4, 64)):
+        header = pb.QuantizeHeader(tensor=wire.tensor_info("x", torch.bfloat16, shape), spec=pb.QuantSpec(format="fp8_e4m3"),
+                                   regions=pb.RegionTensors(session=session or self.session, inputs=inputs, outputs=outputs))
+        return list(self.stub.Quantize(iter([pb.QuantizeRequest(header=header)])))
+
+    def close(self):
+        self.call.cancel()
+        for obj in self.objects:
+            obj.close()
+            obj.unlink()
+        self.channel.close()
+
+
+def code_of(fn):
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    return info.value.code(), info.value.details()
+
+
+def ref(region, offset, size):
+    return pb.RegionRef(region=region, offset=offset, size=size)
+
+
+def test_registration_needs_a_session_a_plain_name_and_the_nonce(server):
+    raw = RawSession(server.target)
+    try:
+        obj, nonce = raw.shm(4096)
+        register = lambda **kw: raw.stub.RegisterRegion(pb.RegisterRegionRequest(  # noqa: E731
+            **{"session": raw.session, "name": obj.name, "size": 4096, "nonce": nonce, **kw}))
+        assert code_of(lambda: register(nonce=secrets.token_bytes(32))) == (
+            DENIED, f"region {obj.name!r} does not hold the request's nonce: the client must write it into the region, "
+                    "on the server's host, before registering")
+        assert code_of(lambda: register(session="0" * 32))[0] == NOT_FOUND
+        assert code_of(lambda: register(name="../../etc/passwd"))[0] == INVALID
+        assert code_of(lambda: register(name="quantd-no-such-object"))[0] == NOT_FOUND
+        assert "bytes, smaller than the 8192 registered" in code_of(lambda: register(size=8192))[1]
+        assert code_of(lambda: register(nonce=b"short"))[0] == INVALID
+        assert register().region
+        assert server_regions(server) == 1
+    finally:
+        raw.close()
+    wait_for(lambda: server_regions(server) == 0)
+
+
+def test_requests_are_checked_against_their_regions(server):
+    raw, other = RawSession(server.target), RawSession(server.target)
+    try:
+        _, region = raw.register(4096)
+        _, foreign = other.register(4096)
+        outputs = [ref(region, 1024, 256), ref(region, 2048, 4)]  # codes (4 x 64 fp8), one fp32 scale per row: 4 x 1
+        outputs[1].size = 16
+        assert len(raw.quantize([ref(region, 512, 512)], outputs)) == 2  # header and summary: valid
+        cases = {
+            "out of bounds": ([ref(region, 3840, 512)], outputs, INVALID, "out of bounds of the 4096-byte region"),
+            "negative offset": ([ref(region, -64, 512)], outputs, INVALID, "out of bounds"),
+            "wrong size": ([ref(region, 512, 500)], outputs, INVALID, "is 512 bytes, the reference gives 500"),
+            "odd offset": ([ref(region, 513, 512)], outputs, INVALID, "not a multiple of its element size 2"),
+            "output on input": ([ref(region, 512, 512)], [ref(region, 768, 256), outputs[1]], INVALID,
+                                "output 0 overlaps input 0"),
+            "outputs overlap": ([ref(region, 512, 512)], [outputs[0], ref(region, 1024, 16)], INVALID,
+                                "output 1 overlaps output 0"),
+            "missing output": ([ref(region, 512, 512)], outputs[:1], INVALID, "1 input(s) and 2 output(s) expected"),
+            "unknown region": ([ref("feedbeef", 0, 512)], outputs, NOT_FOUND, "unknown region 'feedbeef'"),
+            "another session's region": ([ref(foreign, 512, 512)], outputs, DENIED, "belongs to another session"),
+        }
+        for name, (inputs, outs, code, message) in cases.items():
+            got = code_of(lambda: raw.quantize(inputs, outs))
+            assert got[0] == code and message in got[1], (name, got)
+        assert code_of(lambda: raw.quantize([ref(region, 512, 512)], outputs, session="1" * 32))[0] == NOT_FOUND
+        assert code_of(lambda: raw.stub.UnregisterRegion(pb.UnregisterRegionRequest(session=raw.session, region=foreign)))[0] == DENIED
+        raw.stub.UnregisterRegion(pb.UnregisterRegionRequest(session=raw.session, region=region))
+        assert code_of(lambda: raw.stub.UnregisterRegion(pb.UnregisterRegionRequest(session=raw.session, region=region)))[0] == NOT_FOUND
+        status = raw.stub.RegionStatus(pb.RegionStatusRequest(session=raw.session))
+        assert list(status.regions) == [] and status.server_regions == 1  # the other session's
+    finally:
+        raw.close()
+        other.close()
+    wait_for(lambda: server_regions(server) == 0)
+    x = torch.randn(4, 64).bfloat16()
+    assert_same(QuantdClient(server.target).quantize(x), quantize(x, QuantSpec()))  # still serving
+
+
+def test_a_vanished_or_shrunk_region_is_not_found(server):
+    raw = RawSession(server.target)
+    try:
+        outputs = [ref(None, 1024, 256), ref(None, 2048, 16)]
+        for damage in ("unlink", "shrink"):
+            obj, region = raw.register(4096)
+            for r in outputs:
+                r.region = region
+            if damage == "unlink":
+                obj.unlink()
+                raw.objects.remove(obj)
+            else:
+                os.truncate(f"{regions.SHM_DIR}/{obj.name}", 1024)
+            code, details = code_of(lambda: raw.quantize([ref(region, 512, 512)], outputs))
+            assert code == NOT_FOUND and ("vanished" if damage == "unlink" else "shrank below 4096 bytes") in details
+    finally:
+        raw.close()
+    wait_for(lambda: server_regions(server) == 0)
+
+
+def test_regions_are_released_when_the_session_ends(server):
+    client = QuantdClient(server.target, transport="shm")
+    client.quantize(torch.randn(8, 128).bfloat16())
+    client.shm_tensor((256, 256))
+    assert server_regions(server) == 2
+    client.close()
+    wait_for(lambda: server_regions(server) == 0)
+    raw = RawSession(server.target)
+    raw.register()
+    raw.call.cancel()  # a cancelled OpenSession call ends the session as well
+    wait_for(lambda: server_regions(server) == 0)
+    raw.close()
+
+
+def test_region_rpcs_need_the_token():
+    config = ServerConfig(host="127.0.0.1", port=0, device="cpu", auth_tokens=("s3cret",))
+    with BackgroundServer(config) as running:
+        stub = quantd_pb2_grpc.QuantdStub(grpc.insecure_channel(running.target))
+        for call in (lambda: next(stub.OpenSession(pb.OpenSessionRequest())),
+                     lambda: stub.RegisterRegion(pb.RegisterRegionRequest()),
+                     lambda: stub.UnregisterRegion(pb.UnregisterRegionRequest()),
+                     lambda: stub.RegionStatus(pb.RegionStatusRequest())):
+            assert code_of(call)[0] == grpc.StatusCode.UNAUTHENTICATED
+        with QuantdClient(running.target, token="s3cret", transport="shm") as client:
+            x = torch.randn(4, 128).bfloat16()
+            assert_same(client.quantize(x), quantize(x, QuantSpec()))
+            assert client.last_transport.transport == "shm"
+
+
+# ---- shared memory: a client killed while holding regions, a server on "another host" ---------------------------
+
+def rss_shmem_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssShmem:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssShmem line")
+
+
+def mapped_regions(pid: int) -> int:
+    return sum("/dev/shm/quantd-" in line for line in Path(f"/proc/{pid}/maps").read_text().splitlines())
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time, torch
+    from quantd.client import QuantdClient
+    from quantd.kernels import QuantSpec
+    client = QuantdClient(sys.argv[1], transport="shm")
+    x = client.shm_tensor((4096, 4096), torch.bfloat16)   # 32 MiB, mapped and touched by the server below
+    x.normal_()
+    client.quantize(x, QuantSpec(), report=True)
+    print("holding", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_a_killed_client_leaves_nothing_mapped():
+    server = ServerProcess()
+    try:
+        baseline = rss_shmem_kib(server.proc.pid)
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, server.target], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "holding"
+            assert mapped_regions(server.proc.pid) == 2  # the scratch region and the 32 MiB tensor's
+            assert rss_shmem_kib(server.proc.pid) >= baseline + 32 * 1024
+        finally:
+            holder.send_signal(signal.SIGKILL)
+            holder.wait(30)
+        wait_for(lambda: mapped_regions(server.proc.pid) == 0)
+        wait_for(lambda: rss_shmem_kib(server.proc.pid) <= baseline + 1024)  # the kernel updates RSS counters lazily
+        with QuantdClient(server.target, transport="shm") as client:
+            x = torch.randn(64, 128).bfloat16()
+            assert_same(client.quantize(x), quantize(x, QuantSpec()))
+            assert client.region_status()["server_regions"] == 1  # only this client's scratch region
+    finally:
+        server.close()
+
+
+def can_unshare() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount -t tmpfs tmpfs /dev/shm"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not can_unshare(), reason="needs unshare and mount (root) to give a server its own /dev/shm")
+def test_auto_falls_back_with_the_reason_when_the_server_has_another_shm():
+    """A server with a /dev/shm of its own (a mount namespace) stands for a server on another host."""
+    port = free_port()
+    serve = " ".join(quantd_command() + ["serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"])
+    proc = subprocess.Popen(["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs /dev/shm && exec {serve}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        target = f"127.0.0.1:{port}"
+        grpc.channel_ready_future(grpc.insecure_channel(target)).result(timeout=120)
+        x, spec = torch.randn(64, 128).bfloat16(), QuantSpec("fp8_e4m3", group_size=32)
+        with QuantdClient(target, transport="auto", parallel_streams=2) as client:
+            assert_same(client.quantize(x, spec, report=False), quantize(x, spec))
+            assert client.last_transport.transport == "streams"
+            assert_same(client.quantize(x, spec), quantize(x, spec))
+            choice = client.last_transport
+            assert choice.transport == "grpc"
+            assert choice.reason.startswith("ipc: the tensors are not all on a GPU; shm: the server cannot use this "
+                                            "host's shared memory (NOT_FOUND: no shared-memory object 'quantd-")
+            assert "; streams: report and dequantized need the whole tensor in one call" in choice.reason
+            with pytest.raises(QuantdError) as info:
+                client.shm_tensor((4, 4))
+            assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+# ---- parallel streams --------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
+def test_parallel_streams_match_the_kernels(server, spec):
+    x = torch.randn(40, 96, generator=torch.Generator().manual_seed(2)).bfloat16()
+    with QuantdClient(server.target, transport="streams", parallel_streams=3) as client:
+        got = client.quantize(x, spec, report=False)
+        assert_same(got, quantize(x, spec))
+        if spec.granularity.value == "tensor":
+            assert got.transport == Choice("grpc", f"streams: {spec.describe()} needs the whole tensor for its scales")
+        else:
+            assert got.transport.transport == "streams"
+
+
+def test_workers_share_one_port_and_each_serves_streams():
+    server = ServerProcess("--workers", "2", metrics=True)
+    try:
+        x, spec = torch.randn(256, 128).bfloat16(), QuantSpec("fp8_e4m3", group_size=64)
+        served = set()
+        for _ in range(6):  # each client's 8 connections land on workers the kernel picks; both get some
+            with QuantdClient(server.target, transport="streams", parallel_streams=8) as client:
+                assert_same(client.quantize(x, spec, report=False), quantize(x, spec))
+            for i, port in enumerate((server.metrics_port, server.metrics_port + 1)):
+                server.metrics_port = port
+                count = server.scrape().get(("quantd_requests_total", frozenset(
+                    {"code": "OK", "rpc": "Quantize", "service": "quantd.v1.Quantd"}.items())), 0)
+                served |= {i} if count else set()
+            server.metrics_port -= 1
+            if served == {0, 1}:
+                break
+        assert served == {0, 1}
+        server.terminate()
+        assert server.proc.wait(60) == 0
+    finally:
+        server.close()
+
+
+# ---- CUDA IPC (on a GPU machine: pytest -m gpu tests/test_transports.py) ---------------------------------------
+
+@pytest.mark.gpu
+def test_cuda_ipc_results_are_the_kernels_bytes():
+    from quantd.kernels import dispatch
+    server = ServerProcess("--device", "cuda")
+    try:
+        x = torch.randn(1024, 4096, device="cuda").bfloat16()
+        spec = QuantSpec("fp8_e4m3", group_size=128)
+        want = dispatch.quantize(x, spec)
+        with QuantdClient(server.target, transport="auto") as client:
+            got = client.quantize(x, spec, dequantized=True)
+            assert got.transport == Choice("ipc", "the tensors are on the server's GPU")
+            assert got.codes.is_cuda and got.codes.device == x.device
+            assert_same(got, want)
+            assert torch.equal(got.dequantized, dispatch.dequantize(want))
+            assert torch.equal(client.dequantize(got), dispatch.dequantize(want))
+            assert client.last_transport.transport == "ipc"
+            a = torch.randn(256, 4096, device="cuda").bfloat16()
+            a_spec = QuantSpec("fp8_e4m3", group_size=128)
+            assert torch.equal(client.matmul(a, got, a_spec=a_spec),
+                               dispatch.matmul(dispatch.quantize(a, a_spec), want, torch.bfloat16))
+            assert client.last_transport.transport == "ipc"
+            for _ in range(3):  # the same storages again: torch's cache of opened handles
+                assert_same(client.quantize(x, spec, report=False), want)
+            y = x[:, :2048]  # not contiguous: sent as a contiguous copy
+            assert_same(client.quantize(y, spec, report=False), dispatch.quantize(y.contiguous(), spec))
+    finally:
+        server.close()
+
+
+@pytest.mark.gpu
+def test_cuda_ipc_falls_back_when_the_server_is_on_the_cpu(server):
+    x = torch.randn(64, 256, device="cuda").bfloat16()
+    with QuantdClient(server.target, transport="ipc") as client:
+        got = client.quantize(x)
+        assert got.transport.transport == "grpc"
+        assert got.transport.reason.startswith("ipc: the server computes on the CPU, the tensors are on GPU-")
+        assert_same(got, quantize(x.cpu(), QuantSpec()))
+
+
+@pytest.mark.gpu
+def test_shm_regions_are_pinned_for_a_gpu_server():
+    from quantd.kernels import dispatch
+    server = ServerProcess("--device", "cuda")
+    try:
+        x, spec = torch.randn(2048, 4096).bfloat16(), QuantSpec("mxfp8")
+        with QuantdClient(server.target, transport="auto") as client:
+            got = client.quantize(x, spec, dequantized=True)
+            assert got.transport == Choice("shm", "the server shares this host")
+            want = dispatch.quantize(x.cuda(), spec)
+            assert_same(got, want)
+            assert torch.equal(got.dequantized, dispatch.dequantize(want).cpu())
+            assert all(r["pinned"] for r in client.region_status()["regions"])
+    finally:
+        server.close()
