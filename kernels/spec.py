@@ -109,6 +109,10 @@ class Storage(NamedTuple):
     scales: tuple
     zero_points: Optional[tuple] = None
 
+    def tensors(self) -> list:
+        """(name, shape, dtype) of each stored tensor, in the order they travel and are kept."""
+        return [(name, *entry) for name, entry in zip(self._fields, self) if entry is not None]
+
 
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:

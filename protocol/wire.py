@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from quantd.kernels.spec import Format, QuantizedTensor, QuantSpec
+from quantd.kernels.spec import QuantizedTensor, QuantSpec
 from quantd.v1 import quantd_pb2 as pb
 
 # Measured with benchmarks/service.py (BENCHMARKS.md, "Service"): Python gRPC moves the most bytes per
@@ -105,10 +105,7 @@ def as_torch(x) -> torch.Tensor:
 
 def quantize_outputs(spec: QuantSpec, shape, dequantized: bool) -> list:
     """The tensors a Quantize answers with, in order: codes, scales, [zero_points], [dequantized]."""
-    outputs = [tensor_info("codes", spec.code_dtype, spec.code_shape(shape)),
-               tensor_info("scales", spec.scale_dtype, spec.scale_shape(shape))]
-    if spec.format == Format.INT8_ASYM:
-        outputs.append(tensor_info("zero_points", torch.int8, spec.scale_shape(shape)))
+    outputs = [tensor_info(name, dtype, tshape) for name, tshape, dtype in spec.storage(shape).tensors()]
     if dequantized:
         outputs.append(tensor_info("dequantized", spec.dequant_dtype, shape))
     return outputs

@@ -44,7 +44,8 @@ def open_tensors(msg, input_infos, output_infos, device: torch.device, regions: 
         if t.offset_bytes < 0 or t.offset_bytes + nbytes > t.storage_bytes:
             raise invalid(f"cuda: tensor {info.name!r} ({nbytes} bytes at {t.offset_bytes}) out of bounds of its "
                           f"{t.storage_bytes}-byte storage")
-        spans.append((f"cuda: allocation {t.handle.hex()[:16]}", t.storage_offset_bytes + t.offset_bytes, nbytes))
+        # the whole handle names the allocation: handles of different allocations can share a long prefix
+        spans.append((f"cuda: allocation {t.handle.hex()}", t.storage_offset_bytes + t.offset_bytes, nbytes))
     check_overlaps(spans, len(msg.inputs))
     views = [_open(t, nbytes, device) for t, (_, _, nbytes) in zip(shared, spans)]
     inputs = [wire.tensor_from_buffer(v, info) for v, info in zip(views, input_infos)]

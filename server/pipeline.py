@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from quantd.protocol.pieces import Piece, plan_pieces  # noqa: F401 (plan_pieces was defined here)
+from quantd.protocol.pieces import Piece
 
 
 class DeviceInput:

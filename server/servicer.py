@@ -14,17 +14,16 @@ from importlib import metadata
 import grpc
 import torch
 
-from quantd.protocol import wire
 from quantd.kernels import dispatch, reference
 from quantd.kernels.spec import (INPUT_DTYPES, OUT_DTYPES, Format, Granularity, QuantizedTensor,
                                  QuantSpec, ScaleEncoding)
+from quantd.protocol import wire
+from quantd.protocol.pieces import join_pieces, plan_pieces
 from quantd.v1 import quantd_pb2 as pb
 from quantd.v1 import quantd_pb2_grpc
 
-from .errors import ServiceError, grpc_status, invalid
-from quantd.protocol.pieces import join_pieces, plan_pieces
-
 from . import cuda_ipc
+from .errors import ServiceError, grpc_status, invalid
 from .pipeline import DeviceInput
 from .regions import RegionTable
 from .streams import MIN_CHUNK_BYTES, MemoryBudget, OutputSender, StagingPool, StreamAssembler, StreamMemory, chunks_of
@@ -62,12 +61,10 @@ def check_quantized_operand(msg: pb.QuantizedOperand, what: str) -> QuantSpec:
     if any(s < 0 for s in shape):
         raise invalid(f"{what}: negative dimension in shape {list(shape)}")
     check_blocks(spec, shape, what)
-    expected = [("codes", spec.code_dtype, spec.code_shape(shape)), ("scales", spec.scale_dtype, spec.scale_shape(shape))]
-    if spec.format == Format.INT8_ASYM:
-        expected.append(("zero_points", torch.int8, spec.scale_shape(shape)))
-    elif msg.HasField("zero_points"):
+    expected = spec.storage(shape).tensors()
+    if msg.HasField("zero_points") and len(expected) < 3:
         raise invalid(f"{what}: zero_points given, but only int8_asym has zero points")
-    for name, dtype, want_shape in expected:
+    for name, want_shape, dtype in expected:
         if not msg.HasField(name):
             raise invalid(f"{what}: {name} missing ({spec.describe()} needs them)")
         info = getattr(msg, name)

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-ct_quant = pytest.importorskip("compressed_tensors.quantization")
 
 from grpc_harness import ServerProcess  # noqa: E402
 
@@ -72,6 +71,7 @@ def quantized_names(model):
 
 @pytest.mark.parametrize("scheme", list(CT_SCHEMES))
 def test_compressed_tensors_loads_in_transformers(server, llama, tmp_path, scheme):
+    ct_quant = pytest.importorskip("compressed_tensors.quantization")
     src, model = llama
     quantize(server, src, tmp_path / "q", "--profile", "compressed-tensors", "--scheme", scheme)
     loaded = load(tmp_path / "q", transformers.CompressedTensorsConfig(run_compressed=False))
@@ -241,15 +241,31 @@ def test_bad_input_is_a_clear_error(server, llama, tmp_path, capsys):
     assert entries["a.weight"].dtype == torch.bfloat16 and entries["b.weight_packed"].dtype == torch.uint8
 
 
+def kernels_hub_package() -> bool:
+    """transformers' native FineGrainedFP8 forward takes its kernel from the `kernels` package (fetched from the
+    hub); without it only the dequantizing path runs."""
+    from importlib import metadata
+    try:
+        metadata.version("kernels")
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
 @pytest.mark.gpu
-def test_hf_fp8_runs_on_the_gpu_fp8_path(server, llama, tmp_path):
-    """On a GPU: the hf-fp8 checkpoint loads with transformers' FineGrainedFP8 kernels (no dequantize) and its
-    logits stay within the FP8 bound of the bf16 model's."""
+@pytest.mark.parametrize("dequantize", [False, True], ids=["fp8-forward", "dequantized"])
+def test_hf_fp8_runs_on_the_gpu(server, llama, tmp_path, dequantize):
+    """On a GPU: the hf-fp8 checkpoint loads with transformers' FineGrainedFP8 path, as fp8 weights (its own FP8
+    forward) or dequantized on load, and its logits stay within the FP8 bound of the bf16 model's."""
+    if not dequantize and not kernels_hub_package():
+        pytest.skip("transformers' FP8 forward needs the `kernels` package, which fetches its kernel from the hub")
     src, model = llama
     quantize(server, src, tmp_path / "q", "--profile", "hf-fp8")
+    config = transformers.FineGrainedFP8Config(dequantize=dequantize)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "q", dtype=torch.bfloat16, device_map="cuda", use_kernels=False).eval()
-    assert loaded.model.layers[0].self_attn.q_proj.weight.dtype == torch.float8_e4m3fn
+        tmp_path / "q", dtype=torch.bfloat16, device_map="cuda", quantization_config=config).eval()
+    want = torch.bfloat16 if dequantize else torch.float8_e4m3fn
+    assert loaded.model.layers[0].self_attn.q_proj.weight.dtype == want
     x = (torch.arange(24).reshape(1, 24) % 300).cuda()
     with torch.no_grad():
         a, b = model.cuda()(x).logits.float(), loaded(x).logits.float()

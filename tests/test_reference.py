@@ -173,6 +173,8 @@ def test_storage_is_what_quantize_returns(spec, shape):
     assert store.scales == (tuple(qt.scales.shape), qt.scales.dtype)
     assert store.zero_points == (None if qt.zero_points is None else (tuple(qt.zero_points.shape), torch.int8))
     assert (store.zero_points is None) == (spec.format != Format.INT8_ASYM)
+    stored = {"codes": qt.codes, "scales": qt.scales, "zero_points": qt.zero_points}
+    assert store.tensors() == [(name, tuple(t.shape), t.dtype) for name, t in stored.items() if t is not None]
 
 
 def test_bad_inputs_raise():

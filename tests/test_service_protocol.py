@@ -14,7 +14,7 @@ from quantd.protocol import wire
 from quantd.kernels import reference
 from quantd.kernels.spec import Format, QuantSpec
 from quantd.server import config as server_config
-from quantd.server.pipeline import plan_pieces
+from quantd.protocol.pieces import plan_pieces
 from quantd.v1 import quantd_pb2, quantd_pb2_grpc
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -68,10 +68,9 @@ def plan(folder: ModelFolder, profile, spec, ignore=(), include=()) -> list:
 
 def _meta_quantized(spec, shape):
     from quantd.kernels.spec import QuantizedTensor
-    meta = lambda s, d: torch.empty(s, dtype=d, device="meta")  # noqa: E731
-    zp = meta(spec.scale_shape(shape), torch.int8) if spec.format.value == "int8_asym" else None
-    return QuantizedTensor(meta(spec.code_shape(shape), spec.code_dtype), meta(spec.scale_shape(shape), spec.scale_dtype),
-                           spec, tuple(shape), zp)
+    codes, scales, zero_points = (None if entry is None else torch.empty(entry[0], dtype=entry[1], device="meta")
+                                  for entry in spec.storage(shape))
+    return QuantizedTensor(codes, scales, spec, tuple(shape), zero_points)
 
 
 def _kept_modules(folder, decisions, profile) -> list:
