@@ -93,10 +93,11 @@ def _summary(result, verb: str) -> str:
 
 
 def cmd_quantize_checkpoint(args) -> int:
-    from quantd.client.checkpoint import quantize_checkpoint
+    from quantd.client.checkpoint import limit_malloc_arenas, quantize_checkpoint
+    limit_malloc_arenas()
     options = dict(profile=args.profile, scheme=args.scheme, ignore=args.ignore, include=args.include,
                    pow2_scales=args.pow2_scales, skip_unsupported=args.skip_unsupported, workers=args.workers,
-                   log=lambda line: print(line, file=sys.stderr))
+                   window_bytes=args.window_mib << 20, log=lambda line: print(line, file=sys.stderr))
     if args.dry_run:
         result = quantize_checkpoint(None, args.input, args.output, dry_run=True, **options)
         for d in result.decisions:
@@ -149,15 +150,16 @@ def cmd_dequantize(args) -> int:
     import torch
     from safetensors import safe_open
 
+    from quantd.client.checkpoint import limit_malloc_arenas
     from quantd.client.checkpoint.files import save
-
     from quantd.kernels.spec import QuantizedTensor, QuantSpec
     from quantd.protocol.wire import dtype_from_name
 
     if os.path.isdir(args.input):
+        limit_malloc_arenas()
         with _client(args) as client:
             result = client.dequantize_checkpoint(args.input, args.output, dtype=dtype_from_name(args.dtype or "bfloat16"),
-                                                  log=lambda line: print(line, file=sys.stderr))
+                                                  window_bytes=args.window_mib << 20, log=lambda line: print(line, file=sys.stderr))
         print(f"{args.output}: " + _summary(result, "dequantized"))
         return 0
     out = {}
@@ -214,7 +216,8 @@ def parser() -> argparse.ArgumentParser:
     from quantd.client.checkpoint.profiles import PROFILES
     folder = q.add_argument_group("model folders")
     folder.add_argument("--profile", default="hf-fp8", choices=list(PROFILES), help="layout to write (default hf-fp8)")
-    folder.add_argument("--scheme", help="fp8-block | fp8-channel | int8 | int8-asym | mxfp4 | mxfp8 (default: the profile's first)")
+    folder.add_argument("--scheme", help="fp8-block | fp8-channel | int8 | int8-asym (vLLM does not load it) | mxfp4 | "
+                                         "mxfp8 (default: the profile's first)")
     folder.add_argument("--ignore", action="append", default=[], metavar="REGEX", help="also keep tensors matching (repeatable)")
     folder.add_argument("--include", action="append", default=[], metavar="REGEX",
                         help="quantize tensors matching even if the default skip list keeps them (repeatable)")
@@ -222,6 +225,8 @@ def parser() -> argparse.ArgumentParser:
     folder.add_argument("--skip-unsupported", action="store_true", help="keep tensors the scheme cannot take instead of failing")
     folder.add_argument("--dry-run", action="store_true", help="list what would be quantized and kept, and why; write nothing")
     folder.add_argument("--workers", type=int, default=4, help="tensors in flight through the service (default 4)")
+    folder.add_argument("--window-mib", type=int, default=1024,
+                        help="at most this much input in flight (MiB, default 1024; at least one tensor): bounds memory")
     q.add_argument_group("safetensors files")
     q.add_argument("--format", default="fp8_e4m3", help="fp8_e4m3 | fp8_e5m2 | int8_sym | int8_asym | mxfp4 | mxfp8")
     q.add_argument("--granularity", help="tensor | channel | group | tile | flat (default: implied by the size flag)")
@@ -238,6 +243,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("input")
     d.add_argument("-o", "--output", required=True)
     d.add_argument("--dtype", help="output dtype (default: bfloat16 for a model folder, each tensor's original dtype for a file)")
+    d.add_argument("--window-mib", type=int, default=1024, help="model folders: at most this much input in flight (MiB)")
     _server_arguments(d)
     d.set_defaults(run=cmd_dequantize)
 

@@ -11,7 +11,7 @@ ct_quant = pytest.importorskip("compressed_tensors.quantization")
 
 from grpc_harness import ServerProcess  # noqa: E402
 
-from quantd import cli  # noqa: E402
+from quantd.cli import main as cli  # noqa: E402
 from quantd.client.checkpoint import files  # noqa: E402
 from quantd.client.checkpoint.profiles import CT_SCHEMES  # noqa: E402
 from quantd.kernels import dispatch, reference  # noqa: E402

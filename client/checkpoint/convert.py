@@ -9,6 +9,7 @@ every shard whose file still has that size and digest.
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import dataclasses
 import json
 import re
@@ -99,6 +100,17 @@ class _Manifest:
         write_json(self.path, {"settings": self.settings, "shards": dict(sorted(self.shards.items()))})
 
 
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives threads their own heaps (arenas); tensor-sized buffers freed in the pool's and gRPC's threads
+    then stay resident, so peak RSS grew with the model instead of with the window (measured: 668-906 MiB for a
+    1 GiB model with a 64 MiB window; 427-446 MiB with at most 2 arenas). Only threads that first allocate after this call obey: call it before making the
+    client (the CLI does)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _progress(total: int, desc: str, show: bool):
     from tqdm import tqdm
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None if show else True)
@@ -132,6 +144,7 @@ def _convert(folder: ModelFolder, out, shard_plans: dict, config: dict, settings
     config.json and the other files. Returns (written, skipped, input bytes, output bytes)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    limit_malloc_arenas()
     manifest = _Manifest(out, settings)
     todo = [s for s in folder.shards if not manifest.finished(out, s)]
     skipped = [s for s in folder.shards if s not in todo]
