@@ -25,8 +25,6 @@ import json
 import os
 import sys
 
-SCALES, ZERO_POINTS = ".scales", ".zero_points"
-METADATA_KEY = "quantd"
 
 
 def _server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,6 +111,7 @@ def cmd_quantize(args) -> int:
     from safetensors import safe_open
 
     from quantd.client.checkpoint.files import save
+    from quantd.client.checkpoint.profiles import LEGACY_KEY, LEGACY_SCALES, LEGACY_ZERO_POINTS
 
     if os.path.isdir(args.input):
         return cmd_quantize_checkpoint(args)
@@ -121,7 +120,7 @@ def cmd_quantize(args) -> int:
     with _client(args) as client, safe_open(args.input, framework="pt") as f:
         metadata = dict(f.metadata() or {})
         names = list(f.keys())
-        clashes = [n for n in names if n + SCALES in names or n + ZERO_POINTS in names]
+        clashes = [n for n in names if n + LEGACY_SCALES in names or n + LEGACY_ZERO_POINTS in names]
         if clashes:
             raise ValueError(f"tensor names {clashes} would collide with the names of their scales")
         copied = []
@@ -134,12 +133,12 @@ def cmd_quantize(args) -> int:
                     copied.append(name)
                 else:
                     qt = client.quantize(tensor, spec, report=False)
-                    out[name], out[name + SCALES] = qt.codes, qt.scales
+                    out[name], out[name + LEGACY_SCALES] = qt.codes, qt.scales
                     if qt.zero_points is not None:
-                        out[name + ZERO_POINTS] = qt.zero_points
+                        out[name + LEGACY_ZERO_POINTS] = qt.zero_points
                     layout[name] = {"spec": spec_to_json(spec), "shape": list(tensor.shape),
                                     "dtype": str(tensor.dtype).removeprefix("torch.")}
-    metadata[METADATA_KEY] = json.dumps(layout)
+    metadata[LEGACY_KEY] = json.dumps(layout)
     save(args.output, out, metadata)
     print(f"{args.output}: {len(layout)} tensor(s) quantized with {spec.describe()}, {len(copied)} copied unchanged"
           + (f" ({', '.join(copied[:5])}{', ...' if len(copied) > 5 else ''})" if copied else ""))
@@ -152,7 +151,7 @@ def cmd_dequantize(args) -> int:
 
     from quantd.client.checkpoint import limit_malloc_arenas
     from quantd.client.checkpoint.files import save
-    from quantd.kernels.spec import QuantizedTensor, QuantSpec
+    from quantd.client.checkpoint.profiles import LEGACY_KEY, LEGACY_SCALES, LEGACY_ZERO_POINTS, QuantdLegacy
     from quantd.protocol.wire import dtype_from_name
 
     if os.path.isdir(args.input):
@@ -165,22 +164,18 @@ def cmd_dequantize(args) -> int:
     out = {}
     with _client(args) as client, safe_open(args.input, framework="pt") as f:
         metadata = dict(f.metadata() or {})
-        layout = json.loads(metadata.pop(METADATA_KEY, "{}"))
-        companions = {n + SCALES for n in layout} | {n + ZERO_POINTS for n in layout}
+        layout = json.loads(metadata.pop(LEGACY_KEY, "{}"))
+        legacy = QuantdLegacy(layout)
+        companions = {n + LEGACY_SCALES for n in layout} | {n + LEGACY_ZERO_POINTS for n in layout}
         names = [n for n in f.keys() if n not in companions]
         with _progress(names, "dequantize") as bar:
             for name in bar:
-                codes = f.get_tensor(name)
                 bar.set_postfix_str(name)
                 if name in layout:
-                    entry = layout[name]
-                    spec = QuantSpec(**{k: tuple(v) if k == "tile" else v for k, v in entry["spec"].items()})
-                    zp = f.get_tensor(name + ZERO_POINTS) if name + ZERO_POINTS in f.keys() else None
-                    qt = QuantizedTensor(codes, f.get_tensor(name + SCALES), spec, tuple(entry["shape"]), zp)
-                    dtype = dtype_from_name(args.dtype or entry["dtype"])
-                    out[name] = client.dequantize(qt, dtype)
+                    dtype = dtype_from_name(args.dtype or layout[name]["dtype"])
+                    out[name] = client.dequantize(legacy.load(name, f.get_tensor, None), dtype)
                 else:
-                    out[name] = codes
+                    out[name] = f.get_tensor(name)
     save(args.output, {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in out.items()}, metadata)
     print(f"{args.output}: {len(layout)} tensor(s) dequantized, {len(names) - len(layout)} copied unchanged")
     return 0

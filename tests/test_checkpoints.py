@@ -152,6 +152,24 @@ def test_dequantize_writes_a_plain_model(server, llama, tmp_path, profile, schem
     assert torch.equal(plain.lm_head.weight, model.lm_head.weight)
 
 
+def test_dequantize_reads_a_folder_in_the_old_quantd_layout(server, llama, tmp_path):
+    """Shards written one by one by `quantd quantize FILE` (codes, `<name>.scales`, `.zero_points`, metadata
+    key `quantd`) beside the original config.json and index."""
+    src, model = llama
+    old = tmp_path / "old"
+    old.mkdir()
+    for path in src.iterdir():
+        if path.suffix == ".safetensors":
+            assert cli.main(["quantize", str(path), "-o", str(old / path.name), "--format", "int8_asym", "--axis", "0",
+                             "--server", server.target]) == 0
+        else:
+            (old / path.name).write_bytes(path.read_bytes())
+    assert cli.main(["dequantize", str(old), "-o", str(tmp_path / "plain"), "--server", server.target]) == 0
+    plain = load(tmp_path / "plain")
+    spec = CT_SCHEMES["int8-asym"].spec
+    check_weights(model, plain, spec, [n for n, p in model.named_parameters() if p.dim() == 2])
+
+
 def folder_bytes(path):
     return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
 

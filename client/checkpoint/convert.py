@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .files import INDEX, ModelFolder, ShardWriter, _planned, file_digest, write_json
-from .profiles import DEFAULT_IGNORE, FLOATS, PROFILES, detect, pow2
+from .profiles import DEFAULT_IGNORE, FLOATS, LEGACY_KEY, PROFILES, QuantdLegacy, detect, pow2
 
 MANIFEST = ".quantd-checkpoint.json"
 
@@ -223,7 +223,7 @@ def dequantize_checkpoint(client, src, dst, *, dtype: torch.dtype = torch.bfloat
                           window_bytes: int = 1 << 30, progress: bool = True, log=print) -> Result:
     """Write the quantized model folder `src` (any profile) as a plain `dtype` model into `dst`."""
     folder = ModelFolder(src)
-    prof, chosen = detect(folder.config)
+    prof, chosen = _detect(folder)
     shard_of = {n: s for s in folder.shards for n in folder.entries(s)}
     originals = prof.originals(shard_of)
     companions = {n for o in originals for n in _stored_names(prof, chosen, o, folder, shard_of)}
@@ -252,6 +252,17 @@ def dequantize_checkpoint(client, src, dst, *, dtype: torch.dtype = torch.bfloat
         folder, dst, {s: shard_plan(s) for s in folder.shards}, config, settings, "dequantize", workers, window_bytes,
         progress, log)
     return result
+
+
+def _detect(folder: ModelFolder):
+    """detect(config.json), or quantd's old layout: shards with the `quantd` metadata key and no quantization_config."""
+    layout = {}
+    for shard in folder.shards:
+        layout.update(json.loads(folder.headers[shard][1].get(LEGACY_KEY, "{}")))
+    if layout and not folder.config.get("quantization_config"):
+        legacy = QuantdLegacy(layout)
+        return legacy, legacy.scheme(None)
+    return detect(folder.config)
 
 
 def _meta_get(folder, shard_of):
