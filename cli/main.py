@@ -7,6 +7,7 @@
     quantd quantize MODEL_DIR -o OUT_DIR --profile hf-fp8|compressed-tensors|gpt-oss-mxfp4 [--scheme ...] --server HOST:PORT
     quantd dequantize MODEL_DIR -o OUT_DIR --server HOST:PORT
     quantd inspect MODEL_DIR
+    quantd convert MODEL_DIR -o OUT_DIR --profile P [--scheme S] [--allow-lossy --server HOST:PORT]
 
 A model folder (config.json and safetensors shards) is written in the layout a serving stack loads
 (quantd.client.checkpoint, FORMATS.md). For a single safetensors file:
@@ -181,6 +182,17 @@ def cmd_dequantize(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from quantd.client.checkpoint import limit_malloc_arenas
+    limit_malloc_arenas()
+    with _client(args) as client:
+        result = client.convert_checkpoint(args.input, args.output, profile=args.profile, scheme=args.scheme,
+                                           allow_lossy=args.allow_lossy, window_bytes=args.window_mib << 20,
+                                           log=lambda line: print(line, file=sys.stderr))
+    print(f"{args.output}: " + _summary(result, "converted"))
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from quantd.client.checkpoint import inspect_checkpoint
     report = inspect_checkpoint(args.input)
@@ -241,6 +253,16 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--window-mib", type=int, default=1024, help="model folders: at most this much input in flight (MiB)")
     _server_arguments(d)
     d.set_defaults(run=cmd_dequantize)
+
+    c = sub.add_parser("convert", help="rewrite a quantized model folder in another profile (exact pairs need no server)")
+    c.add_argument("input")
+    c.add_argument("-o", "--output", required=True)
+    c.add_argument("--profile", required=True, choices=list(PROFILES))
+    c.add_argument("--scheme", help="the target profile's scheme (default: its first)")
+    c.add_argument("--allow-lossy", action="store_true", help="for a pair that is not exact: dequantize and quantize again")
+    c.add_argument("--window-mib", type=int, default=1024, help="at most this much input in flight (MiB)")
+    _server_arguments(c)
+    c.set_defaults(run=cmd_convert)
 
     n = sub.add_parser("inspect", help="a model folder's profile, scheme and tensors; exit 1 if any is missing or wrong")
     n.add_argument("input")

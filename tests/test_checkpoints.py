@@ -170,6 +170,29 @@ def test_dequantize_reads_a_folder_in_the_old_quantd_layout(server, llama, tmp_p
     check_weights(model, plain, spec, [n for n, p in model.named_parameters() if p.dim() == 2])
 
 
+def test_convert_hf_fp8_to_compressed_tensors_and_back_is_exact(server, llama, tmp_path, capsys):
+    src, model = llama
+    quantize(server, src, tmp_path / "hf", "--profile", "hf-fp8")
+    convert = ["convert", "--server", "127.0.0.1:1"]   # exact pairs never call the service: a dead address
+    assert cli.main([*convert, str(tmp_path / "hf"), "-o", str(tmp_path / "ct"), "--profile", "compressed-tensors",
+                     "--scheme", "fp8-block"]) == 0
+    loaded = load(tmp_path / "ct", transformers.CompressedTensorsConfig(run_compressed=False))
+    check_weights(model, loaded, CT_SCHEMES["fp8-block"].spec, quantized_names(model))
+    assert cli.main([*convert, str(tmp_path / "ct"), "-o", str(tmp_path / "back"), "--profile", "hf-fp8"]) == 0
+    back, first = folder_bytes(tmp_path / "back"), folder_bytes(tmp_path / "hf")
+    assert back.pop(".quantd-checkpoint.json") != first.pop(".quantd-checkpoint.json")  # the settings differ
+    assert back == first
+
+    assert cli.main([*convert, str(tmp_path / "hf"), "-o", str(tmp_path / "mx"), "--profile", "compressed-tensors",
+                     "--scheme", "mxfp4"]) == 2
+    assert "hf-fp8 fp8-block -> compressed-tensors mxfp4 is not exact" in capsys.readouterr().err
+    assert cli.main(["convert", str(tmp_path / "hf"), "-o", str(tmp_path / "mx"), "--profile", "compressed-tensors",
+                     "--scheme", "mxfp4", "--allow-lossy", "--server", server.target]) == 0
+    assert not (tmp_path / "mx.bf16").exists()
+    loaded = load(tmp_path / "mx", transformers.CompressedTensorsConfig(run_compressed=False))
+    assert logit_error(model, loaded) < LOGIT_BOUND["mxfp4"]
+
+
 def folder_bytes(path):
     return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
 

@@ -219,38 +219,108 @@ def quantize_checkpoint(client, src, dst, *, profile: str = "hf-fp8", scheme: st
     return result
 
 
+class _Stored:
+    """A quantized model folder read back: its profile and scheme, every quantized tensor (by original name) and
+    the names it is stored under, and shard plans that rewrite each quantized tensor and copy the rest."""
+
+    def __init__(self, folder: ModelFolder):
+        self.folder = folder
+        self.prof, self.scheme = _detect(folder)
+        self.shard_of = {n: s for s in folder.shards for n in folder.entries(s)}
+        self.originals = self.prof.originals(self.shard_of)
+        self.stored = {o: _stored_names(self.prof, self.scheme, o, folder, self.shard_of) for o in self.originals}
+        companions = {n for names in self.stored.values() for n in names}
+        self.kept = [n for n in self.shard_of if n not in companions]
+        self.decisions = [Decision(o, "quantize") for o in self.originals] + [Decision(n, "keep") for n in self.kept]
+
+    def get(self, name) -> torch.Tensor:
+        return self.folder.tensor(self.shard_of[name], name)
+
+    def load(self, original, get=None):
+        return self.prof.load(original, get or self.get, self.scheme)
+
+    def meta(self, original):
+        return self.load(original, _meta_get(self.folder, self.shard_of))
+
+    def plans(self, planned_of, job_of) -> dict:
+        """{shard: (planned, jobs)}: quantized tensors become planned_of(original) ({name: (dtype, shape)}), written
+        by job_of(original) ({name: tensor}); the rest is copied."""
+        entry = lambda n: self.folder.entries(self.shard_of[n])[n]  # noqa: E731
+
+        def plan(shard):
+            mine = [o for o in self.originals if self.shard_of[self.prof.base(o) + self.prof.scale_suffix] == shard]
+            kept = [n for n in self.kept if self.shard_of[n] == shard]
+            planned = {n: (entry(n).dtype, entry(n).shape) for n in kept}
+            for o in mine:
+                planned.update(planned_of(o))
+            jobs = [(entry(n).nbytes, lambda n=n: {n: self.get(n)}) for n in kept]
+            jobs += [(sum(entry(c).nbytes for c in self.stored[o]), lambda o=o: job_of(o)) for o in mine]
+            return planned, lambda: jobs
+        return {s: plan(s) for s in self.folder.shards}
+
+
 def dequantize_checkpoint(client, src, dst, *, dtype: torch.dtype = torch.bfloat16, workers: int = 4,
                           window_bytes: int = 1 << 30, progress: bool = True, log=print) -> Result:
     """Write the quantized model folder `src` (any profile) as a plain `dtype` model into `dst`."""
-    folder = ModelFolder(src)
-    prof, chosen = _detect(folder)
-    shard_of = {n: s for s in folder.shards for n in folder.entries(s)}
-    originals = prof.originals(shard_of)
-    companions = {n for o in originals for n in _stored_names(prof, chosen, o, folder, shard_of)}
-    decisions = [Decision(o, "quantize") for o in originals] + [Decision(n, "keep") for n in shard_of if n not in companions]
+    stored = _Stored(ModelFolder(src))
+    prof = stored.prof
+    plans = stored.plans(
+        lambda o: {o: (dtype, prof.service_output(torch.empty(stored.meta(o).shape, device="meta")).shape)},
+        lambda o: {o: prof.service_output(client.dequantize(stored.load(o), dtype))})
+    config = {k: v for k, v in stored.folder.config.items() if k != "quantization_config"}
+    settings = {"operation": "dequantize", "profile": prof.name, "scheme": stored.scheme.name, "dtype": str(dtype)}
+    return _write(stored.folder, dst, stored.decisions, plans, config, settings, "dequantize", workers, window_bytes,
+                  progress, log)
 
-    def get(name):
-        return folder.tensor(shard_of[name], name)
 
-    def shard_plan(shard):
-        mine = [o for o in originals if shard_of[prof.base(o) + prof.scale_suffix] == shard]
-        planned = {o: (dtype, prof.service_output(torch.empty(prof.load(o, _meta_get(folder, shard_of), chosen).shape,
-                                                              device="meta")).shape) for o in mine}
-        kept = [n for n, s in shard_of.items() if s == shard and n not in companions]
-        planned.update({n: (folder.entries(shard)[n].dtype, folder.entries(shard)[n].shape) for n in kept})
+def convert_checkpoint(client, src, dst, *, profile: str, scheme: str | None = None, allow_lossy: bool = False,
+                       workers: int = 4, window_bytes: int = 1 << 30, progress: bool = True, log=print) -> Result:
+    """Rewrite the quantized model folder `src` in `profile`'s layout. Where both store the same codes and scales
+    (hf-fp8 <-> compressed-tensors fp8-block) the bytes are re-laid out without the service; any other pair is
+    lossy and refused unless allow_lossy, which dequantizes to bf16 (in `dst`.bf16, removed after) and
+    quantizes again through `client`."""
+    stored = _Stored(ModelFolder(src))
+    target = PROFILES.get(profile)
+    if target is None:
+        raise ValueError(f"unknown profile {profile!r} (expected one of {', '.join(PROFILES)})")
+    chosen = target.scheme(scheme)
+    why = _why_not_exact(stored, target, chosen)
+    if why is not None:
+        if not allow_lossy:
+            raise ValueError(f"{stored.prof.name} {stored.scheme.name} -> {target.name} {chosen.name} is not exact: {why} "
+                             "(--allow-lossy dequantizes and quantizes again through the service)")
+        plain = Path(dst).with_name(Path(dst).name + ".bf16")
+        options = dict(workers=workers, window_bytes=window_bytes, progress=progress, log=log)
+        dequantize_checkpoint(client, src, plain, **options)
+        result = quantize_checkpoint(client, plain, dst, profile=profile, scheme=scheme, **options)
+        shutil.rmtree(plain)
+        return result
+    qconfig = stored.folder.config["quantization_config"]
+    spec = pow2(chosen.spec) if qconfig.get("scale_fmt") == "ue8m0" else chosen.spec
+    plans = stored.plans(lambda o: _planned(target.store(o, _meta_quantized(spec, stored.meta(o).shape))),
+                         lambda o: target.store(o, stored.load(o)))
+    config = dict(stored.folder.config, quantization_config=target.quantization_config(
+        chosen, spec, _kept_modules(stored.folder, stored.decisions, target)))
+    settings = {"operation": "convert", "from": [stored.prof.name, stored.scheme.name], "profile": target.name,
+                "scheme": chosen.name}
+    return _write(stored.folder, dst, stored.decisions, plans, config, settings, "convert", workers, window_bytes,
+                  progress, log)
 
-        def dequantize(o):
-            return lambda: {o: prof.service_output(client.dequantize(prof.load(o, get, chosen), dtype))}
-        jobs = [(folder.entries(shard)[n].nbytes, lambda n=n: {n: get(n)}) for n in kept]
-        return planned, lambda: jobs + [(sum(folder.entries(shard_of[c])[c].nbytes for c in
-                                             _stored_names(prof, chosen, o, folder, shard_of)), dequantize(o)) for o in mine]
 
-    config = {k: v for k, v in folder.config.items() if k != "quantization_config"}
-    settings = {"operation": "dequantize", "profile": prof.name, "scheme": chosen.name, "dtype": str(dtype)}
+def _why_not_exact(stored: _Stored, target, chosen) -> str | None:
+    if target.weight_suffix != stored.prof.weight_suffix:
+        return f"{target.name} and {stored.prof.name} quantize different tensors"
+    encoding = chosen.spec.scale_encoding   # fp32 or power-of-two scales: the same numbers either way
+    other = [o for o in stored.originals if dataclasses.replace(stored.meta(o).spec, scale_encoding=encoding) != chosen.spec]
+    if other:
+        return f"{len(other)} tensor(s) (e.g. {other[0]}) are {stored.meta(other[0]).spec.describe()}, not {chosen.spec.describe()}"
+    return None
+
+
+def _write(folder, dst, decisions, plans, config, settings, desc, workers, window_bytes, progress, log) -> Result:
     result = Result(decisions, [], [])
     result.written, result.skipped, result.bytes_in, result.bytes_out = _convert(
-        folder, dst, {s: shard_plan(s) for s in folder.shards}, config, settings, "dequantize", workers, window_bytes,
-        progress, log)
+        folder, dst, plans, config, settings, desc, workers, window_bytes, progress, log)
     return result
 
 
