@@ -38,6 +38,18 @@ def _server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=None, help="seconds per call")
 
 
+def _folder_arguments(parser) -> None:
+    parser.add_argument("--window-mib", type=int, default=1024,
+                        help="model folders: at most this much input in flight (MiB, default 1024; at least one tensor)")
+    parser.add_argument("--max-shard-mib", type=int, default=0,
+                        help="model folders: refill output shards up to this many MiB (default 0: one per input shard)")
+
+
+def _folder_options(args) -> dict:
+    return {"window_bytes": args.window_mib << 20, "max_shard_bytes": args.max_shard_mib << 20,
+            "log": lambda line: print(line, file=sys.stderr)}
+
+
 def _client(args):
     from quantd.client import QuantdClient
 
@@ -96,7 +108,7 @@ def cmd_quantize_checkpoint(args) -> int:
     limit_malloc_arenas()
     options = dict(profile=args.profile, scheme=args.scheme, ignore=args.ignore, include=args.include,
                    pow2_scales=args.pow2_scales, skip_unsupported=args.skip_unsupported, workers=args.workers,
-                   window_bytes=args.window_mib << 20, log=lambda line: print(line, file=sys.stderr))
+                   **_folder_options(args))
     if args.dry_run:
         result = quantize_checkpoint(None, args.input, args.output, dry_run=True, **options)
         for d in result.decisions:
@@ -159,7 +171,7 @@ def cmd_dequantize(args) -> int:
         limit_malloc_arenas()
         with _client(args) as client:
             result = client.dequantize_checkpoint(args.input, args.output, dtype=dtype_from_name(args.dtype or "bfloat16"),
-                                                  window_bytes=args.window_mib << 20, log=lambda line: print(line, file=sys.stderr))
+                                                  **_folder_options(args))
         print(f"{args.output}: " + _summary(result, "dequantized"))
         return 0
     out = {}
@@ -187,8 +199,7 @@ def cmd_convert(args) -> int:
     limit_malloc_arenas()
     with _client(args) as client:
         result = client.convert_checkpoint(args.input, args.output, profile=args.profile, scheme=args.scheme,
-                                           allow_lossy=args.allow_lossy, window_bytes=args.window_mib << 20,
-                                           log=lambda line: print(line, file=sys.stderr))
+                                           allow_lossy=args.allow_lossy, **_folder_options(args))
     print(f"{args.output}: " + _summary(result, "converted"))
     return 0
 
@@ -232,8 +243,7 @@ def parser() -> argparse.ArgumentParser:
     folder.add_argument("--skip-unsupported", action="store_true", help="keep tensors the scheme cannot take instead of failing")
     folder.add_argument("--dry-run", action="store_true", help="list what would be quantized and kept, and why; write nothing")
     folder.add_argument("--workers", type=int, default=4, help="tensors in flight through the service (default 4)")
-    folder.add_argument("--window-mib", type=int, default=1024,
-                        help="at most this much input in flight (MiB, default 1024; at least one tensor): bounds memory")
+    _folder_arguments(folder)
     q.add_argument_group("safetensors files")
     q.add_argument("--format", default="fp8_e4m3", help="fp8_e4m3 | fp8_e5m2 | int8_sym | int8_asym | mxfp4 | mxfp8")
     q.add_argument("--granularity", help="tensor | channel | group | tile | flat (default: implied by the size flag)")
@@ -250,7 +260,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("input")
     d.add_argument("-o", "--output", required=True)
     d.add_argument("--dtype", help="output dtype (default: bfloat16 for a model folder, each tensor's original dtype for a file)")
-    d.add_argument("--window-mib", type=int, default=1024, help="model folders: at most this much input in flight (MiB)")
+    _folder_arguments(d)
     _server_arguments(d)
     d.set_defaults(run=cmd_dequantize)
 
@@ -260,7 +270,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--profile", required=True, choices=list(PROFILES))
     c.add_argument("--scheme", help="the target profile's scheme (default: its first)")
     c.add_argument("--allow-lossy", action="store_true", help="for a pair that is not exact: dequantize and quantize again")
-    c.add_argument("--window-mib", type=int, default=1024, help="at most this much input in flight (MiB)")
+    _folder_arguments(c)
     _server_arguments(c)
     c.set_defaults(run=cmd_convert)
 

@@ -12,6 +12,7 @@ ct_quant = pytest.importorskip("compressed_tensors.quantization")
 from grpc_harness import ServerProcess  # noqa: E402
 
 from quantd.cli import main as cli  # noqa: E402
+from quantd.client import QuantdClient  # noqa: E402
 from quantd.client.checkpoint import files  # noqa: E402
 from quantd.client.checkpoint.profiles import CT_SCHEMES  # noqa: E402
 from quantd.kernels import dispatch, reference  # noqa: E402
@@ -191,6 +192,29 @@ def test_convert_hf_fp8_to_compressed_tensors_and_back_is_exact(server, llama, t
     assert not (tmp_path / "mx.bf16").exists()
     loaded = load(tmp_path / "mx", transformers.CompressedTensorsConfig(run_compressed=False))
     assert logit_error(model, loaded) < LOGIT_BOUND["mxfp4"]
+
+
+def test_output_shards_refilled_by_size(server, llama, tmp_path):
+    src, model = llama
+    limit = 100_000
+    with QuantdClient(server.target) as client:
+        client.quantize_checkpoint(src, tmp_path / "q", profile="compressed-tensors", scheme="fp8-block",
+                                   max_shard_bytes=limit, progress=False, log=lambda _: None)
+    index = json.loads((tmp_path / "q" / files.INDEX).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > len(files.ModelFolder(src).shards)
+    assert shards == [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    assert sorted(p.name for p in (tmp_path / "q").glob("*.safetensors")) == shards
+    total = 0
+    for shard in shards:
+        entries, _ = files.read_header(tmp_path / "q" / shard)
+        assert {n for n, s in index["weight_map"].items() if s == shard} == set(entries)
+        nbytes = sum(e.nbytes for e in entries.values())
+        assert nbytes <= limit or len({n.rsplit(".", 1)[0] for n in entries}) == 1, shard  # one module may exceed
+        total += nbytes
+    assert index["metadata"]["total_size"] == total
+    loaded = load(tmp_path / "q", transformers.CompressedTensorsConfig(run_compressed=False))
+    check_weights(model, loaded, CT_SCHEMES["fp8-block"].spec, quantized_names(model))
 
 
 def folder_bytes(path):

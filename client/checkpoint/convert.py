@@ -12,6 +12,7 @@ import concurrent.futures
 import ctypes
 import dataclasses
 import json
+import math
 import re
 import shutil
 from collections import deque
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .files import INDEX, ModelFolder, ShardWriter, _planned, file_digest, write_json
+from .files import INDEX, SINGLE, ModelFolder, ShardWriter, _planned, file_digest, write_json
 from .profiles import DEFAULT_IGNORE, FLOATS, LEGACY_KEY, PROFILES, QuantdLegacy, detect, pow2
 
 MANIFEST = ".quantd-checkpoint.json"
@@ -138,43 +139,45 @@ def _finish(writer, job, bar) -> int:
     return nbytes
 
 
-def _convert(folder: ModelFolder, out, shard_plans: dict, config: dict, settings: dict, desc: str,
+def _convert(folder: ModelFolder, out, shards: dict, config: dict, settings: dict, desc: str,
              workers: int, window_bytes: int, progress: bool, log) -> tuple[list, list, int, int]:
-    """Write every shard of shard_plans ({shard: (planned outputs, jobs factory)}), resuming; then the index,
-    config.json and the other files. Returns (written, skipped, input bytes, output bytes)."""
+    """Write every shard of `shards` ({name: [(input bytes, {name: (dtype, shape)} it writes, fn)]}), resuming;
+    then the index, config.json and the other files. Returns (written, skipped, input bytes, output bytes)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     limit_malloc_arenas()
     manifest = _Manifest(out, settings)
-    todo = [s for s in folder.shards if not manifest.finished(out, s)]
-    skipped = [s for s in folder.shards if s not in todo]
+    todo = [s for s in shards if not manifest.finished(out, s)]
+    skipped = [s for s in shards if s not in todo]
     if skipped:
         log(f"{len(skipped)} shard(s) already finished, skipped: {', '.join(skipped)}")
-    total = sum(e.nbytes for s in todo for e in folder.entries(s).values())
+    total = sum(job[0] for s in todo for job in shards[s])
     with _progress(total, desc, progress) as bar:
         for shard in todo:
-            planned, jobs = shard_plans[shard]
+            planned = {n: v for job in shards[shard] for n, v in job[1].items()}
             writer = ShardWriter(out / shard, planned, metadata={"format": "pt"})
             try:
-                _run_shard(writer, jobs(), workers, window_bytes, bar)
+                _run_shard(writer, [(nbytes, fn) for nbytes, _, fn in shards[shard]], workers, window_bytes, bar)
             except BaseException:
                 writer.abort()
                 raise
             manifest.record(shard, *writer.close())
-    if folder.index is not None:
-        weight_map = {n: s for s, (planned, _) in shard_plans.items() for n in planned}
-        write_json(out / INDEX, {"metadata": {"total_size": sum(manifest.shards[s]["size"] for s in folder.shards)},
-                                 "weight_map": dict(sorted(weight_map.items()))})
+    if list(shards) != [SINGLE]:
+        weight_map = {n: s for s, jobs in shards.items() for job in jobs for n in job[1]}
+        total_size = sum(_planned_bytes(job[1]) for jobs in shards.values() for job in jobs)
+        write_json(out / INDEX, {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
     write_json(out / "config.json", config)
     for path in folder.other_files():
         shutil.copyfile(path, out / path.name)
-    return todo, skipped, total, sum(manifest.shards[s]["size"] for s in folder.shards)
+    return todo, skipped, total, sum(manifest.shards[s]["size"] for s in shards)
 
 
 def quantize_checkpoint(client, src, dst, *, profile: str = "hf-fp8", scheme: str | None = None, ignore=(), include=(),
                         pow2_scales: bool = False, skip_unsupported: bool = False, dry_run: bool = False,
-                        workers: int = 4, window_bytes: int = 1 << 30, progress: bool = True, log=print) -> Result:
-    """Quantize the model folder `src` into `dst` in `profile`'s layout, through `client` (a QuantdClient)."""
+                        **options) -> Result:
+    """Quantize the model folder `src` into `dst` in `profile`'s layout, through `client` (a QuantdClient).
+    options: workers (4), window_bytes (1 GiB), max_shard_bytes (0: one output shard per input shard),
+    progress (True), log (print)."""
     folder = ModelFolder(src)
     if folder.config.get("quantization_config"):
         raise ValueError(f"{src}: already quantized (config.json has a quantization_config)")
@@ -193,35 +196,23 @@ def quantize_checkpoint(client, src, dst, *, profile: str = "hf-fp8", scheme: st
         return result
     quantize = {d.name for d in decisions if d.action == "quantize"}
 
-    def shard_plan(shard):
-        entries = folder.entries(shard)
-        planned = {}
-        for name, entry in entries.items():
-            if name in quantize:
-                shape = prof.service_input(torch.empty(entry.shape, device="meta")).shape
-                planned.update(_planned(prof.store(name, _meta_quantized(spec, shape))))
-            else:
-                planned[name] = (entry.dtype, entry.shape)
-
-        def job(name):
-            if name not in quantize:
-                return lambda: {name: folder.tensor(shard, name)}
-            return lambda: prof.store(name, client.quantize(prof.service_input(folder.tensor(shard, name)), spec,
-                                                             report=False))
-        return planned, lambda: [(e.nbytes, job(n)) for n, e in entries.items()]
+    def job(shard, name, entry):
+        if name not in quantize:
+            return entry.nbytes, {name: (entry.dtype, entry.shape)}, lambda: {name: folder.tensor(shard, name)}
+        shape = prof.service_input(torch.empty(entry.shape, device="meta")).shape
+        return entry.nbytes, _planned(prof.store(name, _meta_quantized(spec, shape))), lambda: prof.store(
+            name, client.quantize(prof.service_input(folder.tensor(shard, name)), spec, report=False))
 
     config = dict(folder.config, quantization_config=prof.quantization_config(chosen, spec, _kept_modules(folder, decisions, prof)))
     settings = {"operation": "quantize", "profile": prof.name, "scheme": chosen.name, "spec": spec.describe(),
                 "quantize": sorted(quantize)}
-    result.written, result.skipped, result.bytes_in, result.bytes_out = _convert(
-        folder, dst, {s: shard_plan(s) for s in folder.shards}, config, settings, "quantize", workers, window_bytes,
-        progress, log)
-    return result
+    jobs = {s: [job(s, n, e) for n, e in folder.entries(s).items()] for s in folder.shards}
+    return _write(folder, dst, decisions, jobs, config, settings, "quantize", **options)
 
 
 class _Stored:
     """A quantized model folder read back: its profile and scheme, every quantized tensor (by original name) and
-    the names it is stored under, and shard plans that rewrite each quantized tensor and copy the rest."""
+    the names it is stored under, and jobs that rewrite each quantized tensor and copy the rest."""
 
     def __init__(self, folder: ModelFolder):
         self.folder = folder
@@ -242,39 +233,34 @@ class _Stored:
     def meta(self, original):
         return self.load(original, _meta_get(self.folder, self.shard_of))
 
-    def plans(self, planned_of, job_of) -> dict:
-        """{shard: (planned, jobs)}: quantized tensors become planned_of(original) ({name: (dtype, shape)}), written
-        by job_of(original) ({name: tensor}); the rest is copied."""
+    def jobs(self, planned_of, job_of) -> dict:
+        """{input shard: jobs}: quantized tensors become planned_of(original) ({name: (dtype, shape)}), written by
+        job_of(original) ({name: tensor}); the rest is copied."""
         entry = lambda n: self.folder.entries(self.shard_of[n])[n]  # noqa: E731
 
-        def plan(shard):
+        def jobs(shard):
             mine = [o for o in self.originals if self.shard_of[self.prof.base(o) + self.prof.scale_suffix] == shard]
             kept = [n for n in self.kept if self.shard_of[n] == shard]
-            planned = {n: (entry(n).dtype, entry(n).shape) for n in kept}
-            for o in mine:
-                planned.update(planned_of(o))
-            jobs = [(entry(n).nbytes, lambda n=n: {n: self.get(n)}) for n in kept]
-            jobs += [(sum(entry(c).nbytes for c in self.stored[o]), lambda o=o: job_of(o)) for o in mine]
-            return planned, lambda: jobs
-        return {s: plan(s) for s in self.folder.shards}
+            return ([(entry(n).nbytes, {n: (entry(n).dtype, entry(n).shape)}, lambda n=n: {n: self.get(n)}) for n in kept]
+                    + [(sum(entry(c).nbytes for c in self.stored[o]), planned_of(o), lambda o=o: job_of(o)) for o in mine])
+        return {s: jobs(s) for s in self.folder.shards}
 
 
-def dequantize_checkpoint(client, src, dst, *, dtype: torch.dtype = torch.bfloat16, workers: int = 4,
-                          window_bytes: int = 1 << 30, progress: bool = True, log=print) -> Result:
-    """Write the quantized model folder `src` (any profile) as a plain `dtype` model into `dst`."""
+def dequantize_checkpoint(client, src, dst, *, dtype: torch.dtype = torch.bfloat16, **options) -> Result:
+    """Write the quantized model folder `src` (any profile) as a plain `dtype` model into `dst` (options as for
+    quantize_checkpoint)."""
     stored = _Stored(ModelFolder(src))
     prof = stored.prof
-    plans = stored.plans(
+    jobs = stored.jobs(
         lambda o: {o: (dtype, prof.service_output(torch.empty(stored.meta(o).shape, device="meta")).shape)},
         lambda o: {o: prof.service_output(client.dequantize(stored.load(o), dtype))})
     config = {k: v for k, v in stored.folder.config.items() if k != "quantization_config"}
     settings = {"operation": "dequantize", "profile": prof.name, "scheme": stored.scheme.name, "dtype": str(dtype)}
-    return _write(stored.folder, dst, stored.decisions, plans, config, settings, "dequantize", workers, window_bytes,
-                  progress, log)
+    return _write(stored.folder, dst, stored.decisions, jobs, config, settings, "dequantize", **options)
 
 
 def convert_checkpoint(client, src, dst, *, profile: str, scheme: str | None = None, allow_lossy: bool = False,
-                       workers: int = 4, window_bytes: int = 1 << 30, progress: bool = True, log=print) -> Result:
+                       **options) -> Result:
     """Rewrite the quantized model folder `src` in `profile`'s layout. Where both store the same codes and scales
     (hf-fp8 <-> compressed-tensors fp8-block) the bytes are re-laid out without the service; any other pair is
     lossy and refused unless allow_lossy, which dequantizes to bf16 (in `dst`.bf16, removed after) and
@@ -290,21 +276,19 @@ def convert_checkpoint(client, src, dst, *, profile: str, scheme: str | None = N
             raise ValueError(f"{stored.prof.name} {stored.scheme.name} -> {target.name} {chosen.name} is not exact: {why} "
                              "(--allow-lossy dequantizes and quantizes again through the service)")
         plain = Path(dst).with_name(Path(dst).name + ".bf16")
-        options = dict(workers=workers, window_bytes=window_bytes, progress=progress, log=log)
         dequantize_checkpoint(client, src, plain, **options)
         result = quantize_checkpoint(client, plain, dst, profile=profile, scheme=scheme, **options)
         shutil.rmtree(plain)
         return result
-    qconfig = stored.folder.config["quantization_config"]
+    qconfig = stored.folder.config.get("quantization_config") or {}
     spec = pow2(chosen.spec) if qconfig.get("scale_fmt") == "ue8m0" else chosen.spec
-    plans = stored.plans(lambda o: _planned(target.store(o, _meta_quantized(spec, stored.meta(o).shape))),
-                         lambda o: target.store(o, stored.load(o)))
+    jobs = stored.jobs(lambda o: _planned(target.store(o, _meta_quantized(spec, stored.meta(o).shape))),
+                       lambda o: target.store(o, stored.load(o)))
     config = dict(stored.folder.config, quantization_config=target.quantization_config(
         chosen, spec, _kept_modules(stored.folder, stored.decisions, target)))
     settings = {"operation": "convert", "from": [stored.prof.name, stored.scheme.name], "profile": target.name,
                 "scheme": chosen.name}
-    return _write(stored.folder, dst, stored.decisions, plans, config, settings, "convert", workers, window_bytes,
-                  progress, log)
+    return _write(stored.folder, dst, stored.decisions, jobs, config, settings, "convert", **options)
 
 
 def _why_not_exact(stored: _Stored, target, chosen) -> str | None:
@@ -317,11 +301,35 @@ def _why_not_exact(stored: _Stored, target, chosen) -> str | None:
     return None
 
 
-def _write(folder, dst, decisions, plans, config, settings, desc, workers, window_bytes, progress, log) -> Result:
+def _write(folder, dst, decisions, jobs, config, settings, desc, *, workers: int = 4, window_bytes: int = 1 << 30,
+           max_shard_bytes: int = 0, progress: bool = True, log=print) -> Result:
     result = Result(decisions, [], [])
+    shards = _shards(folder, jobs, max_shard_bytes)
     result.written, result.skipped, result.bytes_in, result.bytes_out = _convert(
-        folder, dst, plans, config, settings, desc, workers, window_bytes, progress, log)
+        folder, dst, shards, config, dict(settings, max_shard_bytes=max_shard_bytes), desc, workers, window_bytes,
+        progress, log)
     return result
+
+
+def _planned_bytes(planned: dict) -> int:
+    return sum(math.prod(shape) * dtype.itemsize for dtype, shape in planned.values())
+
+
+def _shards(folder, jobs: dict, max_shard_bytes: int) -> dict:
+    """{output shard: jobs}: one per input shard of the same name, or (max_shard_bytes) refilled in order up to
+    that many tensor bytes each (a job's tensors stay together; a bigger job gets a shard of its own)."""
+    if not max_shard_bytes:
+        return jobs
+    groups, size = [[]], 0
+    for job in (j for shard_jobs in jobs.values() for j in shard_jobs):
+        nbytes = _planned_bytes(job[1])
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups, size = groups + [[]], 0
+        groups[-1].append(job)
+        size += nbytes
+    if len(groups) == 1 and folder.index is None:
+        return {SINGLE: groups[0]}
+    return {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": g for i, g in enumerate(groups)}
 
 
 def _detect(folder: ModelFolder):
