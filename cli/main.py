@@ -7,6 +7,7 @@
     quantd quantize MODEL_DIR -o OUT_DIR --profile hf-fp8|compressed-tensors|gpt-oss-mxfp4 [--scheme ...] --server HOST:PORT
     quantd dequantize MODEL_DIR -o OUT_DIR --server HOST:PORT
     quantd inspect MODEL_DIR
+    quantd convert MODEL_DIR -o OUT_DIR --profile P [--scheme S] [--allow-lossy --server HOST:PORT]
 
 A model folder (config.json and safetensors shards) is written in the layout a serving stack loads
 (quantd.client.checkpoint, FORMATS.md). For a single safetensors file:
@@ -25,8 +26,6 @@ import json
 import os
 import sys
 
-SCALES, ZERO_POINTS = ".scales", ".zero_points"
-METADATA_KEY = "quantd"
 
 
 def _server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +39,18 @@ def _server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transport", choices=("auto", "grpc", "shm", "streams"), default="grpc",
                         help="how tensors reach the server (README, Transports)")
     parser.add_argument("--streams", type=int, default=1, help="parallel streams for --transport streams/auto")
+
+
+def _folder_arguments(parser) -> None:
+    parser.add_argument("--window-mib", type=int, default=1024,
+                        help="model folders: at most this much input in flight (MiB, default 1024; at least one tensor)")
+    parser.add_argument("--max-shard-mib", type=int, default=0,
+                        help="model folders: refill output shards up to this many MiB (default 0: one per input shard)")
+
+
+def _folder_options(args) -> dict:
+    return {"window_bytes": args.window_mib << 20, "max_shard_bytes": args.max_shard_mib << 20,
+            "log": lambda line: print(line, file=sys.stderr)}
 
 
 def _client(args):
@@ -97,10 +108,11 @@ def _summary(result, verb: str) -> str:
 
 
 def cmd_quantize_checkpoint(args) -> int:
-    from quantd.client.checkpoint import quantize_checkpoint
+    from quantd.client.checkpoint import limit_malloc_arenas, quantize_checkpoint
+    limit_malloc_arenas()
     options = dict(profile=args.profile, scheme=args.scheme, ignore=args.ignore, include=args.include,
                    pow2_scales=args.pow2_scales, skip_unsupported=args.skip_unsupported, workers=args.workers,
-                   log=lambda line: print(line, file=sys.stderr))
+                   **_folder_options(args))
     if args.dry_run:
         result = quantize_checkpoint(None, args.input, args.output, dry_run=True, **options)
         for d in result.decisions:
@@ -116,6 +128,7 @@ def cmd_quantize(args) -> int:
     from safetensors import safe_open
 
     from quantd.client.checkpoint.files import save
+    from quantd.client.checkpoint.profiles import LEGACY_KEY, LEGACY_SCALES, LEGACY_ZERO_POINTS
 
     if os.path.isdir(args.input):
         return cmd_quantize_checkpoint(args)
@@ -124,7 +137,7 @@ def cmd_quantize(args) -> int:
     with _client(args) as client, safe_open(args.input, framework="pt") as f:
         metadata = dict(f.metadata() or {})
         names = list(f.keys())
-        clashes = [n for n in names if n + SCALES in names or n + ZERO_POINTS in names]
+        clashes = [n for n in names if n + LEGACY_SCALES in names or n + LEGACY_ZERO_POINTS in names]
         if clashes:
             raise ValueError(f"tensor names {clashes} would collide with the names of their scales")
         copied = []
@@ -137,12 +150,12 @@ def cmd_quantize(args) -> int:
                     copied.append(name)
                 else:
                     qt = client.quantize(tensor, spec, report=False)
-                    out[name], out[name + SCALES] = qt.codes, qt.scales
+                    out[name], out[name + LEGACY_SCALES] = qt.codes, qt.scales
                     if qt.zero_points is not None:
-                        out[name + ZERO_POINTS] = qt.zero_points
+                        out[name + LEGACY_ZERO_POINTS] = qt.zero_points
                     layout[name] = {"spec": spec_to_json(spec), "shape": list(tensor.shape),
                                     "dtype": str(tensor.dtype).removeprefix("torch.")}
-    metadata[METADATA_KEY] = json.dumps(layout)
+    metadata[LEGACY_KEY] = json.dumps(layout)
     save(args.output, out, metadata)
     print(f"{args.output}: {len(layout)} tensor(s) quantized with {spec.describe()}, {len(copied)} copied unchanged"
           + (f" ({', '.join(copied[:5])}{', ...' if len(copied) > 5 else ''})" if copied else ""))
@@ -153,38 +166,45 @@ def cmd_dequantize(args) -> int:
     import torch
     from safetensors import safe_open
 
+    from quantd.client.checkpoint import limit_malloc_arenas
     from quantd.client.checkpoint.files import save
-
-    from quantd.kernels.spec import QuantizedTensor, QuantSpec
+    from quantd.client.checkpoint.profiles import LEGACY_KEY, LEGACY_SCALES, LEGACY_ZERO_POINTS, QuantdLegacy
     from quantd.protocol.wire import dtype_from_name
 
     if os.path.isdir(args.input):
+        limit_malloc_arenas()
         with _client(args) as client:
             result = client.dequantize_checkpoint(args.input, args.output, dtype=dtype_from_name(args.dtype or "bfloat16"),
-                                                  log=lambda line: print(line, file=sys.stderr))
+                                                  **_folder_options(args))
         print(f"{args.output}: " + _summary(result, "dequantized"))
         return 0
     out = {}
     with _client(args) as client, safe_open(args.input, framework="pt") as f:
         metadata = dict(f.metadata() or {})
-        layout = json.loads(metadata.pop(METADATA_KEY, "{}"))
-        companions = {n + SCALES for n in layout} | {n + ZERO_POINTS for n in layout}
+        layout = json.loads(metadata.pop(LEGACY_KEY, "{}"))
+        legacy = QuantdLegacy(layout)
+        companions = {n + LEGACY_SCALES for n in layout} | {n + LEGACY_ZERO_POINTS for n in layout}
         names = [n for n in f.keys() if n not in companions]
         with _progress(names, "dequantize") as bar:
             for name in bar:
-                codes = f.get_tensor(name)
                 bar.set_postfix_str(name)
                 if name in layout:
-                    entry = layout[name]
-                    spec = QuantSpec(**{k: tuple(v) if k == "tile" else v for k, v in entry["spec"].items()})
-                    zp = f.get_tensor(name + ZERO_POINTS) if name + ZERO_POINTS in f.keys() else None
-                    qt = QuantizedTensor(codes, f.get_tensor(name + SCALES), spec, tuple(entry["shape"]), zp)
-                    dtype = dtype_from_name(args.dtype or entry["dtype"])
-                    out[name] = client.dequantize(qt, dtype)
+                    dtype = dtype_from_name(args.dtype or layout[name]["dtype"])
+                    out[name] = client.dequantize(legacy.load(name, f.get_tensor, None), dtype)
                 else:
-                    out[name] = codes
+                    out[name] = f.get_tensor(name)
     save(args.output, {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in out.items()}, metadata)
     print(f"{args.output}: {len(layout)} tensor(s) dequantized, {len(names) - len(layout)} copied unchanged")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from quantd.client.checkpoint import limit_malloc_arenas
+    limit_malloc_arenas()
+    with _client(args) as client:
+        result = client.convert_checkpoint(args.input, args.output, profile=args.profile, scheme=args.scheme,
+                                           allow_lossy=args.allow_lossy, **_folder_options(args))
+    print(f"{args.output}: " + _summary(result, "converted"))
     return 0
 
 
@@ -218,7 +238,8 @@ def parser() -> argparse.ArgumentParser:
     from quantd.client.checkpoint.profiles import PROFILES
     folder = q.add_argument_group("model folders")
     folder.add_argument("--profile", default="hf-fp8", choices=list(PROFILES), help="layout to write (default hf-fp8)")
-    folder.add_argument("--scheme", help="fp8-block | fp8-channel | int8 | int8-asym | mxfp4 | mxfp8 (default: the profile's first)")
+    folder.add_argument("--scheme", help="fp8-block | fp8-channel | int8 | int8-asym (vLLM does not load it) | mxfp4 | "
+                                         "mxfp8 (default: the profile's first)")
     folder.add_argument("--ignore", action="append", default=[], metavar="REGEX", help="also keep tensors matching (repeatable)")
     folder.add_argument("--include", action="append", default=[], metavar="REGEX",
                         help="quantize tensors matching even if the default skip list keeps them (repeatable)")
@@ -226,6 +247,7 @@ def parser() -> argparse.ArgumentParser:
     folder.add_argument("--skip-unsupported", action="store_true", help="keep tensors the scheme cannot take instead of failing")
     folder.add_argument("--dry-run", action="store_true", help="list what would be quantized and kept, and why; write nothing")
     folder.add_argument("--workers", type=int, default=4, help="tensors in flight through the service (default 4)")
+    _folder_arguments(folder)
     q.add_argument_group("safetensors files")
     q.add_argument("--format", default="fp8_e4m3", help="fp8_e4m3 | fp8_e5m2 | int8_sym | int8_asym | mxfp4 | mxfp8")
     q.add_argument("--granularity", help="tensor | channel | group | tile | flat (default: implied by the size flag)")
@@ -242,8 +264,19 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("input")
     d.add_argument("-o", "--output", required=True)
     d.add_argument("--dtype", help="output dtype (default: bfloat16 for a model folder, each tensor's original dtype for a file)")
+    _folder_arguments(d)
     _server_arguments(d)
     d.set_defaults(run=cmd_dequantize)
+
+    c = sub.add_parser("convert", help="rewrite a quantized model folder in another profile (exact pairs need no server)")
+    c.add_argument("input")
+    c.add_argument("-o", "--output", required=True)
+    c.add_argument("--profile", required=True, choices=list(PROFILES))
+    c.add_argument("--scheme", help="the target profile's scheme (default: its first)")
+    c.add_argument("--allow-lossy", action="store_true", help="for a pair that is not exact: dequantize and quantize again")
+    _folder_arguments(c)
+    _server_arguments(c)
+    c.set_defaults(run=cmd_convert)
 
     n = sub.add_parser("inspect", help="a model folder's profile, scheme and tensors; exit 1 if any is missing or wrong")
     n.add_argument("input")

@@ -408,6 +408,12 @@ class QuantdClient:
         from .checkpoint import quantize_checkpoint
         return quantize_checkpoint(self, src, dst, **options)
 
+    def convert_checkpoint(self, src, dst, **options):
+        """Rewrite a quantized model folder in another profile (profile=, scheme=); exact pairs are re-laid out,
+        others need allow_lossy=True (dequantize and quantize again)."""
+        from .checkpoint import convert_checkpoint
+        return convert_checkpoint(self, src, dst, **options)
+
     def dequantize_checkpoint(self, src, dst, **options):
         """Write a quantized model folder (any profile) as a plain bf16 one (dtype= to choose)."""
         from .checkpoint import dequantize_checkpoint

@@ -116,6 +116,23 @@ def quantd_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "quantd.cli"]
 
 
+# Runs argv[1:] as its child and prints that child's ru_maxrss (KiB) last. The extra process matters: a child
+# forked from a big process (a test that has just generated a model) and then exec'd reports the parent's
+# peak as its own ru_maxrss, so the measured process must be forked from a small one.
+_RSS_LAUNCHER = """import os, subprocess, sys
+_, status, usage = os.wait4(subprocess.Popen(sys.argv[1:]).pid, 0)
+print(f"ru_maxrss_kib={usage.ru_maxrss}")
+sys.exit(os.waitstatus_to_exitcode(status))"""
+
+
+def run_measuring_rss(command: list[str], log: Path) -> tuple[int, int]:
+    """(exit code, peak RSS in bytes) of `command`, its stdout and stderr written to `log`."""
+    with open(log, "w") as out:
+        code = subprocess.call([sys.executable, "-c", _RSS_LAUNCHER, *command], stdout=out, stderr=subprocess.STDOUT)
+    last = log.read_text().rstrip().rsplit("\n", 1)[-1]
+    return code, int(last.removeprefix("ru_maxrss_kib=")) * 1024
+
+
 class ServerProcess:
     """`quantd serve --host 127.0.0.1 --port <free> --device cpu [args]` with QUANTD_* `env` on top of this
     process's environment; waits until its health service says SERVING. Its log goes to a temporary file.

@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 from grpc_harness import ServerProcess  # noqa: E402
 
 from quantd.cli import main as cli  # noqa: E402
+from quantd.client import QuantdClient  # noqa: E402
 from quantd.client.checkpoint import files  # noqa: E402
 from quantd.client.checkpoint.profiles import CT_SCHEMES  # noqa: E402
 from quantd.kernels import dispatch, reference  # noqa: E402
@@ -150,6 +151,70 @@ def test_dequantize_writes_a_plain_model(server, llama, tmp_path, profile, schem
     plain = load(tmp_path / "plain")
     check_weights(model, plain, CT_SCHEMES[scheme].spec, quantized_names(model))
     assert torch.equal(plain.lm_head.weight, model.lm_head.weight)
+
+
+def test_dequantize_reads_a_folder_in_the_old_quantd_layout(server, llama, tmp_path):
+    """Shards written one by one by `quantd quantize FILE` (codes, `<name>.scales`, `.zero_points`, metadata
+    key `quantd`) beside the original config.json and index."""
+    src, model = llama
+    old = tmp_path / "old"
+    old.mkdir()
+    for path in src.iterdir():
+        if path.suffix == ".safetensors":
+            assert cli.main(["quantize", str(path), "-o", str(old / path.name), "--format", "int8_asym", "--axis", "0",
+                             "--server", server.target]) == 0
+        else:
+            (old / path.name).write_bytes(path.read_bytes())
+    assert cli.main(["dequantize", str(old), "-o", str(tmp_path / "plain"), "--server", server.target]) == 0
+    plain = load(tmp_path / "plain")
+    spec = CT_SCHEMES["int8-asym"].spec
+    check_weights(model, plain, spec, [n for n, p in model.named_parameters() if p.dim() == 2])
+
+
+def test_convert_hf_fp8_to_compressed_tensors_and_back_is_exact(server, llama, tmp_path, capsys):
+    src, model = llama
+    quantize(server, src, tmp_path / "hf", "--profile", "hf-fp8")
+    convert = ["convert", "--server", "127.0.0.1:1"]   # exact pairs never call the service: a dead address
+    assert cli.main([*convert, str(tmp_path / "hf"), "-o", str(tmp_path / "ct"), "--profile", "compressed-tensors",
+                     "--scheme", "fp8-block"]) == 0
+    loaded = load(tmp_path / "ct", transformers.CompressedTensorsConfig(run_compressed=False))
+    check_weights(model, loaded, CT_SCHEMES["fp8-block"].spec, quantized_names(model))
+    assert cli.main([*convert, str(tmp_path / "ct"), "-o", str(tmp_path / "back"), "--profile", "hf-fp8"]) == 0
+    back, first = folder_bytes(tmp_path / "back"), folder_bytes(tmp_path / "hf")
+    assert back.pop(".quantd-checkpoint.json") != first.pop(".quantd-checkpoint.json")  # the settings differ
+    assert back == first
+
+    assert cli.main([*convert, str(tmp_path / "hf"), "-o", str(tmp_path / "mx"), "--profile", "compressed-tensors",
+                     "--scheme", "mxfp4"]) == 2
+    assert "hf-fp8 fp8-block -> compressed-tensors mxfp4 is not exact" in capsys.readouterr().err
+    assert cli.main(["convert", str(tmp_path / "hf"), "-o", str(tmp_path / "mx"), "--profile", "compressed-tensors",
+                     "--scheme", "mxfp4", "--allow-lossy", "--server", server.target]) == 0
+    assert not (tmp_path / "mx.bf16").exists()
+    loaded = load(tmp_path / "mx", transformers.CompressedTensorsConfig(run_compressed=False))
+    assert logit_error(model, loaded) < LOGIT_BOUND["mxfp4"]
+
+
+def test_output_shards_refilled_by_size(server, llama, tmp_path):
+    src, model = llama
+    limit = 100_000
+    with QuantdClient(server.target) as client:
+        client.quantize_checkpoint(src, tmp_path / "q", profile="compressed-tensors", scheme="fp8-block",
+                                   max_shard_bytes=limit, progress=False, log=lambda _: None)
+    index = json.loads((tmp_path / "q" / files.INDEX).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > len(files.ModelFolder(src).shards)
+    assert shards == [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    assert sorted(p.name for p in (tmp_path / "q").glob("*.safetensors")) == shards
+    total = 0
+    for shard in shards:
+        entries, _ = files.read_header(tmp_path / "q" / shard)
+        assert {n for n, s in index["weight_map"].items() if s == shard} == set(entries)
+        nbytes = sum(e.nbytes for e in entries.values())
+        assert nbytes <= limit or len({n.rsplit(".", 1)[0] for n in entries}) == 1, shard  # one module may exceed
+        total += nbytes
+    assert index["metadata"]["total_size"] == total
+    loaded = load(tmp_path / "q", transformers.CompressedTensorsConfig(run_compressed=False))
+    check_weights(model, loaded, CT_SCHEMES["fp8-block"].spec, quantized_names(model))
 
 
 def folder_bytes(path):

@@ -9,8 +9,10 @@ every shard whose file still has that size and digest.
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import dataclasses
 import json
+import math
 import re
 import shutil
 from collections import deque
@@ -18,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .files import INDEX, ModelFolder, ShardWriter, _planned, file_digest, write_json
-from .profiles import DEFAULT_IGNORE, FLOATS, PROFILES, detect, pow2
+from .files import INDEX, SINGLE, ModelFolder, ShardWriter, _planned, file_digest, write_json
+from .profiles import DEFAULT_IGNORE, FLOATS, LEGACY_KEY, PROFILES, QuantdLegacy, detect, pow2
 
 MANIFEST = ".quantd-checkpoint.json"
 
@@ -98,6 +100,17 @@ class _Manifest:
         write_json(self.path, {"settings": self.settings, "shards": dict(sorted(self.shards.items()))})
 
 
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives threads their own heaps (arenas); tensor-sized buffers freed in the pool's and gRPC's threads
+    then stay resident, so peak RSS grew with the model instead of with the window (measured: 668-906 MiB for a
+    1 GiB model with a 64 MiB window; 427-446 MiB with at most 2 arenas). Only threads that first allocate after this call obey: call it before making the
+    client (the CLI does)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _progress(total: int, desc: str, show: bool):
     from tqdm import tqdm
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None if show else True)
@@ -125,42 +138,45 @@ def _finish(writer, job, bar) -> int:
     return nbytes
 
 
-def _convert(folder: ModelFolder, out, shard_plans: dict, config: dict, settings: dict, desc: str,
+def _convert(folder: ModelFolder, out, shards: dict, config: dict, settings: dict, desc: str,
              workers: int, window_bytes: int, progress: bool, log) -> tuple[list, list, int, int]:
-    """Write every shard of shard_plans ({shard: (planned outputs, jobs factory)}), resuming; then the index,
-    config.json and the other files. Returns (written, skipped, input bytes, output bytes)."""
+    """Write every shard of `shards` ({name: [(input bytes, {name: (dtype, shape)} it writes, fn)]}), resuming;
+    then the index, config.json and the other files. Returns (written, skipped, input bytes, output bytes)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    limit_malloc_arenas()
     manifest = _Manifest(out, settings)
-    todo = [s for s in folder.shards if not manifest.finished(out, s)]
-    skipped = [s for s in folder.shards if s not in todo]
+    todo = [s for s in shards if not manifest.finished(out, s)]
+    skipped = [s for s in shards if s not in todo]
     if skipped:
         log(f"{len(skipped)} shard(s) already finished, skipped: {', '.join(skipped)}")
-    total = sum(e.nbytes for s in todo for e in folder.entries(s).values())
+    total = sum(job[0] for s in todo for job in shards[s])
     with _progress(total, desc, progress) as bar:
         for shard in todo:
-            planned, jobs = shard_plans[shard]
+            planned = {n: v for job in shards[shard] for n, v in job[1].items()}
             writer = ShardWriter(out / shard, planned, metadata={"format": "pt"})
             try:
-                _run_shard(writer, jobs(), workers, window_bytes, bar)
+                _run_shard(writer, [(nbytes, fn) for nbytes, _, fn in shards[shard]], workers, window_bytes, bar)
             except BaseException:
                 writer.abort()
                 raise
             manifest.record(shard, *writer.close())
-    if folder.index is not None:
-        weight_map = {n: s for s, (planned, _) in shard_plans.items() for n in planned}
-        write_json(out / INDEX, {"metadata": {"total_size": sum(manifest.shards[s]["size"] for s in folder.shards)},
-                                 "weight_map": dict(sorted(weight_map.items()))})
+    if list(shards) != [SINGLE]:
+        weight_map = {n: s for s, jobs in shards.items() for job in jobs for n in job[1]}
+        total_size = sum(_planned_bytes(job[1]) for jobs in shards.values() for job in jobs)
+        write_json(out / INDEX, {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
     write_json(out / "config.json", config)
     for path in folder.other_files():
         shutil.copyfile(path, out / path.name)
-    return todo, skipped, total, sum(manifest.shards[s]["size"] for s in folder.shards)
+    return todo, skipped, total, sum(manifest.shards[s]["size"] for s in shards)
 
 
 def quantize_checkpoint(client, src, dst, *, profile: str = "hf-fp8", scheme: str | None = None, ignore=(), include=(),
                         pow2_scales: bool = False, skip_unsupported: bool = False, dry_run: bool = False,
-                        workers: int = 4, window_bytes: int = 1 << 30, progress: bool = True, log=print) -> Result:
-    """Quantize the model folder `src` into `dst` in `profile`'s layout, through `client` (a QuantdClient)."""
+                        **options) -> Result:
+    """Quantize the model folder `src` into `dst` in `profile`'s layout, through `client` (a QuantdClient).
+    options: workers (4), window_bytes (1 GiB), max_shard_bytes (0: one output shard per input shard),
+    progress (True), log (print)."""
     folder = ModelFolder(src)
     if folder.config.get("quantization_config"):
         raise ValueError(f"{src}: already quantized (config.json has a quantization_config)")
@@ -179,65 +195,151 @@ def quantize_checkpoint(client, src, dst, *, profile: str = "hf-fp8", scheme: st
         return result
     quantize = {d.name for d in decisions if d.action == "quantize"}
 
-    def shard_plan(shard):
-        entries = folder.entries(shard)
-        planned = {}
-        for name, entry in entries.items():
-            if name in quantize:
-                shape = prof.service_input(torch.empty(entry.shape, device="meta")).shape
-                planned.update(_planned(prof.store(name, _meta_quantized(spec, shape))))
-            else:
-                planned[name] = (entry.dtype, entry.shape)
-
-        def job(name):
-            if name not in quantize:
-                return lambda: {name: folder.tensor(shard, name)}
-            return lambda: prof.store(name, client.quantize(prof.service_input(folder.tensor(shard, name)), spec,
-                                                             report=False))
-        return planned, lambda: [(e.nbytes, job(n)) for n, e in entries.items()]
+    def job(shard, name, entry):
+        if name not in quantize:
+            return entry.nbytes, {name: (entry.dtype, entry.shape)}, lambda: {name: folder.tensor(shard, name)}
+        shape = prof.service_input(torch.empty(entry.shape, device="meta")).shape
+        return entry.nbytes, _planned(prof.store(name, _meta_quantized(spec, shape))), lambda: prof.store(
+            name, client.quantize(prof.service_input(folder.tensor(shard, name)), spec, report=False))
 
     config = dict(folder.config, quantization_config=prof.quantization_config(chosen, spec, _kept_modules(folder, decisions, prof)))
     settings = {"operation": "quantize", "profile": prof.name, "scheme": chosen.name, "spec": spec.describe(),
                 "quantize": sorted(quantize)}
-    result.written, result.skipped, result.bytes_in, result.bytes_out = _convert(
-        folder, dst, {s: shard_plan(s) for s in folder.shards}, config, settings, "quantize", workers, window_bytes,
-        progress, log)
-    return result
+    jobs = {s: [job(s, n, e) for n, e in folder.entries(s).items()] for s in folder.shards}
+    return _write(folder, dst, decisions, jobs, config, settings, "quantize", **options)
 
 
-def dequantize_checkpoint(client, src, dst, *, dtype: torch.dtype = torch.bfloat16, workers: int = 4,
-                          window_bytes: int = 1 << 30, progress: bool = True, log=print) -> Result:
-    """Write the quantized model folder `src` (any profile) as a plain `dtype` model into `dst`."""
-    folder = ModelFolder(src)
-    prof, chosen = detect(folder.config)
-    shard_of = {n: s for s in folder.shards for n in folder.entries(s)}
-    originals = prof.originals(shard_of)
-    companions = {n for o in originals for n in _stored_names(prof, chosen, o, folder, shard_of)}
-    decisions = [Decision(o, "quantize") for o in originals] + [Decision(n, "keep") for n in shard_of if n not in companions]
+class _Stored:
+    """A quantized model folder read back: its profile and scheme, every quantized tensor (by original name) and
+    the names it is stored under, and jobs that rewrite each quantized tensor and copy the rest."""
 
-    def get(name):
-        return folder.tensor(shard_of[name], name)
+    def __init__(self, folder: ModelFolder):
+        self.folder = folder
+        self.prof, self.scheme = _detect(folder)
+        self.shard_of = {n: s for s in folder.shards for n in folder.entries(s)}
+        self.originals = self.prof.originals(self.shard_of)
+        self.stored = {o: _stored_names(self.prof, self.scheme, o, folder, self.shard_of) for o in self.originals}
+        companions = {n for names in self.stored.values() for n in names}
+        self.kept = [n for n in self.shard_of if n not in companions]
+        self.decisions = [Decision(o, "quantize") for o in self.originals] + [Decision(n, "keep") for n in self.kept]
 
-    def shard_plan(shard):
-        mine = [o for o in originals if shard_of[prof.base(o) + prof.scale_suffix] == shard]
-        planned = {o: (dtype, prof.service_output(torch.empty(prof.load(o, _meta_get(folder, shard_of), chosen).shape,
-                                                              device="meta")).shape) for o in mine}
-        kept = [n for n, s in shard_of.items() if s == shard and n not in companions]
-        planned.update({n: (folder.entries(shard)[n].dtype, folder.entries(shard)[n].shape) for n in kept})
+    def get(self, name) -> torch.Tensor:
+        return self.folder.tensor(self.shard_of[name], name)
 
-        def dequantize(o):
-            return lambda: {o: prof.service_output(client.dequantize(prof.load(o, get, chosen), dtype))}
-        jobs = [(folder.entries(shard)[n].nbytes, lambda n=n: {n: get(n)}) for n in kept]
-        return planned, lambda: jobs + [(sum(folder.entries(shard_of[c])[c].nbytes for c in
-                                             _stored_names(prof, chosen, o, folder, shard_of)), dequantize(o)) for o in mine]
+    def load(self, original, get=None):
+        return self.prof.load(original, get or self.get, self.scheme)
 
-    config = {k: v for k, v in folder.config.items() if k != "quantization_config"}
-    settings = {"operation": "dequantize", "profile": prof.name, "scheme": chosen.name, "dtype": str(dtype)}
+    def meta(self, original):
+        return self.load(original, _meta_get(self.folder, self.shard_of))
+
+    def jobs(self, planned_of, job_of) -> dict:
+        """{input shard: jobs}: quantized tensors become planned_of(original) ({name: (dtype, shape)}), written by
+        job_of(original) ({name: tensor}); the rest is copied."""
+        entry = lambda n: self.folder.entries(self.shard_of[n])[n]  # noqa: E731
+
+        def jobs(shard):
+            mine = [o for o in self.originals if self.shard_of[self.prof.base(o) + self.prof.scale_suffix] == shard]
+            kept = [n for n in self.kept if self.shard_of[n] == shard]
+            return ([(entry(n).nbytes, {n: (entry(n).dtype, entry(n).shape)}, lambda n=n: {n: self.get(n)}) for n in kept]
+                    + [(sum(entry(c).nbytes for c in self.stored[o]), planned_of(o), lambda o=o: job_of(o)) for o in mine])
+        return {s: jobs(s) for s in self.folder.shards}
+
+
+def dequantize_checkpoint(client, src, dst, *, dtype: torch.dtype = torch.bfloat16, **options) -> Result:
+    """Write the quantized model folder `src` (any profile) as a plain `dtype` model into `dst` (options as for
+    quantize_checkpoint)."""
+    stored = _Stored(ModelFolder(src))
+    prof = stored.prof
+    jobs = stored.jobs(
+        lambda o: {o: (dtype, prof.service_output(torch.empty(stored.meta(o).shape, device="meta")).shape)},
+        lambda o: {o: prof.service_output(client.dequantize(stored.load(o), dtype))})
+    config = {k: v for k, v in stored.folder.config.items() if k != "quantization_config"}
+    settings = {"operation": "dequantize", "profile": prof.name, "scheme": stored.scheme.name, "dtype": str(dtype)}
+    return _write(stored.folder, dst, stored.decisions, jobs, config, settings, "dequantize", **options)
+
+
+def convert_checkpoint(client, src, dst, *, profile: str, scheme: str | None = None, allow_lossy: bool = False,
+                       **options) -> Result:
+    """Rewrite the quantized model folder `src` in `profile`'s layout. Where both store the same codes and scales
+    (hf-fp8 <-> compressed-tensors fp8-block) the bytes are re-laid out without the service; any other pair is
+    lossy and refused unless allow_lossy, which dequantizes to bf16 (in `dst`.bf16, removed after) and
+    quantizes again through `client`."""
+    stored = _Stored(ModelFolder(src))
+    target = PROFILES.get(profile)
+    if target is None:
+        raise ValueError(f"unknown profile {profile!r} (expected one of {', '.join(PROFILES)})")
+    chosen = target.scheme(scheme)
+    why = _why_not_exact(stored, target, chosen)
+    if why is not None:
+        if not allow_lossy:
+            raise ValueError(f"{stored.prof.name} {stored.scheme.name} -> {target.name} {chosen.name} is not exact: {why} "
+                             "(--allow-lossy dequantizes and quantizes again through the service)")
+        plain = Path(dst).with_name(Path(dst).name + ".bf16")
+        dequantize_checkpoint(client, src, plain, **options)
+        result = quantize_checkpoint(client, plain, dst, profile=profile, scheme=scheme, **options)
+        shutil.rmtree(plain)
+        return result
+    qconfig = stored.folder.config.get("quantization_config") or {}
+    spec = pow2(chosen.spec) if qconfig.get("scale_fmt") == "ue8m0" else chosen.spec
+    jobs = stored.jobs(lambda o: _planned(target.store(o, _meta_quantized(spec, stored.meta(o).shape))),
+                       lambda o: target.store(o, stored.load(o)))
+    config = dict(stored.folder.config, quantization_config=target.quantization_config(
+        chosen, spec, _kept_modules(stored.folder, stored.decisions, target)))
+    settings = {"operation": "convert", "from": [stored.prof.name, stored.scheme.name], "profile": target.name,
+                "scheme": chosen.name}
+    return _write(stored.folder, dst, stored.decisions, jobs, config, settings, "convert", **options)
+
+
+def _why_not_exact(stored: _Stored, target, chosen) -> str | None:
+    if target.weight_suffix != stored.prof.weight_suffix:
+        return f"{target.name} and {stored.prof.name} quantize different tensors"
+    encoding = chosen.spec.scale_encoding   # fp32 or power-of-two scales: the same numbers either way
+    other = [o for o in stored.originals if dataclasses.replace(stored.meta(o).spec, scale_encoding=encoding) != chosen.spec]
+    if other:
+        return f"{len(other)} tensor(s) (e.g. {other[0]}) are {stored.meta(other[0]).spec.describe()}, not {chosen.spec.describe()}"
+    return None
+
+
+def _write(folder, dst, decisions, jobs, config, settings, desc, *, workers: int = 4, window_bytes: int = 1 << 30,
+           max_shard_bytes: int = 0, progress: bool = True, log=print) -> Result:
     result = Result(decisions, [], [])
+    shards = _shards(folder, jobs, max_shard_bytes)
     result.written, result.skipped, result.bytes_in, result.bytes_out = _convert(
-        folder, dst, {s: shard_plan(s) for s in folder.shards}, config, settings, "dequantize", workers, window_bytes,
+        folder, dst, shards, config, dict(settings, max_shard_bytes=max_shard_bytes), desc, workers, window_bytes,
         progress, log)
     return result
+
+
+def _planned_bytes(planned: dict) -> int:
+    return sum(math.prod(shape) * dtype.itemsize for dtype, shape in planned.values())
+
+
+def _shards(folder, jobs: dict, max_shard_bytes: int) -> dict:
+    """{output shard: jobs}: one per input shard of the same name, or (max_shard_bytes) refilled in order up to
+    that many tensor bytes each (a job's tensors stay together; a bigger job gets a shard of its own)."""
+    if not max_shard_bytes:
+        return jobs
+    groups, size = [[]], 0
+    for job in (j for shard_jobs in jobs.values() for j in shard_jobs):
+        nbytes = _planned_bytes(job[1])
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups, size = groups + [[]], 0
+        groups[-1].append(job)
+        size += nbytes
+    if len(groups) == 1 and folder.index is None:
+        return {SINGLE: groups[0]}
+    return {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": g for i, g in enumerate(groups)}
+
+
+def _detect(folder: ModelFolder):
+    """detect(config.json), or quantd's old layout: shards with the `quantd` metadata key and no quantization_config."""
+    layout = {}
+    for shard in folder.shards:
+        layout.update(json.loads(folder.headers[shard][1].get(LEGACY_KEY, "{}")))
+    if layout and not folder.config.get("quantization_config"):
+        legacy = QuantdLegacy(layout)
+        return legacy, legacy.scheme(None)
+    return detect(folder.config)
 
 
 def _meta_get(folder, shard_of):

@@ -238,6 +238,37 @@ class GptOssMxfp4(Profile):
         return self.schemes["mxfp4"]
 
 
+# quantd's own layout from before the profiles (`quantd quantize FILE.safetensors` still writes it)
+LEGACY_KEY, LEGACY_SCALES, LEGACY_ZERO_POINTS = "quantd", ".scales", ".zero_points"
+
+
+def spec_from_json(fields: dict) -> QuantSpec:
+    return QuantSpec(**{k: tuple(v) if k == "tile" else v for k, v in fields.items()})
+
+
+class QuantdLegacy(Profile):
+    """Codes under the tensor's own name, `<name>.scales` (and `.zero_points`), and each tensor's spec, shape and
+    dtype as JSON under the safetensors metadata key `quantd`: `layout` is that JSON, merged over the shards."""
+
+    name = "quantd"
+    schemes = {"per-tensor": Scheme("per-tensor", QuantSpec())}   # each tensor's spec is in `layout`
+    default_scheme = "per-tensor"
+    scale_suffix = LEGACY_SCALES
+    weight_suffix = ""
+
+    def __init__(self, layout: dict):
+        self.layout = layout
+
+    def originals(self, names):
+        return [n for n in names if n in self.layout]
+
+    def load(self, name, get, scheme):
+        entry = self.layout[name]
+        spec = spec_from_json(entry["spec"])
+        zp = get(name + LEGACY_ZERO_POINTS) if spec.format.value == "int8_asym" else None
+        return QuantizedTensor(get(name), get(name + LEGACY_SCALES), spec, tuple(entry["shape"]), zp)
+
+
 PROFILES = {p.name: p for p in (HfFp8(), CompressedTensors(), GptOssMxfp4())}
 QUANT_METHODS = {"fp8": "hf-fp8", "compressed-tensors": "compressed-tensors", "mxfp4": "gpt-oss-mxfp4"}
 
