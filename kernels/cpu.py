@@ -57,7 +57,11 @@ def _compiled(fn, spec: QuantSpec):
     spec, only dtypes and sizes are left to the guards.
     """
     code = fn.__code__.replace(co_name=f"{fn.__name__}_{abs(hash(spec)):x}")
-    fn = functools.partial(types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__), spec=spec)
+    fn = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__)
+    # spec as the copy's keyword default, not through functools.partial: torch.compile runs a partial through
+    # one shared wrapper, whose single code object then held every spec's graphs (and hit the recompile limit
+    # after 64 specs)
+    fn.__kwdefaults__ = {"spec": spec}
     try:
         import torch._dynamo as dynamo
         import torch._inductor.config  # noqa: F401  (fails early where inductor is missing)
