@@ -15,6 +15,7 @@ from quantd.client import QuantdClient  # noqa: E402
 from quantd.client.checkpoint import files  # noqa: E402
 from quantd.client.checkpoint.profiles import CT_SCHEMES  # noqa: E402
 from quantd.kernels import dispatch, reference  # noqa: E402
+from quantd.kernels.spec import QuantSpec  # noqa: E402
 
 # max |logit - bf16 logit| / max |bf16 logit| on the tiny model (measured 0.01-0.06, mxfp4 0.2)
 LOGIT_BOUND = {"fp8-block": 0.1, "fp8-channel": 0.1, "int8": 0.1, "int8-asym": 0.1, "mxfp8": 0.1, "mxfp4": 0.35}
@@ -336,3 +337,27 @@ def test_hf_fp8_runs_on_the_gpu(server, llama, tmp_path, dequantize):
         a, b = model.cuda()(x).logits.float(), loaded(x).logits.float()
     model.cpu()
     assert float((a - b).abs().max() / a.abs().max()) < LOGIT_BOUND["fp8-block"]
+
+
+@pytest.mark.parametrize("scale_fmt", ["float", "ue8m0"])
+def test_transformers_quantize_on_load_agrees_at_the_same_block_size(scale_fmt, rng):
+    """transformers' own FP8 quantize-on-load (FineGrainedFP8's Fp8Quantize) against quantd's 128 x 128 tiles:
+    scales within one float32 ulp (it stores 1 / (448 / amax), quantd amax / 448), equal as powers of two, and
+    codes that differ, if ever, by one step where its multiplication by the reciprocal rounds across a boundary.
+    A per-cent difference needs another block size (FORMATS.md)."""
+    import types
+
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+    w = (torch.randn(384, 512, generator=rng) * 0.02).bfloat16()
+    config = transformers.FineGrainedFP8Config(weight_block_size=(128, 128), scale_fmt=scale_fmt)
+    out = Fp8Quantize(types.SimpleNamespace(quantization_config=config))._quantize_one("m.weight", w)
+    qt = reference.quantize(w, QuantSpec("fp8_e4m3", "tile", tile=(128, 128),
+                                         scale_encoding="pow2" if scale_fmt == "ue8m0" else "fp32"))
+    theirs, ours = out["m.weight_scale_inv"].float(), qt.scales.float()
+    assert ((theirs - ours).abs() <= torch.finfo(torch.float32).eps * ours).all()
+    codes = (out["m.weight"].float() - qt.codes.float()).abs()
+    step = 2 * torch.finfo(torch.float8_e4m3fn).eps * qt.codes.float().abs() + 2.0 ** -9  # one E4M3 step, or less
+    assert (codes <= step).all()
+    assert (codes > 0).float().mean() < 1e-2  # about 0.1 % with fp32 scales
+    if scale_fmt == "ue8m0":  # a power-of-two scale's reciprocal is exact: the same codes
+        assert (codes == 0).all()
