@@ -193,7 +193,6 @@ def sweep(sizes, results: dict) -> None:
         (make(64, 128, 128, 4, 3, flatten=True, ctas_per_sm=2, pair_k=True), False),
         (make(64, 128, 128, 4, 4, ctas_per_sm=2, pair_k=True), False),
     ]
-    num_programs = triton_gemm._num_programs
     for s in sizes:
         gen = torch.Generator(device="cuda").manual_seed(s)
         x = torch.randn(s, s, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -208,21 +207,17 @@ def sweep(sizes, results: dict) -> None:
                     f"{' %d/SM' % kw['CTAS_PER_SM'] if kw['CTAS_PER_SM'] > 1 else ''}"
                     f"{' pair-k' if kw.get('PAIR_K') else ''}"
                     f"{' non-persistent' if one_tile_per_program else ''}")
-            triton_gemm.SCALED_CONFIGS = [cfg]
-            if one_tile_per_program:
-                triton_gemm._num_programs = lambda device: 1 << 30
+            config = dataclasses.replace(NO_GLUON, scaled_gemm_configs=(cfg,),
+                                         gemm_persistent=not one_tile_per_program)
             try:
-                ms = bench(lambda: triton_gemm.matmul(qa, qb, torch.bfloat16))[1]
+                ms = bench(lambda: triton_gemm.matmul(qa, qb, torch.bfloat16, config=config))[1]
                 tflops = 2.0 * s ** 3 / ms / 1e9
-                err = relative_error(triton_gemm.matmul(qa, qb, torch.float32), ref)
+                err = relative_error(triton_gemm.matmul(qa, qb, torch.float32, config=config), ref)
                 print(f"sweep {s:6d} {name:50s} {ms:8.3f} ms {tflops:8.1f} TFLOPS  rel err (fp32 out) {err:.2e}",
                       flush=True)
             except Exception as e:
                 tflops = None
                 print(f"sweep {s:6d} {name:50s} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            finally:
-                triton_gemm.SCALED_CONFIGS = base
-                triton_gemm._num_programs = num_programs
             results["sweep"].setdefault(str(s), {})[name] = tflops
 
 

@@ -85,12 +85,8 @@ def check(gg, shapes) -> bool:
 
 def triton_kernel(qa, qb, out_dtype):
     """The Triton kernel's product (never Gluon) with its first launch config alone."""
-    configs = triton_gemm.SCALED_CONFIGS
-    try:
-        triton_gemm.SCALED_CONFIGS = configs[:1]
-        return triton_gemm.matmul(qa, qb, out_dtype, config=NO_GLUON)
-    finally:
-        triton_gemm.SCALED_CONFIGS = configs
+    config = dataclasses.replace(NO_GLUON, scaled_gemm_configs=tuple(triton_gemm.SCALED_CONFIGS[:1]))
+    return triton_gemm.matmul(qa, qb, out_dtype, config=config)
 
 
 def check_row_scaled(gg, shapes) -> bool:

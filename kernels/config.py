@@ -60,6 +60,12 @@ class KernelConfig:
     # decoded in bf16x2 PTX (triton_gemm._e2m1x2_scaled; False: through fp32).
     use_gluon: bool = True
     packed_decode: bool = True
+    # The Triton GEMMs' launch configs, autotuned per shape (None: triton_gemm.SCALED_CONFIGS / MX_CONFIGS;
+    # the interpreter always runs its one small config), and persistent programs (False: one output tile a
+    # program, for timing against the persistent launch).
+    scaled_gemm_configs: tuple | None = None
+    mx_gemm_configs: tuple | None = None
+    gemm_persistent: bool = True
 
 
 DEFAULT = KernelConfig()

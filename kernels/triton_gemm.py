@@ -356,7 +356,9 @@ def _grid(M: int, N: int, num_sms: int):
     return grid
 
 
-def _num_programs(device) -> int:
+def _num_programs(device, config: KernelConfig) -> int:
+    if not config.gemm_persistent:
+        return 1 << 30  # _grid caps it at one program a tile
     if interpreting() or device.type != "cuda":
         return 2  # still walks several tiles per program, as on the GPU
     return sm_count(device)
@@ -447,8 +449,8 @@ def _scaled_matmul(a: QuantizedTensor, b: QuantizedTensor, c: torch.Tensor, conf
     has_zp = a.zero_points is not None or b.zero_points is not None
     za, stride_za = _zero_points(a, has_zp)
     zb, stride_zb = _zero_points(b, has_zp)
-    num_sms = _num_programs(c.device)
-    _tuned(_scaled_gemm_kernel, SCALED_CONFIGS)[_grid(M, N, num_sms)](
+    num_sms = _num_programs(c.device, config)
+    _tuned(_scaled_gemm_kernel, config.scaled_gemm_configs or SCALED_CONFIGS)[_grid(M, N, num_sms)](
         _descriptor(a.codes, K), _descriptor(b.codes, K), c, sa, sb, za, zb,
         M, N, K, c.stride(0), c.stride(1), sam, sak, sbn, sbk, stride_za, stride_zb,
         ga or K_BLOCK, gb or K_BLOCK, A_ROWS=a_rows, B_ROWS=b_rows,
@@ -460,8 +462,8 @@ def _mx_matmul(a: QuantizedTensor, b: QuantizedTensor, c: torch.Tensor, config: 
     (M, K), N = a.shape, b.shape[0]
     a_fp4, b_fp4 = a.spec.element is E2M1, b.spec.element is E2M1
     sa, sb = a.scales.view(torch.uint8), b.scales.view(torch.uint8)
-    num_sms = _num_programs(c.device)
-    _tuned(_mx_gemm_kernel, MX_CONFIGS)[_grid(M, N, num_sms)](
+    num_sms = _num_programs(c.device, config)
+    _tuned(_mx_gemm_kernel, config.mx_gemm_configs or MX_CONFIGS)[_grid(M, N, num_sms)](
         _descriptor(a.codes, a.codes.shape[1]), _descriptor(b.codes, b.codes.shape[1]), c, sa, sb,
         M, N, K, c.stride(0), c.stride(1), sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1),
         A_FP4=a_fp4, B_FP4=b_fp4, GROUP=MX_BLOCK, NUM_SMS=num_sms, DOT_FP32=interpreting(),

@@ -593,3 +593,14 @@ def test_gpu_gluon_row_scaled_same_products_as_triton(m, n, k, out_dtype, rng, m
         # fp16: compared with the reference through the fp32 products (see the block-scaled test).
         full = ours if out_dtype != torch.float16 else triton_gemm.matmul(qa, qb, torch.float32)
         assert relative_error(full, reference.matmul(qa, qb, full.dtype)) <= tolerance(qa.spec, full.dtype), what
+
+
+@pytest.mark.parametrize("spec_a,spec_b", [BLOCK_SCALED, MX_PAIRS[0]], ids=["block-scaled", "mx"])
+def test_one_tile_a_program_gives_the_persistent_launchs_bits(spec_a, spec_b, rng):
+    """KernelConfig.gemm_persistent=False (one output tile a program, as benchmarks/gemm.py --sweep times it)
+    computes every tile as the persistent programs do: the same bits."""
+    qa, qb = (to_device(q) for q in quantized_pair(70, 150, 256, spec_a, spec_b, rng))
+    one_tile = dataclasses.replace(NO_GLUON, gemm_persistent=False)
+    assert triton_gemm._num_programs(qa.codes.device, one_tile) >= 1 << 30
+    assert torch.equal(triton_gemm.matmul(qa, qb, torch.float32, config=one_tile),
+                       triton_gemm.matmul(qa, qb, torch.float32, config=NO_GLUON))
