@@ -268,12 +268,16 @@ class QuantdClient:
             time.sleep(backoff)
 
     def _shm_reason(self) -> str | None:
-        """None once a shared-memory session is open on the server, else why there is none (tried once)."""
+        """None once a shared-memory session is open on the server, else why there is none. A server that cannot
+        see this host's memory is remembered; a failure that may pass (UNAVAILABLE, a deadline) is tried again."""
         if self._shm is None and self._shm_error is None:
             try:
                 self._shm = transports.ShmTransport(self.stub)
             except grpc.RpcError as exc:
-                self._shm_error = f"the server cannot use this host's shared memory ({exc.code().name}: {exc.details()})"
+                reason = f"the server cannot use this host's shared memory ({exc.code().name}: {exc.details()})"
+                if exc.code() in RETRYABLE + (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+                    return reason
+                self._shm_error = reason
             except OSError as exc:
                 self._shm_error = f"cannot create a shared-memory region here: {exc}"
         return self._shm_error

@@ -105,6 +105,24 @@ def test_auto_takes_shm_on_this_host_and_says_so(server):
         QuantdClient(server.target, transport="carrier-pigeon")
 
 
+def test_a_server_down_at_first_still_gets_shm_once_it_is_up():
+    """UNAVAILABLE when the client first asks for a session is not remembered (a server on another host is)."""
+    port = free_port()
+    client = QuantdClient(f"127.0.0.1:{port}", transport="auto")
+    assert "UNAVAILABLE" in client._shm_reason()
+    proc = subprocess.Popen(quantd_command() + ["serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with client:
+            grpc.channel_ready_future(client.channel).result(timeout=120)
+            x = torch.randn(16, 128).bfloat16()
+            assert_same(client.quantize(x), quantize(x, QuantSpec()))
+            assert client.last_transport.transport == "shm"
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 # ---- shared memory: violations --------------------------------------------------------
 
 class RawSession:
