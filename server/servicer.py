@@ -82,10 +82,6 @@ def quantized_tensor(msg: pb.QuantizedOperand, tensors: list, device) -> Quantiz
     return QuantizedTensor(tensors[0], tensors[1], spec, tuple(msg.shape), tensors[2] if len(tensors) > 2 else None)
 
 
-def output_tensors(qt: QuantizedTensor) -> list:
-    return [qt.codes, qt.scales] + ([qt.zero_points] if qt.zero_points is not None else [])
-
-
 def in_memory(header) -> bool:
     """True when a request's tensors are in shared-memory regions or GPU memory rather than in its stream."""
     return header.HasField("regions") or header.HasField("cuda")
@@ -221,7 +217,8 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
             if in_memory(header):
                 def quantize(inputs):
                     qt = dispatch.quantize(inputs[0], spec)
-                    results = output_tensors(qt) + ([dispatch.dequantize(qt)] if header.return_dequantized else [])
+                    dequantized = [dispatch.dequantize(qt)] if header.return_dequantized else []
+                    results = wire.operand_tensors(qt) + dequantized
                     return results, reference.report(inputs[0], qt) if header.return_report else None
                 async for message in self._memory_call(memory, "Quantize", header, [info], sender, quantize):
                     yield message
@@ -260,7 +257,7 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
 
         def quantize(piece):
             qt = dispatch.quantize(x.piece(piece), spec)
-            return qt, [t.cpu() for t in output_tensors(qt)]
+            return qt, [t.cpu() for t in wire.operand_tensors(qt)]
 
         def schedule(_index=0):
             nonlocal scheduled
