@@ -5,7 +5,8 @@ The client picks one per call (transport="auto") and says which and why in Quant
 - ipc for CUDA tensors on the server's GPU, once shm proved the server shares this host: the server opens the
   tensors' CUDA IPC handles (torch.multiprocessing.reductions) and writes the outputs into buffers the client
   allocated on the same GPU.
-- shm when the server proves to share this host: the client creates a POSIX shared-memory region, writes a
+- shm when the server proves to share this host: the client creates a memory file sealed against shrinking
+  (memfd; a POSIX shared-memory object where the server cannot open that and takes unsealed regions), writes a
   random nonce into it and registers it; a server on another host cannot open it, or finds other bytes.
   Inputs are copied into the region (no copy for a tensor from QuantdClient.shm_tensor), the server writes the
   outputs into it, and only the header and summary cross gRPC.
@@ -15,6 +16,9 @@ The client picks one per call (transport="auto") and says which and why in Quant
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import mmap
+import os
 import secrets
 import threading
 from multiprocessing import shared_memory
@@ -36,21 +40,75 @@ class Choice:
     reason: str
 
 
+class SealedMemory:
+    """A memory file of this process (memfd) sealed against shrinking and growing, mapped here; the server opens it
+    as /proc/<pid>/fd/<fd>. The seal is what lets a server map it: nothing can take its pages away."""
+
+    def __init__(self, size: int):
+        self.fd = os.memfd_create(f"quantd-{secrets.token_hex(4)}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(self.fd, size)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            self.buf = mmap.mmap(self.fd, size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def register(self, stub, request):
+        request.memfd.CopyFrom(pb.MemoryFile(pid=os.getpid(), fd=self.fd))
+        return stub.RegisterRegion(request).region
+
+    def close(self):
+        self.buf.close()
+        os.close(self.fd)
+
+
+class NamedMemory:
+    """A POSIX shared-memory object /dev/shm/quantd-<random>, for a server that cannot open this process's memory
+    files (another process namespace) and takes unsealed regions."""
+
+    def __init__(self, size: int):
+        self.shm = shared_memory.SharedMemory(f"quantd-{secrets.token_hex(8)}", create=True, size=size)
+        self.buf = self.shm.buf
+
+    def register(self, stub, request):
+        request.name = self.shm.name
+        return stub.RegisterRegion(request).region
+
+    def close(self):
+        self.buf = None
+        self.shm.close()
+        self.shm.unlink()
+
+
+# A server answers these when it cannot open this process's memory file (other namespace; an older server reads
+# no memfd field and finds no name); the named object is tried next.
+_TRY_NAMED = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
+
+
 class ShmRegion:
-    """A POSIX shared-memory object this client created and registered with the server (name quantd-<random>)."""
+    """Memory this client created and registered with the server: a sealed memory file, or a named shared-memory
+    object where the server cannot open the former. The first NONCE_BYTES hold a random nonce at registration."""
 
     def __init__(self, stub, session: str, size: int):
-        self.shm = shared_memory.SharedMemory(f"quantd-{secrets.token_hex(8)}", create=True, size=size)
         self.size = size
-        self.buffer = torch.frombuffer(self.shm.buf, dtype=torch.uint8)
         nonce = secrets.token_bytes(shared.NONCE_BYTES)
-        self.buffer[:shared.NONCE_BYTES] = torch.frombuffer(bytearray(nonce), dtype=torch.uint8)
-        try:
-            self.id = stub.RegisterRegion(pb.RegisterRegionRequest(session=session, name=self.shm.name, size=size,
-                                                                   nonce=nonce)).region
-        except BaseException:
-            self._free()
-            raise
+        kinds = [SealedMemory, NamedMemory] if hasattr(os, "memfd_create") else [NamedMemory]
+        for i, kind in enumerate(kinds):
+            self.memory = kind(size)
+            self.buffer = torch.frombuffer(self.memory.buf, dtype=torch.uint8)
+            self.buffer[:shared.NONCE_BYTES] = torch.frombuffer(bytearray(nonce), dtype=torch.uint8)
+            request = pb.RegisterRegionRequest(session=session, size=size, nonce=nonce)
+            try:
+                self.id = self.memory.register(stub, request)
+                return
+            except grpc.RpcError as exc:
+                self._free()
+                if i + 1 == len(kinds) or exc.code() not in _TRY_NAMED:
+                    raise
+            except BaseException:
+                self._free()
+                raise
 
     def offset_of(self, t: torch.Tensor) -> int | None:
         """Byte offset of a contiguous CPU tensor lying inside this region, else None."""
@@ -60,8 +118,7 @@ class ShmRegion:
 
     def _free(self) -> None:
         self.buffer = None
-        self.shm.close()
-        self.shm.unlink()
+        self.memory.close()
 
     def close(self, stub, session: str) -> None:
         try:

@@ -1,6 +1,7 @@
 """Shared-memory regions as both sides see them: names, the same-host nonce, and where tensors sit in a region.
 
-A region is a POSIX shared-memory object (/dev/shm/<name>) that the client creates and the server maps. The
+A region is memory the client creates and the server maps: a memory file of the client process sealed against
+shrinking (opened by the server as /proc/<pid>/fd/<fd>), or a POSIX shared-memory object (/dev/shm/<name>). The
 client proves it shares the server's host by writing NONCE_BYTES random bytes at the start of the region before
 registering it; the server compares them with the nonce in the request.
 """

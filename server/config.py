@@ -34,6 +34,7 @@ class ServerConfig:
     drain_seconds: float = 30.0
     log_format: str = "text"               # text | json
     workers: int = 1                       # server processes sharing the port (SO_REUSEPORT)
+    shm_unsealed: str = "refuse"           # refuse | allow: named /dev/shm regions, which their client can shrink
 
     def __post_init__(self):
         if self.log_format not in ("text", "json"):
@@ -46,6 +47,8 @@ class ServerConfig:
         for name in ("max_tensor_bytes", "max_concurrent_streams", "chunk_bytes", "piece_bytes", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.shm_unsealed not in ("refuse", "allow"):
+            raise ValueError(f"shm_unsealed must be 'refuse' or 'allow', got {self.shm_unsealed!r}")
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -9,6 +9,7 @@ and outputs, and that the shared-memory object is still there.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hmac
 import mmap
 import os
@@ -35,24 +36,33 @@ def denied(message: str) -> ServiceError:
 
 
 class Region:
-    """One mapped shared-memory object. `users` counts calls using it; it is unmapped when released and unused."""
+    """One mapped memory file. `users` counts calls using it; it is unmapped when released and unused.
 
-    def __init__(self, region_id: str, session: str, name: str, size: int):
-        self.id, self.session, self.name, self.size = region_id, session, name, size
-        self.path = os.path.join(shared.SHM_DIR, name)
-        try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            raise not_found(f"no shared-memory object {name!r} on the server's host (is the client on this host, "
-                            f"sharing its /dev/shm?)") from None
-        except OSError as exc:
-            raise denied(f"cannot open shared-memory object {name!r}: {exc.strerror}") from None
+    `memfd` (pid, fd): a memory file of the client process, opened through /proc; it must be sealed against
+    shrinking, so its pages stay for as long as the server maps it. `name`: a POSIX shared-memory object in
+    /dev/shm, which the client can shrink at any time (a fault in the server if it happens during a copy):
+    taken only when `allow_unsealed`, and checked before and after each use."""
+
+    def __init__(self, region_id: str, session: str, size: int, *, name: str = "", memfd=None,
+                 allow_unsealed: bool = False):
+        self.id, self.session, self.size = region_id, session, size
+        if memfd is not None:
+            self.name, self.path = f"memfd:{memfd.pid}/{memfd.fd}", f"/proc/{memfd.pid}/fd/{memfd.fd}"
+        else:
+            self.name, self.path = shared.check_name(name), os.path.join(shared.SHM_DIR, name)
+        self.fd = _open_memory(self.path, self.name, follow=memfd is not None)
         try:
             st = os.fstat(self.fd)
             if not stat.S_ISREG(st.st_mode):
-                raise invalid(f"{name!r} is not a shared-memory object")
+                raise invalid(f"{self.name!r} is not a shared-memory object")
             if st.st_size < size:
-                raise invalid(f"region {name!r} is {st.st_size} bytes, smaller than the {size} registered")
+                raise invalid(f"region {self.name!r} is {st.st_size} bytes, smaller than the {size} registered")
+            self.sealed = _sealed_against_shrinking(self.fd)
+            if not (self.sealed or allow_unsealed):
+                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"region {self.name!r} is not sealed against shrinking (its client could take its "
+                                   f"pages away while the server copies): register a memory file sealed with "
+                                   f"F_SEAL_SHRINK (quantd's client does), or serve with --shm-unsealed allow")
             self.inode = st.st_ino
             self.map = mmap.mmap(self.fd, size)
         except BaseException:
@@ -71,8 +81,10 @@ class Region:
         return hmac.compare_digest(bytes(self.map[:shared.NONCE_BYTES]), nonce)
 
     def check_present(self) -> None:
-        """NOT_FOUND once the object was removed (or replaced) or shrank below the registered size: writing into
-        an object that shrank would fault."""
+        """NOT_FOUND once a named object was removed (or replaced) or shrank below the registered size: writing
+        into an object that shrank would fault. A sealed memory file cannot shrink, and stays while mapped."""
+        if self.sealed:
+            return
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
@@ -96,11 +108,33 @@ class Region:
         os.close(self.fd)
 
 
+def _open_memory(path: str, name: str, *, follow: bool) -> int:
+    """A read-write descriptor of the regular file at `path`; `follow` for a /proc/<pid>/fd link. Anything but a
+    regular file (a device, a FIFO) is refused before it is opened."""
+    try:
+        if follow and not stat.S_ISREG(os.stat(path).st_mode):
+            raise invalid(f"{name!r} is not a memory file")
+        return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY | (0 if follow else os.O_NOFOLLOW))
+    except FileNotFoundError:
+        raise not_found(f"no shared memory {name!r} on the server's host (is the client on this host, sharing "
+                        f"its /dev/shm, or, for a memory file, its process namespace?)") from None
+    except OSError as exc:
+        raise denied(f"cannot open shared memory {name!r}: {exc.strerror}") from None
+
+
+def _sealed_against_shrinking(fd: int) -> bool:
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK)
+    except OSError:  # a file that takes no seals
+        return False
+
+
 class RegionTable:
     """Sessions and their regions; used from the event loop thread only."""
 
-    def __init__(self, pin: bool):
+    def __init__(self, pin: bool, allow_unsealed: bool = False):
         self.pin = pin
+        self.allow_unsealed = allow_unsealed
         self.sessions: dict = {}   # session id -> set of region ids
         self.regions: dict = {}    # region id -> Region
 
@@ -118,9 +152,8 @@ class RegionTable:
             raise not_found("unknown session (it ended, or was never opened on this server): open a new one")
         return self.sessions[session]
 
-    def register(self, session: str, name: str, size: int, nonce: bytes) -> Region:
+    def register(self, session: str, size: int, nonce: bytes, *, name: str = "", memfd=None) -> Region:
         owned = self._session(session)
-        shared.check_name(name)
         if len(nonce) != shared.NONCE_BYTES:
             raise invalid(f"RegisterRegion: nonce must be {shared.NONCE_BYTES} bytes, got {len(nonce)}")
         if size < shared.NONCE_BYTES:
@@ -128,10 +161,11 @@ class RegionTable:
         if len(owned) >= MAX_REGIONS_PER_SESSION:
             raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"a session holds at most {MAX_REGIONS_PER_SESSION} regions")
-        region = Region(secrets.token_hex(8), session, name, size)
+        region = Region(secrets.token_hex(8), session, size, name=name, memfd=memfd,
+                        allow_unsealed=self.allow_unsealed)
         if not region.proves(nonce):
             region.close()
-            raise denied(f"region {name!r} does not hold the request's nonce: the client must write it into the "
+            raise denied(f"region {region.name!r} does not hold the request's nonce: the client must write it into the "
                          f"region, on the server's host, before registering")
         if self.pin:
             region.pin()

@@ -111,7 +111,7 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         self.draining = False
         self.pool = StagingPool(config.staging_pool_bytes, pin=device.type == "cuda")
         self.budget = MemoryBudget(config.memory_budget)
-        self.regions = RegionTable(pin=device.type == "cuda")
+        self.regions = RegionTable(pin=device.type == "cuda", allow_unsealed=config.shm_unsealed == "allow")
         self.sessions_end = asyncio.Event()  # set when the server stops: open sessions end
 
     # ---- helpers ------------------------------------------------------------------------
@@ -370,7 +370,8 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
 
     @grpc_status
     async def RegisterRegion(self, request, context):
-        region = self.regions.register(request.session, request.name, request.size, request.nonce)
+        region = self.regions.register(request.session, request.size, request.nonce, name=request.name,
+                                       memfd=request.memfd if request.HasField("memfd") else None)
         return pb.RegisterRegionResponse(region=region.id)
 
     @grpc_status

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVER_FIELDS = set(ServerConfig.__dataclass_fields__)
 
 
-def test_sidecar_compose_shares_ipc_user_and_gpu():
+def test_sidecar_compose_shares_processes_ipc_user_and_gpu():
     pytest.importorskip("check_jsonschema", reason="check-jsonschema is not installed (in the test extra)")
     path = ROOT / "deploy/sidecar-compose.yml"
     check = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(path)],
@@ -20,15 +20,17 @@ def test_sidecar_compose_shares_ipc_user_and_gpu():
     assert check.returncode == 0, check.stdout + check.stderr
     services = yaml.safe_load(path.read_text())["services"]
     quantd, trainer = services["quantd"], services["trainer"]
+    assert trainer["pid"] == "service:quantd"  # quantd opens the trainer's memory files through /proc
     assert quantd["ipc"] == "shareable" and trainer["ipc"] == "service:quantd"
-    assert trainer["user"] == "10001:10001"  # the image's user: regions are created with mode 0600
+    assert trainer["user"] == "10001:10001"  # the image's user: /proc/<pid>/fd is open to the same uid
     gpus = [s["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for s in (quantd, trainer)]
     assert gpus[0] == gpus[1]
     assert all(n.removeprefix("QUANTD_").lower() in SERVER_FIELDS for n in quantd["environment"])
 
 
-def test_sidecar_pod_shares_dev_shm_and_user():
+def test_sidecar_pod_shares_processes_dev_shm_and_user():
     pod = yaml.safe_load((ROOT / "deploy/sidecar-kubernetes.yaml").read_text())
+    assert pod["spec"]["shareProcessNamespace"] is True
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     containers = {c["name"]: c for c in pod["spec"]["containers"]}
     for container in containers.values():

@@ -1,5 +1,6 @@
 """Health, reflection, graceful drain (in process and on SIGTERM) and retries across replicas."""
 import base64
+import fcntl
 import os
 import signal
 import socket
@@ -7,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from multiprocessing import shared_memory
 
 import grpc
 import pytest
@@ -67,13 +67,17 @@ def test_reflection_driven_client_discovers_and_calls_every_rpc(server):
         "GetServerInfo": {},
         # the region RPCs, in declaration order: a session, a region registered in it, released, the status after
         "OpenSession": {},
-        "RegisterRegion": lambda: {"session": session(), "name": region.name, "size": 4096, "nonce": nonce},
+        "RegisterRegion": lambda: {"session": session(), "size": 4096, "nonce": nonce,
+                                   "memfd": {"pid": os.getpid(), "fd": region}},
         "UnregisterRegion": lambda: {"session": session(), "region": answers["RegisterRegion"]["region"]},
         "RegionStatus": lambda: {"session": session()},
     }
-    region = shared_memory.SharedMemory(create=True, size=4096)
-    region.buf[:32] = os.urandom(32)
-    nonce = base64.b64encode(bytes(region.buf[:32])).decode()
+    region = os.memfd_create("region", os.MFD_ALLOW_SEALING)  # a memory file sealed against shrinking
+    os.ftruncate(region, 4096)
+    fcntl.fcntl(region, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    nonce = os.urandom(32)
+    os.pwrite(region, nonce, 0)
+    nonce = base64.b64encode(nonce).decode()
     session = lambda: answers["OpenSession"][0]["session"]  # noqa: E731
     with grpc.insecure_channel(server.target) as channel:
         database = ProtoReflectionDescriptorDatabase(channel)
@@ -102,8 +106,7 @@ def test_reflection_driven_client_discovers_and_calls_every_rpc(server):
                 request = requests[method.name]() if callable(requests[method.name]) else requests[method.name]
                 answers[method.name] = json_format.MessageToDict(call(json_format.ParseDict(request, request_class()), timeout=30))
         session_call.cancel()
-    region.close()
-    region.unlink()
+    os.close(region)
     def payload(answer, tensor=0):
         return b"".join(base64.b64decode(m["chunk"]["data"]) for m in answer if "chunk" in m and m["chunk"].get("tensor", 0) == tensor)
     assert payload(answers["Quantize"], 0) == want.codes.numpy().tobytes()

@@ -3,12 +3,14 @@
 Every result is compared bit for bit with quantd.kernels on this machine; every violation of a region's bounds,
 ownership or same-host proof gets its status, and the server keeps serving and releases what it mapped.
 """
+import fcntl
 import os
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from multiprocessing import shared_memory
@@ -28,8 +30,8 @@ from quantd.server.config import ServerConfig
 from quantd.v1 import quantd_pb2 as pb
 from quantd.v1 import quantd_pb2_grpc
 
-INVALID, DENIED, NOT_FOUND = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
-                              grpc.StatusCode.NOT_FOUND)
+INVALID, DENIED, NOT_FOUND, PRECONDITION = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+                                            grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
 SPECS = [QuantSpec("fp8_e4m3", group_size=64), QuantSpec("int8_asym", granularity="channel"),
          QuantSpec("mxfp4"), QuantSpec("fp8_e5m2", granularity="tile", tile=(8, 32)),
          QuantSpec("int8_sym", granularity="flat", block_size=96), QuantSpec("fp8_e4m3", granularity="tensor")]
@@ -37,7 +39,17 @@ SPECS = [QuantSpec("fp8_e4m3", group_size=64), QuantSpec("int8_asym", granularit
 
 @pytest.fixture(scope="module")
 def server():
-    with BackgroundServer(ServerConfig(host="127.0.0.1", port=0, device="cpu", piece_bytes=4096)) as running:
+    """Takes named /dev/shm objects too (the tests below make those by hand); quantd's client registers sealed
+    memory files."""
+    config = ServerConfig(host="127.0.0.1", port=0, device="cpu", piece_bytes=4096, shm_unsealed="allow")
+    with BackgroundServer(config) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def sealed_server():
+    """The default: only memory sealed against shrinking is taken."""
+    with BackgroundServer(ServerConfig(host="127.0.0.1", port=0, device="cpu")) as running:
         yield running
 
 
@@ -249,6 +261,62 @@ def test_a_vanished_or_shrunk_region_is_not_found(server):
     wait_for(lambda: server_regions(server) == 0)
 
 
+def memory_file(size: int, nonce: bytes, seals: int) -> int:
+    fd = os.memfd_create("quantd-test", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    os.pwrite(fd, nonce, 0)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+def test_a_server_takes_only_memory_its_client_cannot_shrink(sealed_server):
+    """Shrinking a mapped file under a copy faults the server: by default it maps only memory files sealed with
+    F_SEAL_SHRINK, which quantd's client makes; a named object, an unsealed memory file, a file on disk are refused."""
+    raw = RawSession(sealed_server.target)
+    nonce = secrets.token_bytes(regions.NONCE_BYTES)
+    fds = []
+
+    def register(fd, pid=os.getpid()):
+        return raw.stub.RegisterRegion(pb.RegisterRegionRequest(session=raw.session, size=4096, nonce=nonce,
+                                                                memfd=pb.MemoryFile(pid=pid, fd=fd))).region
+    try:
+        obj, _ = raw.shm(4096, nonce)
+        code, details = code_of(lambda: raw.stub.RegisterRegion(pb.RegisterRegionRequest(
+            session=raw.session, name=obj.name, size=4096, nonce=nonce)))
+        assert code == PRECONDITION and "is not sealed against shrinking" in details and "--shm-unsealed allow" in details
+        fds.append(memory_file(4096, nonce, seals=0))
+        assert code_of(lambda: register(fds[-1]))[0] == PRECONDITION
+        with tempfile.TemporaryFile() as f:  # a file on disk takes no seals
+            f.write(nonce + bytes(4096 - len(nonce)))
+            f.flush()
+            assert code_of(lambda: register(f.fileno()))[0] == PRECONDITION
+        r, w = os.pipe()
+        fds += [r, w]
+        assert code_of(lambda: register(r)) == (INVALID, f"'memfd:{os.getpid()}/{r}' is not a memory file")
+        fds.append(memory_file(4096, nonce, seals=fcntl.F_SEAL_SHRINK))
+        sealed = fds[-1]
+        assert code_of(lambda: register(sealed, pid=1 << 23))[0] == NOT_FOUND  # above any pid_max: no such process
+        region = register(sealed)
+        with pytest.raises(PermissionError):
+            os.ftruncate(sealed, 1024)  # the seal holds: the client cannot take the server's pages away
+        outputs = [ref(region, 1024, 256), ref(region, 2048, 16)]
+        assert len(raw.quantize([ref(region, 512, 512)], outputs)) == 2
+        os.close(fds.pop())  # the client's descriptor closes; the server's stays, and so does the memory
+        assert len(raw.quantize([ref(region, 512, 512)], outputs)) == 2
+        (info,) = raw.stub.RegionStatus(pb.RegionStatusRequest(session=raw.session)).regions
+        assert info.name == f"memfd:{os.getpid()}/{sealed}"
+    finally:
+        for fd in fds:
+            os.close(fd)
+        raw.close()
+    wait_for(lambda: server_regions(sealed_server) == 0)
+    x = torch.randn(64, 128).bfloat16()
+    with QuantdClient(sealed_server.target, transport="shm") as client:  # quantd's client registers sealed files
+        assert_same(client.quantize(x), quantize(x, QuantSpec()))
+        assert [r["name"].startswith("memfd:") for r in client.region_status()["regions"]] == [True]
+
+
 def test_regions_are_released_when_the_session_ends(server):
     client = QuantdClient(server.target, transport="shm")
     client.quantize(torch.randn(8, 128).bfloat16())
@@ -288,7 +356,8 @@ def rss_shmem_kib(pid: int) -> int:
 
 
 def mapped_regions(pid: int) -> int:
-    return sum("/dev/shm/quantd-" in line for line in Path(f"/proc/{pid}/maps").read_text().splitlines())
+    return sum("/dev/shm/quantd-" in line or "/memfd:quantd-" in line
+               for line in Path(f"/proc/{pid}/maps").read_text().splitlines())
 
 
 HOLDER = textwrap.dedent("""
@@ -328,15 +397,19 @@ def test_a_killed_client_leaves_nothing_mapped():
 
 def can_unshare() -> bool:
     return shutil.which("unshare") is not None and subprocess.run(
-        ["unshare", "-m", "sh", "-c", "mount -t tmpfs tmpfs /dev/shm"], capture_output=True).returncode == 0
+        ["unshare", "-m", "-p", "-f", "--mount-proc", "sh", "-c", "mount -t tmpfs tmpfs /dev/shm"],
+        capture_output=True).returncode == 0
 
 
 @pytest.mark.skipif(not can_unshare(), reason="needs unshare and mount (root) to give a server its own /dev/shm")
 def test_auto_falls_back_with_the_reason_when_the_server_has_another_shm():
-    """A server with a /dev/shm of its own (a mount namespace) stands for a server on another host."""
+    """A server with a /dev/shm and processes of its own (mount and pid namespaces) stands for a server on another
+    host: it finds neither the client's memory file nor its named object."""
     port = free_port()
-    serve = " ".join(quantd_command() + ["serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"])
-    proc = subprocess.Popen(["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs /dev/shm && exec {serve}"],
+    serve = " ".join(quantd_command() + ["serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+                                         "--shm-unsealed", "allow"])
+    proc = subprocess.Popen(["unshare", "-m", "-p", "-f", "--mount-proc", "sh", "-c",
+                             f"mount -t tmpfs tmpfs /dev/shm && exec {serve}"], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         target = f"127.0.0.1:{port}"
@@ -349,13 +422,13 @@ def test_auto_falls_back_with_the_reason_when_the_server_has_another_shm():
             choice = client.last_transport
             assert choice.transport == "grpc"
             assert choice.reason.startswith("ipc: the tensors are not all on a GPU; shm: the server cannot use this "
-                                            "host's shared memory (NOT_FOUND: no shared-memory object 'quantd-")
+                                            "host's shared memory (NOT_FOUND: no shared memory 'quantd-")
             assert "; streams: report and dequantized need the whole tensor in one call" in choice.reason
             with pytest.raises(QuantdError) as info:
                 client.shm_tensor((4, 4))
             assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)  # unshare ignores it and waits for the server, which drains and exits
         proc.wait(60)
 
 

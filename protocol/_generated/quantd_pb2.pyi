@@ -267,16 +267,26 @@ class SessionEvent(_message.Message):
     def __init__(self, session: _Optional[str] = ...) -> None: ...
 
 class RegisterRegionRequest(_message.Message):
-    __slots__ = ("session", "name", "size", "nonce")
+    __slots__ = ("session", "name", "size", "nonce", "memfd")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
+    MEMFD_FIELD_NUMBER: _ClassVar[int]
     session: str
     name: str
     size: int
     nonce: bytes
-    def __init__(self, session: _Optional[str] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+    memfd: MemoryFile
+    def __init__(self, session: _Optional[str] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., nonce: _Optional[bytes] = ..., memfd: _Optional[_Union[MemoryFile, _Mapping]] = ...) -> None: ...
+
+class MemoryFile(_message.Message):
+    __slots__ = ("pid", "fd")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    FD_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    fd: int
+    def __init__(self, pid: _Optional[int] = ..., fd: _Optional[int] = ...) -> None: ...
 
 class RegisterRegionResponse(_message.Message):
     __slots__ = ("region",)
