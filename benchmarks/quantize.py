@@ -111,6 +111,11 @@ def run_main(n: int, rows: list, with_compile: bool):
         add("quantize", name, bench(lambda: quantize(x, spec)), op_bytes(x, spec, "quantize"))
         add("dequantize", name + " -> bf16", bench(lambda: dequantize(qt, torch.bfloat16)),
             op_bytes(x, spec, "dequantize"))
+    # Delayed scaling: the per-tensor scale from an earlier amax, this tensor's amax found in the same read.
+    tensor = CASES[7][1]
+    scale = reference.tensor_scale(reference.amax(x), tensor)
+    add("quantize", "fp8 e4m3 tensor, delayed scale: one read + amax",
+        bench(lambda: triton_quantize.quantize_with_amax(x, tensor, scale)), op_bytes(x, tensor, "quantize"))
     spec = QuantSpec()
     dual_bytes = op_bytes(x, spec, "dual")
     add("quantize", "fp8 e4m3 dual 1x128 + 128x1", bench(lambda: quantize_dual(x, spec)), dual_bytes)

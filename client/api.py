@@ -35,7 +35,7 @@ from quantd.v1 import quantd_pb2_grpc
 
 from quantd.protocol import chunks, wire
 from quantd.protocol.crc32c import crc32c
-from quantd.protocol.pieces import join_pieces, plan_pieces, unit_shape
+from quantd.protocol.pieces import join_pieces, piece_scales, plan_pieces, unit_shape
 
 from . import transports
 from .channels import make_channel
@@ -114,6 +114,7 @@ class QuantizeResult(QuantizedTensor):
     report: Optional[dict] = None
     dequantized: Optional[torch.Tensor] = None
     transport: Optional[transports.Choice] = None
+    amax: Optional[float] = None  # the input's largest finite |x|, when asked for (amax=True)
 
 
 def as_dict(message) -> dict:
@@ -325,11 +326,16 @@ class QuantdClient:
         return self._call(attempt, timeout)
 
     def quantize(self, tensor, spec: QuantSpec | None = None, *, report: bool = True, dequantized: bool = False,
-                 timeout: float | None = None, transport: str | None = None) -> QuantizeResult:
+                 scales=None, amax: bool = False, timeout: float | None = None,
+                 transport: str | None = None) -> QuantizeResult:
         """Quantize a bf16/fp16/fp32 tensor with `spec` (default QuantSpec()); the result is bit-identical
-        to quantd.kernels.quantize(tensor, spec) and sits on the tensor's device."""
+        to quantd.kernels.quantize(tensor, spec, scales=scales) and sits on the tensor's device.
+
+        scales: explicit scales (a tensor or number of spec.scale_shape elements) instead of the tensor's own;
+        amax: also return the input's largest finite |x| (QuantizeResult.amax): with AmaxHistory, delayed scaling."""
         x = wire.as_torch(tensor)
         spec = spec or QuantSpec()
+        scales = None if scales is None else torch.as_tensor(scales, dtype=torch.float32).cpu()
 
         def streams_reason():
             if self.parallel_streams < 2:
@@ -341,18 +347,20 @@ class QuantdClient:
             return None
         chosen = self._choose(transport, [x], streams_reason)
         if chosen == "streams":
-            return self._quantize_streams(x, spec, timeout)
+            return self._quantize_streams(x, spec, scales, amax, timeout)
         header = pb.QuantizeHeader(tensor=wire.tensor_info("input", x.dtype, x.shape), spec=wire.spec_to_proto(spec),
                                    return_dequantized=dequantized, return_report=report,
-                                   chunk_bytes=self.chunk_bytes, checksums=self.checksums)
+                                   chunk_bytes=self.chunk_bytes, checksums=self.checksums,
+                                   scales=[] if scales is None else scales.reshape(-1).tolist(), return_amax=amax)
         outputs = lambda: wire.quantize_outputs(spec, tuple(x.shape), dequantized)  # noqa: E731
         out, summary = self._stream("Quantize", header, [x], timeout, outputs, chosen)
         out = {name: t.to(x.device) for name, t in out.items()}
         return QuantizeResult(out["codes"], out["scales"], spec, tuple(x.shape), out.get("zero_points"),
                               report=as_dict(summary.report) if report else None,
-                              dequantized=out.get("dequantized"), transport=self.last_transport)
+                              dequantized=out.get("dequantized"), transport=self.last_transport,
+                              amax=summary.amax if summary.HasField("amax") else None)
 
-    def _quantize_streams(self, x: torch.Tensor, spec: QuantSpec, timeout) -> QuantizeResult:
+    def _quantize_streams(self, x: torch.Tensor, spec: QuantSpec, scales, amax: bool, timeout) -> QuantizeResult:
         """Quantize independent pieces of x on parallel_streams connections at once and join their results."""
         choice, n = self.last_transport, self.parallel_streams
         while len(self._parallel) < n:
@@ -360,16 +368,18 @@ class QuantdClient:
             self._parallel.append(QuantdClient(**settings))
         flat = x.detach().cpu().contiguous().reshape(-1)
         pieces = plan_pieces(spec, tuple(x.shape), math.ceil(flat.numel() / n) * flat.element_size(), flat.element_size())
+        per_piece = [None] * len(pieces) if scales is None else piece_scales(pieces, spec, scales)
 
         def quantize(i):
             piece = pieces[i]
             return self._parallel[i % n].quantize(flat[piece.start:piece.end].view(piece.shape), spec, report=False,
-                                                  timeout=timeout)
+                                                  scales=per_piece[i], amax=amax, timeout=timeout)
         with concurrent.futures.ThreadPoolExecutor(n) as pool:
-            whole = join_pieces(list(pool.map(quantize, range(len(pieces)))), spec, tuple(x.shape))
+            parts = list(pool.map(quantize, range(len(pieces))))
+        whole = join_pieces(parts, spec, tuple(x.shape))
         zero_points = None if whole.zero_points is None else whole.zero_points.to(x.device)
         return QuantizeResult(whole.codes.to(x.device), whole.scales.to(x.device), spec, tuple(x.shape), zero_points,
-                              transport=choice)
+                              transport=choice, amax=max(p.amax for p in parts) if amax else None)
 
     def dequantize(self, qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
                    timeout: float | None = None, transport: str | None = None) -> torch.Tensor:

@@ -8,6 +8,7 @@ import importlib
 from .spec import Format, Granularity, QuantizedTensor, QuantSpec, ScaleEncoding
 
 _LAZY = {"quantize": ".dispatch", "dequantize": ".dispatch", "matmul": ".dispatch",
+         "quantize_with_amax": ".dispatch", "amax": ".reference", "tensor_scale": ".reference",
          # the seed APIs (kernels/compat.py)
          "FP8Format": ".compat", "NumericalOverflowError": ".compat", "deepml_block_quantize": ".compat",
          "dequantize_fp8": ".compat", "fp8_block_quantize": ".compat", "fp8_gemm": ".compat",

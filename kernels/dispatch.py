@@ -13,6 +13,7 @@ import importlib
 
 import torch
 
+from . import reference
 from .config import KernelConfig
 from .layout import with_scale_layout
 from .spec import QuantizedTensor, QuantSpec
@@ -47,6 +48,20 @@ def quantize(x: torch.Tensor, spec: QuantSpec, *, scales: torch.Tensor | None = 
     if getattr(module, "WRITES_SCALE_LAYOUTS", False):
         return module.quantize(x, spec, scales, scale_layout=scale_layout, **_config_kwargs(module, config))
     return with_scale_layout(module.quantize(x, spec, scales), scale_layout)
+
+
+def quantize_with_amax(x: torch.Tensor, spec: QuantSpec, *, scales: torch.Tensor | None = None,
+                       backend: str | None = None, scale_layout: str = "row",
+                       config: KernelConfig | None = None) -> tuple[QuantizedTensor, torch.Tensor]:
+    """(quantize(x, spec, scales=scales), reference.amax(x)): delayed scaling, where `scales` come from the amax
+    of earlier steps (reference.tensor_scale) and this step's amax is kept for the next. The Triton backend finds
+    the amax in the pass that quantizes with given scales, so x is read once; other paths compute it apart."""
+    name = backend or default_backend(x)
+    module = backend_module(name)
+    if scales is not None and hasattr(module, "quantize_with_amax"):
+        return module.quantize_with_amax(x, spec, scales, scale_layout=scale_layout, **_config_kwargs(module, config))
+    qt = quantize(x, spec, scales=scales, backend=name, scale_layout=scale_layout, config=config)
+    return qt, reference.amax(x)
 
 
 def quantize_dual(x: torch.Tensor, spec: QuantSpec, *, backend: str | None = None,

@@ -152,6 +152,21 @@ def block_amax(blocks: torch.Tensor) -> torch.Tensor:
     return torch.where(a < math.inf, a, 0.0).amax(dim=1, keepdim=True)
 
 
+def amax(x: torch.Tensor) -> torch.Tensor:
+    """Largest finite |x| of the whole tensor, a 0-d fp32 on x's device (0 when there is none): what a per-tensor
+    scale is computed from, and what delayed scaling keeps from step to step (tensor_scale turns it into a scale)."""
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    return block_amax(x.detach().float().reshape(1, -1)).reshape(())
+
+
+def tensor_scale(amax: torch.Tensor | float, spec: QuantSpec) -> torch.Tensor:
+    """The scale a per-tensor quantize with `spec` computes for a tensor of largest finite magnitude `amax`, as a
+    0-d fp32 tensor: passed as quantize(x, spec, scales=...), it gives x the codes of quantize(x, spec) whenever
+    amax is reference.amax(x)."""
+    return compute_scales(torch.as_tensor(amax, dtype=torch.float32).reshape(1, 1), spec)[0].reshape(())
+
+
 def pow2_exponent(s: torch.Tensor, ceil: bool) -> torch.Tensor:
     """floor or ceil of log2 of positive fp32 `s`, clamped to E8M0's [-127, 127].
 
@@ -234,13 +249,18 @@ def check_input(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = 
     spec.check_shape(x.shape)
     if scales is None:
         return
-    if spec.format == Format.INT8_ASYM:
-        raise ValueError("quantize: int8_asym derives its scales and zero points; explicit scales are not supported")
-    want = spec.scale_shape(x.shape)
-    if scales.numel() != math.prod(want):
-        raise ValueError(f"quantize: scales must have shape {list(want)}, got {list(scales.shape)}")
     if scales.device != x.device:
         raise ValueError(f"quantize: scales are on {scales.device}, the input on {x.device}")
+    check_scales(scales, spec, x.shape)
+
+
+def check_scales(scales: torch.Tensor, spec: QuantSpec, shape) -> None:
+    """Raise ValueError for explicit scales that a tensor of `shape` cannot be quantized with."""
+    if spec.format == Format.INT8_ASYM:
+        raise ValueError("quantize: int8_asym derives its scales and zero points; explicit scales are not supported")
+    want = spec.scale_shape(shape)
+    if scales.numel() != math.prod(want):
+        raise ValueError(f"quantize: scales must have shape {list(want)}, got {list(scales.shape)}")
     s = scales.float()
     if not bool(((s > 0) & (s < math.inf)).all()):
         raise ValueError("quantize: explicit scales must be positive and finite")

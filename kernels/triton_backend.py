@@ -38,5 +38,6 @@ def _matmul(a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype = tor
 
 quantize = _on_its_device(triton_quantize.quantize)
 quantize_dual = _on_its_device(triton_quantize.quantize_dual)
+quantize_with_amax = _on_its_device(triton_quantize.quantize_with_amax)
 dequantize = _on_its_device(triton_dequantize.dequantize)
 matmul = _on_its_device(_matmul)

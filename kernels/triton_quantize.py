@@ -33,6 +33,7 @@ from .triton_mxfp4_pairs import mxfp4_pairs
 SCALE_REGISTER = tl.constexpr(0)  # the tile's sub-tiles are the blocks; reduced in registers
 SCALE_STATS = tl.constexpr(1)  # per-block statistics of triton_block_stats
 SCALE_GIVEN = tl.constexpr(2)  # given fp32 scales
+SCALE_GIVEN_AMAX = tl.constexpr(3)  # given fp32 scales; the input's finite amax atomically maxed into stats_ptr
 # ONE_BLOCK of _quantize_tile (SCALE_REGISTER only).
 MANY_BLOCKS = tl.constexpr(0)
 ONE_BLOCK_IN_PLACE = tl.constexpr(1)  # the tile is one block
@@ -146,7 +147,8 @@ def _quantize_tile(
     The tile holds RB x CB sub-tiles of TBR x TBC elements (padded to TBRP x TBCP).
     SCALE_SRC SCALE_REGISTER: sub-tiles are the blocks; their scales are reduced here.
     SCALE_SRC SCALE_STATS: scales come from per-block stats (amax, or hi and -lo) in stats_ptr.
-    SCALE_SRC SCALE_GIVEN: scales are given (fp32) in given_ptr.
+    SCALE_SRC SCALE_GIVEN: scales are given (fp32) in given_ptr; SCALE_GIVEN_AMAX: the same, and the tile's
+    largest finite |x| is maxed into stats_ptr (one fp32, zeroed), so delayed scaling reads the input once.
     (The last two look blocks up by row and/or column ids: BID_ROWS / BID_COLS.)
     Codes are written contiguously over (P, R, C) (PACK4: two nibbles a byte along C).
     DUAL (1 x TBC row groups, RB = TBC rows a program): each column of the tile is also a
@@ -182,6 +184,8 @@ def _quantize_tile(
         else:
             scale = tl.load(given_ptr + bid)
             zp = 0.0
+            if SCALE_SRC == SCALE_GIVEN_AMAX:  # exact and order independent: maxima of non-negative floats
+                tl.atomic_max(stats_ptr, tl.max(tl.reshape(finite_abs(x), [TILE.RB * TILE.TBRP * TILE.CB * TILE.TBCP])))
         # Each block's scale is written once, by the program holding its first element.
         if p == 0:
             origin = valid & (rows % BR == 0) & (cols % BC == 0)
@@ -275,13 +279,15 @@ def flat_scales(scales: torch.Tensor) -> torch.Tensor:
 
 def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = None, *,
              scale_layout: str = "row", exact_fp8: bool | None = None,
-             config: KernelConfig = DEFAULT) -> QuantizedTensor:
+             config: KernelConfig = DEFAULT, amax: torch.Tensor | None = None) -> QuantizedTensor:
     """Quantize `x` (bf16/fp16/fp32, CUDA or, interpreted, CPU) with `spec`; reference semantics.
 
     scales: explicit fp32 scales of shape spec.scale_shape (static quantization).
     scale_layout: "row" (row-major) or "col" (the last scale dim slowest).
     exact_fp8: force (True) or forbid (False) integer fp8 encoding; default: only when interpreted.
     config: the launch choices (kernels/config.py).
+    amax: with `scales`, a zeroed one-element fp32 tensor on x's device that receives reference.amax(x), found in
+    the same pass.
     """
     reference.check_input(x, spec, scales)
     given = None if scales is None else flat_scales(scales)
@@ -301,8 +307,16 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
         stats = block_stats(v, br, bc, nbr, nbc, fmt.ASYM, config)
     grid_zp = None if qt.zero_points is None else as_grid(qt.zero_points, nbr, nbc)
     _launch(v, qt.codes, as_grid(qt.scales, nbr, nbc), grid_zp, stats, given, br, bc, nbr, nbc, register, fmt, spec,
-            config)
+            config, amax=None if given is None else amax)
     return qt
+
+
+def quantize_with_amax(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor, *, scale_layout: str = "row",
+                       exact_fp8: bool | None = None, config: KernelConfig = DEFAULT):
+    """(quantize(x, spec, scales), reference.amax(x)) from one read of x: the amax of delayed scaling."""
+    amax = torch.zeros(1, dtype=torch.float32, device=x.device)
+    qt = quantize(x, spec, scales, scale_layout=scale_layout, exact_fp8=exact_fp8, config=config, amax=amax)
+    return qt, amax.reshape(())
 
 
 def _empty(shape, spec: QuantSpec, device, scale_layout: str) -> QuantizedTensor:
@@ -314,9 +328,12 @@ def _empty(shape, spec: QuantSpec, device, scale_layout: str) -> QuantizedTensor
 
 
 def _launch(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, register, fmt, spec, config,
-            dual_out=None, geometry=None):
-    """_quantize_kernel over the (P, R, C) view `v` (and, where the schedule defers, its FIXUP launch)."""
+            dual_out=None, geometry=None, amax=None):
+    """_quantize_kernel over the (P, R, C) view `v` (and, where the schedule defers, its FIXUP launch); `amax`
+    (with `given`) receives the input's finite amax."""
     P, R, C = v.shape
+    if amax is not None:
+        stats = amax  # where SCALE_GIVEN_AMAX maxes it
     tile, num_warps = geometry or tile_geometry(br, bc, R, C, register, config)
     tiles_r, tiles_c = _cdiv(R, tile.RB * tile.TBR), _cdiv(C, tile.CB * tile.TBC)
     codes_b = bytes_of(codes)
@@ -340,6 +357,8 @@ def _launch(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, register,
             v.stride(0), v.stride(1), v.stride(2), sq_p, sq_r, grid_s.stride(0), grid_s.stride(1),
             0 if scales_t is None else scales_t.stride(0), 0 if scales_t is None else scales_t.stride(1))
     source = SCALE_REGISTER if register else (SCALE_STATS if stats is not None else SCALE_GIVEN)
+    if amax is not None:
+        source = SCALE_GIVEN_AMAX
     kwargs = dict(TILE=tile, FMT=fmt, SCALE_SRC=source.value, BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
                   DUAL=dual_out is not None, PACK4=spec.element.bits == 4, BF16_BITS=bf16_bits(v),
                   num_warps=run.warps, NUM_TILES=tiles)

@@ -62,6 +62,17 @@ def plan_pieces(spec: QuantSpec, shape, piece_bytes: int, itemsize: int) -> list
     return pieces
 
 
+def piece_scales(pieces: list, spec: QuantSpec, scales: torch.Tensor) -> list:
+    """The explicit scales of each piece: consecutive runs of the whole tensor's scales (row-major block order),
+    each shaped spec.scale_shape(piece.shape)."""
+    flat, at, out = scales.reshape(-1), 0, []
+    for piece in pieces:
+        shape = spec.scale_shape(piece.shape)
+        out.append(flat[at:at + math.prod(shape)].reshape(shape))
+        at += math.prod(shape)
+    return out
+
+
 def join_pieces(parts: list, spec: QuantSpec, shape: tuple) -> QuantizedTensor:
     """The QuantizedTensor of the whole input from those of its pieces, in order (their bytes, concatenated)."""
     def join(tensors, out_shape):

@@ -18,7 +18,7 @@ from quantd.kernels import dispatch, reference
 from quantd.kernels.spec import (INPUT_DTYPES, OUT_DTYPES, Format, Granularity, QuantizedTensor,
                                  QuantSpec, ScaleEncoding)
 from quantd.protocol import wire
-from quantd.protocol.pieces import join_pieces, plan_pieces
+from quantd.protocol.pieces import join_pieces, piece_scales, plan_pieces
 from quantd.v1 import quantd_pb2 as pb
 from quantd.v1 import quantd_pb2_grpc
 
@@ -80,6 +80,27 @@ def quantized_tensor(msg: pb.QuantizedOperand, tensors: list, device) -> Quantiz
     spec = wire.spec_from_proto(msg.spec)
     tensors = [t.to(device) for t in tensors]
     return QuantizedTensor(tensors[0], tensors[1], spec, tuple(msg.shape), tensors[2] if len(tensors) > 2 else None)
+
+
+def given_scales(header: pb.QuantizeHeader, spec: QuantSpec, shape: tuple) -> torch.Tensor | None:
+    """The header's explicit scales as fp32 of spec.scale_shape(shape), or None; INVALID_ARGUMENT for scales that
+    tensor cannot take (count, sign, pow2)."""
+    if not header.scales:
+        return None
+    scales = torch.tensor(header.scales, dtype=torch.float32)
+    try:
+        reference.check_scales(scales, spec, shape)
+    except ValueError as exc:
+        raise invalid(f"Quantize: {exc}") from None
+    return scales.reshape(spec.scale_shape(shape))
+
+
+def quantize_amax(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None, want_amax: bool):
+    """(the QuantizedTensor of x, its amax when `want_amax` else None), with explicit `scales` when given."""
+    scales = None if scales is None else scales.to(x.device)
+    if want_amax:
+        return dispatch.quantize_with_amax(x, spec, scales=scales)
+    return dispatch.quantize(x, spec, scales=scales), None
 
 
 def in_memory(header) -> bool:
@@ -181,18 +202,19 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
                                                             self.regions))
 
     async def _memory_call(self, memory: StreamMemory, rpc: str, header, input_infos, sender, fn):
-        """Serve a request whose tensors are in shared or GPU memory: fn(input tensors) -> (output tensors, report)
-        runs in the compute pool and its outputs are written where the request says; the header and summary go back."""
+        """Serve a request whose tensors are in shared or GPU memory: fn(input tensors) -> (output tensors, the
+        Summary's other fields as OutputSender.summary takes them) runs in the compute pool and its outputs are
+        written where the request says; the header and summary go back."""
         with self._memory(header, input_infos, sender.infos) as (inputs, outputs):
             yield sender.header()
 
             def compute():
-                results, report = fn([t.to(self.device, non_blocking=True) for t in inputs])
+                results, fields = fn([t.to(self.device, non_blocking=True) for t in inputs])
                 for view, result in zip(outputs, results):
                     view.copy_(result.reshape(-1).view(torch.uint8))
-                return report
-            report = await self._compute(memory, rpc, compute)
-        yield sender.summary(report, [view.numel() for view in outputs])
+                return fields
+            fields = await self._compute(memory, rpc, compute)
+        yield sender.summary(written=[view.numel() for view in outputs], **fields)
 
     def _sender(self, response_type, infos, chunk_bytes: int, checksums: bool) -> OutputSender:
         """The sender of a response; INVALID_ARGUMENT for a chunk_bytes outside MIN_CHUNK_BYTES..max_message_bytes
@@ -213,13 +235,15 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         dtype, shape = wire.dtype_from_name(info.dtype), tuple(info.shape)
         outputs = wire.quantize_outputs(spec, shape, header.return_dequantized)
         sender = self._sender(pb.QuantizeResponse, outputs, header.chunk_bytes, header.checksums)
+        scales = given_scales(header, spec, shape)
         async with self._admitted([info], outputs) as memory:
             if in_memory(header):
                 def quantize(inputs):
-                    qt = dispatch.quantize(inputs[0], spec)
+                    qt, amax = quantize_amax(inputs[0], spec, scales, header.return_amax)
                     dequantized = [dispatch.dequantize(qt)] if header.return_dequantized else []
                     results = wire.operand_tensors(qt) + dequantized
-                    return results, reference.report(inputs[0], qt) if header.return_report else None
+                    report = reference.report(inputs[0], qt) if header.return_report else None
+                    return results, dict(report=report, amax=None if amax is None else float(amax))
                 async for message in self._memory_call(memory, "Quantize", header, [info], sender, quantize):
                     yield message
                 return
@@ -229,9 +253,13 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
             x = DeviceInput(dtype, shape, self.device)
             keep = header.return_report or header.return_dequantized
             parts = []  # device-side piece results, kept only when the whole result is needed again
-            async for qt, host in self._quantize_pieces(memory, spec, x, chunks, assembler):
+            amax = None  # the largest of the pieces' amax: exactly the whole tensor's
+            async for qt, host, piece_amax in self._quantize_pieces(memory, spec, x, chunks, assembler, scales,
+                                                                    header.return_amax):
                 if keep:
                     parts.append(qt)
+                if piece_amax is not None:
+                    amax = piece_amax if amax is None else torch.maximum(amax, piece_amax)
                 for index, tensor in enumerate(host):
                     async for message in sender.send(index, tensor):
                         yield message
@@ -244,27 +272,28 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
                         yield message
                 if header.return_report:
                     report = await self._compute(memory, "Quantize", reference.report, x.whole(), whole)
-            yield sender.summary(report)
+            yield sender.summary(report, amax=None if amax is None else float(amax))
 
     async def _quantize_pieces(self, memory: StreamMemory, spec: QuantSpec, x: DeviceInput, chunks,
-                               assembler: StreamAssembler):
-        """(QuantizedTensor on the device, its tensors on the host) of each piece of the input, in order,
-        each computed as soon as its bytes have arrived."""
+                               assembler: StreamAssembler, scales: torch.Tensor | None, want_amax: bool):
+        """(QuantizedTensor on the device, its tensors on the host, its amax if `want_amax`) of each piece of the
+        input, in order, each computed as soon as its bytes have arrived (with its part of explicit `scales`)."""
         itemsize = x.dtype.itemsize
         pieces = plan_pieces(spec, x.shape, self.config.piece_bytes, itemsize)
+        per_piece = [None] * len(pieces) if scales is None else piece_scales(pieces, spec, scales)
         pending: asyncio.Queue = asyncio.Queue()
         scheduled = 0
 
-        def quantize(piece):
-            qt = dispatch.quantize(x.piece(piece), spec)
-            return qt, [t.cpu() for t in wire.operand_tensors(qt)]
+        def quantize(i):
+            qt, amax = quantize_amax(x.piece(pieces[i]), spec, per_piece[i], want_amax)
+            return qt, [t.cpu() for t in wire.operand_tensors(qt)], amax
 
         def schedule(_index=0):
             nonlocal scheduled
             arrived = assembler.received[0] // itemsize
             while scheduled < len(pieces) and pieces[scheduled].end <= arrived:
                 x.stage(assembler.buffer(0))
-                pending.put_nowait(asyncio.ensure_future(self._compute(memory, "Quantize", quantize, pieces[scheduled])))
+                pending.put_nowait(asyncio.ensure_future(self._compute(memory, "Quantize", quantize, scheduled)))
                 scheduled += 1
 
         async def receive():
@@ -347,7 +376,7 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         """Serve a call with one output, fn(input tensors): from and into shared or GPU memory when the header says
         so, else receive every input's chunks, compute off the event loop, stream the output back, then the summary."""
         if in_memory(header):
-            async for message in self._memory_call(memory, rpc, header, infos, sender, lambda ts: ([fn(ts)], None)):
+            async for message in self._memory_call(memory, rpc, header, infos, sender, lambda ts: ([fn(ts)], {})):
                 yield message
             return
         assembler = memory.assembler(infos)

@@ -227,10 +227,10 @@ class OutputSender:
                 self.metrics.add_bytes("out", len(piece))
             yield self.writer.message(index, piece, crc)
 
-    def summary(self, report: dict | None = None, written: list | None = None):
+    def summary(self, report: dict | None = None, written: list | None = None, amax: float | None = None):
         """The Summary; `written`: bytes per output written into regions instead of sent."""
         summary = pb.Summary(bytes=self.writer.sent if written is None else written,
-                             crc32c=self.writer.crcs if self.checksums else [])
+                             crc32c=self.writer.crcs if self.checksums else [], amax=amax)
         if report is not None:
             summary.report.CopyFrom(pb.Report(**report))
         return self.response_type(summary=summary)

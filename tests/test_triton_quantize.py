@@ -97,6 +97,26 @@ def test_explicit_scales(spec, rng):
     check(halves, spec, torch.ones(spec.scale_shape(halves.shape)))
 
 
+@pytest.mark.parametrize("spec", STATIC_SPECS, ids=str)
+def test_amax_found_while_quantizing_with_given_scales(spec, rng):
+    """Delayed scaling: the pass that quantizes with given scales also finds the input's finite amax (NaN, Inf
+    ignored as the per-tensor scale ignores them), on 1-D, 3-D, strided and all-zero inputs."""
+    inputs = [random_input((37, 300), torch.bfloat16, rng), random_input((3, 20, 50), torch.float32, rng),
+              random_input((40, 400), torch.float16, rng)[::3, 7:390:2], torch.zeros(5, 70),
+              torch.full((4, 64), math.nan)]
+    for x in inputs:
+        scales = torch.exp2(torch.round(torch.randn(spec.scale_shape(x.shape), generator=rng) * 4))
+        qt, amax = triton_quantize.quantize_with_amax(x, spec, scales)
+        assert_same_qt(qt, reference_quantize(x, spec, scales))
+        assert amax.shape == () and amax.dtype == torch.float32
+        assert amax.view(torch.int32) == reference.amax(x).view(torch.int32), (amax, reference.amax(x))
+    x = inputs[0]
+    assert float(reference.amax(x)) == x.float().abs().nan_to_num(0, 0, 0).max()
+    # the scale of the tensor's own amax gives per-tensor quantization exactly
+    tensor = QuantSpec(spec.format, "tensor", scale_encoding=spec.scale_encoding)
+    assert_same_qt(quantize(x, tensor, reference.tensor_scale(reference.amax(x), tensor)), reference_quantize(x, tensor))
+
+
 def every_16bit(dtype: torch.dtype) -> torch.Tensor:
     """Every bit pattern of a 16-bit float dtype, in order of the patterns as int16 (65536 values)."""
     return torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
@@ -409,6 +429,17 @@ def test_gpu_matches_reference(spec, dtype, rng):
         pytest.skip("other input dtypes are covered on the group, tensor and MX specs")
     for shape in GPU_SHAPES:
         check(random_input(shape, dtype, rng).cuda(), spec)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", STATIC_SPECS, ids=str)
+def test_gpu_amax_found_while_quantizing_with_given_scales(spec, rng):
+    for shape in GPU_SHAPES:
+        x = random_input(shape, torch.bfloat16, rng).cuda()
+        scales = torch.exp2(torch.round(torch.randn(spec.scale_shape(x.shape), generator=rng) * 4)).cuda()
+        qt, amax = dispatch.quantize_with_amax(x, spec, scales=scales)
+        assert_same_qt(qt, reference_quantize(x, spec, scales))
+        assert amax.device == x.device and amax.cpu().view(torch.int32) == reference.amax(x.cpu()).view(torch.int32)
 
 
 @pytest.mark.gpu

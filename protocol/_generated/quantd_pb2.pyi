@@ -49,7 +49,7 @@ class Chunk(_message.Message):
     def __init__(self, tensor: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class QuantizeHeader(_message.Message):
-    __slots__ = ("tensor", "spec", "return_dequantized", "return_report", "chunk_bytes", "checksums", "regions", "cuda")
+    __slots__ = ("tensor", "spec", "return_dequantized", "return_report", "chunk_bytes", "checksums", "regions", "cuda", "scales", "return_amax")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     RETURN_DEQUANTIZED_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,8 @@ class QuantizeHeader(_message.Message):
     CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     CUDA_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
+    RETURN_AMAX_FIELD_NUMBER: _ClassVar[int]
     tensor: TensorInfo
     spec: QuantSpec
     return_dequantized: bool
@@ -66,7 +68,9 @@ class QuantizeHeader(_message.Message):
     checksums: bool
     regions: RegionTensors
     cuda: CudaTensors
-    def __init__(self, tensor: _Optional[_Union[TensorInfo, _Mapping]] = ..., spec: _Optional[_Union[QuantSpec, _Mapping]] = ..., return_dequantized: _Optional[bool] = ..., return_report: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., checksums: _Optional[bool] = ..., regions: _Optional[_Union[RegionTensors, _Mapping]] = ..., cuda: _Optional[_Union[CudaTensors, _Mapping]] = ...) -> None: ...
+    scales: _containers.RepeatedScalarFieldContainer[float]
+    return_amax: bool
+    def __init__(self, tensor: _Optional[_Union[TensorInfo, _Mapping]] = ..., spec: _Optional[_Union[QuantSpec, _Mapping]] = ..., return_dequantized: _Optional[bool] = ..., return_report: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., checksums: _Optional[bool] = ..., regions: _Optional[_Union[RegionTensors, _Mapping]] = ..., cuda: _Optional[_Union[CudaTensors, _Mapping]] = ..., scales: _Optional[_Iterable[float]] = ..., return_amax: _Optional[bool] = ...) -> None: ...
 
 class QuantizedOperand(_message.Message):
     __slots__ = ("spec", "shape", "codes", "scales", "zero_points")
@@ -177,14 +181,16 @@ class Report(_message.Message):
     def __init__(self, amax: _Optional[float] = ..., sqnr_db: _Optional[float] = ..., saturated: _Optional[int] = ..., nan_count: _Optional[int] = ...) -> None: ...
 
 class Summary(_message.Message):
-    __slots__ = ("bytes", "crc32c", "report")
+    __slots__ = ("bytes", "crc32c", "report", "amax")
     BYTES_FIELD_NUMBER: _ClassVar[int]
     CRC32C_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
+    AMAX_FIELD_NUMBER: _ClassVar[int]
     bytes: _containers.RepeatedScalarFieldContainer[int]
     crc32c: _containers.RepeatedScalarFieldContainer[int]
     report: Report
-    def __init__(self, bytes: _Optional[_Iterable[int]] = ..., crc32c: _Optional[_Iterable[int]] = ..., report: _Optional[_Union[Report, _Mapping]] = ...) -> None: ...
+    amax: float
+    def __init__(self, bytes: _Optional[_Iterable[int]] = ..., crc32c: _Optional[_Iterable[int]] = ..., report: _Optional[_Union[Report, _Mapping]] = ..., amax: _Optional[float] = ...) -> None: ...
 
 class QuantizeResponse(_message.Message):
     __slots__ = ("header", "chunk", "summary")
