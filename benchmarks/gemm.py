@@ -1,6 +1,6 @@
 """GEMM throughput of kernels/triton_gemm against cuBLAS, all in one run on one GPU.
 
-    python benchmarks/gemm.py --out DIR [--sizes 2048 4096 8192] [--no-sweep]
+    python benchmarks/gemm.py --out DIR [--sizes 2048 4096 8192] [--no-sweep] [--decode M ...] [--decode-nk 8192]
 
 For square M = N = K it times each GEMM (median of triton.testing.do_bench, eager, and of
 do_bench_cudagraph, GPU time without Python launch cost) and reports TFLOPS = 2 M N K / t:
@@ -11,6 +11,7 @@ do_bench_cudagraph, GPU time without Python launch cost) and reports TFLOPS = 2 
   Triton kernel)
   triton INT8 (per-row scales)                   vs  cuBLAS int8 (torch._int_mm, int32 out, unscaled)
   triton MXFP4 x MXFP4, MXFP8 x MXFP4 (upcast)    vs  bf16 torch.matmul
+Decode shapes (M = 1..256 rows against one N = K weight) compare the block-scaled GEMM with cuBLAS blockwise.
 The sweep then times block-scaled launch configs alone (the autotuned list plus variants:
 flatten, warp specialization, promotion every 32, 2 programs per SM, non-persistent, pair-K) at sizes >= 4096.
 Writes DIR/gemm.json and DIR/gemm_tflops.png.
@@ -178,6 +179,31 @@ def run_size(s: int, results: dict) -> None:
     results["sizes"][str(s)] = row
 
 
+def run_decode(ms, nk: int, results: dict) -> None:
+    """Decode shapes: A (M, nk) for each M of `ms` against one weight B (nk, nk); the block-scaled FP8 GEMM against
+    cuBLAS blockwise and bf16 (graph-replayed times; TFLOPS and the ratio to cuBLAS blockwise)."""
+    gen = torch.Generator(device="cuda").manual_seed(nk)
+    w = torch.randn(nk, nk, device="cuda", dtype=torch.bfloat16, generator=gen)
+    qb = quantize(w, BLOCK_B)
+    for m in ms:
+        x = torch.randn(m, nk, device="cuda", dtype=torch.bfloat16, generator=gen)
+        qa = quantize(x, BLOCK_A)
+        row = {}
+        for name, make in [("triton fp8 block-scaled", lambda: lambda: triton_gemm.matmul(qa, qb, torch.bfloat16)),
+                           ("cublas fp8 blockwise", lambda: cublas_blockwise(qa, qb)[0]),
+                           ("cublas bf16", lambda: lambda: torch.matmul(x, w.t()))]:
+            try:
+                _, graph = bench(make())
+                row[name] = 2.0 * m * nk * nk / graph / 1e9
+            except Exception as e:  # cuBLAS blockwise refuses some shapes: reported, not fatal
+                row[name] = None
+                print(f"decode M={m} {name} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        if row["triton fp8 block-scaled"] and row["cublas fp8 blockwise"]:
+            row["triton / cublas blockwise"] = row["triton fp8 block-scaled"] / row["cublas fp8 blockwise"]
+        print(f"decode M={m:4d} N=K={nk}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if v), flush=True)
+        results["decode"][f"{m}x{nk}"] = row
+
+
 def sweep(sizes, results: dict) -> None:
     """Block-scaled launch configs timed alone: the autotuned list and a few variants of it."""
     base = triton_gemm.SCALED_CONFIGS
@@ -253,6 +279,9 @@ def main() -> None:
     parser.add_argument("--out", default=".", help="folder for gemm.json and gemm_tflops.png")
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--no-sweep", action="store_true", help="skip the per-config sweep")
+    parser.add_argument("--decode", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64, 128, 256],
+                        help="decode M values, against N = K = --decode-nk (none: skip)")
+    parser.add_argument("--decode-nk", type=int, default=8192)
     parser.add_argument("--plot-only", metavar="JSON", help="redraw gemm_tflops.png in --out from a saved gemm.json "
                         "(an optional top-level 'note' becomes a subtitle)")
     args = parser.parse_args()
@@ -266,12 +295,13 @@ def main() -> None:
     results = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "cuda": torch.version.cuda, "sizes": {}, "sweep": {}, "accuracy": {},
+        "cuda": torch.version.cuda, "sizes": {}, "sweep": {}, "accuracy": {}, "decode": {},
     }
     print(json.dumps({k: v for k, v in results.items() if k not in ("sizes", "sweep")}), flush=True)
     for s in args.sizes:
         run_size(s, results)
     accuracy(4096, results)
+    run_decode(args.decode, args.decode_nk, results)
     for s in args.sizes:
         row = results["sizes"][str(s)]
         for ours, peer in [("triton fp8 block-scaled", "cublas fp8 blockwise"),
