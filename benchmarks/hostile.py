@@ -1,7 +1,7 @@
 """What hostile or failing clients do to a `quantd serve` process (CPU, on 127.0.0.1).
 
     python benchmarks/hostile.py [--declared-mib 1024] [--sent-mib 0] [--idle-streams 200]
-                                 [--only aborted admission frozen]
+                                 [--only aborted admission frozen shrink]
 
 aborted    three Quantize streams that send a header declaring --declared-mib of bf16 and --sent-mib of it,
            cancelled one by one (staging pool off): the server's RSS after each and 5 s after the last.
@@ -10,6 +10,10 @@ admission  --idle-streams streams that send nothing, then as many that send a he
            status and when it succeeded.
 frozen     two servers, one SIGSTOPped; a client over both quantizes 6 small tensors (timeout 15 s): the
            longest call and the failures.
+shrink     a client registers a named 512 MiB /dev/shm region and shrinks it to 4 KiB 0.3 s into a Quantize of
+           the 256 MiB in it, against a server with --shm-unsealed refuse (the default) and allow: the
+           registration's or the call's status and whether the server survived; then quantd's own client's
+           sealed region, which ftruncate cannot shrink.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from multiprocessing import shared_memory
 
 import grpc
 import torch
@@ -30,6 +35,7 @@ from quantd.kernels.spec import QuantSpec
 from quantd.protocol import wire
 from quantd.server.healthcheck import check
 from quantd.v1 import quantd_pb2 as pb
+from quantd.v1 import quantd_pb2_grpc
 
 MiB = 1 << 20
 SPEC = QuantSpec("fp8_e4m3", group_size=128)
@@ -65,8 +71,9 @@ class Server:
         return kib / (1 << 20)
 
     def close(self):
-        os.kill(self.proc.pid, signal.SIGCONT)
-        self.proc.kill()
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.kill()
         self.proc.wait()
 
 
@@ -160,12 +167,67 @@ def frozen() -> None:
             server.close()
 
 
+def shrink() -> None:
+    for mode in ("refuse", "allow"):
+        server = Server("--shm-unsealed", mode)
+        obj = shared_memory.SharedMemory(f"quantd-hostile-{os.getpid()}", create=True, size=512 * MiB)
+        try:
+            with grpc.insecure_channel(server.target) as channel:
+                stub = quantd_pb2_grpc.QuantdStub(channel)
+                session_call = stub.OpenSession(pb.OpenSessionRequest())
+                session = next(session_call).session
+                nonce = os.urandom(32)
+                obj.buf[:32] = nonce
+                try:
+                    region = stub.RegisterRegion(pb.RegisterRegionRequest(session=session, name=obj.name,
+                                                                          size=512 * MiB, nonce=nonce)).region
+                except grpc.RpcError as exc:
+                    print(f"shrink ({mode}): registration {exc.code().name}: {exc.details()}")
+                    continue
+                rows = 256 * MiB // 2 // 4096
+                at = [4096, 4096 + 256 * MiB, 4096 + 256 * MiB + rows * 4096]
+                sizes = [256 * MiB, rows * 4096, rows * 32 * 4]
+                refs = [pb.RegionRef(region=region, offset=o, size=n) for o, n in zip(at, sizes)]
+                header = pb.QuantizeHeader(tensor=wire.tensor_info("x", torch.bfloat16, (rows, 4096)),
+                                           spec=wire.spec_to_proto(SPEC),
+                                           regions=pb.RegionTensors(session=session, inputs=refs[:1], outputs=refs[1:]))
+                timer = threading.Timer(0.3, os.truncate, (f"/dev/shm/{obj.name}", 4096))
+                timer.start()
+                try:
+                    list(stub.Quantize(iter([pb.QuantizeRequest(header=header)]), timeout=120))
+                    status = "OK"
+                except grpc.RpcError as exc:
+                    status = exc.code().name
+                timer.join()
+                time.sleep(1.0)
+                alive = server.proc.poll() is None
+                print(f"shrink ({mode}): the call {status}; server {'alive' if alive else f'died, exit {server.proc.returncode}'}")
+                session_call.cancel()
+        finally:
+            obj.close()
+            obj.unlink()
+            server.close()
+    server = Server()
+    try:
+        with QuantdClient(server.target, transport="shm") as client:
+            x = client.shm_tensor((4096, 4096), torch.bfloat16)
+            client.quantize(x, SPEC, report=False)
+            memory = client._shm.user_regions[0].memory
+            try:
+                os.ftruncate(memory.fd, 4096)
+                print("shrink (quantd's client): the sealed region shrank")
+            except OSError as exc:
+                print(f"shrink (quantd's client): ftruncate of the sealed region: {exc.strerror}")
+    finally:
+        server.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--declared-mib", type=int, default=1024)
     parser.add_argument("--sent-mib", type=int, default=0)
     parser.add_argument("--idle-streams", type=int, default=200)
-    parser.add_argument("--only", nargs="*", default=["aborted", "admission", "frozen"])
+    parser.add_argument("--only", nargs="*", default=["aborted", "admission", "frozen", "shrink"])
     args = parser.parse_args()
     if "aborted" in args.only:
         aborted(args.declared_mib, args.sent_mib)
@@ -173,6 +235,8 @@ def main() -> None:
         admission(args.idle_streams)
     if "frozen" in args.only:
         frozen()
+    if "shrink" in args.only:
+        shrink()
 
 
 if __name__ == "__main__":
