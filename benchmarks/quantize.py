@@ -171,19 +171,24 @@ SWEEPS = [
       ("mxfp4", CASES[4][1], SQUARE, "dequantize"), ("int8 asym 1x128", CASES[6][1], SQUARE, "dequantize"),
       ("fp8 e4m3 tensor", CASES[7][1], SQUARE, "dequantize")],
      [dict(dequant_tile_elems=t) for t in (4096, 8192, 2048, 1024)]),
+    ([("fp8 e4m3 tensor", CASES[7][1], SQUARE, "quantize"), ("fp8 e4m3 tensor", CASES[7][1], SQUARE, "delayed"),
+      ("int8 sym tensor", QuantSpec(format="int8_sym", granularity="tensor"), SQUARE, "quantize"),
+      ("int8 asym tensor", QuantSpec(format="int8_asym", granularity="tensor"), SQUARE, "quantize")],
+     [dict(guarded_quotient=g) for g in (False, True)]),
     ([("fp8 e4m3 dual 1x128 + 128x1", QuantSpec(), SQUARE, "dual")],
      [dict(dual_warps=w, dual_maxnreg=r) for w, r in ((8, 128), (8, None), (4, None), (16, 64))]),
 ]
 
 
 def _result_bytes(result) -> list:
-    """A result as byte tensors: a dequantized tensor, or the codes, scales and zero points of a quantize
-    (of both, for the dual layout)."""
+    """A result as byte tensors: a dequantized tensor (or a delayed quantize's amax), or the codes, scales and
+    zero points of a quantize (of both, for the dual layout)."""
     if isinstance(result, torch.Tensor):
-        return [result.contiguous().view(torch.uint8)]
+        return [result.contiguous().reshape(-1).view(torch.uint8)]
     out = []
-    for qt in result if isinstance(result, tuple) else (result,):
-        out += [t.contiguous().view(torch.uint8) for t in (qt.codes, qt.scales, qt.zero_points) if t is not None]
+    for part in result if isinstance(result, tuple) else (result,):
+        out += _result_bytes(part) if isinstance(part, torch.Tensor) else [
+            t.contiguous().view(torch.uint8) for t in (part.codes, part.scales, part.zero_points) if t is not None]
     return out
 
 
@@ -198,11 +203,13 @@ def sweep_configs():
             _, copy_gbs = time_copy(x)
             qb = op_bytes(x, spec, op)
             qt = quantize(x, spec)  # shipped settings: what dequantize reads
+            scale = reference.tensor_scale(reference.amax(x), spec) if op == "delayed" else None
             first = None
             for setting in settings:
                 config = dataclasses.replace(DEFAULT, **setting)
                 try:
                     run = {"quantize": lambda: quantize(x, spec, config=config),
+                           "delayed": lambda: triton_quantize.quantize_with_amax(x, spec, scale, config=config),
                            "dual": lambda: quantize_dual(x, spec, config=config),
                            "dequantize": lambda: dequantize(qt, torch.bfloat16, config=config)}[op]
                     got = _result_bytes(run())

@@ -48,6 +48,11 @@ class KernelConfig:
     # block at 16 elements a thread.
     one_block_float: OneBlock = OneBlock(defer=True, per_sm=0, tile_elems=64, row_elems=64, maxnreg=128)
     one_block_int: OneBlock = OneBlock(defer=False, per_sm=1, tile_elems=32, row_elems=16, maxnreg=None)
+    # Blocks whose scales come from the statistics pass or are given (per tensor, channels, groups and tiles
+    # too large for registers, static and delayed scales): x / scale by the guarded corrected quotient
+    # (triton_elements.quotient GUARDED: a reciprocal and two fmas) instead of IEEE division wherever the
+    # tile's scales are in range. Off until timed against division on the GPU (benchmarks/quantize.py --sweep).
+    guarded_quotient: bool = False
     # Programs an SM of the launch that quantizes the deferred careful tiles.
     fixup_programs: int = 2
     # Elements a dequantize program covers, and the sub-tiles one-block tiles (a power-of-two number of

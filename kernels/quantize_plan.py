@@ -36,6 +36,7 @@ class ElementConstants(NamedTuple):
     NAN_CODE: int  # bits written for NaN (0 where the format has no NaN)
     HW_FP8: int  # triton_elements.SOFT_FP8, HW_E4M3 or HW_E5M2
     EXACT_FP8: bool  # fp8 codes by integer arithmetic, not the hardware cast
+    GUARDED: bool = False  # stats and given scales divide by the guarded corrected quotient (KernelConfig)
 
 
 class Tile(NamedTuple):
@@ -98,8 +99,9 @@ def block_view(x: torch.Tensor, spec: QuantSpec):
     return x.reshape(dims), block
 
 
-def element_constants(spec: QuantSpec, exact_fp8: bool | None = None) -> ElementConstants:
-    """The kernels' FMT constexpr of `spec` (exact_fp8 None: integer fp8 codes only when interpreted)."""
+def element_constants(spec: QuantSpec, exact_fp8: bool | None = None, guarded: bool = False) -> ElementConstants:
+    """The kernels' FMT constexpr of `spec` (exact_fp8 None: integer fp8 codes only when interpreted; guarded:
+    KernelConfig.guarded_quotient)."""
     el = spec.element
     hw = SOFT_FP8.value
     if el.kind == "float" and el is not E2M1:
@@ -108,7 +110,7 @@ def element_constants(spec: QuantSpec, exact_fp8: bool | None = None) -> Element
         QMAX=float(el.max), IS_INT=el.kind == "int", ASYM=spec.format == Format.INT8_ASYM,
         POW2=spec.scale_encoding == ScaleEncoding.POW2, MX=spec.is_mx, EMAX=el.emax if el.kind == "float" else 0,
         NBITS=el.bits, MBITS=el.mbits, EMIN=el.emin, BIAS=el.bias, NAN_CODE=el.nan_code if el.has_nan else 0,
-        HW_FP8=hw, EXACT_FP8=interpreting() if exact_fp8 is None else bool(exact_fp8),
+        HW_FP8=hw, EXACT_FP8=interpreting() if exact_fp8 is None else bool(exact_fp8), GUARDED=guarded,
     )
 
 

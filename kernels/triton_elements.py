@@ -97,6 +97,7 @@ DIVIDE = tl.constexpr(0)
 RECIPROCAL = tl.constexpr(1)
 CORRECTED = tl.constexpr(2)
 CORRECTED_ANY_ZERO = tl.constexpr(3)
+GUARDED = tl.constexpr(4)
 # Scales within which CORRECTED is exact for every quotient that can change a code (and x finite).
 CORRECTED_MIN = tl.constexpr(2.0 ** -80)
 CORRECTED_MAX = tl.constexpr(2.0 ** 100)
@@ -115,15 +116,20 @@ def quotient(x, scale, QUOTIENT: tl.constexpr):
     scale in [CORRECTED_MIN, CORRECTED_MAX]: there the remainder is exact wherever
     |x / scale| >= 2**-20, and the result is the IEEE quotient in every case searched (NUMERICS.md);
     smaller quotients may differ in the last bits, and every format's code of them is zero.
+    GUARDED: CORRECTED for any x, the caller guaranteeing only the scale's range: where |q0| >= 2**17
+    (x Inf, or a quotient that saturates every format: their largest codes are below 2**17) or q0 is NaN
+    (x NaN), q0 itself, whose code is the IEEE quotient's.
     """
     if QUOTIENT == RECIPROCAL:
         q = x * tl.math.div_rn(1.0, scale)
-    elif QUOTIENT == CORRECTED or QUOTIENT == CORRECTED_ANY_ZERO:
+    elif QUOTIENT == CORRECTED or QUOTIENT == CORRECTED_ANY_ZERO or QUOTIENT == GUARDED:
         r = tl.math.div_rn(1.0, scale)
         q0 = x * r
         q = tl.fma(tl.fma(q0, -scale, x), r, q0)  # -scale: the block's, exact (Triton's -q0 is 0 - q0, an extra op)
-        if QUOTIENT == CORRECTED:
+        if QUOTIENT != CORRECTED_ANY_ZERO:
             q = tl.where(x == 0.0, x, q)  # x = -0 keeps its sign (CORRECTED_ANY_ZERO: for int8, which has one zero)
+        if QUOTIENT == GUARDED:
+            q = tl.where(tl.abs(q0) < 131072.0, q, q0)
     else:
         q = tl.math.div_rn(x, scale)
     return q

@@ -24,9 +24,9 @@ from .quantize_plan import (MAX_REGISTER_BLOCK, Tile, as_grid, bf16_bits, block_
                             input_view, persistent_programs, pow2_ceil, schedule, tile_geometry, warps)
 from .spec import Granularity, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
-from .triton_elements import (CORRECTED, CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, RECIPROCAL,
-                              block_ids, block_scale, encode, encode_quotient, finite_abs, load_fp32, quotient,
-                              stored_scale, tile_coords)
+from .triton_elements import (CORRECTED, CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, GUARDED,
+                              RECIPROCAL, block_ids, block_scale, encode, encode_quotient, finite_abs, load_fp32,
+                              quotient, stored_scale, tile_coords)
 from .triton_mxfp4_pairs import mxfp4_pairs
 
 # SCALE_SRC of _quantize_tile: where a block's scale comes from.
@@ -220,6 +220,11 @@ def _quantize_tile(
             bits = _encode_register(x, scale, zp, careful, FMT)
         elif FMT.POW2 and SCALE_SRC == SCALE_STATS:  # given scales need not be powers of two even when stored as E8M0
             bits = encode(x, scale, zp, FMT, RECIPROCAL)
+        elif FMT.GUARDED:
+            if tl.max(((scale < CORRECTED_MIN) | (scale > CORRECTED_MAX)).to(tl.int32)) == 0:
+                bits = encode(x, scale, zp, FMT, GUARDED)
+            else:
+                bits = encode(x, scale, zp, FMT, DIVIDE)
         else:
             bits = encode(x, scale, zp, FMT, DIVIDE)
         _store_codes(bits, codes_ptr, p, rows, cols, valid, pid_c, cb, R, sq_p, sq_r, TILE, PACK4)
@@ -294,7 +299,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
     if x.numel() == 0:
         qt = reference.quantize(x.cpu(), spec, None if scales is None else scales.cpu())
         return with_scale_layout(_to_device(qt, x.device), scale_layout)
-    fmt = element_constants(spec, exact_fp8)
+    fmt = element_constants(spec, exact_fp8, config.guarded_quotient)
     v, (br, bc) = block_view(x, spec)
     P, R, C = v.shape
     nbr, nbc = _cdiv(R, br), _cdiv(C, bc)
@@ -395,7 +400,7 @@ def quantize_dual(x: torch.Tensor, spec: QuantSpec, *, scale_layout: str = "row"
     if x.numel() == 0:
         return (quantize(x, spec, scale_layout=scale_layout, config=config),
                 quantize(x.T, spec, scale_layout=scale_layout, config=config))
-    fmt = element_constants(spec, exact_fp8)
+    fmt = element_constants(spec, exact_fp8, config.guarded_quotient)
     M, K = x.shape
     rows, cols = (_empty(shape, spec, x.device, scale_layout) for shape in ((M, K), (K, M)))
     cb = max(1, min(pow2_ceil(_cdiv(K, g)), max(1, config.tile_elems // (g * g))))

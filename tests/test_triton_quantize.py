@@ -212,6 +212,33 @@ def test_quotients_near_code_boundaries(fmt, rng):
     check(x, QuantSpec(format=fmt, granularity="tile", tile=(128, 128)))
 
 
+def guarded_quotient_checks(fmt: str, rng, device: str = "cpu") -> None:
+    guarded = dataclasses.replace(DEFAULT, guarded_quotient=True)
+    x = near_boundaries(fmt, 128, rng)
+    spec = QuantSpec(format=fmt)  # 1 x 128 groups: a row a block
+    if fmt != "int8_asym":  # given scales (int8_asym takes none)
+        scales = reference.scale_values(reference_quantize(x, spec)).reshape(spec.scale_shape(x.shape))
+        want = reference_quantize(x, spec, scales)
+        assert (codes_of_quotients(x * (1 / scales), want) != want.codes.view(torch.uint8).reshape(x.shape)).sum() > 0
+        check(x.to(device), spec, scales.to(device), config=guarded)
+        stale = x.clone()
+        stale[:4, 1:6] = torch.tensor([math.inf, -math.inf, math.nan, 3e38, -0.0])
+        for factor in (1.0, 2.0 ** -20, 2.0 ** -40, 2.0 ** 20):  # exact, saturating, some below CORRECTED_MIN
+            check(stale.to(device), spec, (scales * factor).to(device), config=guarded)
+    for big in (QuantSpec(fmt, "tensor"), QuantSpec(fmt, group_size=20001), QuantSpec(fmt, "channel", axis=1)):
+        check(random_input((6, 300, 200), torch.bfloat16, rng).to(device), big, config=guarded)  # statistics pass
+        check((x * 2.0 ** 90).to(device), big, config=guarded)  # scales past CORRECTED_MAX: divided
+
+
+@pytest.mark.parametrize("fmt", FP8 + ("int8_sym", "int8_asym"))
+def test_guarded_quotient_matches_division(fmt, rng):
+    """KernelConfig.guarded_quotient: blocks of given scales and of the statistics pass divide by the corrected
+    quotient, guarded for Inf, NaN and saturating quotients, and by IEEE division where a tile's scales are
+    out of the corrected range; the codes stay the reference's on quotients next to code boundaries (where x
+    times the reciprocal alone gives other codes, asserted), under stale scales, and on random inputs."""
+    guarded_quotient_checks(fmt, rng)
+
+
 # (spec, shape) whose register programs can be persistent (one block a program with OneBlock.per_sm,
 # INT8 asym); a pow2 tile has no branch around its store. Channels are one block a program from 4097
 # elements a channel.
@@ -429,6 +456,12 @@ def test_gpu_matches_reference(spec, dtype, rng):
         pytest.skip("other input dtypes are covered on the group, tensor and MX specs")
     for shape in GPU_SHAPES:
         check(random_input(shape, dtype, rng).cuda(), spec)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FP8 + ("int8_sym", "int8_asym"))
+def test_gpu_guarded_quotient_matches_division(fmt, rng):
+    guarded_quotient_checks(fmt, rng, "cuda")
 
 
 @pytest.mark.gpu
