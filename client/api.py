@@ -230,7 +230,8 @@ class QuantdClient:
         self.last_transport: transports.Choice | None = None
         self._shm: transports.ShmTransport | None = None
         self._shm_error: str | None = None
-        self._server_uuid: str | None = None
+        self._server_uuids: list | None = None  # the GPUs whose CUDA IPC handles the server can open
+        self.last_placement = ""  # where the server computed the last call and why (Summary.placement)
         self._parallel: list = []  # one QuantdClient per stream, each on a connection of its own
 
     def close(self) -> None:
@@ -290,11 +291,17 @@ class QuantdClient:
         shm_reason = self._shm_reason()
         if shm_reason is not None:
             return f"no proof that the server shares this host ({shm_reason})"
+        if len({t.device for t in tensors}) > 1:
+            return "the tensors are on several GPUs"
         local = transports.device_uuid(tensors[0].device)
-        if self._server_uuid is None:
-            self._server_uuid = self.server_info()["device_uuid"]
-        if self._server_uuid != local:
-            return f"the server computes on {self._server_uuid or 'the CPU'}, the tensors are on {local}"
+        if self._server_uuids is None:
+            info = self.server_info()
+            # a server that predates ipc_device_uuids opens handles of its own GPU only
+            self._server_uuids = info["ipc_device_uuids"] or [u for u in [info["device_uuid"]] if u]
+        if not self._server_uuids:
+            return f"the server computes on the CPU, the tensors are on {local}"
+        if local not in self._server_uuids:
+            return f"the tensors are on {local}, a GPU the server does not see (it sees {', '.join(self._server_uuids)})"
         return None
 
     def _choose(self, transport, tensors, streams_reason=lambda: "only Quantize splits a tensor over streams") -> str:
@@ -314,16 +321,20 @@ class QuantdClient:
 
             def send(deadline):
                 return lambda h: _summary(self.streams[rpc](iter([request_type(header=h)]), timeout=deadline), response_type)
-            memory = self._shm if transport == "shm" else transports.IpcTransport(self._shm, self._server_uuid)
+            memory = self._shm if transport == "shm" else transports.IpcTransport(self._shm)
             tensors = [t.detach() for t in tensors]
-            return self._call(lambda deadline: memory.call_with(send(deadline), header, tensors, outputs), timeout)
-        tensors = [t.detach().cpu() for t in tensors]
+            out, summary = self._call(lambda deadline: memory.call_with(send(deadline), header, tensors, outputs),
+                                      timeout)
+        else:
+            tensors = [t.detach().cpu() for t in tensors]
 
-        def attempt(deadline):
-            requests = _requests(request_type, header, tensors, self.chunk_bytes, self.checksums)
-            call = self.streams[rpc](requests, timeout=deadline)
-            return _collect(_watched(call, self.stall_timeout), response_type, self.checksums)
-        return self._call(attempt, timeout)
+            def attempt(deadline):
+                requests = _requests(request_type, header, tensors, self.chunk_bytes, self.checksums)
+                call = self.streams[rpc](requests, timeout=deadline)
+                return _collect(_watched(call, self.stall_timeout), response_type, self.checksums)
+            out, summary = self._call(attempt, timeout)
+        self.last_placement = summary.placement
+        return out, summary
 
     def quantize(self, tensor, spec: QuantSpec | None = None, *, report: bool = True, dequantized: bool = False,
                  scales=None, amax: bool = False, timeout: float | None = None,

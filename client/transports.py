@@ -2,9 +2,10 @@
 memory on the server's host ("shm"), or one tensor split over parallel streams on separate connections ("streams").
 
 The client picks one per call (transport="auto") and says which and why in QuantdClient.last_transport:
-- ipc for CUDA tensors on the server's GPU, once shm proved the server shares this host: the server opens the
+- ipc for CUDA tensors on a GPU the server sees, once shm proved the server shares this host: the server opens the
   tensors' CUDA IPC handles (torch.multiprocessing.reductions) and writes the outputs into buffers the client
-  allocated on the same GPU.
+  allocated on the same GPU (computing on that GPU when it is one of the server's, else crossing GPUs: peer access
+  where the GPUs allow it, else a copy through host memory; QuantdClient.last_placement says which).
 - shm when the server proves to share this host: the client creates a memory file sealed against shrinking
   (memfd; a POSIX shared-memory object where the server cannot open that and takes unsealed regions), writes a
   random nonce into it and registers it; a server on another host cannot open it, or finds other bytes.
@@ -202,9 +203,8 @@ class ShmTransport:
 class IpcTransport:
     """CUDA tensors passed by their CUDA IPC handles, in the session of a ShmTransport (the same-host proof)."""
 
-    def __init__(self, shm: ShmTransport, device_uuid: str):
+    def __init__(self, shm: ShmTransport):
         self.shm = shm
-        self.device_uuid = device_uuid
 
     def call_with(self, send, header, tensors, outputs):
         """Like ShmTransport.call_with, for CUDA tensors; the outputs are allocated on the inputs' GPU."""
@@ -212,7 +212,7 @@ class IpcTransport:
         tensors = [t.contiguous() for t in tensors]
         buffers = [torch.empty(wire.info_nbytes(info), dtype=torch.uint8, device=device) for info in outputs]
         torch.cuda.current_stream(device).synchronize()  # the inputs are written before the server reads them
-        header.cuda.CopyFrom(pb.CudaTensors(session=self.shm.session, device_uuid=self.device_uuid,
+        header.cuda.CopyFrom(pb.CudaTensors(session=self.shm.session, device_uuid=device_uuid(device),
                                             inputs=[ipc_tensor(t) for t in tensors],
                                             outputs=[ipc_tensor(b) for b in buffers]))
         summary = send(header)
@@ -242,7 +242,7 @@ def check(transport: str) -> str:
     return transport
 
 
-WHY = {"ipc": "the tensors are on the server's GPU", "shm": "the server shares this host",
+WHY = {"ipc": "the server sees the tensors' GPU", "shm": "the server shares this host",
        "streams": "a Quantize in independent pieces"}
 
 

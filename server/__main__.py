@@ -14,7 +14,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    app.main(config.from_args(parser().parse_args(argv)))
+    try:
+        settings = config.from_args(parser().parse_args(argv))
+        app.pick_devices(settings.device)  # a device that is not there stops the start with the reason
+    except ValueError as exc:
+        print(f"quantd serve: {exc}", file=sys.stderr)
+        return 2
+    app.main(settings)
     return 0
 
 

@@ -36,13 +36,24 @@ SERVICE_NAME = SERVICE.full_name
 COMPUTE_THREADS = 2  # one piece computing while the next one's bytes are copied to the device
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+def pick_devices(name: str) -> list[torch.device]:
+    """The devices `name` (ServerConfig.device) means: one, or for "all" and lists a pool of GPUs."""
+    if name == "cpu" or name == "auto" and not torch.cuda.is_available():
+        return [torch.device("cpu")]
+    if not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available")
-    return device
+    present = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    if name == "all":
+        return present
+    if name in ("auto", "cuda"):
+        return [torch.device("cuda", 0)]  # what "cuda" means in a fresh process
+    devices = [torch.device(part.strip()) for part in name.split(",")]
+    for device in devices:
+        if device.index is not None and device.index >= len(present):
+            raise ValueError(f"device {device} asked for, but this host has {', '.join(map(str, present))}")
+    if len(set(devices)) < len(devices):
+        raise ValueError(f"device {name!r} names a GPU more than once")
+    return devices
 
 
 def is_loopback(host: str) -> bool:
@@ -80,10 +91,12 @@ class QuantdServer:
 
     def __init__(self, config: ServerConfig, metrics: Metrics | None = None):
         self.config = config
-        self.device = pick_device(config.device)
+        self.devices = pick_devices(config.device)
         self.metrics = metrics or Metrics()
-        self.executor = concurrent.futures.ThreadPoolExecutor(COMPUTE_THREADS, thread_name_prefix="quantd-compute")
-        self.servicer = QuantdServicer(config, self.device, self.executor, self.metrics)
+        # each device computes in threads of its own: a busy GPU does not hold up requests placed on another
+        self.executors = [concurrent.futures.ThreadPoolExecutor(COMPUTE_THREADS, thread_name_prefix=f"quantd-{d}")
+                          for d in self.devices]
+        self.servicer = QuantdServicer(config, self.devices, self.executors, self.metrics)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -118,7 +131,8 @@ class QuantdServer:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_port:
             self.metrics.start_http(self.config.metrics_port, self.config.metrics_host or self.config.host)
-        log.info("quantd serving on %s:%d (device %s)", self.config.host, self.port, self.device)
+        log.info("quantd serving on %s:%d (device %s)", self.config.host, self.port,
+                 ", ".join(map(str, self.devices)))
         if credentials is None and auth is None and not is_loopback(self.config.host):
             log.warning("serving on %s without TLS or tokens: anyone who reaches this address can use the server "
                         "(set QUANTD_TLS_CERT_FILE/QUANTD_TLS_KEY_FILE or QUANTD_AUTH_TOKENS)", self.config.host)
@@ -137,7 +151,8 @@ class QuantdServer:
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.05)  # let calls that just ended finish their interceptors before the server goes
         await self.server.stop(grace=max(0.0, deadline - loop.time()))
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        for executor in self.executors:
+            executor.shutdown(wait=False, cancel_futures=True)
         self.metrics.stop_http()
         self.stopped.set()
 

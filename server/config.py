@@ -16,7 +16,7 @@ GiB = 1 << 30
 class ServerConfig:
     host: str = "127.0.0.1"                # the container image sets 0.0.0.0
     port: int = 50051
-    device: str = "auto"                   # auto | cpu | cuda | cuda:N
+    device: str = "auto"                   # auto | cpu | cuda | cuda:N | all | cuda:0,cuda:1 (a pool of GPUs)
     max_tensor_bytes: int = 16 * GiB       # declared input bytes, and output bytes, per stream
     max_concurrent_streams: int = 16       # Quantize/Dequantize/Matmul streams served at once
     max_memory_bytes: int = 0              # tensors of all streams in flight together (0: half the machine's memory)
@@ -49,8 +49,11 @@ class ServerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.shm_unsealed not in ("refuse", "allow"):
             raise ValueError(f"shm_unsealed must be 'refuse' or 'allow', got {self.shm_unsealed!r}")
-        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        parts = self.device.split(",")
+        single = len(parts) == 1 and (self.device in ("auto", "cpu", "all", "cuda") or _is_cuda_index(self.device))
+        if not single and not all(_is_cuda_index(p.strip()) for p in parts):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N, all or a list of cuda:N "
+                             f"(cuda:0,cuda:1), got {self.device!r}")
 
     @property
     def memory_budget(self) -> int:
@@ -63,6 +66,10 @@ class ServerConfig:
     def max_message_bytes(self) -> int:
         """Largest request message accepted: room for chunks of up to 64 MiB (or chunk_bytes, if larger)."""
         return max(64 * MiB, self.chunk_bytes) + MiB
+
+
+def _is_cuda_index(name: str) -> bool:
+    return name.startswith("cuda:") and name[5:].isdigit()
 
 
 def _field_type(field):

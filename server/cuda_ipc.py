@@ -1,10 +1,15 @@
 """Tensors in a client's GPU memory, opened from their CUDA IPC handles (torch.multiprocessing's own sharing).
 
-Only a client that proved it shares this host (its session holds a registered shared-memory region) and whose
-tensors are on this server's GPU (same device UUID) may pass them. Opened storages are cached by torch per handle
-and released when the last view of them goes.
+Only a client that proved it shares this host (its session holds a registered shared-memory region) may pass them,
+and only on a GPU this server's process sees. A tensor on a GPU the call does not compute on crosses GPUs
+(Crossing): by device-to-device copies when the two GPUs can access each other's memory (peer access, NVLink or
+PCIe), else through host memory. Opened storages are cached by torch per handle and released when the last view
+of them goes.
 """
 from __future__ import annotations
+
+import functools
+import logging
 
 import grpc
 import torch
@@ -15,6 +20,8 @@ from quantd.protocol import wire
 from .errors import ServiceError, invalid
 from .regions import RegionTable, check_overlaps
 
+log = logging.getLogger("quantd.server")
+
 
 def device_uuid(device: torch.device) -> str:
     """The CUDA device's UUID as nvidia-smi prints it ("GPU-..."), or "" for the CPU."""
@@ -23,16 +30,27 @@ def device_uuid(device: torch.device) -> str:
     return f"GPU-{torch.cuda.get_device_properties(device).uuid}"
 
 
+@functools.lru_cache(maxsize=None)
+def _visible() -> tuple:
+    return tuple(device_uuid(torch.device("cuda", i)) for i in range(torch.cuda.device_count()))
+
+
+def visible_gpus(device: torch.device) -> list:
+    """UUIDs of the GPUs this process sees, by index: those whose IPC handles it can open (none on a CPU server)."""
+    return list(_visible()) if device.type == "cuda" else []
+
+
 def open_tensors(msg, input_infos, output_infos, device: torch.device, regions: RegionTable):
-    """(input tensors, output byte views) of a request's CudaTensors `msg`, on this server's GPU."""
+    """(input tensors, output byte views) of a request's CudaTensors `msg`, on the GPU they are on."""
     if device.type != "cuda":
         raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "CUDA IPC: this server computes on the CPU")
     if not regions.status(msg.session):
         raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, "CUDA IPC needs a session holding a registered "
                            "shared-memory region: that proves the client is on this host")
-    if msg.device_uuid != device_uuid(device):
+    visible = visible_gpus(device)
+    if msg.device_uuid not in visible:
         raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"CUDA IPC: the tensors are on {msg.device_uuid}, "
-                           f"this server computes on {device_uuid(device)}")
+                           f"a GPU this server does not see (it sees {', '.join(visible)})")
     if len(msg.inputs) != len(input_infos) or len(msg.outputs) != len(output_infos):
         raise invalid(f"cuda: {len(input_infos)} input(s) and {len(output_infos)} output(s) expected, "
                       f"got {len(msg.inputs)} and {len(msg.outputs)}")
@@ -47,15 +65,57 @@ def open_tensors(msg, input_infos, output_infos, device: torch.device, regions: 
         # the whole handle names the allocation: handles of different allocations can share a long prefix
         spans.append((f"cuda: allocation {t.handle.hex()}", t.storage_offset_bytes + t.offset_bytes, nbytes))
     check_overlaps(spans, len(msg.inputs))
-    views = [_open(t, nbytes, device) for t, (_, _, nbytes) in zip(shared, spans)]
+    index = visible.index(msg.device_uuid)
+    views = [_open(t, nbytes, index) for t, (_, _, nbytes) in zip(shared, spans)]
     inputs = [wire.tensor_from_buffer(v, info) for v, info in zip(views, input_infos)]
     return inputs, views[len(inputs):]
 
 
-def _open(t, nbytes: int, device: torch.device) -> torch.Tensor:
+def _open(t, nbytes: int, index: int) -> torch.Tensor:
     try:
         return rebuild_cuda_tensor(torch.Tensor, (nbytes,), (1,), t.offset_bytes, torch.UntypedStorage, torch.uint8,
-                                   device.index or 0, t.handle, t.storage_bytes, t.storage_offset_bytes, False,
+                                   index, t.handle, t.storage_bytes, t.storage_offset_bytes, False,
                                    t.ref_counter_handle, t.ref_counter_offset, t.event_handle, t.event_sync_required)
     except RuntimeError as exc:
         raise invalid(f"cuda: cannot open the CUDA IPC handle: {exc}") from None
+
+
+class Crossing:
+    """How a call's inputs reach the device it computes on, and its outputs get back to where the client wants them.
+
+    how: "local" (the same device, or host memory: plain copies), "peer" (two GPUs that can access each other's
+    memory: device-to-device copies, which torch makes peer to peer), "staged" (two GPUs without peer access:
+    through host memory). `reason` says so for the two cross-GPU cases ("" otherwise)."""
+
+    _warned: set = set()
+
+    def __init__(self, source: torch.device, compute: torch.device):
+        self.source, self.compute = source, compute
+        self.how, self.reason = "local", ""
+        if source.type == "cuda" and compute.type == "cuda" and source != compute:
+            peer = (torch.cuda.can_device_access_peer(compute, source)
+                    and torch.cuda.can_device_access_peer(source, compute))
+            self.how = "peer" if peer else "staged"
+            self.reason = (f"CUDA IPC tensors on {source} ({device_uuid(source)}), computed on {compute}: "
+                           + ("read and written through peer access" if peer else
+                              "no peer access between the two GPUs, copied through host memory"))
+
+    def log(self) -> None:
+        if self.how == "staged" and (self.source, self.compute) not in self._warned:
+            self._warned.add((self.source, self.compute))
+            log.warning("%s", self.reason)
+        else:
+            log.debug("%s", self.reason)
+
+    def to_compute(self, t: torch.Tensor) -> torch.Tensor:
+        if self.how == "staged":
+            return t.cpu().to(self.compute)
+        return t.to(self.compute, non_blocking=True)
+
+    def write(self, view: torch.Tensor, result: torch.Tensor) -> None:
+        view.copy_(result.cpu() if self.how == "staged" else result)
+
+    def finish(self) -> None:
+        """Wait for the writes to the source GPU (the caller waits for the compute device's work itself)."""
+        if self.how != "local":
+            torch.cuda.current_stream(self.source).synchronize()

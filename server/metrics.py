@@ -6,6 +6,9 @@ Metrics(registry=None) owns its own CollectorRegistry (so several servers in one
   quantd_kernel_seconds{rpc}                   compute time of quantize/dequantize/matmul (observe_kernel_seconds)
   quantd_bytes_total{direction="in"|"out"}     tensor payload bytes streamed (add_bytes)
   quantd_active_streams                        RPCs in flight (stream_started/stream_finished)
+  quantd_device_requests_in_flight{device}     requests computing on each of the server's devices (watch_devices)
+  quantd_device_bytes_in_flight{device}        their tensor bytes
+  quantd_device_requests_total{device}         requests placed on each device
   quantd_gpu_memory_allocated_bytes{device}    torch.cuda.memory_allocated, read at scrape time
   quantd_gpu_memory_reserved_bytes{device}     torch.cuda.memory_reserved, read at scrape time
 start_http(port) serves them as Prometheus text on http://<addr>:<port>/metrics.
@@ -21,7 +24,7 @@ import time
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from . import logs
 
@@ -67,6 +70,25 @@ class _GpuMemoryCollector:
         yield reserved
 
 
+class _DeviceLoadCollector:
+    """Each device's load (server.placement.Placement), read at scrape time."""
+
+    def __init__(self, placement):
+        self.placement = placement
+
+    def collect(self):
+        families = {field: GaugeMetricFamily(f"quantd_device_{field}", help_, labels=["device"]) for field, help_ in (
+            ("requests_in_flight", "Requests computing on the device"),
+            ("bytes_in_flight", "Tensor bytes of the requests computing on the device"))}
+        placed = CounterMetricFamily("quantd_device_requests", "Requests placed on the device", labels=["device"])
+        for load in self.placement.loads:
+            for field, family in families.items():
+                family.add_metric([load.name], getattr(load, field))
+            placed.add_metric([load.name], load.requests_total)
+        yield from families.values()
+        yield placed
+
+
 class Metrics:
     """The server's metrics, in `registry` (a fresh CollectorRegistry when None)."""
 
@@ -105,6 +127,10 @@ class Metrics:
     def observe_kernel_seconds(self, rpc: str, seconds: float) -> None:
         """Records the compute time of one quantize/dequantize/matmul call made for `rpc`."""
         self.kernel_seconds.labels(rpc).observe(seconds)
+
+    def watch_devices(self, placement) -> None:
+        """Report the load of each of `placement`'s devices (quantd_device_*{device})."""
+        self.registry.register(_DeviceLoadCollector(placement))
 
     def stream_started(self) -> None:
         self.active_streams.inc()

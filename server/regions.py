@@ -75,7 +75,8 @@ class Region:
 
     def pin(self) -> None:
         """Page-lock the region for the GPU (cudaHostRegister), so copies from and to it run at DMA speed."""
-        self.pinned = int(torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.size, 0)) == 0
+        # cudaHostRegisterPortable: pinned for every GPU of the process (a server may compute on several)
+        self.pinned = int(torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.size, 1)) == 0
 
     def proves(self, nonce: bytes) -> bool:
         return hmac.compare_digest(bytes(self.map[:shared.NONCE_BYTES]), nonce)

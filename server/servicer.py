@@ -6,7 +6,9 @@ small thread pool, so the server keeps serving while a tensor is being quantized
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import dataclasses
 import math
 import time
 from importlib import metadata
@@ -25,6 +27,7 @@ from quantd.v1 import quantd_pb2_grpc
 from . import cuda_ipc
 from .errors import ServiceError, grpc_status, invalid
 from .pipeline import DeviceInput
+from .placement import Placement
 from .regions import RegionTable
 from .streams import MIN_CHUNK_BYTES, MemoryBudget, OutputSender, StagingPool, StreamAssembler, StreamMemory, chunks_of
 
@@ -122,17 +125,34 @@ def out_dtype_name(name: str, rpc: str) -> str:
     return name
 
 
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """An admitted stream: the memory it holds, the device it computes on (and that device's threads), and why."""
+    memory: StreamMemory
+    device: torch.device
+    executor: concurrent.futures.Executor
+    placement: str
+
+
 class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
-    def __init__(self, config, device: torch.device, executor, metrics=None):
+    """Serves on `devices` (one, or a pool of GPUs), each computing in its own executor."""
+
+    def __init__(self, config, devices: list, executors: list, metrics=None):
         self.config = config
-        self.device = device
-        self.executor = executor
+        self.devices = list(devices)
+        self.device = self.devices[0]
+        self.executors = list(executors)
         self.metrics = metrics
         self.active_streams = 0
         self.draining = False
-        self.pool = StagingPool(config.staging_pool_bytes, pin=device.type == "cuda")
+        # pinned host memory is pinned for every GPU of the process: one pool and one region table serve them all
+        self.pool = StagingPool(config.staging_pool_bytes, pin=self.device.type == "cuda")
         self.budget = MemoryBudget(config.memory_budget)
-        self.regions = RegionTable(pin=device.type == "cuda", allow_unsealed=config.shm_unsealed == "allow")
+        self.regions = RegionTable(pin=self.device.type == "cuda", allow_unsealed=config.shm_unsealed == "allow")
+        self.placement = Placement([str(d) for d in self.devices])
+        self.uuids = [cuda_ipc.device_uuid(d) for d in self.devices]
+        if metrics is not None:
+            metrics.watch_devices(self.placement)
         self.sessions_end = asyncio.Event()  # set when the server stops: open sessions end
 
     # ---- helpers ------------------------------------------------------------------------
@@ -142,10 +162,11 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
                                max_message_bytes=self.config.max_message_bytes)
 
     @contextlib.asynccontextmanager
-    async def _admitted(self, inputs: list, outputs: list, working_bytes: int = 0):
+    async def _admitted(self, header, inputs: list, outputs: list, working_bytes: int = 0):
         """Admission of a stream whose header has arrived: UNAVAILABLE while draining; RESOURCE_EXHAUSTED over the
         stream count, for inputs or outputs over max_tensor_bytes, or when its tensors (and `working_bytes`) do
-        not fit in the memory budget. Yields its StreamMemory, closed when the call ends, however it ends."""
+        not fit in the memory budget. Yields its Call (placed on the GPU of its CUDA IPC inputs when that is one of
+        the server's, else on the least loaded device); its memory is closed when the call ends, however it ends."""
         if self.draining:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down (draining); retry on another replica")
         if self.active_streams >= self.config.max_concurrent_streams:
@@ -158,30 +179,40 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
                 raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    f"the stream {what} {sizes[what]} bytes of tensors, over this server's limit of "
                                    f"{self.config.max_tensor_bytes} bytes (max_tensor_bytes)")
-        memory = StreamMemory(self.budget, self.pool, sum(sizes.values()) + working_bytes)
+        nbytes = sum(sizes.values()) + working_bytes
+        memory = StreamMemory(self.budget, self.pool, nbytes)
         self.active_streams += 1
         if self.metrics is not None:
             self.metrics.stream_started()
+        uuid = header.cuda.device_uuid if header.HasField("cuda") else None
         try:
-            yield memory
+            with self.placement.hold(nbytes, self.uuids.index(uuid) if uuid in self.uuids else None) as placed:
+                try:
+                    yield Call(memory, self.devices[placed.index], self.executors[placed.index],
+                               f"{self.devices[placed.index]} ({placed.reason})")
+                finally:
+                    await memory.close()
         finally:
             self.active_streams -= 1
             if self.metrics is not None:
                 self.metrics.stream_finished()
-            await memory.close()
 
-    async def _compute(self, memory: StreamMemory, rpc: str, fn, *args):
-        """Run fn(*args) in the compute pool; record its time. `memory` keeps the stream's buffers until it is done."""
+    async def _compute(self, call: Call, rpc: str, fn, *args):
+        """Run fn(*args) in the call's device's threads, with that device current; record its time. The call's
+        memory keeps the stream's buffers until it is done."""
         def timed():
             started = time.perf_counter()
-            result = fn(*args)
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()
+            if call.device.type == "cuda":
+                with torch.cuda.device(call.device):
+                    result = fn(*args)
+                    torch.cuda.current_stream(call.device).synchronize()
+            else:
+                result = fn(*args)
             if self.metrics is not None:
                 self.metrics.observe_kernel_seconds(rpc, time.perf_counter() - started)
             return result
-        future = self.executor.submit(timed)
-        memory.track(future)
+        future = call.executor.submit(timed)
+        call.memory.track(future)
         return await asyncio.wrap_future(future)
 
     async def _receive(self, chunks, assembler: StreamAssembler, on_progress=None):
@@ -201,19 +232,25 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         return contextlib.nullcontext(cuda_ipc.open_tensors(header.cuda, input_infos, output_infos, self.device,
                                                             self.regions))
 
-    async def _memory_call(self, memory: StreamMemory, rpc: str, header, input_infos, sender, fn):
+    async def _memory_call(self, call: Call, rpc: str, header, input_infos, sender, fn):
         """Serve a request whose tensors are in shared or GPU memory: fn(input tensors) -> (output tensors, the
         Summary's other fields as OutputSender.summary takes them) runs in the compute pool and its outputs are
-        written where the request says; the header and summary go back."""
+        written where the request says; the header and summary go back. CUDA IPC tensors on a GPU the call does
+        not compute on cross GPUs (cuda_ipc.Crossing says how)."""
         with self._memory(header, input_infos, sender.infos) as (inputs, outputs):
+            crossing = cuda_ipc.Crossing(inputs[0].device, call.device)
+            if crossing.reason:
+                sender.placement += f"; {crossing.reason}"
+                crossing.log()
             yield sender.header()
 
             def compute():
-                results, fields = fn([t.to(self.device, non_blocking=True) for t in inputs])
+                results, fields = fn([crossing.to_compute(t) for t in inputs])
                 for view, result in zip(outputs, results):
-                    view.copy_(result.reshape(-1).view(torch.uint8))
+                    crossing.write(view, result.reshape(-1).view(torch.uint8))
+                crossing.finish()
                 return fields
-            fields = await self._compute(memory, rpc, compute)
+            fields = await self._compute(call, rpc, compute)
         yield sender.summary(written=[view.numel() for view in outputs], **fields)
 
     def _sender(self, response_type, infos, chunk_bytes: int, checksums: bool) -> OutputSender:
@@ -236,7 +273,8 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         outputs = wire.quantize_outputs(spec, shape, header.return_dequantized)
         sender = self._sender(pb.QuantizeResponse, outputs, header.chunk_bytes, header.checksums)
         scales = given_scales(header, spec, shape)
-        async with self._admitted([info], outputs) as memory:
+        async with self._admitted(header, [info], outputs) as call:
+            sender.placement = call.placement
             if in_memory(header):
                 def quantize(inputs):
                     qt, amax = quantize_amax(inputs[0], spec, scales, header.return_amax)
@@ -244,17 +282,17 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
                     results = wire.operand_tensors(qt) + dequantized
                     report = reference.report(inputs[0], qt) if header.return_report else None
                     return results, dict(report=report, amax=None if amax is None else float(amax))
-                async for message in self._memory_call(memory, "Quantize", header, [info], sender, quantize):
+                async for message in self._memory_call(call, "Quantize", header, [info], sender, quantize):
                     yield message
                 return
-            assembler = memory.assembler([info])
+            assembler = call.memory.assembler([info])
             yield sender.header()
 
-            x = DeviceInput(dtype, shape, self.device)
+            x = DeviceInput(dtype, shape, call.device)
             keep = header.return_report or header.return_dequantized
             parts = []  # device-side piece results, kept only when the whole result is needed again
             amax = None  # the largest of the pieces' amax: exactly the whole tensor's
-            async for qt, host, piece_amax in self._quantize_pieces(memory, spec, x, chunks, assembler, scales,
+            async for qt, host, piece_amax in self._quantize_pieces(call, spec, x, chunks, assembler, scales,
                                                                     header.return_amax):
                 if keep:
                     parts.append(qt)
@@ -267,14 +305,14 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
             if keep:
                 whole = join_pieces(parts, spec, shape)
                 if header.return_dequantized:
-                    deq = await self._compute(memory, "Quantize", lambda: dispatch.dequantize(whole).cpu())
+                    deq = await self._compute(call, "Quantize", lambda: dispatch.dequantize(whole).cpu())
                     async for message in sender.send(len(outputs) - 1, deq):
                         yield message
                 if header.return_report:
-                    report = await self._compute(memory, "Quantize", reference.report, x.whole(), whole)
+                    report = await self._compute(call, "Quantize", reference.report, x.whole(), whole)
             yield sender.summary(report, amax=None if amax is None else float(amax))
 
-    async def _quantize_pieces(self, memory: StreamMemory, spec: QuantSpec, x: DeviceInput, chunks,
+    async def _quantize_pieces(self, call: Call, spec: QuantSpec, x: DeviceInput, chunks,
                                assembler: StreamAssembler, scales: torch.Tensor | None, want_amax: bool):
         """(QuantizedTensor on the device, its tensors on the host, its amax if `want_amax`) of each piece of the
         input, in order, each computed as soon as its bytes have arrived (with its part of explicit `scales`)."""
@@ -293,7 +331,7 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
             arrived = assembler.received[0] // itemsize
             while scheduled < len(pieces) and pieces[scheduled].end <= arrived:
                 x.stage(assembler.buffer(0))
-                pending.put_nowait(asyncio.ensure_future(self._compute(memory, "Quantize", quantize, scheduled)))
+                pending.put_nowait(asyncio.ensure_future(self._compute(call, "Quantize", quantize, scheduled)))
                 scheduled += 1
 
         async def receive():
@@ -325,10 +363,10 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         infos = wire.operand_infos(header.operand)
         output = wire.tensor_info("output", OUT_DTYPES[out_name], header.operand.shape)
         sender = self._sender(pb.DequantizeResponse, [output], header.chunk_bytes, header.checksums)
-        async with self._admitted(infos, [output]) as memory:
+        async with self._admitted(header, infos, [output]) as call:
             def dequantize(tensors):
-                return dispatch.dequantize(quantized_tensor(header.operand, tensors, self.device), OUT_DTYPES[out_name])
-            async for message in self._serve_one_output(memory, "Dequantize", header, infos, chunks, sender,
+                return dispatch.dequantize(quantized_tensor(header.operand, tensors, call.device), OUT_DTYPES[out_name])
+            async for message in self._serve_one_output(call, "Dequantize", header, infos, chunks, sender,
                                                         dequantize):
                 yield message
 
@@ -358,31 +396,32 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         # the CPU GEMM is the reference's: both operands and the product in fp64
         (m, k), n = a_shape, b_shape[0]
         working = 8 * (m * n + (m + n) * k) if self.device.type == "cpu" else 0
-        async with self._admitted(infos[0] + infos[1], [output], working) as memory:
+        async with self._admitted(header, infos[0] + infos[1], [output], working) as call:
             def operand(msg, tensors) -> QuantizedTensor:
                 if msg.WhichOneof("kind") == "tensor":
-                    return dispatch.quantize(tensors[0].to(self.device), wire.spec_from_proto(msg.tensor.spec))
-                return quantized_tensor(msg.quantized, tensors, self.device)
+                    return dispatch.quantize(tensors[0].to(call.device), wire.spec_from_proto(msg.tensor.spec))
+                return quantized_tensor(msg.quantized, tensors, call.device)
 
             def matmul(tensors):
                 split = len(infos[0])
                 a, b = operand(header.a, tensors[:split]), operand(header.b, tensors[split:])
                 return dispatch.matmul(a, b, OUT_DTYPES[out_name])
-            async for message in self._serve_one_output(memory, "Matmul", header, infos[0] + infos[1], chunks,
+            async for message in self._serve_one_output(call, "Matmul", header, infos[0] + infos[1], chunks,
                                                         sender, matmul):
                 yield message
 
-    async def _serve_one_output(self, memory: StreamMemory, rpc: str, header, infos, chunks, sender, fn):
+    async def _serve_one_output(self, call: Call, rpc: str, header, infos, chunks, sender, fn):
         """Serve a call with one output, fn(input tensors): from and into shared or GPU memory when the header says
         so, else receive every input's chunks, compute off the event loop, stream the output back, then the summary."""
+        sender.placement = call.placement
         if in_memory(header):
-            async for message in self._memory_call(memory, rpc, header, infos, sender, lambda ts: ([fn(ts)], {})):
+            async for message in self._memory_call(call, rpc, header, infos, sender, lambda ts: ([fn(ts)], {})):
                 yield message
             return
-        assembler = memory.assembler(infos)
+        assembler = call.memory.assembler(infos)
         yield sender.header()
         await self._receive(chunks, assembler)
-        out = await self._compute(memory, rpc, lambda: fn([assembler.tensor(i) for i in range(len(infos))]).cpu())
+        out = await self._compute(call, rpc, lambda: fn([assembler.tensor(i) for i in range(len(infos))]).cpu())
         async for message in sender.send(0, out):
             yield message
         yield sender.summary()
@@ -419,11 +458,14 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         return self.server_info()
 
     def server_info(self) -> pb.ServerInfo:
-        device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        names = [torch.cuda.get_device_name(d) if d.type == "cuda" else "cpu" for d in self.devices]
+        devices = [pb.DeviceInfo(device=load.name, name=name, uuid=uuid, requests_in_flight=load.requests_in_flight,
+                                 bytes_in_flight=load.bytes_in_flight, requests_total=load.requests_total)
+                   for load, name, uuid in zip(self.placement.loads, names, self.uuids)]
         return pb.ServerInfo(
             version=package_version(),
             backend=dispatch.default_backend(torch.empty(0, device=self.device)),
-            device=device,
+            device=names[0], devices=devices, ipc_device_uuids=cuda_ipc.visible_gpus(self.device),
             formats=[f.value for f in Format],
             granularities=[g.value for g in Granularity],
             scale_encodings=[e.value for e in ScaleEncoding],

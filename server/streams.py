@@ -215,6 +215,7 @@ class OutputSender:
         self.checksums = checksums
         self.metrics = metrics
         self.writer = chunks.ChunkWriter(len(self.infos), chunk_bytes)
+        self.placement = ""  # Summary.placement: where the call computed and why
 
     def header(self):
         return self.response_type(header=pb.OutputHeader(tensors=self.infos, scale_layout="row_major"))
@@ -230,7 +231,8 @@ class OutputSender:
     def summary(self, report: dict | None = None, written: list | None = None, amax: float | None = None):
         """The Summary; `written`: bytes per output written into regions instead of sent."""
         summary = pb.Summary(bytes=self.writer.sent if written is None else written,
-                             crc32c=self.writer.crcs if self.checksums else [], amax=amax)
+                             crc32c=self.writer.crcs if self.checksums else [], amax=amax,
+                             placement=self.placement)
         if report is not None:
             summary.report.CopyFrom(pb.Report(**report))
         return self.response_type(summary=summary)

@@ -481,7 +481,7 @@ def test_cuda_ipc_results_are_the_kernels_bytes():
         want = dispatch.quantize(x, spec)
         with QuantdClient(server.target, transport="auto") as client:
             got = client.quantize(x, spec, dequantized=True)
-            assert got.transport == Choice("ipc", "the tensors are on the server's GPU")
+            assert got.transport == Choice("ipc", "the server sees the tensors' GPU")
             assert got.codes.is_cuda and got.codes.device == x.device
             assert_same(got, want)
             assert torch.equal(got.dequantized, dispatch.dequantize(want))

@@ -181,16 +181,18 @@ class Report(_message.Message):
     def __init__(self, amax: _Optional[float] = ..., sqnr_db: _Optional[float] = ..., saturated: _Optional[int] = ..., nan_count: _Optional[int] = ...) -> None: ...
 
 class Summary(_message.Message):
-    __slots__ = ("bytes", "crc32c", "report", "amax")
+    __slots__ = ("bytes", "crc32c", "report", "placement", "amax")
     BYTES_FIELD_NUMBER: _ClassVar[int]
     CRC32C_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     AMAX_FIELD_NUMBER: _ClassVar[int]
     bytes: _containers.RepeatedScalarFieldContainer[int]
     crc32c: _containers.RepeatedScalarFieldContainer[int]
     report: Report
+    placement: str
     amax: float
-    def __init__(self, bytes: _Optional[_Iterable[int]] = ..., crc32c: _Optional[_Iterable[int]] = ..., report: _Optional[_Union[Report, _Mapping]] = ..., amax: _Optional[float] = ...) -> None: ...
+    def __init__(self, bytes: _Optional[_Iterable[int]] = ..., crc32c: _Optional[_Iterable[int]] = ..., report: _Optional[_Union[Report, _Mapping]] = ..., placement: _Optional[str] = ..., amax: _Optional[float] = ...) -> None: ...
 
 class QuantizeResponse(_message.Message):
     __slots__ = ("header", "chunk", "summary")
@@ -239,7 +241,7 @@ class Limits(_message.Message):
     def __init__(self, max_tensor_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "backend", "device", "formats", "granularities", "scale_encodings", "input_dtypes", "limits", "draining", "device_uuid")
+    __slots__ = ("version", "backend", "device", "formats", "granularities", "scale_encodings", "input_dtypes", "limits", "draining", "device_uuid", "devices", "ipc_device_uuids")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +252,8 @@ class ServerInfo(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    IPC_DEVICE_UUIDS_FIELD_NUMBER: _ClassVar[int]
     version: str
     backend: str
     device: str
@@ -260,7 +264,25 @@ class ServerInfo(_message.Message):
     limits: Limits
     draining: bool
     device_uuid: str
-    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., formats: _Optional[_Iterable[str]] = ..., granularities: _Optional[_Iterable[str]] = ..., scale_encodings: _Optional[_Iterable[str]] = ..., input_dtypes: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., draining: _Optional[bool] = ..., device_uuid: _Optional[str] = ...) -> None: ...
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceInfo]
+    ipc_device_uuids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., formats: _Optional[_Iterable[str]] = ..., granularities: _Optional[_Iterable[str]] = ..., scale_encodings: _Optional[_Iterable[str]] = ..., input_dtypes: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., draining: _Optional[bool] = ..., device_uuid: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., ipc_device_uuids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DeviceInfo(_message.Message):
+    __slots__ = ("device", "name", "uuid", "requests_in_flight", "bytes_in_flight", "requests_total")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    name: str
+    uuid: str
+    requests_in_flight: int
+    bytes_in_flight: int
+    requests_total: int
+    def __init__(self, device: _Optional[str] = ..., name: _Optional[str] = ..., uuid: _Optional[str] = ..., requests_in_flight: _Optional[int] = ..., bytes_in_flight: _Optional[int] = ..., requests_total: _Optional[int] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
     __slots__ = ()
