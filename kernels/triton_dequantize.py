@@ -139,6 +139,8 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
     pow2 = spec.scale_encoding == ScaleEncoding.POW2
     scales = as_grid(qt.scales, nbr, nbc)
     scales = bytes_of(scales) if pow2 else scales.float()
+    if qt.tensor_scale is not None:  # nvfp4: each block's divisor, E4M3 scale / tensor scale (IEEE division)
+        scales = scales / qt.tensor_scale.float()
     zps = None
     if qt.zero_points is not None:  # read with the scales' strides
         zps = torch.empty_strided(scales.shape, scales.stride(), dtype=torch.int8, device=scales.device)

@@ -9,8 +9,9 @@ from compressed_tensors.compressors.nvfp4 import NVFP4PackedCompressor
 from compressed_tensors.quantization import preset_name_to_scheme
 from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
 
-from quantd.kernels import cpu, reference
+from quantd.kernels import cpu, reference, triton_quantize
 from quantd.kernels.spec import QuantSpec
+from triton_cases import assert_same_qt, assert_same_values, random_input, to_device
 
 SPEC = QuantSpec("nvfp4")
 SCHEME = preset_name_to_scheme("NVFP4A16", ["Linear"])
@@ -122,3 +123,35 @@ def test_tensor_scale_edges():
     assert qt.scales.float()[0, 0] == 448 and reference.code_values(qt)[0, 0] == 6.0
     assert_cpu_backend_equal(big)
     assert_equals_compressed_tensors(torch.randn(16, 32) * 1e-30)
+
+
+def assert_triton_equal(x: torch.Tensor):
+    """The Triton quantize and dequantize (interpreted on CPU tensors, compiled on CUDA ones) against the reference."""
+    want = reference.quantize(x.cpu(), SPEC)
+    got = triton_quantize.quantize(x, SPEC)
+    assert_same_qt(to_device(got, "cpu"), want)
+    for out_dtype in (torch.bfloat16, torch.float32):
+        assert_same_values(got.dequantize(out_dtype).cpu(), reference.dequantize(want, out_dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_every_finite_value(dtype):
+    for w in windows(dtype):
+        assert_triton_equal(w)
+
+
+def test_triton_ragged_and_strided(rng):
+    for shape in ((5, 7), (3, 33), (2, 4, 18), (1, 1)):
+        assert_triton_equal(random_input(shape, torch.float32, rng))
+    assert_triton_equal(random_input((64, 40), torch.bfloat16, rng).T)
+    assert_triton_equal(random_input((30, 90), torch.float16, rng)[::2, 3:80])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_triton_matches_reference(dtype, rng):
+    for w in windows(dtype if dtype != torch.float32 else torch.bfloat16):
+        assert_triton_equal(w.to(dtype).cuda())
+    for shape in ((1, 1), (3, 129), (4097, 1000), (8192, 7168)):
+        assert_triton_equal(random_input(shape, dtype, rng).cuda())
+    assert_triton_equal(random_input((4096, 1000), dtype, rng).cuda().T)
