@@ -12,8 +12,8 @@ from .config import KernelConfig
 from .quantize_plan import ElementConstants, as_grid, bf16_bits, bytes_of, element_constants, input_view
 from .spec import E2M1, E4M3, NVFP4_BLOCK, NVFP4_ZERO_SCALE, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
-from .triton_elements import (CORRECTED, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, e2m1, encode_float, finite_abs,
-                              load_fp32, pow2, quotient)
+from .triton_elements import (CORRECTED, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, e2m1, e4m3_value, encode_float,
+                              finite_abs, load_fp32, quotient)
 
 # Rows and 1x16 blocks a program takes (4096 elements).
 ROWS, GROUPS, WARPS = 16, 16, 4
@@ -40,14 +40,6 @@ def quantize(v: torch.Tensor, qt: QuantizedTensor, config: KernelConfig) -> None
                         v.stride(1), v.stride(2), (C + 1) // 2, grid_s.stride(0), grid_s.stride(1),
                         ROWS=ROWS, GROUPS=GROUPS, SCALE_FMT=E4M3_SOFT, ZERO_BITS=ZERO_SCALE_BITS,
                         BF16_BITS=bf16_bits(v), num_warps=WARPS)
-
-
-@triton.jit
-def e4m3_value(bits):
-    """fp32 value of non-negative E4M3 code bits (no NaN among them)."""
-    e = bits >> 3
-    m = (bits & 7).to(tl.float32)
-    return tl.where(e == 0, m * 0.001953125, (m + 8.0) * pow2(e - 10))  # subnormals: m * 2^-9
 
 
 @triton.jit
