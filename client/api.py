@@ -348,9 +348,9 @@ class QuantdClient:
         outputs = lambda: wire.quantize_outputs(spec, tuple(x.shape), dequantized)  # noqa: E731
         out, summary = self._stream("Quantize", header, [x], timeout, outputs, chosen)
         out = {name: t.to(x.device) for name, t in out.items()}
-        return QuantizeResult(out["codes"], out["scales"], spec, tuple(x.shape), out.get("zero_points"),
-                              report=as_dict(summary.report) if report else None,
-                              dequantized=out.get("dequantized"), transport=self.last_transport)
+        dequantized = out.pop("dequantized", None)
+        return QuantizeResult(**out, spec=spec, shape=tuple(x.shape), report=as_dict(summary.report) if report else None,
+                              dequantized=dequantized, transport=self.last_transport)
 
     def _quantize_streams(self, x: torch.Tensor, spec: QuantSpec, timeout) -> QuantizeResult:
         """Quantize independent pieces of x on parallel_streams connections at once and join their results."""
@@ -367,9 +367,8 @@ class QuantdClient:
                                                   timeout=timeout)
         with concurrent.futures.ThreadPoolExecutor(n) as pool:
             whole = join_pieces(list(pool.map(quantize, range(len(pieces)))), spec, tuple(x.shape))
-        zero_points = None if whole.zero_points is None else whole.zero_points.to(x.device)
-        return QuantizeResult(whole.codes.to(x.device), whole.scales.to(x.device), spec, tuple(x.shape), zero_points,
-                              transport=choice)
+        return QuantizeResult(**{name: t.to(x.device) for name, t in whole.stored().items()}, spec=spec,
+                              shape=tuple(x.shape), transport=choice)
 
     def dequantize(self, qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
                    timeout: float | None = None, transport: str | None = None) -> torch.Tensor:

@@ -239,7 +239,15 @@ class GptOssMxfp4(Profile):
 
 
 # quantd's own layout from before the profiles (`quantd quantize FILE.safetensors` still writes it)
-LEGACY_KEY, LEGACY_SCALES, LEGACY_ZERO_POINTS = "quantd", ".scales", ".zero_points"
+LEGACY_KEY = "quantd"
+# Where each stored tensor goes: `<name><suffix>` (the codes under the tensor's own name).
+LEGACY_SUFFIXES = {"codes": "", "scales": ".scales", "zero_points": ".zero_points", "tensor_scale": ".tensor_scale"}
+LEGACY_COMPANIONS = [suffix for suffix in LEGACY_SUFFIXES.values() if suffix]
+
+
+def legacy_tensors(name: str, qt: QuantizedTensor) -> dict:
+    """{file name: tensor} of qt's stored tensors in the legacy layout."""
+    return {name + LEGACY_SUFFIXES[part]: t for part, t in qt.stored().items()}
 
 
 def spec_from_json(fields: dict) -> QuantSpec:
@@ -247,13 +255,13 @@ def spec_from_json(fields: dict) -> QuantSpec:
 
 
 class QuantdLegacy(Profile):
-    """Codes under the tensor's own name, `<name>.scales` (and `.zero_points`), and each tensor's spec, shape and
+    """Codes under the tensor's own name, `<name>.scales` (and `.zero_points`, `.tensor_scale`), and each tensor's spec, shape and
     dtype as JSON under the safetensors metadata key `quantd`: `layout` is that JSON, merged over the shards."""
 
     name = "quantd"
     schemes = {"per-tensor": Scheme("per-tensor", QuantSpec())}   # each tensor's spec is in `layout`
     default_scheme = "per-tensor"
-    scale_suffix = LEGACY_SCALES
+    scale_suffix = LEGACY_SUFFIXES["scales"]
     weight_suffix = ""
 
     def __init__(self, layout: dict):
@@ -264,9 +272,9 @@ class QuantdLegacy(Profile):
 
     def load(self, name, get, scheme):
         entry = self.layout[name]
-        spec = spec_from_json(entry["spec"])
-        zp = get(name + LEGACY_ZERO_POINTS) if spec.format.value == "int8_asym" else None
-        return QuantizedTensor(get(name), get(name + LEGACY_SCALES), spec, tuple(entry["shape"]), zp)
+        spec, shape = spec_from_json(entry["spec"]), tuple(entry["shape"])
+        return QuantizedTensor.from_stored({part: get(name + LEGACY_SUFFIXES[part])
+                                            for part, *_ in spec.storage(shape).tensors()}, spec, shape)
 
 
 PROFILES = {p.name: p for p in (HfFp8(), CompressedTensors(), GptOssMxfp4())}
