@@ -53,6 +53,9 @@ CT_SCHEMES = {s.name: s for s in (
            _args(4, "float", "group", True, **MX_ARGS)),
     Scheme("mxfp8", QuantSpec("mxfp8"), "mxfp8-quantized", _args(8, "float", "group", False, **MX_ARGS),
            _args(8, "float", "group", True, **MX_ARGS)),
+    # weight-only, as the library's NVFP4A16 preset (activations stay in high precision)
+    Scheme("nvfp4", QuantSpec("nvfp4"), "nvfp4-pack-quantized",
+           _args(4, "float", "tensor_group", False, group_size=16, scale_dtype="torch.float8_e4m3fn")),
 )}
 
 
@@ -85,8 +88,9 @@ class Profile:
 
     def unsupported(self, spec: QuantSpec, shape) -> str | None:
         """Why the scheme cannot store a tensor of `shape`, or None."""
-        if spec.is_mx and shape[-1] % 32:
-            return f"its last dim {shape[-1]} is not a multiple of 32 ({spec.format.value} blocks of 32)"
+        g = spec.group_size
+        if (spec.is_mx or spec.format.value == "nvfp4") and shape[-1] % g:
+            return f"its last dim {shape[-1]} is not a multiple of {g} ({spec.format.value} blocks of {g})"
         return None
 
     def service_input(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -159,21 +163,28 @@ class CompressedTensors(Profile):
             scales = scales.view(torch.uint8)
         elif spec.granularity.value == "channel":
             scales = scales.reshape(-1, 1)
-        out = {base + (".weight_packed" if spec.format.value == "mxfp4" else ".weight"): qt.codes,
+        out = {base + (".weight_packed" if spec.element.bits == 4 else ".weight"): qt.codes,
                base + self.scale_suffix: e8m0_as_float(scales) if not spec.is_mx else scales}
         if qt.zero_points is not None:
             out[base + ".weight_zero_point"] = qt.zero_points.reshape(-1, 1)
+        if qt.tensor_scale is not None:  # compressed-tensors' global scale: its value, shape [1]
+            out[base + ".weight_global_scale"] = qt.tensor_scale.reshape(1)
         return out
 
     def load(self, name, get, scheme):
         base, spec = self.base(name), scheme.spec
-        packed = spec.format.value == "mxfp4"
+        packed = spec.element.bits == 4
+        nvfp4 = spec.format.value == "nvfp4"
         codes = get(base + (".weight_packed" if packed else ".weight"))
         shape = tuple(codes.shape[:-1]) + (codes.shape[-1] * 2,) if packed else tuple(codes.shape)
         scales = get(base + self.scale_suffix)
-        scales = scales.view(torch.float8_e8m0fnu) if spec.is_mx else scales.float().reshape(spec.scale_shape(shape))
+        if spec.is_mx:
+            scales = scales.view(torch.float8_e8m0fnu)
+        elif not nvfp4:  # nvfp4: float8_e4m3fn [N, K/16] as stored
+            scales = scales.float().reshape(spec.scale_shape(shape))
         zp = get(base + ".weight_zero_point").reshape(-1) if spec.format.value == "int8_asym" else None
-        return QuantizedTensor(codes, scales, spec, shape, zp)
+        tensor_scale = get(base + ".weight_global_scale").float().reshape(()) if nvfp4 else None
+        return QuantizedTensor(codes, scales, spec, shape, zp, tensor_scale)
 
     def quantization_config(self, scheme, spec, kept):
         group = {"targets": ["Linear"], "weights": scheme.weights, "input_activations": scheme.input_activations,
