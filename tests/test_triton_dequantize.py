@@ -95,11 +95,14 @@ def test_every_code(fmt):
 
 def test_column_major_scales(rng):
     x = random_input((37, 300), torch.float16, rng)
-    for spec in (QuantSpec(), QuantSpec(format="int8_asym"), QuantSpec(format="mxfp4"),
+    for spec in (QuantSpec(), QuantSpec(format="int8_asym"), QuantSpec(format="mxfp4"), QuantSpec(format="nvfp4"),
                  QuantSpec(granularity="tile", tile=(16, 128))):
         qt = dispatch.quantize(x, spec, backend="triton", scale_layout="col")
         assert qt.scales.stride(0) == 1
         check(qt, torch.bfloat16)
+        on_cpu = dispatch.quantize(x, spec, backend="cpu", scale_layout="col")  # laid out after quantizing
+        assert on_cpu.scales.stride(0) == 1 and list(on_cpu.stored()) == list(qt.stored())
+        check(on_cpu, torch.bfloat16)
 
 
 def test_round_trip_through_dispatch(rng):
