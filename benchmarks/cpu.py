@@ -41,7 +41,7 @@ def simple_quantizer(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def nbytes(x: torch.Tensor, qt_or_tuple) -> int:
-    parts = [qt_or_tuple.codes, qt_or_tuple.scales, qt_or_tuple.zero_points] if hasattr(qt_or_tuple, "codes") else qt_or_tuple
+    parts = list(qt_or_tuple.stored().values()) if hasattr(qt_or_tuple, "codes") else qt_or_tuple
     return x.numel() * x.element_size() + sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 

@@ -10,7 +10,8 @@ do_bench_cudagraph, GPU time without Python launch cost) and reports TFLOPS = 2 
   triton per-tensor FP8 (Gluon on sm_90, and the   vs  cuBLAS per-tensor FP8 (torch._scaled_mm)
   Triton kernel)
   triton INT8 (per-row scales)                   vs  cuBLAS int8 (torch._int_mm, int32 out, unscaled)
-  triton MXFP4 x MXFP4, MXFP8 x MXFP4 (upcast)    vs  bf16 torch.matmul
+  triton MXFP4 x MXFP4, MXFP8 x MXFP4, NVFP4 x    vs  bf16 torch.matmul
+  NVFP4 (upcast)
 Decode shapes (M = 1..256 rows against one N = K weight) compare the block-scaled GEMM with cuBLAS blockwise.
 The sweep then times block-scaled launch configs alone (the autotuned list plus variants:
 flatten, warp specialization, promotion every 32, 2 programs per SM, non-persistent, pair-K) at sizes >= 4096.
@@ -78,8 +79,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
     except Exception as e:
         print(f"reference.quantize on the GPU failed ({type(e).__name__}: {e}); quantizing on the CPU", flush=True)
         qt = reference.quantize(x.cpu(), spec)
-        zp = None if qt.zero_points is None else qt.zero_points.to(x.device)
-        return QuantizedTensor(qt.codes.to(x.device), qt.scales.to(x.device), spec, qt.shape, zp)
+        return QuantizedTensor.from_stored({name: t.to(x.device) for name, t in qt.stored().items()}, spec, qt.shape)
 
 
 def relative_error(c, ref) -> float:
@@ -176,6 +176,8 @@ def run_size(s: int, results: dict) -> None:
     m8 = quantize(x, QuantSpec("mxfp8"))
     record("triton mxfp4 x mxfp4", lambda: triton_gemm.matmul(ma, mb, torch.bfloat16))
     record("triton mxfp8 x mxfp4", lambda: triton_gemm.matmul(m8, mb, torch.bfloat16))
+    na, nb = quantize(x, QuantSpec("nvfp4")), quantize(w, QuantSpec("nvfp4"))
+    record("triton nvfp4 x nvfp4", lambda: triton_gemm.matmul(na, nb, torch.bfloat16))
     results["sizes"][str(s)] = row
 
 
@@ -307,7 +309,7 @@ def main() -> None:
         for ours, peer in [("triton fp8 block-scaled", "cublas fp8 blockwise"),
                            ("triton fp8 per-tensor", "cublas fp8 per-tensor"),
                            ("triton fp8 block-scaled", "cublas bf16"), ("triton int8 per-row", "cublas bf16"),
-                           ("triton mxfp4 x mxfp4", "cublas bf16")]:
+                           ("triton mxfp4 x mxfp4", "cublas bf16"), ("triton nvfp4 x nvfp4", "cublas bf16")]:
             for mode in ("", " (eager)"):
                 if row.get(ours + mode) and row.get(peer + mode):
                     row[f"{ours} / {peer}{mode}"] = row[ours + mode] / row[peer + mode]

@@ -38,10 +38,10 @@ def compile_mx(cfg, a_fp4: bool, b_fp4: bool, packed: bool):
     def desc(fp4, rows):
         return f"tensordesc<u8[{rows}, {bk // 2}]>" if fp4 else f"tensordesc<fp8e4nv[{rows}, {bk}]>"
 
-    constexprs = dict(kw, A_FP4=a_fp4, B_FP4=b_fp4, GROUP=MX_BLOCK, NUM_SMS=132, DOT_FP32=False, PACKED=packed,
-                      stride_cn=1, stride_sak=1, stride_sbk=1)
+    constexprs = dict(kw, A_FP4=a_fp4, B_FP4=b_fp4, GROUP=MX_BLOCK, SCALE_E4M3=False, NUM_SMS=132, DOT_FP32=False,
+                      PACKED=packed, stride_cn=1, stride_sak=1, stride_sbk=1)
     types = dict(a_desc=desc(a_fp4, kw["BLOCK_M"]), b_desc=desc(b_fp4, kw["BLOCK_N"]), c_ptr="*bf16",
-                 sa_ptr="*u8", sb_ptr="*u8")
+                 sa_ptr="*u8", sb_ptr="*u8", ta_ptr="*fp32", tb_ptr="*fp32")
     names = fn.arg_names
     constexprs = {k: v for k, v in constexprs.items() if k in names}  # a kernel without PACKED: the fp32 decode
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}

@@ -67,7 +67,8 @@ def quant_bytes(x, spec) -> int:
     codes = math.prod(spec.code_shape(x.shape))
     scales = math.prod(spec.scale_shape(x.shape)) * (4 if spec.scale_dtype == torch.float32 else 1)
     zps = math.prod(spec.scale_shape(x.shape)) if spec.format.value == "int8_asym" else 0
-    return n * x.element_size() + codes + scales + zps
+    tensor_scale = 4 if spec.format.value == "nvfp4" else 0
+    return n * x.element_size() + codes + scales + zps + tensor_scale
 
 
 def op_bytes(x, spec, op: str) -> int:
@@ -92,6 +93,7 @@ CASES = [  # (name, spec)
     ("int8 sym channel0", QuantSpec(format="int8_sym", granularity="channel", axis=0)),
     ("fp8 e4m3 128x128 pow2", QuantSpec(granularity="tile", tile=(128, 128), scale_encoding="pow2")),
     ("int8 sym 128x128", QuantSpec(format="int8_sym", granularity="tile", tile=(128, 128))),
+    ("nvfp4", QuantSpec(format="nvfp4")),  # two passes: the tensor amax, then the codes (x is read twice)
 ]
 
 
@@ -188,7 +190,7 @@ def _result_bytes(result) -> list:
     out = []
     for part in result if isinstance(result, tuple) else (result,):
         out += _result_bytes(part) if isinstance(part, torch.Tensor) else [
-            t.contiguous().view(torch.uint8) for t in (part.codes, part.scales, part.zero_points) if t is not None]
+            t.contiguous().reshape(-1).view(torch.uint8) for t in part.stored().values()]
     return out
 
 

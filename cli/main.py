@@ -13,7 +13,7 @@ A model folder (config.json and safetensors shards) is written in the layout a s
 (quantd.client.checkpoint, FORMATS.md). For a single safetensors file:
 
 A quantized checkpoint keeps each quantized tensor's name for its codes and adds
-"<name>.scales" (and "<name>.zero_points" for int8_asym); the safetensors metadata entry
+"<name>.scales" (and "<name>.zero_points" for int8_asym, "<name>.tensor_scale" for nvfp4); the safetensors metadata entry
 "quantd" holds, per quantized tensor, its spec, original shape and dtype as JSON. Tensors
 that are not floating point, or that the spec cannot take (a 0-d tensor with group or tile
 granularity), are copied unchanged.
@@ -128,7 +128,7 @@ def cmd_quantize(args) -> int:
     from safetensors import safe_open
 
     from quantd.client.checkpoint.files import save
-    from quantd.client.checkpoint.profiles import LEGACY_KEY, LEGACY_SCALES, LEGACY_ZERO_POINTS
+    from quantd.client.checkpoint.profiles import LEGACY_COMPANIONS, LEGACY_KEY, legacy_tensors
 
     if os.path.isdir(args.input):
         return cmd_quantize_checkpoint(args)
@@ -137,7 +137,7 @@ def cmd_quantize(args) -> int:
     with _client(args) as client, safe_open(args.input, framework="pt") as f:
         metadata = dict(f.metadata() or {})
         names = list(f.keys())
-        clashes = [n for n in names if n + LEGACY_SCALES in names or n + LEGACY_ZERO_POINTS in names]
+        clashes = [n for n in names if any(n + suffix in names for suffix in LEGACY_COMPANIONS)]
         if clashes:
             raise ValueError(f"tensor names {clashes} would collide with the names of their scales")
         copied = []
@@ -150,9 +150,7 @@ def cmd_quantize(args) -> int:
                     copied.append(name)
                 else:
                     qt = client.quantize(tensor, spec, report=False)
-                    out[name], out[name + LEGACY_SCALES] = qt.codes, qt.scales
-                    if qt.zero_points is not None:
-                        out[name + LEGACY_ZERO_POINTS] = qt.zero_points
+                    out.update(legacy_tensors(name, qt))
                     layout[name] = {"spec": spec_to_json(spec), "shape": list(tensor.shape),
                                     "dtype": str(tensor.dtype).removeprefix("torch.")}
     metadata[LEGACY_KEY] = json.dumps(layout)
@@ -168,7 +166,7 @@ def cmd_dequantize(args) -> int:
 
     from quantd.client.checkpoint import limit_malloc_arenas
     from quantd.client.checkpoint.files import save
-    from quantd.client.checkpoint.profiles import LEGACY_KEY, LEGACY_SCALES, LEGACY_ZERO_POINTS, QuantdLegacy
+    from quantd.client.checkpoint.profiles import LEGACY_COMPANIONS, LEGACY_KEY, QuantdLegacy
     from quantd.protocol.wire import dtype_from_name
 
     if os.path.isdir(args.input):
@@ -183,7 +181,7 @@ def cmd_dequantize(args) -> int:
         metadata = dict(f.metadata() or {})
         layout = json.loads(metadata.pop(LEGACY_KEY, "{}"))
         legacy = QuantdLegacy(layout)
-        companions = {n + LEGACY_SCALES for n in layout} | {n + LEGACY_ZERO_POINTS for n in layout}
+        companions = {n + suffix for n in layout for suffix in LEGACY_COMPANIONS}
         names = [n for n in f.keys() if n not in companions]
         with _progress(names, "dequantize") as bar:
             for name in bar:
@@ -249,13 +247,13 @@ def parser() -> argparse.ArgumentParser:
     folder.add_argument("--workers", type=int, default=4, help="tensors in flight through the service (default 4)")
     _folder_arguments(folder)
     q.add_argument_group("safetensors files")
-    q.add_argument("--format", default="fp8_e4m3", help="fp8_e4m3 | fp8_e5m2 | int8_sym | int8_asym | mxfp4 | mxfp8")
+    q.add_argument("--format", default="fp8_e4m3", help="fp8_e4m3 | fp8_e5m2 | int8_sym | int8_asym | mxfp4 | mxfp8 | nvfp4")
     q.add_argument("--granularity", help="tensor | channel | group | tile | flat (default: implied by the size flag)")
     q.add_argument("--group", type=int, help="group size (group granularity)")
     q.add_argument("--tile", help="tile as ROWSxCOLS, e.g. 128x128 (tile granularity)")
     q.add_argument("--block", type=int, help="block size (flat granularity)")
     q.add_argument("--axis", type=int, help="channel axis (channel granularity)")
-    q.add_argument("--scale-encoding", help="fp32 | pow2")
+    q.add_argument("--scale-encoding", help="fp32 | pow2 | e4m3 (nvfp4 only; its default)")
     q.add_argument("--out-dtype", help="dtype dequantization gives back: bfloat16 | float16 | float32")
     _server_arguments(q)
     q.set_defaults(run=cmd_quantize)

@@ -366,9 +366,9 @@ class QuantdClient:
         outputs = lambda: wire.quantize_outputs(spec, tuple(x.shape), dequantized)  # noqa: E731
         out, summary = self._stream("Quantize", header, [x], timeout, outputs, chosen)
         out = {name: t.to(x.device) for name, t in out.items()}
-        return QuantizeResult(out["codes"], out["scales"], spec, tuple(x.shape), out.get("zero_points"),
-                              report=as_dict(summary.report) if report else None,
-                              dequantized=out.get("dequantized"), transport=self.last_transport,
+        dequantized = out.pop("dequantized", None)
+        return QuantizeResult(**out, spec=spec, shape=tuple(x.shape), report=as_dict(summary.report) if report else None,
+                              dequantized=dequantized, transport=self.last_transport,
                               amax=summary.amax if summary.HasField("amax") else None)
 
     def _quantize_streams(self, x: torch.Tensor, spec: QuantSpec, scales, amax: bool, timeout) -> QuantizeResult:
@@ -388,9 +388,8 @@ class QuantdClient:
         with concurrent.futures.ThreadPoolExecutor(n) as pool:
             parts = list(pool.map(quantize, range(len(pieces))))
         whole = join_pieces(parts, spec, tuple(x.shape))
-        zero_points = None if whole.zero_points is None else whole.zero_points.to(x.device)
-        return QuantizeResult(whole.codes.to(x.device), whole.scales.to(x.device), spec, tuple(x.shape), zero_points,
-                              transport=choice, amax=max(p.amax for p in parts) if amax else None)
+        return QuantizeResult(**{name: t.to(x.device) for name, t in whole.stored().items()}, spec=spec,
+                              shape=tuple(x.shape), transport=choice, amax=max(p.amax for p in parts) if amax else None)
 
     def dequantize(self, qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
                    timeout: float | None = None, transport: str | None = None) -> torch.Tensor:

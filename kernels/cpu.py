@@ -33,9 +33,10 @@ _RECOMPILE_LIMIT = 64
 
 
 def _quantize_blocks(blocks: torch.Tensor, scales: torch.Tensor | None, *, spec: QuantSpec):
-    """(B, E) blocks of the input dtype -> (codes (B, E) in storage layout, stored scales (B,), zero points)."""
-    values, stored_scales, zero_points = reference.quantize_blocks(blocks.float(), spec, scales, native_cast=True)
-    return reference.store_codes(values, spec), stored_scales, zero_points
+    """(B, E) blocks of the input dtype -> (codes (B, E) in storage layout, stored scales (B,), zero points,
+    tensor scale)."""
+    values, *stored = reference.quantize_blocks(blocks.float(), spec, scales, native_cast=True)
+    return reference.store_codes(values, spec), *stored
 
 
 def _dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_points, out_dtype: torch.dtype, *,
@@ -121,11 +122,12 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
     if scales is not None:
         scales = scales.float().reshape(-1, 1)
     _mark_blocks_dynamic(spec, blocks, scales)
-    codes, stored_scales, zero_points = _run(_quantize_blocks, spec, blocks, scales)
+    codes, stored_scales, zero_points, tensor_scale = _run(_quantize_blocks, spec, blocks, scales)
     sshape = spec.scale_shape(x.shape)
     codes = _codes_from_blocks(codes, spec, tuple(x.shape)).contiguous()
     zero_points = None if zero_points is None else zero_points.reshape(sshape)
-    return QuantizedTensor(codes, reference.as_e8m0(stored_scales.reshape(sshape)), spec, tuple(x.shape), zero_points)
+    return QuantizedTensor(codes, reference.as_e8m0(stored_scales.reshape(sshape)), spec, tuple(x.shape), zero_points,
+                           tensor_scale)
 
 
 def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -149,7 +151,7 @@ def _codes_from_blocks(codes: torch.Tensor, spec: QuantSpec, shape: tuple) -> to
     """Block-layout codes -> the reference's code layout (E2M1: packed pairs within 32-element groups)."""
     if spec.element is not E2M1:
         return reference.from_blocks(codes, spec, shape)
-    # MX groups are 32 wide and start at even columns, so pairs packed inside a group are the
+    # E2M1 groups (32 or 16) are even and start at even columns, so pairs packed inside a group are the
     # pairs reference.pack_nibbles forms along the last dim; the padding packs as code 0.
     packed = QuantSpec(Format.FP8_E4M3, Granularity.GROUP, group_size=spec.group_size // 2)
     return reference.from_blocks(codes, packed, spec.code_shape(shape))

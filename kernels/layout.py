@@ -35,4 +35,4 @@ def with_scale_layout(qt: QuantizedTensor, layout: str) -> QuantizedTensor:
         return out
     if layout == "row":
         return qt
-    return QuantizedTensor(qt.codes, moved(qt.scales), qt.spec, qt.shape, moved(qt.zero_points))
+    return QuantizedTensor(qt.codes, moved(qt.scales), qt.spec, qt.shape, moved(qt.zero_points), qt.tensor_scale)

@@ -16,6 +16,9 @@ functions). Semantics, also in NUMERICS.md:
   NaN encodes as the format's NaN (E4M3/E5M2: 0x7F, either sign); formats without NaN encode
   it as the code of 0.0 (int8: 0, int8_asym: the zero point, E2M1: 0). NaNs are
   counted by `report`.
+* nvfp4 (compressed-tensors' NVFP4): tensor_scale = 2688 / max(tensor amax, 2**-126) (1.0 if not finite);
+  block scale s8 = E4M3(min(tensor_scale x (amax / 6), 448)) (0.125 where that is 0); the block's divisor is
+  s8 / tensor_scale, in fp32; codes as for any E2M1 format.
 * int8_asym: lo = min(min x, 0), hi = max(max x, 0) over finite x, scale = (hi - lo) / 255,
   zero_point = -128 - round(lo / scale), code = clamp(round(x / scale) + zp, -128, 127).
 * Dequantized value = code x scale (int8_asym: (code - zp) x scale), in fp32, cast once;
@@ -29,8 +32,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .spec import (E2M1, E8M0_BIAS, ElementFormat, Format, Granularity, QuantizedTensor, QuantSpec,
-                   ScaleEncoding, INPUT_DTYPES, _cdiv)
+from .spec import (E2M1, E4M3, E8M0_BIAS, NVFP4_ZERO_SCALE, ElementFormat, Format, Granularity, QuantizedTensor,
+                   QuantSpec, ScaleEncoding, INPUT_DTYPES, _cdiv)
 
 # ---- element grids ------------------------------------------------------------------
 
@@ -205,6 +208,23 @@ def compute_scales(blocks: torch.Tensor, spec: QuantSpec):
     return torch.ldexp(torch.ones_like(amax), e.float()), e, None
 
 
+def nvfp4_scales(blocks: torch.Tensor):
+    """NVFP4's (divisor fp32 (B, 1), E4M3 block scales fp32 (B, 1), tensor scale fp32 0-d) of (B, 16) blocks.
+
+    compressed-tensors' arithmetic (generate_gparam, calculate_qparams, _quantize) on fp32 statistics:
+    tensor_scale = 448 * 6 / amax over the whole tensor (amax at least 2**-126; 1.0 if the quotient is not
+    finite), each block's scale the E4M3 rounding (RNE, clamped to 448) of tensor_scale x (block amax / 6),
+    0.125 where that is 0, and the block divides by scale / tensor_scale.
+    """
+    amax = block_amax(blocks)
+    tensor_amax = F.pad(amax.reshape(-1), (0, 1)).amax()  # a padding 0: no block (an empty tensor) gives 0
+    tensor_scale = (E4M3.max * E2M1.max) / torch.clamp(tensor_amax, min=2.0 ** -126)
+    tensor_scale = torch.where(tensor_scale < math.inf, tensor_scale, 1.0)
+    s8 = round_to_grid(torch.clamp(tensor_scale * (amax / E2M1.max), max=E4M3.max), E4M3)
+    s8 = torch.where(s8 > 0, s8, NVFP4_ZERO_SCALE)
+    return s8 / tensor_scale, s8, tensor_scale
+
+
 # ---- quantize -----------------------------------------------------------------------
 
 
@@ -256,8 +276,8 @@ def check_input(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = 
 
 def check_scales(scales: torch.Tensor, spec: QuantSpec, shape) -> None:
     """Raise ValueError for explicit scales that a tensor of `shape` cannot be quantized with."""
-    if spec.format == Format.INT8_ASYM:
-        raise ValueError("quantize: int8_asym derives its scales and zero points; explicit scales are not supported")
+    if spec.format in (Format.INT8_ASYM, Format.NVFP4):
+        raise ValueError(f"quantize: {spec.format.value} derives its scales; explicit scales are not supported")
     want = spec.scale_shape(shape)
     if scales.numel() != math.prod(want):
         raise ValueError(f"quantize: scales must have shape {list(want)}, got {list(scales.shape)}")
@@ -273,16 +293,17 @@ def check_scales(scales: torch.Tensor, spec: QuantSpec, shape) -> None:
 def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = None) -> QuantizedTensor:
     """Quantize `x` with `spec`. If `scales` (fp32, shape spec.scale_shape) is given it is used as is."""
     check_input(x, spec, scales)
-    codes, stored_scales, zero_points = quantize_tensors(x, spec, scales)
-    return QuantizedTensor(codes, as_e8m0(stored_scales), spec, tuple(x.shape), zero_points)
+    codes, stored_scales, zero_points, tensor_scale = quantize_tensors(x, spec, scales)
+    return QuantizedTensor(codes, as_e8m0(stored_scales), spec, tuple(x.shape), zero_points, tensor_scale)
 
 
 def quantize_tensors(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = None):
-    """quantize() on tensors alone: (codes, stored scales, zero points or None)."""
-    values, stored_scales, zero_points = quantize_blocks(to_blocks(x, spec), spec, scales)
+    """quantize() on tensors alone: (codes, stored scales, zero points or None, tensor scale or None)."""
+    values, stored_scales, zero_points, tensor_scale = quantize_blocks(to_blocks(x, spec), spec, scales)
     sshape = spec.scale_shape(x.shape)
     zero_points = None if zero_points is None else zero_points.reshape(sshape)
-    return store_codes(from_blocks(values, spec, x.shape), spec), stored_scales.reshape(sshape), zero_points
+    return (store_codes(from_blocks(values, spec, x.shape), spec), stored_scales.reshape(sshape), zero_points,
+            tensor_scale)
 
 
 def quantize_blocks(blocks: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = None,
@@ -290,8 +311,12 @@ def quantize_blocks(blocks: torch.Tensor, spec: QuantSpec, scales: torch.Tensor 
     """The blockwise core of quantize on (B, E) fp32 blocks.
 
     Returns (code values (B, E) fp32 as encode_blocks gives them, stored scales (B,)
-    fp32 or uint8 E8M0 bits, int8 zero points (B,) or None).
+    fp32, uint8 E8M0 bits or float8_e4m3fn, int8 zero points (B,) or None, 0-d fp32 tensor scale or None).
     """
+    if spec.format == Format.NVFP4:
+        scale, s8, tensor_scale = nvfp4_scales(blocks)
+        values = encode_blocks(blocks, scale, None, spec.element).expand(blocks.shape)
+        return values, s8.reshape(-1).to(torch.float8_e4m3fn), None, tensor_scale
     if scales is None:
         scale, e8m0, zp = compute_scales(blocks, spec)
     else:
@@ -302,7 +327,7 @@ def quantize_blocks(blocks: torch.Tensor, spec: QuantSpec, scales: torch.Tensor 
         stored_scales = (e8m0 + E8M0_BIAS).to(torch.uint8).reshape(-1)
     else:
         stored_scales = scale.reshape(-1)
-    return values, stored_scales, None if zp is None else zp.to(torch.int8).reshape(-1)
+    return values, stored_scales, None if zp is None else zp.to(torch.int8).reshape(-1), None
 
 
 def as_e8m0(stored_scales: torch.Tensor) -> torch.Tensor:
@@ -323,7 +348,9 @@ def code_values(qt: QuantizedTensor) -> torch.Tensor:
 
 
 def scale_values(qt: QuantizedTensor) -> torch.Tensor:
-    """fp32 scales, logical shape spec.scale_shape."""
+    """fp32 divisors, logical shape spec.scale_shape (nvfp4: E4M3 scale / tensor scale, IEEE fp32 division)."""
+    if qt.tensor_scale is not None:
+        return qt.scales.float() / qt.tensor_scale.float()
     return qt.scales.float()
 
 
@@ -354,9 +381,10 @@ def report(x: torch.Tensor, qt: QuantizedTensor) -> dict:
     sig = torch.where(finite, xf, 0.0).double()
     noise = float((err * err).sum())
     signal = float((sig * sig).sum())
+    ratio = math.inf if noise == 0 else signal / noise  # 0 where a dequantized value overflowed (noise inf)
     return {
         "amax": float(block_amax(xf.reshape(1, -1))) if xf.numel() else 0.0,
-        "sqnr_db": math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf,
+        "sqnr_db": 10 * math.log10(ratio) if ratio > 0 else -math.inf,
         "saturated": saturated_count(x, qt),
         "nan_count": int(torch.isnan(xf).sum()),
     }

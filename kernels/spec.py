@@ -21,6 +21,7 @@ class Format(str, enum.Enum):
     INT8_ASYM = "int8_asym"
     MXFP4 = "mxfp4"
     MXFP8 = "mxfp8"
+    NVFP4 = "nvfp4"
 
 
 class Granularity(str, enum.Enum):
@@ -34,6 +35,7 @@ class Granularity(str, enum.Enum):
 class ScaleEncoding(str, enum.Enum):
     FP32 = "fp32"  # scale = amax / qmax, a float32
     POW2 = "pow2"  # a power of two stored as E8M0 (UE8M0) bits
+    E4M3 = "e4m3"  # an E4M3 value under an fp32 tensor scale (NVFP4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +87,21 @@ ELEMENTS = {
     Format.INT8_ASYM: INT8,
     Format.MXFP4: E2M1,
     Format.MXFP8: E4M3,
+    Format.NVFP4: E2M1,
 }
 MX_FORMATS = (Format.MXFP4, Format.MXFP8)
 MX_BLOCK = 32
 E8M0_BIAS = 127  # E8M0 bits = exponent + 127; 0xFF is NaN and never written
+NVFP4_BLOCK = 16
+# An NVFP4 block scale that rounds to E4M3 zero is this instead (compressed-tensors' _get_dtype_eps for E4M3).
+NVFP4_ZERO_SCALE = 0.125
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 OUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# Formats defined on one block size with one scale encoding: (group size, scale encoding).
+_BLOCK_FORMATS = {Format.MXFP4: (MX_BLOCK, ScaleEncoding.POW2), Format.MXFP8: (MX_BLOCK, ScaleEncoding.POW2),
+                  Format.NVFP4: (NVFP4_BLOCK, ScaleEncoding.E4M3)}
 
 
 def _enum(cls, value, field):
@@ -102,12 +113,14 @@ def _enum(cls, value, field):
 
 
 class Storage(NamedTuple):
-    """The tensors a quantized tensor is stored in: (shape, dtype) of its codes, its scales and its zero
-    points (int8_asym only, beside the scales; else None). Scales are listed in their row-major logical
-    shape whatever their layout."""
+    """The tensors a quantized tensor is stored in: (shape, dtype) of its codes, its scales, its zero
+    points (int8_asym only, beside the scales; else None) and its tensor scale (nvfp4 only: one fp32; else
+    None). Scales are listed in their row-major logical shape whatever their layout. The names are
+    QuantizedTensor's attribute names."""
     codes: tuple
     scales: tuple
     zero_points: Optional[tuple] = None
+    tensor_scale: Optional[tuple] = None
 
     def tensors(self) -> list:
         """(name, shape, dtype) of each stored tensor, in the order they travel and are kept."""
@@ -122,12 +135,14 @@ class QuantSpec:
     granularity   which elements share a scale; its size is given by
                   group_size (group), tile (tile), block_size (flat), axis (channel)
     scale_encoding fp32, or pow2 (E8M0 exponent; for FP8/INT8 rounded up so nothing
-                  overflows, for MX formats the OCP rule floor(log2 amax) - emax)
+                  overflows, for MX formats the OCP rule floor(log2 amax) - emax), or
+                  e4m3 (nvfp4 only: E4M3 block scales under one fp32 tensor scale)
     out_dtype     dtype that dequantization produces
 
     Fields left as None take the format's defaults: MX formats are group 32 with
-    pow2 scales; everything else defaults to 1x128 groups with fp32 scales. An MX
-    spec given any other group size (128 included) is refused.
+    pow2 scales, nvfp4 group 16 with e4m3 scales; everything else defaults to 1x128
+    groups with fp32 scales. An MX or nvfp4 spec given any other granularity, group
+    size (128 included) or scale encoding is refused.
     """
 
     format: Format = Format.FP8_E4M3
@@ -143,14 +158,13 @@ class QuantSpec:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         fmt = _enum(Format, self.format, "format")
         set_("format", fmt)
-        mx = fmt in MX_FORMATS
+        block, default_enc = _BLOCK_FORMATS.get(fmt, (128, ScaleEncoding.FP32))
         gran = Granularity.GROUP if self.granularity is None else _enum(Granularity, self.granularity, "granularity")
         set_("granularity", gran)
-        enc = (ScaleEncoding.POW2 if mx else ScaleEncoding.FP32) if self.scale_encoding is None else _enum(
-            ScaleEncoding, self.scale_encoding, "scale_encoding")
+        enc = default_enc if self.scale_encoding is None else _enum(ScaleEncoding, self.scale_encoding, "scale_encoding")
         set_("scale_encoding", enc)
         if self.group_size is None:
-            set_("group_size", MX_BLOCK if mx else 128)
+            set_("group_size", block)
         set_("tile", tuple(int(t) for t in self.tile))
         if self.out_dtype not in OUT_DTYPES:
             raise ValueError(f"QuantSpec.out_dtype: unknown dtype {self.out_dtype!r} (expected one of {', '.join(OUT_DTYPES)})")
@@ -159,12 +173,14 @@ class QuantSpec:
                 raise ValueError(f"QuantSpec.{name} must be >= 1, got {getattr(self, name)}")
         if len(self.tile) != 2 or min(self.tile) < 1:
             raise ValueError(f"QuantSpec.tile must be two sizes >= 1, got {self.tile}")
-        if mx:
-            if gran != Granularity.GROUP or self.group_size != MX_BLOCK:
-                raise ValueError(f"QuantSpec.granularity: {fmt.value} is defined on 1x{MX_BLOCK} groups only "
+        if fmt in _BLOCK_FORMATS:
+            if gran != Granularity.GROUP or self.group_size != block:
+                raise ValueError(f"QuantSpec.granularity: {fmt.value} is defined on 1x{block} groups only "
                                  f"(got {gran.value} {self.block_shape})")
-            if enc != ScaleEncoding.POW2:
-                raise ValueError(f"QuantSpec.scale_encoding: {fmt.value} scales are E8M0 (pow2), got {enc.value}")
+            if enc != default_enc:
+                raise ValueError(f"QuantSpec.scale_encoding: {fmt.value} scales are {default_enc.value}, got {enc.value}")
+        elif enc == ScaleEncoding.E4M3:
+            raise ValueError(f"QuantSpec.scale_encoding: e4m3 scales are nvfp4's, not {fmt.value}'s")
         if fmt == Format.INT8_ASYM and enc != ScaleEncoding.FP32:
             raise ValueError("QuantSpec.scale_encoding: int8_asym needs fp32 scales (the zero point absorbs the offset)")
 
@@ -193,7 +209,8 @@ class QuantSpec:
 
     @property
     def scale_dtype(self) -> torch.dtype:
-        return torch.float8_e8m0fnu if self.scale_encoding == ScaleEncoding.POW2 else torch.float32
+        return {ScaleEncoding.POW2: torch.float8_e8m0fnu, ScaleEncoding.E4M3: torch.float8_e4m3fn}.get(
+            self.scale_encoding, torch.float32)
 
     @property
     def dequant_dtype(self) -> torch.dtype:
@@ -242,7 +259,8 @@ class QuantSpec:
         """What a tensor of `shape` quantized with this spec is stored in (raises as scale_shape does)."""
         scales = self.scale_shape(shape)
         zero_points = (scales, torch.int8) if self.format == Format.INT8_ASYM else None
-        return Storage((self.code_shape(shape), self.code_dtype), (scales, self.scale_dtype), zero_points)
+        tensor_scale = ((), torch.float32) if self.format == Format.NVFP4 else None
+        return Storage((self.code_shape(shape), self.code_dtype), (scales, self.scale_dtype), zero_points, tensor_scale)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -255,8 +273,11 @@ class QuantizedTensor:
 
     codes        torch.float8_e4m3fn / float8_e5m2 (raw OCP bits: `.view(torch.uint8)`),
                  int8, or uint8 holding two E2M1 codes a byte (low nibble first)
-    scales       float32, or torch.float8_e8m0fnu for pow2 scales; shape spec.scale_shape(shape)
+    scales       float32, torch.float8_e8m0fnu for pow2 scales or torch.float8_e4m3fn (nvfp4);
+                 shape spec.scale_shape(shape)
     zero_points  int8 beside the scales for int8_asym, else None
+    tensor_scale nvfp4: 0-d float32, the global scale: a block's divisor is its E4M3 scale / tensor_scale;
+                 else None
     shape        the original tensor's shape
     """
 
@@ -265,6 +286,16 @@ class QuantizedTensor:
     spec: QuantSpec
     shape: tuple
     zero_points: Optional[torch.Tensor] = None
+    tensor_scale: Optional[torch.Tensor] = None
+
+    def stored(self) -> dict:
+        """{name: tensor} of the stored tensors, in Storage order (the order they travel in)."""
+        return {name: getattr(self, name) for name in Storage._fields if getattr(self, name) is not None}
+
+    @classmethod
+    def from_stored(cls, tensors: dict, spec: QuantSpec, shape) -> "QuantizedTensor":
+        """Inverse of stored(): a QuantizedTensor of {name: tensor} (names of Storage's fields)."""
+        return cls(spec=spec, shape=tuple(shape), **{name: tensors.get(name) for name in Storage._fields})
 
     def dequantize(self, out_dtype=None):
         from . import dispatch  # here, not at the top: the dispatcher loads the backends, which import spec

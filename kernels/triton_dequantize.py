@@ -17,32 +17,7 @@ from .config import DEFAULT, KernelConfig
 from .launch import interpreting
 from .quantize_plan import MAX_REGISTER_BLOCK, as_grid, block_geometry, bytes_of, pow2_ceil, tile_geometry, warps
 from .spec import E2M1, OUT_DTYPES, QuantizedTensor, ScaleEncoding, _cdiv
-from .triton_elements import block_ids, pow2, tile_coords
-
-# SPECIALS of _decode_minifloat: which codes are not numbers.
-NO_SPECIALS = tl.constexpr(0)  # E2M1
-NAN_ALL_ONES = tl.constexpr(1)  # fn formats (E4M3): all-ones is NaN, no Inf
-IEEE_SPECIALS = tl.constexpr(2)  # E5M2: the top exponent is Inf (mantissa 0) or NaN
-
-
-@triton.jit
-def _decode_minifloat(b, NBITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr,
-                      SPECIALS: tl.constexpr):
-    """fp32 value of minifloat bits `b` (int32); SPECIALS: NO_SPECIALS, NAN_ALL_ONES or IEEE_SPECIALS."""
-    e = (b >> MBITS) & ((1 << EBITS) - 1)
-    m = b & ((1 << MBITS) - 1)
-    # Normal codes move their fields into fp32's; subnormal ones are m * 2**(1 - BIAS - MBITS).
-    normal = ((e + (127 - BIAS)) << 23) | (m << (23 - MBITS))
-    sub = m.to(tl.float32) * (tl.zeros_like(e) + ((1 - BIAS - MBITS + 127) << 23)).to(tl.float32, bitcast=True)
-    mag = tl.where(e == 0, sub, normal.to(tl.float32, bitcast=True))
-    if SPECIALS == NAN_ALL_ONES:
-        mag = tl.where((e == (1 << EBITS) - 1) & (m == (1 << MBITS) - 1), float("nan"), mag)
-    if SPECIALS == IEEE_SPECIALS:
-        mag = tl.where(e == (1 << EBITS) - 1, tl.where(m == 0, float("inf"), float("nan")), mag)
-    # The sign goes on as a bit: Triton's -x is 0 - x, which loses the sign of zero.
-    sign = ((b >> (NBITS - 1)) & 1) << 31
-    return (mag.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-
+from .triton_elements import IEEE_SPECIALS, NAN_ALL_ONES, NO_SPECIALS, block_ids, decode_minifloat, pow2, tile_coords
 
 @triton.jit
 def _dequantize_kernel(
@@ -75,10 +50,10 @@ def _dequantize_kernel(
         bcols = (pid_c * CB + cb) * (TBC // 2) + jb
         packed = tl.load(q_base + bcols, mask=(rows < R) & (bcols < sq_r), other=0).to(tl.int32)
         bits = tl.reshape(tl.join(packed & 0xF, packed >> 4), [RB, TBRP, CB, TBCP])
-        v = _decode_minifloat(bits, NBITS, EBITS, MBITS, BIAS, SPECIALS)
+        v = decode_minifloat(bits, NBITS, EBITS, MBITS, BIAS, SPECIALS)
     elif DECODE_BITS:
         bits = tl.load(q_base + cols, mask=valid, other=0).to(tl.int32)
-        v = _decode_minifloat(bits, NBITS, EBITS, MBITS, BIAS, SPECIALS)
+        v = decode_minifloat(bits, NBITS, EBITS, MBITS, BIAS, SPECIALS)
     else:
         v = tl.load(q_base + cols, mask=valid).to(tl.float32)  # masked lanes are never stored
 
@@ -139,6 +114,8 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
     pow2 = spec.scale_encoding == ScaleEncoding.POW2
     scales = as_grid(qt.scales, nbr, nbc)
     scales = bytes_of(scales) if pow2 else scales.float()
+    if qt.tensor_scale is not None:  # nvfp4: each block's divisor, E4M3 scale / tensor scale (IEEE division)
+        scales = scales / qt.tensor_scale.float()
     zps = None
     if qt.zero_points is not None:  # read with the scales' strides
         zps = torch.empty_strided(scales.shape, scales.stride(), dtype=torch.int8, device=scales.device)

@@ -277,3 +277,33 @@ def finite_abs(x):
     a = tl.abs(x)
     return tl.where(a < float("inf"), a, 0.0)
 
+
+# SPECIALS of decode_minifloat: which codes are not numbers.
+NO_SPECIALS = tl.constexpr(0)  # E2M1
+NAN_ALL_ONES = tl.constexpr(1)  # fn formats (E4M3): all-ones is NaN, no Inf
+IEEE_SPECIALS = tl.constexpr(2)  # E5M2: the top exponent is Inf (mantissa 0) or NaN
+
+
+@triton.jit
+def decode_minifloat(b, NBITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr,
+                      SPECIALS: tl.constexpr):
+    """fp32 value of minifloat bits `b` (int32); SPECIALS: NO_SPECIALS, NAN_ALL_ONES or IEEE_SPECIALS."""
+    e = (b >> MBITS) & ((1 << EBITS) - 1)
+    m = b & ((1 << MBITS) - 1)
+    # Normal codes move their fields into fp32's; subnormal ones are m * 2**(1 - BIAS - MBITS).
+    normal = ((e + (127 - BIAS)) << 23) | (m << (23 - MBITS))
+    sub = m.to(tl.float32) * (tl.zeros_like(e) + ((1 - BIAS - MBITS + 127) << 23)).to(tl.float32, bitcast=True)
+    mag = tl.where(e == 0, sub, normal.to(tl.float32, bitcast=True))
+    if SPECIALS == NAN_ALL_ONES:
+        mag = tl.where((e == (1 << EBITS) - 1) & (m == (1 << MBITS) - 1), float("nan"), mag)
+    if SPECIALS == IEEE_SPECIALS:
+        mag = tl.where(e == (1 << EBITS) - 1, tl.where(m == 0, float("inf"), float("nan")), mag)
+    # The sign goes on as a bit: Triton's -x is 0 - x, which loses the sign of zero.
+    sign = ((b >> (NBITS - 1)) & 1) << 31
+    return (mag.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def e4m3_value(b):
+    """fp32 value of E4M3 (float8_e4m3fn) bits `b` (int32): NVFP4's block scales."""
+    return decode_minifloat(b, 8, 4, 3, 7, NAN_ALL_ONES)

@@ -9,7 +9,8 @@
   - Scales constant along K (per tensor, or per row: channel axis 0): the K loop sums the codes
     alone (fp32 for FP8; int32 for INT8, with the int8_asym zero-point correction) and the scales
     are applied once at the end, exactly as reference._int8_matmul does.
-* _mx_gemm_kernel, MXFP4 / MXFP8 operands (E8M0 scales over 1x32 groups), in any pairing: each tile
+* _mx_gemm_kernel, MXFP4 / MXFP8 operands (E8M0 scales over 1x32 groups), in any pairing, or NVFP4 x NVFP4
+  (E4M3 scales over 1x16 groups, the two fp32 tensor scales divided out of the accumulator at the end): each tile
   is upcast in-kernel to bf16 with its power-of-two scale folded in (exact: E2M1/E4M3/E5M2 times a
   power of two fits bf16's 8-bit significand, except E4M3/E5M2 subnormals under the smallest scales,
   below 2**-133 where bf16 has no subnormal step left, which round), then multiplied on the bf16
@@ -35,7 +36,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from . import gluon_gemm
 from .config import DEFAULT, KernelConfig
 from .launch import interpreting, sm_count, tile_offsets, tma_rows
-from .spec import E2M1, MX_BLOCK, OUT_DTYPES, Granularity, QuantizedTensor
+from .spec import E2M1, OUT_DTYPES, Format, Granularity, QuantizedTensor
+from .triton_elements import e4m3_value
 
 K_BLOCK = 128  # BLOCK_K of the FP8/INT8 kernel: K scale groups must be multiples of it
 ONE_SCALE = 0  # "rows per scale" of an operand whose one scale covers every row
@@ -190,6 +192,27 @@ def _e8m0_bf16x2(e):
 
 
 @triton.jit
+def _scale_f32(e, SCALE_E4M3: tl.constexpr):
+    """fp32 block scales of stored bits e: E4M3 (NVFP4) or E8M0 (MX)."""
+    if SCALE_E4M3:
+        f = e4m3_value(e.to(tl.int32))
+    else:
+        f = _e8m0_to_f32(e)
+    return f
+
+
+@triton.jit
+def _scale_bf16x2(e, SCALE_E4M3: tl.constexpr):
+    """Two bf16 copies of each block scale in an int32 word (both E4M3 and E8M0 values are exact in bf16)."""
+    if SCALE_E4M3:
+        h = (e4m3_value(e.to(tl.int32)).to(tl.int32, bitcast=True) >> 16) & 0xFFFF
+        w = h | (h << 16)
+    else:
+        w = _e8m0_bf16x2(e)
+    return w
+
+
+@triton.jit
 def _e2m1x2_scaled(b, f):
     """bf16x2 words (element 2i in the low half) of E2M1 code bytes b (int32 0..255, element 2i in the
     low nibble) times the bf16x2 factors f (sm_90 PTX).
@@ -223,8 +246,9 @@ def _e2m1x2_scaled(b, f):
 
 @triton.jit
 def _mx_tile(desc, s_ptrs, stride_sk, k_groups, off, k, FP4: tl.constexpr, ROWS: tl.constexpr,
-             BLOCK_K: tl.constexpr, GROUP: tl.constexpr, DOT_FP32: tl.constexpr, PACKED: tl.constexpr):
-    """Values (codes x scale) of an MX operand's (ROWS, BLOCK_K) tile at row `off`, column `k`.
+             BLOCK_K: tl.constexpr, GROUP: tl.constexpr, DOT_FP32: tl.constexpr, PACKED: tl.constexpr,
+             SCALE_E4M3: tl.constexpr):
+    """Values (codes x scale) of an MX (or NVFP4) operand's (ROWS, BLOCK_K) tile at row `off`, column `k`.
 
     bf16, or fp32 if DOT_FP32. PACKED (compiled MXFP4): each code byte becomes one bf16x2 word
     (_e2m1x2_scaled), the same bf16 values as the fp32 path's.
@@ -234,17 +258,20 @@ def _mx_tile(desc, s_ptrs, stride_sk, k_groups, off, k, FP4: tl.constexpr, ROWS:
     else:
         packed = desc.load([off, k])
     g = k // GROUP + tl.arange(0, BLOCK_K // GROUP)
-    e = tl.load(s_ptrs + g[None, :] * stride_sk, mask=g[None, :] < k_groups, other=127)
-    return _mx_values(packed, e, FP4, ROWS, BLOCK_K, GROUP, DOT_FP32, PACKED)
+    if SCALE_E4M3:  # past K: a scale of 1 (E4M3 0x38) times the zero codes TMA fills in
+        e = tl.load(s_ptrs + g[None, :] * stride_sk, mask=g[None, :] < k_groups, other=0x38)
+    else:
+        e = tl.load(s_ptrs + g[None, :] * stride_sk, mask=g[None, :] < k_groups, other=127)
+    return _mx_values(packed, e, FP4, ROWS, BLOCK_K, GROUP, DOT_FP32, PACKED, SCALE_E4M3)
 
 
 @triton.jit
 def _mx_values(packed, e, FP4: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-               DOT_FP32: tl.constexpr, PACKED: tl.constexpr):
-    """(ROWS, BLOCK_K) values of MX codes (MXFP4: (ROWS, BLOCK_K // 2) bytes; MXFP8: (ROWS, BLOCK_K)
-    E4M3) under E8M0 scale bits e (ROWS, BLOCK_K // GROUP); see _mx_tile."""
+               DOT_FP32: tl.constexpr, PACKED: tl.constexpr, SCALE_E4M3: tl.constexpr = False):
+    """(ROWS, BLOCK_K) values of MX codes (MXFP4, NVFP4: (ROWS, BLOCK_K // 2) bytes; MXFP8: (ROWS, BLOCK_K)
+    E4M3) under scale bits e (ROWS, BLOCK_K // GROUP), E8M0 or (SCALE_E4M3) E4M3; see _mx_tile."""
     if FP4 and PACKED:
-        f = tl.broadcast_to(_e8m0_bf16x2(e)[:, :, None], (ROWS, BLOCK_K // GROUP, GROUP // 2))
+        f = tl.broadcast_to(_scale_bf16x2(e, SCALE_E4M3)[:, :, None], (ROWS, BLOCK_K // GROUP, GROUP // 2))
         w = _e2m1x2_scaled(packed.to(tl.int32), f.reshape(ROWS, BLOCK_K // 2))
         lo = w.to(tl.int16).to(tl.bfloat16, bitcast=True)
         hi = (w >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
@@ -254,7 +281,7 @@ def _mx_values(packed, e, FP4: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.con
         vals = _e2m1_to_f32(codes)
     else:
         vals = packed.to(tl.float32)
-    vals = vals.reshape(ROWS, BLOCK_K // GROUP, GROUP) * _e8m0_to_f32(e)[:, :, None]
+    vals = vals.reshape(ROWS, BLOCK_K // GROUP, GROUP) * _scale_f32(e, SCALE_E4M3)[:, :, None]
     vals = vals.reshape(ROWS, BLOCK_K)
     if DOT_FP32:
         return vals
@@ -263,9 +290,9 @@ def _mx_values(packed, e, FP4: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.con
 
 
 @triton.jit
-def _mx_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr,
+def _mx_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, ta_ptr, tb_ptr,
                     M, N, K, stride_cm, stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk,
-                    A_FP4: tl.constexpr, B_FP4: tl.constexpr, GROUP: tl.constexpr,
+                    A_FP4: tl.constexpr, B_FP4: tl.constexpr, GROUP: tl.constexpr, SCALE_E4M3: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, CTAS_PER_SM: tl.constexpr,
                     FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -274,7 +301,8 @@ def _mx_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr,
 
     DOT_FP32 multiplies the same exact values in fp32 instead of bf16: the Triton interpreter's
     bf16 tl.dot reads the raw bits as integers (triton 3.9). PACKED decodes MXFP4 tiles in bf16x2
-    PTX (compiled only; the interpreter cannot run PTX).
+    PTX (compiled only; the interpreter cannot run PTX). SCALE_E4M3 (NVFP4): E4M3 block scales, and
+    the accumulator divided by A's and then B's tensor scale (ta_ptr, tb_ptr) once after the K loop.
     """
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -287,10 +315,12 @@ def _mx_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr,
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             a = _mx_tile(a_desc, sa_ptrs, stride_sak, k_groups, off_m, k, A_FP4, BLOCK_M, BLOCK_K, GROUP, DOT_FP32,
-                         PACKED)
+                         PACKED, SCALE_E4M3)
             b = _mx_tile(b_desc, sb_ptrs, stride_sbk, k_groups, off_n, k, B_FP4, BLOCK_N, BLOCK_K, GROUP, DOT_FP32,
-                         PACKED)
+                         PACKED, SCALE_E4M3)
             acc = tl.dot(a, b.T, acc, input_precision="ieee")
+        if SCALE_E4M3:  # one division each: their product could leave fp32's range
+            acc = tl.math.div_rn(tl.math.div_rn(acc, tl.load(ta_ptr)), tl.load(tb_ptr))
         _store_tile(c_ptr, acc, off_m, off_n, M, N, stride_cm, stride_cn, BLOCK_M, BLOCK_N)
 
 
@@ -462,11 +492,14 @@ def _mx_matmul(a: QuantizedTensor, b: QuantizedTensor, c: torch.Tensor, config: 
     (M, K), N = a.shape, b.shape[0]
     a_fp4, b_fp4 = a.spec.element is E2M1, b.spec.element is E2M1
     sa, sb = a.scales.view(torch.uint8), b.scales.view(torch.uint8)
+    nvfp4 = a.spec.format == Format.NVFP4
+    ta, tb = (a.tensor_scale, b.tensor_scale) if nvfp4 else (c, c)  # never read for MX
     num_sms = _num_programs(c.device, config)
     _tuned(_mx_gemm_kernel, config.mx_gemm_configs or MX_CONFIGS)[_grid(M, N, num_sms)](
-        _descriptor(a.codes, a.codes.shape[1]), _descriptor(b.codes, b.codes.shape[1]), c, sa, sb,
+        _descriptor(a.codes, a.codes.shape[1]), _descriptor(b.codes, b.codes.shape[1]), c, sa, sb, ta, tb,
         M, N, K, c.stride(0), c.stride(1), sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1),
-        A_FP4=a_fp4, B_FP4=b_fp4, GROUP=MX_BLOCK, NUM_SMS=num_sms, DOT_FP32=interpreting(),
+        A_FP4=a_fp4, B_FP4=b_fp4, GROUP=a.spec.group_size, SCALE_E4M3=nvfp4, NUM_SMS=num_sms,
+        DOT_FP32=interpreting(),
         PACKED=config.packed_decode and not interpreting())
     return c
 
@@ -489,8 +522,8 @@ def matmul(a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype = torc
     """C = A @ B^T (M, N) in `out_dtype` for quantized A (M, K) and B (N, K), on the GPU (or the interpreter).
 
     FP8 x FP8 (scales per tensor, per row, or over K groups of multiples of 128 such as
-    A 1x128 x B 128x128), INT8 x INT8 (sym or asym, per tensor or per row), and MXFP4/MXFP8 x
-    MXFP4/MXFP8. Raises ValueError/TypeError for anything else. config: the kernel choices (kernels/config.py).
+    A 1x128 x B 128x128), INT8 x INT8 (sym or asym, per tensor or per row), MXFP4/MXFP8 x
+    MXFP4/MXFP8 and NVFP4 x NVFP4. Raises ValueError/TypeError for anything else. config: the kernel choices (kernels/config.py).
     """
     if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"matmul: expected A (M, K) and B (N, K), got {list(a.shape)} and {list(b.shape)}")
@@ -505,13 +538,18 @@ def matmul(a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype = torc
     kinds = {a.spec.element.kind, b.spec.element.kind}
     if len(kinds) != 1:
         raise ValueError("matmul: cannot mix integer and floating-point operands")
-    if a.spec.is_mx != b.spec.is_mx:
-        raise ValueError(f"matmul: cannot pair an MX operand with a non-MX one "
-                         f"({a.spec.describe()} x {b.spec.describe()})")
+    if _upcast_kind(a.spec) != _upcast_kind(b.spec):
+        raise ValueError(f"matmul: the Triton GEMM pairs MX operands with MX ones and NVFP4 with NVFP4, "
+                         f"not {a.spec.describe()} x {b.spec.describe()}")
     (M, K), N = a.shape, b.shape[0]
     # The interpreter's fp32->bf16 cast truncates; there the kernel writes fp32 and torch rounds.
     kernel_dtype = torch.float32 if interpreting() and out_dtype == torch.bfloat16 else out_dtype
     c = torch.empty((M, N), dtype=kernel_dtype, device=a.codes.device)
     if M == 0 or N == 0 or K == 0:
         return c.zero_().to(out_dtype)
-    return (_mx_matmul if a.spec.is_mx else _scaled_matmul)(a, b, c, config).to(out_dtype)
+    return (_mx_matmul if _upcast_kind(a.spec) else _scaled_matmul)(a, b, c, config).to(out_dtype)
+
+
+def _upcast_kind(spec) -> str | None:
+    """Which operands _mx_gemm_kernel upcasts: "mx", "nvfp4"; None for the scaled kernel's."""
+    return "mx" if spec.is_mx else "nvfp4" if spec.format == Format.NVFP4 else None

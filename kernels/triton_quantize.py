@@ -17,12 +17,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
+from . import reference, triton_nvfp4
 from .config import DEFAULT, KernelConfig
 from .layout import scale_tensor, with_scale_layout
 from .quantize_plan import (MAX_REGISTER_BLOCK, Tile, as_grid, bf16_bits, block_view, bytes_of, element_constants,
                             input_view, persistent_programs, pow2_ceil, schedule, tile_geometry, warps)
-from .spec import Granularity, QuantizedTensor, QuantSpec, _cdiv
+from .spec import Format, Granularity, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED, CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, GUARDED,
                               RECIPROCAL, block_ids, block_scale, encode, encode_quotient, finite_abs, load_fp32,
@@ -304,6 +304,9 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
     P, R, C = v.shape
     nbr, nbc = _cdiv(R, br), _cdiv(C, bc)
     qt = _empty(x.shape, spec, x.device, scale_layout)
+    if spec.format == Format.NVFP4:
+        triton_nvfp4.quantize(v, qt, config)
+        return qt
     if given is None and mxfp4_pairs(v, qt.codes, qt.scales, spec):
         return qt
     register = given is None and P == 1 and pow2_ceil(br) * pow2_ceil(bc) <= MAX_REGISTER_BLOCK
@@ -328,8 +331,9 @@ def _empty(shape, spec: QuantSpec, device, scale_layout: str) -> QuantizedTensor
     """The outputs of quantizing a tensor of `shape`, allocated (spec.storage), scales in `scale_layout`."""
     store = spec.storage(shape)
     zps = None if store.zero_points is None else scale_tensor(*store.zero_points, device, scale_layout)
+    ts = None if store.tensor_scale is None else torch.empty(store.tensor_scale[0], dtype=torch.float32, device=device)
     return QuantizedTensor(torch.empty(store.codes[0], dtype=store.codes[1], device=device),
-                           scale_tensor(*store.scales, device, scale_layout), spec, tuple(shape), zps)
+                           scale_tensor(*store.scales, device, scale_layout), spec, tuple(shape), zps, ts)
 
 
 def _launch(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, register, fmt, spec, config,
@@ -412,5 +416,4 @@ def quantize_dual(x: torch.Tensor, spec: QuantSpec, *, scale_layout: str = "row"
 
 
 def _to_device(qt: QuantizedTensor, device) -> QuantizedTensor:
-    zp = None if qt.zero_points is None else qt.zero_points.to(device)
-    return QuantizedTensor(qt.codes.to(device), qt.scales.to(device), qt.spec, qt.shape, zp)
+    return QuantizedTensor.from_stored({name: t.to(device) for name, t in qt.stored().items()}, qt.spec, qt.shape)

@@ -5,8 +5,9 @@ A piece is a run of whole scale blocks that no other block depends on: complete 
 group granularity, complete rows of tiles for tile, complete blocks for flat, complete
 slices along the leading axis for channel(axis 0). Quantizing the pieces one by one gives
 exactly the bytes of quantizing the whole tensor (codes and scales are both laid out in
-row-major block order). Tensor granularity, and channel over any other axis, need every
-element before the first scale is known: they run as one piece once the tensor is in.
+row-major block order). Tensor granularity, channel over any other axis, and nvfp4 (whose tensor
+scale comes from every element) need every element before the first scale is known: they run as
+one piece once the tensor is in.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import math
 
 import torch
 
-from quantd.kernels.spec import Granularity, QuantizedTensor, QuantSpec
+from quantd.kernels.spec import Format, Granularity, QuantizedTensor, QuantSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,8 @@ class Piece:
 def unit_shape(spec: QuantSpec, shape: tuple):
     """(elements per aligned unit, shape of `n` units as a function) or None when the tensor is one piece."""
     g = spec.granularity
+    if spec.format == Format.NVFP4:
+        return None
     if g == Granularity.GROUP:
         k = shape[-1]
         return k, lambda n: (n, k)
@@ -80,7 +83,7 @@ def join_pieces(parts: list, spec: QuantSpec, shape: tuple) -> QuantizedTensor:
             return tensors[0].reshape(out_shape)
         flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors])
         return flat.view(tensors[0].dtype).reshape(out_shape)
-    scale_shape = spec.scale_shape(shape)
-    zero_points = None if parts[0].zero_points is None else join([p.zero_points for p in parts], scale_shape)
-    return QuantizedTensor(join([p.codes for p in parts], spec.code_shape(shape)),
-                           join([p.scales for p in parts], scale_shape), spec, shape, zero_points)
+    store = spec.storage(shape)
+    return QuantizedTensor.from_stored(
+        {name: join([p.stored()[name] for p in parts], getattr(store, name)[0]) for name in parts[0].stored()},
+        spec, shape)

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from quantd.kernels.spec import QuantizedTensor, QuantSpec
+from quantd.kernels.spec import QuantizedTensor, QuantSpec, Storage
 from quantd.v1 import quantd_pb2 as pb
 
 # Measured with benchmarks/service.py (BENCHMARKS.md, "Service"): Python gRPC moves the most bytes per
@@ -104,7 +104,7 @@ def as_torch(x) -> torch.Tensor:
 
 
 def quantize_outputs(spec: QuantSpec, shape, dequantized: bool) -> list:
-    """The tensors a Quantize answers with, in order: codes, scales, [zero_points], [dequantized]."""
+    """The tensors a Quantize answers with, in order: codes, scales, [zero_points], [tensor_scale], [dequantized]."""
     outputs = [tensor_info(name, dtype, tshape) for name, tshape, dtype in spec.storage(shape).tensors()]
     if dequantized:
         outputs.append(tensor_info("dequantized", spec.dequant_dtype, shape))
@@ -112,19 +112,22 @@ def quantize_outputs(spec: QuantSpec, shape, dequantized: bool) -> list:
 
 
 def quantized_operand(qt: QuantizedTensor) -> pb.QuantizedOperand:
-    """The header describing a QuantizedTensor's tensors (codes, scales, zero points)."""
-    msg = pb.QuantizedOperand(spec=spec_to_proto(qt.spec), shape=[int(s) for s in qt.shape],
-                              codes=tensor_info("codes", qt.codes.dtype, qt.codes.shape),
-                              scales=tensor_info("scales", qt.scales.dtype, qt.scales.shape))
-    if qt.zero_points is not None:
-        msg.zero_points.CopyFrom(tensor_info("zero_points", qt.zero_points.dtype, qt.zero_points.shape))
+    """The header describing a QuantizedTensor's stored tensors (codes, scales, zero points, tensor scale)."""
+    msg = pb.QuantizedOperand(spec=spec_to_proto(qt.spec), shape=[int(s) for s in qt.shape])
+    for name, t in qt.stored().items():
+        getattr(msg, name).CopyFrom(tensor_info(name, t.dtype, t.shape))
     return msg
 
 
 def operand_tensors(qt: QuantizedTensor) -> list:
     """A QuantizedTensor's tensors in stream order."""
-    return [qt.codes, qt.scales] + ([qt.zero_points] if qt.zero_points is not None else [])
+    return list(qt.stored().values())
 
 
 def operand_infos(msg: pb.QuantizedOperand) -> list:
-    return [msg.codes, msg.scales] + ([msg.zero_points] if msg.HasField("zero_points") else [])
+    """The TensorInfos an operand message names, in stream order (Storage's)."""
+    return [getattr(msg, name) for name in Storage._fields if msg.HasField(name)]
+
+
+def operand_names(msg: pb.QuantizedOperand) -> list:
+    return [name for name in Storage._fields if msg.HasField(name)]

@@ -65,8 +65,10 @@ def check_quantized_operand(msg: pb.QuantizedOperand, what: str) -> QuantSpec:
         raise invalid(f"{what}: negative dimension in shape {list(shape)}")
     check_blocks(spec, shape, what)
     expected = spec.storage(shape).tensors()
-    if msg.HasField("zero_points") and len(expected) < 3:
-        raise invalid(f"{what}: zero_points given, but only int8_asym has zero points")
+    extra = [name for name in wire.operand_names(msg) if name not in {name for name, *_ in expected}]
+    if extra:
+        raise invalid(f"{what}: {extra[0]} given, but {spec.describe()} has none (zero_points: int8_asym only; "
+                      f"tensor_scale: nvfp4 only)")
     for name, want_shape, dtype in expected:
         if not msg.HasField(name):
             raise invalid(f"{what}: {name} missing ({spec.describe()} needs them)")
@@ -81,8 +83,8 @@ def check_quantized_operand(msg: pb.QuantizedOperand, what: str) -> QuantSpec:
 
 def quantized_tensor(msg: pb.QuantizedOperand, tensors: list, device) -> QuantizedTensor:
     spec = wire.spec_from_proto(msg.spec)
-    tensors = [t.to(device) for t in tensors]
-    return QuantizedTensor(tensors[0], tensors[1], spec, tuple(msg.shape), tensors[2] if len(tensors) > 2 else None)
+    return QuantizedTensor.from_stored({name: t.to(device) for name, t in zip(wire.operand_names(msg), tensors)},
+                                       spec, msg.shape)
 
 
 def given_scales(header: pb.QuantizeHeader, spec: QuantSpec, shape: tuple) -> torch.Tensor | None:

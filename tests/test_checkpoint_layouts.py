@@ -9,8 +9,11 @@ table stands in for a vLLM run; FORMATS.md says so). The table is transcribed fr
   ceil(K/bk)], channel: float32 [N, 1]); compressed_tensors_w8a8_int8.py (CompressedTensorsW8A8Int8.create_weights:
   weight int8 [N, K], weight_scale float32 [N, 1]); compressed_tensors_w4a4_mxfp4.py (weight_packed uint8 [N, K/2],
   weight_scale uint8 [N, K/32]); compressed_tensors_w8a8_mxfp8.py (weight float8_e4m3fn [N, K], weight_scale uint8
-  [N, K/32]); compressed_tensors.py (_is_fp8_w8a8, _is_dynamic_token_w8a8, _is_mxfp4, _is_mxfp8: which config
-  selects which scheme; W8A8 int8 takes symmetric weights only, its "azp" is the activations' zero point).
+  [N, K/32]); compressed_tensors_w4a16_nvfp4.py (CompressedTensorsW4A16Fp4.create_weights: weight_packed uint8
+  [N, K/2], weight_global_scale float32 [one per fused part], weight_scale float8_e4m3fn [N, K/16]);
+  compressed_tensors.py (_is_fp8_w8a8, _is_dynamic_token_w8a8, _is_mxfp4, _is_mxfp8, _is_fp4a16_nvfp4: which config
+  selects which scheme; W8A8 int8 takes symmetric weights only, its "azp" is the activations' zero point;
+  NVFP4A16: weights only, tensor_group, float, 4 bits, group 16, symmetric).
 - gpt-oss-mxfp4: vllm/model_executor/models/gpt_oss.py (_load_weights_mxfp4: gate_up_proj_blocks viewed as
   [E, 2I, H/2] into w13_weight, down_proj_blocks as [E, H, I/2] into w2_weight, *_scales [E, 2I, H/32] and
   [E, H, I/32], biases [E, 2I] and [E, H]) and quantization/mxfp4.py (Mxfp4Config.from_config reads no key).
@@ -39,6 +42,9 @@ VLLM_LINEAR = {
     ("compressed-tensors", "mxfp4"): {"weight_packed": (U8, lambda n, k: (n, k // 2)),
                                       "weight_scale": (U8, lambda n, k: (n, k // 32))},
     ("compressed-tensors", "mxfp8"): {"weight": (F8, lambda n, k: (n, k)), "weight_scale": (U8, lambda n, k: (n, k // 32))},
+    ("compressed-tensors", "nvfp4"): {"weight_packed": (U8, lambda n, k: (n, k // 2)),
+                                      "weight_scale": (F8, lambda n, k: (n, k // 16)),
+                                      "weight_global_scale": (F32, lambda n, k: (1,))},
     ("compressed-tensors", "int8-asym"): None,
 }
 # compressed-tensors QuantizationArgs vLLM's predicates require of config_groups[*].weights / input_activations
@@ -52,6 +58,7 @@ VLLM_CT_ARGS = {
     "mxfp4": ({"type": "float", "num_bits": 4, "strategy": "group", "group_size": 32, "symmetric": True}, {}),
     "mxfp8": ({"type": "float", "num_bits": 8, "strategy": "group", "group_size": 32, "symmetric": True,
                "scale_dtype": "torch.uint8"}, {}),
+    "nvfp4": ({"type": "float", "num_bits": 4, "strategy": "tensor_group", "group_size": 16, "symmetric": True}, {}),
 }
 # Linear weights [N, K] of the synthetic model: ragged against 128 (the fp8 tiles), K a multiple of 32 (MX)
 LINEARS = {"model.layers.0.self_attn.q_proj": (256, 192), "model.layers.0.mlp.down_proj": (192, 320),
@@ -108,6 +115,8 @@ def test_linear_layouts_match_vllm(client, dense, tmp_path, profile, scheme):
     group = config["config_groups"]["group_0"]
     assert group["targets"] == ["Linear"]
     assert {k: group["weights"][k] for k in weights} == weights
+    if scheme == "nvfp4":  # _is_fp4a16_nvfp4: weight-only
+        assert group["input_activations"] is None
     assert {k: group["input_activations"][k] for k in activations} == activations
 
 

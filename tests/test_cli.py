@@ -36,7 +36,7 @@ def checkpoint(tmp_path, rng):
 
 CLI_SPECS = [(["--format", "fp8_e4m3", "--group", "64"], QuantSpec("fp8_e4m3", group_size=64)),
              (["--format", "int8_asym", "--tile", "16x32"], QuantSpec("int8_asym", "tile", tile=(16, 32))),
-             (["--format", "mxfp4"], QuantSpec("mxfp4"))]
+             (["--format", "mxfp4"], QuantSpec("mxfp4")), (["--format", "nvfp4"], QuantSpec("nvfp4"))]
 
 
 @pytest.mark.parametrize("flags,spec", CLI_SPECS, ids=lambda v: v.describe() if isinstance(v, QuantSpec) else "")
@@ -58,6 +58,8 @@ def test_quantize_then_dequantize_a_checkpoint(server, checkpoint, tmp_path, fla
         assert torch.equal(loaded[name + ".scales"].view(torch.uint8), want.scales.view(torch.uint8))
         if want.zero_points is not None:
             assert torch.equal(loaded[name + ".zero_points"], want.zero_points)
+        if want.tensor_scale is not None:
+            assert torch.equal(loaded[name + ".tensor_scale"], want.tensor_scale)
         assert layout[name]["shape"] == list(tensors[name].shape)
     assert torch.equal(loaded["step"], tensors["step"]) and torch.equal(loaded["temperature"], tensors["temperature"])
 
@@ -70,7 +72,7 @@ def test_quantize_then_dequantize_a_checkpoint(server, checkpoint, tmp_path, fla
         assert restored[name].dtype == tensors[name].dtype
         assert torch.equal(restored[name], expected)
         rebuilt = QuantizedTensor(loaded[name], loaded[name + ".scales"], spec, tuple(tensors[name].shape),
-                                  loaded.get(name + ".zero_points"))
+                                  loaded.get(name + ".zero_points"), loaded.get(name + ".tensor_scale"))
         assert torch.equal(dispatch.dequantize(rebuilt, tensors[name].dtype), expected)  # loads back with torch alone
 
 

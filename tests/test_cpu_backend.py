@@ -24,6 +24,7 @@ CASES = [  # (spec, input dtype)
     (QuantSpec("int8_asym", "group", group_size=32), torch.bfloat16),
     (QuantSpec("mxfp4"), torch.float32),
     (QuantSpec("mxfp8"), torch.bfloat16),
+    (QuantSpec("nvfp4"), torch.float16),
 ]
 SHAPES = [(64, 256), (33, 97), (5, 7, 70), (130,), (1, 1)]  # (1, 1) last: see the graph count below
 
@@ -62,6 +63,9 @@ def assert_same(q, r):
     assert (q.zero_points is None) == (r.zero_points is None)
     if r.zero_points is not None:
         assert torch.equal(q.zero_points, r.zero_points)
+    assert (q.tensor_scale is None) == (r.tensor_scale is None)
+    if r.tensor_scale is not None:
+        assert torch.equal(bits(q.tensor_scale), bits(r.tensor_scale))
 
 
 @pytest.mark.parametrize("spec,dtype", CASES, ids=[f"{s.describe()}-{str(d)[6:]}" for s, d in CASES])

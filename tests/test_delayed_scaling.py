@@ -35,11 +35,9 @@ def random_scales(spec: QuantSpec, shape, gen) -> torch.Tensor:
 
 
 def assert_same(got, want):
-    for name in ("codes", "scales", "zero_points"):
-        a, b = getattr(got, name), getattr(want, name)
-        assert (a is None) == (b is None), name
-        if a is not None:
-            assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), name
+    assert got.stored().keys() == want.stored().keys()
+    for name, b in want.stored().items():
+        assert torch.equal(got.stored()[name].reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), name
 
 
 def same_bits(a: float, b: torch.Tensor) -> bool:
@@ -84,12 +82,16 @@ def test_bad_scales_are_refused_and_the_server_keeps_serving(server, rng):
         (QuantSpec("fp8_e4m3", "tensor"), torch.tensor(math.inf), "explicit scales must be positive and finite"),
         (QuantSpec("mxfp8"), torch.full((4, 2), 0.3), "pow2 scales must be powers of two"),
         (QuantSpec("int8_asym", "tensor"), torch.tensor(1.0), "int8_asym derives its scales"),
+        (QuantSpec("nvfp4"), torch.ones(4, 4), "nvfp4 derives its scales"),
     ]
     for spec, scales, message in cases:
         with pytest.raises(QuantdError) as info:
             client.quantize(x, spec, scales=scales)
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and message in info.value.details, info.value
     assert_same(client.quantize(x, QuantSpec()), reference.quantize(x, QuantSpec()))
+    got = client.quantize(x, QuantSpec("nvfp4"), amax=True)  # a format of derived scales still reports its amax
+    assert_same(got, reference.quantize(x, QuantSpec("nvfp4")))
+    assert same_bits(got.amax, reference.amax(x))
 
 
 def test_amax_history_gives_delayed_scaling(server, rng):

@@ -19,7 +19,8 @@ VALID_SPECS = [
     for enc in ("fp32", "pow2")
     for gran, gs, ax in (("tensor", 128, 0), ("channel", 128, -1), ("group", 16, 0), ("tile", 128, 0), ("flat", 128, 0))
 ] + [QuantSpec("int8_asym", g) for g in ("tensor", "group", "tile", "flat")] + [
-    QuantSpec("int8_asym", "channel", axis=0), QuantSpec("mxfp4"), QuantSpec("mxfp8")]
+    QuantSpec("int8_asym", "channel", axis=0), QuantSpec("mxfp4"), QuantSpec("mxfp8"), QuantSpec("nvfp4")]
+BLOCK_FORMATS = ("mxfp4", "mxfp8", "nvfp4")  # defined on one group size and scale encoding
 
 
 def finite_arrays(max_dims=3):
@@ -94,22 +95,27 @@ def test_all_zero_blocks(spec):
         if not usable(spec, shape):
             continue
         qt = reference.quantize(torch.zeros(shape), spec)
-        # MX takes the smallest E8M0 exponent for a zero amax (NUMERICS.md, Scales); the others scale 1.0
-        assert (reference.scale_values(qt) == (2.0 ** -127 if spec.is_mx else 1.0)).all()
+        # MX takes the smallest E8M0 exponent for a zero amax (NUMERICS.md, Scales), nvfp4 E4M3 0.125 under a
+        # tensor scale of 1.0 (compressed-tensors' values); the others scale 1.0
+        zero_scale = 2.0 ** -127 if spec.is_mx else 0.125 if spec.format == Format.NVFP4 else 1.0
+        assert (reference.scale_values(qt) == zero_scale).all()
         assert not torch.isnan(reference.code_values(qt)).any()
         deq = reference.dequantize(qt, torch.float32)
         assert deq.shape == shape and (deq == 0).all()
 
 
 def test_single_element_and_ragged_last_block():
-    for spec in (QuantSpec(), QuantSpec("fp8_e4m3", "flat", block_size=3), QuantSpec("mxfp4"),
+    for spec in (QuantSpec(), QuantSpec("fp8_e4m3", "flat", block_size=3), QuantSpec("mxfp4"), QuantSpec("nvfp4"),
                  QuantSpec("int8_asym", "tile", tile=(2, 2))):
         x = torch.tensor([[0.3, -7.0, 2.5, 0.01, 100.0]])
         qt = reference.quantize(x, spec)
         scales = reference.scale_values(qt).reshape(-1)
         blocks = reference.to_blocks(x, spec)
         # the ragged last block's scale comes from its real elements (padding is 0)
-        assert torch.equal(scales[-1:], reference.compute_scales(blocks[-1:], spec)[0].reshape(-1))
+        if spec.format == Format.NVFP4:  # one block: E4M3 448 under the tensor scale 448 * 6 / amax
+            assert torch.equal(scales, torch.tensor([448.0]) / (torch.tensor(2688.0) / 100.0))
+        else:
+            assert torch.equal(scales[-1:], reference.compute_scales(blocks[-1:], spec)[0].reshape(-1))
         one = reference.quantize(torch.tensor([-2.0]), spec)
         assert torch.allclose(reference.dequantize(one, torch.float32), torch.tensor([-2.0]), rtol=0.2)
 
@@ -117,10 +123,10 @@ def test_single_element_and_ragged_last_block():
 def test_nan_and_inf_semantics():
     x = torch.tensor([[1.0, math.nan, math.inf, -math.inf, -2.0, 0.0]])
     for fmt in Format:
-        qt = reference.quantize(x, QuantSpec(fmt, "tensor") if fmt not in (Format.MXFP4, Format.MXFP8) else QuantSpec(fmt))
+        qt = reference.quantize(x, QuantSpec(fmt) if fmt.value in BLOCK_FORMATS else QuantSpec(fmt, "tensor"))
         el = qt.spec.element
-        amax_scale = reference.compute_scales(reference.to_blocks(x[:, [0, 4, 5]], qt.spec), qt.spec)[0]
-        assert torch.equal(reference.scale_values(qt).reshape(-1)[:1], amax_scale.reshape(-1)[:1])  # NaN/Inf ignored
+        finite_only = reference.quantize(x[:, [0, 4, 5]], qt.spec)
+        assert torch.equal(reference.scale_values(qt), reference.scale_values(finite_only))  # NaN/Inf ignored
         vals = reference.code_values(qt).reshape(-1)
         if el.has_nan:
             assert qt.codes.view(torch.uint8).reshape(-1)[1] == el.nan_code
@@ -137,11 +143,23 @@ def test_nan_and_inf_semantics():
         assert report["nan_count"] == 1 and report["saturated"] >= 2
 
 
+def test_report_of_a_dequantized_value_that_overflows():
+    """fp32's largest value under NVFP4: its divisor s / tensor_scale rounds past amax / 6, so its dequantized
+    value overflows to Inf; the report's SQNR is then -inf, not an error."""
+    x = torch.full((1, 16), 1.0)
+    x[0, 0] = torch.finfo(torch.float32).max
+    qt = reference.quantize(x, QuantSpec("nvfp4"))
+    assert torch.isinf(reference.dequantize(qt, torch.float32)[0, 0])
+    assert reference.report(x, qt)["sqnr_db"] == -math.inf
+
+
 @pytest.mark.parametrize("fmt,gran,enc", list(itertools.product(
     [f.value for f in Format], [g.value for g in Granularity], [e.value for e in ScaleEncoding])))
 def test_every_combination_constructs_or_names_the_field(fmt, gran, enc):
-    mx = fmt in ("mxfp4", "mxfp8")
-    valid = (gran == "group" and enc == "pow2") if mx else not (fmt == "int8_asym" and enc == "pow2")
+    if fmt in BLOCK_FORMATS:
+        valid = gran == "group" and enc == ("e4m3" if fmt == "nvfp4" else "pow2")
+    else:
+        valid = enc == "fp32" or (enc == "pow2" and fmt != "int8_asym")
     if valid:
         spec = QuantSpec(fmt, gran, scale_encoding=enc)
         assert (spec.format.value, spec.granularity.value, spec.scale_encoding.value) == (fmt, gran, enc)
@@ -155,26 +173,35 @@ def test_every_combination_constructs_or_names_the_field(fmt, gran, enc):
 @pytest.mark.parametrize("kwargs,field", [
     (dict(format="fp9"), "format"), (dict(granularity="row"), "granularity"), (dict(scale_encoding="log"), "scale_encoding"),
     (dict(group_size=0), "group_size"), (dict(block_size=-1), "block_size"), (dict(tile=(0, 4)), "tile"),
-    (dict(out_dtype="int8"), "out_dtype"), (dict(format="mxfp4", group_size=64), "granularity")])
+    (dict(out_dtype="int8"), "out_dtype"), (dict(format="mxfp4", group_size=64), "granularity"),
+    (dict(format="nvfp4", group_size=32), "granularity"), (dict(format="nvfp4", scale_encoding="fp32"), "scale_encoding"),
+    (dict(format="fp8_e4m3", scale_encoding="e4m3"), "scale_encoding")])
 def test_invalid_fields_raise_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"QuantSpec\.{field}"):
         QuantSpec(**kwargs)
 
 
 @pytest.mark.parametrize("spec,shape", [(QuantSpec(), (3, 300)), (QuantSpec(format="mxfp4"), (2, 5, 65)),
+                                        (QuantSpec(format="nvfp4"), (2, 3, 37)),
                                         (QuantSpec(format="int8_asym", granularity="tile", tile=(4, 8)), (9, 17)),
                                         (QuantSpec(format="int8_sym", granularity="channel", axis=1), (2, 3, 4))],
                          ids=str)
 def test_storage_is_what_quantize_returns(spec, shape):
-    """QuantSpec.storage names the shapes and dtypes of the codes, scales and zero points quantize gives."""
+    """QuantSpec.storage names the shapes and dtypes of the codes, scales, zero points and tensor scale quantize
+    gives, and QuantizedTensor.stored / from_stored walk the same names."""
     store = spec.storage(shape)
     qt = reference.quantize(torch.randn(shape), spec)
     assert store.codes == (tuple(qt.codes.shape), qt.codes.dtype)
     assert store.scales == (tuple(qt.scales.shape), qt.scales.dtype)
     assert store.zero_points == (None if qt.zero_points is None else (tuple(qt.zero_points.shape), torch.int8))
     assert (store.zero_points is None) == (spec.format != Format.INT8_ASYM)
-    stored = {"codes": qt.codes, "scales": qt.scales, "zero_points": qt.zero_points}
+    assert store.tensor_scale == (None if qt.tensor_scale is None else ((), torch.float32))
+    assert (store.tensor_scale is None) == (spec.format != Format.NVFP4)
+    stored = {"codes": qt.codes, "scales": qt.scales, "zero_points": qt.zero_points, "tensor_scale": qt.tensor_scale}
     assert store.tensors() == [(name, tuple(t.shape), t.dtype) for name, t in stored.items() if t is not None]
+    assert list(qt.stored()) == [name for name, *_ in store.tensors()]
+    again = QuantizedTensor.from_stored(qt.stored(), spec, shape)
+    assert all(torch.equal(a.float(), b.float()) for a, b in zip(again.stored().values(), qt.stored().values()))
 
 
 def test_bad_inputs_raise():
@@ -201,10 +228,12 @@ def test_explicit_scales_are_checked(backend):
         q(QuantSpec(scale_encoding="pow2"), torch.full((4, 2), 0.3))
     with pytest.raises(ValueError, match="int8_asym"):
         q(QuantSpec("int8_asym"), good)
+    with pytest.raises(ValueError, match="nvfp4 derives its scales"):
+        q(QuantSpec("nvfp4"), torch.full((4, 16), 0.25))
 
 
 @pytest.mark.parametrize("shape", [(0, 256), (3, 0), (0,), (2, 0, 5)])
-@pytest.mark.parametrize("spec", [QuantSpec(), QuantSpec("mxfp4"), QuantSpec(granularity="tensor"),
+@pytest.mark.parametrize("spec", [QuantSpec(), QuantSpec("mxfp4"), QuantSpec("nvfp4"), QuantSpec(granularity="tensor"),
                                   QuantSpec(granularity="tile"), QuantSpec(granularity="flat")], ids=str)
 def test_empty_tensors(spec, shape):
     qt = reference.quantize(torch.empty(shape), spec)
@@ -309,7 +338,7 @@ def on_meta(qt):
     def meta(t):
         return None if t is None else t.to("meta")
 
-    return type(qt)(meta(qt.codes), meta(qt.scales), qt.spec, qt.shape, meta(qt.zero_points))
+    return type(qt)(meta(qt.codes), meta(qt.scales), qt.spec, qt.shape, meta(qt.zero_points), meta(qt.tensor_scale))
 
 
 @pytest.mark.parametrize("spec", VALID_SPECS, ids=lambda s: s.describe())
@@ -322,7 +351,7 @@ def test_the_reference_computes_on_the_device_of_its_inputs(spec):
 
 
 @pytest.mark.parametrize("spec", [QuantSpec("int8_sym", "channel", axis=0), QuantSpec("int8_asym", "tensor"),
-                                  QuantSpec("mxfp4")], ids=lambda s: s.describe())
+                                  QuantSpec("mxfp4"), QuantSpec("nvfp4")], ids=lambda s: s.describe())
 def test_the_reference_matmul_computes_on_the_device_of_its_inputs(spec):
     qt = on_meta(reference.quantize(torch.randn(8, 64), spec))
     assert reference.matmul(qt, qt).is_meta

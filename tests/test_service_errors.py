@@ -134,8 +134,7 @@ def test_chunks_written_by_another_encoder_pass(server):
     assert codes == reference.quantize(x, QuantSpec("fp8_e4m3")).codes.view(torch.uint8).numpy().tobytes()
 
 
-def dequantize_header(**change):
-    spec = QuantSpec("int8_asym", group_size=32)
+def dequantize_header(spec=QuantSpec("int8_asym", group_size=32), **change):
     qt = reference.quantize(torch.randn(4, 64), spec)
     operand = wire.quantized_operand(qt)
     for name, info in change.items():
@@ -149,7 +148,11 @@ def dequantize_header(**change):
 def test_bad_dequantize_headers(stub):
     cases = [(dict(scales=pb.TensorInfo(name="scales", dtype="float32", shape=[4, 3])), "bad shape"),
              (dict(codes=pb.TensorInfo(name="codes", dtype="float8_e4m3fn", shape=[4, 64])), "dtype mismatch"),
-             (dict(zero_points=None), "zero_points missing")]
+             (dict(zero_points=None), "zero_points missing"),
+             (dict(spec=QuantSpec("nvfp4"), tensor_scale=None), "tensor_scale missing"),
+             (dict(spec=QuantSpec("nvfp4"), tensor_scale=pb.TensorInfo(name="tensor_scale", dtype="float32",
+                                                                       shape=[1])), "bad shape"),
+             (dict(tensor_scale=pb.TensorInfo(name="tensor_scale", dtype="float32")), "tensor_scale given, but")]
     for change, text in cases:
         code, details = status_of(stub.Dequantize(iter([dequantize_header(**change)]), timeout=30))
         assert code == INVALID and text in details, details

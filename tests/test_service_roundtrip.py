@@ -67,16 +67,14 @@ def assert_same_values(got: torch.Tensor, want: torch.Tensor, what: str):
 
 def on_device(qt: QuantizedTensor) -> QuantizedTensor:
     """`qt` on the test server's device, to run the same kernels locally."""
-    move = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
-    return QuantizedTensor(move(qt.codes), move(qt.scales), qt.spec, qt.shape, move(qt.zero_points))
+    return QuantizedTensor.from_stored({name: t.to(DEVICE) for name, t in qt.stored().items()}, qt.spec, qt.shape)
 
 
 def assert_same_quantization(got, want):
-    assert_same_bytes(got.codes, want.codes, "codes")
-    assert_same_bytes(got.scales, want.scales, "scales")
-    assert (got.zero_points is None) == (want.zero_points is None)
-    if want.zero_points is not None:
-        assert_same_bytes(got.zero_points, want.zero_points, "zero_points")
+    """Codes, scales, zero points and tensor scale: the same tensors, byte for byte."""
+    assert list(got.stored()) == list(want.stored())
+    for name, t in want.stored().items():
+        assert_same_bytes(getattr(got, name), t, name)
 
 
 FP8_INT8 = ["fp8_e4m3", "fp8_e5m2", "int8_sym", "int8_asym"]
@@ -85,7 +83,8 @@ GRANULARITIES = [dict(granularity="tensor"), dict(granularity="channel", axis=0)
                  dict(granularity="flat", block_size=100)]
 SPECS = [QuantSpec(fmt, scale_encoding=enc, **g) for fmt in FP8_INT8 for g in GRANULARITIES
          for enc in (["fp32"] if fmt == "int8_asym" else ["fp32", "pow2"])]
-SPECS += [QuantSpec("mxfp4"), QuantSpec("mxfp8"), QuantSpec("mxfp4", out_dtype="float32")]
+SPECS += [QuantSpec("mxfp4"), QuantSpec("mxfp8"), QuantSpec("mxfp4", out_dtype="float32"), QuantSpec("nvfp4"),
+          QuantSpec("nvfp4", out_dtype="float32")]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
@@ -113,7 +112,8 @@ def test_every_format_and_granularity_round_trips_bit_identical(client, index, s
 @pytest.mark.parametrize("shape", [(), (1,), (0, 64), (5, 0), (1, 1, 1), (300,), (2, 1, 513)])
 def test_odd_shapes(client, shape, rng):
     x = torch.randn(shape, generator=rng).bfloat16()
-    for spec in (QuantSpec(granularity="tensor"), QuantSpec("int8_asym", "flat", block_size=7), QuantSpec("mxfp4")):
+    for spec in (QuantSpec(granularity="tensor"), QuantSpec("int8_asym", "flat", block_size=7), QuantSpec("mxfp4"),
+                 QuantSpec("nvfp4")):
         try:
             want = reference.quantize(x, spec)
         except (ValueError, RuntimeError, IndexError):  # 0-d with groups; some empty tensors
@@ -146,7 +146,7 @@ def test_checksums_both_ways(server, rng):
 
 MATMUL_CASES = [QuantSpec("fp8_e4m3", group_size=32), QuantSpec("mxfp8"), QuantSpec("mxfp4"),
                 QuantSpec("fp8_e5m2", "tile", tile=(16, 16)), QuantSpec("int8_sym", "channel", axis=0),
-                QuantSpec("int8_asym", "tensor")]
+                QuantSpec("int8_asym", "tensor"), QuantSpec("nvfp4")]
 
 
 @pytest.mark.parametrize("spec", MATMUL_CASES, ids=lambda s: s.describe())
@@ -186,7 +186,8 @@ def test_concurrent_clients(server, rng):
 def test_server_info(client):
     info = client.server_info()
     assert info["backend"] == ("cpu" if DEVICE == "cpu" else "triton")
-    assert set(info["formats"]) == {"fp8_e4m3", "fp8_e5m2", "int8_sym", "int8_asym", "mxfp4", "mxfp8"}
+    assert set(info["formats"]) == {"fp8_e4m3", "fp8_e5m2", "int8_sym", "int8_asym", "mxfp4", "mxfp8", "nvfp4"}
+    assert "e4m3" in info["scale_encodings"]
     assert info["limits"]["chunk_bytes"] == 1500 and info["draining"] is False
 
 

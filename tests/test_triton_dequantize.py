@@ -15,7 +15,7 @@ from quantd.kernels import dispatch, reference
 from quantd.kernels.config import DEFAULT
 from quantd.kernels.spec import QuantizedTensor, QuantSpec
 from quantd.kernels.triton_dequantize import dequantize
-from triton_cases import DTYPES, all_specs, assert_same_values, random_input, reference_quantize
+from triton_cases import DTYPES, all_specs, assert_same_values, random_input, reference_quantize, to_device
 
 SPECS = all_specs()
 SPEC_IDS = [i for i, _ in SPECS]
@@ -27,13 +27,10 @@ def check(qt: QuantizedTensor, out_dtype, **kw):
 
 
 def _on_cpu(qt: QuantizedTensor) -> QuantizedTensor:
-    zp = None if qt.zero_points is None else qt.zero_points.cpu()
-    return QuantizedTensor(qt.codes.cpu(), qt.scales.cpu(), qt.spec, qt.shape, zp)
+    return to_device(qt, "cpu")
 
 
-def _to(qt: QuantizedTensor, device) -> QuantizedTensor:
-    zp = None if qt.zero_points is None else qt.zero_points.to(device)
-    return QuantizedTensor(qt.codes.to(device), qt.scales.to(device), qt.spec, qt.shape, zp)
+_to = to_device
 
 
 def random_codes(spec: QuantSpec, shape, gen: torch.Generator) -> QuantizedTensor:
@@ -47,11 +44,16 @@ def random_codes(spec: QuantSpec, shape, gen: torch.Generator) -> QuantizedTenso
     if spec.scale_dtype == torch.float32:
         scales = torch.exp2(torch.randn(sshape, generator=gen) * 20)
     else:
-        scales = torch.randint(0, 255, sshape, generator=gen, dtype=torch.int32).to(torch.uint8).view(spec.scale_dtype)
-    zp = None
+        scales = torch.randint(0, 255, sshape, generator=gen, dtype=torch.int32).to(torch.uint8)
+        if spec.scale_dtype == torch.float8_e4m3fn:  # every E4M3 byte but NaN (nvfp4 never writes it)
+            scales = torch.where(scales & 0x7F == 0x7F, scales - 1, scales)
+        scales = scales.view(spec.scale_dtype)
+    zp = tensor_scale = None
     if spec.format.value == "int8_asym":
         zp = torch.randint(-128, 128, sshape, generator=gen, dtype=torch.int32).to(torch.int8)
-    return QuantizedTensor(codes, scales, spec, tuple(shape), zp)
+    if spec.format.value == "nvfp4":
+        tensor_scale = torch.exp2(torch.randn((), generator=gen) * 20)
+    return QuantizedTensor(codes, scales, spec, tuple(shape), zp, tensor_scale)
 
 
 # ---- CI: interpreter, CPU tensors -------------------------------------------------------
@@ -93,11 +95,14 @@ def test_every_code(fmt):
 
 def test_column_major_scales(rng):
     x = random_input((37, 300), torch.float16, rng)
-    for spec in (QuantSpec(), QuantSpec(format="int8_asym"), QuantSpec(format="mxfp4"),
+    for spec in (QuantSpec(), QuantSpec(format="int8_asym"), QuantSpec(format="mxfp4"), QuantSpec(format="nvfp4"),
                  QuantSpec(granularity="tile", tile=(16, 128))):
         qt = dispatch.quantize(x, spec, backend="triton", scale_layout="col")
         assert qt.scales.stride(0) == 1
         check(qt, torch.bfloat16)
+        on_cpu = dispatch.quantize(x, spec, backend="cpu", scale_layout="col")  # laid out after quantizing
+        assert on_cpu.scales.stride(0) == 1 and list(on_cpu.stored()) == list(qt.stored())
+        check(on_cpu, torch.bfloat16)
 
 
 def test_round_trip_through_dispatch(rng):

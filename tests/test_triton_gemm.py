@@ -55,8 +55,7 @@ def random_matrix(shape, gen):
 
 
 def to_device(qt: QuantizedTensor) -> QuantizedTensor:
-    zp = None if qt.zero_points is None else qt.zero_points.to(DEVICE)
-    return QuantizedTensor(qt.codes.to(DEVICE), qt.scales.to(DEVICE), qt.spec, qt.shape, zp)
+    return QuantizedTensor.from_stored({name: t.to(DEVICE) for name, t in qt.stored().items()}, qt.spec, qt.shape)
 
 
 def quantized_pair(m, n, k, spec_a, spec_b, gen):
@@ -210,6 +209,28 @@ def test_mx_nan_and_bf16_out(rng):
     a[4, 50] = math.nan  # MXFP4 has no NaN: it encodes as 0, like the reference
     b[3, 3] = math.inf
     check(reference.quantize(a, QuantSpec("mxfp4")), reference.quantize(b, QuantSpec("mxfp4")), torch.bfloat16)
+
+
+NVFP4_PAIR = (QuantSpec("nvfp4"), QuantSpec("nvfp4"))
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (3, 5, 7), (70, 90, 200), (64, 130, 257)])
+def test_nvfp4(m, n, k, rng):
+    """E4M3 scales over 1x16 groups, the tensor scales divided out at the end, against the reference's fp64
+    product of the dequantized operands."""
+    check(*quantized_pair(m, n, k, *NVFP4_PAIR, rng))
+    qa, qb = quantized_pair(m, n, k, *NVFP4_PAIR, rng)
+    check(qa, qb, torch.bfloat16)
+
+
+def test_nvfp4_extreme_tensor_scales(rng):
+    """Tensor scales near fp32's top (amax ~1e-30: 448 * 6 / amax ~3e33, whose square is past fp32) and bottom
+    (amax ~1e30), NaN and Inf in the inputs."""
+    a = torch.randn(40, 96, generator=rng) * 1e-30
+    b = torch.randn(50, 96, generator=rng) * 1e-30
+    check(reference.quantize(a, QuantSpec("nvfp4")), reference.quantize(b, QuantSpec("nvfp4")))
+    a[3, 5], b[7, 90] = math.nan, math.inf
+    check(reference.quantize(a * 1e60, QuantSpec("nvfp4")), reference.quantize(b, QuantSpec("nvfp4")))
 
 
 @pytest.mark.parametrize("spec_a,spec_b", MX_PAIRS[:2], ids=lambda s: s.describe())
@@ -390,8 +411,11 @@ def test_rejects_bad_operands(rng):
         triton_gemm.matmul(to_device(fp8), to_device(group64))
     with pytest.raises(ValueError, match="mix integer"):
         triton_gemm.matmul(to_device(reference.quantize(x, INT8_SPECS[0])), to_device(fp8))
-    with pytest.raises(ValueError, match="MX operand"):
+    with pytest.raises(ValueError, match="MX operands with MX ones"):
         triton_gemm.matmul(to_device(reference.quantize(x, QuantSpec("mxfp8"))), to_device(fp8))
+    with pytest.raises(ValueError, match="NVFP4 with NVFP4"):
+        triton_gemm.matmul(to_device(reference.quantize(x, QuantSpec("nvfp4"))),
+                           to_device(reference.quantize(x, QuantSpec("mxfp4"))))
     with pytest.raises(ValueError, match="int8 operands"):
         i8 = to_device(reference.quantize(x, QuantSpec("int8_sym", "group")))
         triton_gemm.matmul(i8, i8)
@@ -429,10 +453,10 @@ def config_id(case) -> str:
 def test_every_config(name, config, monkeypatch, rng):
     monkeypatch.setattr(triton_gemm, name, [config])
     m, n, k = (300, 520, 1100) if DEVICE == "cuda" else (40, 70, 300)
-    pairs = MX_PAIRS[:2] if name == "MX_CONFIGS" else [
+    pairs = MX_PAIRS[:2] + [NVFP4_PAIR] if name == "MX_CONFIGS" else [
         BLOCK_SCALED, FP8_PAIRS[0], FP8_PAIRS[2], (INT8_SPECS[3], INT8_SPECS[1])]
     if name == "INTERPRETER_CONFIG":
-        pairs = pairs + MX_PAIRS[:1]
+        pairs = pairs + MX_PAIRS[:1] + [NVFP4_PAIR]
     for spec_a, spec_b in pairs:
         check(*quantized_pair(m, n, k, spec_a, spec_b, rng))
 
@@ -444,7 +468,7 @@ GPU_SHAPES = [(512, 768, 1024), (257, 383, 1100), (1024, 1536, 2048)]
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,n,k", GPU_SHAPES)
-@pytest.mark.parametrize("kind", ["block_scaled", "per_tensor", "int8_asym", "mxfp4", "mxfp8_x_mxfp4"])
+@pytest.mark.parametrize("kind", ["block_scaled", "per_tensor", "int8_asym", "mxfp4", "mxfp8_x_mxfp4", "nvfp4"])
 def test_gpu_large(kind, m, n, k, rng):
     specs = {
         "block_scaled": BLOCK_SCALED,
@@ -452,6 +476,7 @@ def test_gpu_large(kind, m, n, k, rng):
         "int8_asym": (INT8_SPECS[3], INT8_SPECS[1]),
         "mxfp4": MX_PAIRS[0],
         "mxfp8_x_mxfp4": MX_PAIRS[1],
+        "nvfp4": NVFP4_PAIR,
     }[kind]
     got, expected = check(*quantized_pair(m, n, k, *specs, rng))
     if kind == "int8_asym":
@@ -459,7 +484,7 @@ def test_gpu_large(kind, m, n, k, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("spec_a,spec_b", FP8_PAIRS + MX_PAIRS, ids=lambda s: s.describe())
+@pytest.mark.parametrize("spec_a,spec_b", FP8_PAIRS + MX_PAIRS + [NVFP4_PAIR], ids=lambda s: s.describe())
 def test_gpu_scalings_bf16(spec_a, spec_b, rng):
     check(*quantized_pair(300, 500, 700, spec_a, spec_b, rng), torch.bfloat16)
     check(*quantized_pair(300, 500, 700, spec_a, spec_b, rng), torch.float32)

@@ -335,12 +335,12 @@ def test_mxfp4_bf16_under_chosen_scales():
     check(x, QuantSpec(format="mxfp4"))
 
 
-@pytest.mark.parametrize("fmt", FP8 + ("mxfp4",))
+@pytest.mark.parametrize("fmt", FP8 + ("mxfp4", "nvfp4"))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_every_16bit_input(fmt, dtype):
     """Every bf16/fp16 bit pattern through the encoder, at unit scale and with scales from the data."""
     x = every_16bit(dtype).reshape(256, 256)
-    if fmt == "mxfp4":
+    if fmt in ("mxfp4", "nvfp4"):
         check(x, QuantSpec(format=fmt))
         return
     check(x, QuantSpec(format=fmt, granularity="tensor"), torch.ones(()))

@@ -33,7 +33,8 @@ def all_specs():
         for encoding in ("fp32", "pow2") if fmt != "int8_asym" else ("fp32",):
             for gid, kw in _granularities():
                 out.append((f"{fmt}-{gid}-{encoding}", QuantSpec(format=fmt, scale_encoding=encoding, **kw)))
-    out += [("mxfp4", QuantSpec(format="mxfp4")), ("mxfp8", QuantSpec(format="mxfp8"))]
+    out += [("mxfp4", QuantSpec(format="mxfp4")), ("mxfp8", QuantSpec(format="mxfp8")),
+            ("nvfp4", QuantSpec(format="nvfp4"))]
     return out
 
 
@@ -81,14 +82,16 @@ def assert_same_bits(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 
 
 def assert_same_qt(got: QuantizedTensor, want: QuantizedTensor) -> None:
-    """Codes, scales and zero points identical bit for bit (scales compared by value layout)."""
+    """Codes, scales, zero points and tensor scale identical bit for bit (scales compared by value layout)."""
     assert tuple(got.shape) == tuple(want.shape)
-    assert_same_bits(got.codes, want.codes, "codes")
-    assert_same_bits(got.scales, want.scales, "scales")
-    if want.zero_points is None:
-        assert got.zero_points is None
-    else:
-        assert_same_bits(got.zero_points, want.zero_points, "zero points")
+    assert list(got.stored()) == list(want.stored())
+    for name, t in want.stored().items():
+        assert_same_bits(getattr(got, name), t, name)
+
+
+def to_device(qt: QuantizedTensor, device) -> QuantizedTensor:
+    """qt with every stored tensor on `device`."""
+    return QuantizedTensor.from_stored({name: t.to(device) for name, t in qt.stored().items()}, qt.spec, qt.shape)
 
 
 def assert_same_values(got: torch.Tensor, want: torch.Tensor, what: str = "values") -> None:

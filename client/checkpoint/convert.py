@@ -70,9 +70,8 @@ def plan(folder: ModelFolder, profile, spec, ignore=(), include=()) -> list:
 
 def _meta_quantized(spec, shape):
     from quantd.kernels.spec import QuantizedTensor
-    codes, scales, zero_points = (None if entry is None else torch.empty(entry[0], dtype=entry[1], device="meta")
-                                  for entry in spec.storage(shape))
-    return QuantizedTensor(codes, scales, spec, tuple(shape), zero_points)
+    return QuantizedTensor.from_stored({name: torch.empty(tshape, dtype=dtype, device="meta")
+                                        for name, tshape, dtype in spec.storage(shape).tensors()}, spec, shape)
 
 
 def _kept_modules(folder, decisions, profile) -> list:

@@ -53,6 +53,9 @@ CT_SCHEMES = {s.name: s for s in (
            _args(4, "float", "group", True, **MX_ARGS)),
     Scheme("mxfp8", QuantSpec("mxfp8"), "mxfp8-quantized", _args(8, "float", "group", False, **MX_ARGS),
            _args(8, "float", "group", True, **MX_ARGS)),
+    # weight-only, as the library's NVFP4A16 preset (activations stay in high precision)
+    Scheme("nvfp4", QuantSpec("nvfp4"), "nvfp4-pack-quantized",
+           _args(4, "float", "tensor_group", False, group_size=16, scale_dtype="torch.float8_e4m3fn")),
 )}
 
 
@@ -85,8 +88,9 @@ class Profile:
 
     def unsupported(self, spec: QuantSpec, shape) -> str | None:
         """Why the scheme cannot store a tensor of `shape`, or None."""
-        if spec.is_mx and shape[-1] % 32:
-            return f"its last dim {shape[-1]} is not a multiple of 32 ({spec.format.value} blocks of 32)"
+        g = spec.group_size
+        if (spec.is_mx or spec.format.value == "nvfp4") and shape[-1] % g:
+            return f"its last dim {shape[-1]} is not a multiple of {g} ({spec.format.value} blocks of {g})"
         return None
 
     def service_input(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -159,21 +163,28 @@ class CompressedTensors(Profile):
             scales = scales.view(torch.uint8)
         elif spec.granularity.value == "channel":
             scales = scales.reshape(-1, 1)
-        out = {base + (".weight_packed" if spec.format.value == "mxfp4" else ".weight"): qt.codes,
+        out = {base + (".weight_packed" if spec.element.bits == 4 else ".weight"): qt.codes,
                base + self.scale_suffix: e8m0_as_float(scales) if not spec.is_mx else scales}
         if qt.zero_points is not None:
             out[base + ".weight_zero_point"] = qt.zero_points.reshape(-1, 1)
+        if qt.tensor_scale is not None:  # compressed-tensors' global scale: its value, shape [1]
+            out[base + ".weight_global_scale"] = qt.tensor_scale.reshape(1)
         return out
 
     def load(self, name, get, scheme):
         base, spec = self.base(name), scheme.spec
-        packed = spec.format.value == "mxfp4"
+        packed = spec.element.bits == 4
+        nvfp4 = spec.format.value == "nvfp4"
         codes = get(base + (".weight_packed" if packed else ".weight"))
         shape = tuple(codes.shape[:-1]) + (codes.shape[-1] * 2,) if packed else tuple(codes.shape)
         scales = get(base + self.scale_suffix)
-        scales = scales.view(torch.float8_e8m0fnu) if spec.is_mx else scales.float().reshape(spec.scale_shape(shape))
+        if spec.is_mx:
+            scales = scales.view(torch.float8_e8m0fnu)
+        elif not nvfp4:  # nvfp4: float8_e4m3fn [N, K/16] as stored
+            scales = scales.float().reshape(spec.scale_shape(shape))
         zp = get(base + ".weight_zero_point").reshape(-1) if spec.format.value == "int8_asym" else None
-        return QuantizedTensor(codes, scales, spec, shape, zp)
+        tensor_scale = get(base + ".weight_global_scale").float().reshape(()) if nvfp4 else None
+        return QuantizedTensor(codes, scales, spec, shape, zp, tensor_scale)
 
     def quantization_config(self, scheme, spec, kept):
         group = {"targets": ["Linear"], "weights": scheme.weights, "input_activations": scheme.input_activations,
@@ -239,7 +250,15 @@ class GptOssMxfp4(Profile):
 
 
 # quantd's own layout from before the profiles (`quantd quantize FILE.safetensors` still writes it)
-LEGACY_KEY, LEGACY_SCALES, LEGACY_ZERO_POINTS = "quantd", ".scales", ".zero_points"
+LEGACY_KEY = "quantd"
+# Where each stored tensor goes: `<name><suffix>` (the codes under the tensor's own name).
+LEGACY_SUFFIXES = {"codes": "", "scales": ".scales", "zero_points": ".zero_points", "tensor_scale": ".tensor_scale"}
+LEGACY_COMPANIONS = [suffix for suffix in LEGACY_SUFFIXES.values() if suffix]
+
+
+def legacy_tensors(name: str, qt: QuantizedTensor) -> dict:
+    """{file name: tensor} of qt's stored tensors in the legacy layout."""
+    return {name + LEGACY_SUFFIXES[part]: t for part, t in qt.stored().items()}
 
 
 def spec_from_json(fields: dict) -> QuantSpec:
@@ -247,13 +266,13 @@ def spec_from_json(fields: dict) -> QuantSpec:
 
 
 class QuantdLegacy(Profile):
-    """Codes under the tensor's own name, `<name>.scales` (and `.zero_points`), and each tensor's spec, shape and
+    """Codes under the tensor's own name, `<name>.scales` (and `.zero_points`, `.tensor_scale`), and each tensor's spec, shape and
     dtype as JSON under the safetensors metadata key `quantd`: `layout` is that JSON, merged over the shards."""
 
     name = "quantd"
     schemes = {"per-tensor": Scheme("per-tensor", QuantSpec())}   # each tensor's spec is in `layout`
     default_scheme = "per-tensor"
-    scale_suffix = LEGACY_SCALES
+    scale_suffix = LEGACY_SUFFIXES["scales"]
     weight_suffix = ""
 
     def __init__(self, layout: dict):
@@ -264,9 +283,9 @@ class QuantdLegacy(Profile):
 
     def load(self, name, get, scheme):
         entry = self.layout[name]
-        spec = spec_from_json(entry["spec"])
-        zp = get(name + LEGACY_ZERO_POINTS) if spec.format.value == "int8_asym" else None
-        return QuantizedTensor(get(name), get(name + LEGACY_SCALES), spec, tuple(entry["shape"]), zp)
+        spec, shape = spec_from_json(entry["spec"]), tuple(entry["shape"])
+        return QuantizedTensor.from_stored({part: get(name + LEGACY_SUFFIXES[part])
+                                            for part, *_ in spec.storage(shape).tensors()}, spec, shape)
 
 
 PROFILES = {p.name: p for p in (HfFp8(), CompressedTensors(), GptOssMxfp4())}

@@ -73,18 +73,20 @@ class QuantizeHeader(_message.Message):
     def __init__(self, tensor: _Optional[_Union[TensorInfo, _Mapping]] = ..., spec: _Optional[_Union[QuantSpec, _Mapping]] = ..., return_dequantized: _Optional[bool] = ..., return_report: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., checksums: _Optional[bool] = ..., regions: _Optional[_Union[RegionTensors, _Mapping]] = ..., cuda: _Optional[_Union[CudaTensors, _Mapping]] = ..., scales: _Optional[_Iterable[float]] = ..., return_amax: _Optional[bool] = ...) -> None: ...
 
 class QuantizedOperand(_message.Message):
-    __slots__ = ("spec", "shape", "codes", "scales", "zero_points")
+    __slots__ = ("spec", "shape", "codes", "scales", "zero_points", "tensor_scale")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     CODES_FIELD_NUMBER: _ClassVar[int]
     SCALES_FIELD_NUMBER: _ClassVar[int]
     ZERO_POINTS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_SCALE_FIELD_NUMBER: _ClassVar[int]
     spec: QuantSpec
     shape: _containers.RepeatedScalarFieldContainer[int]
     codes: TensorInfo
     scales: TensorInfo
     zero_points: TensorInfo
-    def __init__(self, spec: _Optional[_Union[QuantSpec, _Mapping]] = ..., shape: _Optional[_Iterable[int]] = ..., codes: _Optional[_Union[TensorInfo, _Mapping]] = ..., scales: _Optional[_Union[TensorInfo, _Mapping]] = ..., zero_points: _Optional[_Union[TensorInfo, _Mapping]] = ...) -> None: ...
+    tensor_scale: TensorInfo
+    def __init__(self, spec: _Optional[_Union[QuantSpec, _Mapping]] = ..., shape: _Optional[_Iterable[int]] = ..., codes: _Optional[_Union[TensorInfo, _Mapping]] = ..., scales: _Optional[_Union[TensorInfo, _Mapping]] = ..., zero_points: _Optional[_Union[TensorInfo, _Mapping]] = ..., tensor_scale: _Optional[_Union[TensorInfo, _Mapping]] = ...) -> None: ...
 
 class DequantizeHeader(_message.Message):
     __slots__ = ("operand", "out_dtype", "chunk_bytes", "checksums", "regions", "cuda")

@@ -80,14 +80,14 @@ class QuantdServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Quantize(self, request_iterator, context):
-        """Quantize one tensor: QuantizeHeader, then its bytes; codes, scales (and zero points) back.
+        """Quantize one tensor: QuantizeHeader, then its bytes; codes, scales (and zero points, or nvfp4's tensor scale) back.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Dequantize(self, request_iterator, context):
-        """Dequantize codes + scales (+ zero points) back to a bf16/fp16/fp32 tensor.
+        """Dequantize codes + scales (+ zero points or tensor scale) back to a bf16/fp16/fp32 tensor.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,79 @@
+"""NVFP4 quantization (NUMERICS.md, "NVFP4"): the tensor's amax by the per-tensor statistics pass
+(triton_block_stats), the tensor scale from it, then one pass of 1x16 blocks read as pairs of elements
+(as triton_mxfp4_pairs reads MXFP4), each byte two E2M1 codes. triton_quantize.quantize takes it for nvfp4.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import KernelConfig
+from .quantize_plan import ElementConstants, as_grid, bf16_bits, bytes_of, element_constants, input_view
+from .spec import E2M1, E4M3, NVFP4_BLOCK, NVFP4_ZERO_SCALE, QuantizedTensor, QuantSpec, _cdiv
+from .triton_block_stats import block_stats
+from .triton_elements import (CORRECTED, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, e2m1, e4m3_value, encode_float,
+                              finite_abs, load_fp32, quotient)
+
+# Rows and 1x16 blocks a program takes (4096 elements).
+ROWS, GROUPS, WARPS = 16, 16, 4
+# E4M3 block scales are rounded by the integer routine (encode_float's soft path): exact compiled and
+# interpreted alike (the interpreter's own fp8 cast is not).
+E4M3_SOFT: ElementConstants = element_constants(QuantSpec("fp8_e4m3"), exact_fp8=True)
+ZERO_SCALE_BITS = int(torch.tensor(NVFP4_ZERO_SCALE).to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+def tensor_scale(v: torch.Tensor, config: KernelConfig) -> torch.Tensor:
+    """0-d fp32: 2688 / max(finite amax of `v` (1, R, C), 2^-126), 1.0 where that is not finite."""
+    amax = block_stats(v, v.shape[1], v.shape[2], 1, 1, False, config)[0]
+    scale = (E4M3.max * E2M1.max) / torch.clamp(amax, min=2.0 ** -126)
+    return torch.where(scale < float("inf"), scale, 1.0)
+
+
+def quantize(v: torch.Tensor, qt: QuantizedTensor, config: KernelConfig) -> None:
+    """Fill qt (codes, scales, tensor_scale allocated for v's tensor) with v (1, R, C) quantized to NVFP4."""
+    _, R, C = v.shape
+    qt.tensor_scale.copy_(tensor_scale(v, config))
+    grid_s = as_grid(qt.scales, R, _cdiv(C, NVFP4_BLOCK))
+    grid = (_cdiv(R, ROWS) * _cdiv(C, GROUPS * NVFP4_BLOCK),)
+    _nvfp4_kernel[grid](input_view(v), bytes_of(qt.codes), bytes_of(grid_s), qt.tensor_scale, R, C,
+                        v.stride(1), v.stride(2), (C + 1) // 2, grid_s.stride(0), grid_s.stride(1),
+                        ROWS=ROWS, GROUPS=GROUPS, SCALE_FMT=E4M3_SOFT, ZERO_BITS=ZERO_SCALE_BITS,
+                        BF16_BITS=bf16_bits(v), num_warps=WARPS)
+
+
+@triton.jit
+def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, ts_ptr, R, C, sx_r, sx_c, sq_r, ss_r, ss_c,
+                  ROWS: tl.constexpr, GROUPS: tl.constexpr, SCALE_FMT: tl.constexpr, ZERO_BITS: tl.constexpr,
+                  BF16_BITS: tl.constexpr):
+    """Codes and E4M3 scales of ROWS rows x GROUPS 1x16 blocks; each block's even and odd elements are
+    loaded apart (lo, hi), so each pair's two codes make one byte (element 2i in the low nibble).
+
+    s = E4M3(min(tensor_scale * (amax / 6), 448)) (0.125 if 0), divisor s / tensor_scale, codes of the
+    IEEE quotients x / divisor: the reference's steps, each one IEEE fp32 rounding. The quotients come from
+    quotient's CORRECTED steps (|x / divisor| <= 6 here) unless the tile holds an Inf or NaN or a divisor outside
+    [CORRECTED_MIN, CORRECTED_MAX] (tensors of amax below ~2^-70): then from IEEE divisions."""
+    pid = tl.program_id(0)
+    tiles_c = tl.cdiv(C, GROUPS * 16)
+    r = (pid // tiles_c) * ROWS + tl.arange(0, ROWS)[:, None, None]
+    g = (pid % tiles_c) * GROUPS + tl.arange(0, GROUPS)[None, :, None]
+    k = g * 16 + 2 * tl.arange(0, 8)[None, None, :]  # the even element of each pair
+    row_ok = r < R
+    ptrs = x_ptr + r.to(tl.int64) * sx_r + k.to(tl.int64) * sx_c
+    lo = load_fp32(ptrs, row_ok & (k < C), BF16_BITS)
+    hi = load_fp32(ptrs + sx_c, row_ok & (k + 1 < C), BF16_BITS)
+    amax = tl.maximum(tl.max(finite_abs(lo), axis=2, keep_dims=True), tl.max(finite_abs(hi), axis=2, keep_dims=True))
+    ts = tl.load(ts_ptr)
+    s = tl.minimum(ts * tl.math.div_rn(amax, 6.0), 448.0)
+    bits = encode_float(s, SCALE_FMT)
+    bits = tl.where(bits == 0, ZERO_BITS, bits)
+    divisor = tl.math.div_rn(e4m3_value(bits), ts)
+    b_mask = row_ok & (g * 16 < C)
+    tl.store(scales_ptr + r.to(tl.int64) * ss_r + g * ss_c, bits.to(tl.uint8), mask=b_mask)
+    careful = tl.max(((divisor < CORRECTED_MIN) | (divisor > CORRECTED_MAX)).to(tl.int32)) + \
+        tl.max(((tl.abs(lo) == float("inf")) | (lo != lo) | (tl.abs(hi) == float("inf")) | (hi != hi)).to(tl.int32))
+    if careful == 0:
+        packed = (e2m1(quotient(lo, divisor, CORRECTED)) & 0xF) | ((e2m1(quotient(hi, divisor, CORRECTED)) & 0xF) << 4)
+    else:
+        packed = (e2m1(quotient(lo, divisor, DIVIDE)) & 0xF) | ((e2m1(quotient(hi, divisor, DIVIDE)) & 0xF) << 4)
+    tl.store(codes_ptr + r.to(tl.int64) * sq_r + k // 2, packed.to(tl.uint8), mask=row_ok & (k < C))

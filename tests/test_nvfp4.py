@@ -1,0 +1,157 @@
+"""NVFP4 (NUMERICS.md, "NVFP4"): the reference against compressed-tensors' own arithmetic, bit for bit, on random
+weights and on every finite bf16 and fp16 value; the CPU backend against the reference."""
+import math
+
+import pytest
+import torch
+
+from compressed_tensors.compressors.nvfp4 import NVFP4PackedCompressor
+from compressed_tensors.quantization import preset_name_to_scheme
+from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
+
+from quantd.kernels import cpu, reference, triton_quantize
+from quantd.kernels.spec import QuantSpec
+from triton_cases import assert_same_qt, assert_same_values, random_input, to_device
+
+SPEC = QuantSpec("nvfp4")
+SCHEME = preset_name_to_scheme("NVFP4A16", ["Linear"])
+
+
+def compressed_tensors_nvfp4(w: torch.Tensor):
+    """(weight_packed, weight_scale, weight_global_scale, decompressed bf16 weight) as compressed-tensors computes
+    them for a 2-D weight, from fp32 statistics (generate_gparam, calculate_qparams, NVFP4PackedCompressor)."""
+    wf = w.float()
+    global_scale = generate_gparam(wf.min(), wf.max())
+    groups = wf.reshape(wf.shape[0], -1, 16)
+    scale, _ = calculate_qparams(groups.amin(-1), groups.amax(-1), SCHEME.weights, global_scale=global_scale)
+    out = NVFP4PackedCompressor.compress({"weight": w, "weight_scale": scale, "weight_global_scale": global_scale},
+                                         SCHEME)
+    weight = NVFP4PackedCompressor.decompress(dict(out), SCHEME)["weight"]
+    return out["weight_packed"], out["weight_scale"], out["weight_global_scale"], weight
+
+
+def assert_equals_compressed_tensors(w: torch.Tensor):
+    qt = reference.quantize(w, SPEC)
+    packed, scale, global_scale, weight = compressed_tensors_nvfp4(w)
+    assert torch.equal(qt.codes, packed)
+    assert torch.equal(qt.scales.view(torch.uint8), scale.view(torch.uint8))
+    assert qt.tensor_scale.shape == () and torch.equal(qt.tensor_scale.reshape(1), global_scale)
+    assert torch.equal(reference.dequantize(qt, torch.bfloat16).view(torch.int16), weight.view(torch.int16))
+    return qt
+
+
+def assert_cpu_backend_equal(x: torch.Tensor):
+    want, got = reference.quantize(x, SPEC), cpu.quantize(x, SPEC)
+    assert torch.equal(got.codes, want.codes)
+    assert torch.equal(got.scales.view(torch.uint8), want.scales.view(torch.uint8))
+    assert torch.equal(got.tensor_scale, want.tensor_scale)
+    for out_dtype in (torch.bfloat16, torch.float32):
+        a, b = cpu.dequantize(want, out_dtype), reference.dequantize(want, out_dtype)
+        assert torch.equal(a.view(torch.int32 if out_dtype == torch.float32 else torch.int16),
+                           b.view(torch.int32 if out_dtype == torch.float32 else torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_equals_compressed_tensors_on_random_weights(dtype, rng):
+    for _ in range(4):
+        w = torch.randn(48, 96, generator=rng) * torch.exp2(torch.randint(-8, 8, (48, 1), generator=rng).float())
+        w = w.to(dtype)
+        w[5, 16:32] = 0  # an all-zero block: E4M3 0.125, zero codes
+        qt = assert_equals_compressed_tensors(w)
+        assert qt.scales.view(torch.uint8)[5, 1] == 0x20  # 0.125
+        assert_cpu_backend_equal(w)
+
+
+def windows(dtype: torch.dtype):
+    """Every finite value of a 16-bit float dtype, in tensors of (rows, 16) whose magnitudes span 2^16 each (so
+    every block scale, from E4M3 subnormals to 448, occurs), twice: sorted (blocks of neighbouring values) and
+    shuffled (blocks of mixed magnitudes)."""
+    bits = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    values = bits.view(dtype).float()
+    values = values[torch.isfinite(values) & ~((values == 0) & torch.signbit(values))]  # -0.0: see test below
+    exponent = torch.floor(torch.log2(values.abs().clamp(min=2.0 ** -140)))
+    gen = torch.Generator().manual_seed(17)
+    for low in range(-140, 128, 16):
+        chosen = values[(exponent >= low) & (exponent < low + 16)]
+        if chosen.numel() == 0:
+            continue
+        chosen = torch.sort(chosen).values
+        chosen = torch.cat([chosen, chosen.new_zeros((-chosen.numel()) % 16)])
+        yield chosen.to(dtype).reshape(-1, 16)
+        yield chosen[torch.randperm(chosen.numel(), generator=gen)].to(dtype).reshape(-1, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_finite_value_equals_compressed_tensors(dtype):
+    count = 0
+    for w in windows(dtype):
+        assert_equals_compressed_tensors(w)
+        assert_cpu_backend_equal(w)
+        count += w.numel()
+    assert count >= (65280 if dtype == torch.bfloat16 else 63488) - 1
+
+
+def test_negative_zero_keeps_its_sign():
+    """quantd keeps -0.0 (E2M1 code 8) as for MXFP4; compressed-tensors writes code 0 for an exact -0.0 (its
+    torch.sign(-0.0) is 0). Both dequantize to a zero."""
+    w = torch.tensor([[-0.0, 0.0, 1.0] + [0.5] * 13])
+    qt = reference.quantize(w, SPEC)
+    assert qt.codes[0, 0] == 0x08
+    packed = compressed_tensors_nvfp4(w)[0]
+    assert packed[0, 0] == 0x00 and torch.equal(packed[:, 1:], qt.codes[:, 1:])
+
+
+def test_nan_and_inf():
+    """NaN and Inf take no part in either amax; NaN codes as 0, +-Inf saturates to +-6 (as for MXFP4)."""
+    w = torch.tensor([[1.0, math.nan, math.inf, -math.inf, -2.0, 0.25] + [0.0] * 10])
+    qt = reference.quantize(w, SPEC)
+    finite = reference.quantize(torch.tensor([[1.0, 0.0, 0.0, 0.0, -2.0, 0.25] + [0.0] * 10]), SPEC)
+    assert torch.equal(qt.tensor_scale, finite.tensor_scale) and torch.equal(qt.scales.float(), finite.scales.float())
+    assert reference.code_values(qt)[0, 1:4].tolist() == [0.0, 6.0, -6.0]
+    assert_cpu_backend_equal(w)
+
+
+def test_tensor_scale_edges():
+    """All-zero tensor: tensor scale 1.0 (448 * 6 / 2^-126 is past fp32) and every block scale 0.125; a tensor of
+    subnormal amax; one of fp32's largest values."""
+    zero = reference.quantize(torch.zeros(3, 32), SPEC)
+    assert zero.tensor_scale.item() == 1.0 and (zero.scales.float() == 0.125).all() and (zero.codes == 0).all()
+    tiny = reference.quantize(torch.full((1, 16), 2.0 ** -130), SPEC)
+    assert tiny.tensor_scale.item() == 1.0 and (reference.dequantize(tiny, torch.float32) == 0).all()
+    big = torch.tensor([[3e38, -1.0] + [0.0] * 14])
+    qt = reference.quantize(big, SPEC)
+    assert qt.scales.float()[0, 0] == 448 and reference.code_values(qt)[0, 0] == 6.0
+    assert_cpu_backend_equal(big)
+    assert_equals_compressed_tensors(torch.randn(16, 32) * 1e-30)
+
+
+def assert_triton_equal(x: torch.Tensor):
+    """The Triton quantize and dequantize (interpreted on CPU tensors, compiled on CUDA ones) against the reference."""
+    want = reference.quantize(x.cpu(), SPEC)
+    got = triton_quantize.quantize(x, SPEC)
+    assert_same_qt(to_device(got, "cpu"), want)
+    for out_dtype in (torch.bfloat16, torch.float32):
+        assert_same_values(got.dequantize(out_dtype).cpu(), reference.dequantize(want, out_dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_every_finite_value(dtype):
+    for w in windows(dtype):
+        assert_triton_equal(w)
+
+
+def test_triton_ragged_and_strided(rng):
+    for shape in ((5, 7), (3, 33), (2, 4, 18), (1, 1)):
+        assert_triton_equal(random_input(shape, torch.float32, rng))
+    assert_triton_equal(random_input((64, 40), torch.bfloat16, rng).T)
+    assert_triton_equal(random_input((30, 90), torch.float16, rng)[::2, 3:80])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_triton_matches_reference(dtype, rng):
+    for w in windows(dtype if dtype != torch.float32 else torch.bfloat16):
+        assert_triton_equal(w.to(dtype).cuda())
+    for shape in ((1, 1), (3, 129), (4097, 1000), (8192, 7168)):
+        assert_triton_equal(random_input(shape, dtype, rng).cuda())
+    assert_triton_equal(random_input((4096, 1000), dtype, rng).cuda().T)
