@@ -167,7 +167,10 @@ def tensor_scale(amax: torch.Tensor | float, spec: QuantSpec) -> torch.Tensor:
     """The scale a per-tensor quantize with `spec` computes for a tensor of largest finite magnitude `amax`, as a
     0-d fp32 tensor: passed as quantize(x, spec, scales=...), it gives x the codes of quantize(x, spec) whenever
     amax is reference.amax(x)."""
-    return compute_scales(torch.as_tensor(amax, dtype=torch.float32).reshape(1, 1), spec)[0].reshape(())
+    block = torch.as_tensor(amax, dtype=torch.float32).reshape(1, 1)
+    if spec.format == Format.NVFP4:  # its tensor scale, the multiplier of that amax
+        return nvfp4_scales(block)[2]
+    return compute_scales(block, spec)[0].reshape(())
 
 
 def pow2_exponent(s: torch.Tensor, ceil: bool) -> torch.Tensor:
@@ -208,18 +211,22 @@ def compute_scales(blocks: torch.Tensor, spec: QuantSpec):
     return torch.ldexp(torch.ones_like(amax), e.float()), e, None
 
 
-def nvfp4_scales(blocks: torch.Tensor):
+def nvfp4_scales(blocks: torch.Tensor, tensor_scale: torch.Tensor | None = None):
     """NVFP4's (divisor fp32 (B, 1), E4M3 block scales fp32 (B, 1), tensor scale fp32 0-d) of (B, 16) blocks.
 
     compressed-tensors' arithmetic (generate_gparam, calculate_qparams, _quantize) on fp32 statistics:
     tensor_scale = 448 * 6 / amax over the whole tensor (amax at least 2**-126; 1.0 if the quotient is not
-    finite), each block's scale the E4M3 rounding (RNE, clamped to 448) of tensor_scale x (block amax / 6),
+    finite), or the one given (a multiplier: one shared by the parts of a fused module, or delayed scaling's),
+    each block's scale the E4M3 rounding (RNE, clamped to 448) of tensor_scale x (block amax / 6),
     0.125 where that is 0, and the block divides by scale / tensor_scale.
     """
     amax = block_amax(blocks)
-    tensor_amax = F.pad(amax.reshape(-1), (0, 1)).amax()  # a padding 0: no block (an empty tensor) gives 0
-    tensor_scale = (E4M3.max * E2M1.max) / torch.clamp(tensor_amax, min=2.0 ** -126)
-    tensor_scale = torch.where(tensor_scale < math.inf, tensor_scale, 1.0)
+    if tensor_scale is None:
+        tensor_amax = F.pad(amax.reshape(-1), (0, 1)).amax()  # a padding 0: no block (an empty tensor) gives 0
+        tensor_scale = (E4M3.max * E2M1.max) / torch.clamp(tensor_amax, min=2.0 ** -126)
+        tensor_scale = torch.where(tensor_scale < math.inf, tensor_scale, 1.0)
+    else:
+        tensor_scale = tensor_scale.float().reshape(())
     s8 = round_to_grid(torch.clamp(tensor_scale * (amax / E2M1.max), max=E4M3.max), E4M3)
     s8 = torch.where(s8 > 0, s8, NVFP4_ZERO_SCALE)
     return s8 / tensor_scale, s8, tensor_scale
@@ -274,13 +281,20 @@ def check_input(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = 
     check_scales(scales, spec, x.shape)
 
 
+def given_scale_shape(spec: QuantSpec, shape) -> tuple:
+    """Shape of the explicit scales quantize takes for a tensor of `shape`: spec.scale_shape, except nvfp4's,
+    which is its tensor scale alone (one fp32 multiplier; its E4M3 block scales are always derived)."""
+    return () if spec.format == Format.NVFP4 else spec.scale_shape(shape)
+
+
 def check_scales(scales: torch.Tensor, spec: QuantSpec, shape) -> None:
     """Raise ValueError for explicit scales that a tensor of `shape` cannot be quantized with."""
-    if spec.format in (Format.INT8_ASYM, Format.NVFP4):
+    if spec.format == Format.INT8_ASYM:
         raise ValueError(f"quantize: {spec.format.value} derives its scales; explicit scales are not supported")
-    want = spec.scale_shape(shape)
+    want = given_scale_shape(spec, shape)
     if scales.numel() != math.prod(want):
-        raise ValueError(f"quantize: scales must have shape {list(want)}, got {list(scales.shape)}")
+        what = "its tensor scale alone, one value" if spec.format == Format.NVFP4 else f"shape {list(want)}"
+        raise ValueError(f"quantize: scales must have {what}, got {list(scales.shape)}")
     s = scales.float()
     if not bool(((s > 0) & (s < math.inf)).all()):
         raise ValueError("quantize: explicit scales must be positive and finite")
@@ -314,7 +328,7 @@ def quantize_blocks(blocks: torch.Tensor, spec: QuantSpec, scales: torch.Tensor 
     fp32, uint8 E8M0 bits or float8_e4m3fn, int8 zero points (B,) or None, 0-d fp32 tensor scale or None).
     """
     if spec.format == Format.NVFP4:
-        scale, s8, tensor_scale = nvfp4_scales(blocks)
+        scale, s8, tensor_scale = nvfp4_scales(blocks, scales)
         values = encode_blocks(blocks, scale, None, spec.element).expand(blocks.shape)
         return values, s8.reshape(-1).to(torch.float8_e4m3fn), None, tensor_scale
     if scales is None:

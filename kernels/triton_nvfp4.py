@@ -12,7 +12,7 @@ from .config import KernelConfig
 from .quantize_plan import ElementConstants, as_grid, bf16_bits, bytes_of, element_constants, input_view
 from .spec import E2M1, E4M3, NVFP4_BLOCK, NVFP4_ZERO_SCALE, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
-from .triton_elements import (CORRECTED, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, e2m1, e4m3_value, encode_float,
+from .triton_elements import (CORRECTED_MAX, CORRECTED_MIN, DIVIDE, GUARDED, e2m1, e4m3_value, encode_float,
                               finite_abs, load_fp32, quotient)
 
 # Rows and 1x16 blocks a program takes (4096 elements).
@@ -30,29 +30,34 @@ def tensor_scale(v: torch.Tensor, config: KernelConfig) -> torch.Tensor:
     return torch.where(scale < float("inf"), scale, 1.0)
 
 
-def quantize(v: torch.Tensor, qt: QuantizedTensor, config: KernelConfig) -> None:
-    """Fill qt (codes, scales, tensor_scale allocated for v's tensor) with v (1, R, C) quantized to NVFP4."""
+def quantize(v: torch.Tensor, qt: QuantizedTensor, config: KernelConfig, given: torch.Tensor | None = None,
+             amax: torch.Tensor | None = None) -> None:
+    """Fill qt (codes, scales, tensor_scale allocated for v's tensor) with v (1, R, C) quantized to NVFP4; `given`:
+    the tensor scale to use (one fp32), else v's own (a statistics pass first); `amax` (a zeroed one-element
+    fp32): receives v's finite amax, found in the quantizing pass."""
     _, R, C = v.shape
-    qt.tensor_scale.copy_(tensor_scale(v, config))
+    qt.tensor_scale.copy_(tensor_scale(v, config) if given is None else given.reshape(()))
     grid_s = as_grid(qt.scales, R, _cdiv(C, NVFP4_BLOCK))
     grid = (_cdiv(R, ROWS) * _cdiv(C, GROUPS * NVFP4_BLOCK),)
-    _nvfp4_kernel[grid](input_view(v), bytes_of(qt.codes), bytes_of(grid_s), qt.tensor_scale, R, C,
+    _nvfp4_kernel[grid](input_view(v), bytes_of(qt.codes), bytes_of(grid_s), qt.tensor_scale,
+                        qt.tensor_scale if amax is None else amax, R, C,
                         v.stride(1), v.stride(2), (C + 1) // 2, grid_s.stride(0), grid_s.stride(1),
                         ROWS=ROWS, GROUPS=GROUPS, SCALE_FMT=E4M3_SOFT, ZERO_BITS=ZERO_SCALE_BITS,
-                        BF16_BITS=bf16_bits(v), num_warps=WARPS)
+                        BF16_BITS=bf16_bits(v), AMAX=amax is not None, num_warps=WARPS)
 
 
 @triton.jit
-def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, ts_ptr, R, C, sx_r, sx_c, sq_r, ss_r, ss_c,
+def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, ts_ptr, amax_ptr, R, C, sx_r, sx_c, sq_r, ss_r, ss_c,
                   ROWS: tl.constexpr, GROUPS: tl.constexpr, SCALE_FMT: tl.constexpr, ZERO_BITS: tl.constexpr,
-                  BF16_BITS: tl.constexpr):
+                  BF16_BITS: tl.constexpr, AMAX: tl.constexpr):
     """Codes and E4M3 scales of ROWS rows x GROUPS 1x16 blocks; each block's even and odd elements are
     loaded apart (lo, hi), so each pair's two codes make one byte (element 2i in the low nibble).
 
     s = E4M3(min(tensor_scale * (amax / 6), 448)) (0.125 if 0), divisor s / tensor_scale, codes of the
     IEEE quotients x / divisor: the reference's steps, each one IEEE fp32 rounding. The quotients come from
-    quotient's CORRECTED steps (|x / divisor| <= 6 here) unless the tile holds an Inf or NaN or a divisor outside
-    [CORRECTED_MIN, CORRECTED_MAX] (tensors of amax below ~2^-70): then from IEEE divisions."""
+    quotient's GUARDED steps (a given tensor scale may saturate quotients; Inf and NaN keep their codes) unless
+    the tile holds a divisor outside [CORRECTED_MIN, CORRECTED_MAX] (tensors of amax below ~2^-70): then from
+    IEEE divisions. AMAX: the tile's finite amax is maxed into amax_ptr."""
     pid = tl.program_id(0)
     tiles_c = tl.cdiv(C, GROUPS * 16)
     r = (pid // tiles_c) * ROWS + tl.arange(0, ROWS)[:, None, None]
@@ -70,10 +75,11 @@ def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, ts_ptr, R, C, sx_r, sx_c, sq_r, 
     divisor = tl.math.div_rn(e4m3_value(bits), ts)
     b_mask = row_ok & (g * 16 < C)
     tl.store(scales_ptr + r.to(tl.int64) * ss_r + g * ss_c, bits.to(tl.uint8), mask=b_mask)
-    careful = tl.max(((divisor < CORRECTED_MIN) | (divisor > CORRECTED_MAX)).to(tl.int32)) + \
-        tl.max(((tl.abs(lo) == float("inf")) | (lo != lo) | (tl.abs(hi) == float("inf")) | (hi != hi)).to(tl.int32))
+    if AMAX:
+        tl.atomic_max(amax_ptr, tl.max(tl.max(tl.max(amax, axis=2), axis=1), axis=0))
+    careful = tl.max(((divisor < CORRECTED_MIN) | (divisor > CORRECTED_MAX)).to(tl.int32))
     if careful == 0:
-        packed = (e2m1(quotient(lo, divisor, CORRECTED)) & 0xF) | ((e2m1(quotient(hi, divisor, CORRECTED)) & 0xF) << 4)
+        packed = (e2m1(quotient(lo, divisor, GUARDED)) & 0xF) | ((e2m1(quotient(hi, divisor, GUARDED)) & 0xF) << 4)
     else:
         packed = (e2m1(quotient(lo, divisor, DIVIDE)) & 0xF) | ((e2m1(quotient(hi, divisor, DIVIDE)) & 0xF) << 4)
     tl.store(codes_ptr + r.to(tl.int64) * sq_r + k // 2, packed.to(tl.uint8), mask=row_ok & (k < C))

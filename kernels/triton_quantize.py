@@ -305,7 +305,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
     nbr, nbc = _cdiv(R, br), _cdiv(C, bc)
     qt = _empty(x.shape, spec, x.device, scale_layout)
     if spec.format == Format.NVFP4:
-        triton_nvfp4.quantize(v, qt, config)
+        triton_nvfp4.quantize(v, qt, config, given, amax)
         return qt
     if given is None and mxfp4_pairs(v, qt.codes, qt.scales, spec):
         return qt

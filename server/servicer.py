@@ -88,7 +88,7 @@ def quantized_tensor(msg: pb.QuantizedOperand, tensors: list, device) -> Quantiz
 
 
 def given_scales(header: pb.QuantizeHeader, spec: QuantSpec, shape: tuple) -> torch.Tensor | None:
-    """The header's explicit scales as fp32 of spec.scale_shape(shape), or None; INVALID_ARGUMENT for scales that
+    """The header's explicit scales as fp32 of reference.given_scale_shape, or None; INVALID_ARGUMENT for scales that
     tensor cannot take (count, sign, pow2)."""
     if not header.scales:
         return None
@@ -97,7 +97,7 @@ def given_scales(header: pb.QuantizeHeader, spec: QuantSpec, shape: tuple) -> to
         reference.check_scales(scales, spec, shape)
     except ValueError as exc:
         raise invalid(f"Quantize: {exc}") from None
-    return scales.reshape(spec.scale_shape(shape))
+    return scales.reshape(reference.given_scale_shape(spec, shape))
 
 
 def quantize_amax(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None, want_amax: bool):

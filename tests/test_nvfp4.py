@@ -147,6 +147,51 @@ def test_triton_ragged_and_strided(rng):
     assert_triton_equal(random_input((30, 90), torch.float16, rng)[::2, 3:80])
 
 
+def unsigned_zeros(codes: torch.Tensor) -> torch.Tensor:
+    """Packed E2M1 codes with each -0 nibble (8) written as +0 (0)."""
+    lo, hi = codes & 0xF, codes >> 4
+    return torch.where(lo == 8, 0, lo) | (torch.where(hi == 8, 0, hi) << 4)
+
+
+def given_tensor_scale_checks(rng, device: str = "cpu"):
+    """A given tensor scale (one shared by a fused module's parts, or delayed scaling's): the reference's codes
+    equal compressed-tensors' under that global scale, the CPU backend and the Triton kernel (which also reports
+    the amax) equal the reference, including stale scales whose quotients saturate; the scale of the tensor's own
+    amax gives plain quantization."""
+    w = random_input((48, 96), torch.bfloat16, rng)
+    own = reference.tensor_scale(reference.amax(w), SPEC)
+    assert torch.equal(own, reference.quantize(w, SPEC).tensor_scale)
+    finite = (torch.nan_to_num(w.float(), nan=0.0, posinf=0.0, neginf=0.0) + 0.0).bfloat16()  # and no -0.0
+    for factor in (1.0, 0.5, 2.0 ** -7, 4.0, 2.0 ** 12):
+        given = own * factor
+        qt = reference.quantize(w, SPEC, given)
+        assert torch.equal(qt.tensor_scale, given.reshape(()))
+        if factor <= 1.0:  # a shared scale is never above a part's own: compressed-tensors' codes for finite weights
+            groups = finite.float().reshape(48, -1, 16)
+            scale, _ = calculate_qparams(groups.amin(-1), groups.amax(-1), SCHEME.weights, global_scale=given.reshape(1))
+            out = NVFP4PackedCompressor.compress({"weight": finite, "weight_scale": scale,
+                                                  "weight_global_scale": given.reshape(1)}, SCHEME)
+            ours = reference.quantize(finite, SPEC, given)
+            # equal up to the sign of zero codes, which the two write differently for quotients that are -0
+            assert torch.equal(unsigned_zeros(ours.codes), unsigned_zeros(out["weight_packed"]))
+            assert torch.equal(ours.scales.view(torch.uint8), out["weight_scale"].view(torch.uint8))
+        got = cpu.quantize(w, SPEC, given)
+        assert_same_qt(got, qt)
+        got, amax = triton_quantize.quantize_with_amax(w.to(device), SPEC, given.to(device))
+        assert_same_qt(to_device(got, "cpu"), qt)
+        assert amax.cpu().view(torch.int32) == reference.amax(w).view(torch.int32)
+    assert_same_qt(reference.quantize(w, SPEC, own), reference.quantize(w, SPEC))
+
+
+def test_given_tensor_scale(rng):
+    given_tensor_scale_checks(rng)
+
+
+@pytest.mark.gpu
+def test_gpu_given_tensor_scale(rng):
+    given_tensor_scale_checks(rng, "cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gpu_triton_matches_reference(dtype, rng):
