@@ -12,7 +12,7 @@ from grpc_harness import ServerProcess  # noqa: E402
 
 from quantd.cli import main as cli  # noqa: E402
 from quantd.client import QuantdClient  # noqa: E402
-from quantd.client.checkpoint import files  # noqa: E402
+from quantd.client.checkpoint import files, profiles  # noqa: E402
 from quantd.client.checkpoint.profiles import CT_SCHEMES  # noqa: E402
 from quantd.kernels import dispatch, reference  # noqa: E402
 from quantd.kernels.spec import QuantSpec  # noqa: E402
@@ -60,12 +60,23 @@ def logit_error(model, other) -> float:
     return float((a - b).abs().max() / a.abs().max())
 
 
+def shared_scales(model, spec, names) -> dict:
+    """{name: tensor scale} of the weights of fused modules under a spec with a tensor scale (nvfp4): the scale of
+    the largest amax of the module's parts, as vLLM fuses q/k/v and gate/up."""
+    if spec.format.value != "nvfp4":
+        return {}
+    params = dict(model.named_parameters())
+    return {n: reference.tensor_scale(max(reference.amax(params[m].detach()) for m in g), spec)
+            for g in profiles.fused_groups(names) for n in g}
+
+
 def check_weights(model, loaded, spec, names):
     """Every quantized Linear weight of `loaded` equals quantd's own dequantization, bit for bit."""
     params = dict(model.named_parameters())
     got = dict(loaded.named_parameters())
+    shared = shared_scales(model, spec, names)
     for name in names:
-        want = dispatch.dequantize(reference.quantize(params[name].detach(), spec), torch.bfloat16)
+        want = dispatch.dequantize(reference.quantize(params[name].detach(), spec, shared.get(name)), torch.bfloat16)
         assert torch.equal(got[name].detach(), want), name
 
 
@@ -94,7 +105,8 @@ def test_compressed_tensors_loads_in_transformers(server, llama, tmp_path, schem
 def test_nvfp4_decompresses_with_compressed_tensors(server, llama, tmp_path, capsys):
     """compressed-tensors' own NVFP4PackedCompressor.decompress on the stored tensors gives quantd's dequantized
     weights bit for bit; the stored codes, scales and global scale are what the library computes from the weight
-    (tests/test_nvfp4.py); `quantd inspect` names the scheme."""
+    (tests/test_nvfp4.py), the parts of a fused module sharing the tensor scale of their largest amax;
+    `quantd inspect` names the scheme."""
     from compressed_tensors.compressors.nvfp4 import NVFP4PackedCompressor
     from compressed_tensors.quantization import preset_name_to_scheme
     src, model = llama
@@ -104,13 +116,19 @@ def test_nvfp4_decompresses_with_compressed_tensors(server, llama, tmp_path, cap
     scheme = preset_name_to_scheme("NVFP4A16", ["Linear"])
     params = dict(model.named_parameters())
     names = quantized_names(model)
+    # q/k/v and gate/up of each layer: one tensor scale each, as vLLM fuses them
+    assert len(profiles.fused_groups(names)) == 2 * model.config.num_hidden_layers
+    shared = shared_scales(model, QuantSpec("nvfp4"), names)
     for name in names:
         base = name.removesuffix(".weight")
         stored = {k: read(base + "." + k) for k in ("weight_packed", "weight_scale", "weight_global_scale")}
         assert stored["weight_global_scale"].shape == (1,) and stored["weight_scale"].dtype == torch.float8_e4m3fn
         weight = NVFP4PackedCompressor.decompress(stored, scheme)["weight"]
-        want = reference.dequantize(reference.quantize(params[name].detach(), QuantSpec("nvfp4")), torch.bfloat16)
+        want = reference.dequantize(reference.quantize(params[name].detach(), QuantSpec("nvfp4"), shared.get(name)),
+                                    torch.bfloat16)
         assert torch.equal(weight.view(torch.int16), want.view(torch.int16)), name
+        if name in shared:
+            assert torch.equal(stored["weight_global_scale"], shared[name].reshape(1)), name
     capsys.readouterr()
     assert cli.main(["inspect", str(tmp_path / "q")]) == 0
     assert f"profile compressed-tensors, scheme nvfp4, {len(names)} quantized" in capsys.readouterr().out

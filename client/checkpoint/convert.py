@@ -20,8 +20,11 @@ from pathlib import Path
 
 import torch
 
+from quantd.kernels import reference
+from quantd.kernels.spec import QuantSpec
+
 from .files import INDEX, SINGLE, ModelFolder, ShardWriter, _planned, file_digest, write_json
-from .profiles import DEFAULT_IGNORE, FLOATS, LEGACY_KEY, PROFILES, QuantdLegacy, detect, pow2
+from .profiles import DEFAULT_IGNORE, FLOATS, LEGACY_KEY, PROFILES, QuantdLegacy, detect, fused_groups, pow2
 
 MANIFEST = ".quantd-checkpoint.json"
 
@@ -193,19 +196,35 @@ def quantize_checkpoint(client, src, dst, *, profile: str = "hf-fp8", scheme: st
     if dry_run:
         return result
     quantize = {d.name for d in decisions if d.action == "quantize"}
+    scales = _shared_tensor_scales(folder, quantize, spec, options.get("log", print)) if chosen.fused_tensor_scale else {}
 
     def job(shard, name, entry):
         if name not in quantize:
             return entry.nbytes, {name: (entry.dtype, entry.shape)}, lambda: {name: folder.tensor(shard, name)}
         shape = prof.service_input(torch.empty(entry.shape, device="meta")).shape
         return entry.nbytes, _planned(prof.store(name, _meta_quantized(spec, shape))), lambda: prof.store(
-            name, client.quantize(prof.service_input(folder.tensor(shard, name)), spec, report=False))
+            name, client.quantize(prof.service_input(folder.tensor(shard, name)), spec, report=False,
+                                  scales=scales.get(name)))
 
     config = dict(folder.config, quantization_config=prof.quantization_config(chosen, spec, _kept_modules(folder, decisions, prof)))
     settings = {"operation": "quantize", "profile": prof.name, "scheme": chosen.name, "spec": spec.describe(),
                 "quantize": sorted(quantize)}
     jobs = {s: [job(s, n, e) for n, e in folder.entries(s).items()] for s in folder.shards}
     return _write(folder, dst, decisions, jobs, config, settings, "quantize", **options)
+
+
+def _shared_tensor_scales(folder: ModelFolder, quantize: set, spec: QuantSpec, log) -> dict:
+    """{name: tensor scale} for the weights of fused modules (profiles.fused_groups): each group's parts share the
+    tensor scale of the group's largest amax, found by reading those weights once before quantizing."""
+    shard_of = {n: s for s in folder.shards for n in folder.entries(s)}
+    groups = fused_groups(quantize)
+    if groups:
+        log(f"{len(groups)} fused module(s): reading their {sum(map(len, groups))} weights once for shared tensor scales")
+    scales = {}
+    for group in groups:
+        amax = max(float(reference.amax(folder.tensor(shard_of[n], n))) for n in group)
+        scales.update(dict.fromkeys(group, reference.tensor_scale(amax, spec)))
+    return scales
 
 
 class _Stored:

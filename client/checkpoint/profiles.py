@@ -31,6 +31,24 @@ class Scheme:
     ct_format: str = ""
     weights: Optional[dict] = None
     input_activations: Optional[dict] = None
+    fused_tensor_scale: bool = False  # the parts of a module a serving stack fuses share one tensor scale
+
+
+# Weights that vLLM and SGLang load into one fused module (qkv_proj, gate_up_proj): a format with a tensor scale
+# must give them one (they keep a single global scale for the fused weight, the largest; llm-compressor gives
+# the parts the smallest of their multipliers before quantizing, as quantd does).
+FUSED_PARTS = (re.compile(r"(.*)\.(?:q_proj|k_proj|v_proj)\.weight$"), re.compile(r"(.*)\.(?:gate_proj|up_proj)\.weight$"))
+
+
+def fused_groups(names) -> list:
+    """Lists of two or more of `names` that a serving stack fuses into one module."""
+    groups: dict = {}
+    for name in sorted(names):
+        for i, pattern in enumerate(FUSED_PARTS):
+            m = pattern.match(name)
+            if m:
+                groups.setdefault((i, m.group(1)), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
 
 
 def _args(num_bits, type_, strategy, dynamic, **extra) -> dict:
@@ -55,7 +73,8 @@ CT_SCHEMES = {s.name: s for s in (
            _args(8, "float", "group", True, **MX_ARGS)),
     # weight-only, as the library's NVFP4A16 preset (activations stay in high precision)
     Scheme("nvfp4", QuantSpec("nvfp4"), "nvfp4-pack-quantized",
-           _args(4, "float", "tensor_group", False, group_size=16, scale_dtype="torch.float8_e4m3fn")),
+           _args(4, "float", "tensor_group", False, group_size=16, scale_dtype="torch.float8_e4m3fn"),
+           fused_tensor_scale=True),
 )}
 
 
