@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 
 import grpc
 import torch
@@ -114,7 +115,30 @@ class StreamMemory:
             assembler.release()
         self.assemblers = []
         self.budget.release(self.nbytes)
+        if self.nbytes >= TRIM_BYTES:
+            await asyncio.to_thread(trim_heap)
         self.nbytes = 0
+
+
+# A stream of this many bytes or more gives the free memory of the heap back to the system when it ends.
+TRIM_BYTES = 64 << 20
+
+
+def trim_heap() -> None:
+    """Return the free pages of the C heap to the system (glibc malloc_trim, which also releases free pages
+    inside each arena). A stream's chunk messages are allocated and freed by the megabyte on gRPC's threads: the
+    allocator keeps what they leave between live allocations, and after a stream cut short by a cancel or a
+    deadline (many messages in flight at once) that can be hundreds of MiB of resident memory."""
+    try:
+        _LIBC.malloc_trim(0)
+    except AttributeError:  # not glibc
+        pass
+
+
+try:
+    _LIBC = ctypes.CDLL(None)
+except OSError:  # pragma: no cover (no C library to load)
+    _LIBC = None
 
 
 class StreamAssembler:

@@ -76,7 +76,7 @@ def codes_chunks(nbytes: int, piece: int = 4 * MiB):
 def wait_for(condition, what: str, seconds: float = 60):
     deadline = time.monotonic() + seconds
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what() if callable(what) else what}"
         time.sleep(0.05)
 
 
@@ -103,8 +103,9 @@ def test_aborted_streams_give_their_memory_back(processes):
                 stream.call.cancel()
             assert stream.status()[0] == (grpc.StatusCode.CANCELLED if ending == "cancel"
                                           else grpc.StatusCode.DEADLINE_EXCEEDED)
-            wait_for(lambda: server.rss() < baseline + 64 * MiB, f"the memory of the {ending}led stream to be freed",
-                     seconds=20)
+            wait_for(lambda: server.rss() < baseline + 64 * MiB,
+                     lambda: f"the memory of the {ending}led stream to be freed (RSS {server.rss() / MiB:.0f} MiB, "
+                             f"baseline {baseline / MiB:.0f} MiB)", seconds=20)
     assert_serves(server)
 
 
