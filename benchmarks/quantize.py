@@ -118,6 +118,10 @@ def run_main(n: int, rows: list, with_compile: bool):
     scale = reference.tensor_scale(reference.amax(x), tensor)
     add("quantize", "fp8 e4m3 tensor, delayed scale: one read + amax",
         bench(lambda: triton_quantize.quantize_with_amax(x, tensor, scale)), op_bytes(x, tensor, "quantize"))
+    nvfp4 = QuantSpec("nvfp4")
+    nvfp4_scale = reference.tensor_scale(reference.amax(x), nvfp4)
+    add("quantize", "nvfp4, given tensor scale: one read + amax",
+        bench(lambda: triton_quantize.quantize_with_amax(x, nvfp4, nvfp4_scale)), op_bytes(x, nvfp4, "quantize"))
     spec = QuantSpec()
     dual_bytes = op_bytes(x, spec, "dual")
     add("quantize", "fp8 e4m3 dual 1x128 + 128x1", bench(lambda: quantize_dual(x, spec)), dual_bytes)
