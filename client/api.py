@@ -379,7 +379,7 @@ class QuantdClient:
             self._parallel.append(QuantdClient(**settings))
         flat = x.detach().cpu().contiguous().reshape(-1)
         pieces = plan_pieces(spec, tuple(x.shape), math.ceil(flat.numel() / n) * flat.element_size(), flat.element_size())
-        per_piece = [None] * len(pieces) if scales is None else piece_scales(pieces, spec, scales)
+        per_piece = piece_scales(pieces, spec, scales)
 
         def quantize(i):
             piece = pieces[i]

@@ -103,13 +103,10 @@ class ShmRegion:
             try:
                 self.id = self.memory.register(stub, request)
                 return
-            except grpc.RpcError as exc:
+            except BaseException as exc:
                 self._free()
-                if i + 1 == len(kinds) or exc.code() not in _TRY_NAMED:
+                if not (isinstance(exc, grpc.RpcError) and exc.code() in _TRY_NAMED and i + 1 < len(kinds)):
                     raise
-            except BaseException:
-                self._free()
-                raise
 
     def offset_of(self, t: torch.Tensor) -> int | None:
         """Byte offset of a contiguous CPU tensor lying inside this region, else None."""

@@ -167,10 +167,17 @@ def tensor_scale(amax: torch.Tensor | float, spec: QuantSpec) -> torch.Tensor:
     """The scale a per-tensor quantize with `spec` computes for a tensor of largest finite magnitude `amax`, as a
     0-d fp32 tensor: passed as quantize(x, spec, scales=...), it gives x the codes of quantize(x, spec) whenever
     amax is reference.amax(x)."""
-    block = torch.as_tensor(amax, dtype=torch.float32).reshape(1, 1)
+    amax = torch.as_tensor(amax, dtype=torch.float32)
     if spec.format == Format.NVFP4:  # its tensor scale, the multiplier of that amax
-        return nvfp4_scales(block)[2]
-    return compute_scales(block, spec)[0].reshape(())
+        return nvfp4_tensor_scale(amax).reshape(())
+    return compute_scales(amax.reshape(1, 1), spec)[0].reshape(())
+
+
+def nvfp4_tensor_scale(amax: torch.Tensor) -> torch.Tensor:
+    """NVFP4's tensor scale (a multiplier) of a tensor of finite amax `amax`: 448 * 6 / max(amax, 2**-126), 1.0 where
+    that is not finite (compressed-tensors' generate_gparam)."""
+    tensor_scale = (E4M3.max * E2M1.max) / torch.clamp(amax, min=2.0 ** -126)
+    return torch.where(tensor_scale < math.inf, tensor_scale, 1.0)
 
 
 def pow2_exponent(s: torch.Tensor, ceil: bool) -> torch.Tensor:
@@ -222,9 +229,7 @@ def nvfp4_scales(blocks: torch.Tensor, tensor_scale: torch.Tensor | None = None)
     """
     amax = block_amax(blocks)
     if tensor_scale is None:
-        tensor_amax = F.pad(amax.reshape(-1), (0, 1)).amax()  # a padding 0: no block (an empty tensor) gives 0
-        tensor_scale = (E4M3.max * E2M1.max) / torch.clamp(tensor_amax, min=2.0 ** -126)
-        tensor_scale = torch.where(tensor_scale < math.inf, tensor_scale, 1.0)
+        tensor_scale = nvfp4_tensor_scale(F.pad(amax.reshape(-1), (0, 1)).amax())  # a padding 0: an empty tensor's is 0
     else:
         tensor_scale = tensor_scale.float().reshape(())
     s8 = round_to_grid(torch.clamp(tensor_scale * (amax / E2M1.max), max=E4M3.max), E4M3)

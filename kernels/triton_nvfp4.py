@@ -8,9 +8,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reference
 from .config import KernelConfig
 from .quantize_plan import ElementConstants, as_grid, bf16_bits, bytes_of, element_constants, input_view
-from .spec import E2M1, E4M3, NVFP4_BLOCK, NVFP4_ZERO_SCALE, QuantizedTensor, QuantSpec, _cdiv
+from .spec import NVFP4_BLOCK, NVFP4_ZERO_SCALE, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED_MAX, CORRECTED_MIN, DIVIDE, GUARDED, e2m1, e4m3_value, encode_float,
                               finite_abs, load_fp32, quotient)
@@ -24,10 +25,8 @@ ZERO_SCALE_BITS = int(torch.tensor(NVFP4_ZERO_SCALE).to(torch.float8_e4m3fn).vie
 
 
 def tensor_scale(v: torch.Tensor, config: KernelConfig) -> torch.Tensor:
-    """0-d fp32: 2688 / max(finite amax of `v` (1, R, C), 2^-126), 1.0 where that is not finite."""
-    amax = block_stats(v, v.shape[1], v.shape[2], 1, 1, False, config)[0]
-    scale = (E4M3.max * E2M1.max) / torch.clamp(amax, min=2.0 ** -126)
-    return torch.where(scale < float("inf"), scale, 1.0)
+    """0-d fp32: reference.nvfp4_tensor_scale of the finite amax of `v` (1, R, C), found by the statistics pass."""
+    return reference.nvfp4_tensor_scale(block_stats(v, v.shape[1], v.shape[2], 1, 1, False, config)[0])
 
 
 def quantize(v: torch.Tensor, qt: QuantizedTensor, config: KernelConfig, given: torch.Tensor | None = None,

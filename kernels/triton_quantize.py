@@ -365,9 +365,10 @@ def _launch(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, register,
             R, C, nbr, nbc, br, bc, tiles_r, tiles_c,
             v.stride(0), v.stride(1), v.stride(2), sq_p, sq_r, grid_s.stride(0), grid_s.stride(1),
             0 if scales_t is None else scales_t.stride(0), 0 if scales_t is None else scales_t.stride(1))
-    source = SCALE_REGISTER if register else (SCALE_STATS if stats is not None else SCALE_GIVEN)
     if amax is not None:
         source = SCALE_GIVEN_AMAX
+    else:
+        source = SCALE_REGISTER if register else (SCALE_STATS if stats is not None else SCALE_GIVEN)
     kwargs = dict(TILE=tile, FMT=fmt, SCALE_SRC=source.value, BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
                   DUAL=dual_out is not None, PACK4=spec.element.bits == 4, BF16_BITS=bf16_bits(v),
                   num_warps=run.warps, NUM_TILES=tiles)

@@ -65,11 +65,12 @@ def plan_pieces(spec: QuantSpec, shape, piece_bytes: int, itemsize: int) -> list
     return pieces
 
 
-def piece_scales(pieces: list, spec: QuantSpec, scales: torch.Tensor) -> list:
+def piece_scales(pieces: list, spec: QuantSpec, scales: torch.Tensor | None) -> list:
     """The explicit scales of each piece: consecutive runs of the whole tensor's scales (row-major block order),
-    each shaped spec.scale_shape(piece.shape); a tensor of one piece keeps them as they are (nvfp4's tensor scale)."""
-    if len(pieces) == 1:
-        return [scales]
+    each shaped spec.scale_shape(piece.shape); a tensor of one piece keeps them as they are (nvfp4's tensor scale);
+    no scales, None for each piece."""
+    if scales is None or len(pieces) == 1:
+        return [scales] * len(pieces)
     flat, at, out = scales.reshape(-1), 0, []
     for piece in pieces:
         shape = spec.scale_shape(piece.shape)

@@ -283,7 +283,7 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
                     dequantized = [dispatch.dequantize(qt)] if header.return_dequantized else []
                     results = wire.operand_tensors(qt) + dequantized
                     report = reference.report(inputs[0], qt) if header.return_report else None
-                    return results, dict(report=report, amax=None if amax is None else float(amax))
+                    return results, dict(report=report, amax=amax)
                 async for message in self._memory_call(call, "Quantize", header, [info], sender, quantize):
                     yield message
                 return
@@ -312,7 +312,7 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
                         yield message
                 if header.return_report:
                     report = await self._compute(call, "Quantize", reference.report, x.whole(), whole)
-            yield sender.summary(report, amax=None if amax is None else float(amax))
+            yield sender.summary(report, amax=amax)
 
     async def _quantize_pieces(self, call: Call, spec: QuantSpec, x: DeviceInput, chunks,
                                assembler: StreamAssembler, scales: torch.Tensor | None, want_amax: bool):
@@ -320,7 +320,7 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         input, in order, each computed as soon as its bytes have arrived (with its part of explicit `scales`)."""
         itemsize = x.dtype.itemsize
         pieces = plan_pieces(spec, x.shape, self.config.piece_bytes, itemsize)
-        per_piece = [None] * len(pieces) if scales is None else piece_scales(pieces, spec, scales)
+        per_piece = piece_scales(pieces, spec, scales)
         pending: asyncio.Queue = asyncio.Queue()
         scheduled = 0
 

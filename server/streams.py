@@ -252,10 +252,12 @@ class OutputSender:
                 self.metrics.add_bytes("out", len(piece))
             yield self.writer.message(index, piece, crc)
 
-    def summary(self, report: dict | None = None, written: list | None = None, amax: float | None = None):
-        """The Summary; `written`: bytes per output written into regions instead of sent."""
+    def summary(self, report: dict | None = None, written: list | None = None, amax=None):
+        """The Summary; `written`: bytes per output written into regions instead of sent; `amax`: the input's (a
+        0-d tensor), when asked for."""
         summary = pb.Summary(bytes=self.writer.sent if written is None else written,
-                             crc32c=self.writer.crcs if self.checksums else [], amax=amax,
+                             crc32c=self.writer.crcs if self.checksums else [],
+                             amax=None if amax is None else float(amax),
                              placement=self.placement)
         if report is not None:
             summary.report.CopyFrom(pb.Report(**report))
