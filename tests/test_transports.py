@@ -318,6 +318,28 @@ def test_a_server_takes_only_memory_its_client_cannot_shrink(sealed_server):
         assert [r["name"].startswith("memfd:") for r in client.region_status()["regions"]] == [True]
 
 
+def test_quantd_serve_refuses_a_region_its_client_could_shrink():
+    """A real `quantd serve`: a named /dev/shm object (which its client could shrink mid-copy, faulting the server,
+    benchmarks/hostile.py --only shrink) is refused; quantd's client's sealed region cannot be shrunk; still serving."""
+    server = ServerProcess()
+    try:
+        raw = RawSession(server.target)
+        try:
+            code, details = code_of(lambda: raw.register(4096))
+            assert code == PRECONDITION and "not sealed against shrinking" in details
+        finally:
+            raw.close()
+        with QuantdClient(server.target, transport="shm") as client:
+            x = client.shm_tensor((64, 128), torch.bfloat16)
+            x.normal_()
+            assert_same(client.quantize(x), quantize(x, QuantSpec()))
+            with pytest.raises(PermissionError):
+                os.ftruncate(client._shm.user_regions[0].memory.fd, 0)
+            assert_same(client.quantize(x), quantize(x, QuantSpec()))
+    finally:
+        server.close()
+
+
 def test_regions_are_released_when_the_session_ends(server):
     client = QuantdClient(server.target, transport="shm")
     client.quantize(torch.randn(8, 128).bfloat16())
