@@ -31,6 +31,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from quantd.kernels import triton_mxfp4_pairs as pairs
+from quantd.kernels import triton_nvfp4 as nvfp4
 from quantd.kernels import triton_quantize as tq
 from quantd.kernels.config import DEFAULT
 from quantd.kernels.quantize_plan import block_geometry, element_constants, schedule, tile_geometry
@@ -50,15 +51,18 @@ SPECS = [
 POINTER_TYPES = {torch.float32: "*fp32", torch.uint8: "*u8"}
 
 
-def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16"):
-    """(compiled kernel, elements a thread handles) of the register-block quantize launch of `spec`."""
+def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16", source=None):
+    """(compiled kernel, elements a thread handles) of the quantize launch of `spec`: scales reduced in
+    registers (source None), or read from the statistics pass or given (tq.SCALE_STATS, SCALE_GIVEN_AMAX)."""
     (_, rows, cols), (br, bc) = block_geometry(shape, spec)
-    tile, warps = tile_geometry(br, bc, rows, cols, True, DEFAULT)
-    fmt = element_constants(spec, exact_fp8=False)
-    run = schedule(tile, warps, True, False, fmt.ASYM, fmt.IS_INT, DEFAULT)
-    constexprs = dict(TILE=tile, FMT=fmt, SCALE_SRC=tq.SCALE_REGISTER.value, BID_ROWS=True, BID_COLS=True, DUAL=False,
+    register = source is None
+    tile, warps = tile_geometry(br, bc, rows, cols, register, DEFAULT)
+    fmt = element_constants(spec, exact_fp8=False, guarded=DEFAULT.guarded_quotient)
+    run = schedule(tile, warps, register, False, fmt.ASYM, fmt.IS_INT, DEFAULT)
+    source = tq.SCALE_REGISTER if register else source
+    constexprs = dict(TILE=tile, FMT=fmt, SCALE_SRC=source.value, BID_ROWS=rows > br, BID_COLS=cols > bc, DUAL=False,
                       PACK4=spec.element.bits == 4, BF16_BITS=False, sx_c=1, ss_c=1, ONE_BLOCK=tq.one_block_mode(run),
-                      STAGES=run.stages, FIXUP=False)
+                      STAGES=run.stages, FIXUP=False, SCALES_EACH=1)
     names = tq._quantize_kernel.arg_names
     signature = {}
     for name in names:
@@ -68,6 +72,8 @@ def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16"):
             signature[name] = f"*{dtype}"
         elif name == "stats_ptr" and run.defer:  # the deferred tiles' list
             signature[name] = "*i32"
+        elif name in ("stats_ptr", "given_ptr") and not register:
+            signature[name] = "*fp32"
         elif name == "scales_ptr":
             signature[name] = POINTER_TYPES[torch.float32 if spec.scale_dtype == torch.float32 else torch.uint8]
         elif name.endswith("_ptr"):
@@ -77,6 +83,17 @@ def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16"):
     kernel = compile_sm90(tq._quantize_kernel, signature, constexprs, {"R", "C", "sx_p", "sx_r", "sq_p", "sq_r"},
                           run.warps, run.maxnreg)
     return kernel, tile.elems / (run.warps * 32)
+
+
+def compile_nvfp4():
+    """(compiled kernel, elements a thread handles) of the NVFP4 kernel on bf16 input."""
+    fn = nvfp4._nvfp4_kernel
+    constexprs = dict(ROWS=nvfp4.ROWS, GROUPS=nvfp4.GROUPS, SCALE_FMT=nvfp4.E4M3_SOFT, ZERO_BITS=nvfp4.ZERO_SCALE_BITS,
+                      BF16_BITS=False, WORDS=nvfp4.BF16_WORDS.value, AMAX=False, sx_c=1, ss_c=1)
+    signature = {n: "constexpr" if n in constexprs else "*i32" if n == "x_ptr" else "*fp32" if n in ("ts_ptr", "amax_ptr")
+                 else "*u8" if n.endswith("_ptr") else "i32" for n in fn.arg_names}
+    kernel = compile_sm90(fn, signature, constexprs, {"C", "sx_r", "sq_r", "ss_r"}, nvfp4.WARPS)
+    return kernel, nvfp4.ROWS * nvfp4.GROUPS * 16 / (nvfp4.WARPS * 32)
 
 
 def compile_mxfp4_pairs():
@@ -171,6 +188,10 @@ def main() -> None:
     print(f"triton {triton.__version__}, sm_90, input bf16 {args.shape}{', common path' if args.common_path else ''}")
     builds = [(name, lambda spec=spec: compile_quantize(spec, args.shape)) for name, spec in SPECS]
     builds.append(("mxfp4, pairs kernel", compile_mxfp4_pairs))
+    builds.append(("nvfp4", compile_nvfp4))
+    tensor = QuantSpec(granularity="tensor")
+    builds.append(("fp8 e4m3 tensor, 2nd pass", lambda: compile_quantize(tensor, args.shape, source=tq.SCALE_STATS)))
+    builds.append(("fp8 e4m3 tensor, delayed", lambda: compile_quantize(tensor, args.shape, source=tq.SCALE_GIVEN_AMAX)))
     for name, build in builds:
         kernel, per_thread = build()
         stem = os.path.join(args.dump, re.sub(r"\W+", "_", name))

@@ -17,17 +17,18 @@ from .config import DEFAULT, KernelConfig
 from .launch import interpreting
 from .quantize_plan import MAX_REGISTER_BLOCK, as_grid, block_geometry, bytes_of, pow2_ceil, tile_geometry, warps
 from .spec import E2M1, OUT_DTYPES, QuantizedTensor, ScaleEncoding, _cdiv
-from .triton_elements import IEEE_SPECIALS, NAN_ALL_ONES, NO_SPECIALS, block_ids, decode_minifloat, pow2, tile_coords
+from .triton_elements import (IEEE_SPECIALS, NAN_ALL_ONES, NO_SPECIALS, block_ids, decode_minifloat, e4m3_value, pow2,
+                              tile_coords)
 
 @triton.jit
 def _dequantize_kernel(
     codes_ptr, scales_ptr, zp_ptr, out_ptr,
-    R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sq_p, sq_r, ss_r, ss_c,
+    ts_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sq_p, sq_r, ss_r, ss_c,
     TILE: tl.constexpr, BLOCKED: tl.constexpr, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr, UNPACK4: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, WORDS: tl.constexpr, NV: tl.constexpr,
     DECODE_BITS: tl.constexpr, POW2: tl.constexpr, ASYM: tl.constexpr,
     NBITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, SPECIALS: tl.constexpr,
-    BF16_BITS: tl.constexpr,
+    OUT: tl.constexpr, BF16_BITS: tl.constexpr,
 ):
     """Values of one [RB, TBRP, CB, TBCP] tile (TILE: quantize_plan.Tile) over the (P, R, C) view (codes and
     output contiguous).
@@ -36,6 +37,10 @@ def _dequantize_kernel(
     one block (its rows split across programs); else each element's block is looked up (on rows
     and/or columns: BID_ROWS / BID_COLS).
     DECODE_BITS: codes are raw bits to decode; else the code dtype widens.
+    WORDS (UNPACK4, C even): out_ptr is the output as words of two values (int32 for 16-bit, int64 for fp32
+    ones), each code byte's two values written as one word, so that no registers move; else the nibbles are
+    interleaved first.
+    NV (nvfp4): the scales are E4M3 bytes, each block's multiplier their value / the tensor scale at ts_ptr.
     BF16_BITS: round to bf16 on the bits (the interpreter's fp32 -> bf16 cast truncates).
     """
     RB: tl.constexpr = TILE.RB
@@ -44,11 +49,37 @@ def _dequantize_kernel(
     TBC: tl.constexpr = TILE.TBC
     TBCP: tl.constexpr = TILE.TBCP
     p, pid_r, pid_c, rb, i, cb, j, rows, cols, valid = tile_coords(tl.program_id(0), R, C, TILES_R, TILES_C, TILE)
+    if BLOCKED:
+        brow = (pid_r * RB + rb) // SPLIT
+        bcol = pid_c * CB + cb
+    else:  # blocks larger than a tile: ids where the block varies, clamped into the grid
+        brow, bcol = block_ids(rows, cols, BR, BC, NBR, NBC, BID_ROWS, BID_COLS)
+    smask = (brow < NBR) & (bcol < NBC)
+    soff = brow.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c
+    if POW2:
+        e8 = tl.load(scales_ptr + soff, mask=smask, other=127).to(tl.int32)
+        scale = tl.where(e8 == 255, float("nan"), pow2(e8 - 127))
+    elif NV:
+        scale = tl.math.div_rn(e4m3_value(tl.load(scales_ptr + soff, mask=smask, other=0x38).to(tl.int32)),
+                               tl.load(ts_ptr))
+    else:
+        scale = tl.load(scales_ptr + soff, mask=smask, other=1.0)
+
     q_base = codes_ptr + p.to(tl.int64) * sq_p + rows.to(tl.int64) * sq_r
     if UNPACK4:
         jb = tl.arange(0, TBCP // 2)[None, None, None, :]
         bcols = (pid_c * CB + cb) * (TBC // 2) + jb
-        packed = tl.load(q_base + bcols, mask=(rows < R) & (bcols < sq_r), other=0).to(tl.int32)
+        bmask = (rows < R) & (bcols < sq_r)
+        packed = tl.load(q_base + bcols, mask=bmask, other=0).to(tl.int32)
+        if WORDS:  # sq_r = C / 2: word bcols of a row holds elements 2 bcols and 2 bcols + 1
+            lo = _finish(decode_minifloat(packed & 0xF, NBITS, EBITS, MBITS, BIAS, SPECIALS) * scale, OUT, BF16_BITS)
+            hi = _finish(decode_minifloat(packed >> 4, NBITS, EBITS, MBITS, BIAS, SPECIALS) * scale, OUT, BF16_BITS)
+            if OUT == OUT_FP32:
+                word = (lo.to(tl.int64) & 0xFFFFFFFF) | (hi.to(tl.int64) << 32)
+            else:
+                word = (lo & 0xFFFF) | (hi << 16)
+            tl.store(out_ptr + p.to(tl.int64) * R * sq_r + rows.to(tl.int64) * sq_r + bcols, word, mask=bmask)
+            return
         bits = tl.reshape(tl.join(packed & 0xF, packed >> 4), [RB, TBRP, CB, TBCP])
         v = decode_minifloat(bits, NBITS, EBITS, MBITS, BIAS, SPECIALS)
     elif DECODE_BITS:
@@ -56,29 +87,36 @@ def _dequantize_kernel(
         v = decode_minifloat(bits, NBITS, EBITS, MBITS, BIAS, SPECIALS)
     else:
         v = tl.load(q_base + cols, mask=valid).to(tl.float32)  # masked lanes are never stored
-
-    if BLOCKED:
-        brow = (pid_r * RB + rb) // SPLIT
-        bcol = pid_c * CB + cb
-        smask = (brow < NBR) & (bcol < NBC)
-        soff = brow.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c
-    else:  # blocks larger than a tile: ids where the block varies, clamped into the grid
-        brow, bcol = block_ids(rows, cols, BR, BC, NBR, NBC, BID_ROWS, BID_COLS)
-        smask = (brow < NBR) & (bcol < NBC)
-        soff = brow.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c
-    if POW2:
-        e8 = tl.load(scales_ptr + soff, mask=smask, other=127).to(tl.int32)
-        scale = tl.where(e8 == 255, float("nan"), pow2(e8 - 127))
-    else:
-        scale = tl.load(scales_ptr + soff, mask=smask, other=1.0)
     if ASYM:
         v = v - tl.load(zp_ptr + soff, mask=smask, other=0).to(tl.float32)
     out = v * scale
     o_base = out_ptr + p.to(tl.int64) * R * C + rows.to(tl.int64) * C
     if BF16_BITS:  # out_ptr is bf16 viewed as int16: round to nearest even on the bits
-        b = out.to(tl.int32, bitcast=True)
-        out = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).to(tl.int16)
-    tl.store(o_base + cols, out.to(out_ptr.dtype.element_ty), mask=valid)
+        tl.store(o_base + cols, _finish(out, OUT, BF16_BITS).to(tl.int16), mask=valid)
+    else:
+        tl.store(o_base + cols, out.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+# OUT of _dequantize_kernel: the output dtype.
+OUT_BF16 = tl.constexpr(0)
+OUT_FP16 = tl.constexpr(1)
+OUT_FP32 = tl.constexpr(2)
+
+
+@triton.jit
+def _finish(v, OUT: tl.constexpr, BF16_BITS: tl.constexpr):
+    """The bits (int32) of fp32 values v cast to the output dtype (BF16_BITS: bf16 rounded to nearest even on
+    the bits, as the interpreter's cast truncates)."""
+    if OUT == OUT_FP32:
+        bits = v.to(tl.int32, bitcast=True)
+    elif BF16_BITS:
+        b = v.to(tl.int32, bitcast=True)
+        bits = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+    elif OUT == OUT_BF16:
+        bits = v.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
+    else:
+        bits = v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+    return bits
 
 
 def _specials(el) -> int:
@@ -113,9 +151,8 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
     codes = bytes_of(codes) if decode_bits else codes
     pow2 = spec.scale_encoding == ScaleEncoding.POW2
     scales = as_grid(qt.scales, nbr, nbc)
-    scales = bytes_of(scales) if pow2 else scales.float()
-    if qt.tensor_scale is not None:  # nvfp4: each block's divisor, E4M3 scale / tensor scale (IEEE division)
-        scales = scales / qt.tensor_scale.float()
+    nv = qt.tensor_scale is not None  # nvfp4: E4M3 scales and the tensor scale, divided in the kernel
+    scales = bytes_of(scales) if pow2 or nv else scales.float()
     zps = None
     if qt.zero_points is not None:  # read with the scales' strides
         zps = torch.empty_strided(scales.shape, scales.stride(), dtype=torch.int8, device=scales.device)
@@ -131,11 +168,17 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
     tiles_r, tiles_c = _cdiv(R, tile.RB * tile.TBR), _cdiv(C, tile.CB * tile.TBC)
     ccols = (C + 1) // 2 if el is E2M1 else C
     bf16_bits = interpreting() and out_dtype == torch.bfloat16
+    words = el is E2M1 and C % 2 == 0  # out is contiguous: a word of two values for each code byte
+    if words:
+        dest = out.view(torch.int64 if out_dtype == torch.float32 else torch.int32)
+    else:
+        dest = out.view(torch.int16) if bf16_bits else out
     _dequantize_kernel[(P * tiles_r * tiles_c,)](
-        codes, scales, scales if zps is None else zps, out.view(torch.int16) if bf16_bits else out,
+        codes, scales, scales if zps is None else zps, dest, qt.tensor_scale if nv else scales,
         R, C, nbr, nbc, br, bc, tiles_r, tiles_c, R * ccols, ccols, scales.stride(0), scales.stride(1),
         TILE=tile, BLOCKED=blocked, BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
-        UNPACK4=el is E2M1, SPLIT=split,
+        UNPACK4=el is E2M1, SPLIT=split, WORDS=words, NV=nv,
+        OUT={torch.bfloat16: OUT_BF16, torch.float16: OUT_FP16, torch.float32: OUT_FP32}[out_dtype].value,
         DECODE_BITS=decode_bits, POW2=pow2, ASYM=zps is not None,
         NBITS=el.bits, EBITS=el.ebits, MBITS=el.mbits, BIAS=el.bias, SPECIALS=_specials(el),
         BF16_BITS=bf16_bits, num_warps=warps(tile.elems, config),

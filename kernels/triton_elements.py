@@ -170,17 +170,18 @@ def encode_quotient(x, q, zp, FMT: tl.constexpr, FINITE: tl.constexpr = False):
 
 
 @triton.jit
-def e2m1(q):
-    """E2M1 code bits of fp32 quotients q: round to nearest even, +-Inf and overflow saturate to
-    +-6, NaN -> 0 (E2M1 has no NaN; the reference's NAN_CODE). |q| >= 1 rounds the fp32 bits to
-    one mantissa bit (a carry moves into the exponent) and re-biases; |q| < 1 lies on the grid
-    of 0.5, rounded by an fp32 addition."""
+def e2m1(q, x):
+    """E2M1 code bits of fp32 quotients q = x / s (s > 0): round to nearest even, +-Inf and overflow
+    saturate to +-6, the sign (that of -0 too) is x's, NaN x -> 0 (E2M1 has no NaN; the reference's
+    NAN_CODE). A NaN q of a non-NaN x (Inf x under a corrected quotient) saturates: the minimum takes
+    6. |q| >= 1 rounds the fp32 bits to one mantissa bit (a carry moves into the exponent) and re-biases;
+    |q| < 1 lies on the grid of 0.5, rounded by an fp32 addition."""
     a = tl.minimum(tl.abs(q), 6.0)
     b = a.to(tl.int32, bitcast=True)
     normal = ((b + 0x1FFFFF + ((b >> 22) & 1)) >> 22) - 252
     sub = (a * 2.0 + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000
-    bits = tl.where(a < 1.0, sub, normal) | ((q.to(tl.int32, bitcast=True) >> 28) & 8)
-    return tl.where(q != q, 0, bits)
+    bits = tl.where(a < 1.0, sub, normal) | ((x.to(tl.int32, bitcast=True) >> 28) & 8)
+    return tl.where(x != x, 0, bits)
 
 
 @triton.jit
@@ -192,7 +193,7 @@ def encode_float(q, FMT: tl.constexpr):
     EMIN: tl.constexpr = FMT.EMIN
     BIAS: tl.constexpr = FMT.BIAS
     if NBITS == 4:
-        bits = e2m1(q)
+        bits = e2m1(q, q)
     elif FMT.HW_FP8 != SOFT_FP8 and not FMT.EXACT_FP8:
         # The hardware conversion (cvt.rn.satfinite) is the reference's encoding: it rounds to
         # nearest even, saturates +-Inf and overflow to +-max, and writes 0x7F (NAN_CODE) for NaN.

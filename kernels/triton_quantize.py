@@ -140,6 +140,7 @@ def _quantize_tile(
     sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, sst_r, sst_c,
     TILE: tl.constexpr, FMT: tl.constexpr, SCALE_SRC: tl.constexpr, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr,
     DUAL: tl.constexpr, PACK4: tl.constexpr, BF16_BITS: tl.constexpr, ONE_BLOCK: tl.constexpr = MANY_BLOCKS,
+    SCALES_EACH: tl.constexpr = 1,
 ):
     """Codes (and scales) of one [RB, TBRP, CB, TBCP] tile (TILE: quantize_plan.Tile; FMT: the format's
     quantize_plan.ElementConstants).
@@ -149,7 +150,8 @@ def _quantize_tile(
     SCALE_SRC SCALE_STATS: scales come from per-block stats (amax, or hi and -lo) in stats_ptr.
     SCALE_SRC SCALE_GIVEN: scales are given (fp32) in given_ptr; SCALE_GIVEN_AMAX: the same, and the tile's
     largest finite |x| is maxed into stats_ptr (one fp32, zeroed), so delayed scaling reads the input once.
-    (The last two look blocks up by row and/or column ids: BID_ROWS / BID_COLS.)
+    (The last three look blocks up by row and/or column ids: BID_ROWS / BID_COLS; tile `pid` writes the
+    scales of SCALES_EACH blocks.)
     Codes are written contiguously over (P, R, C) (PACK4: two nibbles a byte along C).
     DUAL (1 x TBC row groups, RB = TBC rows a program): each column of the tile is also a
     block of X^T, quantized into codes_t (C, R), scales_t and zp_t.
@@ -186,13 +188,23 @@ def _quantize_tile(
             zp = 0.0
             if SCALE_SRC == SCALE_GIVEN_AMAX:  # exact and order independent: maxima of non-negative floats
                 tl.atomic_max(stats_ptr, tl.max(tl.reshape(finite_abs(x), [TILE.RB * TILE.TBRP * TILE.CB * TILE.TBCP])))
-        # Each block's scale is written once, by the program holding its first element.
-        if p == 0:
-            origin = valid & (rows % BR == 0) & (cols % BC == 0)
-            soff = (rows // BR).to(tl.int64) * ss_r + (cols // BC).to(tl.int64) * ss_c
-            tl.store(scales_ptr + soff, stored_scale(scale, FMT.POW2), mask=origin)
+        # The scales of blocks pid * SCALES_EACH .. + SCALES_EACH - 1 (flat over the NBR x NBC grid): each
+        # block's by one tile, as a short vector (not masked over the tile's elements).
+        sb = pid * SCALES_EACH + tl.arange(0, SCALES_EACH)
+        s_mask = sb < NBR * NBC
+        if SCALE_SRC == SCALE_STATS:
             if FMT.ASYM:
-                tl.store(zp_ptr + soff, zp.to(tl.int32).to(tl.uint8), mask=origin)
+                own, own_zp = block_scale(tl.load(stats_ptr + sb, mask=s_mask, other=0.0),
+                                          tl.load(stats_ptr + NBR * NBC + sb, mask=s_mask, other=0.0), FMT)
+            else:
+                own, own_zp = block_scale(tl.load(stats_ptr + sb, mask=s_mask, other=0.0), 0.0, FMT)
+        else:
+            own = tl.load(given_ptr + sb, mask=s_mask, other=1.0)
+            own_zp = 0.0
+        soff = (sb // NBC).to(tl.int64) * ss_r + (sb % NBC).to(tl.int64) * ss_c
+        tl.store(scales_ptr + soff, stored_scale(own, FMT.POW2), mask=s_mask)
+        if FMT.ASYM:
+            tl.store(zp_ptr + soff, own_zp.to(tl.int32).to(tl.uint8), mask=s_mask)
 
     if SCALE_SRC == SCALE_REGISTER and ONE_BLOCK == ONE_BLOCK_DEFER:
         # Careful tiles are left to a second launch (FIXUP of _quantize_kernel) over the list in
@@ -254,7 +266,7 @@ def _quantize_kernel(
     sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, sst_r, sst_c,
     TILE: tl.constexpr, FMT: tl.constexpr, SCALE_SRC: tl.constexpr, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr,
     DUAL: tl.constexpr, PACK4: tl.constexpr, BF16_BITS: tl.constexpr, ONE_BLOCK: tl.constexpr = MANY_BLOCKS,
-    NUM_TILES=1, STAGES: tl.constexpr = 0, FIXUP: tl.constexpr = False,
+    SCALES_EACH: tl.constexpr = 1, NUM_TILES=1, STAGES: tl.constexpr = 0, FIXUP: tl.constexpr = False,
 ):
     """_quantize_tile of tile program_id(0) (STAGES 0), or of tiles pid, pid + programs, ... < NUM_TILES
     with the loads of the next STAGES - 1 tiles in flight (persistent programs). FIXUP: of the tiles
@@ -264,17 +276,17 @@ def _quantize_kernel(
             _quantize_tile(tl.load(stats_ptr + 1 + i), x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr,
                            codes_t_ptr, scales_t_ptr, zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r,
                            sx_c, sq_p, sq_r, ss_r, ss_c, sst_r, sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS,
-                           DUAL, PACK4, BF16_BITS, ONE_BLOCK)
+                           DUAL, PACK4, BF16_BITS, ONE_BLOCK, SCALES_EACH)
     elif STAGES == 0:
         _quantize_tile(tl.program_id(0), x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr,
                        scales_t_ptr, zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r,
                        ss_r, ss_c, sst_r, sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, BF16_BITS,
-                       ONE_BLOCK)
+                       ONE_BLOCK, SCALES_EACH)
     else:
         for tile in tl.range(tl.program_id(0), NUM_TILES, tl.num_programs(0), num_stages=STAGES):
             _quantize_tile(tile, x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr, scales_t_ptr,
                            zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c,
-                           sst_r, sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, BF16_BITS, ONE_BLOCK)
+                           sst_r, sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, BF16_BITS, ONE_BLOCK, SCALES_EACH)
 
 
 def flat_scales(scales: torch.Tensor) -> torch.Tensor:
@@ -370,6 +382,7 @@ def _launch(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, register,
     else:
         source = SCALE_REGISTER if register else (SCALE_STATS if stats is not None else SCALE_GIVEN)
     kwargs = dict(TILE=tile, FMT=fmt, SCALE_SRC=source.value, BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
+                  SCALES_EACH=1 if register else pow2_ceil(_cdiv(nbr * nbc, tiles)),
                   DUAL=dual_out is not None, PACK4=spec.element.bits == 4, BF16_BITS=bf16_bits(v),
                   num_warps=run.warps, NUM_TILES=tiles)
     _quantize_kernel[(programs,)](*args, ONE_BLOCK=one_block_mode(run), STAGES=run.stages, **kwargs, **limits)
