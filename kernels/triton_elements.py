@@ -125,9 +125,13 @@ def quotient(x, scale, QUOTIENT: tl.constexpr):
     elif QUOTIENT == CORRECTED or QUOTIENT == CORRECTED_ANY_ZERO or QUOTIENT == GUARDED:
         r = tl.math.div_rn(1.0, scale)
         q0 = x * r
-        q = tl.fma(tl.fma(q0, -scale, x), r, q0)  # -scale: the block's, exact (Triton's -q0 is 0 - q0, an extra op)
-        if QUOTIENT != CORRECTED_ANY_ZERO:
-            q = tl.where(x == 0.0, x, q)  # x = -0 keeps its sign (CORRECTED_ANY_ZERO: for int8, which has one zero)
+        if QUOTIENT == CORRECTED_ANY_ZERO:  # int8 has one zero: the sign of a zero quotient does not matter
+            q = tl.fma(tl.fma(q0, -scale, x), r, q0)  # -scale: the block's, exact (Triton's -q0 is 0 - q0, an extra op)
+        else:
+            # The negated remainder q0 * scale - x times -r: for x = +-0 both products are zeros of x's sign's
+            # opposite and the sum keeps x's sign (q0 + (x - q0 * scale) * r would make -0 a +0); for any other
+            # x the same value, as rounding to nearest is symmetric. (x * -1.0 is an exact negation, -0 included.)
+            q = tl.fma(tl.fma(q0, scale, x * -1.0), r * -1.0, q0)
         if QUOTIENT == GUARDED:
             q = tl.where(tl.abs(q0) < 131072.0, q, q0)
     else:
