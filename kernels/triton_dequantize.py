@@ -25,10 +25,10 @@ def _dequantize_kernel(
     codes_ptr, scales_ptr, zp_ptr, out_ptr,
     ts_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sq_p, sq_r, ss_r, ss_c,
     TILE: tl.constexpr, BLOCKED: tl.constexpr, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr, UNPACK4: tl.constexpr,
-    SPLIT: tl.constexpr, WORDS: tl.constexpr, NV: tl.constexpr,
+    SPLIT: tl.constexpr, NV: tl.constexpr,
     DECODE_BITS: tl.constexpr, POW2: tl.constexpr, ASYM: tl.constexpr,
     NBITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, SPECIALS: tl.constexpr,
-    OUT: tl.constexpr, BF16_BITS: tl.constexpr,
+    BF16_BITS: tl.constexpr,
 ):
     """Values of one [RB, TBRP, CB, TBCP] tile (TILE: quantize_plan.Tile) over the (P, R, C) view (codes and
     output contiguous).
@@ -37,9 +37,6 @@ def _dequantize_kernel(
     one block (its rows split across programs); else each element's block is looked up (on rows
     and/or columns: BID_ROWS / BID_COLS).
     DECODE_BITS: codes are raw bits to decode; else the code dtype widens.
-    WORDS (UNPACK4, C even): out_ptr is the output as words of two values (int32 for 16-bit, int64 for fp32
-    ones), each code byte's two values written as one word, so that no registers move; else the nibbles are
-    interleaved first.
     NV (nvfp4): the scales are E4M3 bytes, each block's multiplier their value / the tensor scale at ts_ptr.
     BF16_BITS: round to bf16 on the bits (the interpreter's fp32 -> bf16 cast truncates).
     """
@@ -71,15 +68,6 @@ def _dequantize_kernel(
         bcols = (pid_c * CB + cb) * (TBC // 2) + jb
         bmask = (rows < R) & (bcols < sq_r)
         packed = tl.load(q_base + bcols, mask=bmask, other=0).to(tl.int32)
-        if WORDS:  # sq_r = C / 2: word bcols of a row holds elements 2 bcols and 2 bcols + 1
-            lo = _finish(decode_minifloat(packed & 0xF, NBITS, EBITS, MBITS, BIAS, SPECIALS) * scale, OUT, BF16_BITS)
-            hi = _finish(decode_minifloat(packed >> 4, NBITS, EBITS, MBITS, BIAS, SPECIALS) * scale, OUT, BF16_BITS)
-            if OUT == OUT_FP32:
-                word = (lo.to(tl.int64) & 0xFFFFFFFF) | (hi.to(tl.int64) << 32)
-            else:
-                word = (lo & 0xFFFF) | (hi << 16)
-            tl.store(out_ptr + p.to(tl.int64) * R * sq_r + rows.to(tl.int64) * sq_r + bcols, word, mask=bmask)
-            return
         bits = tl.reshape(tl.join(packed & 0xF, packed >> 4), [RB, TBRP, CB, TBCP])
         v = decode_minifloat(bits, NBITS, EBITS, MBITS, BIAS, SPECIALS)
     elif DECODE_BITS:
@@ -92,31 +80,9 @@ def _dequantize_kernel(
     out = v * scale
     o_base = out_ptr + p.to(tl.int64) * R * C + rows.to(tl.int64) * C
     if BF16_BITS:  # out_ptr is bf16 viewed as int16: round to nearest even on the bits
-        tl.store(o_base + cols, _finish(out, OUT, BF16_BITS).to(tl.int16), mask=valid)
-    else:
-        tl.store(o_base + cols, out.to(out_ptr.dtype.element_ty), mask=valid)
-
-
-# OUT of _dequantize_kernel: the output dtype.
-OUT_BF16 = tl.constexpr(0)
-OUT_FP16 = tl.constexpr(1)
-OUT_FP32 = tl.constexpr(2)
-
-
-@triton.jit
-def _finish(v, OUT: tl.constexpr, BF16_BITS: tl.constexpr):
-    """The bits (int32) of fp32 values v cast to the output dtype (BF16_BITS: bf16 rounded to nearest even on
-    the bits, as the interpreter's cast truncates)."""
-    if OUT == OUT_FP32:
-        bits = v.to(tl.int32, bitcast=True)
-    elif BF16_BITS:
-        b = v.to(tl.int32, bitcast=True)
-        bits = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-    elif OUT == OUT_BF16:
-        bits = v.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
-    else:
-        bits = v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
-    return bits
+        b = out.to(tl.int32, bitcast=True)
+        out = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).to(tl.int16)
+    tl.store(o_base + cols, out.to(out_ptr.dtype.element_ty), mask=valid)
 
 
 def _specials(el) -> int:
@@ -168,17 +134,12 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
     tiles_r, tiles_c = _cdiv(R, tile.RB * tile.TBR), _cdiv(C, tile.CB * tile.TBC)
     ccols = (C + 1) // 2 if el is E2M1 else C
     bf16_bits = interpreting() and out_dtype == torch.bfloat16
-    words = el is E2M1 and C % 2 == 0  # out is contiguous: a word of two values for each code byte
-    if words:
-        dest = out.view(torch.int64 if out_dtype == torch.float32 else torch.int32)
-    else:
-        dest = out.view(torch.int16) if bf16_bits else out
+    dest = out.view(torch.int16) if bf16_bits else out
     _dequantize_kernel[(P * tiles_r * tiles_c,)](
         codes, scales, scales if zps is None else zps, dest, qt.tensor_scale if nv else scales,
         R, C, nbr, nbc, br, bc, tiles_r, tiles_c, R * ccols, ccols, scales.stride(0), scales.stride(1),
         TILE=tile, BLOCKED=blocked, BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
-        UNPACK4=el is E2M1, SPLIT=split, WORDS=words, NV=nv,
-        OUT={torch.bfloat16: OUT_BF16, torch.float16: OUT_FP16, torch.float32: OUT_FP32}[out_dtype].value,
+        UNPACK4=el is E2M1, SPLIT=split, NV=nv,
         DECODE_BITS=decode_bits, POW2=pow2, ASYM=zps is not None,
         NBITS=el.bits, EBITS=el.ebits, MBITS=el.mbits, BIAS=el.bias, SPECIALS=_specials(el),
         BF16_BITS=bf16_bits, num_warps=warps(tile.elems, config),

@@ -148,6 +148,8 @@ def _mxfp4_pairs_fp32(w, amax, careful, s_ptrs, s_mask, c_ptrs, mask, FP16: tl.c
                           tl.max(finite_abs(hi), axis=2, keep_dims=True))
     scale, zp = block_scale(amax, 0.0, FMT)
     tl.store(s_ptrs, stored_scale(scale, FMT.POW2), mask=s_mask)
-    packed = (e2m1(quotient(lo, scale, RECIPROCAL), lo) & 0xF) | ((e2m1(quotient(hi, scale, RECIPROCAL), hi) & 0xF) << 4)
+    # x * 2**-e keeps x's sign (-0 too), NaN and Inf, so each quotient stands for its x in e2m1
+    q_lo, q_hi = quotient(lo, scale, RECIPROCAL), quotient(hi, scale, RECIPROCAL)
+    packed = (e2m1(q_lo, q_lo) & 0xF) | ((e2m1(q_hi, q_hi) & 0xF) << 4)
     tl.store(c_ptrs, packed.to(tl.uint8), mask=mask)
 

@@ -71,8 +71,9 @@ FP32_WORDS = tl.constexpr(3)  # int64 words of two fp32 elements
 
 
 @triton.jit
-def _load_pairs(x_ptr, r, j, R, C, sx_r, sx_c, BF16_BITS: tl.constexpr, WORDS: tl.constexpr):
-    """(lo, hi) fp32: elements k = 2j and k + 1 of rows r, zero outside the (R, C) matrix."""
+def _load_pairs(x_ptr, r, j, R, C, C2, sx_r, sx_c, BF16_BITS: tl.constexpr, WORDS: tl.constexpr):
+    """(lo, hi) fp32: elements k = 2j and k + 1 of rows r, zero outside the (R, C) matrix (C2 = ceil(C / 2) pairs a
+    row: the word mask, which keeps the loads vectorized)."""
     k = 2 * j
     row_ok = r < R
     if WORDS == ELEMENTS:
@@ -80,7 +81,7 @@ def _load_pairs(x_ptr, r, j, R, C, sx_r, sx_c, BF16_BITS: tl.constexpr, WORDS: t
         lo = load_fp32(ptrs, row_ok & (k < C), BF16_BITS)
         hi = load_fp32(ptrs + sx_c, row_ok & (k + 1 < C), BF16_BITS)
     else:
-        w = tl.load(x_ptr + r.to(tl.int64) * sx_r + j, mask=row_ok & (k < C), other=0)
+        w = tl.load(x_ptr + r.to(tl.int64) * sx_r + j, mask=row_ok & (j < C2), other=0)
         if WORDS == BF16_WORDS:
             lo = (w << 16).to(tl.float32, bitcast=True)
             hi = (w & -65536).to(tl.float32, bitcast=True)
@@ -112,7 +113,7 @@ def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, ts_ptr, amax_ptr, R, C, sx_r, sx
     r = (pid // tiles_c) * ROWS + tl.arange(0, ROWS)[:, None, None]
     g = (pid % tiles_c) * GROUPS + tl.arange(0, GROUPS)[None, :, None]
     j = g * 8 + tl.arange(0, 8)[None, None, :]  # pairs: elements 2j and 2j + 1, code byte j
-    lo, hi = _load_pairs(x_ptr, r, j, R, C, sx_r, sx_c, BF16_BITS, WORDS)
+    lo, hi = _load_pairs(x_ptr, r, j, R, C, sq_r, sx_r, sx_c, BF16_BITS, WORDS)
     amax = tl.max(tl.maximum(finite_abs(lo), finite_abs(hi)), axis=2, keep_dims=True)
     ts = tl.load(ts_ptr)
     s = tl.minimum(ts * tl.math.div_rn(amax, 6.0), 448.0)
@@ -129,4 +130,4 @@ def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, ts_ptr, amax_ptr, R, C, sx_r, sx
             ((e2m1(quotient(hi, divisor, CORRECTED_ANY_ZERO), hi) & 0xF) << 4)
     else:
         packed = (e2m1(quotient(lo, divisor, DIVIDE), lo) & 0xF) | ((e2m1(quotient(hi, divisor, DIVIDE), hi) & 0xF) << 4)
-    tl.store(codes_ptr + r.to(tl.int64) * sq_r + j, packed.to(tl.uint8), mask=(r < R) & (2 * j < C))
+    tl.store(codes_ptr + r.to(tl.int64) * sq_r + j, packed.to(tl.uint8), mask=(r < R) & (j < sq_r))
