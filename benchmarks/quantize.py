@@ -182,7 +182,7 @@ SWEEPS = [
       ("int8 asym tensor", QuantSpec(format="int8_asym", granularity="tensor"), SQUARE, "quantize")],
      [dict(guarded_quotient=g) for g in (False, True)]),
     ([("fp8 e4m3 dual 1x128 + 128x1", QuantSpec(), SQUARE, "dual")],
-     [dict(dual_warps=w, dual_maxnreg=r) for w, r in ((8, 128), (8, None), (4, None), (16, 64))]),
+     [dict(dual_warps=w, dual_maxnreg=r) for w, r in ((4, None), (8, 128), (8, None), (4, 128), (16, 64))]),
 ]
 
 

@@ -35,10 +35,12 @@ class KernelConfig:
     persistent_stages: int = 3
     asym_programs: int = 2
     dual_programs: int = 0
-    # Warps of a dual-layout program of up to 16384 elements (a 128 x 128 tile), and its register limit
-    # (two programs an SM): 0.56 x copy against 0.43 at 8 warps without the limit (H100).
-    dual_warps: int = 8
-    dual_maxnreg: int | None = 128
+    # Warps of a dual-layout program of up to 16384 elements (a 128 x 128 tile), and its register limit: 8 warps
+    # within 128 registers (two programs an SM) ran 0.56 x copy against 0.43 without the limit on an H100; since
+    # the corrected quotient needs fewer registers, 4 warps without a limit run 0.540 against 0.497 (H200 sweep,
+    # 2026-12-03 12:43 UTC).
+    dual_warps: int = 4
+    dual_maxnreg: int | None = None
     # INT8 asym programs: warps, and the register limit that keeps two of them on an SM without spilling
     # (255 registers at 4 warps otherwise: 0.918 against 0.852 x copy, H100).
     asym_warps: int = 8
