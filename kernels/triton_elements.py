@@ -278,15 +278,6 @@ def load_fp32(ptrs, mask, BF16_BITS: tl.constexpr):
 
 
 @triton.jit
-def max_into(ptr, m):
-    """Max the non-negative scalar m into *ptr (fp32), atomically, where m exceeds what a plain read finds: the
-    maximum only grows, so a program below a value read (however stale) has nothing to add, and most programs of
-    a large tensor skip the atomic that all of them would queue on one address."""
-    if m > tl.load(ptr):
-        tl.atomic_max(ptr, m)
-
-
-@triton.jit
 def finite_abs(x):
     a = tl.abs(x)
     return tl.where(a < float("inf"), a, 0.0)

@@ -14,7 +14,7 @@ from .quantize_plan import ElementConstants, as_grid, bf16_bits, bytes_of, eleme
 from .spec import NVFP4_BLOCK, NVFP4_ZERO_SCALE, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, e2m1, e4m3_value, encode_float,
-                              finite_abs, load_fp32, max_into, quotient)
+                              finite_abs, load_fp32, quotient)
 
 # Rows and 1x16 blocks a program takes (4096 elements).
 ROWS, GROUPS, WARPS = 16, 16, 4
@@ -123,7 +123,7 @@ def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, ts_ptr, amax_ptr, R, C, sx_r, sx
     b_mask = (r < R) & (g * 16 < C)
     tl.store(scales_ptr + r.to(tl.int64) * ss_r + g * ss_c, bits.to(tl.uint8), mask=b_mask)
     if AMAX:
-        max_into(amax_ptr, tl.max(tl.max(tl.max(amax, axis=2), axis=1), axis=0))
+        tl.atomic_max(amax_ptr, tl.max(tl.max(tl.max(amax, axis=2), axis=1), axis=0))
     careful = tl.max(((divisor < CORRECTED_MIN) | (divisor > CORRECTED_MAX)).to(tl.int32))
     if careful == 0:  # e2m1 takes sign and NaN from x and saturates a NaN quotient of an Inf
         packed = (e2m1(quotient(lo, divisor, CORRECTED_ANY_ZERO), lo) & 0xF) | \
