@@ -10,7 +10,8 @@ The client picks one per call (transport="auto") and says which and why in Quant
   (memfd; a POSIX shared-memory object where the server cannot open that and takes unsealed regions), writes a
   random nonce into it and registers it; a server on another host cannot open it, or finds other bytes.
   Inputs are copied into the region (no copy for a tensor from QuantdClient.shm_tensor), the server writes the
-  outputs into it, and only the header and summary cross gRPC.
+  outputs into a result region whose mapping the returned tensors keep (or into the scratch region, copied out,
+  when every result region is held by live results), and only the header and summary cross gRPC.
 - streams for a Quantize whose pieces are independent (quantd.protocol.pieces) when parallel_streams > 1.
 - grpc otherwise.
 """
@@ -25,6 +26,7 @@ import threading
 from multiprocessing import shared_memory
 
 import grpc
+import numpy
 import torch
 
 from quantd.protocol import regions as shared
@@ -126,8 +128,38 @@ class ShmRegion:
         self._free()
 
 
+class ResultRegion:
+    """A registered memory file whose outputs the caller keeps without a copy: each call's results are views of a
+    mapping of its own, and the region serves another call only once no view of the last one is alive (its mapping
+    then closes; Python refuses to close a mapping that tensors still export)."""
+
+    def __init__(self, stub, session: str, size: int):
+        self.region = ShmRegion(stub, session, size)
+        self.mapping = None
+
+    @property
+    def free(self) -> bool:
+        if self.mapping is not None:
+            try:
+                self.mapping.close()
+            except BufferError:  # results of the last call are still referenced
+                return False
+            self.mapping = None
+        return True
+
+    def results(self) -> torch.Tensor:
+        """The region's bytes through a new mapping, which the returned tensor (and its views) keep alive."""
+        self.mapping = mmap.mmap(self.region.memory.fd, self.region.size)
+        # through numpy, which holds an export of the mapping for as long as a view lives (torch.frombuffer does not)
+        return torch.from_numpy(numpy.frombuffer(self.mapping, dtype=numpy.uint8))
+
+
 class ShmTransport:
-    """One session on the server, a scratch region grown as needed, and the regions of shm_tensor()s."""
+    """One session on the server, a scratch region grown as needed (inputs that must be copied; outputs where no
+    result region is free), result regions (outputs handed over without a copy) and the regions of shm_tensor()s."""
+
+    # Result regions a transport keeps; with all of them held by live results, outputs are copied out of scratch.
+    MAX_RESULT_REGIONS = 4
 
     def __init__(self, stub):
         self.stub = stub
@@ -140,6 +172,7 @@ class ShmTransport:
             self.call.cancel()
             raise
         self.user_regions: list = []
+        self.result_regions: list = []
 
     def tensor(self, shape, dtype: torch.dtype) -> torch.Tensor:
         """A CPU tensor living in a registered region of its own: calls reference it without copying it."""
@@ -156,11 +189,15 @@ class ShmTransport:
 
     def call_with(self, send, header, tensors, outputs):
         """Run send(header) with `tensors` and `outputs` (TensorInfos) placed in regions; (output tensors by name,
-        Summary). The scratch region serves one call at a time."""
+        Summary). The scratch region serves one call at a time; the outputs go to a free result region, which the
+        returned tensors then hold, else to scratch, copied out after the call."""
         with self.lock:
             placed = [self._in_user_region(t) for t in tensors]
             copied = [t for t, p in zip(tensors, placed) if p is None]
-            sizes = [t.numel() * t.element_size() for t in copied] + [wire.info_nbytes(i) for i in outputs]
+            out_sizes = [wire.info_nbytes(i) for i in outputs]
+            out_offsets, out_end = shared.layout(out_sizes, shared.ALIGN)
+            result = self._result_region(out_end)
+            sizes = [t.numel() * t.element_size() for t in copied] + ([] if result else out_sizes)
             offsets, end = shared.layout(sizes, shared.ALIGN)
             scratch = self._scratch(end)
             msg = pb.RegionTensors(session=self.session)
@@ -171,14 +208,39 @@ class ShmTransport:
                     scratch.buffer[offset:offset + size].copy_(t.contiguous().reshape(-1).view(torch.uint8))
                     p = (scratch.id, offset, size)
                 msg.inputs.append(pb.RegionRef(region=p[0], offset=p[1], size=p[2]))
-            out_at = list(at)
-            msg.outputs.extend(pb.RegionRef(region=scratch.id, offset=o, size=s) for o, s in out_at)
+            out_at = list(zip(out_offsets, out_sizes)) if result else list(at)
+            out_region = result.region if result else scratch
+            msg.outputs.extend(pb.RegionRef(region=out_region.id, offset=o, size=s) for o, s in out_at)
             header.regions.CopyFrom(msg)
             summary = send(header)
             if list(summary.bytes) != [s for _, s in out_at]:
                 raise ValueError(f"the server wrote {list(summary.bytes)} bytes, expected {[s for _, s in out_at]}")
+            if result:
+                held = result.results()
+                return {info.name: wire.tensor_from_buffer(held[o:o + s], info)
+                        for info, (o, s) in zip(outputs, out_at)}, summary
             return {info.name: wire.tensor_from_buffer(scratch.buffer[o:o + s].clone(), info)
                     for info, (o, s) in zip(outputs, out_at)}, summary
+
+    def _result_region(self, size: int) -> ResultRegion | None:
+        """A free result region of at least `size` bytes (registered now if there is room for one more), or None:
+        every region is held by live results, or the server cannot open memory files (named objects are copied)."""
+        free = [r for r in self.result_regions if r.free]
+        fitting = [r for r in free if r.region.size >= size]
+        if fitting:
+            return min(fitting, key=lambda r: r.region.size)
+        if free and len(self.result_regions) >= self.MAX_RESULT_REGIONS:  # replace the smallest free one
+            smallest = min(free, key=lambda r: r.region.size)
+            smallest.region.close(self.stub, self.session)
+            self.result_regions.remove(smallest)
+        if len(self.result_regions) >= self.MAX_RESULT_REGIONS or not isinstance(self.scratch.memory, SealedMemory):
+            return None
+        region = ResultRegion(self.stub, self.session, max(size, MIN_REGION_BYTES))
+        if not isinstance(region.region.memory, SealedMemory):
+            region.region.close(self.stub, self.session)
+            return None
+        self.result_regions.append(region)
+        return region
 
     def _in_user_region(self, t: torch.Tensor):
         for region in self.user_regions:
@@ -191,9 +253,9 @@ class ShmTransport:
         return self.stub.RegionStatus(pb.RegionStatusRequest(session=self.session))
 
     def close(self) -> None:
-        for region in [self.scratch, *self.user_regions]:
-            region.close(self.stub, self.session)
-        self.user_regions = []
+        for region in [self.scratch, *self.user_regions, *(r.region for r in self.result_regions)]:
+            region.close(self.stub, self.session)  # results still alive keep their own mappings
+        self.user_regions, self.result_regions = [], []
         self.call.cancel()
 
 

@@ -22,7 +22,7 @@ import torch
 from grpc_harness import ServerProcess, free_port, quantd_command
 
 from quantd.client import QuantdClient, QuantdError
-from quantd.client.transports import Choice
+from quantd.client.transports import MIN_REGION_BYTES, Choice
 from quantd.kernels import QuantSpec, quantize
 from quantd.protocol import regions, wire
 from quantd.server.app import BackgroundServer
@@ -103,9 +103,35 @@ def test_shm_tensor_is_read_where_it_is(server):
         shared_x.copy_(x)
         assert_same(client.quantize(shared_x, spec, report=False), quantize(x, spec))
         sizes = sorted(r["size"] for r in client.region_status()["regions"])
-        # the scratch region grew from 1 MiB to 2 MiB for the 1 MiB of codes and the scales; had the 2 MiB input
-        # been copied into it, it would have grown to more than 3 MiB; the tensor's own region holds the nonce too
-        assert sizes == [2 << 20, (2 << 20) + regions.ALIGN]
+        # the scratch region kept its 1 MiB: the input was not copied into it, and the outputs (1 MiB of codes and
+        # the scales) went to a result region of their size; the tensor's own region holds the nonce too
+        outputs = regions.layout([1 << 20, 1024 * 8 * 4], regions.ALIGN)[1]
+        assert sizes == [1 << 20, outputs, (2 << 20) + regions.ALIGN]
+    wait_for(lambda: server_regions(server) == 0)
+
+
+def test_shm_results_are_handed_over_without_a_copy_and_stay_intact(server):
+    """Outputs land in a result region whose mapping the returned tensors keep: no copy out of scratch. A region
+    serves another call only once no result of its last call is alive, so results held by the caller never change;
+    with every result region held, outputs are copied out of scratch instead."""
+    spec = QuantSpec("fp8_e4m3")
+    xs = [torch.randn(64, 256, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(8)]
+    with QuantdClient(server.target, transport="shm") as client:
+        held = [client.quantize(x, spec, report=False) for x in xs]  # more than MAX_RESULT_REGIONS alive at once
+        for x, got in zip(xs, held):
+            assert_same(got, quantize(x, spec))
+        transport = client._shm
+        limit = transport.MAX_RESULT_REGIONS
+        assert len(transport.result_regions) == limit
+        # a result in a region shares the region's whole mapping; one copied out of scratch has storage of its own
+        in_region = [got.codes.untyped_storage().nbytes() >= MIN_REGION_BYTES for got in held]
+        assert in_region == [True] * limit + [False] * (len(xs) - limit)
+        del held, got
+        for _ in range(3):  # results dropped at once: the same regions serve every call, none is added
+            for x in xs[:2]:
+                assert_same(client.quantize(x, spec, report=False), quantize(x, spec))
+        assert len(transport.result_regions) == limit
+        assert client.region_status()["server_regions"] == limit + 1  # and the scratch region
     wait_for(lambda: server_regions(server) == 0)
 
 
@@ -315,7 +341,8 @@ def test_a_server_takes_only_memory_its_client_cannot_shrink(sealed_server):
     x = torch.randn(64, 128).bfloat16()
     with QuantdClient(sealed_server.target, transport="shm") as client:  # quantd's client registers sealed files
         assert_same(client.quantize(x), quantize(x, QuantSpec()))
-        assert [r["name"].startswith("memfd:") for r in client.region_status()["regions"]] == [True]
+        # the scratch region and the result region
+        assert [r["name"].startswith("memfd:") for r in client.region_status()["regions"]] == [True, True]
 
 
 def test_quantd_serve_refuses_a_region_its_client_could_shrink():
@@ -344,7 +371,7 @@ def test_regions_are_released_when_the_session_ends(server):
     client = QuantdClient(server.target, transport="shm")
     client.quantize(torch.randn(8, 128).bfloat16())
     client.shm_tensor((256, 256))
-    assert server_regions(server) == 2
+    assert server_regions(server) == 3  # scratch, the result region, the tensor's
     client.close()
     wait_for(lambda: server_regions(server) == 0)
     raw = RawSession(server.target)
@@ -403,7 +430,7 @@ def test_a_killed_client_leaves_nothing_mapped():
         holder = subprocess.Popen([sys.executable, "-c", HOLDER, server.target], stdout=subprocess.PIPE, text=True)
         try:
             assert holder.stdout.readline().strip() == "holding"
-            assert mapped_regions(server.proc.pid) == 2  # the scratch region and the 32 MiB tensor's
+            assert mapped_regions(server.proc.pid) == 3  # the scratch region, the result region, the 32 MiB tensor's
             assert rss_shmem_kib(server.proc.pid) >= baseline + 32 * 1024
         finally:
             holder.send_signal(signal.SIGKILL)
@@ -413,7 +440,7 @@ def test_a_killed_client_leaves_nothing_mapped():
         with QuantdClient(server.target, transport="shm") as client:
             x = torch.randn(64, 128).bfloat16()
             assert_same(client.quantize(x), quantize(x, QuantSpec()))
-            assert client.region_status()["server_regions"] == 1  # only this client's scratch region
+            assert client.region_status()["server_regions"] == 2  # only this client's scratch and result regions
     finally:
         server.close()
 
