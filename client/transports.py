@@ -43,6 +43,21 @@ class Choice:
     reason: str
 
 
+def exported(buf) -> torch.Tensor:
+    """A uint8 tensor over a mapping, through numpy, which holds an export of it for as long as any view lives
+    (torch.frombuffer does not): the mapping then cannot be closed under a tensor still in use."""
+    return torch.from_numpy(numpy.frombuffer(buf, dtype=numpy.uint8))
+
+
+def close_mapping(close) -> None:
+    """Close a mapping unless tensors still view it (a shm_tensor kept past close()): then it is unmapped when the
+    last of them goes."""
+    try:
+        close()
+    except BufferError:
+        pass
+
+
 class SealedMemory:
     """A memory file of this process (memfd) sealed against shrinking and growing, mapped here; the server opens it
     as /proc/<pid>/fd/<fd>. The seal is what lets a server map it: nothing can take its pages away."""
@@ -62,7 +77,7 @@ class SealedMemory:
         return stub.RegisterRegion(request).region
 
     def close(self):
-        self.buf.close()
+        close_mapping(self.buf.close)
         os.close(self.fd)
 
 
@@ -80,7 +95,7 @@ class NamedMemory:
 
     def close(self):
         self.buf = None
-        self.shm.close()
+        close_mapping(self.shm.close)
         self.shm.unlink()
 
 
@@ -99,7 +114,7 @@ class ShmRegion:
         kinds = [SealedMemory, NamedMemory] if hasattr(os, "memfd_create") else [NamedMemory]
         for i, kind in enumerate(kinds):
             self.memory = kind(size)
-            self.buffer = torch.frombuffer(self.memory.buf, dtype=torch.uint8)
+            self.buffer = exported(self.memory.buf)
             self.buffer[:shared.NONCE_BYTES] = torch.frombuffer(bytearray(nonce), dtype=torch.uint8)
             request = pb.RegisterRegionRequest(session=session, size=size, nonce=nonce)
             try:
@@ -150,8 +165,7 @@ class ResultRegion:
     def results(self) -> torch.Tensor:
         """The region's bytes through a new mapping, which the returned tensor (and its views) keep alive."""
         self.mapping = mmap.mmap(self.region.memory.fd, self.region.size)
-        # through numpy, which holds an export of the mapping for as long as a view lives (torch.frombuffer does not)
-        return torch.from_numpy(numpy.frombuffer(self.mapping, dtype=numpy.uint8))
+        return exported(self.mapping)
 
 
 class ShmTransport:

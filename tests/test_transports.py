@@ -135,6 +135,21 @@ def test_shm_results_are_handed_over_without_a_copy_and_stay_intact(server):
     wait_for(lambda: server_regions(server) == 0)
 
 
+def test_a_shm_tensor_outlives_its_client(server):
+    """A tensor from shm_tensor() and a result kept past client.close() stay readable: the regions are released on
+    the server, and this process unmaps them only when the last view goes (an unmapped one would crash here)."""
+    x = torch.randn(64, 256).bfloat16()
+    with QuantdClient(server.target, transport="shm") as client:
+        shared_x = client.shm_tensor(x.shape, x.dtype)
+        shared_x.copy_(x)
+        got = client.quantize(shared_x, QuantSpec(), report=False)
+    wait_for(lambda: server_regions(server) == 0)
+    assert torch.equal(shared_x, x)
+    assert_same(got, quantize(x, QuantSpec()))
+    shared_x += 1  # still writable memory of this process
+    assert torch.equal(shared_x, x + 1)
+
+
 def test_auto_takes_shm_on_this_host_and_says_so(server):
     with QuantdClient(server.target, transport="auto") as client:
         x = torch.randn(16, 128).bfloat16()
