@@ -49,13 +49,14 @@ def exported(buf) -> torch.Tensor:
     return torch.from_numpy(numpy.frombuffer(buf, dtype=numpy.uint8))
 
 
-def close_mapping(close) -> None:
-    """Close a mapping unless tensors still view it (a shm_tensor kept past close()): then it is unmapped when the
-    last of them goes."""
+def close_mapping(close) -> bool:
+    """Close a mapping unless tensors still view it (a shm_tensor or result kept past close()): then it is unmapped
+    when the last of them goes. Whether it closed."""
     try:
         close()
     except BufferError:
-        pass
+        return False
+    return True
 
 
 class SealedMemory:
@@ -155,9 +156,7 @@ class ResultRegion:
     @property
     def free(self) -> bool:
         if self.mapping is not None:
-            try:
-                self.mapping.close()
-            except BufferError:  # results of the last call are still referenced
+            if not close_mapping(self.mapping.close):  # results of the last call are still referenced
                 return False
             self.mapping = None
         return True

@@ -188,6 +188,20 @@ def input_view(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.int16) if bf16_bits(x) else x
 
 
+def pair_words(v: torch.Tensor) -> torch.Tensor | None:
+    """`v` (1, R, C) as (R, C / 2) words of two elements each (int32 for 16-bit, int64 for fp32 elements), where
+    its layout allows (one plane, unit column stride, even C, row stride and alignment); else None. The NVFP4 and
+    MXFP4 pairs kernels read their inputs so."""
+    P, R, C = v.shape
+    size = v.element_size()
+    if not (P == 1 and v.stride(2) == 1 and C % 2 == 0 and v.stride(1) % 2 == 0 and v.data_ptr() % (2 * size) == 0
+            and R > 0):
+        return None
+    word = torch.int32 if size == 2 else torch.int64
+    flat = v.view(torch.int16 if size == 2 else torch.int32)
+    return torch.as_strided(flat, (R, C), (v.stride(1), 1), flat.storage_offset()).view(word)
+
+
 def bytes_of(t: torch.Tensor) -> torch.Tensor:
     """One-byte tensors (fp8, E8M0, int8) as uint8 views; the kernels write raw bits."""
     return t.view(torch.uint8) if t.element_size() == 1 and t.dtype != torch.uint8 else t

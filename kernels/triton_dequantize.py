@@ -66,8 +66,7 @@ def _dequantize_kernel(
     if UNPACK4:
         jb = tl.arange(0, TBCP // 2)[None, None, None, :]
         bcols = (pid_c * CB + cb) * (TBC // 2) + jb
-        bmask = (rows < R) & (bcols < sq_r)
-        packed = tl.load(q_base + bcols, mask=bmask, other=0).to(tl.int32)
+        packed = tl.load(q_base + bcols, mask=(rows < R) & (bcols < sq_r), other=0).to(tl.int32)
         bits = tl.reshape(tl.join(packed & 0xF, packed >> 4), [RB, TBRP, CB, TBCP])
         v = decode_minifloat(bits, NBITS, EBITS, MBITS, BIAS, SPECIALS)
     elif DECODE_BITS:

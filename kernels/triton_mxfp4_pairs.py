@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .launch import interpreting
-from .quantize_plan import as_grid, bytes_of, element_constants
+from .quantize_plan import as_grid, bytes_of, element_constants, pair_words
 from .spec import E2M1, _cdiv
 from .triton_elements import RECIPROCAL, block_scale, e2m1, finite_abs, mx_scale_exponent, quotient, stored_scale
 
@@ -17,14 +17,12 @@ PAIRS_ROWS, PAIRS_GROUPS, PAIRS_WARPS = 16, 16, 4
 
 
 def mxfp4_pairs(v, codes, stored, spec) -> bool:
-    """Quantize with _mxfp4_pairs_kernel when `v` (1, R, C) is an MXFP4 input it can read as int32
-    pairs (16-bit, unit column stride, even C, row stride and base); False otherwise."""
-    P, R, C = v.shape
-    if not (spec.element is E2M1 and P == 1 and v.element_size() == 2 and v.stride(2) == 1 and C % 2 == 0
-            and v.stride(1) % 2 == 0 and v.data_ptr() % 4 == 0 and R > 0):
+    """Quantize with _mxfp4_pairs_kernel when `v` (1, R, C) is a 16-bit MXFP4 input it can read as int32 pairs
+    (quantize_plan.pair_words); False otherwise."""
+    _, R, C = v.shape
+    pairs = pair_words(v) if spec.element is E2M1 and v.element_size() == 2 else None
+    if pairs is None:
         return False
-    pairs = v.reshape(R, C).view(torch.int32) if v.stride(1) == C else torch.as_strided(
-        v.view(torch.int16), (R, C), (v.stride(1), 1)).view(torch.int32)
     grid_s = as_grid(stored, R, _cdiv(C, spec.group_size))
     c2 = C // 2
     grid = (_cdiv(R, PAIRS_ROWS) * _cdiv(c2, PAIRS_GROUPS * 16),)

@@ -1,6 +1,7 @@
 """NVFP4 quantization (NUMERICS.md, "NVFP4"): the tensor's amax by the per-tensor statistics pass
 (triton_block_stats), the tensor scale from it, then one pass of 1x16 blocks read as pairs of elements
-(words of two where the layout allows, as triton_mxfp4_pairs reads MXFP4), each byte two E2M1 codes. triton_quantize.quantize takes it for nvfp4.
+(words of two where the layout allows, as triton_mxfp4_pairs reads MXFP4), each byte two E2M1 codes.
+triton_quantize.quantize takes it for nvfp4.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import triton.language as tl
 
 from . import reference
 from .config import KernelConfig
-from .quantize_plan import ElementConstants, as_grid, bf16_bits, bytes_of, element_constants, input_view
+from .quantize_plan import ElementConstants, as_grid, bf16_bits, bytes_of, element_constants, input_view, pair_words
 from .spec import NVFP4_BLOCK, NVFP4_ZERO_SCALE, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, e2m1, e4m3_value, encode_float,
@@ -27,18 +28,6 @@ ZERO_SCALE_BITS = int(torch.tensor(NVFP4_ZERO_SCALE).to(torch.float8_e4m3fn).vie
 def tensor_scale(v: torch.Tensor, config: KernelConfig) -> torch.Tensor:
     """0-d fp32: reference.nvfp4_tensor_scale of the finite amax of `v` (1, R, C), found by the statistics pass."""
     return reference.nvfp4_tensor_scale(block_stats(v, v.shape[1], v.shape[2], 1, 1, False, config)[0])
-
-
-def pair_words(v: torch.Tensor) -> torch.Tensor | None:
-    """`v` (1, R, C) as (R, C / 2) words of two elements each (int32 for 16-bit, int64 for fp32 elements), where
-    its layout allows (unit column stride, even C, row stride and alignment); else None."""
-    _, R, C = v.shape
-    size = v.element_size()
-    if not (v.stride(2) == 1 and C % 2 == 0 and v.stride(1) % 2 == 0 and v.data_ptr() % (2 * size) == 0 and R > 0):
-        return None
-    word = torch.int32 if size == 2 else torch.int64
-    flat = v.view(torch.int16 if size == 2 else torch.int32)
-    return torch.as_strided(flat, (R, C), (v.stride(1), 1), flat.storage_offset()).view(word)
 
 
 def quantize(v: torch.Tensor, qt: QuantizedTensor, config: KernelConfig, given: torch.Tensor | None = None,
@@ -129,5 +118,6 @@ def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, ts_ptr, amax_ptr, R, C, sx_r, sx
         packed = (e2m1(quotient(lo, divisor, CORRECTED_ANY_ZERO), lo) & 0xF) | \
             ((e2m1(quotient(hi, divisor, CORRECTED_ANY_ZERO), hi) & 0xF) << 4)
     else:
-        packed = (e2m1(quotient(lo, divisor, DIVIDE), lo) & 0xF) | ((e2m1(quotient(hi, divisor, DIVIDE), hi) & 0xF) << 4)
+        packed = (e2m1(quotient(lo, divisor, DIVIDE), lo) & 0xF) | \
+            ((e2m1(quotient(hi, divisor, DIVIDE), hi) & 0xF) << 4)
     tl.store(codes_ptr + r.to(tl.int64) * sq_r + j, packed.to(tl.uint8), mask=(r < R) & (j < sq_r))

@@ -286,7 +286,8 @@ def _quantize_kernel(
         for tile in tl.range(tl.program_id(0), NUM_TILES, tl.num_programs(0), num_stages=STAGES):
             _quantize_tile(tile, x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr, scales_t_ptr,
                            zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c,
-                           sst_r, sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, BF16_BITS, ONE_BLOCK, SCALES_EACH)
+                           sst_r, sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, BF16_BITS, ONE_BLOCK,
+                           SCALES_EACH)
 
 
 def flat_scales(scales: torch.Tensor) -> torch.Tensor:
