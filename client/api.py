@@ -229,12 +229,15 @@ class QuantdClient:
         self.parallel_streams = parallel_streams
         self.last_transport: transports.Choice | None = None
         self._shm: transports.ShmTransport | None = None
+        self._ipc: transports.IpcTransport | None = None  # CUDA IPC in the session of _shm
         self._shm_error: str | None = None
         self._server_uuids: list | None = None  # the GPUs whose CUDA IPC handles the server can open
         self.last_placement = ""  # where the server computed the last call and why (Summary.placement)
         self._parallel: list = []  # one QuantdClient per stream, each on a connection of its own
 
     def close(self) -> None:
+        if self._ipc is not None:
+            self._ipc.close()
         if self._shm is not None:
             self._shm.close()
         for sub in self._parallel:
@@ -321,7 +324,9 @@ class QuantdClient:
 
             def send(deadline):
                 return lambda h: _summary(self.streams[rpc](iter([request_type(header=h)]), timeout=deadline), response_type)
-            memory = self._shm if transport == "shm" else transports.IpcTransport(self._shm)
+            if transport == "ipc" and self._ipc is None:
+                self._ipc = transports.IpcTransport(self._shm)
+            memory = self._shm if transport == "shm" else self._ipc
             tensors = [t.detach() for t in tensors]
             out, summary = self._call(lambda deadline: memory.call_with(send(deadline), header, tensors, outputs),
                                       timeout)
@@ -459,9 +464,10 @@ class QuantdClient:
         return self._shm.tensor(shape, dtype)
 
     def region_status(self) -> dict:
-        """This client's shared-memory regions on the server, and how many the server holds in all."""
+        """This client's shared-memory regions on the server, how many the server holds in all, and how many CUDA
+        IPC storages it keeps open for this client."""
         if self._shm is None:
-            return {"regions": [], "server_regions": 0}
+            return {"regions": [], "server_regions": 0, "kept_storages": 0}
         return as_dict(self._call(lambda _: self._shm.status(), None))
 
     def server_info(self, *, timeout: float | None = None) -> dict:

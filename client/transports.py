@@ -17,6 +17,7 @@ The client picks one per call (transport="auto") and says which and why in Quant
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fcntl
 import mmap
@@ -28,6 +29,7 @@ from multiprocessing import shared_memory
 import grpc
 import numpy
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from quantd.protocol import regions as shared
 from quantd.protocol import wire
@@ -272,25 +274,115 @@ class ShmTransport:
         self.call.cancel()
 
 
+@dataclasses.dataclass
+class SharedStorage:
+    """A storage shared with `keep` in an earlier call: its description, and a weak reference that says whether
+    the caller still holds it."""
+    description: pb.CudaIpcTensor
+    ref: StorageWeakRef
+
+
 class IpcTransport:
-    """CUDA tensors passed by their CUDA IPC handles, in the session of a ShmTransport (the same-host proof)."""
+    """CUDA tensors passed by their CUDA IPC handles, in the session of a ShmTransport (the same-host proof).
+
+    A storage is shared once and kept open by the server (CudaIpcTensor.keep); later calls name it `kept`, so a call
+    on tensors seen before opens nothing. `kept` mirrors the server's bounded choice (KEPT_STORAGES, least recently
+    used dropped first); an input the caller has freed is released with the next call. Outputs go to one of up to
+    MAX_BUFFERS result buffers and are handed over as views of it: a buffer serves again once no result of its
+    last call lives (with all of them held, a call gets a buffer of its own)."""
+
+    MAX_BUFFERS = 4
 
     def __init__(self, shm: ShmTransport):
         self.shm = shm
+        self.lock = threading.Lock()
+        self.kept: collections.OrderedDict = collections.OrderedDict()  # storage _cdata -> SharedStorage
+        self.buffers: list = []   # result buffers (UntypedStorage)
+        self.release: list = []   # descriptions of kept storages to release with the next call
 
     def call_with(self, send, header, tensors, outputs):
-        """Like ShmTransport.call_with, for CUDA tensors; the outputs are allocated on the inputs' GPU."""
+        """Like ShmTransport.call_with, for CUDA tensors; the outputs are written on the inputs' GPU."""
         device = tensors[0].device
-        tensors = [t.contiguous() for t in tensors]
-        buffers = [torch.empty(wire.info_nbytes(info), dtype=torch.uint8, device=device) for info in outputs]
-        torch.cuda.current_stream(device).synchronize()  # the inputs are written before the server reads them
-        header.cuda.CopyFrom(pb.CudaTensors(session=self.shm.session, device_uuid=device_uuid(device),
-                                            inputs=[ipc_tensor(t) for t in tensors],
-                                            outputs=[ipc_tensor(b) for b in buffers]))
-        summary = send(header)
-        if list(summary.bytes) != [b.numel() for b in buffers]:
-            raise ValueError(f"the server wrote {list(summary.bytes)} bytes, expected {[b.numel() for b in buffers]}")
-        return {info.name: wire.tensor_from_buffer(b, info) for info, b in zip(outputs, buffers)}, summary
+        with self.lock:
+            contiguous = [t.contiguous() for t in tensors]
+            sizes = [wire.info_nbytes(info) for info in outputs]
+            offsets, end = shared.layout(sizes)
+            buffer, pooled = self._buffer(device, end)
+            views = [torch.empty(0, dtype=torch.uint8, device=device).set_(buffer, o, (n,), (1,))
+                     for o, n in zip(offsets, sizes)]
+            torch.cuda.current_stream(device).synchronize()  # the inputs are written before the server reads them
+            for retry in (False, True):
+                self._forget_freed()
+                msg = pb.CudaTensors(session=self.shm.session, device_uuid=device_uuid(device), release=self.release)
+                # only the caller's own tensors and the result buffers are kept: a contiguous copy dies with the call
+                msg.inputs.extend(self._describe(c, c is t) for c, t in zip(contiguous, tensors))
+                msg.outputs.extend(self._describe(v, pooled) for v in views)
+                header.cuda.CopyFrom(msg)
+                try:
+                    summary = send(header)
+                    self.release = []
+                    break
+                except grpc.RpcError as exc:
+                    self.kept.clear()  # the server's choice is unknown now: share everything again
+                    if retry or exc.code() != grpc.StatusCode.FAILED_PRECONDITION or \
+                            shared.NOT_KEPT not in (exc.details() or ""):
+                        raise
+        if list(summary.bytes) != sizes:
+            raise ValueError(f"the server wrote {list(summary.bytes)} bytes, expected {sizes}")
+        return {info.name: wire.tensor_from_buffer(v, info) for info, v in zip(outputs, views)}, summary
+
+    def _describe(self, t: torch.Tensor, keep: bool) -> pb.CudaIpcTensor:
+        """t's description: `kept` when the server holds its storage open, else shared now (with `keep`)."""
+        storage = t.untyped_storage()
+        seen = self.kept.get(storage._cdata) if keep else None
+        if seen is None:
+            description = ipc_tensor(t)
+            description.keep = keep
+        else:
+            d = seen.description
+            description = pb.CudaIpcTensor(handle=d.handle, storage_bytes=d.storage_bytes, kept=True,
+                                           storage_offset_bytes=d.storage_offset_bytes,
+                                           offset_bytes=t.storage_offset() * t.element_size())
+        if keep:  # the server's bookkeeping, in the same order
+            self.kept[storage._cdata] = SharedStorage(seen.description if seen else description,
+                                                      StorageWeakRef(storage))
+            self.kept.move_to_end(storage._cdata)
+            while len(self.kept) > shared.KEPT_STORAGES:
+                self.kept.popitem(last=False)
+        return description
+
+    def _forget_freed(self) -> None:
+        """Release the kept storages the caller has freed (torch holds their memory until the server lets go)."""
+        for key, seen in list(self.kept.items()):
+            if seen.ref.expired():
+                del self.kept[key]
+                self.release.append(_named(seen.description))
+
+    def _buffer(self, device: torch.device, size: int) -> tuple:
+        """(a result buffer of at least `size` bytes on `device`, whether it is one of the kept ones)."""
+        free = [b for b in self.buffers if b.device == device and torch._C._storage_Use_Count(b._cdata) == 1]
+        fitting = [b for b in free if b.nbytes() >= size]
+        if fitting:
+            return min(fitting, key=lambda b: b.nbytes()), True
+        if free and len(self.buffers) >= self.MAX_BUFFERS:  # replace the smallest free one
+            smallest = min(free, key=lambda b: b.nbytes())
+            self.buffers.remove(smallest)
+            seen = self.kept.pop(smallest._cdata, None)
+            if seen is not None:
+                self.release.append(_named(seen.description))
+        if len(self.buffers) >= self.MAX_BUFFERS:
+            return torch.empty(size, dtype=torch.uint8, device=device).untyped_storage(), False
+        self.buffers.append(torch.empty(max(size, MIN_REGION_BYTES), dtype=torch.uint8, device=device).untyped_storage())
+        return self.buffers[-1], True
+
+    def close(self) -> None:
+        """Forget the kept storages (the server releases them when the session ends) and the result buffers."""
+        self.kept.clear()
+        self.buffers, self.release = [], []
+
+
+def _named(d: pb.CudaIpcTensor) -> pb.CudaIpcTensor:
+    return pb.CudaIpcTensor(handle=d.handle, storage_offset_bytes=d.storage_offset_bytes)
 
 
 def ipc_tensor(t: torch.Tensor) -> pb.CudaIpcTensor:

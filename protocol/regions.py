@@ -14,6 +14,10 @@ from quantd.v1 import quantd_pb2 as pb
 NONCE_BYTES = 32
 ALIGN = 64  # tensors in a region start on cache-line boundaries
 SHM_DIR = "/dev/shm"
+# CUDA IPC storages a session keeps open (CudaIpcTensor.keep), the least recently used dropped first; the client
+# mirrors the server's choice to know which it may name again as `kept`
+KEPT_STORAGES = 8
+NOT_KEPT = "is not kept open"  # in the FAILED_PRECONDITION of a `kept` storage the server no longer holds
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 
 

@@ -4,10 +4,11 @@ Only a client that proved it shares this host (its session holds a registered sh
 and only on a GPU this server's process sees. A tensor on a GPU the call does not compute on crosses GPUs
 (Crossing): by device-to-device copies when the two GPUs can access each other's memory (peer access, NVLink or
 PCIe), else through host memory. Opened storages are cached by torch per handle and released when the last view
-of them goes.
+of them goes; a session keeps those its client asked to keep (Kept), so that later calls skip opening them.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 
@@ -15,6 +16,7 @@ import grpc
 import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
+from quantd.protocol import regions as shared
 from quantd.protocol import wire
 
 from .errors import ServiceError, invalid
@@ -40,8 +42,38 @@ def visible_gpus(device: torch.device) -> list:
     return list(_visible()) if device.type == "cuda" else []
 
 
+class Kept:
+    """The storages a session keeps open for its client (CudaIpcTensor.keep), by (handle, storage offset), the most
+    recently used last. A later call names one as `kept` and uses it without opening anything; a storage shared
+    again is answered from torch's cache of open handles while it is kept. Bounded (KEPT_STORAGES): each kept
+    storage keeps the client's allocation reserved."""
+
+    def __init__(self):
+        self.storages: collections.OrderedDict = collections.OrderedDict()
+
+    def release(self, tensors) -> None:
+        for t in tensors:
+            self.storages.pop((t.handle, t.storage_offset_bytes), None)
+
+    def get(self, t) -> torch.UntypedStorage:
+        storage = self.storages.get((t.handle, t.storage_offset_bytes))
+        if storage is None:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"cuda: the storage at {t.storage_offset_bytes} of allocation {t.handle.hex()} "
+                               f"{shared.NOT_KEPT} in this session: share it again")
+        return storage
+
+    def keep(self, t, view: torch.Tensor) -> None:
+        key = (t.handle, t.storage_offset_bytes)
+        self.storages[key] = view.untyped_storage()
+        self.storages.move_to_end(key)
+        while len(self.storages) > shared.KEPT_STORAGES:
+            self.storages.popitem(last=False)
+
+
 def open_tensors(msg, input_infos, output_infos, device: torch.device, regions: RegionTable):
-    """(input tensors, output byte views) of a request's CudaTensors `msg`, on the GPU they are on."""
+    """(input tensors, output byte views) of a request's CudaTensors `msg`, on the GPU they are on; storages the
+    request marks `keep` stay open in the session's Kept, those it lists in `release` are let go first."""
     if device.type != "cuda":
         raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "CUDA IPC: this server computes on the CPU")
     if not regions.status(msg.session):
@@ -54,10 +86,10 @@ def open_tensors(msg, input_infos, output_infos, device: torch.device, regions: 
     if len(msg.inputs) != len(input_infos) or len(msg.outputs) != len(output_infos):
         raise invalid(f"cuda: {len(input_infos)} input(s) and {len(output_infos)} output(s) expected, "
                       f"got {len(msg.inputs)} and {len(msg.outputs)}")
-    shared = list(msg.inputs) + list(msg.outputs)
+    tensors = list(msg.inputs) + list(msg.outputs)
     infos = list(input_infos) + list(output_infos)
     spans = []
-    for t, info in zip(shared, infos):
+    for t, info in zip(tensors, infos):
         nbytes = wire.info_nbytes(info)
         if t.offset_bytes < 0 or t.offset_bytes + nbytes > t.storage_bytes:
             raise invalid(f"cuda: tensor {info.name!r} ({nbytes} bytes at {t.offset_bytes}) out of bounds of its "
@@ -66,12 +98,31 @@ def open_tensors(msg, input_infos, output_infos, device: torch.device, regions: 
         spans.append((f"cuda: allocation {t.handle.hex()}", t.storage_offset_bytes + t.offset_bytes, nbytes))
     check_overlaps(spans, len(msg.inputs))
     index = visible.index(msg.device_uuid)
-    views = [_open(t, nbytes, index) for t, (_, _, nbytes) in zip(shared, spans)]
+    kept = regions.kept.setdefault(msg.session, Kept())
+    kept.release(msg.release)
+    views = []
+    for t, (_, _, nbytes) in zip(tensors, spans):  # kept as opened: a later tensor of the call may name it `kept`
+        views.append(_open(t, nbytes, index, kept))
+        if t.keep or t.kept:
+            kept.keep(t, views[-1])
     inputs = [wire.tensor_from_buffer(v, info) for v, info in zip(views, input_infos)]
     return inputs, views[len(inputs):]
 
 
-def _open(t, nbytes: int, index: int) -> torch.Tensor:
+def _open(t, nbytes: int, index: int, kept: Kept) -> torch.Tensor:
+    if t.kept:
+        storage = kept.get(t)
+        view = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, t.offset_bytes, (nbytes,), (1,))
+    else:
+        view = _rebuild(t, nbytes, index)
+    # torch answers a handle it holds open from its cache, whatever size the request claims for it
+    if view.untyped_storage().nbytes() != t.storage_bytes:
+        raise invalid(f"cuda: the storage at {t.storage_offset_bytes} of allocation {t.handle.hex()} is "
+                      f"{view.untyped_storage().nbytes()} bytes, not the {t.storage_bytes} the request says")
+    return view
+
+
+def _rebuild(t, nbytes: int, index: int) -> torch.Tensor:
     try:
         return rebuild_cuda_tensor(torch.Tensor, (nbytes,), (1,), t.offset_bytes, torch.UntypedStorage, torch.uint8,
                                    index, t.handle, t.storage_bytes, t.storage_offset_bytes, False,

@@ -138,6 +138,7 @@ class RegionTable:
         self.allow_unsealed = allow_unsealed
         self.sessions: dict = {}   # session id -> set of region ids
         self.regions: dict = {}    # region id -> Region
+        self.kept: dict = {}       # session -> cuda_ipc.Kept: the CUDA IPC storages its client asked to keep open
 
     def open_session(self) -> str:
         session = secrets.token_hex(16)
@@ -145,6 +146,7 @@ class RegionTable:
         return session
 
     def close_session(self, session: str) -> None:
+        self.kept.pop(session, None)
         for region_id in list(self.sessions.pop(session, ())):
             self._release(region_id)
 

@@ -26,7 +26,7 @@ from quantd.v1 import quantd_pb2_grpc
 
 from . import cuda_ipc
 from .errors import ServiceError, grpc_status, invalid
-from .pipeline import DeviceInput
+from .pipeline import DeviceInput, quantize_host_pieces
 from .placement import Placement
 from .regions import RegionTable
 from .streams import MIN_CHUNK_BYTES, MemoryBudget, OutputSender, StagingPool, StreamAssembler, StreamMemory, chunks_of
@@ -234,11 +234,12 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         return contextlib.nullcontext(cuda_ipc.open_tensors(header.cuda, input_infos, output_infos, self.device,
                                                             self.regions))
 
-    async def _memory_call(self, call: Call, rpc: str, header, input_infos, sender, fn):
+    async def _memory_call(self, call: Call, rpc: str, header, input_infos, sender, fn, from_host=None):
         """Serve a request whose tensors are in shared or GPU memory: fn(input tensors) -> (output tensors, the
         Summary's other fields as OutputSender.summary takes them) runs in the compute pool and its outputs are
         written where the request says; the header and summary go back. CUDA IPC tensors on a GPU the call does
-        not compute on cross GPUs (cuda_ipc.Crossing says how)."""
+        not compute on cross GPUs (cuda_ipc.Crossing says how). from_host(host inputs, output views) -> fields:
+        a way that writes the outputs itself, for inputs in host memory computed on a GPU (None: fn)."""
         with self._memory(header, input_infos, sender.infos) as (inputs, outputs):
             crossing = cuda_ipc.Crossing(inputs[0].device, call.device)
             if crossing.reason:
@@ -247,6 +248,8 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
             yield sender.header()
 
             def compute():
+                if from_host is not None and inputs[0].device.type == "cpu" and call.device.type == "cuda":
+                    return from_host(inputs, outputs)
                 results, fields = fn([crossing.to_compute(t) for t in inputs])
                 for view, result in zip(outputs, results):
                     crossing.write(view, result.reshape(-1).view(torch.uint8))
@@ -284,7 +287,19 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
                     results = wire.operand_tensors(qt) + dequantized
                     report = reference.report(inputs[0], qt) if header.return_report else None
                     return results, dict(report=report, amax=amax)
-                async for message in self._memory_call(call, "Quantize", header, [info], sender, quantize):
+
+                pieces = plan_pieces(spec, shape, self.config.piece_bytes, dtype.itemsize)
+                per_piece = piece_scales(pieces, spec, scales)
+
+                def in_pieces(inputs, outputs):  # copies in and out overlap the quantizing of other pieces
+                    def piece(i, x):
+                        qt, amax = quantize_amax(x, spec, per_piece[i], header.return_amax)
+                        return wire.operand_tensors(qt), amax
+                    amaxes = quantize_host_pieces(inputs[0], outputs, pieces, call.device, piece)
+                    return dict(report=None, amax=torch.stack(amaxes).amax() if header.return_amax else None)
+                whole = len(pieces) == 1 or header.return_dequantized or header.return_report
+                async for message in self._memory_call(call, "Quantize", header, [info], sender, quantize,
+                                                       None if whole else in_pieces):
                     yield message
                 return
             assembler = call.memory.assembler([info])
@@ -453,7 +468,9 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
     async def RegionStatus(self, request, context):
         regions = [pb.RegionInfo(region=r.id, name=r.name, size=r.size, pinned=r.pinned)
                    for r in self.regions.status(request.session)]
-        return pb.RegionStatusResponse(regions=regions, server_regions=len(self.regions.regions))
+        kept = self.regions.kept.get(request.session)
+        return pb.RegionStatusResponse(regions=regions, server_regions=len(self.regions.regions),
+                                       kept_storages=len(kept.storages) if kept else 0)
 
     @grpc_status
     async def GetServerInfo(self, request, context):

@@ -565,6 +565,121 @@ def test_cuda_ipc_results_are_the_kernels_bytes():
         server.close()
 
 
+def test_kept_storages_are_bounded_least_recently_used_first_and_released_by_name():
+    from quantd.server.cuda_ipc import Kept
+    from quantd.server.errors import ServiceError
+    kept, views = Kept(), {}
+    described = lambda i: pb.CudaIpcTensor(handle=b"h%d" % (i % 3), storage_offset_bytes=4096 * i)  # noqa: E731
+    for i in range(regions.KEPT_STORAGES + 2):
+        views[i] = torch.empty(64, dtype=torch.uint8)
+        kept.keep(described(i), views[i])
+        kept.keep(described(0), views[0])  # used again: the most recent
+    assert len(kept.storages) == regions.KEPT_STORAGES
+    with pytest.raises(ServiceError) as info:
+        kept.get(described(1))  # the least recently used went first
+    assert info.value.code == PRECONDITION and regions.NOT_KEPT in info.value.message
+    assert kept.get(described(0)).data_ptr() == views[0].data_ptr()
+    kept.release([pb.CudaIpcTensor(handle=b"h0", storage_offset_bytes=0), described(5)])
+    assert len(kept.storages) == regions.KEPT_STORAGES - 2
+    with pytest.raises(ServiceError):
+        kept.get(described(0))
+
+
+@pytest.mark.gpu
+def test_cuda_ipc_storages_stay_open_and_freed_inputs_are_let_go(monkeypatch):
+    from quantd.client import transports
+    from quantd.kernels import dispatch
+    shared_now = []
+    share = transports.ipc_tensor
+    # counts what is shared; holding the tensors would keep result buffers in use
+    monkeypatch.setattr(transports, "ipc_tensor", lambda t: shared_now.append(t.dtype) or share(t))
+    server = ServerProcess("--device", "cuda")
+    try:
+        spec = QuantSpec("fp8_e4m3", group_size=128)
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated()
+        x, y = torch.randn(1024, 4096, device="cuda").bfloat16(), torch.randn(512, 4096, device="cuda").bfloat16()
+        with QuantdClient(server.target, transport="ipc") as client:
+            first = client.quantize(x, spec, report=False)
+            assert len(shared_now) == 2  # x, then the result buffer (the codes; the scales name it kept)
+            assert client.region_status()["kept_storages"] == 2
+            second = client.quantize(x, spec, report=False)  # x kept; the first results hold their buffer
+            assert len(shared_now) == 3 and client.region_status()["kept_storages"] == 3
+            assert first.codes.untyped_storage().data_ptr() != second.codes.untyped_storage().data_ptr()
+            buffer = first.codes.untyped_storage().data_ptr()
+            del first
+            third = client.quantize(x, spec, report=False)  # the first buffer again, nothing shared
+            assert len(shared_now) == 3 and third.codes.untyped_storage().data_ptr() == buffer
+            want = dispatch.quantize(x, spec)
+            assert_same(second, want)
+            assert_same(third, want)
+            assert_same(client.quantize(y, spec, report=False), dispatch.quantize(y, spec))
+            kept_y = client.region_status()["kept_storages"]
+            y_bytes = y.numel() * y.element_size()
+            del y
+            torch.cuda.synchronize()
+            held = torch.cuda.memory_allocated()  # y's block waits for the server to let go
+            assert_same(client.quantize(x, spec, report=False), want)  # which this call tells it to
+            assert client.region_status()["kept_storages"] == kept_y - 1
+            torch.cuda.ipc_collect()
+            assert torch.cuda.memory_allocated() <= held - y_bytes
+            # the server let go of x behind the client's back: the call is shared again and retried
+            x_key = x.untyped_storage()._cdata
+            client._ipc.release.append(transports._named(client._ipc.kept[x_key].description))
+            before = len(shared_now)
+            assert_same(client.quantize(x, spec, report=False), want)
+            assert len(shared_now) > before
+            # more distinct inputs than the server keeps: it keeps its bound, every result is right
+            many = [torch.randn(64, 4096, device="cuda").bfloat16() for _ in range(regions.KEPT_STORAGES + 3)]
+            for t in many:
+                assert_same(client.quantize(t, spec, report=False), dispatch.quantize(t, spec))
+            assert client.region_status()["kept_storages"] == regions.KEPT_STORAGES
+            assert len(client._ipc.kept) == regions.KEPT_STORAGES
+            del second, third, many, want
+        del x
+
+        def returned():
+            torch.cuda.ipc_collect()
+            return torch.cuda.memory_allocated() <= baseline + (1 << 20)
+        wait_for(returned)  # the session ended: the server let go of everything, and torch freed it
+    finally:
+        server.close()
+
+
+@pytest.mark.gpu
+def test_cuda_ipc_kept_references_are_checked():
+    from quantd.client import transports
+    server = ServerProcess("--device", "cuda")
+    try:
+        x = torch.randn(64, 256, device="cuda").bfloat16()
+        with QuantdClient(server.target, transport="ipc") as client:
+            client.quantize(x, report=False)
+            d = client._ipc.kept[x.untyped_storage()._cdata].description
+            out = transports.ipc_tensor(torch.empty(1 << 20, dtype=torch.uint8, device="cuda"))
+            outputs = [out, pb.CudaIpcTensor(**{**{f.name: v for f, v in out.ListFields()}, "offset_bytes": 1 << 19})]
+
+            def send(t, session=None):
+                header = pb.QuantizeHeader(tensor=wire.tensor_info("x", torch.bfloat16, (64, 256)),
+                                           spec=pb.QuantSpec(format="fp8_e4m3"),
+                                           cuda=pb.CudaTensors(session=session or client._shm.session, inputs=[t],
+                                                               outputs=outputs,
+                                                               device_uuid=transports.device_uuid(x.device)))
+                return list(client.streams["Quantize"](iter([pb.QuantizeRequest(header=header)])))
+            named = dict(handle=d.handle, storage_offset_bytes=d.storage_offset_bytes, kept=True)
+            assert code_of(lambda: send(pb.CudaIpcTensor(**named, storage_bytes=d.storage_bytes * 2)))[0] == INVALID
+            code, details = code_of(lambda: send(pb.CudaIpcTensor(**{**named, "storage_offset_bytes": 1 << 30},
+                                                                  storage_bytes=d.storage_bytes)))
+            assert code == PRECONDITION and regions.NOT_KEPT in details
+            with QuantdClient(server.target, transport="ipc") as other:  # another session keeps nothing of x's
+                other.quantize(torch.randn(64, 256, device="cuda").bfloat16(), report=False)
+                code, details = code_of(lambda: send(pb.CudaIpcTensor(**named, storage_bytes=d.storage_bytes),
+                                                     session=other._shm.session))
+                assert code == PRECONDITION and regions.NOT_KEPT in details
+            assert_same(client.quantize(x, report=False), quantize(x.cpu(), QuantSpec()))
+    finally:
+        server.close()
+
+
 @pytest.mark.gpu
 def test_cuda_ipc_falls_back_when_the_server_is_on_the_cpu(server):
     x = torch.randn(64, 256, device="cuda").bfloat16()
@@ -573,6 +688,37 @@ def test_cuda_ipc_falls_back_when_the_server_is_on_the_cpu(server):
         assert got.transport.transport == "grpc"
         assert got.transport.reason.startswith("ipc: the server computes on the CPU, the tensors are on GPU-")
         assert_same(got, quantize(x.cpu(), QuantSpec()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
+def test_shm_quantize_on_a_gpu_runs_in_overlapped_pieces_with_the_whole_tensors_bytes(spec, rng):
+    from test_delayed_scaling import random_scales
+
+    from quantd.kernels import dispatch, reference
+    from quantd.protocol.pieces import plan_pieces
+    piece_bytes = 64 * 1024
+    server = ServerProcess("--device", "cuda", "--piece-bytes", str(piece_bytes))
+    try:
+        x = torch.randn(1000, 352, generator=rng)  # ragged: the last piece is short
+        x[3, :40] = 0
+        x[7, 5] = 3e38
+        pieces = len(plan_pieces(spec, x.shape, piece_bytes, 4))
+        assert pieces > 1 or spec.granularity.value == "tensor" or spec.format.value == "nvfp4"
+        with QuantdClient(server.target, transport="shm") as client:
+            shared_x = client.shm_tensor(x.shape, x.dtype)
+            shared_x.copy_(x)
+            for source in (x, shared_x):
+                got = client.quantize(source, spec, report=False, amax=True)
+                assert got.transport.transport == "shm"
+                assert_same(got, dispatch.quantize(x.cuda(), spec))
+                assert got.amax == float(reference.amax(x))
+            if spec.format.value != "int8_asym":  # which derives its scales
+                scales = random_scales(spec, x.shape, rng)
+                assert_same(client.quantize(shared_x, spec, report=False, scales=scales),
+                            dispatch.quantize(x.cuda(), spec, scales=scales.cuda()))
+    finally:
+        server.close()
 
 
 @pytest.mark.gpu

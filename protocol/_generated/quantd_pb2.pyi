@@ -355,12 +355,14 @@ class RegionInfo(_message.Message):
     def __init__(self, region: _Optional[str] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., pinned: _Optional[bool] = ...) -> None: ...
 
 class RegionStatusResponse(_message.Message):
-    __slots__ = ("regions", "server_regions")
+    __slots__ = ("regions", "server_regions", "kept_storages")
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     SERVER_REGIONS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_STORAGES_FIELD_NUMBER: _ClassVar[int]
     regions: _containers.RepeatedCompositeFieldContainer[RegionInfo]
     server_regions: int
-    def __init__(self, regions: _Optional[_Iterable[_Union[RegionInfo, _Mapping]]] = ..., server_regions: _Optional[int] = ...) -> None: ...
+    kept_storages: int
+    def __init__(self, regions: _Optional[_Iterable[_Union[RegionInfo, _Mapping]]] = ..., server_regions: _Optional[int] = ..., kept_storages: _Optional[int] = ...) -> None: ...
 
 class RegionRef(_message.Message):
     __slots__ = ("region", "offset", "size")
@@ -383,7 +385,7 @@ class RegionTensors(_message.Message):
     def __init__(self, session: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[RegionRef, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[RegionRef, _Mapping]]] = ...) -> None: ...
 
 class CudaIpcTensor(_message.Message):
-    __slots__ = ("handle", "storage_bytes", "storage_offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required", "offset_bytes")
+    __slots__ = ("handle", "storage_bytes", "storage_offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required", "offset_bytes", "keep", "kept")
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     STORAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     STORAGE_OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -392,6 +394,8 @@ class CudaIpcTensor(_message.Message):
     EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
     EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
     handle: bytes
     storage_bytes: int
     storage_offset_bytes: int
@@ -400,16 +404,20 @@ class CudaIpcTensor(_message.Message):
     event_handle: bytes
     event_sync_required: bool
     offset_bytes: int
-    def __init__(self, handle: _Optional[bytes] = ..., storage_bytes: _Optional[int] = ..., storage_offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ..., offset_bytes: _Optional[int] = ...) -> None: ...
+    keep: bool
+    kept: bool
+    def __init__(self, handle: _Optional[bytes] = ..., storage_bytes: _Optional[int] = ..., storage_offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ..., offset_bytes: _Optional[int] = ..., keep: _Optional[bool] = ..., kept: _Optional[bool] = ...) -> None: ...
 
 class CudaTensors(_message.Message):
-    __slots__ = ("session", "device_uuid", "inputs", "outputs")
+    __slots__ = ("session", "device_uuid", "inputs", "outputs", "release")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
     session: str
     device_uuid: str
     inputs: _containers.RepeatedCompositeFieldContainer[CudaIpcTensor]
     outputs: _containers.RepeatedCompositeFieldContainer[CudaIpcTensor]
-    def __init__(self, session: _Optional[str] = ..., device_uuid: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[CudaIpcTensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[CudaIpcTensor, _Mapping]]] = ...) -> None: ...
+    release: _containers.RepeatedCompositeFieldContainer[CudaIpcTensor]
+    def __init__(self, session: _Optional[str] = ..., device_uuid: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[CudaIpcTensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[CudaIpcTensor, _Mapping]]] = ..., release: _Optional[_Iterable[_Union[CudaIpcTensor, _Mapping]]] = ...) -> None: ...
