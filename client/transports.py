@@ -27,7 +27,6 @@ import threading
 from multiprocessing import shared_memory
 
 import grpc
-import numpy
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
@@ -43,12 +42,6 @@ MIN_REGION_BYTES = 1 << 20
 class Choice:
     transport: str   # grpc | shm | streams
     reason: str
-
-
-def exported(buf) -> torch.Tensor:
-    """A uint8 tensor over a mapping, through numpy, which holds an export of it for as long as any view lives
-    (torch.frombuffer does not): the mapping then cannot be closed under a tensor still in use."""
-    return torch.from_numpy(numpy.frombuffer(buf, dtype=numpy.uint8))
 
 
 def close_mapping(close) -> bool:
@@ -117,7 +110,7 @@ class ShmRegion:
         kinds = [SealedMemory, NamedMemory] if hasattr(os, "memfd_create") else [NamedMemory]
         for i, kind in enumerate(kinds):
             self.memory = kind(size)
-            self.buffer = exported(self.memory.buf)
+            self.buffer = shared.exported(self.memory.buf)
             self.buffer[:shared.NONCE_BYTES] = torch.frombuffer(bytearray(nonce), dtype=torch.uint8)
             request = pb.RegisterRegionRequest(session=session, size=size, nonce=nonce)
             try:
@@ -166,7 +159,7 @@ class ResultRegion:
     def results(self) -> torch.Tensor:
         """The region's bytes through a new mapping, which the returned tensor (and its views) keep alive."""
         self.mapping = mmap.mmap(self.region.memory.fd, self.region.size)
-        return exported(self.mapping)
+        return shared.exported(self.mapping)
 
 
 class ShmTransport:

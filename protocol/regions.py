@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import re
 
+import numpy
+import torch
+
 from quantd.v1 import quantd_pb2 as pb
 
 NONCE_BYTES = 32
@@ -40,3 +43,9 @@ def layout(sizes, start: int = 0) -> tuple:
 
 def refs(region: str, offsets, sizes) -> list:
     return [pb.RegionRef(region=region, offset=o, size=s) for o, s in zip(offsets, sizes)]
+
+
+def exported(buf) -> torch.Tensor:
+    """A uint8 tensor over a mapping, through numpy, which holds an export of it for as long as any view lives
+    (torch.frombuffer does not): the mapping then cannot be closed under a tensor still in use."""
+    return torch.from_numpy(numpy.frombuffer(buf, dtype=numpy.uint8))

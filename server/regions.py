@@ -68,7 +68,7 @@ class Region:
         except BaseException:
             os.close(self.fd)
             raise
-        self.buffer = torch.frombuffer(self.map, dtype=torch.uint8)
+        self.buffer = shared.exported(self.map)  # a call still computing keeps the mapping past release
         self.users = 0
         self.released = False
         self.pinned = False

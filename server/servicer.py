@@ -245,7 +245,6 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
             if crossing.reason:
                 sender.placement += f"; {crossing.reason}"
                 crossing.log()
-            yield sender.header()
 
             def compute():
                 if from_host is not None and inputs[0].device.type == "cpu" and call.device.type == "cuda":
@@ -255,7 +254,12 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
                     crossing.write(view, result.reshape(-1).view(torch.uint8))
                 crossing.finish()
                 return fields
-            fields = await self._compute(call, rpc, compute)
+            computing = asyncio.ensure_future(self._compute(call, rpc, compute))  # while the header goes out
+            try:
+                yield sender.header()
+                fields = await computing
+            finally:
+                computing.cancel()  # if the call ended first; its memory still waits for the computation
         yield sender.summary(written=[view.numel() for view in outputs], **fields)
 
     def _sender(self, response_type, infos, chunk_bytes: int, checksums: bool) -> OutputSender:
