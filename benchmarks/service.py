@@ -12,8 +12,8 @@ best of --repeat runs.
 
 --transports compares the ways a tensor can reach the server (quantd.client.transports), 4 MiB chunks: grpc
 (one stream), shm (the tensor copied into a shared-memory region), shm-tensor (the tensor already lives in one,
-QuantdClient.shm_tensor), streams (split over --workers connections to `quantd serve --workers N`, beside grpc to
-that server: grpc@workers), and on a GPU ipc (a CUDA tensor passed by its CUDA IPC handle), beside the raw gRPC
+QuantdClient.shm_tensor), streams (split over --workers connections, one per client worker process, to `quantd
+serve --workers N`, beside grpc to that server: grpc@workers), and on a GPU ipc (a CUDA tensor passed by its CUDA IPC handle), beside the raw gRPC
 ceiling, the kernel alone on the server's device, and (on a GPU) pinned host-to-device copies.
 """
 from __future__ import annotations

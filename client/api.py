@@ -19,7 +19,6 @@ the client's calls; with several targets gRPC's round_robin balancing sends it t
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import math
 import threading
@@ -35,7 +34,7 @@ from quantd.v1 import quantd_pb2_grpc
 
 from quantd.protocol import chunks, wire
 from quantd.protocol.crc32c import crc32c
-from quantd.protocol.pieces import join_pieces, piece_scales, plan_pieces, unit_shape
+from quantd.protocol.pieces import unit_shape
 
 from . import transports
 from .channels import make_channel
@@ -139,8 +138,9 @@ def _requests(request_type, header, tensors, chunk_bytes: int, checksums: bool):
             yield writer.message(index, piece, crc32c(piece) if checksums else None)
 
 
-def _collect(responses, response_type, checksums: bool):
-    """(tensors by name, Summary) of a stream of raw `response_type` messages, checked against its header and summary."""
+def _collect(responses, response_type, checksums: bool, into=None):
+    """(tensors by name, Summary) of a stream of raw `response_type` messages, checked against its header and summary.
+    into(TensorInfo): the uint8 tensor an output is written into (ValueError for one not expected), else new ones."""
     buffers, infos, reader, summary = [], [], None, None
     try:
         for raw in responses:
@@ -157,7 +157,8 @@ def _collect(responses, response_type, checksums: bool):
                 infos = list(message.header.tensors)
                 # zeros, not empty: torch fills in parallel, taking the first-touch page faults on every core now
                 # instead of one at a time in this thread as chunks arrive
-                buffers = [torch.zeros(wire.info_nbytes(i), dtype=torch.uint8) for i in infos]
+                buffers = [torch.zeros(wire.info_nbytes(i), dtype=torch.uint8) if into is None else into(i)
+                           for i in infos]
                 reader = chunks.ChunkReader([b.numpy() for b in buffers], [i.name for i in infos])
             elif kind == "summary":
                 summary = message.summary
@@ -200,9 +201,9 @@ class QuantdClient:
     the CRC costs a little throughput). token, root_certificates, private_key, certificate_chain:
     bearer-token authentication and (mutual) TLS, see quantd.client.channels.make_channel.
     transport: "grpc" (stream the bytes), "ipc" (CUDA tensors by their CUDA IPC handles), "shm" (shared memory on
-    the server's host), "streams" (a Quantize split over parallel_streams connections) or "auto" (the first of ipc,
-    shm, streams that works); a transport that cannot
-    serve a call falls back to grpc, and last_transport says which one ran and why (quantd.client.transports).
+    the server's host), "streams" (a Quantize split over parallel_streams connections, one per worker process:
+    quantd.client.streams) or "auto" (the first of ipc, shm, streams that works); a transport that cannot serve a
+    call falls back to grpc, and last_transport says which one ran and why (quantd.client.transports).
     """
 
     def __init__(self, target, *, token: str | None = None, root_certificates: bytes | None = None,
@@ -233,15 +234,15 @@ class QuantdClient:
         self._shm_error: str | None = None
         self._server_uuids: list | None = None  # the GPUs whose CUDA IPC handles the server can open
         self.last_placement = ""  # where the server computed the last call and why (Summary.placement)
-        self._parallel: list = []  # one QuantdClient per stream, each on a connection of its own
+        self._workers = None  # streams.StreamWorkers: processes sending parallel streams, started on first use
 
     def close(self) -> None:
         if self._ipc is not None:
             self._ipc.close()
         if self._shm is not None:
             self._shm.close()
-        for sub in self._parallel:
-            sub.close()
+        if self._workers is not None:
+            self._workers.close()
         self.channel.close()
 
     def __enter__(self):
@@ -312,9 +313,9 @@ class QuantdClient:
                                                 self._shm_reason, streams_reason)
         return self.last_transport.transport
 
-    def _stream(self, rpc: str, header, tensors, timeout, outputs, transport="grpc"):
+    def _stream(self, rpc: str, header, tensors, timeout, outputs, transport="grpc", into=None):
         """Send a header and tensors on the streaming RPC `rpc`, or (transport shm) place them and the outputs
-        (the TensorInfos outputs() returns) in shared memory; (output tensors by name, Summary)."""
+        (the TensorInfos outputs() returns) in shared memory; (output tensors by name, Summary). into: as _collect's."""
         request_type, response_type = STREAMS[rpc]
         if transport in ("shm", "ipc"):
             try:
@@ -336,7 +337,7 @@ class QuantdClient:
             def attempt(deadline):
                 requests = _requests(request_type, header, tensors, self.chunk_bytes, self.checksums)
                 call = self.streams[rpc](requests, timeout=deadline)
-                return _collect(_watched(call, self.stall_timeout), response_type, self.checksums)
+                return _collect(_watched(call, self.stall_timeout), response_type, self.checksums, into)
             out, summary = self._call(attempt, timeout)
         self.last_placement = summary.placement
         return out, summary
@@ -360,14 +361,13 @@ class QuantdClient:
                 return "report and dequantized need the whole tensor in one call"
             if x.dim() == 0 or unit_shape(spec, tuple(x.shape)) is None:
                 return f"{spec.describe()} needs the whole tensor for its scales"
+            if scales is not None and scales.numel() != math.prod(spec.scale_shape(tuple(x.shape))):
+                return "the explicit scales do not fit the tensor's blocks (the server says why)"
             return None
         chosen = self._choose(transport, [x], streams_reason)
         if chosen == "streams":
             return self._quantize_streams(x, spec, scales, amax, timeout)
-        header = pb.QuantizeHeader(tensor=wire.tensor_info("input", x.dtype, x.shape), spec=wire.spec_to_proto(spec),
-                                   return_dequantized=dequantized, return_report=report,
-                                   chunk_bytes=self.chunk_bytes, checksums=self.checksums,
-                                   scales=[] if scales is None else scales.reshape(-1).tolist(), return_amax=amax)
+        header = self._quantize_header(x, spec, scales, amax, report=report, dequantized=dequantized)
         outputs = lambda: wire.quantize_outputs(spec, tuple(x.shape), dequantized)  # noqa: E731
         out, summary = self._stream("Quantize", header, [x], timeout, outputs, chosen)
         out = {name: t.to(x.device) for name, t in out.items()}
@@ -376,25 +376,30 @@ class QuantdClient:
                               dequantized=dequantized, transport=self.last_transport,
                               amax=summary.amax if summary.HasField("amax") else None)
 
-    def _quantize_streams(self, x: torch.Tensor, spec: QuantSpec, scales, amax: bool, timeout) -> QuantizeResult:
-        """Quantize independent pieces of x on parallel_streams connections at once and join their results."""
-        choice, n = self.last_transport, self.parallel_streams
-        while len(self._parallel) < n:
-            settings = {**self._settings, "options": [*self._settings["options"], ("grpc.use_local_subchannel_pool", 1)]}
-            self._parallel.append(QuantdClient(**settings))
-        flat = x.detach().cpu().contiguous().reshape(-1)
-        pieces = plan_pieces(spec, tuple(x.shape), math.ceil(flat.numel() / n) * flat.element_size(), flat.element_size())
-        per_piece = piece_scales(pieces, spec, scales)
+    def _quantize_header(self, x, spec, scales, amax: bool, report=False, dequantized=False) -> pb.QuantizeHeader:
+        return pb.QuantizeHeader(tensor=wire.tensor_info("input", x.dtype, x.shape), spec=wire.spec_to_proto(spec),
+                                 return_dequantized=dequantized, return_report=report,
+                                 chunk_bytes=self.chunk_bytes, checksums=self.checksums,
+                                 scales=[] if scales is None else scales.reshape(-1).tolist(), return_amax=amax)
 
-        def quantize(i):
-            piece = pieces[i]
-            return self._parallel[i % n].quantize(flat[piece.start:piece.end].view(piece.shape), spec, report=False,
-                                                  scales=per_piece[i], amax=amax, timeout=timeout)
-        with concurrent.futures.ThreadPoolExecutor(n) as pool:
-            parts = list(pool.map(quantize, range(len(pieces))))
-        whole = join_pieces(parts, spec, tuple(x.shape))
-        return QuantizeResult(**{name: t.to(x.device) for name, t in whole.stored().items()}, spec=spec,
-                              shape=tuple(x.shape), transport=choice, amax=max(p.amax for p in parts) if amax else None)
+    def _quantize_streams(self, x: torch.Tensor, spec: QuantSpec, scales, amax: bool, timeout) -> QuantizeResult:
+        """Quantize independent pieces of x on parallel_streams connections of as many worker processes at once."""
+        if self._workers is not None and self._workers.n != self.parallel_streams:
+            self._workers.close()
+            self._workers = None
+        if self._workers is None:
+            from .streams import StreamWorkers  # it imports this module
+            self._workers = StreamWorkers(self.parallel_streams, self._settings)
+        regions = self._shm.user_regions if self._shm is not None else ()
+        stored, found = self._workers.quantize(x.detach().cpu().contiguous(), spec, scales, amax, timeout, regions)
+        return QuantizeResult(**{name: t.to(x.device) for name, t in stored.items()}, spec=spec, shape=tuple(x.shape),
+                              transport=self.last_transport, amax=found)
+
+    def _quantize_into(self, x: torch.Tensor, spec: QuantSpec, into, *, scales, amax: bool, timeout):
+        """Quantize x on one stream, its outputs written into into(TensorInfo) (a streams worker's piece); the amax."""
+        _, summary = self._stream("Quantize", self._quantize_header(x, spec, scales, amax), [x], timeout, None,
+                                  into=into)
+        return summary.amax if summary.HasField("amax") else None
 
     def dequantize(self, qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
                    timeout: float | None = None, transport: str | None = None) -> torch.Tensor:

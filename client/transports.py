@@ -12,7 +12,8 @@ The client picks one per call (transport="auto") and says which and why in Quant
   Inputs are copied into the region (no copy for a tensor from QuantdClient.shm_tensor), the server writes the
   outputs into a result region whose mapping the returned tensors keep (or into the scratch region, copied out,
   when every result region is held by live results), and only the header and summary cross gRPC.
-- streams for a Quantize whose pieces are independent (quantd.protocol.pieces) when parallel_streams > 1.
+- streams for a Quantize whose pieces are independent (quantd.protocol.pieces) when parallel_streams > 1: each piece
+  on a connection of its own, sent by a worker process (quantd.client.streams).
 - grpc otherwise.
 """
 from __future__ import annotations
@@ -67,6 +68,11 @@ class SealedMemory:
         except BaseException:
             os.close(self.fd)
             raise
+
+    @property
+    def path(self) -> str:
+        """Where another process of this host and user opens it."""
+        return f"/proc/{os.getpid()}/fd/{self.fd}"
 
     def register(self, stub, request):
         request.memfd.CopyFrom(pb.MemoryFile(pid=os.getpid(), fd=self.fd))

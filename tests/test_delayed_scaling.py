@@ -29,6 +29,16 @@ def server():
         yield running
 
 
+@pytest.fixture(scope="module")
+def clients(server):
+    """A client per transport, kept for the module: the streams one starts its worker processes once."""
+    made = {transport: QuantdClient(server.target, transport=transport, parallel_streams=3)
+            for transport in ("grpc", "shm", "streams")}
+    yield made
+    for client in made.values():
+        client.close()
+
+
 def random_scales(spec: QuantSpec, shape, gen) -> torch.Tensor:
     exponents = torch.randn(reference.given_scale_shape(spec, shape), generator=gen) * 3
     return torch.exp2(torch.round(exponents) if spec.scale_encoding.value == "pow2" else exponents)
@@ -59,23 +69,25 @@ def test_backends_quantize_with_given_scales_and_report_the_amax(spec, rng):
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
 @pytest.mark.parametrize("transport", ["grpc", "shm", "streams"])
-def test_service_quantizes_with_given_scales_on_every_transport(server, spec, transport, rng):
-    x = random_input((48, 96), torch.bfloat16, rng)
+@pytest.mark.parametrize("shape", [(48, 96), (41, 100)], ids=str)  # (41, 100): uneven pieces, ragged blocks
+def test_service_quantizes_with_given_scales_on_every_transport(clients, spec, transport, shape, rng):
+    x = random_input(shape, torch.bfloat16, rng)
     scales = random_scales(spec, x.shape, rng)
-    with QuantdClient(server.target, transport=transport, parallel_streams=3) as client:
-        got = client.quantize(x, spec, scales=scales, amax=True, report=False)
-        if transport == "streams" and spec.granularity.value != "tensor" and spec.format.value != "nvfp4":
-            assert got.transport.transport == "streams"
-        assert_same(got, reference.quantize(x, spec, scales))
-        assert same_bits(got.amax, reference.amax(x))
-        plain = client.quantize(x, spec, report=False)
-        assert plain.amax is None
-        assert_same(plain, reference.quantize(x, spec))
+    client = clients[transport]
+    got = client.quantize(x, spec, scales=scales, amax=True, report=False)
+    if transport == "streams" and spec.granularity.value != "tensor" and spec.format.value != "nvfp4":
+        assert got.transport.transport == "streams"
+    assert_same(got, reference.quantize(x, spec, scales))
+    assert same_bits(got.amax, reference.amax(x))
+    plain = client.quantize(x, spec, report=False)
+    assert plain.amax is None
+    assert_same(plain, reference.quantize(x, spec))
 
 
-def test_bad_scales_are_refused_and_the_server_keeps_serving(server, rng):
+@pytest.mark.parametrize("transport", ["grpc", "streams"])
+def test_bad_scales_are_refused_and_the_server_keeps_serving(clients, transport, rng):
     x = random_input((4, 64), torch.float32, rng)
-    client = QuantdClient(server.target)
+    client = clients[transport]
     cases = [
         (QuantSpec("fp8_e4m3", group_size=32), torch.ones(3), "scales must have shape [4, 2], got [3]"),
         (QuantSpec("fp8_e4m3", "tensor"), torch.tensor(-1.0), "explicit scales must be positive and finite"),
@@ -86,7 +98,7 @@ def test_bad_scales_are_refused_and_the_server_keeps_serving(server, rng):
     ]
     for spec, scales, message in cases:
         with pytest.raises(QuantdError) as info:
-            client.quantize(x, spec, scales=scales)
+            client.quantize(x, spec, scales=scales, report=False)
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and message in info.value.details, info.value
     assert_same(client.quantize(x, QuantSpec()), reference.quantize(x, QuantSpec()))
     got = client.quantize(x, QuantSpec("nvfp4"), amax=True)  # a format of derived scales still reports its amax

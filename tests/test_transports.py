@@ -3,6 +3,7 @@
 Every result is compared bit for bit with quantd.kernels on this machine; every violation of a region's bounds,
 ownership or same-host proof gets its status, and the server keeps serving and releases what it mapped.
 """
+import concurrent.futures
 import fcntl
 import os
 import secrets
@@ -499,16 +500,115 @@ def test_auto_falls_back_with_the_reason_when_the_server_has_another_shm():
 
 # ---- parallel streams --------------------------------------------------------------------
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
-def test_parallel_streams_match_the_kernels(server, spec):
-    x = torch.randn(40, 96, generator=torch.Generator().manual_seed(2)).bfloat16()
+@pytest.fixture(scope="module")
+def streams_client(server):
+    """Three streams from three worker processes, started once (spawning one takes seconds)."""
     with QuantdClient(server.target, transport="streams", parallel_streams=3) as client:
-        got = client.quantize(x, spec, report=False)
-        assert_same(got, quantize(x, spec))
-        if spec.granularity.value == "tensor" or spec.format.value == "nvfp4":  # nvfp4: the tensor scale
-            assert got.transport == Choice("grpc", f"streams: {spec.describe()} needs the whole tensor for its scales")
-        else:
-            assert got.transport.transport == "streams"
+        yield client
+
+
+@pytest.mark.parametrize("shape", [(40, 96), (41, 100)], ids=str)  # (41, 100): uneven pieces, ragged blocks
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
+def test_parallel_streams_match_one_stream(server, streams_client, spec, shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2)).bfloat16()
+    got = streams_client.quantize(x, spec, report=False, amax=True)
+    with QuantdClient(server.target) as one:
+        want = one.quantize(x, spec, report=False, amax=True)
+    assert_same(got, want)
+    assert_same(got, quantize(x, spec))
+    assert got.amax == want.amax == x.float().abs().max()
+    if spec.granularity.value == "tensor" or spec.format.value == "nvfp4":  # nvfp4: the tensor scale
+        assert got.transport == Choice("grpc", f"streams: {spec.describe()} needs the whole tensor for its scales")
+    else:
+        assert got.transport.transport == "streams"
+
+
+def worker_pids(client) -> list:
+    return [process.pid for process, _ in client._workers.workers]
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped counts)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def memory_files() -> tuple:
+    """(descriptors, mappings) of quantd memory files in this process."""
+    fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+           if os.path.exists(f"/proc/self/fd/{fd}")]
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    return sum("memfd:quantd-" in f for f in fds), sum("memfd:quantd-" in m for m in maps)
+
+
+def test_streams_workers_and_their_memory_go_with_close(server):
+    """An input already in a shm_tensor region is read there; results outlive close(), their mapping with them."""
+    spec, before = QuantSpec("fp8_e4m3", group_size=64), memory_files()
+    client = QuantdClient(server.target, transport="streams", parallel_streams=2)
+    x = client.shm_tensor((64, 128))
+    x.copy_(torch.randn(64, 128))
+    in_place = client.quantize(x, spec, report=False)
+    assert client._workers.staging is None
+    copied = client.quantize(x.clone(), spec, report=False)
+    assert client._workers.staging is not None
+    pids = worker_pids(client)
+    assert len(pids) == 2 and not any(gone(pid) for pid in pids)
+    client.close()
+    assert all(gone(pid) for pid in pids) and not client._workers.workers
+    assert_same(in_place, quantize(x.clone(), spec))
+    assert_same(copied, quantize(x.clone(), spec))
+    del x, in_place, copied
+    wait_for(lambda: memory_files() == before)  # the server lets go of the session's regions as it sees it end
+
+
+def test_a_worker_killed_in_a_call_fails_it_and_the_client_goes_on():
+    server = ServerProcess()
+    try:
+        x, spec = torch.randn(64, 128).bfloat16(), QuantSpec("fp8_e4m3", group_size=64)
+        with QuantdClient(server.target, transport="streams", parallel_streams=2) as client:
+            assert_same(client.quantize(x, spec, report=False), quantize(x, spec))
+            first = worker_pids(client)
+            server.proc.send_signal(signal.SIGSTOP)  # the workers' calls wait on it
+            try:
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                    call = pool.submit(client.quantize, x, spec, report=False)
+                    time.sleep(1)
+                    os.kill(first[1], signal.SIGKILL)
+                    with pytest.raises(QuantdError) as info:
+                        call.result(60)
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+            assert info.value.details == (f"streams worker process {first[1]} died (exit code -9) in the call; "
+                                          "the next call starts new ones")
+            assert all(gone(pid) for pid in first)
+            assert_same(client.quantize(x, spec, report=False), quantize(x, spec))
+            dead = client._workers.workers[0][0]
+            os.kill(dead.pid, signal.SIGKILL)  # between calls: replaced before the next
+            dead.join(30)
+            assert_same(client.quantize(x, spec, report=False), quantize(x, spec))
+            assert set(worker_pids(client)).isdisjoint(first + [dead.pid])
+    finally:
+        server.close()
+
+
+def test_streams_workers_end_with_their_client_process(server):
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from quantd.client import QuantdClient
+        from quantd.kernels import QuantSpec
+        client = QuantdClient({server.target!r}, transport="streams", parallel_streams=2)
+        client.quantize(torch.randn(8, 64), QuantSpec(), report=False)
+        print(*[process.pid for process, _ in client._workers.workers], flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    pids = [int(pid) for pid in run.stdout.split()]
+    assert len(pids) == 2
+    wait_for(lambda: all(gone(pid) for pid in pids))
 
 
 def test_workers_share_one_port_and_each_serves_streams():
@@ -516,8 +616,8 @@ def test_workers_share_one_port_and_each_serves_streams():
     try:
         x, spec = torch.randn(256, 128).bfloat16(), QuantSpec("fp8_e4m3", group_size=64)
         served = set()
-        for _ in range(6):  # each client's 8 connections land on workers the kernel picks; both get some
-            with QuantdClient(server.target, transport="streams", parallel_streams=8) as client:
+        for _ in range(6):  # each client's 4 connections land on workers the kernel picks; both get some
+            with QuantdClient(server.target, transport="streams", parallel_streams=4) as client:
                 assert_same(client.quantize(x, spec, report=False), quantize(x, spec))
             for i, port in enumerate((server.metrics_port, server.metrics_port + 1)):
                 server.metrics_port = port
