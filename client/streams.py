@@ -6,7 +6,8 @@ process that has them open), and each keeps a QuantdClient of its own. The input
 memory file of the client (transports.SealedMemory; none when it lies in a shm_tensor region already), which the
 workers open through /proc as the server opens shm regions; each worker writes its piece's codes and scales
 straight from the response chunks into one output memory file, whose mapping the returned tensors keep
-(transports.exported). Workers end with the client's close() and when the client process dies (their pipe ends).
+(quantd.protocol.regions.exported). Workers end with the client's close() and when the client process dies (their pipe
+ends).
 A worker that dies in a call fails the call with UNAVAILABLE; the next call starts new workers.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from quantd.protocol import wire
 from quantd.protocol.pieces import piece_scales, plan_pieces, unit_shape
 
 from .api import QuantdClient, QuantdError
-from .transports import SealedMemory, exported
+from .transports import SealedMemory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +80,7 @@ class StreamWorkers:
                                     piece.shape, (target.path, len(target.buf)), outputs, spec,
                                     None if piece_scale is None else piece_scale.numpy(), amax, timeout))
                 found = self._run(jobs)
-                out = exported(target.buf)
+                out = shared.exported(target.buf)
                 return ({name: out[o:o + nbytes((s, d))].view(d).reshape(s)
                          for (name, (s, d)), o in zip(storage.items(), offsets)},
                         max(found) if amax else None)
@@ -97,7 +98,7 @@ class StreamWorkers:
             if self.staging is not None:
                 self.staging.close()
             self.staging = SealedMemory(max(nbytes, 1))
-        exported(self.staging.buf)[:nbytes].copy_(x.reshape(-1).view(torch.uint8))
+        shared.exported(self.staging.buf)[:nbytes].copy_(x.reshape(-1).view(torch.uint8))
         return self.staging, 0
 
     def _run(self, jobs: list) -> list:
@@ -192,7 +193,7 @@ def run(client, job: Job):
 def mapped(path: str, size: int) -> torch.Tensor:
     """The bytes of another process's memory file (/proc/<pid>/fd/<fd>), mapped here for as long as they are viewed."""
     with open(path, "r+b") as file:
-        return exported(mmap.mmap(file.fileno(), size))
+        return shared.exported(mmap.mmap(file.fileno(), size))
 
 
 def nbytes(entry) -> int:
