@@ -152,18 +152,16 @@ def opcodes(sass: str) -> list:
     return out
 
 
-# The rare branches of the quantize kernels and what --common-path puts in their place. NVFP4's careful tiles
-# are recoded by _exact_codes; a stand-in of two instructions keeps the test that takes that branch.
+# The rare branches of the quantize kernels and what --common-path puts in their place.
 RARE_BRANCHES = [("careful != 0", "False"), ("careful == 0", "True")]
-NVFP4_RARE_BRANCHES = [("_exact_codes(lo, hi, ts, SCALE_FMT, ZERO_BITS)", "amax, bits + 1, packed")]
 
 
-def common_path_module(module, folder: str, branches=RARE_BRANCHES):
-    """A copy of kernel module `module` (kernels/triton_quantize.py, triton_mxfp4_pairs.py, triton_nvfp4.py) without
-    its rare branches (`branches`: what replaces what), imported from `folder`."""
+def common_path_module(module, folder: str):
+    """A copy of kernel module `module` (kernels/triton_quantize.py, triton_mxfp4_pairs.py) without its rare
+    branches, imported from `folder`."""
     src = inspect.getsource(module)
     name = module.__name__.rsplit(".", 1)[1]
-    for old, new in branches:
+    for old, new in RARE_BRANCHES:
         if old not in src:
             raise SystemExit(f"sass.py --common-path: no {old!r} in {name}.py")
         src = src.replace(old, new)
@@ -177,7 +175,7 @@ def common_path_module(module, folder: str, branches=RARE_BRANCHES):
 
 
 def main() -> None:
-    global tq, pairs, nvfp4
+    global tq, pairs
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs="+", default=[16384, 16384])
     ap.add_argument("--dump", default="/tmp/quantd-sass", help="folder for the cubins and SASS listings")
@@ -187,7 +185,6 @@ def main() -> None:
     os.makedirs(args.dump, exist_ok=True)
     if args.common_path:
         tq, pairs = common_path_module(tq, args.dump), common_path_module(pairs, args.dump)
-        nvfp4 = common_path_module(nvfp4, args.dump, NVFP4_RARE_BRANCHES)
     print(f"triton {triton.__version__}, sm_90, input bf16 {args.shape}{', common path' if args.common_path else ''}")
     builds = [(name, lambda spec=spec: compile_quantize(spec, args.shape)) for name, spec in SPECS]
     builds.append(("mxfp4, pairs kernel", compile_mxfp4_pairs))

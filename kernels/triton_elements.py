@@ -188,24 +188,6 @@ def e2m1(q, x):
     return tl.where(x != x, 0, bits)
 
 
-# e2m1_near's window: ulps of w (below) either side of an E2M1 rounding midpoint, and the bound of its key there.
-E2M1_NEAR = tl.constexpr(4)
-E2M1_NEAR_KEY = tl.constexpr((2 * E2M1_NEAR.value) << 10)
-
-
-@triton.jit
-def e2m1_near(qa):
-    """(code, key) of qa >= 0 (not NaN), an approximation of an IEEE quotient |x / s| (NUMERICS.md, "NVFP4").
-
-    code: the E2M1 code (0..7) of min(qa, 6) rounded to nearest, ties left unresolved. key (uint32): below
-    E2M1_NEAR_KEY where qa lies within E2M1_NEAR ulps of an E2M1 rounding midpoint (0.25, 0.75, ..., 5), where
-    the code is the quotient's only if qa is. w maps [0, 1) onto [0.5, 1), whose mantissa's top bit then is the
-    code of step 0.5, as it is for [1, 6]; n rounds that bit up past its midpoint, whose last 22 bits are 2**21."""
-    w = tl.minimum(tl.maximum(qa, tl.fma(qa, 0.5, 0.5)), 6.0)
-    n = w.to(tl.int32, bitcast=True) + ((1 << 21) + E2M1_NEAR - (252 << 22))  # 252 << 22: the bits of 0.5
-    return n >> 22, (n << 10).to(tl.uint32, bitcast=True)
-
-
 @triton.jit
 def encode_float(q, FMT: tl.constexpr):
     """Minifloat code bits of quotients `q`: clamp, round to nearest even, NaN -> FMT.NAN_CODE."""

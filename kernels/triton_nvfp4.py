@@ -14,8 +14,8 @@ from .config import KernelConfig
 from .quantize_plan import ElementConstants, as_grid, bf16_bits, bytes_of, element_constants, input_view, pair_words
 from .spec import NVFP4_BLOCK, NVFP4_ZERO_SCALE, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
-from .triton_elements import (CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, E2M1_NEAR_KEY, e2m1, e2m1_near,
-                              e4m3_value, encode_float, finite_abs, load_fp32, quotient)
+from .triton_elements import (CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, e2m1, e4m3_value, encode_float,
+                              finite_abs, load_fp32, quotient)
 
 # Rows and 1x16 blocks a program takes (4096 elements).
 ROWS, GROUPS, WARPS = 16, 16, 4
@@ -84,45 +84,6 @@ def _load_pairs(x_ptr, r, j, R, C, C2, sx_r, sx_c, BF16_BITS: tl.constexpr, WORD
 
 
 @triton.jit
-def _max_nan(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
-def _scale_bits(amax, ts, SCALE_FMT: tl.constexpr, ZERO_BITS: tl.constexpr):
-    """E4M3 bits of the block scale min(ts * (amax / 6), 448), ZERO_BITS (0.125) where that rounds to 0."""
-    bits = encode_float(tl.minimum(ts * tl.math.div_rn(amax, 6.0), 448.0), SCALE_FMT)
-    return tl.where(bits == 0, ZERO_BITS, bits)
-
-
-@triton.jit
-def _sign_bits(lo, hi):
-    """x's sign bits (-0's too) where a code byte takes them, bits 3 and 7 (and bit 19 too: cut by the uint8 store):
-    the two signs as a word of two bf16 holds them (one and, for such words), moved by one multiply."""
-    signs = ((lo.to(tl.uint32, bitcast=True) >> 16) & 0x8000) | (hi.to(tl.uint32, bitcast=True) & 0x80000000)
-    return tl.umulhi(signs, tl.full(signs.shape, 0x100100, tl.uint32)).to(tl.int32, bitcast=True)
-
-
-@triton.jit
-def _exact_codes(lo, hi, ts, SCALE_FMT: tl.constexpr, ZERO_BITS: tl.constexpr):
-    """(finite amax, scale bits, code bytes) of a tile from the quotients x / divisor of its finite amax: corrected
-    quotients (quotient's CORRECTED_ANY_ZERO: exact wherever a code depends on them; a quotient past 2**17, or the
-    NaN an Inf x gives, saturates in e2m1, which takes sign and NaN from x) unless the tile holds a divisor outside
-    [CORRECTED_MIN, CORRECTED_MAX] (tensors of amax below ~2^-70), then IEEE divisions."""
-    amax = tl.max(tl.maximum(finite_abs(lo), finite_abs(hi)), axis=2, keep_dims=True)
-    bits = _scale_bits(amax, ts, SCALE_FMT, ZERO_BITS)
-    divisor = tl.math.div_rn(e4m3_value(bits), ts)
-    extreme = tl.max(((divisor < CORRECTED_MIN) | (divisor > CORRECTED_MAX)).to(tl.int32))
-    if extreme == 0:
-        packed = (e2m1(quotient(lo, divisor, CORRECTED_ANY_ZERO), lo) & 0xF) | \
-            ((e2m1(quotient(hi, divisor, CORRECTED_ANY_ZERO), hi) & 0xF) << 4)
-    else:
-        packed = (e2m1(quotient(lo, divisor, DIVIDE), lo) & 0xF) | \
-            ((e2m1(quotient(hi, divisor, DIVIDE), hi) & 0xF) << 4)
-    return amax, bits, packed
-
-
-@triton.jit
 def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, ts_ptr, amax_ptr, R, C, sx_r, sx_c, sq_r, ss_r, ss_c,
                   ROWS: tl.constexpr, GROUPS: tl.constexpr, SCALE_FMT: tl.constexpr, ZERO_BITS: tl.constexpr,
                   BF16_BITS: tl.constexpr, WORDS: tl.constexpr, AMAX: tl.constexpr):
@@ -131,32 +92,32 @@ def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, ts_ptr, amax_ptr, R, C, sx_r, sx
     nibble) without moving registers.
 
     s = E4M3(min(tensor_scale * (amax / 6), 448)) (0.125 if 0), divisor s / tensor_scale, codes of the
-    IEEE quotients x / divisor: the reference's steps, each one IEEE fp32 rounding. A tile is first coded
-    from |x| * RN(tensor_scale / s) by e2m1_near, which gives the quotient's code unless that product lies
-    next to a rounding midpoint (NUMERICS.md, "NVFP4"); a tile where one does, or that holds an Inf or NaN
-    or a divisor outside [CORRECTED_MIN, CORRECTED_MAX], is coded again by _exact_codes. AMAX: the tile's
-    finite amax is maxed into amax_ptr."""
+    IEEE quotients x / divisor: the reference's steps, each one IEEE fp32 rounding. The quotients are
+    corrected ones (quotient's CORRECTED_ANY_ZERO: exact wherever a code depends on them; a quotient past
+    2**17, or the NaN an Inf x gives, saturates in e2m1, which takes sign and NaN from x) unless the tile
+    holds a divisor outside [CORRECTED_MIN, CORRECTED_MAX] (tensors of amax below ~2^-70): then from IEEE
+    divisions. AMAX: the tile's finite amax is maxed into amax_ptr."""
     pid = tl.program_id(0)
     tiles_c = tl.cdiv(C, GROUPS * 16)
     r = (pid // tiles_c) * ROWS + tl.arange(0, ROWS)[:, None, None]
     g = (pid % tiles_c) * GROUPS + tl.arange(0, GROUPS)[None, :, None]
     j = g * 8 + tl.arange(0, 8)[None, None, :]  # pairs: elements 2j and 2j + 1, code byte j
     lo, hi = _load_pairs(x_ptr, r, j, R, C, sq_r, sx_r, sx_c, BF16_BITS, WORDS)
+    amax = tl.max(tl.maximum(finite_abs(lo), finite_abs(hi)), axis=2, keep_dims=True)
     ts = tl.load(ts_ptr)
-    # NaN and Inf show in this amax; a block with either is recoded below.
-    amax = tl.reduce(_max_nan(tl.abs(lo), tl.abs(hi)), 2, _max_nan, keep_dims=True)
-    bits = _scale_bits(amax, ts, SCALE_FMT, ZERO_BITS)
-    recip = tl.math.div_rn(ts, e4m3_value(bits))  # 1 / divisor within 3 roundings
-    ordinary = (amax < float("inf")) & (recip >= 1.0 / CORRECTED_MAX) & (recip <= 1.0 / CORRECTED_MIN)
-    code_lo, key_lo = e2m1_near(tl.abs(lo) * recip)
-    code_hi, key_hi = e2m1_near(tl.abs(hi) * recip)
-    key = tl.where(ordinary, tl.min(tl.minimum(key_lo, key_hi), axis=2, keep_dims=True), 0)
-    packed = ((code_hi << 4) | _sign_bits(lo, hi)) + code_lo
-    careful = (tl.min(key) < E2M1_NEAR_KEY).to(tl.int32)
-    if careful != 0:
-        amax, bits, packed = _exact_codes(lo, hi, ts, SCALE_FMT, ZERO_BITS)
+    s = tl.minimum(ts * tl.math.div_rn(amax, 6.0), 448.0)
+    bits = encode_float(s, SCALE_FMT)
+    bits = tl.where(bits == 0, ZERO_BITS, bits)
+    divisor = tl.math.div_rn(e4m3_value(bits), ts)
     b_mask = (r < R) & (g * 16 < C)
     tl.store(scales_ptr + r.to(tl.int64) * ss_r + g * ss_c, bits.to(tl.uint8), mask=b_mask)
     if AMAX:
         tl.atomic_max(amax_ptr, tl.max(tl.max(tl.max(amax, axis=2), axis=1), axis=0))
+    careful = tl.max(((divisor < CORRECTED_MIN) | (divisor > CORRECTED_MAX)).to(tl.int32))
+    if careful == 0:  # e2m1 takes sign and NaN from x and saturates a NaN quotient of an Inf
+        packed = (e2m1(quotient(lo, divisor, CORRECTED_ANY_ZERO), lo) & 0xF) | \
+            ((e2m1(quotient(hi, divisor, CORRECTED_ANY_ZERO), hi) & 0xF) << 4)
+    else:
+        packed = (e2m1(quotient(lo, divisor, DIVIDE), lo) & 0xF) | \
+            ((e2m1(quotient(hi, divisor, DIVIDE), hi) & 0xF) << 4)
     tl.store(codes_ptr + r.to(tl.int64) * sq_r + j, packed.to(tl.uint8), mask=(r < R) & (j < sq_r))
