@@ -719,7 +719,8 @@ def test_cuda_ipc_storages_stay_open_and_freed_inputs_are_let_go(monkeypatch):
             del y
             torch.cuda.synchronize()
             held = torch.cuda.memory_allocated()  # y's block waits for the server to let go
-            assert_same(client.quantize(x, spec, report=False), want)  # which this call tells it to
+            # this call tells it to; its results fit the buffer of y's, so no buffer is added
+            assert_same(client.quantize(x[:512], spec, report=False), dispatch.quantize(x[:512], spec))
             assert client.region_status()["kept_storages"] == kept_y - 1
             torch.cuda.ipc_collect()
             assert torch.cuda.memory_allocated() <= held - y_bytes
