@@ -12,9 +12,11 @@ A worker that dies in a call fails the call with UNAVAILABLE; the next call star
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import mmap
+import os
 import multiprocessing
 import multiprocessing.connection
 import threading
@@ -28,7 +30,7 @@ from quantd.protocol import wire
 from quantd.protocol.pieces import piece_scales, plan_pieces, unit_shape
 
 from .api import QuantdClient, QuantdError
-from .transports import SealedMemory
+from .transports import HeldResults, SealedMemory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,14 +48,27 @@ class Job:
     timeout: float | None
 
 
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """Ask a worker to connect to a server process that no other worker is connected to (`taken`: their
+    ServerInfo.instance), trying up to `tries` new connections (the processes of `quantd serve --workers N` share
+    one port, and the kernel picks one for each connection); it answers the instance it got, one taken already
+    when it found no other."""
+    taken: frozenset
+    tries: int = 64
+
+
 class StreamWorkers:
     """`n` worker processes, each with a QuantdClient made of `settings` (QuantdClient's arguments), started on the
     first call."""
+
+    MAX_TARGETS = 2
 
     def __init__(self, n: int, settings: dict):
         self.n, self.settings = n, settings
         self.workers: list = []  # (process, connection)
         self.staging: SealedMemory | None = None  # where inputs are copied, grown as needed
+        self.targets: list = []  # HeldResults the outputs of the last calls went to
         self.lock = threading.Lock()
 
     def quantize(self, x: torch.Tensor, spec: QuantSpec, scales, amax: bool, timeout, regions=()):
@@ -68,24 +83,39 @@ class StreamWorkers:
             if not self.workers:
                 self._start()
             source, start = self._source(x, regions)
-            target = SealedMemory(max(end, 1))
-            try:
-                at, jobs = dict(zip(storage, offsets)), []
-                for piece, piece_scale in zip(pieces, piece_scales(pieces, spec, scales)):
-                    outputs, piece_storage = {}, spec.storage(piece.shape)
-                    for name in storage:
-                        outputs[name] = (at[name], nbytes(getattr(piece_storage, name)))
-                        at[name] += outputs[name][1]
-                    jobs.append(Job((source.path, len(source.buf)), start + piece.start * itemsize, x.dtype,
-                                    piece.shape, (target.path, len(target.buf)), outputs, spec,
-                                    None if piece_scale is None else piece_scale.numpy(), amax, timeout))
-                found = self._run(jobs)
-                out = shared.exported(target.buf)
-                return ({name: out[o:o + nbytes((s, d))].view(d).reshape(s)
-                         for (name, (s, d)), o in zip(storage.items(), offsets)},
-                        max(found) if amax else None)
-            finally:
-                target.close()  # the returned tensors keep its mapping
+            target = self._target(max(end, 1))
+            at, jobs = dict(zip(storage, offsets)), []
+            for piece, piece_scale in zip(pieces, piece_scales(pieces, spec, scales)):
+                outputs, piece_storage = {}, spec.storage(piece.shape)
+                for name in storage:
+                    outputs[name] = (at[name], nbytes(getattr(piece_storage, name)))
+                    at[name] += outputs[name][1]
+                jobs.append(Job((source.path, len(source.buf)), start + piece.start * itemsize, x.dtype,
+                                piece.shape, (target.memory.path, target.size), outputs, spec,
+                                None if piece_scale is None else piece_scale.numpy(), amax, timeout))
+            found = self._run(jobs)
+            out = target.results()
+            if target not in self.targets:  # every kept one is held: this one goes with its results
+                target.memory.close()
+            return ({name: out[o:o + nbytes((s, d))].view(d).reshape(s)
+                     for (name, (s, d)), o in zip(storage.items(), offsets)},
+                    max(found) if amax else None)
+
+    def _target(self, size: int) -> HeldResults:
+        """Memory for a call's outputs: a free one of the last calls' that fits, else a new one (replacing the
+        smallest free one when MAX_TARGETS are kept). Reused memory is mapped already, its pages in place."""
+        free = [t for t in self.targets if t.free]
+        fitting = [t for t in free if t.size >= size]
+        if fitting:
+            return min(fitting, key=lambda t: t.size)
+        if free and len(self.targets) >= self.MAX_TARGETS:
+            smallest = min(free, key=lambda t: t.size)
+            self.targets.remove(smallest)
+            smallest.memory.close()  # results of its calls keep their own mappings
+        target = HeldResults(SealedMemory(size), size)
+        if len(self.targets) < self.MAX_TARGETS:
+            self.targets.append(target)
+        return target
 
     def _source(self, x: torch.Tensor, regions):
         """(SealedMemory, byte offset) holding x's bytes: the shm_tensor region it lies in, else staging."""
@@ -101,11 +131,13 @@ class StreamWorkers:
         shared.exported(self.staging.buf)[:nbytes].copy_(x.reshape(-1).view(torch.uint8))
         return self.staging, 0
 
-    def _run(self, jobs: list) -> list:
-        """Each job to a worker of its own; the amaxes they reply, or QuantdError for the first that failed or died. Any failure to hear from all of them ends the workers: a late reply must not answer the next call."""
+    def _run(self, jobs: list, workers=None) -> list:
+        """Each job to a worker of its own (of `workers`, default all); what they reply (amaxes, instances), or
+        QuantdError for the first that failed or died. Any failure to hear from all of them ends the workers: a late
+        reply must not answer the next call."""
         pending, found, failed = {}, [], None
         try:
-            for (process, conn), job in zip(self.workers, jobs):
+            for (process, conn), job in zip(workers or self.workers, jobs):
                 pending[conn] = process
                 try:
                     conn.send(job)
@@ -139,6 +171,9 @@ class StreamWorkers:
             process.start()
             theirs.close()  # the worker's end lives only in the worker: its death reads as EOF here
             self.workers.append((process, ours))
+        taken: set = set()  # one worker a server process, as far as there are enough of them
+        for worker in self.workers:
+            taken.add(self._run([Claim(frozenset(taken))], [worker])[0])
 
     def close(self, wait: float = 10) -> None:
         """End the workers (their pipe closes: each exits, killed if it has not within `wait` seconds) and free the
@@ -154,18 +189,29 @@ class StreamWorkers:
         if self.staging is not None:
             self.staging.close()
             self.staging = None
+        for target in self.targets:
+            target.memory.close()  # results keep their own mappings
+        self.targets = []
 
 
 def serve(conn, settings: dict) -> None:
-    """A worker: run the Jobs that arrive on `conn` until it closes; reply ("ok", amax) or ("error", code, details)."""
-    with QuantdClient(**settings) as client:
+    """A worker: run the Jobs and Claims that arrive on `conn` until it closes; reply ("ok", amax or instance) or
+    ("error", code, details)."""
+    # a connection of its own: a new client must not share the last one's (gRPC pools them per process)
+    settings = {**settings, "options": [*settings.get("options", []), ("grpc.use_local_subchannel_pool", 1)]}
+    client = QuantdClient(**settings)
+    try:
         while True:
             try:
-                job = conn.recv()
+                message = conn.recv()
             except EOFError:  # the client closed, or its process died
                 return
             try:
-                reply = ("ok", run(client, job))
+                if isinstance(message, Claim):
+                    client, instance = claim(client, settings, message)
+                    reply = ("ok", instance)
+                else:
+                    reply = ("ok", run(client, message))
             except QuantdError as exc:
                 reply = ("error", exc.code.name, exc.details)
             except Exception as exc:  # noqa: BLE001 - the client hears of it, as a status
@@ -174,6 +220,19 @@ def serve(conn, settings: dict) -> None:
                 conn.send(reply)
             except OSError:
                 return
+    finally:
+        client.close()
+
+
+def claim(client, settings: dict, message: Claim) -> tuple:
+    """(client, the server instance it is connected to), reconnecting while that instance is taken."""
+    for _ in range(message.tries):
+        instance = client.server_info()["instance"]
+        if instance not in message.taken or not instance:  # "": a server too old to say
+            break
+        client.close()
+        client = QuantdClient(**settings)
+    return client, instance
 
 
 def run(client, job: Job):
@@ -190,10 +249,22 @@ def run(client, job: Job):
     return client._quantize_into(x, job.spec, into, scales=scales, amax=job.amax, timeout=job.timeout)
 
 
+MAPPED: collections.OrderedDict = collections.OrderedDict()  # a worker's last mappings: (path, size) -> (inode, bytes)
+
+
 def mapped(path: str, size: int) -> torch.Tensor:
-    """The bytes of another process's memory file (/proc/<pid>/fd/<fd>), mapped here for as long as they are viewed."""
+    """The bytes of another process's memory file (/proc/<pid>/fd/<fd>), mapped here. The last few stay mapped
+    (their pages in place for the next call) while the path still names the same file."""
+    inode = os.stat(path).st_ino
+    key = (path, size)
+    if key in MAPPED and MAPPED[key][0] == inode:
+        MAPPED.move_to_end(key)
+        return MAPPED[key][1]
     with open(path, "r+b") as file:
-        return shared.exported(mmap.mmap(file.fileno(), size))
+        MAPPED[key] = (inode, shared.exported(mmap.mmap(file.fileno(), size)))
+    while len(MAPPED) > 4:
+        MAPPED.popitem(last=False)
+    return MAPPED[key][1]
 
 
 def nbytes(entry) -> int:

@@ -145,13 +145,13 @@ class ShmRegion:
         self._free()
 
 
-class ResultRegion:
-    """A registered memory file whose outputs the caller keeps without a copy: each call's results are views of a
-    mapping of its own, and the region serves another call only once no view of the last one is alive (its mapping
-    then closes; Python refuses to close a mapping that tensors still export)."""
+class HeldResults:
+    """A memory file whose outputs the caller keeps without a copy: each call's results are views of a mapping of
+    their own, and the memory serves another call only once no view of the last one is alive (its mapping then
+    closes; Python refuses to close a mapping that tensors still export)."""
 
-    def __init__(self, stub, session: str, size: int):
-        self.region = ShmRegion(stub, session, size)
+    def __init__(self, memory: SealedMemory, size: int):
+        self.memory, self.size = memory, size
         self.mapping = None
 
     @property
@@ -163,9 +163,17 @@ class ResultRegion:
         return True
 
     def results(self) -> torch.Tensor:
-        """The region's bytes through a new mapping, which the returned tensor (and its views) keep alive."""
-        self.mapping = mmap.mmap(self.region.memory.fd, self.region.size)
+        """The memory's bytes through a new mapping, which the returned tensor (and its views) keep alive."""
+        self.mapping = mmap.mmap(self.memory.fd, self.size)
         return shared.exported(self.mapping)
+
+
+class ResultRegion(HeldResults):
+    """HeldResults in a region registered with the server, which writes the outputs there."""
+
+    def __init__(self, stub, session: str, size: int):
+        self.region = ShmRegion(stub, session, size)
+        super().__init__(self.region.memory, self.region.size)
 
 
 class ShmTransport:

@@ -10,6 +10,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import math
+import secrets
 import time
 from importlib import metadata
 
@@ -106,6 +107,9 @@ def quantize_amax(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None,
     if want_amax:
         return dispatch.quantize_with_amax(x, spec, scales=scales)
     return dispatch.quantize(x, spec, scales=scales), None
+
+
+INSTANCE = secrets.token_hex(8)  # this process, as ServerInfo.instance names it
 
 
 def in_memory(header) -> bool:
@@ -496,4 +500,4 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
             limits=pb.Limits(max_tensor_bytes=self.config.max_tensor_bytes, chunk_bytes=self.config.chunk_bytes,
                              max_message_bytes=self.config.max_message_bytes,
                              max_concurrent_streams=self.config.max_concurrent_streams),
-            draining=self.draining, device_uuid=cuda_ipc.device_uuid(self.device))
+            draining=self.draining, device_uuid=cuda_ipc.device_uuid(self.device), instance=INSTANCE)

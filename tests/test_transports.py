@@ -543,6 +543,22 @@ def memory_files() -> tuple:
     return sum("memfd:quantd-" in f for f in fds), sum("memfd:quantd-" in m for m in maps)
 
 
+def test_streams_results_held_keep_their_memory_and_released_memory_serves_again(server, streams_client):
+    spec = QuantSpec("fp8_e4m3", group_size=64)
+    x, y = torch.randn(64, 256), torch.randn(64, 256)
+    first = streams_client.quantize(x, spec, report=False)
+    second = streams_client.quantize(y, spec, report=False)  # the first results still live: other memory
+    assert first.codes.data_ptr() != second.codes.data_ptr()
+    assert_same(first, quantize(x, spec))
+    assert_same(second, quantize(y, spec))
+    del first, second
+    targets = list(streams_client._workers.targets)
+    again = streams_client.quantize(x, spec, report=False)  # a kept memory, free again
+    assert streams_client._workers.targets == targets and len(targets) <= streams_client._workers.MAX_TARGETS
+    assert_same(again, quantize(x, spec))
+    del again
+
+
 def test_streams_workers_and_their_memory_go_with_close(server):
     """An input already in a shm_tensor region is read there; results outlive close(), their mapping with them."""
     spec, before = QuantSpec("fp8_e4m3", group_size=64), memory_files()
@@ -615,19 +631,23 @@ def test_workers_share_one_port_and_each_serves_streams():
     server = ServerProcess("--workers", "2", metrics=True)
     try:
         x, spec = torch.randn(256, 128).bfloat16(), QuantSpec("fp8_e4m3", group_size=64)
-        served = set()
-        for _ in range(6):  # each client's 4 connections land on workers the kernel picks; both get some
-            with QuantdClient(server.target, transport="streams", parallel_streams=4) as client:
-                assert_same(client.quantize(x, spec, report=False), quantize(x, spec))
-            for i, port in enumerate((server.metrics_port, server.metrics_port + 1)):
-                server.metrics_port = port
-                count = server.scrape().get(("quantd_requests_total", frozenset(
-                    {"code": "OK", "rpc": "Quantize", "service": "quantd.v1.Quantd"}.items())), 0)
-                served |= {i} if count else set()
-            server.metrics_port -= 1
-            if served == {0, 1}:
+        with QuantdClient(server.target, transport="streams", parallel_streams=2) as client:
+            # the kernel picks a worker for each connection: the stream workers reconnect until they have both
+            assert_same(client.quantize(x, spec, report=False), quantize(x, spec))
+        served = []
+        for port in (server.metrics_port, server.metrics_port + 1):
+            server.metrics_port = port
+            served.append(server.scrape().get(("quantd_requests_total", frozenset(
+                {"code": "OK", "rpc": "Quantize", "service": "quantd.v1.Quantd"}.items())), 0))
+        server.metrics_port -= 1
+        assert served == [1, 1]
+        infos = set()
+        for _ in range(40):  # and each process names itself
+            with QuantdClient(server.target, options=[("grpc.use_local_subchannel_pool", 1)]) as client:
+                infos.add(client.server_info()["instance"])
+            if len(infos) == 2:
                 break
-        assert served == {0, 1}
+        assert len(infos) == 2 and all(len(i) == 16 for i in infos)
         server.terminate()
         assert server.proc.wait(60) == 0
     finally:
