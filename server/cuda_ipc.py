@@ -63,6 +63,11 @@ class Kept:
                                f"{shared.NOT_KEPT} in this session: share it again")
         return storage
 
+    def clear(self) -> None:
+        """Let go of every storage (the session ended): done here rather than left to this object's collection,
+        which a traceback still holding it could put off."""
+        self.storages.clear()
+
     def keep(self, t, view: torch.Tensor) -> None:
         key = (t.handle, t.storage_offset_bytes)
         self.storages[key] = view.untyped_storage()

@@ -146,7 +146,9 @@ class RegionTable:
         return session
 
     def close_session(self, session: str) -> None:
-        self.kept.pop(session, None)
+        kept = self.kept.pop(session, None)
+        if kept is not None:
+            kept.clear()
         for region_id in list(self.sessions.pop(session, ())):
             self._release(region_id)
 
