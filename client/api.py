@@ -231,6 +231,7 @@ class QuantdClient:
         self.last_transport: transports.Choice | None = None
         self._shm: transports.ShmTransport | None = None
         self._ipc: transports.IpcTransport | None = None  # CUDA IPC in the session of _shm
+        self._unary_in_memory = True  # the server has QuantizeInMemory and its kin
         self._shm_error: str | None = None
         self._server_uuids: list | None = None  # the GPUs whose CUDA IPC handles the server can open
         self.last_placement = ""  # where the server computed the last call and why (Summary.placement)
@@ -324,7 +325,7 @@ class QuantdClient:
                 raise QuantdError(grpc.StatusCode.INVALID_ARGUMENT, f"{rpc}: {exc}") from None
 
             def send(deadline):
-                return lambda h: _summary(self.streams[rpc](iter([request_type(header=h)]), timeout=deadline), response_type)
+                return lambda h: self._in_memory(rpc, h, deadline)
             if transport == "ipc" and self._ipc is None:
                 self._ipc = transports.IpcTransport(self._shm)
             memory = self._shm if transport == "shm" else self._ipc
@@ -341,6 +342,19 @@ class QuantdClient:
             out, summary = self._call(attempt, timeout)
         self.last_placement = summary.placement
         return out, summary
+
+    def _in_memory(self, rpc: str, header, deadline) -> pb.Summary:
+        """The Summary of `rpc` on a header whose tensors are in memory: by its unary form, or by the stream where
+        the server predates that (UNIMPLEMENTED, remembered)."""
+        if self._unary_in_memory:
+            try:
+                return getattr(self.stub, f"{rpc}InMemory")(header, timeout=deadline)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                self._unary_in_memory = False
+        request_type, response_type = STREAMS[rpc]
+        return _summary(self.streams[rpc](iter([request_type(header=header)]), timeout=deadline), response_type)
 
     def quantize(self, tensor, spec: QuantSpec | None = None, *, report: bool = True, dequantized: bool = False,
                  scales=None, amax: bool = False, timeout: float | None = None,

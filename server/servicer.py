@@ -110,6 +110,7 @@ def quantize_amax(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None,
 
 
 INSTANCE = secrets.token_hex(8)  # this process, as ServerInfo.instance names it
+REQUEST_TYPES = {"Quantize": pb.QuantizeRequest, "Dequantize": pb.DequantizeRequest, "Matmul": pb.MatmulRequest}
 
 
 def in_memory(header) -> bool:
@@ -479,6 +480,32 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         kept = self.regions.kept.get(request.session)
         return pb.RegionStatusResponse(regions=regions, server_regions=len(self.regions.regions),
                                        kept_storages=len(kept.storages) if kept else 0)
+
+    async def _in_memory(self, rpc: str, header, context) -> pb.Summary:
+        """The unary form of the streaming RPC `rpc` for a header whose tensors are in memory: that RPC served on
+        the header alone, its Summary returned."""
+        if not in_memory(header):
+            raise invalid(f"{rpc}InMemory: the header's tensors must be in shared-memory regions or CUDA memory "
+                          f"(its `regions` or `cuda`); send their bytes with {rpc}")
+        async def requests():
+            yield REQUEST_TYPES[rpc](header=header).SerializeToString()
+        summary = None
+        async for response in getattr(type(self), rpc).__wrapped__(self, requests(), context):
+            if response.HasField("summary"):
+                summary = response.summary
+        return summary
+
+    @grpc_status
+    async def QuantizeInMemory(self, request, context):
+        return await self._in_memory("Quantize", request, context)
+
+    @grpc_status
+    async def DequantizeInMemory(self, request, context):
+        return await self._in_memory("Dequantize", request, context)
+
+    @grpc_status
+    async def MatmulInMemory(self, request, context):
+        return await self._in_memory("Matmul", request, context)
 
     @grpc_status
     async def GetServerInfo(self, request, context):

@@ -111,6 +111,33 @@ def test_shm_tensor_is_read_where_it_is(server):
     wait_for(lambda: server_regions(server) == 0)
 
 
+def test_memory_calls_are_unary_and_refuse_tensors_in_the_stream(server):
+    x, spec = torch.randn(8, 64), QuantSpec("fp8_e4m3", group_size=32)
+    with QuantdClient(server.target, transport="shm") as client:
+        assert_same(client.quantize(x, spec, report=False), quantize(x, spec))
+        assert client._unary_in_memory
+        header = pb.QuantizeHeader(tensor=wire.tensor_info("x", torch.float32, (8, 64)), spec=wire.spec_to_proto(spec))
+        assert code_of(lambda: client.stub.QuantizeInMemory(header)) == (
+            INVALID, "QuantizeInMemory: the header's tensors must be in shared-memory regions or CUDA memory (its "
+                     "`regions` or `cuda`); send their bytes with Quantize")
+
+
+def test_a_server_without_the_unary_memory_calls_is_served_by_streams(monkeypatch):
+    from quantd.server.servicer import QuantdServicer
+
+    async def unimplemented(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+    for rpc in ("QuantizeInMemory", "DequantizeInMemory", "MatmulInMemory"):
+        monkeypatch.setattr(QuantdServicer, rpc, unimplemented)  # as a server from before them answers
+    x, spec = torch.randn(8, 64), QuantSpec("fp8_e4m3", group_size=32)
+    with BackgroundServer(ServerConfig(host="127.0.0.1", port=0, device="cpu")) as old:
+        with QuantdClient(old.target, transport="shm") as client:
+            got = client.quantize(x, spec, report=False)
+            assert got.transport.transport == "shm" and not client._unary_in_memory
+            assert_same(got, quantize(x, spec))
+            assert torch.equal(client.dequantize(got), quantize(x, spec).dequantize())
+
+
 def test_shm_results_are_handed_over_without_a_copy_and_stay_intact(server):
     """Outputs land in a result region whose mapping the returned tensors keep: no copy out of scratch. A region
     serves another call only once no result of its last call is alive, so results held by the caller never change;

@@ -54,6 +54,21 @@ class QuantdStub:
                 request_serializer=quantd_dot_v1_dot_quantd__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=quantd_dot_v1_dot_quantd__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.QuantizeInMemory = channel.unary_unary(
+                '/quantd.v1.Quantd/QuantizeInMemory',
+                request_serializer=quantd_dot_v1_dot_quantd__pb2.QuantizeHeader.SerializeToString,
+                response_deserializer=quantd_dot_v1_dot_quantd__pb2.Summary.FromString,
+                _registered_method=True)
+        self.DequantizeInMemory = channel.unary_unary(
+                '/quantd.v1.Quantd/DequantizeInMemory',
+                request_serializer=quantd_dot_v1_dot_quantd__pb2.DequantizeHeader.SerializeToString,
+                response_deserializer=quantd_dot_v1_dot_quantd__pb2.Summary.FromString,
+                _registered_method=True)
+        self.MatmulInMemory = channel.unary_unary(
+                '/quantd.v1.Quantd/MatmulInMemory',
+                request_serializer=quantd_dot_v1_dot_quantd__pb2.MatmulHeader.SerializeToString,
+                response_deserializer=quantd_dot_v1_dot_quantd__pb2.Summary.FromString,
+                _registered_method=True)
         self.OpenSession = channel.unary_stream(
                 '/quantd.v1.Quantd/OpenSession',
                 request_serializer=quantd_dot_v1_dot_quantd__pb2.OpenSessionRequest.SerializeToString,
@@ -107,6 +122,27 @@ class QuantdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def QuantizeInMemory(self, request, context):
+        """The same three for tensors in shared-memory regions or CUDA memory (the header's `regions` or `cuda`) as unary
+        calls: the header in, the Summary out (the streaming forms answer an OutputHeader first, which describes the
+        outputs the request placed). A unary call costs the client and server less than a stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DequantizeInMemory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MatmulInMemory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def OpenSession(self, request, context):
         """Shared-memory regions on the server's host (POSIX shm), registered once and reused by requests
         that name them instead of streaming chunks. A session owns its regions: they are released on
@@ -156,6 +192,21 @@ def add_QuantdServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=quantd_dot_v1_dot_quantd__pb2.GetServerInfoRequest.FromString,
                     response_serializer=quantd_dot_v1_dot_quantd__pb2.ServerInfo.SerializeToString,
+            ),
+            'QuantizeInMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.QuantizeInMemory,
+                    request_deserializer=quantd_dot_v1_dot_quantd__pb2.QuantizeHeader.FromString,
+                    response_serializer=quantd_dot_v1_dot_quantd__pb2.Summary.SerializeToString,
+            ),
+            'DequantizeInMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.DequantizeInMemory,
+                    request_deserializer=quantd_dot_v1_dot_quantd__pb2.DequantizeHeader.FromString,
+                    response_serializer=quantd_dot_v1_dot_quantd__pb2.Summary.SerializeToString,
+            ),
+            'MatmulInMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.MatmulInMemory,
+                    request_deserializer=quantd_dot_v1_dot_quantd__pb2.MatmulHeader.FromString,
+                    response_serializer=quantd_dot_v1_dot_quantd__pb2.Summary.SerializeToString,
             ),
             'OpenSession': grpc.unary_stream_rpc_method_handler(
                     servicer.OpenSession,
@@ -286,6 +337,87 @@ class Quantd:
             '/quantd.v1.Quantd/GetServerInfo',
             quantd_dot_v1_dot_quantd__pb2.GetServerInfoRequest.SerializeToString,
             quantd_dot_v1_dot_quantd__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QuantizeInMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quantd.v1.Quantd/QuantizeInMemory',
+            quantd_dot_v1_dot_quantd__pb2.QuantizeHeader.SerializeToString,
+            quantd_dot_v1_dot_quantd__pb2.Summary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DequantizeInMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quantd.v1.Quantd/DequantizeInMemory',
+            quantd_dot_v1_dot_quantd__pb2.DequantizeHeader.SerializeToString,
+            quantd_dot_v1_dot_quantd__pb2.Summary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MatmulInMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quantd.v1.Quantd/MatmulInMemory',
+            quantd_dot_v1_dot_quantd__pb2.MatmulHeader.SerializeToString,
+            quantd_dot_v1_dot_quantd__pb2.Summary.FromString,
             options,
             channel_credentials,
             insecure,
