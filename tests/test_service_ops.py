@@ -69,6 +69,14 @@ def test_reflection_driven_client_discovers_and_calls_every_rpc(server):
         "OpenSession": {},
         "RegisterRegion": lambda: {"session": session(), "size": 4096, "nonce": nonce,
                                    "memfd": {"pid": os.getpid(), "fd": region}},
+        # the tensors in that region: x at 1024, its codes and scales at 2048 and 2560, then dequantized and
+        # multiplied from there into 3072 and 2688
+        "QuantizeInMemory": lambda: {"tensor": tensor, "spec": spec, "regions": refs([(1024, 1024)],
+                                                                                     [(2048, 256), (2560, 16)])},
+        "DequantizeInMemory": lambda: {"operand": quantized, "out_dtype": "float32",
+                                       "regions": refs([(2048, 256), (2560, 16)], [(3072, 1024)])},
+        "MatmulInMemory": lambda: {"a": {"quantized": quantized}, "b": {"quantized": quantized},
+                                   "out_dtype": "float32", "regions": refs([(2048, 256), (2560, 16)] * 2, [(2688, 64)])},
         "UnregisterRegion": lambda: {"session": session(), "region": answers["RegisterRegion"]["region"]},
         "RegionStatus": lambda: {"session": session()},
     }
@@ -77,8 +85,14 @@ def test_reflection_driven_client_discovers_and_calls_every_rpc(server):
     fcntl.fcntl(region, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
     nonce = os.urandom(32)
     os.pwrite(region, nonce, 0)
+    os.pwrite(region, x.numpy().tobytes(), 1024)
     nonce = base64.b64encode(nonce).decode()
     session = lambda: answers["OpenSession"][0]["session"]  # noqa: E731
+
+    def refs(inputs, outputs):
+        named = lambda spans: [{"region": answers["RegisterRegion"]["region"], "offset": o, "size": n}  # noqa: E731
+                               for o, n in spans]
+        return {"session": session(), "inputs": named(inputs), "outputs": named(outputs)}
     with grpc.insecure_channel(server.target) as channel:
         database = ProtoReflectionDescriptorDatabase(channel)
         assert "quantd.v1.Quantd" in database.get_services()
@@ -106,6 +120,7 @@ def test_reflection_driven_client_discovers_and_calls_every_rpc(server):
                 request = requests[method.name]() if callable(requests[method.name]) else requests[method.name]
                 answers[method.name] = json_format.MessageToDict(call(json_format.ParseDict(request, request_class()), timeout=30))
         session_call.cancel()
+    written = os.pread(region, 4096, 0)
     os.close(region)
     def payload(answer, tensor=0):
         return b"".join(base64.b64decode(m["chunk"]["data"]) for m in answer if "chunk" in m and m["chunk"].get("tensor", 0) == tensor)
@@ -114,6 +129,11 @@ def test_reflection_driven_client_discovers_and_calls_every_rpc(server):
     assert payload(answers["Dequantize"]) == reference.dequantize(want, torch.float32).numpy().tobytes()
     assert payload(answers["Matmul"]) == reference.matmul(want, want, torch.float32).numpy().tobytes()
     assert "int8_asym" in answers["GetServerInfo"]["formats"]
+    assert written[2048:2304] == want.codes.numpy().tobytes() and written[2560:2576] == want.scales.numpy().tobytes()
+    assert written[3072:4096] == reference.dequantize(want, torch.float32).numpy().tobytes()
+    assert written[2688:2752] == reference.matmul(want, want, torch.float32).numpy().tobytes()
+    assert [answers[rpc]["bytes"] for rpc in ("QuantizeInMemory", "DequantizeInMemory", "MatmulInMemory")] == [
+        ["256", "16"], ["1024"], ["64"]]
     assert answers["RegisterRegion"]["region"] and answers["UnregisterRegion"] == {}
     assert answers["RegionStatus"] == {}  # no regions left in the session, none on the server
 

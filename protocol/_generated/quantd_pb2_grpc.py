@@ -54,6 +54,16 @@ class QuantdStub:
                 request_serializer=quantd_dot_v1_dot_quantd__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=quantd_dot_v1_dot_quantd__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.OpenSession = channel.unary_stream(
+                '/quantd.v1.Quantd/OpenSession',
+                request_serializer=quantd_dot_v1_dot_quantd__pb2.OpenSessionRequest.SerializeToString,
+                response_deserializer=quantd_dot_v1_dot_quantd__pb2.SessionEvent.FromString,
+                _registered_method=True)
+        self.RegisterRegion = channel.unary_unary(
+                '/quantd.v1.Quantd/RegisterRegion',
+                request_serializer=quantd_dot_v1_dot_quantd__pb2.RegisterRegionRequest.SerializeToString,
+                response_deserializer=quantd_dot_v1_dot_quantd__pb2.RegisterRegionResponse.FromString,
+                _registered_method=True)
         self.QuantizeInMemory = channel.unary_unary(
                 '/quantd.v1.Quantd/QuantizeInMemory',
                 request_serializer=quantd_dot_v1_dot_quantd__pb2.QuantizeHeader.SerializeToString,
@@ -68,16 +78,6 @@ class QuantdStub:
                 '/quantd.v1.Quantd/MatmulInMemory',
                 request_serializer=quantd_dot_v1_dot_quantd__pb2.MatmulHeader.SerializeToString,
                 response_deserializer=quantd_dot_v1_dot_quantd__pb2.Summary.FromString,
-                _registered_method=True)
-        self.OpenSession = channel.unary_stream(
-                '/quantd.v1.Quantd/OpenSession',
-                request_serializer=quantd_dot_v1_dot_quantd__pb2.OpenSessionRequest.SerializeToString,
-                response_deserializer=quantd_dot_v1_dot_quantd__pb2.SessionEvent.FromString,
-                _registered_method=True)
-        self.RegisterRegion = channel.unary_unary(
-                '/quantd.v1.Quantd/RegisterRegion',
-                request_serializer=quantd_dot_v1_dot_quantd__pb2.RegisterRegionRequest.SerializeToString,
-                response_deserializer=quantd_dot_v1_dot_quantd__pb2.RegisterRegionResponse.FromString,
                 _registered_method=True)
         self.UnregisterRegion = channel.unary_unary(
                 '/quantd.v1.Quantd/UnregisterRegion',
@@ -122,10 +122,25 @@ class QuantdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenSession(self, request, context):
+        """Shared-memory regions on the server's host (POSIX shm), registered once and reused by requests
+        that name them instead of streaming chunks. A session owns its regions: they are released on
+        UnregisterRegion and when the OpenSession call ends (the client closed it, was cancelled or died).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterRegion(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def QuantizeInMemory(self, request, context):
-        """The same three for tensors in shared-memory regions or CUDA memory (the header's `regions` or `cuda`) as unary
-        calls: the header in, the Summary out (the streaming forms answer an OutputHeader first, which describes the
-        outputs the request placed). A unary call costs the client and server less than a stream.
+        """Quantize, Dequantize and Matmul for tensors in shared-memory regions or CUDA memory (the header's `regions` or
+        `cuda`) as unary calls: the header in, the Summary out (the streaming forms answer an OutputHeader first, which
+        describes the outputs the request placed). A unary call costs the client and server less than a stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,21 +153,6 @@ class QuantdServicer:
         raise NotImplementedError('Method not implemented!')
 
     def MatmulInMemory(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def OpenSession(self, request, context):
-        """Shared-memory regions on the server's host (POSIX shm), registered once and reused by requests
-        that name them instead of streaming chunks. A session owns its regions: they are released on
-        UnregisterRegion and when the OpenSession call ends (the client closed it, was cancelled or died).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def RegisterRegion(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -193,6 +193,16 @@ def add_QuantdServicer_to_server(servicer, server):
                     request_deserializer=quantd_dot_v1_dot_quantd__pb2.GetServerInfoRequest.FromString,
                     response_serializer=quantd_dot_v1_dot_quantd__pb2.ServerInfo.SerializeToString,
             ),
+            'OpenSession': grpc.unary_stream_rpc_method_handler(
+                    servicer.OpenSession,
+                    request_deserializer=quantd_dot_v1_dot_quantd__pb2.OpenSessionRequest.FromString,
+                    response_serializer=quantd_dot_v1_dot_quantd__pb2.SessionEvent.SerializeToString,
+            ),
+            'RegisterRegion': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterRegion,
+                    request_deserializer=quantd_dot_v1_dot_quantd__pb2.RegisterRegionRequest.FromString,
+                    response_serializer=quantd_dot_v1_dot_quantd__pb2.RegisterRegionResponse.SerializeToString,
+            ),
             'QuantizeInMemory': grpc.unary_unary_rpc_method_handler(
                     servicer.QuantizeInMemory,
                     request_deserializer=quantd_dot_v1_dot_quantd__pb2.QuantizeHeader.FromString,
@@ -207,16 +217,6 @@ def add_QuantdServicer_to_server(servicer, server):
                     servicer.MatmulInMemory,
                     request_deserializer=quantd_dot_v1_dot_quantd__pb2.MatmulHeader.FromString,
                     response_serializer=quantd_dot_v1_dot_quantd__pb2.Summary.SerializeToString,
-            ),
-            'OpenSession': grpc.unary_stream_rpc_method_handler(
-                    servicer.OpenSession,
-                    request_deserializer=quantd_dot_v1_dot_quantd__pb2.OpenSessionRequest.FromString,
-                    response_serializer=quantd_dot_v1_dot_quantd__pb2.SessionEvent.SerializeToString,
-            ),
-            'RegisterRegion': grpc.unary_unary_rpc_method_handler(
-                    servicer.RegisterRegion,
-                    request_deserializer=quantd_dot_v1_dot_quantd__pb2.RegisterRegionRequest.FromString,
-                    response_serializer=quantd_dot_v1_dot_quantd__pb2.RegisterRegionResponse.SerializeToString,
             ),
             'UnregisterRegion': grpc.unary_unary_rpc_method_handler(
                     servicer.UnregisterRegion,
@@ -348,6 +348,60 @@ class Quantd:
             _registered_method=True)
 
     @staticmethod
+    def OpenSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/quantd.v1.Quantd/OpenSession',
+            quantd_dot_v1_dot_quantd__pb2.OpenSessionRequest.SerializeToString,
+            quantd_dot_v1_dot_quantd__pb2.SessionEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterRegion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quantd.v1.Quantd/RegisterRegion',
+            quantd_dot_v1_dot_quantd__pb2.RegisterRegionRequest.SerializeToString,
+            quantd_dot_v1_dot_quantd__pb2.RegisterRegionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def QuantizeInMemory(request,
             target,
             options=(),
@@ -418,60 +472,6 @@ class Quantd:
             '/quantd.v1.Quantd/MatmulInMemory',
             quantd_dot_v1_dot_quantd__pb2.MatmulHeader.SerializeToString,
             quantd_dot_v1_dot_quantd__pb2.Summary.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def OpenSession(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/quantd.v1.Quantd/OpenSession',
-            quantd_dot_v1_dot_quantd__pb2.OpenSessionRequest.SerializeToString,
-            quantd_dot_v1_dot_quantd__pb2.SessionEvent.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def RegisterRegion(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/quantd.v1.Quantd/RegisterRegion',
-            quantd_dot_v1_dot_quantd__pb2.RegisterRegionRequest.SerializeToString,
-            quantd_dot_v1_dot_quantd__pb2.RegisterRegionResponse.FromString,
             options,
             channel_credentials,
             insecure,
