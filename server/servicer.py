@@ -263,8 +263,9 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
             try:
                 yield sender.header()
                 fields = await computing
-            finally:
-                computing.cancel()  # if the call ended first; its memory still waits for the computation
+            finally:  # the call may have ended first: its regions stay in use (mapped, pinned) until the thread is done
+                computing.cancel()
+                await call.memory.settled()
         yield sender.summary(written=[view.numel() for view in outputs], **fields)
 
     def _sender(self, response_type, infos, chunk_bytes: int, checksums: bool) -> OutputSender:

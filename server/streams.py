@@ -107,10 +107,15 @@ class StreamMemory:
         self.computing.add(future)
         future.add_done_callback(self.computing.discard)
 
-    async def close(self) -> None:
+    async def settled(self) -> None:
+        """Wait for the computations reading and writing this stream's memory: a cancelled call leaves its
+        computation running in its thread."""
         running = [asyncio.wrap_future(f) for f in list(self.computing)]
-        if running:  # a cancelled call leaves its computation running in its thread
+        if running:
             await asyncio.wait(running)
+
+    async def close(self) -> None:
+        await self.settled()
         for assembler in self.assemblers:
             assembler.release()
         self.assemblers = []
