@@ -40,11 +40,7 @@ from . import transports
 from .channels import make_channel
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
-SERVICE = pb.DESCRIPTOR.services_by_name["Quantd"]
-# The streaming RPCs' (request, response) classes. Their messages travel raw: quantd.protocol.chunks writes
-# and reads the chunks without protobuf's copies of the payload.
-STREAMS = {m.name: (getattr(pb, m.input_type.name), getattr(pb, m.output_type.name))
-           for m in SERVICE.methods if m.client_streaming}
+SERVICE, STREAMS = chunks.SERVICE, chunks.STREAMS
 
 
 class QuantdError(Exception):

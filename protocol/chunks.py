@@ -20,7 +20,14 @@ from typing import NamedTuple
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from quantd.v1 import quantd_pb2 as pb
+
 from .crc32c import combine, crc32c
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Quantd"]
+# The streaming RPCs' (request, response) classes, by name: their messages travel raw, chunks written and read here.
+STREAMS = {m.name: (getattr(pb, m.input_type.name), getattr(pb, m.output_type.name))
+           for m in SERVICE.methods if m.client_streaming}
 
 # protobuf wire types
 VARINT, I64, LEN, I32 = 0, 1, 2, 5

@@ -31,7 +31,7 @@ from .metrics import Metrics
 from .servicer import QuantdServicer
 
 log = logging.getLogger("quantd.server")
-SERVICE = quantd_pb2.DESCRIPTOR.services_by_name["Quantd"]
+SERVICE = chunks.SERVICE
 SERVICE_NAME = SERVICE.full_name
 COMPUTE_THREADS = 2  # one piece computing while the next one's bytes are copied to the device
 

@@ -20,7 +20,7 @@ import torch
 from quantd.kernels import dispatch, reference
 from quantd.kernels.spec import (INPUT_DTYPES, OUT_DTYPES, Format, Granularity, QuantizedTensor,
                                  QuantSpec, ScaleEncoding)
-from quantd.protocol import wire
+from quantd.protocol import chunks, wire
 from quantd.protocol.pieces import join_pieces, piece_scales, plan_pieces
 from quantd.v1 import quantd_pb2 as pb
 from quantd.v1 import quantd_pb2_grpc
@@ -110,7 +110,6 @@ def quantize_amax(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None,
 
 
 INSTANCE = secrets.token_hex(8)  # this process, as ServerInfo.instance names it
-REQUEST_TYPES = {"Quantize": pb.QuantizeRequest, "Dequantize": pb.DequantizeRequest, "Matmul": pb.MatmulRequest}
 
 
 def in_memory(header) -> bool:
@@ -489,7 +488,7 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
             raise invalid(f"{rpc}InMemory: the header's tensors must be in shared-memory regions or CUDA memory "
                           f"(its `regions` or `cuda`); send their bytes with {rpc}")
         async def requests():
-            yield REQUEST_TYPES[rpc](header=header).SerializeToString()
+            yield chunks.STREAMS[rpc][0](header=header).SerializeToString()
         summary = None
         async for response in getattr(type(self), rpc).__wrapped__(self, requests(), context):
             if response.HasField("summary"):
