@@ -138,6 +138,34 @@ def test_a_server_without_the_unary_memory_calls_is_served_by_streams(monkeypatc
             assert torch.equal(client.dequantize(got), quantize(x, spec).dequantize())
 
 
+def test_a_memory_call_cancelled_as_its_session_ends_leaves_the_server_serving():
+    """The client cancels a Quantize in its regions while the server computes, and ends its session at once: the
+    regions are released under the computation, which must still find them mapped (the server used to crash)."""
+    server = ServerProcess()
+    try:
+        x, spec = torch.randn(8192, 16384).bfloat16(), QuantSpec("fp8_e4m3", group_size=128)
+        client = QuantdClient(server.target, transport="shm")
+        shared_x = client.shm_tensor(x.shape, x.dtype)
+        shared_x.copy_(x)
+
+        def cancelled(header):
+            call = client.stub.QuantizeInMemory.future(header)
+            time.sleep(0.05)  # the server computes: 256 MiB take longer than that on the CPU backend
+            call.cancel()
+            raise RuntimeError("cancelled")
+        with pytest.raises(RuntimeError):
+            client._shm.call_with(cancelled, client._quantize_header(shared_x, spec, None, False), [shared_x],
+                                  wire.quantize_outputs(spec, x.shape, False))
+        client.close()
+        del shared_x
+        small = torch.randn(64, 256)
+        with QuantdClient(server.target, transport="shm") as other:
+            assert_same(other.quantize(small, spec, report=False), quantize(small, spec))
+        assert server.proc.poll() is None
+    finally:
+        server.close()
+
+
 def test_shm_results_are_handed_over_without_a_copy_and_stay_intact(server):
     """Outputs land in a result region whose mapping the returned tensors keep: no copy out of scratch. A region
     serves another call only once no result of its last call is alive, so results held by the caller never change;
