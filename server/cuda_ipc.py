@@ -9,6 +9,8 @@ of them goes; a session keeps those its client asked to keep (Kept), so that lat
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import functools
 import logging
 
@@ -63,6 +65,18 @@ class Kept:
                                f"{shared.NOT_KEPT} in this session: share it again")
         return storage
 
+    def check(self, tensors) -> None:
+        """FAILED_PRECONDITION (get's) unless each `kept` tensor of a request names a storage kept now, or one an
+        earlier tensor of the request shares with `keep` (opened and kept first: an output's codes and scales
+        in one result buffer)."""
+        shared_here = set()
+        for t in tensors:
+            key = (t.handle, t.storage_offset_bytes)
+            if t.kept and key not in shared_here:
+                self.get(t)
+            if t.keep:
+                shared_here.add(key)
+
     def clear(self) -> None:
         """Let go of every storage (the session ended): done here rather than left to this object's collection,
         which a traceback still holding it could put off."""
@@ -78,12 +92,30 @@ class Kept:
 
 def open_tensors(msg, input_infos, output_infos, device: torch.device, regions: RegionTable):
     """(input tensors, output byte views) of a request's CudaTensors `msg`, on the GPU they are on; storages the
-    request marks `keep` stay open in the session's Kept, those it lists in `release` are let go first."""
+    request marks `keep` stay open in the session's Kept, those it lists in `release` are let go first. A request
+    refused after its session proved the same host releases the reference counters of the shares it did not open
+    (_release_counters)."""
     if device.type != "cuda":
         raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "CUDA IPC: this server computes on the CPU")
     if not regions.status(msg.session):
         raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, "CUDA IPC needs a session holding a registered "
                            "shared-memory region: that proves the client is on this host")
+    taken = _refusal.get()
+    if taken is not None:  # the shares' counters are this function's to release from here on
+        taken.append(True)
+    tensors = list(msg.inputs) + list(msg.outputs)
+    views = []
+    try:
+        _open_all(msg, tensors, input_infos, output_infos, device, regions, views)
+    except Exception:
+        _release_counters(tensors[len(views):])
+        raise
+    return ([wire.tensor_from_buffer(v, info) for v, info in zip(views, input_infos)], views[len(input_infos):])
+
+
+def _open_all(msg, tensors, input_infos, output_infos, device, regions, views: list) -> None:
+    """Check a request's tensors, then open them into `views`, in order (kept as opened: a later tensor of the
+    request may name an earlier one `kept`)."""
     visible = visible_gpus(device)
     if msg.device_uuid not in visible:
         raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"CUDA IPC: the tensors are on {msg.device_uuid}, "
@@ -91,7 +123,6 @@ def open_tensors(msg, input_infos, output_infos, device: torch.device, regions: 
     if len(msg.inputs) != len(input_infos) or len(msg.outputs) != len(output_infos):
         raise invalid(f"cuda: {len(input_infos)} input(s) and {len(output_infos)} output(s) expected, "
                       f"got {len(msg.inputs)} and {len(msg.outputs)}")
-    tensors = list(msg.inputs) + list(msg.outputs)
     infos = list(input_infos) + list(output_infos)
     spans = []
     for t, info in zip(tensors, infos):
@@ -105,13 +136,46 @@ def open_tensors(msg, input_infos, output_infos, device: torch.device, regions: 
     index = visible.index(msg.device_uuid)
     kept = regions.kept.setdefault(msg.session, Kept())
     kept.release(msg.release)
-    views = []
-    for t, (_, _, nbytes) in zip(tensors, spans):  # kept as opened: a later tensor of the call may name it `kept`
+    kept.check(tensors)  # before any handle is opened
+    for t, (_, _, nbytes) in zip(tensors, spans):
         views.append(_open(t, nbytes, index, kept))
+        _check_size(t, views[-1])
         if t.keep or t.kept:
             kept.keep(t, views[-1])
-    inputs = [wire.tensor_from_buffer(v, info) for v, info in zip(views, input_infos)]
-    return inputs, views[len(inputs):]
+
+
+# Set while a request with CUDA IPC tensors is served (released_if_refused): open_tensors marks it when it takes
+# the request's shares
+_refusal: contextvars.ContextVar = contextvars.ContextVar("quantd_cuda_ipc_refusal", default=None)
+
+
+@contextlib.contextmanager
+def released_if_refused(msg, regions: RegionTable):
+    """Around serving a request whose tensors are CudaTensors `msg`: if it fails before open_tensors took them
+    (admission, a bad spec), the reference counters of its shares are released, as open_tensors does for the
+    shares it did not open, once the session proved the same host."""
+    taken: list = []
+    token = _refusal.set(taken)
+    try:
+        yield
+    except BaseException:
+        if not taken and torch.cuda.is_available() and regions.proves_host(msg.session):
+            _release_counters((*msg.inputs, *msg.outputs))
+        raise
+    finally:
+        _refusal.reset(token)
+
+
+def _release_counters(tensors) -> None:
+    """Release the reference counters of shared tensors a refused request did not open. Each share counts the
+    server as a user of the client's storage until the server's copy of it goes; one never opened would keep the
+    client's memory from being freed for the life of its process."""
+    for t in tensors:
+        if not t.kept and t.ref_counter_handle:
+            try:
+                torch.UntypedStorage._release_ipc_counter_cuda(t.ref_counter_handle, t.ref_counter_offset)
+            except RuntimeError as exc:  # the client's counter file is gone: nothing to release
+                log.debug("CUDA IPC: cannot release a reference counter: %s", exc)
 
 
 def _open(t, nbytes: int, index: int, kept: Kept) -> torch.Tensor:
@@ -120,11 +184,14 @@ def _open(t, nbytes: int, index: int, kept: Kept) -> torch.Tensor:
         view = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, t.offset_bytes, (nbytes,), (1,))
     else:
         view = _rebuild(t, nbytes, index)
-    # torch answers a handle it holds open from its cache, whatever size the request claims for it
+    return view
+
+
+def _check_size(t, view: torch.Tensor) -> None:
+    """torch answers a handle it holds open from its cache, whatever size the request claims for it."""
     if view.untyped_storage().nbytes() != t.storage_bytes:
         raise invalid(f"cuda: the storage at {t.storage_offset_bytes} of allocation {t.handle.hex()} is "
                       f"{view.untyped_storage().nbytes()} bytes, not the {t.storage_bytes} the request says")
-    return view
 
 
 def _rebuild(t, nbytes: int, index: int) -> torch.Tensor:

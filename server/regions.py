@@ -198,6 +198,10 @@ class RegionTable:
         if region.users == 0:
             region.close()
 
+    def proves_host(self, session: str) -> bool:
+        """Whether `session` is open and holds a registered region, which proves its client shares this host."""
+        return bool(self.sessions.get(session))
+
     def status(self, session: str) -> list:
         return [self.regions[r] for r in sorted(self._session(session))]
 

@@ -490,9 +490,12 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         async def requests():
             yield chunks.STREAMS[rpc][0](header=header).SerializeToString()
         summary = None
-        async for response in getattr(type(self), rpc).__wrapped__(self, requests(), context):
-            if response.HasField("summary"):
-                summary = response.summary
+        refused = cuda_ipc.released_if_refused(header.cuda, self.regions) if header.HasField("cuda") else \
+            contextlib.nullcontext()
+        with refused:
+            async for response in getattr(type(self), rpc).__wrapped__(self, requests(), context):
+                if response.HasField("summary"):
+                    summary = response.summary
         return summary
 
     @grpc_status

@@ -5,6 +5,7 @@ ownership or same-host proof gets its status, and the server keeps serving and r
 """
 import concurrent.futures
 import fcntl
+import gc
 import os
 import secrets
 import shutil
@@ -68,10 +69,11 @@ def assert_same(got, want):
             assert torch.equal(a.reshape(-1).view(torch.uint8).cpu(), b.reshape(-1).view(torch.uint8).cpu()), name
 
 
-def wait_for(condition, seconds=30.0):
+def wait_for(condition, seconds=30.0, why=lambda: ""):
+    """Wait until condition() holds; why() says what was seen when it does not in time."""
     deadline = time.monotonic() + seconds
     while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
+        assert time.monotonic() < deadline, f"condition not met in time {why()}"
         time.sleep(0.05)
 
 
@@ -758,6 +760,16 @@ def test_kept_storages_are_bounded_least_recently_used_first_and_released_by_nam
     assert len(kept.storages) == regions.KEPT_STORAGES - 2
     with pytest.raises(ServiceError):
         kept.get(described(0))
+    # a request is checked whole before anything is opened: `kept` names a storage kept now, or one shared with
+    # `keep` by an earlier tensor of the same request (a result buffer's codes, then its scales)
+    named = lambda t: pb.CudaIpcTensor(handle=t.handle, storage_offset_bytes=t.storage_offset_bytes,  # noqa: E731
+                                       kept=True)
+    fresh = pb.CudaIpcTensor(handle=b"new", keep=True)
+    kept.check([named(described(9)), fresh, named(fresh)])
+    for request in ([named(fresh), fresh], [named(described(0))], [fresh, named(described(1))]):
+        with pytest.raises(ServiceError) as info:
+            kept.check(request)
+        assert info.value.code == PRECONDITION
 
 
 @pytest.mark.gpu
@@ -811,13 +823,42 @@ def test_cuda_ipc_storages_stay_open_and_freed_inputs_are_let_go(monkeypatch):
                 assert_same(client.quantize(t, spec, report=False), dispatch.quantize(t, spec))
             assert client.region_status()["kept_storages"] == regions.KEPT_STORAGES
             assert len(client._ipc.kept) == regions.KEPT_STORAGES
-            del second, third, many, want
+            del second, third, many, want, t
         del x
 
         def returned():
             torch.cuda.ipc_collect()
             return torch.cuda.memory_allocated() <= baseline + (1 << 20)
-        wait_for(returned)  # the session ended: the server let go of everything, and torch freed it
+
+        def held():
+            live = [(tuple(o.shape), o.untyped_storage().nbytes()) for o in gc.get_objects()
+                    if isinstance(o, torch.Tensor) and o.is_cuda]
+            return f"({(torch.cuda.memory_allocated() - baseline) / 2**20:.2f} MiB over the baseline; live: {live})"
+        wait_for(returned, why=held)  # the session ended: the server let go of everything, and torch freed it
+    finally:
+        server.close()
+
+
+@pytest.mark.gpu
+def test_a_refused_cuda_ipc_call_leaves_no_client_memory_held():
+    """Each share of a storage counts the server as its user until the server's copy goes: a request the server
+    refuses, before (admission) or while (a `kept` storage it no longer holds) opening its tensors, must release
+    the counters of the shares it did not open, or the client's memory stays reserved for the life of its process."""
+    server = ServerProcess("--device", "cuda", "--max-tensor-bytes", str(4 << 20))
+    try:
+        spec = QuantSpec("fp8_e4m3", group_size=128)
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated()
+        big, small = torch.randn(1024, 4096, device="cuda").bfloat16(), torch.randn(64, 4096, device="cuda").bfloat16()
+        with QuantdClient(server.target, transport="ipc", retries=0) as client:
+            with pytest.raises(QuantdError) as refused:
+                client.quantize(big, spec, report=False)  # 8 MiB: over the server's max_tensor_bytes
+            assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert_same(client.quantize(small, spec, report=False), quantize(small, spec))
+            assert client.last_transport.transport == "ipc"
+        del big, small
+        wait_for(lambda: torch.cuda.ipc_collect() or torch.cuda.memory_allocated() <= baseline,
+                 why=lambda: f"({torch.cuda.memory_allocated() - baseline} bytes over the baseline)")
     finally:
         server.close()
 
