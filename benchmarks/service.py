@@ -171,6 +171,40 @@ def transports_main(args, servers, env) -> None:
         client.close()
     if args.plot:
         plot(rows, names, args.plot)
+    latencies(quantd_target, spec, gpu, args.calls)
+
+
+def latencies(target: str, spec, gpu: bool, calls: int) -> None:
+    """Milliseconds a memory call takes with its header on the server's local socket and through gRPC, in one run:
+    a tiny Quantize (64 x 256 bf16), whose time is the call's overhead, and a 64 MiB one."""
+    import statistics
+
+    import torch
+
+    from quantd.client import QuantdClient
+
+    print(f"# memory calls: median (p90) ms of {calls} Quantize calls, header on the local socket or through gRPC")
+    for transport in ("shm", "ipc") if gpu else ("shm",):
+        for rows in (64, 8192):
+            times = {}
+            for via in ("local socket", "grpc"):
+                with QuantdClient(target, transport=transport, local_socket=via == "local socket") as client:
+                    x = torch.randn(rows, 4096 if rows > 64 else 256).bfloat16()
+                    x = x.cuda() if transport == "ipc" else client.shm_tensor(x.shape, x.dtype).copy_(x)
+                    client.quantize(x, spec, report=False)
+                    assert client.last_transport.via == via, (client.last_transport, client.local_socket_reason)
+                    spent = []
+                    for _ in range(calls if rows == 64 else max(calls // 10, 5)):
+                        started = time.perf_counter()
+                        client.quantize(x, spec, report=False)
+                        if transport == "ipc":
+                            torch.cuda.synchronize()
+                        spent.append(time.perf_counter() - started)
+                    spent.sort()
+                    times[via] = (statistics.median(spent) * 1e3, spent[int(0.9 * len(spent))] * 1e3)
+            mib = rows * (4096 if rows > 64 else 256) * 2 / MiB
+            print(f"# {transport} {mib:g} MiB: local socket {times['local socket'][0]:.3f} ({times['local socket'][1]:.3f}), "
+                  f"grpc {times['grpc'][0]:.3f} ({times['grpc'][1]:.3f})", flush=True)
 
 
 def plot(rows, names, path: str) -> None:
@@ -201,6 +235,7 @@ def main() -> None:
     parser.add_argument("--transports", action="store_true", help="compare grpc, shm and parallel streams")
     parser.add_argument("--workers", type=int, default=4, help="--transports: server processes and parallel streams")
     parser.add_argument("--plot", help="--transports: write a plot of GB/s against size to this file")
+    parser.add_argument("--calls", type=int, default=200, help="--transports: calls timed for each latency figure")
     parser.add_argument("--raw-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.raw_server:

@@ -38,6 +38,7 @@ from quantd.protocol.pieces import unit_shape
 
 from . import transports
 from .channels import make_channel
+from .local import LocalSocket
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 SERVICE, STREAMS = chunks.SERVICE, chunks.STREAMS
@@ -200,13 +201,15 @@ class QuantdClient:
     the server's host), "streams" (a Quantize split over parallel_streams connections, one per worker process:
     quantd.client.streams) or "auto" (the first of ipc, shm, streams that works); a transport that cannot serve a
     call falls back to grpc, and last_transport says which one ran and why (quantd.client.transports).
+    local_socket: send the memory calls of ipc and shm on the server's Unix socket where it has one (no gRPC round
+    trip; quantd.client.local), else through gRPC; local_socket_reason says why a call could not.
     """
 
     def __init__(self, target, *, token: str | None = None, root_certificates: bytes | None = None,
                  private_key: bytes | None = None, certificate_chain: bytes | None = None,
                  timeout: float | None = None, retries: int = 3, chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES,
                  checksums: bool = False, stall_timeout: float | None = 10.0, options=(), transport: str = "grpc",
-                 parallel_streams: int = 1):
+                 parallel_streams: int = 1, local_socket: bool = True):
         self._settings = dict(target=target, token=token, root_certificates=root_certificates, private_key=private_key,
                               certificate_chain=certificate_chain, timeout=timeout, retries=retries,
                               chunk_bytes=chunk_bytes, checksums=checksums, stall_timeout=stall_timeout, options=options)
@@ -228,12 +231,18 @@ class QuantdClient:
         self._shm: transports.ShmTransport | None = None
         self._ipc: transports.IpcTransport | None = None  # CUDA IPC in the session of _shm
         self._unary_in_memory = True  # the server has QuantizeInMemory and its kin
+        self._local_path = "" if local_socket else None  # the server's local socket, once a session is open
+        self._local_idle: list = []  # connections to it, not in use
+        self.local_socket_reason = "" if local_socket else "not asked for"  # why memory calls go through gRPC
         self._shm_error: str | None = None
         self._server_uuids: list | None = None  # the GPUs whose CUDA IPC handles the server can open
         self.last_placement = ""  # where the server computed the last call and why (Summary.placement)
         self._workers = None  # streams.StreamWorkers: processes sending parallel streams, started on first use
 
     def close(self) -> None:
+        self._local_path = None
+        while self._local_idle:
+            self._local_idle.pop().close()
         if self._ipc is not None:
             self._ipc.close()
         if self._shm is not None:
@@ -276,6 +285,9 @@ class QuantdClient:
         if self._shm is None and self._shm_error is None:
             try:
                 self._shm = transports.ShmTransport(self.stub)
+                if self._local_path == "":  # the socket of the process that holds the session
+                    self._local_path = self.server_info().get("local_socket", "")
+                    self.local_socket_reason = "" if self._local_path else "the server has no local socket"
             except grpc.RpcError as exc:
                 reason = f"the server cannot use this host's shared memory ({exc.code().name}: {exc.details()})"
                 if exc.code() in RETRYABLE + (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
@@ -340,8 +352,18 @@ class QuantdClient:
         return out, summary
 
     def _in_memory(self, rpc: str, header, deadline) -> pb.Summary:
-        """The Summary of `rpc` on a header whose tensors are in memory: by its unary form, or by the stream where
-        the server predates that (UNIMPLEMENTED, remembered)."""
+        """The Summary of `rpc` on a header whose tensors are in memory: on the server's local socket, else by its
+        unary form, or by the stream where the server predates that (UNIMPLEMENTED, remembered)."""
+        connection = self._local_connection()
+        if connection is not None:
+            self.last_transport = dataclasses.replace(self.last_transport, via="local socket")
+            try:
+                return connection.call(rpc, header, deadline)
+            finally:
+                if connection.sock is not None and self._local_path:
+                    self._local_idle.append(connection)
+                else:
+                    connection.close()
         if self._unary_in_memory:
             try:
                 return getattr(self.stub, f"{rpc}InMemory")(header, timeout=deadline)
@@ -351,6 +373,22 @@ class QuantdClient:
                 self._unary_in_memory = False
         request_type, response_type = STREAMS[rpc]
         return _summary(self.streams[rpc](iter([request_type(header=header)]), timeout=deadline), response_type)
+
+    def _local_connection(self) -> LocalSocket | None:
+        """An idle connection to the server's local socket, or a new one; None where there is none (why: in
+        local_socket_reason), and memory calls go through gRPC."""
+        try:
+            return self._local_idle.pop()
+        except IndexError:
+            pass
+        if not self._local_path:
+            return None
+        try:
+            return LocalSocket(self._local_path)
+        except OSError as exc:  # another host's path, a server in another container, another user's socket
+            self.local_socket_reason = f"cannot connect to the server's local socket {self._local_path}: {exc}"
+            self._local_path = None
+            return None
 
     def quantize(self, tensor, spec: QuantSpec | None = None, *, report: bool = True, dequantized: bool = False,
                  scales=None, amax: bool = False, timeout: float | None = None,

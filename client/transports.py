@@ -11,7 +11,8 @@ The client picks one per call (transport="auto") and says which and why in Quant
   random nonce into it and registers it; a server on another host cannot open it, or finds other bytes.
   Inputs are copied into the region (no copy for a tensor from QuantdClient.shm_tensor), the server writes the
   outputs into a result region whose mapping the returned tensors keep (or into the scratch region, copied out,
-  when every result region is held by live results), and only the header and summary cross gRPC.
+  when every result region is held by live results), and only the header and summary cross gRPC, or the
+  server's local socket where it has one (quantd.client.local: no gRPC round trip; Choice.via says which).
 - streams for a Quantize whose pieces are independent (quantd.protocol.pieces) when parallel_streams > 1: each piece
   on a connection of its own, sent by a worker process (quantd.client.streams).
 - grpc otherwise.
@@ -41,8 +42,9 @@ MIN_REGION_BYTES = 1 << 20
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
-    transport: str   # grpc | shm | streams
+    transport: str   # grpc | ipc | shm | streams
     reason: str
+    via: str = "grpc"  # how an ipc or shm call's header went: "grpc", or "local socket" (quantd.client.local)
 
 
 def close_mapping(close) -> bool:

@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import tempfile
 import threading
 
 import grpc
@@ -27,8 +28,9 @@ from quantd.v1 import quantd_pb2
 
 from . import logs, security
 from .config import ServerConfig
+from .local import LocalSocket, socket_path
 from .metrics import Metrics
-from .servicer import QuantdServicer
+from .servicer import INSTANCE, QuantdServicer
 
 log = logging.getLogger("quantd.server")
 SERVICE = chunks.SERVICE
@@ -99,6 +101,7 @@ class QuantdServer:
         self.servicer = QuantdServicer(config, self.devices, self.executors, self.metrics)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
+        self.local: LocalSocket | None = None
         self.port: int | None = None
         self.stopped = asyncio.Event()
 
@@ -127,6 +130,7 @@ class QuantdServer:
         else:
             self.port = self.server.add_secure_port(address, credentials)
         await self.server.start()
+        await self._start_local_socket()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_port:
@@ -137,6 +141,19 @@ class QuantdServer:
             log.warning("serving on %s without TLS or tokens: anyone who reaches this address can use the server "
                         "(set QUANTD_TLS_CERT_FILE/QUANTD_TLS_KEY_FILE or QUANTD_AUTH_TOKENS)", self.config.host)
         return self.port
+
+    async def _start_local_socket(self) -> None:
+        """Listen for same-host memory calls on a Unix socket (server.local), unless local_socket_dir is "off"."""
+        if self.config.local_socket_dir == "off":
+            return
+        path = socket_path(self.config.local_socket_dir or tempfile.gettempdir(), self.port, INSTANCE)
+        local = LocalSocket(self.servicer, self.metrics, path, self.config.max_message_bytes)
+        try:
+            await local.start()
+        except OSError as exc:
+            log.warning("no local socket at %s (%s): same-host memory calls go through gRPC", path, exc)
+            return
+        self.local, self.servicer.local_socket = local, path
 
     async def drain(self, seconds: float | None = None) -> None:
         """NOT_SERVING, refuse new streams, wait up to `seconds` (drain_seconds) for the streams in flight, stop."""
@@ -150,6 +167,8 @@ class QuantdServer:
         while self.servicer.active_streams and loop.time() < deadline:
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.05)  # let calls that just ended finish their interceptors before the server goes
+        if self.local is not None:
+            await self.local.stop()
         await self.server.stop(grace=max(0.0, deadline - loop.time()))
         for executor in self.executors:
             executor.shutdown(wait=False, cancel_futures=True)

@@ -34,6 +34,8 @@ class ServerConfig:
     drain_seconds: float = 30.0
     log_format: str = "text"               # text | json
     workers: int = 1                       # server processes sharing the port (SO_REUSEPORT)
+    local_socket_dir: str = ""             # where the local socket for same-host memory calls goes ("": the
+                                           # temporary directory; "off": none)
     shm_unsealed: str = "refuse"           # refuse | allow: named /dev/shm regions, which their client can shrink
 
     def __post_init__(self):

@@ -160,7 +160,11 @@ class Metrics:
         Put it first in the server's interceptor list so calls rejected by later interceptors are counted too."""
         return _MetricsInterceptor(self)
 
-    def _finish(self, method: str, code: str, started: float, request_bytes: _RequestBytes, peer: str | None) -> None:
+    def finish(self, method: str, code: str, started: float, peer: str | None,
+               request_bytes: _RequestBytes | None = None) -> None:
+        """Record a finished call of `method` ("/package.Service/Rpc"), started at perf_counter() `started`: its
+        access log line, its count by status `code` and its seconds."""
+        request_bytes = request_bytes or _RequestBytes()
         service, rpc = split_method(method)
         seconds = time.perf_counter() - started
         # the access line first: a call that shows in the counters has been logged
@@ -249,7 +253,7 @@ class _MetricsInterceptor(grpc.aio.ServerInterceptor):
                     else:
                         code = _final_code(context, None)
                     finally:
-                        metrics._finish(method, code, started, request_bytes, peer)
+                        metrics.finish(method, code, started, peer, request_bytes)
                 return observed_stream
 
             async def observed(request, context):
@@ -265,7 +269,7 @@ class _MetricsInterceptor(grpc.aio.ServerInterceptor):
                     code = _final_code(context, exc)
                     raise
                 finally:
-                    metrics._finish(method, code, started, request_bytes, peer)
+                    metrics.finish(method, code, started, peer, request_bytes)
             return observed
 
         return wrap_handler(handler, wrap)

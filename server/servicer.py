@@ -160,6 +160,7 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         if metrics is not None:
             metrics.watch_devices(self.placement)
         self.sessions_end = asyncio.Event()  # set when the server stops: open sessions end
+        self.local_socket = ""  # the path of this process's local socket (server.local), once it listens
 
     # ---- helpers ------------------------------------------------------------------------
     async def _header(self, requests, request_type):
@@ -481,9 +482,9 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         return pb.RegionStatusResponse(regions=regions, server_regions=len(self.regions.regions),
                                        kept_storages=len(kept.storages) if kept else 0)
 
-    async def _in_memory(self, rpc: str, header, context) -> pb.Summary:
+    async def serve_in_memory(self, rpc: str, header, context=None) -> pb.Summary:
         """The unary form of the streaming RPC `rpc` for a header whose tensors are in memory: that RPC served on
-        the header alone, its Summary returned."""
+        the header alone, its Summary returned (the *InMemory RPCs, and calls on the local socket)."""
         if not in_memory(header):
             raise invalid(f"{rpc}InMemory: the header's tensors must be in shared-memory regions or CUDA memory "
                           f"(its `regions` or `cuda`); send their bytes with {rpc}")
@@ -500,15 +501,15 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
 
     @grpc_status
     async def QuantizeInMemory(self, request, context):
-        return await self._in_memory("Quantize", request, context)
+        return await self.serve_in_memory("Quantize", request, context)
 
     @grpc_status
     async def DequantizeInMemory(self, request, context):
-        return await self._in_memory("Dequantize", request, context)
+        return await self.serve_in_memory("Dequantize", request, context)
 
     @grpc_status
     async def MatmulInMemory(self, request, context):
-        return await self._in_memory("Matmul", request, context)
+        return await self.serve_in_memory("Matmul", request, context)
 
     @grpc_status
     async def GetServerInfo(self, request, context):
@@ -526,7 +527,7 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
             formats=[f.value for f in Format],
             granularities=[g.value for g in Granularity],
             scale_encodings=[e.value for e in ScaleEncoding],
-            input_dtypes=[wire.dtype_name(d) for d in INPUT_DTYPES],
+            input_dtypes=[wire.dtype_name(d) for d in INPUT_DTYPES], local_socket=self.local_socket,
             limits=pb.Limits(max_tensor_bytes=self.config.max_tensor_bytes, chunk_bytes=self.config.chunk_bytes,
                              max_message_bytes=self.config.max_message_bytes,
                              max_concurrent_streams=self.config.max_concurrent_streams),

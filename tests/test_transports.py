@@ -132,7 +132,7 @@ def test_a_server_without_the_unary_memory_calls_is_served_by_streams(monkeypatc
     for rpc in ("QuantizeInMemory", "DequantizeInMemory", "MatmulInMemory"):
         monkeypatch.setattr(QuantdServicer, rpc, unimplemented)  # as a server from before them answers
     x, spec = torch.randn(8, 64), QuantSpec("fp8_e4m3", group_size=32)
-    with BackgroundServer(ServerConfig(host="127.0.0.1", port=0, device="cpu")) as old:
+    with BackgroundServer(ServerConfig(host="127.0.0.1", port=0, device="cpu", local_socket_dir="off")) as old:
         with QuantdClient(old.target, transport="shm") as client:
             got = client.quantize(x, spec, report=False)
             assert got.transport.transport == "shm" and not client._unary_in_memory

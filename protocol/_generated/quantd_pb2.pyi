@@ -243,7 +243,7 @@ class Limits(_message.Message):
     def __init__(self, max_tensor_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "backend", "device", "formats", "granularities", "scale_encodings", "input_dtypes", "limits", "draining", "device_uuid", "devices", "ipc_device_uuids", "instance")
+    __slots__ = ("version", "backend", "device", "formats", "granularities", "scale_encodings", "input_dtypes", "limits", "draining", "device_uuid", "devices", "ipc_device_uuids", "instance", "local_socket")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -257,6 +257,7 @@ class ServerInfo(_message.Message):
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     IPC_DEVICE_UUIDS_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_SOCKET_FIELD_NUMBER: _ClassVar[int]
     version: str
     backend: str
     device: str
@@ -270,7 +271,8 @@ class ServerInfo(_message.Message):
     devices: _containers.RepeatedCompositeFieldContainer[DeviceInfo]
     ipc_device_uuids: _containers.RepeatedScalarFieldContainer[str]
     instance: str
-    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., formats: _Optional[_Iterable[str]] = ..., granularities: _Optional[_Iterable[str]] = ..., scale_encodings: _Optional[_Iterable[str]] = ..., input_dtypes: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., draining: _Optional[bool] = ..., device_uuid: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., ipc_device_uuids: _Optional[_Iterable[str]] = ..., instance: _Optional[str] = ...) -> None: ...
+    local_socket: str
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., formats: _Optional[_Iterable[str]] = ..., granularities: _Optional[_Iterable[str]] = ..., scale_encodings: _Optional[_Iterable[str]] = ..., input_dtypes: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., draining: _Optional[bool] = ..., device_uuid: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., ipc_device_uuids: _Optional[_Iterable[str]] = ..., instance: _Optional[str] = ..., local_socket: _Optional[str] = ...) -> None: ...
 
 class DeviceInfo(_message.Message):
     __slots__ = ("device", "name", "uuid", "requests_in_flight", "bytes_in_flight", "requests_total")
@@ -385,6 +387,26 @@ class RegionTensors(_message.Message):
     inputs: _containers.RepeatedCompositeFieldContainer[RegionRef]
     outputs: _containers.RepeatedCompositeFieldContainer[RegionRef]
     def __init__(self, session: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[RegionRef, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[RegionRef, _Mapping]]] = ...) -> None: ...
+
+class LocalRequest(_message.Message):
+    __slots__ = ("quantize", "dequantize", "matmul")
+    QUANTIZE_FIELD_NUMBER: _ClassVar[int]
+    DEQUANTIZE_FIELD_NUMBER: _ClassVar[int]
+    MATMUL_FIELD_NUMBER: _ClassVar[int]
+    quantize: QuantizeHeader
+    dequantize: DequantizeHeader
+    matmul: MatmulHeader
+    def __init__(self, quantize: _Optional[_Union[QuantizeHeader, _Mapping]] = ..., dequantize: _Optional[_Union[DequantizeHeader, _Mapping]] = ..., matmul: _Optional[_Union[MatmulHeader, _Mapping]] = ...) -> None: ...
+
+class LocalResponse(_message.Message):
+    __slots__ = ("code", "details", "summary")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    details: str
+    summary: Summary
+    def __init__(self, code: _Optional[int] = ..., details: _Optional[str] = ..., summary: _Optional[_Union[Summary, _Mapping]] = ...) -> None: ...
 
 class CudaIpcTensor(_message.Message):
     __slots__ = ("handle", "storage_bytes", "storage_offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required", "offset_bytes", "keep", "kept")
