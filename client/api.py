@@ -364,6 +364,7 @@ class QuantdClient:
                     self._local_idle.append(connection)
                 else:
                     connection.close()
+        self.last_transport = dataclasses.replace(self.last_transport, via="grpc")
         if self._unary_in_memory:
             try:
                 return getattr(self.stub, f"{rpc}InMemory")(header, timeout=deadline)

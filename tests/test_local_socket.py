@@ -108,6 +108,16 @@ def test_a_socket_the_client_cannot_reach_falls_back_to_grpc(server, tmp_path):
         assert torch.equal(got.codes.view(torch.uint8), quantize(x, spec).codes.view(torch.uint8))
 
 
+def test_a_socket_that_goes_away_between_calls_is_retried_through_grpc(server):
+    with QuantdClient(server.target, transport="shm") as client:
+        x, spec = torch.randn(8, 64), QuantSpec("int8_sym", group_size=32)
+        assert client.quantize(x, spec, report=False).transport.via == "local socket"
+        server.call(server.server.local.stop())  # its connections closed, its file gone
+        got = client.quantize(x, spec, report=False)  # UNAVAILABLE on the idle connection, retried
+        assert got.transport.via == "grpc" and "cannot connect" in client.local_socket_reason
+        assert torch.equal(got.codes, quantize(x, spec).codes)
+
+
 def test_hostile_requests_get_a_status_each_and_the_server_keeps_serving(server):
     path = server.server.servicer.local_socket
     assert_code(raw_call(path, b"\xff\xff\xff\xff\xff"), grpc.StatusCode.INVALID_ARGUMENT, "not a LocalRequest")
