@@ -181,6 +181,8 @@ SWEEPS = [
       ("int8 sym tensor", QuantSpec(format="int8_sym", granularity="tensor"), SQUARE, "quantize"),
       ("int8 asym tensor", QuantSpec(format="int8_asym", granularity="tensor"), SQUARE, "quantize")],
      [dict(guarded_quotient=g) for g in (False, True)]),
+    ([("nvfp4", QuantSpec("nvfp4"), SQUARE, "quantize")],
+     [dict(nvfp4_launch=launch) for launch in ((16, 16, 4), (8, 16, 2), (16, 16, 2), (8, 32, 4), (32, 8, 4), (4, 8, 8))]),
     ([("fp8 e4m3 dual 1x128 + 128x1", QuantSpec(), SQUARE, "dual")],
      [dict(dual_warps=w, dual_maxnreg=r) for w, r in ((4, None), (8, 128), (8, None), (4, 128), (16, 64))]),
 ]

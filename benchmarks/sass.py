@@ -88,12 +88,13 @@ def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16", source=None):
 def compile_nvfp4():
     """(compiled kernel, elements a thread handles) of the NVFP4 kernel on bf16 input."""
     fn = nvfp4._nvfp4_kernel
-    constexprs = dict(ROWS=nvfp4.ROWS, GROUPS=nvfp4.GROUPS, SCALE_FMT=nvfp4.E4M3_SOFT, ZERO_BITS=nvfp4.ZERO_SCALE_BITS,
+    rows, groups, warps = DEFAULT.nvfp4_launch
+    constexprs = dict(ROWS=rows, GROUPS=groups, SCALE_FMT=nvfp4.E4M3_SOFT, ZERO_BITS=nvfp4.ZERO_SCALE_BITS,
                       BF16_BITS=False, WORDS=nvfp4.BF16_WORDS.value, AMAX=False, sx_c=1, ss_c=1)
     signature = {n: "constexpr" if n in constexprs else "*i32" if n == "x_ptr" else "*fp32" if n in ("ts_ptr", "amax_ptr")
                  else "*u8" if n.endswith("_ptr") else "i32" for n in fn.arg_names}
-    kernel = compile_sm90(fn, signature, constexprs, {"C", "sx_r", "sq_r", "ss_r"}, nvfp4.WARPS)
-    return kernel, nvfp4.ROWS * nvfp4.GROUPS * 16 / (nvfp4.WARPS * 32)
+    kernel = compile_sm90(fn, signature, constexprs, {"C", "sx_r", "sq_r", "ss_r"}, warps)
+    return kernel, rows * groups * 16 / (warps * 32)
 
 
 def compile_mxfp4_pairs():

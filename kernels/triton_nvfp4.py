@@ -17,8 +17,6 @@ from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, e2m1, e4m3_value, encode_float,
                               finite_abs, load_fp32, quotient)
 
-# Rows and 1x16 blocks a program takes (4096 elements).
-ROWS, GROUPS, WARPS = 16, 16, 4
 # E4M3 block scales are rounded by the integer routine (encode_float's soft path): exact compiled and
 # interpreted alike (the interpreter's own fp8 cast is not).
 E4M3_SOFT: ElementConstants = element_constants(QuantSpec("fp8_e4m3"), exact_fp8=True)
@@ -38,7 +36,8 @@ def quantize(v: torch.Tensor, qt: QuantizedTensor, config: KernelConfig, given: 
     _, R, C = v.shape
     qt.tensor_scale.copy_(tensor_scale(v, config) if given is None else given.reshape(()))
     grid_s = as_grid(qt.scales, R, _cdiv(C, NVFP4_BLOCK))
-    grid = (_cdiv(R, ROWS) * _cdiv(C, GROUPS * NVFP4_BLOCK),)
+    rows, groups, warps = config.nvfp4_launch
+    grid = (_cdiv(R, rows) * _cdiv(C, groups * NVFP4_BLOCK),)
     words = pair_words(v)
     if words is None:  # elements loaded one by one: lo and hi apart
         x, words_kind, sx_r, sx_c = input_view(v), ELEMENTS, v.stride(1), v.stride(2)
@@ -48,8 +47,8 @@ def quantize(v: torch.Tensor, qt: QuantizedTensor, config: KernelConfig, given: 
     _nvfp4_kernel[grid](x, bytes_of(qt.codes), bytes_of(grid_s), qt.tensor_scale,
                         qt.tensor_scale if amax is None else amax, R, C, sx_r, sx_c, (C + 1) // 2,
                         grid_s.stride(0), grid_s.stride(1),
-                        ROWS=ROWS, GROUPS=GROUPS, SCALE_FMT=E4M3_SOFT, ZERO_BITS=ZERO_SCALE_BITS,
-                        BF16_BITS=bf16_bits(v), WORDS=words_kind.value, AMAX=amax is not None, num_warps=WARPS)
+                        ROWS=rows, GROUPS=groups, SCALE_FMT=E4M3_SOFT, ZERO_BITS=ZERO_SCALE_BITS,
+                        BF16_BITS=bf16_bits(v), WORDS=words_kind.value, AMAX=amax is not None, num_warps=warps)
 
 
 # WORDS of _nvfp4_kernel: how the input is read.

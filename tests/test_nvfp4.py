@@ -1,6 +1,7 @@
 """NVFP4 (NUMERICS.md, "NVFP4"): the reference against compressed-tensors' own arithmetic, bit for bit, on random
 weights and on every finite bf16 and fp16 value; the CPU backend and the Triton kernel (quotients on and next to
 every rounding midpoint among them) against the reference."""
+import dataclasses
 import math
 
 import pytest
@@ -14,6 +15,7 @@ except ImportError:  # a GPU machine without it: the comparisons with it skip, t
     NVFP4PackedCompressor = None
 
 from quantd.kernels import cpu, reference, triton_quantize
+from quantd.kernels.config import DEFAULT
 from quantd.kernels.spec import QuantSpec
 from triton_cases import assert_same_qt, assert_same_values, random_input, to_device
 
@@ -151,6 +153,17 @@ def test_triton_ragged_and_strided(rng):
         assert_triton_equal(random_input(shape, torch.float32, rng))
     assert_triton_equal(random_input((64, 40), torch.bfloat16, rng).T)
     assert_triton_equal(random_input((30, 90), torch.float16, rng)[::2, 3:80])
+
+
+def test_triton_launch_shapes_give_the_same_bits(rng):
+    """KernelConfig.nvfp4_launch (rows, 1x16 blocks, warps of a program) changes no result: ragged in both tile
+    dimensions, on words and on strided elements."""
+    x = random_input((37, 300), torch.bfloat16, rng)
+    for launch in ((4, 8, 2), (32, 4, 8), (8, 32, 4)):
+        config = dataclasses.replace(DEFAULT, nvfp4_launch=launch)
+        for v in (x, x[:, 1:299:2]):
+            assert_same_qt(to_device(triton_quantize.quantize(v, SPEC, config=config), "cpu"),
+                           reference.quantize(v, SPEC))
 
 
 E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
