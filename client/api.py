@@ -32,13 +32,13 @@ from quantd.kernels.spec import QuantizedTensor, QuantSpec
 from quantd.v1 import quantd_pb2 as pb
 from quantd.v1 import quantd_pb2_grpc
 
-from quantd.protocol import chunks, wire
+from quantd.protocol import chunks, local, wire
 from quantd.protocol.crc32c import crc32c
 from quantd.protocol.pieces import unit_shape
 
 from . import transports
 from .channels import make_channel
-from .local import LocalSocket
+from .local import LocalSocket, LocalSocketError
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 SERVICE, STREAMS = chunks.SERVICE, chunks.STREAMS
@@ -359,6 +359,10 @@ class QuantdClient:
             self.last_transport = dataclasses.replace(self.last_transport, via="local socket")
             try:
                 return connection.call(rpc, header, deadline)
+            except LocalSocketError as exc:
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or local.BUSY not in exc.details():
+                    raise
+                connection.close()  # the server serves its bound of connections and closed this one: use gRPC
             finally:
                 if connection.sock is not None and self._local_path:
                     self._local_idle.append(connection)

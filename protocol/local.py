@@ -12,6 +12,9 @@ import socket
 from quantd.v1 import quantd_pb2 as pb
 
 LENGTH_BYTES = 4
+# In the RESOURCE_EXHAUSTED of a connection past the server's bound (it closes it): the client's call goes through
+# gRPC instead
+BUSY = "connections at once"
 # LocalRequest's header field for each memory call, and back
 FIELDS = {"Quantize": "quantize", "Dequantize": "dequantize", "Matmul": "matmul"}
 RPCS = {field: rpc for rpc, field in FIELDS.items()}

@@ -73,7 +73,7 @@ class LocalSocket:
         try:
             if len(self.connections) > MAX_CONNECTIONS:
                 await self._answer(writer, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"the local socket serves {MAX_CONNECTIONS} connections at once")
+                                   f"the local socket serves {MAX_CONNECTIONS} {local.BUSY}")
                 return
             while True:
                 n = local.length(await reader.readexactly(local.LENGTH_BYTES))

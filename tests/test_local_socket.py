@@ -173,6 +173,68 @@ def test_connections_past_the_bound_are_refused_and_the_served_ones_go_on(server
             n = local.length(local.recv_exactly(held, 4))
             assert_code(pb.LocalResponse.FromString(local.recv_exactly(held, n)), grpc.StatusCode.INVALID_ARGUMENT,
                         "no header")
-        assert_code(raw_call(path, b""), grpc.StatusCode.RESOURCE_EXHAUSTED, "connections at once")
+        assert_code(raw_call(path, b""), grpc.StatusCode.RESOURCE_EXHAUSTED, local.BUSY)
+        with QuantdClient(server.target, transport="shm") as client:  # its call goes through gRPC instead
+            x, spec = torch.randn(8, 64), QuantSpec("fp8_e4m3", group_size=32)
+            got = client.quantize(x, spec, report=False)
+            assert got.transport.via == "grpc" and client._local_idle == []
+            assert torch.equal(got.codes.view(torch.uint8), quantize(x, spec).codes.view(torch.uint8))
     wait_for(lambda: not server.server.local.connections)
     assert_code(raw_call(path, b""), grpc.StatusCode.INVALID_ARGUMENT, "no header")
+
+
+def test_random_frames_on_many_connections_never_stop_the_server(server):
+    """Hundreds of frames of random bytes (valid lengths, garbage bodies, LocalRequests with random headers, cut
+    short and abandoned) on connections opened side by side with a real client's calls: each complete frame gets a
+    status, the client's calls stay right, and nothing is left open."""
+    import random
+    import threading
+    path = server.server.servicer.local_socket
+    rng = random.Random(7)
+    x, spec = torch.randn(32, 128), QuantSpec("fp8_e4m3", group_size=64)
+    want = quantize(x, spec)
+    errors = []
+
+    def fuzz(seed: int) -> None:
+        rnd = random.Random(seed)
+        try:
+            for _ in range(40):
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    sock.connect(path)
+                    sock.settimeout(30)
+                    kind = rnd.randrange(4)
+                    if kind == 0:
+                        body = rnd.randbytes(rnd.randrange(0, 300))
+                    elif kind == 1:  # a well-formed message with random header fields
+                        header = pb.QuantizeHeader(tensor=pb.TensorInfo(dtype=rnd.choice(["bfloat16", "int7", ""]),
+                                                                        shape=[rnd.randrange(-2, 9)] * rnd.randrange(3)))
+                        header.regions.session = rnd.randbytes(8).hex()
+                        body = local.request("Quantize", header).SerializeToString() if rnd.random() < 0.8 else \
+                            rnd.choice([pb.LocalRequest(matmul=pb.MatmulHeader()),
+                                        pb.LocalRequest(dequantize=pb.DequantizeHeader())]).SerializeToString()
+                    else:
+                        body = rnd.randbytes(rnd.randrange(1, 64))
+                    if kind == 3:  # cut short and gone
+                        sock.sendall((len(body) + 100).to_bytes(4, "little") + body)
+                        continue
+                    sock.sendall(len(body).to_bytes(4, "little") + body)
+                    n = local.length(local.recv_exactly(sock, 4))
+                    response = pb.LocalResponse.FromString(local.recv_exactly(sock, n))
+                    if response.code == 0:
+                        errors.append(f"a random frame was answered OK: {body!r}")
+        except Exception as exc:  # noqa: BLE001
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=fuzz, args=(rng.randrange(1 << 30),)) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    with QuantdClient(server.target, transport="shm") as client:
+        for _ in range(20):
+            got = client.quantize(x, spec, report=False)
+            assert got.transport.via == "local socket"
+            assert torch.equal(got.codes.view(torch.uint8), want.codes.view(torch.uint8))
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    wait_for(lambda: not server.server.local.connections)
+    assert server.server.servicer.active_streams == 0 and not server.server.servicer.regions.regions
