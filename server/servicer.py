@@ -20,7 +20,7 @@ import torch
 from quantd.kernels import dispatch, reference
 from quantd.kernels.spec import (INPUT_DTYPES, OUT_DTYPES, Format, Granularity, QuantizedTensor,
                                  QuantSpec, ScaleEncoding)
-from quantd.protocol import chunks, wire
+from quantd.protocol import wire
 from quantd.protocol.pieces import join_pieces, piece_scales, plan_pieces
 from quantd.v1 import quantd_pb2 as pb
 from quantd.v1 import quantd_pb2_grpc
@@ -281,6 +281,11 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
     @grpc_status
     async def Quantize(self, request_iterator, context):
         header, chunks = await self._header(request_iterator, pb.QuantizeRequest)
+        async for message in self._quantize(header, chunks):
+            yield message
+
+    async def _quantize(self, header, chunks):
+        """Quantize's responses to `header` and its chunks (None for a header whose tensors are in memory)."""
         spec = wire.spec_from_proto(header.spec)
         info = header.tensor
         check_input_info(info, spec, "Quantize")
@@ -385,6 +390,11 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
     @grpc_status
     async def Dequantize(self, request_iterator, context):
         header, chunks = await self._header(request_iterator, pb.DequantizeRequest)
+        async for message in self._dequantize(header, chunks):
+            yield message
+
+    async def _dequantize(self, header, chunks):
+        """Dequantize's responses to `header` and its chunks (None for a header whose tensors are in memory)."""
         spec = check_quantized_operand(header.operand, "Dequantize")
         out_name = out_dtype_name(header.out_dtype if header.HasField("out_dtype") else spec.out_dtype, "Dequantize")
         infos = wire.operand_infos(header.operand)
@@ -400,6 +410,11 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
     @grpc_status
     async def Matmul(self, request_iterator, context):
         header, chunks = await self._header(request_iterator, pb.MatmulRequest)
+        async for message in self._matmul(header, chunks):
+            yield message
+
+    async def _matmul(self, header, chunks):
+        """Matmul's responses to `header` and its chunks (None for a header whose tensors are in memory)."""
         out_name = out_dtype_name(header.out_dtype or "bfloat16", "Matmul")
         shapes, infos = [], []
         for name in ("a", "b"):
@@ -488,13 +503,11 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         if not in_memory(header):
             raise invalid(f"{rpc}InMemory: the header's tensors must be in shared-memory regions or CUDA memory "
                           f"(its `regions` or `cuda`); send their bytes with {rpc}")
-        async def requests():
-            yield chunks.STREAMS[rpc][0](header=header).SerializeToString()
         summary = None
         refused = cuda_ipc.released_if_refused(header.cuda, self.regions) if header.HasField("cuda") else \
             contextlib.nullcontext()
         with refused:
-            async for response in getattr(type(self), rpc).__wrapped__(self, requests(), context):
+            async for response in getattr(self, f"_{rpc.lower()}")(header, None):
                 if response.HasField("summary"):
                     summary = response.summary
         return summary
