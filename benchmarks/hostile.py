@@ -1,7 +1,7 @@
 """What hostile or failing clients do to a `quantd serve` process (CPU, on 127.0.0.1).
 
     python benchmarks/hostile.py [--declared-mib 1024] [--sent-mib 0] [--idle-streams 200]
-                                 [--only aborted admission frozen shrink]
+                                 [--frames 10000] [--only aborted admission frozen shrink local]
 
 aborted    three Quantize streams that send a header declaring --declared-mib of bf16 and --sent-mib of it,
            cancelled one by one (staging pool off): the server's RSS after each and 5 s after the last.
@@ -14,6 +14,10 @@ shrink     a client registers a named 512 MiB /dev/shm region and shrinks it to 
            the 256 MiB in it, against a server with --shm-unsealed refuse (the default) and allow: the
            registration's or the call's status and whether the server survived; then quantd's own client's
            sealed region, which ftruncate cannot shrink.
+local      --frames random frames on the server's local socket (random bytes, LocalRequests with random headers,
+           lengths past the limit, frames cut short) from 16 threads, each frame on a connection of its own,
+           beside a real client's shm calls: the statuses the frames got, whether every client call was right,
+           the server's RSS before and after, and its open connections once they are gone.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import torch
 
 from quantd.client import QuantdClient, QuantdError
 from quantd.kernels.spec import QuantSpec
-from quantd.protocol import wire
+from quantd.protocol import local, wire
 from quantd.server.healthcheck import check
 from quantd.v1 import quantd_pb2 as pb
 from quantd.v1 import quantd_pb2_grpc
@@ -222,12 +226,106 @@ def shrink() -> None:
         server.close()
 
 
+def local_frames(frames: int) -> None:
+    import collections
+    import random
+    server = Server()
+    try:
+        with QuantdClient(server.target) as probe:
+            path = probe.server_info()["local_socket"]
+        statuses, failures, lock = collections.Counter(), [], threading.Lock()
+
+        def frame(rnd: random.Random) -> tuple:
+            """(bytes to send, whether the server answers them: not for a frame cut short)."""
+            kind = rnd.randrange(5)
+            if kind == 0:
+                body = rnd.randbytes(rnd.randrange(0, 512))
+            elif kind == 1:
+                header = pb.QuantizeHeader(tensor=pb.TensorInfo(dtype=rnd.choice(["bfloat16", "float32", "int7"]),
+                                                                shape=[rnd.randrange(-1, 1 << 20)] * rnd.randrange(4)))
+                header.spec.format = rnd.choice(["fp8_e4m3", "mxfp4", "nope"])
+                header.regions.session = rnd.randbytes(16).hex()
+                header.regions.inputs.add(region=rnd.randbytes(8).hex(), offset=rnd.randrange(-5, 1 << 40),
+                                          size=rnd.randrange(-5, 1 << 40))
+                body = local.request("Quantize", header).SerializeToString()
+            elif kind == 2:
+                header = pb.DequantizeHeader()
+                header.cuda.session = rnd.randbytes(16).hex()
+                header.cuda.inputs.add(handle=rnd.randbytes(64), storage_bytes=rnd.randrange(1 << 30))
+                body = local.request("Dequantize", header).SerializeToString()
+            elif kind == 3:
+                return (1 << 31).to_bytes(4, "little"), True  # a length past the limit
+            else:
+                body = rnd.randbytes(rnd.randrange(1, 256))
+                return (len(body) + 1000).to_bytes(4, "little") + body, False  # cut short
+            return len(body).to_bytes(4, "little") + body, True
+
+        def fuzz(seed: int, count: int) -> None:
+            rnd = random.Random(seed)
+            for _ in range(count):
+                try:
+                    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                        sock.connect(path)
+                        sock.settimeout(30)
+                        data, answered = frame(rnd)
+                        sock.sendall(data)
+                        if not answered:
+                            name = "cut short"
+                        else:
+                            length = local.length(local.recv_exactly(sock, 4))
+                            code = pb.LocalResponse.FromString(local.recv_exactly(sock, length)).code
+                            name = grpc.StatusCode.OK.name if code == 0 else \
+                                next(c.name for c in grpc.StatusCode if c.value[0] == code)
+                except Exception as exc:  # noqa: BLE001
+                    name = f"client side: {type(exc).__name__}"
+                with lock:
+                    statuses[name] += 1
+
+        threads = [threading.Thread(target=fuzz, args=(i, frames // 16)) for i in range(16)]
+        calls = 0
+        with QuantdClient(server.target, transport="shm") as client:
+            x = torch.randn(256, 1024).bfloat16()
+            want = quantize_bytes(x)
+            for _ in range(3):  # the session open, its regions mapped and the shape compiled before the frames
+                client.quantize(x, SPEC, report=False)
+            rss_before = server.rss_gib()
+            started = time.monotonic()
+            for thread in threads:
+                thread.start()
+            while any(t.is_alive() for t in threads) or calls < 20:
+                got = client.quantize(x, SPEC, report=False)
+                calls += 1
+                if got.transport.via != "local socket" or quantize_bytes_of(got) != want:
+                    failures.append(f"call {calls}: {got.transport}")
+        for thread in threads:
+            thread.join()
+        seconds = time.monotonic() - started
+        time.sleep(1)
+        with QuantdClient(server.target) as probe:
+            alive = probe.server_info()["local_socket"] == path
+        print(f"local: {sum(statuses.values())} frames in {seconds:.1f} s from 16 threads: {dict(statuses)}; "
+              f"{calls} client calls beside them, {len(failures)} wrong or not on the socket; server serving after: "
+              f"{alive}; RSS {rss_before:.3f} -> {server.rss_gib():.3f} GiB", flush=True)
+    finally:
+        server.close()
+
+
+def quantize_bytes(x: torch.Tensor) -> bytes:
+    from quantd.kernels import quantize
+    return quantize_bytes_of(quantize(x, SPEC))
+
+
+def quantize_bytes_of(qt) -> bytes:
+    return qt.codes.view(torch.uint8).numpy().tobytes() + qt.scales.numpy().tobytes()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--declared-mib", type=int, default=1024)
     parser.add_argument("--sent-mib", type=int, default=0)
     parser.add_argument("--idle-streams", type=int, default=200)
-    parser.add_argument("--only", nargs="*", default=["aborted", "admission", "frozen", "shrink"])
+    parser.add_argument("--frames", type=int, default=10000)
+    parser.add_argument("--only", nargs="*", default=["aborted", "admission", "frozen", "shrink", "local"])
     args = parser.parse_args()
     if "aborted" in args.only:
         aborted(args.declared_mib, args.sent_mib)
@@ -237,6 +335,8 @@ def main() -> None:
         frozen()
     if "shrink" in args.only:
         shrink()
+    if "local" in args.only:
+        local_frames(args.frames)
 
 
 if __name__ == "__main__":
