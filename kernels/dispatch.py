@@ -15,7 +15,7 @@ import torch
 
 from . import reference
 from .config import KernelConfig
-from .layout import with_scale_layout
+from .layout import copy_into, with_scale_layout
 from .spec import QuantizedTensor, QuantSpec
 
 _MODULES = {"reference": ".reference", "cpu": ".cpu", "triton": ".triton_backend"}
@@ -38,13 +38,21 @@ def _config_kwargs(module, config: KernelConfig | None) -> dict:
 
 def quantize(x: torch.Tensor, spec: QuantSpec, *, scales: torch.Tensor | None = None,
              backend: str | None = None, scale_layout: str = "row",
-             config: KernelConfig | None = None) -> QuantizedTensor:
+             config: KernelConfig | None = None, out: QuantizedTensor | None = None) -> QuantizedTensor:
     """Quantize `x` (bf16/fp16/fp32, any device) with `spec`; `scales` fixes the scales (static quantization).
 
     scale_layout "col" stores the scales (and zero points) column-major: same logical
     shape, the last dim slowest, as cuBLAS-style GEMMs read them.
+    out: row-major tensors to hold the result (spec.storage's shapes and dtypes, contiguous, on x's device), e.g.
+    memory a client shared; written and returned (by the kernels themselves where the backend takes `out`).
     """
     module = backend_module(backend or default_backend(x))
+    if out is not None:
+        if scale_layout != "row":
+            raise ValueError("quantize: out takes the row scale layout")
+        if getattr(module, "TAKES_OUT", False):
+            return module.quantize(x, spec, scales, out=out, **_config_kwargs(module, config))
+        return copy_into(out, quantize(x, spec, scales=scales, backend=backend, config=config))
     if getattr(module, "WRITES_SCALE_LAYOUTS", False):
         return module.quantize(x, spec, scales, scale_layout=scale_layout, **_config_kwargs(module, config))
     return with_scale_layout(module.quantize(x, spec, scales), scale_layout)
@@ -52,15 +60,19 @@ def quantize(x: torch.Tensor, spec: QuantSpec, *, scales: torch.Tensor | None = 
 
 def quantize_with_amax(x: torch.Tensor, spec: QuantSpec, *, scales: torch.Tensor | None = None,
                        backend: str | None = None, scale_layout: str = "row",
-                       config: KernelConfig | None = None) -> tuple[QuantizedTensor, torch.Tensor]:
+                       config: KernelConfig | None = None,
+                       out: QuantizedTensor | None = None) -> tuple[QuantizedTensor, torch.Tensor]:
     """(quantize(x, spec, scales=scales), reference.amax(x)): delayed scaling, where `scales` come from the amax
     of earlier steps (reference.tensor_scale) and this step's amax is kept for the next. The Triton backend finds
-    the amax in the pass that quantizes with given scales, so x is read once; other paths compute it apart."""
+    the amax in the pass that quantizes with given scales, so x is read once; other paths compute it apart.
+    out: as quantize's."""
     name = backend or default_backend(x)
     module = backend_module(name)
-    if scales is not None and hasattr(module, "quantize_with_amax"):
-        return module.quantize_with_amax(x, spec, scales, scale_layout=scale_layout, **_config_kwargs(module, config))
-    qt = quantize(x, spec, scales=scales, backend=name, scale_layout=scale_layout, config=config)
+    if scales is not None and hasattr(module, "quantize_with_amax") and (out is None or getattr(module, "TAKES_OUT", False)):
+        kwargs = {"out": out} if out is not None else {}
+        return module.quantize_with_amax(x, spec, scales, scale_layout=scale_layout, **kwargs,
+                                         **_config_kwargs(module, config))
+    qt = quantize(x, spec, scales=scales, backend=name, scale_layout=scale_layout, config=config, out=out)
     return qt, reference.amax(x)
 
 

@@ -36,3 +36,14 @@ def with_scale_layout(qt: QuantizedTensor, layout: str) -> QuantizedTensor:
     if layout == "row":
         return qt
     return QuantizedTensor(qt.codes, moved(qt.scales), qt.spec, qt.shape, moved(qt.zero_points), qt.tensor_scale)
+
+
+def copy_into(out: QuantizedTensor, qt: QuantizedTensor) -> QuantizedTensor:
+    """`out` with the stored tensors of `qt` (row-major; the same spec and shape) copied into its own, byte for byte
+    (float8_e8m0fnu has no copy kernel everywhere)."""
+    for name, t in qt.stored().items():
+        dst = getattr(out, name)
+        if dst is None or dst.shape != t.shape or dst.dtype != t.dtype:
+            raise ValueError(f"quantize: out.{name} must be {t.dtype} of shape {list(t.shape)}")
+        dst.reshape(-1).view(torch.uint8).copy_(t.contiguous().reshape(-1).view(torch.uint8))
+    return out

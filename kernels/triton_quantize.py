@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import reference, triton_nvfp4
 from .config import DEFAULT, KernelConfig
-from .layout import scale_tensor, with_scale_layout
+from .layout import copy_into, scale_tensor, with_scale_layout
 from .quantize_plan import (MAX_REGISTER_BLOCK, Tile, as_grid, bf16_bits, block_view, bytes_of, element_constants,
                             input_view, persistent_programs, pow2_ceil, schedule, tile_geometry, warps)
 from .spec import Format, Granularity, QuantizedTensor, QuantSpec, _cdiv
@@ -297,7 +297,8 @@ def flat_scales(scales: torch.Tensor) -> torch.Tensor:
 
 def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = None, *,
              scale_layout: str = "row", exact_fp8: bool | None = None,
-             config: KernelConfig = DEFAULT, amax: torch.Tensor | None = None) -> QuantizedTensor:
+             config: KernelConfig = DEFAULT, amax: torch.Tensor | None = None,
+             out: QuantizedTensor | None = None) -> QuantizedTensor:
     """Quantize `x` (bf16/fp16/fp32, CUDA or, interpreted, CPU) with `spec`; reference semantics.
 
     scales: explicit fp32 scales of shape spec.scale_shape (static quantization).
@@ -306,17 +307,22 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
     config: the launch choices (kernels/config.py).
     amax: with `scales`, a zeroed one-element fp32 tensor on x's device that receives reference.amax(x), found in
     the same pass.
+    out: the tensors to write (row scale layout; spec.storage's shapes and dtypes, contiguous, on x's device),
+    returned; else they are allocated.
     """
     reference.check_input(x, spec, scales)
     given = None if scales is None else flat_scales(scales)
+    if out is not None:
+        _check_out(out, x, spec, scale_layout)
     if x.numel() == 0:
-        qt = reference.quantize(x.cpu(), spec, None if scales is None else scales.cpu())
-        return with_scale_layout(_to_device(qt, x.device), scale_layout)
+        qt = with_scale_layout(_to_device(reference.quantize(x.cpu(), spec, None if scales is None else scales.cpu()),
+                                          x.device), scale_layout)
+        return qt if out is None else copy_into(out, qt)
     fmt = element_constants(spec, exact_fp8, config.guarded_quotient)
     v, (br, bc) = block_view(x, spec)
     P, R, C = v.shape
     nbr, nbc = _cdiv(R, br), _cdiv(C, bc)
-    qt = _empty(x.shape, spec, x.device, scale_layout)
+    qt = _empty(x.shape, spec, x.device, scale_layout) if out is None else out
     if spec.format == Format.NVFP4:
         triton_nvfp4.quantize(v, qt, config, given, amax)
         return qt
@@ -333,11 +339,24 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
 
 
 def quantize_with_amax(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor, *, scale_layout: str = "row",
-                       exact_fp8: bool | None = None, config: KernelConfig = DEFAULT):
+                       exact_fp8: bool | None = None, config: KernelConfig = DEFAULT,
+                       out: QuantizedTensor | None = None):
     """(quantize(x, spec, scales), reference.amax(x)) from one read of x: the amax of delayed scaling."""
     amax = torch.zeros(1, dtype=torch.float32, device=x.device)
-    qt = quantize(x, spec, scales, scale_layout=scale_layout, exact_fp8=exact_fp8, config=config, amax=amax)
+    qt = quantize(x, spec, scales, scale_layout=scale_layout, exact_fp8=exact_fp8, config=config, amax=amax,
+                  out=out)
     return qt, amax.reshape(())
+
+
+def _check_out(out: QuantizedTensor, x: torch.Tensor, spec: QuantSpec, scale_layout: str) -> None:
+    if scale_layout != "row" or out.spec != spec or tuple(out.shape) != tuple(x.shape):
+        raise ValueError("quantize: out must be row-major and of the same spec and shape as the input")
+    for name, shape, dtype in spec.storage(x.shape).tensors():
+        t = getattr(out, name)
+        if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype or not t.is_contiguous() \
+                or t.device != x.device:
+            raise ValueError(f"quantize: out.{name} must be a contiguous {dtype} tensor of shape {list(shape)} on "
+                             f"{x.device}")
 
 
 def _empty(shape, spec: QuantSpec, device, scale_layout: str) -> QuantizedTensor:

@@ -101,12 +101,14 @@ def given_scales(header: pb.QuantizeHeader, spec: QuantSpec, shape: tuple) -> to
     return scales.reshape(reference.given_scale_shape(spec, shape))
 
 
-def quantize_amax(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None, want_amax: bool):
-    """(the QuantizedTensor of x, its amax when `want_amax` else None), with explicit `scales` when given."""
+def quantize_amax(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None, want_amax: bool,
+                  out: QuantizedTensor | None = None):
+    """(the QuantizedTensor of x, its amax when `want_amax` else None), with explicit `scales` when given; written
+    into `out` when given."""
     scales = None if scales is None else scales.to(x.device)
     if want_amax:
-        return dispatch.quantize_with_amax(x, spec, scales=scales)
-    return dispatch.quantize(x, spec, scales=scales), None
+        return dispatch.quantize_with_amax(x, spec, scales=scales, out=out)
+    return dispatch.quantize(x, spec, scales=scales, out=out), None
 
 
 INSTANCE = secrets.token_hex(8)  # this process, as ServerInfo.instance names it
@@ -240,11 +242,13 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
                                                             self.regions))
 
     async def _memory_call(self, call: Call, rpc: str, header, input_infos, sender, fn, from_host=None):
-        """Serve a request whose tensors are in shared or GPU memory: fn(input tensors) -> (output tensors, the
-        Summary's other fields as OutputSender.summary takes them) runs in the compute pool and its outputs are
-        written where the request says; the header and summary go back. CUDA IPC tensors on a GPU the call does
-        not compute on cross GPUs (cuda_ipc.Crossing says how). from_host(host inputs, output views) -> fields:
-        a way that writes the outputs itself, for inputs in host memory computed on a GPU (None: fn)."""
+        """Serve a request whose tensors are in shared or GPU memory: fn(input tensors, output views or None) ->
+        (output tensors, the Summary's other fields as OutputSender.summary takes them) runs in the compute pool and
+        its outputs are written where the request says; the header and summary go back. Where the outputs are on
+        the device the call computes on, fn is given their views and may write outputs there itself (None in their
+        place in its results). CUDA IPC tensors on a GPU the call does not compute on cross GPUs
+        (cuda_ipc.Crossing says how). from_host(host inputs, output views) -> fields: a way that writes the outputs
+        itself, for inputs in host memory computed on a GPU (None: fn)."""
         with self._memory(header, input_infos, sender.infos) as (inputs, outputs):
             crossing = cuda_ipc.Crossing(inputs[0].device, call.device)
             if crossing.reason:
@@ -254,9 +258,11 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
             def compute():
                 if from_host is not None and inputs[0].device.type == "cpu" and call.device.type == "cuda":
                     return from_host(inputs, outputs)
-                results, fields = fn([crossing.to_compute(t) for t in inputs])
+                direct = crossing.how == "local" and all(v.device == call.device for v in outputs)
+                results, fields = fn([crossing.to_compute(t) for t in inputs], outputs if direct else None)
                 for view, result in zip(outputs, results):
-                    crossing.write(view, result.reshape(-1).view(torch.uint8))
+                    if result is not None:
+                        crossing.write(view, result.reshape(-1).view(torch.uint8))
                 crossing.finish()
                 return fields
             computing = asyncio.ensure_future(self._compute(call, rpc, compute))  # while the header goes out
@@ -296,10 +302,14 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         async with self._admitted(header, [info], outputs) as call:
             sender.placement = call.placement
             if in_memory(header):
-                def quantize(inputs):
-                    qt, amax = quantize_amax(inputs[0], spec, scales, header.return_amax)
+                def quantize(inputs, views=None):
+                    out = None if views is None else QuantizedTensor.from_stored(
+                        {info.name: wire.tensor_from_buffer(v, info) for v, info in zip(views, outputs)
+                         if info.name != "dequantized"}, spec, shape)
+                    qt, amax = quantize_amax(inputs[0], spec, scales, header.return_amax, out)
                     dequantized = [dispatch.dequantize(qt)] if header.return_dequantized else []
-                    results = wire.operand_tensors(qt) + dequantized
+                    written = [None] * len(qt.stored()) if out is not None else wire.operand_tensors(qt)
+                    results = written + dequantized
                     report = reference.report(inputs[0], qt) if header.return_report else None
                     return results, dict(report=report, amax=amax)
 
@@ -457,7 +467,7 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         so, else receive every input's chunks, compute off the event loop, stream the output back, then the summary."""
         sender.placement = call.placement
         if in_memory(header):
-            async for message in self._memory_call(call, rpc, header, infos, sender, lambda ts: ([fn(ts)], {})):
+            async for message in self._memory_call(call, rpc, header, infos, sender, lambda ts, _: ([fn(ts)], {})):
                 yield message
             return
         assembler = call.memory.assembler(infos)

@@ -18,7 +18,7 @@ import triton.language as tl
 from quantd.kernels import dispatch, reference, triton_elements, triton_quantize
 from quantd.kernels.config import DEFAULT
 from quantd.kernels.quantize_plan import Tile, block_geometry, schedule, tile_geometry
-from quantd.kernels.spec import QuantSpec
+from quantd.kernels.spec import QuantizedTensor, QuantSpec
 from quantd.kernels.triton_quantize import quantize, quantize_dual
 from triton_cases import (DTYPES, FP8, all_specs, assert_same_qt, random_input, reference_quantize)
 
@@ -57,6 +57,40 @@ def test_channel_any_axis(fmt, axis, rng):
     check(random_input((6, 20, 30), torch.bfloat16, rng), QuantSpec(format=fmt, granularity="channel", axis=axis))
     check(random_input((6, 20, 30), torch.float32, rng).permute(2, 0, 1),
           QuantSpec(format=fmt, granularity="channel", axis=axis))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(group_size=64), QuantSpec(format="int8_asym", granularity="channel"),
+                                  QuantSpec("mxfp4"), QuantSpec("nvfp4"), QuantSpec(granularity="tensor"),
+                                  QuantSpec(format="fp8_e5m2", granularity="tile", tile=(16, 32))], ids=str)
+def test_writes_into_out(spec, rng):
+    """quantize(..., out=) fills the given tensors (memory a client shared, in the server) with the reference's
+    bits and returns them; with given scales it also finds the amax; the CPU backend copies into them."""
+    from quantd.kernels.triton_quantize import quantize_with_amax
+    x = random_input((37, 96), torch.bfloat16, rng)
+    want = reference_quantize(x, spec)
+
+    def fresh():  # every byte 7: a tensor the kernels leave unwritten shows
+        tensors = {name: torch.empty(shape, dtype=dtype) for name, shape, dtype in spec.storage(x.shape).tensors()}
+        for t in tensors.values():
+            t.reshape(-1).view(torch.uint8).fill_(7)
+        return QuantizedTensor.from_stored(tensors, spec, x.shape)
+    out = fresh()
+    got = quantize(x, spec, out=out)
+    assert got is out
+    assert_same_qt(out, want)
+    out = fresh()
+    assert dispatch.quantize(x, spec, backend="cpu", out=out) is out
+    assert_same_qt(out, want)
+    if spec.scale_encoding.value == "fp32" and spec.format.value != "int8_asym":  # given fp32 scales
+        scales = reference.scale_values(want).float().reshape(spec.scale_shape(x.shape))
+        out = fresh()
+        got, amax = quantize_with_amax(x, spec, scales, out=out)
+        assert got is out and float(amax) == float(reference.amax(x))
+        assert_same_qt(out, reference_quantize(x, spec, scales))
+    wrong = fresh()
+    wrong.codes = wrong.codes[:1]
+    with pytest.raises(ValueError, match="out.codes"):
+        quantize(x, spec, out=wrong)
 
 
 @pytest.mark.parametrize("spec", [
