@@ -93,9 +93,18 @@ def quantize_dual(x: torch.Tensor, spec: QuantSpec, *, backend: str | None = Non
 
 
 def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *, backend: str | None = None,
-               config: KernelConfig | None = None) -> torch.Tensor:
+               config: KernelConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Values of `qt` in `out_dtype` (default: its spec's); out: a contiguous tensor of qt's shape and that dtype
+    to hold them (written by the kernels themselves where the backend takes `out`), returned."""
     module = backend_module(backend or default_backend(qt.codes))
-    return module.dequantize(qt, out_dtype, **_config_kwargs(module, config))
+    if out is not None and getattr(module, "TAKES_OUT", False):
+        return module.dequantize(qt, out_dtype, out=out, **_config_kwargs(module, config))
+    values = module.dequantize(qt, out_dtype, **_config_kwargs(module, config))
+    if out is None:
+        return values
+    if out.shape != values.shape or out.dtype != values.dtype:
+        raise ValueError(f"dequantize: out must be {values.dtype} of shape {list(values.shape)}")
+    return out.copy_(values)
 
 
 def matmul(a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype = torch.bfloat16, *,

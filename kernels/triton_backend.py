@@ -16,7 +16,7 @@ from .spec import QuantizedTensor
 
 WRITES_SCALE_LAYOUTS = True  # quantize takes scale_layout="row"|"col" itself
 TAKES_KERNEL_CONFIG = True  # every function takes config=KernelConfig (kernels/config.py)
-TAKES_OUT = True  # quantize and quantize_with_amax write into out= tensors themselves
+TAKES_OUT = True  # quantize, quantize_with_amax and dequantize write into out= tensors themselves
 
 
 def _on_its_device(fn):

@@ -91,11 +91,13 @@ def _specials(el) -> int:
 
 
 def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
-               exact_fp8: bool | None = None, config: KernelConfig = DEFAULT) -> torch.Tensor:
+               exact_fp8: bool | None = None, config: KernelConfig = DEFAULT,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Values of `qt` in `out_dtype` (default: its spec's), on the codes' device; reference semantics.
 
     exact_fp8: decode fp8 codes from their bits (True) or by the hardware cast (False);
     default: from bits only when interpreted. config: the launch choices (kernels/config.py).
+    out: a contiguous tensor of qt's shape and out_dtype on the codes' device to write (and return).
     """
     spec, el = qt.spec, qt.spec.element
     out_dtype = out_dtype or spec.dequant_dtype
@@ -104,12 +106,16 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
     if tuple(qt.codes.shape) != tuple(spec.code_shape(qt.shape)):
         raise ValueError(f"dequantize: codes of shape {list(qt.codes.shape)} do not fit a tensor of shape "
                          f"{list(qt.shape)}")
-    numel = math.prod(qt.shape)
-    if numel == 0:
-        return torch.empty(qt.shape, dtype=out_dtype, device=qt.codes.device)
+    if out is None:
+        out = torch.empty(qt.shape, dtype=out_dtype, device=qt.codes.device)
+    elif tuple(out.shape) != tuple(qt.shape) or out.dtype != out_dtype or not out.is_contiguous() \
+            or out.device != qt.codes.device:
+        raise ValueError(f"dequantize: out must be a contiguous {out_dtype} tensor of shape {list(qt.shape)} on "
+                         f"{qt.codes.device}")
+    if math.prod(qt.shape) == 0:
+        return out
     (P, R, C), (br, bc) = block_geometry(qt.shape, spec)
     nbr, nbc = _cdiv(R, br), _cdiv(C, bc)
-    out = torch.empty(qt.shape, dtype=out_dtype, device=qt.codes.device)
     exact = interpreting() if exact_fp8 is None else bool(exact_fp8)
     decode_bits = el.kind == "float" and (exact or el is E2M1)
     codes = qt.codes.contiguous()

@@ -411,10 +411,11 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         output = wire.tensor_info("output", OUT_DTYPES[out_name], header.operand.shape)
         sender = self._sender(pb.DequantizeResponse, [output], header.chunk_bytes, header.checksums)
         async with self._admitted(header, infos, [output]) as call:
-            def dequantize(tensors):
-                return dispatch.dequantize(quantized_tensor(header.operand, tensors, call.device), OUT_DTYPES[out_name])
+            def dequantize(tensors, out=None):
+                return dispatch.dequantize(quantized_tensor(header.operand, tensors, call.device), OUT_DTYPES[out_name],
+                                           out=out)
             async for message in self._serve_one_output(call, "Dequantize", header, infos, chunks, sender,
-                                                        dequantize):
+                                                        dequantize, writes_out=True):
                 yield message
 
     @grpc_status
@@ -462,12 +463,18 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
                                                         sender, matmul):
                 yield message
 
-    async def _serve_one_output(self, call: Call, rpc: str, header, infos, chunks, sender, fn):
-        """Serve a call with one output, fn(input tensors): from and into shared or GPU memory when the header says
-        so, else receive every input's chunks, compute off the event loop, stream the output back, then the summary."""
+    async def _serve_one_output(self, call: Call, rpc: str, header, infos, chunks, sender, fn, writes_out=False):
+        """Serve a call with one output, fn(input tensors) (writes_out: fn(input tensors, out=tensor) can write it
+        into a given tensor): from and into shared or GPU memory when the header says so, else receive every
+        input's chunks, compute off the event loop, stream the output back, then the summary."""
         sender.placement = call.placement
         if in_memory(header):
-            async for message in self._memory_call(call, rpc, header, infos, sender, lambda ts, _: ([fn(ts)], {})):
+            def in_memory_fn(tensors, views):
+                if views is None or not writes_out:
+                    return [fn(tensors)], {}
+                fn(tensors, out=wire.tensor_from_buffer(views[0], sender.infos[0]))
+                return [None], {}
+            async for message in self._memory_call(call, rpc, header, infos, sender, in_memory_fn):
                 yield message
             return
         assembler = call.memory.assembler(infos)

@@ -105,6 +105,21 @@ def test_column_major_scales(rng):
         check(on_cpu, torch.bfloat16)
 
 
+@pytest.mark.parametrize("spec", [QuantSpec(group_size=64), QuantSpec(format="int8_asym", granularity="channel"),
+                                  QuantSpec("mxfp4"), QuantSpec("nvfp4")], ids=str)
+def test_writes_into_out(spec, rng):
+    """dequantize(..., out=) fills the given tensor (memory a client shared, in the server) and returns it; the CPU
+    backend copies into it; a tensor of another shape or dtype is refused."""
+    qt = reference_quantize(random_input((37, 96), torch.bfloat16, rng), spec)
+    want = reference.dequantize(qt, torch.float32)
+    for backend in ("triton", "cpu"):
+        out = torch.full((37, 96), 7.0)
+        assert dispatch.dequantize(qt, torch.float32, backend=backend, out=out) is out
+        assert_same_values(out, want)
+    with pytest.raises(ValueError, match="out must be"):
+        dequantize(qt, torch.float32, out=torch.empty(37, 96, dtype=torch.bfloat16))
+
+
 def test_round_trip_through_dispatch(rng):
     x = random_input((64, 256), torch.bfloat16, rng)
     qt = dispatch.quantize(x, QuantSpec(format="int8_asym"), backend="triton")
