@@ -105,19 +105,32 @@ def test_column_major_scales(rng):
         check(on_cpu, torch.bfloat16)
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(group_size=64), QuantSpec(format="int8_asym", granularity="channel"),
-                                  QuantSpec("mxfp4"), QuantSpec("nvfp4")], ids=str)
-def test_writes_into_out(spec, rng):
-    """dequantize(..., out=) fills the given tensor (memory a client shared, in the server) and returns it; the CPU
-    backend copies into it; a tensor of another shape or dtype is refused."""
+OUT_SPECS = [QuantSpec(group_size=64), QuantSpec(format="int8_asym", granularity="channel"), QuantSpec("mxfp4"),
+             QuantSpec("nvfp4")]
+
+
+def writes_into_out_checks(spec, rng, device, backends):
+    """dequantize(..., out=) fills the given tensor (memory a client shared, in the server) and returns it; a
+    tensor of another dtype is refused."""
     qt = reference_quantize(random_input((37, 96), torch.bfloat16, rng), spec)
     want = reference.dequantize(qt, torch.float32)
-    for backend in ("triton", "cpu"):
-        out = torch.full((37, 96), 7.0)
-        assert dispatch.dequantize(qt, torch.float32, backend=backend, out=out) is out
-        assert_same_values(out, want)
+    for backend in backends:
+        out = torch.full((37, 96), 7.0, device=device)
+        assert dispatch.dequantize(to_device(qt, device), torch.float32, backend=backend, out=out) is out
+        assert_same_values(out.cpu(), want)
     with pytest.raises(ValueError, match="out must be"):
-        dequantize(qt, torch.float32, out=torch.empty(37, 96, dtype=torch.bfloat16))
+        dequantize(to_device(qt, device), torch.float32, out=torch.empty(37, 96, dtype=torch.bfloat16, device=device))
+
+
+@pytest.mark.parametrize("spec", OUT_SPECS, ids=str)
+def test_writes_into_out(spec, rng):
+    writes_into_out_checks(spec, rng, "cpu", ("triton", "cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", OUT_SPECS, ids=str)
+def test_gpu_writes_into_out(spec, rng):
+    writes_into_out_checks(spec, rng, "cuda", ("triton",))
 
 
 def test_round_trip_through_dispatch(rng):

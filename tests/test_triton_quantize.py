@@ -20,7 +20,7 @@ from quantd.kernels.config import DEFAULT
 from quantd.kernels.quantize_plan import Tile, block_geometry, schedule, tile_geometry
 from quantd.kernels.spec import QuantizedTensor, QuantSpec
 from quantd.kernels.triton_quantize import quantize, quantize_dual
-from triton_cases import (DTYPES, FP8, all_specs, assert_same_qt, random_input, reference_quantize)
+from triton_cases import DTYPES, FP8, all_specs, assert_same_qt, random_input, reference_quantize, to_device
 
 SPECS = all_specs()
 SPEC_IDS = [i for i, _ in SPECS]
@@ -59,38 +59,53 @@ def test_channel_any_axis(fmt, axis, rng):
           QuantSpec(format=fmt, granularity="channel", axis=axis))
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(group_size=64), QuantSpec(format="int8_asym", granularity="channel"),
-                                  QuantSpec("mxfp4"), QuantSpec("nvfp4"), QuantSpec(granularity="tensor"),
-                                  QuantSpec(format="fp8_e5m2", granularity="tile", tile=(16, 32))], ids=str)
-def test_writes_into_out(spec, rng):
+OUT_SPECS = [QuantSpec(group_size=64), QuantSpec(format="int8_asym", granularity="channel"), QuantSpec("mxfp4"),
+             QuantSpec("nvfp4"), QuantSpec(granularity="tensor"),
+             QuantSpec(format="fp8_e5m2", granularity="tile", tile=(16, 32))]
+
+
+def writes_into_out_checks(spec, rng, device):
     """quantize(..., out=) fills the given tensors (memory a client shared, in the server) with the reference's
-    bits and returns them; with given scales it also finds the amax; the CPU backend copies into them."""
+    bits and returns them; with given scales it also finds the amax; a wrong out is refused."""
     from quantd.kernels.triton_quantize import quantize_with_amax
     x = random_input((37, 96), torch.bfloat16, rng)
     want = reference_quantize(x, spec)
 
     def fresh():  # every byte 7: a tensor the kernels leave unwritten shows
-        tensors = {name: torch.empty(shape, dtype=dtype) for name, shape, dtype in spec.storage(x.shape).tensors()}
+        tensors = {name: torch.empty(shape, dtype=dtype, device=device)
+                   for name, shape, dtype in spec.storage(x.shape).tensors()}
         for t in tensors.values():
             t.reshape(-1).view(torch.uint8).fill_(7)
         return QuantizedTensor.from_stored(tensors, spec, x.shape)
     out = fresh()
-    got = quantize(x, spec, out=out)
-    assert got is out
-    assert_same_qt(out, want)
-    out = fresh()
-    assert dispatch.quantize(x, spec, backend="cpu", out=out) is out
-    assert_same_qt(out, want)
+    assert quantize(x.to(device), spec, out=out) is out
+    assert_same_qt(to_device(out, "cpu"), want)
     if spec.scale_encoding.value == "fp32" and spec.format.value != "int8_asym":  # given fp32 scales
         scales = reference.scale_values(want).float().reshape(spec.scale_shape(x.shape))
         out = fresh()
-        got, amax = quantize_with_amax(x, spec, scales, out=out)
+        got, amax = quantize_with_amax(x.to(device), spec, scales.to(device), out=out)
         assert got is out and float(amax) == float(reference.amax(x))
-        assert_same_qt(out, reference_quantize(x, spec, scales))
+        assert_same_qt(to_device(out, "cpu"), reference_quantize(x, spec, scales))
     wrong = fresh()
     wrong.codes = wrong.codes[:1]
     with pytest.raises(ValueError, match="out.codes"):
-        quantize(x, spec, out=wrong)
+        quantize(x.to(device), spec, out=wrong)
+
+
+@pytest.mark.parametrize("spec", OUT_SPECS, ids=str)
+def test_writes_into_out(spec, rng):
+    writes_into_out_checks(spec, rng, "cpu")
+    x = random_input((37, 96), torch.bfloat16, rng)  # the CPU backend copies into out
+    out = QuantizedTensor.from_stored({name: torch.empty(shape, dtype=dtype) for name, shape, dtype
+                                       in spec.storage(x.shape).tensors()}, spec, x.shape)
+    assert dispatch.quantize(x, spec, backend="cpu", out=out) is out
+    assert_same_qt(out, reference_quantize(x, spec))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", OUT_SPECS, ids=str)
+def test_gpu_writes_into_out(spec, rng):
+    writes_into_out_checks(spec, rng, "cuda")
 
 
 @pytest.mark.parametrize("spec", [
