@@ -15,7 +15,7 @@ import torch
 
 from . import reference
 from .config import KernelConfig
-from .layout import copy_into, with_scale_layout
+from .layout import check_out_values, copy_into, with_scale_layout
 from .spec import QuantizedTensor, QuantSpec
 
 _MODULES = {"reference": ".reference", "cpu": ".cpu", "triton": ".triton_backend"}
@@ -68,8 +68,9 @@ def quantize_with_amax(x: torch.Tensor, spec: QuantSpec, *, scales: torch.Tensor
     out: as quantize's."""
     name = backend or default_backend(x)
     module = backend_module(name)
-    if scales is not None and hasattr(module, "quantize_with_amax") and (out is None or getattr(module, "TAKES_OUT", False)):
-        kwargs = {"out": out} if out is not None else {}
+    takes_out = getattr(module, "TAKES_OUT", False)
+    if scales is not None and hasattr(module, "quantize_with_amax") and (out is None or takes_out):
+        kwargs = {"out": out} if takes_out else {}
         return module.quantize_with_amax(x, spec, scales, scale_layout=scale_layout, **kwargs,
                                          **_config_kwargs(module, config))
     qt = quantize(x, spec, scales=scales, backend=name, scale_layout=scale_layout, config=config, out=out)
@@ -102,8 +103,7 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *, bac
     values = module.dequantize(qt, out_dtype, **_config_kwargs(module, config))
     if out is None:
         return values
-    if out.shape != values.shape or out.dtype != values.dtype:
-        raise ValueError(f"dequantize: out must be {values.dtype} of shape {list(values.shape)}")
+    check_out_values(out, values.shape, values.dtype, values.device)
     return out.copy_(values)
 
 

@@ -38,12 +38,30 @@ def with_scale_layout(qt: QuantizedTensor, layout: str) -> QuantizedTensor:
     return QuantizedTensor(qt.codes, moved(qt.scales), qt.spec, qt.shape, moved(qt.zero_points), qt.tensor_scale)
 
 
+def check_out(out: QuantizedTensor, spec, shape, device) -> None:
+    """ValueError unless `out` holds, for a tensor of `shape` quantized with `spec`, every stored tensor as
+    spec.storage lays it out: its shape and dtype, contiguous (row-major scales), on `device`."""
+    if out.spec != spec or tuple(out.shape) != tuple(shape):
+        raise ValueError("quantize: out must be of the same spec and shape as the input")
+    for name, tshape, dtype in spec.storage(shape).tensors():
+        t = getattr(out, name)
+        if t is None or tuple(t.shape) != tuple(tshape) or t.dtype != dtype or not t.is_contiguous() \
+                or t.device != torch.device(device):
+            raise ValueError(f"quantize: out.{name} must be a contiguous {dtype} tensor of shape {list(tshape)} on "
+                             f"{device}")
+
+
+def check_out_values(out: torch.Tensor, shape, dtype: torch.dtype, device) -> None:
+    """ValueError unless `out` can hold dequantized values: contiguous, of `shape` and `dtype`, on `device`."""
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous() \
+            or out.device != torch.device(device):
+        raise ValueError(f"dequantize: out must be a contiguous {dtype} tensor of shape {list(shape)} on {device}")
+
+
 def copy_into(out: QuantizedTensor, qt: QuantizedTensor) -> QuantizedTensor:
-    """`out` with the stored tensors of `qt` (row-major; the same spec and shape) copied into its own, byte for byte
+    """`out` (check_out's) with the stored tensors of `qt` (row-major) copied into its own, byte for byte
     (float8_e8m0fnu has no copy kernel everywhere)."""
+    check_out(out, qt.spec, qt.shape, qt.codes.device)
     for name, t in qt.stored().items():
-        dst = getattr(out, name)
-        if dst is None or dst.shape != t.shape or dst.dtype != t.dtype:
-            raise ValueError(f"quantize: out.{name} must be {t.dtype} of shape {list(t.shape)}")
-        dst.reshape(-1).view(torch.uint8).copy_(t.contiguous().reshape(-1).view(torch.uint8))
+        getattr(out, name).reshape(-1).view(torch.uint8).copy_(t.contiguous().reshape(-1).view(torch.uint8))
     return out

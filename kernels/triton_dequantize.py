@@ -15,6 +15,7 @@ import triton.language as tl
 
 from .config import DEFAULT, KernelConfig
 from .launch import interpreting
+from .layout import check_out_values
 from .quantize_plan import MAX_REGISTER_BLOCK, as_grid, block_geometry, bytes_of, pow2_ceil, tile_geometry, warps
 from .spec import E2M1, OUT_DTYPES, QuantizedTensor, ScaleEncoding, _cdiv
 from .triton_elements import (IEEE_SPECIALS, NAN_ALL_ONES, NO_SPECIALS, block_ids, decode_minifloat, e4m3_value, pow2,
@@ -108,10 +109,8 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
                          f"{list(qt.shape)}")
     if out is None:
         out = torch.empty(qt.shape, dtype=out_dtype, device=qt.codes.device)
-    elif tuple(out.shape) != tuple(qt.shape) or out.dtype != out_dtype or not out.is_contiguous() \
-            or out.device != qt.codes.device:
-        raise ValueError(f"dequantize: out must be a contiguous {out_dtype} tensor of shape {list(qt.shape)} on "
-                         f"{qt.codes.device}")
+    else:
+        check_out_values(out, qt.shape, out_dtype, qt.codes.device)
     if math.prod(qt.shape) == 0:
         return out
     (P, R, C), (br, bc) = block_geometry(qt.shape, spec)

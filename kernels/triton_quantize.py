@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import reference, triton_nvfp4
 from .config import DEFAULT, KernelConfig
-from .layout import copy_into, scale_tensor, with_scale_layout
+from .layout import check_out, copy_into, scale_tensor, with_scale_layout
 from .quantize_plan import (MAX_REGISTER_BLOCK, Tile, as_grid, bf16_bits, block_view, bytes_of, element_constants,
                             input_view, persistent_programs, pow2_ceil, schedule, tile_geometry, warps)
 from .spec import Format, Granularity, QuantizedTensor, QuantSpec, _cdiv
@@ -313,7 +313,9 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
     reference.check_input(x, spec, scales)
     given = None if scales is None else flat_scales(scales)
     if out is not None:
-        _check_out(out, x, spec, scale_layout)
+        if scale_layout != "row":
+            raise ValueError("quantize: out takes the row scale layout")
+        check_out(out, spec, x.shape, x.device)
     if x.numel() == 0:
         qt = with_scale_layout(_to_device(reference.quantize(x.cpu(), spec, None if scales is None else scales.cpu()),
                                           x.device), scale_layout)
@@ -346,17 +348,6 @@ def quantize_with_amax(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor, *
     qt = quantize(x, spec, scales, scale_layout=scale_layout, exact_fp8=exact_fp8, config=config, amax=amax,
                   out=out)
     return qt, amax.reshape(())
-
-
-def _check_out(out: QuantizedTensor, x: torch.Tensor, spec: QuantSpec, scale_layout: str) -> None:
-    if scale_layout != "row" or out.spec != spec or tuple(out.shape) != tuple(x.shape):
-        raise ValueError("quantize: out must be row-major and of the same spec and shape as the input")
-    for name, shape, dtype in spec.storage(x.shape).tensors():
-        t = getattr(out, name)
-        if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype or not t.is_contiguous() \
-                or t.device != x.device:
-            raise ValueError(f"quantize: out.{name} must be a contiguous {dtype} tensor of shape {list(shape)} on "
-                             f"{x.device}")
 
 
 def _empty(shape, spec: QuantSpec, device, scale_layout: str) -> QuantizedTensor:

@@ -514,7 +514,7 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         return pb.RegionStatusResponse(regions=regions, server_regions=len(self.regions.regions),
                                        kept_storages=len(kept.storages) if kept else 0)
 
-    async def serve_in_memory(self, rpc: str, header, context=None) -> pb.Summary:
+    async def serve_in_memory(self, rpc: str, header) -> pb.Summary:
         """The unary form of the streaming RPC `rpc` for a header whose tensors are in memory: that RPC served on
         the header alone, its Summary returned (the *InMemory RPCs, and calls on the local socket)."""
         if not in_memory(header):
@@ -531,15 +531,15 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
 
     @grpc_status
     async def QuantizeInMemory(self, request, context):
-        return await self.serve_in_memory("Quantize", request, context)
+        return await self.serve_in_memory("Quantize", request)
 
     @grpc_status
     async def DequantizeInMemory(self, request, context):
-        return await self.serve_in_memory("Dequantize", request, context)
+        return await self.serve_in_memory("Dequantize", request)
 
     @grpc_status
     async def MatmulInMemory(self, request, context):
-        return await self.serve_in_memory("Matmul", request, context)
+        return await self.serve_in_memory("Matmul", request)
 
     @grpc_status
     async def GetServerInfo(self, request, context):
