@@ -116,16 +116,18 @@ class StreamMemory:
 
     async def close(self) -> None:
         await self.settled()
+        received = bool(self.assemblers)
         for assembler in self.assemblers:
             assembler.release()
         self.assemblers = []
         self.budget.release(self.nbytes)
-        if self.nbytes >= TRIM_BYTES:
+        if received and self.nbytes >= TRIM_BYTES:  # memory calls (shm, CUDA IPC) allocate no chunks: nothing to trim
             await asyncio.to_thread(trim_heap)
         self.nbytes = 0
 
 
-# A stream of this many bytes or more gives the free memory of the heap back to the system when it ends.
+# A stream of this many bytes or more that received its tensors in chunks gives the free memory of the heap back to
+# the system when it ends.
 TRIM_BYTES = 64 << 20
 
 

@@ -113,6 +113,22 @@ def test_shm_tensor_is_read_where_it_is(server):
     wait_for(lambda: server_regions(server) == 0)
 
 
+def test_only_streams_that_received_chunks_trim_the_heap(server, monkeypatch):
+    """A large stream gives back the heap its chunk messages left; a memory call allocates no chunks and answers
+    without that pause (malloc_trim walks every arena: a large part of a fast call's time)."""
+    from quantd.server import streams
+    trims = []
+    monkeypatch.setattr(streams, "TRIM_BYTES", 1)
+    monkeypatch.setattr(streams, "trim_heap", lambda: trims.append(1))
+    x, spec = torch.randn(64, 256).bfloat16(), QuantSpec("fp8_e4m3")
+    with QuantdClient(server.target, transport="shm") as client:
+        assert_same(client.quantize(x, spec, report=False), quantize(x, spec))
+        assert client.last_transport.transport == "shm" and trims == []
+    with QuantdClient(server.target, transport="grpc") as client:
+        assert_same(client.quantize(x, spec, report=False), quantize(x, spec))
+    assert trims == [1]
+
+
 def test_memory_calls_are_unary_and_refuse_tensors_in_the_stream(server):
     x, spec = torch.randn(8, 64), QuantSpec("fp8_e4m3", group_size=32)
     with QuantdClient(server.target, transport="shm") as client:
