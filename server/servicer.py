@@ -1,7 +1,8 @@
 """The quantd.v1.Quantd servicer: each method reads like the protocol it serves.
 
-No numerics here: the kernels (quantd.kernels.dispatch) compute, off the event loop in a
-small thread pool, so the server keeps serving while a tensor is being quantized.
+No numerics here: the kernels (quantd.kernels.dispatch) compute off the event loop, in a
+small thread pool, so the server keeps serving while a tensor is being quantized (CUDA IPC calls
+on the GPU that holds their tensors launch their kernels from the loop and poll for them).
 """
 from __future__ import annotations
 
@@ -142,6 +143,10 @@ class Call:
     placement: str
 
 
+# How long _launch_here polls for a call's kernels before it waits for them in a thread.
+POLL_SECONDS = 0.002
+
+
 class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
     """Serves on `devices` (one, or a pool of GPUs), each computing in its own executor."""
 
@@ -163,6 +168,7 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
             metrics.watch_devices(self.placement)
         self.sessions_end = asyncio.Event()  # set when the server stops: open sessions end
         self.local_socket = ""  # the path of this process's local socket (server.local), once it listens
+        self.streams: dict = {}  # device -> the CUDA stream of the calls launched from the event loop (_launch_here)
 
     # ---- helpers ------------------------------------------------------------------------
     async def _header(self, requests, request_type):
@@ -224,6 +230,30 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         call.memory.track(future)
         return await asyncio.wrap_future(future)
 
+    async def _launch_here(self, call: Call, rpc: str, fn):
+        """fn() for a call whose work is kernels on its device alone (CUDA IPC tensors on the GPU it computes on):
+        launched from the event loop on a stream kept for such calls, then waited for by polling an event for up to
+        POLL_SECONDS, and in the device's threads past that. A hand-over to a thread and back costs more than the
+        kernels of a small call. A call ended meanwhile leaves the wait to those threads, so that its memory is
+        released only once the kernels are done with it."""
+        started = time.perf_counter()
+        stream = self.streams.setdefault(call.device, torch.cuda.Stream(call.device))
+        with torch.cuda.device(call.device), torch.cuda.stream(stream):
+            result = fn()
+            done = stream.record_event()
+        try:
+            while not done.query():
+                if time.perf_counter() - started > POLL_SECONDS:
+                    await asyncio.wrap_future(call.executor.submit(done.synchronize))
+                    break
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            call.memory.track(call.executor.submit(done.synchronize))
+            raise
+        if self.metrics is not None:
+            self.metrics.observe_kernel_seconds(rpc, time.perf_counter() - started)
+        return result
+
     async def _receive(self, chunks, assembler: StreamAssembler, on_progress=None):
         async for chunk in chunks:
             index, nbytes = await assembler.add(chunk)
@@ -241,31 +271,37 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         return contextlib.nullcontext(cuda_ipc.open_tensors(header.cuda, input_infos, output_infos, self.device,
                                                             self.regions))
 
-    async def _memory_call(self, call: Call, rpc: str, header, input_infos, sender, fn, from_host=None):
+    async def _memory_call(self, call: Call, rpc: str, header, input_infos, sender, fn, from_host=None,
+                           reads_back: bool = False):
         """Serve a request whose tensors are in shared or GPU memory: fn(input tensors, output views or None) ->
-        (output tensors, the Summary's other fields as OutputSender.summary takes them) runs in the compute pool and
-        its outputs are written where the request says; the header and summary go back. Where the outputs are on
+        (output tensors, the Summary's other fields as OutputSender.summary takes them) runs in the compute pool (or
+        on the loop: below) and its outputs are written where the request says; the header and summary go back. Where the outputs are on
         the device the call computes on, fn is given their views and may write outputs there itself (None in their
         place in its results). CUDA IPC tensors on a GPU the call does not compute on cross GPUs
         (cuda_ipc.Crossing says how). from_host(host inputs, output views) -> fields: a way that writes the outputs
-        itself, for inputs in host memory computed on a GPU (None: fn)."""
+        itself, for inputs in host memory computed on a GPU (None: fn). A call on the GPU that holds its CUDA IPC
+        tensors launches its kernels from the event loop (_launch_here) unless fn `reads_back` results to the host
+        (a report), which would hold the loop until its kernels are done."""
         with self._memory(header, input_infos, sender.infos) as (inputs, outputs):
             crossing = cuda_ipc.Crossing(inputs[0].device, call.device)
             if crossing.reason:
                 sender.placement += f"; {crossing.reason}"
                 crossing.log()
 
+            direct = crossing.how == "local" and all(v.device == call.device for v in outputs)
+
             def compute():
                 if from_host is not None and inputs[0].device.type == "cpu" and call.device.type == "cuda":
                     return from_host(inputs, outputs)
-                direct = crossing.how == "local" and all(v.device == call.device for v in outputs)
                 results, fields = fn([crossing.to_compute(t) for t in inputs], outputs if direct else None)
                 for view, result in zip(outputs, results):
                     if result is not None:
                         crossing.write(view, result.reshape(-1).view(torch.uint8))
                 crossing.finish()
                 return fields
-            computing = asyncio.ensure_future(self._compute(call, rpc, compute))  # while the header goes out
+            here = direct and inputs[0].device == call.device and call.device.type == "cuda" and not reads_back
+            computing = asyncio.ensure_future(self._launch_here(call, rpc, compute) if here else
+                                              self._compute(call, rpc, compute))  # while the header goes out
             try:
                 yield sender.header()
                 fields = await computing
@@ -324,7 +360,7 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
                     return dict(report=None, amax=torch.stack(amaxes).amax() if header.return_amax else None)
                 whole = len(pieces) == 1 or header.return_dequantized or header.return_report
                 async for message in self._memory_call(call, "Quantize", header, [info], sender, quantize,
-                                                       None if whole else in_pieces):
+                                                       None if whole else in_pieces, reads_back=header.return_report):
                     yield message
                 return
             assembler = call.memory.assembler([info])
