@@ -73,12 +73,15 @@ def tensor_info(name: str, dtype: torch.dtype, shape) -> pb.TensorInfo:
 
 def info_nbytes(info: pb.TensorInfo) -> int:
     """Byte size an info declares; ValueError for an unknown dtype, a negative dim or a size past 64 bits."""
-    dtype = dtype_from_name(info.dtype)
-    if any(s < 0 for s in info.shape):
-        raise ValueError(f"tensor {info.name!r}: negative dimension in shape {list(info.shape)}")
-    if math.prod(s for s in info.shape if s) * dtype.itemsize >= 1 << 63:  # what torch would refuse to allocate
-        raise ValueError(f"tensor {info.name!r}: shape {list(info.shape)} is too large (its size overflows 64 bits)")
-    return math.prod(info.shape) * dtype.itemsize
+    itemsize = dtype_from_name(info.dtype).itemsize
+    shape = tuple(info.shape)
+    if shape and min(shape) < 0:
+        raise ValueError(f"tensor {info.name!r}: negative dimension in shape {list(shape)}")
+    nbytes = math.prod(shape) * itemsize
+    nonzero = math.prod(s for s in shape if s) * itemsize if nbytes == 0 else nbytes
+    if nonzero >= 1 << 63:  # what torch would refuse to allocate
+        raise ValueError(f"tensor {info.name!r}: shape {list(shape)} is too large (its size overflows 64 bits)")
+    return nbytes
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
