@@ -38,6 +38,7 @@ from quantd.v1 import quantd_pb2 as pb
 
 TRANSPORTS = ("auto", "grpc", "ipc", "shm", "streams")
 MIN_REGION_BYTES = 1 << 20
+CLOSE_SECONDS = 5.0  # how long close() waits for the server to end a session before it lets the session's call go
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +126,7 @@ class ShmRegion:
                 self.id = self.memory.register(stub, request)
                 return
             except BaseException as exc:
-                self._free()
+                self.free()
                 if not (isinstance(exc, grpc.RpcError) and exc.code() in _TRY_NAMED and i + 1 < len(kinds)):
                     raise
 
@@ -135,7 +136,8 @@ class ShmRegion:
         inside = 0 <= start and start + t.numel() * t.element_size() <= self.size
         return start if t.device.type == "cpu" and t.is_contiguous() and inside else None
 
-    def _free(self) -> None:
+    def free(self) -> None:
+        """Let go of this side's memory (the server's registration is another matter: close)."""
         self.buffer = None
         self.memory.close()
 
@@ -144,7 +146,7 @@ class ShmRegion:
             stub.UnregisterRegion(pb.UnregisterRegionRequest(session=session, region=self.id))
         except grpc.RpcError:
             pass  # the session ended already: the server released the region with it
-        self._free()
+        self.free()
 
 
 class HeldResults:
@@ -277,8 +279,18 @@ class ShmTransport:
         return self.stub.RegionStatus(pb.RegionStatusRequest(session=self.session))
 
     def close(self) -> None:
-        for region in [self.scratch, *self.user_regions, *(r.region for r in self.result_regions)]:
-            region.close(self.stub, self.session)  # results still alive keep their own mappings
+        """End the session: the server lets go of its regions and of the CUDA storages it keeps before this
+        returns (a process that exits next leaves nothing shared behind), then the session's call ends."""
+        regions = [self.scratch, *self.user_regions, *(r.region for r in self.result_regions)]
+        try:
+            self.stub.CloseSession(pb.CloseSessionRequest(session=self.session), timeout=CLOSE_SECONDS)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a server before CloseSession: region by region
+                for region in regions:
+                    region.close(self.stub, self.session)
+                regions = []
+        for region in regions:
+            region.free()  # results still alive keep their own mappings
         self.user_regions, self.result_regions = [], []
         self.call.cancel()
 

@@ -550,6 +550,12 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         return pb.RegionStatusResponse(regions=regions, server_regions=len(self.regions.regions),
                                        kept_storages=len(kept.storages) if kept else 0)
 
+    @grpc_status
+    async def CloseSession(self, request, context):
+        self.regions.status(request.session)  # NOT_FOUND for a session that is not open
+        self.regions.close_session(request.session)
+        return pb.CloseSessionResponse()
+
     async def serve_in_memory(self, rpc: str, header) -> pb.Summary:
         """The unary form of the streaming RPC `rpc` for a header whose tensors are in memory: that RPC served on
         the header alone, its Summary returned (the *InMemory RPCs, and calls on the local socket)."""

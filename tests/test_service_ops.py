@@ -79,6 +79,7 @@ def test_reflection_driven_client_discovers_and_calls_every_rpc(server):
                                    "out_dtype": "float32", "regions": refs([(2048, 256), (2560, 16)] * 2, [(2688, 64)])},
         "UnregisterRegion": lambda: {"session": session(), "region": answers["RegisterRegion"]["region"]},
         "RegionStatus": lambda: {"session": session()},
+        "CloseSession": lambda: {"session": session()},
     }
     region = os.memfd_create("region", os.MFD_ALLOW_SEALING)  # a memory file sealed against shrinking
     os.ftruncate(region, 4096)
@@ -136,6 +137,7 @@ def test_reflection_driven_client_discovers_and_calls_every_rpc(server):
         ["256", "16"], ["1024"], ["64"]]
     assert answers["RegisterRegion"]["region"] and answers["UnregisterRegion"] == {}
     assert answers["RegionStatus"] == {}  # no regions left in the session, none on the server
+    assert answers["CloseSession"] == {}
 
 
 class SlowUpload:

@@ -145,7 +145,7 @@ def test_a_server_without_the_unary_memory_calls_is_served_by_streams(monkeypatc
 
     async def unimplemented(self, request, context):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
-    for rpc in ("QuantizeInMemory", "DequantizeInMemory", "MatmulInMemory"):
+    for rpc in ("QuantizeInMemory", "DequantizeInMemory", "MatmulInMemory", "CloseSession"):
         monkeypatch.setattr(QuantdServicer, rpc, unimplemented)  # as a server from before them answers
     x, spec = torch.randn(8, 64), QuantSpec("fp8_e4m3", group_size=32)
     with BackgroundServer(ServerConfig(host="127.0.0.1", port=0, device="cpu", local_socket_dir="off")) as old:
@@ -154,6 +154,8 @@ def test_a_server_without_the_unary_memory_calls_is_served_by_streams(monkeypatc
             assert got.transport.transport == "shm" and not client._unary_in_memory
             assert_same(got, quantize(x, spec))
             assert torch.equal(client.dequantize(got), quantize(x, spec).dequantize())
+            assert server_regions(old) == 3  # scratch and a result region for each call
+        assert server_regions(old) == 0  # closed region by region, as before CloseSession
 
 
 def test_a_memory_call_cancelled_as_its_session_ends_leaves_the_server_serving():
@@ -461,8 +463,14 @@ def test_regions_are_released_when_the_session_ends(server):
     client.quantize(torch.randn(8, 128).bfloat16())
     client.shm_tensor((256, 256))
     assert server_regions(server) == 3  # scratch, the result region, the tensor's
+    session = client._shm.session
     client.close()
-    wait_for(lambda: server_regions(server) == 0)
+    assert server_regions(server) == 0  # CloseSession answers once they are released, not some time after
+    stub = quantd_pb2_grpc.QuantdStub(grpc.insecure_channel(server.target))
+    for call in (lambda: stub.CloseSession(pb.CloseSessionRequest(session=session)),
+                 lambda: stub.RegisterRegion(pb.RegisterRegionRequest(session=session, size=4096,
+                                                                      nonce=bytes(regions.NONCE_BYTES)))):
+        assert code_of(call)[0] == NOT_FOUND  # the session is gone
     raw = RawSession(server.target)
     raw.register()
     raw.call.cancel()  # a cancelled OpenSession call ends the session as well
@@ -477,7 +485,8 @@ def test_region_rpcs_need_the_token():
         for call in (lambda: next(stub.OpenSession(pb.OpenSessionRequest())),
                      lambda: stub.RegisterRegion(pb.RegisterRegionRequest()),
                      lambda: stub.UnregisterRegion(pb.UnregisterRegionRequest()),
-                     lambda: stub.RegionStatus(pb.RegionStatusRequest())):
+                     lambda: stub.RegionStatus(pb.RegionStatusRequest()),
+                     lambda: stub.CloseSession(pb.CloseSessionRequest())):
             assert code_of(call)[0] == grpc.StatusCode.UNAUTHENTICATED
         with QuantdClient(running.target, token="s3cret", transport="shm") as client:
             x = torch.randn(4, 128).bfloat16()
@@ -879,6 +888,31 @@ def test_a_refused_cuda_ipc_call_leaves_no_client_memory_held():
             torch.cuda.ipc_collect()
             return torch.cuda.memory_allocated() <= baseline
         wait_for(released, why=lambda: f"({torch.cuda.memory_allocated() - baseline} bytes over the baseline)")
+    finally:
+        server.close()
+
+
+@pytest.mark.gpu
+def test_a_closed_cuda_ipc_client_exits_with_nothing_shared_left():
+    """close() ends the session before it returns, the server letting go of the storages it kept open: a process
+    that exits next has no share left (torch warns at exit about each storage another process still held)."""
+    server = ServerProcess("--device", "cuda")
+    try:
+        script = (
+            "import torch\n"
+            "from quantd.client import QuantdClient\n"
+            "from quantd.kernels import QuantSpec\n"
+            f"client = QuantdClient({server.target!r}, transport='ipc')\n"
+            "x = torch.randn(256, 4096, device='cuda').bfloat16()\n"
+            "for _ in range(3):\n"
+            "    q = client.quantize(x, QuantSpec('fp8_e4m3', group_size=128), report=False)\n"
+            "assert client.last_transport.transport == 'ipc' and client.region_status()['kept_storages'] > 0\n"
+            "del q\n"
+            "client.close()\n"
+            "print('closed')\n")
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "closed" in done.stdout, done.stderr
+        assert "Producer process has been terminated" not in done.stderr, done.stderr
     finally:
         server.close()
 

@@ -89,6 +89,11 @@ class QuantdStub:
                 request_serializer=quantd_dot_v1_dot_quantd__pb2.RegionStatusRequest.SerializeToString,
                 response_deserializer=quantd_dot_v1_dot_quantd__pb2.RegionStatusResponse.FromString,
                 _registered_method=True)
+        self.CloseSession = channel.unary_unary(
+                '/quantd.v1.Quantd/CloseSession',
+                request_serializer=quantd_dot_v1_dot_quantd__pb2.CloseSessionRequest.SerializeToString,
+                response_deserializer=quantd_dot_v1_dot_quantd__pb2.CloseSessionResponse.FromString,
+                _registered_method=True)
 
 
 class QuantdServicer:
@@ -170,6 +175,15 @@ class QuantdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CloseSession(self, request, context):
+        """Ends a session now: its regions and the CUDA storages it keeps open are released before the answer, so
+        that the client's process holds no memory on the server's account when it goes on (CUDA IPC: torch frees a
+        shared storage only once each process that opened it let go). The client then ends its OpenSession call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QuantdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -227,6 +241,11 @@ def add_QuantdServicer_to_server(servicer, server):
                     servicer.RegionStatus,
                     request_deserializer=quantd_dot_v1_dot_quantd__pb2.RegionStatusRequest.FromString,
                     response_serializer=quantd_dot_v1_dot_quantd__pb2.RegionStatusResponse.SerializeToString,
+            ),
+            'CloseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSession,
+                    request_deserializer=quantd_dot_v1_dot_quantd__pb2.CloseSessionRequest.FromString,
+                    response_serializer=quantd_dot_v1_dot_quantd__pb2.CloseSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -526,6 +545,33 @@ class Quantd:
             '/quantd.v1.Quantd/RegionStatus',
             quantd_dot_v1_dot_quantd__pb2.RegionStatusRequest.SerializeToString,
             quantd_dot_v1_dot_quantd__pb2.RegionStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quantd.v1.Quantd/CloseSession',
+            quantd_dot_v1_dot_quantd__pb2.CloseSessionRequest.SerializeToString,
+            quantd_dot_v1_dot_quantd__pb2.CloseSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
