@@ -237,7 +237,9 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         kernels of a small call. A call ended meanwhile leaves the wait to those threads, so that its memory is
         released only once the kernels are done with it."""
         started = time.perf_counter()
-        stream = self.streams.setdefault(call.device, torch.cuda.Stream(call.device))
+        stream = self.streams.get(call.device)
+        if stream is None:
+            stream = self.streams[call.device] = torch.cuda.Stream(call.device)
         with torch.cuda.device(call.device), torch.cuda.stream(stream):
             result = fn()
             done = stream.record_event()
