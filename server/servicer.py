@@ -241,7 +241,11 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         if stream is None:
             stream = self.streams[call.device] = torch.cuda.Stream(call.device)
         with torch.cuda.device(call.device), torch.cuda.stream(stream):
-            result = fn()
+            try:
+                result = fn()
+            except BaseException:  # kernels it launched may still run on the call's memory
+                call.memory.track(call.executor.submit(stream.record_event().synchronize))
+                raise
             done = stream.record_event()
         try:
             while not done.query():
@@ -277,9 +281,9 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
                            reads_back: bool = False):
         """Serve a request whose tensors are in shared or GPU memory: fn(input tensors, output views or None) ->
         (output tensors, the Summary's other fields as OutputSender.summary takes them) runs in the compute pool (or
-        on the loop: below) and its outputs are written where the request says; the header and summary go back. Where the outputs are on
-        the device the call computes on, fn is given their views and may write outputs there itself (None in their
-        place in its results). CUDA IPC tensors on a GPU the call does not compute on cross GPUs
+        on the loop: below) and its outputs are written where the request says; the header and summary go back.
+        Where the outputs are on the device the call computes on, fn is given their views and may write outputs
+        there itself (None in their place in its results). CUDA IPC tensors on a GPU the call does not compute on cross GPUs
         (cuda_ipc.Crossing says how). from_host(host inputs, output views) -> fields: a way that writes the outputs
         itself, for inputs in host memory computed on a GPU (None: fn). A call on the GPU that holds its CUDA IPC
         tensors launches its kernels from the event loop (_launch_here) unless fn `reads_back` results to the host
