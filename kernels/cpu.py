@@ -10,6 +10,8 @@ channels of axis != 0, which are copied into block order.
 One graph per (spec, input dtype, explicit scales or not): the number of blocks is
 dynamic and the block size static, so tensors of any shape reuse it. Where compiling fails
 (no working C++ compiler) the backend logs a warning and runs the same functions eagerly.
+With out= tensors (the server's shared memory) whose layout the blocks match, graphs of
+their own write the results straight into them: no temporary, no copy.
 """
 from __future__ import annotations
 
@@ -21,7 +23,10 @@ import types
 import torch
 
 from . import reference
+from .layout import check_out, check_out_values, copy_into
 from .spec import E2M1, Format, Granularity, QuantizedTensor, QuantSpec
+
+TAKES_OUT = True  # quantize and dequantize write into out= tensors (in the compiled graph where the layout allows)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,21 @@ def _quantize_blocks(blocks: torch.Tensor, scales: torch.Tensor | None, *, spec:
     return reference.store_codes(values, spec), *stored
 
 
+def _quantize_blocks_into(blocks: torch.Tensor, scales: torch.Tensor | None, codes_out: torch.Tensor,
+                          scales_out: torch.Tensor, zero_points_out: torch.Tensor | None, *, spec: QuantSpec):
+    """_quantize_blocks writing codes, stored scales (E8M0 as uint8) and zero points into the given (B, ...) and (B,)
+    tensors, in the graph: no temporary holds them. Returns the tensor scale (or None)."""
+    codes, stored_scales, zero_points, tensor_scale = _quantize_blocks(blocks, scales, spec=spec)
+    torch._check(codes_out.shape[0] == codes.shape[0])
+    torch._check(scales_out.shape[0] == codes.shape[0])
+    codes_out.copy_(codes)
+    scales_out.copy_(stored_scales)
+    if zero_points_out is not None:
+        torch._check(zero_points_out.shape[0] == codes.shape[0])
+        zero_points_out.copy_(zero_points)
+    return tensor_scale
+
+
 def _dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_points, out_dtype: torch.dtype, *,
                        spec: QuantSpec):
     """(B, E) codes (fp8/int8 storage dtype) and (B, 1) scales -> (B, E) values of out_dtype.
@@ -46,6 +66,14 @@ def _dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_points, ou
     `spec` is unused here: it gives each spec (so each block size) its own compiled graphs.
     """
     return reference.dequantize_blocks(codes.float(), scale, zero_points).to(out_dtype)
+
+
+def _dequantize_blocks_into(codes: torch.Tensor, scale: torch.Tensor, zero_points, values_out: torch.Tensor, *,
+                            spec: QuantSpec):
+    """_dequantize_blocks writing into the given (B, E) tensor of the output dtype, in the graph."""
+    values = _dequantize_blocks(codes, scale, zero_points, values_out.dtype, spec=spec)
+    torch._check(values_out.shape[0] == values.shape[0])
+    values_out.copy_(values)
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,46 +129,92 @@ def _is_compile_error(exc: Exception) -> bool:
         "compile" in str(exc).lower() or "inductor" in str(exc).lower())
 
 
-def _mark_blocks_dynamic(spec: QuantSpec, *tensors):
-    """Let the block count vary without recompiling; tensor and channel blocks also vary in size."""
+def _mark_blocks_dynamic(spec: QuantSpec, *tensors, unbacked: bool = True):
+    """Let the block count vary without recompiling; tensor and channel blocks also vary in size. unbacked=False
+    (the graphs writing into given tensors): a backed block count, which lets inductor write the results straight
+    into them (with unbacked counts it computes them apart and copies, twice the time), at the price of a graph of
+    its own for a single block."""
     whole = spec.granularity in (Granularity.TENSOR, Granularity.CHANNEL)
     for t in tensors:
         if t is not None and t.dim() >= 1:
-            torch._dynamo.decorators.mark_unbacked(t, 0)
+            if unbacked:
+                torch._dynamo.decorators.mark_unbacked(t, 0)
+            else:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
             if whole and t.dim() == 2 and t.shape[1] > 1:
                 torch._dynamo.maybe_mark_dynamic(t, 1)  # backed: unbacked sizes stop vectorization
 
 
-def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = None) -> QuantizedTensor:
-    """Same contract and bits as reference.quantize."""
+def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = None, *,
+             out: QuantizedTensor | None = None) -> QuantizedTensor:
+    """Same contract and bits as reference.quantize; out: as dispatch.quantize's, written by the compiled graph
+    itself where the blocks are x's own memory in order (else the results are copied there)."""
     reference.check_input(x, spec, scales)
     x = x.detach()  # quantization has no gradient; a graph traced for autograd would be another compile
+    if out is not None:
+        check_out(out, spec, x.shape, x.device)
     if x.numel() == 0:
-        return reference.quantize(x, spec, scales)  # nothing to compile
-    # contiguous: one memory layout per graph (channel blocks of axis != 0 are strided views)
-    blocks = reference.to_blocks(x, spec, dtype=x.dtype).contiguous()
+        qt = reference.quantize(x, spec, scales)  # nothing to compile
+        return qt if out is None else copy_into(out, qt)
+    blocks = reference.to_blocks(x, spec, dtype=x.dtype)
     if scales is not None:
         scales = scales.float().reshape(-1, 1)
+    if out is not None and _in_order(blocks, x):
+        return _quantize_into(blocks, spec, scales, out)
+    # contiguous: one memory layout per graph (channel blocks of axis != 0 are strided views)
+    blocks = blocks.contiguous()
     _mark_blocks_dynamic(spec, blocks, scales)
     codes, stored_scales, zero_points, tensor_scale = _run(_quantize_blocks, spec, blocks, scales)
     sshape = spec.scale_shape(x.shape)
     codes = _codes_from_blocks(codes, spec, tuple(x.shape)).contiguous()
     zero_points = None if zero_points is None else zero_points.reshape(sshape)
-    return QuantizedTensor(codes, reference.as_e8m0(stored_scales.reshape(sshape)), spec, tuple(x.shape), zero_points,
-                           tensor_scale)
+    qt = QuantizedTensor(codes, reference.as_e8m0(stored_scales.reshape(sshape)), spec, tuple(x.shape), zero_points,
+                         tensor_scale)
+    return qt if out is None else copy_into(out, qt)
 
 
-def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Same contract and bits as reference.dequantize."""
+def _in_order(blocks: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the (B, E) blocks are x's own memory, row-major and unpadded: then block-order codes and scales are
+    the row-major codes and scales of x's shape (E2M1's packed pairs included: its groups are even)."""
+    return blocks.is_contiguous() and blocks.numel() == x.numel() and blocks.data_ptr() == x.data_ptr()
+
+
+def _quantize_into(blocks: torch.Tensor, spec: QuantSpec, scales, out: QuantizedTensor) -> QuantizedTensor:
+    n = blocks.shape[0]
+    codes = out.codes.reshape(n, -1)
+    stored = out.scales.view(torch.uint8) if out.scales.dtype == torch.float8_e8m0fnu else out.scales
+    stored = stored.reshape(n)
+    zero_points = None if out.zero_points is None else out.zero_points.reshape(n)
+    _mark_blocks_dynamic(spec, blocks, scales, codes, stored, zero_points, unbacked=False)
+    tensor_scale = _run(_quantize_blocks_into, spec, blocks, scales, codes, stored, zero_points)
+    if out.tensor_scale is not None:
+        out.tensor_scale.copy_(tensor_scale)
+    return out
+
+
+def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract and bits as reference.dequantize; out: as dispatch.dequantize's, written by the compiled graph
+    itself where the code blocks are in row-major order (else the values are copied there)."""
     spec, shape = qt.spec, tuple(qt.shape)
+    out_dtype = out_dtype or spec.dequant_dtype
+    if out is not None:
+        check_out_values(out, shape, out_dtype, qt.codes.device)
     if spec.element is E2M1 or math.prod(shape) == 0:
-        return reference.dequantize(qt, out_dtype)
-    codes = reference.to_blocks(qt.codes, spec, dtype=qt.codes.dtype).contiguous()
+        values = reference.dequantize(qt, out_dtype)
+        return values if out is None else out.copy_(values)
+    codes = reference.to_blocks(qt.codes, spec, dtype=qt.codes.dtype)
     scale = reference.scale_values(qt).reshape(-1, 1)
     zp = None if qt.zero_points is None else qt.zero_points.reshape(-1, 1)
+    if out is not None and _in_order(codes, qt.codes):
+        values = out.reshape(codes.shape)
+        _mark_blocks_dynamic(spec, codes, scale, zp, values, unbacked=False)
+        _run(_dequantize_blocks_into, spec, codes, scale, zp, values)
+        return out
+    codes = codes.contiguous()
     _mark_blocks_dynamic(spec, codes, scale, zp)
-    out = _run(_dequantize_blocks, spec, codes, scale, zp, out_dtype or spec.dequant_dtype)
-    return reference.from_blocks(out, spec, shape).contiguous()
+    values = reference.from_blocks(_run(_dequantize_blocks, spec, codes, scale, zp, out_dtype), spec, shape)
+    return values.contiguous() if out is None else out.copy_(values)
 
 
 # GEMMs on the CPU are the reference's (fp64 products of the dequantized operands).

@@ -136,6 +136,30 @@ def test_empty_and_zero_dim(rng):
         assert_same(cpu.quantize(x, spec), reference.quantize(x, spec))
 
 
+@pytest.mark.parametrize("spec,dtype", CASES, ids=[f"{s.describe()}-{str(d)[6:]}" for s, d in CASES])
+def test_writes_into_out(spec, dtype, rng):
+    """quantize and dequantize with out= (the server's shared memory): every byte written, the reference's bits;
+    where the blocks are the input's own memory in order, by the compiled graph itself, which must not have fallen
+    back to eager; elsewhere (padded blocks, tiles, channels of another axis) by a copy."""
+    from quantd.kernels.spec import QuantizedTensor
+    for shape in ((33, 97), (64, 256)):
+        x = random_input(shape, dtype, rng)
+        tensors = {name: torch.empty(tshape, dtype=tdtype) for name, tshape, tdtype in spec.storage(shape).tensors()}
+        for t in tensors.values():
+            t.reshape(-1).view(torch.uint8).fill_(7)  # a byte left unwritten shows
+        out = QuantizedTensor.from_stored(tensors, spec, shape)
+        want = reference.quantize(x, spec)
+        assert cpu.quantize(x, spec, out=out) is out
+        assert_same(out, want)
+        values = torch.full(shape, 7.0, dtype=spec.dequant_dtype)
+        assert cpu.dequantize(want, out=values) is values
+        assert same_values(values, reference.dequantize(want))
+    assert (cpu._quantize_blocks_into, spec) not in cpu._eager and (cpu._dequantize_blocks_into, spec) not in cpu._eager
+    # (64, 256): every spec here but tiles, channels of axis 1 and flat blocks of 100 has its blocks in order
+    in_order = cpu._in_order(reference.to_blocks(x, spec, dtype=x.dtype), x)
+    assert in_order == (spec.granularity.value not in ("tile", "flat") and spec.axis == 0), spec
+
+
 def test_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog, rng):
     """No working C++ compiler: a warning, then the same bits from the eager functions."""
     import torch._inductor.config as inductor_config
