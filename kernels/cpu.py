@@ -44,19 +44,15 @@ def _quantize_blocks(blocks: torch.Tensor, scales: torch.Tensor | None, *, spec:
     return reference.store_codes(values, spec), *stored
 
 
-def _quantize_blocks_into(blocks: torch.Tensor, scales: torch.Tensor | None, codes_out: torch.Tensor,
-                          scales_out: torch.Tensor, zero_points_out: torch.Tensor | None, *, spec: QuantSpec):
-    """_quantize_blocks writing codes, stored scales (E8M0 as uint8) and zero points into the given (B, ...) and (B,)
-    tensors, in the graph: no temporary holds them. Returns the tensor scale (or None)."""
-    codes, stored_scales, zero_points, tensor_scale = _quantize_blocks(blocks, scales, spec=spec)
+def _quantize_blocks_into(blocks: torch.Tensor, scales: torch.Tensor | None, codes_out: torch.Tensor, *,
+                          spec: QuantSpec):
+    """_quantize_blocks writing the codes into the given (B, ...) tensor in the graph (no temporary holds them);
+    returns the rest. One mutated input only: aot_autograd refuses mutations of inputs sharing a storage under
+    other dtypes, as a client's region holds codes and scales."""
+    codes, *rest = _quantize_blocks(blocks, scales, spec=spec)
     torch._check(codes_out.shape[0] == codes.shape[0])
-    torch._check(scales_out.shape[0] == codes.shape[0])
     codes_out.copy_(codes)
-    scales_out.copy_(stored_scales)
-    if zero_points_out is not None:
-        torch._check(zero_points_out.shape[0] == codes.shape[0])
-        zero_points_out.copy_(zero_points)
-    return tensor_scale
+    return rest
 
 
 def _dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_points, out_dtype: torch.dtype, *,
@@ -159,7 +155,8 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
     blocks = reference.to_blocks(x, spec, dtype=x.dtype)
     if scales is not None:
         scales = scales.float().reshape(-1, 1)
-    if out is not None and _in_order(blocks, x):
+    if out is not None and _in_order(blocks, x) and _apart(out.codes, x) \
+            and (_quantize_blocks_into, spec) not in _eager:
         return _quantize_into(blocks, spec, scales, out)
     # contiguous: one memory layout per graph (channel blocks of axis != 0 are strided views)
     blocks = blocks.contiguous()
@@ -179,16 +176,23 @@ def _in_order(blocks: torch.Tensor, x: torch.Tensor) -> bool:
     return blocks.is_contiguous() and blocks.numel() == x.numel() and blocks.data_ptr() == x.data_ptr()
 
 
+def _apart(written: torch.Tensor, read: torch.Tensor) -> bool:
+    """Whether a graph may write `written` while it reads `read`: not one storage (aot_autograd cannot take the
+    mutation of an input that shares a storage with another under another dtype; a client's scratch region may
+    hold both)."""
+    return written.untyped_storage().data_ptr() != read.untyped_storage().data_ptr()
+
+
 def _quantize_into(blocks: torch.Tensor, spec: QuantSpec, scales, out: QuantizedTensor) -> QuantizedTensor:
-    n = blocks.shape[0]
-    codes = out.codes.reshape(n, -1)
-    stored = out.scales.view(torch.uint8) if out.scales.dtype == torch.float8_e8m0fnu else out.scales
-    stored = stored.reshape(n)
-    zero_points = None if out.zero_points is None else out.zero_points.reshape(n)
-    _mark_blocks_dynamic(spec, blocks, scales, codes, stored, zero_points, unbacked=False)
-    tensor_scale = _run(_quantize_blocks_into, spec, blocks, scales, codes, stored, zero_points)
-    if out.tensor_scale is not None:
-        out.tensor_scale.copy_(tensor_scale)
+    """quantize's codes written by the graph into out.codes; the small rest copied into out. A graph that fails to
+    compile runs eagerly once, and the copying path serves from then on (quantize checks _eager)."""
+    codes = out.codes.reshape(blocks.shape[0], -1)
+    _mark_blocks_dynamic(spec, blocks, scales, codes, unbacked=False)
+    stored_scales, zero_points, tensor_scale = _run(_quantize_blocks_into, spec, blocks, scales, codes)
+    rest = dict(scales=stored_scales, zero_points=zero_points, tensor_scale=tensor_scale)
+    for name, t in rest.items():
+        if t is not None:
+            getattr(out, name).reshape(-1).view(torch.uint8).copy_(t.reshape(-1).view(torch.uint8))
     return out
 
 
@@ -206,7 +210,8 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
     codes = reference.to_blocks(qt.codes, spec, dtype=qt.codes.dtype)
     scale = reference.scale_values(qt).reshape(-1, 1)
     zp = None if qt.zero_points is None else qt.zero_points.reshape(-1, 1)
-    if out is not None and _in_order(codes, qt.codes):
+    if out is not None and _in_order(codes, qt.codes) and all(_apart(out, t) for t in qt.stored().values()) \
+            and (_dequantize_blocks_into, spec) not in _eager:
         values = out.reshape(codes.shape)
         _mark_blocks_dynamic(spec, codes, scale, zp, values, unbacked=False)
         _run(_dequantize_blocks_into, spec, codes, scale, zp, values)

@@ -154,6 +154,21 @@ def test_writes_into_out(spec, dtype, rng):
         values = torch.full(shape, 7.0, dtype=spec.dequant_dtype)
         assert cpu.dequantize(want, out=values) is values
         assert same_values(values, reference.dequantize(want))
+        # as the server has them: every output a view of one client region, some calls' input in it too
+        region = torch.empty(1 << 20, dtype=torch.uint8).fill_(7)
+        at, tensors = 0, {}
+        for name, tshape, tdtype in spec.storage(shape).tensors():
+            n = math.prod(tshape) * tdtype.itemsize
+            tensors[name] = region[at:at + n].view(tdtype).reshape(tshape)
+            at += -(-n // 64) * 64
+        inside = region[at:at + x.numel() * x.element_size()].view(dtype).reshape(shape).copy_(x)
+        for source in (x, inside):
+            out = QuantizedTensor.from_stored(tensors, spec, shape)
+            assert cpu.quantize(source, spec, out=out) is out
+            assert_same(out, want)
+        values = region[at:at + math.prod(shape) * 4].view(torch.float32).reshape(shape)
+        assert cpu.dequantize(want, torch.float32, out=values) is values
+        assert same_values(values, reference.dequantize(want, torch.float32))
     assert (cpu._quantize_blocks_into, spec) not in cpu._eager and (cpu._dequantize_blocks_into, spec) not in cpu._eager
     # (64, 256): every spec here but tiles, channels of axis 1 and flat blocks of 100 has its blocks in order
     in_order = cpu._in_order(reference.to_blocks(x, spec, dtype=x.dtype), x)
