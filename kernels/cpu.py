@@ -57,11 +57,13 @@ def _quantize_blocks_into(blocks: torch.Tensor, scales: torch.Tensor | None, cod
 
 def _dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_points, out_dtype: torch.dtype, *,
                        spec: QuantSpec):
-    """(B, E) codes (fp8/int8 storage dtype) and (B, 1) scales -> (B, E) values of out_dtype.
-
-    `spec` is unused here: it gives each spec (so each block size) its own compiled graphs.
-    """
-    return reference.dequantize_blocks(codes.float(), scale, zero_points).to(out_dtype)
+    """(B, E) codes (fp8/int8 storage dtype; E2M1: (B, E / 2) packed pairs) and (B, 1) scales -> (B, E) values of
+    out_dtype."""
+    if spec.element is E2M1:
+        values = reference.decode_e2m1(reference.unpack_nibbles(codes, codes.shape[1] * 2))
+    else:
+        values = codes.float()
+    return reference.dequantize_blocks(values, scale, zero_points).to(out_dtype)
 
 
 def _dequantize_blocks_into(codes: torch.Tensor, scale: torch.Tensor, zero_points, values_out: torch.Tensor, *,
@@ -204,15 +206,16 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
     out_dtype = out_dtype or spec.dequant_dtype
     if out is not None:
         check_out_values(out, shape, out_dtype, qt.codes.device)
-    if spec.element is E2M1 or math.prod(shape) == 0:
+    if math.prod(shape) == 0 or spec.element is E2M1 and spec.granularity != Granularity.GROUP:
         values = reference.dequantize(qt, out_dtype)
         return values if out is None else out.copy_(values)
-    codes = reference.to_blocks(qt.codes, spec, dtype=qt.codes.dtype)
+    codes = reference.to_blocks(qt.codes, _code_spec(spec), dtype=qt.codes.dtype)
+    elems = spec.group_size if spec.element is E2M1 else codes.shape[1]
     scale = reference.scale_values(qt).reshape(-1, 1)
     zp = None if qt.zero_points is None else qt.zero_points.reshape(-1, 1)
-    if out is not None and _in_order(codes, qt.codes) and all(_apart(out, t) for t in qt.stored().values()) \
-            and (_dequantize_blocks_into, spec) not in _eager:
-        values = out.reshape(codes.shape)
+    if out is not None and _in_order(codes, qt.codes) and codes.shape[0] * elems == math.prod(shape) \
+            and all(_apart(out, t) for t in qt.stored().values()) and (_dequantize_blocks_into, spec) not in _eager:
+        values = out.reshape(codes.shape[0], elems)
         _mark_blocks_dynamic(spec, codes, scale, zp, values, unbacked=False)
         _run(_dequantize_blocks_into, spec, codes, scale, zp, values)
         return out
@@ -226,11 +229,15 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
 matmul = reference.matmul
 
 
-def _codes_from_blocks(codes: torch.Tensor, spec: QuantSpec, shape: tuple) -> torch.Tensor:
-    """Block-layout codes -> the reference's code layout (E2M1: packed pairs within 32-element groups)."""
+def _code_spec(spec: QuantSpec) -> QuantSpec:
+    """The blocking of `spec`'s codes as stored. E2M1 groups (32 or 16) are even and start at even columns, so the
+    pairs packed inside a group are the pairs reference.pack_nibbles forms along the last dim: its codes block as
+    groups of half the size (the padding packs as code 0)."""
     if spec.element is not E2M1:
-        return reference.from_blocks(codes, spec, shape)
-    # E2M1 groups (32 or 16) are even and start at even columns, so pairs packed inside a group are the
-    # pairs reference.pack_nibbles forms along the last dim; the padding packs as code 0.
-    packed = QuantSpec(Format.FP8_E4M3, Granularity.GROUP, group_size=spec.group_size // 2)
-    return reference.from_blocks(codes, packed, spec.code_shape(shape))
+        return spec
+    return QuantSpec(Format.FP8_E4M3, Granularity.GROUP, group_size=spec.group_size // 2)
+
+
+def _codes_from_blocks(codes: torch.Tensor, spec: QuantSpec, shape: tuple) -> torch.Tensor:
+    """Block-layout codes -> the reference's code layout (E2M1: packed pairs within each group)."""
+    return reference.from_blocks(codes, _code_spec(spec), spec.code_shape(shape))
