@@ -23,7 +23,7 @@ import types
 import torch
 
 from . import reference
-from .layout import check_out, check_out_values, copy_into
+from .layout import check_out, check_out_values, copy_into, copy_stored
 from .spec import E2M1, Format, Granularity, QuantizedTensor, QuantSpec
 
 TAKES_OUT = True  # quantize and dequantize write into out= tensors (in the compiled graph where the layout allows)
@@ -192,9 +192,7 @@ def _quantize_into(blocks: torch.Tensor, spec: QuantSpec, scales, out: Quantized
     _mark_blocks_dynamic(spec, blocks, scales, codes, unbacked=False)
     stored_scales, zero_points, tensor_scale = _run(_quantize_blocks_into, spec, blocks, scales, codes)
     rest = dict(scales=stored_scales, zero_points=zero_points, tensor_scale=tensor_scale)
-    for name, t in rest.items():
-        if t is not None:
-            getattr(out, name).reshape(-1).view(torch.uint8).copy_(t.reshape(-1).view(torch.uint8))
+    copy_stored(out, {name: t for name, t in rest.items() if t is not None})
     return out
 
 

@@ -62,6 +62,12 @@ def copy_into(out: QuantizedTensor, qt: QuantizedTensor) -> QuantizedTensor:
     """`out` (check_out's) with the stored tensors of `qt` (row-major) copied into its own, byte for byte
     (float8_e8m0fnu has no copy kernel everywhere)."""
     check_out(out, qt.spec, qt.shape, qt.codes.device)
-    for name, t in qt.stored().items():
-        getattr(out, name).reshape(-1).view(torch.uint8).copy_(t.contiguous().reshape(-1).view(torch.uint8))
+    copy_stored(out, qt.stored())
     return out
+
+
+def copy_stored(out: QuantizedTensor, tensors: dict) -> None:
+    """Each of `tensors` ({stored name: tensor}, row-major) copied into out's tensor of that name, byte for byte
+    (float8_e8m0fnu has no copy kernel everywhere)."""
+    for name, t in tensors.items():
+        getattr(out, name).reshape(-1).view(torch.uint8).copy_(t.contiguous().reshape(-1).view(torch.uint8))

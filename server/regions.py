@@ -145,7 +145,11 @@ class RegionTable:
         self.sessions[session] = set()
         return session
 
-    def close_session(self, session: str) -> None:
+    def close_session(self, session: str, *, must_be_open: bool = False) -> None:
+        """Release a session's regions and kept CUDA storages; must_be_open: NOT_FOUND for a session that is not
+        (CloseSession; the end of its OpenSession call closes it again, a no-op)."""
+        if must_be_open:
+            self._session(session)
         kept = self.kept.pop(session, None)
         if kept is not None:
             kept.clear()

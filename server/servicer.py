@@ -283,8 +283,8 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
         (output tensors, the Summary's other fields as OutputSender.summary takes them) runs in the compute pool (or
         on the loop: below) and its outputs are written where the request says; the header and summary go back.
         Where the outputs are on the device the call computes on, fn is given their views and may write outputs
-        there itself (None in their place in its results). CUDA IPC tensors on a GPU the call does not compute on cross GPUs
-        (cuda_ipc.Crossing says how). from_host(host inputs, output views) -> fields: a way that writes the outputs
+        there itself (None in their place in its results). CUDA IPC tensors on a GPU the call does not compute on
+        cross GPUs (cuda_ipc.Crossing says how). from_host(host inputs, output views) -> fields: a way that writes the outputs
         itself, for inputs in host memory computed on a GPU (None: fn). A call on the GPU that holds its CUDA IPC
         tensors launches its kernels from the event loop (_launch_here) unless fn `reads_back` results to the host
         (a report), which would hold the loop until its kernels are done."""
@@ -346,8 +346,8 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
             if in_memory(header):
                 def quantize(inputs, views=None):
                     out = None if views is None else QuantizedTensor.from_stored(
-                        {info.name: wire.tensor_from_buffer(v, info) for v, info in zip(views, outputs)
-                         if info.name != "dequantized"}, spec, shape)
+                        {o.name: wire.tensor_from_buffer(v, o) for v, o in zip(views, outputs)
+                         if o.name != "dequantized"}, spec, shape)
                     qt, amax = quantize_amax(inputs[0], spec, scales, header.return_amax, out)
                     dequantized = [dispatch.dequantize(qt)] if header.return_dequantized else []
                     written = [None] * len(qt.stored()) if out is not None else wire.operand_tensors(qt)
@@ -558,8 +558,7 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
 
     @grpc_status
     async def CloseSession(self, request, context):
-        self.regions.status(request.session)  # NOT_FOUND for a session that is not open
-        self.regions.close_session(request.session)
+        self.regions.close_session(request.session, must_be_open=True)
         return pb.CloseSessionResponse()
 
     async def serve_in_memory(self, rpc: str, header) -> pb.Summary:
