@@ -21,6 +21,7 @@ from torch.multiprocessing.reductions import rebuild_cuda_tensor
 from quantd.protocol import regions as shared
 from quantd.protocol import wire
 
+from . import replay
 from .errors import ServiceError, invalid
 from .regions import RegionTable, check_overlaps
 
@@ -48,14 +49,22 @@ class Kept:
     """The storages a session keeps open for its client (CudaIpcTensor.keep), by (handle, storage offset), the most
     recently used last. A later call names one as `kept` and uses it without opening anything; a storage shared
     again is answered from torch's cache of open handles while it is kept. Bounded (KEPT_STORAGES): each kept
-    storage keeps the client's allocation reserved."""
+    storage keeps the client's allocation reserved. The session's replay plans (server.replay) use these
+    storages: any storage let go drops them all."""
 
     def __init__(self):
         self.storages: collections.OrderedDict = collections.OrderedDict()
+        self.plans = replay.Plans()
 
     def release(self, tensors) -> None:
         for t in tensors:
-            self.storages.pop((t.handle, t.storage_offset_bytes), None)
+            if self.storages.pop((t.handle, t.storage_offset_bytes), None) is not None:
+                self.plans.clear()
+
+    def touch(self, keys) -> None:
+        """A replayed call used these storages: the most recently used, as the client counts them too."""
+        for key in keys:
+            self.storages.move_to_end(key)
 
     def get(self, t) -> torch.UntypedStorage:
         storage = self.storages.get((t.handle, t.storage_offset_bytes))
@@ -80,6 +89,7 @@ class Kept:
     def clear(self) -> None:
         """Let go of every storage (the session ended): done here rather than left to this object's collection,
         which a traceback still holding it could put off."""
+        self.plans.clear()
         self.storages.clear()
 
     def keep(self, t, view: torch.Tensor) -> None:
@@ -88,6 +98,7 @@ class Kept:
         self.storages.move_to_end(key)
         while len(self.storages) > shared.KEPT_STORAGES:
             self.storages.popitem(last=False)
+            self.plans.clear()
 
 
 def open_tensors(msg, input_infos, output_infos, device: torch.device, regions: RegionTable):

@@ -6,6 +6,8 @@ Metrics(registry=None) owns its own CollectorRegistry (so several servers in one
   quantd_kernel_seconds{rpc}                   compute time of quantize/dequantize/matmul (observe_kernel_seconds)
   quantd_bytes_total{direction="in"|"out"}     tensor payload bytes streamed (add_bytes)
   quantd_active_streams                        RPCs in flight (stream_started/stream_finished)
+  quantd_replayed_calls_total{rpc,graph}       memory calls served from a replay plan (server.replay), graph
+                                               "true" where a CUDA graph launched their kernels (replayed)
   quantd_device_requests_in_flight{device}     requests computing on each of the server's devices (watch_devices)
   quantd_device_bytes_in_flight{device}        their tensor bytes
   quantd_device_requests_total{device}         requests placed on each device
@@ -103,6 +105,8 @@ class Metrics:
         self.bytes = Counter("quantd_bytes", "Tensor payload bytes streamed in and out",
                              ["direction"], registry=self.registry)
         self.active_streams = Gauge("quantd_active_streams", "RPCs in flight", registry=self.registry)
+        self.replays = Counter("quantd_replayed_calls", "Memory calls served from a replay plan",
+                               ["rpc", "graph"], registry=self.registry)
         for direction in DIRECTIONS:  # both series exist from the start, at 0
             self.bytes.labels(direction)
         self.registry.register(_GpuMemoryCollector())
@@ -127,6 +131,10 @@ class Metrics:
     def observe_kernel_seconds(self, rpc: str, seconds: float) -> None:
         """Records the compute time of one quantize/dequantize/matmul call made for `rpc`."""
         self.kernel_seconds.labels(rpc).observe(seconds)
+
+    def replayed(self, rpc: str, graph: bool) -> None:
+        """One call of `rpc` served from its replay plan, its kernels launched from a CUDA graph or not."""
+        self.replays.labels(rpc, "true" if graph else "false").inc()
 
     def watch_devices(self, placement) -> None:
         """Report the load of each of `placement`'s devices (quantd_device_*{device})."""

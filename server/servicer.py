@@ -26,7 +26,7 @@ from quantd.protocol.pieces import join_pieces, piece_scales, plan_pieces
 from quantd.v1 import quantd_pb2 as pb
 from quantd.v1 import quantd_pb2_grpc
 
-from . import cuda_ipc
+from . import cuda_ipc, replay
 from .errors import ServiceError, grpc_status, invalid
 from .pipeline import DeviceInput, quantize_host_pieces
 from .placement import Placement
@@ -178,15 +178,8 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
 
     @contextlib.asynccontextmanager
     async def _admitted(self, header, inputs: list, outputs: list, working_bytes: int = 0):
-        """Admission of a stream whose header has arrived: UNAVAILABLE while draining; RESOURCE_EXHAUSTED over the
-        stream count, for inputs or outputs over max_tensor_bytes, or when its tensors (and `working_bytes`) do
-        not fit in the memory budget. Yields its Call (placed on the GPU of its CUDA IPC inputs when that is one of
-        the server's, else on the least loaded device); its memory is closed when the call ends, however it ends."""
-        if self.draining:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down (draining); retry on another replica")
-        if self.active_streams >= self.config.max_concurrent_streams:
-            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"too many concurrent streams: this server serves {self.config.max_concurrent_streams} at once")
+        """Admission of a stream whose header has arrived: RESOURCE_EXHAUSTED for inputs or outputs over
+        max_tensor_bytes, then _holding its tensors' bytes and `working_bytes`."""
         sizes = {}
         for what, infos in (("declares", inputs), ("would return", outputs)):
             sizes[what] = sum(wire.info_nbytes(info) for info in infos)
@@ -194,12 +187,25 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
                 raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    f"the stream {what} {sizes[what]} bytes of tensors, over this server's limit of "
                                    f"{self.config.max_tensor_bytes} bytes (max_tensor_bytes)")
-        nbytes = sum(sizes.values()) + working_bytes
+        uuid = header.cuda.device_uuid if header.HasField("cuda") else None
+        async with self._holding(sum(sizes.values()) + working_bytes, uuid) as call:
+            yield call
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, nbytes: int, uuid: str | None):
+        """A stream of `nbytes` (tensors and working memory) admitted: UNAVAILABLE while draining;
+        RESOURCE_EXHAUSTED over the stream count, or when `nbytes` do not fit in the memory budget. Yields its Call
+        (placed on the GPU `uuid` of its CUDA IPC tensors when that is one of the server's, else on the least
+        loaded device); its memory is closed when the call ends, however it ends."""
+        if self.draining:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down (draining); retry on another replica")
+        if self.active_streams >= self.config.max_concurrent_streams:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"too many concurrent streams: this server serves {self.config.max_concurrent_streams} at once")
         memory = StreamMemory(self.budget, self.pool, nbytes)
         self.active_streams += 1
         if self.metrics is not None:
             self.metrics.stream_started()
-        uuid = header.cuda.device_uuid if header.HasField("cuda") else None
         try:
             with self.placement.hold(nbytes, self.uuids.index(uuid) if uuid in self.uuids else None) as placed:
                 try:
@@ -260,6 +266,15 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
             self.metrics.observe_kernel_seconds(rpc, time.perf_counter() - started)
         return result
 
+    async def replay(self, plan: replay.Plan, kept: cuda_ipc.Kept) -> None:
+        """Serve a call again from its plan (server.replay): admitted as it was, its kernels launched again."""
+        offer = plan.offer
+        async with self._holding(offer.nbytes, offer.header.cuda.device_uuid) as call:
+            kept.touch(plan.keys)
+            await self._launch_here(call, offer.rpc, plan.run)
+        if self.metrics is not None:
+            self.metrics.replayed(offer.rpc, plan.graph is not None)
+
     async def _receive(self, chunks, assembler: StreamAssembler, on_progress=None):
         async for chunk in chunks:
             index, nbytes = await assembler.add(chunk)
@@ -314,6 +329,10 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
             finally:  # the call may have ended first: its regions stay in use (mapped, pinned) until the thread is done
                 computing.cancel()
                 await call.memory.settled()
+            offers = replay.offers.get()
+            if here and offers is not None and all(t.kept for t in header.cuda.inputs) and \
+                    all(t.kept for t in header.cuda.outputs) and all(v is None for v in fields.values()):
+                offers.append(replay.Offer(rpc, header, call.memory.nbytes, compute, call.device))
         yield sender.summary(written=[view.numel() for view in outputs], **fields)
 
     def _sender(self, response_type, infos, chunk_bytes: int, checksums: bool) -> OutputSender:

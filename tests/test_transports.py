@@ -66,7 +66,13 @@ def assert_same(got, want):
         a, b = getattr(got, name), getattr(want, name)
         if a is not None:
             assert a.dtype == b.dtype and a.shape == b.shape, name
-            assert torch.equal(a.reshape(-1).view(torch.uint8).cpu(), b.reshape(-1).view(torch.uint8).cpu()), name
+            assert same_bits(a, b), name
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bytes (NaNs included)."""
+    return a.dtype == b.dtype and a.shape == b.shape and \
+        torch.equal(a.reshape(-1).view(torch.uint8).cpu(), b.reshape(-1).view(torch.uint8).cpu())
 
 
 def wait_for(condition, seconds=30.0, why=lambda: ""):
@@ -797,6 +803,87 @@ def test_kept_storages_are_bounded_least_recently_used_first_and_released_by_nam
         assert info.value.code == PRECONDITION
 
 
+def test_replay_plans_go_with_any_change_to_the_kept_storages():
+    from quantd.server import replay
+    from quantd.server.cuda_ipc import Kept
+    kept, views = Kept(), [torch.empty(64, dtype=torch.uint8) for _ in range(regions.KEPT_STORAGES + 1)]
+    described = [pb.CudaIpcTensor(handle=b"h%d" % i, storage_offset_bytes=0) for i in range(len(views))]
+    launches = []
+
+    def planned():
+        for d, v in zip(described[:2], views):
+            kept.keep(d, v)
+        offer = replay.Offer("Quantize", None, 0, lambda: launches.append(1), torch.device("cpu"))
+        kept.plans.add(b"request", replay.Plan(offer, b"answer", ((b"h0", 0), (b"h1", 0))))
+        return kept.plans.get(b"request")
+    plan = planned()
+    plan.run()  # no CUDA graph here (capture fails on the CPU): launched plainly, every time
+    plan.run()
+    assert launches == [1, 1] and plan.graph is None and plan.captured
+    kept.release([pb.CudaIpcTensor(handle=b"nothing kept")])  # releases nothing: the plan stays
+    assert kept.plans.get(b"request") is plan
+    kept.release([described[1]])
+    assert kept.plans.get(b"request") is None
+    planned()
+    for d, v in zip(described[2:], views[2:]):  # one storage past the bound lets the least recently used go
+        kept.keep(d, v)
+    assert kept.plans.get(b"request") is None
+    planned()
+    kept.touch([(b"h0", 0)])
+    assert next(reversed(kept.storages)) == (b"h0", 0)
+    kept.clear()
+    assert kept.plans.get(b"request") is None
+    for i in range(replay.PLANS + 1):  # bounded, the least recently used dropped first
+        kept.plans.add(b"%d" % i, plan)
+    assert kept.plans.get(b"0") is None and kept.plans.get(b"1") is plan
+
+
+@pytest.mark.gpu
+def test_repeated_cuda_ipc_calls_are_replayed_from_a_cuda_graph_and_stay_exact():
+    """The same call again (same kept input, same result buffer) is served from its plan, its kernels from a CUDA
+    graph: each replay reads the input's bytes of now, and anything that changes the call is served in full."""
+    from quantd.kernels import dispatch
+    server = ServerProcess("--device", "cuda", metrics=True)
+
+    def replayed(rpc, graph="true"):
+        return server.scrape().get(("quantd_replayed_calls_total", frozenset({("rpc", rpc), ("graph", graph)})), 0)
+    try:
+        x = torch.randn(512, 4096, device="cuda").bfloat16()
+        with QuantdClient(server.target, transport="ipc") as client:
+            for spec in (QuantSpec("fp8_e4m3", group_size=128), QuantSpec("fp8_e4m3", granularity="tensor"),
+                         QuantSpec("int8_asym", group_size=32), QuantSpec("mxfp4")):
+                before = replayed("Quantize")
+                for step in range(5):
+                    x.copy_(torch.randn_like(x) * (step + 1))
+                    x[0, :7] = torch.tensor([0, -0.0, 448, -448, float("inf"), float("nan"), 1e-40])
+                    got = client.quantize(x, spec, report=False)
+                    assert_same(got, dispatch.quantize(x, spec))
+                    del got  # its buffer serves the next call: the same request again
+                assert replayed("Quantize") - before >= 2, spec
+                held = client.quantize(x, spec, report=False)  # the last results held: another buffer
+                assert_same(held, dispatch.quantize(x, spec))
+                assert_same(client.quantize(x, spec, report=True), dispatch.quantize(x, spec))
+                want = dispatch.dequantize(dispatch.quantize(x, spec))
+                for _ in range(4):
+                    assert same_bits(client.dequantize(held), want)
+                del held
+            assert replayed("Dequantize") >= 2
+            spec = QuantSpec("fp8_e4m3", group_size=128)
+            a, b = client.quantize(x[:256], spec, report=False), client.quantize(x, spec, report=False)
+            want = dispatch.matmul(dispatch.quantize(x[:256], spec), dispatch.quantize(x, spec), torch.bfloat16)
+            for _ in range(4):
+                assert same_bits(client.matmul(a, b), want)
+            assert replayed("Matmul") >= 2
+            y = torch.randn(256, 4096, device="cuda").bfloat16()
+            assert_same(client.quantize(y, spec, report=False), dispatch.quantize(y, spec))
+            count = replayed("Quantize")
+            del y  # the next call releases y's storage: the session's plans go, the call is served in full
+            assert_same(client.quantize(x, spec, report=False), dispatch.quantize(x, spec))
+            assert replayed("Quantize") == count
+    finally:
+        server.close()
+
+
 @pytest.mark.gpu
 def test_cuda_ipc_storages_stay_open_and_freed_inputs_are_let_go(monkeypatch):
     from quantd.client import transports
@@ -895,11 +982,13 @@ def test_a_refused_cuda_ipc_call_leaves_no_client_memory_held():
 @pytest.mark.gpu
 def test_a_closed_cuda_ipc_client_exits_with_nothing_shared_left():
     """close() ends the session before it returns, the server letting go of the storages it kept open: a process
-    that exits next has no share left (torch warns at exit about each storage another process still held)."""
+    that then frees its tensors and exits has no share left. (torch warns at exit about a storage another process
+    still held when it was freed, and about any shared storage still alive at exit, whoever held it: the script
+    frees its tensors first.)"""
     server = ServerProcess("--device", "cuda")
     try:
         script = (
-            "import torch\n"
+            "import gc, torch\n"
             "from quantd.client import QuantdClient\n"
             "from quantd.kernels import QuantSpec\n"
             f"client = QuantdClient({server.target!r}, transport='ipc')\n"
@@ -907,8 +996,9 @@ def test_a_closed_cuda_ipc_client_exits_with_nothing_shared_left():
             "for _ in range(3):\n"
             "    q = client.quantize(x, QuantSpec('fp8_e4m3', group_size=128), report=False)\n"
             "assert client.last_transport.transport == 'ipc' and client.region_status()['kept_storages'] > 0\n"
-            "del q\n"
             "client.close()\n"
+            "del q, x\n"
+            "gc.collect()\n"
             "print('closed')\n")
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and "closed" in done.stdout, done.stderr
