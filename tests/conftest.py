@@ -1,7 +1,14 @@
 import os
+import sys
 
-import pytest
-import torch
+# The repository root holds the folder `kernels` (installed as quantd.kernels). `python -m pytest` puts the root on
+# sys.path, where that folder would shadow the `kernels` package that transformers imports (a dependency of
+# transformers 5.25): the tests import quantd as installed, never from the root.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
