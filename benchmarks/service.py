@@ -149,6 +149,8 @@ def raw_parallel_rate(n: int, nbytes: int, env) -> float:
     finally:
         for server in servers:
             server.terminate()
+        for server in servers:
+            server.wait(30)
 
 
 def scaling_main(args, env) -> None:

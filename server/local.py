@@ -124,8 +124,9 @@ class LocalSocket:
                 replay.offers.reset(token)
             response = local.frame(pb.LocalResponse(summary=summary))
             kept = self.servicer.regions.kept.get(session)  # the storages may have changed meanwhile
-            if offers and kept is not None and all(key in kept.storages for key in replay.keys(header.cuda)):
-                kept.plans.add(body, replay.Plan(offers[0], response, replay.keys(header.cuda)))
+            keys = replay.keys(header.cuda) if offers else ()
+            if offers and kept is not None and all(key in kept.storages for key in keys):
+                kept.plans.add(body, replay.Plan(offers[0], response, keys))
             return response
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED

@@ -36,7 +36,6 @@ class Offer:
     header: object
     nbytes: int
     launch: object
-    device: torch.device
 
 
 @dataclasses.dataclass

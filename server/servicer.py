@@ -332,7 +332,7 @@ class QuantdServicer(quantd_pb2_grpc.QuantdServicer):
             offers = replay.offers.get()
             if here and offers is not None and all(t.kept for t in header.cuda.inputs) and \
                     all(t.kept for t in header.cuda.outputs) and all(v is None for v in fields.values()):
-                offers.append(replay.Offer(rpc, header, call.memory.nbytes, compute, call.device))
+                offers.append(replay.Offer(rpc, header, call.memory.nbytes, compute))
         yield sender.summary(written=[view.numel() for view in outputs], **fields)
 
     def _sender(self, response_type, infos, chunk_bytes: int, checksums: bool) -> OutputSender:

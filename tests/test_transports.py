@@ -813,7 +813,7 @@ def test_replay_plans_go_with_any_change_to_the_kept_storages():
     def planned():
         for d, v in zip(described[:2], views):
             kept.keep(d, v)
-        offer = replay.Offer("Quantize", None, 0, lambda: launches.append(1), torch.device("cpu"))
+        offer = replay.Offer("Quantize", None, 0, lambda: launches.append(1))
         kept.plans.add(b"request", replay.Plan(offer, b"answer", ((b"h0", 0), (b"h1", 0))))
         return kept.plans.get(b"request")
     plan = planned()
