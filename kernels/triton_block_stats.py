@@ -82,7 +82,7 @@ def block_stats(v, br, bc, nbr, nbc, asym: bool, config: KernelConfig) -> torch.
     P, R, C = v.shape
     keep_r, keep_c = br == 1, bc == 1
     tc = min(pow2_ceil(C), 256) if keep_c else min(pow2_ceil(C), 256, 1 << (bc.bit_length() - 1))
-    tr_cap = max(1, 4096 // tc)
+    tr_cap = max(1, config.stats_tile_elems // tc)
     tr = min(pow2_ceil(R), tr_cap) if keep_r else min(pow2_ceil(R), tr_cap, 1 << (br.bit_length() - 1))
     stats = torch.zeros((2 if asym else 1) * nbr * nbc, dtype=torch.float32, device=v.device)
     tiles_r, tiles_c = _cdiv(R, tr), _cdiv(C, tc)
@@ -96,7 +96,7 @@ def block_stats(v, br, bc, nbr, nbc, asym: bool, config: KernelConfig) -> torch.
             tiles_r = _cdiv(tiles_r, iters)
     _block_stats_kernel[(P * tiles_r * tiles_c,)](
         input_view(v), stats, R, C, nbr, nbc, br, bc, tiles_r, tiles_c, iters, v.stride(0), v.stride(1), v.stride(2),
-        TR=tr, TC=tc, KEEP_R=keep_r, KEEP_C=keep_c, ASYM=asym, BF16_BITS=bf16_bits(v), num_warps=4,
+        TR=tr, TC=tc, KEEP_R=keep_r, KEEP_C=keep_c, ASYM=asym, BF16_BITS=bf16_bits(v), num_warps=config.stats_warps,
     )
     return stats
 

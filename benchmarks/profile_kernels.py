@@ -1,0 +1,125 @@
+"""Launch each quantize / dequantize case once, after a warm-up, for a profiler to read (or time them).
+
+    ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
+        -k regex:'quantize|stats|nvfp4|mxfp4|dequant' python3 benchmarks/profile_kernels.py [--n 8192] [CASE ...]
+    python3 benchmarks/profile_kernels.py --time [--set guarded_quotient=True --set stats_warps=8,stats_programs=1024 ...]
+        [CASE ...]
+
+CASE names a row of CASES (all by default). Each --set KEY=VALUE[,KEY=VALUE] is a configuration (KernelConfig fields
+replaced by Python literals) every case runs under, in one process. --time prints each case's median ms and x copy
+(benchmarks/quantize.py's byte counts) instead of launching it once; both ways check each configuration's results
+against the shipped one's.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+
+import torch
+
+from quantize import bench, op_bytes, time_copy
+from quantd.kernels import reference, triton_block_stats, triton_quantize
+from quantd.kernels.config import DEFAULT
+from quantd.kernels.quantize_plan import block_view
+from quantd.kernels.spec import QuantSpec
+from quantd.kernels.triton_dequantize import dequantize
+
+TENSOR = QuantSpec(granularity="tensor")
+
+
+def _stats_only(x, spec, config):
+    v, (br, bc) = block_view(x, spec)
+    return lambda: triton_block_stats.block_stats(v, br, bc, 1, 1, False, config)
+
+
+def _given(x, spec, config, where="cpu"):  # scales on the host, as a request carries them
+    scale = reference.tensor_scale(reference.amax(x), spec).to(where)
+    return lambda: triton_quantize.quantize(x, spec, scale, config=config)
+
+
+def _delayed(x, spec, config, where="cpu"):
+    scale = reference.tensor_scale(reference.amax(x), spec).to(where)
+    return lambda: triton_quantize.quantize_with_amax(x, spec, scale, config=config)
+
+
+CASES = {  # name: (spec, op, how)
+    "e4m3_1x128": (QuantSpec(), "quantize", None),
+    "e4m3_128x128": (QuantSpec(granularity="tile", tile=(128, 128)), "quantize", None),
+    "mxfp4": (QuantSpec(format="mxfp4"), "quantize", None),
+    "int8_sym": (QuantSpec(format="int8_sym"), "quantize", None),
+    "int8_asym": (QuantSpec(format="int8_asym"), "quantize", None),
+    "tensor": (TENSOR, "quantize", None),
+    "tensor_stats": (TENSOR, "stats", _stats_only),
+    "torch_amax": (TENSOR, "stats", lambda x, spec, config: lambda: torch.amax(x)),  # a read-only peer
+    "tensor_given": (TENSOR, "quantize", _given),
+    "tensor_delayed": (TENSOR, "quantize", _delayed),
+    "tensor_delayed_gpu_scale": (TENSOR, "quantize", lambda x, spec, config: _delayed(x, spec, config, x.device)),
+    "nvfp4": (QuantSpec(format="nvfp4"), "quantize", None),
+    "nvfp4_given": (QuantSpec(format="nvfp4"), "quantize", _given),
+    "dual": (QuantSpec(), "dual", None),
+    "mxfp4_deq": (QuantSpec(format="mxfp4"), "dequantize", None),
+    "nvfp4_deq": (QuantSpec(format="nvfp4"), "dequantize", None),
+}
+
+
+def runner(x, name, config):
+    spec, op, how = CASES[name]
+    if how is not None:
+        return how(x, spec, config)
+    if op == "dual":
+        return lambda: triton_quantize.quantize_dual(x, spec, config=config)
+    if op == "dequantize":
+        qt = triton_quantize.quantize(x, spec)
+        return lambda: dequantize(qt, torch.bfloat16, config=config)
+    return lambda: triton_quantize.quantize(x, spec, config=config)
+
+
+def _bytes(result):
+    parts = result if isinstance(result, tuple) else (result,)
+    out = []
+    for p in parts:
+        out += [p] if isinstance(p, torch.Tensor) else list(p.stored().values())
+    return [t.contiguous().reshape(-1).view(torch.uint8) for t in out]
+
+
+def parse_config(text: str) -> dict:
+    """KEY=VALUE,KEY=VALUE (Python literals) -> KernelConfig changes."""
+    return {k: ast.literal_eval(v) for k, v in (p.split("=", 1) for p in text.split(",") if p)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cases", nargs="*", default=list(CASES))
+    ap.add_argument("--n", type=int, default=8192, help="n of the n x n bf16 input")
+    ap.add_argument("--time", action="store_true")
+    ap.add_argument("--device", default="cuda", help="cpu: a check under TRITON_INTERPRET=1 (no --time)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="a configuration to run the cases under (repeatable; none: the shipped one)")
+    args = ap.parse_args()
+    variants = [parse_config(text) for text in args.set] or [{}]
+    x = torch.randn(args.n, args.n, device=args.device, dtype=torch.bfloat16) * 3
+    x[:7, :5] = torch.tensor([float("inf"), float("nan"), -1e-40, 0.0, -float("inf")])
+    copy_gbs = time_copy(x)[1] if args.time else None
+    for name in args.cases:
+        want = None
+        for changes in variants:
+            run = runner(x, name, dataclasses.replace(DEFAULT, **changes))
+            got = run()
+            if changes:
+                want = want or _bytes(runner(x, name, DEFAULT)())
+                if not all(torch.equal(a, b) for a, b in zip(_bytes(got), want)):
+                    print(f"{name} {changes}: RESULT DIFFERS FROM THE SHIPPED CONFIG", flush=True)
+            if args.time:
+                spec, op, _ = CASES[name]
+                nbytes = x.numel() * 2 if op == "stats" else op_bytes(x, spec, op)
+                ms = bench(run)
+                print(f"{name:<16} {ms:8.4f} ms {nbytes / ms / 1e6 / copy_gbs:6.3f} x copy  {changes or ''}", flush=True)
+            else:
+                run()
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
