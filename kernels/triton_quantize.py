@@ -301,7 +301,9 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
              out: QuantizedTensor | None = None) -> QuantizedTensor:
     """Quantize `x` (bf16/fp16/fp32, CUDA or, interpreted, CPU) with `spec`; reference semantics.
 
-    scales: explicit fp32 scales of shape spec.scale_shape (static quantization).
+    scales: explicit fp32 scales of shape spec.scale_shape (static quantization), on x's device or on the CPU: scales
+    on a GPU are checked by reading them back, which waits for the work queued before; CPU scales are checked where
+    they are and copied without that wait.
     scale_layout: "row" (row-major) or "col" (the last scale dim slowest).
     exact_fp8: force (True) or forbid (False) integer fp8 encoding; default: only when interpreted.
     config: the launch choices (kernels/config.py).
@@ -310,7 +312,11 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
     out: the tensors to write (row scale layout; spec.storage's shapes and dtypes, contiguous, on x's device),
     returned; else they are allocated.
     """
-    reference.check_input(x, spec, scales)
+    host_scales = scales is not None and scales.device != x.device and scales.device.type == "cpu"
+    reference.check_input(x, spec, None if host_scales else scales)
+    if host_scales:
+        reference.check_scales(scales, spec, x.shape)  # on the host: no wait for the GPU's queue
+        scales = scales.to(x.device, non_blocking=True)
     given = None if scales is None else flat_scales(scales)
     if out is not None:
         if scale_layout != "row":

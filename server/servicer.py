@@ -105,8 +105,8 @@ def given_scales(header: pb.QuantizeHeader, spec: QuantSpec, shape: tuple) -> to
 def quantize_amax(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None, want_amax: bool,
                   out: QuantizedTensor | None = None):
     """(the QuantizedTensor of x, its amax when `want_amax` else None), with explicit `scales` when given; written
-    into `out` when given."""
-    scales = None if scales is None else scales.to(x.device)
+    into `out` when given. The scales stay on the host, where they were checked: the kernels copy them over
+    without waiting for the GPU's queue."""
     if want_amax:
         return dispatch.quantize_with_amax(x, spec, scales=scales, out=out)
     return dispatch.quantize(x, spec, scales=scales, out=out), None

@@ -526,6 +526,12 @@ def test_gpu_amax_found_while_quantizing_with_given_scales(spec, rng):
         qt, amax = dispatch.quantize_with_amax(x, spec, scales=scales)
         assert_same_qt(qt, reference_quantize(x, spec, scales))
         assert amax.device == x.device and amax.cpu().view(torch.int32) == reference.amax(x.cpu()).view(torch.int32)
+        # scales on the host (as a request carries them): checked there, the same bits; bad ones refused
+        host, host_amax = dispatch.quantize_with_amax(x, spec, scales=scales.cpu())
+        assert_same_qt(host, qt)
+        assert host_amax.device == x.device and torch.equal(host_amax.view(torch.int32), amax.view(torch.int32))
+        with pytest.raises(ValueError, match="positive and finite"):
+            quantize(x, spec, -scales.cpu())
 
 
 @pytest.mark.gpu
