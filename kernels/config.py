@@ -59,8 +59,9 @@ class KernelConfig:
     # Blocks whose scales come from the statistics pass or are given (per tensor, channels, groups and tiles
     # too large for registers, static and delayed scales): x / scale by the guarded corrected quotient
     # (triton_elements.quotient GUARDED: a reciprocal and two fmas) instead of IEEE division wherever the
-    # tile's scales are in range. Off until timed against division on the GPU (benchmarks/quantize.py --sweep).
-    guarded_quotient: bool = False
+    # tile's scales are in range. On an H200 (2026-12-04, 16384^2 bf16, scales on the host): per tensor 0.523 x copy
+    # against 0.509 by division, delayed scaling (one read + amax) 0.733 against 0.557.
+    guarded_quotient: bool = True
     # Programs an SM of the launch that quantizes the deferred careful tiles.
     fixup_programs: int = 2
     # Elements a dequantize program covers, and the sub-tiles one-block tiles (a power-of-two number of
