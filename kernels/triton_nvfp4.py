@@ -93,9 +93,11 @@ def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, ts_ptr, amax_ptr, R, C, sx_r, sx
     s = E4M3(min(tensor_scale * (amax / 6), 448)) (0.125 if 0), divisor s / tensor_scale, codes of the
     IEEE quotients x / divisor: the reference's steps, each one IEEE fp32 rounding. The quotients are
     corrected ones (quotient's CORRECTED_ANY_ZERO: exact wherever a code depends on them; a quotient past
-    2**17, or the NaN an Inf x gives, saturates in e2m1, which takes sign and NaN from x) unless the tile
-    holds a divisor outside [CORRECTED_MIN, CORRECTED_MAX] (tensors of amax below ~2^-70): then from IEEE
-    divisions. AMAX: the tile's finite amax is maxed into amax_ptr."""
+    2**17, or the NaN an Inf x gives, saturates in e2m1, which takes sign and NaN from x) unless the tensor scale
+    allows a divisor outside [CORRECTED_MIN, CORRECTED_MAX] (tensors of amax below ~2^-70): then from IEEE
+    divisions. That is decided once for the whole tensor: every divisor lies between those of the extreme E4M3
+    scales, 2**-9 and 448 (division by the tensor scale rounds monotonically). AMAX: the tile's finite amax is
+    maxed into amax_ptr."""
     pid = tl.program_id(0)
     tiles_c = tl.cdiv(C, GROUPS * 16)
     r = (pid // tiles_c) * ROWS + tl.arange(0, ROWS)[:, None, None]
@@ -112,8 +114,9 @@ def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, ts_ptr, amax_ptr, R, C, sx_r, sx
     tl.store(scales_ptr + r.to(tl.int64) * ss_r + g * ss_c, bits.to(tl.uint8), mask=b_mask)
     if AMAX:
         tl.atomic_max(amax_ptr, tl.max(tl.max(tl.max(amax, axis=2), axis=1), axis=0))
-    careful = tl.max(((divisor < CORRECTED_MIN) | (divisor > CORRECTED_MAX)).to(tl.int32))
-    if careful == 0:  # e2m1 takes sign and NaN from x and saturates a NaN quotient of an Inf
+    # Not (in range): a NaN tensor scale is careful too.
+    careless = (tl.math.div_rn(2.0 ** -9, ts) >= CORRECTED_MIN) & (tl.math.div_rn(448.0, ts) <= CORRECTED_MAX)
+    if careless:  # e2m1 takes sign and NaN from x and saturates a NaN quotient of an Inf
         packed = (e2m1(quotient(lo, divisor, CORRECTED_ANY_ZERO), lo) & 0xF) | \
             ((e2m1(quotient(hi, divisor, CORRECTED_ANY_ZERO), hi) & 0xF) << 4)
     else:
