@@ -74,8 +74,9 @@ class KernelConfig:
     # warps ran 0.296 x copy, the best of 45 shapes (4-32 rows, 4-32 blocks, 2-8 warps) 0.311, the worst 0.04:
     # the kernel is bound by its per-element work, not by its launch shape.
     nvfp4_launch: tuple = (16, 16, 4)
-    # GEMMs: the Gluon kernel where it applies (triton_gemm._gluon_applies), and compiled MXFP4 tiles
-    # decoded in bf16x2 PTX (triton_gemm._e2m1x2_scaled; False: through fp32).
+    # GEMMs: the Gluon kernel where it applies (triton_gemm._gluon_applies); compiled MXFP4 codes decoded in
+    # bf16x2 PTX (triton_elements.e2m1x2_scaled; False: through fp32), by the GEMM's tiles and by dequantize into
+    # bf16.
     use_gluon: bool = True
     packed_decode: bool = True
     # The Triton GEMMs' launch configs, autotuned per shape (None: triton_gemm.SCALED_CONFIGS / MX_CONFIGS;

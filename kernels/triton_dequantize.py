@@ -3,7 +3,9 @@
 value = code x scale (int8_asym: (code - zero point) x scale) in fp32, cast once to the
 output dtype. Tiles use the quantize kernels' block geometry (quantize_plan.block_geometry).
 Compiled, fp8 codes are widened by the hardware; interpreted (whose fp8 casts are not
-trusted) and for E2M1, codes are decoded from their bits with the format's constants.
+trusted) and for E2M1, codes are decoded from their bits with the format's constants, except MXFP4 into
+bf16, compiled, where each code byte becomes its bf16x2 word by integer ops and two bf16x2 multiplies
+(triton_elements.e2m1x2_scaled, as the MX GEMM decodes its tiles).
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ from .launch import interpreting
 from .layout import check_out_values
 from .quantize_plan import MAX_REGISTER_BLOCK, as_grid, block_geometry, bytes_of, pow2_ceil, tile_geometry, warps
 from .spec import E2M1, OUT_DTYPES, QuantizedTensor, ScaleEncoding, _cdiv
-from .triton_elements import (IEEE_SPECIALS, NAN_ALL_ONES, NO_SPECIALS, block_ids, decode_minifloat, e4m3_value, pow2,
-                              tile_coords)
+from .triton_elements import (IEEE_SPECIALS, NAN_ALL_ONES, NO_SPECIALS, block_ids, decode_minifloat, e2m1x2_scaled,
+                              e4m3_value, e8m0_bf16x2, pow2, tile_coords)
 
 @triton.jit
 def _dequantize_kernel(
@@ -29,7 +31,7 @@ def _dequantize_kernel(
     SPLIT: tl.constexpr, NV: tl.constexpr,
     DECODE_BITS: tl.constexpr, POW2: tl.constexpr, ASYM: tl.constexpr,
     NBITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, SPECIALS: tl.constexpr,
-    BF16_BITS: tl.constexpr,
+    BF16_BITS: tl.constexpr, WORDS: tl.constexpr = False,
 ):
     """Values of one [RB, TBRP, CB, TBCP] tile (TILE: quantize_plan.Tile) over the (P, R, C) view (codes and
     output contiguous).
@@ -40,6 +42,8 @@ def _dequantize_kernel(
     DECODE_BITS: codes are raw bits to decode; else the code dtype widens.
     NV (nvfp4): the scales are E4M3 bytes, each block's multiplier their value / the tensor scale at ts_ptr.
     BF16_BITS: round to bf16 on the bits (the interpreter's fp32 -> bf16 cast truncates).
+    WORDS (compiled MXFP4 -> bf16, even C): each code byte becomes the bf16x2 word of its two values
+    (e2m1x2_scaled: the fp32 path's bf16 bits), stored as int32 words at out_ptr.
     """
     RB: tl.constexpr = TILE.RB
     TBRP: tl.constexpr = TILE.TBRP
@@ -64,25 +68,33 @@ def _dequantize_kernel(
         scale = tl.load(scales_ptr + soff, mask=smask, other=1.0)
 
     q_base = codes_ptr + p.to(tl.int64) * sq_p + rows.to(tl.int64) * sq_r
-    if UNPACK4:
+    if WORDS:
         jb = tl.arange(0, TBCP // 2)[None, None, None, :]
         bcols = (pid_c * CB + cb) * (TBC // 2) + jb
-        packed = tl.load(q_base + bcols, mask=(rows < R) & (bcols < sq_r), other=0).to(tl.int32)
-        bits = tl.reshape(tl.join(packed & 0xF, packed >> 4), [RB, TBRP, CB, TBCP])
-        v = decode_minifloat(bits, NBITS, EBITS, MBITS, BIAS, SPECIALS)
-    elif DECODE_BITS:
-        bits = tl.load(q_base + cols, mask=valid, other=0).to(tl.int32)
-        v = decode_minifloat(bits, NBITS, EBITS, MBITS, BIAS, SPECIALS)
+        bmask = (rows < R) & (bcols < sq_r)
+        packed = tl.load(q_base + bcols, mask=bmask, other=0).to(tl.int32)
+        tl.store(out_ptr + p.to(tl.int64) * sq_p + rows.to(tl.int64) * sq_r + bcols,
+                 e2m1x2_scaled(packed, e8m0_bf16x2(e8)), mask=bmask)
     else:
-        v = tl.load(q_base + cols, mask=valid).to(tl.float32)  # masked lanes are never stored
-    if ASYM:
-        v = v - tl.load(zp_ptr + soff, mask=smask, other=0).to(tl.float32)
-    out = v * scale
-    o_base = out_ptr + p.to(tl.int64) * R * C + rows.to(tl.int64) * C
-    if BF16_BITS:  # out_ptr is bf16 viewed as int16: round to nearest even on the bits
-        b = out.to(tl.int32, bitcast=True)
-        out = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).to(tl.int16)
-    tl.store(o_base + cols, out.to(out_ptr.dtype.element_ty), mask=valid)
+        if UNPACK4:
+            jb = tl.arange(0, TBCP // 2)[None, None, None, :]
+            bcols = (pid_c * CB + cb) * (TBC // 2) + jb
+            packed = tl.load(q_base + bcols, mask=(rows < R) & (bcols < sq_r), other=0).to(tl.int32)
+            bits = tl.reshape(tl.join(packed & 0xF, packed >> 4), [RB, TBRP, CB, TBCP])
+            v = decode_minifloat(bits, NBITS, EBITS, MBITS, BIAS, SPECIALS)
+        elif DECODE_BITS:
+            bits = tl.load(q_base + cols, mask=valid, other=0).to(tl.int32)
+            v = decode_minifloat(bits, NBITS, EBITS, MBITS, BIAS, SPECIALS)
+        else:
+            v = tl.load(q_base + cols, mask=valid).to(tl.float32)  # masked lanes are never stored
+        if ASYM:
+            v = v - tl.load(zp_ptr + soff, mask=smask, other=0).to(tl.float32)
+        out = v * scale
+        o_base = out_ptr + p.to(tl.int64) * R * C + rows.to(tl.int64) * C
+        if BF16_BITS:  # out_ptr is bf16 viewed as int16: round to nearest even on the bits
+            b = out.to(tl.int32, bitcast=True)
+            out = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).to(tl.int16)
+        tl.store(o_base + cols, out.to(out_ptr.dtype.element_ty), mask=valid)
 
 
 def _specials(el) -> int:
@@ -138,7 +150,10 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
     tiles_r, tiles_c = _cdiv(R, tile.RB * tile.TBR), _cdiv(C, tile.CB * tile.TBC)
     ccols = (C + 1) // 2 if el is E2M1 else C
     bf16_bits = interpreting() and out_dtype == torch.bfloat16
-    dest = out.view(torch.int16) if bf16_bits else out
+    # MXFP4 -> bf16, compiled: a bf16x2 word a code byte (rows of whole words, the output word-aligned)
+    words = (el is E2M1 and pow2 and out_dtype == torch.bfloat16 and config.packed_decode and not interpreting()
+             and C % 2 == 0 and out.data_ptr() % 4 == 0)
+    dest = out.view(torch.int16) if bf16_bits else out.view(torch.int32) if words else out
     _dequantize_kernel[(P * tiles_r * tiles_c,)](
         codes, scales, scales if zps is None else zps, dest, qt.tensor_scale if nv else scales,
         R, C, nbr, nbc, br, bc, tiles_r, tiles_c, R * ccols, ccols, scales.stride(0), scales.stride(1),
@@ -146,7 +161,7 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
         UNPACK4=el is E2M1, SPLIT=split, NV=nv,
         DECODE_BITS=decode_bits, POW2=pow2, ASYM=zps is not None,
         NBITS=el.bits, EBITS=el.ebits, MBITS=el.mbits, BIAS=el.bias, SPECIALS=_specials(el),
-        BF16_BITS=bf16_bits, num_warps=warps(tile.elems, config),
+        BF16_BITS=bf16_bits, WORDS=words, num_warps=warps(tile.elems, config),
     )
     return out
 

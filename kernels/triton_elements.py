@@ -312,3 +312,44 @@ def decode_minifloat(b, NBITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.cons
 def e4m3_value(b):
     """fp32 value of E4M3 (float8_e4m3fn) bits `b` (int32): NVFP4's block scales."""
     return decode_minifloat(b, 8, 4, 3, 7, NAN_ALL_ONES)
+
+
+@triton.jit
+def e8m0_bf16x2(e):
+    """Two bf16 copies of 2**(e - 127) in an int32 word for E8M0 bits e (0 gives the bf16 subnormal
+    2**-127, 255 NaN): every factor is exact in bf16, whose exponent range is fp32's."""
+    e = e.to(tl.int32)
+    h = tl.where(e == 0, 0x0040, tl.where(e == 255, 0x7FC0, e << 7))
+    return h | (h << 16)
+
+
+@triton.jit
+def e2m1x2_scaled(b, f):
+    """bf16x2 words (element 2i in the low half) of E2M1 code bytes b (int32 0..255, element 2i in the
+    low nibble) times the bf16x2 factors f (sm_90 PTX).
+
+    Each nibble s e1 e0 m becomes the bf16 with sign s, exponent field e1 e0 and mantissa top bit m
+    (the copies of b at shifts 6/18 put the magnitude bits at 6..8/22..24, those at 12/24 the signs at
+    15/31; the copies never overlap, so the products are ORs). That bf16 is the code's value times
+    2**-126: exponent field 0 is the subnormal 2**-127 (m = 1: 0.5) or zero. Two bf16 multiplies,
+    by 2**126 (giving the code's value) and by the factor, are exact wherever the result is a bf16
+    (two significant bits times a power of two in [2**-128, 1.5 * 2**129]), round to +-Inf past bf16's
+    range, as the fp32 path's cast does, and give NaN for a NaN factor. A single multiply by
+    2**(s - 1) would leave bf16's range for scales s > 128. tests/test_triton_gemm.py models every
+    step in torch for every code pair and scale (test_packed_mxfp4_decode_is_the_fp32_decode).
+    """
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 m, s, c;
+        mul.lo.u32 m, $1, 0x00040040;
+        mul.lo.u32 s, $1, 0x01001000;
+        and.b32 m, m, 0x01C001C0;
+        and.b32 s, s, 0x80008000;
+        or.b32 m, m, s;
+        mov.b32 c, 0x7E807E80;
+        mul.rn.bf16x2 m, m, c;
+        mul.rn.bf16x2 $0, m, $2;
+        }
+        """,
+        constraints="=r,r,r", args=[b, f], dtype=tl.int32, is_pure=True, pack=1)

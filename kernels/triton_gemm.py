@@ -15,7 +15,7 @@
   power of two fits bf16's 8-bit significand, except E4M3/E5M2 subnormals under the smallest scales,
   below 2**-133 where bf16 has no subnormal step left, which round), then multiplied on the bf16
   tensor cores in fp32. Compiled MXFP4 tiles are decoded a code byte at a time into a bf16x2 word by
-  integer ops and two bf16x2 multiplies (_e2m1x2_scaled); MXFP8 tiles and the interpreter go through
+  integer ops and two bf16x2 multiplies (e2m1x2_scaled); MXFP8 tiles and the interpreter go through
   fp32. Both give the same bf16 bits.
 
 * gluon_gemm._fp8_gemm_kernel takes FP8 x FP8 (E4M3/E5M2, any pairing) on sm_90 GPUs for A 1x128 x
@@ -37,7 +37,7 @@ from . import gluon_gemm
 from .config import DEFAULT, KernelConfig
 from .launch import interpreting, sm_count, tile_offsets, tma_rows
 from .spec import E2M1, OUT_DTYPES, Format, Granularity, QuantizedTensor
-from .triton_elements import e4m3_value
+from .triton_elements import e2m1x2_scaled, e4m3_value, e8m0_bf16x2
 
 K_BLOCK = 128  # BLOCK_K of the FP8/INT8 kernel: K scale groups must be multiples of it
 ONE_SCALE = 0  # "rows per scale" of an operand whose one scale covers every row
@@ -183,15 +183,6 @@ def _e8m0_to_f32(e):
 
 
 @triton.jit
-def _e8m0_bf16x2(e):
-    """Two bf16 copies of 2**(e - 127) in an int32 word for E8M0 bits e (0 gives the bf16 subnormal
-    2**-127, 255 NaN): every factor is exact in bf16, whose exponent range is fp32's."""
-    e = e.to(tl.int32)
-    h = tl.where(e == 0, 0x0040, tl.where(e == 255, 0x7FC0, e << 7))
-    return h | (h << 16)
-
-
-@triton.jit
 def _scale_f32(e, SCALE_E4M3: tl.constexpr):
     """fp32 block scales of stored bits e: E4M3 (NVFP4) or E8M0 (MX)."""
     if SCALE_E4M3:
@@ -208,40 +199,8 @@ def _scale_bf16x2(e, SCALE_E4M3: tl.constexpr):
         h = (e4m3_value(e.to(tl.int32)).to(tl.int32, bitcast=True) >> 16) & 0xFFFF
         w = h | (h << 16)
     else:
-        w = _e8m0_bf16x2(e)
+        w = e8m0_bf16x2(e)
     return w
-
-
-@triton.jit
-def _e2m1x2_scaled(b, f):
-    """bf16x2 words (element 2i in the low half) of E2M1 code bytes b (int32 0..255, element 2i in the
-    low nibble) times the bf16x2 factors f (sm_90 PTX).
-
-    Each nibble s e1 e0 m becomes the bf16 with sign s, exponent field e1 e0 and mantissa top bit m
-    (the copies of b at shifts 6/18 put the magnitude bits at 6..8/22..24, those at 12/24 the signs at
-    15/31; the copies never overlap, so the products are ORs). That bf16 is the code's value times
-    2**-126: exponent field 0 is the subnormal 2**-127 (m = 1: 0.5) or zero. Two bf16 multiplies,
-    by 2**126 (giving the code's value) and by the factor, are exact wherever the result is a bf16
-    (two significant bits times a power of two in [2**-128, 1.5 * 2**129]), round to +-Inf past bf16's
-    range, as the fp32 path's cast does, and give NaN for a NaN factor. A single multiply by
-    2**(s - 1) would leave bf16's range for scales s > 128. tests/test_triton_gemm.py models every
-    step in torch for every code pair and scale (test_packed_mxfp4_decode_is_the_fp32_decode).
-    """
-    return tl.inline_asm_elementwise(
-        asm="""
-        {
-        .reg .b32 m, s, c;
-        mul.lo.u32 m, $1, 0x00040040;
-        mul.lo.u32 s, $1, 0x01001000;
-        and.b32 m, m, 0x01C001C0;
-        and.b32 s, s, 0x80008000;
-        or.b32 m, m, s;
-        mov.b32 c, 0x7E807E80;
-        mul.rn.bf16x2 m, m, c;
-        mul.rn.bf16x2 $0, m, $2;
-        }
-        """,
-        constraints="=r,r,r", args=[b, f], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -251,7 +210,7 @@ def _mx_tile(desc, s_ptrs, stride_sk, k_groups, off, k, FP4: tl.constexpr, ROWS:
     """Values (codes x scale) of an MX (or NVFP4) operand's (ROWS, BLOCK_K) tile at row `off`, column `k`.
 
     bf16, or fp32 if DOT_FP32. PACKED (compiled MXFP4): each code byte becomes one bf16x2 word
-    (_e2m1x2_scaled), the same bf16 values as the fp32 path's.
+    (e2m1x2_scaled), the same bf16 values as the fp32 path's.
     """
     if FP4:
         packed = desc.load([off, k // 2])
@@ -272,7 +231,7 @@ def _mx_values(packed, e, FP4: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.con
     E4M3) under scale bits e (ROWS, BLOCK_K // GROUP), E8M0 or (SCALE_E4M3) E4M3; see _mx_tile."""
     if FP4 and PACKED:
         f = tl.broadcast_to(_scale_bf16x2(e, SCALE_E4M3)[:, :, None], (ROWS, BLOCK_K // GROUP, GROUP // 2))
-        w = _e2m1x2_scaled(packed.to(tl.int32), f.reshape(ROWS, BLOCK_K // 2))
+        w = e2m1x2_scaled(packed.to(tl.int32), f.reshape(ROWS, BLOCK_K // 2))
         lo = w.to(tl.int16).to(tl.bfloat16, bitcast=True)
         hi = (w >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
         return tl.join(lo, hi).reshape(ROWS, BLOCK_K)

@@ -190,6 +190,26 @@ def test_gpu_every_code(fmt, exact_fp8, rng):
 
 
 @pytest.mark.gpu
+def test_gpu_mxfp4_words_every_byte_and_scale():
+    """MXFP4 into bf16 by bf16x2 words (e2m1x2_scaled): every code byte under every E8M0 scale, NaN (255) included,
+    is the reference's value; so is the fp32 path's (packed_decode off), and an output that is not word-aligned
+    (which takes the fp32 path)."""
+    spec = QuantSpec("mxfp4")
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).repeat(256, 1)  # row e: every byte under scale e
+    scales = torch.arange(256, dtype=torch.int32).to(torch.uint8)[:, None].repeat(1, 16).view(torch.float8_e8m0fnu)
+    qt = QuantizedTensor(codes, scales, spec, (256, 512))
+    want = reference.dequantize(qt, torch.bfloat16)
+    assert torch.isnan(want[255].float()).all() and torch.isinf(want[254].float()).any()
+    on_gpu = _to(qt, "cuda")
+    assert_same_values(dequantize(on_gpu, torch.bfloat16), want)
+    assert_same_values(dequantize(on_gpu, torch.bfloat16, config=dataclasses.replace(DEFAULT, packed_decode=False)),
+                       want)
+    shifted = torch.empty(256 * 512 + 1, dtype=torch.bfloat16, device="cuda")[1:].view(256, 512)
+    assert dequantize(on_gpu, torch.bfloat16, out=shifted) is shifted
+    assert_same_values(shifted, want)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("split", [1, 2, 16, 128])
 @pytest.mark.parametrize("spec", SPLIT_SPECS, ids=str)
 def test_gpu_blocks_split_across_programs(spec, split, rng):

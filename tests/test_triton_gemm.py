@@ -276,7 +276,7 @@ def bf16_halves(words: torch.Tensor) -> torch.Tensor:
 
 
 def packed_decode_model(byte: torch.Tensor, e8m0: torch.Tensor) -> torch.Tensor:
-    """bf16 (..., 2) of _e2m1x2_scaled(byte, _e8m0_bf16x2(e8m0)), every step as the PTX does it: the
+    """bf16 (..., 2) of e2m1x2_scaled(byte, e8m0_bf16x2(e8m0)), every step as the PTX does it: the
     integer word, then two bf16x2 multiplies, emulated exactly by bf16_round_exact."""
     b = byte.to(torch.int64)
     word = ((b * 0x00040040) & 0x01C001C0) | ((b * 0x01001000) & 0x80008000)
