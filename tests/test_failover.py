@@ -185,8 +185,10 @@ def test_streams_survive_a_replica_dying_mid_run(processes, rng):
     assert at_kill["done"] < len(tensors), "the kill came after the run: nothing was tested"
     # round_robin had spread the streams over all three servers
     assert all(n >= 1 for n in at_kill["served"]), at_kill
-    # streams failed on the dead replica and were sent again, to the others
-    assert streams.failures and set(streams.failures) == {grpc.StatusCode.UNAVAILABLE}, streams.failures
+    # streams failed on the dead replica (UNAVAILABLE), or on the frozen one, given up by the client's stall_timeout
+    # before the kill (CANCELLED: on a slow machine the pool's threads can all wait on it), and were sent again
+    assert streams.failures and set(streams.failures) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, \
+        streams.failures
     assert streams.started == len(tensors) + len(streams.failures)
     # and every tensor arrived, bit-exact
     for i, (x, result) in enumerate(zip(tensors, results)):
