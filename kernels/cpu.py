@@ -4,8 +4,9 @@ The compiled graph is reference.quantize_blocks on a (num_blocks, block_elems) v
 plus the storage cast, with the fp8 rounding left to torch's native RNE cast after the
 reference's explicit clamp (tests/test_encoders.py proves that cast equal to
 round_to_grid on every bf16/fp16 value and on random fp32). Blocking (reshape, pad,
-permute) stays in eager torch: a view where the blocks divide the shape, except tiles and
-channels of axis != 0, which are copied into block order.
+permute) stays in eager torch: a view where the blocks divide the shape, except channels of
+axis != 0, which are copied into block order; 2-D tiles are blocked inside their graph, whose
+permutations into and out of tile order become index arithmetic instead of two copies.
 
 One graph per (spec, input dtype, explicit scales or not): the number of blocks is
 dynamic and the block size static, so tensors of any shape reuse it. Where compiling fails
@@ -21,6 +22,7 @@ import math
 import types
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 from .layout import check_out, check_out_values, copy_into, copy_stored
@@ -42,6 +44,15 @@ def _quantize_blocks(blocks: torch.Tensor, scales: torch.Tensor | None, *, spec:
     tensor scale)."""
     values, *stored = reference.quantize_blocks(blocks.float(), spec, scales, native_cast=True)
     return reference.store_codes(values, spec), *stored
+
+
+def _quantize_tiles(x4: torch.Tensor, scales: torch.Tensor | None, *, spec: QuantSpec):
+    """_quantize_blocks of the 2-D tiles of an input seen as (tile rows, bm, tile columns, bn), codes back in its
+    (tile rows * bm, tile columns * bn) layout: the permutations into and out of tile order (to_blocks',
+    from_blocks') are index arithmetic in the graph, not copies."""
+    tr, bm, tc, bn = x4.shape
+    codes, *stored = _quantize_blocks(x4.permute(0, 2, 1, 3).reshape(tr * tc, bm * bn), scales, spec=spec)
+    return codes.reshape(tr, tc, bm, bn).permute(0, 2, 1, 3).reshape(tr * bm, tc * bn), *stored
 
 
 def _quantize_blocks_into(blocks: torch.Tensor, scales: torch.Tensor | None, codes_out: torch.Tensor, *,
@@ -154,9 +165,22 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
     if x.numel() == 0:
         qt = reference.quantize(x, spec, scales)  # nothing to compile
         return qt if out is None else copy_into(out, qt)
-    blocks = reference.to_blocks(x, spec, dtype=x.dtype)
     if scales is not None:
         scales = scales.float().reshape(-1, 1)
+    if spec.granularity == Granularity.TILE and spec.element.bits == 8 and (_quantize_tiles, spec) not in _eager:
+        # padded here to whole tiles (zeros, as to_blocks pads), so that one graph serves every shape
+        x2 = x.reshape(-1, x.shape[-1])
+        (rows, k), (bm, bn) = x2.shape, spec.tile
+        x2 = F.pad(x2, (0, (-k) % bn, 0, (-rows) % bm)).contiguous()
+        x4 = x2.view(x2.shape[0] // bm, bm, x2.shape[1] // bn, bn)
+        torch._dynamo.decorators.mark_unbacked(x4, 0)
+        torch._dynamo.decorators.mark_unbacked(x4, 2)
+        if scales is not None:
+            torch._dynamo.decorators.mark_unbacked(scales, 0)
+        codes, stored_scales, zero_points, tensor_scale = _run(_quantize_tiles, spec, x4, scales)
+        return _result(codes[:rows, :k].reshape(x.shape).contiguous(), stored_scales, zero_points, tensor_scale, spec,
+                       x.shape, out)
+    blocks = reference.to_blocks(x, spec, dtype=x.dtype)
     if out is not None and _in_order(blocks, x) and _apart(out.codes, x) \
             and (_quantize_blocks_into, spec) not in _eager:
         return _quantize_into(blocks, spec, scales, out)
@@ -164,10 +188,16 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
     blocks = blocks.contiguous()
     _mark_blocks_dynamic(spec, blocks, scales)
     codes, stored_scales, zero_points, tensor_scale = _run(_quantize_blocks, spec, blocks, scales)
-    sshape = spec.scale_shape(x.shape)
     codes = _codes_from_blocks(codes, spec, tuple(x.shape)).contiguous()
+    return _result(codes, stored_scales, zero_points, tensor_scale, spec, x.shape, out)
+
+
+def _result(codes, stored_scales, zero_points, tensor_scale, spec: QuantSpec, shape, out) -> QuantizedTensor:
+    """The QuantizedTensor of codes in the reference's layout and block-order scales (and zero points), copied
+    into `out` when given."""
+    sshape = spec.scale_shape(shape)
     zero_points = None if zero_points is None else zero_points.reshape(sshape)
-    qt = QuantizedTensor(codes, reference.as_e8m0(stored_scales.reshape(sshape)), spec, tuple(x.shape), zero_points,
+    qt = QuantizedTensor(codes, reference.as_e8m0(stored_scales.reshape(sshape)), spec, tuple(shape), zero_points,
                          tensor_scale)
     return qt if out is None else copy_into(out, qt)
 
