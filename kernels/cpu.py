@@ -167,7 +167,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
         return qt if out is None else copy_into(out, qt)
     if scales is not None:
         scales = scales.float().reshape(-1, 1)
-    if spec.granularity == Granularity.TILE and spec.element.bits == 8 and (_quantize_tiles, spec) not in _eager:
+    if spec.granularity == Granularity.TILE and (_quantize_tiles, spec) not in _eager:
         # padded here to whole tiles (zeros, as to_blocks pads), so that one graph serves every shape
         x2 = x.reshape(-1, x.shape[-1])
         (rows, k), (bm, bn) = x2.shape, spec.tile
