@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from quantize import bench, op_bytes, time_copy
+from quantize import _result_bytes, bench, op_bytes, time_copy
 from quantd.kernels import reference, triton_block_stats, triton_quantize
 from quantd.kernels.config import DEFAULT
 from quantd.kernels.quantize_plan import block_view
@@ -85,14 +85,6 @@ def runner(x, name, config):
     return lambda: triton_quantize.quantize(x, spec, config=config)
 
 
-def _bytes(result):
-    parts = result if isinstance(result, tuple) else (result,)
-    out = []
-    for p in parts:
-        out += [p] if isinstance(p, torch.Tensor) else list(p.stored().values())
-    return [t.contiguous().reshape(-1).view(torch.uint8) for t in out]
-
-
 def parse_config(text: str) -> dict:
     """KEY=VALUE,KEY=VALUE (Python literals) -> KernelConfig changes."""
     return {k: ast.literal_eval(v) for k, v in (p.split("=", 1) for p in text.split(",") if p)}
@@ -119,8 +111,8 @@ def main():
             run = runner(x, name, dataclasses.replace(DEFAULT, **changes))
             got = run()
             if changes:
-                want = want or _bytes(runner(x, name, DEFAULT)())
-                if not all(torch.equal(a, b) for a, b in zip(_bytes(got), want)):
+                want = want or _result_bytes(runner(x, name, DEFAULT)())
+                if not all(torch.equal(a, b) for a, b in zip(_result_bytes(got), want)):
                     print(f"{name} {changes}: RESULT DIFFERS FROM THE SHIPPED CONFIG", flush=True)
             if args.time:
                 spec, op, _ = CASES[name]
