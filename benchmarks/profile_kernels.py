@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import re
 import dataclasses
 import time
 
@@ -55,6 +56,7 @@ CASES = {  # name: (spec, op, how)
     "e4m3_1x128_pow2": (QuantSpec(scale_encoding="pow2"), "quantize", None),
     "mxfp8": (QuantSpec(format="mxfp8"), "quantize", None),
     "e4m3_128x128": (QuantSpec(granularity="tile", tile=(128, 128)), "quantize", None),
+    "e4m3_channel": (QuantSpec(granularity="channel", axis=0), "quantize", None),
     "mxfp4": (QuantSpec(format="mxfp4"), "quantize", None),
     "int8_sym": (QuantSpec(format="int8_sym"), "quantize", None),
     "int8_asym": (QuantSpec(format="int8_asym"), "quantize", None),
@@ -86,8 +88,9 @@ def runner(x, name, config):
 
 
 def parse_config(text: str) -> dict:
-    """KEY=VALUE,KEY=VALUE (Python literals) -> KernelConfig changes."""
-    return {k: ast.literal_eval(v) for k, v in (p.split("=", 1) for p in text.split(",") if p)}
+    """KEY=VALUE,KEY=VALUE (Python literals; a tuple in parentheses keeps its commas) -> KernelConfig changes."""
+    parts = re.split(r",(?![^()]*\))", text)
+    return {k: ast.literal_eval(v) for k, v in (p.split("=", 1) for p in parts if p)}
 
 
 def main():

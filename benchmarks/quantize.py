@@ -164,7 +164,7 @@ SWEEPS = [
       ("fp8 e4m3 channel0", QuantSpec(granularity="channel", axis=0), SQUARE, "quantize")],
      [dict(one_block_float=ob) for ob in (DEFAULT.one_block_float, OB(False, 1, 32, 64, None),
                                           OB(True, 0, 128, 128, None), OB(True, 0, 64, 64, None),
-                                          OB(True, 0, 64, 32, 128))]),
+                                          OB(True, 0, 64, 32, 128, 128))]),
     ([("int8 sym 128x128", CASES[10][1], SQUARE, "quantize"),
       ("int8 asym 128x128", QuantSpec(format="int8_asym", granularity="tile", tile=(128, 128)), SQUARE, "quantize"),
       ("int8 sym channel0", CASES[8][1], SQUARE, "quantize")],

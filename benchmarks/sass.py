@@ -56,8 +56,8 @@ def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16", source=None):
     registers (source None), or read from the statistics pass or given (tq.SCALE_STATS, SCALE_GIVEN_AMAX)."""
     (_, rows, cols), (br, bc) = block_geometry(shape, spec)
     register = source is None
-    tile, warps = tile_geometry(br, bc, rows, cols, register, DEFAULT)
     fmt = element_constants(spec, exact_fp8=False, guarded=DEFAULT.guarded_quotient)
+    tile, warps = tile_geometry(br, bc, rows, cols, register, DEFAULT, asym=fmt.ASYM)
     run = schedule(tile, warps, register, False, fmt.ASYM, fmt.IS_INT, DEFAULT)
     source = tq.SCALE_REGISTER if register else source
     constexprs = dict(TILE=tile, FMT=fmt, SCALE_SRC=source.value, BID_ROWS=rows > br, BID_COLS=cols > bc, DUAL=False,
@@ -89,23 +89,25 @@ def compile_nvfp4():
     """(compiled kernel, elements a thread handles) of the NVFP4 kernel on bf16 input."""
     fn = nvfp4._nvfp4_kernel
     rows, groups, warps = DEFAULT.nvfp4_launch
-    constexprs = dict(ROWS=rows, GROUPS=groups, SCALE_FMT=nvfp4.E4M3_SOFT, ZERO_BITS=nvfp4.ZERO_SCALE_BITS,
-                      BF16_BITS=False, WORDS=nvfp4.BF16_WORDS.value, AMAX=False, sx_c=1, ss_c=1)
+    constexprs = dict(ROWS=rows, GROUPS=groups, SCALE_FMT=nvfp4.E4M3_HW, ZERO_BITS=nvfp4.ZERO_SCALE_BITS,
+                      BF16_BITS=False, WORDS=nvfp4.BF16_WORDS.value, AMAX=False, PACKED=DEFAULT.packed_encode,
+                      sx_c=1, ss_c=1)
     signature = {n: "constexpr" if n in constexprs else "*i32" if n == "x_ptr" else "*fp32" if n in ("ts_ptr", "amax_ptr")
                  else "*u8" if n.endswith("_ptr") else "i32" for n in fn.arg_names}
-    kernel = compile_sm90(fn, signature, constexprs, {"C", "sx_r", "sq_r", "ss_r"}, warps)
+    kernel = compile_sm90(fn, signature, constexprs, {"C", "sx_r", "sq_r", "ss_r"}, warps, DEFAULT.nvfp4_maxnreg)
     return kernel, rows * groups * 16 / (warps * 32)
 
 
 def compile_mxfp4_pairs():
     """(compiled kernel, elements a thread handles) of the MXFP4 pairs kernel on bf16 input."""
     fn = pairs._mxfp4_pairs_kernel
-    constexprs = dict(ROWS=pairs.PAIRS_ROWS, GROUPS=pairs.PAIRS_GROUPS, FP16=False,
+    rows, groups, warps = DEFAULT.mxfp4_pairs_launch
+    constexprs = dict(ROWS=rows, GROUPS=groups, FP16=False,
                       FMT=element_constants(QuantSpec(format="mxfp4")), ss_c=1, PACKED=True)
     signature = {n: "constexpr" if n in constexprs else "*i32" if n == "w_ptr" else "*u8" if n.endswith("_ptr")
                  else "i32" for n in fn.arg_names}
-    kernel = compile_sm90(fn, signature, constexprs, {"C2", "sw_r"}, pairs.PAIRS_WARPS)
-    return kernel, pairs.PAIRS_ROWS * pairs.PAIRS_GROUPS * 32 / (pairs.PAIRS_WARPS * 32)
+    kernel = compile_sm90(fn, signature, constexprs, {"C2", "sw_r"}, warps)
+    return kernel, rows * groups * 32 / (warps * 32)
 
 
 def compile_sm90(fn, signature: dict, constexprs: dict, aligned: set, warps: int, maxnreg: int | None = None,
@@ -154,15 +156,17 @@ def opcodes(sass: str) -> list:
 
 
 # The rare branches of the quantize kernels and what --common-path puts in their place.
-RARE_BRANCHES = [("careful != 0", "False"), ("careful == 0", "True")]
+RARE_BRANCHES = {"triton_quantize": [("careful != 0", "False"), ("careful == 0", "True")],
+                 "triton_mxfp4_pairs": [("careful != 0", "False"), ("careful == 0", "True")],
+                 "triton_nvfp4": [("if not fast:", "if False:"), ("if fast:", "if True:")]}
 
 
 def common_path_module(module, folder: str):
-    """A copy of kernel module `module` (kernels/triton_quantize.py, triton_mxfp4_pairs.py) without its rare
-    branches, imported from `folder`."""
+    """A copy of kernel module `module` (kernels/triton_quantize.py, triton_mxfp4_pairs.py, triton_nvfp4.py) without
+    its rare branches, imported from `folder`."""
     src = inspect.getsource(module)
     name = module.__name__.rsplit(".", 1)[1]
-    for old, new in RARE_BRANCHES:
+    for old, new in RARE_BRANCHES[name]:
         if old not in src:
             raise SystemExit(f"sass.py --common-path: no {old!r} in {name}.py")
         src = src.replace(old, new)
@@ -176,7 +180,7 @@ def common_path_module(module, folder: str):
 
 
 def main() -> None:
-    global tq, pairs
+    global tq, pairs, nvfp4
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs="+", default=[16384, 16384])
     ap.add_argument("--dump", default="/tmp/quantd-sass", help="folder for the cubins and SASS listings")
@@ -185,7 +189,7 @@ def main() -> None:
     args = ap.parse_args()
     os.makedirs(args.dump, exist_ok=True)
     if args.common_path:
-        tq, pairs = common_path_module(tq, args.dump), common_path_module(pairs, args.dump)
+        tq, pairs, nvfp4 = (common_path_module(m, args.dump) for m in (tq, pairs, nvfp4))
     print(f"triton {triton.__version__}, sm_90, input bf16 {args.shape}{', common path' if args.common_path else ''}")
     builds = [(name, lambda spec=spec: compile_quantize(spec, args.shape)) for name, spec in SPECS]
     builds.append(("mxfp4, pairs kernel", compile_mxfp4_pairs))

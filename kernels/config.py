@@ -16,7 +16,8 @@ class OneBlock:
     per_sm: int  # persistent programs an SM (0: one tile a program)
     tile_elems: int  # elements a thread of a 2-D block
     row_elems: int  # elements a thread of a block of one row
-    maxnreg: int | None  # register limit a thread (None: as ptxas chooses)
+    maxnreg: int | None  # register limit a thread of a 2-D block (None: as ptxas chooses)
+    row_maxnreg: int | None = None  # register limit a thread of a block of one row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +27,11 @@ class KernelConfig:
     tile_warps: int | None = None
     # Registers a thread of the quantize programs may use (None: as ptxas chooses).
     tile_maxnreg: int | None = None
+    # (elements, warps) of a quantize program of row groups held in registers (1x128, 1x32; not INT8 asym), or None
+    # for tile_elems and warps by size. One warp: the tile's Inf/NaN check needs no barrier. On an H200
+    # (2026-12-04, 16384^2 bf16, ncu kernel time) E4M3 1x128 193 us against 202 us for 8192 at 4 warps, INT8 sym
+    # 217 against 226, MXFP8 184 either way; 1024 at 1 warp 192 / 226, 2048 or 4096 at 2 warps 196 / 219-235.
+    group_tile: tuple | None = (2048, 1)
     # Programs the statistics pass aims at where it can loop (about eight an SM of the largest GPUs), the elements
     # of the tile each reads at a time, and its warps. On an H200 (2026-12-04 sweep, 16384^2 bf16 per tensor) 1024
     # programs read at 0.86-0.88 x copy against 0.79-0.81 for 2048 and 0.87 for 512; tiles of 8192 or 16384
@@ -50,12 +56,16 @@ class KernelConfig:
     # (255 registers at 4 warps otherwise: 0.918 against 0.852 x copy, H100).
     asym_warps: int = 8
     asym_maxnreg: int | None = 128
-    # Careful tiles deferred, one tile a program at 8 warps (a 128 x 128 tile) within 128 registers, two
-    # programs an SM. INT8 took persistent programs at 16 elements a thread of a row block on an H100; on an
-    # H200 (2026-12-03 sweep) the float schedule is faster for it too: 128x128 sym 0.730 against 0.709 x copy,
-    # asym 0.800 against 0.606, per channel 0.777 against 0.725.
-    one_block_float: OneBlock = OneBlock(defer=True, per_sm=0, tile_elems=64, row_elems=64, maxnreg=128)
-    one_block_int: OneBlock = OneBlock(defer=True, per_sm=0, tile_elems=64, row_elems=64, maxnreg=128)
+    # Careful tiles deferred, one tile a program. Float tiles: 4 warps of 128 elements a thread of a 128 x 128
+    # tile, no register limit (H200, 2026-12-04, 16384^2 bf16, ncu kernel time: E4M3 128x128 184 us against 210 us
+    # for 8 warps within 128 registers, 246 us for 4 warps within 128, 240 us for 2 warps); rows keep 128
+    # registers (E4M3 per channel 0.985 x copy within them, 0.922 without). INT8 took persistent
+    # programs at 16 elements a thread of a row block on an H100; on an H200 (2026-12-03 sweep) the float schedule
+    # is faster for it too: 128x128 sym 0.730 against 0.709 x copy, asym 0.800 against 0.606, per channel 0.777
+    # against 0.725.
+    one_block_float: OneBlock = OneBlock(defer=True, per_sm=0, tile_elems=128, row_elems=64, maxnreg=None,
+                                         row_maxnreg=128)
+    one_block_int: OneBlock = OneBlock(defer=True, per_sm=0, tile_elems=64, row_elems=64, maxnreg=128, row_maxnreg=128)
     # Blocks whose scales come from the statistics pass or are given (per tensor, channels, groups and tiles
     # too large for registers, static and delayed scales): x / scale by the guarded corrected quotient
     # (triton_elements.quotient GUARDED: a reciprocal and two fmas) instead of IEEE division wherever the
@@ -70,10 +80,20 @@ class KernelConfig:
     # 1x128 E4M3 0.960 x copy against 0.939 at 8192 elements, 128x128 0.969 against 0.959 a block a program.
     dequant_tile_elems: int = 4096
     dequant_split: int = 128
-    # An NVFP4 quantize program: (rows, 1x16 blocks a row, warps). On an H200 (2026-12-03 17:27 UTC) 16 x 16 at 4
-    # warps ran 0.296 x copy, the best of 45 shapes (4-32 rows, 4-32 blocks, 2-8 warps) 0.311, the worst 0.04:
-    # the kernel is bound by its per-element work, not by its launch shape.
-    nvfp4_launch: tuple = (16, 16, 4)
+    # An NVFP4 quantize program: (rows, 1x16 blocks a row, warps), and its register limit a thread (None: as ptxas
+    # chooses). One warp a program: its tile-wide reductions (the Inf/NaN check, the scales' layout) need no
+    # barrier, and 64 registers let 32 of them share an SM. On an H200 (2026-12-04, 16384^2 bf16, given tensor
+    # scale, ncu kernel time) 1 x 64 blocks at 1 warp within 64 registers took 218 us, 2 x 32 233 us, 16 x 16 at
+    # 4 warps 349 us; persistent programs loading their next tile first 246-430 us.
+    nvfp4_launch: tuple = (1, 64, 1)
+    nvfp4_maxnreg: int | None = 64
+    # An MXFP4 program of 16-bit words (triton_mxfp4_pairs): (rows, MX blocks a row, warps). One or two warps
+    # (H200, as above): 1 x 64 blocks at 2 warps 185 us, 2 x 32 at 1 warp 186-188 us, 16 x 16 at 4 warps 203 us.
+    mxfp4_pairs_launch: tuple = (1, 64, 2)
+    # Compiled NVFP4 quantize of bf16 words: tiles without Inf or NaN encoded two elements at a time in PTX
+    # (triton_nvfp4._e2m1_words; False: through fp32 and e2m1 for every tile, for timing against it): at 2 x 32
+    # blocks, 1 warp, 64 registers 233 against 351 us (H200, as above).
+    packed_encode: bool = True
     # GEMMs: the Gluon kernel where it applies (triton_gemm._gluon_applies); compiled MXFP4 codes decoded in
     # bf16x2 PTX (triton_elements.e2m1x2_scaled; False: through fp32), by the GEMM's tiles and by dequantize into
     # bf16.

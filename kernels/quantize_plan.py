@@ -115,12 +115,17 @@ def element_constants(spec: QuantSpec, exact_fp8: bool | None = None, guarded: b
 
 
 def tile_geometry(br: int, bc: int, rows: int, cols: int, register: bool, config: KernelConfig,
-                  tile_elems: int | None = None) -> tuple[Tile, int]:
+                  tile_elems: int | None = None, asym: bool = False) -> tuple[Tile, int]:
     """(Tile, num_warps) of a quantize/dequantize tile.
 
     register: the tile is made of whole BR x BC blocks; else of 1 x TBC strips. tile_elems: the elements
-    a tile aims at (default config.tile_elems).
+    a tile aims at (default config.tile_elems, or config.group_tile's for row groups in registers but INT8 asym's,
+    which has its own schedule).
     """
+    if tile_elems is None and register and br == 1 and not asym and config.group_tile is not None:
+        tile_elems, group_warps = config.group_tile
+        tile, _ = tile_geometry(br, bc, rows, cols, register, config, tile_elems)
+        return tile, config.tile_warps or group_warps
     tile_elems = tile_elems or config.tile_elems
     if register:  # whole blocks in registers
         tbr, tbc = br, bc
@@ -149,8 +154,9 @@ def schedule(tile: Tile, warps: int, register: bool, dual: bool, asym: bool, is_
     if one_block:
         run = config.one_block_int if is_int else config.one_block_float
         per_sm, defer = run.per_sm, run.defer
-        maxnreg = maxnreg or (None if config.tile_warps else run.maxnreg)  # its limit is for its warps
-        thread_elems = run.row_elems if tile.TBRP == 1 else run.tile_elems
+        row = tile.TBRP == 1
+        maxnreg = maxnreg or (None if config.tile_warps else run.row_maxnreg if row else run.maxnreg)  # for its warps
+        thread_elems = run.row_elems if row else run.tile_elems
         warps = config.tile_warps or max(4, min(32, tile.TBRP * tile.TBCP // (32 * thread_elems)))
     elif dual:
         per_sm = config.dual_programs
@@ -172,6 +178,14 @@ def persistent_programs(device, per_sm: int) -> int:
     if device.type != "cuda":
         return 3
     return sm_count(device) * per_sm
+
+
+def narrow_launch(launch: tuple, row_blocks: int) -> tuple:
+    """(rows, blocks a row, warps) of a pairs launch (KernelConfig.nvfp4_launch, mxfp4_pairs_launch) for rows of
+    `row_blocks` blocks: a tile wider than the rows trades its blocks a row for rows, keeping its size."""
+    rows, groups, warps = launch
+    fit = min(groups, pow2_ceil(row_blocks))
+    return rows * (groups // fit), fit, warps
 
 
 def as_grid(t: torch.Tensor, nbr: int, nbc: int) -> torch.Tensor:

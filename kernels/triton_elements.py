@@ -189,6 +189,12 @@ def e2m1(q, x):
 
 
 @triton.jit
+def max_u16x2(a, b):
+    """Maximum of each 16-bit half of int32 words (sm_90 PTX)."""
+    return tl.inline_asm_elementwise("max.u16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
 def encode_float(q, FMT: tl.constexpr):
     """Minifloat code bits of quotients `q`: clamp, round to nearest even, NaN -> FMT.NAN_CODE."""
     QMAX: tl.constexpr = FMT.QMAX

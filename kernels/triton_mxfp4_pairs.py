@@ -7,16 +7,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .config import KernelConfig
 from .launch import interpreting
-from .quantize_plan import as_grid, bytes_of, element_constants, pair_words
+from .quantize_plan import as_grid, bytes_of, element_constants, narrow_launch, pair_words
 from .spec import E2M1, _cdiv
-from .triton_elements import RECIPROCAL, block_scale, e2m1, finite_abs, mx_scale_exponent, quotient, stored_scale
-
-# Rows and MX blocks a program of the MXFP4 pairs kernel takes (8192 elements, 4 warps).
-PAIRS_ROWS, PAIRS_GROUPS, PAIRS_WARPS = 16, 16, 4
+from .triton_elements import (RECIPROCAL, block_scale, e2m1, finite_abs, max_u16x2, mx_scale_exponent, quotient,
+                              stored_scale)
 
 
-def mxfp4_pairs(v, codes, stored, spec) -> bool:
+def mxfp4_pairs(v, codes, stored, spec, config: KernelConfig) -> bool:
     """Quantize with _mxfp4_pairs_kernel when `v` (1, R, C) is a 16-bit MXFP4 input it can read as int32 pairs
     (quantize_plan.pair_words); False otherwise."""
     _, R, C = v.shape
@@ -25,11 +24,12 @@ def mxfp4_pairs(v, codes, stored, spec) -> bool:
         return False
     grid_s = as_grid(stored, R, _cdiv(C, spec.group_size))
     c2 = C // 2
-    grid = (_cdiv(R, PAIRS_ROWS) * _cdiv(c2, PAIRS_GROUPS * 16),)
+    rows, groups, warps = narrow_launch(config.mxfp4_pairs_launch, _cdiv(c2, 16))
+    grid = (_cdiv(R, rows) * _cdiv(c2, groups * 16),)
     _mxfp4_pairs_kernel[grid](pairs, bytes_of(codes), bytes_of(grid_s), R, c2, pairs.stride(0),
-                              grid_s.stride(0), grid_s.stride(1), ROWS=PAIRS_ROWS, GROUPS=PAIRS_GROUPS,
+                              grid_s.stride(0), grid_s.stride(1), ROWS=rows, GROUPS=groups,
                               FP16=v.dtype == torch.float16, FMT=element_constants(spec),
-                              PACKED=v.dtype == torch.bfloat16 and not interpreting(), num_warps=PAIRS_WARPS)
+                              PACKED=v.dtype == torch.bfloat16 and not interpreting(), num_warps=warps)
     return True
 
 
@@ -79,12 +79,6 @@ def _e2m1_bf16_pairs(w, e):
 
 
 @triton.jit
-def _max_u16x2(a, b):
-    """Maximum of each 16-bit half of int32 words (sm_90 PTX)."""
-    return tl.inline_asm_elementwise("max.u16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
 def _mxfp4_pairs_kernel(w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c,
                         ROWS: tl.constexpr, GROUPS: tl.constexpr, FP16: tl.constexpr, FMT: tl.constexpr,
                         PACKED: tl.constexpr):
@@ -106,7 +100,7 @@ def _mxfp4_pairs_kernel(w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c,
     mask = (r < R) & (k < C2)
     w = tl.load(w_ptr + r.to(tl.int64) * sw_r + k, mask=mask, other=0)
     if PACKED:  # both halves at once (max.u16x2), then the larger half
-        mag = tl.reduce(w & 0x7FFF7FFF, 2, _max_u16x2, keep_dims=True)
+        mag = tl.reduce(w & 0x7FFF7FFF, 2, max_u16x2, keep_dims=True)
         mag = tl.maximum(mag & 0xFFFF, mag >> 16)
     else:
         mag = tl.max(tl.maximum(w & 0x7FFF, (w >> 16) & 0x7FFF), axis=2, keep_dims=True)

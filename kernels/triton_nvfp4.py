@@ -11,15 +11,18 @@ import triton.language as tl
 
 from . import reference
 from .config import KernelConfig
-from .quantize_plan import ElementConstants, as_grid, bf16_bits, bytes_of, element_constants, input_view, pair_words
+from .launch import interpreting
+from .quantize_plan import (ElementConstants, as_grid, bf16_bits, bytes_of, element_constants, input_view,
+                            narrow_launch, pair_words)
 from .spec import NVFP4_BLOCK, NVFP4_ZERO_SCALE, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, e2m1, e4m3_value, encode_float,
-                              finite_abs, load_fp32, quotient)
+                              finite_abs, load_fp32, max_u16x2, quotient)
 
-# E4M3 block scales are rounded by the integer routine (encode_float's soft path): exact compiled and
-# interpreted alike (the interpreter's own fp8 cast is not).
+# E4M3 block scales: rounded by the hardware conversion when compiled, by the integer routine (encode_float's
+# soft path) when interpreted (the interpreter's own fp8 cast is not exact).
 E4M3_SOFT: ElementConstants = element_constants(QuantSpec("fp8_e4m3"), exact_fp8=True)
+E4M3_HW: ElementConstants = element_constants(QuantSpec("fp8_e4m3"), exact_fp8=False)
 ZERO_SCALE_BITS = int(torch.tensor(NVFP4_ZERO_SCALE).to(torch.float8_e4m3fn).view(torch.uint8))
 
 
@@ -32,23 +35,28 @@ def quantize(v: torch.Tensor, qt: QuantizedTensor, config: KernelConfig, given: 
              amax: torch.Tensor | None = None) -> None:
     """Fill qt (codes, scales, tensor_scale allocated for v's tensor) with v (1, R, C) quantized to NVFP4; `given`:
     the tensor scale to use (one fp32), else v's own (a statistics pass first); `amax` (a zeroed one-element
-    fp32): receives v's finite amax, found in the quantizing pass."""
+    fp32): receives v's finite amax, found in the quantizing pass. The launch: config.nvfp4_launch (narrowed to
+    the rows), nvfp4_maxnreg, packed_encode."""
     _, R, C = v.shape
     qt.tensor_scale.copy_(tensor_scale(v, config) if given is None else given.reshape(()))
     grid_s = as_grid(qt.scales, R, _cdiv(C, NVFP4_BLOCK))
-    rows, groups, warps = config.nvfp4_launch
-    grid = (_cdiv(R, rows) * _cdiv(C, groups * NVFP4_BLOCK),)
+    rows, groups, warps = narrow_launch(config.nvfp4_launch, _cdiv(C, NVFP4_BLOCK))
+    tiles = _cdiv(R, rows) * _cdiv(C, groups * NVFP4_BLOCK)
     words = pair_words(v)
     if words is None:  # elements loaded one by one: lo and hi apart
         x, words_kind, sx_r, sx_c = input_view(v), ELEMENTS, v.stride(1), v.stride(2)
     else:
         x, sx_r, sx_c = words, words.stride(0), 1
         words_kind = {torch.bfloat16: BF16_WORDS, torch.float16: FP16_WORDS, torch.float32: FP32_WORDS}[v.dtype]
-    _nvfp4_kernel[grid](x, bytes_of(qt.codes), bytes_of(grid_s), qt.tensor_scale,
-                        qt.tensor_scale if amax is None else amax, R, C, sx_r, sx_c, (C + 1) // 2,
-                        grid_s.stride(0), grid_s.stride(1),
-                        ROWS=rows, GROUPS=groups, SCALE_FMT=E4M3_SOFT, ZERO_BITS=ZERO_SCALE_BITS,
-                        BF16_BITS=bf16_bits(v), WORDS=words_kind.value, AMAX=amax is not None, num_warps=warps)
+    compiled = not interpreting()
+    packed = compiled and words_kind is BF16_WORDS and config.packed_encode
+    extra = {} if config.nvfp4_maxnreg is None else {"maxnreg": config.nvfp4_maxnreg}
+    _nvfp4_kernel[(tiles,)](x, bytes_of(qt.codes), bytes_of(grid_s), qt.tensor_scale,
+                            qt.tensor_scale if amax is None else amax, R, C, sx_r, sx_c, (C + 1) // 2,
+                            grid_s.stride(0), grid_s.stride(1), ROWS=rows, GROUPS=groups,
+                            SCALE_FMT=E4M3_HW if compiled else E4M3_SOFT, ZERO_BITS=ZERO_SCALE_BITS,
+                            BF16_BITS=bf16_bits(v), WORDS=words_kind.value, AMAX=amax is not None, PACKED=packed,
+                            num_warps=warps, **extra)
 
 
 # WORDS of _nvfp4_kernel: how the input is read.
@@ -83,12 +91,58 @@ def _load_pairs(x_ptr, r, j, R, C, C2, sx_r, sx_c, BF16_BITS: tl.constexpr, WORD
 
 
 @triton.jit
+def _e2m1_words(q_lo, q_hi, w):
+    """The code byte of each pair of finite quotients (q_lo, q_hi) of the bf16 elements of int32 word w (element
+    2i in the low nibble, signs from w), in sm_90 PTX (e2m1's rounding, fewer instructions).
+
+    E2M1's step is 0.5 below 2, 1 in [2, 4) and 2 in [4, 6]: with e = max(exponent of a, 0), a * 2**(1 - e)
+    + (2**23 + 2) rounds a = min(|q|, 6) to a whole number n of steps (the product is exact: a power of two)
+    and n + 2 sits in the sum's low bits; the code is n + 2 * e, so the sum's bits + 2 * (127 + e) hold the
+    code plus a multiple of 256. Low and high codes add as lo + 16 * hi, the signs (bits 15 and 31 of w) as
+    bits 3 and 7."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .f32 a, m, y;
+        .reg .b32 e, c, d, s, t;
+        abs.f32 a, $1;
+        min.f32 a, a, 0f40C00000;
+        mov.b32 e, a;
+        shr.u32 e, e, 23;
+        max.u32 e, e, 127;
+        mad.lo.s32 c, e, -8388608, 2139095040;
+        mov.b32 m, c;
+        fma.rn.f32 y, a, m, 0f4B000002;
+        mov.b32 c, y;
+        mad.lo.s32 c, e, 2, c;
+        abs.f32 a, $2;
+        min.f32 a, a, 0f40C00000;
+        mov.b32 e, a;
+        shr.u32 e, e, 23;
+        max.u32 e, e, 127;
+        mad.lo.s32 d, e, -8388608, 2139095040;
+        mov.b32 m, d;
+        fma.rn.f32 y, a, m, 0f4B000002;
+        mov.b32 d, y;
+        mad.lo.s32 d, e, 2, d;
+        mad.lo.s32 c, d, 16, c;
+        and.b32 s, $3, 0x80008000;
+        shr.u32 t, s, 12;
+        shr.u32 s, s, 24;
+        add.s32 c, c, t;
+        add.s32 $0, c, s;
+        }
+        """,
+        constraints="=r,r,r,r", args=[q_lo, q_hi, w], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, ts_ptr, amax_ptr, R, C, sx_r, sx_c, sq_r, ss_r, ss_c,
                   ROWS: tl.constexpr, GROUPS: tl.constexpr, SCALE_FMT: tl.constexpr, ZERO_BITS: tl.constexpr,
-                  BF16_BITS: tl.constexpr, WORDS: tl.constexpr, AMAX: tl.constexpr):
-    """Codes and E4M3 scales of ROWS rows x GROUPS 1x16 blocks, read as pairs of elements (lo, hi: _load_pairs,
-    words of two where WORDS says so), so that each pair's two codes make one byte (element 2i in the low
-    nibble) without moving registers.
+                  BF16_BITS: tl.constexpr, WORDS: tl.constexpr, AMAX: tl.constexpr, PACKED: tl.constexpr):
+    """Codes and E4M3 scales of tiles of ROWS rows x GROUPS 1x16 blocks, read as pairs of elements (lo, hi:
+    _load_pairs, words of two where WORDS says so), so that each pair's two codes make one byte (element 2i in the
+    low nibble) without moving registers.
 
     s = E4M3(min(tensor_scale * (amax / 6), 448)) (0.125 if 0), divisor s / tensor_scale, codes of the
     IEEE quotients x / divisor: the reference's steps, each one IEEE fp32 rounding. The quotients are
@@ -96,30 +150,76 @@ def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, ts_ptr, amax_ptr, R, C, sx_r, sx
     2**17, or the NaN an Inf x gives, saturates in e2m1, which takes sign and NaN from x) unless the tensor scale
     allows a divisor outside [CORRECTED_MIN, CORRECTED_MAX] (tensors of amax below ~2^-70): then from IEEE
     divisions. That is decided once for the whole tensor: every divisor lies between those of the extreme E4M3
-    scales, 2**-9 and 448 (division by the tensor scale rounds monotonically). AMAX: the tile's finite amax is
-    maxed into amax_ptr."""
+    scales, 2**-9 and 448 (division by the tensor scale rounds monotonically). AMAX: each tile's finite amax is
+    maxed into amax_ptr. PACKED (bf16 words, compiled): _packed_tile."""
     pid = tl.program_id(0)
     tiles_c = tl.cdiv(C, GROUPS * 16)
     r = (pid // tiles_c) * ROWS + tl.arange(0, ROWS)[:, None, None]
     g = (pid % tiles_c) * GROUPS + tl.arange(0, GROUPS)[None, :, None]
     j = g * 8 + tl.arange(0, 8)[None, None, :]  # pairs: elements 2j and 2j + 1, code byte j
-    lo, hi = _load_pairs(x_ptr, r, j, R, C, sq_r, sx_r, sx_c, BF16_BITS, WORDS)
-    amax = tl.max(tl.maximum(finite_abs(lo), finite_abs(hi)), axis=2, keep_dims=True)
     ts = tl.load(ts_ptr)
+    # Not (in range): a NaN tensor scale is careful too.
+    careless = (tl.math.div_rn(2.0 ** -9, ts) >= CORRECTED_MIN) & (tl.math.div_rn(448.0, ts) <= CORRECTED_MAX)
+    if PACKED:
+        w = tl.load(x_ptr + r.to(tl.int64) * sx_r + j, mask=(r < R) & (j < sq_r), other=0)
+        _packed_tile(w, r, g, j, R, C, sq_r, ss_r, ss_c, ts, careless, codes_ptr, scales_ptr, amax_ptr,
+                     SCALE_FMT, ZERO_BITS, AMAX)
+    else:
+        lo, hi = _load_pairs(x_ptr, r, j, R, C, sq_r, sx_r, sx_c, BF16_BITS, WORDS)
+        amax = tl.max(tl.maximum(finite_abs(lo), finite_abs(hi)), axis=2, keep_dims=True)
+        divisor = _block_scales(amax, r, g, R, C, ss_r, ss_c, ts, scales_ptr, amax_ptr, SCALE_FMT, ZERO_BITS, AMAX)
+        packed = _e2m1_pairs(lo, hi, divisor, careless)
+        tl.store(codes_ptr + r.to(tl.int64) * sq_r + j, packed.to(tl.uint8), mask=(r < R) & (j < sq_r))
+
+
+@triton.jit
+def _packed_tile(w, r, g, j, R, C, sq_r, ss_r, ss_c, ts, careless, codes_ptr, scales_ptr, amax_ptr,
+                 SCALE_FMT: tl.constexpr, ZERO_BITS: tl.constexpr, AMAX: tl.constexpr):
+    """Scales and codes of one tile of bf16 words w: the amax reduced on the magnitude bits of both halves at once
+    (max.u16x2); a tile without Inf or NaN under a careless tensor scale encoded by _e2m1_words, any other by
+    _e2m1_pairs from the finite amax."""
+    lo = (w << 16).to(tl.float32, bitcast=True)
+    hi = (w & -65536).to(tl.float32, bitcast=True)
+    mag = tl.reduce(w & 0x7FFF7FFF, 2, max_u16x2, keep_dims=True)
+    mag = tl.maximum(mag & 0xFFFF, mag >> 16)
+    amax = (mag << 16).to(tl.float32, bitcast=True)
+    fast = careless & (tl.max(mag) < 0x7F80)
+    if not fast:  # an Inf or NaN: the amax of the finite elements
+        amax = tl.max(tl.maximum(finite_abs(lo), finite_abs(hi)), axis=2, keep_dims=True)
+    divisor = _block_scales(amax, r, g, R, C, ss_r, ss_c, ts, scales_ptr, amax_ptr, SCALE_FMT, ZERO_BITS, AMAX)
+    if fast:
+        packed = _e2m1_words(quotient(lo, divisor, CORRECTED_ANY_ZERO), quotient(hi, divisor, CORRECTED_ANY_ZERO), w)
+    else:
+        packed = _e2m1_pairs(lo, hi, divisor, careless)
+    tl.store(codes_ptr + r.to(tl.int64) * sq_r + j, packed.to(tl.uint8), mask=(r < R) & (j < sq_r))
+
+
+@triton.jit
+def _block_scales(amax, r, g, R, C, ss_r, ss_c, ts, scales_ptr, amax_ptr, SCALE_FMT: tl.constexpr,
+                  ZERO_BITS: tl.constexpr, AMAX: tl.constexpr):
+    """Store the E4M3 scales of the blocks of amax (ROWS, GROUPS, 1) at rows r, blocks g (AMAX: max their amax into
+    amax_ptr) and return their divisors, scale / tensor scale."""
     s = tl.minimum(ts * tl.math.div_rn(amax, 6.0), 448.0)
     bits = encode_float(s, SCALE_FMT)
     bits = tl.where(bits == 0, ZERO_BITS, bits)
-    divisor = tl.math.div_rn(e4m3_value(bits), ts)
-    b_mask = (r < R) & (g * 16 < C)
-    tl.store(scales_ptr + r.to(tl.int64) * ss_r + g * ss_c, bits.to(tl.uint8), mask=b_mask)
+    if SCALE_FMT.EXACT_FP8:
+        value = e4m3_value(bits)
+    else:  # the hardware's conversion back (exact)
+        value = bits.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    tl.store(scales_ptr + r.to(tl.int64) * ss_r + g * ss_c, bits.to(tl.uint8), mask=(r < R) & (g * 16 < C))
     if AMAX:
         tl.atomic_max(amax_ptr, tl.max(tl.max(tl.max(amax, axis=2), axis=1), axis=0))
-    # Not (in range): a NaN tensor scale is careful too.
-    careless = (tl.math.div_rn(2.0 ** -9, ts) >= CORRECTED_MIN) & (tl.math.div_rn(448.0, ts) <= CORRECTED_MAX)
+    return tl.math.div_rn(value, ts)
+
+
+@triton.jit
+def _e2m1_pairs(lo, hi, divisor, careless):
+    """The code byte of each pair (lo, hi) under its block's divisor, by e2m1 (sign and NaN from the elements;
+    careless: corrected quotients, else IEEE divisions)."""
     if careless:  # e2m1 takes sign and NaN from x and saturates a NaN quotient of an Inf
         packed = (e2m1(quotient(lo, divisor, CORRECTED_ANY_ZERO), lo) & 0xF) | \
             ((e2m1(quotient(hi, divisor, CORRECTED_ANY_ZERO), hi) & 0xF) << 4)
     else:
         packed = (e2m1(quotient(lo, divisor, DIVIDE), lo) & 0xF) | \
             ((e2m1(quotient(hi, divisor, DIVIDE), hi) & 0xF) << 4)
-    tl.store(codes_ptr + r.to(tl.int64) * sq_r + j, packed.to(tl.uint8), mask=(r < R) & (j < sq_r))
+    return packed

@@ -334,7 +334,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
     if spec.format == Format.NVFP4:
         triton_nvfp4.quantize(v, qt, config, given, amax)
         return qt
-    if given is None and mxfp4_pairs(v, qt.codes, qt.scales, spec):
+    if given is None and mxfp4_pairs(v, qt.codes, qt.scales, spec, config):
         return qt
     register = given is None and P == 1 and pow2_ceil(br) * pow2_ceil(bc) <= MAX_REGISTER_BLOCK
     stats = None
@@ -372,7 +372,7 @@ def _launch(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, register,
     P, R, C = v.shape
     if amax is not None:
         stats = amax  # where SCALE_GIVEN_AMAX maxes it
-    tile, num_warps = geometry or tile_geometry(br, bc, R, C, register, config)
+    tile, num_warps = geometry or tile_geometry(br, bc, R, C, register, config, asym=fmt.ASYM)
     tiles_r, tiles_c = _cdiv(R, tile.RB * tile.TBR), _cdiv(C, tile.CB * tile.TBC)
     codes_b = bytes_of(codes)
     ccols = (C + 1) // 2 if spec.element.bits == 4 else C  # codes are contiguous over (P, R, C)

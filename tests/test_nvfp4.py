@@ -16,7 +16,7 @@ except ImportError:  # a GPU machine without it: the comparisons with it skip, t
 
 from quantd.kernels import cpu, reference, triton_quantize
 from quantd.kernels.config import DEFAULT
-from quantd.kernels.spec import QuantSpec
+from quantd.kernels.spec import E2M1, QuantSpec
 from triton_cases import assert_same_qt, assert_same_values, random_input, to_device
 
 SPEC = QuantSpec("nvfp4")
@@ -287,3 +287,71 @@ def test_gpu_triton_matches_reference(dtype, rng):
     for shape in ((1, 1), (3, 129), (4097, 1000), (8192, 7168)):
         assert_triton_equal(random_input(shape, dtype, rng).cuda())
     assert_triton_equal(random_input((4096, 1000), dtype, rng).cuda().T)
+
+
+def bf16_ties_tensor() -> tuple:
+    """(x, tensor scale): bf16 blocks under the tensor scale 2**10, one block for each E4M3 scale s from 2**-6 to 448
+    (its first element the amax 6 * s / 2**10), the rest on the E2M1 rounding midpoints m * s / 2**10 (exact ties:
+    both factors are short) or one bf16 step either side, of mixed signs; then one all-zero block (30 x 64)."""
+    ts = 2.0 ** 10
+    scales = torch.arange(0x08, 0x7F, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    rows = []
+    for i, s in enumerate(scales.tolist()):
+        d = s / ts
+        mids = torch.tensor(E2M1_MIDPOINTS * 3)[:15] * d
+        block = torch.cat([torch.tensor([6.0 * d]), mids]).bfloat16()
+        step = torch.tensor([0] + [(k + i) % 3 - 1 for k in range(15)], dtype=torch.int16)
+        block = (block.view(torch.int16) + step).view(torch.bfloat16)
+        signs = torch.tensor([1.0] + [(-1.0) ** (i + k) for k in range(15)], dtype=torch.bfloat16)
+        rows.append(block * signs)
+    rows.append(torch.zeros(16, dtype=torch.bfloat16))
+    return torch.stack(rows).reshape(30, 64), torch.tensor(ts)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bf16_ties_under_a_given_tensor_scale(device):
+    """Exact E2M1 ties and their bf16 neighbours under every E4M3 block scale, through the kernel's bf16 words path
+    (on the GPU: the packed encoding of tiles without Inf or NaN), equal the reference."""
+    x, ts = bf16_ties_tensor()
+    want = reference.quantize(x, SPEC, ts)
+    d = reference.scale_values(want).reshape(x.shape[0], -1).repeat_interleave(16, dim=1)
+    q = (x.float() / d).abs()
+    for m in E2M1_MIDPOINTS:
+        assert (q == m).sum() >= 40
+    assert_same_qt(to_device(triton_quantize.quantize(x.to(device), SPEC, ts.to(device)), "cpu"), want)
+
+
+@pytest.mark.gpu
+def test_gpu_e2m1_words_at_every_rounding_boundary():
+    """triton_nvfp4._e2m1_words (compiled only: PTX) against the reference's E2M1 rounding: fp32 quotients on and 256
+    ulps either side of every midpoint and binade start, every bf16 value in [0, 8], random values in [0, 7], past 6
+    (to Inf), of both signs; the signs come from random words."""
+    import triton
+    import triton.language as tl
+    from quantd.kernels import triton_nvfp4
+
+    @triton.jit
+    def encode(q_ptr, w_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        q_lo = tl.load(q_ptr + 2 * i, mask=m, other=0.0)
+        q_hi = tl.load(q_ptr + 2 * i + 1, mask=m, other=0.0)
+        code = triton_nvfp4._e2m1_words(q_lo, q_hi, tl.load(w_ptr + i, mask=m, other=0))
+        tl.store(out_ptr + i, code.to(tl.uint8), mask=m)
+
+    gen = torch.Generator().manual_seed(5)
+    ulps = torch.arange(-256, 257, dtype=torch.int32)
+    points = torch.tensor(E2M1_MIDPOINTS + (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0))
+    near = (points.view(torch.int32)[:, None] + ulps).view(torch.float32).flatten()
+    bf16 = torch.arange(0, 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    q = torch.cat([near, bf16[bf16 <= 8], torch.rand(100000, generator=gen) * 7,
+                   torch.tensor([0.0, 2.0 ** -149, 6.5, 7.0, 1e30, 3.4e38, math.inf])])
+    q = q * torch.where(torch.rand(q.shape, generator=gen) < 0.5, -1.0, 1.0)
+    q = torch.cat([q, q.new_zeros(q.numel() % 2)])
+    w = torch.randint(-(1 << 31), 1 << 31, (q.numel() // 2,), generator=gen, dtype=torch.int64).to(torch.int32)
+    out = torch.empty(w.shape, dtype=torch.uint8, device="cuda")
+    encode[(triton.cdiv(w.numel(), 1024),)](q.cuda(), w.cuda(), out, w.numel(), BLOCK=1024)
+    mag = reference.encode_minifloat_bits(reference.round_to_grid(q.abs().clamp(max=6.0), E2M1), E2M1)
+    signs = torch.stack([(w >> 15) & 1, (w >> 31) & 1], dim=1).flatten()
+    want = reference.pack_nibbles((mag | (signs << 3)).reshape(-1, 2))
+    assert torch.equal(out.cpu(), want.reshape(-1))

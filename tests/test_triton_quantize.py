@@ -307,9 +307,30 @@ PERSISTENT_CASES = [(QuantSpec(granularity="tile", tile=(128, 128)), (300, 260))
 def persistent_launch(x, spec, config) -> bool:
     """Whether quantize(x, spec, config=config) launches persistent programs (quantize_plan.schedule)."""
     (P, R, C), (br, bc) = block_geometry(x.shape, spec)
-    tile, warps = tile_geometry(br, bc, R, C, True, config)
-    return schedule(tile, warps, True, False, spec.format.value == "int8_asym", spec.format.value.startswith("int8"),
-                    config).per_sm > 0
+    asym = spec.format.value == "int8_asym"
+    tile, warps = tile_geometry(br, bc, R, C, True, config, asym=asym)
+    return schedule(tile, warps, True, False, asym, spec.format.value.startswith("int8"), config).per_sm > 0
+
+
+def test_one_block_schedule_limits_rows_only():
+    """Float 128 x 128 tiles run 4 warps without a register limit; float rows (channels) and INT8 tiles keep their
+    128 registers."""
+    square, row = Tile(1, 128, 128, 1, 128, 128), Tile(1, 1, 1, 1, 16384, 16384)
+    got = schedule(square, 8, True, False, False, False, DEFAULT)
+    assert got.one_block and (got.warps, got.maxnreg) == (4, None)
+    got = schedule(row, 8, True, False, False, False, DEFAULT)
+    assert got.one_block and (got.warps, got.maxnreg) == (8, 128)
+    got = schedule(square, 8, True, False, False, True, DEFAULT)
+    assert (got.warps, got.maxnreg) == (8, 128)
+
+
+def test_row_groups_take_the_group_tile():
+    """1x128 groups in registers: config.group_tile's elements and warps (INT8 asym keeps its own tiles);
+    None: tile_elems and warps by size."""
+    tile, warps = tile_geometry(1, 128, 4096, 4096, True, DEFAULT)
+    assert (tile.elems, warps) == (DEFAULT.group_tile[0], DEFAULT.group_tile[1])
+    assert tile_geometry(1, 128, 4096, 4096, True, DEFAULT, asym=True)[0].elems == DEFAULT.tile_elems
+    assert tile_geometry(1, 128, 4096, 4096, True, dataclasses.replace(DEFAULT, group_tile=None))[1] == 4
 
 
 def test_dual_schedule_limits_only_its_tile():
@@ -322,7 +343,10 @@ def test_dual_schedule_limits_only_its_tile():
 
 
 def one_block_config(config=DEFAULT, **fields):
-    """`config` with both one-block schedules (float and INT8 formats) changed by `fields` (config.OneBlock)."""
+    """`config` with both one-block schedules (float and INT8 formats) changed by `fields` (config.OneBlock; maxnreg
+    for blocks of one row too)."""
+    if "maxnreg" in fields:
+        fields.setdefault("row_maxnreg", fields["maxnreg"])
     return dataclasses.replace(config, one_block_float=dataclasses.replace(config.one_block_float, **fields),
                                one_block_int=dataclasses.replace(config.one_block_int, **fields))
 
