@@ -90,6 +90,35 @@ def _load_pairs(x_ptr, r, j, R, C, C2, sx_r, sx_c, BF16_BITS: tl.constexpr, WORD
     return lo, hi
 
 
+def _e2m1_steps_ptx(q: str, code: str) -> str:
+    """PTX of _e2m1_words for one quotient register `q`: its code (plus a multiple of 256) into register `code`."""
+    return f"""
+        abs.f32 a, {q};
+        min.f32 a, a, 0f40C00000;
+        mov.b32 e, a;
+        shr.u32 e, e, 23;
+        max.u32 e, e, 127;
+        mad.lo.s32 {code}, e, -8388608, 2139095040;
+        mov.b32 m, {code};
+        fma.rn.f32 y, a, m, 0f4B000002;
+        mov.b32 {code}, y;
+        mad.lo.s32 {code}, e, 2, {code};"""
+
+
+E2M1_WORDS_PTX = tl.constexpr("""
+        {
+        .reg .f32 a, m, y;
+        .reg .b32 e, c, d, s, t;""" + _e2m1_steps_ptx("$1", "c") + _e2m1_steps_ptx("$2", "d") + """
+        mad.lo.s32 c, d, 16, c;
+        and.b32 s, $3, 0x80008000;
+        shr.u32 t, s, 12;
+        shr.u32 s, s, 24;
+        add.s32 c, c, t;
+        add.s32 $0, c, s;
+        }
+        """)
+
+
 @triton.jit
 def _e2m1_words(q_lo, q_hi, w):
     """The code byte of each pair of finite quotients (q_lo, q_hi) of the bf16 elements of int32 word w (element
@@ -100,40 +129,8 @@ def _e2m1_words(q_lo, q_hi, w):
     and n + 2 sits in the sum's low bits; the code is n + 2 * e, so the sum's bits + 2 * (127 + e) hold the
     code plus a multiple of 256. Low and high codes add as lo + 16 * hi, the signs (bits 15 and 31 of w) as
     bits 3 and 7."""
-    return tl.inline_asm_elementwise(
-        asm="""
-        {
-        .reg .f32 a, m, y;
-        .reg .b32 e, c, d, s, t;
-        abs.f32 a, $1;
-        min.f32 a, a, 0f40C00000;
-        mov.b32 e, a;
-        shr.u32 e, e, 23;
-        max.u32 e, e, 127;
-        mad.lo.s32 c, e, -8388608, 2139095040;
-        mov.b32 m, c;
-        fma.rn.f32 y, a, m, 0f4B000002;
-        mov.b32 c, y;
-        mad.lo.s32 c, e, 2, c;
-        abs.f32 a, $2;
-        min.f32 a, a, 0f40C00000;
-        mov.b32 e, a;
-        shr.u32 e, e, 23;
-        max.u32 e, e, 127;
-        mad.lo.s32 d, e, -8388608, 2139095040;
-        mov.b32 m, d;
-        fma.rn.f32 y, a, m, 0f4B000002;
-        mov.b32 d, y;
-        mad.lo.s32 d, e, 2, d;
-        mad.lo.s32 c, d, 16, c;
-        and.b32 s, $3, 0x80008000;
-        shr.u32 t, s, 12;
-        shr.u32 s, s, 24;
-        add.s32 c, c, t;
-        add.s32 $0, c, s;
-        }
-        """,
-        constraints="=r,r,r,r", args=[q_lo, q_hi, w], dtype=tl.int32, is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(asm=E2M1_WORDS_PTX, constraints="=r,r,r,r", args=[q_lo, q_hi, w], dtype=tl.int32,
+                                     is_pure=True, pack=1)
 
 
 @triton.jit
