@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import ast
-import re
 import dataclasses
+import re
 import time
 
 import torch
