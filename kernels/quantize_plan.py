@@ -122,10 +122,9 @@ def tile_geometry(br: int, bc: int, rows: int, cols: int, register: bool, config
     a tile aims at (default config.tile_elems, or config.group_tile's for row groups in registers but INT8 asym's,
     which has its own schedule).
     """
+    group_warps = None
     if tile_elems is None and register and br == 1 and not asym and config.group_tile is not None:
         tile_elems, group_warps = config.group_tile
-        tile, _ = tile_geometry(br, bc, rows, cols, register, config, tile_elems)
-        return tile, config.tile_warps or group_warps
     tile_elems = tile_elems or config.tile_elems
     if register:  # whole blocks in registers
         tbr, tbc = br, bc
@@ -137,7 +136,8 @@ def tile_geometry(br: int, bc: int, rows: int, cols: int, register: bool, config
     cb = max(1, min(pow2_ceil(_cdiv(cols, tbc)), tile_elems // per_block))
     rb = max(1, min(pow2_ceil(_cdiv(rows, tbr)), tile_elems // (per_block * cb)))
     tile = Tile(rb, tbr, tbrp, cb, tbc, tbcp)
-    return tile, warps(tile.elems // 2 if register and tbrp == 1 else tile.elems, config)
+    return tile, config.tile_warps or group_warps or warps(tile.elems // 2 if register and tbrp == 1 else tile.elems,
+                                                           config)
 
 
 def warps(elems: int, config: KernelConfig) -> int:

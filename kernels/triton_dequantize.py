@@ -68,18 +68,16 @@ def _dequantize_kernel(
         scale = tl.load(scales_ptr + soff, mask=smask, other=1.0)
 
     q_base = codes_ptr + p.to(tl.int64) * sq_p + rows.to(tl.int64) * sq_r
-    if WORDS:
+    if UNPACK4:  # a code byte holds two elements
         jb = tl.arange(0, TBCP // 2)[None, None, None, :]
         bcols = (pid_c * CB + cb) * (TBC // 2) + jb
         bmask = (rows < R) & (bcols < sq_r)
         packed = tl.load(q_base + bcols, mask=bmask, other=0).to(tl.int32)
+    if WORDS:
         tl.store(out_ptr + p.to(tl.int64) * sq_p + rows.to(tl.int64) * sq_r + bcols,
                  e2m1x2_scaled(packed, e8m0_bf16x2(e8)), mask=bmask)
     else:
         if UNPACK4:
-            jb = tl.arange(0, TBCP // 2)[None, None, None, :]
-            bcols = (pid_c * CB + cb) * (TBC // 2) + jb
-            packed = tl.load(q_base + bcols, mask=(rows < R) & (bcols < sq_r), other=0).to(tl.int32)
             bits = tl.reshape(tl.join(packed & 0xF, packed >> 4), [RB, TBRP, CB, TBCP])
             v = decode_minifloat(bits, NBITS, EBITS, MBITS, BIAS, SPECIALS)
         elif DECODE_BITS:
