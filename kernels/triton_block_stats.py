@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from .config import KernelConfig
+from .plans import launch, scratch
 from .quantize_plan import bf16_bits, input_view, pow2_ceil
 from .spec import _cdiv
 from .triton_elements import finite_abs, load_fp32
@@ -84,7 +85,7 @@ def block_stats(v, br, bc, nbr, nbc, asym: bool, config: KernelConfig) -> torch.
     tc = min(pow2_ceil(C), 256) if keep_c else min(pow2_ceil(C), 256, 1 << (bc.bit_length() - 1))
     tr_cap = max(1, config.stats_tile_elems // tc)
     tr = min(pow2_ceil(R), tr_cap) if keep_r else min(pow2_ceil(R), tr_cap, 1 << (br.bit_length() - 1))
-    stats = torch.zeros((2 if asym else 1) * nbr * nbc, dtype=torch.float32, device=v.device)
+    stats = scratch((2 if asym else 1) * nbr * nbc, torch.float32, v.device)
     tiles_r, tiles_c = _cdiv(R, tr), _cdiv(C, tc)
     # Fewer, longer programs (fewer atomics on one address) where the looped dim is one block.
     iters = 1
@@ -94,9 +95,9 @@ def block_stats(v, br, bc, nbr, nbc, asym: bool, config: KernelConfig) -> torch.
             tiles_c = _cdiv(tiles_c, iters)
         else:
             tiles_r = _cdiv(tiles_r, iters)
-    _block_stats_kernel[(P * tiles_r * tiles_c,)](
-        input_view(v), stats, R, C, nbr, nbc, br, bc, tiles_r, tiles_c, iters, v.stride(0), v.stride(1), v.stride(2),
-        TR=tr, TC=tc, KEEP_R=keep_r, KEEP_C=keep_c, ASYM=asym, BF16_BITS=bf16_bits(v), num_warps=config.stats_warps,
+    launch(
+        _block_stats_kernel, (P * tiles_r * tiles_c,), input_view(v), stats, R, C, nbr, nbc, br, bc, tiles_r, tiles_c,
+        iters, v.stride(0), v.stride(1), v.stride(2), TR=tr, TC=tc, KEEP_R=keep_r, KEEP_C=keep_c, ASYM=asym, BF16_BITS=bf16_bits(v), num_warps=config.stats_warps,
     )
     return stats
 

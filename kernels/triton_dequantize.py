@@ -18,6 +18,7 @@ import triton.language as tl
 from .config import DEFAULT, KernelConfig
 from .launch import interpreting
 from .layout import check_out_values
+from .plans import launch, planned
 from .quantize_plan import MAX_REGISTER_BLOCK, as_grid, block_geometry, bytes_of, pow2_ceil, tile_geometry, warps
 from .spec import E2M1, OUT_DTYPES, QuantizedTensor, ScaleEncoding, _cdiv
 from .triton_elements import (IEEE_SPECIALS, NAN_ALL_ONES, NO_SPECIALS, block_ids, decode_minifloat, e2m1x2_scaled,
@@ -110,7 +111,7 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
     default: from bits only when interpreted. config: the launch choices (kernels/config.py).
     out: a contiguous tensor of qt's shape and out_dtype on the codes' device to write (and return).
     """
-    spec, el = qt.spec, qt.spec.element
+    spec = qt.spec
     out_dtype = out_dtype or spec.dequant_dtype
     if out_dtype not in OUT_DTYPES.values():
         raise TypeError(f"dequantize: out_dtype {out_dtype} is not supported (expected bfloat16, float16 or float32)")
@@ -123,6 +124,16 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
         check_out_values(out, qt.shape, out_dtype, qt.codes.device)
     if math.prod(qt.shape) == 0:
         return out
+    stored = (qt.codes, qt.scales, qt.zero_points, qt.tensor_scale)
+    key = ("dequantize", qt.shape, spec, out_dtype, exact_fp8, config, interpreting(), out.device,
+           tuple(None if t is None else (t.shape, t.stride(), t.dtype) for t in stored))
+    planned(key, [*stored, out], out.device, lambda: _dequantize_into(qt, out, exact_fp8, config))
+    return out
+
+
+def _dequantize_into(qt: QuantizedTensor, out: torch.Tensor, exact_fp8: bool | None, config: KernelConfig) -> None:
+    """Launch the kernel that writes qt's values into out (dequantize's body: a launch on these tensors only)."""
+    spec, el, out_dtype = qt.spec, qt.spec.element, out.dtype
     (P, R, C), (br, bc) = block_geometry(qt.shape, spec)
     nbr, nbc = _cdiv(R, br), _cdiv(C, bc)
     exact = interpreting() if exact_fp8 is None else bool(exact_fp8)
@@ -152,14 +163,13 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
     words = (el is E2M1 and pow2 and out_dtype == torch.bfloat16 and config.packed_decode and not interpreting()
              and C % 2 == 0 and out.data_ptr() % 4 == 0)
     dest = out.view(torch.int16) if bf16_bits else out.view(torch.int32) if words else out
-    _dequantize_kernel[(P * tiles_r * tiles_c,)](
-        codes, scales, scales if zps is None else zps, dest, qt.tensor_scale if nv else scales,
-        R, C, nbr, nbc, br, bc, tiles_r, tiles_c, R * ccols, ccols, scales.stride(0), scales.stride(1),
+    launch(
+        _dequantize_kernel, (P * tiles_r * tiles_c,), codes, scales, scales if zps is None else zps, dest,
+        qt.tensor_scale if nv else scales, R, C, nbr, nbc, br, bc, tiles_r, tiles_c, R * ccols, ccols, scales.stride(0), scales.stride(1),
         TILE=tile, BLOCKED=blocked, BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
         UNPACK4=el is E2M1, SPLIT=split, NV=nv,
         DECODE_BITS=decode_bits, POW2=pow2, ASYM=zps is not None,
         NBITS=el.bits, EBITS=el.ebits, MBITS=el.mbits, BIAS=el.bias, SPECIALS=_specials(el),
         BF16_BITS=bf16_bits, WORDS=words, num_warps=warps(tile.elems, config),
     )
-    return out
 

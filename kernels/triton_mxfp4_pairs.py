@@ -9,6 +9,7 @@ import triton.language as tl
 
 from .config import KernelConfig
 from .launch import interpreting
+from .plans import launch
 from .quantize_plan import as_grid, bytes_of, element_constants, narrow_launch, pair_words
 from .spec import E2M1, _cdiv
 from .triton_elements import (RECIPROCAL, block_scale, e2m1, finite_abs, max_u16x2, mx_scale_exponent, quotient,
@@ -26,10 +27,9 @@ def mxfp4_pairs(v, codes, stored, spec, config: KernelConfig) -> bool:
     c2 = C // 2
     rows, groups, warps = narrow_launch(config.mxfp4_pairs_launch, _cdiv(c2, 16))
     grid = (_cdiv(R, rows) * _cdiv(c2, groups * 16),)
-    _mxfp4_pairs_kernel[grid](pairs, bytes_of(codes), bytes_of(grid_s), R, c2, pairs.stride(0),
-                              grid_s.stride(0), grid_s.stride(1), ROWS=rows, GROUPS=groups,
-                              FP16=v.dtype == torch.float16, FMT=element_constants(spec),
-                              PACKED=v.dtype == torch.bfloat16 and not interpreting(), num_warps=warps)
+    launch(_mxfp4_pairs_kernel, grid, pairs, bytes_of(codes), bytes_of(grid_s), R, c2, pairs.stride(0),
+           grid_s.stride(0), grid_s.stride(1), ROWS=rows, GROUPS=groups, FP16=v.dtype == torch.float16,
+           FMT=element_constants(spec), PACKED=v.dtype == torch.bfloat16 and not interpreting(), num_warps=warps)
     return True
 
 

@@ -9,12 +9,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
 from .config import KernelConfig
 from .launch import interpreting
+from .plans import launch
 from .quantize_plan import (ElementConstants, as_grid, bf16_bits, bytes_of, element_constants, input_view,
                             narrow_launch, pair_words)
-from .spec import NVFP4_BLOCK, NVFP4_ZERO_SCALE, QuantizedTensor, QuantSpec, _cdiv
+from .spec import E2M1, E4M3, NVFP4_BLOCK, NVFP4_ZERO_SCALE, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, e2m1, e4m3_value, encode_float,
                               finite_abs, load_fp32, max_u16x2, quotient)
@@ -23,22 +23,18 @@ from .triton_elements import (CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, 
 # soft path) when interpreted (the interpreter's own fp8 cast is not exact).
 E4M3_SOFT: ElementConstants = element_constants(QuantSpec("fp8_e4m3"), exact_fp8=True)
 E4M3_HW: ElementConstants = element_constants(QuantSpec("fp8_e4m3"), exact_fp8=False)
+TENSOR_SCALE_AMAX = tl.constexpr(E4M3.max * E2M1.max)  # the tensor scale's numerator: the largest scaled code
 ZERO_SCALE_BITS = int(torch.tensor(NVFP4_ZERO_SCALE).to(torch.float8_e4m3fn).view(torch.uint8))
-
-
-def tensor_scale(v: torch.Tensor, config: KernelConfig) -> torch.Tensor:
-    """0-d fp32: reference.nvfp4_tensor_scale of the finite amax of `v` (1, R, C), found by the statistics pass."""
-    return reference.nvfp4_tensor_scale(block_stats(v, v.shape[1], v.shape[2], 1, 1, False, config)[0])
 
 
 def quantize(v: torch.Tensor, qt: QuantizedTensor, config: KernelConfig, given: torch.Tensor | None = None,
              amax: torch.Tensor | None = None) -> None:
     """Fill qt (codes, scales, tensor_scale allocated for v's tensor) with v (1, R, C) quantized to NVFP4; `given`:
-    the tensor scale to use (one fp32), else v's own (a statistics pass first); `amax` (a zeroed one-element
-    fp32): receives v's finite amax, found in the quantizing pass. The launch: config.nvfp4_launch (narrowed to
-    the rows), nvfp4_maxnreg, packed_encode."""
+    the tensor scale to use (one fp32), else v's own (reference.nvfp4_tensor_scale of the amax a statistics pass
+    finds first); `amax` (a zeroed one-element fp32): receives v's finite amax, found in the quantizing pass. The
+    launch: config.nvfp4_launch (narrowed to the rows), nvfp4_maxnreg, packed_encode."""
     _, R, C = v.shape
-    qt.tensor_scale.copy_(tensor_scale(v, config) if given is None else given.reshape(()))
+    source = given if given is not None else block_stats(v, R, C, 1, 1, False, config)
     grid_s = as_grid(qt.scales, R, _cdiv(C, NVFP4_BLOCK))
     rows, groups, warps = narrow_launch(config.nvfp4_launch, _cdiv(C, NVFP4_BLOCK))
     tiles = _cdiv(R, rows) * _cdiv(C, groups * NVFP4_BLOCK)
@@ -51,12 +47,11 @@ def quantize(v: torch.Tensor, qt: QuantizedTensor, config: KernelConfig, given: 
     compiled = not interpreting()
     packed = compiled and words_kind is BF16_WORDS and config.packed_encode
     extra = {} if config.nvfp4_maxnreg is None else {"maxnreg": config.nvfp4_maxnreg}
-    _nvfp4_kernel[(tiles,)](x, bytes_of(qt.codes), bytes_of(grid_s), qt.tensor_scale,
-                            qt.tensor_scale if amax is None else amax, R, C, sx_r, sx_c, (C + 1) // 2,
-                            grid_s.stride(0), grid_s.stride(1), ROWS=rows, GROUPS=groups,
-                            SCALE_FMT=E4M3_HW if compiled else E4M3_SOFT, ZERO_BITS=ZERO_SCALE_BITS,
-                            BF16_BITS=bf16_bits(v), WORDS=words_kind.value, AMAX=amax is not None, PACKED=packed,
-                            num_warps=warps, **extra)
+    launch(_nvfp4_kernel, (tiles,), x, bytes_of(qt.codes), bytes_of(grid_s), source, qt.tensor_scale,
+           qt.tensor_scale if amax is None else amax, R, C, sx_r, sx_c, (C + 1) // 2, grid_s.stride(0),
+           grid_s.stride(1), ROWS=rows, GROUPS=groups, SCALE_FMT=E4M3_HW if compiled else E4M3_SOFT,
+           ZERO_BITS=ZERO_SCALE_BITS, BF16_BITS=bf16_bits(v), WORDS=words_kind.value, FROM_AMAX=given is None,
+           AMAX=amax is not None, PACKED=packed, num_warps=warps, **extra)
 
 
 # WORDS of _nvfp4_kernel: how the input is read.
@@ -134,9 +129,10 @@ def _e2m1_words(q_lo, q_hi, w):
 
 
 @triton.jit
-def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, ts_ptr, amax_ptr, R, C, sx_r, sx_c, sq_r, ss_r, ss_c,
+def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, source_ptr, ts_ptr, amax_ptr, R, C, sx_r, sx_c, sq_r, ss_r, ss_c,
                   ROWS: tl.constexpr, GROUPS: tl.constexpr, SCALE_FMT: tl.constexpr, ZERO_BITS: tl.constexpr,
-                  BF16_BITS: tl.constexpr, WORDS: tl.constexpr, AMAX: tl.constexpr, PACKED: tl.constexpr):
+                  BF16_BITS: tl.constexpr, WORDS: tl.constexpr, FROM_AMAX: tl.constexpr, AMAX: tl.constexpr,
+                  PACKED: tl.constexpr):
     """Codes and E4M3 scales of tiles of ROWS rows x GROUPS 1x16 blocks, read as pairs of elements (lo, hi:
     _load_pairs, words of two where WORDS says so), so that each pair's two codes make one byte (element 2i in the
     low nibble) without moving registers.
@@ -154,7 +150,9 @@ def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, ts_ptr, amax_ptr, R, C, sx_r, sx
     r = (pid // tiles_c) * ROWS + tl.arange(0, ROWS)[:, None, None]
     g = (pid % tiles_c) * GROUPS + tl.arange(0, GROUPS)[None, :, None]
     j = g * 8 + tl.arange(0, 8)[None, None, :]  # pairs: elements 2j and 2j + 1, code byte j
-    ts = tl.load(ts_ptr)
+    ts = _tensor_scale(source_ptr, FROM_AMAX)
+    if pid == 0:
+        tl.store(ts_ptr, ts)
     # Not (in range): a NaN tensor scale is careful too.
     careless = (tl.math.div_rn(2.0 ** -9, ts) >= CORRECTED_MIN) & (tl.math.div_rn(448.0, ts) <= CORRECTED_MAX)
     if PACKED:
@@ -167,6 +165,17 @@ def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, ts_ptr, amax_ptr, R, C, sx_r, sx
         divisor = _block_scales(amax, r, g, R, C, ss_r, ss_c, ts, scales_ptr, amax_ptr, SCALE_FMT, ZERO_BITS, AMAX)
         packed = _e2m1_pairs(lo, hi, divisor, careless)
         tl.store(codes_ptr + r.to(tl.int64) * sq_r + j, packed.to(tl.uint8), mask=(r < R) & (j < sq_r))
+
+
+@triton.jit
+def _tensor_scale(source_ptr, FROM_AMAX: tl.constexpr):
+    """The tensor scale: the one at source_ptr, or (FROM_AMAX) reference.nvfp4_tensor_scale of the amax there,
+    448 * 6 / max(amax, 2**-126), 1.0 where that overflows; evaluated as torch evaluates a number over a tensor
+    (and so compressed-tensors): the reciprocal, then the product, each rounded."""
+    if FROM_AMAX:
+        ts = tl.math.div_rn(1.0, tl.maximum(tl.load(source_ptr), 2.0 ** -126)) * TENSOR_SCALE_AMAX
+        return tl.where(ts < float("inf"), ts, 1.0)
+    return tl.load(source_ptr)
 
 
 @triton.jit

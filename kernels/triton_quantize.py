@@ -20,6 +20,8 @@ import triton.language as tl
 from . import reference, triton_nvfp4
 from .config import DEFAULT, KernelConfig
 from .layout import check_out, copy_into, scale_tensor, with_scale_layout
+from .launch import interpreting
+from .plans import launch, planned, scratch
 from .quantize_plan import (MAX_REGISTER_BLOCK, Tile, as_grid, bf16_bits, block_view, bytes_of, element_constants,
                             input_view, persistent_programs, pow2_ceil, schedule, tile_geometry, warps)
 from .spec import Format, Granularity, QuantizedTensor, QuantSpec, _cdiv
@@ -326,16 +328,25 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
         qt = with_scale_layout(_to_device(reference.quantize(x.cpu(), spec, None if scales is None else scales.cpu()),
                                           x.device), scale_layout)
         return qt if out is None else copy_into(out, qt)
+    qt = _empty(x.shape, spec, x.device, scale_layout) if out is None else out
+    key = ("quantize", x.shape, x.stride(), x.dtype, x.device, spec, scale_layout, exact_fp8, config, interpreting(),
+           given is None, amax is None)
+    planned(key, [x, given, amax, qt.codes, qt.scales, qt.zero_points, qt.tensor_scale], x.device,
+            lambda: _quantize_into(x, spec, given, amax, qt, exact_fp8, config))
+    return qt
+
+
+def _quantize_into(x, spec, given, amax, qt, exact_fp8, config) -> None:
+    """Launch the kernels that quantize x into qt (quantize's body: launches on these tensors only)."""
     fmt = element_constants(spec, exact_fp8, config.guarded_quotient)
     v, (br, bc) = block_view(x, spec)
     P, R, C = v.shape
     nbr, nbc = _cdiv(R, br), _cdiv(C, bc)
-    qt = _empty(x.shape, spec, x.device, scale_layout) if out is None else out
     if spec.format == Format.NVFP4:
         triton_nvfp4.quantize(v, qt, config, given, amax)
-        return qt
+        return
     if given is None and mxfp4_pairs(v, qt.codes, qt.scales, spec, config):
-        return qt
+        return
     register = given is None and P == 1 and pow2_ceil(br) * pow2_ceil(bc) <= MAX_REGISTER_BLOCK
     stats = None
     if given is None and not register:
@@ -343,7 +354,6 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
     grid_zp = None if qt.zero_points is None else as_grid(qt.zero_points, nbr, nbc)
     _launch(v, qt.codes, as_grid(qt.scales, nbr, nbc), grid_zp, stats, given, br, bc, nbr, nbc, register, fmt, spec,
             config, amax=None if given is None else amax)
-    return qt
 
 
 def quantize_with_amax(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor, *, scale_layout: str = "row",
@@ -386,7 +396,7 @@ def _launch(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, register,
     programs = min(tiles, persistent_programs(v.device, run.per_sm)) if run.per_sm else tiles
     limits = {} if run.maxnreg is None else dict(maxnreg=run.maxnreg)
     if run.defer:  # the careful tiles' count, then their ids
-        stats = torch.zeros(1 + tiles, dtype=torch.int32, device=v.device)
+        stats = scratch(1 + tiles, torch.int32, v.device)
     args = (input_view(v), codes_b, bytes_of(grid_s), dummy if grid_zp is None else bytes_of(grid_zp),
             dummy if stats is None else stats, dummy if given is None else given,
             dummy if codes_t is None else bytes_of(codes_t), dummy if scales_t is None else bytes_of(scales_t),
@@ -402,10 +412,10 @@ def _launch(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, register,
                   SCALES_EACH=1 if register else pow2_ceil(_cdiv(nbr * nbc, tiles)),
                   DUAL=dual_out is not None, PACK4=spec.element.bits == 4, BF16_BITS=bf16_bits(v),
                   num_warps=run.warps, NUM_TILES=tiles)
-    _quantize_kernel[(programs,)](*args, ONE_BLOCK=one_block_mode(run), STAGES=run.stages, **kwargs, **limits)
+    launch(_quantize_kernel, (programs,), *args, ONE_BLOCK=one_block_mode(run), STAGES=run.stages, **kwargs, **limits)
     if run.defer:
-        _quantize_kernel[(min(tiles, persistent_programs(v.device, config.fixup_programs)),)](
-            *args, ONE_BLOCK=ONE_BLOCK_IN_PLACE.value, FIXUP=True, **kwargs)
+        launch(_quantize_kernel, (min(tiles, persistent_programs(v.device, config.fixup_programs)),), *args,
+               ONE_BLOCK=ONE_BLOCK_IN_PLACE.value, FIXUP=True, **kwargs)
 
 
 def one_block_mode(run) -> int:
@@ -440,9 +450,12 @@ def quantize_dual(x: torch.Tensor, spec: QuantSpec, *, scale_layout: str = "row"
     rows, cols = (_empty(shape, spec, x.device, scale_layout) for shape in ((M, K), (K, M)))
     cb = max(1, min(pow2_ceil(_cdiv(K, g)), max(1, config.tile_elems // (g * g))))
     tile = Tile(g, 1, 1, cb, g, g)
-    _launch(x.reshape(1, M, K), rows.codes, rows.scales, rows.zero_points, None, None, 1, g, M, _cdiv(K, g), True,
-            fmt, spec, config, dual_out=(cols.codes, cols.scales, cols.zero_points),
-            geometry=(tile, warps(tile.elems, config)))
+    key = ("quantize_dual", x.shape, x.stride(), x.dtype, x.device, spec, scale_layout, exact_fp8, config,
+           interpreting())
+    planned(key, [x, rows.codes, rows.scales, rows.zero_points, cols.codes, cols.scales, cols.zero_points], x.device,
+            lambda: _launch(x.reshape(1, M, K), rows.codes, rows.scales, rows.zero_points, None, None, 1, g, M,
+                            _cdiv(K, g), True, fmt, spec, config, dual_out=(cols.codes, cols.scales, cols.zero_points),
+                            geometry=(tile, warps(tile.elems, config))))
     return rows, cols
 
 

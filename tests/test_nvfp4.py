@@ -135,6 +135,23 @@ def test_tensor_scale_edges():
     assert_equals_compressed_tensors(torch.randn(16, 32) * 1e-30)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_tensor_scale_rounds_as_torch_evaluates_it(device):
+    """2688 / amax as torch (and compressed-tensors) evaluates a number over a tensor: the reciprocal, then the
+    product. For these amaxes that differs from the correctly rounded quotient; the Triton kernel, which finds the
+    tensor scale itself, gives the reference's."""
+    amaxes = [13.0, 7.0, 11.0]
+    for amax in amaxes:
+        quotient = torch.tensor(2688.0).div(torch.tensor(amax))
+        assert reference.nvfp4_tensor_scale(torch.tensor(amax)) != quotient
+        x = torch.linspace(-amax, amax / 2, 64).reshape(2, 32)
+        assert_same_qt(to_device(triton_quantize.quantize(x.to(device), SPEC), "cpu"), reference.quantize(x, SPEC))
+    if NVFP4PackedCompressor is not None:
+        for amax in amaxes:
+            assert torch.equal(generate_gparam(torch.tensor(-1.0), torch.tensor(amax)),
+                               reference.nvfp4_tensor_scale(torch.tensor(amax)).reshape(1))
+
+
 def assert_triton_equal(x: torch.Tensor):
     """The Triton quantize and dequantize (interpreted on CPU tensors, compiled on CUDA ones) against the reference."""
     want = reference.quantize(x.cpu(), SPEC)

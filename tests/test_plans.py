@@ -1,0 +1,105 @@
+"""Launch plans (kernels/plans.py): a call's kernels recorded once for its key and replayed, through the Triton
+backend (interpreted on CPU tensors; compiled, replayed through Triton's launcher, on a GPU). Each replay must give
+the reference's bits on fresh inputs, follow its own tensors (inputs, outputs, explicit scales, scratch) and never
+replay a body that does more than launch kernels on them."""
+import pytest
+import torch
+
+from quantd.kernels import plans, reference, triton_quantize
+from quantd.kernels.spec import QuantSpec
+from quantd.kernels.triton_dequantize import dequantize
+from triton_cases import assert_same_qt, assert_same_values, random_input, reference_quantize, to_device
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+SPECS = [QuantSpec(), QuantSpec(granularity="tile", tile=(128, 128)), QuantSpec(granularity="tensor"),
+         QuantSpec(format="int8_sym", granularity="channel", axis=0), QuantSpec(format="int8_asym"),
+         QuantSpec(format="fp8_e5m2", granularity="flat", block_size=100), QuantSpec(format="mxfp4"),
+         QuantSpec(format="mxfp8"), QuantSpec(format="nvfp4")]
+
+
+@pytest.fixture(autouse=True)
+def fresh_plans():
+    plans.clear()
+    plans.counts.clear()
+    yield
+    plans.clear()
+
+
+def outcomes(fn):
+    """fn's result and planned()'s outcomes while it ran."""
+    before = plans.counts.copy()
+    result = fn()
+    return result, dict(plans.counts - before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
+def test_replays_give_the_reference(spec, device, rng):
+    shape = (40, 200)
+    for call in range(3):
+        x = random_input(shape, torch.bfloat16, rng, edge_cases=call == 2).to(device)
+        qt, how = outcomes(lambda: triton_quantize.quantize(x, spec))
+        assert how == {"recorded" if call == 0 else "replayed": 1}
+        want = reference_quantize(x, spec)
+        assert_same_qt(to_device(qt, "cpu"), want)
+        values, how = outcomes(lambda: dequantize(qt, torch.float32))
+        if spec.format.value != "int8_asym":  # its zero points are copied into the scales' layout first
+            assert how == {"recorded" if call == 0 else "replayed": 1}
+        assert_same_values(values.cpu(), reference.dequantize(want, torch.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_views_with_other_strides_or_alignment_get_their_own_plans(device, rng):
+    spec = QuantSpec(format="nvfp4")
+    base = random_input((24, 98), torch.bfloat16, rng).to(device)
+    for x in (base[:, :96], base[:, 2:], base[:, 1:97], base.T[:96], base[:, :96]):
+        assert_same_qt(to_device(triton_quantize.quantize(x, spec), "cpu"), reference_quantize(x, spec))
+    assert plans.counts == {"recorded": 4, "replayed": 1}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_explicit_scales_amax_and_outputs_follow_each_call(device, rng):
+    spec = QuantSpec(granularity="tensor")
+    out = triton_quantize.quantize(torch.ones(16, 64, device=device), spec)
+    for call in range(3):
+        x = random_input((16, 64), torch.float32, rng, edge_cases=False).to(device) * (call + 1)
+        scale = torch.tensor(0.01 * (call + 1))
+        (qt, amax), how = outcomes(lambda: triton_quantize.quantize_with_amax(x, spec, scale, out=out))
+        assert qt is out and how == {"recorded" if call == 0 else "replayed": 1}
+        assert_same_qt(to_device(qt, "cpu"), reference_quantize(x, spec, scale))
+        assert amax.item() == reference.amax(x.cpu()).item()
+    nv = QuantSpec(format="nvfp4")
+    for scale in (100.0, 3.0):
+        x = random_input((8, 64), torch.bfloat16, rng, edge_cases=False).to(device)
+        got = triton_quantize.quantize(x, nv, torch.tensor(scale))
+        assert_same_qt(to_device(got, "cpu"), reference_quantize(x, nv, torch.tensor(scale)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dual_layout_replays(device, rng):
+    spec = QuantSpec()
+    for call in range(2):
+        x = random_input((130, 256), torch.bfloat16, rng).to(device)
+        (rows, cols), how = outcomes(lambda: triton_quantize.quantize_dual(x, spec))
+        assert how == {"recorded" if call == 0 else "replayed": 1}
+        assert_same_qt(to_device(rows, "cpu"), reference_quantize(x, spec))
+        assert_same_qt(to_device(cols, "cpu"), reference_quantize(x.T.contiguous(), spec))
+
+
+def test_a_body_that_computes_outside_kernels_runs_every_time():
+    """A torch operation that is not a view or an allocation (here a copy) keeps a key from replaying: its body
+    runs at each call, and its results follow each call's tensors."""
+    src, dst = torch.arange(4.0), torch.zeros(4)
+    for call in range(3):
+        src += 1
+        how = plans.planned(("copy",), [src, dst], src.device, lambda: dst.copy_(src))
+        assert how == ("recorded" if call == 0 else "ran")
+        assert torch.equal(dst, src)
+
+
+def test_plans_off(monkeypatch, rng):
+    monkeypatch.setenv("QUANTD_PLANS", "0")
+    x = random_input((8, 128), torch.bfloat16, rng)
+    for _ in range(2):
+        assert_same_qt(triton_quantize.quantize(x, QuantSpec()), reference_quantize(x, QuantSpec()))
+    assert plans.counts == {"ran": 2}
