@@ -195,6 +195,16 @@ def max_u16x2(a, b):
 
 
 @triton.jit
+def max_into(ptr, m):
+    """Max the non-negative float m into *ptr, by an atomic only where m exceeds what *ptr already holds: every
+    program of a pass maxes into one address, whose atomics run one at a time, while loads of it run side by side
+    (an NVFP4 pass of 262,144 programs with the amax: 0.242 ms against 0.416 ms by an atomic each, H200). Exact and
+    order independent: *ptr only grows, so a skipped m was never the maximum."""
+    if m > tl.load(ptr, volatile=True):
+        tl.atomic_max(ptr, m)
+
+
+@triton.jit
 def encode_float(q, FMT: tl.constexpr):
     """Minifloat code bits of quotients `q`: clamp, round to nearest even, NaN -> FMT.NAN_CODE."""
     QMAX: tl.constexpr = FMT.QMAX

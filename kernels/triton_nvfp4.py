@@ -17,7 +17,7 @@ from .quantize_plan import (ElementConstants, as_grid, bf16_bits, bytes_of, elem
 from .spec import E2M1, E4M3, NVFP4_BLOCK, NVFP4_ZERO_SCALE, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, e2m1, e4m3_value, encode_float,
-                              finite_abs, load_fp32, max_u16x2, quotient)
+                              finite_abs, load_fp32, max_into, max_u16x2, quotient)
 
 # E4M3 block scales: rounded by the hardware conversion when compiled, by the integer routine (encode_float's
 # soft path) when interpreted (the interpreter's own fp8 cast is not exact).
@@ -214,7 +214,7 @@ def _block_scales(amax, r, g, R, C, ss_r, ss_c, ts, scales_ptr, amax_ptr, SCALE_
         value = bits.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
     tl.store(scales_ptr + r.to(tl.int64) * ss_r + g * ss_c, bits.to(tl.uint8), mask=(r < R) & (g * 16 < C))
     if AMAX:
-        tl.atomic_max(amax_ptr, tl.max(tl.max(tl.max(amax, axis=2), axis=1), axis=0))
+        max_into(amax_ptr, tl.max(tl.max(tl.max(amax, axis=2), axis=1), axis=0))
     return tl.math.div_rn(value, ts)
 
 

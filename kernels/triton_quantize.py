@@ -28,7 +28,7 @@ from .spec import Format, Granularity, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED, CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, GUARDED,
                               RECIPROCAL, block_ids, block_scale, encode, encode_quotient, finite_abs, load_fp32,
-                              quotient, stored_scale, tile_coords)
+                              max_into, quotient, stored_scale, tile_coords)
 from .triton_mxfp4_pairs import mxfp4_pairs
 
 # SCALE_SRC of _quantize_tile: where a block's scale comes from.
@@ -189,7 +189,7 @@ def _quantize_tile(
             scale = tl.load(given_ptr + bid)
             zp = 0.0
             if SCALE_SRC == SCALE_GIVEN_AMAX:  # exact and order independent: maxima of non-negative floats
-                tl.atomic_max(stats_ptr, tl.max(tl.reshape(finite_abs(x), [TILE.RB * TILE.TBRP * TILE.CB * TILE.TBCP])))
+                max_into(stats_ptr, tl.max(tl.reshape(finite_abs(x), [TILE.RB * TILE.TBRP * TILE.CB * TILE.TBCP])))
         # The scales of blocks pid * SCALES_EACH .. + SCALES_EACH - 1 (flat over the NBR x NBC grid): each
         # block's by one tile, as a short vector (not masked over the tile's elements).
         sb = pid * SCALES_EACH + tl.arange(0, SCALES_EACH)
