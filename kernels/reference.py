@@ -301,12 +301,17 @@ def check_scales(scales: torch.Tensor, spec: QuantSpec, shape) -> None:
         what = "its tensor scale alone, one value" if spec.format == Format.NVFP4 else f"shape {list(want)}"
         raise ValueError(f"quantize: scales must have {what}, got {list(scales.shape)}")
     s = scales.float()
-    if not bool(((s > 0) & (s < math.inf)).all()):
+    if s.numel() == 1 and s.device.type == "cpu":  # a tensor scale on the host: checked as a Python float
+        v = s.item()
+        positive = 0 < v < math.inf
+        power = math.frexp(v)[0] == 0.5 and 2.0 ** -126 <= v <= 2.0 ** 127 if positive else False
+    else:
+        positive = bool(((s > 0) & (s < math.inf)).all())
+        power = bool((((s.view(torch.int32) & 0x7FFFFF) == 0) & (s >= 2.0 ** -126) & (s <= 2.0 ** 127)).all())
+    if not positive:
         raise ValueError("quantize: explicit scales must be positive and finite")
-    if spec.scale_encoding == ScaleEncoding.POW2:
-        exact = (s.view(torch.int32) & 0x7FFFFF) == 0
-        if not bool((exact & (s >= 2.0 ** -126) & (s <= 2.0 ** 127)).all()):
-            raise ValueError("quantize: pow2 scales must be powers of two in [2**-126, 2**127] (E8M0)")
+    if spec.scale_encoding == ScaleEncoding.POW2 and not power:
+        raise ValueError("quantize: pow2 scales must be powers of two in [2**-126, 2**127] (E8M0)")
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = None) -> QuantizedTensor:
