@@ -362,3 +362,23 @@ def test_the_reference_computes_on_the_device_of_its_inputs(spec):
 def test_the_reference_matmul_computes_on_the_device_of_its_inputs(spec):
     qt = on_meta(reference.quantize(torch.randn(8, 64), spec))
     assert reference.matmul(qt, qt).is_meta
+
+
+def test_one_host_scale_is_checked_as_the_tensor_of_many():
+    """A one-element scale on the host is checked as a Python float: the same verdict as the same value among
+    several (the tensor path), for every special value, both scale encodings and three dtypes."""
+    def verdict(scales, spec, shape):
+        try:
+            reference.check_scales(scales, spec, shape)
+            return "ok"
+        except ValueError as e:
+            return str(e)
+
+    values = [0.5, 3.0, 0.0, -0.0, -1.0, math.inf, -math.inf, math.nan, 2.0 ** -126, 2.0 ** -127, 2.0 ** 127,
+              2.0 ** 128, 1e-45, 3.4e38, 1e39]
+    for encoding in ("fp32", "pow2"):
+        one, many = (QuantSpec(granularity=g, axis=0, scale_encoding=encoding) for g in ("tensor", "channel"))
+        for v in values:
+            for dtype in (torch.float32, torch.float64, torch.bfloat16):
+                want = verdict(torch.tensor([v, v], dtype=dtype), many, (2, 4))
+                assert verdict(torch.tensor(v, dtype=dtype), one, (2, 4)) == want, (v, dtype, encoding)
