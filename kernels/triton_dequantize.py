@@ -144,10 +144,9 @@ def _dequantize_into(qt: QuantizedTensor, out: torch.Tensor, exact_fp8: bool | N
     scales = as_grid(qt.scales, nbr, nbc)
     nv = qt.tensor_scale is not None  # nvfp4: E4M3 scales and the tensor scale, divided in the kernel
     scales = bytes_of(scales) if pow2 or nv else scales.float()
-    zps = None
-    if qt.zero_points is not None:  # read with the scales' strides
-        zps = torch.empty_strided(scales.shape, scales.stride(), dtype=torch.int8, device=scales.device)
-        zps.copy_(as_grid(qt.zero_points, nbr, nbc))
+    zps = None if qt.zero_points is None else as_grid(qt.zero_points, nbr, nbc)
+    if zps is not None and (zps.stride() != scales.stride() or zps.dtype != torch.int8):  # read with the scales' strides
+        zps = torch.empty_strided(scales.shape, scales.stride(), dtype=torch.int8, device=scales.device).copy_(zps)
 
     blocked = pow2_ceil(br) * pow2_ceil(bc) <= MAX_REGISTER_BLOCK
     tile, _ = tile_geometry(br, bc, R, C, blocked, config, config.dequant_tile_elems)

@@ -43,8 +43,7 @@ def test_replays_give_the_reference(spec, device, rng):
         want = reference_quantize(x, spec)
         assert_same_qt(to_device(qt, "cpu"), want)
         values, how = outcomes(lambda: dequantize(qt, torch.float32))
-        if spec.format.value != "int8_asym":  # its zero points are copied into the scales' layout first
-            assert how == {"recorded" if call == 0 else "replayed": 1}
+        assert how == {"recorded" if call == 0 else "replayed": 1}
         assert_same_values(values.cpu(), reference.dequantize(want, torch.float32))
 
 
@@ -73,6 +72,19 @@ def test_explicit_scales_amax_and_outputs_follow_each_call(device, rng):
         x = random_input((8, 64), torch.bfloat16, rng, edge_cases=False).to(device)
         got = triton_quantize.quantize(x, nv, torch.tensor(scale))
         assert_same_qt(to_device(got, "cpu"), reference_quantize(x, nv, torch.tensor(scale)))
+
+
+def test_zero_points_in_another_layout_are_copied_unplanned(rng):
+    """INT8 asym zero points laid out unlike their scales are copied into the scales' layout first: a torch
+    operation outside the kernel, so that key runs unplanned, and still gives the reference's values."""
+    spec = QuantSpec(format="int8_asym", group_size=32)
+    x = random_input((6, 64), torch.float32, rng)
+    qt = triton_quantize.quantize(x, spec)
+    moved = type(qt).from_stored({**qt.stored(), "zero_points": qt.zero_points.T.contiguous().T}, spec, qt.shape)
+    for call in range(2):
+        values, how = outcomes(lambda: dequantize(moved, torch.float32))
+        assert how == {"recorded" if call == 0 else "ran": 1}
+        assert_same_values(values, reference.dequantize(reference_quantize(x, spec), torch.float32))
 
 
 @pytest.mark.parametrize("device", DEVICES)
