@@ -35,7 +35,8 @@ _local = threading.local()
 
 @dataclasses.dataclass(frozen=True)
 class _Pointer:
-    """A tensor argument: `nbytes` past its root's address; dtype, size, stride rebuild it (interpreter)."""
+    """A tensor argument: `offset` bytes past the address of the call's root tensor number `root`; dtype, size and
+    stride rebuild it over that root (interpreter)."""
     root: int
     offset: int
     dtype: torch.dtype

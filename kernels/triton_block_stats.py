@@ -97,7 +97,8 @@ def block_stats(v, br, bc, nbr, nbc, asym: bool, config: KernelConfig) -> torch.
             tiles_r = _cdiv(tiles_r, iters)
     launch(
         _block_stats_kernel, (P * tiles_r * tiles_c,), input_view(v), stats, R, C, nbr, nbc, br, bc, tiles_r, tiles_c,
-        iters, v.stride(0), v.stride(1), v.stride(2), TR=tr, TC=tc, KEEP_R=keep_r, KEEP_C=keep_c, ASYM=asym, BF16_BITS=bf16_bits(v), num_warps=config.stats_warps,
+        iters, v.stride(0), v.stride(1), v.stride(2), TR=tr, TC=tc, KEEP_R=keep_r, KEEP_C=keep_c, ASYM=asym,
+        BF16_BITS=bf16_bits(v), num_warps=config.stats_warps,
     )
     return stats
 

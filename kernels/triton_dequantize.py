@@ -145,7 +145,7 @@ def _dequantize_into(qt: QuantizedTensor, out: torch.Tensor, exact_fp8: bool | N
     nv = qt.tensor_scale is not None  # nvfp4: E4M3 scales and the tensor scale, divided in the kernel
     scales = bytes_of(scales) if pow2 or nv else scales.float()
     zps = None if qt.zero_points is None else as_grid(qt.zero_points, nbr, nbc)
-    if zps is not None and (zps.stride() != scales.stride() or zps.dtype != torch.int8):  # read with the scales' strides
+    if zps is not None and (zps.stride() != scales.stride() or zps.dtype != torch.int8):  # read with scales' strides
         zps = torch.empty_strided(scales.shape, scales.stride(), dtype=torch.int8, device=scales.device).copy_(zps)
 
     blocked = pow2_ceil(br) * pow2_ceil(bc) <= MAX_REGISTER_BLOCK
@@ -164,8 +164,8 @@ def _dequantize_into(qt: QuantizedTensor, out: torch.Tensor, exact_fp8: bool | N
     dest = out.view(torch.int16) if bf16_bits else out.view(torch.int32) if words else out
     launch(
         _dequantize_kernel, (P * tiles_r * tiles_c,), codes, scales, scales if zps is None else zps, dest,
-        qt.tensor_scale if nv else scales, R, C, nbr, nbc, br, bc, tiles_r, tiles_c, R * ccols, ccols, scales.stride(0), scales.stride(1),
-        TILE=tile, BLOCKED=blocked, BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
+        qt.tensor_scale if nv else scales, R, C, nbr, nbc, br, bc, tiles_r, tiles_c, R * ccols, ccols,
+        scales.stride(0), scales.stride(1), TILE=tile, BLOCKED=blocked, BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
         UNPACK4=el is E2M1, SPLIT=split, NV=nv,
         DECODE_BITS=decode_bits, POW2=pow2, ASYM=zps is not None,
         NBITS=el.bits, EBITS=el.ebits, MBITS=el.mbits, BIAS=el.bias, SPECIALS=_specials(el),
