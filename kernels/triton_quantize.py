@@ -329,17 +329,19 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
                                           x.device), scale_layout)
         return qt if out is None else copy_into(out, qt)
     qt = _empty(x.shape, spec, x.device, scale_layout) if out is None else out
-    key = ("quantize", x.shape, x.stride(), x.dtype, x.device, spec, scale_layout, exact_fp8, config, interpreting(),
-           given is None, amax is None)
-    planned(key, [x, given, amax, qt.codes, qt.scales, qt.zero_points, qt.tensor_scale], x.device,
-            lambda: _quantize_into(x, spec, given, amax, qt, exact_fp8, config))
+    v, block = block_view(x, spec)  # a copy where no view fits (flat blocks of a strided tensor): made before the plan
+    key = ("quantize", x.shape, v.shape, v.stride(), x.dtype, x.device, spec, scale_layout, exact_fp8, config,
+           interpreting(), given is None, amax is None)
+    planned(key, [v, given, amax, qt.codes, qt.scales, qt.zero_points, qt.tensor_scale], x.device,
+            lambda: _quantize_into(v, block, spec, given, amax, qt, exact_fp8, config))
     return qt
 
 
-def _quantize_into(x, spec, given, amax, qt, exact_fp8, config) -> None:
-    """Launch the kernels that quantize x into qt (quantize's body: launches on these tensors only)."""
+def _quantize_into(v, block, spec, given, amax, qt, exact_fp8, config) -> None:
+    """Launch the kernels that quantize v, x's (P, R, C) view of blocks `block`, into qt (quantize's body: launches on
+    these tensors only)."""
     fmt = element_constants(spec, exact_fp8, config.guarded_quotient)
-    v, (br, bc) = block_view(x, spec)
+    br, bc = block
     P, R, C = v.shape
     nbr, nbc = _cdiv(R, br), _cdiv(C, bc)
     if spec.format == Format.NVFP4:

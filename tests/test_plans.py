@@ -8,7 +8,8 @@ import torch
 from quantd.kernels import plans, reference, triton_quantize
 from quantd.kernels.spec import QuantSpec
 from quantd.kernels.triton_dequantize import dequantize
-from triton_cases import assert_same_qt, assert_same_values, random_input, reference_quantize, to_device
+from triton_cases import (DTYPES, all_specs, assert_same_qt, assert_same_values, random_input, reference_quantize,
+                          to_device)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 SPECS = [QuantSpec(), QuantSpec(granularity="tile", tile=(128, 128)), QuantSpec(granularity="tensor"),
@@ -45,6 +46,19 @@ def test_replays_give_the_reference(spec, device, rng):
         values, how = outcomes(lambda: dequantize(qt, torch.float32))
         assert how == {"recorded" if call == 0 else "replayed": 1}
         assert_same_values(values.cpu(), reference.dequantize(want, torch.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_spec_replays_on_ragged_strided_views(device, rng):
+    """Every format x granularity x scale encoding, in each input dtype: a strided view of ragged shape, recorded
+    on one input and replayed on a fresh one."""
+    for n, (name, spec) in enumerate(all_specs()):
+        dtype = DTYPES[n % len(DTYPES)]
+        for call in range(2):
+            x = random_input((33, 203), dtype, rng).to(device)[:, 3:]
+            qt, how = outcomes(lambda: triton_quantize.quantize(x, spec))
+            assert how == {"recorded" if call == 0 else "replayed": 1}, name
+            assert_same_qt(to_device(qt, "cpu"), reference_quantize(x, spec))
 
 
 @pytest.mark.parametrize("device", DEVICES)
