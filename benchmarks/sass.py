@@ -90,9 +90,10 @@ def compile_nvfp4():
     fn = nvfp4._nvfp4_kernel
     rows, groups, warps = DEFAULT.nvfp4_launch
     constexprs = dict(ROWS=rows, GROUPS=groups, SCALE_FMT=nvfp4.E4M3_HW, ZERO_BITS=nvfp4.ZERO_SCALE_BITS,
-                      BF16_BITS=False, WORDS=nvfp4.BF16_WORDS.value, AMAX=False, PACKED=DEFAULT.packed_encode,
-                      sx_c=1, ss_c=1)
-    signature = {n: "constexpr" if n in constexprs else "*i32" if n == "x_ptr" else "*fp32" if n in ("ts_ptr", "amax_ptr")
+                      BF16_BITS=False, WORDS=nvfp4.BF16_WORDS.value, FROM_AMAX=False, AMAX=False,
+                      PACKED=DEFAULT.packed_encode, sx_c=1, ss_c=1)
+    scalars = ("source_ptr", "ts_ptr", "amax_ptr")
+    signature = {n: "constexpr" if n in constexprs else "*i32" if n == "x_ptr" else "*fp32" if n in scalars
                  else "*u8" if n.endswith("_ptr") else "i32" for n in fn.arg_names}
     kernel = compile_sm90(fn, signature, constexprs, {"C", "sx_r", "sq_r", "ss_r"}, warps, DEFAULT.nvfp4_maxnreg)
     return kernel, rows * groups * 16 / (warps * 32)
