@@ -49,16 +49,17 @@ def test_replays_give_the_reference(spec, device, rng):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_every_spec_replays_on_ragged_strided_views(device, rng):
+@pytest.mark.parametrize("n", range(len(all_specs())), ids=[name for name, _ in all_specs()])
+def test_every_spec_replays_on_ragged_strided_views(n, device, rng):
     """Every format x granularity x scale encoding, in each input dtype: a strided view of ragged shape, recorded
     on one input and replayed on a fresh one."""
-    for n, (name, spec) in enumerate(all_specs()):
-        dtype = DTYPES[n % len(DTYPES)]
-        for call in range(2):
-            x = random_input((33, 203), dtype, rng).to(device)[:, 3:]
-            qt, how = outcomes(lambda: triton_quantize.quantize(x, spec))
-            assert how == {"recorded" if call == 0 else "replayed": 1}, name
-            assert_same_qt(to_device(qt, "cpu"), reference_quantize(x, spec))
+    name, spec = all_specs()[n]
+    dtype = DTYPES[n % len(DTYPES)]
+    for call in range(2):
+        x = random_input((33, 203), dtype, rng).to(device)[:, 3:]
+        qt, how = outcomes(lambda: triton_quantize.quantize(x, spec))
+        assert how == {"recorded" if call == 0 else "replayed": 1}, name
+        assert_same_qt(to_device(qt, "cpu"), reference_quantize(x, spec))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -129,3 +130,28 @@ def test_plans_off(monkeypatch, rng):
     for _ in range(2):
         assert_same_qt(triton_quantize.quantize(x, QuantSpec()), reference_quantize(x, QuantSpec()))
     assert plans.counts == {"ran": 2}
+
+
+def test_recording_watches_its_own_thread_only(rng):
+    """While one thread records a plan, torch operations of another thread neither refuse it nor are disturbed."""
+    import threading
+    stop, spun = threading.Event(), [0]
+
+    def busy():
+        t = torch.zeros(64)
+        while not stop.is_set():
+            t.add_(1)
+            spun[0] += 1
+    other = threading.Thread(target=busy)
+    other.start()
+    try:
+        spec = QuantSpec(granularity="tensor")
+        for call in range(2):
+            x = random_input((16, 256), torch.bfloat16, rng)
+            qt, how = outcomes(lambda: triton_quantize.quantize(x, spec))
+            assert how == {"recorded" if call == 0 else "replayed": 1}
+            assert_same_qt(qt, reference_quantize(x, spec))
+    finally:
+        stop.set()
+        other.join()
+    assert spun[0] > 0
