@@ -8,6 +8,8 @@ Metrics(registry=None) owns its own CollectorRegistry (so several servers in one
   quantd_active_streams                        RPCs in flight (stream_started/stream_finished)
   quantd_replayed_calls_total{rpc,graph}       memory calls served from a replay plan (server.replay), graph
                                                "true" where a CUDA graph launched their kernels (replayed)
+  quantd_kernel_launch_plans_total{outcome}    the process's Triton quantize/dequantize calls: "replayed" from
+                                               a launch plan (kernels.plans), "recorded", "ran" without one
   quantd_device_requests_in_flight{device}     requests computing on each of the server's devices (watch_devices)
   quantd_device_bytes_in_flight{device}        their tensor bytes
   quantd_device_requests_total{device}         requests placed on each device
@@ -72,6 +74,19 @@ class _GpuMemoryCollector:
         yield reserved
 
 
+class _KernelPlansCollector:
+    """How the Triton backend's quantize / dequantize calls of this process ran (kernels.plans.counts), at scrape
+    time: "replayed" from a launch plan, "recorded" (a key's first call), "ran" (a body a plan cannot replay)."""
+
+    def collect(self):
+        family = CounterMetricFamily("quantd_kernel_launch_plans", "Triton backend calls by how their kernels launched",
+                                     labels=["outcome"])
+        plans = sys.modules.get("quantd.kernels.plans")  # loaded with the Triton backend, not before
+        for outcome in ("replayed", "recorded", "ran"):
+            family.add_metric([outcome], 0 if plans is None else plans.counts[outcome])
+        yield family
+
+
 class _DeviceLoadCollector:
     """Each device's load (server.placement.Placement), read at scrape time."""
 
@@ -110,6 +125,7 @@ class Metrics:
         for direction in DIRECTIONS:  # both series exist from the start, at 0
             self.bytes.labels(direction)
         self.registry.register(_GpuMemoryCollector())
+        self.registry.register(_KernelPlansCollector())
         self.http_server = None
         self.http_port: int | None = None
 

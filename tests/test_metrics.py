@@ -238,14 +238,25 @@ def test_quantd_server_on_gpu_reports_its_memory(rng):
     assert value(samples, "quantd_kernel_seconds_count", rpc="Quantize") >= 1
     assert value(samples, "quantd_gpu_memory_reserved_bytes", device="0") > 0
     assert value(samples, "quantd_gpu_memory_allocated_bytes", device="0") is not None
+    launched = sum(value(samples, "quantd_kernel_launch_plans_total", outcome=o) for o in ("replayed", "recorded"))
+    assert launched >= 1  # the Triton backend's calls, each replayed or recorded
 
 
-def test_metrics_endpoint_lifecycle():
+def test_metrics_endpoint_lifecycle(rng):
+    from quantd.kernels import plans, triton_quantize
     metrics = Metrics()
     port = metrics.start_http(0)
     with pytest.raises(RuntimeError, match="already running"):
         metrics.start_http(0)
     assert "quantd_active_streams" in scrape(port)["families"]
+    before = value(scrape(port), "quantd_kernel_launch_plans_total", outcome="replayed")
+    plans.clear()
+    x = torch.randn(8, 128, generator=rng)
+    for _ in range(3):  # the Triton backend (interpreted here): recorded once, then replayed
+        triton_quantize.quantize(x, QuantSpec())
+    samples = scrape(port)
+    assert value(samples, "quantd_kernel_launch_plans_total", outcome="replayed") == before + 2
+    assert value(samples, "quantd_kernel_launch_plans_total", outcome="recorded") >= 1
     metrics.stop_http()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
