@@ -159,8 +159,11 @@ def _planned(key: tuple, roots: list, device, body) -> str:
         body()
         return "ran"
     key = key + tuple(None if r is None else r.data_ptr() % 16 for r in roots)
-    with _plans_lock:
-        plan = _plans.get(key)
+    try:
+        with _plans_lock:
+            plan = _plans.get(key)
+    except TypeError:  # an unhashable key (a config holding a list, say): no plan
+        plan = _REFUSED
     if plan is _REFUSED:
         body()
         return "ran"

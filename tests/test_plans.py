@@ -155,3 +155,14 @@ def test_recording_watches_its_own_thread_only(rng):
         stop.set()
         other.join()
     assert spun[0] > 0
+
+
+def test_an_unhashable_config_runs_unplanned(rng):
+    import dataclasses
+    from quantd.kernels.config import DEFAULT
+    config = dataclasses.replace(DEFAULT, nvfp4_launch=[1, 64, 1])  # a list: the key cannot be hashed
+    x = random_input((8, 64), torch.bfloat16, rng)
+    for _ in range(2):
+        qt, how = outcomes(lambda: triton_quantize.quantize(x, QuantSpec(format="nvfp4"), config=config))
+        assert how == {"ran": 1}
+        assert_same_qt(qt, reference_quantize(x, QuantSpec(format="nvfp4")))
