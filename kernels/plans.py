@@ -72,10 +72,12 @@ def _rebuild(root: torch.Tensor, p: _Pointer) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _parameters(kernel) -> tuple[list, list]:
-    """Names and defaults of a Triton kernel's parameters (jitted or interpreted: the Python function's)."""
+def _parameters(kernel) -> tuple[list, list, list]:
+    """Names, defaults and constexpr flags of a Triton kernel's parameters (jitted or interpreted: the Python
+    function's; annotations may be strings)."""
     params = inspect.signature(kernel.fn).parameters.values()
-    return [p.name for p in params], [p.default for p in params]
+    return ([p.name for p in params], [p.default for p in params],
+            ["constexpr" in str(p.annotation) for p in params])
 
 
 class _Recording(TorchDispatchMode):
@@ -95,13 +97,17 @@ class _Recording(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def add(self, kernel, compiled, grid, args, kwargs) -> None:
-        names, defaults = _parameters(kernel)
+        names, defaults, constexprs = _parameters(kernel)
         values = [args[i] if i < len(args) else kwargs.get(n, defaults[i]) for i, n in enumerate(names)]
         if any(v is inspect.Parameter.empty for v in values):
             self.refused = self.refused or "a parameter without a value"
             return
         pointers = []
         for i, v in enumerate(values):
+            if not constexprs[i] and not isinstance(v, (torch.Tensor, int, float, type(None))):
+                # a descriptor or other object that may hold an address of this call's: never kept
+                self.refused = self.refused or f"argument {names[i]} is a {type(v).__name__}"
+                return
             if isinstance(v, torch.Tensor):
                 p = self._pointer(v)
                 if p is None:

@@ -4,6 +4,8 @@ the reference's bits on fresh inputs, follow its own tensors (inputs, outputs, e
 replay a body that does more than launch kernels on them."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from quantd.kernels import plans, reference, triton_quantize
 from quantd.kernels.spec import QuantSpec
@@ -166,3 +168,32 @@ def test_an_unhashable_config_runs_unplanned(rng):
         qt, how = outcomes(lambda: triton_quantize.quantize(x, QuantSpec(format="nvfp4"), config=config))
         assert how == {"ran": 1}
         assert_same_qt(qt, reference_quantize(x, QuantSpec(format="nvfp4")))
+
+
+@triton.jit
+def _add(x_ptr, n, amount, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(x_ptr + i, tl.load(x_ptr + i, mask=i < n) + amount, mask=i < n)
+
+
+@triton.jit
+def _add_through(desc, amount, BLOCK: tl.constexpr):
+    desc.store([0], desc.load([0]) + amount)
+
+
+def test_a_launch_argument_other_than_a_tensor_or_number_is_never_kept():
+    """A tensor argument replays as its offset, numbers as they were; any other object (a TMA descriptor, which
+    holds the address of this call's tensor) refuses the plan, so each call builds its own."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    x = torch.zeros(8)
+    for call in range(2):
+        how = plans.planned(("add",), [x], x.device, lambda: plans.launch(_add, (1,), x, 8, 2.0, BLOCK=8))
+        assert how == ("recorded" if call == 0 else "replayed")
+    for call in range(2):
+        y = torch.zeros(8)  # a fresh tensor each call: a kept descriptor would write the first one's memory
+        how = plans.planned(("through",), [y], y.device,
+                            lambda: plans.launch(_add_through, (1,), TensorDescriptor.from_tensor(y, [8]), 2.0,
+                                                 BLOCK=8))
+        assert how == ("recorded" if call == 0 else "ran")
+        assert torch.equal(y, torch.full((8,), 2.0))
+    assert torch.equal(x, torch.full((8,), 4.0))
