@@ -121,12 +121,17 @@ class _Recording(TorchDispatchMode):
         self.launches.append(_Launch(kernel, grid, values, pointers, options, runner))
 
     def _pointer(self, t: torch.Tensor) -> _Pointer | None:
+        """t as an offset into the one root whose memory holds its first element (roots may share a storage, as
+        outputs carved from one buffer do; None where no root, or more than one, holds it)."""
         found = None
         for r, root in enumerate(self.roots):
-            if root is not None and root.device == t.device and root.numel() and \
-                    root.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+            if root is None or root.device != t.device or not root.numel() or \
+                    root.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
+                continue
+            span = (sum((n - 1) * abs(s) for n, s in zip(root.shape, root.stride())) + 1) * root.element_size()
+            if root.data_ptr() <= t.data_ptr() < root.data_ptr() + span:
                 if found is not None:
-                    return None  # two roots share memory: which one a later call's pointer follows is unknown
+                    return None
                 found = _Pointer(r, t.data_ptr() - root.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
         return found
 

@@ -2,13 +2,15 @@
 backend (interpreted on CPU tensors; compiled, replayed through Triton's launcher, on a GPU). Each replay must give
 the reference's bits on fresh inputs, follow its own tensors (inputs, outputs, explicit scales, scratch) and never
 replay a body that does more than launch kernels on them."""
+import math
+
 import pytest
 import torch
 import triton
 import triton.language as tl
 
 from quantd.kernels import plans, reference, triton_quantize
-from quantd.kernels.spec import QuantSpec
+from quantd.kernels.spec import QuantizedTensor, QuantSpec
 from quantd.kernels.triton_dequantize import dequantize
 from triton_cases import (DTYPES, all_specs, assert_same_qt, assert_same_values, random_input, reference_quantize,
                           to_device)
@@ -197,3 +199,22 @@ def test_a_launch_argument_other_than_a_tensor_or_number_is_never_kept():
         assert how == ("recorded" if call == 0 else "ran")
         assert torch.equal(y, torch.full((8,), 2.0))
     assert torch.equal(x, torch.full((8,), 4.0))
+
+
+def test_outputs_carved_from_one_buffer_replay(rng):
+    """Codes and scales that are views of one buffer (as the server's shared-memory outputs are) each follow their
+    own view; the buffer moves between calls."""
+    spec = QuantSpec()
+    store = spec.storage((16, 256))
+    for call in range(2):
+        region = torch.full((1 << 16,), 7, dtype=torch.uint8)[call * 64:]  # another address (and buffer) each call
+        at, tensors = 0, {}
+        for name, shape, dtype in store.tensors():
+            n = math.prod(shape) * dtype.itemsize
+            tensors[name] = region[at:at + n].view(dtype).reshape(shape)
+            at += -(-n // 64) * 64
+        out = QuantizedTensor.from_stored(tensors, spec, (16, 256))
+        x = random_input((16, 256), torch.bfloat16, rng)
+        _, how = outcomes(lambda: triton_quantize.quantize(x, spec, out=out))
+        assert how == {"recorded" if call == 0 else "replayed": 1}
+        assert_same_qt(out, reference_quantize(x, spec))
