@@ -301,17 +301,16 @@ def check_scales(scales: torch.Tensor, spec: QuantSpec, shape) -> None:
         what = "its tensor scale alone, one value" if spec.format == Format.NVFP4 else f"shape {list(want)}"
         raise ValueError(f"quantize: scales must have {what}, got {list(scales.shape)}")
     s = scales.float()
-    if s.numel() == 1 and s.device.type == "cpu":  # a tensor scale on the host: checked as a Python float
-        v = s.item()
-        positive = 0 < v < math.inf
-        power = math.frexp(v)[0] == 0.5 and 2.0 ** -126 <= v <= 2.0 ** 127 if positive else False
-    else:
-        positive = bool(((s > 0) & (s < math.inf)).all())
-        power = bool((((s.view(torch.int32) & 0x7FFFFF) == 0) & (s >= 2.0 ** -126) & (s <= 2.0 ** 127)).all())
-    if not positive:
+    v = s.item() if s.numel() == 1 and s.device.type == "cpu" else None  # a host tensor scale: a Python float
+    if not (0 < v < math.inf if v is not None else bool(((s > 0) & (s < math.inf)).all())):
         raise ValueError("quantize: explicit scales must be positive and finite")
-    if spec.scale_encoding == ScaleEncoding.POW2 and not power:
-        raise ValueError("quantize: pow2 scales must be powers of two in [2**-126, 2**127] (E8M0)")
+    if spec.scale_encoding == ScaleEncoding.POW2:
+        if v is not None:
+            power = math.frexp(v)[0] == 0.5 and 2.0 ** -126 <= v <= 2.0 ** 127
+        else:
+            power = bool((((s.view(torch.int32) & 0x7FFFFF) == 0) & (s >= 2.0 ** -126) & (s <= 2.0 ** 127)).all())
+        if not power:
+            raise ValueError("quantize: pow2 scales must be powers of two in [2**-126, 2**127] (E8M0)")
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = None) -> QuantizedTensor:
