@@ -260,17 +260,14 @@ class QuantSpec:
         """What a tensor of `shape` quantized with this spec is stored in (raises as scale_shape does)."""
         return _storage(self, tuple(shape))
 
-    def _storage(self, shape: tuple) -> Storage:
-        scales = self.scale_shape(shape)
-        zero_points = (scales, torch.int8) if self.format == Format.INT8_ASYM else None
-        tensor_scale = ((), torch.float32) if self.format == Format.NVFP4 else None
-        return Storage((self.code_shape(shape), self.code_dtype), (scales, self.scale_dtype), zero_points, tensor_scale)
-
 
 @functools.lru_cache(maxsize=4096)
 def _storage(spec: QuantSpec, shape: tuple) -> Storage:
     """QuantSpec.storage, kept for the shapes seen last: a small call asks for it each time (~5 us)."""
-    return spec._storage(shape)
+    scales = spec.scale_shape(shape)
+    zero_points = (scales, torch.int8) if spec.format == Format.INT8_ASYM else None
+    tensor_scale = ((), torch.float32) if spec.format == Format.NVFP4 else None
+    return Storage((spec.code_shape(shape), spec.code_dtype), (scales, spec.scale_dtype), zero_points, tensor_scale)
 
 
 def _cdiv(a: int, b: int) -> int:
