@@ -3,9 +3,10 @@
 value = code x scale (int8_asym: (code - zero point) x scale) in fp32, cast once to the
 output dtype. Tiles use the quantize kernels' block geometry (quantize_plan.block_geometry).
 Compiled, fp8 codes are widened by the hardware; interpreted (whose fp8 casts are not
-trusted) and for E2M1, codes are decoded from their bits with the format's constants, except MXFP4 into
-bf16, compiled, where each code byte becomes its bf16x2 word by integer ops and two bf16x2 multiplies
-(triton_elements.e2m1x2_scaled, as the MX GEMM decodes its tiles).
+trusted) and for E2M1, codes are decoded from their bits with the format's constants, except into bf16 or
+fp16, compiled, where each code byte becomes a half-precision pair: by integer ops and two bf16x2 multiplies
+for MXFP4 into bf16 (triton_elements.e2m1x2_scaled, as the MX GEMM decodes its tiles), by fp32 multiplies
+and one rounding cvt for NVFP4 and fp16 (e2m1x2_times).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from .plans import launch, planned
 from .quantize_plan import MAX_REGISTER_BLOCK, as_grid, block_geometry, bytes_of, pow2_ceil, tile_geometry, warps
 from .spec import E2M1, OUT_DTYPES, QuantizedTensor, ScaleEncoding, _cdiv
 from .triton_elements import (IEEE_SPECIALS, NAN_ALL_ONES, NO_SPECIALS, block_ids, decode_minifloat, e2m1x2_scaled,
-                              e4m3_value, e8m0_bf16x2, pow2, tile_coords)
+                              e2m1x2_times, e4m3_value, e8m0_bf16x2, pow2, tile_coords)
 
 @triton.jit
 def _dequantize_kernel(
@@ -32,7 +33,7 @@ def _dequantize_kernel(
     SPLIT: tl.constexpr, NV: tl.constexpr,
     DECODE_BITS: tl.constexpr, POW2: tl.constexpr, ASYM: tl.constexpr,
     NBITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, SPECIALS: tl.constexpr,
-    BF16_BITS: tl.constexpr, WORDS: tl.constexpr = False,
+    BF16_BITS: tl.constexpr, WORDS: tl.constexpr = False, F16: tl.constexpr = False,
 ):
     """Values of one [RB, TBRP, CB, TBCP] tile (TILE: quantize_plan.Tile) over the (P, R, C) view (codes and
     output contiguous).
@@ -43,8 +44,9 @@ def _dequantize_kernel(
     DECODE_BITS: codes are raw bits to decode; else the code dtype widens.
     NV (nvfp4): the scales are E4M3 bytes, each block's multiplier their value / the tensor scale at ts_ptr.
     BF16_BITS: round to bf16 on the bits (the interpreter's fp32 -> bf16 cast truncates).
-    WORDS (compiled MXFP4 -> bf16, even C): each code byte becomes the bf16x2 word of its two values
-    (e2m1x2_scaled: the fp32 path's bf16 bits), stored as int32 words at out_ptr.
+    WORDS (compiled E2M1 codes into a half type, even C): each code byte becomes the half-precision pair of its two
+    values (bf16x2, f16x2 for F16), stored as int32 words at out_ptr: MXFP4 into bf16 by bf16 multiplies
+    (e2m1x2_scaled), the others by fp32 multiplies rounded once (e2m1x2_times); both the fp32 path's bits.
     """
     RB: tl.constexpr = TILE.RB
     TBRP: tl.constexpr = TILE.TBRP
@@ -75,8 +77,11 @@ def _dequantize_kernel(
         bmask = (rows < R) & (bcols < sq_r)
         packed = tl.load(q_base + bcols, mask=bmask, other=0).to(tl.int32)
     if WORDS:
-        tl.store(out_ptr + p.to(tl.int64) * sq_p + rows.to(tl.int64) * sq_r + bcols,
-                 e2m1x2_scaled(packed, e8m0_bf16x2(e8)), mask=bmask)
+        if POW2 and not F16:
+            w = e2m1x2_scaled(packed, e8m0_bf16x2(e8))
+        else:
+            w = e2m1x2_times(packed, scale, F16)
+        tl.store(out_ptr + p.to(tl.int64) * sq_p + rows.to(tl.int64) * sq_r + bcols, w, mask=bmask)
     else:
         if UNPACK4:
             bits = tl.reshape(tl.join(packed & 0xF, packed >> 4), [RB, TBRP, CB, TBCP])
@@ -158,9 +163,10 @@ def _dequantize_into(qt: QuantizedTensor, out: torch.Tensor, exact_fp8: bool | N
     tiles_r, tiles_c = _cdiv(R, tile.RB * tile.TBR), _cdiv(C, tile.CB * tile.TBC)
     ccols = (C + 1) // 2 if el is E2M1 else C
     bf16_bits = interpreting() and out_dtype == torch.bfloat16
-    # MXFP4 -> bf16, compiled: a bf16x2 word a code byte (rows of whole words, the output word-aligned)
-    words = (el is E2M1 and pow2 and out_dtype == torch.bfloat16 and config.packed_decode and not interpreting()
-             and C % 2 == 0 and out.data_ptr() % 4 == 0)
+    # E2M1 codes into bf16 or fp16, compiled: a half-precision pair a code byte (rows of whole words, the output
+    # word-aligned)
+    words = (el is E2M1 and out_dtype in (torch.bfloat16, torch.float16) and config.packed_decode
+             and not interpreting() and C % 2 == 0 and out.data_ptr() % 4 == 0)
     dest = out.view(torch.int16) if bf16_bits else out.view(torch.int32) if words else out
     launch(
         _dequantize_kernel, (P * tiles_r * tiles_c,), codes, scales, scales if zps is None else zps, dest,
@@ -169,6 +175,6 @@ def _dequantize_into(qt: QuantizedTensor, out: torch.Tensor, exact_fp8: bool | N
         UNPACK4=el is E2M1, SPLIT=split, NV=nv,
         DECODE_BITS=decode_bits, POW2=pow2, ASYM=zps is not None,
         NBITS=el.bits, EBITS=el.ebits, MBITS=el.mbits, BIAS=el.bias, SPECIALS=_specials(el),
-        BF16_BITS=bf16_bits, WORDS=words, num_warps=warps(tile.elems, config),
+        BF16_BITS=bf16_bits, WORDS=words, F16=out_dtype == torch.float16, num_warps=warps(tile.elems, config),
     )
 

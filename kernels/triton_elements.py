@@ -339,6 +339,34 @@ def e8m0_bf16x2(e):
     return h | (h << 16)
 
 
+# PTX of e2m1x2_scaled and e2m1x2_times: register m gets the bf16x2 word of the exact values of the two E2M1
+# codes in byte $1 (element 2i in the low half).
+_E2M1X2_VALUES = """
+        {
+        .reg .b32 m, s, c, lo, hi;
+        mul.lo.u32 m, $1, 0x00040040;
+        mul.lo.u32 s, $1, 0x01001000;
+        and.b32 m, m, 0x01C001C0;
+        and.b32 s, s, 0x80008000;
+        or.b32 m, m, s;
+        mov.b32 c, 0x7E807E80;
+        mul.rn.bf16x2 m, m, c;
+"""
+_E2M1X2_SCALED = tl.constexpr(_E2M1X2_VALUES + """
+        mul.rn.bf16x2 $0, m, $2;
+        }
+""")
+_E2M1X2_TIMES = {half: tl.constexpr(_E2M1X2_VALUES + f"""
+        shl.b32 lo, m, 16;
+        and.b32 hi, m, 0xFFFF0000;
+        mul.rn.f32 lo, lo, $2;
+        mul.rn.f32 hi, hi, $2;
+        cvt.rn.{half}x2.f32 $0, hi, lo;
+        }}
+""") for half in ("bf16", "f16")}
+_E2M1X2_TIMES_BF16, _E2M1X2_TIMES_F16 = _E2M1X2_TIMES["bf16"], _E2M1X2_TIMES["f16"]
+
+
 @triton.jit
 def e2m1x2_scaled(b, f):
     """bf16x2 words (element 2i in the low half) of E2M1 code bytes b (int32 0..255, element 2i in the
@@ -354,18 +382,21 @@ def e2m1x2_scaled(b, f):
     2**(s - 1) would leave bf16's range for scales s > 128. tests/test_triton_gemm.py models every
     step in torch for every code pair and scale (test_packed_mxfp4_decode_is_the_fp32_decode).
     """
-    return tl.inline_asm_elementwise(
-        asm="""
-        {
-        .reg .b32 m, s, c;
-        mul.lo.u32 m, $1, 0x00040040;
-        mul.lo.u32 s, $1, 0x01001000;
-        and.b32 m, m, 0x01C001C0;
-        and.b32 s, s, 0x80008000;
-        or.b32 m, m, s;
-        mov.b32 c, 0x7E807E80;
-        mul.rn.bf16x2 m, m, c;
-        mul.rn.bf16x2 $0, m, $2;
-        }
-        """,
-        constraints="=r,r,r", args=[b, f], dtype=tl.int32, is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(asm=_E2M1X2_SCALED, constraints="=r,r,r", args=[b, f], dtype=tl.int32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def e2m1x2_times(b, d, F16: tl.constexpr):
+    """Half-precision pairs (bf16x2, or f16x2 for F16; element 2i in the low half) of E2M1 code bytes b (as
+    e2m1x2_scaled) times the fp32 multiplier d (sm_90 PTX): each the fp32 product code x d rounded once to the
+    half type, as reference.dequantize computes it. The codes' exact bf16 values widen to fp32 by a shift and a
+    mask, the fp32 multiplies are IEEE's (.rn: neither fused nor flushing subnormals) and one cvt rounds both
+    products to nearest even (+-Inf past the half type's range, NaN for NaN)."""
+    if F16:
+        w = tl.inline_asm_elementwise(asm=_E2M1X2_TIMES_F16, constraints="=r,r,f", args=[b, d], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    else:
+        w = tl.inline_asm_elementwise(asm=_E2M1X2_TIMES_BF16, constraints="=r,r,f", args=[b, d], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    return w

@@ -189,24 +189,43 @@ def test_gpu_every_code(fmt, exact_fp8, rng):
         check(_to(qt, "cuda"), out_dtype, exact_fp8=exact_fp8)
 
 
+def every_byte_under_every_scale(fmt: str, tensor_scale: float | None = None) -> QuantizedTensor:
+    """E2M1 codes, row r: every code byte under scale byte r (E8M0 or E4M3, NaN included)."""
+    spec = QuantSpec(fmt)
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).repeat(256, 1)
+    scales = torch.arange(256, dtype=torch.int32).to(torch.uint8)[:, None].repeat(1, 512 // spec.group_size)
+    ts = None if tensor_scale is None else torch.tensor(tensor_scale, dtype=torch.float32)
+    return QuantizedTensor(codes, scales.view(spec.scale_dtype), spec, (256, 512), None, ts)
+
+
+# NVFP4 tensor scales: 1, ones that make the block multiplier inexact, subnormal and past bf16's range
+NVFP4_TENSOR_SCALES = (1.0, 3.0, 2688 / 5.5, 0.1, 0.01, 2.0 ** -126, 2.0 ** 100, 2.0 ** 120 * 1.3, 7e-39)
+
+
 @pytest.mark.gpu
-def test_gpu_mxfp4_words_every_byte_and_scale():
-    """MXFP4 into bf16 by bf16x2 words (e2m1x2_scaled): every code byte under every E8M0 scale, NaN (255) included,
-    is the reference's value; so is the fp32 path's (packed_decode off), and an output that is not word-aligned
-    (which takes the fp32 path)."""
-    spec = QuantSpec("mxfp4")
-    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).repeat(256, 1)  # row e: every byte under scale e
-    scales = torch.arange(256, dtype=torch.int32).to(torch.uint8)[:, None].repeat(1, 16).view(torch.float8_e8m0fnu)
-    qt = QuantizedTensor(codes, scales, spec, (256, 512))
-    want = reference.dequantize(qt, torch.bfloat16)
-    assert torch.isnan(want[255].float()).all() and torch.isinf(want[254].float()).any()
-    on_gpu = _to(qt, "cuda")
-    assert_same_values(dequantize(on_gpu, torch.bfloat16), want)
-    assert_same_values(dequantize(on_gpu, torch.bfloat16, config=dataclasses.replace(DEFAULT, packed_decode=False)),
-                       want)
-    shifted = torch.empty(256 * 512 + 1, dtype=torch.bfloat16, device="cuda")[1:].view(256, 512)
-    assert dequantize(on_gpu, torch.bfloat16, out=shifted) is shifted
-    assert_same_values(shifted, want)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_gpu_e2m1_words_every_byte_and_scale(fmt, out_dtype):
+    """E2M1 codes into bf16 / fp16 by half-precision pairs (e2m1x2_scaled for MXFP4 into bf16, e2m1x2_times
+    otherwise): every code byte under every scale byte, NaN included (NVFP4 under several tensor scales), is the
+    reference's value; so is the fp32 path's (packed_decode off), and an output that is not word-aligned (which
+    takes the fp32 path)."""
+    seen = set()
+    for ts in NVFP4_TENSOR_SCALES if fmt == "nvfp4" else (None,):
+        qt = every_byte_under_every_scale(fmt, ts)
+        want = reference.dequantize(qt, out_dtype)
+        w = want.float().abs()
+        assert torch.isnan(w[255]).all()
+        seen |= {"inf"} if torch.isinf(w).any() else set()
+        seen |= {"subnormal"} if ((w > 0) & (w < torch.finfo(out_dtype).tiny)).any() else set()
+        on_gpu = _to(qt, "cuda")
+        assert_same_values(dequantize(on_gpu, out_dtype), want, f"ts {ts}")
+        fp32_path = dataclasses.replace(DEFAULT, packed_decode=False)
+        assert_same_values(dequantize(on_gpu, out_dtype, config=fp32_path), want, f"ts {ts}, fp32 path")
+        shifted = torch.empty(256 * 512 + 1, dtype=out_dtype, device="cuda")[1:].view(256, 512)
+        assert dequantize(on_gpu, out_dtype, out=shifted) is shifted
+        assert_same_values(shifted, want, f"ts {ts}, shifted")
+    assert seen == {"inf", "subnormal"}  # the cases cover both ends of the output type's range
 
 
 @pytest.mark.gpu
