@@ -72,6 +72,11 @@ CASES = {  # name: (spec, op, how)
     "dual": (QuantSpec(), "dual", None),
     "mxfp4_deq": (QuantSpec(format="mxfp4"), "dequantize", None),
     "nvfp4_deq": (QuantSpec(format="nvfp4"), "dequantize", None),
+    "e4m3_deq": (QuantSpec(), "dequantize", None),
+    "e4m3_128x128_deq": (QuantSpec(granularity="tile", tile=(128, 128)), "dequantize", None),
+    "mxfp8_deq": (QuantSpec(format="mxfp8"), "dequantize", None),
+    "int8_sym_deq": (QuantSpec(format="int8_sym"), "dequantize", None),
+    "int8_asym_deq": (QuantSpec(format="int8_asym"), "dequantize", None),
 }
 
 

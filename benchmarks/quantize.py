@@ -177,7 +177,8 @@ SWEEPS = [
     ([("fp8 e4m3 1x128", CASES[0][1], SQUARE, "dequantize"), ("mxfp8", CASES[3][1], SQUARE, "dequantize"),
       ("mxfp4", CASES[4][1], SQUARE, "dequantize"), ("int8 asym 1x128", CASES[6][1], SQUARE, "dequantize"),
       ("fp8 e4m3 tensor", CASES[7][1], SQUARE, "dequantize"), ("nvfp4", QuantSpec("nvfp4"), SQUARE, "dequantize")],
-     [dict(dequant_tile_elems=t) for t in (4096, 8192, 2048, 1024)]),
+     [dict(dequant_tile_elems=t) for t in (2048, 4096, 1024)]
+     + [dict(dequant_fp4_tile=t) for t in ((4096, 4), (1024, 1), (2048, 1), (4096, 2))]),
     ([("fp8 e4m3 tensor", CASES[7][1], SQUARE, "quantize"), ("fp8 e4m3 tensor", CASES[7][1], SQUARE, "delayed"),
       ("int8 sym tensor", QuantSpec(format="int8_sym", granularity="tensor"), SQUARE, "quantize"),
       ("int8 asym tensor", QuantSpec(format="int8_asym", granularity="tensor"), SQUARE, "quantize")],

@@ -74,11 +74,18 @@ class KernelConfig:
     guarded_quotient: bool = True
     # Programs an SM of the launch that quantizes the deferred careful tiles.
     fixup_programs: int = 2
-    # Elements a dequantize program covers, and the sub-tiles one-block tiles (a power-of-two number of
-    # rows: 128 x 128 tiles) are dequantized in: 1 / dequant_split of a block's rows, as many blocks side
-    # by side as fit (1: a block a program). 4096 and rows of 128 x 128 blocks one at a time: on an H200,
-    # 1x128 E4M3 0.960 x copy against 0.939 at 8192 elements, 128x128 0.969 against 0.959 a block a program.
-    dequant_tile_elems: int = 4096
+    # Elements a dequantize program covers (of byte codes; of E2M1 codes, two a byte), and the sub-tiles one-block
+    # tiles (a power-of-two number of rows: 128 x 128 tiles) are dequantized in: 1 / dequant_split of a block's rows,
+    # as many blocks side by side as fit (1: a block a program). Rows of 128 x 128 blocks one at a time: on an H200,
+    # 128x128 0.969 x copy against 0.959 a block a program. 2048 elements of byte codes (H200, 2026-12-04, 16384^2
+    # into bf16, profile_kernels --time, one process): E4M3 1x128 0.977-0.982 against 0.962-0.972 at 4096 and 0.942
+    # at 8192, 128x128 0.973-0.981 / 0.964-0.968, MXFP8 0.974-0.980 / 0.963-0.965, INT8 sym 0.975-0.983 / 0.966-0.973,
+    # asym 0.975-0.983 / 0.961-0.965; 1024: 0.88-0.93. E2M1 codes: (elements, warps) of a program, within 0.92-0.96
+    # for every choice tried (run-to-run spread about 0.01); 2048 at 2 warps: NVFP4 0.943-0.951, MXFP4 0.949-0.960,
+    # against 0.934-0.940 / 0.938-0.945 at 4096 and 4 warps, 0.946 / 0.950 at 2048 and 1 warp, 0.930 / 0.954 at 1024
+    # and 1 warp, 0.890 / 0.955 at 4096 and 8 warps.
+    dequant_tile_elems: int = 2048
+    dequant_fp4_tile: tuple = (2048, 2)
     dequant_split: int = 128
     # An NVFP4 quantize program: (rows, 1x16 blocks a row, warps), and its register limit a thread (None: as ptxas
     # chooses). One warp a program: its tile-wide reductions (the Inf/NaN check, the scales' layout) need no

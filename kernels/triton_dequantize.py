@@ -33,7 +33,7 @@ def _dequantize_kernel(
     SPLIT: tl.constexpr, NV: tl.constexpr,
     DECODE_BITS: tl.constexpr, POW2: tl.constexpr, ASYM: tl.constexpr,
     NBITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, SPECIALS: tl.constexpr,
-    BF16_BITS: tl.constexpr, WORDS: tl.constexpr = False, F16: tl.constexpr = False,
+    BF16_BITS: tl.constexpr, WORDS: tl.constexpr = False, F16: tl.constexpr = False, HW_SCALES: tl.constexpr = False,
 ):
     """Values of one [RB, TBRP, CB, TBCP] tile (TILE: quantize_plan.Tile) over the (P, R, C) view (codes and
     output contiguous).
@@ -42,7 +42,8 @@ def _dequantize_kernel(
     one block (its rows split across programs); else each element's block is looked up (on rows
     and/or columns: BID_ROWS / BID_COLS).
     DECODE_BITS: codes are raw bits to decode; else the code dtype widens.
-    NV (nvfp4): the scales are E4M3 bytes, each block's multiplier their value / the tensor scale at ts_ptr.
+    NV (nvfp4): the scales are E4M3 bytes, each block's multiplier their value / the tensor scale at ts_ptr;
+    widened by the hardware for HW_SCALES, else decoded from their bits.
     BF16_BITS: round to bf16 on the bits (the interpreter's fp32 -> bf16 cast truncates).
     WORDS (compiled E2M1 codes into a half type, even C): each code byte becomes the half-precision pair of its two
     values (bf16x2, f16x2 for F16), stored as int32 words at out_ptr: MXFP4 into bf16 by bf16 multiplies
@@ -65,8 +66,12 @@ def _dequantize_kernel(
         e8 = tl.load(scales_ptr + soff, mask=smask, other=127).to(tl.int32)
         scale = tl.where(e8 == 255, float("nan"), pow2(e8 - 127))
     elif NV:
-        scale = tl.math.div_rn(e4m3_value(tl.load(scales_ptr + soff, mask=smask, other=0x38).to(tl.int32)),
-                               tl.load(ts_ptr))
+        s8 = tl.load(scales_ptr + soff, mask=smask, other=0x38)
+        if HW_SCALES:
+            value = s8.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        else:
+            value = e4m3_value(s8.to(tl.int32))
+        scale = tl.math.div_rn(value, tl.load(ts_ptr))
     else:
         scale = tl.load(scales_ptr + soff, mask=smask, other=1.0)
 
@@ -154,12 +159,13 @@ def _dequantize_into(qt: QuantizedTensor, out: torch.Tensor, exact_fp8: bool | N
         zps = torch.empty_strided(scales.shape, scales.stride(), dtype=torch.int8, device=scales.device).copy_(zps)
 
     blocked = pow2_ceil(br) * pow2_ceil(bc) <= MAX_REGISTER_BLOCK
-    tile, _ = tile_geometry(br, bc, R, C, blocked, config, config.dequant_tile_elems)
+    elems, num_warps = config.dequant_fp4_tile if el is E2M1 else (config.dequant_tile_elems, None)
+    tile, _ = tile_geometry(br, bc, R, C, blocked, config, elems)
     split = 1
     if blocked and tile.RB * tile.CB == 1 and br == tile.TBRP and br % config.dequant_split == 0:
         # Sub-tiles of br / SPLIT rows, SPLIT of them stacked making a block, as many a tile as fit.
         split = config.dequant_split
-        tile, _ = tile_geometry(br // split, bc, R, C, True, config, config.dequant_tile_elems)
+        tile, _ = tile_geometry(br // split, bc, R, C, True, config, elems)
     tiles_r, tiles_c = _cdiv(R, tile.RB * tile.TBR), _cdiv(C, tile.CB * tile.TBC)
     ccols = (C + 1) // 2 if el is E2M1 else C
     bf16_bits = interpreting() and out_dtype == torch.bfloat16
@@ -175,6 +181,7 @@ def _dequantize_into(qt: QuantizedTensor, out: torch.Tensor, exact_fp8: bool | N
         UNPACK4=el is E2M1, SPLIT=split, NV=nv,
         DECODE_BITS=decode_bits, POW2=pow2, ASYM=zps is not None,
         NBITS=el.bits, EBITS=el.ebits, MBITS=el.mbits, BIAS=el.bias, SPECIALS=_specials(el),
-        BF16_BITS=bf16_bits, WORDS=words, F16=out_dtype == torch.float16, num_warps=warps(tile.elems, config),
+        BF16_BITS=bf16_bits, WORDS=words, F16=out_dtype == torch.float16, HW_SCALES=nv and not exact,
+        num_warps=num_warps or warps(tile.elems, config),
     )
 
