@@ -59,13 +59,18 @@ class KernelConfig:
     # Careful tiles deferred, one tile a program. Float tiles: 4 warps of 128 elements a thread of a 128 x 128
     # tile, no register limit (H200, 2026-12-04, 16384^2 bf16, ncu kernel time: E4M3 128x128 184 us against 210 us
     # for 8 warps within 128 registers, 246 us for 4 warps within 128, 240 us for 2 warps); rows keep 128
-    # registers (E4M3 per channel 0.985 x copy within them, 0.922 without). INT8 took persistent
+    # registers (E4M3 per channel 0.985 x copy within them, 0.922 without, in one sweep; a later one-process A/B
+    # gave 0.923-0.929 within and 0.917-0.922 without). INT8 took persistent
     # programs at 16 elements a thread of a row block on an H100; on an H200 (2026-12-03 sweep) the float schedule
     # is faster for it too: 128x128 sym 0.730 against 0.709 x copy, asym 0.800 against 0.606, per channel 0.777
-    # against 0.725.
+    # against 0.725. Since INT8 sym tiles that are not careful only round their quotients (no clamp, no NaN select),
+    # int8 takes the float tiles without any register limit (H200, 2026-12-04, 16384^2 bf16, profile_kernels
+    # --time, one process): 128x128 sym 0.986 against 0.874 at 64 elements a thread within 128 registers, per
+    # channel 0.984 against 0.907 with rows of 64 within 128, asym 128x128 0.851 against 0.846.
     one_block_float: OneBlock = OneBlock(defer=True, per_sm=0, tile_elems=128, row_elems=64, maxnreg=None,
                                          row_maxnreg=128)
-    one_block_int: OneBlock = OneBlock(defer=True, per_sm=0, tile_elems=64, row_elems=64, maxnreg=128, row_maxnreg=128)
+    one_block_int: OneBlock = OneBlock(defer=True, per_sm=0, tile_elems=128, row_elems=64, maxnreg=None,
+                                       row_maxnreg=None)
     # Blocks whose scales come from the statistics pass or are given (per tensor, channels, groups and tiles
     # too large for registers, static and delayed scales): x / scale by the guarded corrected quotient
     # (triton_elements.quotient GUARDED: a reciprocal and two fmas) instead of IEEE division wherever the

@@ -37,6 +37,10 @@ class ElementConstants(NamedTuple):
     HW_FP8: int  # triton_elements.SOFT_FP8, HW_E4M3 or HW_E5M2
     EXACT_FP8: bool  # fp8 codes by integer arithmetic, not the hardware cast
     GUARDED: bool = False  # stats and given scales divide by the guarded corrected quotient (KernelConfig)
+    # A register tile's amax keeps NaN by max.NaN reductions (tl.reduce with a NaN-propagating combine), or, where
+    # interpreted (whose tl.reduce calls a Python combine function at every step, 5-25x slower on CI's tiles), by
+    # tl.max and a count of NaN: the same values.
+    NAN_COMBINE: bool = True
 
 
 class Tile(NamedTuple):
@@ -111,6 +115,7 @@ def element_constants(spec: QuantSpec, exact_fp8: bool | None = None, guarded: b
         POW2=spec.scale_encoding == ScaleEncoding.POW2, MX=spec.is_mx, EMAX=el.emax if el.kind == "float" else 0,
         NBITS=el.bits, MBITS=el.mbits, EMIN=el.emin, BIAS=el.bias, NAN_CODE=el.nan_code if el.has_nan else 0,
         HW_FP8=hw, EXACT_FP8=interpreting() if exact_fp8 is None else bool(exact_fp8), GUARDED=guarded,
+        NAN_COMBINE=not interpreting(),
     )
 
 

@@ -152,11 +152,10 @@ def encode(x, scale, zp, FMT: tl.constexpr, QUOTIENT: tl.constexpr):
 def encode_quotient(x, q, zp, FMT: tl.constexpr, FINITE: tl.constexpr = False):
     """Code bits of the quotients q = x / scale (see encode).
 
-    FINITE (int8 asym): no x is +-Inf and q = x / scale of the block's own scale, so |q| <= 2 * 128
-    or q is NaN (x NaN): no clamp before rounding, and only NaN x needs a select."""
+    FINITE (int8 asym): every x is finite and q = x / scale of the block's own scale, so |q| <= 2 * 128: no
+    clamp before rounding, and no select for NaN."""
     if FMT.ASYM and FINITE:
-        zpi = zp.to(tl.int32)
-        bits = tl.where(x != x, zpi, tl.minimum(tl.maximum(rint_int32(q) + zpi, -128), 127))
+        bits = tl.minimum(tl.maximum(rint_int32(q) + zp.to(tl.int32), -128), 127)
     elif FMT.IS_INT:
         # int8 is the one integer format.
         if FMT.ASYM:

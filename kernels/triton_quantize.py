@@ -28,7 +28,7 @@ from .spec import Format, Granularity, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED, CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, GUARDED,
                               RECIPROCAL, block_ids, block_scale, encode, encode_quotient, finite_abs, load_fp32,
-                              max_into, quotient, stored_scale, tile_coords)
+                              max_into, quotient, rint_int32, stored_scale, tile_coords)
 from .triton_mxfp4_pairs import mxfp4_pairs
 
 # SCALE_SRC of _quantize_tile: where a block's scale comes from.
@@ -43,30 +43,44 @@ ONE_BLOCK_DEFER = tl.constexpr(2)  # the same, careful tiles left to a FIXUP lau
 
 
 @triton.jit
-def _blocks_max(v):
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _blocks_max(v, NAN: tl.constexpr = False, NAN_COMBINE: tl.constexpr = True):
     """Max of v over each block of a [RB, TBRP, CB, TBCP] tile (axes 1 and 3). NaN is ignored, as max
-    ignores it."""
-    return tl.max(tl.max(v, axis=3, keep_dims=True), axis=1, keep_dims=True)
+    ignores it; NAN: NaN wherever the block holds one, by a NaN-propagating combine (NAN_COMBINE: max.NaN, the
+    same instruction count) or by a count of NaN (ElementConstants.NAN_COMBINE)."""
+    if NAN and NAN_COMBINE:
+        m = tl.reduce(tl.reduce(v, 3, _max_nan, keep_dims=True), 1, _max_nan, keep_dims=True)
+    else:
+        m = tl.max(tl.max(v, axis=3, keep_dims=True), axis=1, keep_dims=True)
+        if NAN:
+            m = tl.where(_blocks_max((v != v).to(tl.float32)) > 0, float("nan"), m)
+    return m
 
 
 @triton.jit
 def _register_scales(x, FMT: tl.constexpr, DEFER: tl.constexpr = False):
     """(scale, zero point, careful) of the blocks of a register tile (see _blocks_max).
 
-    The amax (ASYM: hi and -lo) is first reduced over all elements, one max an element. careful
+    The amax (ASYM: hi and -lo) is first reduced over all elements, one max an element, NaN kept. careful
     (a scalar) is 1 where that met an Inf or NaN, or some scale of the tile is outside
     [CORRECTED_MIN, CORRECTED_MAX]: then the amax is reduced again over the finite elements only,
-    as the reference does, and the codes are divided exactly. DEFER: a careful tile is left to another
+    as the reference does, and the codes are divided exactly. So a tile that is not careful holds finite
+    values only, and its int8 quotients need no clamp (|x| <= amax: |x / scale| <= 127 * (1 + 2**-23) under
+    scale = RN(amax / 127)) and no select for NaN. DEFER: a careful tile is left to another
     launch (ONE_BLOCK_DEFER of _quantize_tile), so its scales are not reduced again here.
     """
     if FMT.ASYM:
-        hi = _blocks_max(x)
-        nlo = _blocks_max(-x)
+        hi = _blocks_max(x, True, FMT.NAN_COMBINE)
+        nlo = _blocks_max(-x, True, FMT.NAN_COMBINE)
     else:
-        hi = _blocks_max(tl.abs(x))
+        hi = _blocks_max(tl.abs(x), True, FMT.NAN_COMBINE)
         nlo = 0.0
     scale, zp = block_scale(tl.maximum(hi, 0.0), tl.maximum(nlo, 0.0), FMT)
-    wild = (scale < CORRECTED_MIN) | (scale > CORRECTED_MAX) | ~(hi < float("inf"))  # NaN: a max may keep it
+    wild = (scale < CORRECTED_MIN) | (scale > CORRECTED_MAX) | ~(hi < float("inf"))
     if FMT.ASYM:
         wild = wild | ~(nlo < float("inf"))
     careful = tl.max(wild.to(tl.int32))
@@ -82,11 +96,13 @@ def _register_scales(x, FMT: tl.constexpr, DEFER: tl.constexpr = False):
 
 @triton.jit
 def _encode_careless(x, scale, zp, FMT: tl.constexpr):
-    """Codes of a tile that is not careful (see _register_scales): the corrected quotient (int8, with
-    one zero, need not keep the sign of -0); INT8 asym without the clamp before rounding (no x is
-    +-Inf there; NaN may be)."""
-    if FMT.IS_INT:
-        bits = encode_quotient(x, quotient(x, scale, CORRECTED_ANY_ZERO), zp, FMT, FMT.ASYM)
+    """Codes of a tile that is not careful (see _register_scales: its values are finite): the corrected
+    quotient (int8, with one zero, need not keep the sign of -0); INT8 sym rounded only, asym without the clamp
+    before rounding."""
+    if FMT.IS_INT and not FMT.ASYM:
+        bits = rint_int32(quotient(x, scale, CORRECTED_ANY_ZERO))
+    elif FMT.IS_INT:
+        bits = encode_quotient(x, quotient(x, scale, CORRECTED_ANY_ZERO), zp, FMT, True)
     else:
         bits = encode(x, scale, zp, FMT, CORRECTED)
     return bits
@@ -96,10 +112,10 @@ def _encode_careless(x, scale, zp, FMT: tl.constexpr):
 def _encode_register(x, scale, zp, careful, FMT: tl.constexpr):
     """encode with the scales of _register_scales of a tile of many blocks: a power-of-two scale by
     its reciprocal, any other by the corrected quotient unless the tile is careful. Only the fp32
-    quotient is chosen under the branch and encoded after it (int8 sym too: without the select that
-    keeps -0 ptxas gave it 167 registers a thread instead of 127, and it ran slower on an H100,
-    BENCHMARKS.md), except for INT8 asym, whose codes are encoded under it (_encode_careless). Programs of
-    one block branch around the store too (_quantize_tile)."""
+    quotient is chosen under the branch and encoded after it (INT8 sym: saturated under the careful branch,
+    so that after it every quotient is only rounded: 14.4 SASS instructions an element on the common path
+    against 18.4 with a clamp and a NaN select after the branch, benchmarks/sass.py), except for INT8 asym, whose codes are encoded under it
+    (_encode_careless). Programs of one block branch around the store too (_quantize_tile)."""
     if FMT.POW2:
         bits = encode(x, scale, zp, FMT, RECIPROCAL)
     elif FMT.ASYM:
@@ -107,6 +123,13 @@ def _encode_register(x, scale, zp, careful, FMT: tl.constexpr):
             bits = _encode_careless(x, scale, zp, FMT)
         else:
             bits = encode(x, scale, zp, FMT, DIVIDE)
+    elif FMT.IS_INT:  # int8 sym: the careful quotient saturated (NaN: 0), so that every q is only rounded
+        if careful == 0:
+            q = quotient(x, scale, CORRECTED_ANY_ZERO)
+        else:
+            q = quotient(x, scale, DIVIDE)
+            q = tl.where(q != q, 0.0, tl.minimum(tl.maximum(q, -FMT.QMAX), FMT.QMAX))
+        bits = rint_int32(q)
     else:
         if careful == 0:
             q = quotient(x, scale, CORRECTED)
