@@ -57,6 +57,9 @@ CASES = {  # name: (spec, op, how)
     "mxfp8": (QuantSpec(format="mxfp8"), "quantize", None),
     "e4m3_128x128": (QuantSpec(granularity="tile", tile=(128, 128)), "quantize", None),
     "e4m3_channel": (QuantSpec(granularity="channel", axis=0), "quantize", None),
+    "int8_sym_channel": (QuantSpec(format="int8_sym", granularity="channel", axis=0), "quantize", None),
+    "int8_sym_128x128": (QuantSpec(format="int8_sym", granularity="tile", tile=(128, 128)), "quantize", None),
+    "int8_asym_128x128": (QuantSpec(format="int8_asym", granularity="tile", tile=(128, 128)), "quantize", None),
     "mxfp4": (QuantSpec(format="mxfp4"), "quantize", None),
     "int8_sym": (QuantSpec(format="int8_sym"), "quantize", None),
     "int8_asym": (QuantSpec(format="int8_asym"), "quantize", None),
@@ -93,9 +96,15 @@ def runner(x, name, config):
 
 
 def parse_config(text: str) -> dict:
-    """KEY=VALUE,KEY=VALUE (Python literals; a tuple in parentheses keeps its commas) -> KernelConfig changes."""
+    """KEY=VALUE,KEY=VALUE (Python literals; a tuple in parentheses keeps its commas) -> KernelConfig changes.
+    A tuple for a field whose default is a dataclass (OneBlock) gives that dataclass's fields in order."""
     parts = re.split(r",(?![^()]*\))", text)
-    return {k: ast.literal_eval(v) for k, v in (p.split("=", 1) for p in parts if p)}
+    changes = {k: ast.literal_eval(v) for k, v in (p.split("=", 1) for p in parts if p)}
+    for k, v in changes.items():
+        default = getattr(DEFAULT, k)
+        if dataclasses.is_dataclass(default) and isinstance(v, tuple):
+            changes[k] = type(default)(*v)
+    return changes
 
 
 def main():

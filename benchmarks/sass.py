@@ -1,9 +1,9 @@
-"""Instructions per element of the quantize kernel, compiled for sm_90 on a machine without a GPU.
+"""Instructions per element of the quantize and dequantize kernels, compiled for sm_90 on a machine without a GPU.
 
     python benchmarks/sass.py [--shape 16384 16384] [--dump DIR] [--common-path]
 
-Compiles `_quantize_kernel` ahead of time (triton.compile with an sm_90 target, the launch geometry
-of kernels/quantize_plan.py, the specializations a real launch gets: unit column strides,
+Compiles `_quantize_kernel` (and `_dequantize_kernel` into bf16) ahead of time (triton.compile with an sm_90
+target, the launch geometry of kernels/quantize_plan.py and triton_dequantize.launch_geometry, the specializations a real launch gets: unit column strides,
 16-byte-aligned pointers and rows) and disassembles it with the cuobjdump that ships with triton.
 Prints the static SASS instruction count divided by the elements a thread handles, and the most
 frequent opcodes. Static counts include code that normal data never runs (the division's slow path,
@@ -30,12 +30,13 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
+from quantd.kernels import triton_dequantize as td
 from quantd.kernels import triton_mxfp4_pairs as pairs
 from quantd.kernels import triton_nvfp4 as nvfp4
 from quantd.kernels import triton_quantize as tq
 from quantd.kernels.config import DEFAULT
 from quantd.kernels.quantize_plan import block_geometry, element_constants, schedule, tile_geometry
-from quantd.kernels.spec import QuantSpec
+from quantd.kernels.spec import E2M1, QuantSpec
 
 SPECS = [
     ("fp8 e4m3 1x128", QuantSpec()),
@@ -48,6 +49,8 @@ SPECS = [
     ("int8 sym channel0", QuantSpec(format="int8_sym", granularity="channel", axis=0)),
     ("fp8 e4m3 channel0", QuantSpec(granularity="channel", axis=0)),
 ]
+DEQUANTIZE_SPECS = [("fp8 e4m3 1x128", QuantSpec()), ("int8 asym 1x128", QuantSpec(format="int8_asym")),
+                    ("mxfp4", QuantSpec(format="mxfp4")), ("nvfp4", QuantSpec(format="nvfp4"))]
 POINTER_TYPES = {torch.float32: "*fp32", torch.uint8: "*u8"}
 
 
@@ -111,6 +114,33 @@ def compile_mxfp4_pairs():
     return kernel, rows * groups * 32 / (warps * 32)
 
 
+def compile_dequantize(spec: QuantSpec, shape, out_dtype: torch.dtype = torch.bfloat16):
+    """(compiled kernel, elements a thread handles) of the compiled dequantize launch of `spec` into `out_dtype`
+    (the choices triton_dequantize._dequantize_into makes for a word-aligned output; codes widened by the
+    hardware)."""
+    el = spec.element
+    (_, rows, cols), (br, bc) = block_geometry(shape, spec)
+    tile, blocked, split, warps = td.launch_geometry(el, rows, cols, br, bc, DEFAULT)
+    fp4 = el is E2M1
+    pow2, nv = spec.scale_encoding.value == "pow2", spec.format.value == "nvfp4"
+    words = fp4 and out_dtype in (torch.bfloat16, torch.float16) and DEFAULT.packed_decode
+    constexprs = dict(TILE=tile, BLOCKED=blocked, BID_ROWS=rows > br, BID_COLS=cols > bc, UNPACK4=fp4, SPLIT=split,
+                      NV=nv, DECODE_BITS=fp4, POW2=pow2, ASYM=spec.format.value == "int8_asym", NBITS=el.bits,
+                      EBITS=el.ebits, MBITS=el.mbits, BIAS=el.bias, SPECIALS=td._specials(el), BF16_BITS=False,
+                      WORDS=words, F16=out_dtype == torch.float16, HW_SCALES=nv)
+    out_type = "*i32" if words else {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[out_dtype]
+    code_type = "*u8" if fp4 else {torch.float8_e4m3fn: "*fp8e4nv", torch.float8_e5m2: "*fp8e5",
+                                   torch.int8: "*i8"}[spec.code_dtype]
+    scale_type = "*u8" if pow2 or nv else "*fp32"
+    signature = {n: "constexpr" if n in constexprs else {"codes_ptr": code_type, "out_ptr": out_type,
+                                                         "scales_ptr": scale_type, "zp_ptr": "*i8" if
+                                                         constexprs["ASYM"] else scale_type,
+                                                         "ts_ptr": "*fp32"}.get(n, "i32")
+                 for n in td._dequantize_kernel.arg_names}
+    kernel = compile_sm90(td._dequantize_kernel, signature, constexprs, {"R", "C", "sq_p", "sq_r"}, warps)
+    return kernel, tile.elems / (warps * 32)
+
+
 def compile_sm90(fn, signature: dict, constexprs: dict, aligned: set, warps: int, maxnreg: int | None = None,
                  stages: int | None = None):
     """triton.compile of jit function `fn` for sm_90, its pointers and the `aligned` integer arguments
@@ -157,8 +187,9 @@ def opcodes(sass: str) -> list:
 
 
 # The rare branches of the quantize kernels and what --common-path puts in their place.
-RARE_BRANCHES = {"triton_quantize": [("careful != 0", "False"), ("careful == 0", "True")],
-                 "triton_mxfp4_pairs": [("careful != 0", "False"), ("careful == 0", "True")],
+CAREFUL_TILES = [("careful != 0", "False"), ("careful == 0", "True")]
+GUARDED_SCALES = [("if tl.max(((scale < CORRECTED_MIN) | (scale > CORRECTED_MAX)).to(tl.int32)) == 0:", "if True:")]
+RARE_BRANCHES = {"triton_quantize": CAREFUL_TILES + GUARDED_SCALES, "triton_mxfp4_pairs": CAREFUL_TILES,
                  "triton_nvfp4": [("if not fast:", "if False:"), ("if fast:", "if True:")]}
 
 
@@ -198,6 +229,8 @@ def main() -> None:
     tensor = QuantSpec(granularity="tensor")
     builds.append(("fp8 e4m3 tensor, 2nd pass", lambda: compile_quantize(tensor, args.shape, source=tq.SCALE_STATS)))
     builds.append(("fp8 e4m3 tensor, delayed", lambda: compile_quantize(tensor, args.shape, source=tq.SCALE_GIVEN_AMAX)))
+    for name, spec in DEQUANTIZE_SPECS:
+        builds.append((f"dequantize {name}", lambda spec=spec: compile_dequantize(spec, args.shape)))
     for name, build in builds:
         kernel, per_thread = build()
         stem = os.path.join(args.dump, re.sub(r"\W+", "_", name))

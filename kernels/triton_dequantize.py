@@ -20,7 +20,8 @@ from .config import DEFAULT, KernelConfig
 from .launch import interpreting
 from .layout import check_out_values
 from .plans import launch, planned
-from .quantize_plan import MAX_REGISTER_BLOCK, as_grid, block_geometry, bytes_of, pow2_ceil, tile_geometry, warps
+from .quantize_plan import (MAX_REGISTER_BLOCK, Tile, as_grid, block_geometry, bytes_of, pow2_ceil, tile_geometry,
+                            warps)
 from .spec import E2M1, OUT_DTYPES, QuantizedTensor, ScaleEncoding, _cdiv
 from .triton_elements import (IEEE_SPECIALS, NAN_ALL_ONES, NO_SPECIALS, block_ids, decode_minifloat, e2m1x2_scaled,
                               e2m1x2_times, e4m3_value, e8m0_bf16x2, pow2, tile_coords)
@@ -158,14 +159,7 @@ def _dequantize_into(qt: QuantizedTensor, out: torch.Tensor, exact_fp8: bool | N
     if zps is not None and (zps.stride() != scales.stride() or zps.dtype != torch.int8):  # read with scales' strides
         zps = torch.empty_strided(scales.shape, scales.stride(), dtype=torch.int8, device=scales.device).copy_(zps)
 
-    blocked = pow2_ceil(br) * pow2_ceil(bc) <= MAX_REGISTER_BLOCK
-    elems, num_warps = config.dequant_fp4_tile if el is E2M1 else (config.dequant_tile_elems, None)
-    tile, _ = tile_geometry(br, bc, R, C, blocked, config, elems)
-    split = 1
-    if blocked and tile.RB * tile.CB == 1 and br == tile.TBRP and br % config.dequant_split == 0:
-        # Sub-tiles of br / SPLIT rows, SPLIT of them stacked making a block, as many a tile as fit.
-        split = config.dequant_split
-        tile, _ = tile_geometry(br // split, bc, R, C, True, config, elems)
+    tile, blocked, split, num_warps = launch_geometry(el, R, C, br, bc, config)
     tiles_r, tiles_c = _cdiv(R, tile.RB * tile.TBR), _cdiv(C, tile.CB * tile.TBC)
     ccols = (C + 1) // 2 if el is E2M1 else C
     bf16_bits = interpreting() and out_dtype == torch.bfloat16
@@ -182,6 +176,20 @@ def _dequantize_into(qt: QuantizedTensor, out: torch.Tensor, exact_fp8: bool | N
         DECODE_BITS=decode_bits, POW2=pow2, ASYM=zps is not None,
         NBITS=el.bits, EBITS=el.ebits, MBITS=el.mbits, BIAS=el.bias, SPECIALS=_specials(el),
         BF16_BITS=bf16_bits, WORDS=words, F16=out_dtype == torch.float16, HW_SCALES=nv and not exact,
-        num_warps=num_warps or warps(tile.elems, config),
+        num_warps=num_warps,
     )
+
+
+def launch_geometry(el, R: int, C: int, br: int, bc: int, config: KernelConfig) -> tuple[Tile, bool, int, int]:
+    """(TILE, BLOCKED, SPLIT, warps) of the dequantize launch over the (P, R, C) view of br x bc blocks of
+    element type `el` (see _dequantize_kernel)."""
+    blocked = pow2_ceil(br) * pow2_ceil(bc) <= MAX_REGISTER_BLOCK
+    elems, num_warps = config.dequant_fp4_tile if el is E2M1 else (config.dequant_tile_elems, None)
+    tile, _ = tile_geometry(br, bc, R, C, blocked, config, elems)
+    split = 1
+    if blocked and tile.RB * tile.CB == 1 and br == tile.TBRP and br % config.dequant_split == 0:
+        # Sub-tiles of br / SPLIT rows, SPLIT of them stacked making a block, as many a tile as fit.
+        split = config.dequant_split
+        tile, _ = tile_geometry(br // split, bc, R, C, True, config, elems)
+    return tile, blocked, split, num_warps or warps(tile.elems, config)
 
