@@ -1,5 +1,5 @@
 """The offline compile tools, on a machine without a GPU (triton's own ptxas and cuobjdump):
-benchmarks/sass.py for the quantize kernels (its --common-path copy of the kernels must find the
+benchmarks/sass.py for the quantize and dequantize kernels (its --common-path copy of the kernels must find the
 branches it removes), benchmarks/gluon_gemm_sass.py for the Gluon GEMM."""
 import os
 import re
@@ -26,7 +26,8 @@ def run_tool(script: str, *args, timeout: int = 600) -> str:
 def test_sass_tool_counts_every_kernel(flags, tmp_path):
     stdout = run_tool("sass.py", "--shape", "1024", "1024", "--dump", str(tmp_path), *flags)
     counts = dict(re.findall(r"^(.+?)\s+(\d+\.\d) instructions/element", stdout, re.M))
-    assert {"fp8 e4m3 1x128", "fp8 e4m3 128x128", "mxfp4", "int8 asym 1x128", "mxfp4, pairs kernel"} <= set(counts)
+    assert {"fp8 e4m3 1x128", "fp8 e4m3 128x128", "mxfp4", "int8 asym 1x128", "mxfp4, pairs kernel",
+            "dequantize fp8 e4m3 1x128", "dequantize nvfp4"} <= set(counts)
     assert all(5 < float(v) < 200 for v in counts.values()), counts
 
 
