@@ -22,7 +22,6 @@ import math
 import types
 
 import torch
-import torch.nn.functional as F
 
 from . import reference
 from .layout import check_out, check_out_values, copy_into, copy_stored
@@ -170,9 +169,8 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
     if spec.granularity == Granularity.TILE and (_quantize_tiles, spec) not in _eager:
         # padded here to whole tiles (zeros, as to_blocks pads), so that one graph serves every shape
         x2 = x.reshape(-1, x.shape[-1])
-        (rows, k), (bm, bn) = x2.shape, spec.tile
-        x2 = F.pad(x2, (0, (-k) % bn, 0, (-rows) % bm)).contiguous()
-        x4 = x2.view(x2.shape[0] // bm, bm, x2.shape[1] // bn, bn)
+        rows, k = x2.shape
+        x4 = reference.tile_grid(x2, spec.tile).contiguous()
         torch._dynamo.decorators.mark_unbacked(x4, 0)
         torch._dynamo.decorators.mark_unbacked(x4, 2)
         if scales is not None:

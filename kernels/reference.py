@@ -114,10 +114,15 @@ def to_blocks(x: torch.Tensor, spec: QuantSpec, dtype: torch.dtype = torch.float
     if g == Granularity.GROUP:
         gs = spec.group_size
         return _pad(x2, (0, (-k) % gs)).reshape(-1, gs)
-    bm, bn = spec.tile
+    tr, bm, tc, bn = (x4 := tile_grid(x2, spec.tile)).shape
+    return x4.permute(0, 2, 1, 3).reshape(tr * tc, bm * bn)
+
+
+def tile_grid(x2: torch.Tensor, tile: tuple) -> torch.Tensor:
+    """A 2-D tensor zero-padded to whole bm x bn tiles, as (tile rows, bm, tile columns, bn)."""
+    (rows, k), (bm, bn) = x2.shape, tile
     x2 = _pad(x2, (0, (-k) % bn, 0, (-rows) % bm))
-    tr, tc = x2.shape[0] // bm, x2.shape[1] // bn
-    return x2.reshape(tr, bm, tc, bn).permute(0, 2, 1, 3).reshape(tr * tc, bm * bn)
+    return x2.reshape(x2.shape[0] // bm, bm, x2.shape[1] // bn, bn)
 
 
 def _pad(x: torch.Tensor, pad: tuple) -> torch.Tensor:
