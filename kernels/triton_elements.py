@@ -355,15 +355,20 @@ _E2M1X2_SCALED = tl.constexpr(_E2M1X2_VALUES + """
         mul.rn.bf16x2 $0, m, $2;
         }
 """)
-_E2M1X2_TIMES = {half: tl.constexpr(_E2M1X2_VALUES + f"""
+
+
+def _e2m1x2_times_ptx(half: str) -> tl.constexpr:
+    return tl.constexpr(_E2M1X2_VALUES + f"""
         shl.b32 lo, m, 16;
         and.b32 hi, m, 0xFFFF0000;
         mul.rn.f32 lo, lo, $2;
         mul.rn.f32 hi, hi, $2;
         cvt.rn.{half}x2.f32 $0, hi, lo;
         }}
-""") for half in ("bf16", "f16")}
-_E2M1X2_TIMES_BF16, _E2M1X2_TIMES_F16 = _E2M1X2_TIMES["bf16"], _E2M1X2_TIMES["f16"]
+""")
+
+
+_E2M1X2_TIMES_BF16, _E2M1X2_TIMES_F16 = _e2m1x2_times_ptx("bf16"), _e2m1x2_times_ptx("f16")
 
 
 @triton.jit
