@@ -397,10 +397,5 @@ def e2m1x2_times(b, d, F16: tl.constexpr):
     half type, as reference.dequantize computes it. The codes' exact bf16 values widen to fp32 by a shift and a
     mask, the fp32 multiplies are IEEE's (.rn: neither fused nor flushing subnormals) and one cvt rounds both
     products to nearest even (+-Inf past the half type's range, NaN for NaN)."""
-    if F16:
-        w = tl.inline_asm_elementwise(asm=_E2M1X2_TIMES_F16, constraints="=r,r,f", args=[b, d], dtype=tl.int32,
-                                      is_pure=True, pack=1)
-    else:
-        w = tl.inline_asm_elementwise(asm=_E2M1X2_TIMES_BF16, constraints="=r,r,f", args=[b, d], dtype=tl.int32,
-                                      is_pure=True, pack=1)
-    return w
+    return tl.inline_asm_elementwise(asm=_E2M1X2_TIMES_F16 if F16 else _E2M1X2_TIMES_BF16, constraints="=r,r,f",
+                                     args=[b, d], dtype=tl.int32, is_pure=True, pack=1)

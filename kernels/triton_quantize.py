@@ -114,8 +114,9 @@ def _encode_register(x, scale, zp, careful, FMT: tl.constexpr):
     its reciprocal, any other by the corrected quotient unless the tile is careful. Only the fp32
     quotient is chosen under the branch and encoded after it (INT8 sym: saturated under the careful branch,
     so that after it every quotient is only rounded: 14.4 SASS instructions an element on the common path
-    against 18.4 with a clamp and a NaN select after the branch, benchmarks/sass.py), except for INT8 asym, whose codes are encoded under it
-    (_encode_careless). Programs of one block branch around the store too (_quantize_tile)."""
+    against 18.4 with a clamp and a NaN select after the branch, benchmarks/sass.py), except for INT8 asym,
+    whose codes are encoded under it (_encode_careless). Programs of one block branch around the store too
+    (_quantize_tile)."""
     if FMT.POW2:
         bits = encode(x, scale, zp, FMT, RECIPROCAL)
     elif FMT.ASYM:
@@ -123,19 +124,14 @@ def _encode_register(x, scale, zp, careful, FMT: tl.constexpr):
             bits = _encode_careless(x, scale, zp, FMT)
         else:
             bits = encode(x, scale, zp, FMT, DIVIDE)
-    elif FMT.IS_INT:  # int8 sym: the careful quotient saturated (NaN: 0), so that every q is only rounded
-        if careful == 0:
-            q = quotient(x, scale, CORRECTED_ANY_ZERO)
-        else:
-            q = quotient(x, scale, DIVIDE)
-            q = tl.where(q != q, 0.0, tl.minimum(tl.maximum(q, -FMT.QMAX), FMT.QMAX))
-        bits = rint_int32(q)
     else:
-        if careful == 0:
-            q = quotient(x, scale, CORRECTED)
+        if careful == 0:  # int8 has one zero: its quotient need not keep the sign of -0
+            q = quotient(x, scale, CORRECTED_ANY_ZERO if FMT.IS_INT else CORRECTED)
         else:
             q = quotient(x, scale, DIVIDE)
-        bits = encode_quotient(x, q, zp, FMT)
+            if FMT.IS_INT:  # saturated, NaN to 0, as encode_quotient's int8 sym codes
+                q = tl.where(q != q, 0.0, tl.minimum(tl.maximum(q, -FMT.QMAX), FMT.QMAX))
+        bits = rint_int32(q) if FMT.IS_INT else encode_quotient(x, q, zp, FMT)
     return bits
 
 

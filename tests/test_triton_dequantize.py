@@ -211,6 +211,7 @@ def test_gpu_e2m1_words_every_byte_and_scale(fmt, out_dtype):
     reference's value; so is the fp32 path's (packed_decode off), and an output that is not word-aligned (which
     takes the fp32 path)."""
     seen = set()
+    fp32_path = dataclasses.replace(DEFAULT, packed_decode=False)
     for ts in NVFP4_TENSOR_SCALES if fmt == "nvfp4" else (None,):
         qt = every_byte_under_every_scale(fmt, ts)
         want = reference.dequantize(qt, out_dtype)
@@ -220,7 +221,6 @@ def test_gpu_e2m1_words_every_byte_and_scale(fmt, out_dtype):
         seen |= {"subnormal"} if ((w > 0) & (w < torch.finfo(out_dtype).tiny)).any() else set()
         on_gpu = _to(qt, "cuda")
         assert_same_values(dequantize(on_gpu, out_dtype), want, f"ts {ts}")
-        fp32_path = dataclasses.replace(DEFAULT, packed_decode=False)
         assert_same_values(dequantize(on_gpu, out_dtype, config=fp32_path), want, f"ts {ts}, fp32 path")
         shifted = torch.empty(256 * 512 + 1, dtype=out_dtype, device="cuda")[1:].view(256, 512)
         assert dequantize(on_gpu, out_dtype, out=shifted) is shifted
