@@ -3,8 +3,9 @@
     python benchmarks/sass.py [--shape 16384 16384] [--dump DIR] [--common-path]
 
 Compiles `_quantize_kernel` (and `_dequantize_kernel` into bf16) ahead of time (triton.compile with an sm_90
-target, the launch geometry of kernels/quantize_plan.py and triton_dequantize.launch_geometry, the specializations a real launch gets: unit column strides,
-16-byte-aligned pointers and rows) and disassembles it with the cuobjdump that ships with triton.
+target, the launch geometry of kernels/quantize_plan.py and triton_dequantize.launch_geometry, the
+specializations a real launch gets: unit column strides, 16-byte-aligned pointers and rows) and disassembles
+it with the cuobjdump that ships with triton.
 Prints the static SASS instruction count divided by the elements a thread handles, and the most
 frequent opcodes. Static counts include code that normal data never runs (the division's slow path,
 the branch a program takes when its amax meets an Inf or NaN); --common-path compiles a copy of the
@@ -36,7 +37,7 @@ from quantd.kernels import triton_nvfp4 as nvfp4
 from quantd.kernels import triton_quantize as tq
 from quantd.kernels.config import DEFAULT
 from quantd.kernels.quantize_plan import block_geometry, element_constants, schedule, tile_geometry
-from quantd.kernels.spec import E2M1, QuantSpec
+from quantd.kernels.spec import E2M1, Format, QuantSpec, ScaleEncoding
 
 SPECS = [
     ("fp8 e4m3 1x128", QuantSpec()),
@@ -122,21 +123,21 @@ def compile_dequantize(spec: QuantSpec, shape, out_dtype: torch.dtype = torch.bf
     (_, rows, cols), (br, bc) = block_geometry(shape, spec)
     tile, blocked, split, warps = td.launch_geometry(el, rows, cols, br, bc, DEFAULT)
     fp4 = el is E2M1
-    pow2, nv = spec.scale_encoding.value == "pow2", spec.format.value == "nvfp4"
+    pow2, nv, asym = (spec.scale_encoding == ScaleEncoding.POW2, spec.format == Format.NVFP4,
+                      spec.format == Format.INT8_ASYM)
     words = fp4 and out_dtype in (torch.bfloat16, torch.float16) and DEFAULT.packed_decode
     constexprs = dict(TILE=tile, BLOCKED=blocked, BID_ROWS=rows > br, BID_COLS=cols > bc, UNPACK4=fp4, SPLIT=split,
-                      NV=nv, DECODE_BITS=fp4, POW2=pow2, ASYM=spec.format.value == "int8_asym", NBITS=el.bits,
-                      EBITS=el.ebits, MBITS=el.mbits, BIAS=el.bias, SPECIALS=td._specials(el), BF16_BITS=False,
-                      WORDS=words, F16=out_dtype == torch.float16, HW_SCALES=nv)
-    out_type = "*i32" if words else {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[out_dtype]
-    code_type = "*u8" if fp4 else {torch.float8_e4m3fn: "*fp8e4nv", torch.float8_e5m2: "*fp8e5",
-                                   torch.int8: "*i8"}[spec.code_dtype]
+                      NV=nv, DECODE_BITS=fp4, POW2=pow2, ASYM=asym, NBITS=el.bits, EBITS=el.ebits, MBITS=el.mbits,
+                      BIAS=el.bias, SPECIALS=td._specials(el), BF16_BITS=False, WORDS=words,
+                      F16=out_dtype == torch.float16, HW_SCALES=nv)
     scale_type = "*u8" if pow2 or nv else "*fp32"
-    signature = {n: "constexpr" if n in constexprs else {"codes_ptr": code_type, "out_ptr": out_type,
-                                                         "scales_ptr": scale_type, "zp_ptr": "*i8" if
-                                                         constexprs["ASYM"] else scale_type,
-                                                         "ts_ptr": "*fp32"}.get(n, "i32")
-                 for n in td._dequantize_kernel.arg_names}
+    pointers = {
+        "codes_ptr": "*u8" if fp4 else {torch.float8_e4m3fn: "*fp8e4nv", torch.float8_e5m2: "*fp8e5",
+                                        torch.int8: "*i8"}[spec.code_dtype],
+        "out_ptr": "*i32" if words else {torch.bfloat16: "*bf16", torch.float16: "*fp16",
+                                         torch.float32: "*fp32"}[out_dtype],
+        "scales_ptr": scale_type, "zp_ptr": "*i8" if asym else scale_type, "ts_ptr": "*fp32"}
+    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in td._dequantize_kernel.arg_names}
     kernel = compile_sm90(td._dequantize_kernel, signature, constexprs, {"R", "C", "sq_p", "sq_r"}, warps)
     return kernel, tile.elems / (warps * 32)
 
