@@ -80,6 +80,7 @@ CASES = {  # name: (spec, op, how)
     "mxfp8_deq": (QuantSpec(format="mxfp8"), "dequantize", None),
     "int8_sym_deq": (QuantSpec(format="int8_sym"), "dequantize", None),
     "int8_asym_deq": (QuantSpec(format="int8_asym"), "dequantize", None),
+    "int8_sym_channel_deq": (QuantSpec(format="int8_sym", granularity="channel", axis=0), "dequantize", None),
 }
 
 

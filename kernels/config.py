@@ -58,17 +58,18 @@ class KernelConfig:
     asym_maxnreg: int | None = 128
     # Careful tiles deferred, one tile a program. Float tiles: 4 warps of 128 elements a thread of a 128 x 128
     # tile, no register limit (H200, 2026-12-04, 16384^2 bf16, ncu kernel time: E4M3 128x128 184 us against 210 us
-    # for 8 warps within 128 registers, 246 us for 4 warps within 128, 240 us for 2 warps); rows keep 128
-    # registers (E4M3 per channel 0.985 x copy within them, 0.922 without, in one sweep; a later one-process A/B
-    # gave 0.923-0.929 within and 0.917-0.922 without). INT8 took persistent
-    # programs at 16 elements a thread of a row block on an H100; on an H200 (2026-12-03 sweep) the float schedule
-    # is faster for it too: 128x128 sym 0.730 against 0.709 x copy, asym 0.800 against 0.606, per channel 0.777
+    # for 8 warps within 128 registers, 246 us for 4 warps within 128, 240 us for 2 warps); rows within 80
+    # registers, three 8-warp programs an SM (ptxas takes 87 without a limit, two an SM; H200, 2026-12-04,
+    # 16384^2 bf16, profile_kernels --time, one process: E4M3 per channel 0.985 x copy against 0.934 within 128,
+    # 0.981 within 72, 0.933 within 96, 0.916 without a limit, 0.919 at 32 elements a thread within 64). INT8 took
+    # persistent programs at 16 elements a thread of a row block on an H100; on an H200 (2026-12-03 sweep) the float
+    # schedule is faster for it too: 128x128 sym 0.730 against 0.709 x copy, asym 0.800 against 0.606, per channel 0.777
     # against 0.725. Since INT8 sym tiles that are not careful only round their quotients (no clamp, no NaN select),
     # int8 takes the float tiles without any register limit (H200, 2026-12-04, 16384^2 bf16, profile_kernels
     # --time, one process): 128x128 sym 0.986 against 0.874 at 64 elements a thread within 128 registers, per
     # channel 0.984 against 0.907 with rows of 64 within 128, asym 128x128 0.851 against 0.846.
     one_block_float: OneBlock = OneBlock(defer=True, per_sm=0, tile_elems=128, row_elems=64, maxnreg=None,
-                                         row_maxnreg=128)
+                                         row_maxnreg=80)
     one_block_int: OneBlock = OneBlock(defer=True, per_sm=0, tile_elems=128, row_elems=64, maxnreg=None,
                                        row_maxnreg=None)
     # Blocks whose scales come from the statistics pass or are given (per tensor, channels, groups and tiles
@@ -88,10 +89,13 @@ class KernelConfig:
     # asym 0.975-0.983 / 0.961-0.965; 1024: 0.88-0.93. E2M1 codes: (elements, warps) of a program, within 0.92-0.96
     # for every choice tried (run-to-run spread about 0.01); 2048 at 2 warps: NVFP4 0.943-0.951, MXFP4 0.949-0.960,
     # against 0.934-0.940 / 0.938-0.945 at 4096 and 4 warps, 0.946 / 0.950 at 2048 and 1 warp, 0.930 / 0.954 at 1024
-    # and 1 warp, 0.890 / 0.955 at 4096 and 8 warps.
+    # and 1 warp, 0.890 / 0.955 at 4096 and 8 warps. Blocks of one row longer than a program (channels along the
+    # rows) are dequantized in strips of dequant_tile_elems, each element's row scale looked up (False: one row a
+    # program): INT8 sym per channel 0.977 x copy against 0.949 (H200, 2026-12-04, 16384^2, one process).
     dequant_tile_elems: int = 2048
     dequant_fp4_tile: tuple = (2048, 2)
     dequant_split: int = 128
+    dequant_row_strips: bool = True
     # An NVFP4 quantize program: (rows, 1x16 blocks a row, warps), and its register limit a thread (None: as ptxas
     # chooses). One warp a program: its tile-wide reductions (the Inf/NaN check, the scales' layout) need no
     # barrier, and 64 registers let 32 of them share an SM. On an H200 (2026-12-04, 16384^2 bf16, given tensor

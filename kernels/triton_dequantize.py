@@ -183,8 +183,10 @@ def _dequantize_into(qt: QuantizedTensor, out: torch.Tensor, exact_fp8: bool | N
 def launch_geometry(el, R: int, C: int, br: int, bc: int, config: KernelConfig) -> tuple[Tile, bool, int, int]:
     """(TILE, BLOCKED, SPLIT, warps) of the dequantize launch over the (P, R, C) view of br x bc blocks of
     element type `el` (see _dequantize_kernel)."""
-    blocked = pow2_ceil(br) * pow2_ceil(bc) <= MAX_REGISTER_BLOCK
     elems, num_warps = config.dequant_fp4_tile if el is E2M1 else (config.dequant_tile_elems, None)
+    blocked = pow2_ceil(br) * pow2_ceil(bc) <= MAX_REGISTER_BLOCK
+    if blocked and br == 1 and pow2_ceil(bc) > elems and config.dequant_row_strips:
+        blocked = False  # rows longer than a program (channels): strips of them, each looking its row's scale up
     tile, _ = tile_geometry(br, bc, R, C, blocked, config, elems)
     split = 1
     if blocked and tile.RB * tile.CB == 1 and br == tile.TBRP and br % config.dequant_split == 0:

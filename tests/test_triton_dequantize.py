@@ -14,7 +14,7 @@ import torch
 from quantd.kernels import dispatch, reference
 from quantd.kernels.config import DEFAULT
 from quantd.kernels.spec import QuantizedTensor, QuantSpec
-from quantd.kernels.triton_dequantize import dequantize
+from quantd.kernels.triton_dequantize import dequantize, launch_geometry
 from triton_cases import DTYPES, all_specs, assert_same_values, random_input, reference_quantize, to_device
 
 SPECS = all_specs()
@@ -155,6 +155,24 @@ def test_blocks_split_across_programs(spec, split, rng):
     check(reference_quantize(random_input((257, 300), torch.bfloat16, rng), spec), torch.bfloat16, config=config)
 
 
+ROW_SPECS = [QuantSpec(format="int8_sym", granularity="channel", axis=0), QuantSpec(granularity="channel", axis=0),
+             QuantSpec(format="int8_asym", group_size=4096)]
+
+
+@pytest.mark.parametrize("strips", [True, False], ids=["strips", "row_a_program"])
+@pytest.mark.parametrize("spec", ROW_SPECS, ids=str)
+def test_long_rows_in_strips(spec, strips, rng):
+    """KernelConfig.dequant_row_strips: blocks of one row longer than a program are dequantized in strips, each
+    element's row scale looked up (True), or one row a program."""
+    config = dataclasses.replace(DEFAULT, dequant_tile_elems=256, dequant_row_strips=strips)
+    el = spec.element
+    blocked = launch_geometry(el, 300, 5000, 1, 5000, config)[1]
+    assert blocked is not strips and launch_geometry(el, 300, 5000, 1, 128, config)[1]  # short rows stay blocks
+    for shape in ((3, 5000), (40, 257)):
+        check(random_codes(spec, shape, rng), torch.float32, config=config)
+    check(reference_quantize(random_input((9, 4500), torch.bfloat16, rng), spec), torch.bfloat16, config=config)
+
+
 def test_bad_input():
     qt = reference.quantize(torch.randn(4, 256), QuantSpec())
     with pytest.raises(TypeError, match="out_dtype"):
@@ -235,6 +253,15 @@ def test_gpu_blocks_split_across_programs(spec, split, rng):
     config = dataclasses.replace(DEFAULT, dequant_split=split)
     for shape in ((1, 1), (127, 257), (4097, 1000), (16384, 4096)):
         check(_to(random_codes(spec, shape, rng), "cuda"), torch.bfloat16, config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ROW_SPECS, ids=str)
+def test_gpu_long_rows_in_strips(spec, rng):
+    for strips in (True, False):
+        config = dataclasses.replace(DEFAULT, dequant_row_strips=strips)
+        for shape in ((5, 16384), (300, 5000), (16384, 4097)):
+            check(_to(random_codes(spec, shape, rng), "cuda"), torch.bfloat16, config=config)
 
 
 @pytest.mark.gpu
