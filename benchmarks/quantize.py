@@ -188,7 +188,12 @@ SWEEPS = [
     ([("nvfp4", QuantSpec("nvfp4"), SQUARE, "quantize")],
      [dict(nvfp4_launch=launch) for launch in ((16, 16, 4), (8, 16, 2), (16, 16, 2), (8, 32, 4), (32, 8, 4), (4, 8, 8))]),
     ([("fp8 e4m3 dual 1x128 + 128x1", QuantSpec(), SQUARE, "dual")],
-     [dict(dual_warps=w, dual_maxnreg=r) for w, r in ((4, None), (8, 128), (8, None), (4, 128), (16, 64))]),
+     [dict(dual_warps=w, dual_maxnreg=r) for w, r in ((4, None), (8, 128), (8, None), (4, 128), (16, 64))]
+     + [dict(dual_defer=True, dual_warps=w, dual_maxnreg=r) for w, r in ((8, None), (8, 128), (4, None))]),
+    ([("int8 asym 1x128", CASES[6][1], SQUARE, "quantize")],
+     [{}, dict(asym_defer=True)]
+     + [dict(asym_defer=True, asym_programs=0, asym_maxnreg=None, tile_elems=t, asym_warps=w)
+        for t, w in ((2048, 1), (1024, 1), (4096, 2), (2048, 2), (4096, 4), (8192, 8))]),
 ]
 
 

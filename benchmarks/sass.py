@@ -12,6 +12,10 @@ the branch a program takes when its amax meets an Inf or NaN); --common-path com
 module without those branches, which is what a program of finite values under ordinary scales runs.
 Persistent programs (one block a program, INT8 asym) are counted over their whole loop, prologue
 included, per element of one tile.
+The triton that compiles is the one imported: to see what the device's triton builds, put its wheel first on the
+path (`pip install --no-deps --target DIR triton==3.6.0`, then `PYTHONPATH=DIR python benchmarks/sass.py`). The
+versions differ: triton 3.9 gave INT8 asym's 2048-element program 96 registers a thread, 3.6 237 (ncu on an H200
+agreed with 3.6).
 Counts say nothing of latency or registers, so they are a proxy to compare variants of one kernel,
 not a model: on an H100 (BENCHMARKS.md), common path, E4M3 1x128 at ~14-15 ran at 1.02 x copy and INT8
 sym at ~22 at 0.99, while an INT8 sym variant at ~18 ran at 0.92 because it needed 167 registers a
@@ -55,18 +59,20 @@ DEQUANTIZE_SPECS = [("fp8 e4m3 1x128", QuantSpec()), ("int8 asym 1x128", QuantSp
 POINTER_TYPES = {torch.float32: "*fp32", torch.uint8: "*u8"}
 
 
-def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16", source=None):
+def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16", source=None, dual: bool = False):
     """(compiled kernel, elements a thread handles) of the quantize launch of `spec`: scales reduced in
-    registers (source None), or read from the statistics pass or given (tq.SCALE_STATS, SCALE_GIVEN_AMAX)."""
+    registers (source None), or read from the statistics pass or given (tq.SCALE_STATS, SCALE_GIVEN_AMAX);
+    dual: quantize_dual's launch (1 x g groups of X and of X^T)."""
     (_, rows, cols), (br, bc) = block_geometry(shape, spec)
     register = source is None
     fmt = element_constants(spec, exact_fp8=False, guarded=DEFAULT.guarded_quotient)
-    tile, warps = tile_geometry(br, bc, rows, cols, register, DEFAULT, asym=fmt.ASYM)
-    run = schedule(tile, warps, register, False, fmt.ASYM, fmt.IS_INT, DEFAULT)
+    tile, warps = tq.dual_geometry(cols, bc, DEFAULT) if dual else \
+        tile_geometry(br, bc, rows, cols, register, DEFAULT, asym=fmt.ASYM)
+    run = schedule(tile, warps, register, dual, fmt.ASYM, fmt.IS_INT, DEFAULT)
     source = tq.SCALE_REGISTER if register else source
-    constexprs = dict(TILE=tile, FMT=fmt, SCALE_SRC=source.value, BID_ROWS=rows > br, BID_COLS=cols > bc, DUAL=False,
-                      PACK4=spec.element.bits == 4, BF16_BITS=False, sx_c=1, ss_c=1, ONE_BLOCK=tq.one_block_mode(run),
-                      STAGES=run.stages, FIXUP=False, SCALES_EACH=1)
+    constexprs = dict(TILE=tile, FMT=fmt, SCALE_SRC=source.value, BID_ROWS=rows > br, BID_COLS=cols > bc, DUAL=dual,
+                      PACK4=spec.element.bits == 4, BF16_BITS=False, sx_c=1, ss_c=1, TILE_MODE=tq.tile_mode(run),
+                      STAGES=run.stages, FIXUP=False, SCALES_EACH=1, **({"sst_c": 1} if dual else {}))
     names = tq._quantize_kernel.arg_names
     signature = {}
     for name in names:
@@ -78,7 +84,7 @@ def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16", source=None):
             signature[name] = "*i32"
         elif name in ("stats_ptr", "given_ptr") and not register:
             signature[name] = "*fp32"
-        elif name == "scales_ptr":
+        elif name in ("scales_ptr", "scales_t_ptr"):
             signature[name] = POINTER_TYPES[torch.float32 if spec.scale_dtype == torch.float32 else torch.uint8]
         elif name.endswith("_ptr"):
             signature[name] = "*u8"
@@ -230,6 +236,7 @@ def main() -> None:
     tensor = QuantSpec(granularity="tensor")
     builds.append(("fp8 e4m3 tensor, 2nd pass", lambda: compile_quantize(tensor, args.shape, source=tq.SCALE_STATS)))
     builds.append(("fp8 e4m3 tensor, delayed", lambda: compile_quantize(tensor, args.shape, source=tq.SCALE_GIVEN_AMAX)))
+    builds.append(("fp8 e4m3 dual 1x128", lambda: compile_quantize(QuantSpec(), args.shape, dual=True)))
     for name, spec in DEQUANTIZE_SPECS:
         builds.append((f"dequantize {name}", lambda spec=spec: compile_dequantize(spec, args.shape)))
     for name, build in builds:

@@ -56,6 +56,12 @@ class KernelConfig:
     # (255 registers at 4 warps otherwise: 0.918 against 0.852 x copy, H100).
     asym_warps: int = 8
     asym_maxnreg: int | None = 128
+    # Careful tiles of dual-layout and INT8 asym programs (an Inf or NaN, extreme scales) listed for a second
+    # launch (as OneBlock.defer), so that the first holds no code for them. Compiled by triton 3.6 for sm_90
+    # (benchmarks/sass.py), the careful branch sets their register count: INT8 asym of 2048 elements at 1 warp 167
+    # registers a thread with it, 118 without; dual 128 x 128 tiles at 8 warps 161 and 124. Not yet timed on a GPU.
+    dual_defer: bool = False
+    asym_defer: bool = False
     # Careful tiles deferred, one tile a program. Float tiles: 4 warps of 128 elements a thread of a 128 x 128
     # tile, no register limit (H200, 2026-12-04, 16384^2 bf16, ncu kernel time: E4M3 128x128 184 us against 210 us
     # for 8 warps within 128 registers, 246 us for 4 warps within 128, 240 us for 2 warps); rows within 80

@@ -60,7 +60,7 @@ class Tile(NamedTuple):
 class Schedule(NamedTuple):
     """How a quantize launch runs (see KernelConfig.persistent_stages)."""
     one_block: bool  # each tile is one block
-    defer: bool  # careful tiles are left to a FIXUP launch (one-block programs only)
+    defer: bool  # careful tiles are left to a FIXUP launch (one-block tiles; dual and INT8 asym where configured)
     per_sm: int  # programs an SM of a persistent launch; 0: one tile a program
     stages: int  # STAGES of the kernel: tiles in flight of a persistent program (0: not persistent)
     warps: int
@@ -164,7 +164,7 @@ def schedule(tile: Tile, warps: int, register: bool, dual: bool, asym: bool, is_
         thread_elems = run.row_elems if row else run.tile_elems
         warps = config.tile_warps or max(4, min(32, tile.TBRP * tile.TBCP // (32 * thread_elems)))
     elif dual:
-        per_sm = config.dual_programs
+        per_sm, defer = config.dual_programs, config.dual_defer
         if tile.elems <= 16384:  # dual_warps and its register limit are for a 128 x 128 tile
             warps = config.tile_warps or config.dual_warps
             maxnreg = maxnreg or (None if config.tile_warps else config.dual_maxnreg)
@@ -172,6 +172,7 @@ def schedule(tile: Tile, warps: int, register: bool, dual: bool, asym: bool, is_
         per_sm = config.asym_programs
         warps = config.tile_warps or config.asym_warps
         maxnreg = maxnreg or (None if config.tile_warps else config.asym_maxnreg)
+        defer = config.asym_defer
     else:
         per_sm = 0
     return Schedule(one_block, defer, per_sm, config.persistent_stages if per_sm else 0, warps, maxnreg)

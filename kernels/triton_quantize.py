@@ -36,10 +36,10 @@ SCALE_REGISTER = tl.constexpr(0)  # the tile's sub-tiles are the blocks; reduced
 SCALE_STATS = tl.constexpr(1)  # per-block statistics of triton_block_stats
 SCALE_GIVEN = tl.constexpr(2)  # given fp32 scales
 SCALE_GIVEN_AMAX = tl.constexpr(3)  # given fp32 scales; the input's finite amax atomically maxed into stats_ptr
-# ONE_BLOCK of _quantize_tile (SCALE_REGISTER only).
+# TILE_MODE of _quantize_tile (SCALE_REGISTER only).
 MANY_BLOCKS = tl.constexpr(0)
-ONE_BLOCK_IN_PLACE = tl.constexpr(1)  # the tile is one block
-ONE_BLOCK_DEFER = tl.constexpr(2)  # the same, careful tiles left to a FIXUP launch
+ONE_BLOCK = tl.constexpr(1)  # the tile is one block
+DEFERRED = tl.constexpr(2)  # careful tiles (of one block or many) left to a FIXUP launch
 
 
 @triton.jit
@@ -48,14 +48,24 @@ def _max_nan(a, b):
 
 
 @triton.jit
-def _blocks_max(v, NAN: tl.constexpr = False, NAN_COMBINE: tl.constexpr = True):
-    """Max of v over each block of a [RB, TBRP, CB, TBCP] tile (axes 1 and 3). NaN is ignored, as max
-    ignores it; NAN: NaN wherever the block holds one, by a NaN-propagating combine (NAN_COMBINE: max.NaN, the
-    same instruction count) or by a count of NaN (ElementConstants.NAN_COMBINE)."""
-    if NAN and NAN_COMBINE:
+def _min_nan(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _blocks_max(v, NAN: tl.constexpr = False, NAN_COMBINE: tl.constexpr = True, MIN: tl.constexpr = False):
+    """Max (MIN: min) of v over each block of a [RB, TBRP, CB, TBCP] tile (axes 1 and 3). NaN is ignored, as
+    max ignores it; NAN: NaN wherever the block holds one, by a NaN-propagating combine (NAN_COMBINE: max.NaN,
+    the same instruction count) or by a count of NaN (ElementConstants.NAN_COMBINE)."""
+    if NAN and NAN_COMBINE and MIN:
+        m = tl.reduce(tl.reduce(v, 3, _min_nan, keep_dims=True), 1, _min_nan, keep_dims=True)
+    elif NAN and NAN_COMBINE:
         m = tl.reduce(tl.reduce(v, 3, _max_nan, keep_dims=True), 1, _max_nan, keep_dims=True)
     else:
-        m = tl.max(tl.max(v, axis=3, keep_dims=True), axis=1, keep_dims=True)
+        if MIN:
+            m = tl.min(tl.min(v, axis=3, keep_dims=True), axis=1, keep_dims=True)
+        else:
+            m = tl.max(tl.max(v, axis=3, keep_dims=True), axis=1, keep_dims=True)
         if NAN:
             m = tl.where(_blocks_max((v != v).to(tl.float32)) > 0, float("nan"), m)
     return m
@@ -71,11 +81,11 @@ def _register_scales(x, FMT: tl.constexpr, DEFER: tl.constexpr = False):
     as the reference does, and the codes are divided exactly. So a tile that is not careful holds finite
     values only, and its int8 quotients need no clamp (|x| <= amax: |x / scale| <= 127 * (1 + 2**-23) under
     scale = RN(amax / 127)) and no select for NaN. DEFER: a careful tile is left to another
-    launch (ONE_BLOCK_DEFER of _quantize_tile), so its scales are not reduced again here.
+    launch (DEFERRED of _quantize_tile), so its scales are not reduced again here.
     """
-    if FMT.ASYM:
+    if FMT.ASYM:  # nlo = max(-x) as -min(x): Triton's -x is 0 - x, an add an element
         hi = _blocks_max(x, True, FMT.NAN_COMBINE)
-        nlo = _blocks_max(-x, True, FMT.NAN_COMBINE)
+        nlo = -_blocks_max(x, True, FMT.NAN_COMBINE, MIN=True)
     else:
         hi = _blocks_max(tl.abs(x), True, FMT.NAN_COMBINE)
         nlo = 0.0
@@ -96,10 +106,12 @@ def _register_scales(x, FMT: tl.constexpr, DEFER: tl.constexpr = False):
 
 @triton.jit
 def _encode_careless(x, scale, zp, FMT: tl.constexpr):
-    """Codes of a tile that is not careful (see _register_scales: its values are finite): the corrected
-    quotient (int8, with one zero, need not keep the sign of -0); INT8 sym rounded only, asym without the clamp
-    before rounding."""
-    if FMT.IS_INT and not FMT.ASYM:
+    """Codes of a tile that is not careful (see _register_scales: its values are finite): a power-of-two scale
+    by its reciprocal, any other by the corrected quotient (int8, with one zero, need not keep the sign of -0);
+    INT8 sym rounded only, asym without the clamp before rounding."""
+    if FMT.POW2:
+        bits = encode(x, scale, zp, FMT, RECIPROCAL)
+    elif FMT.IS_INT and not FMT.ASYM:
         bits = rint_int32(quotient(x, scale, CORRECTED_ANY_ZERO))
     elif FMT.IS_INT:
         bits = encode_quotient(x, quotient(x, scale, CORRECTED_ANY_ZERO), zp, FMT, True)
@@ -160,7 +172,7 @@ def _quantize_tile(
     R, C, NBR, NBC, BR, BC, TILES_R, TILES_C,
     sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, sst_r, sst_c,
     TILE: tl.constexpr, FMT: tl.constexpr, SCALE_SRC: tl.constexpr, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr,
-    DUAL: tl.constexpr, PACK4: tl.constexpr, BF16_BITS: tl.constexpr, ONE_BLOCK: tl.constexpr = MANY_BLOCKS,
+    DUAL: tl.constexpr, PACK4: tl.constexpr, BF16_BITS: tl.constexpr, TILE_MODE: tl.constexpr = MANY_BLOCKS,
     SCALES_EACH: tl.constexpr = 1,
 ):
     """Codes (and scales) of one [RB, TBRP, CB, TBCP] tile (TILE: quantize_plan.Tile; FMT: the format's
@@ -176,8 +188,9 @@ def _quantize_tile(
     Codes are written contiguously over (P, R, C) (PACK4: two nibbles a byte along C).
     DUAL (1 x TBC row groups, RB = TBC rows a program): each column of the tile is also a
     block of X^T, quantized into codes_t (C, R), scales_t and zp_t.
-    ONE_BLOCK ONE_BLOCK_IN_PLACE: the tile is one block (SCALE_REGISTER, RB = CB = 1); ONE_BLOCK_DEFER: the
-    same, careful tiles deferred.
+    TILE_MODE (SCALE_REGISTER): ONE_BLOCK: the tile is one block (RB = CB = 1), encoded under the careful branch;
+    DEFERRED: careful tiles (of one block or many; DUAL: careful rows or columns) are only listed, for a FIXUP
+    launch; MANY_BLOCKS: neither.
     """
     RB: tl.constexpr = TILE.RB
     CB: tl.constexpr = TILE.CB
@@ -188,7 +201,7 @@ def _quantize_tile(
     if SCALE_SRC == SCALE_REGISTER:
         brow = pid_r * RB + rb  # [RB, 1, 1, 1]
         bcol = pid_c * CB + cb  # [1, 1, CB, 1]
-        scale, zp, careful = _register_scales(x, FMT, ONE_BLOCK == ONE_BLOCK_DEFER)
+        scale, zp, careful = _register_scales(x, FMT, TILE_MODE == DEFERRED)
         smask = (brow < NBR) & (bcol < NBC)
         soff = brow.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c
         tl.store(scales_ptr + soff, stored_scale(scale, FMT.POW2), mask=smask)
@@ -227,19 +240,15 @@ def _quantize_tile(
         if FMT.ASYM:
             tl.store(zp_ptr + soff, own_zp.to(tl.int32).to(tl.uint8), mask=s_mask)
 
-    if SCALE_SRC == SCALE_REGISTER and ONE_BLOCK == ONE_BLOCK_DEFER:
+    if SCALE_SRC == SCALE_REGISTER and TILE_MODE == DEFERRED:
         # Careful tiles are left to a second launch (FIXUP of _quantize_kernel) over the list in
         # stats_ptr (their count, then their ids), so that these programs need no registers for them.
         if careful == 0:
-            if FMT.POW2:
-                bits = encode(x, scale, zp, FMT, RECIPROCAL)
-            else:
-                bits = _encode_careless(x, scale, zp, FMT)
+            bits = _encode_careless(x, scale, zp, FMT)
             _store_codes(bits, codes_ptr, p, rows, cols, valid, pid_c, cb, R, sq_p, sq_r, TILE, PACK4)
-        else:
-            slot = tl.atomic_add(stats_ptr, 1)
-            tl.store(stats_ptr + 1 + slot, pid)
-    elif SCALE_SRC == SCALE_REGISTER and ONE_BLOCK != MANY_BLOCKS and not FMT.POW2:
+        elif not DUAL:  # a dual tile is listed after its columns
+            _defer(stats_ptr, pid)
+    elif SCALE_SRC == SCALE_REGISTER and TILE_MODE == ONE_BLOCK and not FMT.POW2:
         # One block a program: the codes are encoded and stored under the branch (faster on an H100
         # than a store after it, and the form that matched the reference there: BENCHMARKS.md).
         if careful == 0:
@@ -271,13 +280,26 @@ def _quantize_tile(
         cols_t = pid_c * CB * TILE.TBC + tl.arange(0, CB * TILE.TBCP)[:, None, None, None]
         valid_t = (rows_t < R) & (cols_t < C)
         xt = load_fp32(x_base + rows_t.to(tl.int64) * sx_r + cols_t.to(tl.int64) * sx_c, valid_t, BF16_BITS)
-        scale_t, zp_t, careful_t = _register_scales(xt, FMT)
+        scale_t, zp_t, careful_t = _register_scales(xt, FMT, TILE_MODE == DEFERRED)
         st_off = cols_t.to(tl.int64) * sst_r + pid_r * sst_c
         tl.store(scales_t_ptr + st_off, stored_scale(scale_t, FMT.POW2), mask=cols_t < C)
         if FMT.ASYM:
             tl.store(zp_t_ptr + st_off, zp_t.to(tl.int32).to(tl.uint8), mask=cols_t < C)
-        bits_t = _encode_register(xt, scale_t, zp_t, careful_t, FMT)
-        tl.store(codes_t_ptr + cols_t.to(tl.int64) * R + rows_t, bits_t.to(tl.uint8), mask=valid_t)
+        codes_t = codes_t_ptr + cols_t.to(tl.int64) * R + rows_t
+        if TILE_MODE == DEFERRED:
+            if careful_t == 0:
+                tl.store(codes_t, _encode_careless(xt, scale_t, zp_t, FMT).to(tl.uint8), mask=valid_t)
+            if (careful | careful_t) != 0:
+                _defer(stats_ptr, pid)
+        else:
+            tl.store(codes_t, _encode_register(xt, scale_t, zp_t, careful_t, FMT).to(tl.uint8), mask=valid_t)
+
+
+@triton.jit
+def _defer(list_ptr, tile):
+    """Append `tile` to the careful tiles' list (its count, then the tiles) of a DEFERRED launch."""
+    slot = tl.atomic_add(list_ptr, 1)
+    tl.store(list_ptr + 1 + slot, tile)
 
 
 @triton.jit
@@ -286,28 +308,28 @@ def _quantize_kernel(
     R, C, NBR, NBC, BR, BC, TILES_R, TILES_C,
     sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, sst_r, sst_c,
     TILE: tl.constexpr, FMT: tl.constexpr, SCALE_SRC: tl.constexpr, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr,
-    DUAL: tl.constexpr, PACK4: tl.constexpr, BF16_BITS: tl.constexpr, ONE_BLOCK: tl.constexpr = MANY_BLOCKS,
+    DUAL: tl.constexpr, PACK4: tl.constexpr, BF16_BITS: tl.constexpr, TILE_MODE: tl.constexpr = MANY_BLOCKS,
     SCALES_EACH: tl.constexpr = 1, NUM_TILES=1, STAGES: tl.constexpr = 0, FIXUP: tl.constexpr = False,
 ):
     """_quantize_tile of tile program_id(0) (STAGES 0), or of tiles pid, pid + programs, ... < NUM_TILES
     with the loads of the next STAGES - 1 tiles in flight (persistent programs). FIXUP: of the tiles
-    listed in stats_ptr by a launch with ONE_BLOCK_DEFER, each program taking every programs-th."""
+    listed in stats_ptr by a launch with DEFERRED, each program taking every programs-th."""
     if FIXUP:
         for i in range(tl.program_id(0), tl.load(stats_ptr), tl.num_programs(0)):
             _quantize_tile(tl.load(stats_ptr + 1 + i), x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr,
                            codes_t_ptr, scales_t_ptr, zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r,
                            sx_c, sq_p, sq_r, ss_r, ss_c, sst_r, sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS,
-                           DUAL, PACK4, BF16_BITS, ONE_BLOCK, SCALES_EACH)
+                           DUAL, PACK4, BF16_BITS, TILE_MODE, SCALES_EACH)
     elif STAGES == 0:
         _quantize_tile(tl.program_id(0), x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr,
                        scales_t_ptr, zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r,
                        ss_r, ss_c, sst_r, sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, BF16_BITS,
-                       ONE_BLOCK, SCALES_EACH)
+                       TILE_MODE, SCALES_EACH)
     else:
         for tile in tl.range(tl.program_id(0), NUM_TILES, tl.num_programs(0), num_stages=STAGES):
             _quantize_tile(tile, x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr, scales_t_ptr,
                            zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c,
-                           sst_r, sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, BF16_BITS, ONE_BLOCK,
+                           sst_r, sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, BF16_BITS, TILE_MODE,
                            SCALES_EACH)
 
 
@@ -433,17 +455,17 @@ def _launch(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, register,
                   SCALES_EACH=1 if register else pow2_ceil(_cdiv(nbr * nbc, tiles)),
                   DUAL=dual_out is not None, PACK4=spec.element.bits == 4, BF16_BITS=bf16_bits(v),
                   num_warps=run.warps, NUM_TILES=tiles)
-    launch(_quantize_kernel, (programs,), *args, ONE_BLOCK=one_block_mode(run), STAGES=run.stages, **kwargs, **limits)
-    if run.defer:
+    launch(_quantize_kernel, (programs,), *args, TILE_MODE=tile_mode(run), STAGES=run.stages, **kwargs, **limits)
+    if run.defer:  # the listed tiles, coded in place
         launch(_quantize_kernel, (min(tiles, persistent_programs(v.device, config.fixup_programs)),), *args,
-               ONE_BLOCK=ONE_BLOCK_IN_PLACE.value, FIXUP=True, **kwargs)
+               TILE_MODE=(ONE_BLOCK if run.one_block else MANY_BLOCKS).value, FIXUP=True, **kwargs)
 
 
-def one_block_mode(run) -> int:
-    """ONE_BLOCK of _quantize_kernel for a quantize_plan.Schedule."""
+def tile_mode(run) -> int:
+    """TILE_MODE of _quantize_kernel for a quantize_plan.Schedule."""
     if run.defer:
-        return ONE_BLOCK_DEFER.value
-    return (ONE_BLOCK_IN_PLACE if run.one_block else MANY_BLOCKS).value
+        return DEFERRED.value
+    return (ONE_BLOCK if run.one_block else MANY_BLOCKS).value
 
 
 def quantize_dual(x: torch.Tensor, spec: QuantSpec, *, scale_layout: str = "row",
@@ -469,15 +491,22 @@ def quantize_dual(x: torch.Tensor, spec: QuantSpec, *, scale_layout: str = "row"
     fmt = element_constants(spec, exact_fp8, config.guarded_quotient)
     M, K = x.shape
     rows, cols = (_empty(shape, spec, x.device, scale_layout) for shape in ((M, K), (K, M)))
-    cb = max(1, min(pow2_ceil(_cdiv(K, g)), max(1, config.tile_elems // (g * g))))
-    tile = Tile(g, 1, 1, cb, g, g)
+    tile, num_warps = dual_geometry(K, g, config)
     key = ("quantize_dual", x.shape, x.stride(), x.dtype, x.device, spec, scale_layout, exact_fp8, config,
            interpreting())
     planned(key, [x, rows.codes, rows.scales, rows.zero_points, cols.codes, cols.scales, cols.zero_points], x.device,
             lambda: _launch(x.reshape(1, M, K), rows.codes, rows.scales, rows.zero_points, None, None, 1, g, M,
                             _cdiv(K, g), True, fmt, spec, config, dual_out=(cols.codes, cols.scales, cols.zero_points),
-                            geometry=(tile, warps(tile.elems, config))))
+                            geometry=(tile, num_warps)))
     return rows, cols
+
+
+def dual_geometry(K: int, g: int, config: KernelConfig) -> tuple[Tile, int]:
+    """(Tile, warps) of quantize_dual's programs over K columns in groups of g: g rows, as many groups a row as
+    config.tile_elems allows."""
+    cb = max(1, min(pow2_ceil(_cdiv(K, g)), max(1, config.tile_elems // (g * g))))
+    tile = Tile(g, 1, 1, cb, g, g)
+    return tile, warps(tile.elems, config)
 
 
 def _to_device(qt: QuantizedTensor, device) -> QuantizedTensor:

@@ -408,6 +408,43 @@ def test_deferred_careful_tiles(spec, shape, persistent, defer, rng):
     check(random_input(shape, torch.bfloat16, rng, edge_cases=False), spec, config=config)
 
 
+ASYM_GROUP_SCHEDULES = [dict(asym_programs=2), dict(asym_programs=0, tile_elems=2048, asym_warps=1, asym_maxnreg=None)]
+
+
+@pytest.mark.parametrize("schedule_", ASYM_GROUP_SCHEDULES, ids=["persistent", "tile_a_program"])
+@pytest.mark.parametrize("defer", [False, True], ids=["careful_in_place", "deferred"])
+def test_int8_asym_groups_deferred(schedule_, defer, rng):
+    """KernelConfig.asym_defer: INT8 asym row groups list their careful tiles for a second launch (persistent
+    programs or one tile a program), or code them in place."""
+    config = dataclasses.replace(DEFAULT, asym_defer=defer, **schedule_)
+    spec = QuantSpec(format="int8_asym")
+    geometry = tile_geometry(1, 128, 300, 260, True, config, asym=True)
+    assert schedule(*geometry, True, False, True, True, config).defer is defer
+    for dtype in (torch.bfloat16, torch.float32):
+        check(deferred_input((300, 260), dtype, rng), spec, config=config)
+    check(random_input((37, 1000), torch.bfloat16, rng, edge_cases=False), spec, config=config)
+    check(near_boundaries("int8_asym", 128, rng), spec, config=config)
+
+
+@pytest.mark.parametrize("fmt", DUAL_FORMATS)
+def test_dual_layout_deferred(fmt, rng):
+    """KernelConfig.dual_defer: dual tiles with careful rows or columns (Inf/NaN, a block of subnormals only) are
+    listed for a second launch, which codes both layouts of them; tiles careful in one layout only too."""
+    config = dataclasses.replace(DEFAULT, dual_defer=True)
+    spec = QuantSpec(format=fmt)
+    g = spec.group_size
+    x = random_input((3 * g + 5, 2 * g + 3), torch.bfloat16, rng, edge_cases=False)
+    tiny = torch.finfo(torch.bfloat16).tiny / 8
+    x[1, 1] = math.nan  # tile (0, 0): a careful row and a careful column
+    x[g + 2, g:2 * g] = tiny  # tile (1, 1): a careful row only (a block of subnormals), its columns ordinary
+    x[2 * g:3 * g, 3] = tiny  # tile (2, 0): a careful column only
+    x[g + 2:g + 6, 2 * g + 1] = math.inf  # tile (1, 2), ragged: careful columns and rows
+    for t in (x, deferred_input((300, 260), torch.float32, rng)):
+        rows, cols = quantize_dual(t, spec, config=config)
+        assert_same_qt(rows, reference_quantize(t, spec))
+        assert_same_qt(cols, reference_quantize(t.T.contiguous(), spec))
+
+
 def every_bf16_under_scales(exponents) -> torch.Tensor:
     """(rows, 32) bf16: MX blocks of the scale 2**e for each e in `exponents` (a leading 2**(e + 2)
     sets the amax), the other 31 elements every finite bf16 value below 2**(e + 3), padded with
@@ -610,6 +647,31 @@ def test_gpu_deferred_careful_tiles(spec, shape, warps, programs, maxnreg, rng):
         check(deferred_input(size, torch.bfloat16, rng).cuda(), spec, config=config)
         check(random_input(size, torch.float32, rng, edge_cases=False).cuda(), spec, config=config)
     check(every_16bit(torch.bfloat16).reshape(256, 256).cuda(), spec, config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("schedule_", ASYM_GROUP_SCHEDULES, ids=["persistent", "tile_a_program"])
+def test_gpu_int8_asym_groups_deferred(schedule_, rng):
+    config = dataclasses.replace(DEFAULT, asym_defer=True, **schedule_)
+    spec = QuantSpec(format="int8_asym")
+    for size in [(300, 260), (129, 129), (513, 1000), (2048, 8192)]:
+        check(deferred_input(size, torch.bfloat16, rng).cuda(), spec, config=config)
+        check(random_input(size, torch.float32, rng, edge_cases=False).cuda(), spec, config=config)
+    check(every_16bit(torch.bfloat16).reshape(256, 256).cuda(), spec, config=config)
+    check(near_boundaries("int8_asym", 128, rng).cuda(), spec, config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", DUAL_FORMATS)
+@pytest.mark.parametrize("warps", [4, 8])
+def test_gpu_dual_layout_deferred(fmt, warps, rng):
+    config = dataclasses.replace(DEFAULT, dual_defer=True, dual_warps=warps)
+    spec = QuantSpec(format=fmt)
+    for size in [(128, 128), (1000, 3000), (4096, 8192)]:
+        x = deferred_input(size, torch.bfloat16, rng).cuda()
+        rows, cols = quantize_dual(x, spec, config=config)
+        assert_same_qt(rows, reference_quantize(x, spec))
+        assert_same_qt(cols, reference_quantize(x.T.contiguous(), spec))
 
 
 @pytest.mark.gpu
