@@ -2,8 +2,9 @@
 
 The compiled graph is reference.quantize_blocks on a (num_blocks, block_elems) view,
 plus the storage cast, with the fp8 rounding left to torch's native RNE cast after the
-reference's explicit clamp (tests/test_encoders.py proves that cast equal to
-round_to_grid on every bf16/fp16 value and on random fp32). Blocking (reshape, pad,
+reference's explicit clamp, and E2M1's to reference.e2m1_codes of the clamped quotients
+(tests/test_encoders.py proves both equal to round_to_grid on every bf16/fp16 value and on
+random fp32, E2M1 on every midpoint of its grid too). Blocking (reshape, pad,
 permute) stays in eager torch: a view where the blocks divide the shape, except channels of
 axis != 0, which are copied into block order; 2-D tiles are blocked inside their graph, whose
 permutations into and out of tile order become index arithmetic instead of two copies.

@@ -67,6 +67,19 @@ def encode_minifloat_bits(g: torch.Tensor, el: ElementFormat) -> torch.Tensor:
     return bits | (torch.signbit(g).to(torch.int32) << (el.bits - 1))
 
 
+def e2m1_codes(v: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes (uint8, 0..15) of fp32 `v` (|v| <= 6, or NaN): the magnitude code of the nearest grid value, ties
+    to even; the sign bit is v's (-0, and negative values rounding to 0, keep it); NaN -> 0. The grid's step is 0.5
+    below 2 (codes 0..4), 1 in [2, 4) (codes 4..6) and 2 in [4, 6] (codes 6, 7): the code is |v| in steps rounded
+    half to even (torch.round), plus 0, 2 or 4 (even: a tie keeps its parity). A grid value gives its own code, so
+    this encodes round_to_grid's values, and the clamped quotients themselves in one step (encode_blocks'
+    native_cast)."""
+    a = v.abs()
+    magnitude = torch.where(a < 2, torch.round(a * 2), torch.where(a < 4, torch.round(a) + 2, torch.round(a * 0.5) + 4))
+    code = magnitude + torch.where(v.view(torch.int32) < 0, 8.0, 0.0)
+    return torch.where(v != v, 0.0, code).to(torch.uint8)
+
+
 def decode_e2m1(nibbles: torch.Tensor) -> torch.Tensor:
     """fp32 values of E2M1 codes (int tensor of 4-bit values)."""
     table = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
@@ -75,11 +88,16 @@ def decode_e2m1(nibbles: torch.Tensor) -> torch.Tensor:
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """(..., K) int codes -> (..., ceil(K/2)) uint8, element 2i in the low nibble."""
+    """(..., K) int codes (0..15) -> (..., ceil(K/2)) uint8, element 2i in the low nibble: each pair of code bytes
+    read as one little-endian 16-bit word (contiguous: no strided pair access, which a compiled graph would loop
+    over element by element)."""
     if codes.shape[-1] % 2:
         codes = F.pad(codes, (0, 1))
     codes = codes.to(torch.uint8)
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+    if codes.shape[-1] == 0:  # (a view of int16 words needs an even row stride)
+        return codes
+    words = codes.contiguous().view(torch.int16).to(torch.int32)  # (..., K / 2): low byte element 2i
+    return ((words & 0x0F) | ((words >> 4) & 0xF0)).to(torch.uint8)
 
 
 def unpack_nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
@@ -248,13 +266,13 @@ def nvfp4_scales(blocks: torch.Tensor, tensor_scale: torch.Tensor | None = None)
 def encode_blocks(blocks: torch.Tensor, scale: torch.Tensor, zp, el: ElementFormat, native_cast: bool = False):
     """Codes of `blocks` given per-block scales: fp32 grid values, or int values for int8.
 
-    native_cast: for formats with a torch float8 dtype, return the clamped quotients and
-    leave the rounding to store_codes' cast (torch's RNE cast, proven equal to
-    round_to_grid on every input by the tests; used by the CPU backend for speed).
+    native_cast: for formats with a torch float8 dtype and for E2M1, return the clamped quotients and
+    leave the rounding to store_codes (torch's RNE cast; e2m1_codes), both proven equal to
+    round_to_grid on every input by the tests; used by the CPU backend for speed.
     """
     nan = blocks != blocks  # isnan, as a comparison (vectorized when compiled)
     q = torch.clamp(blocks / scale, -el.max if zp is None else -math.inf, el.max if zp is None else math.inf)
-    if native_cast and el.code_dtype.is_floating_point:
+    if native_cast and (el.code_dtype.is_floating_point or el is E2M1):
         return q
     if el.kind == "int":
         if zp is None:
@@ -271,8 +289,8 @@ def store_codes(values: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     el = spec.element
     if el.kind == "int":
         return values.to(torch.int8)
-    if el is E2M1:
-        return pack_nibbles(encode_minifloat_bits(torch.nan_to_num(values, nan=0.0), el))
+    if el is E2M1:  # grid values or (native_cast) clamped quotients; NaN's code is 0
+        return pack_nibbles(e2m1_codes(values))
     # Grid values (or, with native_cast, clamped quotients) only reach this cast. Every NaN
     # becomes +NaN first (v != v is isnan, vectorized when compiled), which torch's cast
     # writes as el.nan_code (0x7F); a NaN's sign would otherwise survive as 0xFF.
@@ -343,7 +361,7 @@ def quantize_blocks(blocks: torch.Tensor, spec: QuantSpec, scales: torch.Tensor 
     """
     if spec.format == Format.NVFP4:
         scale, s8, tensor_scale = nvfp4_scales(blocks, scales)
-        values = encode_blocks(blocks, scale, None, spec.element).expand(blocks.shape)
+        values = encode_blocks(blocks, scale, None, spec.element, native_cast).expand(blocks.shape)
         return values, s8.reshape(-1).to(torch.float8_e4m3fn), None, tensor_scale
     if scales is None:
         scale, e8m0, zp = compute_scales(blocks, spec)

@@ -1,9 +1,9 @@
 """Every element encoder against an independent one, on every bf16 and fp16 bit pattern and on random fp32.
 
 reference.round_to_grid (integer bit arithmetic) is checked against torch's RNE casts
-after explicit clamping, E2M1 against ml_dtypes, E8M0 scales against ml_dtypes'
-float8_e8m0fnu; the CPU backend's native-cast path (torch's cast inside the compiled
-graph) against round_to_grid on the same inputs.
+after explicit clamping, E2M1 (round_to_grid and e2m1_codes) against ml_dtypes, E8M0 scales
+against ml_dtypes' float8_e8m0fnu; the CPU backend's native-cast path (torch's cast, and
+e2m1_codes of the quotients, inside the compiled graph) against round_to_grid on the same inputs.
 """
 import math
 
@@ -64,8 +64,25 @@ def test_e2m1_matches_ml_dtypes(source, rng):
     theirs = v.numpy().astype(ml_dtypes.float4_e2m1fn)
     assert same_bits(grid, torch.from_numpy(theirs.astype(np.float32)))
     bits = reference.encode_minifloat_bits(grid, E2M1)
-    assert torch.equal(bits, torch.from_numpy(theirs.view(np.uint8).astype(np.int32) & 0xF))
+    codes = torch.from_numpy(theirs.view(np.uint8).astype(np.int32) & 0xF)
+    assert torch.equal(bits, codes)
+    assert torch.equal(reference.e2m1_codes(grid).int(), codes)  # store_codes' encoder, on grid values
+    assert torch.equal(reference.e2m1_codes(v).int(), codes)  # and on the quotients themselves (native_cast)
     assert same_bits(reference.decode_e2m1(bits), grid)
+
+
+def test_e2m1_codes_at_every_midpoint():
+    """The midpoints between E2M1 grid values, the binade edges 2, 4 and 6, zero and the smallest subnormal, each
+    with the floats next to it, both signs: e2m1_codes against round_to_grid's codes and ml_dtypes'."""
+    points = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 2.0, 4.0, 6.0, 0.0, 1e-45])
+    v = torch.cat([points, torch.nextafter(points, torch.tensor(math.inf)), torch.nextafter(points, torch.tensor(0.0))])
+    v = v.clamp(max=E2M1.max)
+    v = torch.cat([v, -v])
+    want = reference.encode_minifloat_bits(reference.round_to_grid(v, E2M1), E2M1)
+    assert torch.equal(reference.e2m1_codes(v).int(), want)
+    theirs = v.numpy().astype(ml_dtypes.float4_e2m1fn).view(np.uint8).astype(np.int32) & 0xF
+    assert torch.equal(want, torch.from_numpy(theirs))
+    assert reference.e2m1_codes(torch.tensor([math.nan, -math.nan])).tolist() == [0, 0]
 
 
 def test_e2m1_pack_round_trip(rng):
@@ -74,6 +91,8 @@ def test_e2m1_pack_round_trip(rng):
     assert packed.shape == (5, 17) and packed.dtype == torch.uint8
     assert torch.equal(packed[:, 0], (codes[:, 0] | (codes[:, 1] << 4)).to(torch.uint8))  # low nibble first
     assert torch.equal(reference.unpack_nibbles(packed, 33), codes)
+    strided = torch.randint(0, 16, (6, 40), generator=rng, dtype=torch.int32).t()  # (40, 6), not contiguous
+    assert torch.equal(reference.pack_nibbles(strided), (strided[:, 0::2] | (strided[:, 1::2] << 4)).to(torch.uint8))
 
 
 @pytest.mark.parametrize("source", ["bfloat16", "float16", "fp32"])
@@ -122,3 +141,15 @@ def test_native_cast_matches_round_to_grid(fmt, source, rng):
     eager, *_ = reference.quantize_blocks(blocks, spec, ones, native_cast=True)
     assert torch.equal(reference.store_codes(eager, spec).view(torch.uint8).reshape(-1)[:x.numel()], want)
     assert torch.equal(cpu.quantize(x, spec, ones).codes.view(torch.uint8), want)
+
+
+@pytest.mark.parametrize("source", ["bfloat16", "float16"])
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_native_e2m1_matches_reference(fmt, source):
+    """E2M1 codes straight from the quotients (e2m1_codes in the compiled graph) against the reference's
+    round_to_grid, on every 16-bit pattern (NaN and Inf included) in blocks of mixed magnitudes."""
+    x = all_patterns(getattr(torch, source)).reshape(-1, 64)
+    spec = QuantSpec(fmt)
+    got, want = cpu.quantize(x, spec), reference.quantize(x, spec)
+    assert torch.equal(got.codes, want.codes)
+    assert torch.equal(got.scales.view(torch.uint8), want.scales.view(torch.uint8))
