@@ -129,6 +129,13 @@ class KernelConfig:
     scaled_gemm_configs: tuple | None = None
     mx_gemm_configs: tuple | None = None
     gemm_persistent: bool = True
+    # FP8 GEMMs of at most gemm_decode_m rows (decode shapes: M rows against a large weight, whose few output tiles
+    # leave most SMs idle) through the Triton kernel with their K blocks split over programs (at most
+    # gemm_max_split a tile), the fp32 partials added in order by a second launch (triton_gemm._split_k); 0: never,
+    # until timed on a GPU against the Gluon kernel (BENCHMARKS.md: the Gluon kernel is 0.68-0.88 of cuBLAS
+    # blockwise at M = 8..256).
+    gemm_decode_m: int = 0
+    gemm_max_split: int = 8
 
 
 DEFAULT = KernelConfig()

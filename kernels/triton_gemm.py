@@ -24,6 +24,8 @@
 
 The Triton kernels are persistent (one or two programs per SM, each walking an L2-friendly tile order) and
 read the codes through TMA tensor descriptors, whose zero fill beyond the edges handles ragged M, N, K.
+FP8 GEMMs of few rows (KernelConfig.gemm_decode_m, off by default) may split each tile's K blocks over programs
+(SPLIT_K), their fp32 partials added in a fixed order by _sum_splits_kernel.
 Scales are read through plain pointers with any strides (row- or column-major).
 """
 from __future__ import annotations
@@ -85,7 +87,7 @@ def _scales_at_k(sa_ptrs, sb_ptrs, k, group_ka, group_kb, stride_sak, stride_sbk
 
 
 @triton.jit
-def _scaled_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr,
+def _scaled_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr, ws_ptr,
                         M, N, K, stride_cm, stride_cn,
                         stride_sam, stride_sak, stride_sbn, stride_sbk, stride_za, stride_zb,
                         group_ka, group_kb,
@@ -94,7 +96,8 @@ def _scaled_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, CTAS_PER_SM: tl.constexpr,
                         FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-                        FP8_PROMOTE_K: tl.constexpr = None, PAIR_K: tl.constexpr = False):
+                        FP8_PROMOTE_K: tl.constexpr = None, PAIR_K: tl.constexpr = False,
+                        SPLIT_K: tl.constexpr = 1):
     """C = (A codes x B codes^T) with A's and B's scales; see the module docstring.
 
     PAIR_K (used with SCALE_PER_K only): two K blocks an iteration, both MMAs issued before either
@@ -102,13 +105,23 @@ def _scaled_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr,
 
     FP8_PROMOTE_K: K elements the FP8 MMA may sum in its reduced precision before the partial
     goes to fp32 (None: the whole BLOCK_K).
+
+    SPLIT_K > 1 (FP8 only): each output tile's K blocks are shared out in SPLIT_K runs of whole pairs, one work
+    item each; an item writes its scaled fp32 partial into plane `split` of ws_ptr ((SPLIT_K, M, N),
+    contiguous), which _sum_splits_kernel adds up in order into C.
     """
+    tl.static_assert(SPLIT_K == 1 or not IS_INT, "int8 sums are not split")
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS * CTAS_PER_SM, flatten=FLATTEN,
+    STEP: tl.constexpr = 2 if PAIR_K and SCALE_PER_K else 1
+    k_per = tl.cdiv(tl.cdiv(k_tiles, SPLIT_K), STEP) * STEP  # K blocks of one split, whole pairs
+    for item in tl.range(tl.program_id(0), num_m * num_n * SPLIT_K, NUM_SMS * CTAS_PER_SM, flatten=FLATTEN,
                          warp_specialize=WARP_SPECIALIZE):
-        off_m, off_n = _tile_offsets(tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
+        split = item % SPLIT_K
+        k_first = split * k_per
+        k_last = tl.minimum(k_first + k_per, k_tiles)
+        off_m, off_n = _tile_offsets(item // SPLIT_K, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
         sa_ptrs = _scale_ptrs(sa_ptr, off_m, M, stride_sam, A_ROWS, BLOCK_M, 0)
         sb_ptrs = _scale_ptrs(sb_ptr, off_n, N, stride_sbn, B_ROWS, BLOCK_N, 1)
         if IS_INT:
@@ -117,9 +130,13 @@ def _scaled_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr,
             sum_b = tl.zeros((1, BLOCK_N), dtype=tl.int32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        sa = tl.load(sa_ptrs)  # K group 0: the only one unless SCALE_PER_K
-        sb = tl.load(sb_ptrs)
-        for ki in range(0, k_tiles, 2 if PAIR_K and SCALE_PER_K else 1):
+        if SCALE_PER_K:  # the first K block's
+            sa, sb = _scales_at_k(sa_ptrs, sb_ptrs, tl.minimum(k_first * BLOCK_K, K - 1), group_ka, group_kb,
+                                  stride_sak, stride_sbk)
+        else:  # K group 0, the only one
+            sa = tl.load(sa_ptrs)
+            sb = tl.load(sb_ptrs)
+        for ki in range(k_first, k_last, STEP):
             k = ki * BLOCK_K
             a = a_desc.load([off_m, k])
             b = b_desc.load([off_n, k])
@@ -160,7 +177,21 @@ def _scaled_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr,
             acc = acc.to(tl.float32)
         if not SCALE_PER_K:
             acc = acc * (sa * sb)
-        _store_tile(c_ptr, acc, off_m, off_n, M, N, stride_cm, stride_cn, BLOCK_M, BLOCK_N)
+        if SPLIT_K == 1:
+            _store_tile(c_ptr, acc, off_m, off_n, M, N, stride_cm, stride_cn, BLOCK_M, BLOCK_N)
+        else:
+            _store_tile(ws_ptr + split.to(tl.int64) * M * N, acc, off_m, off_n, M, N, N, 1, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _sum_splits_kernel(ws_ptr, c_ptr, M, N, stride_cm, stride_cn, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """C = the sum of the SPLIT_K fp32 planes (M, N) of ws_ptr, added in plane order (the same bits every run)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.load(ws_ptr + offs, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0)
+    tl.store(c_ptr + (offs // N) * stride_cm + (offs % N) * stride_cn, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -322,6 +353,13 @@ MX_CONFIGS = [
     _config(64, 128, 64, 4, 3, ctas_per_sm=2),
 ]
 INTERPRETER_CONFIG = [_config(32, 32, 128, 4, 1), _config(32, 32, 128, 4, 1, pair_k=True)]
+# FP8 GEMMs of few rows whose K is split over programs (KernelConfig.gemm_decode_m): one tile shape, so that the
+# split can be chosen from the tile count before the autotuner picks among them.
+DECODE_CONFIGS = [
+    _config(64, 128, 128, 4, 4),
+    _config(64, 128, 128, 4, 6),
+    _config(64, 128, 128, 8, 4, pair_k=True),
+]
 
 
 _AUTOTUNED = {}
@@ -331,18 +369,30 @@ def _tuned(kernel, configs):
     """`kernel` autotuned over `configs` (one small config under the interpreter), built once per list."""
     configs = INTERPRETER_CONFIG if interpreting() else configs
     if (kernel, id(configs)) not in _AUTOTUNED:
-        key = ["M", "N", "K", "SCALE_PER_K", "IS_INT", "HAS_ZP"] if kernel is _scaled_gemm_kernel else [
+        key = ["M", "N", "K", "SCALE_PER_K", "IS_INT", "HAS_ZP", "SPLIT_K"] if kernel is _scaled_gemm_kernel else [
             "M", "N", "K", "A_FP4", "B_FP4"]
         _AUTOTUNED[kernel, id(configs)] = (configs, triton.autotune(configs=configs, key=key)(kernel))
     return _AUTOTUNED[kernel, id(configs)][1]
 
 
-def _grid(M: int, N: int, num_sms: int):
-    """Persistent launch: CTAS_PER_SM programs per SM, never more than there are tiles."""
+def _grid(M: int, N: int, num_sms: int, split: int = 1):
+    """Persistent launch: CTAS_PER_SM programs per SM, never more than there are work items (tiles times K
+    splits)."""
     def grid(meta):
         tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
-        return (min(num_sms * meta["CTAS_PER_SM"], tiles),)
+        return (min(num_sms * meta["CTAS_PER_SM"], tiles * split),)
     return grid
+
+
+def _split_k(M: int, N: int, K: int, is_int: bool, device, config: KernelConfig) -> int:
+    """K splits of an FP8 GEMM of at most config.gemm_decode_m rows (decode shapes, whose few output tiles would
+    leave most SMs idle): enough for a work item a program, at most config.gemm_max_split and a K block a split.
+    1: no split (INT8, more rows, or tiles enough)."""
+    if is_int or M > config.gemm_decode_m:
+        return 1
+    first = (INTERPRETER_CONFIG if interpreting() else DECODE_CONFIGS)[0].kwargs
+    tiles = triton.cdiv(M, first["BLOCK_M"]) * triton.cdiv(N, first["BLOCK_N"])
+    return max(1, min(config.gemm_max_split, _num_programs(device, config) // tiles, triton.cdiv(K, K_BLOCK)))
 
 
 def _num_programs(device, config: KernelConfig) -> int:
@@ -428,7 +478,8 @@ def _scaled_matmul(a: QuantizedTensor, b: QuantizedTensor, c: torch.Tensor, conf
     is_int = a.spec.element.kind == "int"
     sa, sam, sak, a_rows, ga = _k_scales(a, "A")
     sb, sbn, sbk, b_rows, gb = _k_scales(b, "B")
-    if _gluon_applies(a, b, c.device, config):
+    split = _split_k(M, N, K, is_int, c.device, config)
+    if split == 1 and _gluon_applies(a, b, c.device, config):
         if _gluon_recipe(a, b) == "row-scaled":
             return gluon_gemm.rowscaled_matmul(a.codes, sa, b.codes, sb, c.dtype, out=c)
         return gluon_gemm.blockscaled_matmul(a.codes, sa, b.codes, sb, c.dtype, out=c)
@@ -439,11 +490,17 @@ def _scaled_matmul(a: QuantizedTensor, b: QuantizedTensor, c: torch.Tensor, conf
     za, stride_za = _zero_points(a, has_zp)
     zb, stride_zb = _zero_points(b, has_zp)
     num_sms = _num_programs(c.device, config)
-    _tuned(_scaled_gemm_kernel, config.scaled_gemm_configs or SCALED_CONFIGS)[_grid(M, N, num_sms)](
-        _descriptor(a.codes, K), _descriptor(b.codes, K), c, sa, sb, za, zb,
+    configs = DECODE_CONFIGS if split > 1 else config.scaled_gemm_configs or SCALED_CONFIGS
+    ws = torch.empty((split, M, N), dtype=torch.float32, device=c.device) if split > 1 else c
+    _tuned(_scaled_gemm_kernel, configs)[_grid(M, N, num_sms, split)](
+        _descriptor(a.codes, K), _descriptor(b.codes, K), c, sa, sb, za, zb, ws,
         M, N, K, c.stride(0), c.stride(1), sam, sak, sbn, sbk, stride_za, stride_zb,
         ga or K_BLOCK, gb or K_BLOCK, A_ROWS=a_rows, B_ROWS=b_rows,
-        SCALE_PER_K=per_k, IS_INT=is_int, HAS_ZP=has_zp, NUM_SMS=num_sms)
+        SCALE_PER_K=per_k, IS_INT=is_int, HAS_ZP=has_zp, NUM_SMS=num_sms, SPLIT_K=split)
+    if split > 1:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(M * N, block),)](ws, c, M, N, c.stride(0), c.stride(1), SPLIT_K=split,
+                                                          BLOCK=block)
     return c
 
 

@@ -461,6 +461,51 @@ def test_every_config(name, config, monkeypatch, rng):
         check(*quantized_pair(m, n, k, spec_a, spec_b, rng))
 
 
+# ---- split K (decode shapes) -------------------------------------------------------------------
+
+SPLIT_PAIRS = [BLOCK_SCALED, FP8_PAIRS[0], FP8_PAIRS[4]]
+
+
+def split_config(m: int):
+    return dataclasses.replace(DEFAULT, gemm_decode_m=m)
+
+
+@pytest.mark.parametrize("kernel_config", ALL_CONFIGS["INTERPRETER_CONFIG"], ids=config_id)
+@pytest.mark.parametrize("m,n,k", [(5, 32, 640), (33, 40, 1000), (1, 20, 300)])
+def test_split_k(m, n, k, kernel_config, rng, monkeypatch):
+    """KernelConfig.gemm_decode_m: a GEMM of few rows shares each tile's K blocks out over work items (runs of
+    whole pairs with PAIR_K; trailing splits may be empty), and a second launch adds the fp32 partials in order:
+    block-scaled and row-scaled FP8 against the reference, the same bits on every run."""
+    if DEVICE == "cuda":
+        pytest.skip("the interpreter's programs; test_gpu_split_k runs the compiled kernel")
+    monkeypatch.setattr(triton_gemm, "INTERPRETER_CONFIG", [kernel_config])
+    monkeypatch.setattr(triton_gemm, "_num_programs", lambda device, config: 8)
+    config = split_config(64)
+    assert triton_gemm._split_k(m, n, k, False, torch.device("cpu"), config) > 1
+    assert triton_gemm._split_k(m, n, k, True, torch.device("cpu"), config) == 1  # INT8 sums are not split
+    assert triton_gemm._split_k(m, n, k, False, torch.device("cpu"), split_config(0)) == 1
+    for spec_a, spec_b in SPLIT_PAIRS:
+        qa, qb = quantized_pair(m, n, k, spec_a, spec_b, rng)
+        expected = reference.matmul(qa, qb, torch.float32)
+        got = triton_gemm.matmul(to_device(qa), to_device(qb), torch.float32, config=config)
+        assert relative_error(got, expected) <= FP32_TOL
+        assert torch.equal(triton_gemm.matmul(to_device(qa), to_device(qb), torch.float32, config=config), got)
+        whole = triton_gemm.matmul(to_device(qa), to_device(qb), torch.float32)
+        assert relative_error(got, whole.double()) <= FP32_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 8, 64, 200])
+def test_gpu_split_k(m, rng):
+    config = split_config(256)
+    for spec_a, spec_b in SPLIT_PAIRS:
+        qa, qb = quantized_pair(m, 4096, 4096, spec_a, spec_b, rng)
+        expected = reference.matmul(qa, qb, torch.float32)
+        got = triton_gemm.matmul(to_device(qa), to_device(qb), torch.float32, config=config)
+        assert relative_error(got, expected) <= FP8_MMA_TOL
+        assert torch.equal(triton_gemm.matmul(to_device(qa), to_device(qb), torch.float32, config=config), got)
+
+
 # ---- GPU: compiled kernels on larger shapes ----------------------------------------------------
 
 GPU_SHAPES = [(512, 768, 1024), (257, 383, 1100), (1024, 1536, 2048)]
