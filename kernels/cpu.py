@@ -69,7 +69,13 @@ def _quantize_blocks_into(blocks: torch.Tensor, scales: torch.Tensor | None, cod
 def _dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_points, out_dtype: torch.dtype, *,
                        spec: QuantSpec):
     """(B, E) codes (fp8/int8 storage dtype; E2M1: (B, E / 2) packed pairs) and (B, 1) scales -> (B, E) values of
-    out_dtype."""
+    out_dtype. E2M1 into a 16-bit type: each code byte's two values written as one 32-bit word (element 2i in the
+    low half), so that the graph interleaves nothing element by element."""
+    if spec.element is E2M1 and out_dtype.itemsize == 2:
+        pairs = codes.to(torch.int32)
+        low, high = (reference.dequantize_blocks(reference.decode_e2m1(nibbles), scale, zero_points).to(out_dtype)
+                     .view(torch.int16).to(torch.int32) for nibbles in (pairs & 0xF, pairs >> 4))
+        return ((low & 0xFFFF) | (high << 16)).view(out_dtype)
     if spec.element is E2M1:
         values = reference.decode_e2m1(reference.unpack_nibbles(codes, codes.shape[1] * 2))
     else:

@@ -12,7 +12,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from quantd.kernels import cpu, dispatch, reference
-from quantd.kernels.spec import QuantSpec
+from quantd.kernels.spec import QuantizedTensor, QuantSpec
 
 CASES = [  # (spec, input dtype)
     (QuantSpec("fp8_e4m3"), torch.bfloat16),  # the 1x128 default
@@ -119,6 +119,33 @@ def test_dequantize_out_dtypes(out_dtype, rng):
     spec = QuantSpec("fp8_e4m3")
     qt = reference.quantize(random_input((40, 300), torch.bfloat16, rng), spec)
     assert same_values(cpu.dequantize(qt, out_dtype), reference.dequantize(qt, out_dtype))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_e2m1_dequantize_every_code(fmt, out_dtype):
+    """Every code byte under scales across their range (E8M0: every byte, NaN included; E4M3: every non-NaN byte,
+    with tensor scales that push results to Inf and to subnormals): the 16-bit outputs' word path against the
+    reference, into a new tensor and into out=."""
+    spec = QuantSpec(fmt)
+    g = spec.group_size
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).repeat(g // 2, 1).t().contiguous()  # a byte a row
+    if fmt == "mxfp4":
+        scale_bytes = [torch.arange(256, dtype=torch.int32).to(torch.uint8)]
+        tensor_scales = [None]
+    else:
+        scale_bytes = [torch.arange(127, dtype=torch.int32).to(torch.uint8), torch.arange(128, 255, dtype=torch.int32)
+                       .to(torch.uint8)]  # 0x7F and 0xFF are E4M3's NaN
+        tensor_scales = [torch.tensor(t) for t in (1.0, 2.0 ** -20, 2.0 ** 20, 3.0 * 2.0 ** -9)]
+    for sb in scale_bytes:
+        rows = codes.repeat(len(sb), 1)
+        scales = sb.repeat_interleave(256).reshape(-1, 1).view(spec.scale_dtype)
+        for ts in tensor_scales:
+            qt = QuantizedTensor(rows, scales, spec, (rows.shape[0], g), None, ts)
+            want = reference.dequantize(qt, out_dtype)
+            assert same_values(cpu.dequantize(qt, out_dtype), want)
+            out = torch.empty(want.shape, dtype=out_dtype)
+            assert cpu.dequantize(qt, out_dtype, out=out) is out and same_values(out, want)
 
 
 def test_matmul_and_dispatch_default(rng):
