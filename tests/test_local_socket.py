@@ -15,6 +15,7 @@ from quantd.client import QuantdClient, QuantdError
 from quantd.kernels import QuantSpec, quantize
 from quantd.protocol import local, wire
 from quantd.server import local as server_local
+from quantd.server import servicer
 from quantd.server.app import BackgroundServer
 from quantd.server.config import ServerConfig
 from quantd.v1 import quantd_pb2 as pb
@@ -146,13 +147,17 @@ def test_hostile_requests_get_a_status_each_and_the_server_keeps_serving(server)
     assert calls(server, "QuantizeInMemory", "NOT_FOUND") == 1 and calls(server, "LocalRequest", "INVALID_ARGUMENT") == 2
 
 
-def test_a_call_past_its_deadline_drops_its_connection_and_the_next_call_gets_a_new_one(server):
+def test_a_call_past_its_deadline_drops_its_connection_and_the_next_call_gets_a_new_one(server, monkeypatch):
     with QuantdClient(server.target, transport="shm", retries=0) as client:
         x, spec = torch.randn(2048, 4096), QuantSpec("int8_asym", group_size=128)
         shared_x = client.shm_tensor(x.shape, x.dtype)
         shared_x.copy_(x)
         client.quantize(shared_x[:8], spec, report=False)
         first = client._local_idle[0]
+        # The server's quantize made slow: on a busy 2-core machine the client's 1 ms wait could otherwise end only
+        # after the answer had come, and take it.
+        slow = servicer.quantize_amax
+        monkeypatch.setattr(servicer, "quantize_amax", lambda *args, **kw: (time.sleep(0.2), slow(*args, **kw))[1])
         with pytest.raises(QuantdError) as failed:
             client.quantize(shared_x, spec, report=False, timeout=0.001)
         assert failed.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
