@@ -365,9 +365,14 @@ DECODE_CONFIGS = [
 _AUTOTUNED = {}
 
 
+def _launched(configs: list) -> list:
+    """The configs a launch over `configs` tries: the interpreter runs its own small ones."""
+    return INTERPRETER_CONFIG if interpreting() else configs
+
+
 def _tuned(kernel, configs):
     """`kernel` autotuned over `configs` (one small config under the interpreter), built once per list."""
-    configs = INTERPRETER_CONFIG if interpreting() else configs
+    configs = _launched(configs)
     if (kernel, id(configs)) not in _AUTOTUNED:
         key = ["M", "N", "K", "SCALE_PER_K", "IS_INT", "HAS_ZP", "SPLIT_K"] if kernel is _scaled_gemm_kernel else [
             "M", "N", "K", "A_FP4", "B_FP4"]
@@ -390,7 +395,7 @@ def _split_k(M: int, N: int, K: int, is_int: bool, device, config: KernelConfig)
     1: no split (INT8, more rows, or tiles enough)."""
     if is_int or M > config.gemm_decode_m:
         return 1
-    first = (INTERPRETER_CONFIG if interpreting() else DECODE_CONFIGS)[0].kwargs
+    first = _launched(DECODE_CONFIGS)[0].kwargs
     tiles = triton.cdiv(M, first["BLOCK_M"]) * triton.cdiv(N, first["BLOCK_N"])
     return max(1, min(config.gemm_max_split, _num_programs(device, config) // tiles, triton.cdiv(K, K_BLOCK)))
 

@@ -31,6 +31,13 @@ def check(x, spec, scales=None, **kw):
     assert_same_qt(quantize(x, spec, scales, **kw), reference_quantize(x, spec, scales))
 
 
+def check_dual(x, spec, **kw):
+    """quantize_dual(x): X's row groups and X^T's, each the reference's quantization of that matrix."""
+    rows, cols = quantize_dual(x, spec, **kw)
+    assert_same_qt(rows, reference_quantize(x, spec))
+    assert_same_qt(cols, reference_quantize(x.T.contiguous(), spec))
+
+
 # ---- CI: interpreter, CPU tensors -------------------------------------------------------
 
 
@@ -440,9 +447,7 @@ def test_dual_layout_deferred(fmt, rng):
     x[2 * g:3 * g, 3] = tiny  # tile (2, 0): a careful column only
     x[g + 2:g + 6, 2 * g + 1] = math.inf  # tile (1, 2), ragged: careful columns and rows
     for t in (x, deferred_input((300, 260), torch.float32, rng)):
-        rows, cols = quantize_dual(t, spec, config=config)
-        assert_same_qt(rows, reference_quantize(t, spec))
-        assert_same_qt(cols, reference_quantize(t.T.contiguous(), spec))
+        check_dual(t, spec, config=config)
 
 
 def every_bf16_under_scales(exponents) -> torch.Tensor:
@@ -668,10 +673,7 @@ def test_gpu_dual_layout_deferred(fmt, warps, rng):
     config = dataclasses.replace(DEFAULT, dual_defer=True, dual_warps=warps)
     spec = QuantSpec(format=fmt)
     for size in [(128, 128), (1000, 3000), (4096, 8192)]:
-        x = deferred_input(size, torch.bfloat16, rng).cuda()
-        rows, cols = quantize_dual(x, spec, config=config)
-        assert_same_qt(rows, reference_quantize(x, spec))
-        assert_same_qt(cols, reference_quantize(x.T.contiguous(), spec))
+        check_dual(deferred_input(size, torch.bfloat16, rng).cuda(), spec, config=config)
 
 
 @pytest.mark.gpu
@@ -723,10 +725,7 @@ def test_gpu_every_16bit_input(fmt, dtype, exact_fp8):
 @pytest.mark.parametrize("shape", [(128, 128), (1000, 3000), (4096, 8192)], ids=str)
 def test_gpu_dual_layout(fmt, shape, exact_fp8, rng):
     spec = QuantSpec(format=fmt)
-    x = random_input(shape, torch.bfloat16, rng).cuda()
-    rows, cols = quantize_dual(x, spec, exact_fp8=exact_fp8)
-    assert_same_qt(rows, reference_quantize(x, spec))
-    assert_same_qt(cols, reference_quantize(x.T.contiguous(), spec))
+    check_dual(random_input(shape, torch.bfloat16, rng).cuda(), spec, exact_fp8=exact_fp8)
 
 
 @pytest.mark.gpu
