@@ -44,7 +44,6 @@ class KernelConfig:
     # program may loop over tiles with the loads of the next persistent_stages - 1 tiles in flight
     # (cp.async), OneBlock.per_sm / asym_programs / dual_programs an SM (0: one tile a program).
     persistent_stages: int = 3
-    asym_programs: int = 2
     dual_programs: int = 0
     # Warps of a dual-layout program of up to 16384 elements (a 128 x 128 tile), and its register limit: 8 warps
     # within 128 registers (two programs an SM) ran 0.56 x copy against 0.43 without the limit on an H100; since
@@ -52,16 +51,21 @@ class KernelConfig:
     # 2026-12-03 12:43 UTC).
     dual_warps: int = 4
     dual_maxnreg: int | None = None
-    # INT8 asym programs: warps, and the register limit that keeps two of them on an SM without spilling
-    # (255 registers at 4 warps otherwise: 0.918 against 0.852 x copy, H100).
-    asym_warps: int = 8
-    asym_maxnreg: int | None = 128
-    # Careful tiles of dual-layout and INT8 asym programs (an Inf or NaN, extreme scales) listed for a second
-    # launch (as OneBlock.defer), so that the first holds no code for them. Compiled by triton 3.6 for sm_90
-    # (benchmarks/sass.py), the careful branch sets their register count: INT8 asym of 2048 elements at 1 warp 167
-    # registers a thread with it, 118 without; dual 128 x 128 tiles at 8 warps 161 and 124. Not yet timed on a GPU.
-    dual_defer: bool = False
-    asym_defer: bool = False
+    # INT8 asym programs of row groups in registers: (elements, warps) of a tile (as group_tile), its register limit,
+    # persistent programs an SM (asym_programs, 0: one tile a program), and careful tiles (an Inf or NaN, extreme
+    # scales) listed for a second launch (asym_defer, as OneBlock.defer) so that the first holds no code for them.
+    # On an H200 (2026-12-04, 16384^2 bf16, profile_kernels --time, one process) 2048 elements at 1 warp, one tile a
+    # program, no limit, deferred: 0.873 x copy, against 0.708 for the H100's choice (8 warps of 8192 elements within
+    # 128 registers, two persistent programs an SM) deferred and 0.688 not. Compiled by triton 3.6 the careful branch
+    # takes a 1-warp program from 118 to 167 registers (benchmarks/sass.py).
+    asym_tile: tuple = (2048, 1)
+    asym_maxnreg: int | None = None
+    asym_programs: int = 0
+    asym_defer: bool = True
+    # Careful tiles of dual-layout programs listed for a second launch, as asym_defer (triton 3.6: 128 x 128 tiles at 8
+    # warps take 124 registers instead of 161). H200, as above, two runs: 0.550 / 0.549 x copy at 4 warps against
+    # 0.540 / 0.538 in place; 0.523 at 8 warps, 0.394 at 8 warps within 128 registers.
+    dual_defer: bool = True
     # Careful tiles deferred, one tile a program. Float tiles: 4 warps of 128 elements a thread of a 128 x 128
     # tile, no register limit (H200, 2026-12-04, 16384^2 bf16, ncu kernel time: E4M3 128x128 184 us against 210 us
     # for 8 warps within 128 registers, 246 us for 4 warps within 128, 240 us for 2 warps); rows within 80
@@ -131,10 +135,11 @@ class KernelConfig:
     gemm_persistent: bool = True
     # FP8 GEMMs of at most gemm_decode_m rows (decode shapes: M rows against a large weight, whose few output tiles
     # leave most SMs idle) through the Triton kernel with their K blocks split over programs (at most
-    # gemm_max_split a tile), the fp32 partials added in order by a second launch (triton_gemm._split_k); 0: never,
-    # until timed on a GPU against the Gluon kernel (BENCHMARKS.md: the Gluon kernel is 0.68-0.88 of cuBLAS
-    # blockwise at M = 8..256).
-    gemm_decode_m: int = 0
+    # gemm_max_split a tile), the fp32 partials added in order by a second launch (triton_gemm._split_k); 0: never.
+    # On an H200 (2026-12-04, N = K = 8192, benchmarks/gemm.py --decode, TFLOPS) M = 8 / 32 / 64: 41.3 / 179 / 357,
+    # 1.15 / 1.07 / 1.09 x cuBLAS blockwise, against the Gluon kernel's 27.4 / 121 / 256 (0.76 / 0.73 / 0.78); M = 1
+    # 5.65 against 3.32 (cuBLAS bf16 4.0); at M = 128 the tiles fill the SMs and nothing is split (0.81, as Gluon's).
+    gemm_decode_m: int = 64
     gemm_max_split: int = 8
 
 

@@ -124,12 +124,13 @@ def tile_geometry(br: int, bc: int, rows: int, cols: int, register: bool, config
     """(Tile, num_warps) of a quantize/dequantize tile.
 
     register: the tile is made of whole BR x BC blocks; else of 1 x TBC strips. tile_elems: the elements
-    a tile aims at (default config.tile_elems, or config.group_tile's for row groups in registers but INT8 asym's,
-    which has its own schedule).
+    a tile aims at (default config.tile_elems, or for row groups in registers config.group_tile's, INT8 asym's
+    config.asym_tile's).
     """
     group_warps = None
-    if tile_elems is None and register and br == 1 and not asym and config.group_tile is not None:
-        tile_elems, group_warps = config.group_tile
+    group_tile = config.asym_tile if asym else config.group_tile
+    if tile_elems is None and register and br == 1 and group_tile is not None:
+        tile_elems, group_warps = group_tile
     tile_elems = tile_elems or config.tile_elems
     if register:  # whole blocks in registers
         tbr, tbc = br, bc
@@ -170,7 +171,6 @@ def schedule(tile: Tile, warps: int, register: bool, dual: bool, asym: bool, is_
             maxnreg = maxnreg or (None if config.tile_warps else config.dual_maxnreg)
     elif register and asym:
         per_sm = config.asym_programs
-        warps = config.tile_warps or config.asym_warps
         maxnreg = maxnreg or (None if config.tile_warps else config.asym_maxnreg)
         defer = config.asym_defer
     else:

@@ -24,7 +24,7 @@
 
 The Triton kernels are persistent (one or two programs per SM, each walking an L2-friendly tile order) and
 read the codes through TMA tensor descriptors, whose zero fill beyond the edges handles ragged M, N, K.
-FP8 GEMMs of few rows (KernelConfig.gemm_decode_m, off by default) may split each tile's K blocks over programs
+FP8 GEMMs of few rows (KernelConfig.gemm_decode_m) split each tile's K blocks over programs
 (SPLIT_K), their fp32 partials added in a fixed order by _sum_splits_kernel.
 Scales are read through plain pointers with any strides (row- or column-major).
 """

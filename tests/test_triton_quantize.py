@@ -300,7 +300,7 @@ def test_guarded_quotient_matches_division(fmt, rng):
 
 
 # (spec, shape) whose register programs can be persistent (one block a program with OneBlock.per_sm,
-# INT8 asym); a pow2 tile has no branch around its store. Channels are one block a program from 4097
+# INT8 asym row groups with asym_programs); a pow2 tile has no branch around its store. Channels are one block a program from 4097
 # elements a channel.
 PERSISTENT_CASES = [(QuantSpec(granularity="tile", tile=(128, 128)), (300, 260)),
                     (QuantSpec(format="fp8_e5m2", granularity="tile", tile=(96, 100)), (300, 260)),
@@ -349,11 +349,12 @@ def test_one_block_schedule_limits_rows_only():
 
 
 def test_row_groups_take_the_group_tile():
-    """1x128 groups in registers: config.group_tile's elements and warps (INT8 asym keeps its own tiles);
+    """1x128 groups in registers: config.group_tile's elements and warps (INT8 asym: config.asym_tile's);
     None: tile_elems and warps by size."""
     tile, warps = tile_geometry(1, 128, 4096, 4096, True, DEFAULT)
     assert (tile.elems, warps) == (DEFAULT.group_tile[0], DEFAULT.group_tile[1])
-    assert tile_geometry(1, 128, 4096, 4096, True, DEFAULT, asym=True)[0].elems == DEFAULT.tile_elems
+    tile, warps = tile_geometry(1, 128, 4096, 4096, True, DEFAULT, asym=True)
+    assert (tile.elems, warps) == DEFAULT.asym_tile
     assert tile_geometry(1, 128, 4096, 4096, True, dataclasses.replace(DEFAULT, group_tile=None))[1] == 4
 
 
@@ -379,7 +380,7 @@ def one_block_config(config=DEFAULT, **fields):
 def test_persistent_programs(spec, shape, rng):
     """Programs that loop over several tiles (3 programs under the interpreter), careful tiles (Inf,
     NaN) among ordinary ones, quotients next to code boundaries."""
-    config = one_block_config(per_sm=1)
+    config = dataclasses.replace(one_block_config(per_sm=1), asym_programs=1)
     x = random_input(shape, torch.bfloat16, rng)
     assert persistent_launch(x, spec, config)
     check(x, spec, config=config)
@@ -415,7 +416,7 @@ def test_deferred_careful_tiles(spec, shape, persistent, defer, rng):
     check(random_input(shape, torch.bfloat16, rng, edge_cases=False), spec, config=config)
 
 
-ASYM_GROUP_SCHEDULES = [dict(asym_programs=2), dict(asym_programs=0, tile_elems=2048, asym_warps=1, asym_maxnreg=None)]
+ASYM_GROUP_SCHEDULES = [dict(asym_programs=2, asym_tile=(8192, 8), asym_maxnreg=128), dict(asym_programs=0)]
 
 
 @pytest.mark.parametrize("schedule_", ASYM_GROUP_SCHEDULES, ids=["persistent", "tile_a_program"])
@@ -434,10 +435,12 @@ def test_int8_asym_groups_deferred(schedule_, defer, rng):
 
 
 @pytest.mark.parametrize("fmt", DUAL_FORMATS)
-def test_dual_layout_deferred(fmt, rng):
+@pytest.mark.parametrize("defer", [False, True], ids=["careful_in_place", "deferred"])
+def test_dual_layout_deferred(fmt, defer, rng):
     """KernelConfig.dual_defer: dual tiles with careful rows or columns (Inf/NaN, a block of subnormals only) are
-    listed for a second launch, which codes both layouts of them; tiles careful in one layout only too."""
-    config = dataclasses.replace(DEFAULT, dual_defer=True)
+    listed for a second launch, which codes both layouts of them; tiles careful in one layout only too. Without it
+    the first launch codes them in place."""
+    config = dataclasses.replace(DEFAULT, dual_defer=defer)
     spec = QuantSpec(format=fmt)
     g = spec.group_size
     x = random_input((3 * g + 5, 2 * g + 3), torch.bfloat16, rng, edge_cases=False)
@@ -633,7 +636,7 @@ def test_gpu_exact_fp8_path(spec, rng):
 def test_gpu_persistent_programs(spec, shape, per_sm, rng):
     """One-block programs, one tile a program or persistent, over ragged and aligned shapes, with and without
     Inf/NaN, and every bf16."""
-    config = one_block_config(per_sm=per_sm)
+    config = dataclasses.replace(one_block_config(per_sm=per_sm), asym_programs=per_sm)
     for size in GPU_SHAPES[2:] + [shape, (129, 129), (1000, 3), (513, 129), (70, 9000)]:
         check(random_input(size, torch.bfloat16, rng).cuda(), spec, config=config)
         check(random_input(size, torch.float32, rng, edge_cases=False).cuda(), spec, config=config)
@@ -669,8 +672,9 @@ def test_gpu_int8_asym_groups_deferred(schedule_, rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", DUAL_FORMATS)
 @pytest.mark.parametrize("warps", [4, 8])
-def test_gpu_dual_layout_deferred(fmt, warps, rng):
-    config = dataclasses.replace(DEFAULT, dual_defer=True, dual_warps=warps)
+@pytest.mark.parametrize("defer", [False, True], ids=["careful_in_place", "deferred"])
+def test_gpu_dual_layout_deferred(fmt, warps, defer, rng):
+    config = dataclasses.replace(DEFAULT, dual_defer=defer, dual_warps=warps)
     spec = QuantSpec(format=fmt)
     for size in [(128, 128), (1000, 3000), (4096, 8192)]:
         check_dual(deferred_input(size, torch.bfloat16, rng).cuda(), spec, config=config)
