@@ -2,8 +2,10 @@
 
 GB/s counts the bytes each op must move (input read once, codes, scales and outputs
 written once); every ratio is taken against the copy measured in the same run.
-Peers: torch.compile of the reference (dynamic=False), torchao's blockwise FP8 Triton quantizers
-(if importable) and a DeepSeek-style act_quant (one 128-group per program, amax / 448, x / s), written here.
+Bounds: a kernel that only moves the bytes of a quantizer (bf16 in, byte codes or E2M1 pairs out) or of a
+dequantizer, scales aside (_traffic_kernel). Peers: torch.compile of the reference (dynamic=False), torchao's
+blockwise FP8 Triton quantizers (if importable) and a DeepSeek-style act_quant (one 128-group per program,
+amax / 448, x / s), written here.
 
     python3 benchmarks/quantize.py [--out DIR] [--sweep] [--no-compile] [--sizes N ...]
 
@@ -48,6 +50,36 @@ def _act_quant_kernel(x_ptr, y_ptr, s_ptr, BLOCK_SIZE: tl.constexpr):
 
 def act_quant(x, y, s):
     _act_quant_kernel[(x.numel() // 128,)](x, y, s, BLOCK_SIZE=128)
+
+
+@triton.jit
+def _traffic_kernel(x_ptr, y_ptr, n_words, BLOCK: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr):
+    """Reads BLOCK int32 words of x a program and writes BLOCK * OUT / IN words of y (IN words folded into one by
+    xor, or one word spread over OUT): the traffic of a quantizer or dequantizer without its arithmetic."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    w = tl.load(x_ptr + offs, mask=offs < n_words, other=0)
+    if IN > 1:
+        out = tl.xor_sum(tl.reshape(w, (BLOCK // IN, IN)), axis=1)
+        o = tl.program_id(0) * (BLOCK // IN) + tl.arange(0, BLOCK // IN)
+        tl.store(y_ptr + o, out, mask=o < n_words // IN)
+    else:
+        out = tl.reshape(w[:, None] + tl.arange(0, OUT)[None, :], (BLOCK * OUT, ))
+        o = tl.program_id(0) * (BLOCK * OUT) + tl.arange(0, BLOCK * OUT)
+        tl.store(y_ptr + o, out, mask=o < n_words * OUT)
+
+
+def traffic_bound(n_in: int, ratio: float) -> tuple:
+    """(median ms, bytes moved) of the fastest of a few launches of _traffic_kernel reading n_in bytes and
+    writing n_in * ratio (ratio 1/2 or 1/4: a quantizer to bytes or to E2M1 codes; 2 or 4: their dequantizers),
+    scales left out: a bound on the time of any kernel that moves those bytes."""
+    words = n_in // 4
+    x = torch.randint(-2**31, 2**31 - 1, (words, ), device="cuda", dtype=torch.int32)
+    fold, spread = (round(1 / ratio), 1) if ratio < 1 else (1, round(ratio))
+    y = torch.empty(words * spread // fold, device="cuda", dtype=torch.int32)
+    best = min(bench(lambda: _traffic_kernel[(triton.cdiv(words, block), )](x, y, words, BLOCK=block, IN=fold,
+                                                                              OUT=spread, num_warps=warps))
+               for block, warps in ((1024, 4), (2048, 4), (4096, 8), (8192, 8)))
+    return best, n_in + y.numel() * 4
 
 
 def bench(fn) -> float:
@@ -108,6 +140,11 @@ def run_main(n: int, rows: list, with_compile: bool):
         rows.append(dict(n=n, op=op, name=name, ms=ms, gbs=gbs, ratio=gbs / copy_gbs))
         print(f"{n:>6} {op:<10} {name:<55} {ms:8.3f} ms {gbs:7.0f} GB/s {gbs / copy_gbs:6.3f} x copy", flush=True)
 
+    # What any kernel moving an op's bytes takes, scales aside: bf16 in, byte codes or E2M1 pairs out, and back.
+    for what, ratio in (("bf16 -> bytes (a quantizer)", 0.5), ("bf16 -> E2M1 pairs", 0.25),
+                        ("bytes -> bf16 (a dequantizer)", 2), ("E2M1 pairs -> bf16", 4)):
+        n_in = x.numel() * 2 if ratio < 1 else round(x.numel() * 2 / ratio)
+        add("bound", "traffic only: " + what, *traffic_bound(n_in, ratio))
     for name, spec in CASES:
         qt = quantize(x, spec)
         add("quantize", name, bench(lambda: quantize(x, spec)), op_bytes(x, spec, "quantize"))
@@ -191,9 +228,8 @@ SWEEPS = [
      [dict(dual_warps=w, dual_maxnreg=r) for w, r in ((4, None), (8, 128), (8, None), (4, 128), (16, 64))]
      + [dict(dual_defer=True, dual_warps=w, dual_maxnreg=r) for w, r in ((8, None), (8, 128), (4, None))]),
     ([("int8 asym 1x128", CASES[6][1], SQUARE, "quantize")],
-     [{}, dict(asym_defer=True)]
-     + [dict(asym_defer=True, asym_programs=0, asym_maxnreg=None, tile_elems=t, asym_warps=w)
-        for t, w in ((2048, 1), (1024, 1), (4096, 2), (2048, 2), (4096, 4), (8192, 8))]),
+     [{}, dict(asym_defer=False), dict(asym_programs=2, asym_tile=(8192, 8), asym_maxnreg=128)]
+     + [dict(asym_tile=tile) for tile in ((1024, 1), (4096, 1), (2048, 2), (4096, 2), (4096, 4), (8192, 8))]),
 ]
 
 
@@ -254,7 +290,7 @@ def plot(rows, path, device: str):
         pts = sorted((r["n"] * r["n"] * 2 / 2**20, r["gbs"]) for r in rows if r["op"] == op and r["name"] == name)
         if len(pts) > 1:
             ax.plot(*zip(*pts), marker="o", label=f"{op}: {name}" if op != "copy" else name,
-                    linestyle="--" if op == "copy" else "-")
+                    linestyle="--" if op in ("copy", "bound") else "-")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("input size (MiB of bf16, square n x n)")
     ax.set_ylabel("GB/s (bytes read + written)")
