@@ -153,9 +153,12 @@ def encode_quotient(x, q, zp, FMT: tl.constexpr, FINITE: tl.constexpr = False):
     """Code bits of the quotients q = x / scale (see encode).
 
     FINITE (int8 asym): every x is finite and q = x / scale of the block's own scale, so |q| <= 2 * 128: no
-    clamp before rounding, and no select for NaN."""
+    clamp before rounding, no select for NaN, and no clamp at -128: the block's lo <= x gives rint(q) >=
+    rint(lo / scale) (rounding is monotonic; a corrected quotient that may differ from the IEEE one is below
+    2**-20 and rounds to 0 as that does), and zp = -128 - rint(lo / scale). (The top needs its clamp: with
+    scale = RN(span / 255) rint(hi / scale) - rint(lo / scale) may be 256.)"""
     if FMT.ASYM and FINITE:
-        bits = tl.minimum(tl.maximum(rint_int32(q) + zp.to(tl.int32), -128), 127)
+        bits = tl.minimum(rint_int32(q) + zp.to(tl.int32), 127)
     elif FMT.IS_INT:
         # int8 is the one integer format.
         if FMT.ASYM:
