@@ -300,8 +300,8 @@ def test_guarded_quotient_matches_division(fmt, rng):
 
 
 # (spec, shape) whose register programs can be persistent (one block a program with OneBlock.per_sm,
-# INT8 asym row groups with asym_programs); a pow2 tile has no branch around its store. Channels are one block a program from 4097
-# elements a channel.
+# INT8 asym row groups with asym_programs); a pow2 tile has no branch around its store. Channels are one
+# block a program from 4097 elements a channel.
 PERSISTENT_CASES = [(QuantSpec(granularity="tile", tile=(128, 128)), (300, 260)),
                     (QuantSpec(format="fp8_e5m2", granularity="tile", tile=(96, 100)), (300, 260)),
                     (QuantSpec(granularity="tile", tile=(128, 128), scale_encoding="pow2"), (300, 260)),
