@@ -42,6 +42,7 @@ INT8_ROW = QuantSpec("int8_sym", "channel", axis=0)
 
 NO_GLUON = dataclasses.replace(DEFAULT, use_gluon=False)  # the Triton kernel where Gluon would apply
 SPLIT_K = dataclasses.replace(DEFAULT, gemm_decode_m=1 << 30)  # decode shapes with their K split over programs
+GLUON_SPLIT = dataclasses.replace(DEFAULT, gemm_decode_m=0, gemm_gluon_split=True)  # the Gluon kernel's split K
 
 
 def bench(fn) -> tuple:
@@ -184,7 +185,8 @@ def run_size(s: int, results: dict) -> None:
 
 def run_decode(ms, nk: int, results: dict) -> None:
     """Decode shapes: A (M, nk) for each M of `ms` against one weight B (nk, nk); the block-scaled FP8 GEMM (as
-    shipped, and with its K split over programs: KernelConfig.gemm_decode_m) against cuBLAS blockwise and bf16
+    shipped, with its K split over programs by the Triton kernel (KernelConfig.gemm_decode_m) and by the Gluon
+    kernel (gemm_gluon_split, where its tiles leave half the SMs idle)) against cuBLAS blockwise and bf16
     (graph-replayed times; TFLOPS and the ratios to cuBLAS blockwise)."""
     gen = torch.Generator(device="cuda").manual_seed(nk)
     w = torch.randn(nk, nk, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -196,6 +198,8 @@ def run_decode(ms, nk: int, results: dict) -> None:
         for name, make in [("triton fp8 block-scaled", lambda: lambda: triton_gemm.matmul(qa, qb, torch.bfloat16)),
                            ("triton fp8 block-scaled, split K", lambda: lambda: triton_gemm.matmul(
                                qa, qb, torch.bfloat16, config=SPLIT_K)),
+                           ("gluon fp8 block-scaled, split K", lambda: lambda: triton_gemm.matmul(
+                               qa, qb, torch.bfloat16, config=GLUON_SPLIT)),
                            ("cublas fp8 blockwise", lambda: cublas_blockwise(qa, qb)[0]),
                            ("cublas bf16", lambda: lambda: torch.matmul(x, w.t()))]:
             try:
@@ -208,6 +212,9 @@ def run_decode(ms, nk: int, results: dict) -> None:
             row["triton / cublas blockwise"] = row["triton fp8 block-scaled"] / row["cublas fp8 blockwise"]
         if row["triton fp8 block-scaled, split K"] and row["cublas fp8 blockwise"]:
             row["split K / cublas blockwise"] = row["triton fp8 block-scaled, split K"] / row["cublas fp8 blockwise"]
+        if row["gluon fp8 block-scaled, split K"] and row["cublas fp8 blockwise"]:
+            row["gluon split K / cublas blockwise"] = (row["gluon fp8 block-scaled, split K"]
+                                                       / row["cublas fp8 blockwise"])
         print(f"decode M={m:4d} N=K={nk}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if v), flush=True)
         results["decode"][f"{m}x{nk}"] = row
 

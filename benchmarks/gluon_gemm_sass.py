@@ -4,8 +4,8 @@
 
 For each launch variant in gluon_gemm.CONFIGS, in both modes of the kernel (block-scaled: A 1x128 x B
 128x128 scales; per-tensor: one scale for A and one for B, constant along K), and for the E5M2 x E4M3
-block-scaled product and the E4M3 x E5M2 per-row one (A and B one scale a row) with the default
-variant: triton.compile of the Gluon kernel with the specializations a real launch of contiguous
+block-scaled product, the E4M3 x E5M2 per-row one (A and B one scale a row) and both recipes split over two
+work items a tile (SPLIT = 2) with the default variant: triton.compile of the Gluon kernel with the specializations a real launch of contiguous
 operands gets (16-byte aligned pointers and C rows, unit inner strides of C and of row-major scales,
 zero strides of single scales), then
   * registers, spills, shared memory (cuobjdump -res-usage, and ptxas -v on the PTX, whose
@@ -33,9 +33,11 @@ from sass import cuobjdump
 
 
 # (mode, A codes, B codes): block-scaled, per-tensor (sa and sb one scale each) or per-row (one a row of A
-# and of B); the first two with every launch variant, the others with the default (CONFIGS[0]).
+# and of B); the first two with every launch variant, the others with the default (CONFIGS[0]). "split" modes:
+# the same kernel with its K blocks split over two work items a tile (SPLIT = 2), fp32 partials out.
 MODES = [("block-scaled", "fp8e4nv", "fp8e4nv"), ("per-tensor", "fp8e4nv", "fp8e4nv")]
-DEFAULT_ONLY = [("block-scaled", "fp8e5", "fp8e4nv"), ("per-row", "fp8e4nv", "fp8e5")]
+DEFAULT_ONLY = [("block-scaled", "fp8e5", "fp8e4nv"), ("per-row", "fp8e4nv", "fp8e5"),
+                ("block-scaled split", "fp8e4nv", "fp8e4nv"), ("per-row split", "fp8e4nv", "fp8e4nv")]
 GL_DTYPES = {"fp8e4nv": "float8e4nv", "fp8e5": "float8e5"}
 
 
@@ -55,9 +57,12 @@ def compile_variant(gg, cfg, out: str = "bf16", mode: str = "block-scaled", a_dt
         layout = gl.NVMMASharedLayout.get_default_for([128, gg.K_BLOCK], getattr(gl, GL_DTYPES[dtype]))
         return f"tensordesc<{dtype}[128, {gg.K_BLOCK}],{layout!r}>"
 
+    split = mode.endswith(" split")
+    mode = mode.removesuffix(" split")
     constexprs = dict(STAGES=cfg.stages, GROUP_M=cfg.group_m, CHAIN=cfg.chain, CONSUMER_REGS=cfg.consumer_regs,
-                      PRODUCER_REGS=cfg.producer_regs, SCALE_PER_K=mode == "block-scaled", stride_cn=1)
-    aligned = {"c_ptr", "sa_ptr", "sb_ptr", "stride_cm", "M", "N", "K"}  # as M = N = K = 4096
+                      PRODUCER_REGS=cfg.producer_regs, SCALE_PER_K=mode == "block-scaled", SPLIT=2 if split else 1,
+                      stride_cn=1)
+    aligned = {"c_ptr", "sa_ptr", "sb_ptr", "ws_ptr", "stride_cm", "M", "N", "K"}  # as M = N = K = 4096
     if mode == "block-scaled":  # row-major (M, K/128) and (N/128, K/128) scales
         constexprs.update(stride_sak=1, stride_sbk=1)
         aligned |= {"stride_sam", "stride_sbn"}
@@ -66,7 +71,8 @@ def compile_variant(gg, cfg, out: str = "bf16", mode: str = "block-scaled", a_dt
     else:  # per-row: (M,) and (N,) contiguous, K strides 0
         constexprs.update(stride_sam=1, stride_sbn=1)
         aligned |= {"stride_sak", "stride_sbk"}
-    types = dict(a_desc=desc(a_dtype), b_desc=desc(b_dtype), c_ptr=f"*{out}", sa_ptr="*fp32", sb_ptr="*fp32")
+    types = dict(a_desc=desc(a_dtype), b_desc=desc(b_dtype), c_ptr=f"*{out}", sa_ptr="*fp32", sb_ptr="*fp32",
+                 ws_ptr="*fp32")
     names = fn.arg_names
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
     attrs = {(i, ): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned}

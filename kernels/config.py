@@ -141,6 +141,11 @@ class KernelConfig:
     # 5.65 against 3.32 (cuBLAS bf16 4.0); at M = 128 the tiles fill the SMs and nothing is split (0.81, as Gluon's).
     gemm_decode_m: int = 64
     gemm_max_split: int = 8
+    # FP8 GEMMs on the Gluon kernel (more rows than gemm_decode_m) whose 128 x 128 tiles fill at most half the SMs
+    # (M = 65..256 against a weight of N <= 8192 on a 132-SM GPU) with each tile's K blocks split over work items
+    # (at most gemm_max_split, whole pairs), the partials added in order (gluon_gemm, SPLIT). Off until timed on a
+    # GPU (at M = 128, N = K = 8192 the Gluon kernel's 64 tiles ran 0.81 x cuBLAS blockwise: half the SMs idle).
+    gemm_gluon_split: bool = False
 
 
 DEFAULT = KernelConfig()

@@ -26,6 +26,10 @@ which Gluon lets us write by hand:
   the CUDA cores after it. The K block count is padded to even with an all-zero block (TMA zero fill).
 * The two warpgroups are not locked together: each arrives on the slot's "empty" barrier itself.
 
+Split K (SPLIT > 1, for shapes whose 128 x 128 tiles would leave SMs idle): the programs walk work items, a
+tile and one of SPLIT runs of whole pairs of its K blocks each, and write fp32 partials that a second launch
+adds in order (launch.sum_splits), as triton_gemm's split-K kernel does.
+
 Ragged M, N, K: TMA zero-fills out-of-bounds codes, scale indices are clamped, the C store is masked.
 (The zero padding block adds +0 to an accumulator that is never -0: sums start at +0 and round to
 nearest, so it changes nothing.) Scales are read through plain pointers with any strides.
@@ -44,7 +48,7 @@ import inspect
 import torch
 import triton
 
-from .launch import sm_count, tile_offsets, tma_rows
+from .launch import sm_count, sum_splits, tile_offsets, tma_rows
 from .spec import OUT_DTYPES
 
 try:
@@ -64,6 +68,7 @@ except Exception as e:  # older triton, or a Gluon without the Hopper API
     AVAILABLE, UNAVAILABLE_REASON = False, f"triton {triton.__version__}: Gluon Hopper API unavailable ({e!r})"
 
 K_BLOCK = 128  # one MMA (and one scale group) per 128-wide K block
+TILE = 128  # rows and columns of an output tile
 SCALE_TILE = 128  # rows of B per scale (B's 128 x 128 tiles)
 CODE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # A and B each, in any pairing
 
@@ -99,18 +104,32 @@ if AVAILABLE:
     _GL_CODE_DTYPES = {torch.float8_e4m3fn: gl.float8e4nv, torch.float8_e5m2: gl.float8e5}
 
     @gluon.jit
-    def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                  GROUP_M: gl.constexpr, STAGES: gl.constexpr):
-        """TMA loads of every K block of this program's tiles into the slot ring (one warp)."""
+    def _work_item(item, M, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                   GROUP_M: gl.constexpr, SPLIT: gl.constexpr):
+        """(first row, first column, first K block, end K block, split) of work item `item`: a tile's K blocks,
+        padded to an even count (the consumers take them in pairs), shared out in SPLIT runs of whole pairs
+        (trailing runs may be empty)."""
         num_m = gl.cdiv(M, BLOCK_M)
         num_n = gl.cdiv(N, BLOCK_N)
-        blocks = 2 * gl.cdiv(gl.cdiv(K, BLOCK_K), 2)  # even: the consumers take K blocks in pairs
+        blocks = 2 * gl.cdiv(gl.cdiv(K, BLOCK_K), 2)
+        per_split = 2 * gl.cdiv(blocks // 2, SPLIT)
+        split = item % SPLIT
+        off_m, off_n = _tile_offsets(item // SPLIT, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
+        k_first = split * per_split
+        return off_m, off_n, k_first, gl.maximum(gl.minimum(k_first + per_split, blocks), k_first), split
+
+    @gluon.jit
+    def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                  GROUP_M: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr):
+        """TMA loads of every K block of this program's work items into the slot ring (one warp)."""
+        items = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N) * SPLIT
         nbytes: gl.constexpr = (BLOCK_M + BLOCK_N) * BLOCK_K  # one byte a code
         c = 0
-        for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
-            off_m, off_n = _tile_offsets(tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
-            for kb in range(blocks):
+        for item in range(gl.program_id(0), items, gl.num_programs(0)):
+            off_m, off_n, k_first, k_end, split = _work_item(item, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                                                             SPLIT)
+            for kb in range(k_first, k_end):
                 s = c % STAGES
                 # A fresh mbarrier counts as having completed the phase before 0: the first lap waits for nothing.
                 mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
@@ -182,30 +201,29 @@ if AVAILABLE:
         return acc, x, y
 
     @gluon.jit
-    def _consumer(a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, M, N, K,
+    def _consumer(a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, ws_ptr, M, N, K,
                   stride_cm, stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk,
                   WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                  GROUP_M: gl.constexpr, STAGES: gl.constexpr, CHAIN: gl.constexpr, SCALE_PER_K: gl.constexpr):
-        """One warpgroup: rows WG*64 .. WG*64+63 of every tile, K blocks in chains of CHAIN (the last
-        pairs of a tile in chains of 2), then a masked store of its 64 x 128 piece of C.
+                  GROUP_M: gl.constexpr, STAGES: gl.constexpr, CHAIN: gl.constexpr, SCALE_PER_K: gl.constexpr,
+                  SPLIT: gl.constexpr):
+        """One warpgroup: rows WG*64 .. WG*64+63 of every work item's tile, its K blocks in chains of CHAIN
+        (the last pairs in chains of 2), then a masked store of its 64 x 128 piece of C (SPLIT > 1: of the
+        item's fp32 partial, into plane `split` of ws_ptr, (SPLIT, M, N) contiguous).
 
         Without SCALE_PER_K the scales are one per row of A and one per row of B (stride 0: one for
-        all): read once a tile, before its K loop, and applied after it as acc * (sa * sb)."""
+        all): read once an item, before its K loop, and applied after it as acc * (sa * sb)."""
         HALF_M: gl.constexpr = BLOCK_M // 2
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_N, 32])
-        VEC: gl.constexpr = 128 // c_ptr.dtype.element_ty.primitive_bitwidth  # elements in 16 bytes
-        store_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // BLOCK_N, BLOCK_N // VEC], [4, 1], [1, 0])
         col_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])  # B's per-row scales (not SCALE_PER_K)
-        num_m = gl.cdiv(M, BLOCK_M)
-        num_n = gl.cdiv(N, BLOCK_N)
+        items = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N) * SPLIT
         k_groups = gl.cdiv(K, BLOCK_K)
-        pairs = gl.cdiv(k_groups, 2)  # the producer pads an odd block count with one zero block
         x = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma)  # the two MMA product tiles
         y = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma)
         c = 0  # slot counter, in step with the producer's
-        for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
-            off_m, off_n = _tile_offsets(tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
+        for item in range(gl.program_id(0), items, gl.num_programs(0)):
+            off_m, off_n, kb, k_end, split = _work_item(item, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT)
+            pairs = (k_end - kb) // 2  # the producer pads an odd block count with one zero block
             rows = off_m + WG * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, mma))
             sa_ptrs = sa_ptr + gl.minimum(rows, M - 1) * stride_sam
             if SCALE_PER_K:
@@ -218,7 +236,6 @@ if AVAILABLE:
                 sb = gl.load(sb_ptr + gl.minimum(cols, N - 1) * stride_sbn)
                 sb_tile = sb_ptr
             acc = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma)
-            kb = 0
             for i in range(pairs // (CHAIN // 2)):
                 acc, x, y = _chain(a_bufs, b_bufs, ready, empty, x, y, acc, c, kb, sa_ptrs, sb_tile, k_groups,
                                    stride_sak, stride_sbk, WG, HALF_M, STAGES, CHAIN, SCALE_PER_K)
@@ -232,24 +249,38 @@ if AVAILABLE:
             if not SCALE_PER_K:  # as _scaled_gemm_kernel: acc * (sa * sb), sa per row, sb per column
                 sb_cols = gl.convert_layout(sb, gl.SliceLayout(0, mma))
                 acc = acc * (gl.expand_dims(sa, 1) * gl.expand_dims(sb_cols, 0))
-            # Through shared memory into rows of 16-byte pieces, for wide coalesced stores.
-            out = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), store_layout)
-            r = gl.expand_dims(off_m + WG * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, store_layout)), 1)
-            q = gl.expand_dims(off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, store_layout)), 0)
-            gl.store(c_ptr + r.to(gl.int64) * stride_cm + q * stride_cn, out, mask=(r < M) & (q < N))
+            if SPLIT == 1:
+                _store_piece(c_ptr, acc, off_m + WG * HALF_M, off_n, M, N, stride_cm, stride_cn, HALF_M, BLOCK_N)
+            else:
+                _store_piece(ws_ptr + split.to(gl.int64) * M * N, acc, off_m + WG * HALF_M, off_n, M, N, N, 1,
+                             HALF_M, BLOCK_N)
 
     @gluon.jit
-    def _fp8_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, M, N, K,
+    def _store_piece(ptr, acc, first_row, off_n, M, N, stride_m, stride_n, ROWS: gl.constexpr, COLS: gl.constexpr):
+        """Masked store of a ROWS x COLS accumulator piece at (first_row, off_n) of an (M, N) matrix of ptr's
+        dtype: through shared memory into rows of 16-byte pieces, for wide coalesced stores."""
+        VEC: gl.constexpr = 128 // ptr.dtype.element_ty.primitive_bitwidth  # elements in 16 bytes
+        layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // COLS, COLS // VEC], [4, 1], [1, 0])
+        out = gl.convert_layout(acc.to(ptr.dtype.element_ty), layout)
+        r = gl.expand_dims(first_row + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout)), 1)
+        q = gl.expand_dims(off_n + gl.arange(0, COLS, layout=gl.SliceLayout(0, layout)), 0)
+        gl.store(ptr + r.to(gl.int64) * stride_m + q * stride_n, out, mask=(r < M) & (q < N))
+
+    @gluon.jit
+    def _fp8_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, ws_ptr, M, N, K,
                          stride_cm, stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk,
                          STAGES: gl.constexpr, GROUP_M: gl.constexpr, CHAIN: gl.constexpr,
-                         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, SCALE_PER_K: gl.constexpr):
+                         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, SCALE_PER_K: gl.constexpr,
+                         SPLIT: gl.constexpr = 1):
         """C = (A codes x B codes^T) with A's and B's scales; see the module docstring.
 
         SCALE_PER_K: A's 1x128 and B's 128x128 scales, applied to every K block's product. Otherwise
         scales constant along K, per row of A and of B (stride_sam / stride_sbn 0: one for all), applied
         after the K loop; stride_sak and stride_sbk are then unused.
 
-        Persistent: program p takes tiles p, p + num_programs, ... in the GROUP_M order of _tile_offsets.
+        Persistent: program p takes work items p, p + num_programs, ...: tiles in the GROUP_M order of
+        _tile_offsets, each split into SPLIT runs of its K blocks (_work_item). SPLIT > 1: each item's fp32
+        partial goes to plane `split` of ws_ptr ((SPLIT, M, N), contiguous; launch.sum_splits adds them into C).
         Launched with num_warps=4 (the default partition, consumer warpgroup 0).
         """
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
@@ -265,14 +296,14 @@ if AVAILABLE:
             mbarrier.init(ready.index(i), count=1)  # the producer's expect; TMA completes the bytes
             mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warpgroup
         gl.warp_specialize([
-            (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, M, N, K, stride_cm, stride_cn,
-                         stride_sam, stride_sak, stride_sbn, stride_sbk, 0, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES,
-                         CHAIN, SCALE_PER_K)),
-            (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, M, N, K, stride_cm, stride_cn,
-                         stride_sam, stride_sak, stride_sbn, stride_sbk, 1, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES,
-                         CHAIN, SCALE_PER_K)),
+            (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, ws_ptr, M, N, K, stride_cm,
+                         stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk, 0, BLOCK_M, BLOCK_N, BLOCK_K,
+                         GROUP_M, STAGES, CHAIN, SCALE_PER_K, SPLIT)),
+            (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, ws_ptr, M, N, K, stride_cm,
+                         stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk, 1, BLOCK_M, BLOCK_N, BLOCK_K,
+                         GROUP_M, STAGES, CHAIN, SCALE_PER_K, SPLIT)),
             (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K,
-                         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES)),
+                         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, SPLIT)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -308,28 +339,33 @@ def _output(a_codes, b_codes, out_dtype, out):
     return M, N, K, c
 
 
-def _launch(a_codes, b_codes, c, sa, sb, scale_strides, scale_per_k: bool, config: GluonConfig | None):
+def _launch(a_codes, b_codes, c, sa, sb, scale_strides, scale_per_k: bool, config: GluonConfig | None, split: int):
     (M, K), N = a_codes.shape, b_codes.shape[0]
     cfg = config or CONFIGS[0]
-    tiles = -(-M // 128) * -(-N // 128)
-    grid = (min(sm_count(a_codes.device), tiles), )
+    if split < 1:
+        raise ValueError(f"gluon_gemm: split must be at least 1, got {split}")
+    tiles = -(-M // TILE) * -(-N // TILE)
+    grid = (min(sm_count(a_codes.device), tiles * split), )
+    ws = torch.empty((split, M, N), dtype=torch.float32, device=c.device) if split > 1 else c
     _fp8_gemm_kernel[grid](
-        _codes_descriptor(a_codes, K, 128), _codes_descriptor(b_codes, K, 128), c, sa, sb, M, N, K,
+        _codes_descriptor(a_codes, K, TILE), _codes_descriptor(b_codes, K, TILE), c, sa, sb, ws, M, N, K,
         c.stride(0), c.stride(1), *scale_strides,
         STAGES=cfg.stages, GROUP_M=cfg.group_m, CHAIN=cfg.chain, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
-        SCALE_PER_K=scale_per_k, num_warps=4, maxnreg=cfg.maxnreg)
-    return c
+        SCALE_PER_K=scale_per_k, SPLIT=split, num_warps=4, maxnreg=cfg.maxnreg)
+    return sum_splits(ws, c) if split > 1 else c
 
 
 def blockscaled_matmul(a_codes: torch.Tensor, sa: torch.Tensor, b_codes: torch.Tensor, sb: torch.Tensor,
                        out_dtype: torch.dtype = torch.bfloat16, config: GluonConfig | None = None,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+                       out: torch.Tensor | None = None, split: int = 1) -> torch.Tensor:
     """C = dequant(A) @ dequant(B)^T (M, N) in `out_dtype`, on an sm_90 GPU.
 
     a_codes (M, K) FP8 (float8_e4m3fn or float8_e5m2) with sa (M, ceil(K/128)) fp32 scales (1 x 128 groups);
     b_codes (N, K) FP8 with sb (ceil(N/128), ceil(K/128)) fp32 scales (128 x 128 tiles).
     Scales may have any strides. `config` picks a launch variant (default CONFIGS[0]). `out`: an (M, N)
-    tensor of out_dtype to write into (any strides) instead of a new one.
+    tensor of out_dtype to write into (any strides) instead of a new one. `split` > 1: each tile's K blocks
+    are shared out over that many work items (whole pairs), their fp32 partials added in order by a second
+    launch (launch.sum_splits): for shapes whose tiles leave SMs idle.
     """
     M, N, K, c = _output(a_codes, b_codes, out_dtype, out)
     kb = -(-K // K_BLOCK)
@@ -341,7 +377,8 @@ def blockscaled_matmul(a_codes: torch.Tensor, sa: torch.Tensor, b_codes: torch.T
     if K == 0:
         return c.zero_()
     sa, sb = sa.float(), sb.float()
-    return _launch(a_codes, b_codes, c, sa, sb, (sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1)), True, config)
+    return _launch(a_codes, b_codes, c, sa, sb, (sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1)), True, config,
+                   split)
 
 
 def _row_scales(s: torch.Tensor, rows: int, name: str) -> tuple:
@@ -356,14 +393,15 @@ def _row_scales(s: torch.Tensor, rows: int, name: str) -> tuple:
 
 def rowscaled_matmul(a_codes: torch.Tensor, sa: torch.Tensor, b_codes: torch.Tensor, sb: torch.Tensor,
                      out_dtype: torch.dtype = torch.bfloat16, config: GluonConfig | None = None,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, split: int = 1) -> torch.Tensor:
     """C = dequant(A) @ dequant(B)^T (M, N) in `out_dtype` for scales constant along K, on an sm_90 GPU.
 
     a_codes (M, K) and b_codes (N, K) FP8 (float8_e4m3fn or float8_e5m2, in any pairing); sa one
     scale (any shape of one element: per tensor) or (M,) (per row of A), sb one or (N,) (per row of
     B, a column of C); fp32 or any dtype .float() reads exactly. The K loop sums the MMA products of
     the codes, one fresh product per 128-wide K block added in fp32, and C = acc * (sa * sb), as in
-    triton_gemm._scaled_gemm_kernel. `config` and `out` as in blockscaled_matmul.
+    triton_gemm._scaled_gemm_kernel (with `split`, each partial scaled so). `config`, `out` and `split` as in
+    blockscaled_matmul.
     """
     M, N, K, c = _output(a_codes, b_codes, out_dtype, out)
     (sa, sam), (sb, sbn) = _row_scales(sa, M, "sa"), _row_scales(sb, N, "sb")
@@ -371,4 +409,4 @@ def rowscaled_matmul(a_codes: torch.Tensor, sa: torch.Tensor, b_codes: torch.Ten
         return c
     if K == 0:
         return c.zero_()
-    return _launch(a_codes, b_codes, c, sa, sb, (sam, 0, sbn, 0), False, config)
+    return _launch(a_codes, b_codes, c, sa, sb, (sam, 0, sbn, 0), False, config, split)

@@ -1,5 +1,5 @@
 """Launch helpers shared by the kernels: whether Triton interprets, the SM count, TMA-ready GEMM operands,
-and the order in which the persistent GEMM programs walk their output tiles.
+the order in which the persistent GEMM programs walk their output tiles, and the sum of a split-K GEMM's partials.
 
 tile_offsets is plain Python, compiled by triton.jit (triton_gemm) and by gluon.jit (gluon_gemm): one
 source for both.
@@ -10,6 +10,7 @@ import functools
 import os
 
 import torch
+import triton
 import triton.language as tl
 
 
@@ -48,3 +49,24 @@ def tma_rows(codes: torch.Tensor, k: int) -> torch.Tensor:
     padded = torch.zeros((rows, -(-k * esize // 16) * 16 // esize), dtype=codes.dtype, device=codes.device)
     padded[:, :k] = codes
     return padded
+
+
+@triton.jit
+def _sum_splits_kernel(ws_ptr, c_ptr, M, N, stride_cm, stride_cn, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    """C = the sum of the SPLITS fp32 planes (M, N) of ws_ptr, added in plane order (the same bits every run)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.load(ws_ptr + offs, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLITS):
+        acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0)
+    tl.store(c_ptr + (offs // N) * stride_cm + (offs % N) * stride_cn, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def sum_splits(ws: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """C (M, N, any strides) = the planes of a split-K GEMM's fp32 partials ws (splits, M, N; contiguous) added in
+    order, rounded once to C's dtype (triton_gemm and gluon_gemm)."""
+    splits, M, N = ws.shape
+    block = 1024
+    _sum_splits_kernel[(triton.cdiv(M * N, block),)](ws, c, M, N, c.stride(0), c.stride(1), SPLITS=splits,
+                                                     BLOCK=block)
+    return c

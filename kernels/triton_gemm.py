@@ -25,7 +25,8 @@
 The Triton kernels are persistent (one or two programs per SM, each walking an L2-friendly tile order) and
 read the codes through TMA tensor descriptors, whose zero fill beyond the edges handles ragged M, N, K.
 FP8 GEMMs of few rows (KernelConfig.gemm_decode_m) split each tile's K blocks over programs
-(SPLIT_K), their fp32 partials added in a fixed order by _sum_splits_kernel.
+(SPLIT_K), their fp32 partials added in a fixed order (launch.sum_splits); with gemm_gluon_split the Gluon
+kernel splits its K blocks so too where its tiles would leave half the SMs idle (_gluon_split).
 Scales are read through plain pointers with any strides (row- or column-major).
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import gluon_gemm
 from .config import DEFAULT, KernelConfig
-from .launch import interpreting, sm_count, tile_offsets, tma_rows
+from .launch import interpreting, sm_count, sum_splits, tile_offsets, tma_rows
 from .spec import E2M1, OUT_DTYPES, Format, Granularity, QuantizedTensor
 from .triton_elements import e2m1x2_scaled, e4m3_value, e8m0_bf16x2
 
@@ -108,7 +109,7 @@ def _scaled_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr, w
 
     SPLIT_K > 1 (FP8 only): each output tile's K blocks are shared out in SPLIT_K runs of whole pairs, one work
     item each; an item writes its scaled fp32 partial into plane `split` of ws_ptr ((SPLIT_K, M, N),
-    contiguous), which _sum_splits_kernel adds up in order into C.
+    contiguous), which launch.sum_splits adds up in order into C.
     """
     tl.static_assert(SPLIT_K == 1 or not IS_INT, "int8 sums are not split")
     num_m = tl.cdiv(M, BLOCK_M)
@@ -181,17 +182,6 @@ def _scaled_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr, w
             _store_tile(c_ptr, acc, off_m, off_n, M, N, stride_cm, stride_cn, BLOCK_M, BLOCK_N)
         else:
             _store_tile(ws_ptr + split.to(tl.int64) * M * N, acc, off_m, off_n, M, N, N, 1, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
-def _sum_splits_kernel(ws_ptr, c_ptr, M, N, stride_cm, stride_cn, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    """C = the sum of the SPLIT_K fp32 planes (M, N) of ws_ptr, added in plane order (the same bits every run)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < M * N
-    acc = tl.load(ws_ptr + offs, mask=mask, other=0.0)
-    for s in tl.static_range(1, SPLIT_K):
-        acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0)
-    tl.store(c_ptr + (offs // N) * stride_cm + (offs % N) * stride_cn, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -400,6 +390,15 @@ def _split_k(M: int, N: int, K: int, is_int: bool, device, config: KernelConfig)
     return max(1, min(config.gemm_max_split, _num_programs(device, config) // tiles, triton.cdiv(K, K_BLOCK)))
 
 
+def _gluon_split(M: int, N: int, K: int, device, config: KernelConfig) -> int:
+    """K splits of a GEMM on the Gluon kernel (config.gemm_gluon_split): enough for a work item an SM where its
+    128 x 128 tiles fill at most half of them, at most config.gemm_max_split and a pair of K blocks a split."""
+    if not config.gemm_gluon_split:
+        return 1
+    tiles = triton.cdiv(M, gluon_gemm.TILE) * triton.cdiv(N, gluon_gemm.TILE)
+    return max(1, min(config.gemm_max_split, sm_count(device) // tiles, triton.cdiv(triton.cdiv(K, K_BLOCK), 2)))
+
+
 def _num_programs(device, config: KernelConfig) -> int:
     if not config.gemm_persistent:
         return 1 << 30  # _grid caps it at one program a tile
@@ -485,9 +484,10 @@ def _scaled_matmul(a: QuantizedTensor, b: QuantizedTensor, c: torch.Tensor, conf
     sb, sbn, sbk, b_rows, gb = _k_scales(b, "B")
     split = _split_k(M, N, K, is_int, c.device, config)
     if split == 1 and _gluon_applies(a, b, c.device, config):
+        gluon_split = _gluon_split(M, N, K, c.device, config)
         if _gluon_recipe(a, b) == "row-scaled":
-            return gluon_gemm.rowscaled_matmul(a.codes, sa, b.codes, sb, c.dtype, out=c)
-        return gluon_gemm.blockscaled_matmul(a.codes, sa, b.codes, sb, c.dtype, out=c)
+            return gluon_gemm.rowscaled_matmul(a.codes, sa, b.codes, sb, c.dtype, out=c, split=gluon_split)
+        return gluon_gemm.blockscaled_matmul(a.codes, sa, b.codes, sb, c.dtype, out=c, split=gluon_split)
     per_k = ga is not None or gb is not None
     if is_int and per_k:
         raise ValueError("matmul: int8 operands must be quantized per tensor or per row (channel, axis 0)")
@@ -503,9 +503,7 @@ def _scaled_matmul(a: QuantizedTensor, b: QuantizedTensor, c: torch.Tensor, conf
         ga or K_BLOCK, gb or K_BLOCK, A_ROWS=a_rows, B_ROWS=b_rows,
         SCALE_PER_K=per_k, IS_INT=is_int, HAS_ZP=has_zp, NUM_SMS=num_sms, SPLIT_K=split)
     if split > 1:
-        block = 1024
-        _sum_splits_kernel[(triton.cdiv(M * N, block),)](ws, c, M, N, c.stride(0), c.stride(1), SPLIT_K=split,
-                                                          BLOCK=block)
+        sum_splits(ws, c)
     return c
 
 

@@ -46,7 +46,7 @@ def test_gemm_sass_tool_counts_every_mx_config(flags, tmp_path):
 
 def test_gluon_kernel_compiles_for_sm90(tmp_path):
     """Without a GPU: every Gluon launch variant compiles for sm_90 with the installed triton, in both
-    modes (block-scaled, per-tensor) and with E5M2 operands, keeps its registers (no spills), uses the FP8
+    modes (block-scaled, per-tensor), with E5M2 operands and with its K blocks split over work items, keeps its registers (no spills), uses the FP8
     wgmma, and leaves one MMA in flight while a product is promoted (wait_group 1); ptxas does not
     serialize the wgmmas."""
     if not gluon_gemm.AVAILABLE:
@@ -54,9 +54,12 @@ def test_gluon_kernel_compiles_for_sm90(tmp_path):
     stdout = run_tool("gluon_gemm_sass.py", "--dump", str(tmp_path))
     variants = stdout.split("\n== ")[1:]
     labels = [v.splitlines()[0] for v in variants]
+    default = gluon_gemm.CONFIGS[0]
     expected = [f"{mode} fp8e4nv x fp8e4nv | {cfg!r}" for mode in ("block-scaled", "per-tensor")
-                for cfg in gluon_gemm.CONFIGS] + [f"block-scaled fp8e5 x fp8e4nv | {gluon_gemm.CONFIGS[0]!r}",
-                                                  f"per-row fp8e4nv x fp8e5 | {gluon_gemm.CONFIGS[0]!r}"]
+                for cfg in gluon_gemm.CONFIGS] + [f"block-scaled fp8e5 x fp8e4nv | {default!r}",
+                                                  f"per-row fp8e4nv x fp8e5 | {default!r}",
+                                                  f"block-scaled split fp8e4nv x fp8e4nv | {default!r}",
+                                                  f"per-row split fp8e4nv x fp8e4nv | {default!r}"]
     assert labels == expected, stdout[-3000:]
     for v in variants:
         assert "compile failed" not in v and "serialized" not in v, v

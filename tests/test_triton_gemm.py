@@ -506,6 +506,48 @@ def test_gpu_split_k(m, rng):
         assert torch.equal(triton_gemm.matmul(to_device(qa), to_device(qb), torch.float32, config=config), got)
 
 
+def test_gluon_split_where_tiles_leave_sms_idle(monkeypatch):
+    """KernelConfig.gemm_gluon_split: K splits of the Gluon kernel, enough for a work item an SM where its 128 x
+    128 tiles fill at most half of them, capped by gemm_max_split and by the pairs of K blocks; off: 1."""
+    monkeypatch.setattr(triton_gemm, "sm_count", lambda device: 132)
+    on = dataclasses.replace(DEFAULT, gemm_gluon_split=True)
+    cuda = torch.device("cuda")
+    assert triton_gemm._gluon_split(128, 8192, 8192, cuda, DEFAULT) == 1
+    assert triton_gemm._gluon_split(128, 8192, 8192, cuda, on) == 2  # 64 tiles
+    assert triton_gemm._gluon_split(100, 4096, 8192, cuda, on) == 4  # 32 tiles
+    assert triton_gemm._gluon_split(100, 128, 8192, cuda, on) == on.gemm_max_split
+    assert triton_gemm._gluon_split(100, 128, 300, cuda, on) == 2  # 3 K blocks: 2 pairs
+    assert triton_gemm._gluon_split(256, 8192, 8192, cuda, on) == 1  # 128 tiles
+    assert triton_gemm._gluon_split(4096, 4096, 4096, cuda, on) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k,split", [(128, 1024, 2048, 2), (128, 1024, 2048, 3), (100, 300, 1100, 3),
+                                         (65, 130, 257, 2), (200, 256, 128, 4), (256, 512, 4096, 8)])
+def test_gpu_gluon_split_k(m, n, k, split, rng, monkeypatch):
+    """The Gluon kernel with each tile's K blocks split over `split` work items (whole pairs, trailing items
+    possibly empty; fp32 partials added in order): block-scaled, the Triton kernel's split products bit for bit
+    (the same runs of K blocks: its pair-K decode config); row-scaled too, whose Triton runs are not whole pairs,
+    so against the reference only; the same bits every run."""
+    assert torch.cuda.get_device_capability()[0] == 9 and gluon_gemm.AVAILABLE, "needs an sm_90 GPU and Gluon"
+    triton_split = dataclasses.replace(NO_GLUON, gemm_decode_m=1 << 30)
+    gluon_split = dataclasses.replace(DEFAULT, gemm_decode_m=0, gemm_gluon_split=True)
+    monkeypatch.setattr(triton_gemm, "DECODE_CONFIGS",
+                        [c for c in triton_gemm.DECODE_CONFIGS if c.kwargs.get("PAIR_K")])
+    monkeypatch.setattr(triton_gemm, "_split_k", lambda *args: split if args[-1] is triton_split else 1)
+    monkeypatch.setattr(triton_gemm, "_gluon_split", lambda *args: split)
+    for spec_a, spec_b in [BLOCK_SCALED, FP8_PAIRS[3]] + BLOCK_SCALED_E5M2 + ROW_SCALED:
+        qa, qb = (to_device(q) for q in quantized_pair(m, n, k, spec_a, spec_b, rng))
+        what = f"{m}x{n}x{k} split {split} {spec_a.describe()} x {spec_b.describe()}"
+        assert triton_gemm._gluon_applies(qa, qb, qa.codes.device), what
+        for out_dtype in (torch.float32, torch.bfloat16):
+            ours = triton_gemm.matmul(qa, qb, out_dtype, config=gluon_split)
+            assert torch.equal(triton_gemm.matmul(qa, qb, out_dtype, config=gluon_split), ours), what
+            if triton_gemm._gluon_recipe(qa, qb) == "block-scaled":
+                assert torch.equal(triton_gemm.matmul(qa, qb, out_dtype, config=triton_split), ours), what
+            assert relative_error(ours, reference.matmul(qa, qb, out_dtype)) <= tolerance(qa.spec, out_dtype), what
+
+
 # ---- GPU: compiled kernels on larger shapes ----------------------------------------------------
 
 GPU_SHAPES = [(512, 768, 1024), (257, 383, 1100), (1024, 1536, 2048)]
