@@ -43,6 +43,7 @@ INT8_ROW = QuantSpec("int8_sym", "channel", axis=0)
 NO_GLUON = dataclasses.replace(DEFAULT, use_gluon=False)  # the Triton kernel where Gluon would apply
 SPLIT_K = dataclasses.replace(DEFAULT, gemm_decode_m=1 << 30)  # decode shapes with their K split over programs
 GLUON_SPLIT = dataclasses.replace(DEFAULT, gemm_decode_m=0, gemm_gluon_split=True)  # the Gluon kernel's split K
+INT8_SPLIT = dataclasses.replace(SPLIT_K, gemm_split_int8=True)  # INT8 decode shapes split too
 
 
 def bench(fn) -> tuple:
@@ -186,14 +187,15 @@ def run_size(s: int, results: dict) -> None:
 def run_decode(ms, nk: int, results: dict) -> None:
     """Decode shapes: A (M, nk) for each M of `ms` against one weight B (nk, nk); the block-scaled FP8 GEMM (as
     shipped, with its K split over programs by the Triton kernel (KernelConfig.gemm_decode_m) and by the Gluon
-    kernel (gemm_gluon_split, where its tiles leave half the SMs idle)) against cuBLAS blockwise and bf16
-    (graph-replayed times; TFLOPS and the ratios to cuBLAS blockwise)."""
+    kernel (gemm_gluon_split, where its tiles leave half the SMs idle)) against cuBLAS blockwise and bf16; INT8
+    per row, unsplit and split (gemm_split_int8), against torch._int_mm (int32 out, no scaling) (graph-replayed
+    times; TFLOPS and the ratios to cuBLAS)."""
     gen = torch.Generator(device="cuda").manual_seed(nk)
     w = torch.randn(nk, nk, device="cuda", dtype=torch.bfloat16, generator=gen)
-    qb = quantize(w, BLOCK_B)
+    qb, ib = quantize(w, BLOCK_B), quantize(w, INT8_ROW)
     for m in ms:
         x = torch.randn(m, nk, device="cuda", dtype=torch.bfloat16, generator=gen)
-        qa = quantize(x, BLOCK_A)
+        qa, ia = quantize(x, BLOCK_A), quantize(x, INT8_ROW)
         row = {}
         for name, make in [("triton fp8 block-scaled", lambda: lambda: triton_gemm.matmul(qa, qb, torch.bfloat16)),
                            ("triton fp8 block-scaled, split K", lambda: lambda: triton_gemm.matmul(
@@ -201,7 +203,11 @@ def run_decode(ms, nk: int, results: dict) -> None:
                            ("gluon fp8 block-scaled, split K", lambda: lambda: triton_gemm.matmul(
                                qa, qb, torch.bfloat16, config=GLUON_SPLIT)),
                            ("cublas fp8 blockwise", lambda: cublas_blockwise(qa, qb)[0]),
-                           ("cublas bf16", lambda: lambda: torch.matmul(x, w.t()))]:
+                           ("cublas bf16", lambda: lambda: torch.matmul(x, w.t())),
+                           ("triton int8 per-row", lambda: lambda: triton_gemm.matmul(ia, ib, torch.bfloat16)),
+                           ("triton int8 per-row, split K", lambda: lambda: triton_gemm.matmul(
+                               ia, ib, torch.bfloat16, config=INT8_SPLIT)),
+                           ("cublas int8 (_int_mm, int32 out)", lambda: lambda: torch._int_mm(ia.codes, ib.codes.t()))]:
             try:
                 _, graph = bench(make())
                 row[name] = 2.0 * m * nk * nk / graph / 1e9
@@ -212,6 +218,9 @@ def run_decode(ms, nk: int, results: dict) -> None:
             row["triton / cublas blockwise"] = row["triton fp8 block-scaled"] / row["cublas fp8 blockwise"]
         if row["triton fp8 block-scaled, split K"] and row["cublas fp8 blockwise"]:
             row["split K / cublas blockwise"] = row["triton fp8 block-scaled, split K"] / row["cublas fp8 blockwise"]
+        if row["triton int8 per-row, split K"] and row["cublas int8 (_int_mm, int32 out)"]:
+            row["int8 split K / cublas int8"] = (row["triton int8 per-row, split K"]
+                                                 / row["cublas int8 (_int_mm, int32 out)"])
         if row["gluon fp8 block-scaled, split K"] and row["cublas fp8 blockwise"]:
             row["gluon split K / cublas blockwise"] = (row["gluon fp8 block-scaled, split K"]
                                                        / row["cublas fp8 blockwise"])

@@ -146,6 +146,9 @@ class KernelConfig:
     # (at most gemm_max_split, whole pairs), the partials added in order (gluon_gemm, SPLIT). Off until timed on a
     # GPU (at M = 128, N = K = 8192 the Gluon kernel's 64 tiles ran 0.81 x cuBLAS blockwise: half the SMs idle).
     gemm_gluon_split: bool = False
+    # INT8 GEMMs of at most gemm_decode_m rows split K as FP8 ones do, their int32 partials added exactly before the
+    # scales (the unsplit product's bits). Off until timed on a GPU.
+    gemm_split_int8: bool = False
 
 
 DEFAULT = KernelConfig()

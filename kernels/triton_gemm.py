@@ -25,7 +25,8 @@
 The Triton kernels are persistent (one or two programs per SM, each walking an L2-friendly tile order) and
 read the codes through TMA tensor descriptors, whose zero fill beyond the edges handles ragged M, N, K.
 FP8 GEMMs of few rows (KernelConfig.gemm_decode_m) split each tile's K blocks over programs
-(SPLIT_K), their fp32 partials added in a fixed order (launch.sum_splits); with gemm_gluon_split the Gluon
+(SPLIT_K), their fp32 partials added in a fixed order (launch.sum_splits), INT8 ones with gemm_split_int8 too
+(int32 partials, exact: the unsplit product's bits); with gemm_gluon_split the Gluon
 kernel splits its K blocks so too where its tiles would leave half the SMs idle (_gluon_split).
 Scales are read through plain pointers with any strides (row- or column-major).
 """
@@ -107,11 +108,12 @@ def _scaled_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr, w
     FP8_PROMOTE_K: K elements the FP8 MMA may sum in its reduced precision before the partial
     goes to fp32 (None: the whole BLOCK_K).
 
-    SPLIT_K > 1 (FP8 only): each output tile's K blocks are shared out in SPLIT_K runs of whole pairs, one work
-    item each; an item writes its scaled fp32 partial into plane `split` of ws_ptr ((SPLIT_K, M, N),
-    contiguous), which launch.sum_splits adds up in order into C.
+    SPLIT_K > 1: each output tile's K blocks are shared out in SPLIT_K runs (of whole pairs with PAIR_K), one
+    work item each; an item writes its partial into plane `split` of ws_ptr ((SPLIT_K, M, N), contiguous): FP8
+    its scaled fp32 sum, which launch.sum_splits adds up in order into C; INT8 its int32 sum (zero points'
+    terms of its K range included, K * za * zb by split 0), which _sum_int_splits_kernel adds up exactly and
+    then scales as this kernel does: C has the bits of the unsplit product.
     """
-    tl.static_assert(SPLIT_K == 1 or not IS_INT, "int8 sums are not split")
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -174,14 +176,39 @@ def _scaled_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr, w
             if HAS_ZP:
                 za = tl.load(_scale_ptrs(za_ptr, off_m, M, stride_za, A_ROWS, BLOCK_M, 0)).to(tl.int32)
                 zb = tl.load(_scale_ptrs(zb_ptr, off_n, N, stride_zb, B_ROWS, BLOCK_N, 1)).to(tl.int32)
-                acc = acc - za * sum_b - zb * sum_a + K * za * zb
-            acc = acc.to(tl.float32)
-        if not SCALE_PER_K:
-            acc = acc * (sa * sb)
-        if SPLIT_K == 1:
-            _store_tile(c_ptr, acc, off_m, off_n, M, N, stride_cm, stride_cn, BLOCK_M, BLOCK_N)
-        else:
+                acc = acc - za * sum_b - zb * sum_a
+                if SPLIT_K == 1:
+                    acc = acc + K * za * zb
+                else:  # by split 0 only: int32 sums wrap alike in any order, so the partials add up to these bits
+                    acc = acc + tl.where(split == 0, K, 0) * za * zb
+        if IS_INT and SPLIT_K > 1:  # int32 partials, scaled after their exact sum
             _store_tile(ws_ptr + split.to(tl.int64) * M * N, acc, off_m, off_n, M, N, N, 1, BLOCK_M, BLOCK_N)
+        else:
+            if IS_INT:
+                acc = acc.to(tl.float32)
+            if not SCALE_PER_K:
+                acc = acc * (sa * sb)
+            if SPLIT_K == 1:
+                _store_tile(c_ptr, acc, off_m, off_n, M, N, stride_cm, stride_cn, BLOCK_M, BLOCK_N)
+            else:
+                _store_tile(ws_ptr + split.to(tl.int64) * M * N, acc, off_m, off_n, M, N, N, 1, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _sum_int_splits_kernel(ws_ptr, c_ptr, sa_ptr, sb_ptr, M, N, stride_cm, stride_cn, stride_sam, stride_sbn,
+                           SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    """C = float(the sum of the SPLITS int32 planes (M, N) of ws_ptr) * (sa[row] * sb[column]) (stride 0: one
+    scale), as _scaled_gemm_kernel scales an INT8 product."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.load(ws_ptr + offs, mask=mask, other=0)
+    for s in tl.static_range(1, SPLITS):
+        acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0)
+    row, col = offs // N, offs % N
+    scale = tl.load(sa_ptr + row * stride_sam, mask=mask, other=1.0) * tl.load(sb_ptr + col * stride_sbn, mask=mask,
+                                                                              other=1.0)
+    tl.store(c_ptr + row * stride_cm + col * stride_cn, (acc.to(tl.float32) * scale).to(c_ptr.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
@@ -380,10 +407,10 @@ def _grid(M: int, N: int, num_sms: int, split: int = 1):
 
 
 def _split_k(M: int, N: int, K: int, is_int: bool, device, config: KernelConfig) -> int:
-    """K splits of an FP8 GEMM of at most config.gemm_decode_m rows (decode shapes, whose few output tiles would
-    leave most SMs idle): enough for a work item a program, at most config.gemm_max_split and a K block a split.
-    1: no split (INT8, more rows, or tiles enough)."""
-    if is_int or M > config.gemm_decode_m:
+    """K splits of an FP8 GEMM (INT8 too with config.gemm_split_int8) of at most config.gemm_decode_m rows (decode
+    shapes, whose few output tiles would leave most SMs idle): enough for a work item a program, at most
+    config.gemm_max_split and a K block a split. 1: no split (more rows, or tiles enough)."""
+    if (is_int and not config.gemm_split_int8) or M > config.gemm_decode_m:
         return 1
     first = _launched(DECODE_CONFIGS)[0].kwargs
     tiles = triton.cdiv(M, first["BLOCK_M"]) * triton.cdiv(N, first["BLOCK_N"])
@@ -496,13 +523,17 @@ def _scaled_matmul(a: QuantizedTensor, b: QuantizedTensor, c: torch.Tensor, conf
     zb, stride_zb = _zero_points(b, has_zp)
     num_sms = _num_programs(c.device, config)
     configs = DECODE_CONFIGS if split > 1 else config.scaled_gemm_configs or SCALED_CONFIGS
-    ws = torch.empty((split, M, N), dtype=torch.float32, device=c.device) if split > 1 else c
+    ws = torch.empty((split, M, N), dtype=torch.int32 if is_int else torch.float32, device=c.device) if split > 1 else c
     _tuned(_scaled_gemm_kernel, configs)[_grid(M, N, num_sms, split)](
         _descriptor(a.codes, K), _descriptor(b.codes, K), c, sa, sb, za, zb, ws,
         M, N, K, c.stride(0), c.stride(1), sam, sak, sbn, sbk, stride_za, stride_zb,
         ga or K_BLOCK, gb or K_BLOCK, A_ROWS=a_rows, B_ROWS=b_rows,
         SCALE_PER_K=per_k, IS_INT=is_int, HAS_ZP=has_zp, NUM_SMS=num_sms, SPLIT_K=split)
-    if split > 1:
+    if split > 1 and is_int:
+        block = 1024
+        _sum_int_splits_kernel[(triton.cdiv(M * N, block),)](ws, c, sa, sb, M, N, c.stride(0), c.stride(1), sam, sbn,
+                                                             SPLITS=split, BLOCK=block)
+    elif split > 1:
         sum_splits(ws, c)
     return c
 

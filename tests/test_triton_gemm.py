@@ -482,7 +482,7 @@ def test_split_k(m, n, k, kernel_config, rng, monkeypatch):
     monkeypatch.setattr(triton_gemm, "_num_programs", lambda device, config: 8)
     config = split_config(64)
     assert triton_gemm._split_k(m, n, k, False, torch.device("cpu"), config) > 1
-    assert triton_gemm._split_k(m, n, k, True, torch.device("cpu"), config) == 1  # INT8 sums are not split
+    assert triton_gemm._split_k(m, n, k, True, torch.device("cpu"), config) == 1  # INT8: gemm_split_int8
     assert triton_gemm._split_k(m, n, k, False, torch.device("cpu"), split_config(0)) == 1
     for spec_a, spec_b in SPLIT_PAIRS:
         qa, qb = quantized_pair(m, n, k, spec_a, spec_b, rng)
@@ -492,6 +492,38 @@ def test_split_k(m, n, k, kernel_config, rng, monkeypatch):
         assert torch.equal(triton_gemm.matmul(to_device(qa), to_device(qb), torch.float32, config=config), got)
         whole = triton_gemm.matmul(to_device(qa), to_device(qb), torch.float32, config=split_config(0))
         assert relative_error(got, whole.double()) <= FP32_TOL
+
+
+@pytest.mark.parametrize("kernel_config", ALL_CONFIGS["INTERPRETER_CONFIG"], ids=config_id)
+@pytest.mark.parametrize("m,n,k", [(5, 32, 640), (33, 40, 1000), (1, 20, 300)])
+def test_int8_split_k_is_exact(m, n, k, kernel_config, rng, monkeypatch):
+    """KernelConfig.gemm_split_int8: INT8 GEMMs of few rows split K too, their int32 partials (zero points' terms
+    included) added exactly before the scales: the unsplit product's bits, which are the reference's."""
+    if DEVICE == "cuda":
+        pytest.skip("the interpreter's programs; test_gpu_int8_split_k runs the compiled kernel")
+    monkeypatch.setattr(triton_gemm, "INTERPRETER_CONFIG", [kernel_config])
+    monkeypatch.setattr(triton_gemm, "_num_programs", lambda device, config: 8)
+    config = dataclasses.replace(split_config(64), gemm_split_int8=True)
+    assert triton_gemm._split_k(m, n, k, True, torch.device("cpu"), config) > 1
+    for spec_a, spec_b in [(INT8_SPECS[1], INT8_SPECS[1]), (INT8_SPECS[3], INT8_SPECS[1]),
+                           (INT8_SPECS[2], INT8_SPECS[3]), (INT8_SPECS[0], INT8_SPECS[2])]:
+        qa, qb = (to_device(q) for q in quantized_pair(m, n, k, spec_a, spec_b, rng))
+        for out_dtype in (torch.float32, torch.bfloat16):
+            got = triton_gemm.matmul(qa, qb, out_dtype, config=config)
+            assert torch.equal(got, triton_gemm.matmul(qa, qb, out_dtype, config=split_config(0)))
+            assert torch.equal(got.cpu(), reference.matmul(qa, qb, out_dtype).cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 8, 64])
+def test_gpu_int8_split_k(m, rng):
+    config = dataclasses.replace(split_config(256), gemm_split_int8=True)
+    for spec_a, spec_b in [(INT8_SPECS[1], INT8_SPECS[1]), (INT8_SPECS[3], INT8_SPECS[1])]:
+        qa, qb = (to_device(q) for q in quantized_pair(m, 4096, 4096, spec_a, spec_b, rng))
+        assert triton_gemm._split_k(m, 4096, 4096, True, qa.codes.device, config) > 1
+        got = triton_gemm.matmul(qa, qb, torch.float32, config=config)
+        assert torch.equal(got, triton_gemm.matmul(qa, qb, torch.float32, config=split_config(0)))
+        assert torch.equal(got.cpu(), reference.matmul(qa, qb, torch.float32).cpu())
 
 
 @pytest.mark.gpu
