@@ -52,21 +52,30 @@ def tma_rows(codes: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @triton.jit
-def _sum_splits_kernel(ws_ptr, c_ptr, M, N, stride_cm, stride_cn, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
-    """C = the sum of the SPLITS fp32 planes (M, N) of ws_ptr, added in plane order (the same bits every run)."""
+def _sum_splits_kernel(ws_ptr, c_ptr, sa_ptr, sb_ptr, M, N, stride_cm, stride_cn, stride_sam, stride_sbn,
+                       SPLITS: tl.constexpr, BLOCK: tl.constexpr, SCALED: tl.constexpr):
+    """C = the sum of the SPLITS planes (M, N) of ws_ptr, added in plane order (the same bits every run); SCALED:
+    of int32 planes, then float(sum) * (sa[row] * sb[column]) (stride 0: one scale)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
-    acc = tl.load(ws_ptr + offs, mask=mask, other=0.0)
+    acc = tl.load(ws_ptr + offs, mask=mask, other=0)
     for s in tl.static_range(1, SPLITS):
-        acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0)
-    tl.store(c_ptr + (offs // N) * stride_cm + (offs % N) * stride_cn, acc.to(c_ptr.dtype.element_ty), mask=mask)
+        acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0)
+    row, col = offs // N, offs % N
+    if SCALED:
+        scale = tl.load(sa_ptr + row * stride_sam, mask=mask, other=1.0) * tl.load(sb_ptr + col * stride_sbn,
+                                                                                  mask=mask, other=1.0)
+        acc = acc.to(tl.float32) * scale
+    tl.store(c_ptr + row * stride_cm + col * stride_cn, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-def sum_splits(ws: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """C (M, N, any strides) = the planes of a split-K GEMM's fp32 partials ws (splits, M, N; contiguous) added in
-    order, rounded once to C's dtype (triton_gemm and gluon_gemm)."""
+def sum_splits(ws: torch.Tensor, c: torch.Tensor, scales: tuple | None = None) -> torch.Tensor:
+    """C (M, N, any strides) = the planes of a split-K GEMM's partials ws (splits, M, N; contiguous) added in order,
+    rounded once to C's dtype (triton_gemm and gluon_gemm). scales (sa, stride between rows, sb, stride between
+    columns; stride 0: one scale): int32 planes, whose exact sum is scaled as triton_gemm scales an INT8 product."""
     splits, M, N = ws.shape
+    sa, stride_sam, sb, stride_sbn = scales or (ws, 0, ws, 0)  # unread without scales
     block = 1024
-    _sum_splits_kernel[(triton.cdiv(M * N, block),)](ws, c, M, N, c.stride(0), c.stride(1), SPLITS=splits,
-                                                     BLOCK=block)
+    _sum_splits_kernel[(triton.cdiv(M * N, block),)](ws, c, sa, sb, M, N, c.stride(0), c.stride(1), stride_sam,
+                                                     stride_sbn, SPLITS=splits, BLOCK=block, SCALED=scales is not None)
     return c

@@ -111,8 +111,8 @@ def _scaled_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr, w
     SPLIT_K > 1: each output tile's K blocks are shared out in SPLIT_K runs (of whole pairs with PAIR_K), one
     work item each; an item writes its partial into plane `split` of ws_ptr ((SPLIT_K, M, N), contiguous): FP8
     its scaled fp32 sum, which launch.sum_splits adds up in order into C; INT8 its int32 sum (zero points'
-    terms of its K range included, K * za * zb by split 0), which _sum_int_splits_kernel adds up exactly and
-    then scales as this kernel does: C has the bits of the unsplit product.
+    terms of its K range included, K * za * zb by split 0), which launch.sum_splits adds up exactly and then
+    scales as this kernel does: C has the bits of the unsplit product.
     """
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -192,23 +192,6 @@ def _scaled_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr, w
                 _store_tile(c_ptr, acc, off_m, off_n, M, N, stride_cm, stride_cn, BLOCK_M, BLOCK_N)
             else:
                 _store_tile(ws_ptr + split.to(tl.int64) * M * N, acc, off_m, off_n, M, N, N, 1, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
-def _sum_int_splits_kernel(ws_ptr, c_ptr, sa_ptr, sb_ptr, M, N, stride_cm, stride_cn, stride_sam, stride_sbn,
-                           SPLITS: tl.constexpr, BLOCK: tl.constexpr):
-    """C = float(the sum of the SPLITS int32 planes (M, N) of ws_ptr) * (sa[row] * sb[column]) (stride 0: one
-    scale), as _scaled_gemm_kernel scales an INT8 product."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < M * N
-    acc = tl.load(ws_ptr + offs, mask=mask, other=0)
-    for s in tl.static_range(1, SPLITS):
-        acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0)
-    row, col = offs // N, offs % N
-    scale = tl.load(sa_ptr + row * stride_sam, mask=mask, other=1.0) * tl.load(sb_ptr + col * stride_sbn, mask=mask,
-                                                                              other=1.0)
-    tl.store(c_ptr + row * stride_cm + col * stride_cn, (acc.to(tl.float32) * scale).to(c_ptr.dtype.element_ty),
-             mask=mask)
 
 
 @triton.jit
@@ -529,12 +512,8 @@ def _scaled_matmul(a: QuantizedTensor, b: QuantizedTensor, c: torch.Tensor, conf
         M, N, K, c.stride(0), c.stride(1), sam, sak, sbn, sbk, stride_za, stride_zb,
         ga or K_BLOCK, gb or K_BLOCK, A_ROWS=a_rows, B_ROWS=b_rows,
         SCALE_PER_K=per_k, IS_INT=is_int, HAS_ZP=has_zp, NUM_SMS=num_sms, SPLIT_K=split)
-    if split > 1 and is_int:
-        block = 1024
-        _sum_int_splits_kernel[(triton.cdiv(M * N, block),)](ws, c, sa, sb, M, N, c.stride(0), c.stride(1), sam, sbn,
-                                                             SPLITS=split, BLOCK=block)
-    elif split > 1:
-        sum_splits(ws, c)
+    if split > 1:
+        sum_splits(ws, c, (sa, sam, sb, sbn) if is_int else None)
     return c
 
 
