@@ -53,11 +53,13 @@ def act_quant(x, y, s):
 
 
 @triton.jit
-def _traffic_kernel(x_ptr, y_ptr, n_words, BLOCK: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr):
+def _traffic_kernel(x_ptr, y_ptr, n_words, BLOCK: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr,
+                    EVICT: tl.constexpr):
     """Reads BLOCK int32 words of x a program and writes BLOCK * OUT / IN words of y (IN words folded into one by
-    xor, or one word spread over OUT): the traffic of a quantizer or dequantizer without its arithmetic."""
+    xor, or one word spread over OUT): the traffic of a quantizer or dequantizer without its arithmetic. EVICT:
+    the loads' L2 eviction policy ("" or "evict_first")."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    w = tl.load(x_ptr + offs, mask=offs < n_words, other=0)
+    w = tl.load(x_ptr + offs, mask=offs < n_words, other=0, eviction_policy=EVICT)
     if IN > 1:
         out = tl.xor_sum(tl.reshape(w, (BLOCK // IN, IN)), axis=1)
         o = tl.program_id(0) * (BLOCK // IN) + tl.arange(0, BLOCK // IN)
@@ -77,8 +79,9 @@ def traffic_bound(n_in: int, ratio: float) -> tuple:
     fold, spread = (round(1 / ratio), 1) if ratio < 1 else (1, round(ratio))
     y = torch.empty(words * spread // fold, device="cuda", dtype=torch.int32)
     best = min(bench(lambda: _traffic_kernel[(triton.cdiv(words, block), )](x, y, words, BLOCK=block, IN=fold,
-                                                                              OUT=spread, num_warps=warps))
-               for block, warps in ((1024, 4), (2048, 4), (4096, 8), (8192, 8)))
+                                                                              OUT=spread, EVICT=evict, num_warps=warps))
+               for block, warps in ((1024, 4), (2048, 4), (4096, 8), (8192, 8), (16384, 16))
+               for evict in ("", "evict_first"))
     return best, n_in + y.numel() * 4
 
 
