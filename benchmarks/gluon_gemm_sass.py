@@ -53,14 +53,15 @@ def compile_variant(gg, cfg, out: str = "bf16", mode: str = "block-scaled", a_dt
 
     fn = gg._fp8_gemm_kernel
 
-    def desc(dtype):
-        layout = gl.NVMMASharedLayout.get_default_for([128, gg.K_BLOCK], getattr(gl, GL_DTYPES[dtype]))
-        return f"tensordesc<{dtype}[128, {gg.K_BLOCK}],{layout!r}>"
+    def desc(dtype, rows):
+        layout = gl.NVMMASharedLayout.get_default_for([rows, gg.K_BLOCK], getattr(gl, GL_DTYPES[dtype]))
+        return f"tensordesc<{dtype}[{rows}, {gg.K_BLOCK}],{layout!r}>"
 
     split = mode.endswith(" split")
     mode = mode.removesuffix(" split")
     constexprs = dict(STAGES=cfg.stages, GROUP_M=cfg.group_m, CHAIN=cfg.chain, CONSUMER_REGS=cfg.consumer_regs,
                       PRODUCER_REGS=cfg.producer_regs, SCALE_PER_K=mode == "block-scaled", SPLIT=2 if split else 1,
+                      WGS=cfg.warpgroups,
                       stride_cn=1)
     aligned = {"c_ptr", "sa_ptr", "sb_ptr", "ws_ptr", "stride_cm", "M", "N", "K"}  # as M = N = K = 4096
     if mode == "block-scaled":  # row-major (M, K/128) and (N/128, K/128) scales
@@ -71,7 +72,9 @@ def compile_variant(gg, cfg, out: str = "bf16", mode: str = "block-scaled", a_dt
     else:  # per-row: (M,) and (N,) contiguous, K strides 0
         constexprs.update(stride_sam=1, stride_sbn=1)
         aligned |= {"stride_sak", "stride_sbk"}
-    types = dict(a_desc=desc(a_dtype), b_desc=desc(b_dtype), c_ptr=f"*{out}", sa_ptr="*fp32", sb_ptr="*fp32",
+    types = dict(a_desc=desc(a_dtype, gg.TILE if cfg.warpgroups == 2 else 64), b_desc=desc(b_dtype, gg.TILE),
+                 c_ptr=f"*{out}",
+                 sa_ptr="*fp32", sb_ptr="*fp32",
                  ws_ptr="*fp32")
     names = fn.arg_names
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}

@@ -74,28 +74,34 @@ CODE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # A and B each, in any p
 
 
 class GluonConfig:
-    """A launch variant: ring depth, K blocks per MMA chain, tile walk, register split between partitions.
+    """A launch variant: consumer warpgroups, ring depth, K blocks per MMA chain, tile walk, register split
+    between partitions.
 
-    The tile is fixed at 128 x 128 x 128: two consumer warpgroups of 64 rows, each holding three
-    64 x 128 fp32 register tiles (accumulator and two MMA products, 192 registers a thread).
-    chain: K blocks per software-pipelined chain (even); only the last block of a chain is scaled
-    with no MMA queued behind it. maxnreg caps the whole program (12 warps: 4 + 4 + 1 padded to a
-    warpgroup, 65536 / 384 -> 168); consumer_regs and producer_regs are the setmaxnreg targets of the
-    worker partitions, and the default (consumer) partition gets what is left.
+    Tiles of 64 * warpgroups x 128 x 128, one consumer warpgroup per 64 rows. Two warpgroups (128-row tiles):
+    each holds three 64 x 128 fp32 register tiles (accumulator and two MMA products, 192 registers a thread),
+    K blocks in software-pipelined chains of `chain` (even; only the last block of a chain is scaled with no
+    MMA queued behind it). Three (192-row tiles, a sixth less traffic per FLOP from L2 into shared memory):
+    each holds the accumulator and one product tile, waits for each block's MMA and scales it while the
+    other warpgroups' MMAs run (`chain` unused). maxnreg caps the whole program (two: 12 warps, 4 + 4 + 1
+    padded to a warpgroup, 65536 / 384 -> 168; three: 16 warps -> 128); consumer_regs and producer_regs are
+    the setmaxnreg targets of the worker partitions, and the default (consumer) partition gets what is left.
     """
 
-    def __init__(self, stages=4, chain=4, group_m=8, maxnreg=168, consumer_regs=240, producer_regs=24):
-        self.stages, self.chain, self.group_m = stages, chain, group_m
+    def __init__(self, stages=4, chain=4, group_m=8, maxnreg=168, consumer_regs=240, producer_regs=24,
+                 warpgroups=2):
+        self.stages, self.chain, self.group_m, self.warpgroups = stages, chain, group_m, warpgroups
         self.maxnreg, self.consumer_regs, self.producer_regs = maxnreg, consumer_regs, producer_regs
 
     def __repr__(self):
-        return (f"gluon 128x128x128 stages{self.stages} chain{self.chain} group{self.group_m} "
+        return (f"gluon {64 * self.warpgroups}x128x128 stages{self.stages} chain{self.chain} group{self.group_m} "
                 f"regs{self.consumer_regs}/{self.producer_regs}")
 
 
 # The first is the default. On an H100 (BENCHMARKS.md): chains of 8 with 4 stages 1009 / 1000 TFLOPS
 # at 4096^3 / 8192^3, chains of 4 999 / 992, chains of 2 984 / 957, 3 stages 888 / 899.
-CONFIGS = [GluonConfig(4, 8), GluonConfig(4, 4), GluonConfig(4, 2), GluonConfig(3, 4)]
+# The three-warpgroup variant is not yet timed on a GPU.
+CONFIGS = [GluonConfig(4, 8), GluonConfig(4, 4), GluonConfig(4, 2), GluonConfig(3, 4),
+           GluonConfig(4, 2, maxnreg=128, consumer_regs=160, warpgroups=3)]
 
 
 if AVAILABLE:
@@ -121,8 +127,9 @@ if AVAILABLE:
     @gluon.jit
     def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                  GROUP_M: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr):
-        """TMA loads of every K block of this program's work items into the slot ring (one warp)."""
+                  GROUP_M: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr, PIECES: gl.constexpr):
+        """TMA loads of every K block of this program's work items into the slot ring (one warp); A's block in
+        PIECES pieces of a_desc's rows (slots s * PIECES .. s * PIECES + PIECES - 1 of a_bufs)."""
         items = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N) * SPLIT
         nbytes: gl.constexpr = (BLOCK_M + BLOCK_N) * BLOCK_K  # one byte a code
         c = 0
@@ -135,19 +142,25 @@ if AVAILABLE:
                 mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
                 mbarrier.expect(ready.index(s), nbytes)
                 # Past K (the padding block) TMA writes zeros and still counts the whole box.
-                _tma_load(a_desc, [off_m, kb * BLOCK_K], ready.index(s), a_bufs.index(s))
+                for j in gl.static_range(PIECES):
+                    _tma_load(a_desc, [off_m + j * (BLOCK_M // PIECES), kb * BLOCK_K], ready.index(s),
+                              a_bufs.index(s * PIECES + j))
                 _tma_load(b_desc, [off_n, kb * BLOCK_K], ready.index(s), b_bufs.index(s))
                 c += 1
 
     @gluon.jit
     def _issue(a_bufs, b_bufs, ready, c, free, sa_ptrs, sb_ptr, kb, k_groups, stride_sak, stride_sbk,
-               WG: gl.constexpr, HALF_M: gl.constexpr, STAGES: gl.constexpr, SCALE_PER_K: gl.constexpr):
+               WG: gl.constexpr, HALF_M: gl.constexpr, STAGES: gl.constexpr, SCALE_PER_K: gl.constexpr,
+               PIECES: gl.constexpr):
         """Start the MMA of slot c's block into the register tile `free` (its old value unused) and load
         that block's scales; returns (MMA in flight, A's scales (HALF_M,), B's scale). Without
         SCALE_PER_K nothing is loaded: the scales come back as given (sa_ptrs, sb_ptr), unused."""
         s = c % STAGES
         mbarrier.wait(ready.index(s), (c // STAGES) & 1)
-        a = a_bufs.index(s).slice(WG * HALF_M, HALF_M, dim=0)
+        if PIECES == 1:  # the slot's whole A block: this warpgroup's rows of it
+            a = a_bufs.index(s).slice(WG * HALF_M, HALF_M, dim=0)
+        else:  # a piece a warpgroup
+            a = a_bufs.index(s * PIECES + WG)
         tok = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), free, use_acc=False, is_async=True)
         if SCALE_PER_K:
             kq = gl.minimum(kb, k_groups - 1)  # the padding block (all zeros) reads the last group's scales
@@ -178,7 +191,7 @@ if AVAILABLE:
     @gluon.jit
     def _chain(a_bufs, b_bufs, ready, empty, x, y, acc, c, kb, sa_ptrs, sb_tile, k_groups, stride_sak, stride_sbk,
                WG: gl.constexpr, HALF_M: gl.constexpr, STAGES: gl.constexpr, BLOCKS: gl.constexpr,
-               SCALE_PER_K: gl.constexpr):
+               SCALE_PER_K: gl.constexpr, PIECES: gl.constexpr):
         """BLOCKS (even) consecutive K blocks from slot c / K block kb, alternating between the product
         tiles x and y: each block's MMA is issued before the previous block's product is waited for
         and scaled, so the tensor cores always have one queued, except while the last is scaled.
@@ -187,39 +200,51 @@ if AVAILABLE:
         one issued before a loop back-edge is read by the CUDA cores after it.
         """
         tx, sax, sbx = _issue(a_bufs, b_bufs, ready, c, x, sa_ptrs, sb_tile, kb, k_groups, stride_sak, stride_sbk,
-                              WG, HALF_M, STAGES, SCALE_PER_K)
+                              WG, HALF_M, STAGES, SCALE_PER_K, PIECES)
         for j in gl.static_range(0, BLOCKS, 2):
             ty, say, sby = _issue(a_bufs, b_bufs, ready, c + j + 1, y, sa_ptrs, sb_tile, kb + j + 1, k_groups,
-                                  stride_sak, stride_sbk, WG, HALF_M, STAGES, SCALE_PER_K)
+                                  stride_sak, stride_sbk, WG, HALF_M, STAGES, SCALE_PER_K, PIECES)
             acc, x = _retire(tx, acc, sax, sbx, empty, c + j, 1, STAGES, SCALE_PER_K)
             if j + 2 < BLOCKS:
                 tx, sax, sbx = _issue(a_bufs, b_bufs, ready, c + j + 2, x, sa_ptrs, sb_tile, kb + j + 2, k_groups,
-                                      stride_sak, stride_sbk, WG, HALF_M, STAGES, SCALE_PER_K)
+                                      stride_sak, stride_sbk, WG, HALF_M, STAGES, SCALE_PER_K, PIECES)
                 acc, y = _retire(ty, acc, say, sby, empty, c + j + 1, 1, STAGES, SCALE_PER_K)
             else:
                 acc, y = _retire(ty, acc, say, sby, empty, c + j + 1, 0, STAGES, SCALE_PER_K)
         return acc, x, y
 
     @gluon.jit
+    def _single(a_bufs, b_bufs, ready, empty, p, acc, c, kb, sa_ptrs, sb_tile, k_groups, stride_sak, stride_sbk,
+                WG: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr, SCALE_PER_K: gl.constexpr,
+                PIECES: gl.constexpr):
+        """One K block into the only product tile p: its MMA, waited for, then scaled into the accumulator (the
+        other warpgroups' MMAs keep the tensor cores busy meanwhile); returns (accumulator, p)."""
+        tok, sa, sb = _issue(a_bufs, b_bufs, ready, c, p, sa_ptrs, sb_tile, kb, k_groups, stride_sak, stride_sbk,
+                             WG, ROWS, STAGES, SCALE_PER_K, PIECES)
+        return _retire(tok, acc, sa, sb, empty, c, 0, STAGES, SCALE_PER_K)
+
+    @gluon.jit
     def _consumer(a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, ws_ptr, M, N, K,
                   stride_cm, stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk,
                   WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                   GROUP_M: gl.constexpr, STAGES: gl.constexpr, CHAIN: gl.constexpr, SCALE_PER_K: gl.constexpr,
-                  SPLIT: gl.constexpr):
+                  SPLIT: gl.constexpr, PIECES: gl.constexpr):
         """One warpgroup: rows WG*64 .. WG*64+63 of every work item's tile, its K blocks in chains of CHAIN
         (the last pairs in chains of 2), then a masked store of its 64 x 128 piece of C (SPLIT > 1: of the
         item's fp32 partial, into plane `split` of ws_ptr, (SPLIT, M, N) contiguous).
 
         Without SCALE_PER_K the scales are one per row of A and one per row of B (stride 0: one for
         all): read once an item, before its K loop, and applied after it as acc * (sa * sb)."""
-        HALF_M: gl.constexpr = BLOCK_M // 2
+        HALF_M: gl.constexpr = 64  # rows of a warpgroup
+        DOUBLE: gl.constexpr = BLOCK_M == 128  # two product tiles (chains), else one
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_N, 32])
         col_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])  # B's per-row scales (not SCALE_PER_K)
         items = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N) * SPLIT
         k_groups = gl.cdiv(K, BLOCK_K)
-        x = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma)  # the two MMA product tiles
-        y = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma)
+        x = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma)  # the MMA product tiles
+        if DOUBLE:
+            y = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma)
         c = 0  # slot counter, in step with the producer's
         for item in range(gl.program_id(0), items, gl.num_programs(0)):
             off_m, off_n, kb, k_end, split = _work_item(item, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT)
@@ -236,16 +261,23 @@ if AVAILABLE:
                 sb = gl.load(sb_ptr + gl.minimum(cols, N - 1) * stride_sbn)
                 sb_tile = sb_ptr
             acc = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma)
-            for i in range(pairs // (CHAIN // 2)):
-                acc, x, y = _chain(a_bufs, b_bufs, ready, empty, x, y, acc, c, kb, sa_ptrs, sb_tile, k_groups,
-                                   stride_sak, stride_sbk, WG, HALF_M, STAGES, CHAIN, SCALE_PER_K)
-                c += CHAIN
-                kb += CHAIN
-            for i in range(pairs % (CHAIN // 2)):
-                acc, x, y = _chain(a_bufs, b_bufs, ready, empty, x, y, acc, c, kb, sa_ptrs, sb_tile, k_groups,
-                                   stride_sak, stride_sbk, WG, HALF_M, STAGES, 2, SCALE_PER_K)
-                c += 2
-                kb += 2
+            if DOUBLE:
+                for i in range(pairs // (CHAIN // 2)):
+                    acc, x, y = _chain(a_bufs, b_bufs, ready, empty, x, y, acc, c, kb, sa_ptrs, sb_tile, k_groups,
+                                       stride_sak, stride_sbk, WG, HALF_M, STAGES, CHAIN, SCALE_PER_K, PIECES)
+                    c += CHAIN
+                    kb += CHAIN
+                for i in range(pairs % (CHAIN // 2)):
+                    acc, x, y = _chain(a_bufs, b_bufs, ready, empty, x, y, acc, c, kb, sa_ptrs, sb_tile, k_groups,
+                                       stride_sak, stride_sbk, WG, HALF_M, STAGES, 2, SCALE_PER_K, PIECES)
+                    c += 2
+                    kb += 2
+            else:
+                for i in range(2 * pairs):
+                    acc, x = _single(a_bufs, b_bufs, ready, empty, x, acc, c, kb, sa_ptrs, sb_tile, k_groups,
+                                     stride_sak, stride_sbk, WG, HALF_M, STAGES, SCALE_PER_K, PIECES)
+                    c += 1
+                    kb += 1
             if not SCALE_PER_K:  # as _scaled_gemm_kernel: acc * (sa * sb), sa per row, sb per column
                 sb_cols = gl.convert_layout(sb, gl.SliceLayout(0, mma))
                 acc = acc * (gl.expand_dims(sa, 1) * gl.expand_dims(sb_cols, 0))
@@ -271,7 +303,7 @@ if AVAILABLE:
                          stride_cm, stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk,
                          STAGES: gl.constexpr, GROUP_M: gl.constexpr, CHAIN: gl.constexpr,
                          CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, SCALE_PER_K: gl.constexpr,
-                         SPLIT: gl.constexpr = 1):
+                         SPLIT: gl.constexpr = 1, WGS: gl.constexpr = 2):
         """C = (A codes x B codes^T) with A's and B's scales; see the module docstring.
 
         SCALE_PER_K: A's 1x128 and B's 128x128 scales, applied to every K block's product. Otherwise
@@ -281,30 +313,49 @@ if AVAILABLE:
         Persistent: program p takes work items p, p + num_programs, ...: tiles in the GROUP_M order of
         _tile_offsets, each split into SPLIT runs of its K blocks (_work_item). SPLIT > 1: each item's fp32
         partial goes to plane `split` of ws_ptr ((SPLIT, M, N), contiguous; launch.sum_splits adds them into C).
+        WGS consumer warpgroups of 64 rows: 128-row tiles (a_desc's block), or 192-row ones whose A block comes
+        in three 64-row pieces (a_desc's block; shapes are powers of two).
         Launched with num_warps=4 (the default partition, consumer warpgroup 0).
         """
-        BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+        BLOCK_M: gl.constexpr = 64 * WGS
+        PIECES: gl.constexpr = BLOCK_M // a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         gl.static_assert(BLOCK_N == 128, "one B scale (128 x 128 tiles) per tile column")
+        gl.static_assert((WGS == 2 and PIECES == 1) or (WGS == 3 and PIECES == 3), "128 x 128 or 3 x 64 x 128 A blocks")
         gl.static_assert(CHAIN % 2 == 0, "K blocks go in pairs")
-        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * PIECES, BLOCK_M // PIECES, BLOCK_K], a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)  # the producer's expect; TMA completes the bytes
-            mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warpgroup
-        gl.warp_specialize([
-            (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, ws_ptr, M, N, K, stride_cm,
-                         stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk, 0, BLOCK_M, BLOCK_N, BLOCK_K,
-                         GROUP_M, STAGES, CHAIN, SCALE_PER_K, SPLIT)),
-            (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, ws_ptr, M, N, K, stride_cm,
-                         stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk, 1, BLOCK_M, BLOCK_N, BLOCK_K,
-                         GROUP_M, STAGES, CHAIN, SCALE_PER_K, SPLIT)),
-            (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K,
-                         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, SPLIT)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+            mbarrier.init(empty.index(i), count=WGS)  # one arrive per consumer warpgroup
+        if WGS == 2:
+            gl.warp_specialize([
+                (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, ws_ptr, M, N, K, stride_cm,
+                             stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk, 0, BLOCK_M, BLOCK_N, BLOCK_K,
+                             GROUP_M, STAGES, CHAIN, SCALE_PER_K, SPLIT, PIECES)),
+                (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, ws_ptr, M, N, K, stride_cm,
+                             stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk, 1, BLOCK_M, BLOCK_N, BLOCK_K,
+                             GROUP_M, STAGES, CHAIN, SCALE_PER_K, SPLIT, PIECES)),
+                (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K,
+                             BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, SPLIT, PIECES)),
+            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        else:
+            gl.warp_specialize([
+                (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, ws_ptr, M, N, K, stride_cm,
+                             stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk, 0, BLOCK_M, BLOCK_N, BLOCK_K,
+                             GROUP_M, STAGES, CHAIN, SCALE_PER_K, SPLIT, PIECES)),
+                (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, ws_ptr, M, N, K, stride_cm,
+                             stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk, 1, BLOCK_M, BLOCK_N, BLOCK_K,
+                             GROUP_M, STAGES, CHAIN, SCALE_PER_K, SPLIT, PIECES)),
+                (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, ws_ptr, M, N, K, stride_cm,
+                             stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk, 2, BLOCK_M, BLOCK_N, BLOCK_K,
+                             GROUP_M, STAGES, CHAIN, SCALE_PER_K, SPLIT, PIECES)),
+                (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K,
+                             BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, SPLIT, PIECES)),
+            ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
 
 # ---- host side ----------------------------------------------------------------------------------
@@ -344,14 +395,16 @@ def _launch(a_codes, b_codes, c, sa, sb, scale_strides, scale_per_k: bool, confi
     cfg = config or CONFIGS[0]
     if split < 1:
         raise ValueError(f"gluon_gemm: split must be at least 1, got {split}")
-    tiles = -(-M // TILE) * -(-N // TILE)
+    rows = 64 * cfg.warpgroups  # of a tile
+    tiles = -(-M // rows) * -(-N // TILE)
     grid = (min(sm_count(a_codes.device), tiles * split), )
     ws = torch.empty((split, M, N), dtype=torch.float32, device=c.device) if split > 1 else c
     _fp8_gemm_kernel[grid](
-        _codes_descriptor(a_codes, K, TILE), _codes_descriptor(b_codes, K, TILE), c, sa, sb, ws, M, N, K,
+        _codes_descriptor(a_codes, K, TILE if cfg.warpgroups == 2 else 64), _codes_descriptor(b_codes, K, TILE), c,
+        sa, sb, ws, M, N, K,
         c.stride(0), c.stride(1), *scale_strides,
         STAGES=cfg.stages, GROUP_M=cfg.group_m, CHAIN=cfg.chain, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
-        SCALE_PER_K=scale_per_k, SPLIT=split, num_warps=4, maxnreg=cfg.maxnreg)
+        SCALE_PER_K=scale_per_k, SPLIT=split, WGS=cfg.warpgroups, num_warps=4, maxnreg=cfg.maxnreg)
     return sum_splits(ws, c) if split > 1 else c
 
 

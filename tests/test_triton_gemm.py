@@ -708,6 +708,31 @@ def test_gpu_gluon_same_products_as_triton(m, n, k, out_dtype, rng, monkeypatch)
         assert relative_error(full, reference.matmul(qa, qb, full.dtype)) <= tolerance(qa.spec, full.dtype)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", gluon_gemm.CONFIGS, ids=repr)
+@pytest.mark.parametrize("m,n,k", [(130, 7, 383), (257, 383, 1100), (1000, 1000, 4096)])
+def test_gpu_gluon_variants_same_products_as_triton(cfg, m, n, k, rng):
+    """Every launch variant of the Gluon kernel (gluon_gemm.CONFIGS: ring depths, chain lengths, three warpgroups
+    of 192-row tiles), block- and row-scaled, unsplit and with its K split in three: the Triton kernel's products
+    bit for bit."""
+    assert torch.cuda.get_device_capability()[0] == 9 and gluon_gemm.AVAILABLE, "needs an sm_90 GPU and Gluon"
+    triton_split = dataclasses.replace(NO_GLUON, gemm_decode_m=1 << 30)
+    for spec_a, spec_b in [BLOCK_SCALED, ROW_SCALED[3]]:
+        qa, qb = (to_device(q) for q in quantized_pair(m, n, k, spec_a, spec_b, rng))
+        sa, sb = triton_gemm._k_scales(qa, "A")[0], triton_gemm._k_scales(qb, "B")[0]
+        gluon = gluon_gemm.blockscaled_matmul if spec_a is BLOCK_SCALED[0] else gluon_gemm.rowscaled_matmul
+        what = f"{cfg!r} {m}x{n}x{k} {spec_a.describe()}"
+        ours = gluon(qa.codes, sa, qb.codes, sb, torch.float32, config=cfg)
+        assert torch.equal(ours, triton_gemm.matmul(qa, qb, torch.float32, config=NO_GLUON)), what
+        if spec_a is BLOCK_SCALED[0]:  # the Triton split kernel's runs of K blocks are whole pairs here only
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(triton_gemm, "DECODE_CONFIGS",
+                           [c for c in triton_gemm.DECODE_CONFIGS if c.kwargs.get("PAIR_K")])
+                mp.setattr(triton_gemm, "_split_k", lambda *args: 3)
+                want = triton_gemm.matmul(qa, qb, torch.float32, config=triton_split)
+            assert torch.equal(gluon(qa.codes, sa, qb.codes, sb, torch.float32, config=cfg, split=3), want), what
+
+
 def strided(s: torch.Tensor) -> torch.Tensor:
     """The same per-row scales every other element of a buffer twice as long (stride 2)."""
     t = torch.empty(2 * s.numel(), dtype=s.dtype, device=s.device)[::2]
