@@ -48,7 +48,7 @@ import inspect
 import torch
 import triton
 
-from .launch import sm_count, sum_splits, tile_offsets, tma_rows
+from .launch import sm_count, split_run, sum_splits, tile_offsets, tma_rows
 from .spec import OUT_DTYPES
 
 try:
@@ -107,6 +107,7 @@ CONFIGS = [GluonConfig(4, 8), GluonConfig(4, 4), GluonConfig(4, 2), GluonConfig(
 if AVAILABLE:
 
     _tile_offsets = gluon.jit(tile_offsets)
+    _split_run = gluon.jit(split_run)
     _GL_CODE_DTYPES = {torch.float8_e4m3fn: gl.float8e4nv, torch.float8_e5m2: gl.float8e5}
 
     @gluon.jit
@@ -115,14 +116,9 @@ if AVAILABLE:
         """(first row, first column, first K block, end K block, split) of work item `item`: a tile's K blocks,
         padded to an even count (the consumers take them in pairs), shared out in SPLIT runs of whole pairs
         (trailing runs may be empty)."""
-        num_m = gl.cdiv(M, BLOCK_M)
-        num_n = gl.cdiv(N, BLOCK_N)
-        blocks = 2 * gl.cdiv(gl.cdiv(K, BLOCK_K), 2)
-        per_split = 2 * gl.cdiv(blocks // 2, SPLIT)
-        split = item % SPLIT
-        off_m, off_n = _tile_offsets(item // SPLIT, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
-        k_first = split * per_split
-        return off_m, off_n, k_first, gl.maximum(gl.minimum(k_first + per_split, blocks), k_first), split
+        split, k_first, k_end = _split_run(item, 2 * gl.cdiv(gl.cdiv(K, BLOCK_K), 2), SPLIT, 2)
+        off_m, off_n = _tile_offsets(item // SPLIT, gl.cdiv(M, BLOCK_M), gl.cdiv(N, BLOCK_N), BLOCK_M, BLOCK_N, GROUP_M)
+        return off_m, off_n, k_first, k_end, split
 
     @gluon.jit
     def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K,

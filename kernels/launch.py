@@ -1,8 +1,8 @@
 """Launch helpers shared by the kernels: whether Triton interprets, the SM count, TMA-ready GEMM operands,
 the order in which the persistent GEMM programs walk their output tiles, and the sum of a split-K GEMM's partials.
 
-tile_offsets is plain Python, compiled by triton.jit (triton_gemm) and by gluon.jit (gluon_gemm): one
-source for both.
+tile_offsets and split_run are plain Python, compiled by triton.jit (triton_gemm) and by gluon.jit
+(gluon_gemm): one source for both.
 """
 from __future__ import annotations
 
@@ -22,6 +22,18 @@ def tile_offsets(tile, num_m, num_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
     pid_m = first_m + (tile % per_group) % group_m
     pid_n = (tile % per_group) // group_m
     return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+
+def split_run(item, blocks, SPLITS: tl.constexpr, STEP: tl.constexpr):
+    """(split, first K block, end K block) of work item `item` of a split-K GEMM: its tile's `blocks` K blocks
+    shared out in SPLITS runs of whole STEPs, item % SPLITS taking the run of that index (trailing runs may be
+    empty: end == first)."""
+    if SPLITS == 1:
+        return 0, 0, blocks
+    per = ((blocks + SPLITS - 1) // SPLITS + STEP - 1) // STEP * STEP
+    split = item % SPLITS
+    first = split * per
+    return split, first, max(min(first + per, blocks), first)
 
 
 def interpreting() -> bool:

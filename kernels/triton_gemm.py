@@ -39,7 +39,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import gluon_gemm
 from .config import DEFAULT, KernelConfig
-from .launch import interpreting, sm_count, sum_splits, tile_offsets, tma_rows
+from .launch import interpreting, sm_count, split_run, sum_splits, tile_offsets, tma_rows
 from .spec import E2M1, OUT_DTYPES, Format, Granularity, QuantizedTensor
 from .triton_elements import e2m1x2_scaled, e4m3_value, e8m0_bf16x2
 
@@ -52,6 +52,7 @@ ONE_SCALE = 0  # "rows per scale" of an operand whose one scale covers every row
 
 
 _tile_offsets = triton.jit(tile_offsets)
+_split_run = triton.jit(split_run)
 
 
 @triton.jit
@@ -118,12 +119,9 @@ def _scaled_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr, w
     num_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     STEP: tl.constexpr = 2 if PAIR_K and SCALE_PER_K else 1
-    k_per = tl.cdiv(tl.cdiv(k_tiles, SPLIT_K), STEP) * STEP  # K blocks of one split, whole pairs
     for item in tl.range(tl.program_id(0), num_m * num_n * SPLIT_K, NUM_SMS * CTAS_PER_SM, flatten=FLATTEN,
                          warp_specialize=WARP_SPECIALIZE):
-        split = item % SPLIT_K
-        k_first = split * k_per
-        k_last = tl.minimum(k_first + k_per, k_tiles)
+        split, k_first, k_last = _split_run(item, k_tiles, SPLIT_K, STEP)
         off_m, off_n = _tile_offsets(item // SPLIT_K, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
         sa_ptrs = _scale_ptrs(sa_ptr, off_m, M, stride_sam, A_ROWS, BLOCK_M, 0)
         sb_ptrs = _scale_ptrs(sb_ptr, off_n, N, stride_sbn, B_ROWS, BLOCK_N, 1)
@@ -181,17 +179,15 @@ def _scaled_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, za_ptr, zb_ptr, w
                     acc = acc + K * za * zb
                 else:  # by split 0 only: int32 sums wrap alike in any order, so the partials add up to these bits
                     acc = acc + tl.where(split == 0, K, 0) * za * zb
-        if IS_INT and SPLIT_K > 1:  # int32 partials, scaled after their exact sum
-            _store_tile(ws_ptr + split.to(tl.int64) * M * N, acc, off_m, off_n, M, N, N, 1, BLOCK_M, BLOCK_N)
-        else:
+        if SPLIT_K == 1 or not IS_INT:  # INT8 partials stay int32, scaled after their exact sum
             if IS_INT:
                 acc = acc.to(tl.float32)
             if not SCALE_PER_K:
                 acc = acc * (sa * sb)
-            if SPLIT_K == 1:
-                _store_tile(c_ptr, acc, off_m, off_n, M, N, stride_cm, stride_cn, BLOCK_M, BLOCK_N)
-            else:
-                _store_tile(ws_ptr + split.to(tl.int64) * M * N, acc, off_m, off_n, M, N, N, 1, BLOCK_M, BLOCK_N)
+        if SPLIT_K == 1:
+            _store_tile(c_ptr, acc, off_m, off_n, M, N, stride_cm, stride_cn, BLOCK_M, BLOCK_N)
+        else:
+            _store_tile(ws_ptr + split.to(tl.int64) * M * N, acc, off_m, off_n, M, N, N, 1, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -397,7 +393,7 @@ def _split_k(M: int, N: int, K: int, is_int: bool, device, config: KernelConfig)
         return 1
     first = _launched(DECODE_CONFIGS)[0].kwargs
     tiles = triton.cdiv(M, first["BLOCK_M"]) * triton.cdiv(N, first["BLOCK_N"])
-    return max(1, min(config.gemm_max_split, _num_programs(device, config) // tiles, triton.cdiv(K, K_BLOCK)))
+    return _splits(tiles, _num_programs(device, config), triton.cdiv(K, K_BLOCK), config)
 
 
 def _gluon_split(M: int, N: int, K: int, device, config: KernelConfig) -> int:
@@ -406,7 +402,13 @@ def _gluon_split(M: int, N: int, K: int, device, config: KernelConfig) -> int:
     if not config.gemm_gluon_split:
         return 1
     tiles = triton.cdiv(M, gluon_gemm.TILE) * triton.cdiv(N, gluon_gemm.TILE)
-    return max(1, min(config.gemm_max_split, sm_count(device) // tiles, triton.cdiv(triton.cdiv(K, K_BLOCK), 2)))
+    return _splits(tiles, sm_count(device), triton.cdiv(triton.cdiv(K, K_BLOCK), 2), config)
+
+
+def _splits(tiles: int, programs: int, runs: int, config: KernelConfig) -> int:
+    """K splits of a GEMM of `tiles` output tiles: enough for a work item a program, at most
+    config.gemm_max_split and `runs` (the K blocks, or pairs of them, a tile has)."""
+    return max(1, min(config.gemm_max_split, programs // tiles, runs))
 
 
 def _num_programs(device, config: KernelConfig) -> int:
