@@ -553,6 +553,17 @@ def test_gluon_split_where_tiles_leave_sms_idle(monkeypatch):
     assert triton_gemm._gluon_split(4096, 4096, 4096, cuda, on) == 1
 
 
+# The Triton kernel splitting K (see triton_split_runs).
+TRITON_SPLIT = dataclasses.replace(NO_GLUON, gemm_decode_m=1 << 30)
+
+
+def triton_split_runs(mp, split: int):
+    """Patch triton_gemm (mp: a pytest MonkeyPatch) so that matmul under TRITON_SPLIT splits K in `split` runs of
+    whole pairs of K blocks (its pair-K decode config alone), the Gluon kernel's runs; other configs unsplit."""
+    mp.setattr(triton_gemm, "DECODE_CONFIGS", [c for c in triton_gemm.DECODE_CONFIGS if c.kwargs.get("PAIR_K")])
+    mp.setattr(triton_gemm, "_split_k", lambda *args: split if args[-1] is TRITON_SPLIT else 1)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,n,k,split", [(128, 1024, 2048, 2), (128, 1024, 2048, 3), (100, 300, 1100, 3),
                                          (65, 130, 257, 2), (200, 256, 128, 4), (256, 512, 4096, 8)])
@@ -562,11 +573,8 @@ def test_gpu_gluon_split_k(m, n, k, split, rng, monkeypatch):
     (the same runs of K blocks: its pair-K decode config); row-scaled too, whose Triton runs are not whole pairs,
     so against the reference only; the same bits every run."""
     assert torch.cuda.get_device_capability()[0] == 9 and gluon_gemm.AVAILABLE, "needs an sm_90 GPU and Gluon"
-    triton_split = dataclasses.replace(NO_GLUON, gemm_decode_m=1 << 30)
     gluon_split = dataclasses.replace(DEFAULT, gemm_decode_m=0, gemm_gluon_split=True)
-    monkeypatch.setattr(triton_gemm, "DECODE_CONFIGS",
-                        [c for c in triton_gemm.DECODE_CONFIGS if c.kwargs.get("PAIR_K")])
-    monkeypatch.setattr(triton_gemm, "_split_k", lambda *args: split if args[-1] is triton_split else 1)
+    triton_split_runs(monkeypatch, split)
     monkeypatch.setattr(triton_gemm, "_gluon_split", lambda *args: split)
     for spec_a, spec_b in [BLOCK_SCALED, FP8_PAIRS[3]] + BLOCK_SCALED_E5M2 + ROW_SCALED:
         qa, qb = (to_device(q) for q in quantized_pair(m, n, k, spec_a, spec_b, rng))
@@ -576,7 +584,7 @@ def test_gpu_gluon_split_k(m, n, k, split, rng, monkeypatch):
             ours = triton_gemm.matmul(qa, qb, out_dtype, config=gluon_split)
             assert torch.equal(triton_gemm.matmul(qa, qb, out_dtype, config=gluon_split), ours), what
             if triton_gemm._gluon_recipe(qa, qb) == "block-scaled":
-                assert torch.equal(triton_gemm.matmul(qa, qb, out_dtype, config=triton_split), ours), what
+                assert torch.equal(triton_gemm.matmul(qa, qb, out_dtype, config=TRITON_SPLIT), ours), what
             assert relative_error(ours, reference.matmul(qa, qb, out_dtype)) <= tolerance(qa.spec, out_dtype), what
 
 
@@ -716,7 +724,6 @@ def test_gpu_gluon_variants_same_products_as_triton(cfg, m, n, k, rng):
     of 192-row tiles), block- and row-scaled, unsplit and with its K split in three: the Triton kernel's products
     bit for bit."""
     assert torch.cuda.get_device_capability()[0] == 9 and gluon_gemm.AVAILABLE, "needs an sm_90 GPU and Gluon"
-    triton_split = dataclasses.replace(NO_GLUON, gemm_decode_m=1 << 30)
     for spec_a, spec_b in [BLOCK_SCALED, ROW_SCALED[3]]:
         qa, qb = (to_device(q) for q in quantized_pair(m, n, k, spec_a, spec_b, rng))
         sa, sb = triton_gemm._k_scales(qa, "A")[0], triton_gemm._k_scales(qb, "B")[0]
@@ -726,10 +733,8 @@ def test_gpu_gluon_variants_same_products_as_triton(cfg, m, n, k, rng):
         assert torch.equal(ours, triton_gemm.matmul(qa, qb, torch.float32, config=NO_GLUON)), what
         if spec_a is BLOCK_SCALED[0]:  # the Triton split kernel's runs of K blocks are whole pairs here only
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(triton_gemm, "DECODE_CONFIGS",
-                           [c for c in triton_gemm.DECODE_CONFIGS if c.kwargs.get("PAIR_K")])
-                mp.setattr(triton_gemm, "_split_k", lambda *args: 3)
-                want = triton_gemm.matmul(qa, qb, torch.float32, config=triton_split)
+                triton_split_runs(mp, 3)
+                want = triton_gemm.matmul(qa, qb, torch.float32, config=TRITON_SPLIT)
             assert torch.equal(gluon(qa.codes, sa, qb.codes, sb, torch.float32, config=cfg, split=3), want), what
 
 
