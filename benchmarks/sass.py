@@ -1,6 +1,6 @@
 """Instructions per element of the quantize and dequantize kernels, compiled for sm_90 on a machine without a GPU.
 
-    python benchmarks/sass.py [--shape 16384 16384] [--dump DIR] [--common-path]
+    python benchmarks/sass.py [--shape 16384 16384] [--dump DIR] [--common-path] [--set KEY=VALUE[,KEY=VALUE]]
 
 Compiles `_quantize_kernel` (and `_dequantize_kernel` into bf16) ahead of time (triton.compile with an sm_90
 target, the launch geometry of kernels/quantize_plan.py and triton_dequantize.launch_geometry, the
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import importlib.util
 import inspect
 import os
@@ -35,7 +36,9 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
+from profile_kernels import parse_config
 from quantd.kernels import triton_dequantize as td
+from quantd.kernels import triton_int8_pairs as int8_pairs
 from quantd.kernels import triton_mxfp4_pairs as pairs
 from quantd.kernels import triton_nvfp4 as nvfp4
 from quantd.kernels import triton_quantize as tq
@@ -121,6 +124,18 @@ def compile_mxfp4_pairs():
     return kernel, rows * groups * 32 / (warps * 32)
 
 
+def compile_int8_pairs():
+    """(compiled kernel, elements a thread handles) of the INT8 asym 1x128 pairs kernel on bf16 input."""
+    fn = int8_pairs._int8_pairs_kernel
+    elements, warps = DEFAULT.asym_tile
+    constexprs = dict(ROWS=1, GROUPS=elements // 128, WORDS=64, T=int8_pairs.group_threads(64),
+                      FMT=element_constants(QuantSpec(format="int8_asym")), PACKED=True, FIXUP=False, ss_c=1)
+    pointers = {"w_ptr": "*i32", "codes_ptr": "*i16", "scales_ptr": "*fp32", "zp_ptr": "*u8", "list_ptr": "*i32"}
+    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in fn.arg_names}
+    kernel = compile_sm90(fn, signature, constexprs, {"C2", "sw_r", "ss_r"}, warps)
+    return kernel, elements / (warps * 32)
+
+
 def compile_dequantize(spec: QuantSpec, shape, out_dtype: torch.dtype = torch.bfloat16):
     """(compiled kernel, elements a thread handles) of the compiled dequantize launch of `spec` into `out_dtype`
     (the choices triton_dequantize._dequantize_into makes for a word-aligned output; codes widened by the
@@ -197,6 +212,7 @@ def opcodes(sass: str) -> list:
 CAREFUL_TILES = [("careful != 0", "False"), ("careful == 0", "True")]
 GUARDED_SCALES = [("if tl.max(((scale < CORRECTED_MIN) | (scale > CORRECTED_MAX)).to(tl.int32)) == 0:", "if True:")]
 RARE_BRANCHES = {"triton_quantize": CAREFUL_TILES + GUARDED_SCALES, "triton_mxfp4_pairs": CAREFUL_TILES,
+                 "triton_int8_pairs": [("if careful == 0:", "if True:")],
                  "triton_nvfp4": [("if not fast:", "if False:"), ("if fast:", "if True:")]}
 
 
@@ -219,19 +235,24 @@ def common_path_module(module, folder: str):
 
 
 def main() -> None:
-    global tq, pairs, nvfp4
+    global tq, pairs, nvfp4, int8_pairs, DEFAULT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs="+", default=[16384, 16384])
     ap.add_argument("--dump", default="/tmp/quantd-sass", help="folder for the cubins and SASS listings")
     ap.add_argument("--common-path", action="store_true",
                     help="count a copy of the kernels without the branches for Inf/NaN and extreme scales")
+    ap.add_argument("--set", default="", metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="KernelConfig fields replaced (Python literals, as profile_kernels.py --set)")
     args = ap.parse_args()
+    if args.set:
+        DEFAULT = dataclasses.replace(DEFAULT, **parse_config(args.set))
     os.makedirs(args.dump, exist_ok=True)
     if args.common_path:
-        tq, pairs, nvfp4 = (common_path_module(m, args.dump) for m in (tq, pairs, nvfp4))
+        tq, pairs, nvfp4, int8_pairs = (common_path_module(m, args.dump) for m in (tq, pairs, nvfp4, int8_pairs))
     print(f"triton {triton.__version__}, sm_90, input bf16 {args.shape}{', common path' if args.common_path else ''}")
     builds = [(name, lambda spec=spec: compile_quantize(spec, args.shape)) for name, spec in SPECS]
     builds.append(("mxfp4, pairs kernel", compile_mxfp4_pairs))
+    builds.append(("int8 asym 1x128, pairs", compile_int8_pairs))
     builds.append(("nvfp4", compile_nvfp4))
     tensor = QuantSpec(granularity="tensor")
     builds.append(("fp8 e4m3 tensor, 2nd pass", lambda: compile_quantize(tensor, args.shape, source=tq.SCALE_STATS)))

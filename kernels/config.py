@@ -32,6 +32,13 @@ class KernelConfig:
     # (2026-12-04, 16384^2 bf16, ncu kernel time) E4M3 1x128 193 us against 202 us for 8192 at 4 warps, INT8 sym
     # 217 against 226, MXFP8 184 either way; 1024 at 1 warp 192 / 226, 2048 or 4096 at 2 warps 196 / 219-235.
     group_tile: tuple | None = (2048, 1)
+    # (elements, warps) of a quantize program whose blocks' scales are looked up (statistics or given: per tensor,
+    # static and delayed scales, groups too large for registers), or None for tile_elems and warps by size (8192
+    # at 8 warps, 32 elements a thread). Compiled for sm_90 by triton 3.6 (benchmarks/sass.py --common-path, E4M3
+    # per tensor, 16384^2 bf16) the second pass / delayed scaling take 18.8 / 22.5 SASS instructions an element
+    # at 32 elements a thread, 14.9 / 18.2 at 64 (8192 at 4 warps, 96 / 127 registers), 9.5 / 13.0 at 128 (16384 at
+    # 4 warps, 105 / 168 registers): a thread's fixed work spread over more elements. Untimed on a GPU.
+    lookup_tile: tuple | None = None
     # Programs the statistics pass aims at where it can loop (about eight an SM of the largest GPUs), the elements
     # of the tile each reads at a time, and its warps. On an H200 (2026-12-04 sweep, 16384^2 bf16 per tensor) 1024
     # programs read at 0.86-0.88 x copy against 0.79-0.81 for 2048 and 0.87 for 512; tiles of 8192 or 16384
@@ -62,6 +69,12 @@ class KernelConfig:
     asym_maxnreg: int | None = None
     asym_programs: int = 0
     asym_defer: bool = True
+    # INT8 asym groups of bf16 rows (groups of 8 .. asym_tile elements, a power of two; rows that read as int32 words)
+    # by triton_int8_pairs: maxima and minima reduced on the words in bf16x2 PTX, codes stored as 16-bit pairs, a
+    # thread's words in few groups (two of 1x128), tiles of asym_tile's size, careful ones deferred. Off until timed
+    # on a GPU: compiled for sm_90 (benchmarks/sass.py --common-path) 13.6 SASS instructions an element with triton
+    # 3.6 and 14.2 with 3.9, against 16.8 / 16.6 for the register tiles above (INT8 sym's 14.8 ran 0.978 x copy).
+    asym_pairs: bool = False
     # Careful tiles of dual-layout programs listed for a second launch, as asym_defer (triton 3.6: 128 x 128 tiles at 8
     # warps take 124 registers instead of 161). H200, as above, two runs: 0.550 / 0.549 x copy at 4 warps against
     # 0.540 / 0.538 in place; 0.523 at 8 warps, 0.394 at 8 warps within 128 registers.

@@ -125,12 +125,14 @@ def tile_geometry(br: int, bc: int, rows: int, cols: int, register: bool, config
 
     register: the tile is made of whole BR x BC blocks; else of 1 x TBC strips. tile_elems: the elements
     a tile aims at (default config.tile_elems, or for row groups in registers config.group_tile's, INT8 asym's
-    config.asym_tile's).
+    config.asym_tile's, for strips config.lookup_tile's).
     """
     group_warps = None
     group_tile = config.asym_tile if asym else config.group_tile
     if tile_elems is None and register and br == 1 and group_tile is not None:
         tile_elems, group_warps = group_tile
+    elif tile_elems is None and not register and config.lookup_tile is not None:
+        tile_elems, group_warps = config.lookup_tile
     tile_elems = tile_elems or config.tile_elems
     if register:  # whole blocks in registers
         tbr, tbc = br, bc

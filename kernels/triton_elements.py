@@ -41,15 +41,38 @@ def rint_int32(v):
     return (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
 
 
+# How x / scale is computed (see quotient).
+DIVIDE = tl.constexpr(0)
+RECIPROCAL = tl.constexpr(1)
+CORRECTED = tl.constexpr(2)
+CORRECTED_ANY_ZERO = tl.constexpr(3)
+GUARDED = tl.constexpr(4)
+# Scales within which CORRECTED is exact for every quotient that can change a code (and x finite).
+CORRECTED_MIN = tl.constexpr(2.0 ** -80)
+CORRECTED_MAX = tl.constexpr(2.0 ** 100)
+# RN(1 / 255), fp32: INT8 asym's span / 255 by corrected steps (block_scale).
+RECIPROCAL_255 = tl.constexpr(0.003921568859368563)
+
+
 @triton.jit
-def block_scale(amax, nlo, FMT: tl.constexpr):
-    """(scale, zero point) of a block from its finite amax (or, for FMT.ASYM, hi = amax and lo = -nlo)."""
+def block_scale(amax, nlo, FMT: tl.constexpr, QUOTIENT: tl.constexpr = DIVIDE):
+    """(scale, zero point) of a block from its finite amax (or, for FMT.ASYM, hi = amax and lo = -nlo).
+
+    QUOTIENT (ASYM): DIVIDE, or CORRECTED_ANY_ZERO where the block is then checked to be careless (finite hi
+    and lo, a scale within [CORRECTED_MIN, CORRECTED_MAX]) before the values are used: span / 255 and lo / scale
+    by quotient's corrected steps (no IEEE division), the same values there. span / 255 with RN(1 / 255) is the
+    IEEE quotient for every finite fp32 span (all 2**31 searched, NUMERICS.md), and an overflowed span gives an
+    infinite scale (careful); lo / scale is one of quotient's, within its guarantee."""
     zp = tl.zeros_like(amax)
     if FMT.ASYM:
         span = amax + nlo  # hi - lo with lo = -nlo: exact negation, one rounding as in the reference
-        scale = tl.math.div_rn(span, 2 * FMT.QMAX + 1)
+        if QUOTIENT == CORRECTED_ANY_ZERO:
+            q0 = span * RECIPROCAL_255
+            scale = tl.where(span < float("inf"), tl.fma(tl.fma(q0, -255.0, span), RECIPROCAL_255, q0), span)
+        else:
+            scale = tl.math.div_rn(span, 2 * FMT.QMAX + 1)
         scale = tl.where(scale > 0, scale, 1.0)
-        zp = -(FMT.QMAX + 1) - rint(tl.math.div_rn(-nlo, scale))
+        zp = -(FMT.QMAX + 1) - rint(quotient(-nlo, scale, QUOTIENT))
     elif FMT.POW2:
         if FMT.MX:
             scale = pow2(mx_scale_exponent(exponent(amax), FMT.EMAX))
@@ -90,17 +113,6 @@ def stored_scale(scale, POW2: tl.constexpr):
     else:
         stored = scale
     return stored
-
-
-# How x / scale is computed (see quotient).
-DIVIDE = tl.constexpr(0)
-RECIPROCAL = tl.constexpr(1)
-CORRECTED = tl.constexpr(2)
-CORRECTED_ANY_ZERO = tl.constexpr(3)
-GUARDED = tl.constexpr(4)
-# Scales within which CORRECTED is exact for every quotient that can change a code (and x finite).
-CORRECTED_MIN = tl.constexpr(2.0 ** -80)
-CORRECTED_MAX = tl.constexpr(2.0 ** 100)
 
 
 @triton.jit
@@ -188,6 +200,25 @@ def e2m1(q, x):
     sub = (a * 2.0 + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000
     bits = tl.where(a < 1.0, sub, normal) | ((x.to(tl.int32, bitcast=True) >> 28) & 8)
     return tl.where(x != x, 0, bits)
+
+
+@triton.jit
+def max_nan(a, b):
+    """Maximum, NaN where either is NaN."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def min_nan(a, b):
+    """Minimum, NaN where either is NaN."""
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def defer_tile(list_ptr, tile):
+    """Append `tile` to a list of careful tiles (its count, then the tiles) for a second launch."""
+    slot = tl.atomic_add(list_ptr, 1)
+    tl.store(list_ptr + 1 + slot, tile)
 
 
 @triton.jit

@@ -5,7 +5,8 @@ of two; the launch geometry is quantize_plan's), reduces each block's amax in re
 and scales in one read of X. With DUAL (quantize_dual) it also writes the transposed, column-wise
 quantized copy, from a second load of the tile that hits L2. When a block is too large for registers
 (per tensor, per channel, huge groups) or the scales are given, it reads per-block statistics
-(triton_block_stats) or scales instead. MXFP4 inputs of 16-bit pairs take triton_mxfp4_pairs.
+(triton_block_stats) or scales instead. MXFP4 inputs of 16-bit pairs take triton_mxfp4_pairs, and bf16 INT8 asym
+groups triton_int8_pairs where KernelConfig.asym_pairs is on.
 
 Under the Triton interpreter the float -> fp8 cast is wrong, so EXACT_FP8 computes fp8 codes with the
 reference's integer grid arithmetic; compiled kernels use the hardware cast (both are checked against
@@ -27,8 +28,9 @@ from .quantize_plan import (MAX_REGISTER_BLOCK, Tile, as_grid, bf16_bits, block_
 from .spec import Format, Granularity, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED, CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, GUARDED,
-                              RECIPROCAL, block_ids, block_scale, encode, encode_quotient, finite_abs, load_fp32,
-                              max_into, quotient, rint_int32, stored_scale, tile_coords)
+                              RECIPROCAL, block_ids, block_scale, defer_tile, encode, encode_quotient, finite_abs,
+                              load_fp32, max_into, max_nan, min_nan, quotient, rint_int32, stored_scale, tile_coords)
+from .triton_int8_pairs import int8_pairs
 from .triton_mxfp4_pairs import mxfp4_pairs
 
 # SCALE_SRC of _quantize_tile: where a block's scale comes from.
@@ -43,24 +45,14 @@ DEFERRED = tl.constexpr(2)  # careful tiles (of one block or many) left to a FIX
 
 
 @triton.jit
-def _max_nan(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
-def _min_nan(a, b):
-    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
 def _blocks_max(v, NAN: tl.constexpr = False, NAN_COMBINE: tl.constexpr = True, MIN: tl.constexpr = False):
     """Max (MIN: min) of v over each block of a [RB, TBRP, CB, TBCP] tile (axes 1 and 3). NaN is ignored, as
     max ignores it; NAN: NaN wherever the block holds one, by a NaN-propagating combine (NAN_COMBINE: max.NaN,
     the same instruction count) or by a count of NaN (ElementConstants.NAN_COMBINE)."""
     if NAN and NAN_COMBINE and MIN:
-        m = tl.reduce(tl.reduce(v, 3, _min_nan, keep_dims=True), 1, _min_nan, keep_dims=True)
+        m = tl.reduce(tl.reduce(v, 3, min_nan, keep_dims=True), 1, min_nan, keep_dims=True)
     elif NAN and NAN_COMBINE:
-        m = tl.reduce(tl.reduce(v, 3, _max_nan, keep_dims=True), 1, _max_nan, keep_dims=True)
+        m = tl.reduce(tl.reduce(v, 3, max_nan, keep_dims=True), 1, max_nan, keep_dims=True)
     else:
         if MIN:
             m = tl.min(tl.min(v, axis=3, keep_dims=True), axis=1, keep_dims=True)
@@ -77,7 +69,8 @@ def _register_scales(x, FMT: tl.constexpr, DEFER: tl.constexpr = False):
 
     The amax (ASYM: hi and -lo) is first reduced over all elements, one max an element, NaN kept. careful
     (a scalar) is 1 where that met an Inf or NaN, or some scale of the tile is outside
-    [CORRECTED_MIN, CORRECTED_MAX]: then the amax is reduced again over the finite elements only,
+    [CORRECTED_MIN, CORRECTED_MAX] (ASYM: scales and zero points by block_scale's corrected steps, exact for a
+    tile that is not careful): then the amax is reduced again over the finite elements only,
     as the reference does, and the codes are divided exactly. So a tile that is not careful holds finite
     values only, and its int8 quotients need no clamp (|x| <= amax: |x / scale| <= 127 * (1 + 2**-23) under
     scale = RN(amax / 127)) and no select for NaN. DEFER: a careful tile is left to another
@@ -89,7 +82,7 @@ def _register_scales(x, FMT: tl.constexpr, DEFER: tl.constexpr = False):
     else:
         hi = _blocks_max(tl.abs(x), True, FMT.NAN_COMBINE)
         nlo = 0.0
-    scale, zp = block_scale(tl.maximum(hi, 0.0), tl.maximum(nlo, 0.0), FMT)
+    scale, zp = block_scale(tl.maximum(hi, 0.0), tl.maximum(nlo, 0.0), FMT, CORRECTED_ANY_ZERO)
     wild = (scale < CORRECTED_MIN) | (scale > CORRECTED_MAX) | ~(hi < float("inf"))
     if FMT.ASYM:
         wild = wild | ~(nlo < float("inf"))
@@ -247,7 +240,7 @@ def _quantize_tile(
             bits = _encode_careless(x, scale, zp, FMT)
             _store_codes(bits, codes_ptr, p, rows, cols, valid, pid_c, cb, R, sq_p, sq_r, TILE, PACK4)
         elif not DUAL:  # a dual tile is listed after its columns
-            _defer(stats_ptr, pid)
+            defer_tile(stats_ptr, pid)
     elif SCALE_SRC == SCALE_REGISTER and TILE_MODE == ONE_BLOCK and not FMT.POW2:
         # One block a program: the codes are encoded and stored under the branch (faster on an H100
         # than a store after it, and the form that matched the reference there: BENCHMARKS.md).
@@ -290,16 +283,9 @@ def _quantize_tile(
             if careful_t == 0:
                 tl.store(codes_t, _encode_careless(xt, scale_t, zp_t, FMT).to(tl.uint8), mask=valid_t)
             if (careful | careful_t) != 0:
-                _defer(stats_ptr, pid)
+                defer_tile(stats_ptr, pid)
         else:
             tl.store(codes_t, _encode_register(xt, scale_t, zp_t, careful_t, FMT).to(tl.uint8), mask=valid_t)
-
-
-@triton.jit
-def _defer(list_ptr, tile):
-    """Append `tile` to the careful tiles' list (its count, then the tiles) of a DEFERRED launch."""
-    slot = tl.atomic_add(list_ptr, 1)
-    tl.store(list_ptr + 1 + slot, tile)
 
 
 @triton.jit
@@ -389,6 +375,8 @@ def _quantize_into(v, block, spec, given, amax, qt, exact_fp8, config) -> None:
         triton_nvfp4.quantize(v, qt, config, given, amax)
         return
     if given is None and mxfp4_pairs(v, qt.codes, qt.scales, spec, config):
+        return
+    if given is None and int8_pairs(v, qt.codes, qt.scales, qt.zero_points, spec, config):
         return
     register = given is None and P == 1 and pow2_ceil(br) * pow2_ceil(bc) <= MAX_REGISTER_BLOCK
     stats = None

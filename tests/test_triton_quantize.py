@@ -17,7 +17,7 @@ import triton.language as tl
 
 from quantd.kernels import dispatch, reference, triton_elements, triton_quantize
 from quantd.kernels.config import DEFAULT
-from quantd.kernels.quantize_plan import Tile, block_geometry, schedule, tile_geometry
+from quantd.kernels.quantize_plan import Tile, block_geometry, element_constants, schedule, tile_geometry
 from quantd.kernels.spec import QuantizedTensor, QuantSpec
 from quantd.kernels.triton_quantize import quantize, quantize_dual
 from triton_cases import DTYPES, FP8, all_specs, assert_same_qt, random_input, reference_quantize, to_device
@@ -175,6 +175,30 @@ def test_amax_found_while_quantizing_with_given_scales(spec, rng):
     # the scale of the tensor's own amax gives per-tensor quantization exactly
     tensor = QuantSpec(spec.format, "tensor", scale_encoding=spec.scale_encoding)
     assert_same_qt(quantize(x, tensor, reference.tensor_scale(reference.amax(x), tensor)), reference_quantize(x, tensor))
+
+
+@pytest.mark.parametrize("lookup_tile", [(16384, 4), (2048, 1)], ids=str)
+def test_lookup_tiles(lookup_tile, rng):
+    """KernelConfig.lookup_tile: programs whose blocks' scales are looked up (per tensor's second pass, static and
+    delayed scales, groups too large for registers, INT8 asym's statistics) over tiles of another size and warps."""
+    config = dataclasses.replace(DEFAULT, lookup_tile=lookup_tile)
+    geometry = tile_geometry(1, 300, 37, 300, False, config)
+    assert geometry[0].elems <= lookup_tile[0] and geometry[1] == lookup_tile[1]
+    lookup_tile_checks(random_input((37, 300), torch.bfloat16, rng), config)
+
+
+def lookup_tile_checks(x, config, device="cpu"):
+    """Per tensor (two passes), large groups, channels, and delayed scaling (given scales, the amax found) under
+    `config`, against the reference."""
+    for spec in (QuantSpec(granularity="tensor"), QuantSpec("int8_asym", "tensor"), QuantSpec(group_size=20001),
+                 QuantSpec("int8_sym", "channel", axis=1)):
+        check(x.to(device), spec, config=config)
+    for spec in (QuantSpec(granularity="tensor"), QuantSpec("int8_sym", "tensor"), QuantSpec(), QuantSpec("mxfp8")):
+        own = reference.scale_values(reference_quantize(x, spec)).reshape(spec.scale_shape(x.shape))
+        scales = (own * 0.5).clamp(min=2.0 ** -126)  # stale (by a power of two, as E8M0 takes): codes saturate
+        qt, amax = triton_quantize.quantize_with_amax(x.to(device), spec, scales.to(device), config=config)
+        assert_same_qt(qt, reference_quantize(x, spec, scales))
+        assert amax.view(torch.int32).cpu() == reference.amax(x).view(torch.int32)
 
 
 def every_16bit(dtype: torch.dtype) -> torch.Tensor:
@@ -434,6 +458,106 @@ def test_int8_asym_groups_deferred(schedule_, defer, rng):
     check(near_boundaries("int8_asym", 128, rng), spec, config=config)
 
 
+PAIRS = dataclasses.replace(DEFAULT, asym_pairs=True)
+
+
+def asym_pairs_inputs(rng) -> list:
+    """bf16 inputs for the INT8 asym pairs kernel: random (ragged last group), careful tiles (Inf, NaN, a group of
+    subnormals only), spans that overflow fp32 (lo = -hi = bf16's largest), and all-zero and constant groups."""
+    x = random_input((70, 400), torch.bfloat16, rng)
+    wide = deferred_input((40, 520), torch.bfloat16, rng)
+    big = torch.finfo(torch.bfloat16).max
+    wide[7, 0], wide[7, 1] = big, -big  # span past fp32's max: careful, coded from the division
+    wide[9, :128] = 0.0
+    wide[11, 128:256] = -3.0
+    return [x, wide, random_input((3, 2048), torch.bfloat16, rng, edge_cases=False)]
+
+
+def test_int8_asym_pairs_kernel(rng, monkeypatch):
+    """KernelConfig.asym_pairs: bf16 INT8 asym groups whose rows can be read as int32 words take
+    _int8_pairs_kernel (groups of 8 to asym_tile's elements: 1x128, 1x32, 1x16 and 1x64, whose threads split a
+    group unevenly; sliced rows; column scales); careful tiles are listed and coded by the second launch. Odd
+    widths, strided columns, fp16, fp32, groups that are not powers of two and codes at an odd address take the
+    generic kernel; every result is the reference's."""
+    monkeypatch.setenv("QUANTD_PLANS", "0")  # each call runs its body: no launch plan replays it
+    taken = []
+    pairs = triton_quantize.int8_pairs
+    monkeypatch.setattr(triton_quantize, "int8_pairs", lambda *a: taken.append(pairs(*a)) or taken[-1])
+    inputs = asym_pairs_inputs(rng)
+    for g in (128, 32, 16, 64):
+        for t in inputs:
+            check(t, QuantSpec(format="int8_asym", group_size=g), config=PAIRS)
+    assert taken == [True] * 12
+    taken.clear()
+    spec = QuantSpec(format="int8_asym")
+    x = inputs[0]
+    for t in (x[3:50, 16:316], x[:, :301], x[:, ::2], x.half(), x.float()):
+        check(t, spec, config=PAIRS)
+    check(x, QuantSpec(format="int8_asym", group_size=96), config=PAIRS)
+    check(x, QuantSpec(format="int8_asym", group_size=4), config=PAIRS)
+    assert taken == [True, False, False, False, False, False, False]
+    taken.clear()
+    store = spec.storage(x.shape)
+    buffer = torch.empty(x.numel() + 1, dtype=torch.int8)
+    odd = QuantizedTensor(buffer[1:].view(x.shape), torch.empty(store.scales[0]), spec, tuple(x.shape),
+                          torch.empty(store.zero_points[0], dtype=store.zero_points[1]))
+    assert_same_qt(quantize(x, spec, config=PAIRS, out=odd), reference_quantize(x, spec))
+    got = dispatch.quantize(x, spec, backend="triton", scale_layout="col", config=PAIRS)
+    assert_same_qt(got, reference_quantize(x, spec))
+    assert taken == [False, True]
+
+
+@triton.jit
+def _asym_scale_kernel(hi_ptr, nlo_ptr, out_ptr, N, FMT: tl.constexpr, BLOCK: tl.constexpr):
+    """Per (hi, nlo): block_scale's scale and zero point divided and by corrected steps."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    hi = tl.load(hi_ptr + offs, mask=offs < N, other=0.0)
+    nlo = tl.load(nlo_ptr + offs, mask=offs < N, other=0.0)
+    scale, zp = triton_elements.block_scale(hi, nlo, FMT)
+    fast, fast_zp = triton_elements.block_scale(hi, nlo, FMT, triton_elements.CORRECTED_ANY_ZERO)
+    for i, v in enumerate((scale, zp, fast, fast_zp)):
+        tl.store(out_ptr + i * N + offs, v, mask=offs < N)
+
+
+def asym_block_scales(hi: torch.Tensor, nlo: torch.Tensor, device: str = "cpu"):
+    """(scale, zero point) of block_scale by division, then by corrected steps, for each (hi, nlo)."""
+    n = len(hi)
+    out = torch.empty(4 * n, device=device)
+    fmt = element_constants(QuantSpec(format="int8_asym"))
+    _asym_scale_kernel[(triton.cdiv(n, 4096),)](hi.to(device), nlo.to(device), out, n, FMT=fmt, BLOCK=4096)
+    return out.cpu().reshape(4, n)
+
+
+def test_asym_corrected_block_scale(rng):
+    """block_scale's corrected steps for INT8 asym (no IEEE division): the scale, span / 255, is the divided one for
+    random mantissas in three binades of spans and for random spans over the whole fp32 range (a search of all 2**31
+    finite spans found no difference, NUMERICS.md), an overflowed span gives an infinite scale, and the zero point
+    is the divided one wherever the scale is within the corrected range."""
+    mantissas = torch.randint(0, 1 << 23, (1 << 21,), generator=rng, dtype=torch.int32)
+    binades = [(mantissas | (e + 127) << 23).view(torch.float32) for e in (-60, 0, 90)]
+    spans = torch.cat(binades + [torch.exp2(torch.rand(1 << 20, generator=rng) * 254 - 126)])
+    share = torch.rand(len(spans), generator=rng)  # hi = span * share, nlo = the rest
+    hi = (spans * share).float()
+    nlo = spans - hi
+    # and lows whose lo / scale lies on or next to a half-integer, where x * RN(1 / scale) alone may round otherwise
+    tie_spans = torch.exp2(torch.rand(1 << 12, generator=rng) * 160 - 70)[:, None]
+    s = tie_spans / 255
+    near = ((torch.arange(255) + 0.5) * s).reshape(-1)
+    near = torch.cat([near, torch.nextafter(near, near * 2), torch.nextafter(near, near * 0)])
+    tie_spans = tie_spans.expand(-1, 255).reshape(-1).repeat(3)
+    tie_hi = tie_spans - near
+    fits = (tie_hi >= 0) & (tie_hi + near == tie_spans)
+    hi, nlo = torch.cat([hi, tie_hi[fits]]), torch.cat([nlo, near[fits]])
+    spans = hi + nlo
+    scale, zp, fast, fast_zp = asym_block_scales(hi, nlo)
+    assert torch.equal(fast, scale)
+    ok = (scale >= 2.0 ** -80) & (scale <= 2.0 ** 100)
+    assert ok.sum() > len(spans) // 2 and torch.equal(fast_zp[ok], zp[ok])
+    big = torch.finfo(torch.float32).max
+    _, _, fast, _ = asym_block_scales(torch.tensor([big]), torch.tensor([big]))
+    assert fast.item() == math.inf
+
+
 @pytest.mark.parametrize("fmt", DUAL_FORMATS)
 @pytest.mark.parametrize("defer", [False, True], ids=["careful_in_place", "deferred"])
 def test_dual_layout_deferred(fmt, defer, rng):
@@ -667,6 +791,40 @@ def test_gpu_int8_asym_groups_deferred(schedule_, rng):
         check(random_input(size, torch.float32, rng, edge_cases=False).cuda(), spec, config=config)
     check(every_16bit(torch.bfloat16).reshape(256, 256).cuda(), spec, config=config)
     check(near_boundaries("int8_asym", 128, rng).cuda(), spec, config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [128, 32, 64])
+def test_gpu_int8_asym_pairs(group, rng, monkeypatch):
+    """KernelConfig.asym_pairs compiled: maxima and minima in bf16x2 PTX, careful tiles deferred."""
+    monkeypatch.setenv("QUANTD_PLANS", "0")
+    taken = []
+    pairs = triton_quantize.int8_pairs
+    monkeypatch.setattr(triton_quantize, "int8_pairs", lambda *a: taken.append(pairs(*a)) or taken[-1])
+    spec = QuantSpec(format="int8_asym", group_size=group)
+    inputs = [t.cuda() for t in asym_pairs_inputs(rng)] + [every_16bit(torch.bfloat16).reshape(256, 256).cuda()]
+    for size in [(300, 260), (129, 130), (513, 1000), (2048, 8192)]:
+        inputs += [deferred_input(size, torch.bfloat16, rng).cuda(),
+                   random_input(size, torch.bfloat16, rng, edge_cases=False).cuda()]
+    for t in inputs:
+        check(t, spec, config=PAIRS)
+    assert taken == [True] * len(inputs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lookup_tile", [(16384, 4), (8192, 4), (16384, 8)], ids=str)
+def test_gpu_lookup_tiles(lookup_tile, rng):
+    config = dataclasses.replace(DEFAULT, lookup_tile=lookup_tile)
+    lookup_tile_checks(random_input((2048, 8192), torch.bfloat16, rng), config, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_asym_corrected_block_scale():
+    """block_scale's corrected INT8 asym scale compiled: every mantissa of spans in six binades."""
+    mantissas = torch.arange(1 << 23, dtype=torch.int32)
+    spans = torch.cat([(mantissas | (e + 127) << 23).view(torch.float32) for e in (-126, -72, -8, 0, 30, 126)])
+    scale, _, fast, _ = asym_block_scales(spans / 2, spans - spans / 2, "cuda")
+    assert torch.equal(fast, scale)
 
 
 @pytest.mark.gpu
