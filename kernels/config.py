@@ -73,12 +73,15 @@ class KernelConfig:
     # by triton_int8_pairs: maxima and minima reduced on the words in bf16x2 PTX, codes stored as 16-bit pairs, a
     # thread's words in few groups (two of 1x128), tiles of asym_tile's size, careful ones deferred. Off until timed
     # on a GPU: compiled for sm_90 (benchmarks/sass.py --common-path) 13.6 SASS instructions an element with triton
-    # 3.6 and 14.2 with 3.9, against 16.8 / 16.6 for the register tiles above (INT8 sym's 14.8 ran 0.978 x copy).
+    # 3.6 and 14.2 with 3.9, against 16.8 / 16.6 for the register tiles above (INT8 sym ran 0.978 x copy at 14.8).
     asym_pairs: bool = False
     # Careful tiles of dual-layout programs listed for a second launch, as asym_defer (triton 3.6: 128 x 128 tiles at 8
     # warps take 124 registers instead of 161). H200, as above, two runs: 0.550 / 0.549 x copy at 4 warps against
     # 0.540 / 0.538 in place; 0.523 at 8 warps, 0.394 at 8 warps within 128 registers.
     dual_defer: bool = True
+    # Slabs a dual-layout program takes its tile in (its rows, then its columns, 1 / dual_slabs of the tile at a
+    # time: triton_quantize._dual_tile), so that a thread holds fewer elements at once. Untimed on a GPU.
+    dual_slabs: int = 1
     # Careful tiles deferred, one tile a program. Float tiles: 4 warps of 128 elements a thread of a 128 x 128
     # tile, no register limit (H200, 2026-12-04, 16384^2 bf16, ncu kernel time: E4M3 128x128 184 us against 210 us
     # for 8 warps within 128 registers, 246 us for 4 warps within 128, 240 us for 2 warps); rows within 80

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy
 import torch
 
 from .config import KernelConfig
@@ -24,6 +25,8 @@ MAX_REGISTER_BLOCK = 16384
 class ElementConstants(NamedTuple):
     """The kernels' FMT constexpr: a format's constants, read off spec.element (see element_constants)."""
     QMAX: float  # the largest code magnitude
+    DIVISOR: float  # a block's scale is its amax (int8_asym: hi - lo) over DIVISOR: QMAX (int8_asym: 2 * QMAX + 1)
+    RDIVISOR: float  # RN(1 / DIVISOR) in fp32 (triton_elements.scale_ratio)
     IS_INT: bool
     ASYM: bool  # int8_asym: codes carry a zero point
     POW2: bool  # power-of-two scales, stored as E8M0
@@ -110,8 +113,11 @@ def element_constants(spec: QuantSpec, exact_fp8: bool | None = None, guarded: b
     hw = SOFT_FP8.value
     if el.kind == "float" and el is not E2M1:
         hw = {E4M3.code_dtype: HW_E4M3.value, E5M2.code_dtype: HW_E5M2.value}.get(el.code_dtype, hw)
+    asym = spec.format == Format.INT8_ASYM
+    divisor = 2 * float(el.max) + 1 if asym else float(el.max)
+    reciprocal = float(numpy.float32(1.0) / numpy.float32(divisor))  # numpy: a plan's recording takes no torch op
     return ElementConstants(
-        QMAX=float(el.max), IS_INT=el.kind == "int", ASYM=spec.format == Format.INT8_ASYM,
+        QMAX=float(el.max), DIVISOR=divisor, RDIVISOR=reciprocal, IS_INT=el.kind == "int", ASYM=asym,
         POW2=spec.scale_encoding == ScaleEncoding.POW2, MX=spec.is_mx, EMAX=el.emax if el.kind == "float" else 0,
         NBITS=el.bits, MBITS=el.mbits, EMIN=el.emin, BIAS=el.bias, NAN_CODE=el.nan_code if el.has_nan else 0,
         HW_FP8=hw, EXACT_FP8=interpreting() if exact_fp8 is None else bool(exact_fp8), GUARDED=guarded,

@@ -50,38 +50,45 @@ GUARDED = tl.constexpr(4)
 # Scales within which CORRECTED is exact for every quotient that can change a code (and x finite).
 CORRECTED_MIN = tl.constexpr(2.0 ** -80)
 CORRECTED_MAX = tl.constexpr(2.0 ** 100)
-# RN(1 / 255), fp32: INT8 asym's span / 255 by corrected steps (block_scale).
-RECIPROCAL_255 = tl.constexpr(0.003921568859368563)
+
+
+@triton.jit
+def scale_ratio(amax, FMT: tl.constexpr, QUOTIENT: tl.constexpr):
+    """amax / FMT.DIVISOR rounded as IEEE division: by div.rn (QUOTIENT DIVIDE), or by quotient's corrected steps with
+    FMT.RDIVISOR = RN(1 / DIVISOR) (CORRECTED_ANY_ZERO): the IEEE quotient for every finite fp32 amax whose quotient
+    is a normal number (divisors 127 and 255: every finite amax; all 2**31 searched for each divisor, NUMERICS.md),
+    an infinite amax giving NaN (a careful block)."""
+    if QUOTIENT == CORRECTED_ANY_ZERO:
+        q0 = amax * FMT.RDIVISOR
+        ratio = tl.fma(tl.fma(q0, -FMT.DIVISOR, amax), FMT.RDIVISOR, q0)
+    else:
+        ratio = tl.math.div_rn(amax, FMT.DIVISOR)
+    return ratio
 
 
 @triton.jit
 def block_scale(amax, nlo, FMT: tl.constexpr, QUOTIENT: tl.constexpr = DIVIDE):
     """(scale, zero point) of a block from its finite amax (or, for FMT.ASYM, hi = amax and lo = -nlo).
 
-    QUOTIENT (ASYM): DIVIDE, or CORRECTED_ANY_ZERO where the block is then checked to be careless (finite hi
-    and lo, a scale within [CORRECTED_MIN, CORRECTED_MAX]) before the values are used: span / 255 and lo / scale
-    by quotient's corrected steps (no IEEE division), the same values there. span / 255 with RN(1 / 255) is the
-    IEEE quotient for every finite fp32 span (all 2**31 searched, NUMERICS.md), and an overflowed span gives an
-    infinite scale (careful); lo / scale is one of quotient's, within its guarantee."""
+    QUOTIENT: DIVIDE, or CORRECTED_ANY_ZERO where the block is then checked to be careless (finite amax, or hi and
+    lo, and a scale within [CORRECTED_MIN, CORRECTED_MAX]) before the values are used: the ratio to the format's
+    divisor (scale_ratio) and the zero point's lo / scale by quotient's corrected steps, no IEEE division, the same
+    values there; an overflowed span gives an infinite scale (careful)."""
     zp = tl.zeros_like(amax)
     if FMT.ASYM:
         span = amax + nlo  # hi - lo with lo = -nlo: exact negation, one rounding as in the reference
-        if QUOTIENT == CORRECTED_ANY_ZERO:
-            q0 = span * RECIPROCAL_255
-            scale = tl.where(span < float("inf"), tl.fma(tl.fma(q0, -255.0, span), RECIPROCAL_255, q0), span)
-        else:
-            scale = tl.math.div_rn(span, 2 * FMT.QMAX + 1)
+        scale = tl.where(span < float("inf"), scale_ratio(span, FMT, QUOTIENT), span)
         scale = tl.where(scale > 0, scale, 1.0)
         zp = -(FMT.QMAX + 1) - rint(quotient(-nlo, scale, QUOTIENT))
     elif FMT.POW2:
         if FMT.MX:
             scale = pow2(mx_scale_exponent(exponent(amax), FMT.EMAX))
         else:
-            ratio = tl.math.div_rn(amax, FMT.QMAX)
+            ratio = scale_ratio(amax, FMT, QUOTIENT)
             e = exponent(ratio) + ((ratio.to(tl.int32, bitcast=True) & 0x7FFFFF) != 0).to(tl.int32)
             scale = pow2(scale_exponent(e, amax > 0))
     else:
-        scale = tl.math.div_rn(amax, FMT.QMAX)
+        scale = scale_ratio(amax, FMT, QUOTIENT)
         scale = tl.where(scale > 0, scale, 1.0)
     return scale, zp
 

@@ -161,11 +161,11 @@ def _store_codes(bits, codes_ptr, p, rows, cols, valid, pid_c, cb, R, sq_p, sq_r
 @triton.jit
 def _quantize_tile(
     pid,
-    x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr, scales_t_ptr, zp_t_ptr,
+    x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr,
     R, C, NBR, NBC, BR, BC, TILES_R, TILES_C,
-    sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, sst_r, sst_c,
+    sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c,
     TILE: tl.constexpr, FMT: tl.constexpr, SCALE_SRC: tl.constexpr, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr,
-    DUAL: tl.constexpr, PACK4: tl.constexpr, BF16_BITS: tl.constexpr, TILE_MODE: tl.constexpr = MANY_BLOCKS,
+    PACK4: tl.constexpr, BF16_BITS: tl.constexpr, TILE_MODE: tl.constexpr = MANY_BLOCKS,
     SCALES_EACH: tl.constexpr = 1,
 ):
     """Codes (and scales) of one [RB, TBRP, CB, TBCP] tile (TILE: quantize_plan.Tile; FMT: the format's
@@ -179,11 +179,8 @@ def _quantize_tile(
     (The last three look blocks up by row and/or column ids: BID_ROWS / BID_COLS; tile `pid` writes the
     scales of SCALES_EACH blocks.)
     Codes are written contiguously over (P, R, C) (PACK4: two nibbles a byte along C).
-    DUAL (1 x TBC row groups, RB = TBC rows a program): each column of the tile is also a
-    block of X^T, quantized into codes_t (C, R), scales_t and zp_t.
     TILE_MODE (SCALE_REGISTER): ONE_BLOCK: the tile is one block (RB = CB = 1), encoded under the careful branch;
-    DEFERRED: careful tiles (of one block or many; DUAL: careful rows or columns) are only listed, for a FIXUP
-    launch; MANY_BLOCKS: neither.
+    DEFERRED: careful tiles (of one block or many) are only listed, for a FIXUP launch; MANY_BLOCKS: neither.
     """
     RB: tl.constexpr = TILE.RB
     CB: tl.constexpr = TILE.CB
@@ -195,11 +192,8 @@ def _quantize_tile(
         brow = pid_r * RB + rb  # [RB, 1, 1, 1]
         bcol = pid_c * CB + cb  # [1, 1, CB, 1]
         scale, zp, careful = _register_scales(x, FMT, TILE_MODE == DEFERRED)
-        smask = (brow < NBR) & (bcol < NBC)
-        soff = brow.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c
-        tl.store(scales_ptr + soff, stored_scale(scale, FMT.POW2), mask=smask)
-        if FMT.ASYM:
-            tl.store(zp_ptr + soff, zp.to(tl.int32).to(tl.uint8), mask=smask)
+        _store_scales(scales_ptr, zp_ptr, brow.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c,
+                      (brow < NBR) & (bcol < NBC), scale, zp, FMT)
     else:
         # Blocks larger than a sub-tile: look the blocks up, on 1-D row and column ids where the
         # block varies (BID_ROWS / BID_COLS), clamped so that padding lanes read a real block.
@@ -228,10 +222,8 @@ def _quantize_tile(
         else:
             own = tl.load(given_ptr + sb, mask=s_mask, other=1.0)
             own_zp = 0.0
-        soff = (sb // NBC).to(tl.int64) * ss_r + (sb % NBC).to(tl.int64) * ss_c
-        tl.store(scales_ptr + soff, stored_scale(own, FMT.POW2), mask=s_mask)
-        if FMT.ASYM:
-            tl.store(zp_ptr + soff, own_zp.to(tl.int32).to(tl.uint8), mask=s_mask)
+        _store_scales(scales_ptr, zp_ptr, (sb // NBC).to(tl.int64) * ss_r + (sb % NBC).to(tl.int64) * ss_c, s_mask,
+                      own, own_zp, FMT)
 
     if SCALE_SRC == SCALE_REGISTER and TILE_MODE == DEFERRED:
         # Careful tiles are left to a second launch (FIXUP of _quantize_kernel) over the list in
@@ -239,7 +231,7 @@ def _quantize_tile(
         if careful == 0:
             bits = _encode_careless(x, scale, zp, FMT)
             _store_codes(bits, codes_ptr, p, rows, cols, valid, pid_c, cb, R, sq_p, sq_r, TILE, PACK4)
-        elif not DUAL:  # a dual tile is listed after its columns
+        else:
             defer_tile(stats_ptr, pid)
     elif SCALE_SRC == SCALE_REGISTER and TILE_MODE == ONE_BLOCK and not FMT.POW2:
         # One block a program: the codes are encoded and stored under the branch (faster on an H100
@@ -264,28 +256,89 @@ def _quantize_tile(
             bits = encode(x, scale, zp, FMT, DIVIDE)
         _store_codes(bits, codes_ptr, p, rows, cols, valid, pid_c, cb, R, sq_p, sq_r, TILE, PACK4)
 
-    if DUAL:
-        # The column-wise copy from a second load of the tile (an L2 hit), laid out as X^T's rows:
-        # [CB * TBCP, 1, 1, RB], each row (a column of X) one group, so that it is reduced and
-        # encoded like the row-wise copy and stored along X^T's rows (faster on an H100 and an H200 than
-        # reducing the first load's registers along the columns and transposing the codes, BENCHMARKS.md).
+
+@triton.jit
+def _store_scales(scales_ptr, zp_ptr, offsets, mask, scale, zp, FMT: tl.constexpr):
+    """Store blocks' scales (and, ASYM, zero points) at `offsets` of their grids."""
+    tl.store(scales_ptr + offsets, stored_scale(scale, FMT.POW2), mask=mask)
+    if FMT.ASYM:
+        tl.store(zp_ptr + offsets, zp.to(tl.int32).to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_ptr, scales_t_ptr, zp_t_ptr, R, C, NBC,
+               TILES_C, sx_r, sx_c, sq_r, ss_r, ss_c, sst_r, sst_c, TILE: tl.constexpr, FMT: tl.constexpr,
+               BF16_BITS: tl.constexpr, TILE_MODE: tl.constexpr, SLABS: tl.constexpr):
+    """quantize_dual's tile `pid` of X (R, C): RB = TBC rows x CB groups of TBC, quantized along its rows (1 x TBC
+    groups) into codes and scales, and along its columns, each column one group of X^T's row, into codes_t (C, R),
+    scales_t and zp_t, from a second load of the tile (an L2 hit), laid out as X^T's rows [CB * TBC, 1, 1, RB] so
+    that it is reduced and encoded like the rows and stored along X^T's rows (faster on an H100 and an H200 than
+    reducing the first load's registers along the columns and transposing the codes, BENCHMARKS.md). SLABS: the
+    rows, then the columns, a 1 / SLABS slab at a time, so that a thread holds a slab's elements only.
+    TILE_MODE DEFERRED: a tile with a careful row or column is listed for the FIXUP launch (which codes it in
+    place), its careful slabs' codes left unwritten."""
+    RB: tl.constexpr = TILE.RB
+    CB: tl.constexpr = TILE.CB
+    G: tl.constexpr = TILE.TBC
+    pid_c = pid % TILES_C
+    pid_r = pid // TILES_C
+    careful_any = 0
+    for s in tl.static_range(SLABS):
+        rows = pid_r * RB + s * (RB // SLABS) + tl.arange(0, RB // SLABS)[:, None, None, None]
+        bcol = pid_c * CB + tl.arange(0, CB)[None, None, :, None]
+        cols = bcol * G + tl.arange(0, G)[None, None, None, :]
+        valid = (rows < R) & (cols < C)
+        x = load_fp32(x_ptr + rows.to(tl.int64) * sx_r + cols.to(tl.int64) * sx_c, valid, BF16_BITS)
+        scale, zp, careful = _register_scales(x, FMT, TILE_MODE == DEFERRED)
+        _store_scales(scales_ptr, zp_ptr, rows.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c,
+                      (rows < R) & (bcol < NBC), scale, zp, FMT)
+        _store_dual_codes(codes_ptr + rows.to(tl.int64) * sq_r + cols, valid, x, scale, zp, careful, FMT, TILE_MODE)
+        careful_any = careful_any | careful
+    for s in tl.static_range(SLABS):
         rows_t = pid_r * RB + tl.arange(0, RB)[None, None, None, :]
-        cols_t = pid_c * CB * TILE.TBC + tl.arange(0, CB * TILE.TBCP)[:, None, None, None]
+        cols_t = pid_c * CB * G + s * (CB * G // SLABS) + tl.arange(0, CB * G // SLABS)[:, None, None, None]
         valid_t = (rows_t < R) & (cols_t < C)
-        xt = load_fp32(x_base + rows_t.to(tl.int64) * sx_r + cols_t.to(tl.int64) * sx_c, valid_t, BF16_BITS)
+        xt = load_fp32(x_ptr + rows_t.to(tl.int64) * sx_r + cols_t.to(tl.int64) * sx_c, valid_t, BF16_BITS)
         scale_t, zp_t, careful_t = _register_scales(xt, FMT, TILE_MODE == DEFERRED)
-        st_off = cols_t.to(tl.int64) * sst_r + pid_r * sst_c
-        tl.store(scales_t_ptr + st_off, stored_scale(scale_t, FMT.POW2), mask=cols_t < C)
-        if FMT.ASYM:
-            tl.store(zp_t_ptr + st_off, zp_t.to(tl.int32).to(tl.uint8), mask=cols_t < C)
-        codes_t = codes_t_ptr + cols_t.to(tl.int64) * R + rows_t
-        if TILE_MODE == DEFERRED:
-            if careful_t == 0:
-                tl.store(codes_t, _encode_careless(xt, scale_t, zp_t, FMT).to(tl.uint8), mask=valid_t)
-            if (careful | careful_t) != 0:
-                defer_tile(stats_ptr, pid)
-        else:
-            tl.store(codes_t, _encode_register(xt, scale_t, zp_t, careful_t, FMT).to(tl.uint8), mask=valid_t)
+        _store_scales(scales_t_ptr, zp_t_ptr, cols_t.to(tl.int64) * sst_r + pid_r * sst_c, cols_t < C, scale_t, zp_t,
+                      FMT)
+        _store_dual_codes(codes_t_ptr + cols_t.to(tl.int64) * R + rows_t, valid_t, xt, scale_t, zp_t, careful_t, FMT,
+                          TILE_MODE)
+        careful_any = careful_any | careful_t
+    if TILE_MODE == DEFERRED:
+        if careful_any != 0:
+            defer_tile(list_ptr, pid)
+
+
+@triton.jit
+def _store_dual_codes(ptrs, mask, x, scale, zp, careful, FMT: tl.constexpr, TILE_MODE: tl.constexpr):
+    """Store the codes of a dual slab: DEFERRED, only where it is not careful; else encoded in place."""
+    if TILE_MODE == DEFERRED:
+        if careful == 0:
+            tl.store(ptrs, _encode_careless(x, scale, zp, FMT).to(tl.uint8), mask=mask)
+    else:
+        tl.store(ptrs, _encode_register(x, scale, zp, careful, FMT).to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _tile(
+    pid,
+    x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr, scales_t_ptr, zp_t_ptr,
+    R, C, NBR, NBC, BR, BC, TILES_R, TILES_C,
+    sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, sst_r, sst_c,
+    TILE: tl.constexpr, FMT: tl.constexpr, SCALE_SRC: tl.constexpr, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr,
+    DUAL: tl.constexpr, PACK4: tl.constexpr, BF16_BITS: tl.constexpr, TILE_MODE: tl.constexpr,
+    SCALES_EACH: tl.constexpr, DUAL_SLABS: tl.constexpr,
+):
+    """_dual_tile (DUAL) or _quantize_tile of tile `pid`."""
+    if DUAL:
+        _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, codes_t_ptr, scales_t_ptr, zp_t_ptr, R, C,
+                   NBC, TILES_C, sx_r, sx_c, sq_r, ss_r, ss_c, sst_r, sst_c, TILE, FMT, BF16_BITS, TILE_MODE,
+                   DUAL_SLABS)
+    else:
+        _quantize_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, R, C, NBR, NBC, BR, BC,
+                       TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, TILE, FMT, SCALE_SRC, BID_ROWS,
+                       BID_COLS, PACK4, BF16_BITS, TILE_MODE, SCALES_EACH)
 
 
 @triton.jit
@@ -296,27 +349,28 @@ def _quantize_kernel(
     TILE: tl.constexpr, FMT: tl.constexpr, SCALE_SRC: tl.constexpr, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr,
     DUAL: tl.constexpr, PACK4: tl.constexpr, BF16_BITS: tl.constexpr, TILE_MODE: tl.constexpr = MANY_BLOCKS,
     SCALES_EACH: tl.constexpr = 1, NUM_TILES=1, STAGES: tl.constexpr = 0, FIXUP: tl.constexpr = False,
+    DUAL_SLABS: tl.constexpr = 1,
 ):
-    """_quantize_tile of tile program_id(0) (STAGES 0), or of tiles pid, pid + programs, ... < NUM_TILES
-    with the loads of the next STAGES - 1 tiles in flight (persistent programs). FIXUP: of the tiles
-    listed in stats_ptr by a launch with DEFERRED, each program taking every programs-th."""
+    """_tile of tile program_id(0) (STAGES 0), or of tiles pid, pid + programs, ... < NUM_TILES with the loads of
+    the next STAGES - 1 tiles in flight (persistent programs). FIXUP: of the tiles listed in stats_ptr by a launch
+    with DEFERRED, each program taking every programs-th."""
     if FIXUP:
         for i in range(tl.program_id(0), tl.load(stats_ptr), tl.num_programs(0)):
-            _quantize_tile(tl.load(stats_ptr + 1 + i), x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr,
-                           codes_t_ptr, scales_t_ptr, zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r,
-                           sx_c, sq_p, sq_r, ss_r, ss_c, sst_r, sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS,
-                           DUAL, PACK4, BF16_BITS, TILE_MODE, SCALES_EACH)
+            _tile(tl.load(stats_ptr + 1 + i), x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr,
+                  scales_t_ptr, zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r, ss_r,
+                  ss_c, sst_r, sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, BF16_BITS, TILE_MODE,
+                  SCALES_EACH, DUAL_SLABS)
     elif STAGES == 0:
-        _quantize_tile(tl.program_id(0), x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr,
-                       scales_t_ptr, zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r,
-                       ss_r, ss_c, sst_r, sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, BF16_BITS,
-                       TILE_MODE, SCALES_EACH)
+        _tile(tl.program_id(0), x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr, scales_t_ptr,
+              zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, sst_r,
+              sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, BF16_BITS, TILE_MODE, SCALES_EACH,
+              DUAL_SLABS)
     else:
         for tile in tl.range(tl.program_id(0), NUM_TILES, tl.num_programs(0), num_stages=STAGES):
-            _quantize_tile(tile, x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr, scales_t_ptr,
-                           zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c,
-                           sst_r, sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, BF16_BITS, TILE_MODE,
-                           SCALES_EACH)
+            _tile(tile, x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr, scales_t_ptr,
+                  zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, sst_r,
+                  sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, BF16_BITS, TILE_MODE, SCALES_EACH,
+                  DUAL_SLABS)
 
 
 def flat_scales(scales: torch.Tensor) -> torch.Tensor:
@@ -442,7 +496,7 @@ def _launch(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, register,
     kwargs = dict(TILE=tile, FMT=fmt, SCALE_SRC=source.value, BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
                   SCALES_EACH=1 if register else pow2_ceil(_cdiv(nbr * nbc, tiles)),
                   DUAL=dual_out is not None, PACK4=spec.element.bits == 4, BF16_BITS=bf16_bits(v),
-                  num_warps=run.warps, NUM_TILES=tiles)
+                  num_warps=run.warps, NUM_TILES=tiles, DUAL_SLABS=config.dual_slabs if dual_out is not None else 1)
     launch(_quantize_kernel, (programs,), *args, TILE_MODE=tile_mode(run), STAGES=run.stages, **kwargs, **limits)
     if run.defer:  # the listed tiles, coded in place
         launch(_quantize_kernel, (min(tiles, persistent_programs(v.device, config.fixup_programs)),), *args,

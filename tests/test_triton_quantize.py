@@ -508,8 +508,8 @@ def test_int8_asym_pairs_kernel(rng, monkeypatch):
 
 
 @triton.jit
-def _asym_scale_kernel(hi_ptr, nlo_ptr, out_ptr, N, FMT: tl.constexpr, BLOCK: tl.constexpr):
-    """Per (hi, nlo): block_scale's scale and zero point divided and by corrected steps."""
+def _block_scale_kernel(hi_ptr, nlo_ptr, out_ptr, N, FMT: tl.constexpr, BLOCK: tl.constexpr):
+    """Per (hi, nlo) (amax: hi): block_scale's scale and zero point divided and by corrected steps."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     hi = tl.load(hi_ptr + offs, mask=offs < N, other=0.0)
     nlo = tl.load(nlo_ptr + offs, mask=offs < N, other=0.0)
@@ -519,43 +519,56 @@ def _asym_scale_kernel(hi_ptr, nlo_ptr, out_ptr, N, FMT: tl.constexpr, BLOCK: tl
         tl.store(out_ptr + i * N + offs, v, mask=offs < N)
 
 
-def asym_block_scales(hi: torch.Tensor, nlo: torch.Tensor, device: str = "cpu"):
-    """(scale, zero point) of block_scale by division, then by corrected steps, for each (hi, nlo)."""
+def block_scales(hi: torch.Tensor, nlo: torch.Tensor, spec: QuantSpec, device: str = "cpu"):
+    """(scale, zero point) of block_scale for `spec` by division, then by corrected steps, for each (hi, nlo)."""
     n = len(hi)
+    assert len(nlo) == n
     out = torch.empty(4 * n, device=device)
-    fmt = element_constants(QuantSpec(format="int8_asym"))
-    _asym_scale_kernel[(triton.cdiv(n, 4096),)](hi.to(device), nlo.to(device), out, n, FMT=fmt, BLOCK=4096)
+    fmt = element_constants(spec)
+    _block_scale_kernel[(triton.cdiv(n, 4096),)](hi.to(device), nlo.to(device), out, n, FMT=fmt, BLOCK=4096)
     return out.cpu().reshape(4, n)
 
 
-def test_asym_corrected_block_scale(rng):
-    """block_scale's corrected steps for INT8 asym (no IEEE division): the scale, span / 255, is the divided one for
-    random mantissas in three binades of spans and for random spans over the whole fp32 range (a search of all 2**31
-    finite spans found no difference, NUMERICS.md), an overflowed span gives an infinite scale, and the zero point
-    is the divided one wherever the scale is within the corrected range."""
-    mantissas = torch.randint(0, 1 << 23, (1 << 21,), generator=rng, dtype=torch.int32)
+CORRECTED_SCALE_SPECS = [QuantSpec("int8_asym"), QuantSpec("int8_sym"), QuantSpec("fp8_e4m3"), QuantSpec("fp8_e5m2"),
+                         QuantSpec(scale_encoding="pow2")]
+
+
+@pytest.mark.parametrize("spec", CORRECTED_SCALE_SPECS, ids=lambda s: f"{s.format.value}-{s.scale_encoding.value}")
+def test_corrected_block_scale(spec, rng):
+    """block_scale's corrected steps (no IEEE division, for register tiles that are then checked not to be careful):
+    the scale, amax (INT8 asym: the span) over the format's divisor, is the divided one for random mantissas in
+    three binades and random values over the whole fp32 range wherever the scale is within the corrected range
+    (INT8, whose divisors 127 and 255 gave the IEEE quotient for all 2**31 finite fp32 values, everywhere;
+    NUMERICS.md); INT8 asym: an overflowed span gives an infinite scale, and the zero point is the divided one,
+    lows whose lo / scale lies on or next to a half-integer included."""
+    mantissas = torch.randint(0, 1 << 23, (1 << 18,), generator=rng, dtype=torch.int32)
     binades = [(mantissas | (e + 127) << 23).view(torch.float32) for e in (-60, 0, 90)]
-    spans = torch.cat(binades + [torch.exp2(torch.rand(1 << 20, generator=rng) * 254 - 126)])
+    spans = torch.cat(binades + [torch.exp2(torch.rand(1 << 18, generator=rng) * 254 - 126)])
     share = torch.rand(len(spans), generator=rng)  # hi = span * share, nlo = the rest
     hi = (spans * share).float()
     nlo = spans - hi
-    # and lows whose lo / scale lies on or next to a half-integer, where x * RN(1 / scale) alone may round otherwise
-    tie_spans = torch.exp2(torch.rand(1 << 12, generator=rng) * 160 - 70)[:, None]
-    s = tie_spans / 255
-    near = ((torch.arange(255) + 0.5) * s).reshape(-1)
-    near = torch.cat([near, torch.nextafter(near, near * 2), torch.nextafter(near, near * 0)])
-    tie_spans = tie_spans.expand(-1, 255).reshape(-1).repeat(3)
-    tie_hi = tie_spans - near
-    fits = (tie_hi >= 0) & (tie_hi + near == tie_spans)
-    hi, nlo = torch.cat([hi, tie_hi[fits]]), torch.cat([nlo, near[fits]])
-    spans = hi + nlo
-    scale, zp, fast, fast_zp = asym_block_scales(hi, nlo)
-    assert torch.equal(fast, scale)
+    if spec.format.value == "int8_asym":  # lows next to half-integers of lo / scale, where x * RN(1 / scale) errs
+        tie_spans = torch.exp2(torch.rand(1 << 12, generator=rng) * 160 - 70)[:, None]
+        near = ((torch.arange(255) + 0.5) * (tie_spans / 255)).reshape(-1)
+        near = torch.cat([near, torch.nextafter(near, near * 2), torch.nextafter(near, near * 0)])
+        tie_spans = tie_spans.expand(-1, 255).reshape(-1).repeat(3)
+        tie_hi = tie_spans - near
+        fits = (tie_hi >= 0) & (tie_hi + near == tie_spans)
+        hi, nlo = torch.cat([hi, tie_hi[fits]]), torch.cat([nlo, near[fits]])
+    else:  # amax = hi, and the divisor times powers of two (a pow2 scale's exponent rounds up past those)
+        exact = element_constants(spec).DIVISOR * torch.exp2(torch.arange(-100.0, 100.0))
+        hi = torch.cat([hi, spans, exact, torch.nextafter(exact, exact * 2), torch.nextafter(exact, exact * 0)])
+        nlo = torch.zeros_like(hi)
+    scale, zp, fast, fast_zp = block_scales(hi, nlo, spec)
     ok = (scale >= 2.0 ** -80) & (scale <= 2.0 ** 100)
-    assert ok.sum() > len(spans) // 2 and torch.equal(fast_zp[ok], zp[ok])
-    big = torch.finfo(torch.float32).max
-    _, _, fast, _ = asym_block_scales(torch.tensor([big]), torch.tensor([big]))
-    assert fast.item() == math.inf
+    assert ok.sum() > len(scale) // 2
+    if spec.format.value.startswith("int8"):
+        assert torch.equal(fast, scale)
+    assert torch.equal(fast[ok], scale[ok]) and torch.equal(fast_zp[ok], zp[ok])
+    if spec.format.value == "int8_asym":
+        big = torch.finfo(torch.float32).max
+        _, _, fast, _ = block_scales(torch.tensor([big]), torch.tensor([big]), spec)
+        assert fast.item() == math.inf
 
 
 @pytest.mark.parametrize("fmt", DUAL_FORMATS)
@@ -575,6 +588,21 @@ def test_dual_layout_deferred(fmt, defer, rng):
     x[g + 2:g + 6, 2 * g + 1] = math.inf  # tile (1, 2), ragged: careful columns and rows
     for t in (x, deferred_input((300, 260), torch.float32, rng)):
         check_dual(t, spec, config=config)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8_asym", "mxfp8"])
+@pytest.mark.parametrize("slabs", [2, 4])
+@pytest.mark.parametrize("defer", [False, True], ids=["careful_in_place", "deferred"])
+def test_dual_layout_slabs(fmt, slabs, defer, rng):
+    """KernelConfig.dual_slabs: dual programs take their tile's rows, then its columns, a slab at a time; careful
+    rows and columns in some slabs only, ragged tiles, 1x32 groups several a row."""
+    config = dataclasses.replace(DEFAULT, dual_slabs=slabs, dual_defer=defer)
+    for g in (32,) if fmt == "mxfp8" else (128, 32):
+        spec = QuantSpec(format=fmt, group_size=g)
+        x = random_input((2 * g + 5, 3 * g + 3), torch.bfloat16, rng, edge_cases=False)
+        x[g + 2, 5] = math.nan  # tile (1, 0): one careful row, one careful column, in one slab each
+        x[3, 2 * g + 1:2 * g + 4] = torch.finfo(torch.bfloat16).tiny / 8
+        check_dual(x, spec, config=config)
 
 
 def every_bf16_under_scales(exponents) -> torch.Tensor:
@@ -819,12 +847,14 @@ def test_gpu_lookup_tiles(lookup_tile, rng):
 
 
 @pytest.mark.gpu
-def test_gpu_asym_corrected_block_scale():
-    """block_scale's corrected INT8 asym scale compiled: every mantissa of spans in six binades."""
+@pytest.mark.parametrize("spec", CORRECTED_SCALE_SPECS, ids=lambda s: f"{s.format.value}-{s.scale_encoding.value}")
+def test_gpu_corrected_block_scale(spec):
+    """block_scale's corrected scales compiled: every mantissa of six binades, against div.rn."""
     mantissas = torch.arange(1 << 23, dtype=torch.int32)
     spans = torch.cat([(mantissas | (e + 127) << 23).view(torch.float32) for e in (-126, -72, -8, 0, 30, 126)])
-    scale, _, fast, _ = asym_block_scales(spans / 2, spans - spans / 2, "cuda")
-    assert torch.equal(fast, scale)
+    scale, _, fast, _ = block_scales(spans / 2, spans - spans / 2, spec, "cuda")
+    ok = (scale >= 2.0 ** -80) & (scale <= 2.0 ** 100)
+    assert torch.equal(fast[ok], scale[ok])
 
 
 @pytest.mark.gpu
@@ -836,6 +866,15 @@ def test_gpu_dual_layout_deferred(fmt, warps, defer, rng):
     spec = QuantSpec(format=fmt)
     for size in [(128, 128), (1000, 3000), (4096, 8192)]:
         check_dual(deferred_input(size, torch.bfloat16, rng).cuda(), spec, config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", DUAL_FORMATS)
+@pytest.mark.parametrize("slabs", [2, 4])
+def test_gpu_dual_layout_slabs(fmt, slabs, rng):
+    config = dataclasses.replace(DEFAULT, dual_slabs=slabs)
+    for size in [(128, 128), (1000, 3000), (4096, 8192)]:
+        check_dual(deferred_input(size, torch.bfloat16, rng).cuda(), QuantSpec(format=fmt), config=config)
 
 
 @pytest.mark.gpu
