@@ -668,9 +668,10 @@ def test_mxfp4_pairs_kernel(dtype, rng, monkeypatch):
     x = random_input((70, 400), dtype, rng)
     for t in (x, x[3:50, 16:316], x[:, :301], x[:, ::2], x.float()):
         check(t, spec)
+    check(x, spec, config=dataclasses.replace(DEFAULT, mxfp4_pairs_coalesced=True))
     got = dispatch.quantize(x, spec, backend="triton", scale_layout="col")
     assert_same_qt(got, reference_quantize(x, spec))
-    assert taken == [True, True, False, False, False, True]
+    assert taken == [True, True, False, False, False, True, True]
 
 
 def test_scale_layouts(rng):
@@ -900,10 +901,13 @@ def test_gpu_shapes_and_strides(spec, rng):
 
 
 @pytest.mark.gpu
-def test_gpu_mxfp4_bf16_under_every_scale():
+@pytest.mark.parametrize("coalesced", [False, True], ids=["block_a_thread", "coalesced"])
+def test_gpu_mxfp4_bf16_under_every_scale(coalesced, rng):
     """The packed bf16x2 E2M1 encoder (compiled only): every finite bf16 value under every E8M0 scale
-    its block can have (~8.6M elements)."""
-    check(every_bf16_under_scales(range(-127, 126)).cuda(), QuantSpec(format="mxfp4"))
+    its block can have (~8.6M elements); KernelConfig.mxfp4_pairs_coalesced both ways, Inf and NaN tiles too."""
+    config = dataclasses.replace(DEFAULT, mxfp4_pairs_coalesced=coalesced)
+    check(every_bf16_under_scales(range(-127, 126)).cuda(), QuantSpec(format="mxfp4"), config=config)
+    check(deferred_input((1000, 3000), torch.bfloat16, rng).cuda(), QuantSpec(format="mxfp4"), config=config)
 
 
 @pytest.mark.gpu
