@@ -93,11 +93,13 @@ class KernelConfig:
     # against 0.725. Since INT8 sym tiles that are not careful only round their quotients (no clamp, no NaN select),
     # int8 takes the float tiles without any register limit (H200, 2026-12-04, 16384^2 bf16, profile_kernels
     # --time, one process): 128x128 sym 0.986 against 0.874 at 64 elements a thread within 128 registers, per
-    # channel 0.984 against 0.907 with rows of 64 within 128, asym 128x128 0.851 against 0.846.
+    # channel 0.984 against 0.907 with rows of 64 within 128, asym 128x128 0.851 against 0.846. INT8 rows took 80
+    # registers without a limit then; with the block scales' corrected steps ptxas takes 93 (triton 3.6), so they are
+    # held at 80 as the float rows are (whose 87 without a limit ran 0.916 against 0.985 within 80); untimed.
     one_block_float: OneBlock = OneBlock(defer=True, per_sm=0, tile_elems=128, row_elems=64, maxnreg=None,
                                          row_maxnreg=80)
     one_block_int: OneBlock = OneBlock(defer=True, per_sm=0, tile_elems=128, row_elems=64, maxnreg=None,
-                                       row_maxnreg=None)
+                                       row_maxnreg=80)
     # Blocks whose scales come from the statistics pass or are given (per tensor, channels, groups and tiles
     # too large for registers, static and delayed scales): x / scale by the guarded corrected quotient
     # (triton_elements.quotient GUARDED: a reciprocal and two fmas) instead of IEEE division wherever the

@@ -94,6 +94,14 @@ def block_scale(amax, nlo, FMT: tl.constexpr, QUOTIENT: tl.constexpr = DIVIDE):
 
 
 @triton.jit
+def store_scales(scales_ptr, zp_ptr, offsets, mask, scale, zp, FMT: tl.constexpr):
+    """Store blocks' scales (stored_scale) and, ASYM, zero points at `offsets` of their grids."""
+    tl.store(scales_ptr + offsets, stored_scale(scale, FMT.POW2), mask=mask)
+    if FMT.ASYM:
+        tl.store(zp_ptr + offsets, zp.to(tl.int32).to(tl.uint8), mask=mask)
+
+
+@triton.jit
 def clamp_exponent(e):
     """e clamped to E8M0's [-127, 127]."""
     return tl.minimum(tl.maximum(e, -127), 127)

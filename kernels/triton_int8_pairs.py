@@ -15,7 +15,7 @@ from .plans import launch, scratch
 from .quantize_plan import as_grid, bytes_of, element_constants, narrow_launch, pair_words, persistent_programs
 from .spec import Format, Granularity, QuantSpec, _cdiv
 from .triton_elements import (CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, block_scale, defer_tile, encode,
-                              encode_quotient, max_nan, min_nan, quotient)
+                              encode_quotient, max_nan, min_nan, quotient, store_scales)
 
 
 def int8_pairs(v: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
@@ -166,11 +166,8 @@ def _int8_pairs_tile(pid, w_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, R, C2,
         nlo = _group_reduce(tl.maximum(tl.where(-lo < float("inf"), -lo, 0.0), tl.where(-hi < float("inf"), -hi, 0.0)),
                             MAX)
         scale, zp = block_scale(tl.maximum(top, 0.0), tl.maximum(nlo, 0.0), FMT)
-        tl.store(scales_ptr + s_ptrs, scale, mask=s_mask)
-        tl.store(zp_ptr + s_ptrs, zp.to(tl.int32).to(tl.uint8), mask=s_mask)
-        c_lo = encode(lo, scale, zp, FMT, DIVIDE)
-        c_hi = encode(hi, scale, zp, FMT, DIVIDE)
-        tl.store(c_ptrs, ((c_lo & 0xFF) | (c_hi << 8)).to(tl.int16), mask=mask)
+        store_scales(scales_ptr, zp_ptr, s_ptrs, s_mask, scale, zp, FMT)
+        _store_pairs(c_ptrs, mask, encode(lo, scale, zp, FMT, DIVIDE), encode(hi, scale, zp, FMT, DIVIDE))
     else:
         top, bottom = _group_max_min(w, lo, hi, PACKED)
         nlo = -bottom
@@ -178,10 +175,14 @@ def _int8_pairs_tile(pid, w_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, R, C2,
         wild = (scale < CORRECTED_MIN) | (scale > CORRECTED_MAX) | ~(top < float("inf")) | ~(nlo < float("inf"))
         careful = tl.max(tl.reshape(wild.to(tl.int32), [ROWS * GROUPS]))
         if careful == 0:
-            tl.store(scales_ptr + s_ptrs, scale, mask=s_mask)
-            tl.store(zp_ptr + s_ptrs, zp.to(tl.int32).to(tl.uint8), mask=s_mask)
-            c_lo = encode_quotient(lo, quotient(lo, scale, CORRECTED_ANY_ZERO), zp, FMT, True)
-            c_hi = encode_quotient(hi, quotient(hi, scale, CORRECTED_ANY_ZERO), zp, FMT, True)
-            tl.store(c_ptrs, ((c_lo & 0xFF) | (c_hi << 8)).to(tl.int16), mask=mask)
+            store_scales(scales_ptr, zp_ptr, s_ptrs, s_mask, scale, zp, FMT)
+            _store_pairs(c_ptrs, mask, encode_quotient(lo, quotient(lo, scale, CORRECTED_ANY_ZERO), zp, FMT, True),
+                         encode_quotient(hi, quotient(hi, scale, CORRECTED_ANY_ZERO), zp, FMT, True))
         else:
             defer_tile(list_ptr, pid)
+
+
+@triton.jit
+def _store_pairs(ptrs, mask, c_lo, c_hi):
+    """Store the codes of the words' two elements (int8 bits, element 2i in the low byte) as 16-bit pairs."""
+    tl.store(ptrs, ((c_lo & 0xFF) | (c_hi << 8)).to(tl.int16), mask=mask)

@@ -29,7 +29,7 @@ from .spec import Format, Granularity, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED, CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, GUARDED,
                               RECIPROCAL, block_ids, block_scale, defer_tile, encode, encode_quotient, finite_abs,
-                              load_fp32, max_into, max_nan, min_nan, quotient, rint_int32, stored_scale, tile_coords)
+                              load_fp32, max_into, max_nan, min_nan, quotient, rint_int32, store_scales, tile_coords)
 from .triton_int8_pairs import int8_pairs
 from .triton_mxfp4_pairs import mxfp4_pairs
 
@@ -192,7 +192,7 @@ def _quantize_tile(
         brow = pid_r * RB + rb  # [RB, 1, 1, 1]
         bcol = pid_c * CB + cb  # [1, 1, CB, 1]
         scale, zp, careful = _register_scales(x, FMT, TILE_MODE == DEFERRED)
-        _store_scales(scales_ptr, zp_ptr, brow.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c,
+        store_scales(scales_ptr, zp_ptr, brow.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c,
                       (brow < NBR) & (bcol < NBC), scale, zp, FMT)
     else:
         # Blocks larger than a sub-tile: look the blocks up, on 1-D row and column ids where the
@@ -222,7 +222,7 @@ def _quantize_tile(
         else:
             own = tl.load(given_ptr + sb, mask=s_mask, other=1.0)
             own_zp = 0.0
-        _store_scales(scales_ptr, zp_ptr, (sb // NBC).to(tl.int64) * ss_r + (sb % NBC).to(tl.int64) * ss_c, s_mask,
+        store_scales(scales_ptr, zp_ptr, (sb // NBC).to(tl.int64) * ss_r + (sb % NBC).to(tl.int64) * ss_c, s_mask,
                       own, own_zp, FMT)
 
     if SCALE_SRC == SCALE_REGISTER and TILE_MODE == DEFERRED:
@@ -258,14 +258,6 @@ def _quantize_tile(
 
 
 @triton.jit
-def _store_scales(scales_ptr, zp_ptr, offsets, mask, scale, zp, FMT: tl.constexpr):
-    """Store blocks' scales (and, ASYM, zero points) at `offsets` of their grids."""
-    tl.store(scales_ptr + offsets, stored_scale(scale, FMT.POW2), mask=mask)
-    if FMT.ASYM:
-        tl.store(zp_ptr + offsets, zp.to(tl.int32).to(tl.uint8), mask=mask)
-
-
-@triton.jit
 def _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_ptr, scales_t_ptr, zp_t_ptr, R, C, NBC,
                TILES_C, sx_r, sx_c, sq_r, ss_r, ss_c, sst_r, sst_c, TILE: tl.constexpr, FMT: tl.constexpr,
                BF16_BITS: tl.constexpr, TILE_MODE: tl.constexpr, SLABS: tl.constexpr):
@@ -290,7 +282,7 @@ def _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_ptr,
         valid = (rows < R) & (cols < C)
         x = load_fp32(x_ptr + rows.to(tl.int64) * sx_r + cols.to(tl.int64) * sx_c, valid, BF16_BITS)
         scale, zp, careful = _register_scales(x, FMT, TILE_MODE == DEFERRED)
-        _store_scales(scales_ptr, zp_ptr, rows.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c,
+        store_scales(scales_ptr, zp_ptr, rows.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c,
                       (rows < R) & (bcol < NBC), scale, zp, FMT)
         _store_dual_codes(codes_ptr + rows.to(tl.int64) * sq_r + cols, valid, x, scale, zp, careful, FMT, TILE_MODE)
         careful_any = careful_any | careful
@@ -300,7 +292,7 @@ def _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_ptr,
         valid_t = (rows_t < R) & (cols_t < C)
         xt = load_fp32(x_ptr + rows_t.to(tl.int64) * sx_r + cols_t.to(tl.int64) * sx_c, valid_t, BF16_BITS)
         scale_t, zp_t, careful_t = _register_scales(xt, FMT, TILE_MODE == DEFERRED)
-        _store_scales(scales_t_ptr, zp_t_ptr, cols_t.to(tl.int64) * sst_r + pid_r * sst_c, cols_t < C, scale_t, zp_t,
+        store_scales(scales_t_ptr, zp_t_ptr, cols_t.to(tl.int64) * sst_r + pid_r * sst_c, cols_t < C, scale_t, zp_t,
                       FMT)
         _store_dual_codes(codes_t_ptr + cols_t.to(tl.int64) * R + rows_t, valid_t, xt, scale_t, zp_t, careful_t, FMT,
                           TILE_MODE)
