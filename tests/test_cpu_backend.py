@@ -22,6 +22,7 @@ CASES = [  # (spec, input dtype)
     (QuantSpec("int8_sym", "tensor"), torch.float32),
     (QuantSpec("int8_sym", "group", group_size=64, scale_encoding="pow2"), torch.float16),
     (QuantSpec("int8_asym", "group", group_size=32), torch.bfloat16),
+    (QuantSpec("int8_asym", "tile", tile=(32, 64)), torch.float16),
     (QuantSpec("mxfp4"), torch.float32),
     (QuantSpec("mxfp8"), torch.bfloat16),
     (QuantSpec("nvfp4"), torch.float16),
@@ -160,7 +161,8 @@ def test_matmul_and_dispatch_default(rng):
 def test_empty_and_zero_dim(rng):
     spec = QuantSpec("fp8_e4m3", "tensor")
     for x in (torch.empty(0, 128), torch.tensor(3.5)):
-        assert_same(cpu.quantize(x, spec), reference.quantize(x, spec))
+        assert_same(cpu.quantize(x, spec), want := reference.quantize(x, spec))
+        assert same_values(cpu.dequantize(want), reference.dequantize(want))
 
 
 @pytest.mark.parametrize("spec,dtype", CASES, ids=[f"{s.describe()}-{str(d)[6:]}" for s, d in CASES])
@@ -196,7 +198,8 @@ def test_writes_into_out(spec, dtype, rng):
         values = region[at:at + math.prod(shape) * 4].view(torch.float32).reshape(shape)
         assert cpu.dequantize(want, torch.float32, out=values) is values
         assert same_values(values, reference.dequantize(want, torch.float32))
-    for fn in (cpu._quantize_blocks, cpu._quantize_blocks_into, cpu._dequantize_blocks, cpu._dequantize_blocks_into):
+    for fn in (cpu._quantize_blocks, cpu._quantize_blocks_into, cpu._dequantize_blocks, cpu._dequantize_blocks_into,
+               cpu._dequantize_tiles):
         assert (fn, spec) not in cpu._eager, fn.__name__  # E2M1's dequantize included
     # (64, 256): every spec here but tiles, channels of axis 1 and flat blocks of 100 has its blocks in order
     in_order = cpu._in_order(reference.to_blocks(x, spec, dtype=x.dtype), x)
