@@ -85,10 +85,12 @@ def main():
     out, first, best, med = timed(plain, x, args.repeat)
     gb = nbytes(x, out) / 1e9
     rows.append(("plain torch.compile, 1x128 E4M3 (no NaN/Inf handling)", gb / best, gb / med, None, best * 1e3, first))
-    qt = cpu.quantize(x, SPECS[0])
-    _, first, best, med = timed(lambda v: cpu.dequantize(qt), x, args.repeat)
-    gb = nbytes(x, qt) / 1e9
-    rows.append(("dequantize fp8_e4m3/group(128) -> bf16", gb / best, gb / med, None, best * 1e3, first))
+    for spec in SPECS:
+        qt = cpu.quantize(x, spec)
+        _, first, best, med = timed(lambda v, q=qt: cpu.dequantize(q), x, args.repeat)
+        _, _, ref, _ = timed(lambda v, q=qt: reference.dequantize(q), x, args.eager_repeat)
+        gb = nbytes(x, qt) / 1e9
+        rows.append((f"dequantize {spec.describe()} -> bf16", gb / best, gb / med, gb / ref, best * 1e3, first))
 
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     versions = f"torch {torch.__version__}, Python {platform.python_version()}"
