@@ -44,8 +44,9 @@ _RECOMPILE_LIMIT = 64
 
 def _quantize_blocks(blocks: torch.Tensor, scales: torch.Tensor | None, *, spec: QuantSpec):
     """(B, E) blocks of the input dtype -> (codes (B, E) in storage layout, stored scales (B,), zero points,
-    tensor scale)."""
-    values, *stored = reference.quantize_blocks(blocks.float(), spec, scales, native_cast=True)
+    tensor scale). Per tensor, the B rows are the one block (_tensor_rows)."""
+    values, *stored = reference.quantize_blocks(blocks.float(), spec, scales, native_cast=True,
+                                                whole=spec.granularity == Granularity.TENSOR)
     return reference.store_codes(values, spec), *stored
 
 
@@ -200,16 +201,23 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
         codes, stored_scales, zero_points, tensor_scale = _run(_quantize_tiles, spec, x4, scales)
         return _result(codes[:rows, :k].reshape(x.shape).contiguous(), stored_scales, zero_points, tensor_scale, spec,
                        x.shape, out)
-    blocks = reference.to_blocks(x, spec, dtype=x.dtype)
+    tensor = spec.granularity == Granularity.TENSOR
+    blocks = _tensor_rows(x) if tensor else reference.to_blocks(x, spec, dtype=x.dtype)
     if out is not None and _in_order(blocks, x) and _apart(out.codes, x) \
             and (_quantize_blocks_into, spec) not in _eager:
         return _quantize_into(blocks, spec, scales, out)
     # contiguous: one memory layout per graph (channel blocks of axis != 0 are strided views)
     blocks = blocks.contiguous()
-    _mark_blocks_dynamic(spec, blocks, scales)
+    _mark_blocks_dynamic(spec, blocks, *(() if tensor else (scales,)))
     codes, stored_scales, zero_points, tensor_scale = _run(_quantize_blocks, spec, blocks, scales)
     codes = _codes_from_blocks(codes, spec, tuple(x.shape)).contiguous()
     return _result(codes, stored_scales, zero_points, tensor_scale, spec, x.shape, out)
+
+
+def _tensor_rows(t: torch.Tensor) -> torch.Tensor:
+    """A per-tensor block as the tensor's rows (a view where t is contiguous): a block of one row of every element
+    kept a graph's outer loop, and so its work, to one thread."""
+    return t.reshape(-1, t.shape[-1] if t.dim() else 1)
 
 
 def _result(codes, stored_scales, zero_points, tensor_scale, spec: QuantSpec, shape, out) -> QuantizedTensor:
@@ -239,7 +247,8 @@ def _quantize_into(blocks: torch.Tensor, spec: QuantSpec, scales, out: Quantized
     """quantize's codes written by the graph into out.codes; the small rest copied into out. A graph that fails to
     compile runs eagerly once, and the copying path serves from then on (quantize checks _eager)."""
     codes = out.codes.reshape(blocks.shape[0], -1)
-    _mark_blocks_dynamic(spec, blocks, scales, codes, unbacked=False)
+    _mark_blocks_dynamic(spec, blocks, *(() if spec.granularity == Granularity.TENSOR else (scales,)), codes,
+                         unbacked=False)
     stored_scales, zero_points, tensor_scale = _run(_quantize_blocks_into, spec, blocks, scales, codes)
     rest = dict(scales=stored_scales, zero_points=zero_points, tensor_scale=tensor_scale)
     copy_stored(out, {name: t for name, t in rest.items() if t is not None})
@@ -270,9 +279,8 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
         return values.contiguous() if out is None else out.copy_(values)
     codes = reference.to_blocks(qt.codes, _code_spec(spec), dtype=qt.codes.dtype)
     per_block = (scale, zp)  # tensors of a row a block, whose block count the graph takes as dynamic
-    if spec.granularity == Granularity.TENSOR:
-        # the one block as the tensor's rows, its scale broadcast: rows for the graph's threads to share
-        codes, per_block = qt.codes.reshape(-1, shape[-1] if shape else 1), ()
+    if spec.granularity == Granularity.TENSOR:  # the one block as the tensor's rows, its scale broadcast
+        codes, per_block = _tensor_rows(qt.codes), ()
     elems = spec.group_size if spec.element is E2M1 else codes.shape[1]
     if out is not None and _in_order(codes, qt.codes) and codes.shape[0] * elems == math.prod(shape) \
             and all(_apart(out, t) for t in qt.stored().values()) and (_dequantize_blocks_into, spec) not in _eager:

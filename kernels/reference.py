@@ -353,18 +353,19 @@ def quantize_tensors(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | No
 
 
 def quantize_blocks(blocks: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = None,
-                    native_cast: bool = False):
+                    native_cast: bool = False, whole: bool = False):
     """The blockwise core of quantize on (B, E) fp32 blocks.
 
     Returns (code values (B, E) fp32 as encode_blocks gives them, stored scales (B,)
     fp32, uint8 E8M0 bits or float8_e4m3fn, int8 zero points (B,) or None, 0-d fp32 tensor scale or None).
+    whole: the B rows are one block (a tensor's rows; the same values as its (1, B * E) view): one scale.
     """
     if spec.format == Format.NVFP4:
         scale, s8, tensor_scale = nvfp4_scales(blocks, scales)
         values = encode_blocks(blocks, scale, None, spec.element, native_cast).expand(blocks.shape)
         return values, s8.reshape(-1).to(torch.float8_e4m3fn), None, tensor_scale
     if scales is None:
-        scale, e8m0, zp = compute_scales(blocks, spec)
+        scale, e8m0, zp = compute_scales(blocks.reshape(1, -1) if whole else blocks, spec)
     else:
         scale, e8m0, zp = scales.float().reshape(-1, 1), None, None
     values = encode_blocks(blocks, scale, zp, spec.element, native_cast).expand(blocks.shape)
