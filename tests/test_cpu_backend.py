@@ -26,6 +26,7 @@ CASES = [  # (spec, input dtype)
     (QuantSpec("mxfp4"), torch.float32),
     (QuantSpec("mxfp8"), torch.bfloat16),
     (QuantSpec("nvfp4"), torch.float16),
+    (QuantSpec("int8_asym", "tensor"), torch.bfloat16),  # a tensor's rows as its one block, with a zero point
 ]
 SHAPES = [(64, 256), (33, 97), (5, 7, 70), (130,), (1, 1)]  # (1, 1) last: see the graph count below
 
