@@ -176,6 +176,16 @@ def _mark_blocks_dynamic(spec: QuantSpec, *tensors, unbacked: bool = True):
                 torch._dynamo.maybe_mark_dynamic(t, 1)  # backed: unbacked sizes stop vectorization
 
 
+def _mark_tiles_dynamic(grid: torch.Tensor, *per_tile):
+    """Let the tile counts of a (tile rows, bm, tile columns, bn) grid, and the count of per-tile tensors (scales,
+    zero points; None skipped), vary without recompiling: unbacked, one graph for every shape."""
+    torch._dynamo.decorators.mark_unbacked(grid, 0)
+    torch._dynamo.decorators.mark_unbacked(grid, 2)
+    for t in per_tile:
+        if t is not None:
+            torch._dynamo.decorators.mark_unbacked(t, 0)
+
+
 def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = None, *,
              out: QuantizedTensor | None = None) -> QuantizedTensor:
     """Same contract and bits as reference.quantize; out: as dispatch.quantize's, written by the compiled graph
@@ -194,10 +204,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
         x2 = x.reshape(-1, x.shape[-1])
         rows, k = x2.shape
         x4 = reference.tile_grid(x2, spec.tile).contiguous()
-        torch._dynamo.decorators.mark_unbacked(x4, 0)
-        torch._dynamo.decorators.mark_unbacked(x4, 2)
-        if scales is not None:
-            torch._dynamo.decorators.mark_unbacked(scales, 0)
+        _mark_tiles_dynamic(x4, scales)
         codes, stored_scales, zero_points, tensor_scale = _run(_quantize_tiles, spec, x4, scales)
         return _result(codes[:rows, :k].reshape(x.shape).contiguous(), stored_scales, zero_points, tensor_scale, spec,
                        x.shape, out)
@@ -272,9 +279,7 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
         # the codes' bytes padded to whole tiles (as quantize pads its input), so that one graph serves every shape
         c2 = qt.codes.reshape(-1, shape[-1]).view(torch.uint8)
         c4 = reference.tile_grid(c2, spec.tile).contiguous().view(qt.codes.dtype)  # (a bitcast in the graph: scalar)
-        for t, dims in ((c4, (0, 2)), (scale, (0,)), (zp, (0,))):
-            for d in dims if t is not None else ():
-                torch._dynamo.decorators.mark_unbacked(t, d)
+        _mark_tiles_dynamic(c4, scale, zp)
         values = _run(_dequantize_tiles, spec, c4, scale, zp, out_dtype)[:c2.shape[0], :c2.shape[1]].reshape(shape)
         return values.contiguous() if out is None else out.copy_(values)
     codes = reference.to_blocks(qt.codes, _code_spec(spec), dtype=qt.codes.dtype)

@@ -57,7 +57,8 @@ def scale_ratio(amax, FMT: tl.constexpr, QUOTIENT: tl.constexpr):
     """amax / FMT.DIVISOR rounded as IEEE division: by div.rn (QUOTIENT DIVIDE), or by quotient's corrected steps with
     FMT.RDIVISOR = RN(1 / DIVISOR) (CORRECTED_ANY_ZERO): the IEEE quotient for every finite fp32 amax whose quotient
     is a normal number (divisors 127 and 255: every finite amax; all 2**31 searched for each divisor, NUMERICS.md),
-    an infinite amax giving NaN (a careful block)."""
+    an infinite amax giving NaN (a careful block: its amax check sees the Inf; block_scale keeps an overflowed
+    INT8 asym span infinite, the one case where the amax check cannot)."""
     if QUOTIENT == CORRECTED_ANY_ZERO:
         q0 = amax * FMT.RDIVISOR
         ratio = tl.fma(tl.fma(q0, -FMT.DIVISOR, amax), FMT.RDIVISOR, q0)
@@ -234,6 +235,12 @@ def defer_tile(list_ptr, tile):
     """Append `tile` to a list of careful tiles (its count, then the tiles) for a second launch."""
     slot = tl.atomic_add(list_ptr, 1)
     tl.store(list_ptr + 1 + slot, tile)
+
+
+@triton.jit
+def bf16_halves(w):
+    """The fp32 values (lo, hi) of the two bf16 elements of int32 words w (element 2i in the low half)."""
+    return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
 
 
 @triton.jit

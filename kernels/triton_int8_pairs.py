@@ -14,8 +14,8 @@ from .launch import interpreting
 from .plans import launch, scratch
 from .quantize_plan import as_grid, bytes_of, element_constants, narrow_launch, pair_words, persistent_programs
 from .spec import Format, Granularity, QuantSpec, _cdiv
-from .triton_elements import (CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, block_scale, defer_tile, encode,
-                              encode_quotient, max_nan, min_nan, quotient, store_scales)
+from .triton_elements import (CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, bf16_halves, block_scale,
+                              defer_tile, encode, encode_quotient, max_nan, min_nan, quotient, store_scales)
 
 
 def int8_pairs(v: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
@@ -68,12 +68,6 @@ def _min_bf16x2(a, b):
                                      pack=1)
 
 
-@triton.jit
-def _halves(w):
-    """The fp32 values (lo, hi) of the two bf16 elements of int32 words w."""
-    return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
-
-
 # OP of _group_reduce.
 MAX_BF16X2 = tl.constexpr(0)
 MIN_BF16X2 = tl.constexpr(1)
@@ -107,8 +101,8 @@ def _group_max_min(w, lo, hi, PACKED: tl.constexpr):
     """(max, min) of each group of words w of elements (lo, hi), NaN where the group holds a NaN: PACKED on the words,
     both halves at once, then the larger (smaller) half; else on the fp32 elements."""
     if PACKED:
-        top_lo, top_hi = _halves(_group_reduce(w, MAX_BF16X2))
-        bottom_lo, bottom_hi = _halves(_group_reduce(w, MIN_BF16X2))
+        top_lo, top_hi = bf16_halves(_group_reduce(w, MAX_BF16X2))
+        bottom_lo, bottom_hi = bf16_halves(_group_reduce(w, MIN_BF16X2))
         top = max_nan(top_lo, top_hi)
         bottom = min_nan(bottom_lo, bottom_hi)
     else:
@@ -156,7 +150,7 @@ def _int8_pairs_tile(pid, w_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, R, C2,
         + tl.arange(0, 4)[None, None, None, :]
     mask = (r < R) & (k < C2)
     w = tl.load(w_ptr + r.to(tl.int64) * sw_r + k, mask=mask, other=0)  # zeros: the range holds 0 anyway
-    lo, hi = _halves(w)
+    lo, hi = bf16_halves(w)
     s_ptrs = r.to(tl.int64) * ss_r + g * ss_c
     s_mask = (r < R) & (g * WORDS < C2)
     c_ptrs = codes_ptr + r.to(tl.int64) * C2 + k

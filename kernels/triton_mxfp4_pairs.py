@@ -12,8 +12,8 @@ from .launch import interpreting
 from .plans import launch
 from .quantize_plan import as_grid, bytes_of, element_constants, narrow_launch, pair_words
 from .spec import E2M1, _cdiv
-from .triton_elements import (RECIPROCAL, block_scale, e2m1, finite_abs, max_u16x2, mx_scale_exponent, quotient,
-                              stored_scale)
+from .triton_elements import (RECIPROCAL, bf16_halves, block_scale, e2m1, finite_abs, max_u16x2, mx_scale_exponent,
+                              quotient, stored_scale)
 
 
 def mxfp4_pairs(v, codes, stored, spec, config: KernelConfig) -> bool:
@@ -136,8 +136,7 @@ def _mxfp4_pairs_fp32(w, amax, careful, s_ptrs, s_mask, c_ptrs, mask, FP16: tl.c
         lo = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     else:
-        lo = (w << 16).to(tl.float32, bitcast=True)
-        hi = (w & -65536).to(tl.float32, bitcast=True)
+        lo, hi = bf16_halves(w)
     if careful != 0:
         amax = tl.maximum(tl.max(finite_abs(lo), axis=2, keep_dims=True),
                           tl.max(finite_abs(hi), axis=2, keep_dims=True))

@@ -16,8 +16,8 @@ from .quantize_plan import (ElementConstants, as_grid, bf16_bits, bytes_of, elem
                             narrow_launch, pair_words)
 from .spec import E2M1, E4M3, NVFP4_BLOCK, NVFP4_ZERO_SCALE, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
-from .triton_elements import (CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, e2m1, e4m3_value, encode_float,
-                              finite_abs, load_fp32, max_into, max_u16x2, quotient)
+from .triton_elements import (CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, bf16_halves, e2m1, e4m3_value,
+                              encode_float, finite_abs, load_fp32, max_into, max_u16x2, quotient)
 
 # E4M3 block scales: rounded by the hardware conversion when compiled, by the integer routine (encode_float's
 # soft path) when interpreted (the interpreter's own fp8 cast is not exact).
@@ -74,8 +74,7 @@ def _load_pairs(x_ptr, r, j, R, C, C2, sx_r, sx_c, BF16_BITS: tl.constexpr, WORD
     else:
         w = tl.load(x_ptr + r.to(tl.int64) * sx_r + j, mask=row_ok & (j < C2), other=0)
         if WORDS == BF16_WORDS:
-            lo = (w << 16).to(tl.float32, bitcast=True)
-            hi = (w & -65536).to(tl.float32, bitcast=True)
+            lo, hi = bf16_halves(w)
         elif WORDS == FP16_WORDS:
             lo = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
             hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -184,8 +183,7 @@ def _packed_tile(w, r, g, j, R, C, sq_r, ss_r, ss_c, ts, careless, codes_ptr, sc
     """Scales and codes of one tile of bf16 words w: the amax reduced on the magnitude bits of both halves at once
     (max.u16x2); a tile without Inf or NaN under a careless tensor scale encoded by _e2m1_words, any other by
     _e2m1_pairs from the finite amax."""
-    lo = (w << 16).to(tl.float32, bitcast=True)
-    hi = (w & -65536).to(tl.float32, bitcast=True)
+    lo, hi = bf16_halves(w)
     mag = tl.reduce(w & 0x7FFF7FFF, 2, max_u16x2, keep_dims=True)
     mag = tl.maximum(mag & 0xFFFF, mag >> 16)
     amax = (mag << 16).to(tl.float32, bitcast=True)

@@ -69,8 +69,8 @@ def _register_scales(x, FMT: tl.constexpr, DEFER: tl.constexpr = False):
 
     The amax (ASYM: hi and -lo) is first reduced over all elements, one max an element, NaN kept. careful
     (a scalar) is 1 where that met an Inf or NaN, or some scale of the tile is outside
-    [CORRECTED_MIN, CORRECTED_MAX] (ASYM: scales and zero points by block_scale's corrected steps, exact for a
-    tile that is not careful): then the amax is reduced again over the finite elements only,
+    [CORRECTED_MIN, CORRECTED_MAX] (scales, and ASYM's zero points, by block_scale's corrected steps, exact for
+    a tile that is not careful): then the amax is reduced again over the finite elements only,
     as the reference does, and the codes are divided exactly. So a tile that is not careful holds finite
     values only, and its int8 quotients need no clamp (|x| <= amax: |x / scale| <= 127 * (1 + 2**-23) under
     scale = RN(amax / 127)) and no select for NaN. DEFER: a careful tile is left to another
