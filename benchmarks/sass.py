@@ -105,7 +105,7 @@ def compile_nvfp4():
     rows, groups, warps = DEFAULT.nvfp4_launch
     constexprs = dict(ROWS=rows, GROUPS=groups, SCALE_FMT=nvfp4.E4M3_HW, ZERO_BITS=nvfp4.ZERO_SCALE_BITS,
                       BF16_BITS=False, WORDS=nvfp4.BF16_WORDS.value, FROM_AMAX=False, AMAX=False,
-                      PACKED=DEFAULT.packed_encode, sx_c=1, ss_c=1)
+                      PACKED=DEFAULT.packed_encode, ROWS_X=False, sx_c=1, ss_c=1)
     scalars = ("source_ptr", "ts_ptr", "amax_ptr")
     signature = {n: "constexpr" if n in constexprs else "*i32" if n == "x_ptr" else "*fp32" if n in scalars
                  else "*u8" if n.endswith("_ptr") else "i32" for n in fn.arg_names}
@@ -215,7 +215,7 @@ CAREFUL_TILES = [("careful != 0", "False"), ("careful == 0", "True")]
 GUARDED_SCALES = [("if tl.max(((scale < CORRECTED_MIN) | (scale > CORRECTED_MAX)).to(tl.int32)) == 0:", "if True:")]
 RARE_BRANCHES = {"triton_quantize": CAREFUL_TILES + GUARDED_SCALES, "triton_mxfp4_pairs": CAREFUL_TILES,
                  "triton_int8_pairs": [("if careful == 0:", "if True:")],
-                 "triton_nvfp4": [("if not fast:", "if False:"), ("if fast:", "if True:")]}
+                 "triton_nvfp4": [("if fast:", "if True:")]}
 
 
 def common_path_module(module, folder: str):

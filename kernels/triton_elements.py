@@ -53,6 +53,14 @@ CORRECTED_MAX = tl.constexpr(2.0 ** 100)
 
 
 @triton.jit
+def corrected(x, d, r):
+    """x / d by quotient's corrected steps (CORRECTED_ANY_ZERO) with r = RN(1 / d): x * r corrected once by the
+    exact remainder. -d: the block's or a constant, exact (Triton's -q0 would be 0 - q0, an extra op)."""
+    q0 = x * r
+    return tl.fma(tl.fma(q0, -d, x), r, q0)
+
+
+@triton.jit
 def scale_ratio(amax, FMT: tl.constexpr, QUOTIENT: tl.constexpr):
     """amax / FMT.DIVISOR rounded as IEEE division: by div.rn (QUOTIENT DIVIDE), or by quotient's corrected steps with
     FMT.RDIVISOR = RN(1 / DIVISOR) (CORRECTED_ANY_ZERO): the IEEE quotient for every finite fp32 amax whose quotient
@@ -60,8 +68,7 @@ def scale_ratio(amax, FMT: tl.constexpr, QUOTIENT: tl.constexpr):
     an infinite amax giving NaN (a careful block: its amax check sees the Inf; block_scale keeps an overflowed
     INT8 asym span infinite, the one case where the amax check cannot)."""
     if QUOTIENT == CORRECTED_ANY_ZERO:
-        q0 = amax * FMT.RDIVISOR
-        ratio = tl.fma(tl.fma(q0, -FMT.DIVISOR, amax), FMT.RDIVISOR, q0)
+        ratio = corrected(amax, FMT.DIVISOR, FMT.RDIVISOR)
     else:
         ratio = tl.math.div_rn(amax, FMT.DIVISOR)
     return ratio
@@ -154,7 +161,7 @@ def quotient(x, scale, QUOTIENT: tl.constexpr):
         r = tl.math.div_rn(1.0, scale)
         q0 = x * r
         if QUOTIENT == CORRECTED_ANY_ZERO:  # int8 has one zero: the sign of a zero quotient does not matter
-            q = tl.fma(tl.fma(q0, -scale, x), r, q0)  # -scale: the block's, exact (Triton's -q0 is 0 - q0, an extra op)
+            q = corrected(x, scale, r)
         else:
             # The negated remainder q0 * scale - x times -r: for x = +-0 both products are zeros of x's sign's
             # opposite and the sum keeps x's sign (q0 + (x - q0 * scale) * r would make -0 a +0); for any other

@@ -5,6 +5,7 @@ triton_quantize.quantize takes it for nvfp4.
 """
 from __future__ import annotations
 
+import numpy
 import torch
 import triton
 import triton.language as tl
@@ -16,14 +17,19 @@ from .quantize_plan import (ElementConstants, as_grid, bf16_bits, bytes_of, elem
                             narrow_launch, pair_words)
 from .spec import E2M1, E4M3, NVFP4_BLOCK, NVFP4_ZERO_SCALE, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
-from .triton_elements import (CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, bf16_halves, e2m1, e4m3_value,
-                              encode_float, finite_abs, load_fp32, max_into, max_u16x2, quotient)
+from .triton_elements import (CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, bf16_halves, corrected, e2m1,
+                              e4m3_value, encode_float, finite_abs, load_fp32, max_into, max_u16x2, quotient)
 
 # E4M3 block scales: rounded by the hardware conversion when compiled, by the integer routine (encode_float's
 # soft path) when interpreted (the interpreter's own fp8 cast is not exact).
 E4M3_SOFT: ElementConstants = element_constants(QuantSpec("fp8_e4m3"), exact_fp8=True)
 E4M3_HW: ElementConstants = element_constants(QuantSpec("fp8_e4m3"), exact_fp8=False)
 TENSOR_SCALE_AMAX = tl.constexpr(E4M3.max * E2M1.max)  # the tensor scale's numerator: the largest scaled code
+# Tensor scales under which every divisor (E4M3 value / ts) lies in [CORRECTED_MIN, CORRECTED_MAX]: careless.
+TS_MAX = tl.constexpr(2.0 ** -9 / CORRECTED_MIN.value)
+TS_MIN = tl.constexpr(E4M3.max / CORRECTED_MAX.value)
+R6 = tl.constexpr(float(numpy.float32(1.0) / numpy.float32(E2M1.max)))  # RN(1 / 6) (numpy: plans record no torch op)
+GRID_Y = 65535  # the most programs along a CUDA grid's y
 ZERO_SCALE_BITS = int(torch.tensor(NVFP4_ZERO_SCALE).to(torch.float8_e4m3fn).view(torch.uint8))
 
 
@@ -37,7 +43,11 @@ def quantize(v: torch.Tensor, qt: QuantizedTensor, config: KernelConfig, given: 
     source = given if given is not None else block_stats(v, R, C, 1, 1, False, config)
     grid_s = as_grid(qt.scales, R, _cdiv(C, NVFP4_BLOCK))
     rows, groups, warps = narrow_launch(config.nvfp4_launch, _cdiv(C, NVFP4_BLOCK))
-    tiles = _cdiv(R, rows) * _cdiv(C, groups * NVFP4_BLOCK)
+    # A program's tile from its two grid coordinates (no division): a row's tiles along x unless the rows pass
+    # the grid's GRID_Y.
+    tiles = (_cdiv(C, groups * NVFP4_BLOCK), _cdiv(R, rows))
+    rows_x = tiles[1] > GRID_Y
+    grid = tiles[::-1] if rows_x else tiles
     words = pair_words(v)
     if words is None:  # elements loaded one by one: lo and hi apart
         x, words_kind, sx_r, sx_c = input_view(v), ELEMENTS, v.stride(1), v.stride(2)
@@ -47,11 +57,11 @@ def quantize(v: torch.Tensor, qt: QuantizedTensor, config: KernelConfig, given: 
     compiled = not interpreting()
     packed = compiled and words_kind is BF16_WORDS and config.packed_encode
     extra = {} if config.nvfp4_maxnreg is None else {"maxnreg": config.nvfp4_maxnreg}
-    launch(_nvfp4_kernel, (tiles,), x, bytes_of(qt.codes), bytes_of(grid_s), source, qt.tensor_scale,
+    launch(_nvfp4_kernel, grid, x, bytes_of(qt.codes), bytes_of(grid_s), source, qt.tensor_scale,
            qt.tensor_scale if amax is None else amax, R, C, sx_r, sx_c, (C + 1) // 2, grid_s.stride(0),
            grid_s.stride(1), ROWS=rows, GROUPS=groups, SCALE_FMT=E4M3_HW if compiled else E4M3_SOFT,
            ZERO_BITS=ZERO_SCALE_BITS, BF16_BITS=bf16_bits(v), WORDS=words_kind.value, FROM_AMAX=given is None,
-           AMAX=amax is not None, PACKED=packed, num_warps=warps, **extra)
+           AMAX=amax is not None, PACKED=packed, ROWS_X=rows_x, num_warps=warps, **extra)
 
 
 # WORDS of _nvfp4_kernel: how the input is read.
@@ -131,39 +141,44 @@ def _e2m1_words(q_lo, q_hi, w):
 def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, source_ptr, ts_ptr, amax_ptr, R, C, sx_r, sx_c, sq_r, ss_r, ss_c,
                   ROWS: tl.constexpr, GROUPS: tl.constexpr, SCALE_FMT: tl.constexpr, ZERO_BITS: tl.constexpr,
                   BF16_BITS: tl.constexpr, WORDS: tl.constexpr, FROM_AMAX: tl.constexpr, AMAX: tl.constexpr,
-                  PACKED: tl.constexpr):
+                  PACKED: tl.constexpr, ROWS_X: tl.constexpr):
     """Codes and E4M3 scales of tiles of ROWS rows x GROUPS 1x16 blocks, read as pairs of elements (lo, hi:
     _load_pairs, words of two where WORDS says so), so that each pair's two codes make one byte (element 2i in the
     low nibble) without moving registers.
 
     s = E4M3(min(tensor_scale * (amax / 6), 448)) (0.125 if 0), divisor s / tensor_scale, codes of the
-    IEEE quotients x / divisor: the reference's steps, each one IEEE fp32 rounding. The quotients are
-    corrected ones (quotient's CORRECTED_ANY_ZERO: exact wherever a code depends on them; a quotient past
-    2**17, or the NaN an Inf x gives, saturates in e2m1, which takes sign and NaN from x) unless the tensor scale
-    allows a divisor outside [CORRECTED_MIN, CORRECTED_MAX] (tensors of amax below ~2^-70): then from IEEE
-    divisions. That is decided once for the whole tensor: every divisor lies between those of the extreme E4M3
-    scales, 2**-9 and 448 (division by the tensor scale rounds monotonically). AMAX: each tile's finite amax is
-    maxed into amax_ptr. PACKED (bf16 words, compiled): _packed_tile."""
-    pid = tl.program_id(0)
-    tiles_c = tl.cdiv(C, GROUPS * 16)
-    r = (pid // tiles_c) * ROWS + tl.arange(0, ROWS)[:, None, None]
-    g = (pid % tiles_c) * GROUPS + tl.arange(0, GROUPS)[None, :, None]
+    IEEE quotients x / divisor: the reference's steps, each one IEEE fp32 rounding. The quotients (and both ratios
+    of a block's divisor, _block_scales) are corrected ones (quotient's CORRECTED_ANY_ZERO: exact wherever a code
+    depends on them; a quotient past 2**17, or the NaN an Inf x gives, saturates in e2m1, which takes sign and NaN
+    from x) unless the tensor scale is outside [TS_MIN, TS_MAX], where a divisor could leave [CORRECTED_MIN,
+    CORRECTED_MAX] (tensors of amax below ~2^-70): then from IEEE divisions. That is decided once for the whole
+    tensor: every divisor lies between those of the extreme E4M3 scales, 2**-9 and 448 (division by the tensor
+    scale rounds monotonically). AMAX: each tile's finite amax is maxed into amax_ptr. PACKED (bf16 words,
+    compiled): _packed_tile. A program finds its tile from its two grid coordinates (ROWS_X: rows along x)."""
+    if ROWS_X:
+        tile_r, tile_c = tl.program_id(0), tl.program_id(1)
+    else:
+        tile_r, tile_c = tl.program_id(1), tl.program_id(0)
+    r = tile_r * ROWS + tl.arange(0, ROWS)[:, None, None]
+    g = tile_c * GROUPS + tl.arange(0, GROUPS)[None, :, None]
     j = g * 8 + tl.arange(0, 8)[None, None, :]  # pairs: elements 2j and 2j + 1, code byte j
     ts = _tensor_scale(source_ptr, FROM_AMAX)
-    if pid == 0:
+    if (tile_r == 0) & (tile_c == 0):
         tl.store(ts_ptr, ts)
-    # Not (in range): a NaN tensor scale is careful too.
-    careless = (tl.math.div_rn(2.0 ** -9, ts) >= CORRECTED_MIN) & (tl.math.div_rn(448.0, ts) <= CORRECTED_MAX)
+    # Every divisor value / ts (value in [2**-9, 448], each rounded monotonically) lies within the range where ts
+    # does; not (in range): a NaN tensor scale is careful too.
+    careless = (ts <= TS_MAX) & (ts >= TS_MIN)
+    rts = tl.math.div_rn(1.0, ts)
     if PACKED:
         w = tl.load(x_ptr + r.to(tl.int64) * sx_r + j, mask=(r < R) & (j < sq_r), other=0)
-        _packed_tile(w, r, g, j, R, C, sq_r, ss_r, ss_c, ts, careless, codes_ptr, scales_ptr, amax_ptr,
-                     SCALE_FMT, ZERO_BITS, AMAX)
+        packed = _packed_tile(w, r, g, R, C, ss_r, ss_c, ts, rts, careless, scales_ptr, amax_ptr, SCALE_FMT,
+                              ZERO_BITS, AMAX)
     else:
         lo, hi = _load_pairs(x_ptr, r, j, R, C, sq_r, sx_r, sx_c, BF16_BITS, WORDS)
         amax = tl.max(tl.maximum(finite_abs(lo), finite_abs(hi)), axis=2, keep_dims=True)
-        divisor = _block_scales(amax, r, g, R, C, ss_r, ss_c, ts, scales_ptr, amax_ptr, SCALE_FMT, ZERO_BITS, AMAX)
-        packed = _e2m1_pairs(lo, hi, divisor, careless)
-        tl.store(codes_ptr + r.to(tl.int64) * sq_r + j, packed.to(tl.uint8), mask=(r < R) & (j < sq_r))
+        packed = _scaled_pairs(lo, hi, amax, r, g, R, C, ss_r, ss_c, ts, rts, careless, scales_ptr, amax_ptr,
+                               SCALE_FMT, ZERO_BITS, AMAX)
+    tl.store(codes_ptr + r.to(tl.int64) * sq_r + j, packed.to(tl.uint8), mask=(r < R) & (j < sq_r))
 
 
 @triton.jit
@@ -178,32 +193,58 @@ def _tensor_scale(source_ptr, FROM_AMAX: tl.constexpr):
 
 
 @triton.jit
-def _packed_tile(w, r, g, j, R, C, sq_r, ss_r, ss_c, ts, careless, codes_ptr, scales_ptr, amax_ptr,
-                 SCALE_FMT: tl.constexpr, ZERO_BITS: tl.constexpr, AMAX: tl.constexpr):
-    """Scales and codes of one tile of bf16 words w: the amax reduced on the magnitude bits of both halves at once
-    (max.u16x2); a tile without Inf or NaN under a careless tensor scale encoded by _e2m1_words, any other by
-    _e2m1_pairs from the finite amax."""
+def _packed_tile(w, r, g, R, C, ss_r, ss_c, ts, rts, careless, scales_ptr, amax_ptr, SCALE_FMT: tl.constexpr,
+                 ZERO_BITS: tl.constexpr, AMAX: tl.constexpr):
+    """The code bytes of one tile of bf16 words w (its scales stored): the amax reduced on the magnitude bits of
+    both halves at once (max.u16x2); a tile without Inf or NaN under a careless tensor scale encoded by
+    _e2m1_words, any other by _scaled_pairs."""
     lo, hi = bf16_halves(w)
     mag = tl.reduce(w & 0x7FFF7FFF, 2, max_u16x2, keep_dims=True)
     mag = tl.maximum(mag & 0xFFFF, mag >> 16)
-    amax = (mag << 16).to(tl.float32, bitcast=True)
     fast = careless & (tl.max(mag) < 0x7F80)
-    if not fast:  # an Inf or NaN: the amax of the finite elements
-        amax = tl.max(tl.maximum(finite_abs(lo), finite_abs(hi)), axis=2, keep_dims=True)
-    divisor = _block_scales(amax, r, g, R, C, ss_r, ss_c, ts, scales_ptr, amax_ptr, SCALE_FMT, ZERO_BITS, AMAX)
     if fast:
+        amax = (mag << 16).to(tl.float32, bitcast=True)
+        divisor = _block_scales(amax, r, g, R, C, ss_r, ss_c, ts, rts, scales_ptr, amax_ptr, SCALE_FMT, ZERO_BITS,
+                                AMAX, CORRECTED_ANY_ZERO)
         packed = _e2m1_words(quotient(lo, divisor, CORRECTED_ANY_ZERO), quotient(hi, divisor, CORRECTED_ANY_ZERO), w)
-    else:
-        packed = _e2m1_pairs(lo, hi, divisor, careless)
-    tl.store(codes_ptr + r.to(tl.int64) * sq_r + j, packed.to(tl.uint8), mask=(r < R) & (j < sq_r))
+    else:  # an Inf or NaN: the amax of the finite elements
+        amax = tl.max(tl.maximum(finite_abs(lo), finite_abs(hi)), axis=2, keep_dims=True)
+        packed = _scaled_pairs(lo, hi, amax, r, g, R, C, ss_r, ss_c, ts, rts, careless, scales_ptr, amax_ptr,
+                               SCALE_FMT, ZERO_BITS, AMAX)
+    return packed
 
 
 @triton.jit
-def _block_scales(amax, r, g, R, C, ss_r, ss_c, ts, scales_ptr, amax_ptr, SCALE_FMT: tl.constexpr,
-                  ZERO_BITS: tl.constexpr, AMAX: tl.constexpr):
+def _scaled_pairs(lo, hi, amax, r, g, R, C, ss_r, ss_c, ts, rts, careless, scales_ptr, amax_ptr,
+                  SCALE_FMT: tl.constexpr, ZERO_BITS: tl.constexpr, AMAX: tl.constexpr):
+    """The code byte of each pair (lo, hi) (its blocks' scales from amax stored) by e2m1, which takes sign and NaN
+    from the elements (and saturates a NaN quotient of an Inf): careless, by quotient's corrected steps (divisors
+    too); else by IEEE divisions."""
+    if careless:
+        divisor = _block_scales(amax, r, g, R, C, ss_r, ss_c, ts, rts, scales_ptr, amax_ptr, SCALE_FMT, ZERO_BITS,
+                                AMAX, CORRECTED_ANY_ZERO)
+        packed = (e2m1(quotient(lo, divisor, CORRECTED_ANY_ZERO), lo) & 0xF) | \
+            ((e2m1(quotient(hi, divisor, CORRECTED_ANY_ZERO), hi) & 0xF) << 4)
+    else:
+        divisor = _block_scales(amax, r, g, R, C, ss_r, ss_c, ts, rts, scales_ptr, amax_ptr, SCALE_FMT, ZERO_BITS,
+                                AMAX, DIVIDE)
+        packed = (e2m1(quotient(lo, divisor, DIVIDE), lo) & 0xF) | \
+            ((e2m1(quotient(hi, divisor, DIVIDE), hi) & 0xF) << 4)
+    return packed
+
+
+@triton.jit
+def _block_scales(amax, r, g, R, C, ss_r, ss_c, ts, rts, scales_ptr, amax_ptr, SCALE_FMT: tl.constexpr,
+                  ZERO_BITS: tl.constexpr, AMAX: tl.constexpr, QUOTIENT: tl.constexpr):
     """Store the E4M3 scales of the blocks of amax (ROWS, GROUPS, 1) at rows r, blocks g (AMAX: max their amax into
-    amax_ptr) and return their divisors, scale / tensor scale."""
-    s = tl.minimum(ts * tl.math.div_rn(amax, 6.0), 448.0)
+    amax_ptr) and return their divisors, scale / tensor scale. QUOTIENT DIVIDE: both ratios by IEEE division;
+    CORRECTED_ANY_ZERO (a careless tensor scale, rts = RN(1 / ts)): by quotient's corrected steps, the same values
+    (amax / 6 differs only below 2**-125, where ts <= TS_MAX scales either to an E4M3 zero; value / ts is
+    normal, NUMERICS.md)."""
+    if QUOTIENT == CORRECTED_ANY_ZERO:
+        s = tl.minimum(ts * corrected(amax, 6.0, R6), 448.0)
+    else:
+        s = tl.minimum(ts * tl.math.div_rn(amax, 6.0), 448.0)
     bits = encode_float(s, SCALE_FMT)
     bits = tl.where(bits == 0, ZERO_BITS, bits)
     if SCALE_FMT.EXACT_FP8:
@@ -213,17 +254,8 @@ def _block_scales(amax, r, g, R, C, ss_r, ss_c, ts, scales_ptr, amax_ptr, SCALE_
     tl.store(scales_ptr + r.to(tl.int64) * ss_r + g * ss_c, bits.to(tl.uint8), mask=(r < R) & (g * 16 < C))
     if AMAX:
         max_into(amax_ptr, tl.max(tl.max(tl.max(amax, axis=2), axis=1), axis=0))
-    return tl.math.div_rn(value, ts)
-
-
-@triton.jit
-def _e2m1_pairs(lo, hi, divisor, careless):
-    """The code byte of each pair (lo, hi) under its block's divisor, by e2m1 (sign and NaN from the elements;
-    careless: corrected quotients, else IEEE divisions)."""
-    if careless:  # e2m1 takes sign and NaN from x and saturates a NaN quotient of an Inf
-        packed = (e2m1(quotient(lo, divisor, CORRECTED_ANY_ZERO), lo) & 0xF) | \
-            ((e2m1(quotient(hi, divisor, CORRECTED_ANY_ZERO), hi) & 0xF) << 4)
+    if QUOTIENT == CORRECTED_ANY_ZERO:
+        divisor = corrected(value, ts, rts)
     else:
-        packed = (e2m1(quotient(lo, divisor, DIVIDE), lo) & 0xF) | \
-            ((e2m1(quotient(hi, divisor, DIVIDE), hi) & 0xF) << 4)
-    return packed
+        divisor = tl.math.div_rn(value, ts)
+    return divisor

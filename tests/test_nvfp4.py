@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 try:
     from compressed_tensors.compressors.nvfp4 import NVFP4PackedCompressor
@@ -14,7 +16,7 @@ try:
 except ImportError:  # a GPU machine without it: the comparisons with it skip, the GPU tests run
     NVFP4PackedCompressor = None
 
-from quantd.kernels import cpu, reference, triton_quantize
+from quantd.kernels import cpu, reference, triton_elements, triton_nvfp4, triton_quantize
 from quantd.kernels.config import DEFAULT
 from quantd.kernels.spec import E2M1, QuantSpec
 from triton_cases import assert_same_qt, assert_same_values, random_input, to_device
@@ -185,6 +187,52 @@ def test_triton_launch_shapes_give_the_same_bits(rng):
                            reference.quantize(v, SPEC))
 
 
+def test_triton_rows_along_the_grids_x(rng, monkeypatch):
+    """A tensor of more row tiles than a grid has programs along y puts its rows along x (GRID_Y lowered here so
+    that small inputs take that path): the same bits, ragged and strided."""
+    monkeypatch.setattr(triton_nvfp4, "GRID_Y", 2)
+    for x in (random_input((37, 300), torch.bfloat16, rng), random_input((9, 70), torch.float32, rng)[:, 1::2]):
+        assert_same_qt(to_device(triton_quantize.quantize(x, SPEC), "cpu"), reference.quantize(x, SPEC))
+
+
+@triton.jit
+def _ratios_kernel(a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """a / 6 and a / b, each divided (IEEE) and by corrected steps."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    a = tl.load(a_ptr + i, mask=i < n, other=1.0)
+    b = tl.load(b_ptr + i, mask=i < n, other=1.0)
+    tl.store(out_ptr + i, tl.math.div_rn(a, 6.0), mask=i < n)
+    tl.store(out_ptr + n + i, triton_elements.corrected(a, 6.0, triton_nvfp4.R6), mask=i < n)
+    tl.store(out_ptr + 2 * n + i, tl.math.div_rn(a, b), mask=i < n)
+    tl.store(out_ptr + 3 * n + i, triton_elements.corrected(a, b, tl.math.div_rn(1.0, b)), mask=i < n)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_corrected_scale_ratios(device, rng):
+    """Under a careless tensor scale the kernel finds amax / 6 and E4M3 value / ts by quotient's corrected steps
+    (triton_elements.corrected): the IEEE quotients for random amaxes of every binade whose ratio is normal, and for
+    every E4M3 scale value over tensor scales across the careless range (its ends included), which keeps every
+    divisor within [CORRECTED_MIN, CORRECTED_MAX]."""
+    values = torch.arange(1, 0x7F, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    lo, hi = triton_nvfp4.TS_MIN.value, triton_nvfp4.TS_MAX.value
+    assert values.min() / hi >= triton_elements.CORRECTED_MIN.value
+    assert values.max() / lo <= triton_elements.CORRECTED_MAX.value
+    e = torch.randint(-92, 72, (2048,), generator=rng)
+    m = torch.randint(0, 1 << 23, (2048,), generator=rng, dtype=torch.int32)
+    ts = ((e + 127).int() << 23 | m).view(torch.float32).clamp(lo, hi)
+    ts = torch.cat([ts, torch.tensor([lo, hi, 2688.0, 1.0])])
+    amax = ((torch.randint(-122, 128, (1 << 16,), generator=rng) + 127).int() << 23 |
+            torch.randint(0, 1 << 23, (1 << 16,), generator=rng, dtype=torch.int32)).view(torch.float32)
+    amax = torch.cat([amax, 6 * torch.exp2(torch.arange(-125.0, 125.0)), torch.tensor([0.0, 1.0, 6.0])])
+    a = torch.cat([amax, values.repeat(len(ts))])
+    b = torch.cat([torch.ones_like(amax), ts.repeat_interleave(len(values))])
+    out = torch.empty(4 * len(a), device=device)
+    _ratios_kernel[(triton.cdiv(len(a), 4096),)](a.to(device), b.to(device), out, len(a), BLOCK=4096)
+    div6, fast6, div_ts, fast_ts = out.cpu().reshape(4, -1)
+    assert torch.equal(div6, a / 6) and torch.equal(fast6.view(torch.int32), div6.view(torch.int32))
+    assert torch.equal(div_ts, a / b) and torch.equal(fast_ts.view(torch.int32), div_ts.view(torch.int32))
+
+
 E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
 
@@ -301,7 +349,7 @@ def test_gpu_given_tensor_scale(rng):
 def test_gpu_triton_matches_reference(dtype, rng):
     for w in windows(dtype if dtype != torch.float32 else torch.bfloat16):
         assert_triton_equal(w.to(dtype).cuda())
-    for shape in ((1, 1), (3, 129), (4097, 1000), (8192, 7168)):
+    for shape in ((1, 1), (3, 129), (4097, 1000), (8192, 7168), (65600, 1040)):  # the last: rows along x
         assert_triton_equal(random_input(shape, dtype, rng).cuda())
     assert_triton_equal(random_input((4096, 1000), dtype, rng).cuda().T)
 
@@ -343,9 +391,6 @@ def test_gpu_e2m1_words_at_every_rounding_boundary():
     """triton_nvfp4._e2m1_words (compiled only: PTX) against the reference's E2M1 rounding: fp32 quotients on and 256
     ulps either side of every midpoint and binade start, every bf16 value in [0, 8], random values in [0, 7], past 6
     (to Inf), of both signs; the signs come from random words."""
-    import triton
-    import triton.language as tl
-    from quantd.kernels import triton_nvfp4
 
     @triton.jit
     def encode(q_ptr, w_ptr, out_ptr, n, BLOCK: tl.constexpr):
