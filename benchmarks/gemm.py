@@ -61,7 +61,8 @@ def cublas_blockwise(qa, qb):
     cuBLAS wants A's scales M-major (column-major (M, K/128)) and B's as (K/128, N/128), K-major.
     """
     a, b = qa.codes, qb.codes.t()
-    sa = qa.scales.t().contiguous().t()
+    s = qa.scales  # column-major with strides (1, M) even for M = 1, where .contiguous() would keep (1, K/128)
+    sa = torch.empty_strided(s.shape, (1, s.shape[0]), dtype=s.dtype, device=s.device).copy_(s)
     sb = qb.scales.t()
     F = torch.nn.functional
     if hasattr(F, "scaled_mm") and hasattr(F, "ScalingType"):
