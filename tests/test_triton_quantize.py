@@ -515,8 +515,10 @@ def _block_scale_kernel(hi_ptr, nlo_ptr, out_ptr, N, FMT: tl.constexpr, BLOCK: t
     nlo = tl.load(nlo_ptr + offs, mask=offs < N, other=0.0)
     scale, zp = triton_elements.block_scale(hi, nlo, FMT)
     fast, fast_zp = triton_elements.block_scale(hi, nlo, FMT, triton_elements.CORRECTED_ANY_ZERO)
-    for i, v in enumerate((scale, zp, fast, fast_zp)):
-        tl.store(out_ptr + i * N + offs, v, mask=offs < N)
+    tl.store(out_ptr + offs, scale, mask=offs < N)  # (no loop over a tuple: compiled Triton takes only ranges)
+    tl.store(out_ptr + N + offs, zp, mask=offs < N)
+    tl.store(out_ptr + 2 * N + offs, fast, mask=offs < N)
+    tl.store(out_ptr + 3 * N + offs, fast_zp, mask=offs < N)
 
 
 def block_scales(hi: torch.Tensor, nlo: torch.Tensor, spec: QuantSpec, device: str = "cpu"):
