@@ -38,7 +38,6 @@ from triton.backends.compiler import GPUTarget
 
 from profile_kernels import parse_config
 from quantd.kernels import triton_dequantize as td
-from quantd.kernels import triton_int8_pairs as int8_pairs
 from quantd.kernels import triton_mxfp4_pairs as pairs
 from quantd.kernels import triton_nvfp4 as nvfp4
 from quantd.kernels import triton_quantize as tq
@@ -70,7 +69,7 @@ def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16", source=None, d
     register = source is None
     fmt = element_constants(spec, exact_fp8=False, guarded=DEFAULT.guarded_quotient)
     tile, warps = tq.dual_geometry(cols, bc, DEFAULT) if dual else \
-        tile_geometry(br, bc, rows, cols, register, DEFAULT, asym=fmt.ASYM)
+        tile_geometry(br, bc, rows, cols, register, DEFAULT, asym=fmt.ASYM, amax=source is tq.SCALE_GIVEN_AMAX)
     run = schedule(tile, warps, register, dual, fmt.ASYM, fmt.IS_INT, DEFAULT)
     source = tq.SCALE_REGISTER if register else source
     constexprs = dict(TILE=tile, FMT=fmt, SCALE_SRC=source.value, BID_ROWS=rows > br, BID_COLS=cols > bc, DUAL=dual,
@@ -118,24 +117,11 @@ def compile_mxfp4_pairs():
     fn = pairs._mxfp4_pairs_kernel
     rows, groups, warps = DEFAULT.mxfp4_pairs_launch
     constexprs = dict(ROWS=rows, GROUPS=groups, FP16=False,
-                      FMT=element_constants(QuantSpec(format="mxfp4")), ss_c=1, PACKED=True,
-                      COALESCED=DEFAULT.mxfp4_pairs_coalesced)
+                      FMT=element_constants(QuantSpec(format="mxfp4")), ss_c=1, PACKED=True)
     signature = {n: "constexpr" if n in constexprs else "*i32" if n == "w_ptr" else "*u8" if n.endswith("_ptr")
                  else "i32" for n in fn.arg_names}
     kernel = compile_sm90(fn, signature, constexprs, {"C2", "sw_r"}, warps)
     return kernel, rows * groups * 32 / (warps * 32)
-
-
-def compile_int8_pairs():
-    """(compiled kernel, elements a thread handles) of the INT8 asym 1x128 pairs kernel on bf16 input."""
-    fn = int8_pairs._int8_pairs_kernel
-    elements, warps = DEFAULT.asym_tile
-    constexprs = dict(ROWS=1, GROUPS=elements // 128, WORDS=64, T=int8_pairs.group_threads(64),
-                      FMT=element_constants(QuantSpec(format="int8_asym")), PACKED=True, FIXUP=False, ss_c=1)
-    pointers = {"w_ptr": "*i32", "codes_ptr": "*i16", "scales_ptr": "*fp32", "zp_ptr": "*u8", "list_ptr": "*i32"}
-    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in fn.arg_names}
-    kernel = compile_sm90(fn, signature, constexprs, {"C2", "sw_r", "ss_r"}, warps)
-    return kernel, elements / (warps * 32)
 
 
 def compile_dequantize(spec: QuantSpec, shape, out_dtype: torch.dtype = torch.bfloat16):
@@ -214,7 +200,6 @@ def opcodes(sass: str) -> list:
 CAREFUL_TILES = [("careful != 0", "False"), ("careful == 0", "True")]
 GUARDED_SCALES = [("if tl.max(((scale < CORRECTED_MIN) | (scale > CORRECTED_MAX)).to(tl.int32)) == 0:", "if True:")]
 RARE_BRANCHES = {"triton_quantize": CAREFUL_TILES + GUARDED_SCALES, "triton_mxfp4_pairs": CAREFUL_TILES,
-                 "triton_int8_pairs": [("if careful == 0:", "if True:")],
                  "triton_nvfp4": [("if fast:", "if True:")]}
 
 
@@ -237,7 +222,7 @@ def common_path_module(module, folder: str):
 
 
 def main() -> None:
-    global tq, pairs, nvfp4, int8_pairs, DEFAULT
+    global tq, pairs, nvfp4, DEFAULT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs="+", default=[16384, 16384])
     ap.add_argument("--dump", default="/tmp/quantd-sass", help="folder for the cubins and SASS listings")
@@ -250,11 +235,10 @@ def main() -> None:
         DEFAULT = dataclasses.replace(DEFAULT, **parse_config(args.set))
     os.makedirs(args.dump, exist_ok=True)
     if args.common_path:
-        tq, pairs, nvfp4, int8_pairs = (common_path_module(m, args.dump) for m in (tq, pairs, nvfp4, int8_pairs))
+        tq, pairs, nvfp4 = (common_path_module(m, args.dump) for m in (tq, pairs, nvfp4))
     print(f"triton {triton.__version__}, sm_90, input bf16 {args.shape}{', common path' if args.common_path else ''}")
     builds = [(name, lambda spec=spec: compile_quantize(spec, args.shape)) for name, spec in SPECS]
     builds.append(("mxfp4, pairs kernel", compile_mxfp4_pairs))
-    builds.append(("int8 asym 1x128, pairs", compile_int8_pairs))
     builds.append(("nvfp4", compile_nvfp4))
     tensor = QuantSpec(granularity="tensor")
     builds.append(("fp8 e4m3 tensor, 2nd pass", lambda: compile_quantize(tensor, args.shape, source=tq.SCALE_STATS)))

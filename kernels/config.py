@@ -37,8 +37,13 @@ class KernelConfig:
     # at 8 warps, 32 elements a thread). Compiled for sm_90 by triton 3.6 (benchmarks/sass.py --common-path, E4M3
     # per tensor, 16384^2 bf16) the second pass / delayed scaling take 18.8 / 22.5 SASS instructions an element
     # at 32 elements a thread, 14.9 / 18.2 at 64 (8192 at 4 warps, 96 / 127 registers), 9.5 / 13.0 at 128 (16384 at
-    # 4 warps, 105 / 168 registers): a thread's fixed work spread over more elements. Untimed on a GPU.
-    lookup_tile: tuple | None = None
+    # 4 warps, 105 / 168 registers): a thread's fixed work spread over more elements. lookup_tile_amax: the same for
+    # programs that also report the input's amax (delayed scaling), whose reduction holds more registers. H200
+    # (2026-12-05, 16384^2 bf16, profile_kernels --time, one process; None / (8192, 4) / (16384, 4) / (16384, 8)):
+    # per tensor (two passes) 0.520 / 0.524 / 0.570 / 0.504 x copy, given scale 0.906 / 0.887 / 1.002 / 0.867,
+    # delayed scaling 0.758 / 0.806 / 0.718 / 0.758.
+    lookup_tile: tuple | None = (16384, 4)
+    lookup_tile_amax: tuple | None = (8192, 4)
     # Programs the statistics pass aims at where it can loop (about eight an SM of the largest GPUs), the elements
     # of the tile each reads at a time, and its warps. On an H200 (2026-12-04 sweep, 16384^2 bf16 per tensor) 1024
     # programs read at 0.86-0.88 x copy against 0.79-0.81 for 2048 and 0.87 for 512; tiles of 8192 or 16384
@@ -69,19 +74,15 @@ class KernelConfig:
     asym_maxnreg: int | None = None
     asym_programs: int = 0
     asym_defer: bool = True
-    # INT8 asym groups of bf16 rows (groups of 8 .. asym_tile elements, a power of two; rows that read as int32 words)
-    # by triton_int8_pairs: maxima and minima reduced on the words in bf16x2 PTX, codes stored as 16-bit pairs, a
-    # thread's words in few groups (two of 1x128), tiles of asym_tile's size, careful ones deferred. Off until timed
-    # on a GPU: compiled for sm_90 (benchmarks/sass.py --common-path) 13.6 SASS instructions an element with triton
-    # 3.6 and 14.2 with 3.9, against 16.8 / 16.6 for the register tiles above (INT8 sym ran 0.978 x copy at 14.8).
-    asym_pairs: bool = False
     # Careful tiles of dual-layout programs listed for a second launch, as asym_defer (triton 3.6: 128 x 128 tiles at 8
     # warps take 124 registers instead of 161). H200, as above, two runs: 0.550 / 0.549 x copy at 4 warps against
     # 0.540 / 0.538 in place; 0.523 at 8 warps, 0.394 at 8 warps within 128 registers.
     dual_defer: bool = True
     # Slabs a dual-layout program takes its tile in (its rows, then its columns, 1 / dual_slabs of the tile at a
-    # time: triton_quantize._dual_tile), so that a thread holds fewer elements at once. Untimed on a GPU.
-    dual_slabs: int = 1
+    # time: triton_quantize._dual_tile), so that a thread holds fewer elements at once: fewer registers, more
+    # programs an SM. H200 (2026-12-05, 16384^2 bf16, profile_kernels --time, one process, E4M3 1x128): 4 slabs
+    # 0.557 x copy, 2 slabs 0.498, the whole tile 0.455 (offline, triton 3.6: 128 / 168 / 250 registers).
+    dual_slabs: int = 4
     # Careful tiles deferred, one tile a program. Float tiles: 4 warps of 128 elements a thread of a 128 x 128
     # tile, no register limit (H200, 2026-12-04, 16384^2 bf16, ncu kernel time: E4M3 128x128 184 us against 210 us
     # for 8 warps within 128 registers, 246 us for 4 warps within 128, 240 us for 2 warps); rows within 80
@@ -93,13 +94,13 @@ class KernelConfig:
     # against 0.725. Since INT8 sym tiles that are not careful only round their quotients (no clamp, no NaN select),
     # int8 takes the float tiles without any register limit (H200, 2026-12-04, 16384^2 bf16, profile_kernels
     # --time, one process): 128x128 sym 0.986 against 0.874 at 64 elements a thread within 128 registers, per
-    # channel 0.984 against 0.907 with rows of 64 within 128, asym 128x128 0.851 against 0.846. INT8 rows took 80
-    # registers without a limit then; with the block scales' corrected steps ptxas takes 93 (triton 3.6), so they are
-    # held at 80 as the float rows are (whose 87 without a limit ran 0.916 against 0.985 within 80); untimed.
+    # channel 0.984 against 0.907 with rows of 64 within 128, asym 128x128 0.851 against 0.846. INT8 rows take 93
+    # registers without a limit since the block scales' corrected steps (triton 3.6) and run as fast as within 80
+    # (H200, 2026-12-05, as above: INT8 sym per channel 0.991 against 0.984).
     one_block_float: OneBlock = OneBlock(defer=True, per_sm=0, tile_elems=128, row_elems=64, maxnreg=None,
                                          row_maxnreg=80)
     one_block_int: OneBlock = OneBlock(defer=True, per_sm=0, tile_elems=128, row_elems=64, maxnreg=None,
-                                       row_maxnreg=80)
+                                       row_maxnreg=None)
     # Blocks whose scales come from the statistics pass or are given (per tensor, channels, groups and tiles
     # too large for registers, static and delayed scales): x / scale by the guarded corrected quotient
     # (triton_elements.quotient GUARDED: a reciprocal and two fmas) instead of IEEE division wherever the
@@ -128,17 +129,14 @@ class KernelConfig:
     # chooses). One warp a program: its tile-wide reductions (the Inf/NaN check, the scales' layout) need no
     # barrier, and 64 registers let 32 of them share an SM. On an H200 (2026-12-04, 16384^2 bf16, given tensor
     # scale, ncu kernel time) 1 x 64 blocks at 1 warp within 64 registers took 218 us, 2 x 32 233 us, 16 x 16 at
-    # 4 warps 349 us; persistent programs loading their next tile first 246-430 us.
+    # 4 warps 349 us; persistent programs loading their next tile first 246-430 us. After the corrected block ratios
+    # (2026-12-05, profile_kernels --time, given tensor scale, x copy): (1, 64, 1) 0.781, (1, 128, 2) 0.783, (1, 128,
+    # 1) without a register limit 0.639.
     nvfp4_launch: tuple = (1, 64, 1)
     nvfp4_maxnreg: int | None = 64
     # An MXFP4 program of 16-bit words (triton_mxfp4_pairs): (rows, MX blocks a row, warps). One or two warps
     # (H200, as above): 1 x 64 blocks at 2 warps 185 us, 2 x 32 at 1 warp 186-188 us, 16 x 16 at 4 warps 203 us.
     mxfp4_pairs_launch: tuple = (1, 64, 2)
-    # MXFP4 pairs programs reading four words a thread (a block over four threads), so that a warp's load covers 512
-    # contiguous bytes instead of 2 KB in 64-byte runs (the compiler's choice: a block a thread). Compiled for sm_90
-    # (triton 3.6, common path) 14.8 SASS instructions an element against 11.8 (the block's reductions over
-    # threads). Untimed on a GPU; MXFP4 quantize ran 0.874 x copy.
-    mxfp4_pairs_coalesced: bool = False
     # Compiled NVFP4 quantize of bf16 words: tiles without Inf or NaN encoded two elements at a time in PTX
     # (triton_nvfp4._e2m1_words; False: through fp32 and e2m1 for every tile, for timing against it): at 2 x 32
     # blocks, 1 warp, 64 registers 233 against 351 us (H200, as above).
@@ -166,11 +164,13 @@ class KernelConfig:
     gemm_max_split: int = 8
     # FP8 GEMMs on the Gluon kernel (more rows than gemm_decode_m) whose 128 x 128 tiles fill at most half the SMs
     # (M = 65..256 against a weight of N <= 8192 on a 132-SM GPU) with each tile's K blocks split over work items
-    # (at most gemm_max_split, whole pairs), the partials added in order (gluon_gemm, SPLIT). Off until timed on a
-    # GPU (at M = 128, N = K = 8192 the Gluon kernel's 64 tiles ran 0.81 x cuBLAS blockwise: half the SMs idle).
+    # (at most gemm_max_split, whole pairs), the partials added in order (gluon_gemm, SPLIT). H200 (2026-12-05, N = K
+    # = 8192, gemm.py --decode, TFLOPS): M = 128 569 against 508 unsplit, 0.93 against 0.83 x cuBLAS blockwise. Off
+    # until its GPU tests have run (-m gpu tests/test_triton_gemm.py -k gluon_split).
     gemm_gluon_split: bool = False
     # INT8 GEMMs of at most gemm_decode_m rows split K as FP8 ones do, their int32 partials added exactly before the
-    # scales (the unsplit product's bits). Off until timed on a GPU.
+    # scales (the unsplit product's bits). H200, as above: M = 32 / 64 187 / 368 against 145 / 285 unsplit (0.96 /
+    # 0.99 against 0.75 / 0.77 x torch._int_mm), M = 8 49 against 37. Off until its GPU tests have run (-k int8_split).
     gemm_split_int8: bool = False
 
 

@@ -126,19 +126,21 @@ def element_constants(spec: QuantSpec, exact_fp8: bool | None = None, guarded: b
 
 
 def tile_geometry(br: int, bc: int, rows: int, cols: int, register: bool, config: KernelConfig,
-                  tile_elems: int | None = None, asym: bool = False) -> tuple[Tile, int]:
+                  tile_elems: int | None = None, asym: bool = False, amax: bool = False) -> tuple[Tile, int]:
     """(Tile, num_warps) of a quantize/dequantize tile.
 
     register: the tile is made of whole BR x BC blocks; else of 1 x TBC strips. tile_elems: the elements
     a tile aims at (default config.tile_elems, or for row groups in registers config.group_tile's, INT8 asym's
-    config.asym_tile's, for strips config.lookup_tile's).
+    config.asym_tile's, for strips config.lookup_tile's, or lookup_tile_amax's for programs that report the amax).
     """
     group_warps = None
     group_tile = config.asym_tile if asym else config.group_tile
     if tile_elems is None and register and br == 1 and group_tile is not None:
         tile_elems, group_warps = group_tile
-    elif tile_elems is None and not register and config.lookup_tile is not None:
-        tile_elems, group_warps = config.lookup_tile
+    elif tile_elems is None and not register:
+        lookup = config.lookup_tile_amax if amax else config.lookup_tile
+        if lookup is not None:
+            tile_elems, group_warps = lookup
     tile_elems = tile_elems or config.tile_elems
     if register:  # whole blocks in registers
         tbr, tbc = br, bc

@@ -29,8 +29,7 @@ def mxfp4_pairs(v, codes, stored, spec, config: KernelConfig) -> bool:
     grid = (_cdiv(R, rows) * _cdiv(c2, groups * 16),)
     launch(_mxfp4_pairs_kernel, grid, pairs, bytes_of(codes), bytes_of(grid_s), R, c2, pairs.stride(0),
            grid_s.stride(0), grid_s.stride(1), ROWS=rows, GROUPS=groups, FP16=v.dtype == torch.float16,
-           FMT=element_constants(spec), PACKED=v.dtype == torch.bfloat16 and not interpreting(),
-           COALESCED=config.mxfp4_pairs_coalesced, num_warps=warps)
+           FMT=element_constants(spec), PACKED=v.dtype == torch.bfloat16 and not interpreting(), num_warps=warps)
     return True
 
 
@@ -82,14 +81,14 @@ def _e2m1_bf16_pairs(w, e):
 @triton.jit
 def _mxfp4_pairs_kernel(w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c,
                         ROWS: tl.constexpr, GROUPS: tl.constexpr, FP16: tl.constexpr, FMT: tl.constexpr,
-                        PACKED: tl.constexpr, COALESCED: tl.constexpr = False):
+                        PACKED: tl.constexpr):
     """MXFP4 codes of a 16-bit (R, 2 * C2) matrix read as int32 pairs of elements: each word's two
     codes make one byte (element 2i in the low nibble) without reshaping registers.
 
     A program takes ROWS rows x GROUPS MX blocks of 16 words each. The amax is reduced on the
     magnitude bits (16-bit floats order as their bits do). PACKED (bf16, compiled): tiles without
     Inf or NaN are encoded two elements at a time (_e2m1_bf16_pairs); other tiles, fp16 and the
-    interpreter go through fp32 and e2m1. COALESCED: KernelConfig.mxfp4_pairs_coalesced.
+    interpreter go through fp32 and e2m1.
     """
     pid = tl.program_id(0)
     tiles_c = tl.cdiv(C2, GROUPS * 16)
@@ -98,8 +97,6 @@ def _mxfp4_pairs_kernel(w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c,
     r = pr * ROWS + tl.arange(0, ROWS)[:, None, None]
     g = pc * GROUPS + tl.arange(0, GROUPS)[None, :, None]
     k = g * 16 + tl.arange(0, 16)[None, None, :]
-    if COALESCED:  # four words a thread: a warp's load covers 512 contiguous bytes (not 2 KB in 64-byte runs)
-        k = tl.max_contiguous(k, [1, 1, 4])
     mask = (r < R) & (k < C2)
     w = tl.load(w_ptr + r.to(tl.int64) * sw_r + k, mask=mask, other=0)
     if PACKED:  # both halves at once (max.u16x2), then the larger half

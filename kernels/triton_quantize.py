@@ -5,8 +5,7 @@ of two; the launch geometry is quantize_plan's), reduces each block's amax in re
 and scales in one read of X. With DUAL (quantize_dual) it also writes the transposed, column-wise
 quantized copy, from a second load of the tile that hits L2. When a block is too large for registers
 (per tensor, per channel, huge groups) or the scales are given, it reads per-block statistics
-(triton_block_stats) or scales instead. MXFP4 inputs of 16-bit pairs take triton_mxfp4_pairs, and bf16 INT8 asym
-groups triton_int8_pairs where KernelConfig.asym_pairs is on.
+(triton_block_stats) or scales instead. MXFP4 inputs of 16-bit pairs take triton_mxfp4_pairs.
 
 Under the Triton interpreter the float -> fp8 cast is wrong, so EXACT_FP8 computes fp8 codes with the
 reference's integer grid arithmetic; compiled kernels use the hardware cast (both are checked against
@@ -30,7 +29,6 @@ from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED, CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, GUARDED,
                               RECIPROCAL, block_ids, block_scale, defer_tile, encode, encode_quotient, finite_abs,
                               load_fp32, max_into, max_nan, min_nan, quotient, rint_int32, store_scales, tile_coords)
-from .triton_int8_pairs import int8_pairs
 from .triton_mxfp4_pairs import mxfp4_pairs
 
 # SCALE_SRC of _quantize_tile: where a block's scale comes from.
@@ -422,8 +420,6 @@ def _quantize_into(v, block, spec, given, amax, qt, exact_fp8, config) -> None:
         return
     if given is None and mxfp4_pairs(v, qt.codes, qt.scales, spec, config):
         return
-    if given is None and int8_pairs(v, qt.codes, qt.scales, qt.zero_points, spec, config):
-        return
     register = given is None and P == 1 and pow2_ceil(br) * pow2_ceil(bc) <= MAX_REGISTER_BLOCK
     stats = None
     if given is None and not register:
@@ -459,7 +455,7 @@ def _launch(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, register,
     P, R, C = v.shape
     if amax is not None:
         stats = amax  # where SCALE_GIVEN_AMAX maxes it
-    tile, num_warps = geometry or tile_geometry(br, bc, R, C, register, config, asym=fmt.ASYM)
+    tile, num_warps = geometry or tile_geometry(br, bc, R, C, register, config, asym=fmt.ASYM, amax=amax is not None)
     tiles_r, tiles_c = _cdiv(R, tile.RB * tile.TBR), _cdiv(C, tile.CB * tile.TBC)
     codes_b = bytes_of(codes)
     ccols = (C + 1) // 2 if spec.element.bits == 4 else C  # codes are contiguous over (P, R, C)

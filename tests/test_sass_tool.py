@@ -22,13 +22,13 @@ def run_tool(script: str, *args, timeout: int = 600) -> str:
     return out.stdout
 
 
-@pytest.mark.parametrize("flags", [[], ["--common-path"], ["--common-path", "--set", "lookup_tile=(16384, 4)"]],
+@pytest.mark.parametrize("flags", [[], ["--common-path"], ["--common-path", "--set", "lookup_tile=None,dual_slabs=1"]],
                          ids=["static", "common-path", "config"])
 def test_sass_tool_counts_every_kernel(flags, tmp_path):
     stdout = run_tool("sass.py", "--shape", "1024", "1024", "--dump", str(tmp_path), *flags)
     counts = dict(re.findall(r"^(.+?)\s+(\d+\.\d) instructions/element", stdout, re.M))
-    assert {"fp8 e4m3 1x128", "fp8 e4m3 128x128", "mxfp4", "int8 asym 1x128", "int8 asym 1x128, pairs",
-            "mxfp4, pairs kernel", "dequantize fp8 e4m3 1x128", "dequantize nvfp4"} <= set(counts)
+    assert {"fp8 e4m3 1x128", "fp8 e4m3 128x128", "mxfp4", "int8 asym 1x128", "mxfp4, pairs kernel", "nvfp4",
+            "fp8 e4m3 tensor, delayed", "fp8 e4m3 dual 1x128", "dequantize fp8 e4m3 1x128", "dequantize nvfp4"} <= set(counts)
     assert all(5 < float(v) < 200 for v in counts.values()), counts
 
 

@@ -177,13 +177,19 @@ def test_amax_found_while_quantizing_with_given_scales(spec, rng):
     assert_same_qt(quantize(x, tensor, reference.tensor_scale(reference.amax(x), tensor)), reference_quantize(x, tensor))
 
 
-@pytest.mark.parametrize("lookup_tile", [(16384, 4), (2048, 1)], ids=str)
+@pytest.mark.parametrize("lookup_tile", [(16384, 4), (2048, 1), None], ids=str)
 def test_lookup_tiles(lookup_tile, rng):
-    """KernelConfig.lookup_tile: programs whose blocks' scales are looked up (per tensor's second pass, static and
-    delayed scales, groups too large for registers, INT8 asym's statistics) over tiles of another size and warps."""
-    config = dataclasses.replace(DEFAULT, lookup_tile=lookup_tile)
-    geometry = tile_geometry(1, 300, 37, 300, False, config)
-    assert geometry[0].elems <= lookup_tile[0] and geometry[1] == lookup_tile[1]
+    """KernelConfig.lookup_tile (and lookup_tile_amax, for programs that report the amax): programs whose blocks'
+    scales are looked up (per tensor's second pass, static and delayed scales, groups too large for registers,
+    INT8 asym's statistics) over tiles of another size and warps, or (None) of tile_elems by size."""
+    config = dataclasses.replace(DEFAULT, lookup_tile=lookup_tile, lookup_tile_amax=lookup_tile)
+    for amax in (False, True):
+        tile, warps = tile_geometry(1, 300, 37, 300, False, config, amax=amax)
+        if lookup_tile is not None:
+            assert tile.elems <= lookup_tile[0] and warps == lookup_tile[1]
+    tile, warps = tile_geometry(1, 300, 37, 300, False, dataclasses.replace(DEFAULT, lookup_tile_amax=(2048, 1)),
+                                amax=True)
+    assert warps == 1 and tile_geometry(1, 300, 37, 300, False, DEFAULT)[1] == DEFAULT.lookup_tile[1]
     lookup_tile_checks(random_input((37, 300), torch.bfloat16, rng), config)
 
 
@@ -358,8 +364,8 @@ def test_nan_among_finite_values(spec, device, rng):
 
 
 def test_one_block_schedule_limits_rows_only():
-    """128 x 128 tiles run 4 warps without a register limit; rows (channels) keep their register limit, float and
-    INT8 alike."""
+    """128 x 128 tiles run 4 warps without a register limit; rows (channels) take their register limit (float
+    rows 80, INT8 rows none)."""
     square, row = Tile(1, 128, 128, 1, 128, 128), Tile(1, 1, 1, 1, 16384, 16384)
     for is_int in (False, True):
         got = schedule(square, 8, True, False, False, is_int, DEFAULT)
@@ -367,7 +373,9 @@ def test_one_block_schedule_limits_rows_only():
     got = schedule(row, 8, True, False, False, False, DEFAULT)
     assert got.one_block and got.warps == 8 and got.maxnreg == DEFAULT.one_block_float.row_maxnreg is not None
     got = schedule(row, 8, True, False, False, True, DEFAULT)
-    assert got.one_block and got.warps == 8 and got.maxnreg == DEFAULT.one_block_int.row_maxnreg is not None
+    assert got.one_block and got.warps == 8 and got.maxnreg == DEFAULT.one_block_int.row_maxnreg
+    rows_80 = dataclasses.replace(DEFAULT, one_block_int=dataclasses.replace(DEFAULT.one_block_int, row_maxnreg=80))
+    assert schedule(row, 8, True, False, False, True, rows_80).maxnreg == 80
     limited = dataclasses.replace(DEFAULT, one_block_int=dataclasses.replace(DEFAULT.one_block_int, maxnreg=128))
     assert schedule(square, 8, True, False, False, True, limited).maxnreg == 128
 
@@ -458,55 +466,6 @@ def test_int8_asym_groups_deferred(schedule_, defer, rng):
     check(near_boundaries("int8_asym", 128, rng), spec, config=config)
 
 
-PAIRS = dataclasses.replace(DEFAULT, asym_pairs=True)
-
-
-def asym_pairs_inputs(rng) -> list:
-    """bf16 inputs for the INT8 asym pairs kernel: random (ragged last group), careful tiles (Inf, NaN, a group of
-    subnormals only), spans that overflow fp32 (lo = -hi = bf16's largest), and all-zero and constant groups."""
-    x = random_input((70, 400), torch.bfloat16, rng)
-    wide = deferred_input((40, 520), torch.bfloat16, rng)
-    big = torch.finfo(torch.bfloat16).max
-    wide[7, 0], wide[7, 1] = big, -big  # span past fp32's max: careful, coded from the division
-    wide[9, :128] = 0.0
-    wide[11, 128:256] = -3.0
-    return [x, wide, random_input((3, 2048), torch.bfloat16, rng, edge_cases=False)]
-
-
-def test_int8_asym_pairs_kernel(rng, monkeypatch):
-    """KernelConfig.asym_pairs: bf16 INT8 asym groups whose rows can be read as int32 words take
-    _int8_pairs_kernel (groups of 8 to asym_tile's elements: 1x128, 1x32, 1x16 and 1x64, whose threads split a
-    group unevenly; sliced rows; column scales); careful tiles are listed and coded by the second launch. Odd
-    widths, strided columns, fp16, fp32, groups that are not powers of two and codes at an odd address take the
-    generic kernel; every result is the reference's."""
-    monkeypatch.setenv("QUANTD_PLANS", "0")  # each call runs its body: no launch plan replays it
-    taken = []
-    pairs = triton_quantize.int8_pairs
-    monkeypatch.setattr(triton_quantize, "int8_pairs", lambda *a: taken.append(pairs(*a)) or taken[-1])
-    inputs = asym_pairs_inputs(rng)
-    for g in (128, 32, 16, 64):
-        for t in inputs:
-            check(t, QuantSpec(format="int8_asym", group_size=g), config=PAIRS)
-    assert taken == [True] * 12
-    taken.clear()
-    spec = QuantSpec(format="int8_asym")
-    x = inputs[0]
-    for t in (x[3:50, 16:316], x[:, :301], x[:, ::2], x.half(), x.float()):
-        check(t, spec, config=PAIRS)
-    check(x, QuantSpec(format="int8_asym", group_size=96), config=PAIRS)
-    check(x, QuantSpec(format="int8_asym", group_size=4), config=PAIRS)
-    assert taken == [True, False, False, False, False, False, False]
-    taken.clear()
-    store = spec.storage(x.shape)
-    buffer = torch.empty(x.numel() + 1, dtype=torch.int8)
-    odd = QuantizedTensor(buffer[1:].view(x.shape), torch.empty(store.scales[0]), spec, tuple(x.shape),
-                          torch.empty(store.zero_points[0], dtype=store.zero_points[1]))
-    assert_same_qt(quantize(x, spec, config=PAIRS, out=odd), reference_quantize(x, spec))
-    got = dispatch.quantize(x, spec, backend="triton", scale_layout="col", config=PAIRS)
-    assert_same_qt(got, reference_quantize(x, spec))
-    assert taken == [False, True]
-
-
 @triton.jit
 def _block_scale_kernel(hi_ptr, nlo_ptr, out_ptr, N, FMT: tl.constexpr, BLOCK: tl.constexpr):
     """Per (hi, nlo) (amax: hi): block_scale's scale and zero point divided and by corrected steps."""
@@ -593,10 +552,11 @@ def test_dual_layout_deferred(fmt, defer, rng):
 
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8_asym", "mxfp8"])
-@pytest.mark.parametrize("slabs", [2, 4])
+@pytest.mark.parametrize("slabs", [1, 2])
 @pytest.mark.parametrize("defer", [False, True], ids=["careful_in_place", "deferred"])
 def test_dual_layout_slabs(fmt, slabs, defer, rng):
-    """KernelConfig.dual_slabs: dual programs take their tile's rows, then its columns, a slab at a time; careful
+    """KernelConfig.dual_slabs (the other dual tests take the default, 4): dual programs take their tile's rows,
+    then its columns, a slab at a time, or the whole tile (1); careful
     rows and columns in some slabs only, ragged tiles, 1x32 groups several a row."""
     config = dataclasses.replace(DEFAULT, dual_slabs=slabs, dual_defer=defer)
     for g in (32,) if fmt == "mxfp8" else (128, 32):
@@ -670,10 +630,9 @@ def test_mxfp4_pairs_kernel(dtype, rng, monkeypatch):
     x = random_input((70, 400), dtype, rng)
     for t in (x, x[3:50, 16:316], x[:, :301], x[:, ::2], x.float()):
         check(t, spec)
-    check(x, spec, config=dataclasses.replace(DEFAULT, mxfp4_pairs_coalesced=True))
     got = dispatch.quantize(x, spec, backend="triton", scale_layout="col")
     assert_same_qt(got, reference_quantize(x, spec))
-    assert taken == [True, True, False, False, False, True, True]
+    assert taken == [True, True, False, False, False, True]
 
 
 def test_scale_layouts(rng):
@@ -825,27 +784,9 @@ def test_gpu_int8_asym_groups_deferred(schedule_, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("group", [128, 32, 64])
-def test_gpu_int8_asym_pairs(group, rng, monkeypatch):
-    """KernelConfig.asym_pairs compiled: maxima and minima in bf16x2 PTX, careful tiles deferred."""
-    monkeypatch.setenv("QUANTD_PLANS", "0")
-    taken = []
-    pairs = triton_quantize.int8_pairs
-    monkeypatch.setattr(triton_quantize, "int8_pairs", lambda *a: taken.append(pairs(*a)) or taken[-1])
-    spec = QuantSpec(format="int8_asym", group_size=group)
-    inputs = [t.cuda() for t in asym_pairs_inputs(rng)] + [every_16bit(torch.bfloat16).reshape(256, 256).cuda()]
-    for size in [(300, 260), (129, 130), (513, 1000), (2048, 8192)]:
-        inputs += [deferred_input(size, torch.bfloat16, rng).cuda(),
-                   random_input(size, torch.bfloat16, rng, edge_cases=False).cuda()]
-    for t in inputs:
-        check(t, spec, config=PAIRS)
-    assert taken == [True] * len(inputs)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("lookup_tile", [(16384, 4), (8192, 4), (16384, 8)], ids=str)
+@pytest.mark.parametrize("lookup_tile", [(16384, 4), (8192, 4), (16384, 8), None], ids=str)
 def test_gpu_lookup_tiles(lookup_tile, rng):
-    config = dataclasses.replace(DEFAULT, lookup_tile=lookup_tile)
+    config = dataclasses.replace(DEFAULT, lookup_tile=lookup_tile, lookup_tile_amax=lookup_tile)
     lookup_tile_checks(random_input((2048, 8192), torch.bfloat16, rng), config, "cuda")
 
 
@@ -873,7 +814,7 @@ def test_gpu_dual_layout_deferred(fmt, warps, defer, rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", DUAL_FORMATS)
-@pytest.mark.parametrize("slabs", [2, 4])
+@pytest.mark.parametrize("slabs", [1, 2])
 def test_gpu_dual_layout_slabs(fmt, slabs, rng):
     config = dataclasses.replace(DEFAULT, dual_slabs=slabs)
     for size in [(128, 128), (1000, 3000), (4096, 8192)]:
@@ -903,13 +844,10 @@ def test_gpu_shapes_and_strides(spec, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("coalesced", [False, True], ids=["block_a_thread", "coalesced"])
-def test_gpu_mxfp4_bf16_under_every_scale(coalesced, rng):
+def test_gpu_mxfp4_bf16_under_every_scale():
     """The packed bf16x2 E2M1 encoder (compiled only): every finite bf16 value under every E8M0 scale
-    its block can have (~8.6M elements); KernelConfig.mxfp4_pairs_coalesced both ways, Inf and NaN tiles too."""
-    config = dataclasses.replace(DEFAULT, mxfp4_pairs_coalesced=coalesced)
-    check(every_bf16_under_scales(range(-127, 126)).cuda(), QuantSpec(format="mxfp4"), config=config)
-    check(deferred_input((1000, 3000), torch.bfloat16, rng).cuda(), QuantSpec(format="mxfp4"), config=config)
+    its block can have (~8.6M elements)."""
+    check(every_bf16_under_scales(range(-127, 126)).cuda(), QuantSpec(format="mxfp4"))
 
 
 @pytest.mark.gpu
