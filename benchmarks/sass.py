@@ -104,7 +104,7 @@ def compile_nvfp4():
     rows, groups, warps = DEFAULT.nvfp4_launch
     constexprs = dict(ROWS=rows, GROUPS=groups, SCALE_FMT=nvfp4.E4M3_HW, ZERO_BITS=nvfp4.ZERO_SCALE_BITS,
                       BF16_BITS=False, WORDS=nvfp4.BF16_WORDS.value, FROM_AMAX=False, AMAX=False,
-                      PACKED=DEFAULT.packed_encode, ROWS_X=False, sx_c=1, ss_c=1)
+                      PACKED=DEFAULT.packed_encode, ROWS_X=False, sx_c=1)  # ss_c: not specialized
     scalars = ("source_ptr", "ts_ptr", "amax_ptr")
     signature = {n: "constexpr" if n in constexprs else "*i32" if n == "x_ptr" else "*fp32" if n in scalars
                  else "*u8" if n.endswith("_ptr") else "i32" for n in fn.arg_names}

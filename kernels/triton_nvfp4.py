@@ -137,7 +137,7 @@ def _e2m1_words(q_lo, q_hi, w):
                                      is_pure=True, pack=1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ss_c"])  # a stride of 1 would make the scales' store a pairs' store, shuffled
 def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, source_ptr, ts_ptr, amax_ptr, R, C, sx_r, sx_c, sq_r, ss_r, ss_c,
                   ROWS: tl.constexpr, GROUPS: tl.constexpr, SCALE_FMT: tl.constexpr, ZERO_BITS: tl.constexpr,
                   BF16_BITS: tl.constexpr, WORDS: tl.constexpr, FROM_AMAX: tl.constexpr, AMAX: tl.constexpr,

@@ -11,6 +11,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+# Under pytest-xdist (`-n N`, the GPU runs) each worker takes its share of the cores for torch's CPU work (the
+# reference's), instead of every worker starting a thread a core.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 if not HAS_CUDA:
     # Without a GPU the Triton kernels run under the interpreter; triton reads this at import.
     os.environ.setdefault("TRITON_INTERPRET", "1")
