@@ -204,6 +204,16 @@ def narrow_launch(launch: tuple, row_blocks: int) -> tuple:
     return rows * (groups // fit), fit, warps
 
 
+GRID_Y = 65535  # the most programs along a CUDA grid's y
+
+
+def row_tile_grid(tiles_c: int, tiles_r: int) -> tuple[tuple[int, int], bool]:
+    """(grid, rows_x) of a launch whose programs find their tile from two grid coordinates, no division
+    (triton_elements.grid_tile): a row's tiles along x unless the row tiles pass the grid's GRID_Y along y."""
+    rows_x = tiles_r > GRID_Y
+    return ((tiles_r, tiles_c) if rows_x else (tiles_c, tiles_r)), rows_x
+
+
 def as_grid(t: torch.Tensor, nbr: int, nbc: int) -> torch.Tensor:
     """A scale tensor as its (NBR, NBC) block grid (a view for both layouts)."""
     return t.reshape(nbr, nbc) if t.dim() != 2 else t

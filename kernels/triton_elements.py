@@ -301,6 +301,16 @@ def encode_float(q, FMT: tl.constexpr):
 
 
 @triton.jit
+def grid_tile(ROWS_X: tl.constexpr):
+    """(tile row, tile column) of a program of quantize_plan.row_tile_grid's launch."""
+    if ROWS_X:
+        tile_r, tile_c = tl.program_id(0), tl.program_id(1)
+    else:
+        tile_r, tile_c = tl.program_id(1), tl.program_id(0)
+    return tile_r, tile_c
+
+
+@triton.jit
 def tile_coords(pid, R, C, TILES_R, TILES_C, TILE: tl.constexpr):
     """Tile `pid`: RB x CB sub-tiles (TBR x TBC, padded to TBRP x TBCP; the fields of TILE) over the
     (P, R, C) view.

@@ -10,10 +10,10 @@ import triton.language as tl
 from .config import KernelConfig
 from .launch import interpreting
 from .plans import launch
-from .quantize_plan import as_grid, bytes_of, element_constants, narrow_launch, pair_words
+from .quantize_plan import as_grid, bytes_of, element_constants, narrow_launch, pair_words, row_tile_grid
 from .spec import E2M1, _cdiv
-from .triton_elements import (RECIPROCAL, bf16_halves, block_scale, e2m1, finite_abs, max_u16x2, mx_scale_exponent,
-                              quotient, stored_scale)
+from .triton_elements import (RECIPROCAL, bf16_halves, block_scale, e2m1, finite_abs, grid_tile, max_u16x2,
+                              mx_scale_exponent, quotient, stored_scale)
 
 
 def mxfp4_pairs(v, codes, stored, spec, config: KernelConfig) -> bool:
@@ -26,10 +26,11 @@ def mxfp4_pairs(v, codes, stored, spec, config: KernelConfig) -> bool:
     grid_s = as_grid(stored, R, _cdiv(C, spec.group_size))
     c2 = C // 2
     rows, groups, warps = narrow_launch(config.mxfp4_pairs_launch, _cdiv(c2, 16))
-    grid = (_cdiv(R, rows) * _cdiv(c2, groups * 16),)
+    grid, rows_x = row_tile_grid(_cdiv(c2, groups * 16), _cdiv(R, rows))
     launch(_mxfp4_pairs_kernel, grid, pairs, bytes_of(codes), bytes_of(grid_s), R, c2, pairs.stride(0),
            grid_s.stride(0), grid_s.stride(1), ROWS=rows, GROUPS=groups, FP16=v.dtype == torch.float16,
-           FMT=element_constants(spec), PACKED=v.dtype == torch.bfloat16 and not interpreting(), num_warps=warps)
+           FMT=element_constants(spec), PACKED=v.dtype == torch.bfloat16 and not interpreting(), ROWS_X=rows_x,
+           num_warps=warps)
     return True
 
 
@@ -81,19 +82,16 @@ def _e2m1_bf16_pairs(w, e):
 @triton.jit
 def _mxfp4_pairs_kernel(w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c,
                         ROWS: tl.constexpr, GROUPS: tl.constexpr, FP16: tl.constexpr, FMT: tl.constexpr,
-                        PACKED: tl.constexpr):
+                        PACKED: tl.constexpr, ROWS_X: tl.constexpr):
     """MXFP4 codes of a 16-bit (R, 2 * C2) matrix read as int32 pairs of elements: each word's two
     codes make one byte (element 2i in the low nibble) without reshaping registers.
 
     A program takes ROWS rows x GROUPS MX blocks of 16 words each. The amax is reduced on the
     magnitude bits (16-bit floats order as their bits do). PACKED (bf16, compiled): tiles without
     Inf or NaN are encoded two elements at a time (_e2m1_bf16_pairs); other tiles, fp16 and the
-    interpreter go through fp32 and e2m1.
+    interpreter go through fp32 and e2m1. A program's tile from its grid coordinates (grid_tile).
     """
-    pid = tl.program_id(0)
-    tiles_c = tl.cdiv(C2, GROUPS * 16)
-    pr = pid // tiles_c
-    pc = pid % tiles_c
+    pr, pc = grid_tile(ROWS_X)
     r = pr * ROWS + tl.arange(0, ROWS)[:, None, None]
     g = pc * GROUPS + tl.arange(0, GROUPS)[None, :, None]
     k = g * 16 + tl.arange(0, 16)[None, None, :]

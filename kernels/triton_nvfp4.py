@@ -14,11 +14,12 @@ from .config import KernelConfig
 from .launch import interpreting
 from .plans import launch
 from .quantize_plan import (ElementConstants, as_grid, bf16_bits, bytes_of, element_constants, input_view,
-                            narrow_launch, pair_words)
+                            narrow_launch, pair_words, row_tile_grid)
 from .spec import E2M1, E4M3, NVFP4_BLOCK, NVFP4_ZERO_SCALE, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, bf16_halves, corrected, e2m1,
-                              e4m3_value, encode_float, finite_abs, load_fp32, max_into, max_u16x2, quotient)
+                              e4m3_value, encode_float, finite_abs, grid_tile, load_fp32, max_into, max_u16x2,
+                              quotient)
 
 # E4M3 block scales: rounded by the hardware conversion when compiled, by the integer routine (encode_float's
 # soft path) when interpreted (the interpreter's own fp8 cast is not exact).
@@ -29,7 +30,6 @@ TENSOR_SCALE_AMAX = tl.constexpr(E4M3.max * E2M1.max)  # the tensor scale's nume
 TS_MAX = tl.constexpr(2.0 ** -9 / CORRECTED_MIN.value)
 TS_MIN = tl.constexpr(E4M3.max / CORRECTED_MAX.value)
 R6 = tl.constexpr(float(numpy.float32(1.0) / numpy.float32(E2M1.max)))  # RN(1 / 6) (numpy: plans record no torch op)
-GRID_Y = 65535  # the most programs along a CUDA grid's y
 ZERO_SCALE_BITS = int(torch.tensor(NVFP4_ZERO_SCALE).to(torch.float8_e4m3fn).view(torch.uint8))
 
 
@@ -43,11 +43,7 @@ def quantize(v: torch.Tensor, qt: QuantizedTensor, config: KernelConfig, given: 
     source = given if given is not None else block_stats(v, R, C, 1, 1, False, config)
     grid_s = as_grid(qt.scales, R, _cdiv(C, NVFP4_BLOCK))
     rows, groups, warps = narrow_launch(config.nvfp4_launch, _cdiv(C, NVFP4_BLOCK))
-    # A program's tile from its two grid coordinates (no division): a row's tiles along x unless the rows pass
-    # the grid's GRID_Y.
-    tiles = (_cdiv(C, groups * NVFP4_BLOCK), _cdiv(R, rows))
-    rows_x = tiles[1] > GRID_Y
-    grid = tiles[::-1] if rows_x else tiles
+    grid, rows_x = row_tile_grid(_cdiv(C, groups * NVFP4_BLOCK), _cdiv(R, rows))
     words = pair_words(v)
     if words is None:  # elements loaded one by one: lo and hi apart
         x, words_kind, sx_r, sx_c = input_view(v), ELEMENTS, v.stride(1), v.stride(2)
@@ -155,10 +151,7 @@ def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, source_ptr, ts_ptr, amax_ptr, R,
     tensor: every divisor lies between those of the extreme E4M3 scales, 2**-9 and 448 (division by the tensor
     scale rounds monotonically). AMAX: each tile's finite amax is maxed into amax_ptr. PACKED (bf16 words,
     compiled): _packed_tile. A program finds its tile from its two grid coordinates (ROWS_X: rows along x)."""
-    if ROWS_X:
-        tile_r, tile_c = tl.program_id(0), tl.program_id(1)
-    else:
-        tile_r, tile_c = tl.program_id(1), tl.program_id(0)
+    tile_r, tile_c = grid_tile(ROWS_X)
     r = tile_r * ROWS + tl.arange(0, ROWS)[:, None, None]
     g = tile_c * GROUPS + tl.arange(0, GROUPS)[None, :, None]
     j = g * 8 + tl.arange(0, 8)[None, None, :]  # pairs: elements 2j and 2j + 1, code byte j

@@ -16,7 +16,7 @@ try:
 except ImportError:  # a GPU machine without it: the comparisons with it skip, the GPU tests run
     NVFP4PackedCompressor = None
 
-from quantd.kernels import cpu, reference, triton_elements, triton_nvfp4, triton_quantize
+from quantd.kernels import cpu, quantize_plan, reference, triton_elements, triton_nvfp4, triton_quantize
 from quantd.kernels.config import DEFAULT
 from quantd.kernels.spec import E2M1, QuantSpec
 from triton_cases import assert_same_qt, assert_same_values, random_input, to_device
@@ -189,10 +189,13 @@ def test_triton_launch_shapes_give_the_same_bits(rng):
 
 def test_triton_rows_along_the_grids_x(rng, monkeypatch):
     """A tensor of more row tiles than a grid has programs along y puts its rows along x (GRID_Y lowered here so
-    that small inputs take that path): the same bits, ragged and strided."""
-    monkeypatch.setattr(triton_nvfp4, "GRID_Y", 2)
+    that small inputs take that path): the same bits, ragged and strided; the MXFP4 pairs kernel too."""
+    monkeypatch.setattr(quantize_plan, "GRID_Y", 2)
     for x in (random_input((37, 300), torch.bfloat16, rng), random_input((9, 70), torch.float32, rng)[:, 1::2]):
         assert_same_qt(to_device(triton_quantize.quantize(x, SPEC), "cpu"), reference.quantize(x, SPEC))
+    mx = QuantSpec("mxfp4")
+    x = random_input((37, 300), torch.bfloat16, rng)
+    assert_same_qt(to_device(triton_quantize.quantize(x, mx), "cpu"), reference.quantize(x, mx))
 
 
 @triton.jit
