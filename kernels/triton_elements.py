@@ -159,10 +159,10 @@ def quotient(x, scale, QUOTIENT: tl.constexpr):
         q = x * tl.math.div_rn(1.0, scale)
     elif QUOTIENT == CORRECTED or QUOTIENT == CORRECTED_ANY_ZERO or QUOTIENT == GUARDED:
         r = tl.math.div_rn(1.0, scale)
-        q0 = x * r
         if QUOTIENT == CORRECTED_ANY_ZERO:  # int8 has one zero: the sign of a zero quotient does not matter
             q = corrected(x, scale, r)
         else:
+            q0 = x * r
             # The negated remainder q0 * scale - x times -r: for x = +-0 both products are zeros of x's sign's
             # opposite and the sum keeps x's sign (q0 + (x - q0 * scale) * r would make -0 a +0); for any other
             # x the same value, as rounding to nearest is symmetric. (x * -1.0 is an exact negation, -0 included.)
@@ -254,6 +254,15 @@ def bf16_halves(w):
 def max_u16x2(a, b):
     """Maximum of each 16-bit half of int32 words (sm_90 PTX)."""
     return tl.inline_asm_elementwise("max.u16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def max_magnitude_bits(w, axis: tl.constexpr):
+    """The largest magnitude bits (sign cleared) among both 16-bit halves of int32 words w along `axis` (kept):
+    16-bit floats order as their magnitude bits do, so this is their amax's bits, reduced on both halves at once
+    (max.u16x2, compiled only)."""
+    mag = tl.reduce(w & 0x7FFF7FFF, axis, max_u16x2, keep_dims=True)
+    return tl.maximum(mag & 0xFFFF, mag >> 16)
 
 
 @triton.jit

@@ -12,8 +12,8 @@ from .launch import interpreting
 from .plans import launch
 from .quantize_plan import as_grid, bytes_of, element_constants, narrow_launch, pair_words, row_tile_grid
 from .spec import E2M1, _cdiv
-from .triton_elements import (RECIPROCAL, bf16_halves, block_scale, e2m1, finite_abs, grid_tile, max_u16x2,
-                              mx_scale_exponent, quotient, stored_scale)
+from .triton_elements import (RECIPROCAL, bf16_halves, block_scale, e2m1, finite_abs, grid_tile,
+                              max_magnitude_bits, mx_scale_exponent, quotient, stored_scale)
 
 
 def mxfp4_pairs(v, codes, stored, spec, config: KernelConfig) -> bool:
@@ -97,9 +97,8 @@ def _mxfp4_pairs_kernel(w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c,
     k = g * 16 + tl.arange(0, 16)[None, None, :]
     mask = (r < R) & (k < C2)
     w = tl.load(w_ptr + r.to(tl.int64) * sw_r + k, mask=mask, other=0)
-    if PACKED:  # both halves at once (max.u16x2), then the larger half
-        mag = tl.reduce(w & 0x7FFF7FFF, 2, max_u16x2, keep_dims=True)
-        mag = tl.maximum(mag & 0xFFFF, mag >> 16)
+    if PACKED:  # both halves at once (max.u16x2)
+        mag = max_magnitude_bits(w, 2)
     else:
         mag = tl.max(tl.maximum(w & 0x7FFF, (w >> 16) & 0x7FFF), axis=2, keep_dims=True)
     if FP16:

@@ -18,8 +18,8 @@ from .quantize_plan import (ElementConstants, as_grid, bf16_bits, bytes_of, elem
 from .spec import E2M1, E4M3, NVFP4_BLOCK, NVFP4_ZERO_SCALE, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, bf16_halves, corrected, e2m1,
-                              e4m3_value, encode_float, finite_abs, grid_tile, load_fp32, max_into, max_u16x2,
-                              quotient)
+                              e4m3_value, encode_float, finite_abs, grid_tile, load_fp32, max_into,
+                              max_magnitude_bits, quotient)
 
 # E4M3 block scales: rounded by the hardware conversion when compiled, by the integer routine (encode_float's
 # soft path) when interpreted (the interpreter's own fp8 cast is not exact).
@@ -192,8 +192,7 @@ def _packed_tile(w, r, g, R, C, ss_r, ss_c, ts, rts, careless, scales_ptr, amax_
     both halves at once (max.u16x2); a tile without Inf or NaN under a careless tensor scale encoded by
     _e2m1_words, any other by _scaled_pairs."""
     lo, hi = bf16_halves(w)
-    mag = tl.reduce(w & 0x7FFF7FFF, 2, max_u16x2, keep_dims=True)
-    mag = tl.maximum(mag & 0xFFFF, mag >> 16)
+    mag = max_magnitude_bits(w, 2)
     fast = careless & (tl.max(mag) < 0x7F80)
     if fast:
         amax = (mag << 16).to(tl.float32, bitcast=True)
@@ -212,18 +211,23 @@ def _scaled_pairs(lo, hi, amax, r, g, R, C, ss_r, ss_c, ts, rts, careless, scale
                   SCALE_FMT: tl.constexpr, ZERO_BITS: tl.constexpr, AMAX: tl.constexpr):
     """The code byte of each pair (lo, hi) (its blocks' scales from amax stored) by e2m1, which takes sign and NaN
     from the elements (and saturates a NaN quotient of an Inf): careless, by quotient's corrected steps (divisors
-    too); else by IEEE divisions."""
+    too); else by IEEE divisions (the tensor scale decides for every program alike)."""
     if careless:
-        divisor = _block_scales(amax, r, g, R, C, ss_r, ss_c, ts, rts, scales_ptr, amax_ptr, SCALE_FMT, ZERO_BITS,
-                                AMAX, CORRECTED_ANY_ZERO)
-        packed = (e2m1(quotient(lo, divisor, CORRECTED_ANY_ZERO), lo) & 0xF) | \
-            ((e2m1(quotient(hi, divisor, CORRECTED_ANY_ZERO), hi) & 0xF) << 4)
+        packed = _pairs_by(lo, hi, amax, r, g, R, C, ss_r, ss_c, ts, rts, scales_ptr, amax_ptr, SCALE_FMT, ZERO_BITS,
+                           AMAX, CORRECTED_ANY_ZERO)
     else:
-        divisor = _block_scales(amax, r, g, R, C, ss_r, ss_c, ts, rts, scales_ptr, amax_ptr, SCALE_FMT, ZERO_BITS,
-                                AMAX, DIVIDE)
-        packed = (e2m1(quotient(lo, divisor, DIVIDE), lo) & 0xF) | \
-            ((e2m1(quotient(hi, divisor, DIVIDE), hi) & 0xF) << 4)
+        packed = _pairs_by(lo, hi, amax, r, g, R, C, ss_r, ss_c, ts, rts, scales_ptr, amax_ptr, SCALE_FMT, ZERO_BITS,
+                           AMAX, DIVIDE)
     return packed
+
+
+@triton.jit
+def _pairs_by(lo, hi, amax, r, g, R, C, ss_r, ss_c, ts, rts, scales_ptr, amax_ptr, SCALE_FMT: tl.constexpr,
+              ZERO_BITS: tl.constexpr, AMAX: tl.constexpr, QUOTIENT: tl.constexpr):
+    """_scaled_pairs' code bytes, every ratio and quotient by QUOTIENT."""
+    divisor = _block_scales(amax, r, g, R, C, ss_r, ss_c, ts, rts, scales_ptr, amax_ptr, SCALE_FMT, ZERO_BITS, AMAX,
+                            QUOTIENT)
+    return (e2m1(quotient(lo, divisor, QUOTIENT), lo) & 0xF) | ((e2m1(quotient(hi, divisor, QUOTIENT), hi) & 0xF) << 4)
 
 
 @triton.jit
