@@ -160,13 +160,17 @@ def _is_compile_error(exc: Exception) -> bool:
         "compile" in str(exc).lower() or "inductor" in str(exc).lower())
 
 
-def _mark_blocks_dynamic(spec: QuantSpec, *tensors, unbacked: bool = True):
-    """Let the block count vary without recompiling; tensor and channel blocks also vary in size. unbacked=False
-    (the graphs writing into given tensors): a backed block count, which lets inductor write the results straight
-    into them (with unbacked counts it computes them apart and copies, twice the time), at the price of a graph of
-    its own for a single block."""
+def _mark_blocks_dynamic(spec: QuantSpec, *tensors, per_block=(), unbacked: bool = True):
+    """Let the block count vary without recompiling; tensor and channel blocks also vary in size. per_block: tensors
+    of a row a block (scales, zero points), whose count is the block count, except per tensor, where the blocks
+    are the tensor's rows (_tensor_rows) and they hold the one block's. unbacked=False (the graphs writing into
+    given tensors): a backed block count, which lets inductor write the results straight into them (with unbacked
+    counts it computes them apart and copies, twice the time), at the price of a graph of its own for a single
+    block."""
     whole = spec.granularity in (Granularity.TENSOR, Granularity.CHANNEL)
-    for t in tensors:
+    if spec.granularity == Granularity.TENSOR:
+        per_block = ()
+    for t in (*tensors, *per_block):
         if t is not None and t.dim() >= 1:
             if unbacked:
                 torch._dynamo.decorators.mark_unbacked(t, 0)
@@ -208,14 +212,13 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
         codes, stored_scales, zero_points, tensor_scale = _run(_quantize_tiles, spec, x4, scales)
         return _result(codes[:rows, :k].reshape(x.shape).contiguous(), stored_scales, zero_points, tensor_scale, spec,
                        x.shape, out)
-    tensor = spec.granularity == Granularity.TENSOR
-    blocks = _tensor_rows(x) if tensor else reference.to_blocks(x, spec, dtype=x.dtype)
+    blocks = _tensor_rows(x) if spec.granularity == Granularity.TENSOR else reference.to_blocks(x, spec, dtype=x.dtype)
     if out is not None and _in_order(blocks, x) and _apart(out.codes, x) \
             and (_quantize_blocks_into, spec) not in _eager:
         return _quantize_into(blocks, spec, scales, out)
     # contiguous: one memory layout per graph (channel blocks of axis != 0 are strided views)
     blocks = blocks.contiguous()
-    _mark_blocks_dynamic(spec, blocks, *(() if tensor else (scales,)))
+    _mark_blocks_dynamic(spec, blocks, per_block=(scales,))
     codes, stored_scales, zero_points, tensor_scale = _run(_quantize_blocks, spec, blocks, scales)
     codes = _codes_from_blocks(codes, spec, tuple(x.shape)).contiguous()
     return _result(codes, stored_scales, zero_points, tensor_scale, spec, x.shape, out)
@@ -254,8 +257,7 @@ def _quantize_into(blocks: torch.Tensor, spec: QuantSpec, scales, out: Quantized
     """quantize's codes written by the graph into out.codes; the small rest copied into out. A graph that fails to
     compile runs eagerly once, and the copying path serves from then on (quantize checks _eager)."""
     codes = out.codes.reshape(blocks.shape[0], -1)
-    _mark_blocks_dynamic(spec, blocks, *(() if spec.granularity == Granularity.TENSOR else (scales,)), codes,
-                         unbacked=False)
+    _mark_blocks_dynamic(spec, blocks, codes, per_block=(scales,), unbacked=False)
     stored_scales, zero_points, tensor_scale = _run(_quantize_blocks_into, spec, blocks, scales, codes)
     rest = dict(scales=stored_scales, zero_points=zero_points, tensor_scale=tensor_scale)
     copy_stored(out, {name: t for name, t in rest.items() if t is not None})
@@ -282,19 +284,19 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
         _mark_tiles_dynamic(c4, scale, zp)
         values = _run(_dequantize_tiles, spec, c4, scale, zp, out_dtype)[:c2.shape[0], :c2.shape[1]].reshape(shape)
         return values.contiguous() if out is None else out.copy_(values)
-    codes = reference.to_blocks(qt.codes, _code_spec(spec), dtype=qt.codes.dtype)
-    per_block = (scale, zp)  # tensors of a row a block, whose block count the graph takes as dynamic
     if spec.granularity == Granularity.TENSOR:  # the one block as the tensor's rows, its scale broadcast
-        codes, per_block = _tensor_rows(qt.codes), ()
+        codes = _tensor_rows(qt.codes)
+    else:
+        codes = reference.to_blocks(qt.codes, _code_spec(spec), dtype=qt.codes.dtype)
     elems = spec.group_size if spec.element is E2M1 else codes.shape[1]
     if out is not None and _in_order(codes, qt.codes) and codes.shape[0] * elems == math.prod(shape) \
             and all(_apart(out, t) for t in qt.stored().values()) and (_dequantize_blocks_into, spec) not in _eager:
         values = out.reshape(codes.shape[0], elems)
-        _mark_blocks_dynamic(spec, codes, *per_block, values, unbacked=False)
+        _mark_blocks_dynamic(spec, codes, values, per_block=(scale, zp), unbacked=False)
         _run(_dequantize_blocks_into, spec, codes, scale, zp, values)
         return out
     codes = codes.contiguous()
-    _mark_blocks_dynamic(spec, codes, *per_block)
+    _mark_blocks_dynamic(spec, codes, per_block=(scale, zp))
     values = reference.from_blocks(_run(_dequantize_blocks, spec, codes, scale, zp, out_dtype), spec, shape)
     return values.contiguous() if out is None else out.copy_(values)
 
