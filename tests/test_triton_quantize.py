@@ -187,9 +187,9 @@ def test_lookup_tiles(lookup_tile, rng):
         tile, warps = tile_geometry(1, 300, 37, 300, False, config, amax=amax)
         if lookup_tile is not None:
             assert tile.elems <= lookup_tile[0] and warps == lookup_tile[1]
-    tile, warps = tile_geometry(1, 300, 37, 300, False, dataclasses.replace(DEFAULT, lookup_tile_amax=(2048, 1)),
-                                amax=True)
-    assert warps == 1 and tile_geometry(1, 300, 37, 300, False, DEFAULT)[1] == DEFAULT.lookup_tile[1]
+    amax_apart = dataclasses.replace(DEFAULT, lookup_tile_amax=(2048, 1))  # the amax programs' own setting
+    assert tile_geometry(1, 300, 37, 300, False, amax_apart, amax=True)[1] == 1
+    assert tile_geometry(1, 300, 37, 300, False, amax_apart)[1] == DEFAULT.lookup_tile[1]
     lookup_tile_checks(random_input((37, 300), torch.bfloat16, rng), config)
 
 
@@ -556,8 +556,8 @@ def test_dual_layout_deferred(fmt, defer, rng):
 @pytest.mark.parametrize("defer", [False, True], ids=["careful_in_place", "deferred"])
 def test_dual_layout_slabs(fmt, slabs, defer, rng):
     """KernelConfig.dual_slabs (the other dual tests take the default, 4): dual programs take their tile's rows,
-    then its columns, a slab at a time, or the whole tile (1); careful
-    rows and columns in some slabs only, ragged tiles, 1x32 groups several a row."""
+    then its columns, a slab at a time, or the whole tile (1); careful rows and columns in some slabs only, ragged
+    tiles, 1x32 groups several a row."""
     config = dataclasses.replace(DEFAULT, dual_slabs=slabs, dual_defer=defer)
     for g in (32,) if fmt == "mxfp8" else (128, 32):
         spec = QuantSpec(format=fmt, group_size=g)
