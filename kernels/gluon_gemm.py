@@ -386,6 +386,18 @@ def _output(a_codes, b_codes, out_dtype, out):
     return M, N, K, c
 
 
+def ring_stages(cfg: GluonConfig, out_size: int, shared_limit: int) -> int:
+    """cfg.stages, or fewer where the ring (a 64 * warpgroups x 128 slot of A and a 128 x 128 slot of B, FP8, a
+    stage) and the epilogue's staging of the output tile (out_size bytes an element) would not fit in shared_limit
+    bytes (three warpgroups with fp32 output: 4 stages need 262,220 bytes of an H200's 232,448)."""
+    rows = 64 * cfg.warpgroups
+    stage, epilogue = (rows + TILE) * K_BLOCK, rows * TILE * out_size
+    fit = (shared_limit - epilogue - 1024) // stage  # 1 KB: the mbarriers and alignment
+    if fit < 2:
+        raise ValueError(f"gluon_gemm: {cfg} needs more than {shared_limit} bytes of shared memory")
+    return min(cfg.stages, fit)
+
+
 def _launch(a_codes, b_codes, c, sa, sb, scale_strides, scale_per_k: bool, config: GluonConfig | None, split: int):
     (M, K), N = a_codes.shape, b_codes.shape[0]
     cfg = config or CONFIGS[0]
@@ -395,11 +407,12 @@ def _launch(a_codes, b_codes, c, sa, sb, scale_strides, scale_per_k: bool, confi
     tiles = -(-M // rows) * -(-N // TILE)
     grid = (min(sm_count(a_codes.device), tiles * split), )
     ws = torch.empty((split, M, N), dtype=torch.float32, device=c.device) if split > 1 else c
+    stages = ring_stages(cfg, ws.element_size(), torch.cuda.get_device_properties(c.device).shared_memory_per_block_optin)
     _fp8_gemm_kernel[grid](
         _codes_descriptor(a_codes, K, TILE if cfg.warpgroups == 2 else 64), _codes_descriptor(b_codes, K, TILE), c,
         sa, sb, ws, M, N, K,
         c.stride(0), c.stride(1), *scale_strides,
-        STAGES=cfg.stages, GROUP_M=cfg.group_m, CHAIN=cfg.chain, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
+        STAGES=stages, GROUP_M=cfg.group_m, CHAIN=cfg.chain, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
         SCALE_PER_K=scale_per_k, SPLIT=split, WGS=cfg.warpgroups, num_warps=4, maxnreg=cfg.maxnreg)
     return sum_splits(ws, c) if split > 1 else c
 

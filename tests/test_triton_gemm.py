@@ -37,6 +37,9 @@ ALL_CONFIGS = {"SCALED_CONFIGS": list(triton_gemm.SCALED_CONFIGS), "MX_CONFIGS":
                "INTERPRETER_CONFIG": list(triton_gemm.INTERPRETER_CONFIG)}
 
 NO_GLUON = dataclasses.replace(DEFAULT, use_gluon=False)  # matmul always through the Triton kernel
+# The Gluon kernel with no K split: its products are the Triton kernel's bit for bit (a split adds partials in
+# another order; test_gpu_gluon_split_k checks that path).
+UNSPLIT = dataclasses.replace(DEFAULT, gemm_gluon_split=False)
 
 
 @pytest.fixture(autouse=True)
@@ -519,11 +522,12 @@ def test_int8_split_k_is_exact(m, n, k, kernel_config, rng, monkeypatch):
 def test_gpu_int8_split_k(m, rng):
     config = dataclasses.replace(split_config(256), gemm_split_int8=True)
     for spec_a, spec_b in [(INT8_SPECS[1], INT8_SPECS[1]), (INT8_SPECS[3], INT8_SPECS[1])]:
-        qa, qb = (to_device(q) for q in quantized_pair(m, 4096, 4096, spec_a, spec_b, rng))
+        qa_cpu, qb_cpu = quantized_pair(m, 4096, 4096, spec_a, spec_b, rng)
+        qa, qb = to_device(qa_cpu), to_device(qb_cpu)
         assert triton_gemm._split_k(m, 4096, 4096, True, qa.codes.device, config) > 1
         got = triton_gemm.matmul(qa, qb, torch.float32, config=config)
         assert torch.equal(got, triton_gemm.matmul(qa, qb, torch.float32, config=split_config(0)))
-        assert torch.equal(got.cpu(), reference.matmul(qa, qb, torch.float32).cpu())
+        assert torch.equal(got.cpu(), reference.matmul(qa_cpu, qb_cpu, torch.float32))  # int64 products: the CPU's
 
 
 @pytest.mark.gpu
@@ -705,14 +709,14 @@ def test_gpu_gluon_same_products_as_triton(m, n, k, out_dtype, rng, monkeypatch)
         qa, qb = (to_device(q) for q in quantized_pair(m, n, k, spec_a, spec_b, rng))
         assert triton_gemm._gluon_applies(qa, qb, qa.codes.device)
         assert triton_gemm._gluon_recipe(qa, qb) == "block-scaled"
-        ours = triton_gemm.matmul(qa, qb, out_dtype)
+        ours = triton_gemm.matmul(qa, qb, out_dtype, config=UNSPLIT)
         col = QuantizedTensor(qa.codes, qa.scales.t().contiguous().t(), qa.spec, qa.shape)
-        assert torch.equal(triton_gemm.matmul(col, qb, out_dtype), ours)
+        assert torch.equal(triton_gemm.matmul(col, qb, out_dtype, config=UNSPLIT), ours)
         triton_kernel = triton_gemm.matmul(qa, qb, out_dtype, config=NO_GLUON)
         assert torch.equal(triton_kernel, ours), f"{m}x{n}x{k} {spec_a.describe()}"
         # fp16 overflows on these magnitudes (products up to ~1e6), where one rounding on either side of
         # 65504 decides Inf; the fp32 products it is rounded from are the ones checked here.
-        full = ours if out_dtype != torch.float16 else triton_gemm.matmul(qa, qb, torch.float32)
+        full = ours if out_dtype != torch.float16 else triton_gemm.matmul(qa, qb, torch.float32, config=UNSPLIT)
         assert relative_error(full, reference.matmul(qa, qb, full.dtype)) <= tolerance(qa.spec, full.dtype)
 
 
@@ -758,14 +762,14 @@ def test_gpu_gluon_row_scaled_same_products_as_triton(m, n, k, out_dtype, rng, m
         qa, qb = (to_device(q) for q in quantized_pair(m, n, k, spec_a, spec_b, rng))
         what = f"{m}x{n}x{k} {spec_a.describe()} x {spec_b.describe()} {out_dtype}"
         assert triton_gemm._gluon_applies(qa, qb, qa.codes.device) and triton_gemm._gluon_recipe(qa, qb) == "row-scaled"
-        ours = triton_gemm.matmul(qa, qb, out_dtype)
+        ours = triton_gemm.matmul(qa, qb, out_dtype, config=UNSPLIT)
         if qa.scales.dim() == 1 and qb.scales.dim() == 1:
             qa2 = QuantizedTensor(qa.codes, strided(qa.scales), qa.spec, qa.shape)
             qb2 = QuantizedTensor(qb.codes, strided(qb.scales), qb.spec, qb.shape)
-            assert torch.equal(triton_gemm.matmul(qa2, qb2, out_dtype), ours), what
+            assert torch.equal(triton_gemm.matmul(qa2, qb2, out_dtype, config=UNSPLIT), ours), what
         assert torch.equal(triton_gemm.matmul(qa, qb, out_dtype, config=NO_GLUON), ours), what
         # fp16: compared with the reference through the fp32 products (see the block-scaled test).
-        full = ours if out_dtype != torch.float16 else triton_gemm.matmul(qa, qb, torch.float32)
+        full = ours if out_dtype != torch.float16 else triton_gemm.matmul(qa, qb, torch.float32, config=UNSPLIT)
         assert relative_error(full, reference.matmul(qa, qb, full.dtype)) <= tolerance(qa.spec, full.dtype), what
 
 
