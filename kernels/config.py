@@ -169,13 +169,13 @@ class KernelConfig:
     # FP8 GEMMs on the Gluon kernel (more rows than gemm_decode_m) whose 128 x 128 tiles fill at most half the SMs
     # (M = 65..256 against a weight of N <= 8192 on a 132-SM GPU) with each tile's K blocks split over work items
     # (at most gemm_max_split, whole pairs), the partials added in order (gluon_gemm, SPLIT). H200 (2026-12-05, N = K
-    # = 8192, gemm.py --decode, TFLOPS): M = 128 569 against 508 unsplit, 0.93 against 0.83 x cuBLAS blockwise. Off
-    # until its GPU tests have run (-m gpu tests/test_triton_gemm.py -k gluon_split).
-    gemm_gluon_split: bool = False
+    # = 8192, gemm.py --decode, TFLOPS): M = 128 569 against 508 unsplit, 0.93 against 0.83 x cuBLAS blockwise
+    # (GPU tests `-m gpu tests/test_triton_gemm.py -k gluon_split` passed 2026-12-05).
+    gemm_gluon_split: bool = True
     # INT8 GEMMs of at most gemm_decode_m rows split K as FP8 ones do, their int32 partials added exactly before the
     # scales (the unsplit product's bits). H200, as above: M = 32 / 64 187 / 368 against 145 / 285 unsplit (0.96 /
-    # 0.99 against 0.75 / 0.77 x torch._int_mm), M = 8 49 against 37. Off until its GPU tests have run (-k int8_split).
-    gemm_split_int8: bool = False
+    # 0.99 against 0.75 / 0.77 x torch._int_mm), M = 8 49 against 37 (GPU tests `-k int8_split` passed 2026-12-05).
+    gemm_split_int8: bool = True
 
 
 DEFAULT = KernelConfig()

@@ -485,7 +485,8 @@ def test_split_k(m, n, k, kernel_config, rng, monkeypatch):
     monkeypatch.setattr(triton_gemm, "_num_programs", lambda device, config: 8)
     config = split_config(64)
     assert triton_gemm._split_k(m, n, k, False, torch.device("cpu"), config) > 1
-    assert triton_gemm._split_k(m, n, k, True, torch.device("cpu"), config) == 1  # INT8: gemm_split_int8
+    int8_unsplit = dataclasses.replace(config, gemm_split_int8=False)
+    assert triton_gemm._split_k(m, n, k, True, torch.device("cpu"), int8_unsplit) == 1  # INT8: gemm_split_int8
     assert triton_gemm._split_k(m, n, k, False, torch.device("cpu"), split_config(0)) == 1
     for spec_a, spec_b in SPLIT_PAIRS:
         qa, qb = quantized_pair(m, n, k, spec_a, spec_b, rng)
@@ -544,11 +545,13 @@ def test_gpu_split_k(m, rng):
 
 def test_gluon_split_where_tiles_leave_sms_idle(monkeypatch):
     """KernelConfig.gemm_gluon_split: K splits of the Gluon kernel, enough for a work item an SM where its 128 x
-    128 tiles fill at most half of them, capped by gemm_max_split and by the pairs of K blocks; off: 1."""
+    128 tiles fill at most half of them, capped by gemm_max_split and by the pairs of K blocks (on by default);
+    off: 1."""
     monkeypatch.setattr(triton_gemm, "sm_count", lambda device: 132)
-    on = dataclasses.replace(DEFAULT, gemm_gluon_split=True)
+    on, off = DEFAULT, dataclasses.replace(DEFAULT, gemm_gluon_split=False)
     cuda = torch.device("cuda")
-    assert triton_gemm._gluon_split(128, 8192, 8192, cuda, DEFAULT) == 1
+    assert on.gemm_gluon_split
+    assert triton_gemm._gluon_split(128, 8192, 8192, cuda, off) == 1
     assert triton_gemm._gluon_split(128, 8192, 8192, cuda, on) == 2  # 64 tiles
     assert triton_gemm._gluon_split(100, 4096, 8192, cuda, on) == 4  # 32 tiles
     assert triton_gemm._gluon_split(100, 128, 8192, cuda, on) == on.gemm_max_split
