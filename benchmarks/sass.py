@@ -117,8 +117,7 @@ def compile_mxfp4_pairs():
     fn = pairs._mxfp4_pairs_kernel
     rows, groups, warps = DEFAULT.mxfp4_pairs_launch
     constexprs = dict(ROWS=rows, GROUPS=groups, FP16=False,
-                      FMT=element_constants(QuantSpec(format="mxfp4")), ss_c=1, PACKED=True, ROWS_X=False,
-                      RUN=DEFAULT.mxfp4_pairs_run)
+                      FMT=element_constants(QuantSpec(format="mxfp4")), ss_c=1, PACKED=True, ROWS_X=False)
     signature = {n: "constexpr" if n in constexprs else "*i32" if n == "w_ptr" else "*u8" if n.endswith("_ptr")
                  else "i32" for n in fn.arg_names}
     kernel = compile_sm90(fn, signature, constexprs, {"C2", "sw_r"}, warps)

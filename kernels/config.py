@@ -137,10 +137,6 @@ class KernelConfig:
     # An MXFP4 program of 16-bit words (triton_mxfp4_pairs): (rows, MX blocks a row, warps). One or two warps
     # (H200, as above): 1 x 64 blocks at 2 warps 185 us, 2 x 32 at 1 warp 186-188 us, 16 x 16 at 4 warps 203 us.
     mxfp4_pairs_launch: tuple = (1, 64, 2)
-    # Words an MXFP4 pairs thread loads side by side: 16, a block a thread (a warp's load 2 KB in 64-byte runs); 8,
-    # a block over two threads (1 KB in 32-byte runs, one shuffle a reduction, as MXFP8's programs read). H200
-    # (2026-12-05, profile_kernels --time): 16 0.876, 4 0.750.
-    mxfp4_pairs_run: int = 16
     # Compiled NVFP4 quantize of bf16 words: tiles without Inf or NaN encoded two elements at a time in PTX
     # (triton_nvfp4._e2m1_words; False: through fp32 and e2m1 for every tile, for timing against it): at 2 x 32
     # blocks, 1 warp, 64 registers 233 against 351 us (H200, as above).

@@ -30,7 +30,7 @@ def mxfp4_pairs(v, codes, stored, spec, config: KernelConfig) -> bool:
     launch(_mxfp4_pairs_kernel, grid, pairs, bytes_of(codes), bytes_of(grid_s), R, c2, pairs.stride(0),
            grid_s.stride(0), grid_s.stride(1), ROWS=rows, GROUPS=groups, FP16=v.dtype == torch.float16,
            FMT=element_constants(spec), PACKED=v.dtype == torch.bfloat16 and not interpreting(), ROWS_X=rows_x,
-           RUN=config.mxfp4_pairs_run, num_warps=warps)
+           num_warps=warps)
     return True
 
 
@@ -82,22 +82,19 @@ def _e2m1_bf16_pairs(w, e):
 @triton.jit
 def _mxfp4_pairs_kernel(w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c,
                         ROWS: tl.constexpr, GROUPS: tl.constexpr, FP16: tl.constexpr, FMT: tl.constexpr,
-                        PACKED: tl.constexpr, ROWS_X: tl.constexpr, RUN: tl.constexpr = 16):
+                        PACKED: tl.constexpr, ROWS_X: tl.constexpr):
     """MXFP4 codes of a 16-bit (R, 2 * C2) matrix read as int32 pairs of elements: each word's two
     codes make one byte (element 2i in the low nibble) without reshaping registers.
 
     A program takes ROWS rows x GROUPS MX blocks of 16 words each. The amax is reduced on the
     magnitude bits (16-bit floats order as their bits do). PACKED (bf16, compiled): tiles without
     Inf or NaN are encoded two elements at a time (_e2m1_bf16_pairs); other tiles, fp16 and the
-    interpreter go through fp32 and e2m1. A program's tile from its grid coordinates (grid_tile). RUN: the
-    words a thread loads side by side (KernelConfig.mxfp4_pairs_run; 16: a block a thread).
+    interpreter go through fp32 and e2m1. A program's tile from its grid coordinates (grid_tile).
     """
     pr, pc = grid_tile(ROWS_X)
     r = pr * ROWS + tl.arange(0, ROWS)[:, None, None]
     g = pc * GROUPS + tl.arange(0, GROUPS)[None, :, None]
     k = g * 16 + tl.arange(0, 16)[None, None, :]
-    if RUN < 16:
-        k = tl.max_contiguous(k, [1, 1, RUN])
     mask = (r < R) & (k < C2)
     w = tl.load(w_ptr + r.to(tl.int64) * sw_r + k, mask=mask, other=0)
     if PACKED:  # both halves at once (max.u16x2)

@@ -851,19 +851,6 @@ def test_gpu_mxfp4_bf16_under_every_scale():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("run", [8, 4])
-def test_gpu_mxfp4_pairs_runs(run, rng):
-    """KernelConfig.mxfp4_pairs_run changes the pairs kernel's register layout (a block over 16 / run threads, its
-    amax reduced across them), not its codes or scales: ragged and sliced rows, every bf16 value under every scale."""
-    config = dataclasses.replace(DEFAULT, mxfp4_pairs_run=run)
-    spec = QuantSpec(format="mxfp4")
-    x = random_input((300, 4000), torch.bfloat16, rng).cuda()
-    for t in (x, x[3:250, 32:3616], x[:, :3001], x.half()):
-        check(t, spec, config=config)
-    check(every_bf16_under_scales(range(-127, 126)).cuda(), spec, config=config)
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("exact_fp8", [False, True], ids=["hw_cast", "exact"])
 @pytest.mark.parametrize("fmt", FP8 + ("mxfp8", "mxfp4"))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
