@@ -69,7 +69,8 @@ class KernelConfig:
     # On an H200 (2026-12-04, 16384^2 bf16, profile_kernels --time, one process) 2048 elements at 1 warp, one tile a
     # program, no limit, deferred: 0.873 x copy, against 0.708 for the H100's choice (8 warps of 8192 elements within
     # 128 registers, two persistent programs an SM) deferred and 0.688 not. Compiled by triton 3.6 the careful branch
-    # takes a 1-warp program from 118 to 167 registers (benchmarks/sass.py).
+    # takes a 1-warp program from 118 to 167 registers (benchmarks/sass.py). H200, 2026-12-05, one process: (2048, 1)
+    # 0.876, (4096, 2) 0.875, (1024, 1) 0.845, (2048, 2) 0.818, four persistent programs an SM 0.503.
     asym_tile: tuple = (2048, 1)
     asym_maxnreg: int | None = None
     asym_programs: int = 0
@@ -131,11 +132,15 @@ class KernelConfig:
     # scale, ncu kernel time) 1 x 64 blocks at 1 warp within 64 registers took 218 us, 2 x 32 233 us, 16 x 16 at
     # 4 warps 349 us; persistent programs loading their next tile first 246-430 us. After the corrected block ratios
     # (2026-12-05, profile_kernels --time, given tensor scale, x copy): (1, 64, 1) 0.781, (1, 128, 2) 0.783, (1, 128,
-    # 1) without a register limit 0.639.
+    # 1) without a register limit 0.639; with the scales' stride unspecialized (05:4x UTC, one process) (1, 64, 1)
+    # 0.806, (2, 64, 2) 0.773, (1, 32, 1) 0.515.
     nvfp4_launch: tuple = (1, 64, 1)
     nvfp4_maxnreg: int | None = 64
     # An MXFP4 program of 16-bit words (triton_mxfp4_pairs): (rows, MX blocks a row, warps). One or two warps
     # (H200, as above): 1 x 64 blocks at 2 warps 185 us, 2 x 32 at 1 warp 186-188 us, 16 x 16 at 4 warps 203 us.
+    # With the tile from two grid coordinates (2026-12-05, profile_kernels --time, x copy, one process): (1, 64, 2)
+    # 0.925, (1, 128, 4) 0.913, (1, 32, 1) 0.899, (2, 64, 4) 0.864; a block over two threads (8 words each, one
+    # shuffle a reduction) 0.871, over four 0.750.
     mxfp4_pairs_launch: tuple = (1, 64, 2)
     # Compiled NVFP4 quantize of bf16 words: tiles without Inf or NaN encoded two elements at a time in PTX
     # (triton_nvfp4._e2m1_words; False: through fp32 and e2m1 for every tile, for timing against it): at 2 x 32

@@ -99,7 +99,9 @@ class GluonConfig:
 
 # The first is the default. On an H100 (BENCHMARKS.md): chains of 8 with 4 stages 1009 / 1000 TFLOPS
 # at 4096^3 / 8192^3, chains of 4 999 / 992, chains of 2 984 / 957, 3 stages 888 / 899.
-# The three-warpgroup variant is not yet timed on a GPU.
+# On an H200 (2026-12-05, benchmarks/gluon_gemm_check.py, bf16 out, TFLOPS; cuBLAS blockwise 1072 / 1119) block-scaled
+# 4096^3 / 8192^3: chains of 8 1002 / 1024, of 4 990 / 1007, of 2 988 / 972, 3 stages 915 / 902, three warpgroups 912 /
+# 996. Per tensor (cuBLAS 1135 / 1233): 1137 / 1163, 1140 / 1161, 1113 / 1155, 1023 / 986, three warpgroups 1077 / 1215.
 CONFIGS = [GluonConfig(4, 8), GluonConfig(4, 4), GluonConfig(4, 2), GluonConfig(3, 4),
            GluonConfig(4, 2, maxnreg=128, consumer_regs=160, warpgroups=3)]
 
@@ -407,12 +409,14 @@ def _launch(a_codes, b_codes, c, sa, sb, scale_strides, scale_per_k: bool, confi
     tiles = -(-M // rows) * -(-N // TILE)
     grid = (min(sm_count(a_codes.device), tiles * split), )
     ws = torch.empty((split, M, N), dtype=torch.float32, device=c.device) if split > 1 else c
-    stages = ring_stages(cfg, ws.element_size(), torch.cuda.get_device_properties(c.device).shared_memory_per_block_optin)
+    shared = torch.cuda.get_device_properties(c.device).shared_memory_per_block_optin
+    stages = ring_stages(cfg, ws.element_size(), shared)
     _fp8_gemm_kernel[grid](
         _codes_descriptor(a_codes, K, TILE if cfg.warpgroups == 2 else 64), _codes_descriptor(b_codes, K, TILE), c,
         sa, sb, ws, M, N, K,
         c.stride(0), c.stride(1), *scale_strides,
-        STAGES=stages, GROUP_M=cfg.group_m, CHAIN=cfg.chain, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
+        STAGES=stages, GROUP_M=cfg.group_m, CHAIN=cfg.chain, CONSUMER_REGS=cfg.consumer_regs,
+        PRODUCER_REGS=cfg.producer_regs,
         SCALE_PER_K=scale_per_k, SPLIT=split, WGS=cfg.warpgroups, num_warps=4, maxnreg=cfg.maxnreg)
     return sum_splits(ws, c) if split > 1 else c
 

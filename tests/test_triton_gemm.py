@@ -723,6 +723,19 @@ def test_gpu_gluon_same_products_as_triton(m, n, k, out_dtype, rng, monkeypatch)
         assert relative_error(full, reference.matmul(qa, qb, full.dtype)) <= tolerance(qa.spec, full.dtype)
 
 
+def test_gluon_ring_fits_shared_memory():
+    """The ring keeps a variant's depth where it fits beside the output's staging and is cut where it would not (the
+    three-warpgroup variant with fp32 output asked an H200 for 262,220 bytes of 232,448 at 4 stages)."""
+    h200 = 232448
+    two, three = gluon_gemm.CONFIGS[0], gluon_gemm.CONFIGS[-1]
+    assert (two.warpgroups, three.warpgroups, three.stages) == (2, 3, 4)
+    assert gluon_gemm.ring_stages(two, 4, h200) == two.stages
+    assert gluon_gemm.ring_stages(three, 2, h200) == 4
+    assert gluon_gemm.ring_stages(three, 4, h200) == 3
+    with pytest.raises(ValueError, match="shared memory"):
+        gluon_gemm.ring_stages(three, 4, 100_000)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cfg", gluon_gemm.CONFIGS, ids=repr)
 @pytest.mark.parametrize("m,n,k", [(130, 7, 383), (257, 383, 1100), (1000, 1000, 4096)])
