@@ -48,7 +48,7 @@ import inspect
 import torch
 import triton
 
-from .launch import sm_count, split_run, sum_splits, tile_offsets, tma_rows
+from .launch import shared_memory, sm_count, split_run, sum_splits, tile_offsets, tma_rows
 from .spec import OUT_DTYPES
 
 try:
@@ -409,8 +409,7 @@ def _launch(a_codes, b_codes, c, sa, sb, scale_strides, scale_per_k: bool, confi
     tiles = -(-M // rows) * -(-N // TILE)
     grid = (min(sm_count(a_codes.device), tiles * split), )
     ws = torch.empty((split, M, N), dtype=torch.float32, device=c.device) if split > 1 else c
-    shared = torch.cuda.get_device_properties(c.device).shared_memory_per_block_optin
-    stages = ring_stages(cfg, ws.element_size(), shared)
+    stages = ring_stages(cfg, ws.element_size(), shared_memory(c.device))
     _fp8_gemm_kernel[grid](
         _codes_descriptor(a_codes, K, TILE if cfg.warpgroups == 2 else 64), _codes_descriptor(b_codes, K, TILE), c,
         sa, sb, ws, M, N, K,

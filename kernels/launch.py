@@ -43,12 +43,21 @@ def interpreting() -> bool:
 
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (its index, or the current device)."""
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _properties(device).multi_processor_count
+
+
+def shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory one program of a CUDA device may take (opted in)."""
+    return _properties(device).shared_memory_per_block_optin
+
+
+def _properties(device: torch.device):
+    return _device_properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _device_properties(index: int):
+    return torch.cuda.get_device_properties(index)
 
 
 def tma_rows(codes: torch.Tensor, k: int) -> torch.Tensor:
