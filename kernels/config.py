@@ -142,11 +142,11 @@ class KernelConfig:
     # 0.925, (1, 128, 4) 0.913, (1, 32, 1) 0.899, (2, 64, 4) 0.864; a block over two threads (8 words each, one
     # shuffle a reduction) 0.871, over four 0.750.
     mxfp4_pairs_launch: tuple = (1, 64, 2)
-    # Compiled NVFP4 quantize of bf16 words: tiles without Inf or NaN encoded two elements at a time in PTX
+    # NVFP4 quantize of bf16 words (launch.inline_ptx): tiles without Inf or NaN encoded two elements at a time in PTX
     # (triton_nvfp4._e2m1_words; False: through fp32 and e2m1 for every tile, for timing against it): at 2 x 32
     # blocks, 1 warp, 64 registers 233 against 351 us (H200, as above).
     packed_encode: bool = True
-    # GEMMs: the Gluon kernel where it applies (triton_gemm._gluon_applies); compiled MXFP4 codes decoded in
+    # GEMMs: the Gluon kernel where it applies (triton_gemm._gluon_applies); MXFP4 codes decoded in
     # bf16x2 PTX (triton_elements.e2m1x2_scaled; False: through fp32), by the GEMM's tiles and by dequantize into
     # bf16; dequantize decodes NVFP4 into bf16 and fp16, and MXFP4 into fp16, a code byte at a time too
     # (e2m1x2_times: fp32 products, one cvt to the half pair). On an H200 (2026-12-04, 16384^2 into bf16,

@@ -41,6 +41,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def inline_ptx() -> bool:
+    """Whether kernels take their paths of inline sm_90 PTX: compiled, or interpreted with a model of that PTX in
+    the interpreter's place (tests/ptx_model.py; the interpreter itself cannot run PTX)."""
+    if not interpreting():
+        return True
+    from triton.runtime.interpreter import InterpreterBuilder
+    return getattr(InterpreterBuilder.create_inline_asm, "models_ptx", False)
+
+
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (its index, or the current device)."""
     return _properties(device).multi_processor_count

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .config import DEFAULT, KernelConfig
-from .launch import interpreting
+from .launch import inline_ptx, interpreting
 from .layout import check_out_values
 from .plans import launch, planned
 from .quantize_plan import (MAX_REGISTER_BLOCK, Tile, as_grid, block_geometry, bytes_of, pow2_ceil, tile_geometry,
@@ -162,11 +162,11 @@ def _dequantize_into(qt: QuantizedTensor, out: torch.Tensor, exact_fp8: bool | N
     tile, blocked, split, num_warps = launch_geometry(el, R, C, br, bc, config)
     tiles_r, tiles_c = _cdiv(R, tile.RB * tile.TBR), _cdiv(C, tile.CB * tile.TBC)
     ccols = (C + 1) // 2 if el is E2M1 else C
-    bf16_bits = interpreting() and out_dtype == torch.bfloat16
-    # E2M1 codes into bf16 or fp16, compiled: a half-precision pair a code byte (rows of whole words, the output
+    # E2M1 codes into bf16 or fp16, by PTX: a half-precision pair a code byte (rows of whole words, the output
     # word-aligned)
     words = (el is E2M1 and out_dtype in (torch.bfloat16, torch.float16) and config.packed_decode
-             and not interpreting() and C % 2 == 0 and out.data_ptr() % 4 == 0)
+             and inline_ptx() and C % 2 == 0 and out.data_ptr() % 4 == 0)
+    bf16_bits = interpreting() and out_dtype == torch.bfloat16 and not words
     dest = out.view(torch.int16) if bf16_bits else out.view(torch.int32) if words else out
     launch(
         _dequantize_kernel, (P * tiles_r * tiles_c,), codes, scales, scales if zps is None else zps, dest,

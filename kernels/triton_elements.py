@@ -260,7 +260,7 @@ def max_u16x2(a, b):
 def max_magnitude_bits(w, axis: tl.constexpr):
     """The largest magnitude bits (sign cleared) among both 16-bit halves of int32 words w along `axis` (kept):
     16-bit floats order as their magnitude bits do, so this is their amax's bits, reduced on both halves at once
-    (max.u16x2, compiled only)."""
+    (max.u16x2: PTX, launch.inline_ptx)."""
     mag = tl.reduce(w & 0x7FFF7FFF, axis, max_u16x2, keep_dims=True)
     return tl.maximum(mag & 0xFFFF, mag >> 16)
 

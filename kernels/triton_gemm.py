@@ -39,9 +39,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import gluon_gemm
 from .config import DEFAULT, KernelConfig
-from .launch import interpreting, sm_count, split_run, sum_splits, tile_offsets, tma_rows
+from .launch import inline_ptx, interpreting, sm_count, split_run, sum_splits, tile_offsets, tma_rows
 from .spec import E2M1, OUT_DTYPES, Format, Granularity, QuantizedTensor
-from .triton_elements import e2m1x2_scaled, e4m3_value, e8m0_bf16x2
+from .triton_elements import bf16_halves, e2m1x2_scaled, e4m3_value, e8m0_bf16x2
 
 K_BLOCK = 128  # BLOCK_K of the FP8/INT8 kernel: K scale groups must be multiples of it
 ONE_SCALE = 0  # "rows per scale" of an operand whose one scale covers every row
@@ -236,7 +236,7 @@ def _mx_tile(desc, s_ptrs, stride_sk, k_groups, off, k, FP4: tl.constexpr, ROWS:
              SCALE_E4M3: tl.constexpr):
     """Values (codes x scale) of an MX (or NVFP4) operand's (ROWS, BLOCK_K) tile at row `off`, column `k`.
 
-    bf16, or fp32 if DOT_FP32. PACKED (compiled MXFP4): each code byte becomes one bf16x2 word
+    bf16, or fp32 if DOT_FP32. PACKED (MXFP4, launch.inline_ptx): each code byte becomes one bf16x2 word
     (e2m1x2_scaled), the same bf16 values as the fp32 path's.
     """
     if FP4:
@@ -259,8 +259,11 @@ def _mx_values(packed, e, FP4: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.con
     if FP4 and PACKED:
         f = tl.broadcast_to(_scale_bf16x2(e, SCALE_E4M3)[:, :, None], (ROWS, BLOCK_K // GROUP, GROUP // 2))
         w = e2m1x2_scaled(packed.to(tl.int32), f.reshape(ROWS, BLOCK_K // 2))
-        lo = w.to(tl.int16).to(tl.bfloat16, bitcast=True)
-        hi = (w >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        if DOT_FP32:  # the bf16 values widened exactly
+            lo, hi = bf16_halves(w)
+        else:
+            lo = w.to(tl.int16).to(tl.bfloat16, bitcast=True)
+            hi = (w >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
         return tl.join(lo, hi).reshape(ROWS, BLOCK_K)
     if FP4:
         codes = tl.join(packed & 0xF, packed >> 4).reshape(ROWS, BLOCK_K)  # low nibble first
@@ -287,7 +290,7 @@ def _mx_gemm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, ta_ptr, tb_ptr,
 
     DOT_FP32 multiplies the same exact values in fp32 instead of bf16: the Triton interpreter's
     bf16 tl.dot reads the raw bits as integers (triton 3.9). PACKED decodes MXFP4 tiles in bf16x2
-    PTX (compiled only; the interpreter cannot run PTX). SCALE_E4M3 (NVFP4): E4M3 block scales, and
+    PTX (compiled, or its model under the interpreter: launch.inline_ptx). SCALE_E4M3 (NVFP4): E4M3 block scales, and
     the accumulator divided by A's and then B's tensor scale (ta_ptr, tb_ptr) once after the K loop.
     """
     num_m = tl.cdiv(M, BLOCK_M)
@@ -531,7 +534,7 @@ def _mx_matmul(a: QuantizedTensor, b: QuantizedTensor, c: torch.Tensor, config: 
         M, N, K, c.stride(0), c.stride(1), sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1),
         A_FP4=a_fp4, B_FP4=b_fp4, GROUP=a.spec.group_size, SCALE_E4M3=nvfp4, NUM_SMS=num_sms,
         DOT_FP32=interpreting(),
-        PACKED=config.packed_decode and not interpreting())
+        PACKED=config.packed_decode and inline_ptx())
     return c
 
 

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .config import KernelConfig
-from .launch import interpreting
+from .launch import inline_ptx
 from .plans import launch
 from .quantize_plan import as_grid, bytes_of, element_constants, narrow_launch, pair_words, row_tile_grid
 from .spec import E2M1, _cdiv
@@ -29,7 +29,7 @@ def mxfp4_pairs(v, codes, stored, spec, config: KernelConfig) -> bool:
     grid, rows_x = row_tile_grid(_cdiv(c2, groups * 16), _cdiv(R, rows))
     launch(_mxfp4_pairs_kernel, grid, pairs, bytes_of(codes), bytes_of(grid_s), R, c2, pairs.stride(0),
            grid_s.stride(0), grid_s.stride(1), ROWS=rows, GROUPS=groups, FP16=v.dtype == torch.float16,
-           FMT=element_constants(spec), PACKED=v.dtype == torch.bfloat16 and not interpreting(), ROWS_X=rows_x,
+           FMT=element_constants(spec), PACKED=v.dtype == torch.bfloat16 and inline_ptx(), ROWS_X=rows_x,
            num_warps=warps)
     return True
 
@@ -87,7 +87,7 @@ def _mxfp4_pairs_kernel(w_ptr, codes_ptr, scales_ptr, R, C2, sw_r, ss_r, ss_c,
     codes make one byte (element 2i in the low nibble) without reshaping registers.
 
     A program takes ROWS rows x GROUPS MX blocks of 16 words each. The amax is reduced on the
-    magnitude bits (16-bit floats order as their bits do). PACKED (bf16, compiled): tiles without
+    magnitude bits (16-bit floats order as their bits do). PACKED (bf16, launch.inline_ptx): tiles without
     Inf or NaN are encoded two elements at a time (_e2m1_bf16_pairs); other tiles, fp16 and the
     interpreter go through fp32 and e2m1. A program's tile from its grid coordinates (grid_tile).
     """

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .config import KernelConfig
-from .launch import interpreting
+from .launch import inline_ptx, interpreting
 from .plans import launch
 from .quantize_plan import (ElementConstants, as_grid, bf16_bits, bytes_of, element_constants, input_view,
                             narrow_launch, pair_words, row_tile_grid)
@@ -51,7 +51,7 @@ def quantize(v: torch.Tensor, qt: QuantizedTensor, config: KernelConfig, given: 
         x, sx_r, sx_c = words, words.stride(0), 1
         words_kind = {torch.bfloat16: BF16_WORDS, torch.float16: FP16_WORDS, torch.float32: FP32_WORDS}[v.dtype]
     compiled = not interpreting()
-    packed = compiled and words_kind is BF16_WORDS and config.packed_encode
+    packed = inline_ptx() and words_kind is BF16_WORDS and config.packed_encode
     extra = {} if config.nvfp4_maxnreg is None else {"maxnreg": config.nvfp4_maxnreg}
     launch(_nvfp4_kernel, grid, x, bytes_of(qt.codes), bytes_of(grid_s), source, qt.tensor_scale,
            qt.tensor_scale if amax is None else amax, R, C, sx_r, sx_c, (C + 1) // 2, grid_s.stride(0),
@@ -150,7 +150,7 @@ def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, source_ptr, ts_ptr, amax_ptr, R,
     CORRECTED_MAX] (tensors of amax below ~2^-70): then from IEEE divisions. That is decided once for the whole
     tensor: every divisor lies between those of the extreme E4M3 scales, 2**-9 and 448 (division by the tensor
     scale rounds monotonically). AMAX: each tile's finite amax is maxed into amax_ptr. PACKED (bf16 words,
-    compiled): _packed_tile. A program finds its tile from its two grid coordinates (ROWS_X: rows along x)."""
+    launch.inline_ptx): _packed_tile. A program finds its tile from its two grid coordinates (ROWS_X: rows along x)."""
     tile_r, tile_c = grid_tile(ROWS_X)
     r = tile_r * ROWS + tl.arange(0, ROWS)[:, None, None]
     g = tile_c * GROUPS + tl.arange(0, GROUPS)[None, :, None]

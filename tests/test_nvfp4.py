@@ -389,11 +389,11 @@ def test_bf16_ties_under_a_given_tensor_scale(device):
     assert_same_qt(to_device(triton_quantize.quantize(x.to(device), SPEC, ts.to(device)), "cpu"), want)
 
 
-@pytest.mark.gpu
-def test_gpu_e2m1_words_at_every_rounding_boundary():
-    """triton_nvfp4._e2m1_words (compiled only: PTX) against the reference's E2M1 rounding: fp32 quotients on and 256
-    ulps either side of every midpoint and binade start, every bf16 value in [0, 8], random values in [0, 7], past 6
-    (to Inf), of both signs; the signs come from random words."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_e2m1_words_at_every_rounding_boundary(device):
+    """triton_nvfp4._e2m1_words (PTX: compiled, or its model under the interpreter) against the reference's E2M1
+    rounding: fp32 quotients on and 256 ulps either side of every midpoint and binade start, every bf16 value in
+    [0, 8], random values in [0, 7], past 6 (to Inf), of both signs; the signs come from random words."""
 
     @triton.jit
     def encode(q_ptr, w_ptr, out_ptr, n, BLOCK: tl.constexpr):
@@ -414,8 +414,8 @@ def test_gpu_e2m1_words_at_every_rounding_boundary():
     q = q * torch.where(torch.rand(q.shape, generator=gen) < 0.5, -1.0, 1.0)
     q = torch.cat([q, q.new_zeros(q.numel() % 2)])
     w = torch.randint(-(1 << 31), 1 << 31, (q.numel() // 2,), generator=gen, dtype=torch.int64).to(torch.int32)
-    out = torch.empty(w.shape, dtype=torch.uint8, device="cuda")
-    encode[(triton.cdiv(w.numel(), 1024),)](q.cuda(), w.cuda(), out, w.numel(), BLOCK=1024)
+    out = torch.empty(w.shape, dtype=torch.uint8, device=device)
+    encode[(triton.cdiv(w.numel(), 1024),)](q.to(device), w.to(device), out, w.numel(), BLOCK=1024)
     mag = reference.encode_minifloat_bits(reference.round_to_grid(q.abs().clamp(max=6.0), E2M1), E2M1)
     signs = torch.stack([(w >> 15) & 1, (w >> 31) & 1], dim=1).flatten()
     want = reference.pack_nibbles((mag | (signs << 3)).reshape(-1, 2))

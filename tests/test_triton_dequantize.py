@@ -220,14 +220,14 @@ def every_byte_under_every_scale(fmt: str, tensor_scale: float | None = None) ->
 NVFP4_TENSOR_SCALES = (1.0, 3.0, 2688 / 5.5, 0.1, 0.01, 2.0 ** -126, 2.0 ** 100, 2.0 ** 120 * 1.3, 7e-39)
 
 
-@pytest.mark.gpu
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
-def test_gpu_e2m1_words_every_byte_and_scale(fmt, out_dtype):
+def test_e2m1_words_every_byte_and_scale(fmt, out_dtype, device):
     """E2M1 codes into bf16 / fp16 by half-precision pairs (e2m1x2_scaled for MXFP4 into bf16, e2m1x2_times
-    otherwise): every code byte under every scale byte, NaN included (NVFP4 under several tensor scales), is the
-    reference's value; so is the fp32 path's (packed_decode off), and an output that is not word-aligned (which
-    takes the fp32 path)."""
+    otherwise; PTX, or its model under the interpreter): every code byte under every scale byte, NaN included
+    (NVFP4 under several tensor scales), is the reference's value; so is the fp32 path's (packed_decode off), and
+    an output that is not word-aligned (which takes the fp32 path)."""
     seen = set()
     fp32_path = dataclasses.replace(DEFAULT, packed_decode=False)
     for ts in NVFP4_TENSOR_SCALES if fmt == "nvfp4" else (None,):
@@ -237,11 +237,11 @@ def test_gpu_e2m1_words_every_byte_and_scale(fmt, out_dtype):
         assert torch.isnan(w[255]).all()
         seen |= {"inf"} if torch.isinf(w).any() else set()
         seen |= {"subnormal"} if ((w > 0) & (w < torch.finfo(out_dtype).tiny)).any() else set()
-        on_gpu = _to(qt, "cuda")
-        assert_same_values(dequantize(on_gpu, out_dtype), want, f"ts {ts}")
-        assert_same_values(dequantize(on_gpu, out_dtype, config=fp32_path), want, f"ts {ts}, fp32 path")
-        shifted = torch.empty(256 * 512 + 1, dtype=out_dtype, device="cuda")[1:].view(256, 512)
-        assert dequantize(on_gpu, out_dtype, out=shifted) is shifted
+        on_device = _to(qt, device)
+        assert_same_values(dequantize(on_device, out_dtype), want, f"ts {ts}")
+        assert_same_values(dequantize(on_device, out_dtype, config=fp32_path), want, f"ts {ts}, fp32 path")
+        shifted = torch.empty(256 * 512 + 1, dtype=out_dtype, device=device)[1:].view(256, 512)
+        assert dequantize(on_device, out_dtype, out=shifted) is shifted
         assert_same_values(shifted, want, f"ts {ts}, shifted")
     assert seen == {"inf", "subnormal"}  # the cases cover both ends of the output type's range
 
