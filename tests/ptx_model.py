@@ -35,9 +35,7 @@ def _create_inline_asm(self, inlineAsm, constraints, values, type, isPure, pack)
         raise NotImplementedError(f"ptx_model: pack={pack}")
     dtypes = [getattr(t, "element_ty", t) for t in type]
     outs = run(inlineAsm, constraints, [v.data for v in values], len(dtypes))
-    results = [TensorHandle(o.view(np.dtype(dt.to_numpy_type() if hasattr(dt, "to_numpy_type") else _NP[dt.name])),
-                            dt) for o, dt in zip(outs, dtypes)]
-    return _Call(results)
+    return _Call([TensorHandle(o.view(_NP[dt.name]), dt) for o, dt in zip(outs, dtypes)])
 
 
 _create_inline_asm.models_ptx = True
@@ -62,7 +60,7 @@ def run(asm: str, constraints: str, args: list, n_out: int) -> list:
     regs = {f"${n_out + i}": _bits(a) for i, a in enumerate(arrays)}
     shape = arrays[0].shape if arrays else ()
     for op, operands in _parse(asm):
-        dst, srcs = operands[0], [_value(regs, s, shape) for s in operands[1:]]
+        dst, srcs = operands[0], [_value(regs, s) for s in operands[1:]]
         regs[dst] = np.broadcast_to(_OPS[op](*srcs), shape).astype(U32)
     return [regs[f"${i}"] for i in range(n_out)]
 
@@ -88,7 +86,7 @@ def _parse(asm: str) -> tuple:
     return tuple(program)
 
 
-def _value(regs: dict, operand: str, shape) -> np.ndarray:
+def _value(regs: dict, operand: str) -> np.ndarray:
     if operand in regs:
         return regs[operand]
     if re.fullmatch(r"0[fF][0-9a-fA-F]{8}", operand):
