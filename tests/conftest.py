@@ -20,7 +20,6 @@ if not HAS_CUDA:
     # Without a GPU the Triton kernels run under the interpreter; triton reads this at import. Their inline PTX runs
     # through tests/ptx_model.py there (the GPU tests compare the compiled PTX with the reference).
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import ptx_model  # noqa: E402
 
     ptx_model.install()

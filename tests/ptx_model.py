@@ -105,10 +105,6 @@ def _low32(v):
     return (v & np.uint64(_MASK32)).astype(U32)
 
 
-def _s32(a):
-    return np.asarray(a).astype(U32).view(np.int32)
-
-
 def _halves(a):
     a = np.asarray(a, dtype=U32)
     return a & U32(0xFFFF), a >> U32(16)
@@ -196,12 +192,11 @@ def _fma(a, b, c):
         return _f32_bits(_odd_sum(_f32(a) * _f32(b), _f32(c)))  # the product is exact in float64
 
 
-def _fminmax(pick):
-    def op(a, b):
-        x, y = _f32(a), _f32(b)
-        r = np.where(np.isnan(x), y, np.where(np.isnan(y), x, pick(x, y)))
-        return np.where(np.isnan(r), U32(0x7FFFFFFF), r.astype(np.float32).view(U32))
-    return op
+def _fmin(a, b):
+    """min.f32: the other operand where one is NaN."""
+    x, y = _f32(a), _f32(b)
+    r = np.where(np.isnan(x), y, np.where(np.isnan(y), x, np.minimum(x, y)))
+    return np.where(np.isnan(r), U32(0x7FFFFFFF), r.astype(np.float32).view(U32))
 
 
 def _cvt_x2(fmt):
@@ -214,32 +209,22 @@ _OPS = {
     "mov.b32": lambda a: a,
     "and.b32": lambda a, b: a & b,
     "or.b32": lambda a, b: a | b,
-    "xor.b32": lambda a, b: a ^ b,
     "shl.b32": lambda a, b: _low32(_u64(a) << np.minimum(_u64(b), 32)),
     "shr.u32": lambda a, b: _low32(_u64(a) >> np.minimum(_u64(b), 32)),
-    "shr.s32": lambda a, b: (_s32(a) >> np.minimum(_u64(b), 31).astype(np.int32)).view(U32),
     "add.u32": lambda a, b: _low32(_u64(a) + _u64(b)),
-    "add.s32": lambda a, b: _low32(_u64(a) + _u64(b)),
+    "add.s32": lambda a, b: _low32(_u64(a) + _u64(b)),  # the same bits
     "sub.u32": lambda a, b: _low32(_u64(a) - _u64(b) + np.uint64(1 << 32)),
     "mul.lo.u32": lambda a, b: _low32(_u64(a) * _u64(b)),
-    "mul.lo.s32": lambda a, b: _low32(_u64(a) * _u64(b)),
     "mad.lo.s32": lambda a, b, c: _low32(_u64(a) * _u64(b) + _u64(c)),
-    "mad.lo.u32": lambda a, b, c: _low32(_u64(a) * _u64(b) + _u64(c)),
     "max.u32": lambda a, b: np.maximum(a, b),
-    "min.u32": lambda a, b: np.minimum(a, b),
-    "max.s32": lambda a, b: np.maximum(_s32(a), _s32(b)).view(U32),
-    "min.s32": lambda a, b: np.minimum(_s32(a), _s32(b)).view(U32),
     "max.u16x2": _u16x2(np.maximum),
     "min.u16x2": _u16x2(np.minimum),
     "abs.f32": lambda a: np.asarray(a, dtype=U32) & U32(0x7FFFFFFF),
-    "neg.f32": lambda a: np.asarray(a, dtype=U32) ^ U32(0x80000000),
-    "min.f32": _fminmax(np.minimum),
-    "max.f32": _fminmax(np.maximum),
+    "min.f32": _fmin,
     "mul.rn.f32": lambda a, b: _f32_bits(_f32(a) * _f32(b)),  # exact in float64
-    "add.rn.f32": lambda a, b: _f32_bits(_odd_sum(_f32(a), _f32(b))),
     "fma.rn.f32": _fma,
     "mul.rn.bf16x2": _x2(lambda x, y: x * y, BF16),
-    "add.rn.bf16x2": _x2(lambda x, y: _odd_sum(x, y), BF16),
+    "add.rn.bf16x2": _x2(_odd_sum, BF16),
     "cvt.rn.bf16x2.f32": _cvt_x2(BF16),
     "cvt.rn.f16x2.f32": _cvt_x2(F16),
 }
