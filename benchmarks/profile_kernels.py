@@ -73,6 +73,8 @@ CASES = {  # name: (spec, op, how)
     "nvfp4": (QuantSpec(format="nvfp4"), "quantize", None),
     "nvfp4_given": (QuantSpec(format="nvfp4"), "quantize", _given),
     "dual": (QuantSpec(), "dual", None),
+    "dual_int8_asym": (QuantSpec(format="int8_asym"), "dual", None),
+    "dual_mxfp8": (QuantSpec(format="mxfp8"), "dual", None),
     "mxfp4_deq": (QuantSpec(format="mxfp4"), "dequantize", None),
     "nvfp4_deq": (QuantSpec(format="nvfp4"), "dequantize", None),
     "e4m3_deq": (QuantSpec(), "dequantize", None),

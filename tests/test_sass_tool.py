@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from quantd.kernels import gluon_gemm
+from quantd.kernels.config import DEFAULT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +29,8 @@ def test_sass_tool_counts_every_kernel(flags, tmp_path):
     stdout = run_tool("sass.py", "--shape", "1024", "1024", "--dump", str(tmp_path), *flags)
     counts = dict(re.findall(r"^(.+?)\s+(\d+\.\d) instructions/element", stdout, re.M))
     assert {"fp8 e4m3 1x128", "fp8 e4m3 128x128", "mxfp4", "int8 asym 1x128", "mxfp4, pairs kernel", "nvfp4",
-            "fp8 e4m3 tensor, delayed", "fp8 e4m3 dual 1x128", "dequantize fp8 e4m3 1x128", "dequantize nvfp4"} <= set(counts)
+            "fp8 e4m3 tensor, delayed", "fp8 e4m3 dual 1x128", "dequantize fp8 e4m3 1x128", "dequantize nvfp4",
+            f"fp8 e4m3 dual 1x128, dual_8x8={not DEFAULT.dual_8x8}"} <= set(counts)
     assert all(5 < float(v) < 200 for v in counts.values()), counts
 
 
