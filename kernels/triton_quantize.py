@@ -346,9 +346,9 @@ def _split8(t):
 def _thread_block_scales(x, valid, ROWS: tl.constexpr, FMT: tl.constexpr):
     """(scale, zero point, wild) of the blocks of x [I, CB, G, 8] (element [i, cb, j, k] at row 8i + k, column
     cb * G + j of a tile): ROWS, each row's 1 x G groups (reduced along axis 2, [I, CB, 1, 8]); else each column's
-    G rows (along axes 3 and 0, [1, CB, G, 1]). wild (int32, a scalar): some block where `valid` (a block of the
-    matrix, not of the tile's padding) met an Inf or NaN, or has a scale outside [CORRECTED_MIN, CORRECTED_MAX]
-    (_register_scales' careful)."""
+    G rows (along axes 3 and 0, [1, CB, G, 1]). wild (int32, of the scales' shape): 1 for a block where `valid` (a
+    block of the matrix, not of the tile's padding) that met an Inf or NaN, or has a scale outside [CORRECTED_MIN,
+    CORRECTED_MAX] (_register_scales' careful)."""
     if FMT.ASYM:
         v = x
     else:
@@ -364,7 +364,7 @@ def _thread_block_scales(x, valid, ROWS: tl.constexpr, FMT: tl.constexpr):
         else:
             nlo = -_max_along(_max_along(x, 3, FMT.NAN_COMBINE, MIN=True), 0, FMT.NAN_COMBINE, MIN=True)
     scale, zp, wild = _corrected_scales(hi, nlo, FMT)
-    return scale, zp, tl.max((wild & valid).to(tl.int32))
+    return scale, zp, (wild & valid).to(tl.int32)
 
 
 @triton.jit
@@ -402,11 +402,12 @@ def _dual_8x8_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_
     bcol = pid_c * CB + tl.arange(0, CB)[None, :, None, None]
     row_blocks = (rows < R) & (bcol < NBC)
     cols = pid_c * W + tl.arange(0, CB)[None, :, None, None] * G + tl.arange(0, G)[None, None, :, None]
-    scale, zp, careful = _thread_block_scales(x, row_blocks, True, FMT)
-    scale_t, zp_t, careful_t = _thread_block_scales(x, cols < C, False, FMT)
+    scale, zp, wild = _thread_block_scales(x, row_blocks, True, FMT)
+    scale_t, zp_t, wild_t = _thread_block_scales(x, cols < C, False, FMT)
     store_scales(scales_ptr, zp_ptr, rows.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c, row_blocks, scale, zp, FMT)
     store_scales(scales_t_ptr, zp_t_ptr, cols.to(tl.int64) * sst_r + pid_r * sst_c, cols < C, scale_t, zp_t, FMT)
-    if (careful | careful_t) == 0:
+    # The tile's careful flag: a thread's row and column flags combined first, then one reduction over the tile.
+    if tl.max(tl.max(wild, axis=3, keep_dims=True) | tl.max(wild_t, axis=2, keep_dims=True)) == 0:
         q = tl.reshape(_encode_careless(x, scale, zp, FMT).to(tl.uint8), [I, W, 2, 2, 2])
         q0, q1, q2, q3, q4, q5, q6, q7 = _split8(q)
         qp = codes_ptr + r.to(tl.int64) * sq_r + c
