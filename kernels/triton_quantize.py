@@ -28,8 +28,9 @@ from .quantize_plan import (MAX_REGISTER_BLOCK, Tile, as_grid, bf16_bits, block_
 from .spec import Format, Granularity, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED, CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, GUARDED,
-                              RECIPROCAL, block_ids, block_scale, defer_tile, encode, encode_quotient, finite_abs,
-                              load_fp32, max_into, max_nan, min_nan, quotient, rint_int32, store_scales, tile_coords)
+                              RECIPROCAL, block_ids, block_scale, defer_tile, encode, encode_float, encode_quotient,
+                              finite_abs, load_fp32, max_into, max_nan, min_nan, quotient, rint_int32, store_scales,
+                              tile_coords)
 from .triton_mxfp4_pairs import mxfp4_pairs
 
 # SCALE_SRC of _quantize_tile: where a block's scale comes from.
@@ -122,15 +123,24 @@ def _encode_careless(x, scale, zp, FMT: tl.constexpr):
     """Codes of a tile that is not careful (see _register_scales: its values are finite): a power-of-two scale
     by its reciprocal, any other by the corrected quotient (int8, with one zero, need not keep the sign of -0);
     INT8 sym rounded only, asym without the clamp before rounding."""
-    if FMT.POW2:
-        bits = encode(x, scale, zp, FMT, RECIPROCAL)
-    elif FMT.IS_INT and not FMT.ASYM:
+    if FMT.IS_INT and not FMT.POW2 and not FMT.ASYM:
         bits = rint_int32(quotient(x, scale, CORRECTED_ANY_ZERO))
-    elif FMT.IS_INT:
+    elif FMT.IS_INT and not FMT.POW2:
         bits = encode_quotient(x, quotient(x, scale, CORRECTED_ANY_ZERO), zp, FMT, True)
     else:
-        bits = encode(x, scale, zp, FMT, CORRECTED)
+        bits = encode_quotient(x, _careless_quotient(x, scale, FMT), zp, FMT)
     return bits
+
+
+@triton.jit
+def _careless_quotient(x, scale, FMT: tl.constexpr):
+    """x / scale as _encode_careless takes it for a float format or a power-of-two scale: by the scale's reciprocal
+    (a power of two) or by the corrected quotient."""
+    if FMT.POW2:
+        q = quotient(x, scale, RECIPROCAL)
+    else:
+        q = quotient(x, scale, CORRECTED)
+    return q
 
 
 @triton.jit
@@ -368,6 +378,14 @@ def _thread_block_scales(x, valid, ROWS: tl.constexpr, FMT: tl.constexpr):
 
 
 @triton.jit
+def _store_row_codes(ptrs, q, mask, FMT: tl.constexpr):
+    """Store a row tensor of _dual_8x8_tile's codes: int8 codes, or the float codes of quotients q."""
+    if not FMT.IS_INT:
+        q = encode_float(q, FMT)
+    tl.store(ptrs, q.to(tl.uint8), mask=mask)
+
+
+@triton.jit
 def _dual_8x8_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_ptr, scales_t_ptr, zp_t_ptr, R, C,
                    NBC, TILES_C, sx_r, sx_c, sq_r, ss_r, ss_c, sst_r, sst_c, TILE: tl.constexpr, FMT: tl.constexpr,
                    BF16_BITS: tl.constexpr):
@@ -390,14 +408,15 @@ def _dual_8x8_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_
     c = pid_c * W + tl.arange(0, W)[None, :]  # [1, W]
     p = x_ptr + r.to(tl.int64) * sx_r + c.to(tl.int64) * sx_c
     cv = c < C
-    x = tl.reshape(_join8(load_fp32(p, (r < R) & cv, BF16_BITS),
-                          load_fp32(p + sx_r, (r + 1 < R) & cv, BF16_BITS),
-                          load_fp32(p + 2 * sx_r, (r + 2 < R) & cv, BF16_BITS),
-                          load_fp32(p + 3 * sx_r, (r + 3 < R) & cv, BF16_BITS),
-                          load_fp32(p + 4 * sx_r, (r + 4 < R) & cv, BF16_BITS),
-                          load_fp32(p + 5 * sx_r, (r + 5 < R) & cv, BF16_BITS),
-                          load_fp32(p + 6 * sx_r, (r + 6 < R) & cv, BF16_BITS),
-                          load_fp32(p + 7 * sx_r, (r + 7 < R) & cv, BF16_BITS)), [I, CB, G, 8])
+    x0 = load_fp32(p, (r < R) & cv, BF16_BITS)
+    x1 = load_fp32(p + sx_r, (r + 1 < R) & cv, BF16_BITS)
+    x2 = load_fp32(p + 2 * sx_r, (r + 2 < R) & cv, BF16_BITS)
+    x3 = load_fp32(p + 3 * sx_r, (r + 3 < R) & cv, BF16_BITS)
+    x4 = load_fp32(p + 4 * sx_r, (r + 4 < R) & cv, BF16_BITS)
+    x5 = load_fp32(p + 5 * sx_r, (r + 5 < R) & cv, BF16_BITS)
+    x6 = load_fp32(p + 6 * sx_r, (r + 6 < R) & cv, BF16_BITS)
+    x7 = load_fp32(p + 7 * sx_r, (r + 7 < R) & cv, BF16_BITS)
+    x = tl.reshape(_join8(x0, x1, x2, x3, x4, x5, x6, x7), [I, CB, G, 8])
     rows = pid_r * G + 8 * tl.arange(0, I)[:, None, None, None] + tl.arange(0, 8)[None, None, None, :]
     bcol = pid_c * CB + tl.arange(0, CB)[None, :, None, None]
     row_blocks = (rows < R) & (bcol < NBC)
@@ -408,17 +427,22 @@ def _dual_8x8_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_
     store_scales(scales_t_ptr, zp_t_ptr, cols.to(tl.int64) * sst_r + pid_r * sst_c, cols < C, scale_t, zp_t, FMT)
     # The tile's careful flag: a thread's row and column flags combined first, then one reduction over the tile.
     if tl.max(tl.max(wild, axis=3, keep_dims=True) | tl.max(wild_t, axis=2, keep_dims=True)) == 0:
-        q = tl.reshape(_encode_careless(x, scale, zp, FMT).to(tl.uint8), [I, W, 2, 2, 2])
-        q0, q1, q2, q3, q4, q5, q6, q7 = _split8(q)
+        # X's codes: int8 codes, or float quotients converted after the split into rows, so that the conversion
+        # (two elements an instruction) pairs a row's neighbours, as X's bytes lie.
+        if FMT.IS_INT:
+            q = _encode_careless(x, scale, zp, FMT)
+        else:
+            q = _careless_quotient(x, scale, FMT)
+        q0, q1, q2, q3, q4, q5, q6, q7 = _split8(tl.reshape(q, [I, W, 2, 2, 2]))
         qp = codes_ptr + r.to(tl.int64) * sq_r + c
-        tl.store(qp, q0, mask=(r < R) & cv)
-        tl.store(qp + sq_r, q1, mask=(r + 1 < R) & cv)
-        tl.store(qp + 2 * sq_r, q2, mask=(r + 2 < R) & cv)
-        tl.store(qp + 3 * sq_r, q3, mask=(r + 3 < R) & cv)
-        tl.store(qp + 4 * sq_r, q4, mask=(r + 4 < R) & cv)
-        tl.store(qp + 5 * sq_r, q5, mask=(r + 5 < R) & cv)
-        tl.store(qp + 6 * sq_r, q6, mask=(r + 6 < R) & cv)
-        tl.store(qp + 7 * sq_r, q7, mask=(r + 7 < R) & cv)
+        _store_row_codes(qp, q0, (r < R) & cv, FMT)
+        _store_row_codes(qp + sq_r, q1, (r + 1 < R) & cv, FMT)
+        _store_row_codes(qp + 2 * sq_r, q2, (r + 2 < R) & cv, FMT)
+        _store_row_codes(qp + 3 * sq_r, q3, (r + 3 < R) & cv, FMT)
+        _store_row_codes(qp + 4 * sq_r, q4, (r + 4 < R) & cv, FMT)
+        _store_row_codes(qp + 5 * sq_r, q5, (r + 5 < R) & cv, FMT)
+        _store_row_codes(qp + 6 * sq_r, q6, (r + 6 < R) & cv, FMT)
+        _store_row_codes(qp + 7 * sq_r, q7, (r + 7 < R) & cv, FMT)
         # X^T's codes: [I, W / 8, 8 (column m), 8 (row k)] -> by column: eight [W / 8, I, 8] (row 8l + m of X^T).
         qt = tl.reshape(_encode_careless(x, scale_t, zp_t, FMT).to(tl.uint8), [I, W // 8, 8, 8])
         t0, t1, t2, t3, t4, t5, t6, t7 = _split8(tl.reshape(tl.permute(qt, (1, 0, 3, 2)), [W // 8, I, 8, 2, 2, 2]))
