@@ -61,10 +61,13 @@ DEQUANTIZE_SPECS = [("fp8 e4m3 1x128", QuantSpec()), ("int8 asym 1x128", QuantSp
 POINTER_TYPES = {torch.float32: "*fp32", torch.uint8: "*u8"}
 
 
-def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16", source=None, dual: bool = False, config=None):
+def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16", source=None, dual: bool = False, config=None,
+                     ones: tuple = ()):
     """(compiled kernel, elements a thread handles) of the quantize launch of `spec`: scales reduced in
     registers (source None), or read from the statistics pass or given (tq.SCALE_STATS, SCALE_GIVEN_AMAX);
-    dual: quantize_dual's launch (1 x g groups of X and of X^T); config: KernelConfig (default: DEFAULT)."""
+    dual: quantize_dual's launch (1 x g groups of X and of X^T); config: KernelConfig (default: DEFAULT); ones:
+    integer arguments specialized as the constant 1, as a launch specializes them (a transposed input's row stride,
+    a single row)."""
     config = config or DEFAULT
     (_, rows, cols), (br, bc) = block_geometry(shape, spec)
     register = source is None
@@ -76,7 +79,8 @@ def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16", source=None, d
     constexprs = dict(TILE=tile, FMT=fmt, SCALE_SRC=source.value, BID_ROWS=rows > br, BID_COLS=cols > bc, DUAL=dual,
                       PACK4=spec.element.bits == 4, BF16_BITS=False, sx_c=1, ss_c=1, TILE_MODE=tq.tile_mode(run),
                       STAGES=run.stages, FIXUP=False, SCALES_EACH=1, DUAL_SLABS=config.dual_slabs if dual else 1,
-                      DUAL_8X8=dual and dual_8x8(tile, config), **({"sst_c": 1} if dual else {}))
+                      DUAL_8X8=dual and dual_8x8(tile, config), **({"sst_c": 1} if dual else {}),
+                      **{name: 1 for name in ones})
     names = tq._quantize_kernel.arg_names
     signature = {}
     for name in names:
@@ -94,8 +98,8 @@ def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16", source=None, d
             signature[name] = "*u8"
         else:
             signature[name] = "i32"
-    kernel = compile_sm90(tq._quantize_kernel, signature, constexprs, {"R", "C", "sx_p", "sx_r", "sq_p", "sq_r"},
-                          run.warps, run.maxnreg)
+    kernel = compile_sm90(tq._quantize_kernel, signature, constexprs,
+                          {"R", "C", "sx_p", "sx_r", "sq_p", "sq_r"} - set(ones), run.warps, run.maxnreg)
     return kernel, tile.elems / (run.warps * 32)
 
 
@@ -248,6 +252,10 @@ def main() -> None:
     other = dataclasses.replace(DEFAULT, dual_8x8=not DEFAULT.dual_8x8)
     builds.append((f"fp8 e4m3 dual 1x128, dual_8x8={other.dual_8x8}",
                    lambda: compile_quantize(QuantSpec(), args.shape, dual=True, config=other)))
+    for config in (DEFAULT, other):  # a (1, C) input's transpose: row strides and R specialized as 1
+        builds.append((f"fp8 e4m3 dual 1x128, dual_8x8={config.dual_8x8}, unit strides",
+                       lambda config=config: compile_quantize(QuantSpec(), args.shape, dual=True, config=config,
+                                                              ones=("R", "sx_r", "sq_r"))))
     for name, spec in DEQUANTIZE_SPECS:
         builds.append((f"dequantize {name}", lambda spec=spec: compile_dequantize(spec, args.shape)))
     for name, build in builds:

@@ -407,15 +407,16 @@ def _dual_8x8_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_
     r = pid_r * G + 8 * tl.arange(0, I)[:, None]  # [I, 1]: the first of a thread's 8 rows
     c = pid_c * W + tl.arange(0, W)[None, :]  # [1, W]
     p = x_ptr + r.to(tl.int64) * sx_r + c.to(tl.int64) * sx_c
+    step = tl.cast(sx_r, tl.int64)  # a row of X (64-bit: k * sx_r may pass 2**31; sx_r may be a constexpr 1)
     cv = c < C
     x0 = load_fp32(p, (r < R) & cv, BF16_BITS)
-    x1 = load_fp32(p + sx_r, (r + 1 < R) & cv, BF16_BITS)
-    x2 = load_fp32(p + 2 * sx_r, (r + 2 < R) & cv, BF16_BITS)
-    x3 = load_fp32(p + 3 * sx_r, (r + 3 < R) & cv, BF16_BITS)
-    x4 = load_fp32(p + 4 * sx_r, (r + 4 < R) & cv, BF16_BITS)
-    x5 = load_fp32(p + 5 * sx_r, (r + 5 < R) & cv, BF16_BITS)
-    x6 = load_fp32(p + 6 * sx_r, (r + 6 < R) & cv, BF16_BITS)
-    x7 = load_fp32(p + 7 * sx_r, (r + 7 < R) & cv, BF16_BITS)
+    x1 = load_fp32(p + step, (r + 1 < R) & cv, BF16_BITS)
+    x2 = load_fp32(p + 2 * step, (r + 2 < R) & cv, BF16_BITS)
+    x3 = load_fp32(p + 3 * step, (r + 3 < R) & cv, BF16_BITS)
+    x4 = load_fp32(p + 4 * step, (r + 4 < R) & cv, BF16_BITS)
+    x5 = load_fp32(p + 5 * step, (r + 5 < R) & cv, BF16_BITS)
+    x6 = load_fp32(p + 6 * step, (r + 6 < R) & cv, BF16_BITS)
+    x7 = load_fp32(p + 7 * step, (r + 7 < R) & cv, BF16_BITS)
     x = tl.reshape(_join8(x0, x1, x2, x3, x4, x5, x6, x7), [I, CB, G, 8])
     rows = pid_r * G + 8 * tl.arange(0, I)[:, None, None, None] + tl.arange(0, 8)[None, None, None, :]
     bcol = pid_c * CB + tl.arange(0, CB)[None, :, None, None]
@@ -435,29 +436,31 @@ def _dual_8x8_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_
             q = _careless_quotient(x, scale, FMT)
         q0, q1, q2, q3, q4, q5, q6, q7 = _split8(tl.reshape(q, [I, W, 2, 2, 2]))
         qp = codes_ptr + r.to(tl.int64) * sq_r + c
+        step = tl.cast(sq_r, tl.int64)
         _store_row_codes(qp, q0, (r < R) & cv, FMT)
-        _store_row_codes(qp + sq_r, q1, (r + 1 < R) & cv, FMT)
-        _store_row_codes(qp + 2 * sq_r, q2, (r + 2 < R) & cv, FMT)
-        _store_row_codes(qp + 3 * sq_r, q3, (r + 3 < R) & cv, FMT)
-        _store_row_codes(qp + 4 * sq_r, q4, (r + 4 < R) & cv, FMT)
-        _store_row_codes(qp + 5 * sq_r, q5, (r + 5 < R) & cv, FMT)
-        _store_row_codes(qp + 6 * sq_r, q6, (r + 6 < R) & cv, FMT)
-        _store_row_codes(qp + 7 * sq_r, q7, (r + 7 < R) & cv, FMT)
+        _store_row_codes(qp + step, q1, (r + 1 < R) & cv, FMT)
+        _store_row_codes(qp + 2 * step, q2, (r + 2 < R) & cv, FMT)
+        _store_row_codes(qp + 3 * step, q3, (r + 3 < R) & cv, FMT)
+        _store_row_codes(qp + 4 * step, q4, (r + 4 < R) & cv, FMT)
+        _store_row_codes(qp + 5 * step, q5, (r + 5 < R) & cv, FMT)
+        _store_row_codes(qp + 6 * step, q6, (r + 6 < R) & cv, FMT)
+        _store_row_codes(qp + 7 * step, q7, (r + 7 < R) & cv, FMT)
         # X^T's codes: [I, W / 8, 8 (column m), 8 (row k)] -> by column: eight [W / 8, I, 8] (row 8l + m of X^T).
         qt = tl.reshape(_encode_careless(x, scale_t, zp_t, FMT).to(tl.uint8), [I, W // 8, 8, 8])
         t0, t1, t2, t3, t4, t5, t6, t7 = _split8(tl.reshape(tl.permute(qt, (1, 0, 3, 2)), [W // 8, I, 8, 2, 2, 2]))
         rt = pid_r * G + 8 * tl.arange(0, I)[None, :, None] + tl.arange(0, 8)[None, None, :]  # [1, I, 8]
         ct = pid_c * W + 8 * tl.arange(0, W // 8)[:, None, None]  # [W / 8, 1, 1]
         tp = codes_t_ptr + ct.to(tl.int64) * R + rt
+        step = tl.cast(R, tl.int64)  # a row of X^T
         rv = rt < R
         tl.store(tp, t0, mask=rv & (ct < C))
-        tl.store(tp + R, t1, mask=rv & (ct + 1 < C))
-        tl.store(tp + 2 * R, t2, mask=rv & (ct + 2 < C))
-        tl.store(tp + 3 * R, t3, mask=rv & (ct + 3 < C))
-        tl.store(tp + 4 * R, t4, mask=rv & (ct + 4 < C))
-        tl.store(tp + 5 * R, t5, mask=rv & (ct + 5 < C))
-        tl.store(tp + 6 * R, t6, mask=rv & (ct + 6 < C))
-        tl.store(tp + 7 * R, t7, mask=rv & (ct + 7 < C))
+        tl.store(tp + step, t1, mask=rv & (ct + 1 < C))
+        tl.store(tp + 2 * step, t2, mask=rv & (ct + 2 < C))
+        tl.store(tp + 3 * step, t3, mask=rv & (ct + 3 < C))
+        tl.store(tp + 4 * step, t4, mask=rv & (ct + 4 < C))
+        tl.store(tp + 5 * step, t5, mask=rv & (ct + 5 < C))
+        tl.store(tp + 6 * step, t6, mask=rv & (ct + 6 < C))
+        tl.store(tp + 7 * step, t7, mask=rv & (ct + 7 < C))
     else:
         defer_tile(list_ptr, pid)
 
