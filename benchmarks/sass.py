@@ -252,7 +252,7 @@ def main() -> None:
     other = dataclasses.replace(DEFAULT, dual_8x8=not DEFAULT.dual_8x8)
     builds.append((f"fp8 e4m3 dual 1x128, dual_8x8={other.dual_8x8}",
                    lambda: compile_quantize(QuantSpec(), args.shape, dual=True, config=other)))
-    for config in (DEFAULT, other):  # a (1, C) input's transpose: row strides and R specialized as 1
+    for config in (DEFAULT, other):  # R, sx_r, sq_r specialized as 1 (one row; a transposed input; one column)
         builds.append((f"fp8 e4m3 dual 1x128, dual_8x8={config.dual_8x8}, unit strides",
                        lambda config=config: compile_quantize(QuantSpec(), args.shape, dual=True, config=config,
                                                               ones=("R", "sx_r", "sq_r"))))
