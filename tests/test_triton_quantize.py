@@ -617,6 +617,14 @@ def test_dual_8x8_small_and_large_groups(rng):
         check_dual(dual_8x8_input((3 * g + 1, 2 * g + 9), g, torch.bfloat16, rng), spec, config=DUAL_8X8)
 
 
+def test_dual_8x8_persistent(rng):
+    """_dual_8x8_tile in persistent programs (KernelConfig.dual_programs: each program loops over tiles, the next
+    tiles' loads in flight when compiled), careful tiles still deferred."""
+    config = dataclasses.replace(DUAL_8X8, dual_programs=1, persistent_stages=2)
+    for g in (128, 32):
+        check_dual(dual_8x8_input((3 * g + 5, 5 * g), g, torch.bfloat16, rng), QuantSpec(group_size=g), config=config)
+
+
 def test_dual_8x8_strided_and_col_scales(rng):
     """_dual_8x8_tile on a transposed (column-major) input and on a row slice with a column scale layout."""
     spec = QuantSpec(group_size=32)
@@ -889,6 +897,7 @@ def test_gpu_dual_8x8(fmt, exact_fp8, rng):
         for x in (deferred_input(size, dtype, rng), dual_8x8_input(size, g, dtype, rng)):
             check_dual(x.cuda(), QuantSpec(format=fmt), config=DUAL_8X8, exact_fp8=exact_fp8)
     x = dual_8x8_input((3000, 1000), g, torch.bfloat16, rng).cuda()
+    check_dual(x, QuantSpec(format=fmt), config=dataclasses.replace(DUAL_8X8, dual_programs=2, persistent_stages=2))
     check_dual(x.T, QuantSpec(format=fmt), config=DUAL_8X8)
     check_dual(x[:, 8:1000 - 8], QuantSpec(format=fmt), config=DUAL_8X8, scale_layout="col")
 
