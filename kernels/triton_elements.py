@@ -365,12 +365,18 @@ def block_ids(rows, cols, BR, BC, NBR, NBC, BID_ROWS: tl.constexpr, BID_COLS: tl
 
 @triton.jit
 def load_fp32(ptrs, mask, BF16_BITS: tl.constexpr):
-    """Load as fp32. BF16_BITS: the input is bf16 viewed as int16, widened on the bits
-    (the interpreter's bf16 -> fp32 cast loses subnormals)."""
+    """Load as fp32. BF16_BITS: the input is bf16 viewed as int16 (the interpreter's bf16 -> fp32 cast loses
+    subnormals). bf16 is widened on its bits either way, the same values as the cast: compiled for sm_90 (triton
+    3.6) that takes one instruction an element, a shift or a mask of the loaded word, where the cast takes a byte
+    permute more for every second element."""
     if BF16_BITS:
         x = (tl.load(ptrs, mask=mask, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
     else:
-        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(ptrs, mask=mask, other=0.0)
+        if x.dtype == tl.bfloat16:
+            x = (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        else:
+            x = x.to(tl.float32)
     return x
 
 
