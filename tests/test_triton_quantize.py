@@ -15,10 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from quantd.kernels import dispatch, reference, triton_elements, triton_quantize
+from quantd.kernels import (dispatch, plans, quantize_plan, reference, triton_block_stats, triton_elements,
+                           triton_quantize)
 from quantd.kernels.config import DEFAULT
 from quantd.kernels.quantize_plan import Tile, block_geometry, dual_8x8, element_constants, schedule, tile_geometry
-from quantd.kernels.spec import QuantizedTensor, QuantSpec
+from quantd.kernels.spec import Granularity, QuantizedTensor, QuantSpec
 from quantd.kernels.triton_quantize import quantize, quantize_dual
 from triton_cases import DTYPES, FP8, all_specs, assert_same_qt, random_input, reference_quantize, to_device
 
@@ -623,6 +624,27 @@ def test_dual_8x8_persistent(rng):
     config = dataclasses.replace(DUAL_8X8, dual_programs=1, persistent_stages=2)
     for g in (128, 32):
         check_dual(dual_8x8_input((3 * g + 5, 5 * g), g, torch.bfloat16, rng), QuantSpec(group_size=g), config=config)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(), QuantSpec(format="int8_asym"), QuantSpec(format="mxfp8"),
+                                  QuantSpec(granularity="tile", tile=(128, 128)), QuantSpec(granularity="tensor")],
+                         ids=lambda s: s.describe())
+def test_bf16_widened_on_its_bits_as_compiled(spec, rng, monkeypatch):
+    """load_fp32's compiled path for bf16 (the loaded values widened on their bits), which the interpreter otherwise
+    never takes (it is handed int16 views: its bf16 cast drops subnormals): the reference's codes, subnormals and
+    specials included, for the register, statistics and dual kernels."""
+    for module in (quantize_plan, triton_quantize, triton_block_stats):
+        monkeypatch.setattr(module, "bf16_bits", lambda x: False)
+    plans.clear()  # no launch recorded with int16 views is replayed
+    try:
+        x = random_input((300, 260), torch.bfloat16, rng)
+        x[5, :130] = torch.finfo(torch.bfloat16).tiny / 4
+        check(x, spec)
+        if spec.granularity == Granularity.GROUP:
+            check_dual(x, spec, config=DUAL_8X8)
+            check_dual(x, spec)
+    finally:
+        plans.clear()
 
 
 def test_dual_8x8_strided_and_col_scales(rng):
