@@ -356,8 +356,8 @@ def _split8(t):
 def _thread_block_scales(x, valid, ROWS: tl.constexpr, FMT: tl.constexpr):
     """(scale, zero point, wild) of the blocks of x [I, CB, G, 8] (element [i, cb, j, k] at row 8i + k, column
     cb * G + j of a tile): ROWS, each row's 1 x G groups (reduced along axis 2, [I, CB, 1, 8]); else each column's
-    G rows (along axes 3 and 0, [1, CB, G, 1]). wild (int32, of the scales' shape): 1 for a block where `valid` (a
-    block of the matrix, not of the tile's padding) that met an Inf or NaN, or has a scale outside [CORRECTED_MIN,
+    G rows (along axes 3 and 0, [1, CB, G, 1]). wild (int32, of the scales' shape): 1 for a block of the matrix
+    (`valid`: not of the tile's padding) that met an Inf or NaN or has a scale outside [CORRECTED_MIN,
     CORRECTED_MAX] (_register_scales' careful)."""
     if FMT.ASYM:
         v = x
@@ -394,7 +394,8 @@ def _dual_8x8_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_
     joined into x [G / 8, CB, G, 8] (element [i, cb, j, k]: row 8i + k, column cb * G + j). With 16-bit input each
     thread loads 8 columns of a row (16 bytes), so it holds an 8 x 8 block of the tile: rows reduce along j (within
     the thread, then across threads) and columns along k (within the thread) and i (across threads). X's codes are
-    split back into the eight row tensors and stored in their load's layout; X^T's are split along the 8 columns a
+    split back into the eight row tensors and stored in their load's layout (float codes converted after the
+    split, so that each two-element conversion pairs a row's neighbours); X^T's are split along the 8 columns a
     thread holds instead, each a [CB * G / 8, G / 8, 8] tensor of 8 bytes of a row of X^T a thread, which is the
     layout Triton gives that store: neither goes through shared memory. Careful tiles (an Inf or NaN, extreme
     scales) are listed for the FIXUP launch (_dual_tile, which codes both layouts of them)."""
