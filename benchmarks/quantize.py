@@ -166,9 +166,6 @@ def run_main(n: int, rows: list, with_compile: bool):
     spec = QuantSpec()
     dual_bytes = op_bytes(x, spec, "dual")
     add("quantize", "fp8 e4m3 dual 1x128 + 128x1", bench(lambda: quantize_dual(x, spec)), dual_bytes)
-    other = dataclasses.replace(DEFAULT, dual_8x8=not DEFAULT.dual_8x8)
-    add("quantize", f"  same, dual_8x8={other.dual_8x8} (not shipped)",
-        bench(lambda: quantize_dual(x, spec, config=other)), dual_bytes)
     # The same two results without the dual kernel (its bytes counted the same way, so the ratio compares times).
     add("quantize", "  same by quantize(X), X^T copied, quantize(X^T)",
         bench(lambda: (quantize(x, spec), quantize(x.T.contiguous(), spec))), dual_bytes)
@@ -233,11 +230,6 @@ SWEEPS = [
     ([("fp8 e4m3 dual 1x128 + 128x1", QuantSpec(), SQUARE, "dual")],
      [dict(dual_warps=w, dual_maxnreg=r) for w, r in ((4, None), (8, 128), (8, None), (4, 128), (16, 64))]
      + [dict(dual_defer=True, dual_warps=w, dual_maxnreg=r) for w, r in ((8, None), (8, 128), (4, None))]),
-    ([("fp8 e4m3 dual 1x128 + 128x1", QuantSpec(), SQUARE, "dual"), ("mxfp8 dual", CASES[3][1], SQUARE, "dual"),
-      ("int8 asym dual 1x128", CASES[6][1], SQUARE, "dual")],
-     [{}, dict(dual_8x8=True), dict(dual_8x8=True, tile_maxnreg=128),
-      dict(dual_8x8=True, dual_programs=1, persistent_stages=2),
-      dict(dual_8x8=True, dual_programs=2, persistent_stages=2, tile_maxnreg=128)]),
     ([("int8 asym 1x128", CASES[6][1], SQUARE, "quantize")],
      [{}, dict(asym_defer=False), dict(asym_programs=2, asym_tile=(8192, 8), asym_maxnreg=128)]
      + [dict(asym_tile=tile) for tile in ((1024, 1), (4096, 1), (2048, 2), (4096, 2), (4096, 4), (8192, 8))]),

@@ -42,7 +42,7 @@ from quantd.kernels import triton_mxfp4_pairs as pairs
 from quantd.kernels import triton_nvfp4 as nvfp4
 from quantd.kernels import triton_quantize as tq
 from quantd.kernels.config import DEFAULT
-from quantd.kernels.quantize_plan import block_geometry, dual_8x8, element_constants, schedule, tile_geometry
+from quantd.kernels.quantize_plan import block_geometry, element_constants, schedule, tile_geometry
 from quantd.kernels.spec import E2M1, Format, QuantSpec, ScaleEncoding
 
 SPECS = [
@@ -61,26 +61,23 @@ DEQUANTIZE_SPECS = [("fp8 e4m3 1x128", QuantSpec()), ("int8 asym 1x128", QuantSp
 POINTER_TYPES = {torch.float32: "*fp32", torch.uint8: "*u8"}
 
 
-def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16", source=None, dual: bool = False, config=None,
+def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16", source=None, dual: bool = False,
                      ones: tuple = ()):
     """(compiled kernel, elements a thread handles) of the quantize launch of `spec`: scales reduced in
     registers (source None), or read from the statistics pass or given (tq.SCALE_STATS, SCALE_GIVEN_AMAX);
-    dual: quantize_dual's launch (1 x g groups of X and of X^T); config: KernelConfig (default: DEFAULT); ones:
-    integer arguments specialized as the constant 1, as a launch specializes them (a transposed input's row stride,
-    a single row)."""
-    config = config or DEFAULT
+    dual: quantize_dual's launch (1 x g groups of X and of X^T); ones: integer arguments specialized as the
+    constant 1, as a launch specializes them (a transposed input's row stride, a single row)."""
     (_, rows, cols), (br, bc) = block_geometry(shape, spec)
     register = source is None
-    fmt = element_constants(spec, exact_fp8=False, guarded=config.guarded_quotient)
-    tile, warps = tq.dual_geometry(cols, bc, config) if dual else \
-        tile_geometry(br, bc, rows, cols, register, config, asym=fmt.ASYM, amax=source is tq.SCALE_GIVEN_AMAX)
-    run = schedule(tile, warps, register, dual, fmt.ASYM, fmt.IS_INT, config)
+    fmt = element_constants(spec, exact_fp8=False, guarded=DEFAULT.guarded_quotient)
+    tile, warps = tq.dual_geometry(cols, bc, DEFAULT) if dual else \
+        tile_geometry(br, bc, rows, cols, register, DEFAULT, asym=fmt.ASYM, amax=source is tq.SCALE_GIVEN_AMAX)
+    run = schedule(tile, warps, register, dual, fmt.ASYM, fmt.IS_INT, DEFAULT)
     source = tq.SCALE_REGISTER if register else source
     constexprs = dict(TILE=tile, FMT=fmt, SCALE_SRC=source.value, BID_ROWS=rows > br, BID_COLS=cols > bc, DUAL=dual,
                       PACK4=spec.element.bits == 4, BF16_BITS=False, sx_c=1, ss_c=1, TILE_MODE=tq.tile_mode(run),
-                      STAGES=run.stages, FIXUP=False, SCALES_EACH=1, DUAL_SLABS=config.dual_slabs if dual else 1,
-                      DUAL_8X8=dual and dual_8x8(tile, config), **({"sst_c": 1} if dual else {}),
-                      **{name: 1 for name in ones})
+                      STAGES=run.stages, FIXUP=False, SCALES_EACH=1, DUAL_SLABS=DEFAULT.dual_slabs if dual else 1,
+                      **({"sst_c": 1} if dual else {}), **{name: 1 for name in ones})
     names = tq._quantize_kernel.arg_names
     signature = {}
     for name in names:
@@ -249,13 +246,8 @@ def main() -> None:
     builds.append(("fp8 e4m3 tensor, 2nd pass", lambda: compile_quantize(tensor, args.shape, source=tq.SCALE_STATS)))
     builds.append(("fp8 e4m3 tensor, delayed", lambda: compile_quantize(tensor, args.shape, source=tq.SCALE_GIVEN_AMAX)))
     builds.append(("fp8 e4m3 dual 1x128", lambda: compile_quantize(QuantSpec(), args.shape, dual=True)))
-    other = dataclasses.replace(DEFAULT, dual_8x8=not DEFAULT.dual_8x8)
-    builds.append((f"fp8 e4m3 dual 1x128, dual_8x8={other.dual_8x8}",
-                   lambda: compile_quantize(QuantSpec(), args.shape, dual=True, config=other)))
-    for config in (DEFAULT, other):  # R, sx_r, sq_r specialized as 1 (one row; a transposed input; one column)
-        builds.append((f"fp8 e4m3 dual 1x128, dual_8x8={config.dual_8x8}, unit strides",
-                       lambda config=config: compile_quantize(QuantSpec(), args.shape, dual=True, config=config,
-                                                              ones=("R", "sx_r", "sq_r"))))
+    builds.append(("fp8 e4m3 dual 1x128, unit strides",  # R, sx_r, sq_r specialized as 1 (one row; a transposed
+                   lambda: compile_quantize(QuantSpec(), args.shape, dual=True, ones=("R", "sx_r", "sq_r"))))  # input)
     for name, spec in DEQUANTIZE_SPECS:
         builds.append((f"dequantize {name}", lambda spec=spec: compile_dequantize(spec, args.shape)))
     for name, build in builds:

@@ -84,14 +84,6 @@ class KernelConfig:
     # programs an SM. H200 (2026-12-05, 16384^2 bf16, profile_kernels --time, one process, E4M3 1x128): 4 slabs
     # 0.557 x copy, 2 slabs 0.498, the whole tile 0.455 (offline, triton 3.6: 128 / 168 / 250 registers).
     dual_slabs: int = 4
-    # Dual-layout programs that load their tile once and keep it in registers, each thread an 8 x 8 block of it
-    # (triton_quantize._dual_8x8_tile: no second load, no layout conversion of codes through shared memory; careful
-    # tiles deferred), 2048 elements a warp (groups of 8 to 128); False: _dual_tile's slabs. Compiled offline for
-    # sm_90 (triton 3.6, benchmarks/sass.py --common-path, E4M3 1x128, 16384^2 bf16): 25.9 SASS instructions an
-    # element at 8 warps and 148 registers, shared-memory accesses and barriers 0.7 an element, against the slabs'
-    # 31.8 and 2.8 (4 warps, 128 registers); 1x32 groups 26.0 against 46.2, MXFP8 22.2 against 42.5, INT8 sym 28.6
-    # against 32.9, asym 41.8 against 46.2. Not yet timed on a GPU: off until it is.
-    dual_8x8: bool = False
     # Careful tiles deferred, one tile a program. Float tiles: 4 warps of 128 elements a thread of a 128 x 128
     # tile, no register limit (H200, 2026-12-04, 16384^2 bf16, ncu kernel time: E4M3 128x128 184 us against 210 us
     # for 8 warps within 128 registers, 246 us for 4 warps within 128, 240 us for 2 warps); rows within 80

@@ -174,9 +174,6 @@ def schedule(tile: Tile, warps: int, register: bool, dual: bool, asym: bool, is_
         maxnreg = maxnreg or (None if config.tile_warps else run.row_maxnreg if row else run.maxnreg)  # for its warps
         thread_elems = run.row_elems if row else run.tile_elems
         warps = config.tile_warps or max(4, min(32, tile.TBRP * tile.TBCP // (32 * thread_elems)))
-    elif dual and dual_8x8(tile, config):  # 64 elements a thread; careful tiles always deferred
-        per_sm, defer = config.dual_programs, True
-        warps = config.tile_warps or max(1, tile.elems // 2048)
     elif dual:
         per_sm, defer = config.dual_programs, config.dual_defer
         if tile.elems <= 16384:  # dual_warps and its register limit are for a 128 x 128 tile
@@ -189,13 +186,6 @@ def schedule(tile: Tile, warps: int, register: bool, dual: bool, asym: bool, is_
     else:
         per_sm = 0
     return Schedule(one_block, defer, per_sm, config.persistent_stages if per_sm else 0, warps, maxnreg)
-
-
-def dual_8x8(tile: Tile, config: KernelConfig) -> bool:
-    """Whether a dual-layout launch of `tile` (quantize_dual's: groups of TBC) takes triton_quantize._dual_8x8_tile:
-    configured, and groups of 8 to 128 (8 rows a thread; at 256 the 64 elements a thread of 32 warps would exceed
-    an SM's registers)."""
-    return config.dual_8x8 and 8 <= tile.TBC <= 128
 
 
 def persistent_programs(device, per_sm: int) -> int:

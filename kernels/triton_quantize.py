@@ -22,15 +22,13 @@ from .config import DEFAULT, KernelConfig
 from .layout import check_out, copy_into, scale_tensor, with_scale_layout
 from .launch import interpreting
 from .plans import launch, planned, scratch
-from .quantize_plan import (MAX_REGISTER_BLOCK, Tile, as_grid, bf16_bits, block_view, bytes_of, dual_8x8,
-                            element_constants, input_view, persistent_programs, pow2_ceil, schedule, tile_geometry,
-                            warps)
+from .quantize_plan import (MAX_REGISTER_BLOCK, Tile, as_grid, bf16_bits, block_view, bytes_of, element_constants,
+                            input_view, persistent_programs, pow2_ceil, schedule, tile_geometry, warps)
 from .spec import Format, Granularity, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED, CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, GUARDED,
-                              RECIPROCAL, block_ids, block_scale, defer_tile, encode, encode_float, encode_quotient,
-                              finite_abs, load_fp32, max_into, max_nan, min_nan, quotient, rint_int32, store_scales,
-                              tile_coords)
+                              RECIPROCAL, block_ids, block_scale, defer_tile, encode, encode_quotient, finite_abs,
+                              load_fp32, max_into, max_nan, min_nan, quotient, rint_int32, store_scales, tile_coords)
 from .triton_mxfp4_pairs import mxfp4_pairs
 
 # SCALE_SRC of _quantize_tile: where a block's scale comes from.
@@ -45,46 +43,22 @@ DEFERRED = tl.constexpr(2)  # careful tiles (of one block or many) left to a FIX
 
 
 @triton.jit
-def _max_along(v, axis: tl.constexpr, NAN_COMBINE: tl.constexpr, MIN: tl.constexpr = False):
-    """Max (MIN: min) of v along `axis`, kept, NaN wherever the reduced elements hold one: by a NaN-propagating
-    combine (NAN_COMBINE: max.NaN, the same instruction count as max) or by a count of NaN
-    (ElementConstants.NAN_COMBINE)."""
-    if NAN_COMBINE and MIN:
-        m = tl.reduce(v, axis, min_nan, keep_dims=True)
-    elif NAN_COMBINE:
-        m = tl.reduce(v, axis, max_nan, keep_dims=True)
-    else:
-        if MIN:
-            m = tl.min(v, axis=axis, keep_dims=True)
-        else:
-            m = tl.max(v, axis=axis, keep_dims=True)
-        m = tl.where(tl.max((v != v).to(tl.float32), axis=axis, keep_dims=True) > 0, float("nan"), m)
-    return m
-
-
-@triton.jit
 def _blocks_max(v, NAN: tl.constexpr = False, NAN_COMBINE: tl.constexpr = True, MIN: tl.constexpr = False):
     """Max (MIN: min) of v over each block of a [RB, TBRP, CB, TBCP] tile (axes 1 and 3). NaN is ignored, as
-    max ignores it; NAN: NaN wherever the block holds one (_max_along)."""
-    if NAN:
-        m = _max_along(_max_along(v, 3, NAN_COMBINE, MIN), 1, NAN_COMBINE, MIN)
-    elif MIN:
-        m = tl.min(tl.min(v, axis=3, keep_dims=True), axis=1, keep_dims=True)
+    max ignores it; NAN: NaN wherever the block holds one, by a NaN-propagating combine (NAN_COMBINE: max.NaN,
+    the same instruction count) or by a count of NaN (ElementConstants.NAN_COMBINE)."""
+    if NAN and NAN_COMBINE and MIN:
+        m = tl.reduce(tl.reduce(v, 3, min_nan, keep_dims=True), 1, min_nan, keep_dims=True)
+    elif NAN and NAN_COMBINE:
+        m = tl.reduce(tl.reduce(v, 3, max_nan, keep_dims=True), 1, max_nan, keep_dims=True)
     else:
-        m = tl.max(tl.max(v, axis=3, keep_dims=True), axis=1, keep_dims=True)
+        if MIN:
+            m = tl.min(tl.min(v, axis=3, keep_dims=True), axis=1, keep_dims=True)
+        else:
+            m = tl.max(tl.max(v, axis=3, keep_dims=True), axis=1, keep_dims=True)
+        if NAN:
+            m = tl.where(_blocks_max((v != v).to(tl.float32)) > 0, float("nan"), m)
     return m
-
-
-@triton.jit
-def _corrected_scales(hi, nlo, FMT: tl.constexpr):
-    """(scale, zero point, wild) of blocks from their NaN-keeping amax (ASYM: hi and -lo) by block_scale's corrected
-    steps; wild where the amax met an Inf or NaN or the scale is outside [CORRECTED_MIN, CORRECTED_MAX], the blocks
-    for which those steps are not exact."""
-    scale, zp = block_scale(tl.maximum(hi, 0.0), tl.maximum(nlo, 0.0), FMT, CORRECTED_ANY_ZERO)
-    wild = (scale < CORRECTED_MIN) | (scale > CORRECTED_MAX) | ~(hi < float("inf"))
-    if FMT.ASYM:
-        wild = wild | ~(nlo < float("inf"))
-    return scale, zp, wild
 
 
 @triton.jit
@@ -106,7 +80,10 @@ def _register_scales(x, FMT: tl.constexpr, DEFER: tl.constexpr = False):
     else:
         hi = _blocks_max(tl.abs(x), True, FMT.NAN_COMBINE)
         nlo = 0.0
-    scale, zp, wild = _corrected_scales(hi, nlo, FMT)
+    scale, zp = block_scale(tl.maximum(hi, 0.0), tl.maximum(nlo, 0.0), FMT, CORRECTED_ANY_ZERO)
+    wild = (scale < CORRECTED_MIN) | (scale > CORRECTED_MAX) | ~(hi < float("inf"))
+    if FMT.ASYM:
+        wild = wild | ~(nlo < float("inf"))
     careful = tl.max(wild.to(tl.int32))
     if careful != 0 and not DEFER:
         if FMT.ASYM:
@@ -123,24 +100,15 @@ def _encode_careless(x, scale, zp, FMT: tl.constexpr):
     """Codes of a tile that is not careful (see _register_scales: its values are finite): a power-of-two scale
     by its reciprocal, any other by the corrected quotient (int8, with one zero, need not keep the sign of -0);
     INT8 sym rounded only, asym without the clamp before rounding."""
-    if FMT.IS_INT and not FMT.POW2 and not FMT.ASYM:
+    if FMT.POW2:
+        bits = encode(x, scale, zp, FMT, RECIPROCAL)
+    elif FMT.IS_INT and not FMT.ASYM:
         bits = rint_int32(quotient(x, scale, CORRECTED_ANY_ZERO))
-    elif FMT.IS_INT and not FMT.POW2:
+    elif FMT.IS_INT:
         bits = encode_quotient(x, quotient(x, scale, CORRECTED_ANY_ZERO), zp, FMT, True)
     else:
-        bits = encode_quotient(x, _careless_quotient(x, scale, FMT), zp, FMT)
+        bits = encode(x, scale, zp, FMT, CORRECTED)
     return bits
-
-
-@triton.jit
-def _careless_quotient(x, scale, FMT: tl.constexpr):
-    """x / scale as _encode_careless takes it for a float format or a power-of-two scale: by the scale's reciprocal
-    (a power of two) or by the corrected quotient."""
-    if FMT.POW2:
-        q = quotient(x, scale, RECIPROCAL)
-    else:
-        q = quotient(x, scale, CORRECTED)
-    return q
 
 
 @triton.jit
@@ -333,140 +301,6 @@ def _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_ptr,
 
 
 @triton.jit
-def _join8(a0, a1, a2, a3, a4, a5, a6, a7):
-    """[..., 2, 2, 2] of eight tensors of one shape, element [a, b, c] of the new axes from a_(4a + 2b + c): joins
-    only, so a thread's elements stay its own (no data moves between threads)."""
-    return tl.join(tl.join(tl.join(a0, a4), tl.join(a2, a6)), tl.join(tl.join(a1, a5), tl.join(a3, a7)))
-
-
-@triton.jit
-def _split8(t):
-    """The eight tensors of a [..., 2, 2, 2] tensor that _join8 would make of them."""
-    even, odd = tl.split(t)
-    e0, e1 = tl.split(even)
-    o0, o1 = tl.split(odd)
-    a0, a4 = tl.split(e0)
-    a2, a6 = tl.split(e1)
-    a1, a5 = tl.split(o0)
-    a3, a7 = tl.split(o1)
-    return a0, a1, a2, a3, a4, a5, a6, a7
-
-
-@triton.jit
-def _thread_block_scales(x, valid, ROWS: tl.constexpr, FMT: tl.constexpr):
-    """(scale, zero point, wild) of the blocks of x [I, CB, G, 8] (element [i, cb, j, k] at row 8i + k, column
-    cb * G + j of a tile): ROWS, each row's 1 x G groups (reduced along axis 2, [I, CB, 1, 8]); else each column's
-    G rows (along axes 3 and 0, [1, CB, G, 1]). wild (int32, of the scales' shape): 1 for a block of the matrix
-    (`valid`: not of the tile's padding) that met an Inf or NaN or has a scale outside [CORRECTED_MIN,
-    CORRECTED_MAX] (_register_scales' careful)."""
-    if FMT.ASYM:
-        v = x
-    else:
-        v = tl.abs(x)
-    if ROWS:
-        hi = _max_along(v, 2, FMT.NAN_COMBINE)
-    else:
-        hi = _max_along(_max_along(v, 3, FMT.NAN_COMBINE), 0, FMT.NAN_COMBINE)
-    nlo = 0.0
-    if FMT.ASYM:
-        if ROWS:
-            nlo = -_max_along(x, 2, FMT.NAN_COMBINE, MIN=True)
-        else:
-            nlo = -_max_along(_max_along(x, 3, FMT.NAN_COMBINE, MIN=True), 0, FMT.NAN_COMBINE, MIN=True)
-    scale, zp, wild = _corrected_scales(hi, nlo, FMT)
-    return scale, zp, (wild & valid).to(tl.int32)
-
-
-@triton.jit
-def _store_row_codes(ptrs, q, mask, FMT: tl.constexpr):
-    """Store a row tensor of _dual_8x8_tile's codes: int8 codes, or the float codes of quotients q."""
-    if not FMT.IS_INT:
-        q = encode_float(q, FMT)
-    tl.store(ptrs, q.to(tl.uint8), mask=mask)
-
-
-@triton.jit
-def _dual_8x8_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_ptr, scales_t_ptr, zp_t_ptr, R, C,
-                   NBC, TILES_C, sx_r, sx_c, sq_r, ss_r, ss_c, sst_r, sst_c, TILE: tl.constexpr, FMT: tl.constexpr,
-                   BF16_BITS: tl.constexpr):
-    """quantize_dual's tile `pid` of X (R, C), as _dual_tile, from one load held in registers: G = TBC rows x CB
-    groups of G, loaded as eight [G / 8, CB * G] tensors of the rows 8i + k (k = 0..7), which share one layout,
-    joined into x [G / 8, CB, G, 8] (element [i, cb, j, k]: row 8i + k, column cb * G + j). With 16-bit input each
-    thread loads 8 columns of a row (16 bytes), so it holds an 8 x 8 block of the tile: rows reduce along j (within
-    the thread, then across threads) and columns along k (within the thread) and i (across threads). X's codes are
-    split back into the eight row tensors and stored in their load's layout (float codes converted after the
-    split, so that each two-element conversion pairs a row's neighbours); X^T's are split along the 8 columns a
-    thread holds instead, each a [CB * G / 8, G / 8, 8] tensor of 8 bytes of a row of X^T a thread, which is the
-    layout Triton gives that store: neither goes through shared memory. Careful tiles (an Inf or NaN, extreme
-    scales) are listed for the FIXUP launch (_dual_tile, which codes both layouts of them)."""
-    CB: tl.constexpr = TILE.CB
-    G: tl.constexpr = TILE.TBC
-    W: tl.constexpr = CB * G
-    I: tl.constexpr = G // 8
-    pid_c = pid % TILES_C
-    pid_r = pid // TILES_C
-    r = pid_r * G + 8 * tl.arange(0, I)[:, None]  # [I, 1]: the first of a thread's 8 rows
-    c = pid_c * W + tl.arange(0, W)[None, :]  # [1, W]
-    p = x_ptr + r.to(tl.int64) * sx_r + c.to(tl.int64) * sx_c
-    step = tl.cast(sx_r, tl.int64)  # a row of X (64-bit: k * sx_r may pass 2**31; sx_r may be a constexpr 1)
-    cv = c < C
-    x0 = load_fp32(p, (r < R) & cv, BF16_BITS)
-    x1 = load_fp32(p + step, (r + 1 < R) & cv, BF16_BITS)
-    x2 = load_fp32(p + 2 * step, (r + 2 < R) & cv, BF16_BITS)
-    x3 = load_fp32(p + 3 * step, (r + 3 < R) & cv, BF16_BITS)
-    x4 = load_fp32(p + 4 * step, (r + 4 < R) & cv, BF16_BITS)
-    x5 = load_fp32(p + 5 * step, (r + 5 < R) & cv, BF16_BITS)
-    x6 = load_fp32(p + 6 * step, (r + 6 < R) & cv, BF16_BITS)
-    x7 = load_fp32(p + 7 * step, (r + 7 < R) & cv, BF16_BITS)
-    x = tl.reshape(_join8(x0, x1, x2, x3, x4, x5, x6, x7), [I, CB, G, 8])
-    rows = pid_r * G + 8 * tl.arange(0, I)[:, None, None, None] + tl.arange(0, 8)[None, None, None, :]
-    bcol = pid_c * CB + tl.arange(0, CB)[None, :, None, None]
-    row_blocks = (rows < R) & (bcol < NBC)
-    cols = pid_c * W + tl.arange(0, CB)[None, :, None, None] * G + tl.arange(0, G)[None, None, :, None]
-    scale, zp, wild = _thread_block_scales(x, row_blocks, True, FMT)
-    scale_t, zp_t, wild_t = _thread_block_scales(x, cols < C, False, FMT)
-    store_scales(scales_ptr, zp_ptr, rows.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c, row_blocks, scale, zp, FMT)
-    store_scales(scales_t_ptr, zp_t_ptr, cols.to(tl.int64) * sst_r + pid_r * sst_c, cols < C, scale_t, zp_t, FMT)
-    # The tile's careful flag: a thread's row and column flags combined first, then one reduction over the tile.
-    if tl.max(tl.max(wild, axis=3, keep_dims=True) | tl.max(wild_t, axis=2, keep_dims=True)) == 0:
-        # X's codes: int8 codes, or float quotients converted after the split into rows, so that the conversion
-        # (two elements an instruction) pairs a row's neighbours, as X's bytes lie.
-        if FMT.IS_INT:
-            q = _encode_careless(x, scale, zp, FMT)
-        else:
-            q = _careless_quotient(x, scale, FMT)
-        q0, q1, q2, q3, q4, q5, q6, q7 = _split8(tl.reshape(q, [I, W, 2, 2, 2]))
-        qp = codes_ptr + r.to(tl.int64) * sq_r + c
-        step = tl.cast(sq_r, tl.int64)
-        _store_row_codes(qp, q0, (r < R) & cv, FMT)
-        _store_row_codes(qp + step, q1, (r + 1 < R) & cv, FMT)
-        _store_row_codes(qp + 2 * step, q2, (r + 2 < R) & cv, FMT)
-        _store_row_codes(qp + 3 * step, q3, (r + 3 < R) & cv, FMT)
-        _store_row_codes(qp + 4 * step, q4, (r + 4 < R) & cv, FMT)
-        _store_row_codes(qp + 5 * step, q5, (r + 5 < R) & cv, FMT)
-        _store_row_codes(qp + 6 * step, q6, (r + 6 < R) & cv, FMT)
-        _store_row_codes(qp + 7 * step, q7, (r + 7 < R) & cv, FMT)
-        # X^T's codes: [I, W / 8, 8 (column m), 8 (row k)] -> by column: eight [W / 8, I, 8] (row 8l + m of X^T).
-        qt = tl.reshape(_encode_careless(x, scale_t, zp_t, FMT).to(tl.uint8), [I, W // 8, 8, 8])
-        t0, t1, t2, t3, t4, t5, t6, t7 = _split8(tl.reshape(tl.permute(qt, (1, 0, 3, 2)), [W // 8, I, 8, 2, 2, 2]))
-        rt = pid_r * G + 8 * tl.arange(0, I)[None, :, None] + tl.arange(0, 8)[None, None, :]  # [1, I, 8]
-        ct = pid_c * W + 8 * tl.arange(0, W // 8)[:, None, None]  # [W / 8, 1, 1]
-        tp = codes_t_ptr + ct.to(tl.int64) * R + rt
-        step = tl.cast(R, tl.int64)  # a row of X^T
-        rv = rt < R
-        tl.store(tp, t0, mask=rv & (ct < C))
-        tl.store(tp + step, t1, mask=rv & (ct + 1 < C))
-        tl.store(tp + 2 * step, t2, mask=rv & (ct + 2 < C))
-        tl.store(tp + 3 * step, t3, mask=rv & (ct + 3 < C))
-        tl.store(tp + 4 * step, t4, mask=rv & (ct + 4 < C))
-        tl.store(tp + 5 * step, t5, mask=rv & (ct + 5 < C))
-        tl.store(tp + 6 * step, t6, mask=rv & (ct + 6 < C))
-        tl.store(tp + 7 * step, t7, mask=rv & (ct + 7 < C))
-    else:
-        defer_tile(list_ptr, pid)
-
-
-@triton.jit
 def _store_dual_codes(ptrs, mask, x, scale, zp, careful, FMT: tl.constexpr, TILE_MODE: tl.constexpr):
     """Store the codes of a dual slab: DEFERRED, only where it is not careful; else encoded in place."""
     if TILE_MODE == DEFERRED:
@@ -484,13 +318,10 @@ def _tile(
     sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, sst_r, sst_c,
     TILE: tl.constexpr, FMT: tl.constexpr, SCALE_SRC: tl.constexpr, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr,
     DUAL: tl.constexpr, PACK4: tl.constexpr, BF16_BITS: tl.constexpr, TILE_MODE: tl.constexpr,
-    SCALES_EACH: tl.constexpr, DUAL_SLABS: tl.constexpr, DUAL_8X8: tl.constexpr,
+    SCALES_EACH: tl.constexpr, DUAL_SLABS: tl.constexpr,
 ):
-    """_dual_8x8_tile (DUAL and DUAL_8X8), _dual_tile (DUAL) or _quantize_tile of tile `pid`."""
-    if DUAL and DUAL_8X8:
-        _dual_8x8_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, codes_t_ptr, scales_t_ptr, zp_t_ptr, R, C,
-                       NBC, TILES_C, sx_r, sx_c, sq_r, ss_r, ss_c, sst_r, sst_c, TILE, FMT, BF16_BITS)
-    elif DUAL:
+    """_dual_tile (DUAL) or _quantize_tile of tile `pid`."""
+    if DUAL:
         _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, codes_t_ptr, scales_t_ptr, zp_t_ptr, R, C,
                    NBC, TILES_C, sx_r, sx_c, sq_r, ss_r, ss_c, sst_r, sst_c, TILE, FMT, BF16_BITS, TILE_MODE,
                    DUAL_SLABS)
@@ -508,7 +339,7 @@ def _quantize_kernel(
     TILE: tl.constexpr, FMT: tl.constexpr, SCALE_SRC: tl.constexpr, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr,
     DUAL: tl.constexpr, PACK4: tl.constexpr, BF16_BITS: tl.constexpr, TILE_MODE: tl.constexpr = MANY_BLOCKS,
     SCALES_EACH: tl.constexpr = 1, NUM_TILES=1, STAGES: tl.constexpr = 0, FIXUP: tl.constexpr = False,
-    DUAL_SLABS: tl.constexpr = 1, DUAL_8X8: tl.constexpr = False,
+    DUAL_SLABS: tl.constexpr = 1,
 ):
     """_tile of tile program_id(0) (STAGES 0), or of tiles pid, pid + programs, ... < NUM_TILES with the loads of
     the next STAGES - 1 tiles in flight (persistent programs). FIXUP: of the tiles listed in stats_ptr by a launch
@@ -518,18 +349,18 @@ def _quantize_kernel(
             _tile(tl.load(stats_ptr + 1 + i), x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr,
                   scales_t_ptr, zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r, ss_r,
                   ss_c, sst_r, sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, BF16_BITS, TILE_MODE,
-                  SCALES_EACH, DUAL_SLABS, DUAL_8X8)
+                  SCALES_EACH, DUAL_SLABS)
     elif STAGES == 0:
         _tile(tl.program_id(0), x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr, scales_t_ptr,
               zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, sst_r,
               sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, BF16_BITS, TILE_MODE, SCALES_EACH,
-              DUAL_SLABS, DUAL_8X8)
+              DUAL_SLABS)
     else:
         for tile in tl.range(tl.program_id(0), NUM_TILES, tl.num_programs(0), num_stages=STAGES):
             _tile(tile, x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr, scales_t_ptr,
                   zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, sst_r,
                   sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, BF16_BITS, TILE_MODE, SCALES_EACH,
-                  DUAL_SLABS, DUAL_8X8)
+                  DUAL_SLABS)
 
 
 def flat_scales(scales: torch.Tensor) -> torch.Tensor:
@@ -654,9 +485,8 @@ def _launch(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, register,
                   SCALES_EACH=1 if register else pow2_ceil(_cdiv(nbr * nbc, tiles)),
                   DUAL=dual_out is not None, PACK4=spec.element.bits == 4, BF16_BITS=bf16_bits(v),
                   num_warps=run.warps, NUM_TILES=tiles, DUAL_SLABS=config.dual_slabs if dual_out is not None else 1)
-    launch(_quantize_kernel, (programs,), *args, TILE_MODE=tile_mode(run), STAGES=run.stages,
-           DUAL_8X8=dual_out is not None and dual_8x8(tile, config), **kwargs, **limits)
-    if run.defer:  # the listed tiles, coded in place (dual: by _dual_tile)
+    launch(_quantize_kernel, (programs,), *args, TILE_MODE=tile_mode(run), STAGES=run.stages, **kwargs, **limits)
+    if run.defer:  # the listed tiles, coded in place
         launch(_quantize_kernel, (min(tiles, persistent_programs(v.device, config.fixup_programs)),), *args,
                TILE_MODE=(ONE_BLOCK if run.one_block else MANY_BLOCKS).value, FIXUP=True, **kwargs)
 

@@ -18,7 +18,7 @@ import triton.language as tl
 from quantd.kernels import (dispatch, plans, quantize_plan, reference, triton_block_stats, triton_elements,
                            triton_quantize)
 from quantd.kernels.config import DEFAULT
-from quantd.kernels.quantize_plan import Tile, block_geometry, dual_8x8, element_constants, schedule, tile_geometry
+from quantd.kernels.quantize_plan import Tile, block_geometry, element_constants, schedule, tile_geometry
 from quantd.kernels.spec import Granularity, QuantizedTensor, QuantSpec
 from quantd.kernels.triton_quantize import quantize, quantize_dual
 from triton_cases import DTYPES, FP8, all_specs, assert_same_qt, random_input, reference_quantize, to_device
@@ -568,64 +568,6 @@ def test_dual_layout_slabs(fmt, slabs, defer, rng):
         check_dual(x, spec, config=config)
 
 
-DUAL_8X8 = dataclasses.replace(DEFAULT, dual_8x8=True)
-
-
-def dual_8x8_input(shape, g, dtype, rng) -> torch.Tensor:
-    """Ordinary tiles with their edge cases (an all-zero row and column in the last tile of the first row,
-    signed zeros, values at 2**40 and -2**-40, one group of the last row far larger than its neighbours; less
-    under fp16) and careful ones: a NaN in tile (0, 0), a row of subnormals
-    only in tile (1, 1), a column of them in tile (2, 0), an Inf in the ragged tile (1, 2) where the shape has
-    one."""
-    x = random_input(shape, dtype, rng, edge_cases=False)
-    x[:g, -5] = 0.0  # (MX blocks of zeros only are careful: E8M0's 2**-127)
-    x[7, -g:] = -0.0
-    big = 2 if dtype == torch.float16 else 20  # (within fp16's range: a careless tile)
-    x[-1, :g] *= 2.0 ** big
-    x[3, -1], x[4, -2] = 2.0 ** (2 * big), -(2.0 ** -(2 * big))
-    tiny = torch.finfo(dtype).tiny / 8
-    if shape[0] >= 2 * g and shape[1] >= 2 * g:
-        x[1, 1] = math.nan
-        x[g + 2, g:2 * g] = tiny
-    if shape[0] >= 3 * g:
-        x[2 * g:3 * g, 3] = tiny
-    if shape[0] > g + 6 and shape[1] > 2 * g + 1:
-        x[g + 2:g + 6, 2 * g + 1] = math.inf
-    return x
-
-
-@pytest.mark.parametrize("fmt", DUAL_FORMATS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_dual_8x8(fmt, dtype, rng):
-    """KernelConfig.dual_8x8: dual tiles loaded once into registers as 8 x 8 blocks a thread (_dual_8x8_tile),
-    careful ones coded by the FIXUP launch; ragged tiles, 1x32 groups several a row, more tiles than one a side."""
-    for g in (32,) if fmt == "mxfp8" else (128, 32):
-        spec = QuantSpec(format=fmt, group_size=g)
-        for shape in [(3 * g + 5, 2 * g + 3), (2 * g, 4 * g), (2 * g, g - 8)]:
-            check_dual(dual_8x8_input(shape, g, dtype, rng), spec, config=DUAL_8X8)
-
-
-def test_dual_8x8_small_and_large_groups(rng):
-    """Groups of 8 and 16 (one and two rows of 8 a column of threads) take _dual_8x8_tile; groups of 4 (fewer than
-    8 rows) and 256 (too many registers) take _dual_tile's slabs, careful tiles deferred either way."""
-    for g, used in ((4, False), (8, True), (16, True), (256, False)):
-        spec = QuantSpec(group_size=g)
-        tile, warps = triton_quantize.dual_geometry(1000, g, DUAL_8X8)
-        run = schedule(tile, warps, True, True, False, False, dataclasses.replace(DUAL_8X8, dual_defer=False))
-        assert dual_8x8(tile, DUAL_8X8) == used and run.defer == used
-        if used:
-            assert run.warps == max(1, tile.elems // 2048)
-        check_dual(dual_8x8_input((3 * g + 1, 2 * g + 9), g, torch.bfloat16, rng), spec, config=DUAL_8X8)
-
-
-def test_dual_8x8_persistent(rng):
-    """_dual_8x8_tile in persistent programs (KernelConfig.dual_programs: each program loops over tiles, the next
-    tiles' loads in flight when compiled), careful tiles still deferred."""
-    config = dataclasses.replace(DUAL_8X8, dual_programs=1, persistent_stages=2)
-    for g in (128, 32):
-        check_dual(dual_8x8_input((3 * g + 5, 5 * g), g, torch.bfloat16, rng), QuantSpec(group_size=g), config=config)
-
-
 @pytest.mark.parametrize("spec", [QuantSpec(), QuantSpec(format="int8_asym"), QuantSpec(format="mxfp8"),
                                   QuantSpec(granularity="tile", tile=(128, 128)), QuantSpec(granularity="tensor")],
                          ids=lambda s: s.describe())
@@ -641,18 +583,9 @@ def test_bf16_widened_on_its_bits_as_compiled(spec, rng, monkeypatch):
         x[5, :130] = torch.finfo(torch.bfloat16).tiny / 4
         check(x, spec)
         if spec.granularity == Granularity.GROUP:
-            check_dual(x, spec, config=DUAL_8X8)
             check_dual(x, spec)
     finally:
         plans.clear()
-
-
-def test_dual_8x8_strided_and_col_scales(rng):
-    """_dual_8x8_tile on a transposed (column-major) input and on a row slice with a column scale layout."""
-    spec = QuantSpec(group_size=32)
-    x = dual_8x8_input((200, 96), 32, torch.bfloat16, rng)
-    check_dual(x.T, spec, config=DUAL_8X8)
-    check_dual(x[:, 8:72], spec, config=DUAL_8X8, scale_layout="col")
 
 
 def every_bf16_under_scales(exponents) -> torch.Tensor:
@@ -907,21 +840,6 @@ def test_gpu_dual_layout_slabs(fmt, slabs, rng):
     config = dataclasses.replace(DEFAULT, dual_slabs=slabs)
     for size in [(128, 128), (1000, 3000), (4096, 8192)]:
         check_dual(deferred_input(size, torch.bfloat16, rng).cuda(), QuantSpec(format=fmt), config=config)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("fmt", DUAL_FORMATS)
-@pytest.mark.parametrize("exact_fp8", [False, True], ids=["hw_cast", "exact"])
-def test_gpu_dual_8x8(fmt, exact_fp8, rng):
-    g = QuantSpec(format=fmt).group_size
-    for dtype, size in [(torch.bfloat16, (128, 128)), (torch.bfloat16, (4096, 8192))] + \
-            [(dtype, (1000, 3000)) for dtype in DTYPES]:
-        for x in (deferred_input(size, dtype, rng), dual_8x8_input(size, g, dtype, rng)):
-            check_dual(x.cuda(), QuantSpec(format=fmt), config=DUAL_8X8, exact_fp8=exact_fp8)
-    x = dual_8x8_input((3000, 1000), g, torch.bfloat16, rng).cuda()
-    check_dual(x, QuantSpec(format=fmt), config=dataclasses.replace(DUAL_8X8, dual_programs=2, persistent_stages=2))
-    check_dual(x.T, QuantSpec(format=fmt), config=DUAL_8X8)
-    check_dual(x[:, 8:1000 - 8], QuantSpec(format=fmt), config=DUAL_8X8, scale_layout="col")
 
 
 @pytest.mark.gpu
