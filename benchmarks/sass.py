@@ -246,8 +246,9 @@ def main() -> None:
     builds.append(("fp8 e4m3 tensor, 2nd pass", lambda: compile_quantize(tensor, args.shape, source=tq.SCALE_STATS)))
     builds.append(("fp8 e4m3 tensor, delayed", lambda: compile_quantize(tensor, args.shape, source=tq.SCALE_GIVEN_AMAX)))
     builds.append(("fp8 e4m3 dual 1x128", lambda: compile_quantize(QuantSpec(), args.shape, dual=True)))
-    builds.append(("fp8 e4m3 dual 1x128, unit strides",  # R, sx_r, sq_r specialized as 1 (one row; a transposed
-                   lambda: compile_quantize(QuantSpec(), args.shape, dual=True, ones=("R", "sx_r", "sq_r"))))  # input)
+    # R, sx_r and sq_r specialized as 1, as launches of one row, a transposed input or one column get them.
+    builds.append(("fp8 e4m3 dual 1x128, unit strides",
+                   lambda: compile_quantize(QuantSpec(), args.shape, dual=True, ones=("R", "sx_r", "sq_r"))))
     for name, spec in DEQUANTIZE_SPECS:
         builds.append((f"dequantize {name}", lambda spec=spec: compile_dequantize(spec, args.shape)))
     for name, build in builds:

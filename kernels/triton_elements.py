@@ -369,14 +369,11 @@ def load_fp32(ptrs, mask, BF16_BITS: tl.constexpr):
     subnormals). bf16 is widened on its bits either way, the same values as the cast: compiled for sm_90 (triton
     3.6) that takes one instruction an element, a shift or a mask of the loaded word, where the cast takes a byte
     permute more for every second element."""
-    if BF16_BITS:
-        x = (tl.load(ptrs, mask=mask, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    x = tl.load(ptrs, mask=mask, other=0)
+    if BF16_BITS or x.dtype == tl.bfloat16:
+        x = (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
     else:
-        x = tl.load(ptrs, mask=mask, other=0.0)
-        if x.dtype == tl.bfloat16:
-            x = (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-        else:
-            x = x.to(tl.float32)
+        x = x.to(tl.float32)
     return x
 
 
