@@ -55,7 +55,10 @@ class LocalSocket:
                 if deadline is not None and deadline <= 0:
                     raise TimeoutError
                 self.sock.settimeout(deadline)
-                self.sock.sendall(message)
+                try:
+                    self.sock.sendall(message)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the server answered and closed before reading (past its bound): its answer is queued
                 n = local.length(local.recv_exactly(self.sock, local.LENGTH_BYTES))
                 response = pb.LocalResponse.FromString(local.recv_exactly(self.sock, n))
             except TimeoutError:

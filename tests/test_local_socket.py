@@ -38,7 +38,10 @@ def raw_call(path: str, body: bytes, length: int | None = None) -> pb.LocalRespo
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(path)
         sock.settimeout(30)
-        sock.sendall((len(body) if length is None else length).to_bytes(4, "little") + body)
+        try:
+            sock.sendall((len(body) if length is None else length).to_bytes(4, "little") + body)
+        except BrokenPipeError:
+            pass  # answered and closed before reading (a connection past the bound): the answer is still queued
         n = local.length(local.recv_exactly(sock, 4))
         return pb.LocalResponse.FromString(local.recv_exactly(sock, n))
 
@@ -186,6 +189,27 @@ def test_connections_past_the_bound_are_refused_and_the_served_ones_go_on(server
             assert torch.equal(got.codes.view(torch.uint8), quantize(x, spec).codes.view(torch.uint8))
     wait_for(lambda: not server.server.local.connections)
     assert_code(raw_call(path, b""), grpc.StatusCode.INVALID_ARGUMENT, "no header")
+
+
+def test_a_connection_refused_before_its_call_is_sent_reads_busy(server, monkeypatch):
+    """The server answers a connection past its bound and closes it at once; a call sent after that close meets a
+    broken pipe, yet reads the queued answer (RESOURCE_EXHAUSTED, so QuantdClient goes on through gRPC)."""
+    import select
+    from quantd.client.local import LocalSocket, LocalSocketError
+    path = server.server.servicer.local_socket
+    monkeypatch.setattr(server_local, "MAX_CONNECTIONS", 1)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as held:
+        held.connect(path)
+        held.sendall((0).to_bytes(4, "little"))  # answered: the server holds this connection
+        local.recv_exactly(held, local.length(local.recv_exactly(held, 4)))
+        refused = LocalSocket(path)
+        poll = select.poll()
+        poll.register(refused.sock, select.POLLIN)
+        wait_for(lambda: any(event & select.POLLHUP for _, event in poll.poll(10)))  # closed by the server
+        with pytest.raises(LocalSocketError) as caught:
+            refused.call("Quantize", pb.QuantizeHeader(), 30)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and local.BUSY in caught.value.details()
+        assert refused.sock is not None  # not broken by the pipe: the caller closes it
 
 
 def test_random_frames_on_many_connections_never_stop_the_server(server):
