@@ -199,6 +199,16 @@ def _fmin(a, b):
     return np.where(np.isnan(r), U32(0x7FFFFFFF), r.astype(np.float32).view(U32))
 
 
+def _extreme_nan(pick):
+    """max.NaN / min.NaN of halves (pick: np.maximum or np.minimum): NaN where either is NaN; of two zeros, +0 the
+    larger."""
+    def f(x, y):
+        zeros = (x == 0) & (y == 0)
+        signed = pick(np.copysign(1.0, x), np.copysign(1.0, y)) * 0.0  # the zero of the picked sign
+        return np.where(np.isnan(x) | np.isnan(y), np.nan, np.where(zeros, signed, pick(x, y)))
+    return f
+
+
 def _cvt_x2(fmt):
     def op(hi, lo):  # cvt.rn.{bf16,f16}x2.f32 d, a, b: a into the upper half
         return _join(_half_bits(_f32(lo), fmt), _half_bits(_f32(hi), fmt))
@@ -225,6 +235,8 @@ _OPS = {
     "fma.rn.f32": _fma,
     "mul.rn.bf16x2": _x2(lambda x, y: x * y, BF16),
     "add.rn.bf16x2": _x2(_odd_sum, BF16),
+    "max.NaN.bf16x2": _x2(_extreme_nan(np.maximum), BF16),
+    "min.NaN.bf16x2": _x2(_extreme_nan(np.minimum), BF16),
     "cvt.rn.bf16x2.f32": _cvt_x2(BF16),
     "cvt.rn.f16x2.f32": _cvt_x2(F16),
 }
