@@ -231,8 +231,11 @@ SWEEPS = [
      [dict(dual_warps=w, dual_maxnreg=r) for w, r in ((4, None), (8, 128), (8, None), (4, 128), (16, 64))]
      + [dict(dual_defer=True, dual_warps=w, dual_maxnreg=r) for w, r in ((8, None), (8, 128), (4, None))]),
     ([("int8 asym 1x128", CASES[6][1], SQUARE, "quantize")],
-     [{}, dict(asym_defer=False), dict(asym_programs=2, asym_tile=(8192, 8), asym_maxnreg=128)]
-     + [dict(asym_tile=tile) for tile in ((1024, 1), (4096, 1), (2048, 2), (4096, 2), (4096, 4), (8192, 8))]),
+     [{}] + [dict(asym_pairs_launch=launch) for launch in ((1024, 1), (4096, 1), (4096, 2), (8192, 4))]
+     + [dict(asym_pairs_piece=4), dict(asym_pairs_piece=16)]
+     + [dict(asym_pairs_launch=None, **fields) for fields in
+        [{}, dict(asym_defer=False), dict(asym_programs=2, asym_tile=(8192, 8), asym_maxnreg=128)]
+        + [dict(asym_tile=tile) for tile in ((1024, 1), (4096, 1), (2048, 2), (4096, 2), (4096, 4), (8192, 8))]]),
 ]
 
 

@@ -38,6 +38,7 @@ from triton.backends.compiler import GPUTarget
 
 from profile_kernels import parse_config
 from quantd.kernels import triton_dequantize as td
+from quantd.kernels import triton_asym_pairs as asym
 from quantd.kernels import triton_mxfp4_pairs as pairs
 from quantd.kernels import triton_nvfp4 as nvfp4
 from quantd.kernels import triton_quantize as tq
@@ -126,6 +127,19 @@ def compile_mxfp4_pairs():
     return kernel, rows * groups * 32 / (warps * 32)
 
 
+def compile_asym_pairs():
+    """(compiled kernel, elements a thread handles) of the INT8 asym pairs kernel on bf16 1x128 groups."""
+    fn = asym._asym_pairs_kernel
+    elems, warps = DEFAULT.asym_pairs_launch
+    constexprs = dict(ROWS=1, GROUPS=elems // 128, WORDS=64, PIECE=min(64, DEFAULT.asym_pairs_piece),
+                      FMT=element_constants(QuantSpec(format="int8_asym")),
+                      ss_c=1, ROWS_X=False)
+    signature = {n: "constexpr" if n in constexprs else "*i32" if n == "w_ptr" else "*i16" if n == "codes_ptr"
+                 else "*fp32" if n == "scales_ptr" else "*u8" if n.endswith("_ptr") else "i32" for n in fn.arg_names}
+    kernel = compile_sm90(fn, signature, constexprs, {"C2", "sw_r"}, warps)
+    return kernel, elems / (warps * 32)
+
+
 def compile_dequantize(spec: QuantSpec, shape, out_dtype: torch.dtype = torch.bfloat16):
     """(compiled kernel, elements a thread handles) of the compiled dequantize launch of `spec` into `out_dtype`
     (the choices triton_dequantize._dequantize_into makes for a word-aligned output; codes widened by the
@@ -202,6 +216,7 @@ def opcodes(sass: str) -> list:
 CAREFUL_TILES = [("careful != 0", "False"), ("careful == 0", "True")]
 GUARDED_SCALES = [("if tl.max(((scale < CORRECTED_MIN) | (scale > CORRECTED_MAX)).to(tl.int32)) == 0:", "if True:")]
 RARE_BRANCHES = {"triton_quantize": CAREFUL_TILES + GUARDED_SCALES, "triton_mxfp4_pairs": CAREFUL_TILES,
+                 "triton_asym_pairs": CAREFUL_TILES[1:],
                  "triton_nvfp4": [("if fast:", "if True:")]}
 
 
@@ -224,7 +239,7 @@ def common_path_module(module, folder: str):
 
 
 def main() -> None:
-    global tq, pairs, nvfp4, DEFAULT
+    global tq, pairs, asym, nvfp4, DEFAULT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs="+", default=[16384, 16384])
     ap.add_argument("--dump", default="/tmp/quantd-sass", help="folder for the cubins and SASS listings")
@@ -237,10 +252,11 @@ def main() -> None:
         DEFAULT = dataclasses.replace(DEFAULT, **parse_config(args.set))
     os.makedirs(args.dump, exist_ok=True)
     if args.common_path:
-        tq, pairs, nvfp4 = (common_path_module(m, args.dump) for m in (tq, pairs, nvfp4))
+        tq, pairs, asym, nvfp4 = (common_path_module(m, args.dump) for m in (tq, pairs, asym, nvfp4))
     print(f"triton {triton.__version__}, sm_90, input bf16 {args.shape}{', common path' if args.common_path else ''}")
     builds = [(name, lambda spec=spec: compile_quantize(spec, args.shape)) for name, spec in SPECS]
     builds.append(("mxfp4, pairs kernel", compile_mxfp4_pairs))
+    builds.append(("int8 asym 1x128, pairs kernel", compile_asym_pairs))
     builds.append(("nvfp4", compile_nvfp4))
     tensor = QuantSpec(granularity="tensor")
     builds.append(("fp8 e4m3 tensor, 2nd pass", lambda: compile_quantize(tensor, args.shape, source=tq.SCALE_STATS)))

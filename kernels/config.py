@@ -75,6 +75,11 @@ class KernelConfig:
     asym_maxnreg: int | None = None
     asym_programs: int = 0
     asym_defer: bool = True
+    # (elements, warps) of an INT8 asym program of bf16 row groups read as int32 pairs (triton_asym_pairs: lo and hi
+    # reduced by bf16x2 min / max, two codes a 16-bit store), or None for the register tiles above. Compiled for
+    # sm_90 by triton 3.6 (benchmarks/sass.py --common-path, 1x128, 16384^2 bf16): see BENCHMARKS.md.
+    asym_pairs_launch: tuple | None = (2048, 1)
+    asym_pairs_piece: int = 8
     # Careful tiles of dual-layout programs listed for a second launch, as asym_defer (triton 3.6: 128 x 128 tiles at 8
     # warps take 124 registers instead of 161). H200, as above, two runs: 0.550 / 0.549 x copy at 4 warps against
     # 0.540 / 0.538 in place; 0.523 at 8 warps, 0.394 at 8 warps within 128 registers.

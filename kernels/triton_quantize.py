@@ -29,6 +29,7 @@ from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED, CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, GUARDED,
                               RECIPROCAL, block_ids, block_scale, defer_tile, encode, encode_quotient, finite_abs,
                               load_fp32, max_into, max_nan, min_nan, quotient, rint_int32, store_scales, tile_coords)
+from .triton_asym_pairs import asym_pairs
 from .triton_mxfp4_pairs import mxfp4_pairs
 
 # SCALE_SRC of _quantize_tile: where a block's scale comes from.
@@ -419,6 +420,8 @@ def _quantize_into(v, block, spec, given, amax, qt, exact_fp8, config) -> None:
         triton_nvfp4.quantize(v, qt, config, given, amax)
         return
     if given is None and mxfp4_pairs(v, qt.codes, qt.scales, spec, config):
+        return
+    if given is None and P == 1 and asym_pairs(v, block, qt, spec, config):
         return
     register = given is None and P == 1 and pow2_ceil(br) * pow2_ceil(bc) <= MAX_REGISTER_BLOCK
     stats = None

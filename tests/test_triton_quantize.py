@@ -413,7 +413,7 @@ def one_block_config(config=DEFAULT, **fields):
 def test_persistent_programs(spec, shape, rng):
     """Programs that loop over several tiles (3 programs under the interpreter), careful tiles (Inf,
     NaN) among ordinary ones, quotients next to code boundaries."""
-    config = dataclasses.replace(one_block_config(per_sm=1), asym_programs=1)
+    config = dataclasses.replace(one_block_config(per_sm=1), asym_programs=1, asym_pairs_launch=None)
     x = random_input(shape, torch.bfloat16, rng)
     assert persistent_launch(x, spec, config)
     check(x, spec, config=config)
@@ -449,7 +449,9 @@ def test_deferred_careful_tiles(spec, shape, persistent, defer, rng):
     check(random_input(shape, torch.bfloat16, rng, edge_cases=False), spec, config=config)
 
 
-ASYM_GROUP_SCHEDULES = [dict(asym_programs=2, asym_tile=(8192, 8), asym_maxnreg=128), dict(asym_programs=0)]
+# The register tiles' schedules (bf16 inputs would take the pairs kernel: asym_pairs_launch None).
+ASYM_GROUP_SCHEDULES = [dict(asym_programs=2, asym_tile=(8192, 8), asym_maxnreg=128, asym_pairs_launch=None),
+                        dict(asym_programs=0, asym_pairs_launch=None)]
 
 
 @pytest.mark.parametrize("schedule_", ASYM_GROUP_SCHEDULES, ids=["persistent", "tile_a_program"])
@@ -656,6 +658,41 @@ def test_mxfp4_pairs_kernel(dtype, rng, monkeypatch):
     assert taken == [True, True, False, False, False, True]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("group", [128, 32])
+def test_asym_pairs_kernel(group, device, rng, monkeypatch):
+    """bf16 INT8 asym row groups whose rows can be read as int32 pairs take _asym_pairs_kernel (careless tiles,
+    careful ones: NaN, Inf, subnormal rows; a ragged last block, sliced rows, column scales, a program of two warps
+    and of several rows); others (odd width, strided columns, fp16, groups wider than a program, the pairs off) the
+    register tiles."""
+    monkeypatch.setenv("QUANTD_PLANS", "0")  # each call runs its body: no launch plan replays it
+    taken = []
+    pairs = triton_quantize.asym_pairs
+    monkeypatch.setattr(triton_quantize, "asym_pairs", lambda *a: taken.append(pairs(*a)) or taken[-1])
+    spec = QuantSpec(format="int8_asym", group_size=group)
+    x = random_input((70, 400), torch.bfloat16, rng).to(device)
+    plain = random_input((40, 512), torch.bfloat16, rng, edge_cases=False).to(device)
+    plain[3, 64:96] = -plain[3, 64:96].abs()  # a block of negatives only
+    plain[5, :group] = torch.finfo(torch.bfloat16).max  # +-max: a span that overflows fp32 (careful)
+    plain[5, group - 1] = -torch.finfo(torch.bfloat16).max
+    for (i, j), v in zip([(7, 33), (8, 34), (9, 3), (10, 2), (11, 5), (12, 4), (13, 6)],
+                         [math.nan, -math.nan, math.inf, math.inf, -math.inf, -math.inf, 2.0 ** -133]):
+        plain[i, j] = v  # careful tiles: each special in an even and an odd element
+    for t in (x, plain, x[3:50, 16:316], x[:, :301], x[:, ::2], x.half()):
+        check(t, spec)
+    check(plain, spec, config=dataclasses.replace(DEFAULT, asym_pairs_launch=(256, 2)))
+    check(plain, spec, config=dataclasses.replace(DEFAULT, asym_pairs_launch=(group // 2, 1)))
+    check(plain, spec, config=dataclasses.replace(DEFAULT, asym_pairs_launch=None))
+    got = dispatch.quantize(x, spec, backend="triton", scale_layout="col")
+    assert_same_qt(got, reference_quantize(x, spec))
+    assert taken == [True, True, True, False, False, False, True, False, False, True]
+    if device == "cuda":  # many tiles, careless and careful
+        check(random_input((1000, 4096), torch.bfloat16, rng).to(device), spec)
+        check(random_input((3000, 2048), torch.bfloat16, rng, edge_cases=False).to(device), spec)
+        check(every_16bit(torch.bfloat16).reshape(256, 256).to(device), spec)
+        check(near_boundaries("int8_asym", group, rng).to(device), spec)
+
+
 def test_scale_layouts(rng):
     x = random_input((37, 300), torch.bfloat16, rng)
     for spec in (QuantSpec(), QuantSpec(format="int8_asym"), QuantSpec(format="mxfp4"),
@@ -771,7 +808,7 @@ def test_gpu_exact_fp8_path(spec, rng):
 def test_gpu_persistent_programs(spec, shape, per_sm, rng):
     """One-block programs, one tile a program or persistent, over ragged and aligned shapes, with and without
     Inf/NaN, and every bf16."""
-    config = dataclasses.replace(one_block_config(per_sm=per_sm), asym_programs=per_sm)
+    config = dataclasses.replace(one_block_config(per_sm=per_sm), asym_programs=per_sm, asym_pairs_launch=None)
     for size in GPU_SHAPES[2:] + [shape, (129, 129), (1000, 3), (513, 129), (70, 9000)]:
         check(random_input(size, torch.bfloat16, rng).cuda(), spec, config=config)
         check(random_input(size, torch.float32, rng, edge_cases=False).cuda(), spec, config=config)
