@@ -76,8 +76,13 @@ class KernelConfig:
     asym_programs: int = 0
     asym_defer: bool = True
     # (elements, warps) of an INT8 asym program of bf16 row groups read as int32 pairs (triton_asym_pairs: lo and hi
-    # reduced by bf16x2 min / max, two codes a 16-bit store), or None for the register tiles above. Compiled for
-    # sm_90 by triton 3.6 (benchmarks/sass.py --common-path, 1x128, 16384^2 bf16): see BENCHMARKS.md.
+    # reduced by bf16x2 min / max, two codes a 16-bit store), or None for the register tiles above; and the words of
+    # a piece (asym_pairs_piece: 8, 32 bytes), a block's pieces held by two threads. Offline (triton 3.6, sm_90,
+    # sass.py --common-path, 1x128) 11.6 SASS instructions an element at 64 registers against 16.2 at 96 for the
+    # register tiles (the same kernel with a block spread over eight threads, four blocks a thread: 14.8). H200
+    # (2026-12-05, 16384^2 bf16, profile_kernels --time, one process): (2048, 1) 0.921 x copy against 0.874 for the
+    # register tiles, (1024, 1) 0.904, (4096, 2) 0.585; a second process 0.926 against 0.867 (6cf2eae). An earlier
+    # pairs kernel with a block's words spread over its threads lost there (0.854 against 0.876, removed in 77bf878).
     asym_pairs_launch: tuple | None = (2048, 1)
     asym_pairs_piece: int = 8
     # Careful tiles of dual-layout programs listed for a second launch, as asym_defer (triton 3.6: 128 x 128 tiles at 8

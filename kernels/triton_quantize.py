@@ -5,7 +5,8 @@ of two; the launch geometry is quantize_plan's), reduces each block's amax in re
 and scales in one read of X. With DUAL (quantize_dual) it also writes the transposed, column-wise
 quantized copy, from a second load of the tile that hits L2. When a block is too large for registers
 (per tensor, per channel, huge groups) or the scales are given, it reads per-block statistics
-(triton_block_stats) or scales instead. MXFP4 inputs of 16-bit pairs take triton_mxfp4_pairs.
+(triton_block_stats) or scales instead. MXFP4 inputs of 16-bit pairs take triton_mxfp4_pairs, bf16 INT8 asym row
+groups triton_asym_pairs.
 
 Under the Triton interpreter the float -> fp8 cast is wrong, so EXACT_FP8 computes fp8 codes with the
 reference's integer grid arithmetic; compiled kernels use the hardware cast (both are checked against
