@@ -39,8 +39,8 @@ def asym_pairs(v, block, qt, spec, config: KernelConfig) -> bool:
     assert grid_s.stride() == grid_zp.stride()  # one layout (scale_tensor) for both
     codes = bytes_of(qt.codes).reshape(R, C).view(torch.int16)
     launch(_asym_pairs_kernel, grid, pairs, codes, grid_s, bytes_of(grid_zp), R, C // 2, pairs.stride(0),
-           grid_s.stride(0), grid_s.stride(1), ROWS=rows, GROUPS=groups, WORDS=words, PIECE=min(words, config.asym_pairs_piece), FMT=element_constants(spec),
-           ROWS_X=rows_x, num_warps=warps)
+           grid_s.stride(0), grid_s.stride(1), ROWS=rows, GROUPS=groups, WORDS=words,
+           PIECE=min(words, config.asym_pairs_piece), FMT=element_constants(spec), ROWS_X=rows_x, num_warps=warps)
     return True
 
 
@@ -75,7 +75,8 @@ def _asym_pairs_kernel(w_ptr, codes_ptr, scales_ptr, zp_ptr, R, C2, sw_r, ss_r, 
     pr, pc = grid_tile(ROWS_X)
     r = pr * ROWS + tl.arange(0, ROWS)[:, None, None, None]
     g = pc * GROUPS + tl.arange(0, GROUPS)[None, :, None, None]
-    k = g * WORDS + (tl.arange(0, WORDS // PIECE) * PIECE)[None, None, :, None] + tl.arange(0, PIECE)[None, None, None, :]
+    piece = tl.arange(0, WORDS // PIECE)[None, None, :, None]
+    k = g * WORDS + piece * PIECE + tl.arange(0, PIECE)[None, None, None, :]
     mask = (r < R) & (k < C2)  # padding words are zeros, as the reference pads ragged blocks
     w = tl.load(w_ptr + r.to(tl.int64) * sw_r + k, mask=mask, other=0)
     hi_lo, hi_hi = bf16_halves(tl.reduce(tl.reduce(w, 3, max_bf16x2_nan, keep_dims=True), 2, max_bf16x2_nan,
