@@ -40,7 +40,7 @@ def raw_call(path: str, body: bytes, length: int | None = None) -> pb.LocalRespo
         sock.settimeout(30)
         try:
             sock.sendall((len(body) if length is None else length).to_bytes(4, "little") + body)
-        except BrokenPipeError:
+        except (BrokenPipeError, ConnectionResetError):
             pass  # answered and closed before reading (a connection past the bound): the answer is still queued
         n = local.length(local.recv_exactly(sock, 4))
         return pb.LocalResponse.FromString(local.recv_exactly(sock, n))
