@@ -583,7 +583,7 @@ def test_bf16_widened_on_its_bits_as_compiled(spec, rng, monkeypatch):
     try:
         x = random_input((300, 260), torch.bfloat16, rng)
         x[5, :130] = torch.finfo(torch.bfloat16).tiny / 4
-        check(x, spec)
+        check(x, spec, config=dataclasses.replace(DEFAULT, asym_pairs_launch=None))  # INT8 asym: the register tiles
         if spec.granularity == Granularity.GROUP:
             check_dual(x, spec)
     finally:
