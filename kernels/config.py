@@ -87,7 +87,7 @@ class KernelConfig:
     asym_pairs_piece: int = 8
     # The same kernel for INT8 asym tiles (BR x BC blocks, BR a power of two; a program one row of blocks):
     # (elements, warps), or None for the one-block register programs (one_block_int). Off until timed: offline
-    # (triton 3.6, sm_90, common path, 128 x 128 at (16384, 4)) 10.3 SASS instructions an element at 95 registers
+    # (triton 3.6, sm_90, common path, 128 x 128 at (16384, 4)) 10.4 SASS instructions an element at 95 registers
     # against 13.2 at 168 for the register program (0.851 x copy on an H200, 2026-12-04).
     asym_pairs_tiles: tuple | None = None
     # Careful tiles of dual-layout programs listed for a second launch, as asym_defer (triton 3.6: 128 x 128 tiles at 8
