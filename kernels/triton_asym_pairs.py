@@ -14,8 +14,8 @@ from .launch import inline_ptx
 from .plans import launch
 from .quantize_plan import as_grid, bytes_of, element_constants, narrow_launch, pair_words, row_tile_grid
 from .spec import Format, _cdiv
-from .triton_elements import (CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, bf16_halves, block_scale,
-                              encode, encode_quotient, grid_tile, max_nan, min_nan, quotient, store_scales)
+from .triton_elements import (CORRECTED_ANY_ZERO, DIVIDE, bf16_halves, block_scale, corrected_block_scale, encode,
+                              encode_quotient, grid_tile, max_nan, min_nan, quotient, store_scales)
 
 
 def asym_pairs(v, block, qt, spec, config: KernelConfig) -> bool:
@@ -90,8 +90,7 @@ def _asym_pairs_kernel(w_ptr, codes_ptr, scales_ptr, zp_ptr, R, C2, sw_r, ss_r, 
     lo_lo, lo_hi = bf16_halves(_block_words(w, BLOCK_ROWS, MIN=True))
     hi = max_nan(hi_lo, hi_hi)
     nlo = -min_nan(lo_lo, lo_hi)
-    scale, zp = block_scale(tl.maximum(hi, 0.0), tl.maximum(nlo, 0.0), FMT, CORRECTED_ANY_ZERO)
-    wild = (scale < CORRECTED_MIN) | (scale > CORRECTED_MAX) | ~(hi < float("inf")) | ~(nlo < float("inf"))
+    scale, zp, wild = corrected_block_scale(hi, nlo, FMT)
     careful = tl.max(wild.to(tl.int32))
     brow = pr * (ROWS // BLOCK_ROWS) + tl.arange(0, ROWS // BLOCK_ROWS)[:, None, None, None]  # block rows
     if careful == 0:

@@ -102,6 +102,18 @@ def block_scale(amax, nlo, FMT: tl.constexpr, QUOTIENT: tl.constexpr = DIVIDE):
 
 
 @triton.jit
+def corrected_block_scale(hi, nlo, FMT: tl.constexpr):
+    """(scale, zero point, wild) of blocks from their NaN-keeping amax (FMT.ASYM: hi and -lo) by block_scale's
+    corrected steps; wild where the amax met an Inf or NaN or the scale is outside [CORRECTED_MIN, CORRECTED_MAX],
+    the blocks for which those steps are not exact (a tile holding one is careful)."""
+    scale, zp = block_scale(tl.maximum(hi, 0.0), tl.maximum(nlo, 0.0), FMT, CORRECTED_ANY_ZERO)
+    wild = (scale < CORRECTED_MIN) | (scale > CORRECTED_MAX) | ~(hi < float("inf"))
+    if FMT.ASYM:
+        wild = wild | ~(nlo < float("inf"))
+    return scale, zp, wild
+
+
+@triton.jit
 def store_scales(scales_ptr, zp_ptr, offsets, mask, scale, zp, FMT: tl.constexpr):
     """Store blocks' scales (stored_scale) and, ASYM, zero points at `offsets` of their grids."""
     tl.store(scales_ptr + offsets, stored_scale(scale, FMT.POW2), mask=mask)

@@ -28,8 +28,9 @@ from .quantize_plan import (MAX_REGISTER_BLOCK, Tile, as_grid, bf16_bits, block_
 from .spec import Format, Granularity, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED, CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, GUARDED,
-                              RECIPROCAL, block_ids, block_scale, defer_tile, encode, encode_quotient, finite_abs,
-                              load_fp32, max_into, max_nan, min_nan, quotient, rint_int32, store_scales, tile_coords)
+                              RECIPROCAL, block_ids, block_scale, corrected_block_scale, defer_tile, encode,
+                              encode_quotient, finite_abs, load_fp32, max_into, max_nan, min_nan, quotient, rint_int32,
+                              store_scales, tile_coords)
 from .triton_asym_pairs import asym_pairs
 from .triton_mxfp4_pairs import mxfp4_pairs
 
@@ -82,10 +83,7 @@ def _register_scales(x, FMT: tl.constexpr, DEFER: tl.constexpr = False):
     else:
         hi = _blocks_max(tl.abs(x), True, FMT.NAN_COMBINE)
         nlo = 0.0
-    scale, zp = block_scale(tl.maximum(hi, 0.0), tl.maximum(nlo, 0.0), FMT, CORRECTED_ANY_ZERO)
-    wild = (scale < CORRECTED_MIN) | (scale > CORRECTED_MAX) | ~(hi < float("inf"))
-    if FMT.ASYM:
-        wild = wild | ~(nlo < float("inf"))
+    scale, zp, wild = corrected_block_scale(hi, nlo, FMT)
     careful = tl.max(wild.to(tl.int32))
     if careful != 0 and not DEFER:
         if FMT.ASYM:
@@ -422,7 +420,7 @@ def _quantize_into(v, block, spec, given, amax, qt, exact_fp8, config) -> None:
         return
     if given is None and mxfp4_pairs(v, qt.codes, qt.scales, spec, config):
         return
-    if given is None and P == 1 and asym_pairs(v, block, qt, spec, config):
+    if given is None and asym_pairs(v, block, qt, spec, config):
         return
     register = given is None and P == 1 and pow2_ceil(br) * pow2_ceil(bc) <= MAX_REGISTER_BLOCK
     stats = None
