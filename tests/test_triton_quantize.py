@@ -641,14 +641,21 @@ def test_quotient_across_fp32_range(fmt, rng):
     every_bf16_under_scales_across_fp32(fmt, rng)
 
 
+def pairs_taken(monkeypatch, name: str) -> list:
+    """Whether each quantize call took triton_quantize's pairs kernel `name` (mxfp4_pairs, asym_pairs), in order;
+    launch plans off, so that each call runs its body."""
+    monkeypatch.setenv("QUANTD_PLANS", "0")
+    taken = []
+    pairs = getattr(triton_quantize, name)
+    monkeypatch.setattr(triton_quantize, name, lambda *a: taken.append(pairs(*a)) or taken[-1])
+    return taken
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_mxfp4_pairs_kernel(dtype, rng, monkeypatch):
     """16-bit MXFP4 inputs whose rows can be read as int32 pairs take _mxfp4_pairs_kernel (ragged last
     block, sliced rows, column scales); others (odd width, strided columns, fp32) the generic kernel."""
-    monkeypatch.setenv("QUANTD_PLANS", "0")  # each call runs its body: no launch plan replays it
-    taken = []
-    pairs = triton_quantize.mxfp4_pairs
-    monkeypatch.setattr(triton_quantize, "mxfp4_pairs", lambda *a: taken.append(pairs(*a)) or taken[-1])
+    taken = pairs_taken(monkeypatch, "mxfp4_pairs")
     spec = QuantSpec(format="mxfp4")
     x = random_input((70, 400), dtype, rng)
     for t in (x, x[3:50, 16:316], x[:, :301], x[:, ::2], x.float()):
@@ -665,10 +672,7 @@ def test_asym_pairs_kernel(group, device, rng, monkeypatch):
     careful ones: NaN, Inf, subnormal rows; a ragged last block, sliced rows, column scales, a program of two warps
     and of several rows); others (odd width, strided columns, fp16, groups wider than a program, the pairs off) the
     register tiles."""
-    monkeypatch.setenv("QUANTD_PLANS", "0")  # each call runs its body: no launch plan replays it
-    taken = []
-    pairs = triton_quantize.asym_pairs
-    monkeypatch.setattr(triton_quantize, "asym_pairs", lambda *a: taken.append(pairs(*a)) or taken[-1])
+    taken = pairs_taken(monkeypatch, "asym_pairs")
     spec = QuantSpec(format="int8_asym", group_size=group)
     x = random_input((70, 400), torch.bfloat16, rng).to(device)
     plain = random_input((40, 512), torch.bfloat16, rng, edge_cases=False).to(device)
@@ -699,10 +703,7 @@ def test_asym_pairs_tiles(tile, device, rng, monkeypatch):
     """KernelConfig.asym_pairs_tiles: bf16 INT8 asym tiles through _asym_pairs_kernel (a row of blocks a program;
     careless and careful tiles, each special in an even and an odd element, ragged rows and columns, column
     scales, another launch), and what it cannot read as pairs through the register programs."""
-    monkeypatch.setenv("QUANTD_PLANS", "0")
-    taken = []
-    pairs = triton_quantize.asym_pairs
-    monkeypatch.setattr(triton_quantize, "asym_pairs", lambda *a: taken.append(pairs(*a)) or taken[-1])
+    taken = pairs_taken(monkeypatch, "asym_pairs")
     spec = QuantSpec(format="int8_asym", granularity="tile", tile=tile)
     config = dataclasses.replace(DEFAULT, asym_pairs_tiles=(16384, 4))
     x = random_input((150, 260), torch.bfloat16, rng).to(device)
