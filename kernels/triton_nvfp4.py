@@ -91,23 +91,23 @@ def _load_pairs(x_ptr, r, j, R, C, C2, sx_r, sx_c, BF16_BITS: tl.constexpr, WORD
 
 
 def _e2m1_steps_ptx(q: str, code: str) -> str:
-    """PTX of _e2m1_words for one quotient register `q`: its code (plus a multiple of 256) into register `code`."""
+    """PTX of _e2m1_words for one quotient register `q`: its code (above it, bits that the byte drops) into `code`."""
     return f"""
         abs.f32 a, {q};
         min.f32 a, a, 0f40C00000;
-        mov.b32 e, a;
-        shr.u32 e, e, 23;
-        max.u32 e, e, 127;
-        mad.lo.s32 {code}, e, -8388608, 2139095040;
-        mov.b32 m, {code};
-        fma.rn.f32 y, a, m, 0f4B000002;
+        fma.rn.f32 y, a, 0f40000000, 0f4B000000;
+        add.rn.f32 z, a, 0f4B000002;
+        fma.rn.f32 a, a, 0f3F000000, 0f4B000004;
         mov.b32 {code}, y;
-        mad.lo.s32 {code}, e, 2, {code};"""
+        mov.b32 e, z;
+        min.u32 {code}, {code}, e;
+        mov.b32 e, a;
+        min.u32 {code}, {code}, e;"""
 
 
 E2M1_WORDS_PTX = tl.constexpr("""
         {
-        .reg .f32 a, m, y;
+        .reg .f32 a, y, z;
         .reg .b32 e, c, d, s, t;""" + _e2m1_steps_ptx("$1", "c") + _e2m1_steps_ptx("$2", "d") + """
         mad.lo.s32 c, d, 16, c;
         and.b32 s, $3, 0x80008000;
@@ -124,11 +124,11 @@ def _e2m1_words(q_lo, q_hi, w):
     """The code byte of each pair of finite quotients (q_lo, q_hi) of the bf16 elements of int32 word w (element
     2i in the low nibble, signs from w), in sm_90 PTX (e2m1's rounding, fewer instructions).
 
-    E2M1's step is 0.5 below 2, 1 in [2, 4) and 2 in [4, 6]: with e = max(exponent of a, 0), a * 2**(1 - e)
-    + (2**23 + 2) rounds a = min(|q|, 6) to a whole number n of steps (the product is exact: a power of two)
-    and n + 2 sits in the sum's low bits; the code is n + 2 * e, so the sum's bits + 2 * (127 + e) hold the
-    code plus a multiple of 256. Low and high codes add as lo + 16 * hi, the signs (bits 15 and 31 of w) as
-    bits 3 and 7."""
+    E2M1's step is 0.5 below 2, 1 in [2, 4) and 2 in [4, 6]. Of a = min(|q|, 6), its code is the least of the
+    rounded step counts RN(2a), RN(a) + 2 and RN(a / 2) + 4, each counted from a different binade's code (each is
+    the code where its step applies and no less elsewhere; all fp32 a in [0, 6] checked, NUMERICS.md): each by one
+    rounding into the low bits of a sum with 2**23 (fma or add), the least taken on the sums' bits. Low and high
+    codes add as lo + 16 * hi, the signs (bits 15 and 31 of w) as bits 3 and 7; bits above the byte are dropped."""
     return tl.inline_asm_elementwise(asm=E2M1_WORDS_PTX, constraints="=r,r,r,r", args=[q_lo, q_hi, w], dtype=tl.int32,
                                      is_pure=True, pack=1)
 
@@ -155,6 +155,11 @@ def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, source_ptr, ts_ptr, amax_ptr, R,
     r = tile_r * ROWS + tl.arange(0, ROWS)[:, None, None]
     g = tile_c * GROUPS + tl.arange(0, GROUPS)[None, :, None]
     j = g * 8 + tl.arange(0, 8)[None, None, :]  # pairs: elements 2j and 2j + 1, code byte j
+    # The tile's loads first: the tensor scale's division branches, and loads after a branch wait for it.
+    if PACKED:
+        w = tl.load(x_ptr + r.to(tl.int64) * sx_r + j, mask=(r < R) & (j < sq_r), other=0)
+    else:
+        lo, hi = _load_pairs(x_ptr, r, j, R, C, sq_r, sx_r, sx_c, BF16_BITS, WORDS)
     ts = _tensor_scale(source_ptr, FROM_AMAX)
     if (tile_r == 0) & (tile_c == 0):
         tl.store(ts_ptr, ts)
@@ -163,11 +168,9 @@ def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, source_ptr, ts_ptr, amax_ptr, R,
     careless = (ts <= TS_MAX) & (ts >= TS_MIN)
     rts = tl.math.div_rn(1.0, ts)
     if PACKED:
-        w = tl.load(x_ptr + r.to(tl.int64) * sx_r + j, mask=(r < R) & (j < sq_r), other=0)
         packed = _packed_tile(w, r, g, R, C, ss_r, ss_c, ts, rts, careless, scales_ptr, amax_ptr, SCALE_FMT,
                               ZERO_BITS, AMAX)
     else:
-        lo, hi = _load_pairs(x_ptr, r, j, R, C, sq_r, sx_r, sx_c, BF16_BITS, WORDS)
         amax = tl.max(tl.maximum(finite_abs(lo), finite_abs(hi)), axis=2, keep_dims=True)
         packed = _scaled_pairs(lo, hi, amax, r, g, R, C, ss_r, ss_c, ts, rts, careless, scales_ptr, amax_ptr,
                                SCALE_FMT, ZERO_BITS, AMAX)

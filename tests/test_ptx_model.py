@@ -67,6 +67,23 @@ def test_fma_is_one_rounding_of_the_exact_value():
             assert got[i] == want, (x, y, z, got[i], want)
 
 
+def test_add_is_one_rounding_of_the_exact_sum():
+    a, b = (_f32_samples(3000, seed) for seed in (4, 5))
+    n = min(len(a), len(b))
+    a, b = a[:n], b[:n]
+    # sums that cancel, and terms far apart in magnitude (float64 cannot hold 1 + 2**-100 + ...: rounded to odd)
+    b = np.where(np.arange(n) % 3 == 0, a ^ np.uint32(0x80000001), b)
+    far = np.float32([1 + 2.0 ** -23, 8388608.0, 2.0 ** 60]).view(np.uint32)
+    tiny = np.float32([2.0 ** -100, 0.5, -(2.0 ** -100)]).view(np.uint32)
+    a, b = np.concatenate([a, far]), np.concatenate([b, tiny])
+    got = run("add.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], 1)[0].view(np.float32)
+    top = float(np.finfo(np.float32).max)
+    for i in range(len(a)):
+        x, y = float(a[i].view(np.float32)), float(b[i].view(np.float32))
+        want = _exact_round(Fraction(x) + Fraction(y), 23, -126, top)
+        assert got[i] == want or (want == 0 and got[i] == 0), (x, y, got[i], want)
+
+
 @pytest.mark.parametrize("op", ["mul", "add"])
 def test_bf16x2_arithmetic_is_one_rounding(op):
     rng = np.random.default_rng(7)
@@ -137,5 +154,7 @@ def test_integer_steps_and_operands():
     assert np.array_equal(got, ((m - 0x00020002) & 0xFFFFFFFF).astype(np.uint32))
     f = run("min.f32 $0, $1, 0f40C00000;", "=f,f", [np.float32([7.0, np.nan, -1.0, 2.0])], 1)[0].view(np.float32)
     assert f.tolist() == [6.0, 6.0, -1.0, 2.0]
+    m = run("min.u32 $0, $1, $2;", "=r,r,r", [a, a[::-1].copy()], 1)[0]
+    assert np.array_equal(m, np.minimum(a, a[::-1]))
     with pytest.raises(NotImplementedError, match="div.rn.f32"):
         run("div.rn.f32 $0, $1, $1;", "=f,f", [np.float32([1.0])], 1)
