@@ -99,6 +99,10 @@ class KernelConfig:
     # programs an SM. H200 (2026-12-05, 16384^2 bf16, profile_kernels --time, one process, E4M3 1x128): 4 slabs
     # 0.557 x copy, 2 slabs 0.498, the whole tile 0.455 (offline, triton 3.6: 128 / 168 / 250 registers).
     dual_slabs: int = 4
+    # Each dual slab's load issued before the previous slab's stores (which loads may not pass: the codes could
+    # alias the input as far as the compiler knows), so that a program waits for memory once rather than at every
+    # slab. Off until timed.
+    dual_prefetch: bool = False
     # Careful tiles deferred, one tile a program. Float tiles: 4 warps of 128 elements a thread of a 128 x 128
     # tile, no register limit (H200, 2026-12-04, 16384^2 bf16, ncu kernel time: E4M3 128x128 184 us against 210 us
     # for 8 warps within 128 registers, 246 us for 4 warps within 128, 240 us for 2 warps); rows within 80

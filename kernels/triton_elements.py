@@ -381,7 +381,12 @@ def load_fp32(ptrs, mask, BF16_BITS: tl.constexpr):
     subnormals). bf16 is widened on its bits either way, the same values as the cast: compiled for sm_90 (triton
     3.6) that takes one instruction an element, a shift or a mask of the loaded word, where the cast takes a byte
     permute more for every second element."""
-    x = tl.load(ptrs, mask=mask, other=0)
+    return widen_fp32(tl.load(ptrs, mask=mask, other=0), BF16_BITS)
+
+
+@triton.jit
+def widen_fp32(x, BF16_BITS: tl.constexpr):
+    """Loaded elements x as fp32, as load_fp32 widens them."""
     if BF16_BITS or x.dtype == tl.bfloat16:
         x = (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
     else:

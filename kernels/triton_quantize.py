@@ -30,7 +30,7 @@ from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED, CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, GUARDED,
                               RECIPROCAL, block_ids, block_scale, corrected_block_scale, defer_tile, encode,
                               encode_quotient, finite_abs, load_fp32, max_into, max_nan, min_nan, quotient, rint_int32,
-                              store_scales, tile_coords)
+                              store_scales, tile_coords, widen_fp32)
 from .triton_asym_pairs import asym_pairs
 from .triton_mxfp4_pairs import mxfp4_pairs
 
@@ -258,46 +258,81 @@ def _quantize_tile(
 @triton.jit
 def _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_ptr, scales_t_ptr, zp_t_ptr, R, C, NBC,
                TILES_C, sx_r, sx_c, sq_r, ss_r, ss_c, sst_r, sst_c, TILE: tl.constexpr, FMT: tl.constexpr,
-               BF16_BITS: tl.constexpr, TILE_MODE: tl.constexpr, SLABS: tl.constexpr):
+               BF16_BITS: tl.constexpr, TILE_MODE: tl.constexpr, SLABS: tl.constexpr, PREFETCH: tl.constexpr):
     """quantize_dual's tile `pid` of X (R, C): RB = TBC rows x CB groups of TBC, quantized along its rows (1 x TBC
     groups) into codes and scales, and along its columns, each column one group of X^T's row, into codes_t (C, R),
     scales_t and zp_t, from a second load of the tile (an L2 hit), laid out as X^T's rows [CB * TBC, 1, 1, RB] so
     that it is reduced and encoded like the rows and stored along X^T's rows (faster on an H100 and an H200 than
     reducing the first load's registers along the columns and transposing the codes, BENCHMARKS.md). SLABS: the
-    rows, then the columns, a 1 / SLABS slab at a time, so that a thread holds a slab's elements only.
-    TILE_MODE DEFERRED: a tile with a careful row or column is listed for the FIXUP launch (which codes it in
+    rows, then the columns, a 1 / SLABS slab at a time, so that a thread holds a slab's elements only; PREFETCH:
+    each slab's load issued before the previous slab is coded (KernelConfig.dual_prefetch). TILE_MODE DEFERRED: a tile with a careful row or column is listed for the FIXUP launch (which codes it in
     place), its careful slabs' codes left unwritten."""
-    RB: tl.constexpr = TILE.RB
-    CB: tl.constexpr = TILE.CB
-    G: tl.constexpr = TILE.TBC
     pid_c = pid % TILES_C
     pid_r = pid // TILES_C
     careful_any = 0
+    raw, rows, bcol, cols, valid = _dual_rows_load(x_ptr, pid_r, pid_c, 0, R, C, sx_r, sx_c, TILE, SLABS)
     for s in tl.static_range(SLABS):
-        rows = pid_r * RB + s * (RB // SLABS) + tl.arange(0, RB // SLABS)[:, None, None, None]
-        bcol = pid_c * CB + tl.arange(0, CB)[None, None, :, None]
-        cols = bcol * G + tl.arange(0, G)[None, None, None, :]
-        valid = (rows < R) & (cols < C)
-        x = load_fp32(x_ptr + rows.to(tl.int64) * sx_r + cols.to(tl.int64) * sx_c, valid, BF16_BITS)
+        if PREFETCH:  # the next slab's load issued before this slab's stores, which it may not pass
+            if s + 1 < SLABS:
+                ahead = _dual_rows_load(x_ptr, pid_r, pid_c, s + 1, R, C, sx_r, sx_c, TILE, SLABS)
+            else:
+                ahead = _dual_columns_load(x_ptr, pid_r, pid_c, 0, R, C, sx_r, sx_c, TILE, SLABS)
+        x = widen_fp32(raw, BF16_BITS)
         scale, zp, careful = _register_scales(x, FMT, TILE_MODE == DEFERRED)
         store_scales(scales_ptr, zp_ptr, rows.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c,
-                      (rows < R) & (bcol < NBC), scale, zp, FMT)
+                     (rows < R) & (bcol < NBC), scale, zp, FMT)
         _store_dual_codes(codes_ptr + rows.to(tl.int64) * sq_r + cols, valid, x, scale, zp, careful, FMT, TILE_MODE)
         careful_any = careful_any | careful
-    for s in tl.static_range(SLABS):
-        rows_t = pid_r * RB + tl.arange(0, RB)[None, None, None, :]
-        cols_t = pid_c * CB * G + s * (CB * G // SLABS) + tl.arange(0, CB * G // SLABS)[:, None, None, None]
-        valid_t = (rows_t < R) & (cols_t < C)
-        xt = load_fp32(x_ptr + rows_t.to(tl.int64) * sx_r + cols_t.to(tl.int64) * sx_c, valid_t, BF16_BITS)
+        if PREFETCH:
+            raw, rows, bcol, cols, valid = ahead
+        elif s + 1 < SLABS:
+            raw, rows, bcol, cols, valid = _dual_rows_load(x_ptr, pid_r, pid_c, s + 1, R, C, sx_r, sx_c, TILE, SLABS)
+        else:
+            raw, rows, bcol, cols, valid = _dual_columns_load(x_ptr, pid_r, pid_c, 0, R, C, sx_r, sx_c, TILE, SLABS)
+    for s in tl.static_range(SLABS):  # rows, bcol, cols, valid: now X^T's rows_t, -, cols_t, valid_t
+        if PREFETCH:
+            if s + 1 < SLABS:
+                ahead = _dual_columns_load(x_ptr, pid_r, pid_c, s + 1, R, C, sx_r, sx_c, TILE, SLABS)
+        xt = widen_fp32(raw, BF16_BITS)
         scale_t, zp_t, careful_t = _register_scales(xt, FMT, TILE_MODE == DEFERRED)
-        store_scales(scales_t_ptr, zp_t_ptr, cols_t.to(tl.int64) * sst_r + pid_r * sst_c, cols_t < C, scale_t, zp_t,
-                      FMT)
-        _store_dual_codes(codes_t_ptr + cols_t.to(tl.int64) * R + rows_t, valid_t, xt, scale_t, zp_t, careful_t, FMT,
+        store_scales(scales_t_ptr, zp_t_ptr, cols.to(tl.int64) * sst_r + pid_r * sst_c, cols < C, scale_t, zp_t,
+                     FMT)
+        _store_dual_codes(codes_t_ptr + cols.to(tl.int64) * R + rows, valid, xt, scale_t, zp_t, careful_t, FMT,
                           TILE_MODE)
         careful_any = careful_any | careful_t
+        if s + 1 < SLABS:
+            if PREFETCH:
+                raw, rows, bcol, cols, valid = ahead
+            else:
+                raw, rows, bcol, cols, valid = _dual_columns_load(x_ptr, pid_r, pid_c, s + 1, R, C, sx_r, sx_c, TILE,
+                                                                  SLABS)
     if TILE_MODE == DEFERRED:
         if careful_any != 0:
             defer_tile(list_ptr, pid)
+
+
+@triton.jit
+def _dual_rows_load(x_ptr, pid_r, pid_c, s: tl.constexpr, R, C, sx_r, sx_c, TILE: tl.constexpr, SLABS: tl.constexpr):
+    """(loaded elements, rows, blocks, columns, mask) of row slab s of a dual tile: rows [RB / SLABS, 1, CB, G]."""
+    rows = pid_r * TILE.RB + s * (TILE.RB // SLABS) + tl.arange(0, TILE.RB // SLABS)[:, None, None, None]
+    bcol = pid_c * TILE.CB + tl.arange(0, TILE.CB)[None, None, :, None]
+    cols = bcol * TILE.TBC + tl.arange(0, TILE.TBC)[None, None, None, :]
+    valid = (rows < R) & (cols < C)
+    raw = tl.load(x_ptr + rows.to(tl.int64) * sx_r + cols.to(tl.int64) * sx_c, mask=valid, other=0)
+    return raw, rows, bcol, cols, valid
+
+
+@triton.jit
+def _dual_columns_load(x_ptr, pid_r, pid_c, s: tl.constexpr, R, C, sx_r, sx_c, TILE: tl.constexpr,
+                       SLABS: tl.constexpr):
+    """(loaded elements, rows, 0, columns, mask) of column slab s of a dual tile, laid out as X^T's rows
+    [CB * G / SLABS, 1, 1, RB]."""
+    rows_t = pid_r * TILE.RB + tl.arange(0, TILE.RB)[None, None, None, :]
+    width: tl.constexpr = TILE.CB * TILE.TBC // SLABS
+    cols_t = pid_c * TILE.CB * TILE.TBC + s * width + tl.arange(0, width)[:, None, None, None]
+    valid_t = (rows_t < R) & (cols_t < C)
+    raw = tl.load(x_ptr + rows_t.to(tl.int64) * sx_r + cols_t.to(tl.int64) * sx_c, mask=valid_t, other=0)
+    return raw, rows_t, 0, cols_t, valid_t
 
 
 @triton.jit
@@ -318,13 +353,13 @@ def _tile(
     sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, sst_r, sst_c,
     TILE: tl.constexpr, FMT: tl.constexpr, SCALE_SRC: tl.constexpr, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr,
     DUAL: tl.constexpr, PACK4: tl.constexpr, BF16_BITS: tl.constexpr, TILE_MODE: tl.constexpr,
-    SCALES_EACH: tl.constexpr, DUAL_SLABS: tl.constexpr,
+    SCALES_EACH: tl.constexpr, DUAL_SLABS: tl.constexpr, DUAL_PREFETCH: tl.constexpr,
 ):
     """_dual_tile (DUAL) or _quantize_tile of tile `pid`."""
     if DUAL:
         _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, codes_t_ptr, scales_t_ptr, zp_t_ptr, R, C,
                    NBC, TILES_C, sx_r, sx_c, sq_r, ss_r, ss_c, sst_r, sst_c, TILE, FMT, BF16_BITS, TILE_MODE,
-                   DUAL_SLABS)
+                   DUAL_SLABS, DUAL_PREFETCH)
     else:
         _quantize_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, R, C, NBR, NBC, BR, BC,
                        TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, TILE, FMT, SCALE_SRC, BID_ROWS,
@@ -339,7 +374,7 @@ def _quantize_kernel(
     TILE: tl.constexpr, FMT: tl.constexpr, SCALE_SRC: tl.constexpr, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr,
     DUAL: tl.constexpr, PACK4: tl.constexpr, BF16_BITS: tl.constexpr, TILE_MODE: tl.constexpr = MANY_BLOCKS,
     SCALES_EACH: tl.constexpr = 1, NUM_TILES=1, STAGES: tl.constexpr = 0, FIXUP: tl.constexpr = False,
-    DUAL_SLABS: tl.constexpr = 1,
+    DUAL_SLABS: tl.constexpr = 1, DUAL_PREFETCH: tl.constexpr = False,
 ):
     """_tile of tile program_id(0) (STAGES 0), or of tiles pid, pid + programs, ... < NUM_TILES with the loads of
     the next STAGES - 1 tiles in flight (persistent programs). FIXUP: of the tiles listed in stats_ptr by a launch
@@ -349,18 +384,18 @@ def _quantize_kernel(
             _tile(tl.load(stats_ptr + 1 + i), x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr,
                   scales_t_ptr, zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r, ss_r,
                   ss_c, sst_r, sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, BF16_BITS, TILE_MODE,
-                  SCALES_EACH, DUAL_SLABS)
+                  SCALES_EACH, DUAL_SLABS, DUAL_PREFETCH)
     elif STAGES == 0:
         _tile(tl.program_id(0), x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr, scales_t_ptr,
               zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, sst_r,
               sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, BF16_BITS, TILE_MODE, SCALES_EACH,
-              DUAL_SLABS)
+              DUAL_SLABS, DUAL_PREFETCH)
     else:
         for tile in tl.range(tl.program_id(0), NUM_TILES, tl.num_programs(0), num_stages=STAGES):
             _tile(tile, x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr, scales_t_ptr,
                   zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, sst_r,
                   sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, BF16_BITS, TILE_MODE, SCALES_EACH,
-                  DUAL_SLABS)
+                  DUAL_SLABS, DUAL_PREFETCH)
 
 
 def flat_scales(scales: torch.Tensor) -> torch.Tensor:
@@ -486,7 +521,8 @@ def _launch(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, register,
     kwargs = dict(TILE=tile, FMT=fmt, SCALE_SRC=source.value, BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
                   SCALES_EACH=1 if register else pow2_ceil(_cdiv(nbr * nbc, tiles)),
                   DUAL=dual_out is not None, PACK4=spec.element.bits == 4, BF16_BITS=bf16_bits(v),
-                  num_warps=run.warps, NUM_TILES=tiles, DUAL_SLABS=config.dual_slabs if dual_out is not None else 1)
+                  num_warps=run.warps, NUM_TILES=tiles, DUAL_SLABS=config.dual_slabs if dual_out is not None else 1,
+                  DUAL_PREFETCH=dual_out is not None and config.dual_prefetch)
     launch(_quantize_kernel, (programs,), *args, TILE_MODE=tile_mode(run), STAGES=run.stages, **kwargs, **limits)
     if run.defer:  # the listed tiles, coded in place
         launch(_quantize_kernel, (min(tiles, persistent_programs(v.device, config.fixup_programs)),), *args,
