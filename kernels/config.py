@@ -96,13 +96,16 @@ class KernelConfig:
     dual_defer: bool = True
     # Slabs a dual-layout program takes its tile in (its rows, then its columns, 1 / dual_slabs of the tile at a
     # time: triton_quantize._dual_tile), so that a thread holds fewer elements at once: fewer registers, more
-    # programs an SM. H200 (2026-12-05, 16384^2 bf16, profile_kernels --time, one process, E4M3 1x128): 4 slabs
-    # 0.557 x copy, 2 slabs 0.498, the whole tile 0.455 (offline, triton 3.6: 128 / 168 / 250 registers).
+    # programs an SM; dual_slabs_mx_asym for MX formats and INT8 asym. Each slab's load is issued before the previous
+    # slab's stores (dual_prefetch; loads may not pass stores, which could alias the input as far as the compiler
+    # knows), so that a program does not wait for memory at every slab. H200 (2026-12-05, 16384^2 bf16,
+    # profile_kernels --time, one process; 4 slabs / 4 prefetched / 2 prefetched): E4M3 1x128 0.560 / 0.585 / 0.534
+    # x copy (a second process 0.560 / 0.588), MXFP8 0.366 / 0.370 / 0.414, INT8 asym 0.386 / 0.386 / 0.396;
+    # earlier (E4M3, not prefetched) 2 slabs 0.498, the whole tile 0.455 (offline, triton 3.6: 96 / 121 registers
+    # for 4 slabs / 4 prefetched).
     dual_slabs: int = 4
-    # Each dual slab's load issued before the previous slab's stores (which loads may not pass: the codes could
-    # alias the input as far as the compiler knows), so that a program waits for memory once rather than at every
-    # slab. Off until timed.
-    dual_prefetch: bool = False
+    dual_slabs_mx_asym: int = 2
+    dual_prefetch: bool = True
     # Careful tiles deferred, one tile a program. Float tiles: 4 warps of 128 elements a thread of a 128 x 128
     # tile, no register limit (H200, 2026-12-04, 16384^2 bf16, ncu kernel time: E4M3 128x128 184 us against 210 us
     # for 8 warps within 128 registers, 246 us for 4 warps within 128, 240 us for 2 warps); rows within 80

@@ -265,8 +265,9 @@ def _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_ptr,
     that it is reduced and encoded like the rows and stored along X^T's rows (faster on an H100 and an H200 than
     reducing the first load's registers along the columns and transposing the codes, BENCHMARKS.md). SLABS: the
     rows, then the columns, a 1 / SLABS slab at a time, so that a thread holds a slab's elements only; PREFETCH:
-    each slab's load issued before the previous slab is coded (KernelConfig.dual_prefetch). TILE_MODE DEFERRED: a tile with a careful row or column is listed for the FIXUP launch (which codes it in
-    place), its careful slabs' codes left unwritten."""
+    each slab's load issued before the previous slab is coded (KernelConfig.dual_prefetch). TILE_MODE DEFERRED: a
+    tile with a careful row or column is listed for the FIXUP launch (which codes it in place), its careful slabs'
+    codes left unwritten."""
     pid_c = pid % TILES_C
     pid_r = pid // TILES_C
     careful_any = 0
@@ -518,10 +519,11 @@ def _launch(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, register,
         source = SCALE_GIVEN_AMAX
     else:
         source = SCALE_REGISTER if register else (SCALE_STATS if stats is not None else SCALE_GIVEN)
+    slabs = dual_slabs(spec, config) if dual_out is not None else 1
     kwargs = dict(TILE=tile, FMT=fmt, SCALE_SRC=source.value, BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
                   SCALES_EACH=1 if register else pow2_ceil(_cdiv(nbr * nbc, tiles)),
                   DUAL=dual_out is not None, PACK4=spec.element.bits == 4, BF16_BITS=bf16_bits(v),
-                  num_warps=run.warps, NUM_TILES=tiles, DUAL_SLABS=config.dual_slabs if dual_out is not None else 1,
+                  num_warps=run.warps, NUM_TILES=tiles, DUAL_SLABS=slabs,
                   DUAL_PREFETCH=dual_out is not None and config.dual_prefetch)
     launch(_quantize_kernel, (programs,), *args, TILE_MODE=tile_mode(run), STAGES=run.stages, **kwargs, **limits)
     if run.defer:  # the listed tiles, coded in place
@@ -567,6 +569,11 @@ def quantize_dual(x: torch.Tensor, spec: QuantSpec, *, scale_layout: str = "row"
                             _cdiv(K, g), True, fmt, spec, config, dual_out=(cols.codes, cols.scales, cols.zero_points),
                             geometry=(tile, num_warps)))
     return rows, cols
+
+
+def dual_slabs(spec: QuantSpec, config: KernelConfig) -> int:
+    """The slabs a dual-layout program of `spec` takes its tile in (KernelConfig.dual_slabs, dual_slabs_mx_asym)."""
+    return config.dual_slabs_mx_asym if spec.is_mx or spec.format == Format.INT8_ASYM else config.dual_slabs
 
 
 def dual_geometry(K: int, g: int, config: KernelConfig) -> tuple[Tile, int]:

@@ -555,14 +555,16 @@ def test_dual_layout_deferred(fmt, defer, rng):
 
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8_asym", "mxfp8"])
-@pytest.mark.parametrize("slabs", [1, 2])
+@pytest.mark.parametrize("slabs", [1, 2, 4])
 @pytest.mark.parametrize("defer", [False, True], ids=["careful_in_place", "deferred"])
 @pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
 def test_dual_layout_slabs(fmt, slabs, defer, prefetch, rng):
-    """KernelConfig.dual_slabs (the other dual tests take the default, 4): dual programs take their tile's rows,
-    then its columns, a slab at a time, or the whole tile (1); careful rows and columns in some slabs only, ragged
-    tiles, 1x32 groups several a row. KernelConfig.dual_prefetch: each slab loaded while the one before is coded."""
-    config = dataclasses.replace(DEFAULT, dual_slabs=slabs, dual_defer=defer, dual_prefetch=prefetch)
+    """KernelConfig.dual_slabs and dual_slabs_mx_asym (the other dual tests take the defaults): dual programs take
+    their tile's rows, then its columns, a slab at a time, or the whole tile (1); careful rows and columns in some
+    slabs only, ragged tiles, 1x32 groups several a row. KernelConfig.dual_prefetch: each slab loaded while the one
+    before is coded, or after it."""
+    config = dataclasses.replace(DEFAULT, dual_slabs=slabs, dual_slabs_mx_asym=slabs, dual_defer=defer,
+                                 dual_prefetch=prefetch)
     for g in (32,) if fmt == "mxfp8" else (128, 32):
         spec = QuantSpec(format=fmt, group_size=g)
         x = random_input((2 * g + 5, 3 * g + 3), torch.bfloat16, rng, edge_cases=False)
@@ -908,7 +910,7 @@ def test_gpu_dual_layout_deferred(fmt, warps, defer, rng):
 @pytest.mark.parametrize("slabs", [1, 2, 4])
 @pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
 def test_gpu_dual_layout_slabs(fmt, slabs, prefetch, rng):
-    config = dataclasses.replace(DEFAULT, dual_slabs=slabs, dual_prefetch=prefetch)
+    config = dataclasses.replace(DEFAULT, dual_slabs=slabs, dual_slabs_mx_asym=slabs, dual_prefetch=prefetch)
     for size in [(128, 128), (1000, 3000), (4096, 8192)]:
         check_dual(deferred_input(size, torch.bfloat16, rng).cuda(), QuantSpec(format=fmt), config=config)
 
