@@ -236,8 +236,6 @@ SWEEPS = [
      + [dict(asym_pairs_launch=None, **fields) for fields in
         [{}, dict(asym_defer=False), dict(asym_programs=2, asym_tile=(8192, 8), asym_maxnreg=128)]
         + [dict(asym_tile=tile) for tile in ((1024, 1), (4096, 1), (2048, 2), (4096, 2), (4096, 4), (8192, 8))]]),
-    ([("int8 asym 128x128", QuantSpec(format="int8_asym", granularity="tile", tile=(128, 128)), SQUARE, "quantize")],
-     [{}] + [dict(asym_pairs_tiles=launch) for launch in ((16384, 4), (16384, 8), (32768, 8), (16384, 2))]),
 ]
 
 

@@ -128,13 +128,11 @@ def compile_mxfp4_pairs():
     return kernel, rows * groups * 32 / (warps * 32)
 
 
-def compile_asym_pairs(rows: int = 1):
-    """(compiled kernel, elements a thread handles) of the INT8 asym pairs kernel on bf16 blocks of `rows` x 128
-    (row groups under asym_pairs_launch, tiles under asym_pairs_tiles or, unset, (16384, 4))."""
+def compile_asym_pairs():
+    """(compiled kernel, elements a thread handles) of the INT8 asym pairs kernel on bf16 1 x 128 groups."""
     fn = asym._asym_pairs_kernel
-    elems, warps = DEFAULT.asym_pairs_launch if rows == 1 else DEFAULT.asym_pairs_tiles or (16384, 4)
-    constexprs = dict(ROWS=rows, BLOCK_ROWS=rows, GROUPS=elems // (128 * rows), WORDS=64,
-                      PIECE=min(64, DEFAULT.asym_pairs_piece), CHUNK=min(rows, 16),
+    elems, warps = DEFAULT.asym_pairs_launch
+    constexprs = dict(ROWS=1, GROUPS=elems // 128, WORDS=64, PIECE=min(64, DEFAULT.asym_pairs_piece),
                       FMT=element_constants(QuantSpec(format="int8_asym")), ss_c=1, ROWS_X=False)
     signature = {n: "constexpr" if n in constexprs else "*i32" if n == "w_ptr" else "*i16" if n == "codes_ptr"
                  else "*fp32" if n == "scales_ptr" else "*u8" if n.endswith("_ptr") else "i32" for n in fn.arg_names}
@@ -259,7 +257,6 @@ def main() -> None:
     builds = [(name, lambda spec=spec: compile_quantize(spec, args.shape)) for name, spec in SPECS]
     builds.append(("mxfp4, pairs kernel", compile_mxfp4_pairs))
     builds.append(("int8 asym 1x128, pairs kernel", compile_asym_pairs))
-    builds.append(("int8 asym 128x128, pairs kernel", lambda: compile_asym_pairs(128)))
     builds.append(("nvfp4", compile_nvfp4))
     tensor = QuantSpec(granularity="tensor")
     builds.append(("fp8 e4m3 tensor, 2nd pass", lambda: compile_quantize(tensor, args.shape, source=tq.SCALE_STATS)))

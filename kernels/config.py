@@ -85,11 +85,6 @@ class KernelConfig:
     # pairs kernel with a block's words spread over its threads lost there (0.854 against 0.876, removed in 77bf878).
     asym_pairs_launch: tuple | None = (2048, 1)
     asym_pairs_piece: int = 8
-    # The same kernel for INT8 asym tiles (BR x BC blocks, BR a power of two; a program one row of blocks):
-    # (elements, warps), or None for the one-block register programs (one_block_int). Off until timed: offline
-    # (triton 3.6, sm_90, common path, 128 x 128 at (16384, 4)) 10.4 SASS instructions an element at 95 registers
-    # against 13.2 at 168 for the register program (0.851 x copy on an H200, 2026-12-04).
-    asym_pairs_tiles: tuple | None = None
     # Careful tiles of dual-layout programs listed for a second launch, as asym_defer (triton 3.6: 128 x 128 tiles at 8
     # warps take 124 registers instead of 161). H200, as above, two runs: 0.550 / 0.549 x copy at 4 warps against
     # 0.540 / 0.538 in place; 0.523 at 8 warps, 0.394 at 8 warps within 128 registers.

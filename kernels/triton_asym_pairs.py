@@ -20,32 +20,28 @@ from .triton_elements import (CORRECTED_ANY_ZERO, DIVIDE, bf16_halves, block_sca
 
 def asym_pairs(v, block, qt, spec, config: KernelConfig) -> bool:
     """Quantize with _asym_pairs_kernel when `v` (1, R, C) is a bf16 INT8 asym input that it can read as int32 pairs
-    (quantize_plan.pair_words) in blocks (BR, BC) of BC / 2 words, a power of two: row groups (BR 1) under
-    config.asym_pairs_launch, tiles (BR a power of two) under config.asym_pairs_tiles, a block within a program's
-    elements, where inline PTX runs; False otherwise."""
+    (quantize_plan.pair_words) in row groups (1, BC) of BC / 2 words, a power of two, under config.asym_pairs_launch,
+    a group within a program's elements, where inline PTX runs; False otherwise."""
     br, bc = block
     words = bc // 2
-    launch_ = config.asym_pairs_launch if br == 1 else config.asym_pairs_tiles
-    if (spec.format != Format.INT8_ASYM or v.dtype != torch.bfloat16 or launch_ is None or bc % 2
-            or words & (words - 1) or br & (br - 1) or br * bc > launch_[0] or not inline_ptx()):
+    launch_ = config.asym_pairs_launch
+    if (spec.format != Format.INT8_ASYM or v.dtype != torch.bfloat16 or launch_ is None or br != 1 or bc % 2
+            or words & (words - 1) or bc > launch_[0] or not inline_ptx()):
         return False
     pairs = pair_words(v)
     if pairs is None:
         return False
     _, R, C = v.shape
-    nbr, nbc = _cdiv(R, br), _cdiv(C, bc)
+    nbr, nbc = R, _cdiv(C, bc)
     elems, warps = launch_
-    rows, groups, warps = narrow_launch((1, elems // (br * bc), warps), nbc)
-    if br > 1:
-        rows = br  # one row of blocks a program
+    rows, groups, warps = narrow_launch((1, elems // bc, warps), nbc)
     grid, rows_x = row_tile_grid(_cdiv(nbc, groups), _cdiv(R, rows))
     grid_s, grid_zp = as_grid(qt.scales, nbr, nbc), as_grid(qt.zero_points, nbr, nbc)
     assert grid_s.stride() == grid_zp.stride()  # one layout (scale_tensor) for both
     codes = bytes_of(qt.codes).reshape(R, C).view(torch.int16)
     launch(_asym_pairs_kernel, grid, pairs, codes, grid_s, bytes_of(grid_zp), R, C // 2, pairs.stride(0),
-           grid_s.stride(0), grid_s.stride(1), ROWS=rows, BLOCK_ROWS=br, GROUPS=groups, WORDS=words,
-           PIECE=min(words, config.asym_pairs_piece), CHUNK=min(br, 16), FMT=element_constants(spec), ROWS_X=rows_x,
-           num_warps=warps)
+           grid_s.stride(0), grid_s.stride(1), ROWS=rows, GROUPS=groups, WORDS=words,
+           PIECE=min(words, config.asym_pairs_piece), FMT=element_constants(spec), ROWS_X=rows_x, num_warps=warps)
     return True
 
 
@@ -65,10 +61,9 @@ def min_bf16x2_nan(a, b):
 
 @triton.jit
 def _asym_pairs_kernel(w_ptr, codes_ptr, scales_ptr, zp_ptr, R, C2, sw_r, ss_r, ss_c, ROWS: tl.constexpr,
-                       BLOCK_ROWS: tl.constexpr, GROUPS: tl.constexpr, WORDS: tl.constexpr, PIECE: tl.constexpr,
-                       CHUNK: tl.constexpr, FMT: tl.constexpr, ROWS_X: tl.constexpr):
-    """Codes, scales and zero points of a tile of ROWS rows x GROUPS blocks of BLOCK_ROWS (1, or ROWS) rows x WORDS
-    int32 words (two bf16 elements each, element 2i in the low half) of an (R, 2 * C2) matrix; codes as int16 words
+                       GROUPS: tl.constexpr, WORDS: tl.constexpr, PIECE: tl.constexpr, FMT: tl.constexpr,
+                       ROWS_X: tl.constexpr):
+    """Codes, scales and zero points of a tile of ROWS rows x GROUPS blocks of WORDS int32 words (two bf16 elements each, element 2i in the low half) of an (R, 2 * C2) matrix; codes as int16 words
     (element 2i's in the low byte).
 
     The tile is held as [ROWS, GROUPS, WORDS / PIECE, PIECE]: pieces of PIECE words (32 bytes: whole sectors), a
@@ -76,7 +71,7 @@ def _asym_pairs_kernel(w_ptr, codes_ptr, scales_ptr, zp_ptr, R, C2, sw_r, ss_r, 
     out by few threads. Each block's hi and lo: bf16x2 max and min with NaN kept, the halves then combined in fp32
     (exact: widening). The rest as _quantize_kernel's register tiles (triton_quantize._register_scales,
     _encode_careless): a tile with an Inf or NaN or a scale outside [CORRECTED_MIN, CORRECTED_MAX] is careful, its
-    blocks reduced again over their finite elements and divided exactly (_careful_block, CHUNK rows at a time);
+    blocks reduced again over their finite elements and divided exactly (_careful_block);
     any other is encoded from the corrected quotients, unclamped. A program's tile from its grid coordinates
     (grid_tile)."""
     pr, pc = grid_tile(ROWS_X)
@@ -86,38 +81,33 @@ def _asym_pairs_kernel(w_ptr, codes_ptr, scales_ptr, zp_ptr, R, C2, sw_r, ss_r, 
     k = g * WORDS + piece * PIECE + tl.arange(0, PIECE)[None, None, None, :]
     mask = (r < R) & (k < C2)  # padding words are zeros, as the reference pads ragged blocks
     w = tl.load(w_ptr + r.to(tl.int64) * sw_r + k, mask=mask, other=0)
-    hi_lo, hi_hi = bf16_halves(_block_words(w, BLOCK_ROWS, MIN=False))
-    lo_lo, lo_hi = bf16_halves(_block_words(w, BLOCK_ROWS, MIN=True))
+    hi_lo, hi_hi = bf16_halves(_block_words(w, MIN=False))
+    lo_lo, lo_hi = bf16_halves(_block_words(w, MIN=True))
     hi = max_nan(hi_lo, hi_hi)
     nlo = -min_nan(lo_lo, lo_hi)
     scale, zp, wild = corrected_block_scale(hi, nlo, FMT)
     careful = tl.max(wild.to(tl.int32))
-    brow = pr * (ROWS // BLOCK_ROWS) + tl.arange(0, ROWS // BLOCK_ROWS)[:, None, None, None]  # block rows
     if careful == 0:
         x_lo, x_hi = bf16_halves(w)
         c_lo = encode_quotient(x_lo, quotient(x_lo, scale, CORRECTED_ANY_ZERO), zp, FMT, True)
         c_hi = encode_quotient(x_hi, quotient(x_hi, scale, CORRECTED_ANY_ZERO), zp, FMT, True)
-        store_scales(scales_ptr, zp_ptr, brow.to(tl.int64) * ss_r + g * ss_c,
-                     (brow * BLOCK_ROWS < R) & (g * WORDS < C2), scale, zp, FMT)
+        store_scales(scales_ptr, zp_ptr, r.to(tl.int64) * ss_r + g * ss_c, (r < R) & (g * WORDS < C2), scale, zp,
+                     FMT)
         tl.store(codes_ptr + r.to(tl.int64) * C2 + k, _code_words(c_lo, c_hi), mask=mask)
     else:  # block by block, loaded again (the tile's words are no longer live: no registers held for this)
-        for i in range(ROWS // BLOCK_ROWS):
+        for i in range(ROWS):
             for j in range(GROUPS):
-                _careful_block(w_ptr, codes_ptr, scales_ptr, zp_ptr, pr * (ROWS // BLOCK_ROWS) + i, pc * GROUPS + j,
-                               R, C2, sw_r, ss_r, ss_c, BLOCK_ROWS, WORDS, CHUNK, FMT)
+                _careful_block(w_ptr, codes_ptr, scales_ptr, zp_ptr, pr * ROWS + i, pc * GROUPS + j, R, C2, sw_r,
+                               ss_r, ss_c, WORDS, FMT)
 
 
 @triton.jit
-def _block_words(w, BLOCK_ROWS: tl.constexpr, MIN: tl.constexpr):
-    """The bf16x2 max (MIN: min) of each block's words, NaN kept: over its pieces, and its rows where BLOCK_ROWS > 1."""
+def _block_words(w, MIN: tl.constexpr):
+    """The bf16x2 max (MIN: min) of each block's words, NaN kept, over its pieces."""
     if MIN:
         m = tl.reduce(tl.reduce(w, 3, min_bf16x2_nan, keep_dims=True), 2, min_bf16x2_nan, keep_dims=True)
-        if BLOCK_ROWS > 1:
-            m = tl.reduce(m, 0, min_bf16x2_nan, keep_dims=True)
     else:
         m = tl.reduce(tl.reduce(w, 3, max_bf16x2_nan, keep_dims=True), 2, max_bf16x2_nan, keep_dims=True)
-        if BLOCK_ROWS > 1:
-            m = tl.reduce(m, 0, max_bf16x2_nan, keep_dims=True)
     return m
 
 
@@ -128,32 +118,18 @@ def _code_words(c_lo, c_hi):
 
 
 @triton.jit
-def _careful_block(w_ptr, codes_ptr, scales_ptr, zp_ptr, brow, group, R, C2, sw_r, ss_r, ss_c,
-                   BLOCK_ROWS: tl.constexpr, WORDS: tl.constexpr, CHUNK: tl.constexpr, FMT: tl.constexpr):
-    """Codes, scale and zero point of block (brow, group) of a careful tile, CHUNK rows at a time: hi and lo over its
-    finite elements (and zeros, which block_scale's max with 0 takes anyway), then the quotients by IEEE division
-    (as _quantize_kernel's careful tiles)."""
-    k = group * WORDS + tl.arange(0, WORDS)[None, :]
-    hi = tl.zeros([1, 1], dtype=tl.float32)
-    nlo = tl.zeros([1, 1], dtype=tl.float32)
-    for c in range(0, BLOCK_ROWS, CHUNK):
-        rows = brow * BLOCK_ROWS + c + tl.arange(0, CHUNK)[:, None]
-        x_lo, x_hi = bf16_halves(tl.load(w_ptr + rows.to(tl.int64) * sw_r + k, mask=(rows < R) & (k < C2), other=0))
-        hi = tl.maximum(hi, tl.maximum(_finite_max(x_lo), _finite_max(x_hi)))
-        nlo = tl.maximum(nlo, tl.maximum(_finite_max(-x_lo), _finite_max(-x_hi)))
-    scale, zp = block_scale(hi, nlo, FMT)
-    one = tl.zeros([1, 1], dtype=tl.int64)  # [1, 1] offsets and mask: the interpreter takes no scalar mask here
-    store_scales(scales_ptr, zp_ptr, one + brow * ss_r + group * ss_c,
-                 (one + brow * BLOCK_ROWS < R) & (one + group * WORDS < C2), scale, zp, FMT)
-    for c in range(0, BLOCK_ROWS, CHUNK):
-        rows = brow * BLOCK_ROWS + c + tl.arange(0, CHUNK)[:, None]
-        mask = (rows < R) & (k < C2)
-        x_lo, x_hi = bf16_halves(tl.load(w_ptr + rows.to(tl.int64) * sw_r + k, mask=mask, other=0))
-        codes = _code_words(encode(x_lo, scale, zp, FMT, DIVIDE), encode(x_hi, scale, zp, FMT, DIVIDE))
-        tl.store(codes_ptr + rows.to(tl.int64) * C2 + k, codes, mask=mask)
-
-
-@triton.jit
-def _finite_max(x):
-    """The largest of a chunk's finite x (and 0: an Inf or NaN counts as 0), as [1, 1]."""
-    return tl.max(tl.max(tl.where(x < float("inf"), x, 0.0), axis=1, keep_dims=True), axis=0, keep_dims=True)
+def _careful_block(w_ptr, codes_ptr, scales_ptr, zp_ptr, row, group, R, C2, sw_r, ss_r, ss_c, WORDS: tl.constexpr,
+                   FMT: tl.constexpr):
+    """Codes, scale and zero point of one block of a careful tile: hi and lo over its finite elements, the
+    quotients by IEEE division (as _quantize_kernel's careful tiles)."""
+    k = group * WORDS + tl.arange(0, WORDS)
+    mask = k < tl.where(row < R, C2, 0)  # (the interpreter cannot broadcast a scalar mask into k's)
+    x_lo, x_hi = bf16_halves(tl.load(w_ptr + row.to(tl.int64) * sw_r + k, mask=mask, other=0))
+    hi = tl.maximum(tl.max(tl.where(x_lo < float("inf"), x_lo, 0.0)), tl.max(tl.where(x_hi < float("inf"), x_hi, 0.0)))
+    nlo = tl.maximum(tl.max(tl.where(-x_lo < float("inf"), -x_lo, 0.0)),
+                     tl.max(tl.where(-x_hi < float("inf"), -x_hi, 0.0)))
+    scale, zp = block_scale(tl.maximum(hi, 0.0), tl.maximum(nlo, 0.0), FMT)
+    store_scales(scales_ptr, zp_ptr, row.to(tl.int64) * ss_r + group * ss_c, (row < R) & (group * WORDS < C2), scale,
+                 zp, FMT)
+    codes = _code_words(encode(x_lo, scale, zp, FMT, DIVIDE), encode(x_hi, scale, zp, FMT, DIVIDE))
+    tl.store(codes_ptr + row.to(tl.int64) * C2 + k, codes, mask=mask)

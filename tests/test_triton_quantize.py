@@ -700,34 +700,6 @@ def test_asym_pairs_kernel(group, device, rng, monkeypatch):
         check(near_boundaries("int8_asym", group, rng).to(device), spec)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("tile", [(128, 128), (16, 64)], ids=str)
-def test_asym_pairs_tiles(tile, device, rng, monkeypatch):
-    """KernelConfig.asym_pairs_tiles: bf16 INT8 asym tiles through _asym_pairs_kernel (a row of blocks a program;
-    careless and careful tiles, each special in an even and an odd element, ragged rows and columns, column
-    scales, another launch), and what it cannot read as pairs through the register programs."""
-    taken = pairs_taken(monkeypatch, "asym_pairs")
-    spec = QuantSpec(format="int8_asym", granularity="tile", tile=tile)
-    config = dataclasses.replace(DEFAULT, asym_pairs_tiles=(16384, 4))
-    x = random_input((150, 260), torch.bfloat16, rng).to(device)
-    plain = random_input((tile[0] + 8, 3 * tile[1]), torch.bfloat16, rng, edge_cases=False).to(device)
-    plain[: tile[0], : tile[1]] = plain[: tile[0], : tile[1]].abs()  # a block of positives only
-    for (i, j), v in zip([(1, tile[1] + 1), (2, tile[1] + 2), (tile[0], 3), (tile[0] + 1, tile[1] + 4)],
-                         [math.nan, -math.inf, math.inf, 2.0 ** -133]):
-        plain[i, j] = v
-    for t in (x, plain, x[7:, 4:], x[:, :259], x.half()):
-        check(t, spec, config=config)
-    check(plain, spec, config=dataclasses.replace(config, asym_pairs_tiles=(tile[0] * tile[1], 1)))
-    check(plain, spec)  # shipped: off
-    got = dispatch.quantize(x, spec, backend="triton", scale_layout="col", config=config)
-    assert_same_qt(got, reference_quantize(x, spec))
-    assert taken == [True, True, True, False, False, True, False, True]
-    if device == "cuda":
-        check(random_input((1000, 4096), torch.bfloat16, rng).to(device), spec, config=config)
-        check(random_input((3000, 2048), torch.bfloat16, rng, edge_cases=False).to(device), spec, config=config)
-        check(every_16bit(torch.bfloat16).reshape(256, 256).to(device), spec, config=config)
-
-
 def test_scale_layouts(rng):
     x = random_input((37, 300), torch.bfloat16, rng)
     for spec in (QuantSpec(), QuantSpec(format="int8_asym"), QuantSpec(format="mxfp4"),
