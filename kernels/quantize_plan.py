@@ -40,6 +40,7 @@ class ElementConstants(NamedTuple):
     HW_FP8: int  # triton_elements.SOFT_FP8, HW_E4M3 or HW_E5M2
     EXACT_FP8: bool  # fp8 codes by integer arithmetic, not the hardware cast
     GUARDED: bool = False  # stats and given scales divide by the guarded corrected quotient (KernelConfig)
+    TILE_DIVIDE: bool = False  # a one-block register tile's scale by IEEE division (KernelConfig.one_block_divide)
     # A register tile's amax keeps NaN by max.NaN reductions (tl.reduce with a NaN-propagating combine), or, where
     # interpreted (whose tl.reduce calls a Python combine function at every step, 5-25x slower on CI's tiles), by
     # tl.max and a count of NaN: the same values.

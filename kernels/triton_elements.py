@@ -102,11 +102,12 @@ def block_scale(amax, nlo, FMT: tl.constexpr, QUOTIENT: tl.constexpr = DIVIDE):
 
 
 @triton.jit
-def corrected_block_scale(hi, nlo, FMT: tl.constexpr):
+def corrected_block_scale(hi, nlo, FMT: tl.constexpr, QUOTIENT: tl.constexpr = CORRECTED_ANY_ZERO):
     """(scale, zero point, wild) of blocks from their NaN-keeping amax (FMT.ASYM: hi and -lo) by block_scale's
-    corrected steps; wild where the amax met an Inf or NaN or the scale is outside [CORRECTED_MIN, CORRECTED_MAX],
-    the blocks for which those steps are not exact (a tile holding one is careful)."""
-    scale, zp = block_scale(tl.maximum(hi, 0.0), tl.maximum(nlo, 0.0), FMT, CORRECTED_ANY_ZERO)
+    corrected steps (QUOTIENT DIVIDE: its IEEE divisions, the same values); wild where the amax met an Inf or NaN or
+    the scale is outside [CORRECTED_MIN, CORRECTED_MAX], the blocks for which those steps, and the corrected
+    quotients of their codes, are not exact (a tile holding one is careful)."""
+    scale, zp = block_scale(tl.maximum(hi, 0.0), tl.maximum(nlo, 0.0), FMT, QUOTIENT)
     wild = (scale < CORRECTED_MIN) | (scale > CORRECTED_MAX) | ~(hi < float("inf"))
     if FMT.ASYM:
         wild = wild | ~(nlo < float("inf"))

@@ -65,7 +65,7 @@ def _blocks_max(v, NAN: tl.constexpr = False, NAN_COMBINE: tl.constexpr = True, 
 
 
 @triton.jit
-def _register_scales(x, FMT: tl.constexpr, DEFER: tl.constexpr = False):
+def _register_scales(x, FMT: tl.constexpr, DEFER: tl.constexpr = False, DIVIDE_RATIO: tl.constexpr = False):
     """(scale, zero point, careful) of the blocks of a register tile (see _blocks_max).
 
     The amax (ASYM: hi and -lo) is first reduced over all elements, one max an element, NaN kept. careful
@@ -75,7 +75,8 @@ def _register_scales(x, FMT: tl.constexpr, DEFER: tl.constexpr = False):
     as the reference does, and the codes are divided exactly. So a tile that is not careful holds finite
     values only, and its int8 quotients need no clamp (|x| <= amax: |x / scale| <= 127 * (1 + 2**-23) under
     scale = RN(amax / 127)) and no select for NaN. DEFER: a careful tile is left to another
-    launch (DEFERRED of _quantize_tile), so its scales are not reduced again here.
+    launch (DEFERRED of _quantize_tile), so its scales are not reduced again here. DIVIDE_RATIO: the scales by
+    block_scale's IEEE divisions instead of its corrected steps (the same values).
     """
     if FMT.ASYM:  # nlo = max(-x) as -min(x): Triton's -x is 0 - x, an add an element
         hi = _blocks_max(x, True, FMT.NAN_COMBINE)
@@ -83,7 +84,7 @@ def _register_scales(x, FMT: tl.constexpr, DEFER: tl.constexpr = False):
     else:
         hi = _blocks_max(tl.abs(x), True, FMT.NAN_COMBINE)
         nlo = 0.0
-    scale, zp, wild = corrected_block_scale(hi, nlo, FMT)
+    scale, zp, wild = corrected_block_scale(hi, nlo, FMT, DIVIDE if DIVIDE_RATIO else CORRECTED_ANY_ZERO)
     careful = tl.max(wild.to(tl.int32))
     if careful != 0 and not DEFER:
         if FMT.ASYM:
@@ -189,7 +190,7 @@ def _quantize_tile(
     if SCALE_SRC == SCALE_REGISTER:
         brow = pid_r * RB + rb  # [RB, 1, 1, 1]
         bcol = pid_c * CB + cb  # [1, 1, CB, 1]
-        scale, zp, careful = _register_scales(x, FMT, TILE_MODE == DEFERRED)
+        scale, zp, careful = _register_scales(x, FMT, TILE_MODE == DEFERRED, FMT.TILE_DIVIDE and RB * CB == 1)
         store_scales(scales_ptr, zp_ptr, brow.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c,
                       (brow < NBR) & (bcol < NBC), scale, zp, FMT)
     else:
@@ -447,7 +448,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
 def _quantize_into(v, block, spec, given, amax, qt, exact_fp8, config) -> None:
     """Launch the kernels that quantize v, x's (P, R, C) view of blocks `block`, into qt (quantize's body: launches on
     these tensors only)."""
-    fmt = element_constants(spec, exact_fp8, config.guarded_quotient)
+    fmt = element_constants(spec, exact_fp8, config.guarded_quotient)._replace(TILE_DIVIDE=config.one_block_divide)
     br, bc = block
     P, R, C = v.shape
     nbr, nbc = _cdiv(R, br), _cdiv(C, bc)

@@ -449,6 +449,15 @@ def test_deferred_careful_tiles(spec, shape, persistent, defer, rng):
     check(random_input(shape, torch.bfloat16, rng, edge_cases=False), spec, config=config)
 
 
+@pytest.mark.parametrize("spec,shape", DEFER_CASES, ids=str)
+@pytest.mark.parametrize("defer", [False, True], ids=["careful_in_place", "deferred"])
+def test_one_block_divide(spec, shape, defer, rng):
+    """KernelConfig.one_block_divide: one-block tiles' scales by IEEE division, careless and careful tiles."""
+    config = one_block_config(dataclasses.replace(DEFAULT, one_block_divide=True), defer=defer)
+    check(deferred_input(shape, torch.bfloat16, rng), spec, config=config)
+    check(random_input(shape, torch.float32, rng, edge_cases=False), spec, config=config)
+
+
 # The register tiles' schedules (bf16 inputs would take the pairs kernel: asym_pairs_launch None).
 ASYM_GROUP_SCHEDULES = [dict(asym_programs=2, asym_tile=(8192, 8), asym_maxnreg=128, asym_pairs_launch=None),
                         dict(asym_programs=0, asym_pairs_launch=None)]
@@ -831,6 +840,16 @@ def test_gpu_deferred_careful_tiles(spec, shape, warps, programs, maxnreg, rng):
     config = one_block_config(dataclasses.replace(DEFAULT, tile_warps=warps, tile_maxnreg=maxnreg), defer=True,
                               per_sm=programs)
     for size in [shape, (129, 129), (513, 1000), (2048, 8192)]:
+        check(deferred_input(size, torch.bfloat16, rng).cuda(), spec, config=config)
+        check(random_input(size, torch.float32, rng, edge_cases=False).cuda(), spec, config=config)
+    check(every_16bit(torch.bfloat16).reshape(256, 256).cuda(), spec, config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec,shape", DEFER_CASES, ids=str)
+def test_gpu_one_block_divide(spec, shape, rng):
+    config = dataclasses.replace(DEFAULT, one_block_divide=True)
+    for size in [shape, (129, 129), (2048, 8192)]:
         check(deferred_input(size, torch.bfloat16, rng).cuda(), spec, config=config)
         check(random_input(size, torch.float32, rng, edge_cases=False).cuda(), spec, config=config)
     check(every_16bit(torch.bfloat16).reshape(256, 256).cuda(), spec, config=config)
