@@ -115,16 +115,16 @@ class KernelConfig:
     # channel 0.984 against 0.907 with rows of 64 within 128, asym 128x128 0.851 against 0.846. INT8 rows take 93
     # registers without a limit since the block scales' corrected steps (triton 3.6) and run as fast as within 80
     # (H200, 2026-12-05, as above: INT8 sym per channel 0.991 against 0.984).
+    one_block_float: OneBlock = OneBlock(defer=True, per_sm=0, tile_elems=128, row_elems=64, maxnreg=None,
+                                         row_maxnreg=80)
+    one_block_int: OneBlock = OneBlock(defer=True, per_sm=0, tile_elems=128, row_elems=64, maxnreg=None,
+                                       row_maxnreg=None)
     # One-block register tiles (128 x 128) find their scale by IEEE division rather than by the corrected steps
     # (the same value; one division a tile). Off until timed: on an H200 (2026-12-05, 16384^2 bf16, profile_kernels
     # --time, separate processes) E4M3 128x128 ran 0.990 x copy at b62ebc8 (division) and 0.889 at 5ee5e52 (corrected
     # steps). Offline (triton 3.6) the corrected steps move the tile's scale and much of its addressing to the
     # uniform datapath (E4M3: 142 U*, RUR and VOTEU instructions against 14 with the division, as b62ebc8 had).
     one_block_divide: bool = False
-    one_block_float: OneBlock = OneBlock(defer=True, per_sm=0, tile_elems=128, row_elems=64, maxnreg=None,
-                                         row_maxnreg=80)
-    one_block_int: OneBlock = OneBlock(defer=True, per_sm=0, tile_elems=128, row_elems=64, maxnreg=None,
-                                       row_maxnreg=None)
     # Blocks whose scales come from the statistics pass or are given (per tensor, channels, groups and tiles
     # too large for registers, static and delayed scales): x / scale by the guarded corrected quotient
     # (triton_elements.quotient GUARDED: a reciprocal and two fmas) instead of IEEE division wherever the
