@@ -227,9 +227,16 @@ SWEEPS = [
      [dict(stats_programs=p) for p in (1024, 2048, 512)] + [dict(stats_tile_elems=8192, stats_warps=8)]),
     ([("nvfp4", QuantSpec("nvfp4"), SQUARE, "quantize")],
      [dict(nvfp4_launch=launch) for launch in ((16, 16, 4), (8, 16, 2), (16, 16, 2), (8, 32, 4), (32, 8, 4), (4, 8, 8))]),
-    ([("fp8 e4m3 dual 1x128 + 128x1", QuantSpec(), SQUARE, "dual")],
-     [dict(dual_warps=w, dual_maxnreg=r) for w, r in ((4, None), (8, 128), (8, None), (4, 128), (16, 64))]
-     + [dict(dual_defer=True, dual_warps=w, dual_maxnreg=r) for w, r in ((8, None), (8, 128), (4, None))]),
+    ([("fp8 e4m3 dual 1x128 + 128x1", QuantSpec(), SQUARE, "dual"),
+      ("mxfp8 dual 1x32 + 32x1", QuantSpec(format="mxfp8"), SQUARE, "dual"),
+      ("int8 asym dual 1x128 + 128x1", QuantSpec(format="int8_asym"), SQUARE, "dual")],
+     [{}] + [dict(dual_prefetch=False)]
+     + [dict(dual_slabs=n, dual_slabs_mx_asym=n) for n in (1, 2, 4, 8)]
+     + [dict(dual_warps=w, dual_maxnreg=r) for w, r in ((8, 128), (8, None), (4, 128), (16, 64))]
+     + [dict(dual_defer=False)]),
+    ([("fp8 e4m3 128x128", CASES[1][1], SQUARE, "quantize"), ("int8 sym 128x128", CASES[10][1], SQUARE, "quantize"),
+      ("int8 asym 128x128", QuantSpec(format="int8_asym", granularity="tile", tile=(128, 128)), SQUARE, "quantize")],
+     [{}, dict(one_block_divide=True)]),
     ([("int8 asym 1x128", CASES[6][1], SQUARE, "quantize")],
      [{}] + [dict(asym_pairs_launch=launch) for launch in ((1024, 1), (4096, 1), (4096, 2), (8192, 4))]
      + [dict(asym_pairs_piece=4), dict(asym_pairs_piece=16)]
