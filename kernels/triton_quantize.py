@@ -272,69 +272,52 @@ def _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_ptr,
     pid_c = pid % TILES_C
     pid_r = pid // TILES_C
     careful_any = 0
-    raw, rows, bcol, cols, valid = _dual_rows_load(x_ptr, pid_r, pid_c, 0, R, C, sx_r, sx_c, TILE, SLABS)
-    for s in tl.static_range(SLABS):
-        if PREFETCH:  # the next slab's load issued before this slab's stores, which it may not pass
-            if s + 1 < SLABS:
-                ahead = _dual_rows_load(x_ptr, pid_r, pid_c, s + 1, R, C, sx_r, sx_c, TILE, SLABS)
-            else:
-                ahead = _dual_columns_load(x_ptr, pid_r, pid_c, 0, R, C, sx_r, sx_c, TILE, SLABS)
+    slab = _dual_load(x_ptr, pid_r, pid_c, 0, R, C, sx_r, sx_c, TILE, SLABS)
+    for s in tl.static_range(2 * SLABS):  # the rows' slabs, then the columns' (laid out as X^T's rows)
+        if PREFETCH:  # the next slab's load issued before this slab's stores, which loads may not pass
+            if s + 1 < 2 * SLABS:
+                ahead = _dual_load(x_ptr, pid_r, pid_c, s + 1, R, C, sx_r, sx_c, TILE, SLABS)
+        raw, rows, bcol, cols, valid = slab
         x = widen_fp32(raw, BF16_BITS)
         scale, zp, careful = _register_scales(x, FMT, TILE_MODE == DEFERRED)
-        store_scales(scales_ptr, zp_ptr, rows.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c,
-                     (rows < R) & (bcol < NBC), scale, zp, FMT)
-        _store_dual_codes(codes_ptr + rows.to(tl.int64) * sq_r + cols, valid, x, scale, zp, careful, FMT, TILE_MODE)
+        if s < SLABS:
+            store_scales(scales_ptr, zp_ptr, rows.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c,
+                         (rows < R) & (bcol < NBC), scale, zp, FMT)
+            _store_dual_codes(codes_ptr + rows.to(tl.int64) * sq_r + cols, valid, x, scale, zp, careful, FMT,
+                              TILE_MODE)
+        else:  # rows: X^T's columns (the tile's rows), cols: X^T's rows
+            store_scales(scales_t_ptr, zp_t_ptr, cols.to(tl.int64) * sst_r + pid_r * sst_c, cols < C, scale, zp,
+                         FMT)
+            _store_dual_codes(codes_t_ptr + cols.to(tl.int64) * R + rows, valid, x, scale, zp, careful, FMT,
+                              TILE_MODE)
         careful_any = careful_any | careful
-        if PREFETCH:
-            raw, rows, bcol, cols, valid = ahead
-        elif s + 1 < SLABS:
-            raw, rows, bcol, cols, valid = _dual_rows_load(x_ptr, pid_r, pid_c, s + 1, R, C, sx_r, sx_c, TILE, SLABS)
-        else:
-            raw, rows, bcol, cols, valid = _dual_columns_load(x_ptr, pid_r, pid_c, 0, R, C, sx_r, sx_c, TILE, SLABS)
-    for s in tl.static_range(SLABS):  # rows, bcol, cols, valid: now X^T's rows_t, -, cols_t, valid_t
-        if PREFETCH:
-            if s + 1 < SLABS:
-                ahead = _dual_columns_load(x_ptr, pid_r, pid_c, s + 1, R, C, sx_r, sx_c, TILE, SLABS)
-        xt = widen_fp32(raw, BF16_BITS)
-        scale_t, zp_t, careful_t = _register_scales(xt, FMT, TILE_MODE == DEFERRED)
-        store_scales(scales_t_ptr, zp_t_ptr, cols.to(tl.int64) * sst_r + pid_r * sst_c, cols < C, scale_t, zp_t,
-                     FMT)
-        _store_dual_codes(codes_t_ptr + cols.to(tl.int64) * R + rows, valid, xt, scale_t, zp_t, careful_t, FMT,
-                          TILE_MODE)
-        careful_any = careful_any | careful_t
-        if s + 1 < SLABS:
+        if s + 1 < 2 * SLABS:
             if PREFETCH:
-                raw, rows, bcol, cols, valid = ahead
+                slab = ahead
             else:
-                raw, rows, bcol, cols, valid = _dual_columns_load(x_ptr, pid_r, pid_c, s + 1, R, C, sx_r, sx_c, TILE,
-                                                                  SLABS)
+                slab = _dual_load(x_ptr, pid_r, pid_c, s + 1, R, C, sx_r, sx_c, TILE, SLABS)
     if TILE_MODE == DEFERRED:
         if careful_any != 0:
             defer_tile(list_ptr, pid)
 
 
 @triton.jit
-def _dual_rows_load(x_ptr, pid_r, pid_c, s: tl.constexpr, R, C, sx_r, sx_c, TILE: tl.constexpr, SLABS: tl.constexpr):
-    """(loaded elements, rows, blocks, columns, mask) of row slab s of a dual tile: rows [RB / SLABS, 1, CB, G]."""
-    rows = pid_r * TILE.RB + s * (TILE.RB // SLABS) + tl.arange(0, TILE.RB // SLABS)[:, None, None, None]
-    bcol = pid_c * TILE.CB + tl.arange(0, TILE.CB)[None, None, :, None]
-    cols = bcol * TILE.TBC + tl.arange(0, TILE.TBC)[None, None, None, :]
+def _dual_load(x_ptr, pid_r, pid_c, s: tl.constexpr, R, C, sx_r, sx_c, TILE: tl.constexpr, SLABS: tl.constexpr):
+    """(loaded elements, rows, blocks, columns, mask) of slab s of a dual tile: s < SLABS, a slab of its rows
+    [RB / SLABS, 1, CB, G]; else slab s - SLABS of its columns, laid out as X^T's rows [CB * G / SLABS, 1, 1, RB]
+    (blocks: 0)."""
+    if s < SLABS:
+        rows = pid_r * TILE.RB + s * (TILE.RB // SLABS) + tl.arange(0, TILE.RB // SLABS)[:, None, None, None]
+        bcol = pid_c * TILE.CB + tl.arange(0, TILE.CB)[None, None, :, None]
+        cols = bcol * TILE.TBC + tl.arange(0, TILE.TBC)[None, None, None, :]
+    else:
+        width: tl.constexpr = TILE.CB * TILE.TBC // SLABS
+        rows = pid_r * TILE.RB + tl.arange(0, TILE.RB)[None, None, None, :]
+        bcol = 0
+        cols = pid_c * TILE.CB * TILE.TBC + (s - SLABS) * width + tl.arange(0, width)[:, None, None, None]
     valid = (rows < R) & (cols < C)
     raw = tl.load(x_ptr + rows.to(tl.int64) * sx_r + cols.to(tl.int64) * sx_c, mask=valid, other=0)
     return raw, rows, bcol, cols, valid
-
-
-@triton.jit
-def _dual_columns_load(x_ptr, pid_r, pid_c, s: tl.constexpr, R, C, sx_r, sx_c, TILE: tl.constexpr,
-                       SLABS: tl.constexpr):
-    """(loaded elements, rows, 0, columns, mask) of column slab s of a dual tile, laid out as X^T's rows
-    [CB * G / SLABS, 1, 1, RB]."""
-    rows_t = pid_r * TILE.RB + tl.arange(0, TILE.RB)[None, None, None, :]
-    width: tl.constexpr = TILE.CB * TILE.TBC // SLABS
-    cols_t = pid_c * TILE.CB * TILE.TBC + s * width + tl.arange(0, width)[:, None, None, None]
-    valid_t = (rows_t < R) & (cols_t < C)
-    raw = tl.load(x_ptr + rows_t.to(tl.int64) * sx_r + cols_t.to(tl.int64) * sx_c, mask=valid_t, other=0)
-    return raw, rows_t, 0, cols_t, valid_t
 
 
 @triton.jit
