@@ -226,7 +226,7 @@ SWEEPS = [
     ([("fp8 e4m3 tensor", CASES[7][1], SQUARE, "quantize")],
      [dict(stats_programs=p) for p in (1024, 2048, 512)] + [dict(stats_tile_elems=8192, stats_warps=8)]),
     ([("nvfp4", QuantSpec("nvfp4"), SQUARE, "quantize")],
-     [dict(nvfp4_launch=launch) for launch in ((16, 16, 4), (8, 16, 2), (16, 16, 2), (8, 32, 4), (32, 8, 4), (4, 8, 8))]),
+     [{}] + [dict(nvfp4_launch=launch) for launch in ((1, 128, 2), (2, 64, 2), (2, 32, 1), (1, 32, 1), (4, 16, 2))]),
     ([("fp8 e4m3 dual 1x128 + 128x1", QuantSpec(), SQUARE, "dual"),
       ("mxfp8 dual 1x32 + 32x1", QuantSpec(format="mxfp8"), SQUARE, "dual"),
       ("int8 asym dual 1x128 + 128x1", QuantSpec(format="int8_asym"), SQUARE, "dual")],
@@ -236,10 +236,10 @@ SWEEPS = [
      + [dict(dual_defer=False)]),
     ([("fp8 e4m3 128x128", CASES[1][1], SQUARE, "quantize"), ("int8 sym 128x128", CASES[10][1], SQUARE, "quantize"),
       ("int8 asym 128x128", QuantSpec(format="int8_asym", granularity="tile", tile=(128, 128)), SQUARE, "quantize")],
-     [{}, dict(one_block_divide=True)]),
+     [{}, dict(one_block_divide=not DEFAULT.one_block_divide)]),
     ([("int8 asym 1x128", CASES[6][1], SQUARE, "quantize")],
      [{}] + [dict(asym_pairs_launch=launch) for launch in ((1024, 1), (4096, 1), (4096, 2), (8192, 4))]
-     + [dict(asym_pairs_piece=4), dict(asym_pairs_piece=16)]
+     + [dict(asym_pairs_piece=p) for p in (4, 8, 16, 32, 64) if p != DEFAULT.asym_pairs_piece]
      + [dict(asym_pairs_launch=None, **fields) for fields in
         [{}, dict(asym_defer=False), dict(asym_programs=2, asym_tile=(8192, 8), asym_maxnreg=128)]
         + [dict(asym_tile=tile) for tile in ((1024, 1), (4096, 1), (2048, 2), (4096, 2), (4096, 4), (8192, 8))]]),

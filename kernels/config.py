@@ -120,11 +120,12 @@ class KernelConfig:
     one_block_int: OneBlock = OneBlock(defer=True, per_sm=0, tile_elems=128, row_elems=64, maxnreg=None,
                                        row_maxnreg=None)
     # One-block register tiles (128 x 128) find their scale by IEEE division rather than by the corrected steps
-    # (the same value; one division a tile). Off until timed: on an H200 (2026-12-05, 16384^2 bf16, profile_kernels
-    # --time, separate processes) E4M3 128x128 ran 0.990 x copy at b62ebc8 (division) and 0.889 at 5ee5e52 (corrected
-    # steps). Offline (triton 3.6) the corrected steps move the tile's scale and much of its addressing to the
-    # uniform datapath (E4M3: 142 U*, RUR and VOTEU instructions against 14 with the division, as b62ebc8 had).
-    one_block_divide: bool = False
+    # (the same value; one division a tile). Offline (triton 3.6) the corrected steps move the tile's scale and much
+    # of its addressing to the uniform datapath (E4M3: 142 U*, RUR and VOTEU instructions against 14 with the
+    # division). H200 (2026-12-05, 16384^2 bf16, profile_kernels --time, two processes, division / corrected
+    # steps): E4M3 128x128 0.987 / 0.940 and 0.987 / 0.932 x copy, INT8 sym 0.985 / 0.943 and 0.987 / 0.939, INT8
+    # asym 0.870 / 0.859 and 0.873 / 0.872.
+    one_block_divide: bool = True
     # Blocks whose scales come from the statistics pass or are given (per tensor, channels, groups and tiles
     # too large for registers, static and delayed scales): x / scale by the guarded corrected quotient
     # (triton_elements.quotient GUARDED: a reciprocal and two fmas) instead of IEEE division wherever the

@@ -452,8 +452,9 @@ def test_deferred_careful_tiles(spec, shape, persistent, defer, rng):
 @pytest.mark.parametrize("spec,shape", DEFER_CASES, ids=str)
 @pytest.mark.parametrize("defer", [False, True], ids=["careful_in_place", "deferred"])
 def test_one_block_divide(spec, shape, defer, rng):
-    """KernelConfig.one_block_divide: one-block tiles' scales by IEEE division, careless and careful tiles."""
-    config = one_block_config(dataclasses.replace(DEFAULT, one_block_divide=True), defer=defer)
+    """KernelConfig.one_block_divide not as shipped (one-block tiles' scales by IEEE division or by the corrected
+    steps), careless and careful tiles."""
+    config = one_block_config(dataclasses.replace(DEFAULT, one_block_divide=not DEFAULT.one_block_divide), defer=defer)
     check(deferred_input(shape, torch.bfloat16, rng), spec, config=config)
     check(random_input(shape, torch.float32, rng, edge_cases=False), spec, config=config)
 
@@ -848,7 +849,7 @@ def test_gpu_deferred_careful_tiles(spec, shape, warps, programs, maxnreg, rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec,shape", DEFER_CASES, ids=str)
 def test_gpu_one_block_divide(spec, shape, rng):
-    config = dataclasses.replace(DEFAULT, one_block_divide=True)
+    config = dataclasses.replace(DEFAULT, one_block_divide=not DEFAULT.one_block_divide)
     for size in [shape, (129, 129), (2048, 8192)]:
         check(deferred_input(size, torch.bfloat16, rng).cuda(), spec, config=config)
         check(random_input(size, torch.float32, rng, edge_cases=False).cuda(), spec, config=config)
