@@ -40,40 +40,38 @@ def _e2m1_bf16_pairs(w, e):
     scale 2**e (e in [-127, 127]), in packed bf16x2 arithmetic (sm_90 PTX; no NaN among the elements).
 
     Per element: q = x * 2**-e, exact but where it falls below bf16's normals (such q code as 0);
-    a = min(|q|, 6);
-    M = 2**(6 + max(floor(log2(a)), 0)), the bf16 whose ulp is the E2M1 step in a's binade (0.5, 1
-    or 2); s = RN(a + M) puts a on the E2M1 grid, ties to even; the code is the number of steps s
-    lies above M (its low 7 bits) plus twice M's exponent above 2**6 (bits 7-8 of s hold that
-    exponent above 2**5). Every lane stays within its 16 bits, so the integer steps act on both
-    elements at once. The same arithmetic in torch matched the reference's codes of every bf16
-    value under every scale 2**-127 .. 2**127.
+    a = min(|q|, 6); the code is the least of the step counts RN(2a), RN(a) + 2 and RN(a / 2) + 4, as NVFP4's
+    encoder finds it (triton_nvfp4._e2m1_words, NUMERICS.md), each by one bf16x2 rounding into the low bits of a
+    sum with 128 (whose ulp is 1: 128 + k for k < 128), the least taken on the lanes' bits (u16x2 min). The sign
+    (bit 15 of the element) adds 8; the high lane's nibble joins the low one's by a shift of 12, which also brings
+    bit 14 of the low lane (128's exponent) onto bit 2, taken off first by subtracting 4 (the byte is exact mod 256).
     """
     r = tl.where(e < 127, (127 - e) << 7, 0x40)  # bf16 bits of 2**-e (2**-127 is a subnormal)
     r2 = tl.broadcast_to(r | (r << 16), w.shape)
     return tl.inline_asm_elementwise(
         asm="""
         {
-        .reg .b32 q, a, m, s, t, six, one;
+        .reg .b32 q, a, y, z, h, t, six, two, half, c0, c2, c4;
         mov.b32 six, 0x40C040C0;
-        mov.b32 one, 0x3F803F80;
+        mov.b32 two, 0x40004000;
+        mov.b32 half, 0x3F003F00;
+        mov.b32 c0, 0x43004300;
+        mov.b32 c2, 0x43024302;
+        mov.b32 c4, 0x43044304;
         mul.rn.bf16x2 q, $1, $2;
         and.b32 a, q, 0x7FFF7FFF;
         min.u16x2 a, a, six;
-        and.b32 m, a, 0x7F807F80;
-        max.u16x2 m, m, one;
-        add.u32 m, m, 0x03000300;
-        add.rn.bf16x2 s, a, m;
-        shr.u32 t, s, 6;
-        and.b32 t, t, 0x00060006;
-        and.b32 s, s, 0x007F007F;
-        add.u32 s, s, t;
-        sub.u32 s, s, 0x00020002;
+        fma.rn.bf16x2 y, a, two, c0;
+        add.rn.bf16x2 z, a, c2;
+        fma.rn.bf16x2 h, a, half, c4;
+        min.u16x2 y, y, z;
+        min.u16x2 y, y, h;
         shr.u32 t, $1, 12;
         and.b32 t, t, 0x00080008;
-        or.b32 s, s, t;
-        shr.u32 t, s, 12;
-        or.b32 s, s, t;
-        and.b32 $0, s, 0xFF;
+        add.u32 y, y, t;
+        sub.u32 y, y, 4;
+        shr.u32 t, y, 12;
+        add.u32 $0, y, t;
         }
         """,
         constraints="=r,r,r", args=[w, r2], dtype=tl.int32, is_pure=True, pack=1)

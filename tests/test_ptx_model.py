@@ -84,25 +84,31 @@ def test_add_is_one_rounding_of_the_exact_sum():
         assert got[i] == want or (want == 0 and got[i] == 0), (x, y, got[i], want)
 
 
-@pytest.mark.parametrize("op", ["mul", "add"])
+@pytest.mark.parametrize("op", ["mul", "add", "fma"])
 def test_bf16x2_arithmetic_is_one_rounding(op):
     rng = np.random.default_rng(7)
     n = 20000
-    h = rng.integers(0, 1 << 16, (2, n), dtype=np.uint32)
+    h = rng.integers(0, 1 << 16, (3, n), dtype=np.uint32)
     h[:, :64] = np.arange(64, dtype=np.uint32)  # subnormals
+    h[2, 64:128] = h[0, 64:128] ^ 0x8000  # fma: sums that cancel (a * 1 + -a, with b = 1 below)
+    h[1, 64:128] = 0x3F80
     finite = lambda v: (v & 0x7F80) != 0x7F80  # noqa: E731
-    keep = finite(h[0]) & finite(h[1])
+    keep = finite(h[0]) & finite(h[1]) & finite(h[2])
     h = h[:, keep]
-    a, b = h[0] | (h[1] << 16), h[1] | (h[0] << 16)
-    got = run(f"{op}.rn.bf16x2 $0, $1, $2;", "=r,r,r", [a, b], 1)[0]
+    a, b, c = h[0] | (h[1] << 16), h[1] | (h[0] << 16), h[2] | (h[2] << 16)
+    if op == "fma":
+        got = run("fma.rn.bf16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], 1)[0]
+    else:
+        got = run(f"{op}.rn.bf16x2 $0, $1, $2;", "=r,r,r", [a, b], 1)[0]
     top = (2.0 - 2.0 ** -7) * 2.0 ** 127
     val = lambda v: float((np.uint32(v) << np.uint32(16)).view(np.float32))  # noqa: E731
+    exact = {"mul": lambda x, y, z: x * y, "add": lambda x, y, z: x + y, "fma": lambda x, y, z: x * y + z}[op]
     for i in range(0, a.size, 7):
         for shift in (0, 16):
-            ha, hb, hr = ((v >> shift) & 0xFFFF for v in (a[i], b[i], got[i]))
-            x, y = Fraction(val(ha)), Fraction(val(hb))
-            want = _exact_round(x * y if op == "mul" else x + y, 7, -126, top)
-            assert val(hr) == want or (want == 0 and val(hr) == 0), (val(ha), val(hb), val(hr), want)
+            ha, hb, hc, hr = ((v >> shift) & 0xFFFF for v in (a[i], b[i], c[i], got[i]))
+            x, y, z = Fraction(val(ha)), Fraction(val(hb)), Fraction(val(hc))
+            want = _exact_round(exact(x, y, z), 7, -126, top)
+            assert val(hr) == want or (want == 0 and val(hr) == 0), (val(ha), val(hb), val(hc), val(hr), want)
 
 
 @pytest.mark.parametrize("op", ["max", "min"])

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from quantd.kernels import (dispatch, plans, quantize_plan, reference, triton_block_stats, triton_elements,
-                           triton_quantize)
+                           triton_mxfp4_pairs, triton_quantize)
 from quantd.kernels.config import DEFAULT
 from quantd.kernels.quantize_plan import Tile, block_geometry, element_constants, schedule, tile_geometry
 from quantd.kernels.spec import Granularity, QuantizedTensor, QuantSpec
@@ -622,6 +622,32 @@ def test_mxfp4_bf16_under_chosen_scales():
     GPU test does for every scale); the pairs kernel's integer amax and scale exponent."""
     x = every_bf16_under_scales([-127, -126, -2, 0, 1, 125])
     check(x, QuantSpec(format="mxfp4"))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_e2m1_bf16_pairs_every_bf16_under_every_scale(device):
+    """triton_mxfp4_pairs._e2m1_bf16_pairs (PTX: compiled, or its model under the interpreter) on every finite
+    bf16 value in both halves of a word (the high ones shuffled) under every scale 2**e, e in [-127, 127]: the
+    reference's codes of the exact quotients, clamped to +-6 as every quotient under its block's scale is."""
+
+    @triton.jit
+    def encode(w_ptr, out_ptr, n, e, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        code = triton_mxfp4_pairs._e2m1_bf16_pairs(tl.load(w_ptr + i, mask=m, other=0), e)
+        tl.store(out_ptr + i, code.to(tl.uint8), mask=m)
+
+    bits = torch.arange(1 << 16, dtype=torch.int32)
+    finite = bits[torch.isfinite(bits.to(torch.int16).view(torch.bfloat16))]
+    gen = torch.Generator().manual_seed(3)
+    lo, hi = finite, finite[torch.randperm(finite.numel(), generator=gen)]
+    w = (lo | (hi << 16)).to(device)
+    as_fp32 = lambda h: h.to(torch.int16).view(torch.bfloat16).float()  # noqa: E731
+    out = torch.empty(w.shape, dtype=torch.uint8, device=device)
+    for e in range(-127, 128):
+        encode[(triton.cdiv(w.numel(), 16384),)](w, out, w.numel(), e, BLOCK=16384)
+        want = [reference.e2m1_codes((as_fp32(h) * 2.0 ** -e).clamp(-6.0, 6.0)) for h in (lo, hi)]
+        assert torch.equal(out.cpu(), want[0] | (want[1] << 4)), e
 
 
 @pytest.mark.parametrize("fmt", FP8 + ("mxfp4", "nvfp4"))
