@@ -83,8 +83,10 @@ class KernelConfig:
     # (2026-12-05, 16384^2 bf16, profile_kernels --time, one process): (2048, 1) 0.921 x copy against 0.874 for the
     # register tiles, (1024, 1) 0.904, (4096, 2) 0.585; a second process 0.926 against 0.867 (6cf2eae). An earlier
     # pairs kernel with a block's words spread over its threads lost there (0.854 against 0.876, removed in 77bf878).
+    # Pieces of 16 words (H200, 2026-12-05, as above): 1.004 against 0.918 for 8 and 0.635 for 4 (offline, triton
+    # 3.6: the same words a thread, 96 registers against 64, 19.6 against 18.8 SASS instructions an element).
     asym_pairs_launch: tuple | None = (2048, 1)
-    asym_pairs_piece: int = 8
+    asym_pairs_piece: int = 16
     # Careful tiles of dual-layout programs listed for a second launch, as asym_defer (triton 3.6: 128 x 128 tiles at 8
     # warps take 124 registers instead of 161). H200, as above, two runs: 0.550 / 0.549 x copy at 4 warps against
     # 0.540 / 0.538 in place; 0.523 at 8 warps, 0.394 at 8 warps within 128 registers.

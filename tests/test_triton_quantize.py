@@ -709,7 +709,7 @@ def test_mxfp4_pairs_kernel(dtype, rng, monkeypatch):
 def test_asym_pairs_kernel(group, device, rng, monkeypatch):
     """bf16 INT8 asym row groups whose rows can be read as int32 pairs take _asym_pairs_kernel (careless tiles,
     careful ones: NaN, Inf, subnormal rows; a ragged last block, sliced rows, column scales, a program of two warps
-    and of several rows); others (odd width, strided columns, fp16, groups wider than a program, the pairs off) the
+    and of several rows, pieces of 4 words); others (odd width, strided columns, fp16, groups wider than a program, the pairs off) the
     register tiles."""
     taken = pairs_taken(monkeypatch, "asym_pairs")
     spec = QuantSpec(format="int8_asym", group_size=group)
@@ -725,10 +725,11 @@ def test_asym_pairs_kernel(group, device, rng, monkeypatch):
         check(t, spec)
     check(plain, spec, config=dataclasses.replace(DEFAULT, asym_pairs_launch=(256, 2)))
     check(plain, spec, config=dataclasses.replace(DEFAULT, asym_pairs_launch=(group // 2, 1)))
+    check(plain, spec, config=dataclasses.replace(DEFAULT, asym_pairs_piece=4))
     check(plain, spec, config=dataclasses.replace(DEFAULT, asym_pairs_launch=None))
     got = dispatch.quantize(x, spec, backend="triton", scale_layout="col")
     assert_same_qt(got, reference_quantize(x, spec))
-    assert taken == [True, True, True, False, False, False, True, False, False, True]
+    assert taken == [True, True, True, False, False, False, True, False, True, False, True]
     if device == "cuda":  # many tiles, careless and careful
         check(random_input((1000, 4096), torch.bfloat16, rng).to(device), spec)
         check(random_input((3000, 2048), torch.bfloat16, rng, edge_cases=False).to(device), spec)
