@@ -709,8 +709,8 @@ def test_mxfp4_pairs_kernel(dtype, rng, monkeypatch):
 def test_asym_pairs_kernel(group, device, rng, monkeypatch):
     """bf16 INT8 asym row groups whose rows can be read as int32 pairs take _asym_pairs_kernel (careless tiles,
     careful ones: NaN, Inf, subnormal rows; a ragged last block, sliced rows, column scales, a program of two warps
-    and of several rows, pieces of 4 words); others (odd width, strided columns, fp16, groups wider than a program, the pairs off) the
-    register tiles."""
+    and of several rows, pieces of 4 words); others (odd width, strided columns, fp16, groups wider than a program,
+    the pairs off) the register tiles."""
     taken = pairs_taken(monkeypatch, "asym_pairs")
     spec = QuantSpec(format="int8_asym", group_size=group)
     x = random_input((70, 400), torch.bfloat16, rng).to(device)
