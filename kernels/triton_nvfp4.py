@@ -105,32 +105,47 @@ def _e2m1_steps_ptx(q: str, code: str) -> str:
         min.u32 {code}, {code}, e;"""
 
 
-E2M1_WORDS_PTX = tl.constexpr("""
+def _code_bytes_ptx() -> str:
+    """PTX of _e2m1_words, four words at a time ($1-$4 q_lo, $5-$8 q_hi, $9-$12 w; $0 the four bytes): each word's
+    codes as lo + 16 * hi, the four gathered into one register (prmt); the signs (bits 15 and 31 of each word, bytes 1
+    and 3) spread into whole bytes by prmt's sign replication, gathered as the codes are and masked to bits 3 and 7."""
+    codes = "".join(_e2m1_steps_ptx(f"${1 + i}", f"c{i}") + _e2m1_steps_ptx(f"${5 + i}", "d")
+                    + f"\n        mad.lo.s32 c{i}, d, 16, c{i};" for i in range(4))
+    return """
         {
         .reg .f32 a, y, z;
-        .reg .b32 e, c, d, s, t;""" + _e2m1_steps_ptx("$1", "c") + _e2m1_steps_ptx("$2", "d") + """
-        mad.lo.s32 c, d, 16, c;
-        and.b32 s, $3, 0x80008000;
-        shr.u32 t, s, 12;
-        shr.u32 s, s, 24;
-        add.s32 c, c, t;
-        add.s32 $0, c, s;
+        .reg .b32 e, d, c0, c1, c2, c3, u, v, s, t;""" + codes + """
+        prmt.b32 u, c0, c1, 0x0040;
+        prmt.b32 v, c2, c3, 0x0040;
+        prmt.b32 c0, u, v, 0x5410;
+        prmt.b32 s, $9, $10, 0xFBD9;
+        prmt.b32 t, $11, $12, 0xFBD9;
+        prmt.b32 u, s, t, 0x5410;
+        prmt.b32 v, s, t, 0x7632;
+        and.b32 u, u, 0x08080808;
+        and.b32 v, v, 0x80808080;
+        or.b32 c0, c0, u;
+        or.b32 $0, c0, v;
         }
-        """)
+        """
+
+
+E2M1_WORDS_PTX = tl.constexpr(_code_bytes_ptx())
 
 
 @triton.jit
 def _e2m1_words(q_lo, q_hi, w):
-    """The code byte of each pair of finite quotients (q_lo, q_hi) of the bf16 elements of int32 word w (element
-    2i in the low nibble, signs from w), in sm_90 PTX (e2m1's rounding, fewer instructions).
+    """The code byte (uint8) of each pair of finite quotients (q_lo, q_hi) of the bf16 elements of int32 word w
+    (element 2i in the low nibble, signs from w), in sm_90 PTX (e2m1's rounding, fewer instructions), four words an
+    instance.
 
     E2M1's step is 0.5 below 2, 1 in [2, 4) and 2 in [4, 6]. Of a = min(|q|, 6), its code is the least of the
     rounded step counts RN(2a), RN(a) + 2 and RN(a / 2) + 4, each counted from a different binade's code (each is
     the code where its step applies and no less elsewhere; all fp32 a in [0, 6] checked, NUMERICS.md): each by one
     rounding into the low bits of a sum with 2**23 (fma or add), the least taken on the sums' bits. Low and high
-    codes add as lo + 16 * hi, the signs (bits 15 and 31 of w) as bits 3 and 7; bits above the byte are dropped."""
-    return tl.inline_asm_elementwise(asm=E2M1_WORDS_PTX, constraints="=r,r,r,r", args=[q_lo, q_hi, w], dtype=tl.int32,
-                                     is_pure=True, pack=1)
+    codes add as lo + 16 * hi (bits above the byte dropped), the signs (bits 15 and 31 of w) become bits 3 and 7."""
+    return tl.inline_asm_elementwise(asm=E2M1_WORDS_PTX, constraints="=r" + ",r" * 12, args=[q_lo, q_hi, w],
+                                     dtype=tl.uint8, is_pure=True, pack=4)
 
 
 @triton.jit(do_not_specialize=["ss_c"])  # a stride of 1 would make the scales' store a pairs' store, shuffled
@@ -205,7 +220,7 @@ def _packed_tile(w, r, g, R, C, ss_r, ss_c, ts, rts, careless, scales_ptr, amax_
     else:  # an Inf or NaN: the amax of the finite elements
         amax = tl.max(tl.maximum(finite_abs(lo), finite_abs(hi)), axis=2, keep_dims=True)
         packed = _scaled_pairs(lo, hi, amax, r, g, R, C, ss_r, ss_c, ts, rts, careless, scales_ptr, amax_ptr,
-                               SCALE_FMT, ZERO_BITS, AMAX)
+                               SCALE_FMT, ZERO_BITS, AMAX).to(tl.uint8)
     return packed
 
 

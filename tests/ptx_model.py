@@ -31,15 +31,30 @@ def install() -> None:
 
 def _create_inline_asm(self, inlineAsm, constraints, values, type, isPure, pack):
     from triton.runtime.interpreter import TensorHandle
-    if pack != 1:
-        raise NotImplementedError(f"ptx_model: pack={pack}")
     dtypes = [getattr(t, "element_ty", t) for t in type]
-    outs = run(inlineAsm, constraints, [v.data for v in values], len(dtypes))
+    if pack == 1:
+        outs = run(inlineAsm, constraints, [v.data for v in values], len(dtypes))
+    elif pack == 4 and all(dt.name in ("int8", "uint8") for dt in dtypes):
+        outs = run_packed4(inlineAsm, constraints, [v.data for v in values], len(dtypes))
+    else:
+        raise NotImplementedError(f"ptx_model: pack={pack} into {[dt.name for dt in dtypes]}")
     return _Call([TensorHandle(o.view(_NP[dt.name]), dt) for o, dt in zip(outs, dtypes)])
 
 
 _create_inline_asm.models_ptx = True
-_NP = {"int32": np.int32, "uint32": np.uint32, "fp32": np.float32}
+_NP = {"int32": np.int32, "uint32": np.uint32, "fp32": np.float32, "int8": np.int8, "uint8": np.uint8}
+
+
+def run_packed4(asm: str, constraints: str, args: list, n_out: int) -> list:
+    """run() of a pack=4 call into 8-bit outputs, as Triton lowers it: each input's 32-bit elements four at a time
+    (operands $n_out + 4k .. $n_out + 4k + 3 for input k), each output one register of four bytes (byte j: element
+    j). Elements are grouped in the order of the broadcast inputs' flattening; the asm must treat each element
+    alike, as it cannot know which four a GPU thread groups."""
+    arrays = np.broadcast_arrays(*[np.ascontiguousarray(a) for a in args])
+    shape, n = arrays[0].shape, arrays[0].size
+    quads = [np.concatenate([a.ravel(), np.zeros(-n % 4, a.dtype)]).reshape(-1, 4) for a in arrays]
+    regs = run(asm, constraints, [q[:, j].copy() for q in quads for j in range(4)], n_out)
+    return [np.ascontiguousarray(r).view(np.uint8).reshape(-1)[:n].reshape(shape) for r in regs]
 
 
 class _Call:
@@ -219,6 +234,20 @@ def _extreme_nan(pick):
     return f
 
 
+def _prmt(a, b, c):
+    """prmt.b32 (default mode): byte i of the result is byte c[4i+2:4i] of {b, a} (a's bytes 0-3, b's 4-7),
+    or that byte's sign bit replicated where c[4i+3] is set."""
+    source = [(np.asarray(v, dtype=U32) >> U32(8 * k)) & U32(0xFF) for v in (a, b) for k in range(4)]
+    c = np.asarray(c, dtype=U32)
+    out = np.zeros(np.broadcast(a, b, c).shape, dtype=U32)
+    for i in range(4):
+        sel = (c >> U32(4 * i)) & U32(0xF)
+        byte = np.choose((sel & U32(7)).astype(np.intp), source)
+        byte = np.where(sel & U32(8), np.where(byte & U32(0x80), U32(0xFF), U32(0)), byte)
+        out |= byte.astype(U32) << U32(8 * i)
+    return out
+
+
 def _cvt_x2(fmt):
     def op(hi, lo):  # cvt.rn.{bf16,f16}x2.f32 d, a, b: a into the upper half
         return _join(_half_bits(_f32(lo), fmt), _half_bits(_f32(hi), fmt))
@@ -236,6 +265,7 @@ _OPS = {
     "sub.u32": lambda a, b: _low32(_u64(a) - _u64(b) + np.uint64(1 << 32)),
     "mul.lo.u32": lambda a, b: _low32(_u64(a) * _u64(b)),
     "mad.lo.s32": lambda a, b, c: _low32(_u64(a) * _u64(b) + _u64(c)),
+    "prmt.b32": _prmt,
     "max.u32": lambda a, b: np.maximum(a, b),
     "min.u32": lambda a, b: np.minimum(a, b),
     "max.u16x2": _u16x2(np.maximum),

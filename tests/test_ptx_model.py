@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ptx_model import run
+from ptx_model import run, run_packed4
 
 
 def _exact_round(x: Fraction, mbits: int, emin: int, top: float) -> float:
@@ -164,3 +164,23 @@ def test_integer_steps_and_operands():
     assert np.array_equal(m, np.minimum(a, a[::-1]))
     with pytest.raises(NotImplementedError, match="div.rn.f32"):
         run("div.rn.f32 $0, $1, $1;", "=f,f", [np.float32([1.0])], 1)
+
+
+def test_prmt_picks_bytes_and_replicates_signs():
+    a, b = np.uint32([0x44332211, 0x80000000]), np.uint32([0x88776655, 0x00008000])
+    pick = lambda sel: run(f"prmt.b32 $0, $1, $2, {sel};", "=r,r,r", [a, b], 1)[0].tolist()  # noqa: E731
+    assert pick("0x3210") == a.tolist() and pick("0x7654") == b.tolist()
+    assert pick("0x0040")[0] == 0x11115511 and pick("0x5410")[0] == 0x66552211
+    # sign replication (selector bit 3): bytes 1 and 3 of each word
+    assert pick("0xFBD9") == [0xFF000000, 0x00FFFF00]
+
+
+def test_packed4_groups_elements_and_bytes():
+    """pack=4 into bytes: four elements a call, byte j of the output register element j; a count not divisible by
+    four padded."""
+    x = np.arange(7 * 3, dtype=np.uint32).reshape(7, 3) * 37
+    y = np.full((7, 1), 5, dtype=np.uint32)
+    asm = "{ .reg .b32 t, u; add.u32 t, $1, $5; add.u32 u, $2, $6; prmt.b32 t, t, u, 0x0040; " \
+          "add.u32 u, $3, $7; prmt.b32 t, t, u, 0x0410; add.u32 u, $4, $8; prmt.b32 $0, t, u, 0x4210; }"
+    got = run_packed4(asm, "=r" + ",r" * 8, [x, y], 1)[0]
+    assert got.shape == (7, 3) and np.array_equal(got, ((x + y) & 0xFF).astype(np.uint8))
