@@ -401,6 +401,17 @@ def finite_abs(x):
     return tl.where(a < float("inf"), a, 0.0)
 
 
+@triton.jit
+def finite_amax(x):
+    """The largest finite |x| of fp32 x (1-D; 0.0 if none): the max of |x| (one max an element, which passes over
+    NaN as tl.maximum does on the GPU), the finite elements' taken again (finite_abs) only where that max is Inf or
+    NaN (the interpreter's max keeps NaN)."""
+    m = tl.max(tl.abs(x))
+    if (m != m) | (m == float("inf")):
+        m = tl.max(finite_abs(x))
+    return m
+
+
 # SPECIALS of decode_minifloat: which codes are not numbers.
 NO_SPECIALS = tl.constexpr(0)  # E2M1
 NAN_ALL_ONES = tl.constexpr(1)  # fn formats (E4M3): all-ones is NaN, no Inf

@@ -29,8 +29,8 @@ from .spec import Format, Granularity, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED, CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, GUARDED,
                               RECIPROCAL, block_ids, block_scale, corrected_block_scale, defer_tile, encode,
-                              encode_quotient, finite_abs, load_fp32, max_into, max_nan, min_nan, quotient, rint_int32,
-                              store_scales, tile_coords, widen_fp32)
+                              encode_quotient, finite_abs, finite_amax, load_fp32, max_into, max_nan, min_nan, quotient,
+                              rint_int32, store_scales, tile_coords, widen_fp32)
 from .triton_asym_pairs import asym_pairs
 from .triton_mxfp4_pairs import mxfp4_pairs
 
@@ -207,7 +207,7 @@ def _quantize_tile(
             scale = tl.load(given_ptr + bid)
             zp = 0.0
             if SCALE_SRC == SCALE_GIVEN_AMAX:  # exact and order independent: maxima of non-negative floats
-                max_into(stats_ptr, tl.max(tl.reshape(finite_abs(x), [TILE.RB * TILE.TBRP * TILE.CB * TILE.TBCP])))
+                max_into(stats_ptr, finite_amax(tl.reshape(x, [TILE.RB * TILE.TBRP * TILE.CB * TILE.TBCP])))
         # The scales of blocks pid * SCALES_EACH .. + SCALES_EACH - 1 (flat over the NBR x NBC grid): each
         # block's by one tile, as a short vector (not masked over the tile's elements).
         sb = pid * SCALES_EACH + tl.arange(0, SCALES_EACH)
