@@ -41,7 +41,9 @@ class KernelConfig:
     # programs that also report the input's amax (delayed scaling), whose reduction holds more registers. H200
     # (2026-12-05, 16384^2 bf16, profile_kernels --time, one process; None / (8192, 4) / (16384, 4) / (16384, 8)):
     # per tensor (two passes) 0.520 / 0.524 / 0.570 / 0.504 x copy, given scale 0.906 / 0.887 / 1.002 / 0.867,
-    # delayed scaling 0.758 / 0.806 / 0.718 / 0.758.
+    # delayed scaling 0.758 / 0.806 / 0.718 / 0.758. With its amax as one max an element (triton_elements.finite_amax:
+    # 15.75 SASS instructions an element at (8192, 4), 10.1 at (16384, 4) within 156 registers), on an H100
+    # (2026-12-05 16:2x UTC): (8192, 4) 0.985, (16384, 4) 0.963, (8192, 2) 0.966, (16384, 8) 0.956.
     lookup_tile: tuple | None = (16384, 4)
     lookup_tile_amax: tuple | None = (8192, 4)
     # Programs the statistics pass aims at where it can loop (about eight an SM of the largest GPUs), the elements
@@ -84,7 +86,8 @@ class KernelConfig:
     # register tiles, (1024, 1) 0.904, (4096, 2) 0.585; a second process 0.926 against 0.867 (6cf2eae). An earlier
     # pairs kernel with a block's words spread over its threads lost there (0.854 against 0.876, removed in 77bf878).
     # Pieces of 16 words (H200, 2026-12-05, as above): 1.004 against 0.918 for 8 and 0.635 for 4 (offline, triton
-    # 3.6: the same words a thread, 96 registers against 64, 19.6 against 18.8 SASS instructions an element).
+    # 3.6: the same words a thread, 96 registers against 64, 19.6 against 18.8 SASS instructions an element); on an
+    # H100 32 and 64 ran as 16 (1.002, 1.002 against 0.997).
     asym_pairs_launch: tuple | None = (2048, 1)
     asym_pairs_piece: int = 16
     # Careful tiles of dual-layout programs listed for a second launch, as asym_defer (triton 3.6: 128 x 128 tiles at 8
@@ -159,7 +162,10 @@ class KernelConfig:
     # 4 warps 349 us; persistent programs loading their next tile first 246-430 us. After the corrected block ratios
     # (2026-12-05, profile_kernels --time, given tensor scale, x copy): (1, 64, 1) 0.781, (1, 128, 2) 0.783, (1, 128,
     # 1) without a register limit 0.639; with the scales' stride unspecialized (05:4x UTC, one process) (1, 64, 1)
-    # 0.806, (2, 64, 2) 0.773, (1, 32, 1) 0.515.
+    # 0.806, (2, 64, 2) 0.773, (1, 32, 1) 0.515; 15:58 UTC: (1, 64, 1) 0.802, (1, 128, 2) 0.787, (2, 64, 2) 0.768,
+    # (2, 32, 1) 0.771 (ncu: 32 one-warp programs an SM, the block limit; issue and DRAM both near 70 %). H100, code
+    # bytes four words an instance (16:15 UTC): (1, 64, 1) 1.004, (1, 64, 2) 0.941, (2, 64, 4) 0.934, (1, 64, 1)
+    # within 56 registers 0.927.
     nvfp4_launch: tuple = (1, 64, 1)
     nvfp4_maxnreg: int | None = 64
     # An MXFP4 program of 16-bit words (triton_mxfp4_pairs): (rows, MX blocks a row, warps). One or two warps
