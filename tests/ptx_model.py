@@ -3,10 +3,11 @@ the kernels' PTX paths on a machine without a GPU.
 
 install() replaces the interpreter's create_inline_asm, which raises, by run(): the asm text parsed into its
 instructions, each carried out on every element at once. It models the instructions the kernels use and nothing
-else (an unknown one raises): 32-bit integer arithmetic and logic, u16x2 min/max, and the IEEE ones (.rn, no .ftz:
-subnormals kept) on f32, bf16x2 and the cvt into f16x2 / bf16x2, each rounded once from the exact result (products
-and sums formed exactly in float64, or rounded to odd there when float64 cannot hold them, which rounds correctly
-to any narrower format). NaN results are the canonical NaN of their type.
+else (an unknown one raises): 32-bit integer arithmetic and logic, byte permutes (prmt), u16x2 min/max, and the
+IEEE ones (.rn, no .ftz: subnormals kept) on f32, bf16x2 and the cvt into f16x2 / bf16x2, each rounded once from
+the exact result (products and sums formed exactly in float64, or rounded to odd there when float64 cannot hold
+them, which rounds correctly to any narrower format). NaN results are the canonical NaN of their type. Calls of
+one element an instance (pack=1), and of four into bytes (pack=4: run_packed4).
 
 It is a model of the PTX ISA's text, not of the GPU: the GPU tests (`-m gpu`) compare the compiled PTX with the
 reference, this lets CI run the code around it (layouts, masks, the tiles' fast and careful branches).
