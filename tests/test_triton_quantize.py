@@ -628,7 +628,7 @@ def test_mxfp4_bf16_under_chosen_scales():
 def test_e2m1_bf16_pairs_every_bf16_under_every_scale(device):
     """triton_mxfp4_pairs._e2m1_bf16_pairs (PTX: compiled, or its model under the interpreter) on every finite
     bf16 value in both halves of a word (the high ones shuffled) under every scale 2**e, e in [-127, 127]: the
-    reference's codes of the exact quotients, clamped to +-6 as every quotient under its block's scale is."""
+    reference's codes of the exact quotients clamped to +-6, as the reference clamps before encoding."""
 
     @triton.jit
     def encode(w_ptr, out_ptr, n, e, BLOCK: tl.constexpr):
