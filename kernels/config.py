@@ -106,6 +106,17 @@ class KernelConfig:
     dual_slabs: int = 4
     dual_slabs_mx_asym: int = 2
     dual_prefetch: bool = True
+    # The columns' slabs of a dual-layout program loaded as (columns side by side in a thread, rows across a warp's
+    # lanes), the warps on further columns (triton_quantize._dual_load LANES), so that a column's amax is reduced in
+    # registers and by shuffles and its codes are stored from the registers they were loaded in; None: the layout
+    # Triton picks from the loads' contiguity (threads along the columns, warps along the rows: shared memory for the
+    # column reductions and for the codes' store). Offline (triton 3.6, sm_90, 16384^2 bf16, common path, SASS an
+    # element / LDS / STS / barriers / shuffles a thread): E4M3 None 31.8 / 177 / 125 / 53 / 129, (8, 32) 30.4 / 17 /
+    # 53 / 33 / 185, (4, 16) 25.5 / 17 / 33 / 33 / 89, (2, 8) 23.9 / 17 / 25 / 33 / 49; MXFP8 None 30.3 / 55 / 91 /
+    # 39 / 45, (2, 8) 30.6 / 17 / 25 / 29 / 61; INT8 asym None 38.1 / 91 / 225 / 53 / 133, (2, 8) 32.8 / 21 / 33 / 37
+    # / 101. Narrower columns take more, smaller loads from L2 (the slab's second read): (2, 8) 80 LDG a thread
+    # against 32. Off until timed and GPU-tested.
+    dual_column_lanes: tuple | None = None
     # Careful tiles deferred, one tile a program. Float tiles: 4 warps of 128 elements a thread of a 128 x 128
     # tile, no register limit (H200, 2026-12-04, 16384^2 bf16, ncu kernel time: E4M3 128x128 184 us against 210 us
     # for 8 warps within 128 registers, 246 us for 4 warps within 128, 240 us for 2 warps); rows within 80

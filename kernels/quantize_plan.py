@@ -61,6 +61,17 @@ class Tile(NamedTuple):
         return self.RB * self.TBRP * self.CB * self.TBCP
 
 
+class Lanes(NamedTuple):
+    """The DUAL_LANES constexpr (KernelConfig.dual_column_lanes): of a dual tile's columns' slabs, the columns a thread
+    holds side by side and the rows across a warp's lanes; (0, 0): the layout Triton picks from the loads."""
+    COLS: int
+    ROWS: int
+
+
+def dual_lanes(config, dual: bool) -> Lanes:
+    return Lanes(*config.dual_column_lanes) if dual and config.dual_column_lanes else Lanes(0, 0)
+
+
 class Schedule(NamedTuple):
     """How a quantize launch runs (see KernelConfig.persistent_stages)."""
     one_block: bool  # each tile is one block

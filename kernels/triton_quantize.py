@@ -23,8 +23,9 @@ from .config import DEFAULT, KernelConfig
 from .layout import check_out, copy_into, scale_tensor, with_scale_layout
 from .launch import interpreting
 from .plans import launch, planned, scratch
-from .quantize_plan import (MAX_REGISTER_BLOCK, Tile, as_grid, bf16_bits, block_view, bytes_of, element_constants,
-                            input_view, persistent_programs, pow2_ceil, schedule, tile_geometry, warps)
+from .quantize_plan import (MAX_REGISTER_BLOCK, Lanes, Tile, as_grid, bf16_bits, block_view, bytes_of, dual_lanes,
+                            element_constants, input_view, persistent_programs, pow2_ceil, schedule, tile_geometry,
+                            warps)
 from .spec import Format, Granularity, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED, CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, GUARDED,
@@ -259,24 +260,26 @@ def _quantize_tile(
 @triton.jit
 def _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_ptr, scales_t_ptr, zp_t_ptr, R, C, NBC,
                TILES_C, sx_r, sx_c, sq_r, ss_r, ss_c, sst_r, sst_c, TILE: tl.constexpr, FMT: tl.constexpr,
-               BF16_BITS: tl.constexpr, TILE_MODE: tl.constexpr, SLABS: tl.constexpr, PREFETCH: tl.constexpr):
+               BF16_BITS: tl.constexpr, TILE_MODE: tl.constexpr, SLABS: tl.constexpr, PREFETCH: tl.constexpr,
+               LANES: tl.constexpr):
     """quantize_dual's tile `pid` of X (R, C): RB = TBC rows x CB groups of TBC, quantized along its rows (1 x TBC
     groups) into codes and scales, and along its columns, each column one group of X^T's row, into codes_t (C, R),
     scales_t and zp_t, from a second load of the tile (an L2 hit), laid out as X^T's rows [CB * TBC, 1, 1, RB] so
     that it is reduced and encoded like the rows and stored along X^T's rows (faster on an H100 and an H200 than
     reducing the first load's registers along the columns and transposing the codes, BENCHMARKS.md). SLABS: the
     rows, then the columns, a 1 / SLABS slab at a time, so that a thread holds a slab's elements only; PREFETCH:
-    each slab's load issued before the previous slab is coded (KernelConfig.dual_prefetch). TILE_MODE DEFERRED: a
+    each slab's load issued before the previous slab is coded (KernelConfig.dual_prefetch); LANES: the columns' slabs
+    laid out with each column's rows across a warp's lanes (_dual_load). TILE_MODE DEFERRED: a
     tile with a careful row or column is listed for the FIXUP launch (which codes it in place), its careful slabs'
     codes left unwritten."""
     pid_c = pid % TILES_C
     pid_r = pid // TILES_C
     careful_any = 0
-    slab = _dual_load(x_ptr, pid_r, pid_c, 0, R, C, sx_r, sx_c, TILE, SLABS)
+    slab = _dual_load(x_ptr, pid_r, pid_c, 0, R, C, sx_r, sx_c, TILE, SLABS, LANES)
     for s in tl.static_range(2 * SLABS):  # the rows' slabs, then the columns' (laid out as X^T's rows)
         if PREFETCH:  # the next slab's load issued before this slab's stores, which loads may not pass
             if s + 1 < 2 * SLABS:
-                ahead = _dual_load(x_ptr, pid_r, pid_c, s + 1, R, C, sx_r, sx_c, TILE, SLABS)
+                ahead = _dual_load(x_ptr, pid_r, pid_c, s + 1, R, C, sx_r, sx_c, TILE, SLABS, LANES)
         raw, rows, bcol, cols, valid = slab
         x = widen_fp32(raw, BF16_BITS)
         scale, zp, careful = _register_scales(x, FMT, TILE_MODE == DEFERRED)
@@ -284,50 +287,80 @@ def _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_ptr,
             store_scales(scales_ptr, zp_ptr, rows.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c,
                          (rows < R) & (bcol < NBC), scale, zp, FMT)
             _store_dual_codes(codes_ptr + rows.to(tl.int64) * sq_r + cols, valid, x, scale, zp, careful, FMT,
-                              TILE_MODE)
+                              TILE_MODE, False)
         else:  # rows: X^T's columns (the tile's rows), cols: X^T's rows
             store_scales(scales_t_ptr, zp_t_ptr, cols.to(tl.int64) * sst_r + pid_r * sst_c, cols < C, scale, zp,
                          FMT)
             _store_dual_codes(codes_t_ptr + cols.to(tl.int64) * R + rows, valid, x, scale, zp, careful, FMT,
-                              TILE_MODE)
+                              TILE_MODE, LANES.COLS > 0)
         careful_any = careful_any | careful
         if s + 1 < 2 * SLABS:
             if PREFETCH:
                 slab = ahead
             else:
-                slab = _dual_load(x_ptr, pid_r, pid_c, s + 1, R, C, sx_r, sx_c, TILE, SLABS)
+                slab = _dual_load(x_ptr, pid_r, pid_c, s + 1, R, C, sx_r, sx_c, TILE, SLABS, LANES)
     if TILE_MODE == DEFERRED:
         if careful_any != 0:
             defer_tile(list_ptr, pid)
 
 
 @triton.jit
-def _dual_load(x_ptr, pid_r, pid_c, s: tl.constexpr, R, C, sx_r, sx_c, TILE: tl.constexpr, SLABS: tl.constexpr):
+def _dual_load(x_ptr, pid_r, pid_c, s: tl.constexpr, R, C, sx_r, sx_c, TILE: tl.constexpr, SLABS: tl.constexpr,
+               LANES: tl.constexpr):
     """(loaded elements, rows, blocks, columns, mask) of slab s of a dual tile: s < SLABS, a slab of its rows
     [RB / SLABS, 1, CB, G]; else slab s - SLABS of its columns, laid out as X^T's rows [CB * G / SLABS, 1, 1, RB]
-    (blocks: 0)."""
+    (blocks: 0). LANES (quantize_plan.Lanes, COLS > 0): a columns' slab is loaded as [L, W / V, V, RB / L] (V =
+    min(W, COLS) columns side by side in a thread, L = min(RB, ROWS) rows across lanes, row l * RB / L + j: Triton
+    puts the lanes on the first axis after the contiguous one, the warps on the next), then viewed with its first two
+    axes swapped, [W / V, L, V, RB / L] (tl.permute: no data moves), X^T's rows along axes 0 and 2: each column's
+    rows lie in one warp (reductions in registers and by shuffles) and its codes in the load's layout
+    (_store_dual_codes swaps back)."""
     if s < SLABS:
         rows = pid_r * TILE.RB + s * (TILE.RB // SLABS) + tl.arange(0, TILE.RB // SLABS)[:, None, None, None]
         bcol = pid_c * TILE.CB + tl.arange(0, TILE.CB)[None, None, :, None]
         cols = bcol * TILE.TBC + tl.arange(0, TILE.TBC)[None, None, None, :]
     else:
         width: tl.constexpr = TILE.CB * TILE.TBC // SLABS
-        rows = pid_r * TILE.RB + tl.arange(0, TILE.RB)[None, None, None, :]
+        first = pid_c * TILE.CB * TILE.TBC + (s - SLABS) * width
         bcol = 0
-        cols = pid_c * TILE.CB * TILE.TBC + (s - SLABS) * width + tl.arange(0, width)[:, None, None, None]
+        if LANES.COLS > 0:
+            L: tl.constexpr = LANES.ROWS if TILE.RB > LANES.ROWS else TILE.RB
+            V: tl.constexpr = LANES.COLS if width > LANES.COLS else width
+            rows = pid_r * TILE.RB + tl.arange(0, L)[:, None, None, None] * (TILE.RB // L) \
+                + tl.arange(0, TILE.RB // L)[None, None, None, :]
+            cols = first + tl.arange(0, width // V)[None, :, None, None] * V + tl.arange(0, V)[None, None, :, None]
+        else:
+            rows = pid_r * TILE.RB + tl.arange(0, TILE.RB)[None, None, None, :]
+            cols = first + tl.arange(0, width)[:, None, None, None]
     valid = (rows < R) & (cols < C)
     raw = tl.load(x_ptr + rows.to(tl.int64) * sx_r + cols.to(tl.int64) * sx_c, mask=valid, other=0)
+    if s >= SLABS and LANES.COLS > 0:
+        raw = tl.permute(raw, (1, 0, 2, 3))
+        rows = tl.permute(rows, (1, 0, 2, 3))
+        cols = tl.permute(cols, (1, 0, 2, 3))
+        valid = tl.permute(valid, (1, 0, 2, 3))
     return raw, rows, bcol, cols, valid
 
 
 @triton.jit
-def _store_dual_codes(ptrs, mask, x, scale, zp, careful, FMT: tl.constexpr, TILE_MODE: tl.constexpr):
-    """Store the codes of a dual slab: DEFERRED, only where it is not careful; else encoded in place."""
+def _store_dual_codes(ptrs, mask, x, scale, zp, careful, FMT: tl.constexpr, TILE_MODE: tl.constexpr,
+                      BACK: tl.constexpr):
+    """Store the codes of a dual slab: DEFERRED, only where it is not careful; else encoded in place. BACK: a slab
+    that _dual_load's LANES viewed with axes 0 and 1 swapped, stored swapped back (the layout it was loaded in)."""
     if TILE_MODE == DEFERRED:
         if careful == 0:
-            tl.store(ptrs, _encode_careless(x, scale, zp, FMT).to(tl.uint8), mask=mask)
+            _store_slab(ptrs, _encode_careless(x, scale, zp, FMT).to(tl.uint8), mask, BACK)
     else:
-        tl.store(ptrs, _encode_register(x, scale, zp, careful, FMT).to(tl.uint8), mask=mask)
+        _store_slab(ptrs, _encode_register(x, scale, zp, careful, FMT).to(tl.uint8), mask, BACK)
+
+
+@triton.jit
+def _store_slab(ptrs, codes, mask, BACK: tl.constexpr):
+    """tl.store of a dual slab's codes; BACK: pointers, codes and mask with axes 0 and 1 swapped back first."""
+    if BACK:
+        tl.store(tl.permute(ptrs, (1, 0, 2, 3)), tl.permute(codes, (1, 0, 2, 3)), mask=tl.permute(mask, (1, 0, 2, 3)))
+    else:
+        tl.store(ptrs, codes, mask=mask)
 
 
 @triton.jit
@@ -338,13 +371,13 @@ def _tile(
     sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, sst_r, sst_c,
     TILE: tl.constexpr, FMT: tl.constexpr, SCALE_SRC: tl.constexpr, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr,
     DUAL: tl.constexpr, PACK4: tl.constexpr, BF16_BITS: tl.constexpr, TILE_MODE: tl.constexpr,
-    SCALES_EACH: tl.constexpr, DUAL_SLABS: tl.constexpr, DUAL_PREFETCH: tl.constexpr,
+    SCALES_EACH: tl.constexpr, DUAL_SLABS: tl.constexpr, DUAL_PREFETCH: tl.constexpr, DUAL_LANES: tl.constexpr,
 ):
     """_dual_tile (DUAL) or _quantize_tile of tile `pid`."""
     if DUAL:
         _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, codes_t_ptr, scales_t_ptr, zp_t_ptr, R, C,
                    NBC, TILES_C, sx_r, sx_c, sq_r, ss_r, ss_c, sst_r, sst_c, TILE, FMT, BF16_BITS, TILE_MODE,
-                   DUAL_SLABS, DUAL_PREFETCH)
+                   DUAL_SLABS, DUAL_PREFETCH, DUAL_LANES)
     else:
         _quantize_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, R, C, NBR, NBC, BR, BC,
                        TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, TILE, FMT, SCALE_SRC, BID_ROWS,
@@ -359,7 +392,7 @@ def _quantize_kernel(
     TILE: tl.constexpr, FMT: tl.constexpr, SCALE_SRC: tl.constexpr, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr,
     DUAL: tl.constexpr, PACK4: tl.constexpr, BF16_BITS: tl.constexpr, TILE_MODE: tl.constexpr = MANY_BLOCKS,
     SCALES_EACH: tl.constexpr = 1, NUM_TILES=1, STAGES: tl.constexpr = 0, FIXUP: tl.constexpr = False,
-    DUAL_SLABS: tl.constexpr = 1, DUAL_PREFETCH: tl.constexpr = False,
+    DUAL_SLABS: tl.constexpr = 1, DUAL_PREFETCH: tl.constexpr = False, DUAL_LANES: tl.constexpr = Lanes(0, 0),
 ):
     """_tile of tile program_id(0) (STAGES 0), or of tiles pid, pid + programs, ... < NUM_TILES with the loads of
     the next STAGES - 1 tiles in flight (persistent programs). FIXUP: of the tiles listed in stats_ptr by a launch
@@ -369,18 +402,18 @@ def _quantize_kernel(
             _tile(tl.load(stats_ptr + 1 + i), x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr,
                   scales_t_ptr, zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r, ss_r,
                   ss_c, sst_r, sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, BF16_BITS, TILE_MODE,
-                  SCALES_EACH, DUAL_SLABS, DUAL_PREFETCH)
+                  SCALES_EACH, DUAL_SLABS, DUAL_PREFETCH, DUAL_LANES)
     elif STAGES == 0:
         _tile(tl.program_id(0), x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr, scales_t_ptr,
               zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, sst_r,
               sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, BF16_BITS, TILE_MODE, SCALES_EACH,
-              DUAL_SLABS, DUAL_PREFETCH)
+              DUAL_SLABS, DUAL_PREFETCH, DUAL_LANES)
     else:
         for tile in tl.range(tl.program_id(0), NUM_TILES, tl.num_programs(0), num_stages=STAGES):
             _tile(tile, x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr, scales_t_ptr,
                   zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, sst_r,
                   sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, BF16_BITS, TILE_MODE, SCALES_EACH,
-                  DUAL_SLABS, DUAL_PREFETCH)
+                  DUAL_SLABS, DUAL_PREFETCH, DUAL_LANES)
 
 
 def flat_scales(scales: torch.Tensor) -> torch.Tensor:
@@ -508,7 +541,8 @@ def _launch(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, register,
                   SCALES_EACH=1 if register else pow2_ceil(_cdiv(nbr * nbc, tiles)),
                   DUAL=dual_out is not None, PACK4=spec.element.bits == 4, BF16_BITS=bf16_bits(v),
                   num_warps=run.warps, NUM_TILES=tiles, DUAL_SLABS=slabs,
-                  DUAL_PREFETCH=dual_out is not None and config.dual_prefetch)
+                  DUAL_PREFETCH=dual_out is not None and config.dual_prefetch,
+                  DUAL_LANES=dual_lanes(config, dual_out is not None))
     launch(_quantize_kernel, (programs,), *args, TILE_MODE=tile_mode(run), STAGES=run.stages, **kwargs, **limits)
     if run.defer:  # the listed tiles, coded in place
         launch(_quantize_kernel, (min(tiles, persistent_programs(v.device, config.fixup_programs)),), *args,

@@ -583,6 +583,23 @@ def test_dual_layout_slabs(fmt, slabs, defer, prefetch, rng):
         check_dual(x, spec, config=config)
 
 
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8_asym", "mxfp8"])
+@pytest.mark.parametrize("lanes", [(8, 32), (2, 8), (16, 4)], ids=str)
+@pytest.mark.parametrize("defer", [False, True], ids=["careful_in_place", "deferred"])
+def test_dual_column_lanes(fmt, lanes, defer, rng):
+    """KernelConfig.dual_column_lanes: the columns' slabs loaded as (columns a thread, rows across lanes), viewed
+    with their first axes swapped and stored swapped back; careful rows and columns, ragged tiles, 1x128 and 1x32
+    groups, a transposed input (its column stride not 1)."""
+    config = dataclasses.replace(DEFAULT, dual_column_lanes=lanes, dual_defer=defer)
+    for g in (32,) if fmt == "mxfp8" else (128, 32):
+        spec = QuantSpec(format=fmt, group_size=g)
+        x = random_input((2 * g + 5, 3 * g + 3), torch.bfloat16, rng, edge_cases=False)
+        x[g + 2, 5] = math.nan
+        x[3, 2 * g + 1:2 * g + 4] = torch.finfo(torch.bfloat16).tiny / 8
+        check_dual(x, spec, config=config)
+        check_dual(random_input((3 * g + 1, 2 * g + 7), torch.float32, rng).T, spec, config=config)
+
+
 @pytest.mark.parametrize("spec", [QuantSpec(), QuantSpec(format="int8_asym"), QuantSpec(format="mxfp8"),
                                   QuantSpec(granularity="tile", tile=(128, 128)), QuantSpec(granularity="tensor")],
                          ids=lambda s: s.describe())
@@ -932,6 +949,16 @@ def test_gpu_dual_layout_slabs(fmt, slabs, prefetch, rng):
     config = dataclasses.replace(DEFAULT, dual_slabs=slabs, dual_slabs_mx_asym=slabs, dual_prefetch=prefetch)
     for size in [(128, 128), (1000, 3000), (4096, 8192)]:
         check_dual(deferred_input(size, torch.bfloat16, rng).cuda(), QuantSpec(format=fmt), config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", DUAL_FORMATS)
+@pytest.mark.parametrize("lanes", [(8, 32), (4, 16), (2, 8)], ids=str)
+def test_gpu_dual_column_lanes(fmt, lanes, rng):
+    config = dataclasses.replace(DEFAULT, dual_column_lanes=lanes)
+    for size in [(128, 128), (1000, 3000), (4096, 8192)]:
+        check_dual(deferred_input(size, torch.bfloat16, rng).cuda(), QuantSpec(format=fmt), config=config)
+    check_dual(random_input((3000, 1000), torch.bfloat16, rng).cuda().T, QuantSpec(format=fmt), config=config)
 
 
 @pytest.mark.gpu
