@@ -115,7 +115,8 @@ class KernelConfig:
     # 53 / 33 / 185, (4, 16) 25.5 / 17 / 33 / 33 / 89, (2, 8) 23.9 / 17 / 25 / 33 / 49; MXFP8 None 30.3 / 55 / 91 /
     # 39 / 45, (2, 8) 30.6 / 17 / 25 / 29 / 61; INT8 asym None 38.1 / 91 / 225 / 53 / 133, (2, 8) 32.8 / 21 / 33 / 37
     # / 101. Narrower columns take more, smaller loads from L2 (the slab's second read): (2, 8) 80 LDG a thread
-    # against 32. Off until timed and GPU-tested.
+    # against 32. With (2, 8) more slabs cost less: INT8 asym in 4 slabs 32.8 an element within 144 registers against
+    # 38.1 within 236 for today's 2 slabs without it. Off until timed and GPU-tested.
     dual_column_lanes: tuple | None = None
     # Careful tiles deferred, one tile a program. Float tiles: 4 warps of 128 elements a thread of a 128 x 128
     # tile, no register limit (H200, 2026-12-04, 16384^2 bf16, ncu kernel time: E4M3 128x128 184 us against 210 us
