@@ -43,7 +43,7 @@ from quantd.kernels import triton_mxfp4_pairs as pairs
 from quantd.kernels import triton_nvfp4 as nvfp4
 from quantd.kernels import triton_quantize as tq
 from quantd.kernels.config import DEFAULT
-from quantd.kernels.quantize_plan import block_geometry, dual_lanes, element_constants, schedule, tile_geometry
+from quantd.kernels.quantize_plan import block_geometry, element_constants, schedule, tile_geometry
 from quantd.kernels.spec import E2M1, Format, QuantSpec, ScaleEncoding
 
 SPECS = [
@@ -78,9 +78,7 @@ def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16", source=None, d
     source = tq.SCALE_REGISTER if register else source
     constexprs = dict(TILE=tile, FMT=fmt, SCALE_SRC=source.value, BID_ROWS=rows > br, BID_COLS=cols > bc, DUAL=dual,
                       PACK4=spec.element.bits == 4, BF16_BITS=False, sx_c=1, ss_c=1, TILE_MODE=tq.tile_mode(run),
-                      STAGES=run.stages, FIXUP=False, SCALES_EACH=1, DUAL_PREFETCH=dual and DEFAULT.dual_prefetch,
-                      DUAL_SLABS=tq.dual_slabs(spec, DEFAULT) if dual else 1,
-                      DUAL_LANES=dual_lanes(DEFAULT, dual),
+                      STAGES=run.stages, FIXUP=False, SCALES_EACH=1, DUAL_PLAN=tq.dual_plan(spec, DEFAULT, dual),
                       **({"sst_c": 1} if dual else {}), **{name: 1 for name in ones})
     names = tq._quantize_kernel.arg_names
     signature = {}

@@ -118,6 +118,12 @@ class KernelConfig:
     # against 32. With (2, 8) more slabs cost less: INT8 asym in 4 slabs 32.8 an element within 144 registers against
     # 38.1 within 236 for today's 2 slabs without it. Off until timed and GPU-tested.
     dual_column_lanes: tuple | None = None
+    # With dual_defer: every slab of a dual tile coded as if careless, the tile's careful blocks counted once at its
+    # end (the FIXUP launch rewrites a careful tile's codes and scales), instead of a reduction over the program
+    # before each slab's stores (two barriers a slab). Offline (as above, barriers / LDS / STS a thread): E4M3 53 / 177
+    # / 125 -> 41 / 171 / 116, with dual_column_lanes (2, 8) 33 / 17 / 25 -> 21 / 11 / 13; INT8 asym with (2, 8) 37 ->
+    # 27 barriers. Off until timed and GPU-tested.
+    dual_late_check: bool = False
     # Careful tiles deferred, one tile a program. Float tiles: 4 warps of 128 elements a thread of a 128 x 128
     # tile, no register limit (H200, 2026-12-04, 16384^2 bf16, ncu kernel time: E4M3 128x128 184 us against 210 us
     # for 8 warps within 128 registers, 246 us for 4 warps within 128, 240 us for 2 warps); rows within 80

@@ -61,15 +61,16 @@ class Tile(NamedTuple):
         return self.RB * self.TBRP * self.CB * self.TBCP
 
 
-class Lanes(NamedTuple):
-    """The DUAL_LANES constexpr (KernelConfig.dual_column_lanes): of a dual tile's columns' slabs, the columns a thread
-    holds side by side and the rows across a warp's lanes; (0, 0): the layout Triton picks from the loads."""
-    COLS: int
-    ROWS: int
-
-
-def dual_lanes(config, dual: bool) -> Lanes:
-    return Lanes(*config.dual_column_lanes) if dual and config.dual_column_lanes else Lanes(0, 0)
+class DualPlan(NamedTuple):
+    """The DUAL_PLAN constexpr of quantize_dual's launches (KernelConfig.dual_*, triton_quantize.dual_plan): the slabs
+    a tile is taken in (SLABS, the next one's load issued early: PREFETCH), its columns' slabs' columns a thread and
+    rows across lanes (COLS, ROWS; 0, 0: the layout Triton picks from the loads), and careful tiles found once a tile
+    rather than once a slab (LATE)."""
+    SLABS: int = 1
+    PREFETCH: bool = False
+    COLS: int = 0
+    ROWS: int = 0
+    LATE: bool = False
 
 
 class Schedule(NamedTuple):

@@ -23,7 +23,7 @@ from .config import DEFAULT, KernelConfig
 from .layout import check_out, copy_into, scale_tensor, with_scale_layout
 from .launch import interpreting
 from .plans import launch, planned, scratch
-from .quantize_plan import (MAX_REGISTER_BLOCK, Lanes, Tile, as_grid, bf16_bits, block_view, bytes_of, dual_lanes,
+from .quantize_plan import (MAX_REGISTER_BLOCK, DualPlan, Tile, as_grid, bf16_bits, block_view, bytes_of,
                             element_constants, input_view, persistent_programs, pow2_ceil, schedule, tile_geometry,
                             warps)
 from .spec import Format, Granularity, QuantizedTensor, QuantSpec, _cdiv
@@ -79,13 +79,7 @@ def _register_scales(x, FMT: tl.constexpr, DEFER: tl.constexpr = False, DIVIDE_R
     launch (DEFERRED of _quantize_tile), so its scales are not reduced again here. DIVIDE_RATIO: the scales by
     block_scale's IEEE divisions instead of its corrected steps (the same values).
     """
-    if FMT.ASYM:  # nlo = max(-x) as -min(x): Triton's -x is 0 - x, an add an element
-        hi = _blocks_max(x, True, FMT.NAN_COMBINE)
-        nlo = -_blocks_max(x, True, FMT.NAN_COMBINE, MIN=True)
-    else:
-        hi = _blocks_max(tl.abs(x), True, FMT.NAN_COMBINE)
-        nlo = 0.0
-    scale, zp, wild = corrected_block_scale(hi, nlo, FMT, DIVIDE if DIVIDE_RATIO else CORRECTED_ANY_ZERO)
+    scale, zp, wild = _wild_scales(x, FMT, DIVIDE_RATIO)
     careful = tl.max(wild.to(tl.int32))
     if careful != 0 and not DEFER:
         if FMT.ASYM:
@@ -93,8 +87,22 @@ def _register_scales(x, FMT: tl.constexpr, DEFER: tl.constexpr = False, DIVIDE_R
             nlo = _blocks_max(tl.where(-x < float("inf"), -x, 0.0))
         else:
             hi = _blocks_max(finite_abs(x))
+            nlo = 0.0
         scale, zp = block_scale(tl.maximum(hi, 0.0), tl.maximum(nlo, 0.0), FMT)
     return scale, zp, careful
+
+
+@triton.jit
+def _wild_scales(x, FMT: tl.constexpr, DIVIDE_RATIO: tl.constexpr = False):
+    """(scale, zero point, wild) of the blocks of a register tile, as _register_scales finds them first: wild
+    (a block's) where its amax met an Inf or NaN or its scale is outside [CORRECTED_MIN, CORRECTED_MAX]."""
+    if FMT.ASYM:  # nlo = max(-x) as -min(x): Triton's -x is 0 - x, an add an element
+        hi = _blocks_max(x, True, FMT.NAN_COMBINE)
+        nlo = -_blocks_max(x, True, FMT.NAN_COMBINE, MIN=True)
+    else:
+        hi = _blocks_max(tl.abs(x), True, FMT.NAN_COMBINE)
+        nlo = 0.0
+    return corrected_block_scale(hi, nlo, FMT, DIVIDE if DIVIDE_RATIO else CORRECTED_ANY_ZERO)
 
 
 @triton.jit
@@ -260,30 +268,34 @@ def _quantize_tile(
 @triton.jit
 def _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_ptr, scales_t_ptr, zp_t_ptr, R, C, NBC,
                TILES_C, sx_r, sx_c, sq_r, ss_r, ss_c, sst_r, sst_c, TILE: tl.constexpr, FMT: tl.constexpr,
-               BF16_BITS: tl.constexpr, TILE_MODE: tl.constexpr, SLABS: tl.constexpr, PREFETCH: tl.constexpr,
-               LANES: tl.constexpr):
+               BF16_BITS: tl.constexpr, TILE_MODE: tl.constexpr, PLAN: tl.constexpr):
     """quantize_dual's tile `pid` of X (R, C): RB = TBC rows x CB groups of TBC, quantized along its rows (1 x TBC
     groups) into codes and scales, and along its columns, each column one group of X^T's row, into codes_t (C, R),
     scales_t and zp_t, from a second load of the tile (an L2 hit), laid out as X^T's rows [CB * TBC, 1, 1, RB] so
     that it is reduced and encoded like the rows and stored along X^T's rows (faster on an H100 and an H200 than
-    reducing the first load's registers along the columns and transposing the codes, BENCHMARKS.md). SLABS: the
-    rows, then the columns, a 1 / SLABS slab at a time, so that a thread holds a slab's elements only; PREFETCH:
-    each slab's load issued before the previous slab is coded (KernelConfig.dual_prefetch); LANES: the columns' slabs
-    laid out with each column's rows across a warp's lanes (_dual_load). TILE_MODE DEFERRED: a
-    tile with a careful row or column is listed for the FIXUP launch (which codes it in place), its careful slabs'
-    codes left unwritten."""
+    reducing the first load's registers along the columns and transposing the codes, BENCHMARKS.md). PLAN
+    (quantize_plan.DualPlan): the rows, then the columns, a 1 / SLABS slab at a time, so that a thread holds a slab's
+    elements only; PREFETCH: each slab's load issued before the previous slab is coded (KernelConfig.dual_prefetch);
+    COLS > 0: the columns' slabs laid out with each column's rows across a warp's lanes (_dual_load). TILE_MODE
+    DEFERRED: a tile with a careful row or column is listed for the FIXUP launch (which codes it in place), its
+    careful slabs' codes left unwritten; LATE: every slab coded as if careless, the tile's careful blocks counted once,
+    at its end (two reductions over the CTA instead of one a slab)."""
     pid_c = pid % TILES_C
     pid_r = pid // TILES_C
     careful_any = 0
-    slab = _dual_load(x_ptr, pid_r, pid_c, 0, R, C, sx_r, sx_c, TILE, SLABS, LANES)
-    for s in tl.static_range(2 * SLABS):  # the rows' slabs, then the columns' (laid out as X^T's rows)
-        if PREFETCH:  # the next slab's load issued before this slab's stores, which loads may not pass
-            if s + 1 < 2 * SLABS:
-                ahead = _dual_load(x_ptr, pid_r, pid_c, s + 1, R, C, sx_r, sx_c, TILE, SLABS, LANES)
+    slab = _dual_load(x_ptr, pid_r, pid_c, 0, R, C, sx_r, sx_c, TILE, PLAN)
+    for s in tl.static_range(2 * PLAN.SLABS):  # the rows' slabs, then the columns' (laid out as X^T's rows)
+        if PLAN.PREFETCH:  # the next slab's load issued before this slab's stores, which loads may not pass
+            if s + 1 < 2 * PLAN.SLABS:
+                ahead = _dual_load(x_ptr, pid_r, pid_c, s + 1, R, C, sx_r, sx_c, TILE, PLAN)
         raw, rows, bcol, cols, valid = slab
         x = widen_fp32(raw, BF16_BITS)
-        scale, zp, careful = _register_scales(x, FMT, TILE_MODE == DEFERRED)
-        if s < SLABS:
+        if PLAN.LATE and TILE_MODE == DEFERRED:
+            scale, zp, wild = _wild_scales(x, FMT)
+            careful = 0
+        else:
+            scale, zp, careful = _register_scales(x, FMT, TILE_MODE == DEFERRED)
+        if s < PLAN.SLABS:
             store_scales(scales_ptr, zp_ptr, rows.to(tl.int64) * ss_r + bcol.to(tl.int64) * ss_c,
                          (rows < R) & (bcol < NBC), scale, zp, FMT)
             _store_dual_codes(codes_ptr + rows.to(tl.int64) * sq_r + cols, valid, x, scale, zp, careful, FMT,
@@ -292,29 +304,41 @@ def _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_ptr,
             store_scales(scales_t_ptr, zp_t_ptr, cols.to(tl.int64) * sst_r + pid_r * sst_c, cols < C, scale, zp,
                          FMT)
             _store_dual_codes(codes_t_ptr + cols.to(tl.int64) * R + rows, valid, x, scale, zp, careful, FMT,
-                              TILE_MODE, LANES.COLS > 0)
-        careful_any = careful_any | careful
-        if s + 1 < 2 * SLABS:
-            if PREFETCH:
+                              TILE_MODE, PLAN.COLS > 0)
+        if PLAN.LATE and TILE_MODE == DEFERRED:  # the wild blocks of the rows' slabs and of the columns' apart
+            if s == 0:
+                wild_rows = wild
+            elif s < PLAN.SLABS:
+                wild_rows = wild_rows | wild
+            elif s == PLAN.SLABS:
+                wild_cols = wild
+            else:
+                wild_cols = wild_cols | wild
+        else:
+            careful_any = careful_any | careful
+        if s + 1 < 2 * PLAN.SLABS:
+            if PLAN.PREFETCH:
                 slab = ahead
             else:
-                slab = _dual_load(x_ptr, pid_r, pid_c, s + 1, R, C, sx_r, sx_c, TILE, SLABS, LANES)
+                slab = _dual_load(x_ptr, pid_r, pid_c, s + 1, R, C, sx_r, sx_c, TILE, PLAN)
     if TILE_MODE == DEFERRED:
+        if PLAN.LATE:
+            careful_any = tl.max(wild_rows.to(tl.int32)) | tl.max(wild_cols.to(tl.int32))
         if careful_any != 0:
             defer_tile(list_ptr, pid)
 
 
 @triton.jit
-def _dual_load(x_ptr, pid_r, pid_c, s: tl.constexpr, R, C, sx_r, sx_c, TILE: tl.constexpr, SLABS: tl.constexpr,
-               LANES: tl.constexpr):
-    """(loaded elements, rows, blocks, columns, mask) of slab s of a dual tile: s < SLABS, a slab of its rows
-    [RB / SLABS, 1, CB, G]; else slab s - SLABS of its columns, laid out as X^T's rows [CB * G / SLABS, 1, 1, RB]
-    (blocks: 0). LANES (quantize_plan.Lanes, COLS > 0): a columns' slab is loaded as [L, W / V, V, RB / L] (V =
+def _dual_load(x_ptr, pid_r, pid_c, s: tl.constexpr, R, C, sx_r, sx_c, TILE: tl.constexpr, PLAN: tl.constexpr):
+    """(loaded elements, rows, blocks, columns, mask) of slab s of a dual tile (PLAN: quantize_plan.DualPlan): s <
+    SLABS, a slab of its rows [RB / SLABS, 1, CB, G]; else slab s - SLABS of its columns, laid out as X^T's rows [CB *
+    G / SLABS, 1, 1, RB] (blocks: 0). COLS > 0: a columns' slab is loaded as [L, W / V, V, RB / L] (V =
     min(W, COLS) columns side by side in a thread, L = min(RB, ROWS) rows across lanes, row l * RB / L + j: Triton
     puts the lanes on the first axis after the contiguous one, the warps on the next), then viewed with its first two
     axes swapped, [W / V, L, V, RB / L] (tl.permute: no data moves), X^T's rows along axes 0 and 2: each column's
     rows lie in one warp (reductions in registers and by shuffles) and its codes in the load's layout
     (_store_dual_codes swaps back)."""
+    SLABS: tl.constexpr = PLAN.SLABS
     if s < SLABS:
         rows = pid_r * TILE.RB + s * (TILE.RB // SLABS) + tl.arange(0, TILE.RB // SLABS)[:, None, None, None]
         bcol = pid_c * TILE.CB + tl.arange(0, TILE.CB)[None, None, :, None]
@@ -323,9 +347,9 @@ def _dual_load(x_ptr, pid_r, pid_c, s: tl.constexpr, R, C, sx_r, sx_c, TILE: tl.
         width: tl.constexpr = TILE.CB * TILE.TBC // SLABS
         first = pid_c * TILE.CB * TILE.TBC + (s - SLABS) * width
         bcol = 0
-        if LANES.COLS > 0:
-            L: tl.constexpr = LANES.ROWS if TILE.RB > LANES.ROWS else TILE.RB
-            V: tl.constexpr = LANES.COLS if width > LANES.COLS else width
+        if PLAN.COLS > 0:
+            L: tl.constexpr = PLAN.ROWS if TILE.RB > PLAN.ROWS else TILE.RB
+            V: tl.constexpr = PLAN.COLS if width > PLAN.COLS else width
             rows = pid_r * TILE.RB + tl.arange(0, L)[:, None, None, None] * (TILE.RB // L) \
                 + tl.arange(0, TILE.RB // L)[None, None, None, :]
             cols = first + tl.arange(0, width // V)[None, :, None, None] * V + tl.arange(0, V)[None, None, :, None]
@@ -334,7 +358,7 @@ def _dual_load(x_ptr, pid_r, pid_c, s: tl.constexpr, R, C, sx_r, sx_c, TILE: tl.
             cols = first + tl.arange(0, width)[:, None, None, None]
     valid = (rows < R) & (cols < C)
     raw = tl.load(x_ptr + rows.to(tl.int64) * sx_r + cols.to(tl.int64) * sx_c, mask=valid, other=0)
-    if s >= SLABS and LANES.COLS > 0:
+    if s >= SLABS and PLAN.COLS > 0:
         raw = tl.permute(raw, (1, 0, 2, 3))
         rows = tl.permute(rows, (1, 0, 2, 3))
         cols = tl.permute(cols, (1, 0, 2, 3))
@@ -346,7 +370,7 @@ def _dual_load(x_ptr, pid_r, pid_c, s: tl.constexpr, R, C, sx_r, sx_c, TILE: tl.
 def _store_dual_codes(ptrs, mask, x, scale, zp, careful, FMT: tl.constexpr, TILE_MODE: tl.constexpr,
                       BACK: tl.constexpr):
     """Store the codes of a dual slab: DEFERRED, only where it is not careful; else encoded in place. BACK: a slab
-    that _dual_load's LANES viewed with axes 0 and 1 swapped, stored swapped back (the layout it was loaded in)."""
+    that _dual_load viewed with axes 0 and 1 swapped (COLS > 0), stored swapped back (the layout it was loaded in)."""
     if TILE_MODE == DEFERRED:
         if careful == 0:
             _store_slab(ptrs, _encode_careless(x, scale, zp, FMT).to(tl.uint8), mask, BACK)
@@ -371,13 +395,13 @@ def _tile(
     sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, sst_r, sst_c,
     TILE: tl.constexpr, FMT: tl.constexpr, SCALE_SRC: tl.constexpr, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr,
     DUAL: tl.constexpr, PACK4: tl.constexpr, BF16_BITS: tl.constexpr, TILE_MODE: tl.constexpr,
-    SCALES_EACH: tl.constexpr, DUAL_SLABS: tl.constexpr, DUAL_PREFETCH: tl.constexpr, DUAL_LANES: tl.constexpr,
+    SCALES_EACH: tl.constexpr, DUAL_PLAN: tl.constexpr,
 ):
     """_dual_tile (DUAL) or _quantize_tile of tile `pid`."""
     if DUAL:
         _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, codes_t_ptr, scales_t_ptr, zp_t_ptr, R, C,
                    NBC, TILES_C, sx_r, sx_c, sq_r, ss_r, ss_c, sst_r, sst_c, TILE, FMT, BF16_BITS, TILE_MODE,
-                   DUAL_SLABS, DUAL_PREFETCH, DUAL_LANES)
+                   DUAL_PLAN)
     else:
         _quantize_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, R, C, NBR, NBC, BR, BC,
                        TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, TILE, FMT, SCALE_SRC, BID_ROWS,
@@ -392,7 +416,7 @@ def _quantize_kernel(
     TILE: tl.constexpr, FMT: tl.constexpr, SCALE_SRC: tl.constexpr, BID_ROWS: tl.constexpr, BID_COLS: tl.constexpr,
     DUAL: tl.constexpr, PACK4: tl.constexpr, BF16_BITS: tl.constexpr, TILE_MODE: tl.constexpr = MANY_BLOCKS,
     SCALES_EACH: tl.constexpr = 1, NUM_TILES=1, STAGES: tl.constexpr = 0, FIXUP: tl.constexpr = False,
-    DUAL_SLABS: tl.constexpr = 1, DUAL_PREFETCH: tl.constexpr = False, DUAL_LANES: tl.constexpr = Lanes(0, 0),
+    DUAL_PLAN: tl.constexpr = DualPlan(),
 ):
     """_tile of tile program_id(0) (STAGES 0), or of tiles pid, pid + programs, ... < NUM_TILES with the loads of
     the next STAGES - 1 tiles in flight (persistent programs). FIXUP: of the tiles listed in stats_ptr by a launch
@@ -402,18 +426,18 @@ def _quantize_kernel(
             _tile(tl.load(stats_ptr + 1 + i), x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr,
                   scales_t_ptr, zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r, ss_r,
                   ss_c, sst_r, sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, BF16_BITS, TILE_MODE,
-                  SCALES_EACH, DUAL_SLABS, DUAL_PREFETCH, DUAL_LANES)
+                  SCALES_EACH, DUAL_PLAN)
     elif STAGES == 0:
         _tile(tl.program_id(0), x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr, scales_t_ptr,
               zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, sst_r,
               sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, BF16_BITS, TILE_MODE, SCALES_EACH,
-              DUAL_SLABS, DUAL_PREFETCH, DUAL_LANES)
+              DUAL_PLAN)
     else:
         for tile in tl.range(tl.program_id(0), NUM_TILES, tl.num_programs(0), num_stages=STAGES):
             _tile(tile, x_ptr, codes_ptr, scales_ptr, zp_ptr, stats_ptr, given_ptr, codes_t_ptr, scales_t_ptr,
                   zp_t_ptr, R, C, NBR, NBC, BR, BC, TILES_R, TILES_C, sx_p, sx_r, sx_c, sq_p, sq_r, ss_r, ss_c, sst_r,
                   sst_c, TILE, FMT, SCALE_SRC, BID_ROWS, BID_COLS, DUAL, PACK4, BF16_BITS, TILE_MODE, SCALES_EACH,
-                  DUAL_SLABS, DUAL_PREFETCH, DUAL_LANES)
+                  DUAL_PLAN)
 
 
 def flat_scales(scales: torch.Tensor) -> torch.Tensor:
@@ -536,13 +560,10 @@ def _launch(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, register,
         source = SCALE_GIVEN_AMAX
     else:
         source = SCALE_REGISTER if register else (SCALE_STATS if stats is not None else SCALE_GIVEN)
-    slabs = dual_slabs(spec, config) if dual_out is not None else 1
     kwargs = dict(TILE=tile, FMT=fmt, SCALE_SRC=source.value, BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
                   SCALES_EACH=1 if register else pow2_ceil(_cdiv(nbr * nbc, tiles)),
                   DUAL=dual_out is not None, PACK4=spec.element.bits == 4, BF16_BITS=bf16_bits(v),
-                  num_warps=run.warps, NUM_TILES=tiles, DUAL_SLABS=slabs,
-                  DUAL_PREFETCH=dual_out is not None and config.dual_prefetch,
-                  DUAL_LANES=dual_lanes(config, dual_out is not None))
+                  num_warps=run.warps, NUM_TILES=tiles, DUAL_PLAN=dual_plan(spec, config, dual_out is not None))
     launch(_quantize_kernel, (programs,), *args, TILE_MODE=tile_mode(run), STAGES=run.stages, **kwargs, **limits)
     if run.defer:  # the listed tiles, coded in place
         launch(_quantize_kernel, (min(tiles, persistent_programs(v.device, config.fixup_programs)),), *args,
@@ -589,9 +610,13 @@ def quantize_dual(x: torch.Tensor, spec: QuantSpec, *, scale_layout: str = "row"
     return rows, cols
 
 
-def dual_slabs(spec: QuantSpec, config: KernelConfig) -> int:
-    """The slabs a dual-layout program of `spec` takes its tile in (KernelConfig.dual_slabs, dual_slabs_mx_asym)."""
-    return config.dual_slabs_mx_asym if spec.is_mx or spec.format == Format.INT8_ASYM else config.dual_slabs
+def dual_plan(spec: QuantSpec, config: KernelConfig, dual: bool = True) -> DualPlan:
+    """The DUAL_PLAN of a dual-layout launch of `spec` (KernelConfig.dual_slabs or dual_slabs_mx_asym, dual_prefetch,
+    dual_column_lanes, dual_late_check); of any other launch, DualPlan()."""
+    if not dual:
+        return DualPlan()
+    slabs = config.dual_slabs_mx_asym if spec.is_mx or spec.format == Format.INT8_ASYM else config.dual_slabs
+    return DualPlan(slabs, config.dual_prefetch, *(config.dual_column_lanes or (0, 0)), config.dual_late_check)
 
 
 def dual_geometry(K: int, g: int, config: KernelConfig) -> tuple[Tile, int]:

@@ -583,19 +583,27 @@ def test_dual_layout_slabs(fmt, slabs, defer, prefetch, rng):
         check_dual(x, spec, config=config)
 
 
+DUAL_PLANS = [dict(dual_column_lanes=(8, 32)), dict(dual_column_lanes=(2, 8)), dict(dual_column_lanes=(16, 4)),
+              dict(dual_late_check=True), dict(dual_column_lanes=(2, 8), dual_late_check=True)]
+
+
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8_asym", "mxfp8"])
-@pytest.mark.parametrize("lanes", [(8, 32), (2, 8), (16, 4)], ids=str)
+@pytest.mark.parametrize("plan", DUAL_PLANS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
 @pytest.mark.parametrize("defer", [False, True], ids=["careful_in_place", "deferred"])
-def test_dual_column_lanes(fmt, lanes, defer, rng):
+def test_dual_plans(fmt, plan, defer, rng):
     """KernelConfig.dual_column_lanes: the columns' slabs loaded as (columns a thread, rows across lanes), viewed
-    with their first axes swapped and stored swapped back; careful rows and columns, ragged tiles, 1x128 and 1x32
-    groups, a transposed input (its column stride not 1)."""
-    config = dataclasses.replace(DEFAULT, dual_column_lanes=lanes, dual_defer=defer)
+    with their first axes swapped and stored swapped back; dual_late_check: careful tiles found once a tile, every
+    slab first coded as if careless (deferred; in place it does nothing). Careful rows and columns, ragged tiles,
+    1x128 and 1x32 groups, a transposed input (its column stride not 1)."""
+    config = dataclasses.replace(DEFAULT, dual_defer=defer, **plan)
+    tiny = torch.finfo(torch.bfloat16).tiny / 8
     for g in (32,) if fmt == "mxfp8" else (128, 32):
         spec = QuantSpec(format=fmt, group_size=g)
         x = random_input((2 * g + 5, 3 * g + 3), torch.bfloat16, rng, edge_cases=False)
         x[g + 2, 5] = math.nan
-        x[3, 2 * g + 1:2 * g + 4] = torch.finfo(torch.bfloat16).tiny / 8
+        x[3, 2 * g + 1:2 * g + 4] = tiny
+        x[g - 1, :g] = tiny  # a careful row alone, in the tile's last rows' slab
+        x[:g, 5 * g // 2 + 1] = tiny  # a careful column alone, past the first columns' slab where g = 128
         check_dual(x, spec, config=config)
         check_dual(random_input((3 * g + 1, 2 * g + 7), torch.float32, rng).T, spec, config=config)
 
@@ -953,9 +961,10 @@ def test_gpu_dual_layout_slabs(fmt, slabs, prefetch, rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", DUAL_FORMATS)
-@pytest.mark.parametrize("lanes", [(8, 32), (4, 16), (2, 8)], ids=str)
-def test_gpu_dual_column_lanes(fmt, lanes, rng):
-    config = dataclasses.replace(DEFAULT, dual_column_lanes=lanes)
+@pytest.mark.parametrize("plan", DUAL_PLANS + [dict(dual_column_lanes=(4, 16))],
+                         ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def test_gpu_dual_plans(fmt, plan, rng):
+    config = dataclasses.replace(DEFAULT, **plan)
     for size in [(128, 128), (1000, 3000), (4096, 8192)]:
         check_dual(deferred_input(size, torch.bfloat16, rng).cuda(), QuantSpec(format=fmt), config=config)
     check_dual(random_input((3000, 1000), torch.bfloat16, rng).cuda().T, QuantSpec(format=fmt), config=config)
