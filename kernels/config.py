@@ -116,7 +116,9 @@ class KernelConfig:
     # 39 / 45, (2, 8) 30.6 / 17 / 25 / 29 / 61; INT8 asym None 38.1 / 91 / 225 / 53 / 133, (2, 8) 32.8 / 21 / 33 / 37
     # / 101. Narrower columns take more, smaller loads from L2 (the slab's second read): (2, 8) 80 LDG a thread
     # against 32. With (2, 8) more slabs cost less: INT8 asym in 4 slabs 32.8 an element within 144 registers against
-    # 38.1 within 236 for today's 2 slabs without it. Off until timed and GPU-tested.
+    # 38.1 within 236 for today's 2 slabs without it. The columns' scales are then stored from the lanes of the tile's
+    # first row in the load's layout (E4M3 (2, 8): 25 barriers and 13 LDS a thread against 33 and 17 through a
+    # conversion; with dual_late_check 13 and 7). Off until timed and GPU-tested.
     dual_column_lanes: tuple | None = None
     # With dual_defer: every slab of a dual tile coded as if careless, the tile's careful blocks counted once at its
     # end (the FIXUP launch rewrites a careful tile's codes and scales), instead of a reduction over the program

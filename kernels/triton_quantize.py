@@ -301,8 +301,16 @@ def _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_ptr,
             _store_dual_codes(codes_ptr + rows.to(tl.int64) * sq_r + cols, valid, x, scale, zp, careful, FMT,
                               TILE_MODE, False)
         else:  # rows: X^T's columns (the tile's rows), cols: X^T's rows
-            store_scales(scales_t_ptr, zp_t_ptr, cols.to(tl.int64) * sst_r + pid_r * sst_c, cols < C, scale, zp,
-                         FMT)
+            offsets = cols.to(tl.int64) * sst_r + pid_r * sst_c
+            if PLAN.COLS > 0:  # from the lanes of the tile's first row, in the layout the slab was loaded in
+                first = (rows == pid_r * TILE.RB) & (cols < C)
+                zp_first = zp
+                if FMT.ASYM:
+                    zp_first = _swapped(tl.broadcast_to(zp, first.shape))
+                store_scales(scales_t_ptr, zp_t_ptr, _swapped(offsets + 0 * rows), _swapped(first),
+                             _swapped(tl.broadcast_to(scale, first.shape)), zp_first, FMT)
+            else:
+                store_scales(scales_t_ptr, zp_t_ptr, offsets, cols < C, scale, zp, FMT)
             _store_dual_codes(codes_t_ptr + cols.to(tl.int64) * R + rows, valid, x, scale, zp, careful, FMT,
                               TILE_MODE, PLAN.COLS > 0)
         if PLAN.LATE and TILE_MODE == DEFERRED:  # the wild blocks of the rows' slabs and of the columns' apart
@@ -382,9 +390,15 @@ def _store_dual_codes(ptrs, mask, x, scale, zp, careful, FMT: tl.constexpr, TILE
 def _store_slab(ptrs, codes, mask, BACK: tl.constexpr):
     """tl.store of a dual slab's codes; BACK: pointers, codes and mask with axes 0 and 1 swapped back first."""
     if BACK:
-        tl.store(tl.permute(ptrs, (1, 0, 2, 3)), tl.permute(codes, (1, 0, 2, 3)), mask=tl.permute(mask, (1, 0, 2, 3)))
+        tl.store(_swapped(ptrs), _swapped(codes), mask=_swapped(mask))
     else:
         tl.store(ptrs, codes, mask=mask)
+
+
+@triton.jit
+def _swapped(t):
+    """t with its axes 0 and 1 swapped (a view: _dual_load's columns' slabs back in the layout they were loaded in)."""
+    return tl.permute(t, (1, 0, 2, 3))
 
 
 @triton.jit
