@@ -194,21 +194,12 @@ def _half_bits(v: np.ndarray, fmt) -> np.ndarray:
 
 
 def _x2(f, fmt):
-    def op(a, b):
-        (al, ah), (bl, bh) = _halves(a), _halves(b)
+    """An op on each half of its operands' 16-bit pairs: f of their values (float64), rounded once into fmt."""
+    def op(*args):
+        halves = [_halves(a) for a in args]
         with np.errstate(invalid="ignore", over="ignore"):
-            lo = f(_half_value(al, fmt), _half_value(bl, fmt))
-            hi = f(_half_value(ah, fmt), _half_value(bh, fmt))
-        return _join(_half_bits(lo, fmt), _half_bits(hi, fmt))
-    return op
-
-
-def _fma_x2(fmt):
-    def op(a, b, c):
-        (al, ah), (bl, bh), (cl, ch) = _halves(a), _halves(b), _halves(c)
-        with np.errstate(invalid="ignore", over="ignore"):  # bf16 / f16 products are exact in float64
-            lo = _odd_sum(_half_value(al, fmt) * _half_value(bl, fmt), _half_value(cl, fmt))
-            hi = _odd_sum(_half_value(ah, fmt) * _half_value(bh, fmt), _half_value(ch, fmt))
+            lo = f(*(_half_value(h[0], fmt) for h in halves))
+            hi = f(*(_half_value(h[1], fmt) for h in halves))
         return _join(_half_bits(lo, fmt), _half_bits(hi, fmt))
     return op
 
@@ -278,7 +269,7 @@ _OPS = {
     "add.rn.f32": lambda a, b: _f32_bits(_odd_sum(_f32(a), _f32(b))),
     "mul.rn.bf16x2": _x2(lambda x, y: x * y, BF16),
     "add.rn.bf16x2": _x2(_odd_sum, BF16),
-    "fma.rn.bf16x2": _fma_x2(BF16),
+    "fma.rn.bf16x2": _x2(lambda x, y, z: _odd_sum(x * y, z), BF16),  # bf16 products are exact in float64
     "max.NaN.bf16x2": _x2(_extreme_nan(np.maximum), BF16),
     "min.NaN.bf16x2": _x2(_extreme_nan(np.minimum), BF16),
     "cvt.rn.bf16x2.f32": _cvt_x2(BF16),
