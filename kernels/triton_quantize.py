@@ -280,6 +280,7 @@ def _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_ptr,
     DEFERRED: a tile with a careful row or column is listed for the FIXUP launch (which codes it in place), its
     careful slabs' codes left unwritten; LATE: every slab coded as if careless, the tile's careful blocks counted once,
     at its end (two reductions over the CTA instead of one a slab)."""
+    LATE: tl.constexpr = PLAN.LATE and TILE_MODE == DEFERRED
     pid_c = pid % TILES_C
     pid_r = pid // TILES_C
     careful_any = 0
@@ -290,7 +291,7 @@ def _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_ptr,
                 ahead = _dual_load(x_ptr, pid_r, pid_c, s + 1, R, C, sx_r, sx_c, TILE, PLAN)
         raw, rows, bcol, cols, valid = slab
         x = widen_fp32(raw, BF16_BITS)
-        if PLAN.LATE and TILE_MODE == DEFERRED:
+        if LATE:
             scale, zp, wild = _wild_scales(x, FMT)
             careful = 0
         else:
@@ -313,7 +314,7 @@ def _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_ptr,
                 store_scales(scales_t_ptr, zp_t_ptr, offsets, cols < C, scale, zp, FMT)
             _store_dual_codes(codes_t_ptr + cols.to(tl.int64) * R + rows, valid, x, scale, zp, careful, FMT,
                               TILE_MODE, PLAN.COLS > 0)
-        if PLAN.LATE and TILE_MODE == DEFERRED:  # the wild blocks of the rows' slabs and of the columns' apart
+        if LATE:  # the wild blocks of the rows' slabs and of the columns' apart
             if s == 0:
                 wild_rows = wild
             elif s < PLAN.SLABS:
@@ -329,9 +330,9 @@ def _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_ptr,
                 slab = ahead
             else:
                 slab = _dual_load(x_ptr, pid_r, pid_c, s + 1, R, C, sx_r, sx_c, TILE, PLAN)
+    if LATE:
+        careful_any = tl.max(wild_rows.to(tl.int32)) | tl.max(wild_cols.to(tl.int32))
     if TILE_MODE == DEFERRED:
-        if PLAN.LATE:
-            careful_any = tl.max(wild_rows.to(tl.int32)) | tl.max(wild_cols.to(tl.int32))
         if careful_any != 0:
             defer_tile(list_ptr, pid)
 
