@@ -63,8 +63,8 @@ def min_bf16x2_nan(a, b):
 def _asym_pairs_kernel(w_ptr, codes_ptr, scales_ptr, zp_ptr, R, C2, sw_r, ss_r, ss_c, ROWS: tl.constexpr,
                        GROUPS: tl.constexpr, WORDS: tl.constexpr, PIECE: tl.constexpr, FMT: tl.constexpr,
                        ROWS_X: tl.constexpr):
-    """Codes, scales and zero points of a tile of ROWS rows x GROUPS blocks of WORDS int32 words (two bf16 elements each, element 2i in the low half) of an (R, 2 * C2) matrix; codes as int16 words
-    (element 2i's in the low byte).
+    """Codes, scales and zero points of a tile of ROWS rows x GROUPS blocks of WORDS int32 words (two bf16 elements
+    each, element 2i in the low half) of an (R, 2 * C2) matrix; codes as int16 words (element 2i's in the low byte).
 
     The tile is held as [ROWS, GROUPS, WORDS / PIECE, PIECE]: pieces of PIECE words (32 bytes: whole sectors), a
     block's pieces along axis 2, so that a thread holds many pieces of few blocks and each block's scale is worked
