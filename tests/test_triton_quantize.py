@@ -587,8 +587,12 @@ DUAL_PLANS = [dict(dual_column_lanes=(8, 32)), dict(dual_column_lanes=(2, 8)), d
               dict(dual_late_check=True), dict(dual_column_lanes=(2, 8), dual_late_check=True)]
 
 
+def fields_id(fields: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in fields.items())
+
+
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8_asym", "mxfp8"])
-@pytest.mark.parametrize("plan", DUAL_PLANS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+@pytest.mark.parametrize("plan", DUAL_PLANS, ids=fields_id)
 @pytest.mark.parametrize("defer", [False, True], ids=["careful_in_place", "deferred"])
 def test_dual_plans(fmt, plan, defer, rng):
     """KernelConfig.dual_column_lanes: the columns' slabs loaded as (columns a thread, rows across lanes), viewed
@@ -962,7 +966,7 @@ def test_gpu_dual_layout_slabs(fmt, slabs, prefetch, rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", DUAL_FORMATS)
 @pytest.mark.parametrize("plan", DUAL_PLANS + [dict(dual_column_lanes=(4, 16))],
-                         ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+                         ids=fields_id)
 def test_gpu_dual_plans(fmt, plan, rng):
     config = dataclasses.replace(DEFAULT, **plan)
     for size in [(128, 128), (1000, 3000), (4096, 8192)]:
