@@ -103,8 +103,10 @@ class KernelConfig:
     # x copy (a second process 0.560 / 0.588), MXFP8 0.366 / 0.370 / 0.414, INT8 asym 0.386 / 0.386 / 0.396;
     # earlier (E4M3, not prefetched) 2 slabs 0.498, the whole tile 0.455 (offline, triton 3.6: 96 / 121 registers
     # for 4 slabs / 4 prefetched).
+    # With dual_column_lanes (2, 8) and dual_late_check, 4 slabs for MX and INT8 asym too (H100, below: MXFP8 0.660 ->
+    # 0.719, INT8 asym 0.650 -> 0.698 x copy).
     dual_slabs: int = 4
-    dual_slabs_mx_asym: int = 2
+    dual_slabs_mx_asym: int = 4
     dual_prefetch: bool = True
     # The columns' slabs of a dual-layout program loaded as (columns side by side in a thread, rows across a warp's
     # lanes), the warps on further columns (triton_quantize._dual_load LANES), so that a column's amax is reduced in
@@ -118,14 +120,18 @@ class KernelConfig:
     # against 32. With (2, 8) more slabs cost less: INT8 asym in 4 slabs 32.8 an element within 144 registers against
     # 38.1 within 236 for today's 2 slabs without it. The columns' scales are then stored from the lanes of the tile's
     # first row in the load's layout (E4M3 (2, 8): 25 barriers and 13 LDS a thread against 33 and 17 through a
-    # conversion; with dual_late_check 13 and 7). Off until timed and GPU-tested.
-    dual_column_lanes: tuple | None = None
+    # conversion; with dual_late_check 13 and 7). H100 (2026-12-05, driver 580.159.04, torch 2.11, triton 3.6,
+    # profile_kernels --time --n 16384, one process; E4M3 1x128 / MXFP8 / INT8 asym x copy, the dual layout bound by
+    # the SMs there too): None 0.752 / 0.581 / 0.541, (8, 32) 0.756 / 0.342 / 0.464, (4, 16) 0.735 / 0.404 / 0.487,
+    # (2, 8) 0.788 / 0.619 / 0.623, with dual_late_check 0.792 / 0.660 / 0.650, and 4 slabs for MX and INT8 asym
+    # 0.789 / 0.719 / 0.698; dual_late_check alone 0.710 / 0.596 / 0.555.
+    dual_column_lanes: tuple | None = (2, 8)
     # With dual_defer: every slab of a dual tile coded as if careless, the tile's careful blocks counted once at its
     # end (the FIXUP launch rewrites a careful tile's codes and scales), instead of a reduction over the program
     # before each slab's stores (two barriers a slab). Offline (as above, barriers / LDS / STS a thread): E4M3 53 / 177
     # / 125 -> 41 / 171 / 116, with dual_column_lanes (2, 8) 33 / 17 / 25 -> 21 / 11 / 13; INT8 asym with (2, 8) 37 ->
-    # 27 barriers. Off until timed and GPU-tested.
-    dual_late_check: bool = False
+    # 27 barriers. Timed with dual_column_lanes, above.
+    dual_late_check: bool = True
     # Careful tiles deferred, one tile a program. Float tiles: 4 warps of 128 elements a thread of a 128 x 128
     # tile, no register limit (H200, 2026-12-04, 16384^2 bf16, ncu kernel time: E4M3 128x128 184 us against 210 us
     # for 8 warps within 128 registers, 246 us for 4 warps within 128, 240 us for 2 warps); rows within 80
