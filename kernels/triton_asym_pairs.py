@@ -14,8 +14,8 @@ from .launch import inline_ptx
 from .plans import launch
 from .quantize_plan import as_grid, bytes_of, element_constants, narrow_launch, pair_words, row_tile_grid
 from .spec import Format, _cdiv
-from .triton_elements import (CORRECTED_ANY_ZERO, DIVIDE, bf16_halves, block_scale, corrected_block_scale, encode,
-                              encode_quotient, grid_tile, max_nan, min_nan, quotient, store_scales)
+from .triton_elements import (CORRECTED_ANY_ZERO, DIVIDE, below_inf, bf16_halves, block_scale, corrected_block_scale,
+                              encode, encode_quotient, grid_tile, max_nan, min_nan, quotient, store_scales)
 
 
 def asym_pairs(v, block, qt, spec, config: KernelConfig) -> bool:
@@ -125,9 +125,8 @@ def _careful_block(w_ptr, codes_ptr, scales_ptr, zp_ptr, row, group, R, C2, sw_r
     k = group * WORDS + tl.arange(0, WORDS)
     mask = k < tl.where(row < R, C2, 0)  # (the interpreter cannot broadcast a scalar mask into k's)
     x_lo, x_hi = bf16_halves(tl.load(w_ptr + row.to(tl.int64) * sw_r + k, mask=mask, other=0))
-    hi = tl.maximum(tl.max(tl.where(x_lo < float("inf"), x_lo, 0.0)), tl.max(tl.where(x_hi < float("inf"), x_hi, 0.0)))
-    nlo = tl.maximum(tl.max(tl.where(-x_lo < float("inf"), -x_lo, 0.0)),
-                     tl.max(tl.where(-x_hi < float("inf"), -x_hi, 0.0)))
+    hi = tl.maximum(tl.max(below_inf(x_lo)), tl.max(below_inf(x_hi)))
+    nlo = tl.maximum(tl.max(below_inf(-x_lo)), tl.max(below_inf(-x_hi)))
     scale, zp = block_scale(tl.maximum(hi, 0.0), tl.maximum(nlo, 0.0), FMT)
     store_scales(scales_ptr, zp_ptr, row.to(tl.int64) * ss_r + group * ss_c, (row < R) & (group * WORDS < C2), scale,
                  zp, FMT)

@@ -12,7 +12,7 @@ from .config import KernelConfig
 from .plans import launch, scratch
 from .quantize_plan import bf16_bits, input_view, pow2_ceil
 from .spec import _cdiv
-from .triton_elements import finite_abs, load_fp32
+from .triton_elements import below_inf, finite_abs, load_fp32
 
 
 @triton.jit
@@ -44,8 +44,8 @@ def _block_stats_kernel(
         x = load_fp32(x_ptr + p.to(tl.int64) * sx_p + rows.to(tl.int64) * sx_r + cols.to(tl.int64) * sx_c,
                        (rows < R) & (cols < C), BF16_BITS)
         if ASYM:
-            hi = tl.maximum(hi, tl.where(x < float("inf"), x, 0.0))
-            nlo = tl.maximum(nlo, tl.where(-x < float("inf"), -x, 0.0))
+            hi = tl.maximum(hi, below_inf(x))
+            nlo = tl.maximum(nlo, below_inf(-x))
         else:
             hi = tl.maximum(hi, finite_abs(x))
     # Block ids from the first tile: along the looped dim all tiles share one block.

@@ -396,9 +396,14 @@ def widen_fp32(x, BF16_BITS: tl.constexpr):
 
 
 @triton.jit
+def below_inf(x):
+    """x where it is below +Inf, else 0 (+Inf and NaN)."""
+    return tl.where(x < float("inf"), x, 0.0)
+
+
+@triton.jit
 def finite_abs(x):
-    a = tl.abs(x)
-    return tl.where(a < float("inf"), a, 0.0)
+    return below_inf(tl.abs(x))
 
 
 @triton.jit

@@ -29,7 +29,7 @@ from .quantize_plan import (MAX_REGISTER_BLOCK, DualPlan, Tile, as_grid, bf16_bi
 from .spec import Format, Granularity, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED, CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, GUARDED,
-                              RECIPROCAL, block_ids, block_scale, corrected_block_scale, defer_tile, encode,
+                              RECIPROCAL, below_inf, block_ids, block_scale, corrected_block_scale, defer_tile, encode,
                               encode_quotient, finite_abs, finite_amax, load_fp32, max_into, max_nan, min_nan, quotient,
                               rint_int32, store_scales, tile_coords, widen_fp32)
 from .triton_asym_pairs import asym_pairs
@@ -83,8 +83,8 @@ def _register_scales(x, FMT: tl.constexpr, DEFER: tl.constexpr = False, DIVIDE_R
     careful = tl.max(wild.to(tl.int32))
     if careful != 0 and not DEFER:
         if FMT.ASYM:
-            hi = _blocks_max(tl.where(x < float("inf"), x, 0.0))
-            nlo = _blocks_max(tl.where(-x < float("inf"), -x, 0.0))
+            hi = _blocks_max(below_inf(x))
+            nlo = _blocks_max(below_inf(-x))
         else:
             hi = _blocks_max(finite_abs(x))
             nlo = 0.0
