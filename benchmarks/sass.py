@@ -70,8 +70,8 @@ def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16", source=None, d
     constant 1, as a launch specializes them (a transposed input's row stride, a single row)."""
     (_, rows, cols), (br, bc) = block_geometry(shape, spec)
     register = source is None
-    fmt = element_constants(spec, exact_fp8=False, guarded=DEFAULT.guarded_quotient)._replace(
-        TILE_DIVIDE=DEFAULT.one_block_divide)
+    fmt = element_constants(spec, exact_fp8=False, guarded=DEFAULT.guarded_quotient,
+                            tile_divide=DEFAULT.one_block_divide)
     tile, warps = tq.dual_geometry(cols, bc, DEFAULT) if dual else \
         tile_geometry(br, bc, rows, cols, register, DEFAULT, asym=fmt.ASYM, amax=source is tq.SCALE_GIVEN_AMAX)
     run = schedule(tile, warps, register, dual, fmt.ASYM, fmt.IS_INT, DEFAULT)

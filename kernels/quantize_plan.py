@@ -119,9 +119,10 @@ def block_view(x: torch.Tensor, spec: QuantSpec):
     return x.reshape(dims), block
 
 
-def element_constants(spec: QuantSpec, exact_fp8: bool | None = None, guarded: bool = False) -> ElementConstants:
+def element_constants(spec: QuantSpec, exact_fp8: bool | None = None, guarded: bool = False,
+                      tile_divide: bool = False) -> ElementConstants:
     """The kernels' FMT constexpr of `spec` (exact_fp8 None: integer fp8 codes only when interpreted; guarded:
-    KernelConfig.guarded_quotient)."""
+    KernelConfig.guarded_quotient; tile_divide: KernelConfig.one_block_divide)."""
     el = spec.element
     hw = SOFT_FP8.value
     if el.kind == "float" and el is not E2M1:
@@ -134,7 +135,7 @@ def element_constants(spec: QuantSpec, exact_fp8: bool | None = None, guarded: b
         POW2=spec.scale_encoding == ScaleEncoding.POW2, MX=spec.is_mx, EMAX=el.emax if el.kind == "float" else 0,
         NBITS=el.bits, MBITS=el.mbits, EMIN=el.emin, BIAS=el.bias, NAN_CODE=el.nan_code if el.has_nan else 0,
         HW_FP8=hw, EXACT_FP8=interpreting() if exact_fp8 is None else bool(exact_fp8), GUARDED=guarded,
-        NAN_COMBINE=not interpreting(),
+        TILE_DIVIDE=tile_divide, NAN_COMBINE=not interpreting(),
     )
 
 

@@ -503,7 +503,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | None = Non
 def _quantize_into(v, block, spec, given, amax, qt, exact_fp8, config) -> None:
     """Launch the kernels that quantize v, x's (P, R, C) view of blocks `block`, into qt (quantize's body: launches on
     these tensors only)."""
-    fmt = element_constants(spec, exact_fp8, config.guarded_quotient)._replace(TILE_DIVIDE=config.one_block_divide)
+    fmt = element_constants(spec, exact_fp8, config.guarded_quotient, config.one_block_divide)
     br, bc = block
     P, R, C = v.shape
     nbr, nbc = _cdiv(R, br), _cdiv(C, bc)
