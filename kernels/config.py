@@ -124,12 +124,13 @@ class KernelConfig:
     # profile_kernels --time --n 16384, one process; E4M3 1x128 / MXFP8 / INT8 asym x copy, the dual layout bound by
     # the SMs there too): None 0.752 / 0.581 / 0.541, (8, 32) 0.756 / 0.342 / 0.464, (4, 16) 0.735 / 0.404 / 0.487,
     # (2, 8) 0.788 / 0.619 / 0.623, with dual_late_check 0.792 / 0.660 / 0.650, and 4 slabs for MX and INT8 asym
-    # 0.789 / 0.719 / 0.698; dual_late_check alone 0.710 / 0.596 / 0.555. Around that plan (same run of another
-    # machine): no prefetch 0.726 / 0.678 / 0.662, 8 warps 0.748 / 0.627 / 0.557, 8 warps in 2 slabs 0.798-0.801 /
-    # 0.632-0.713 / 0.557-0.711, 2 slabs 0.730 / 0.661 / 0.645, within 96 registers 0.679 / 0.713 / 0.500, persistent
-    # programs (dual_programs 4, 5) 0.29-0.46. ncu of E4M3 (H100): 124 registers, 4 programs an SM (25 % occupancy),
-    # 0.39 instructions issued a cycle a scheduler, half the stalls on global loads (long scoreboard), DRAM 72 %,
-    # L2 79 %: bound by the loads in flight, which only shared memory filled asynchronously (TMA) would raise.
+    # 0.789 / 0.719 / 0.698; dual_late_check alone 0.710 / 0.596 / 0.555. Around that plan (H100, 18:27 and 18:33
+    # UTC, two processes): no prefetch 0.726 / 0.678 / 0.662, 8 warps 0.748 / 0.627 / 0.557, 8 warps in 2 slabs for
+    # every format 0.801 / 0.713 / 0.711 (in 2 slabs for E4M3 only 0.798 / 0.632 / 0.557), 2 slabs 0.730 / 0.661 /
+    # 0.645, within 96 registers 0.679 / 0.713 / 0.500, persistent programs (dual_programs 4, 5) 0.29-0.46. ncu of
+    # E4M3 (H100): 124 registers, 4 programs an SM (25 % occupancy), 0.39 instructions issued a cycle a scheduler,
+    # half the stalls on global loads (long scoreboard), DRAM 72 %, L2 79 %: bound by the loads in flight, which only
+    # shared memory filled asynchronously (TMA) would raise.
     dual_column_lanes: tuple | None = (2, 8)
     # With dual_defer: every slab of a dual tile coded as if careless, the tile's careful blocks counted once at its
     # end (the FIXUP launch rewrites a careful tile's codes and scales), instead of a reduction over the program
