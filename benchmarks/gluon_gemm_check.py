@@ -12,8 +12,9 @@ both of its modes: block-scaled (A 1x128 x B 128x128) and scales constant along 
     variant): relative error of fp32 and bf16 output against the fp64 product, and both outputs against
     the Triton kernel's (its first launch config, the one the GPU tests compare with; expected identical).
 (c) At each --sizes S (S^3): median GPU time (triton.testing.do_bench_cudagraph) and TFLOPS of each
-    variant, of the Triton kernel and of cuBLAS: blockwise (gemm.cublas_blockwise) for the block-scaled
-    product, per-tensor torch._scaled_mm (use_fast_accum=False) for the per-tensor one; and the ratios.
+    variant (per tensor also of the one triton_gemm.matmul picks), of the Triton kernel and of cuBLAS: blockwise
+    (gemm.cublas_blockwise) for the block-scaled product, per-tensor torch._scaled_mm (use_fast_accum=False) for
+    the per-tensor one; and the ratios.
 Each variant is tried on its own: a failure is printed and the others still run (a CUDA fault, though,
 poisons the context for everything after it; a hang needs the caller's timeout).
 """
@@ -155,6 +156,8 @@ def bench(gg, sizes) -> None:
             ta.codes, tb.codes.t(), scale_a=ta.scales.reshape(()), scale_b=tb.scales.reshape(()),
             out_dtype=torch.bfloat16, use_fast_accum=False))
         record("per-tensor triton_gemm.matmul", lambda: triton_gemm.matmul(ta, tb, torch.bfloat16, config=NO_GLUON))
+        record("per-tensor gluon, the variant matmul picks (row_scaled_variant)",
+               lambda: triton_gemm.matmul(ta, tb, torch.bfloat16))
         for cfg in gg.CONFIGS:
             record(f"per-tensor {cfg!r}", lambda cfg=cfg: gg.rowscaled_matmul(
                 ta.codes, ta.scales, tb.codes, tb.scales, torch.bfloat16, config=cfg))

@@ -102,8 +102,8 @@ class GluonConfig:
 # On an H200 (2026-12-05, benchmarks/gluon_gemm_check.py, bf16 out, TFLOPS; cuBLAS blockwise 1072 / 1119) block-scaled
 # 4096^3 / 8192^3: chains of 8 1002 / 1024, of 4 990 / 1007, of 2 988 / 972, 3 stages 915 / 902, three warpgroups 912 /
 # 996. Per tensor (cuBLAS 1135 / 1233): 1137 / 1163, 1140 / 1161, 1113 / 1155, 1023 / 986, three warpgroups 1077 / 1215.
-CONFIGS = [GluonConfig(4, 8), GluonConfig(4, 4), GluonConfig(4, 2), GluonConfig(3, 4),
-           GluonConfig(4, 2, maxnreg=128, consumer_regs=160, warpgroups=3)]
+THREE_WARPGROUPS = GluonConfig(4, 2, maxnreg=128, consumer_regs=160, warpgroups=3)
+CONFIGS = [GluonConfig(4, 8), GluonConfig(4, 4), GluonConfig(4, 2), GluonConfig(3, 4), THREE_WARPGROUPS]
 
 
 if AVAILABLE:
@@ -398,6 +398,28 @@ def ring_stages(cfg: GluonConfig, out_size: int, shared_limit: int) -> int:
     if fit < 2:
         raise ValueError(f"gluon_gemm: {cfg} needs more than {shared_limit} bytes of shared memory")
     return min(cfg.stages, fit)
+
+
+def _last_wave(cfg: GluonConfig, M: int, N: int, programs: int) -> float:
+    """How full a persistent launch of cfg's tiles over an (M, N) output keeps its programs: tiles / (waves *
+    programs), 1.0 where every program walks as many tiles."""
+    tiles = -(-M // (64 * cfg.warpgroups)) * -(-N // TILE)
+    return tiles / (-(-tiles // programs) * programs)
+
+
+def row_scaled_variant(M: int, N: int, out_size: int, programs: int, shared_limit: int) -> GluonConfig:
+    """The launch variant for scales constant along K: three warpgroups (192-row tiles) where their ring keeps its
+    depth beside the output's staging (out_size bytes an element) and their programs' waves, weighed by the
+    192-row tile's speed, are at least as full as the 128-row tiles' of CONFIGS[0]; else CONFIGS[0].
+
+    The weight: per tile, three warpgroups ran 2 % faster (H200, 2026-12-05, bf16 out, per tensor: 8192^3 1215
+    against 1163 TFLOPS in 21 waves 99.3 % full against 32 waves 97.0 % full; 4096^3 1077 against 1137, 6 waves
+    89 % full against 8 97 % full). Block-scaled products lose with them (one product tile a warpgroup)."""
+    two, three = CONFIGS[0], THREE_WARPGROUPS
+    if (ring_stages(three, out_size, shared_limit) == three.stages
+            and 1.02 * _last_wave(three, M, N, programs) >= _last_wave(two, M, N, programs)):
+        return three
+    return two
 
 
 def _launch(a_codes, b_codes, c, sa, sb, scale_strides, scale_per_k: bool, config: GluonConfig | None, split: int):

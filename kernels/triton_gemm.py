@@ -39,7 +39,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import gluon_gemm
 from .config import DEFAULT, KernelConfig
-from .launch import inline_ptx, interpreting, sm_count, split_run, sum_splits, tile_offsets, tma_rows
+from .launch import inline_ptx, interpreting, shared_memory, sm_count, split_run, sum_splits, tile_offsets, tma_rows
 from .spec import E2M1, OUT_DTYPES, Format, Granularity, QuantizedTensor
 from .triton_elements import bf16_halves, e2m1x2_scaled, e4m3_value, e8m0_bf16x2
 
@@ -501,7 +501,11 @@ def _scaled_matmul(a: QuantizedTensor, b: QuantizedTensor, c: torch.Tensor, conf
     if split == 1 and _gluon_applies(a, b, c.device, config):
         gluon_split = _gluon_split(M, N, K, c.device, config)
         if _gluon_recipe(a, b) == "row-scaled":
-            return gluon_gemm.rowscaled_matmul(a.codes, sa, b.codes, sb, c.dtype, out=c, split=gluon_split)
+            variant = None
+            if config.gemm_gluon_wide_rows and gluon_split == 1:
+                variant = gluon_gemm.row_scaled_variant(M, N, c.element_size(), sm_count(c.device),
+                                                        shared_memory(c.device))
+            return gluon_gemm.rowscaled_matmul(a.codes, sa, b.codes, sb, c.dtype, variant, out=c, split=gluon_split)
         return gluon_gemm.blockscaled_matmul(a.codes, sa, b.codes, sb, c.dtype, out=c, split=gluon_split)
     per_k = ga is not None or gb is not None
     if is_int and per_k:
