@@ -54,6 +54,7 @@ SPECS = [
     ("mxfp4", QuantSpec(format="mxfp4")),
     ("int8 sym 1x128", QuantSpec(format="int8_sym")),
     ("int8 asym 1x128", QuantSpec(format="int8_asym")),
+    ("int8 asym 128x128", QuantSpec(format="int8_asym", granularity="tile", tile=(128, 128))),
     ("int8 sym channel0", QuantSpec(format="int8_sym", granularity="channel", axis=0)),
     ("fp8 e4m3 channel0", QuantSpec(granularity="channel", axis=0)),
 ]
@@ -128,12 +129,19 @@ def compile_mxfp4_pairs():
     return kernel, rows * groups * 32 / (warps * 32)
 
 
-def compile_asym_pairs():
-    """(compiled kernel, elements a thread handles) of the INT8 asym pairs kernel on bf16 1 x 128 groups."""
+def compile_asym_pairs(block_rows: int = 1):
+    """(compiled kernel, elements a thread handles) of the INT8 asym pairs kernel on bf16 1 x 128 groups
+    (block_rows 1) or block_rows x 128 tiles (a tile a program, as triton_asym_pairs.asym_pairs launches them; 64
+    elements a thread where KernelConfig.asym_pairs_tile_elems is None, as it ships)."""
     fn = asym._asym_pairs_kernel
     elems, warps = DEFAULT.asym_pairs_launch
-    constexprs = dict(ROWS=1, GROUPS=elems // 128, WORDS=64, PIECE=min(64, DEFAULT.asym_pairs_piece),
-                      FMT=element_constants(QuantSpec(format="int8_asym")), ss_c=1, ROWS_X=False)
+    groups = elems // 128
+    if block_rows > 1:
+        elems, groups = block_rows * 128, 1
+        warps = max(1, min(16, elems // (32 * (DEFAULT.asym_pairs_tile_elems or 64))))
+    constexprs = dict(ROWS=block_rows, GROUPS=groups, WORDS=64, PIECE=min(64, DEFAULT.asym_pairs_piece),
+                      FMT=element_constants(QuantSpec(format="int8_asym")), ss_c=1, ROWS_X=False,
+                      BLOCK_ROWS=block_rows)
     signature = {n: "constexpr" if n in constexprs else "*i32" if n == "w_ptr" else "*i16" if n == "codes_ptr"
                  else "*fp32" if n == "scales_ptr" else "*u8" if n.endswith("_ptr") else "i32" for n in fn.arg_names}
     kernel = compile_sm90(fn, signature, constexprs, {"C2", "sw_r"}, warps)
@@ -257,6 +265,7 @@ def main() -> None:
     builds = [(name, lambda spec=spec: compile_quantize(spec, args.shape)) for name, spec in SPECS]
     builds.append(("mxfp4, pairs kernel", compile_mxfp4_pairs))
     builds.append(("int8 asym 1x128, pairs kernel", compile_asym_pairs))
+    builds.append(("int8 asym 128x128, pairs kernel", lambda: compile_asym_pairs(128)))
     builds.append(("nvfp4", compile_nvfp4))
     tensor = QuantSpec(granularity="tensor")
     builds.append(("fp8 e4m3 tensor, 2nd pass", lambda: compile_quantize(tensor, args.shape, source=tq.SCALE_STATS)))

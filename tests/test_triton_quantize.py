@@ -402,18 +402,20 @@ def test_dual_schedule_limits_only_its_tile():
 
 def one_block_config(config=DEFAULT, **fields):
     """`config` with both one-block schedules (float and INT8 formats) changed by `fields` (config.OneBlock; maxnreg
-    for blocks of one row too)."""
+    for blocks of one row too), INT8 asym on them too (bf16 tiles would take the pairs kernel: asym_pairs_launch
+    None)."""
     if "maxnreg" in fields:
         fields.setdefault("row_maxnreg", fields["maxnreg"])
     return dataclasses.replace(config, one_block_float=dataclasses.replace(config.one_block_float, **fields),
-                               one_block_int=dataclasses.replace(config.one_block_int, **fields))
+                               one_block_int=dataclasses.replace(config.one_block_int, **fields),
+                               asym_pairs_launch=None)
 
 
 @pytest.mark.parametrize("spec,shape", PERSISTENT_CASES, ids=str)
 def test_persistent_programs(spec, shape, rng):
     """Programs that loop over several tiles (3 programs under the interpreter), careful tiles (Inf,
     NaN) among ordinary ones, quotients next to code boundaries."""
-    config = dataclasses.replace(one_block_config(per_sm=1), asym_programs=1, asym_pairs_launch=None)
+    config = dataclasses.replace(one_block_config(per_sm=1), asym_programs=1)
     x = random_input(shape, torch.bfloat16, rng)
     assert persistent_launch(x, spec, config)
     check(x, spec, config=config)
@@ -768,6 +770,42 @@ def test_asym_pairs_kernel(group, device, rng, monkeypatch):
         check(near_boundaries("int8_asym", group, rng).to(device), spec)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("tile", [(128, 128), (4, 64), (32, 32)], ids=str)
+def test_asym_pairs_kernel_tiles(tile, device, rng, monkeypatch):
+    """KernelConfig.asym_pairs_tile_elems set: bf16 INT8 asym 2-D tiles whose rows can be read as int32 pairs take
+    _asym_pairs_kernel, a tile row a program (careless tiles; careful ones: NaN, Inf, subnormals, a span that
+    overflows fp32; ragged last tiles in both directions, sliced rows, column scales, tiles of one sign); others
+    (odd width, strided columns, fp16, fp32, the pairs off, the knob as shipped) the register tiles."""
+    taken = pairs_taken(monkeypatch, "asym_pairs")
+    spec = QuantSpec(format="int8_asym", granularity="tile", tile=tile)
+    on = dataclasses.replace(DEFAULT, asym_pairs_tile_elems=64)
+    br, bc = tile
+    x = random_input((br + 3, bc + 6), torch.bfloat16, rng).to(device)
+    plain = random_input((2 * br, 2 * bc), torch.bfloat16, rng, edge_cases=False).to(device)
+    plain[1, 3], plain[br - 1, bc - 2] = math.nan, math.inf  # careful
+    plain[:br, bc:] = -plain[:br, bc:].abs()  # a tile of negatives only
+    plain[br:, :bc] = torch.finfo(torch.bfloat16).max  # +-max: a span that overflows fp32 (careful)
+    plain[-1, bc - 1] = -torch.finfo(torch.bfloat16).max
+    plain[br:, bc:] *= 2.0 ** -130  # subnormals: a scale below the corrected range (careful)
+    for t in (x, plain, x[3:, 2:bc + 2], x[:, :bc + 1], x[:, ::2], x.half(), x.float()):
+        check(t, spec, config=on)
+    variants = br * bc < 16384 or device == "cuda"  # (the interpreter's reductions of 128 x 128 tiles are slow)
+    if variants:  # more warps; pieces of 4 words
+        check(plain, spec, config=dataclasses.replace(on, asym_pairs_tile_elems=16))
+        check(plain, spec, config=dataclasses.replace(on, asym_pairs_piece=4))
+    check(plain, spec, config=dataclasses.replace(on, asym_pairs_launch=None))
+    check(plain, spec)  # as shipped: the register tiles
+    got = dispatch.quantize(x, spec, backend="triton", scale_layout="col", config=on)
+    assert_same_qt(got, reference_quantize(x, spec))
+    assert taken == [True, True, True, False, False, False, False] + [True, True] * variants + [False, False, True]
+    if device == "cuda":  # many tiles, careless and careful
+        check(random_input((1000, 4096), torch.bfloat16, rng).to(device), spec, config=on)
+        check(random_input((4096, 2048), torch.bfloat16, rng, edge_cases=False).to(device), spec, config=on)
+        check(every_16bit(torch.bfloat16).reshape(256, 256).to(device), spec, config=on)
+        check(near_boundaries("int8_asym", bc, rng)[:br * (1024 // br)].to(device), spec, config=on)
+
+
 def test_scale_layouts(rng):
     x = random_input((37, 300), torch.bfloat16, rng)
     for spec in (QuantSpec(), QuantSpec(format="int8_asym"), QuantSpec(format="mxfp4"),
@@ -883,7 +921,7 @@ def test_gpu_exact_fp8_path(spec, rng):
 def test_gpu_persistent_programs(spec, shape, per_sm, rng):
     """One-block programs, one tile a program or persistent, over ragged and aligned shapes, with and without
     Inf/NaN, and every bf16."""
-    config = dataclasses.replace(one_block_config(per_sm=per_sm), asym_programs=per_sm, asym_pairs_launch=None)
+    config = dataclasses.replace(one_block_config(per_sm=per_sm), asym_programs=per_sm)
     for size in GPU_SHAPES[2:] + [shape, (129, 129), (1000, 3), (513, 129), (70, 9000)]:
         check(random_input(size, torch.bfloat16, rng).cuda(), spec, config=config)
         check(random_input(size, torch.float32, rng, edge_cases=False).cuda(), spec, config=config)
