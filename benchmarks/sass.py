@@ -134,18 +134,15 @@ def compile_asym_pairs(block_rows: int = 1):
     (block_rows 1) or block_rows x 128 tiles (a tile a program, as triton_asym_pairs.asym_pairs launches them; 64
     elements a thread where KernelConfig.asym_pairs_tile_elems is None, as it ships)."""
     fn = asym._asym_pairs_kernel
-    elems, warps = DEFAULT.asym_pairs_launch
-    groups = elems // 128
-    if block_rows > 1:
-        elems, groups = block_rows * 128, 1
-        warps = max(1, min(16, elems // (32 * (DEFAULT.asym_pairs_tile_elems or 64))))
-    constexprs = dict(ROWS=block_rows, GROUPS=groups, WORDS=64, PIECE=min(64, DEFAULT.asym_pairs_piece),
+    config = dataclasses.replace(DEFAULT, asym_pairs_tile_elems=DEFAULT.asym_pairs_tile_elems or 64)
+    rows, groups, warps = asym.launch_geometry(block_rows, 128, 128, config)  # rows of 128 blocks
+    constexprs = dict(ROWS=rows, GROUPS=groups, WORDS=64, PIECE=min(64, DEFAULT.asym_pairs_piece),
                       FMT=element_constants(QuantSpec(format="int8_asym")), ss_c=1, ROWS_X=False,
                       BLOCK_ROWS=block_rows)
     signature = {n: "constexpr" if n in constexprs else "*i32" if n == "w_ptr" else "*i16" if n == "codes_ptr"
                  else "*fp32" if n == "scales_ptr" else "*u8" if n.endswith("_ptr") else "i32" for n in fn.arg_names}
     kernel = compile_sm90(fn, signature, constexprs, {"C2", "sw_r"}, warps)
-    return kernel, elems / (warps * 32)
+    return kernel, rows * groups * 128 / (warps * 32)
 
 
 def compile_dequantize(spec: QuantSpec, shape, out_dtype: torch.dtype = torch.bfloat16):

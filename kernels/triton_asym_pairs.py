@@ -39,12 +39,7 @@ def asym_pairs(v, block, qt, spec, config: KernelConfig) -> bool:
         return False
     _, R, C = v.shape
     nbr, nbc = _cdiv(R, br), _cdiv(C, bc)
-    elems, warps = launch_
-    if br == 1:
-        rows, groups, warps = narrow_launch((1, elems // bc, warps), nbc)
-    else:  # a tile row a program: br rows, as many tiles as the row groups' programs hold elements
-        rows, groups = br, max(1, min(pow2_ceil(nbc), elems // (br * bc)))
-        warps = max(1, min(16, groups * br * bc // (32 * config.asym_pairs_tile_elems)))
+    rows, groups, warps = launch_geometry(br, bc, nbc, config)
     grid, rows_x = row_tile_grid(_cdiv(nbc, groups), _cdiv(R, rows))
     grid_s, grid_zp = as_grid(qt.scales, nbr, nbc), as_grid(qt.zero_points, nbr, nbc)
     assert grid_s.stride() == grid_zp.stride()  # one layout (scale_tensor) for both
@@ -54,6 +49,17 @@ def asym_pairs(v, block, qt, spec, config: KernelConfig) -> bool:
            PIECE=min(words, config.asym_pairs_piece), FMT=element_constants(spec), ROWS_X=rows_x, BLOCK_ROWS=br,
            num_warps=warps)
     return True
+
+
+def launch_geometry(br: int, bc: int, nbc: int, config: KernelConfig) -> tuple[int, int, int]:
+    """(rows, blocks a row, warps) of an _asym_pairs_kernel program over blocks (br, bc), nbc of them a row: row
+    groups (br 1) by config.asym_pairs_launch, narrowed to the row; 2-D tiles a tile row a program, as many tiles as
+    the row groups' programs hold elements, config.asym_pairs_tile_elems elements a thread."""
+    elems, warps = config.asym_pairs_launch
+    if br == 1:
+        return narrow_launch((1, elems // bc, warps), nbc)
+    groups = max(1, min(pow2_ceil(nbc), elems // (br * bc)))
+    return br, groups, max(1, min(16, groups * br * bc // (32 * config.asym_pairs_tile_elems)))
 
 
 @triton.jit
@@ -118,7 +124,8 @@ def _asym_pairs_kernel(w_ptr, codes_ptr, scales_ptr, zp_ptr, R, C2, sw_r, ss_r, 
 
 @triton.jit
 def _block_words(w, MIN: tl.constexpr, OVER_ROWS: tl.constexpr):
-    """The bf16x2 max (MIN: min) of each block's words, NaN kept, over its pieces (OVER_ROWS: and the rows)."""
+    """The bf16x2 max (MIN: min) of each block's words, NaN kept, over its pieces (OVER_ROWS: and the rows). (The
+    combine function cannot be an argument: triton 3.6's tl.reduce takes no constexpr-wrapped jit function.)"""
     if MIN:
         m = tl.reduce(tl.reduce(w, 3, min_bf16x2_nan, keep_dims=True), 2, min_bf16x2_nan, keep_dims=True)
         if OVER_ROWS:
@@ -147,17 +154,22 @@ def _careful_block(w_ptr, codes_ptr, scales_ptr, zp_ptr, brow, group, R, C2, sw_
     hi = 0.0  # (the maxima below are clamped at 0 either way)
     nlo = 0.0
     for r0 in range(0, BLOCK_ROWS, CHUNK):
-        row = brow * BLOCK_ROWS + r0 + tl.arange(0, CHUNK)[:, None]
-        mask = k < tl.where(row < R, C2, 0)
-        x_lo, x_hi = bf16_halves(tl.load(w_ptr + row.to(tl.int64) * sw_r + k, mask=mask, other=0))
+        x_lo, x_hi, _, _ = _chunk(w_ptr, brow * BLOCK_ROWS + r0, k, R, C2, sw_r, CHUNK)
         hi = tl.maximum(hi, tl.maximum(tl.max(below_inf(x_lo)), tl.max(below_inf(x_hi))))
         nlo = tl.maximum(nlo, tl.maximum(tl.max(below_inf(-x_lo)), tl.max(below_inf(-x_hi))))
     scale, zp = block_scale(hi, nlo, FMT)
     store_scales(scales_ptr, zp_ptr, brow.to(tl.int64) * ss_r + group * ss_c,
                  (brow * BLOCK_ROWS < R) & (group * WORDS < C2), scale, zp, FMT)
     for r0 in range(0, BLOCK_ROWS, CHUNK):
-        row = brow * BLOCK_ROWS + r0 + tl.arange(0, CHUNK)[:, None]
-        mask = k < tl.where(row < R, C2, 0)
-        x_lo, x_hi = bf16_halves(tl.load(w_ptr + row.to(tl.int64) * sw_r + k, mask=mask, other=0))
+        x_lo, x_hi, row, mask = _chunk(w_ptr, brow * BLOCK_ROWS + r0, k, R, C2, sw_r, CHUNK)
         codes = _code_words(encode(x_lo, scale, zp, FMT, DIVIDE), encode(x_hi, scale, zp, FMT, DIVIDE))
         tl.store(codes_ptr + row.to(tl.int64) * C2 + k, codes, mask=mask)
+
+
+@triton.jit
+def _chunk(w_ptr, first_row, k, R, C2, sw_r, CHUNK: tl.constexpr):
+    """(low elements, high elements, rows, mask) of words k of rows first_row .. + CHUNK - 1 (zeros past R, C2)."""
+    row = first_row + tl.arange(0, CHUNK)[:, None]
+    mask = k < tl.where(row < R, C2, 0)
+    x_lo, x_hi = bf16_halves(tl.load(w_ptr + row.to(tl.int64) * sw_r + k, mask=mask, other=0))
+    return x_lo, x_hi, row, mask
