@@ -132,7 +132,7 @@ def compile_mxfp4_pairs():
 def compile_asym_pairs(block_rows: int = 1):
     """(compiled kernel, elements a thread handles) of the INT8 asym pairs kernel on bf16 1 x 128 groups
     (block_rows 1) or block_rows x 128 tiles (a tile a program, as triton_asym_pairs.asym_pairs launches them; 64
-    elements a thread where KernelConfig.asym_pairs_tile_elems is None, as it ships)."""
+    elements a thread where KernelConfig.asym_pairs_tile_elems is None)."""
     fn = asym._asym_pairs_kernel
     config = dataclasses.replace(DEFAULT, asym_pairs_tile_elems=DEFAULT.asym_pairs_tile_elems or 64)
     rows, groups, warps = asym.launch_geometry(block_rows, 128, 128, config)  # rows of 128 blocks

@@ -91,11 +91,12 @@ class KernelConfig:
     asym_pairs_launch: tuple | None = (2048, 1)
     asym_pairs_piece: int = 16
     # INT8 asym 2-D tiles of bf16 pairs (128 x 128 and others) on the pairs kernel too, a tile row a program, this many
-    # elements a thread (64: eight warps for a 128 x 128 tile), or None: on the register tiles, which ran at
-    # 0.870-0.873 x copy on an H200 (2026-12-05, one_block_divide above). Offline (triton 3.6, sass.py, 128 x 128):
-    # 12.9 SASS instructions an element on the common path at 48 registers (64 with the careful path, whose blocks
-    # go in chunks of 8 rows) against 13.6 at 168 for the register tiles. Not yet run on a GPU: off until it is.
-    asym_pairs_tile_elems: int | None = None
+    # elements a thread (64: eight warps for a 128 x 128 tile), or None: on the register tiles. H100 (2026-12-05,
+    # 16384^2, profile_kernels --time, one process): 64 0.995 x copy, 32 0.993, 128 0.991 against 0.977 for the
+    # register tiles (0.870-0.873 on an H200, one_block_divide above). Offline (triton 3.6, sass.py, 128 x 128): 12.9
+    # SASS instructions an element on the common path at 48 registers (64 with the careful path, whose blocks go in
+    # chunks of 8 rows) against 13.6 at 168 for the register tiles.
+    asym_pairs_tile_elems: int | None = 64
     # Careful tiles of dual-layout programs listed for a second launch, as asym_defer (triton 3.6: 128 x 128 tiles at 8
     # warps take 124 registers instead of 161). H200, as above, two runs: 0.550 / 0.549 x copy at 4 warps against
     # 0.540 / 0.538 in place; 0.523 at 8 warps, 0.394 at 8 warps within 128 registers.

@@ -776,7 +776,7 @@ def test_asym_pairs_kernel_tiles(tile, device, rng, monkeypatch):
     """KernelConfig.asym_pairs_tile_elems set: bf16 INT8 asym 2-D tiles whose rows can be read as int32 pairs take
     _asym_pairs_kernel, a tile row a program (careless tiles; careful ones: NaN, Inf, subnormals, a span that
     overflows fp32; ragged last tiles in both directions, sliced rows, column scales, tiles of one sign); others
-    (odd width, strided columns, fp16, fp32, the pairs off, the knob as shipped) the register tiles."""
+    (odd width, strided columns, fp16, fp32, the pairs off, the knob off) the register tiles."""
     taken = pairs_taken(monkeypatch, "asym_pairs")
     spec = QuantSpec(format="int8_asym", granularity="tile", tile=tile)
     on = dataclasses.replace(DEFAULT, asym_pairs_tile_elems=64)
@@ -795,10 +795,12 @@ def test_asym_pairs_kernel_tiles(tile, device, rng, monkeypatch):
         check(plain, spec, config=dataclasses.replace(on, asym_pairs_tile_elems=16))
         check(plain, spec, config=dataclasses.replace(on, asym_pairs_piece=4))
     check(plain, spec, config=dataclasses.replace(on, asym_pairs_launch=None))
-    check(plain, spec)  # as shipped: the register tiles
+    check(plain, spec, config=dataclasses.replace(on, asym_pairs_tile_elems=None))  # the register tiles
+    check(plain, spec)  # as shipped
     got = dispatch.quantize(x, spec, backend="triton", scale_layout="col", config=on)
     assert_same_qt(got, reference_quantize(x, spec))
-    assert taken == [True, True, True, False, False, False, False] + [True, True] * variants + [False, False, True]
+    assert taken == ([True, True, True, False, False, False, False] + [True, True] * variants
+                     + [False, False, True, True])
     if device == "cuda":  # many tiles, careless and careful
         check(random_input((1000, 4096), torch.bfloat16, rng).to(device), spec, config=on)
         check(random_input((4096, 2048), torch.bfloat16, rng, edge_cases=False).to(device), spec, config=on)
