@@ -246,9 +246,10 @@ class KernelConfig:
     # (GPU tests `-m gpu tests/test_triton_gemm.py -k gluon_split` passed 2026-12-05).
     gemm_gluon_split: bool = True
     # FP8 GEMMs of scales constant along K (per tensor, per row) on the Gluon kernel, unsplit: three consumer
-    # warpgroups (192-row tiles) where their last wave of tiles is at least as full (gluon_gemm.row_scaled_variant);
-    # False: always two (128-row tiles). H200 (2026-12-05, gluon_gemm_check.py, bf16 out, per tensor): 8192^3 1215
-    # against 1163 TFLOPS (cuBLAS 1233), 4096^3 1077 against 1137 (cuBLAS 1135), where two are kept.
+    # warpgroups (192-row tiles) where their last wave of tiles is at least as full and K at most 8192
+    # (gluon_gemm.row_scaled_variant); False: always two (128-row tiles). H200 (2026-12-05, gluon_gemm_check.py, bf16
+    # out, per tensor): 8192^3 1215 against 1163 TFLOPS (cuBLAS 1233), 4096^3 1077 against 1137 (cuBLAS 1135), where
+    # two are kept; H100: 8192^3 1144 against 1125 (cuBLAS 1211), 16384^3 1043 against 1163 (cuBLAS 1212).
     gemm_gluon_wide_rows: bool = True
     # INT8 GEMMs of at most gemm_decode_m rows split K as FP8 ones do, their int32 partials added exactly before the
     # scales (the unsplit product's bits). H200, as above: M = 32 / 64 187 / 368 against 145 / 285 unsplit (0.96 /

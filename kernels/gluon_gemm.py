@@ -407,16 +407,22 @@ def _last_wave(cfg: GluonConfig, M: int, N: int, programs: int) -> float:
     return tiles / (-(-tiles // programs) * programs)
 
 
-def row_scaled_variant(M: int, N: int, out_size: int, programs: int, shared_limit: int) -> GluonConfig:
-    """The launch variant for scales constant along K: three warpgroups (192-row tiles) where their ring keeps its
-    depth beside the output's staging (out_size bytes an element) and their programs' waves, weighed by the
-    192-row tile's speed, are at least as full as the 128-row tiles' of CONFIGS[0]; else CONFIGS[0].
+WIDE_ROWS_MAX_K = 8192  # the largest K at which three warpgroups were timed faster
+
+
+def row_scaled_variant(M: int, N: int, K: int, out_size: int, programs: int, shared_limit: int) -> GluonConfig:
+    """The launch variant for scales constant along K: three warpgroups (192-row tiles) where K is at most
+    WIDE_ROWS_MAX_K, their ring keeps its depth beside the output's staging (out_size bytes an element) and their
+    programs' waves, weighed by the 192-row tile's speed, are at least as full as the 128-row tiles' of CONFIGS[0];
+    else CONFIGS[0].
 
     The weight: per tile, three warpgroups ran 2 % faster (H200, 2026-12-05, bf16 out, per tensor: 8192^3 1215
     against 1163 TFLOPS in 21 waves 99.3 % full against 32 waves 97.0 % full; 4096^3 1077 against 1137, 6 waves
-    89 % full against 8 97 % full). Block-scaled products lose with them (one product tile a warpgroup)."""
+    89 % full against 8 97 % full; H100, the same day: 8192^3 1144 against 1125). The K limit: at 16384^3 they
+    lost on an H100 (1043 against 1163 TFLOPS, waves 99.3 % full either way). Block-scaled products lose with them
+    (one product tile a warpgroup)."""
     two, three = CONFIGS[0], THREE_WARPGROUPS
-    if (ring_stages(three, out_size, shared_limit) == three.stages
+    if (K <= WIDE_ROWS_MAX_K and ring_stages(three, out_size, shared_limit) == three.stages
             and 1.02 * _last_wave(three, M, N, programs) >= _last_wave(two, M, N, programs)):
         return three
     return two

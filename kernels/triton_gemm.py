@@ -503,7 +503,7 @@ def _scaled_matmul(a: QuantizedTensor, b: QuantizedTensor, c: torch.Tensor, conf
         if _gluon_recipe(a, b) == "row-scaled":
             variant = None
             if config.gemm_gluon_wide_rows and gluon_split == 1:
-                variant = gluon_gemm.row_scaled_variant(M, N, c.element_size(), sm_count(c.device),
+                variant = gluon_gemm.row_scaled_variant(M, N, K, c.element_size(), sm_count(c.device),
                                                         shared_memory(c.device))
             return gluon_gemm.rowscaled_matmul(a.codes, sa, b.codes, sb, c.dtype, variant, out=c, split=gluon_split)
         return gluon_gemm.blockscaled_matmul(a.codes, sa, b.codes, sb, c.dtype, out=c, split=gluon_split)

@@ -737,17 +737,18 @@ def test_gluon_ring_fits_shared_memory():
 
 
 def test_row_scaled_variant_takes_three_warpgroups_where_their_waves_are_fuller():
-    """Scales constant along K: 192-row tiles where their ring keeps its four stages and their last wave, weighed
-    by their 2 % faster tiles, is at least as full as the 128-row tiles'; else the default."""
+    """Scales constant along K: 192-row tiles where K is at most 8192, their ring keeps its four stages and their
+    last wave, weighed by their 2 % faster tiles, is at least as full as the 128-row tiles'; else the default."""
     two, three, h200 = gluon_gemm.CONFIGS[0], gluon_gemm.THREE_WARPGROUPS, 232448
     variant = gluon_gemm.row_scaled_variant
-    assert variant(8192, 8192, 2, 132, h200) is three  # 2752 tiles in 21 waves (99.3 %) against 4096 in 32 (97.0 %)
-    assert variant(16384, 16384, 2, 132, h200) is three  # 99.28 % against 99.30 %
-    assert variant(2048, 1536, 2, 132, h200) is three  # 132 tiles: one full wave, against 192 in two
-    assert variant(4096, 4096, 2, 132, h200) is two  # 704 tiles in 6 waves (89 %) against 1024 in 8 (97 %)
-    assert variant(1000, 1000, 2, 132, h200) is two  # 48 tiles on 132 programs against 64
-    assert variant(8192, 8192, 4, 132, h200) is two  # fp32 out: three warpgroups' ring cut to 3 stages
-    assert variant(8192, 8192, 2, 128, h200) is two  # 2752 tiles in 22 waves (97.7 %) against 4096 in 32 (100 %)
+    assert variant(8192, 8192, 8192, 2, 132, h200) is three  # 2752 tiles in 21 waves (99.3 %) against 4096 in 32
+    assert variant(16384, 16384, 8192, 2, 132, h200) is three  # 99.28 % against 99.30 %
+    assert variant(16384, 16384, 16384, 2, 132, h200) is two  # K past the limit
+    assert variant(2048, 1536, 1024, 2, 132, h200) is three  # 132 tiles: one full wave, against 192 in two
+    assert variant(4096, 4096, 4096, 2, 132, h200) is two  # 704 tiles in 6 waves (89 %) against 1024 in 8 (97 %)
+    assert variant(1000, 1000, 1000, 2, 132, h200) is two  # 48 tiles on 132 programs against 64
+    assert variant(8192, 8192, 8192, 4, 132, h200) is two  # fp32 out: three warpgroups' ring cut to 3 stages
+    assert variant(8192, 8192, 8192, 2, 128, h200) is two  # 2752 tiles in 22 waves (97.7 %) against 4096 in 32
 
 
 @pytest.mark.gpu
@@ -760,7 +761,7 @@ def test_gpu_row_scaled_three_warpgroups_where_chosen(out_dtype, rng):
     device = torch.device("cuda")
     n, k = 1536, 1024
     m = next(rows for rows in range(1024, 16384, 64)  # rows whose tiles fill the waves better three at a time
-             if gluon_gemm.row_scaled_variant(rows, n, 2, sm_count(device), shared_memory(device))
+             if gluon_gemm.row_scaled_variant(rows, n, k, 2, sm_count(device), shared_memory(device))
              is gluon_gemm.THREE_WARPGROUPS)
     for spec_a, spec_b in ROW_SCALED[:2]:
         qa, qb = (to_device(q) for q in quantized_pair(m, n, k, spec_a, spec_b, rng))
