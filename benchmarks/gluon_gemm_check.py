@@ -1,7 +1,7 @@
 """Correctness and speed of each launch variant of the Gluon FP8 GEMM (kernels/gluon_gemm.py) on an H100, in
 both of its modes: block-scaled (A 1x128 x B 128x128) and scales constant along K (per tensor / per row).
 
-    python benchmarks/gluon_gemm_check.py [--sizes 4096 8192] [--no-bench]
+    python benchmarks/gluon_gemm_check.py [--sizes 4096 8192] [--no-bench] [--no-check] [--group-m 4 16]
 
 (a) For M x N x K in 128^3, 257 x 383 x 1100 (ragged), 1000 x 1000 x 4096 and 4096^3, operands quantized
     by the reference (A 1x128 groups, B 128x128 tiles), every launch variant of gluon_gemm.CONFIGS:
@@ -123,7 +123,15 @@ def check_row_scaled(gg, shapes) -> bool:
     return ok
 
 
-def bench(gg, sizes) -> None:
+def regrouped(cfg, group_m: int):
+    """cfg with its tiles walked in groups of group_m tile rows."""
+    return gluon_gemm.GluonConfig(cfg.stages, cfg.chain, group_m, cfg.maxnreg, cfg.consumer_regs, cfg.producer_regs,
+                                  cfg.warpgroups)
+
+
+def bench(gg, sizes, group_ms=()) -> None:
+    """(c) above; group_ms: also CONFIGS[0] and THREE_WARPGROUPS with their tiles walked in those groups."""
+    configs = list(gg.CONFIGS) + [regrouped(cfg, g) for g in group_ms for cfg in (gg.CONFIGS[0], gg.THREE_WARPGROUPS)]
     for s in sizes:
         qa, qb = operands(s, s, s, s)
         flops = 2.0 * s ** 3
@@ -141,7 +149,7 @@ def bench(gg, sizes) -> None:
 
         record("cublas blockwise (torch scaled_mm)", cublas_blockwise(qa, qb)[0])
         record("triton_gemm.matmul", lambda: triton_gemm.matmul(qa, qb, torch.bfloat16, config=NO_GLUON))
-        for cfg in gg.CONFIGS:
+        for cfg in configs:
             record(repr(cfg), lambda cfg=cfg: gg.blockscaled_matmul(qa.codes, qa.scales, qb.codes, qb.scales,
                                                                      torch.bfloat16, config=cfg))
         for name, tflops in rows.items():
@@ -158,7 +166,7 @@ def bench(gg, sizes) -> None:
         record("per-tensor triton_gemm.matmul", lambda: triton_gemm.matmul(ta, tb, torch.bfloat16, config=NO_GLUON))
         record("per-tensor gluon, the variant matmul picks (row_scaled_variant)",
                lambda: triton_gemm.matmul(ta, tb, torch.bfloat16))
-        for cfg in gg.CONFIGS:
+        for cfg in configs:
             record(f"per-tensor {cfg!r}", lambda cfg=cfg: gg.rowscaled_matmul(
                 ta.codes, ta.scales, tb.codes, tb.scales, torch.bfloat16, config=cfg))
         for name, tflops in rows.items():
@@ -172,6 +180,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
     ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--no-check", action="store_true", help="skip (a) and (b)")
+    ap.add_argument("--group-m", type=int, nargs="*", default=[],
+                    help="also time the default and the three-warpgroup variants with tiles walked in these groups")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/gluon_gemm_check.py needs a CUDA GPU")
@@ -181,13 +192,14 @@ def main() -> None:
     if not gg.AVAILABLE:
         sys.exit(1)
     t0 = time.time()
-    ok = check(gg, SHAPES)
-    print(f"correctness, block-scaled: {'all ok' if ok else 'FAILURES'} ({time.time() - t0:.0f} s)", flush=True)
-    ok_rows = check_row_scaled(gg, SHAPES)
-    print(f"correctness, per tensor / per row: {'all ok' if ok_rows else 'FAILURES'} ({time.time() - t0:.0f} s)",
-          flush=True)
+    if not args.no_check:
+        ok = check(gg, SHAPES)
+        print(f"correctness, block-scaled: {'all ok' if ok else 'FAILURES'} ({time.time() - t0:.0f} s)", flush=True)
+        ok_rows = check_row_scaled(gg, SHAPES)
+        print(f"correctness, per tensor / per row: {'all ok' if ok_rows else 'FAILURES'} ({time.time() - t0:.0f} s)",
+              flush=True)
     if not args.no_bench:
-        bench(gg, args.sizes)
+        bench(gg, args.sizes, args.group_m)
     print(f"done in {time.time() - t0:.0f} s", flush=True)
 
 
