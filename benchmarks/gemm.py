@@ -76,6 +76,12 @@ def cublas_blockwise(qa, qb):
     return fn, api
 
 
+def cublas_per_tensor(ta, tb, out_dtype=torch.bfloat16, fast_accum=False) -> torch.Tensor:
+    """cuBLAS per-tensor FP8 through torch._scaled_mm: A @ B^T of two per-tensor quantized operands."""
+    return torch._scaled_mm(ta.codes, tb.codes.t(), scale_a=ta.scales.reshape(()), scale_b=tb.scales.reshape(()),
+                            out_dtype=out_dtype, use_fast_accum=fast_accum)
+
+
 def quantize(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
     """The reference quantizer (plain torch) on the GPU tensor, or on the CPU if an op is missing there."""
     try:
@@ -114,8 +120,7 @@ def accuracy(s: int, results: dict) -> None:
     ref = fp64_product(ta, tb)
     row["triton per-tensor fp32 out"] = relative_error(triton_gemm.matmul(ta, tb, torch.float32), ref)
     for fast in (False, True):
-        c = torch._scaled_mm(ta.codes, tb.codes.t(), scale_a=ta.scales.reshape(()), scale_b=tb.scales.reshape(()),
-                             out_dtype=torch.float32, use_fast_accum=fast)
+        c = cublas_per_tensor(ta, tb, torch.float32, fast)
         row[f"cublas per-tensor fp32 out{' fast accum' if fast else ''}"] = relative_error(c, ref)
     for name, err in row.items():
         print(f"accuracy {s:6d} {name:40s} {err:.3e}", flush=True)
@@ -168,8 +173,7 @@ def run_size(s: int, results: dict) -> None:
     record("triton fp8 per-tensor", lambda: triton_gemm.matmul(ta, tb, torch.bfloat16))  # Gluon on sm_90
     record("triton fp8 per-tensor, Triton kernel",
            lambda: triton_gemm.matmul(ta, tb, torch.bfloat16, config=NO_GLUON))
-    record("cublas fp8 per-tensor", lambda: torch._scaled_mm(ta.codes, tb.codes.t(), scale_a=ta.scales.reshape(()),
-                                                             scale_b=tb.scales.reshape(()), out_dtype=torch.bfloat16))
+    record("cublas fp8 per-tensor", lambda: cublas_per_tensor(ta, tb))
     record("cublas bf16", lambda: torch.matmul(x, w.t()))
 
     ia, ib = quantize(x, INT8_ROW), quantize(w, INT8_ROW)

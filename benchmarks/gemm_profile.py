@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from gemm import TENSOR, cublas_blockwise
+from gemm import TENSOR, cublas_blockwise, cublas_per_tensor
 from gluon_gemm_check import operands
 from quantd.kernels import gluon_gemm
 
@@ -24,8 +24,7 @@ def main() -> None:
     runs = [lambda: gluon_gemm.blockscaled_matmul(qa.codes, qa.scales, qb.codes, qb.scales, torch.bfloat16),
             cublas_blockwise(qa, qb)[0],
             lambda: gluon_gemm.rowscaled_matmul(ta.codes, ta.scales, tb.codes, tb.scales, torch.bfloat16),
-            lambda: torch._scaled_mm(ta.codes, tb.codes.t(), scale_a=ta.scales.reshape(()),
-                                     scale_b=tb.scales.reshape(()), out_dtype=torch.bfloat16)]
+            lambda: cublas_per_tensor(ta, tb)]
     for run in runs:
         run()
         run()

@@ -21,6 +21,7 @@ poisons the context for everything after it; a hang needs the caller's timeout).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import sys
 import time
@@ -30,7 +31,7 @@ import torch
 import triton
 import triton.testing
 
-from gemm import BLOCK_A, BLOCK_B, TENSOR, cublas_blockwise, fp64_product, relative_error
+from gemm import BLOCK_A, BLOCK_B, TENSOR, cublas_blockwise, cublas_per_tensor, fp64_product, relative_error
 from quantd.kernels import gluon_gemm, reference, triton_gemm
 from quantd.kernels.config import DEFAULT
 from quantd.kernels.spec import QuantSpec
@@ -125,8 +126,9 @@ def check_row_scaled(gg, shapes) -> bool:
 
 def regrouped(cfg, group_m: int):
     """cfg with its tiles walked in groups of group_m tile rows."""
-    return gluon_gemm.GluonConfig(cfg.stages, cfg.chain, group_m, cfg.maxnreg, cfg.consumer_regs, cfg.producer_regs,
-                                  cfg.warpgroups)
+    cfg = copy.copy(cfg)
+    cfg.group_m = group_m
+    return cfg
 
 
 def bench(gg, sizes, group_ms=()) -> None:
@@ -160,9 +162,7 @@ def bench(gg, sizes, group_ms=()) -> None:
 
         ta, tb = operands(s, s, s, s, TENSOR, TENSOR)
         rows.clear()
-        record("per-tensor cublas (torch _scaled_mm)", lambda: torch._scaled_mm(
-            ta.codes, tb.codes.t(), scale_a=ta.scales.reshape(()), scale_b=tb.scales.reshape(()),
-            out_dtype=torch.bfloat16, use_fast_accum=False))
+        record("per-tensor cublas (torch _scaled_mm)", lambda: cublas_per_tensor(ta, tb))
         record("per-tensor triton_gemm.matmul", lambda: triton_gemm.matmul(ta, tb, torch.bfloat16, config=NO_GLUON))
         record("per-tensor gluon, the variant matmul picks (row_scaled_variant)",
                lambda: triton_gemm.matmul(ta, tb, torch.bfloat16))
