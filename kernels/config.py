@@ -145,6 +145,9 @@ class KernelConfig:
     # / 125 -> 41 / 171 / 116, with dual_column_lanes (2, 8) 33 / 17 / 25 -> 21 / 11 / 13; INT8 asym with (2, 8) 37 ->
     # 27 barriers. Timed with dual_column_lanes, above.
     dual_late_check: bool = True
+    # Every line of a dual tile asked of L2 (prefetch.global.L2, no register held) before its first slab is loaded, so
+    # that its loads wait on L2 rather than on memory (the kernel is bound by the loads it has in flight, above).
+    dual_l2_prefetch: bool = False
     # Careful tiles deferred, one tile a program. Float tiles: 4 warps of 128 elements a thread of a 128 x 128
     # tile, no register limit (H200, 2026-12-04, 16384^2 bf16, ncu kernel time: E4M3 128x128 184 us against 210 us
     # for 8 warps within 128 registers, 246 us for 4 warps within 128, 240 us for 2 warps); rows within 80

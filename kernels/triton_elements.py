@@ -258,6 +258,21 @@ def defer_tile(list_ptr, tile):
 
 
 @triton.jit
+def prefetch_lines(x_ptr, first_row, ROWS: tl.constexpr, first_col, WIDTH: tl.constexpr, R, C, sx_r):
+    """Ask L2 for every line of rows [first_row, first_row + ROWS) x columns [first_col, first_col + WIDTH) of a
+    row-major input (column stride 1; the caller checks), no register waiting for it (prefetch.global.L2, sm_90
+    PTX): the line of each 128-byte step along a row and of its last element, so that every line the rows' loads
+    touch is requested at once and those loads then wait on L2 rather than on memory."""
+    STEP: tl.constexpr = 128 // (x_ptr.dtype.element_ty.primitive_bitwidth // 8)
+    POINTS: tl.constexpr = 2 * (WIDTH // STEP) if WIDTH >= STEP else 2  # a power of two, the last ones clipped
+    rows = first_row + tl.arange(0, ROWS)[:, None]
+    cols = tl.minimum(first_col + tl.minimum(tl.arange(0, POINTS)[None, :] * STEP, WIDTH - 1), C - 1)
+    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+                              "=r,l,r", [x_ptr + rows.to(tl.int64) * sx_r + cols, (rows < R).to(tl.int32)],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def bf16_halves(w):
     """The fp32 values (lo, hi) of the two bf16 elements of int32 words w (element 2i in the low half)."""
     return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)

@@ -30,8 +30,8 @@ from .spec import Format, Granularity, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED, CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, GUARDED,
                               RECIPROCAL, below_inf, block_ids, block_scale, corrected_block_scale, defer_tile, encode,
-                              encode_quotient, finite_abs, finite_amax, load_fp32, max_into, max_nan, min_nan, quotient,
-                              rint_int32, store_scales, tile_coords, widen_fp32)
+                              encode_quotient, finite_abs, finite_amax, load_fp32, max_into, max_nan, min_nan,
+                              prefetch_lines, quotient, rint_int32, store_scales, tile_coords, widen_fp32)
 from .triton_asym_pairs import asym_pairs
 from .triton_mxfp4_pairs import mxfp4_pairs
 
@@ -284,6 +284,9 @@ def _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_ptr,
     pid_c = pid % TILES_C
     pid_r = pid // TILES_C
     careful_any = 0
+    if PLAN.L2:
+        if sx_c == 1:
+            prefetch_lines(x_ptr, pid_r * TILE.RB, TILE.RB, pid_c * TILE.CB * TILE.TBC, TILE.CB * TILE.TBC, R, C, sx_r)
     slab = _dual_load(x_ptr, pid_r, pid_c, 0, R, C, sx_r, sx_c, TILE, PLAN)
     for s in tl.static_range(2 * PLAN.SLABS):  # the rows' slabs, then the columns' (laid out as X^T's rows)
         if PLAN.PREFETCH:  # the next slab's load issued before this slab's stores, which loads may not pass
@@ -627,11 +630,13 @@ def quantize_dual(x: torch.Tensor, spec: QuantSpec, *, scale_layout: str = "row"
 
 def dual_plan(spec: QuantSpec, config: KernelConfig, dual: bool = True) -> DualPlan:
     """The DUAL_PLAN of a dual-layout launch of `spec` (KernelConfig.dual_slabs or dual_slabs_mx_asym, dual_prefetch,
-    dual_column_lanes, dual_late_check); of any other launch, DualPlan()."""
+    dual_column_lanes, dual_late_check, dual_l2_prefetch: compiled only, the interpreter runs no PTX); of any other
+    launch, DualPlan()."""
     if not dual:
         return DualPlan()
     slabs = config.dual_slabs_mx_asym if spec.is_mx or spec.format == Format.INT8_ASYM else config.dual_slabs
-    return DualPlan(slabs, config.dual_prefetch, *(config.dual_column_lanes or (0, 0)), config.dual_late_check)
+    return DualPlan(slabs, config.dual_prefetch, *(config.dual_column_lanes or (0, 0)), config.dual_late_check,
+                    config.dual_l2_prefetch and not interpreting())
 
 
 def dual_geometry(K: int, g: int, config: KernelConfig) -> tuple[Tile, int]:

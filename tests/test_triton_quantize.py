@@ -1007,7 +1007,8 @@ def test_gpu_dual_layout_slabs(fmt, slabs, prefetch, rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", DUAL_FORMATS)
-@pytest.mark.parametrize("plan", [{}] + DUAL_PLANS + [dict(dual_column_lanes=(4, 16))], ids=fields_id)
+@pytest.mark.parametrize("plan", [{}] + DUAL_PLANS + [dict(dual_column_lanes=(4, 16)), dict(dual_l2_prefetch=True),
+                                  dict(dual_l2_prefetch=True, dual_prefetch=False)], ids=fields_id)
 def test_gpu_dual_plans(fmt, plan, rng):
     config = dataclasses.replace(DEFAULT, **plan)
     for size in [(128, 128), (1000, 3000), (2304, 1536)]:
