@@ -148,6 +148,9 @@ class KernelConfig:
     # Every line of a dual tile asked of L2 (prefetch.global.L2, no register held) before its first slab is loaded, so
     # that its loads wait on L2 rather than on memory (the kernel is bound by the loads it has in flight, above).
     dual_l2_prefetch: bool = False
+    # X^T's fp8 codes of a dual tile converted and stored four rows to a 32-bit word (triton_quantize._store_dual_words)
+    # where its row count is a multiple of 4, instead of the cast of the whole slab.
+    dual_row_words: bool = False
     # Careful tiles deferred, one tile a program. Float tiles: 4 warps of 128 elements a thread of a 128 x 128
     # tile, no register limit (H200, 2026-12-04, 16384^2 bf16, ncu kernel time: E4M3 128x128 184 us against 210 us
     # for 8 warps within 128 registers, 246 us for 4 warps within 128, 240 us for 2 warps); rows within 80

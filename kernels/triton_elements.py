@@ -273,6 +273,29 @@ def prefetch_lines(x_ptr, first_row, ROWS: tl.constexpr, first_col, WIDTH: tl.co
 
 
 @triton.jit
+def fp8_words(q, FMT: tl.constexpr):
+    """int32 words of the fp8 codes of fp32 quotients q [A, B, C, D] (as encode_float's), four consecutive along
+    the last axis a word (element 4i in the low byte): [A, B, C, D / 4]. By the hardware cast, two
+    cvt.rn.satfinite x2 a word (sm_90 PTX); under EXACT_FP8 (or without a hardware cast) encode_float's integer
+    arithmetic, the bytes shifted into place."""
+    a, b = tl.split(tl.reshape(q, [q.shape[0], q.shape[1], q.shape[2], q.shape[3] // 4, 2, 2]))  # 4i + 2j, 4i + 2j + 1
+    q0, q2 = tl.split(a)
+    q1, q3 = tl.split(b)
+    if FMT.HW_FP8 != SOFT_FP8 and not FMT.EXACT_FP8:
+        if FMT.HW_FP8 == HW_E4M3:
+            asm: tl.constexpr = ("{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; "
+                                 "cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; mov.b32 $0, {lo, hi}; }")
+        else:
+            asm: tl.constexpr = ("{ .reg .b16 lo, hi; cvt.rn.satfinite.e5m2x2.f32 lo, $2, $1; "
+                                 "cvt.rn.satfinite.e5m2x2.f32 hi, $4, $3; mov.b32 $0, {lo, hi}; }")
+        words = tl.inline_asm_elementwise(asm, "=r,f,f,f,f", [q0, q1, q2, q3], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        words = encode_float(q0, FMT) | (encode_float(q1, FMT) << 8) | (encode_float(q2, FMT) << 16) \
+            | (encode_float(q3, FMT) << 24)
+    return words
+
+
+@triton.jit
 def bf16_halves(w):
     """The fp32 values (lo, hi) of the two bf16 elements of int32 words w (element 2i in the low half)."""
     return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)

@@ -30,8 +30,8 @@ from .spec import Format, Granularity, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED, CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, GUARDED,
                               RECIPROCAL, below_inf, block_ids, block_scale, corrected_block_scale, defer_tile, encode,
-                              encode_quotient, finite_abs, finite_amax, load_fp32, max_into, max_nan, min_nan,
-                              prefetch_lines, quotient, rint_int32, store_scales, tile_coords, widen_fp32)
+                              encode_quotient, finite_abs, finite_amax, fp8_words, load_fp32, max_into, max_nan,
+                              min_nan, prefetch_lines, quotient, rint_int32, store_scales, tile_coords, widen_fp32)
 from .triton_asym_pairs import asym_pairs
 from .triton_mxfp4_pairs import mxfp4_pairs
 
@@ -281,6 +281,8 @@ def _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_ptr,
     careful slabs' codes left unwritten; LATE: every slab coded as if careless, the tile's careful blocks counted once,
     at its end (two reductions over the CTA instead of one a slab)."""
     LATE: tl.constexpr = PLAN.LATE and TILE_MODE == DEFERRED
+    LANES: tl.constexpr = PLAN.ROWS if TILE.RB > PLAN.ROWS else TILE.RB  # as _dual_load's L
+    WORDS: tl.constexpr = PLAN.WORDS and PLAN.COLS > 0 and TILE.RB // LANES >= 4 and FMT.NBITS == 8 and not FMT.IS_INT
     pid_c = pid % TILES_C
     pid_r = pid // TILES_C
     careful_any = 0
@@ -315,8 +317,15 @@ def _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_ptr,
                              _swapped(tl.broadcast_to(scale, first.shape)), zp_first, FMT)
             else:
                 store_scales(scales_t_ptr, zp_t_ptr, offsets, cols < C, scale, zp, FMT)
-            _store_dual_codes(codes_t_ptr + cols.to(tl.int64) * R + rows, valid, x, scale, zp, careful, FMT,
-                              TILE_MODE, PLAN.COLS > 0)
+            if WORDS:  # X^T's rows a word: the layout the slab was loaded in, four rows a word along axis 3
+                wrows = pid_r * (TILE.RB // 4) + tl.arange(0, LANES)[:, None, None, None] * (TILE.RB // LANES // 4) \
+                    + tl.arange(0, TILE.RB // LANES // 4)[None, None, None, :]
+                wcols = _swapped(cols)
+                _store_dual_words(codes_t_ptr.to(tl.pointer_type(tl.int32)) + wcols.to(tl.int64) * (R // 4) + wrows,
+                                  (wrows < R // 4) & (wcols < C), x, scale, careful, FMT, TILE_MODE)
+            else:
+                _store_dual_codes(codes_t_ptr + cols.to(tl.int64) * R + rows, valid, x, scale, zp, careful, FMT,
+                                  TILE_MODE, PLAN.COLS > 0)
         if LATE:  # the wild blocks of the rows' slabs and of the columns' apart
             if s == 0:
                 wild_rows = wild
@@ -388,6 +397,30 @@ def _store_dual_codes(ptrs, mask, x, scale, zp, careful, FMT: tl.constexpr, TILE
             _store_slab(ptrs, _encode_careless(x, scale, zp, FMT).to(tl.uint8), mask, BACK)
     else:
         _store_slab(ptrs, _encode_register(x, scale, zp, careful, FMT).to(tl.uint8), mask, BACK)
+
+
+@triton.jit
+def _store_dual_words(ptrs, mask, x, scale, careful, FMT: tl.constexpr, TILE_MODE: tl.constexpr):
+    """_store_dual_codes of a columns' slab (COLS > 0, fp8) four codes a word: the codes of four consecutive rows of
+    X^T's row (the slab's last axis) made into one 32-bit word (fp8_words: by the hardware cast, two cvt of pairs)
+    and stored at the int32 pointers `ptrs` (the layout the slab was loaded in, a word every 4 rows), where the
+    cast of the whole slab pairs neighbours along X's rows, whose bytes are then moved apart (PRMT) to be stored
+    along X's columns. Needs R a multiple of 4 (DualPlan.WORDS): a word's four rows are in or out together, its
+    address aligned. Quotients and codes as _encode_careless and _encode_register's."""
+    if FMT.POW2:
+        q = quotient(x, scale, RECIPROCAL)
+    elif TILE_MODE == DEFERRED:
+        q = quotient(x, scale, CORRECTED)
+    elif careful == 0:
+        q = quotient(x, scale, CORRECTED)
+    else:
+        q = quotient(x, scale, DIVIDE)
+    words = _swapped(fp8_words(q, FMT))
+    if TILE_MODE == DEFERRED:
+        if careful == 0:
+            tl.store(ptrs, words, mask=mask)
+    else:
+        tl.store(ptrs, words, mask=mask)
 
 
 @triton.jit
@@ -581,7 +614,7 @@ def _launch(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, register,
     kwargs = dict(TILE=tile, FMT=fmt, SCALE_SRC=source.value, BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
                   SCALES_EACH=1 if register else pow2_ceil(_cdiv(nbr * nbc, tiles)),
                   DUAL=dual_out is not None, PACK4=spec.element.bits == 4, BF16_BITS=bf16_bits(v),
-                  num_warps=run.warps, NUM_TILES=tiles, DUAL_PLAN=dual_plan(spec, config, dual_out is not None))
+                  num_warps=run.warps, NUM_TILES=tiles, DUAL_PLAN=dual_plan(spec, config, dual_out is not None, R))
     launch(_quantize_kernel, (programs,), *args, TILE_MODE=tile_mode(run), STAGES=run.stages, **kwargs, **limits)
     if run.defer:  # the listed tiles, coded in place
         launch(_quantize_kernel, (min(tiles, persistent_programs(v.device, config.fixup_programs)),), *args,
@@ -628,15 +661,16 @@ def quantize_dual(x: torch.Tensor, spec: QuantSpec, *, scale_layout: str = "row"
     return rows, cols
 
 
-def dual_plan(spec: QuantSpec, config: KernelConfig, dual: bool = True) -> DualPlan:
+def dual_plan(spec: QuantSpec, config: KernelConfig, dual: bool = True, rows: int = 0) -> DualPlan:
     """The DUAL_PLAN of a dual-layout launch of `spec` (KernelConfig.dual_slabs or dual_slabs_mx_asym, dual_prefetch,
     dual_column_lanes, dual_late_check, dual_l2_prefetch: compiled only, the interpreter runs no PTX); of any other
     launch, DualPlan()."""
     if not dual:
         return DualPlan()
     slabs = config.dual_slabs_mx_asym if spec.is_mx or spec.format == Format.INT8_ASYM else config.dual_slabs
+    words = config.dual_row_words and rows % 4 == 0
     return DualPlan(slabs, config.dual_prefetch, *(config.dual_column_lanes or (0, 0)), config.dual_late_check,
-                    config.dual_l2_prefetch and not interpreting())
+                    config.dual_l2_prefetch and not interpreting(), words)
 
 
 def dual_geometry(K: int, g: int, config: KernelConfig) -> tuple[Tile, int]:

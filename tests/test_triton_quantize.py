@@ -616,6 +616,30 @@ def test_dual_plans(fmt, plan, defer, rng):
         check_dual(random_input((3 * g + 1, 2 * g + 7), torch.float32, rng).T, spec, config=config)
 
 
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "mxfp8"])
+@pytest.mark.parametrize("defer", [False, True], ids=["careful_in_place", "deferred"])
+def test_dual_row_words(fmt, defer, rng):
+    """KernelConfig.dual_row_words: X^T's fp8 codes made and stored four rows to a word where X has a multiple of 4
+    rows (the interpreter takes encode_float's integer path, the GPU test the hardware's): careful rows and columns,
+    ragged tiles both ways, 1x128 and 1x32 groups; 4 rows (one word a column); a row count that is not a multiple
+    of 4 (the bytes' path)."""
+    check_dual_row_words(fmt, dataclasses.replace(DEFAULT, dual_defer=defer, dual_row_words=True), rng, "cpu")
+
+
+def check_dual_row_words(fmt, config, rng, device):
+    tiny = torch.finfo(torch.bfloat16).tiny / 8
+    for g in (32,) if fmt == "mxfp8" else (128, 32):
+        spec = QuantSpec(format=fmt, group_size=g)
+        x = random_input((2 * g + 4, 3 * g + 3), torch.bfloat16, rng, edge_cases=False)
+        x[g + 2, 5] = math.nan
+        x[3, 2 * g + 1:2 * g + 4] = tiny
+        x[:g, 5 * g // 2 + 1] = tiny
+        x[2 * g + 1, 7] = 1e30  # saturates in its column's codes
+        check_dual(x.to(device), spec, config=config)
+        check_dual(random_input((4, 2 * g + 1), torch.float32, rng).to(device), spec, config=config)
+        check_dual(random_input((g + 6, g), torch.bfloat16, rng).to(device), spec, config=config)
+
+
 @pytest.mark.parametrize("spec", [QuantSpec(), QuantSpec(format="int8_asym"), QuantSpec(format="mxfp8"),
                                   QuantSpec(granularity="tile", tile=(128, 128)), QuantSpec(granularity="tensor")],
                          ids=lambda s: s.describe())
@@ -1008,12 +1032,23 @@ def test_gpu_dual_layout_slabs(fmt, slabs, prefetch, rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", DUAL_FORMATS)
 @pytest.mark.parametrize("plan", [{}] + DUAL_PLANS + [dict(dual_column_lanes=(4, 16)), dict(dual_l2_prefetch=True),
-                                  dict(dual_l2_prefetch=True, dual_prefetch=False)], ids=fields_id)
+                                  dict(dual_l2_prefetch=True, dual_prefetch=False),
+                                  dict(dual_l2_prefetch=True, dual_prefetch=False, dual_row_words=True)], ids=fields_id)
 def test_gpu_dual_plans(fmt, plan, rng):
     config = dataclasses.replace(DEFAULT, **plan)
     for size in [(128, 128), (1000, 3000), (2304, 1536)]:
         check_dual(deferred_input(size, torch.bfloat16, rng).cuda(), QuantSpec(format=fmt), config=config)
     check_dual(random_input((3000, 1000), torch.bfloat16, rng).cuda().T, QuantSpec(format=fmt), config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "mxfp8"])
+@pytest.mark.parametrize("defer", [False, True], ids=["careful_in_place", "deferred"])
+def test_gpu_dual_row_words(fmt, defer, rng):
+    config = dataclasses.replace(DEFAULT, dual_defer=defer, dual_row_words=True)
+    check_dual_row_words(fmt, config, rng, "cuda")
+    for size in [(4096, 8192), (1000, 3000)]:
+        check_dual(deferred_input(size, torch.bfloat16, rng).cuda(), QuantSpec(format=fmt), config=config)
 
 
 @pytest.mark.gpu
