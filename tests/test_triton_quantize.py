@@ -604,16 +604,24 @@ def test_dual_plans(fmt, plan, defer, rng):
     slab first coded as if careless (deferred; in place it does nothing). Careful rows and columns, ragged tiles,
     1x128 and 1x32 groups, a transposed input (its column stride not 1)."""
     config = dataclasses.replace(DEFAULT, dual_defer=defer, **plan)
-    tiny = torch.finfo(torch.bfloat16).tiny / 8
     for g in (32,) if fmt == "mxfp8" else (128, 32):
         spec = QuantSpec(format=fmt, group_size=g)
-        x = random_input((2 * g + 5, 3 * g + 3), torch.bfloat16, rng, edge_cases=False)
-        x[g + 2, 5] = math.nan
-        x[3, 2 * g + 1:2 * g + 4] = tiny
-        x[g - 1, :g] = tiny  # a careful row alone, in the tile's last rows' slab
-        x[:g, 5 * g // 2 + 1] = tiny  # a careful column alone, past the first columns' slab where g = 128
-        check_dual(x, spec, config=config)
+        check_dual(careful_dual_input(g, 2 * g + 5, rng), spec, config=config)
         check_dual(random_input((3 * g + 1, 2 * g + 7), torch.float32, rng).T, spec, config=config)
+
+
+def careful_dual_input(g, rows, rng):
+    """(rows, 3g + 3) bf16, rows > 2g + 1, for dual tiles of g x g: a NaN (a careful row and a careful column), a run
+    of subnormals in a row, a careful row alone in the tile's last rows' slab, a careful column alone past the first
+    columns' slab where g = 128, and a value that saturates its column's codes."""
+    tiny = torch.finfo(torch.bfloat16).tiny / 8
+    x = random_input((rows, 3 * g + 3), torch.bfloat16, rng, edge_cases=False)
+    x[g + 2, 5] = math.nan
+    x[3, 2 * g + 1:2 * g + 4] = tiny
+    x[g - 1, :g] = tiny
+    x[:g, 5 * g // 2 + 1] = tiny
+    x[2 * g + 1, 7] = 1e30
+    return x
 
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "mxfp8"])
@@ -627,15 +635,9 @@ def test_dual_row_words(fmt, defer, rng):
 
 
 def check_dual_row_words(fmt, config, rng, device):
-    tiny = torch.finfo(torch.bfloat16).tiny / 8
     for g in (32,) if fmt == "mxfp8" else (128, 32):
         spec = QuantSpec(format=fmt, group_size=g)
-        x = random_input((2 * g + 4, 3 * g + 3), torch.bfloat16, rng, edge_cases=False)
-        x[g + 2, 5] = math.nan
-        x[3, 2 * g + 1:2 * g + 4] = tiny
-        x[:g, 5 * g // 2 + 1] = tiny
-        x[2 * g + 1, 7] = 1e30  # saturates in its column's codes
-        check_dual(x.to(device), spec, config=config)
+        check_dual(careful_dual_input(g, 2 * g + 4, rng).to(device), spec, config=config)
         check_dual(random_input((4, 2 * g + 1), torch.float32, rng).to(device), spec, config=config)
         check_dual(random_input((g + 6, g), torch.bfloat16, rng).to(device), spec, config=config)
 
