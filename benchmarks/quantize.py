@@ -236,7 +236,9 @@ SWEEPS = [
      + [dict(dual_defer=False)] + [dict(dual_column_lanes=lanes) for lanes in ((8, 32), (4, 16), None)]
      + [dict(dual_late_check=False), dict(dual_late_check=False, dual_column_lanes=None)]
      + [dict(dual_l2_prefetch=True), dict(dual_l2_prefetch=True, dual_prefetch=False), dict(dual_row_words=True),
-        dict(dual_row_words=True, dual_l2_prefetch=True, dual_prefetch=False)]),
+        dict(dual_row_words=True, dual_l2_prefetch=True, dual_prefetch=False),
+        dict(dual_column_lanes_mx=(2, 4), dual_row_words=True),
+        dict(dual_column_lanes_mx=(2, 4), dual_row_words=True, dual_prefetch=False)]),
     ([("fp8 e4m3 128x128", CASES[1][1], SQUARE, "quantize"), ("int8 sym 128x128", CASES[10][1], SQUARE, "quantize"),
       ("int8 asym 128x128", QuantSpec(format="int8_asym", granularity="tile", tile=(128, 128)), SQUARE, "quantize")],
      [{}, dict(one_block_divide=not DEFAULT.one_block_divide)]),

@@ -139,6 +139,11 @@ class KernelConfig:
     # half the stalls on global loads (long scoreboard), DRAM 72 %, L2 79 %: bound by the loads in flight, which only
     # shared memory filled asynchronously (TMA) would raise.
     dual_column_lanes: tuple | None = (2, 8)
+    # The same for MX formats (1 x 32 groups: 32-row tiles, so (2, 8) leaves a thread 4 rows of a column and the
+    # column's scale is worked out by 8 lanes). Offline (triton 3.6, sm_90, MXFP8 16384^2, all paths; SASS an element /
+    # registers): (2, 8) 32.4 / 96, (2, 4) 26.4 / 96, (2, 2) 27.2 / 80; with dual_row_words 29.9 / 96, (2, 4) 23.6 /
+    # 114, without dual_prefetch 23.5 / 64. Not yet timed.
+    dual_column_lanes_mx: tuple | None = (2, 8)
     # With dual_defer: every slab of a dual tile coded as if careless, the tile's careful blocks counted once at its
     # end (the FIXUP launch rewrites a careful tile's codes and scales), instead of a reduction over the program
     # before each slab's stores (two barriers a slab). Offline (as above, barriers / LDS / STS a thread): E4M3 53 / 177

@@ -663,13 +663,14 @@ def quantize_dual(x: torch.Tensor, spec: QuantSpec, *, scale_layout: str = "row"
 
 def dual_plan(spec: QuantSpec, config: KernelConfig, dual: bool = True, rows: int = 0) -> DualPlan:
     """The DUAL_PLAN of a dual-layout launch of `spec` (KernelConfig.dual_slabs or dual_slabs_mx_asym, dual_prefetch,
-    dual_column_lanes, dual_late_check, dual_l2_prefetch: compiled only, the interpreter runs no PTX; dual_row_words:
-    where X's `rows` are a multiple of 4); of any other launch, DualPlan()."""
+    dual_column_lanes or dual_column_lanes_mx, dual_late_check, dual_l2_prefetch: compiled only, the interpreter
+    runs no PTX; dual_row_words: where X's `rows` are a multiple of 4); of any other launch, DualPlan()."""
     if not dual:
         return DualPlan()
     slabs = config.dual_slabs_mx_asym if spec.is_mx or spec.format == Format.INT8_ASYM else config.dual_slabs
     words = config.dual_row_words and rows % 4 == 0
-    return DualPlan(slabs, config.dual_prefetch, *(config.dual_column_lanes or (0, 0)), config.dual_late_check,
+    lanes = config.dual_column_lanes_mx if spec.is_mx else config.dual_column_lanes
+    return DualPlan(slabs, config.dual_prefetch, *(lanes or (0, 0)), config.dual_late_check,
                     config.dual_l2_prefetch and not interpreting(), words)
 
 

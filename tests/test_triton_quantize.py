@@ -588,7 +588,8 @@ def test_dual_layout_slabs(fmt, slabs, defer, prefetch, rng):
 # The dual plans not shipped (KernelConfig's: columns across lanes (2, 8), the late careful check); the other dual
 # tests take the shipped one.
 DUAL_PLANS = [dict(dual_column_lanes=None, dual_late_check=False), dict(dual_column_lanes=None),
-              dict(dual_late_check=False), dict(dual_column_lanes=(8, 32)), dict(dual_column_lanes=(16, 4))]
+              dict(dual_late_check=False), dict(dual_column_lanes=(8, 32)), dict(dual_column_lanes=(16, 4)),
+              dict(dual_column_lanes_mx=(2, 4), dual_row_words=True)]
 
 
 def fields_id(fields: dict) -> str:
@@ -631,7 +632,9 @@ def test_dual_row_words(fmt, defer, rng):
     rows (the interpreter takes encode_float's integer path, the GPU test the hardware's): careful rows and columns,
     ragged tiles both ways, 1x128 and 1x32 groups; 4 rows (one word a column); a row count that is not a multiple
     of 4 (the bytes' path)."""
-    check_dual_row_words(fmt, dataclasses.replace(DEFAULT, dual_defer=defer, dual_row_words=True), rng, "cpu")
+    for lanes in [(2, 8), (2, 4)] if fmt == "mxfp8" else [(2, 8)]:  # KernelConfig.dual_column_lanes_mx too
+        config = dataclasses.replace(DEFAULT, dual_defer=defer, dual_row_words=True, dual_column_lanes_mx=lanes)
+        check_dual_row_words(fmt, config, rng, "cpu")
 
 
 def check_dual_row_words(fmt, config, rng, device):
@@ -1047,10 +1050,11 @@ def test_gpu_dual_plans(fmt, plan, rng):
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "mxfp8"])
 @pytest.mark.parametrize("defer", [False, True], ids=["careful_in_place", "deferred"])
 def test_gpu_dual_row_words(fmt, defer, rng):
-    config = dataclasses.replace(DEFAULT, dual_defer=defer, dual_row_words=True)
-    check_dual_row_words(fmt, config, rng, "cuda")
-    for size in [(4096, 8192), (1000, 3000)]:
-        check_dual(deferred_input(size, torch.bfloat16, rng).cuda(), QuantSpec(format=fmt), config=config)
+    for lanes in [(2, 8), (2, 4)] if fmt == "mxfp8" else [(2, 8)]:
+        config = dataclasses.replace(DEFAULT, dual_defer=defer, dual_row_words=True, dual_column_lanes_mx=lanes)
+        check_dual_row_words(fmt, config, rng, "cuda")
+        for size in [(4096, 8192), (1000, 3000)]:
+            check_dual(deferred_input(size, torch.bfloat16, rng).cuda(), QuantSpec(format=fmt), config=config)
 
 
 @pytest.mark.gpu
