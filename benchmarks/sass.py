@@ -80,7 +80,7 @@ def compile_quantize(spec: QuantSpec, shape, dtype: str = "bf16", source=None, d
     constexprs = dict(TILE=tile, FMT=fmt, SCALE_SRC=source.value, BID_ROWS=rows > br, BID_COLS=cols > bc, DUAL=dual,
                       PACK4=spec.element.bits == 4, BF16_BITS=False, sx_c=1, ss_c=1, TILE_MODE=tq.tile_mode(run),
                       STAGES=run.stages, FIXUP=False, SCALES_EACH=1,
-                      DUAL_PLAN=tq.dual_plan(spec, DEFAULT, dual, rows),
+                      DUAL_PLAN=tq.dual_plan(spec, DEFAULT, rows, dual),
                       **({"sst_c": 1} if dual else {}), **{name: 1 for name in ones})
     names = tq._quantize_kernel.arg_names
     signature = {}

@@ -64,9 +64,9 @@ class Tile(NamedTuple):
 class DualPlan(NamedTuple):
     """The DUAL_PLAN constexpr of quantize_dual's launches (KernelConfig.dual_*, triton_quantize.dual_plan): the slabs
     a tile is taken in (SLABS, the next one's load issued early: PREFETCH), its columns' slabs' columns a thread and
-    rows across lanes (COLS, ROWS; 0, 0: the layout Triton picks from the loads), careful tiles found once a tile
-    rather than once a slab (LATE), the whole tile asked of L2 before its first slab is loaded (L2), and X^T's fp8
-    codes made and stored four rows to a word (WORDS: R a multiple of 4)."""
+    rows across lanes (COLS, ROWS, ROWS at most the tile's rows; 0, 0: the layout Triton picks from the loads),
+    careful tiles found once a tile rather than once a slab (LATE), the whole tile asked of L2 before its first slab
+    is loaded (L2), and X^T's fp8 codes made and stored four rows to a word (WORDS: R a multiple of 4)."""
     SLABS: int = 1
     PREFETCH: bool = False
     COLS: int = 0

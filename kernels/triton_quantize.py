@@ -281,8 +281,6 @@ def _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_ptr,
     careful slabs' codes left unwritten; LATE: every slab coded as if careless, the tile's careful blocks counted once,
     at its end (two reductions over the CTA instead of one a slab)."""
     LATE: tl.constexpr = PLAN.LATE and TILE_MODE == DEFERRED
-    LANES: tl.constexpr = PLAN.ROWS if TILE.RB > PLAN.ROWS else TILE.RB  # as _dual_load's L
-    WORDS: tl.constexpr = PLAN.WORDS and PLAN.COLS > 0 and TILE.RB // LANES >= 4 and FMT.NBITS == 8 and not FMT.IS_INT
     pid_c = pid % TILES_C
     pid_r = pid // TILES_C
     careful_any = 0
@@ -317,9 +315,10 @@ def _dual_tile(pid, x_ptr, codes_ptr, scales_ptr, zp_ptr, list_ptr, codes_t_ptr,
                              _swapped(tl.broadcast_to(scale, first.shape)), zp_first, FMT)
             else:
                 store_scales(scales_t_ptr, zp_t_ptr, offsets, cols < C, scale, zp, FMT)
-            if WORDS:  # X^T's rows a word: the layout the slab was loaded in, four rows a word along axis 3
-                wrows = pid_r * (TILE.RB // 4) + tl.arange(0, LANES)[:, None, None, None] * (TILE.RB // LANES // 4) \
-                    + tl.arange(0, TILE.RB // LANES // 4)[None, None, None, :]
+            if PLAN.WORDS:  # X^T's rows a word: the layout the slab was loaded in, four rows a word along axis 3
+                wrows = pid_r * (TILE.RB // 4) \
+                    + tl.arange(0, PLAN.ROWS)[:, None, None, None] * (TILE.RB // PLAN.ROWS // 4) \
+                    + tl.arange(0, TILE.RB // PLAN.ROWS // 4)[None, None, None, :]
                 wcols = _swapped(cols)
                 _store_dual_words(codes_t_ptr.to(tl.pointer_type(tl.int32)) + wcols.to(tl.int64) * (R // 4) + wrows,
                                   (wrows < R // 4) & (wcols < C), x, scale, careful, FMT, TILE_MODE)
@@ -354,7 +353,7 @@ def _dual_load(x_ptr, pid_r, pid_c, s: tl.constexpr, R, C, sx_r, sx_c, TILE: tl.
     """(loaded elements, rows, blocks, columns, mask) of slab s of a dual tile (PLAN: quantize_plan.DualPlan): s <
     SLABS, a slab of its rows [RB / SLABS, 1, CB, G]; else slab s - SLABS of its columns, laid out as X^T's rows [CB *
     G / SLABS, 1, 1, RB] (blocks: 0). COLS > 0: a columns' slab is loaded as [L, W / V, V, RB / L] (V =
-    min(W, COLS) columns side by side in a thread, L = min(RB, ROWS) rows across lanes, row l * RB / L + j: Triton
+    min(W, COLS) columns side by side in a thread, L = ROWS (at most RB) rows across lanes, row l * RB / L + j: Triton
     puts the lanes on the first axis after the contiguous one, the warps on the next), then viewed with its first two
     axes swapped, [W / V, L, V, RB / L] (tl.permute: no data moves), X^T's rows along axes 0 and 2: each column's
     rows lie in one warp (reductions in registers and by shuffles) and its codes in the load's layout
@@ -369,7 +368,7 @@ def _dual_load(x_ptr, pid_r, pid_c, s: tl.constexpr, R, C, sx_r, sx_c, TILE: tl.
         first = pid_c * TILE.CB * TILE.TBC + (s - SLABS) * width
         bcol = 0
         if PLAN.COLS > 0:
-            L: tl.constexpr = PLAN.ROWS if TILE.RB > PLAN.ROWS else TILE.RB
+            L: tl.constexpr = PLAN.ROWS
             V: tl.constexpr = PLAN.COLS if width > PLAN.COLS else width
             rows = pid_r * TILE.RB + tl.arange(0, L)[:, None, None, None] * (TILE.RB // L) \
                 + tl.arange(0, TILE.RB // L)[None, None, None, :]
@@ -614,7 +613,7 @@ def _launch(v, codes, grid_s, grid_zp, stats, given, br, bc, nbr, nbc, register,
     kwargs = dict(TILE=tile, FMT=fmt, SCALE_SRC=source.value, BID_ROWS=nbr > 1, BID_COLS=nbc > 1,
                   SCALES_EACH=1 if register else pow2_ceil(_cdiv(nbr * nbc, tiles)),
                   DUAL=dual_out is not None, PACK4=spec.element.bits == 4, BF16_BITS=bf16_bits(v),
-                  num_warps=run.warps, NUM_TILES=tiles, DUAL_PLAN=dual_plan(spec, config, dual_out is not None, R))
+                  num_warps=run.warps, NUM_TILES=tiles, DUAL_PLAN=dual_plan(spec, config, R, dual_out is not None))
     launch(_quantize_kernel, (programs,), *args, TILE_MODE=tile_mode(run), STAGES=run.stages, **kwargs, **limits)
     if run.defer:  # the listed tiles, coded in place
         launch(_quantize_kernel, (min(tiles, persistent_programs(v.device, config.fixup_programs)),), *args,
@@ -661,16 +660,19 @@ def quantize_dual(x: torch.Tensor, spec: QuantSpec, *, scale_layout: str = "row"
     return rows, cols
 
 
-def dual_plan(spec: QuantSpec, config: KernelConfig, dual: bool = True, rows: int = 0) -> DualPlan:
-    """The DUAL_PLAN of a dual-layout launch of `spec` (KernelConfig.dual_slabs or dual_slabs_mx_asym, dual_prefetch,
-    dual_column_lanes or dual_column_lanes_mx, dual_late_check, dual_l2_prefetch: compiled only, the interpreter
-    runs no PTX; dual_row_words: where X's `rows` are a multiple of 4); of any other launch, DualPlan()."""
+def dual_plan(spec: QuantSpec, config: KernelConfig, rows: int, dual: bool = True) -> DualPlan:
+    """The DUAL_PLAN of a dual-layout launch of `spec` over X of `rows` rows (KernelConfig.dual_slabs or
+    dual_slabs_mx_asym, dual_prefetch, dual_column_lanes or dual_column_lanes_mx, its lanes at most the tile's rows,
+    dual_late_check, dual_l2_prefetch: compiled only, the interpreter runs no PTX; dual_row_words: float codes, a
+    multiple of 4 rows, and at least 4 rows a thread of a column); of any other launch, DualPlan()."""
     if not dual:
         return DualPlan()
     slabs = config.dual_slabs_mx_asym if spec.is_mx or spec.format == Format.INT8_ASYM else config.dual_slabs
-    words = config.dual_row_words and rows % 4 == 0
-    lanes = config.dual_column_lanes_mx if spec.is_mx else config.dual_column_lanes
-    return DualPlan(slabs, config.dual_prefetch, *(lanes or (0, 0)), config.dual_late_check,
+    cols, lanes = (config.dual_column_lanes_mx if spec.is_mx else config.dual_column_lanes) or (0, 0)
+    lanes = min(lanes, spec.group_size)  # a tile's rows (dual_geometry)
+    words = (config.dual_row_words and cols > 0 and spec.element.kind == "float" and rows % 4 == 0
+             and spec.group_size // lanes >= 4)
+    return DualPlan(slabs, config.dual_prefetch, cols, lanes, config.dual_late_check,
                     config.dual_l2_prefetch and not interpreting(), words)
 
 
