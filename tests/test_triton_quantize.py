@@ -573,10 +573,10 @@ def test_dual_layout_deferred(fmt, defer, rng):
 def test_dual_layout_slabs(fmt, slabs, defer, prefetch, rng):
     """KernelConfig.dual_slabs and dual_slabs_mx_asym (the other dual tests take the defaults): dual programs take
     their tile's rows, then its columns, a slab at a time, or the whole tile (1); careful rows and columns in some
-    slabs only, ragged tiles, 1x32 groups several a row. KernelConfig.dual_prefetch: each slab loaded while the one
-    before is coded, or after it."""
+    slabs only, ragged tiles, 1x32 groups several a row. KernelConfig.dual_prefetch and dual_prefetch_mx: each slab
+    loaded while the one before is coded, or after it."""
     config = dataclasses.replace(DEFAULT, dual_slabs=slabs, dual_slabs_mx_asym=slabs, dual_defer=defer,
-                                 dual_prefetch=prefetch)
+                                 dual_prefetch=prefetch, dual_prefetch_mx=prefetch)
     for g in (32,) if fmt == "mxfp8" else (128, 32):
         spec = QuantSpec(format=fmt, group_size=g)
         x = random_input((2 * g + 5, 3 * g + 3), torch.bfloat16, rng, edge_cases=False)
@@ -585,11 +585,12 @@ def test_dual_layout_slabs(fmt, slabs, defer, prefetch, rng):
         check_dual(x, spec, config=config)
 
 
-# The dual plans not shipped (KernelConfig's: columns across lanes (2, 8), the late careful check); the other dual
-# tests take the shipped one.
+# The dual plans not shipped (KernelConfig's: columns across lanes (2, 8), MX (2, 4), the late careful check, row
+# words); the other dual tests take the shipped one.
 DUAL_PLANS = [dict(dual_column_lanes=None, dual_late_check=False), dict(dual_column_lanes=None),
               dict(dual_late_check=False), dict(dual_column_lanes=(8, 32)), dict(dual_column_lanes=(16, 4)),
-              dict(dual_column_lanes_mx=(2, 4), dual_row_words=True)]
+              dict(dual_column_lanes_mx=(2, 8), dual_row_words=False, dual_prefetch_mx=True),
+              dict(dual_row_words=False)]
 
 
 def fields_id(fields: dict) -> str:
@@ -1029,7 +1030,8 @@ def test_gpu_dual_layout_deferred(fmt, warps, defer, rng):
 @pytest.mark.parametrize("slabs", [1, 2, 4])
 @pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
 def test_gpu_dual_layout_slabs(fmt, slabs, prefetch, rng):
-    config = dataclasses.replace(DEFAULT, dual_slabs=slabs, dual_slabs_mx_asym=slabs, dual_prefetch=prefetch)
+    config = dataclasses.replace(DEFAULT, dual_slabs=slabs, dual_slabs_mx_asym=slabs, dual_prefetch=prefetch,
+                                 dual_prefetch_mx=prefetch)
     for size in [(128, 128), (1000, 3000), (4096, 8192)]:
         check_dual(deferred_input(size, torch.bfloat16, rng).cuda(), QuantSpec(format=fmt), config=config)
 
@@ -1037,8 +1039,8 @@ def test_gpu_dual_layout_slabs(fmt, slabs, prefetch, rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", DUAL_FORMATS)
 @pytest.mark.parametrize("plan", [{}] + DUAL_PLANS + [dict(dual_column_lanes=(4, 16)), dict(dual_l2_prefetch=True),
-                                  dict(dual_l2_prefetch=True, dual_prefetch=False),
-                                  dict(dual_l2_prefetch=True, dual_prefetch=False, dual_row_words=True)], ids=fields_id)
+                                  dict(dual_l2_prefetch=True, dual_prefetch=False, dual_row_words=False),
+                                  dict(dual_l2_prefetch=True, dual_prefetch_mx=True)], ids=fields_id)
 def test_gpu_dual_plans(fmt, plan, rng):
     config = dataclasses.replace(DEFAULT, **plan)
     for size in [(128, 128), (1000, 3000), (2304, 1536)]:
