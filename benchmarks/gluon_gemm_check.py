@@ -16,7 +16,8 @@ both of its modes: block-scaled (A 1x128 x B 128x128) and scales constant along 
     (gemm.cublas_blockwise) for the block-scaled product, per-tensor torch._scaled_mm (use_fast_accum=False) for
     the per-tensor one; and the ratios.
 Each variant is tried on its own: a failure is printed and the others still run (a CUDA fault, though,
-poisons the context for everything after it; a hang needs the caller's timeout).
+poisons the context for everything after it; a hang needs the caller's timeout). Exit status 1 when (a) or (b)
+found a failure, after (c) ran.
 """
 from __future__ import annotations
 
@@ -192,6 +193,7 @@ def main() -> None:
     if not gg.AVAILABLE:
         sys.exit(1)
     t0 = time.time()
+    ok = ok_rows = True
     if not args.no_check:
         ok = check(gg, SHAPES)
         print(f"correctness, block-scaled: {'all ok' if ok else 'FAILURES'} ({time.time() - t0:.0f} s)", flush=True)
@@ -201,6 +203,8 @@ def main() -> None:
     if not args.no_bench:
         bench(gg, args.sizes, args.group_m)
     print(f"done in {time.time() - t0:.0f} s", flush=True)
+    if not (ok and ok_rows):
+        sys.exit("benchmarks/gluon_gemm_check.py: correctness FAILURES (above)")
 
 
 if __name__ == "__main__":
