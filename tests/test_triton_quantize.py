@@ -17,7 +17,7 @@ import triton.language as tl
 
 from quantd.kernels import (dispatch, plans, quantize_plan, reference, triton_block_stats, triton_elements,
                            triton_mxfp4_pairs, triton_quantize)
-from quantd.kernels.config import DEFAULT
+from quantd.kernels.config import DEFAULT, DUAL_CANDIDATE
 from quantd.kernels.quantize_plan import Tile, block_geometry, element_constants, schedule, tile_geometry
 from quantd.kernels.spec import Granularity, QuantizedTensor, QuantSpec
 from quantd.kernels.triton_quantize import quantize, quantize_dual
@@ -585,12 +585,11 @@ def test_dual_layout_slabs(fmt, slabs, defer, prefetch, rng):
         check_dual(x, spec, config=config)
 
 
-# The dual plans not shipped (KernelConfig's: columns across lanes (2, 8), MX (2, 4), the late careful check, row
-# words); the other dual tests take the shipped one.
+# The dual plans not shipped (KernelConfig's: columns across lanes (2, 8), the late careful check), DUAL_CANDIDATE
+# among them; the other dual tests take the shipped one.
 DUAL_PLANS = [dict(dual_column_lanes=None, dual_late_check=False), dict(dual_column_lanes=None),
               dict(dual_late_check=False), dict(dual_column_lanes=(8, 32)), dict(dual_column_lanes=(16, 4)),
-              dict(dual_column_lanes_mx=(2, 8), dual_row_words=False, dual_prefetch_mx=True),
-              dict(dual_row_words=False)]
+              dict(dual_column_lanes_mx=(2, 4), dual_row_words=True), DUAL_CANDIDATE]
 
 
 def fields_id(fields: dict) -> str:
@@ -1039,8 +1038,8 @@ def test_gpu_dual_layout_slabs(fmt, slabs, prefetch, rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", DUAL_FORMATS)
 @pytest.mark.parametrize("plan", [{}] + DUAL_PLANS + [dict(dual_column_lanes=(4, 16)), dict(dual_l2_prefetch=True),
-                                  dict(dual_l2_prefetch=True, dual_prefetch=False, dual_row_words=False),
-                                  dict(dual_l2_prefetch=True, dual_prefetch_mx=True)], ids=fields_id)
+                                  dict(dual_l2_prefetch=True, dual_prefetch=False),
+                                  dict(dual_l2_prefetch=True, dual_prefetch=False, dual_row_words=True)], ids=fields_id)
 def test_gpu_dual_plans(fmt, plan, rng):
     config = dataclasses.replace(DEFAULT, **plan)
     for size in [(128, 128), (1000, 3000), (2304, 1536)]:
@@ -1057,6 +1056,20 @@ def test_gpu_dual_row_words(fmt, defer, rng):
         check_dual_row_words(fmt, config, rng, "cuda")
         for size in [(4096, 8192), (1000, 3000)]:
             check_dual(deferred_input(size, torch.bfloat16, rng).cuda(), QuantSpec(format=fmt), config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", DUAL_FORMATS)
+@pytest.mark.parametrize("defer", [False, True], ids=["careful_in_place", "deferred"])
+def test_gpu_dual_candidate(fmt, defer, rng):
+    """config.DUAL_CANDIDATE, the dual plan to ship once this passes: random and careful tiles at the shapes of
+    test_gpu_dual_layout, a transposed input."""
+    config = dataclasses.replace(DEFAULT, dual_defer=defer, **DUAL_CANDIDATE)
+    spec = QuantSpec(format=fmt)
+    for shape in [(128, 128), (1000, 3000), (4096, 8192)]:
+        check_dual(random_input(shape, torch.bfloat16, rng).cuda(), spec, config=config)
+        check_dual(deferred_input(shape, torch.bfloat16, rng).cuda(), spec, config=config)
+    check_dual(random_input((3000, 1000), torch.bfloat16, rng).cuda().T, spec, config=config)
 
 
 @pytest.mark.gpu
