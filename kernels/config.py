@@ -7,6 +7,7 @@ None of these choices changes a result: every setting gives the reference's bits
 from __future__ import annotations
 
 import dataclasses
+import types
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,4 +284,4 @@ DEFAULT = KernelConfig()
 # The dual plan timed fastest on an H200 (2026-12-06, BENCHMARKS.md: E4M3 1x128 + 128x1 0.70 -> 0.728 x copy,
 # MXFP8 0.577 -> 0.640), to ship once the GPU tests pass with it on a device (`python3 -m pytest -m gpu
 # tests/test_triton_quantize.py -k "dual_candidate or gpu_dual_row_words"`; the interpreter's pass).
-DUAL_CANDIDATE = dict(dual_row_words=True, dual_column_lanes_mx=(2, 4), dual_prefetch_mx=False)
+DUAL_CANDIDATE = types.MappingProxyType(dict(dual_row_words=True, dual_column_lanes_mx=(2, 4), dual_prefetch_mx=False))
