@@ -88,6 +88,10 @@ def add_servicer(servicer: QuantdServicer, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
+class BindError(RuntimeError):
+    """An address the server cannot listen on (its port taken by another process, or not this machine's)."""
+
+
 class QuantdServer:
     """One server; start() binds it, drain() winds it down. Usable from any running event loop."""
 
@@ -125,16 +129,27 @@ class QuantdServer:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         address = f"{self.config.host}:{self.config.port}"
         credentials = security.server_credentials(self.config)
-        if credentials is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            self.port = self.server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, credentials)
+        except RuntimeError:  # gRPC's "Failed to bind", which says no more
+            await self.server.stop(None)
+            raise BindError(f"cannot listen on {address}: the port is taken, or the host is not an address of "
+                            "this machine") from None
+        if self.config.metrics_port:
+            metrics_host = self.config.metrics_host or self.config.host
+            try:
+                self.metrics.start_http(self.config.metrics_port, metrics_host)
+            except OSError as exc:
+                await self.server.stop(None)
+                raise BindError(f"cannot serve metrics on {metrics_host}:{self.config.metrics_port}: "
+                                f"{exc.strerror or exc}") from None
         await self.server.start()
         await self._start_local_socket()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        if self.config.metrics_port:
-            self.metrics.start_http(self.config.metrics_port, self.config.metrics_host or self.config.host)
         log.info("quantd serving on %s:%d (device %s)", self.config.host, self.port,
                  ", ".join(map(str, self.devices)))
         if credentials is None and auth is None and not is_loopback(self.config.host):
@@ -194,7 +209,10 @@ def main(config: ServerConfig) -> None:
     logs.configure(config.log_format)
     if config.workers > 1:
         return serve_workers(config)
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except BindError as exc:
+        raise SystemExit(f"quantd serve: {exc}") from None
 
 
 def serve_workers(config: ServerConfig) -> None:

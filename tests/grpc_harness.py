@@ -136,22 +136,31 @@ def run_measuring_rss(command: list[str], log: Path) -> tuple[int, int]:
 class ServerProcess:
     """`quantd serve --host 127.0.0.1 --port <free> --device cpu [args]` with QUANTD_* `env` on top of this
     process's environment; waits until its health service says SERVING. Its log goes to a temporary file.
-    rss() is its resident memory."""
+    rss() is its resident memory. A free port can be taken by another process (a client's ephemeral port, a
+    parallel test) before the server binds it: a server that exits saying so is started again on other ports
+    (BIND_RETRIES times)."""
+
+    BIND_RETRIES = 3
 
     def __init__(self, *args: str, env: dict | None = None, metrics: bool = False, wait: bool = True,
                  host: str | None = "127.0.0.1"):
-        self.port = free_port()
-        self.metrics_port = free_port() if metrics else None
-        command = quantd_command() + ["serve", "--port", str(self.port), "--device", "cpu"]
-        if host is not None:  # None: the default host
-            command += ["--host", host]
-        if metrics:
-            command += ["--metrics-port", str(self.metrics_port)]
-        self._log = tempfile.NamedTemporaryFile("w+", prefix="quantd-serve-", suffix=".log")
-        self.proc = subprocess.Popen(command + list(args), env={**os.environ, **(env or {})},
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self._args, self._env, self._metrics, self._host = list(args), env, metrics, host
+        self._binds_left = self.BIND_RETRIES
+        self._start()
         if wait:  # wait=False: start several, then wait_serving() on each
             self.wait_serving()
+
+    def _start(self) -> None:
+        self.port = free_port()
+        self.metrics_port = free_port() if self._metrics else None
+        command = quantd_command() + ["serve", "--port", str(self.port), "--device", "cpu"]
+        if self._host is not None:  # None: the default host
+            command += ["--host", self._host]
+        if self._metrics:
+            command += ["--metrics-port", str(self.metrics_port)]
+        self._log = tempfile.NamedTemporaryFile("w+", prefix="quantd-serve-", suffix=".log")
+        self.proc = subprocess.Popen(command + self._args, env={**os.environ, **(self._env or {})},
+                                     stdout=self._log, stderr=subprocess.STDOUT)
 
     @property
     def target(self) -> str:
@@ -171,6 +180,10 @@ class ServerProcess:
     def wait_serving(self, seconds: float = 120) -> None:
         deadline = time.monotonic() + seconds
         while self.health(timeout=1.0) != "SERVING":
+            if self.proc.poll() is not None and "quantd serve: cannot " in self.log() and self._binds_left > 0:
+                self._binds_left -= 1  # app.BindError: its port was taken meanwhile
+                self._start()
+                continue
             if self.proc.poll() is not None:
                 raise RuntimeError(f"quantd serve exited with {self.proc.returncode}:\n{self.log()}")
             if time.monotonic() > deadline:

@@ -5,13 +5,15 @@ than what the server allocates for itself; every wait is bounded. After each att
 """
 from __future__ import annotations
 
+import socket
+import subprocess
 import threading
 import time
 
 import grpc
 import pytest
 import torch
-from grpc_harness import ServerProcess
+from grpc_harness import ServerProcess, free_port, quantd_command
 
 from quantd.client import QuantdClient, QuantdError
 from quantd.kernels import reference
@@ -221,6 +223,26 @@ def test_bare_serve_listens_on_loopback_metrics_included(processes):
     assert listening_address(server.port) == "127.0.0.1"
     assert listening_address(server.metrics_port) == "127.0.0.1"  # follows the gRPC host
     assert "without TLS or tokens" not in server.log()
+
+
+@pytest.mark.parametrize("taken", ["grpc", "metrics"])
+def test_a_taken_port_is_a_clear_error(taken):
+    """`quantd serve` on a port another process listens on exits 1 with one line that names the address, and
+    serves nothing (no gRPC port left bound when its metrics port is the taken one)."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port, grpc_port = other.getsockname()[1], free_port()
+        ports = ["--port", str(port)] if taken == "grpc" else ["--port", str(grpc_port), "--metrics-port", str(port)]
+        done = subprocess.run(quantd_command() + ["serve", "--host", "127.0.0.1", "--device", "cpu"] + ports,
+                              capture_output=True, text=True, timeout=300)
+    what = "listen on" if taken == "grpc" else "serve metrics on"
+    assert done.returncode == 1, done.stderr
+    assert f"quantd serve: cannot {what} 127.0.0.1:{port}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    if taken == "metrics":
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", grpc_port))  # free again: the server let go of it
 
 
 def test_loopback_addresses():
