@@ -180,11 +180,11 @@ class ServerProcess:
     def wait_serving(self, seconds: float = 120) -> None:
         deadline = time.monotonic() + seconds
         while self.health(timeout=1.0) != "SERVING":
-            if self.proc.poll() is not None and "quantd serve: cannot " in self.log() and self._binds_left > 0:
-                self._binds_left -= 1  # app.BindError: its port was taken meanwhile
-                self._start()
-                continue
             if self.proc.poll() is not None:
+                if "quantd serve: cannot " in self.log() and self._binds_left > 0:
+                    self._binds_left -= 1  # app.BindError: its port was taken meanwhile
+                    self._start()
+                    continue
                 raise RuntimeError(f"quantd serve exited with {self.proc.returncode}:\n{self.log()}")
             if time.monotonic() > deadline:
                 self.kill()

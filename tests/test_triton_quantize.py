@@ -1062,9 +1062,10 @@ def test_gpu_dual_row_words(fmt, defer, rng):
 @pytest.mark.parametrize("fmt", DUAL_FORMATS)
 @pytest.mark.parametrize("defer", [False, True], ids=["careful_in_place", "deferred"])
 def test_gpu_dual_candidate(fmt, defer, rng):
-    """config.DUAL_CANDIDATE, the dual plan to ship once this passes: random and careful tiles at the shapes of
-    test_gpu_dual_layout, a transposed input."""
+    """config.DUAL_CANDIDATE, the dual plan to ship once this passes: the row words' cases (check_dual_row_words),
+    random and careful tiles at the shapes of test_gpu_dual_layout, a transposed input."""
     config = dataclasses.replace(DEFAULT, dual_defer=defer, **DUAL_CANDIDATE)
+    check_dual_row_words(fmt, config, rng, "cuda")
     spec = QuantSpec(format=fmt)
     for shape in [(128, 128), (1000, 3000), (4096, 8192)]:
         check_dual(random_input(shape, torch.bfloat16, rng).cuda(), spec, config=config)
