@@ -29,7 +29,7 @@ import triton.language as tl
 
 from peers import torchao_blockwise
 from quantd.kernels import reference, triton_quantize
-from quantd.kernels.config import DEFAULT, DUAL_CANDIDATE, OneBlock
+from quantd.kernels.config import DEFAULT, DUAL_PLAN_H100, OneBlock
 from quantd.kernels.spec import QuantizedTensor, QuantSpec
 from quantd.kernels.triton_dequantize import dequantize
 
@@ -230,14 +230,13 @@ SWEEPS = [
     ([("fp8 e4m3 dual 1x128 + 128x1", QuantSpec(), SQUARE, "dual"),
       ("mxfp8 dual 1x32 + 32x1", QuantSpec(format="mxfp8"), SQUARE, "dual"),
       ("int8 asym dual 1x128 + 128x1", QuantSpec(format="int8_asym"), SQUARE, "dual")],
-     [{}, DUAL_CANDIDATE] + [dict(dual_prefetch=False, dual_prefetch_mx=False)]
+     [{}, DUAL_PLAN_H100] + [dict(dual_prefetch=False, dual_prefetch_mx=False)]
      + [dict(dual_slabs=n, dual_slabs_mx_asym=n) for n in (1, 2, 4, 8)]
      + [dict(dual_warps=w, dual_maxnreg=r) for w, r in ((8, 128), (8, None), (4, 128), (16, 64))]
      + [dict(dual_defer=False)] + [dict(dual_column_lanes=lanes) for lanes in ((8, 32), (4, 16), None)]
      + [dict(dual_late_check=False), dict(dual_late_check=False, dual_column_lanes=None)]
      + [dict(dual_l2_prefetch=True), dict(dual_l2_prefetch=True, dual_prefetch=False, dual_prefetch_mx=False),
-        dict(dual_row_words=True), dict(DUAL_CANDIDATE, dual_l2_prefetch=True),
-        dict(DUAL_CANDIDATE, dual_prefetch_mx=True)]),
+        dict(dual_row_words=False), dict(dual_prefetch_mx=True)]),
     ([("fp8 e4m3 128x128", CASES[1][1], SQUARE, "quantize"), ("int8 sym 128x128", CASES[10][1], SQUARE, "quantize"),
       ("int8 asym 128x128", QuantSpec(format="int8_asym", granularity="tile", tile=(128, 128)), SQUARE, "quantize")],
      [{}, dict(one_block_divide=not DEFAULT.one_block_divide)]),

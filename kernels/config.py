@@ -118,8 +118,7 @@ class KernelConfig:
     dual_prefetch: bool = True
     # The same for MX formats: with dual_column_lanes_mx (2, 4) and dual_row_words, MXFP8 without the prefetch
     # (H200, 2026-12-06, below: 0.616 -> 0.640 x copy; E4M3 with it 0.728, without 0.685; INT8 asym 0.594 / 0.538).
-    # DUAL_CANDIDATE (below) turns it off.
-    dual_prefetch_mx: bool = True
+    dual_prefetch_mx: bool = False
     # The columns' slabs of a dual-layout program loaded as (columns side by side in a thread, rows across a warp's
     # lanes), the warps on further columns (triton_quantize._dual_load LANES), so that a column's amax is reduced in
     # registers and by shuffles and its codes are stored from the registers they were loaded in; None: the layout
@@ -149,8 +148,10 @@ class KernelConfig:
     # registers): (2, 8) 32.4 / 96, (2, 4) 26.4 / 96, (2, 2) 27.2 / 80; with dual_row_words 29.9 / 96, (2, 4) 23.6 /
     # 114, without dual_prefetch 23.5 / 64. H200 (2026-12-06, driver 580.159.04, torch 2.11, triton 3.6,
     # profile_kernels --time --n 16384 --plain, one process; MXFP8 x copy): (2, 8) 0.577 (0.572 a second time), with
-    # dual_row_words 0.549, (2, 4) with dual_row_words 0.616, and without the prefetch (dual_prefetch_mx) 0.640.
-    dual_column_lanes_mx: tuple | None = (2, 8)
+    # dual_row_words 0.549, (2, 4) with dual_row_words 0.616, and without the prefetch (dual_prefetch_mx) 0.640. The
+    # H100 prefers the earlier plan ((2, 8), prefetched, no row words): 0.719 / 0.716 against 0.687 (2026-12-06 05:4x
+    # UTC, one process); the H200 decides.
+    dual_column_lanes_mx: tuple | None = (2, 4)
     # With dual_defer: every slab of a dual tile coded as if careless, the tile's careful blocks counted once at its
     # end (the FIXUP launch rewrites a careful tile's codes and scales), instead of a reduction over the program
     # before each slab's stores (two barriers a slab). Offline (as above, barriers / LDS / STS a thread): E4M3 53 / 177
@@ -165,8 +166,9 @@ class KernelConfig:
     # X^T's fp8 codes of a dual tile converted and stored four rows to a 32-bit word (triton_quantize._store_dual_words)
     # where its row count is a multiple of 4, instead of the cast of the whole slab. H200 (as above; E4M3 1x128 x
     # copy): 0.696 / 0.701 without, 0.728 with (offline 23.2 -> 21.0 SASS an element); with dual_l2_prefetch and
-    # no register prefetch 0.685. Integer codes keep the bytes' path (offline INT8 words took more instructions).
-    dual_row_words: bool = False
+    # no register prefetch 0.685; H100 (2026-12-06, as above) 0.797 / 0.796 either way. Integer codes keep the bytes'
+    # path (offline INT8 words took more instructions).
+    dual_row_words: bool = True
     # Careful tiles deferred, one tile a program. Float tiles: 4 warps of 128 elements a thread of a 128 x 128
     # tile, no register limit (H200, 2026-12-04, 16384^2 bf16, ncu kernel time: E4M3 128x128 184 us against 210 us
     # for 8 warps within 128 registers, 246 us for 4 warps within 128, 240 us for 2 warps); rows within 80
@@ -281,7 +283,6 @@ class KernelConfig:
 
 DEFAULT = KernelConfig()
 
-# The dual plan timed fastest on an H200 (2026-12-06, BENCHMARKS.md: E4M3 1x128 + 128x1 0.70 -> 0.728 x copy,
-# MXFP8 0.577 -> 0.640), to ship once the GPU tests pass with it on a device (`python3 -m pytest -m gpu
-# tests/test_triton_quantize.py -k "dual_candidate or gpu_dual_row_words"`; the interpreter's pass).
-DUAL_CANDIDATE = types.MappingProxyType(dict(dual_row_words=True, dual_column_lanes_mx=(2, 4), dual_prefetch_mx=False))
+# The dual plan shipped before 2026-12-06 and still the faster one on an H100 (MXFP8 dual 0.719 against 0.687 x copy;
+# E4M3 and INT8 asym alike, dual_row_words' comment): for dataclasses.replace(DEFAULT, **DUAL_PLAN_H100).
+DUAL_PLAN_H100 = types.MappingProxyType(dict(dual_row_words=False, dual_column_lanes_mx=(2, 8), dual_prefetch_mx=True))

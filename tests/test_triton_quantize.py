@@ -17,7 +17,7 @@ import triton.language as tl
 
 from quantd.kernels import (dispatch, plans, quantize_plan, reference, triton_block_stats, triton_elements,
                            triton_mxfp4_pairs, triton_quantize)
-from quantd.kernels.config import DEFAULT, DUAL_CANDIDATE
+from quantd.kernels.config import DEFAULT, DUAL_PLAN_H100
 from quantd.kernels.quantize_plan import Tile, block_geometry, element_constants, schedule, tile_geometry
 from quantd.kernels.spec import Granularity, QuantizedTensor, QuantSpec
 from quantd.kernels.triton_quantize import quantize, quantize_dual
@@ -585,11 +585,12 @@ def test_dual_layout_slabs(fmt, slabs, defer, prefetch, rng):
         check_dual(x, spec, config=config)
 
 
-# The dual plans not shipped (KernelConfig's: columns across lanes (2, 8), the late careful check), DUAL_CANDIDATE
-# among them; the other dual tests take the shipped one.
+# The dual plans not shipped (KernelConfig's: columns across lanes, the late careful check, X^T's codes in words,
+# MX columns on (2, 4) lanes without the register prefetch), DUAL_PLAN_H100 among them; the other dual tests take
+# the shipped one.
 DUAL_PLANS = [dict(dual_column_lanes=None, dual_late_check=False), dict(dual_column_lanes=None),
               dict(dual_late_check=False), dict(dual_column_lanes=(8, 32)), dict(dual_column_lanes=(16, 4)),
-              dict(dual_column_lanes_mx=(2, 4), dual_row_words=True), DUAL_CANDIDATE]
+              dict(dual_prefetch_mx=True), DUAL_PLAN_H100]
 
 
 def fields_id(fields: dict) -> str:
@@ -1061,10 +1062,11 @@ def test_gpu_dual_row_words(fmt, defer, rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", DUAL_FORMATS)
 @pytest.mark.parametrize("defer", [False, True], ids=["careful_in_place", "deferred"])
-def test_gpu_dual_candidate(fmt, defer, rng):
-    """config.DUAL_CANDIDATE, the dual plan to ship once this passes: the row words' cases (check_dual_row_words),
-    random and careful tiles at the shapes of test_gpu_dual_layout, a transposed input."""
-    config = dataclasses.replace(DEFAULT, dual_defer=defer, **DUAL_CANDIDATE)
+@pytest.mark.parametrize("plan", [{}, DUAL_PLAN_H100], ids=["shipped", "h100"])
+def test_gpu_dual_plan(fmt, defer, plan, rng):
+    """The shipped dual plan and DUAL_PLAN_H100: the row words' cases (check_dual_row_words), random and careful
+    tiles at the shapes of test_gpu_dual_layout, a transposed input."""
+    config = dataclasses.replace(DEFAULT, dual_defer=defer, **plan)
     check_dual_row_words(fmt, config, rng, "cuda")
     spec = QuantSpec(format=fmt)
     for shape in [(128, 128), (1000, 3000), (4096, 8192)]:
