@@ -72,6 +72,7 @@ CASES = {  # name: (spec, op, how)
     "tensor_delayed_pinned": (TENSOR, "quantize", lambda x, spec, config: _delayed(x, spec, config, "pinned")),
     "nvfp4": (QuantSpec(format="nvfp4"), "quantize", None),
     "nvfp4_given": (QuantSpec(format="nvfp4"), "quantize", _given),
+    "nvfp4_delayed": (QuantSpec(format="nvfp4"), "quantize", _delayed),
     "dual": (QuantSpec(), "dual", None),
     "dual_int8_asym": (QuantSpec(format="int8_asym"), "dual", None),
     "dual_mxfp8": (QuantSpec(format="mxfp8"), "dual", None),

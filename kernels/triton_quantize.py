@@ -31,7 +31,8 @@ from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED, CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, GUARDED,
                               RECIPROCAL, below_inf, block_ids, block_scale, corrected_block_scale, defer_tile, encode,
                               encode_quotient, finite_abs, finite_amax, fp8_words, load_fp32, max_into, max_nan,
-                              min_nan, prefetch_lines, quotient, rint_int32, store_scales, tile_coords, widen_fp32)
+                              min_nan, prefetch_lines, quotient, rint_int32, seen_max, store_scales, tile_coords,
+                              widen_fp32)
 from .triton_asym_pairs import asym_pairs
 from .triton_mxfp4_pairs import mxfp4_pairs
 
@@ -195,6 +196,8 @@ def _quantize_tile(
     p, pid_r, pid_c, rb, i, cb, j, rows, cols, valid = tile_coords(pid, R, C, TILES_R, TILES_C, TILE)
     x_base = x_ptr + p.to(tl.int64) * sx_p
     x = load_fp32(x_base + rows.to(tl.int64) * sx_r + cols.to(tl.int64) * sx_c, valid, BF16_BITS)
+    if SCALE_SRC == SCALE_GIVEN_AMAX:  # issued with x's loads (max_into)
+        seen = seen_max(stats_ptr)
 
     if SCALE_SRC == SCALE_REGISTER:
         brow = pid_r * RB + rb  # [RB, 1, 1, 1]
@@ -216,7 +219,9 @@ def _quantize_tile(
             scale = tl.load(given_ptr + bid)
             zp = 0.0
             if SCALE_SRC == SCALE_GIVEN_AMAX:  # exact and order independent: maxima of non-negative floats
-                max_into(stats_ptr, finite_amax(tl.reshape(x, [TILE.RB * TILE.TBRP * TILE.CB * TILE.TBCP])))
+                # before the codes: E4M3 per tensor, 16384^2 bf16, H100 (2026-12-06, one process) 0.987 x copy
+                # against 0.947 after them (and 0.977 with the volatile read here and an acq_rel atomic)
+                max_into(stats_ptr, finite_amax(tl.reshape(x, [TILE.RB * TILE.TBRP * TILE.CB * TILE.TBCP])), seen)
         # The scales of blocks pid * SCALES_EACH .. + SCALES_EACH - 1 (flat over the NBR x NBC grid): each
         # block's by one tile, as a short vector (not masked over the tile's elements).
         sb = pid * SCALES_EACH + tl.arange(0, SCALES_EACH)
