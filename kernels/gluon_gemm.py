@@ -102,8 +102,12 @@ class GluonConfig:
 # On an H200 (2026-12-05, benchmarks/gluon_gemm_check.py, bf16 out, TFLOPS; cuBLAS blockwise 1072 / 1119) block-scaled
 # 4096^3 / 8192^3: chains of 8 1002 / 1024, of 4 990 / 1007, of 2 988 / 972, 3 stages 915 / 902, three warpgroups 912 /
 # 996. Per tensor (cuBLAS 1135 / 1233): 1137 / 1163, 1140 / 1161, 1113 / 1155, 1023 / 986, three warpgroups 1077 / 1215.
+# Ring depth (H100, 2026-12-06, gluon_gemm_check.py --no-check --sizes 4096 8192, three runs; ncu: cuBLAS blockwise
+# runs 6 stages of 128 x 128 x 128 in clusters of 2): block-scaled 4096^3 / 8192^3 5 stages 1027-1077 / 1008-1033
+# TFLOPS against 4 stages 999-1044 / 998-1018 (6 stages, first run: 1018 / 1007); per tensor 1181-1210 / 1158-1204
+# against 1135-1172 / 1139-1169. 5 stages fit beside fp32 output's staging (ring_stages), 6 only beside 16-bit's.
 THREE_WARPGROUPS = GluonConfig(4, 2, maxnreg=128, consumer_regs=160, warpgroups=3)
-CONFIGS = [GluonConfig(4, 8), GluonConfig(4, 4), GluonConfig(4, 2), GluonConfig(3, 4), THREE_WARPGROUPS]
+CONFIGS = [GluonConfig(5, 8), GluonConfig(4, 8), GluonConfig(4, 2), GluonConfig(3, 4), THREE_WARPGROUPS]
 
 
 if AVAILABLE:
