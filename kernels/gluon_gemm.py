@@ -424,7 +424,8 @@ def row_scaled_variant(M: int, N: int, K: int, out_size: int, programs: int, sha
     against 1163 TFLOPS in 21 waves 99.3 % full against 32 waves 97.0 % full; 4096^3 1077 against 1137, 6 waves
     89 % full against 8 97 % full; H100, the same day: 8192^3 1144 against 1125). The K limit: at 16384^3 they
     lost on an H100 (1043 against 1163 TFLOPS, waves 99.3 % full either way). Block-scaled products lose with them
-    (one product tile a warpgroup)."""
+    (one product tile a warpgroup). Since CONFIGS[0] rings 5 stages (three warpgroups keep 4: a fifth does not fit)
+    the two are even at 8192^3 on an H100 (2026-12-06: 1200-1204 against 1195-1204 TFLOPS; untimed on an H200)."""
     two, three = CONFIGS[0], THREE_WARPGROUPS
     if (K <= WIDE_ROWS_MAX_K and ring_stages(three, out_size, shared_limit) == three.stages
             and 1.02 * _last_wave(three, M, N, programs) >= _last_wave(two, M, N, programs)):
