@@ -29,7 +29,10 @@ from quantd.kernels.triton_gemm import _mx_values
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_TOL = 1e-5
 FP8_MMA_TOL = 3e-4
-OUT_TOL = {torch.float32: FP32_TOL, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+# 16-bit outputs: two sums rounded from nearly equal fp32 values may be one ulp apart, up to 2**-7 of the value in
+# bf16 (2**-10 in fp16); where one entry dominates the norm that is the whole relative error (an H100 run gave
+# 0.00452 for 130 x 7 x 383 E4M3 per-channel bf16, its largest entry 14272 one ulp, 64, from the reference's).
+OUT_TOL = {torch.float32: FP32_TOL, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
 
 # Every launch config is checked once (test_every_config); the other tests run the first one, which
 # keeps the compiled suite from autotuning every shape and spec combination.
