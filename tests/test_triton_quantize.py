@@ -208,6 +208,41 @@ def lookup_tile_checks(x, config, device="cpu"):
         assert amax.view(torch.int32).cpu() == reference.amax(x).view(torch.int32)
 
 
+def guarded_delayed_checks(fmt: str, rng, device: str = "cpu") -> None:
+    """Delayed scaling (a given per-tensor scale, the amax found in the same read) by the guarded quotient: rows of
+    quotients within 2 ulps of the points where a code changes, next to rows holding an Inf, a NaN, quotients
+    around the guard's clamp at 2**17 and past it, a finite x whose quotient overflows, signed zeros: codes and
+    amax the reference's (and the reciprocal's products alone would miss codes: asserted)."""
+    el = QuantSpec(format=fmt).element
+    if el.kind == "int":
+        points = torch.arange(-127, 128, dtype=torch.float32) + 0.5
+    else:
+        grid = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(el.code_dtype).float()
+        grid = torch.unique(grid[grid.abs() <= el.max])
+        points = (grid[1:] + grid[:-1]) / 2
+    scale = torch.tensor([3.3 / 448])
+    x = points[torch.randint(0, len(points), (24, 4096), generator=rng)] * scale
+    for k, step in enumerate((torch.inf, -torch.inf)):
+        x = torch.where(torch.randint(-2, 3, x.shape, generator=rng) > k, torch.nextafter(x, torch.tensor(step)), x)
+    s = float(scale)
+    specials = [math.inf, -math.inf, math.nan, 65000.0 * s, -70000.0 * s, 131072.0 * s, -131072.0 * s * (1 + 2 ** -20),
+                131071.0 * s, 2e5 * s, -3e38, 3e38, -0.0]
+    for row, value in enumerate(specials, start=12):
+        x[row, 100 * row: 100 * row + 3] = value
+    spec = QuantSpec(fmt, "tensor")
+    want = reference_quantize(x, spec, scale)
+    assert (codes_of_quotients(x[:8] * (1 / scale), want) != want.codes.view(torch.uint8)[:8]).sum() > 0
+    qt, amax = triton_quantize.quantize_with_amax(x.to(device), spec, scale.to(device))
+    assert_same_qt(to_device(qt, "cpu"), want)
+    assert amax.view(torch.int32).cpu() == reference.amax(x).view(torch.int32)
+    check(x.to(device), spec, scale.to(device))  # the same scale, no amax
+
+
+@pytest.mark.parametrize("fmt", ("fp8_e4m3", "fp8_e5m2", "int8_sym"))
+def test_guarded_delayed(fmt, rng):
+    guarded_delayed_checks(fmt, rng)
+
+
 def every_16bit(dtype: torch.dtype) -> torch.Tensor:
     """Every bit pattern of a 16-bit float dtype, in order of the patterns as int16 (65536 values)."""
     return torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
@@ -994,6 +1029,12 @@ def test_gpu_int8_asym_groups_deferred(schedule_, rng):
         check(random_input(size, torch.float32, rng, edge_cases=False).cuda(), spec, config=config)
     check(every_16bit(torch.bfloat16).reshape(256, 256).cuda(), spec, config=config)
     check(near_boundaries("int8_asym", 128, rng).cuda(), spec, config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ("fp8_e4m3", "fp8_e5m2", "int8_sym"))
+def test_gpu_guarded_delayed(fmt, rng):
+    guarded_delayed_checks(fmt, rng, "cuda")
 
 
 @pytest.mark.gpu
