@@ -208,6 +208,20 @@ def resources(path: str) -> str:
     return f"{found.get('REG', '?')} regs, stack {found.get('STACK', '?')}, shared {found.get('SHARED', '?')}"
 
 
+def stack_pointer_reads(sass: str) -> list:
+    """The instructions of a cuobjdump listing that read R1, the stack pointer, other than its load in the prologue.
+    A kernel without a stack frame has no use for it: ptxas 12.8 and 12.9 (triton 3.6 to 3.9) were seen to read it
+    in place of a register it had just written, building a code byte from the stack pointer (BENCHMARKS.md,
+    2026-12-06 11:19 UTC: cvt.rn.satfinite.e4m3x2.f32, then shr.u16 of the pair and mov.b32 of both halves, became
+    an F2FP.MERGE_C whose merged half was (R1 & 0xffff) >> 8)."""
+    out = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(.*?)\s*;", line)
+        if m and re.search(r"\bR1\b", m.group(1)) and not re.fullmatch(r"LDC R1, c\[0x0\]\[0x28\]", m.group(1)):
+            out.append(m.group(1))
+    return out
+
+
 def opcodes(sass: str) -> list:
     """Opcodes of the instructions in a cuobjdump listing (predicates and modifiers dropped)."""
     out = []
@@ -282,8 +296,10 @@ def main() -> None:
             f.write(sass)
         ops = opcodes(sass)
         top = ", ".join(f"{op} {n / per_thread:.1f}" for op, n in collections.Counter(ops).most_common(8))
+        res = resources(stem + ".cubin")
+        sp = f", {len(stack_pointer_reads(sass))} stack pointer reads" if ", stack 0," in res else ""
         print(f"{name:22s} {len(ops) / per_thread:5.1f} instructions/element ({per_thread:.0f} a thread, "
-              f"{kernel.metadata.num_warps} warps, {resources(stem + '.cubin')})   {top}")
+              f"{kernel.metadata.num_warps} warps, {res}{sp})   {top}")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ def test_sass_tool_counts_every_kernel(flags, tmp_path):
             "fp8 e4m3 tensor, delayed", "fp8 e4m3 dual 1x128", "dequantize fp8 e4m3 1x128", "dequantize nvfp4",
             "fp8 e4m3 dual 1x128, unit strides"} <= set(counts)
     assert all(5 < float(v) < 200 for v in counts.values()), counts
+    # No kernel without a stack frame reads the stack pointer (sass.stack_pointer_reads: a ptxas miscompile seen)
+    reads = re.findall(r"stack 0, shared \d+, (\d+) stack pointer reads", stdout)
+    assert len(reads) >= 15 and set(reads) == {"0"}, stdout
 
 
 @pytest.mark.parametrize("flags", [[], ["--fp32-decode"]], ids=["bf16x2", "fp32"])
@@ -78,3 +81,14 @@ def test_gluon_kernel_compiles_for_sm90(tmp_path):
         assert ("1" in depths) if "gluon 128x128x128" in v.splitlines()[0] else set(depths) == {"0"}, v
         fma, add = map(int, re.search(r"promotion: fma\.rn\.f32 (\d+) add\.rn\.f32 (\d+)", v).groups())
         assert (fma > 0 and add == 0) if v.startswith("block-scaled") else (fma == 0 and add > 0), v
+
+
+def test_stack_pointer_reads_are_found():
+    """sass.stack_pointer_reads: the listing lines that read R1 (the miscompile's signature), not its prologue load
+    nor registers whose names start with R1."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import sass
+    listing = "\n".join(f"        /*{i:04x}*/                   {text} ;                  /* 0x0000 */" for i, text in
+                        enumerate(["LDC R1, c[0x0][0x28]", "FFMA R10, R11, R12, R13",
+                                   "LOP3.LUT R128, R1, 0xffff, RZ, 0xc0, !PT", "STL [R1+0x4], R10"]))
+    assert sass.stack_pointer_reads(listing) == ["LOP3.LUT R128, R1, 0xffff, RZ, 0xc0, !PT", "STL [R1+0x4], R10"]
