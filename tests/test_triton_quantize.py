@@ -213,17 +213,9 @@ def guarded_delayed_checks(fmt: str, rng, device: str = "cpu") -> None:
     quotients within 2 ulps of the points where a code changes, next to rows holding an Inf, a NaN, quotients
     around the guard's clamp at 2**17 and past it, a finite x whose quotient overflows, signed zeros: codes and
     amax the reference's (and the reciprocal's products alone would miss codes: asserted)."""
-    el = QuantSpec(format=fmt).element
-    if el.kind == "int":
-        points = torch.arange(-127, 128, dtype=torch.float32) + 0.5
-    else:
-        grid = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(el.code_dtype).float()
-        grid = torch.unique(grid[grid.abs() <= el.max])
-        points = (grid[1:] + grid[:-1]) / 2
+    points = code_boundaries(fmt)
     scale = torch.tensor([3.3 / 448])
-    x = points[torch.randint(0, len(points), (24, 4096), generator=rng)] * scale
-    for k, step in enumerate((torch.inf, -torch.inf)):
-        x = torch.where(torch.randint(-2, 3, x.shape, generator=rng) > k, torch.nextafter(x, torch.tensor(step)), x)
+    x = nudged(points[torch.randint(0, len(points), (24, 4096), generator=rng)] * scale, rng)
     s = float(scale)
     specials = [math.inf, -math.inf, math.nan, 65000.0 * s, -70000.0 * s, 131072.0 * s, -131072.0 * s * (1 + 2 ** -20),
                 131071.0 * s, 2e5 * s, -3e38, 3e38, -0.0]
@@ -248,6 +240,25 @@ def every_16bit(dtype: torch.dtype) -> torch.Tensor:
     return torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
 
 
+def code_boundaries(fmt: str) -> torch.Tensor:
+    """The quotients at which a code of `fmt` changes (fp8 midpoints, int8 half-integers), exact in fp32."""
+    el = QuantSpec(format=fmt).element
+    if el.kind == "int":
+        return torch.arange(-127, 128, dtype=torch.float32) + 0.5
+    grid = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(el.code_dtype).float()
+    grid = torch.unique(grid[grid.abs() <= el.max])
+    return (grid[1:] + grid[:-1]) / 2
+
+
+def nudged(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """x with each element moved 0, 1 or 2 ulps up or down at random."""
+    steps = torch.randint(-2, 3, x.shape, generator=gen)
+    for k in range(2):
+        x = torch.where(steps > k, torch.nextafter(x, torch.tensor(float("inf"))), x)
+        x = torch.where(steps < -k, torch.nextafter(x, torch.tensor(float("-inf"))), x)
+    return x
+
+
 def near_boundaries(fmt: str, rows: int, gen: torch.Generator) -> torch.Tensor:
     """fp32 rows of 128 whose quotients x / scale fall on or within 2 ulps of the points where a
     code changes (fp8 midpoints, int8 half-integers).
@@ -255,22 +266,13 @@ def near_boundaries(fmt: str, rows: int, gen: torch.Generator) -> torch.Tensor:
     Each row holds its amax (and, for int8_asym, its negative: zero point 0) so that the scale is
     known; amax exponents span 2**-60 .. 2**60."""
     el = QuantSpec(format=fmt).element
-    if el.kind == "int":
-        points = torch.arange(-127, 128, dtype=torch.float32) + 0.5
-    else:
-        grid = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(el.code_dtype).float()
-        grid = torch.unique(grid[grid.abs() <= el.max])
-        points = (grid[1:] + grid[:-1]) / 2  # exact in fp32
+    points = code_boundaries(fmt)
     asym = fmt == "int8_asym"
     out = []
     for _ in range(rows):
         amax = torch.exp2(torch.randint(-60, 61, (), generator=gen).float()) * (1 + torch.rand((), generator=gen))
         scale = 2 * amax / 255 if asym else amax / el.max
-        x = points[torch.randint(0, len(points), (126 if asym else 127,), generator=gen)] * scale
-        steps = torch.randint(-2, 3, x.shape, generator=gen)
-        for k in range(2):
-            x = torch.where(steps > k, torch.nextafter(x, torch.tensor(float("inf"))), x)
-            x = torch.where(steps < -k, torch.nextafter(x, torch.tensor(float("-inf"))), x)
+        x = nudged(points[torch.randint(0, len(points), (126 if asym else 127,), generator=gen)] * scale, gen)
         head = torch.stack([amax, -amax]) if asym else amax.reshape(1)
         out.append(torch.cat([head, x.clamp(-amax, amax)]))
     return torch.stack(out)
