@@ -214,7 +214,7 @@ def stack_pointer_reads(sass: str) -> list:
     in place of a register it had just written, building a code byte from the stack pointer (BENCHMARKS.md,
     2026-12-06 11:19 UTC: cvt.rn.satfinite.e4m3x2.f32, then shr.u16 of the pair and mov.b32 of both halves, became
     an F2FP.MERGE_C whose merged half was (R1 & 0xffff) >> 8). A read is a place to look, not a verdict: ptxas also
-    fills bytes that a later PRMT overwrites from R1 (config.DUAL_PLAN_H100's dual kernel under triton 3.6: 13 such
+    fills bytes from R1 that a later PRMT overwrites (config.DUAL_PLAN_H100's dual kernel under triton 3.6: 13
     reads, its codes right on the GPU); the GPU tests decide."""
     out = []
     for line in sass.splitlines():
