@@ -84,10 +84,10 @@ def test_gluon_kernel_compiles_for_sm90(tmp_path):
         assert (fma > 0 and add == 0) if v.startswith("block-scaled") else (fma == 0 and add > 0), v
 
 
-def test_stack_pointer_reads_are_found():
+def test_stack_pointer_reads_are_found(monkeypatch):
     """sass.stack_pointer_reads: the listing lines that read R1 (the miscompile's signature), not its prologue load
     nor registers whose names start with R1."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
     import sass
     listing = "\n".join(f"        /*{i:04x}*/                   {text} ;                  /* 0x0000 */" for i, text in
                         enumerate(["LDC R1, c[0x0][0x28]", "FFMA R10, R11, R12, R13",
