@@ -208,19 +208,27 @@ def resources(path: str) -> str:
     return f"{found.get('REG', '?')} regs, stack {found.get('STACK', '?')}, shared {found.get('SHARED', '?')}"
 
 
-def stack_pointer_reads(sass: str) -> list:
-    """The instructions of a cuobjdump listing that read R1, the stack pointer, other than its load in the prologue.
-    A kernel without a stack frame has no use for it: ptxas 12.8 and 12.9 (triton 3.6 to 3.9) were seen to read it
-    in place of a register it had just written, building a code byte from the stack pointer (BENCHMARKS.md,
-    2026-12-06 11:19 UTC: cvt.rn.satfinite.e4m3x2.f32, then shr.u16 of the pair and mov.b32 of both halves, became
-    an F2FP.MERGE_C whose merged half was (R1 & 0xffff) >> 8). A read is a place to look, not a verdict: ptxas also
-    fills bytes from R1 that a later PRMT overwrites (config.DUAL_PLAN_H100's dual kernel under triton 3.6: 13
-    reads, its codes right on the GPU); the GPU tests decide."""
-    out = []
+def stray_merges(sass: str) -> list:
+    """The F2FP ...MERGE_C instructions of a cuobjdump listing (two fp32 converted into the lower half of a register,
+    the upper half taken from register C's lower half) whose C was last written, in listing order, by anything but a
+    conversion that merged nothing. That is the signature of a ptxas miscompile (CUDA 12.8 and 12.9, seen with triton
+    3.6's PTX: BENCHMARKS.md, 2026-12-06 11:19 UTC): a thread's last code pair (cvt.rn.satfinite.e4m3x2.f32, then
+    shr.u16 of the pair and mov.b32 of both halves) merged `(R & 0xffff) >> 8` of a wrong register R, the stack
+    pointer or a live quotient, instead of its own conversion. Every shipped kernel has none."""
+    last, out = {}, []
     for line in sass.splitlines():
-        m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(.*?)\s*;", line)
-        if m and re.search(r"\bR1\b", m.group(1)) and not re.fullmatch(r"LDC R1, c\[0x0\]\[0x28\]", m.group(1)):
-            out.append(m.group(1))
+        m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9._]*)\s*([^;]*);", line)
+        if not m:
+            continue
+        op, operands = m.group(1), [o.strip().removesuffix(".reuse") for o in m.group(2).split(",")]
+        if op.startswith("F2FP") and "MERGE_C" in op and operands[3] != "RZ":
+            writer = last.get(operands[3])
+            if writer is None or not (writer[0].startswith("F2FP") and writer[1][3] == "RZ"):
+                out.append(f"{op} {m.group(2).strip()}")
+        if re.fullmatch(r"R\d+", operands[0]):
+            last[operands[0]] = (op, operands)
+            if ".WIDE" in op or ".64" in op:  # a register pair
+                last[f"R{int(operands[0][1:]) + 1}"] = (op, operands)
     return out
 
 
@@ -298,10 +306,9 @@ def main() -> None:
             f.write(sass)
         ops = opcodes(sass)
         top = ", ".join(f"{op} {n / per_thread:.1f}" for op, n in collections.Counter(ops).most_common(8))
-        res = resources(stem + ".cubin")
-        sp = f", {len(stack_pointer_reads(sass))} stack pointer reads" if ", stack 0," in res else ""
         print(f"{name:22s} {len(ops) / per_thread:5.1f} instructions/element ({per_thread:.0f} a thread, "
-              f"{kernel.metadata.num_warps} warps, {res}{sp})   {top}")
+              f"{kernel.metadata.num_warps} warps, {resources(stem + '.cubin')}, {len(stray_merges(sass))} stray merges)"
+              f"   {top}")
 
 
 if __name__ == "__main__":

@@ -167,8 +167,8 @@ def quotient(x, scale, QUOTIENT: tl.constexpr):
     GUARDED: CORRECTED for any x, the caller guaranteeing only the scale's range: where |q0| >= 2**17
     (x Inf, or a quotient that saturates every format: their largest codes are below 2**17) or q0 is NaN
     (x NaN), q0 itself, whose code is the IEEE quotient's. (The select stays: without it, by tiles whose amax shows
-    it idle or by a clamp of q0 in Triton or in PTX, ptxas 12.8 built one FP8 code byte a thread from the stack
-    pointer, and none was faster: BENCHMARKS.md, 2026-12-06 11:19 UTC.)
+    it idle or by a clamp of q0 in Triton or in PTX, ptxas 12.8 merged one FP8 code byte a thread from a wrong
+    register, and none was faster: BENCHMARKS.md, 2026-12-06 11:19 UTC.)
     """
     if QUOTIENT == RECIPROCAL:
         q = x * tl.math.div_rn(1.0, scale)
