@@ -132,9 +132,11 @@ def regrouped(cfg, group_m: int):
     return cfg
 
 
-def bench(gg, sizes, group_ms=()) -> None:
-    """(c) above; group_ms: also CONFIGS[0] and THREE_WARPGROUPS with their tiles walked in those groups."""
+def bench(gg, sizes, group_ms=(), only=()) -> None:
+    """(c) above; group_ms: also CONFIGS[0] and THREE_WARPGROUPS with their tiles walked in those groups; only: the
+    variants whose name ends with one of these (all if none)."""
     configs = list(gg.CONFIGS) + [regrouped(cfg, g) for g in group_ms for cfg in (gg.CONFIGS[0], gg.THREE_WARPGROUPS)]
+    configs = [cfg for cfg in configs if not only or repr(cfg).endswith(tuple(only))]
     for s in sizes:
         qa, qb = operands(s, s, s, s)
         flops = 2.0 * s ** 3
@@ -184,6 +186,8 @@ def main() -> None:
     ap.add_argument("--no-check", action="store_true", help="skip (a) and (b)")
     ap.add_argument("--group-m", type=int, nargs="*", default=[],
                     help="also time the default and the three-warpgroup variants with tiles walked in these groups")
+    ap.add_argument("--only", nargs="*", default=[], metavar="END",
+                    help="time only the variants whose names end so (e.g. 'stages5 chain8 group8 regs240/24')")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/gluon_gemm_check.py needs a CUDA GPU")
@@ -201,7 +205,7 @@ def main() -> None:
         print(f"correctness, per tensor / per row: {'all ok' if ok_rows else 'FAILURES'} ({time.time() - t0:.0f} s)",
               flush=True)
     if not args.no_bench:
-        bench(gg, args.sizes, args.group_m)
+        bench(gg, args.sizes, args.group_m, args.only)
     print(f"done in {time.time() - t0:.0f} s", flush=True)
     if not (ok and ok_rows):
         sys.exit("benchmarks/gluon_gemm_check.py: correctness FAILURES (above)")

@@ -4,6 +4,7 @@
         -k regex:'quantize|stats|nvfp4|mxfp4|dequant' python3 benchmarks/profile_kernels.py [--n 8192] [CASE ...]
     python3 benchmarks/profile_kernels.py --time [--set guarded_quotient=True --set stats_warps=8,stats_programs=1024 ...]
         [CASE ...]
+    python3 benchmarks/profile_kernels.py --time --sms 96 [CASE ...]    # on 96 of the GPU's SMs (restrict_sms)
 
 CASE names a row of CASES (all by default). Each --set KEY=VALUE[,KEY=VALUE] is a configuration (KernelConfig fields
 replaced by Python literals) every case runs under, in one process. --time prints each case's median ms and x copy
@@ -21,7 +22,7 @@ import time
 import torch
 
 from quantize import _result_bytes, bench, op_bytes, time_copy
-from quantd.kernels import reference, triton_block_stats, triton_quantize
+from quantd.kernels import launch, reference, triton_block_stats, triton_quantize
 from quantd.kernels.config import DEFAULT
 from quantd.kernels.quantize_plan import block_view
 from quantd.kernels.spec import QuantSpec
@@ -99,6 +100,31 @@ def runner(x, name, config):
     return lambda: triton_quantize.quantize(x, spec, config=config)
 
 
+def restrict_sms(n: int) -> None:
+    """Run this process's kernels on n of the GPU's SMs, in a CUDA green context made current before any kernel
+    loads, with the kernels' launch geometry (launch.sm_count) sized for n: an H100 on 96 of its 132 SMs has about
+    an H200's memory bandwidth an SM (4,160 / 132 GB/s against 2,960 / 96), to stand in for the H200's SM-bound
+    rankings (BENCHMARKS.md)."""
+    from torch.cuda.green_contexts import GreenContext
+    device = torch.cuda.current_device()
+    torch.zeros(1, device=device)  # the primary context, which a green context needs first
+    try:
+        context = GreenContext.create(num_sms=n, device_id=device)
+    except TypeError:  # torch 2.10 / 2.11: positional
+        context = GreenContext.create(n, device)
+    context.set_context()
+    restrict_sms.context = context  # alive for the process: a collected green context is destroyed
+    real = launch._device_properties(device)
+
+    class Restricted:
+        multi_processor_count = n
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    launch._device_properties = lambda index: Restricted()
+
+
 def parse_config(text: str) -> dict:
     """KEY=VALUE,KEY=VALUE (Python literals; a tuple in parentheses keeps its commas) -> KernelConfig changes.
     A tuple for a field whose default is a dataclass (OneBlock) gives that dataclass's fields in order."""
@@ -120,12 +146,18 @@ def main():
     ap.add_argument("--plain", action="store_true", help="no Inf, NaN or subnormal in the input (as quantize.py's)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                     help="a configuration to run the cases under (repeatable; none: the shipped one)")
+    ap.add_argument("--sms", type=int, help="run on this many of the GPU's SMs (a green context; restrict_sms)")
     args = ap.parse_args()
+    if args.sms:
+        restrict_sms(args.sms)
     variants = [parse_config(text) for text in args.set] or [{}]
     x = torch.randn(args.n, args.n, device=args.device, dtype=torch.bfloat16) * 3
     if not args.plain:
         x[:7, :5] = torch.tensor([float("inf"), float("nan"), -1e-40, 0.0, -float("inf")])
     copy_gbs = time_copy(x)[1] if args.time else None
+    if args.time:
+        sms = launch.sm_count(x.device)
+        print(f"copy {copy_gbs:.0f} GB/s on {torch.cuda.get_device_name()}, {sms} SMs", flush=True)
     for name in args.cases:
         want = None
         for changes in variants:
