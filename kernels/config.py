@@ -44,9 +44,14 @@ class KernelConfig:
     # per tensor (two passes) 0.520 / 0.524 / 0.570 / 0.504 x copy, given scale 0.906 / 0.887 / 1.002 / 0.867,
     # delayed scaling 0.758 / 0.806 / 0.718 / 0.758. With its amax as one max an element (triton_elements.finite_amax:
     # 15.75 SASS instructions an element at (8192, 4), 10.1 at (16384, 4) within 156 registers), on an H100
-    # (2026-12-05 16:2x UTC): (8192, 4) 0.985, (16384, 4) 0.963, (8192, 2) 0.966, (16384, 8) 0.956.
+    # (2026-12-05 16:2x UTC): (8192, 4) 0.985, (16384, 4) 0.963, (8192, 2) 0.966, (16384, 8) 0.956. One warp, no
+    # barrier in the amax's reduction (2026-12-06, profile_kernels --time, one process each, delayed scaling, x copy):
+    # H100 (8192, 4) / (2048, 1) / (1024, 1) 16384^2 0.991-0.992 / 0.999-1.000 / 0.985, 8192^2 0.902 / 0.916 / 0.885;
+    # the same H100 on 96 SMs (--sms 96, which ranked the dual plans and the NVFP4 launches as the H200 did) 0.889-0.892
+    # / 0.905-0.908 / 0.925-0.927, on 88 0.870 / 0.881 / 0.907: (2048, 1) gains on either, (1024, 1) only with
+    # fewer SMs (to be timed on an H200).
     lookup_tile: tuple | None = (16384, 4)
-    lookup_tile_amax: tuple | None = (8192, 4)
+    lookup_tile_amax: tuple | None = (2048, 1)
     # Programs the statistics pass aims at where it can loop (about eight an SM of the largest GPUs), the elements
     # of the tile each reads at a time, and its warps. On an H200 (2026-12-04 sweep, 16384^2 bf16 per tensor) 1024
     # programs read at 0.86-0.88 x copy against 0.79-0.81 for 2048 and 0.87 for 512; tiles of 8192 or 16384

@@ -1040,7 +1040,7 @@ def test_gpu_guarded_delayed(fmt, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("lookup_tile", [(16384, 4), (8192, 4), (16384, 8), None], ids=str)
+@pytest.mark.parametrize("lookup_tile", [(16384, 4), (8192, 4), (2048, 1), (16384, 8), None], ids=str)
 def test_gpu_lookup_tiles(lookup_tile, rng):
     config = dataclasses.replace(DEFAULT, lookup_tile=lookup_tile, lookup_tile_amax=lookup_tile)
     lookup_tile_checks(random_input((2048, 8192), torch.bfloat16, rng), config, "cuda")
