@@ -110,7 +110,7 @@ def restrict_sms(n: int) -> None:
     torch.zeros(1, device=device)  # the primary context, which a green context needs first
     try:
         context = GreenContext.create(num_sms=n, device_id=device)
-    except TypeError:  # torch 2.10 / 2.11: positional
+    except TypeError:  # a binding of positional arguments only (before torch 2.12)
         context = GreenContext.create(n, device)
     context.set_context()
     restrict_sms.context = context  # alive for the process: a collected green context is destroyed
