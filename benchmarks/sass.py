@@ -208,6 +208,10 @@ def resources(path: str) -> str:
     return f"{found.get('REG', '?')} regs, stack {found.get('STACK', '?')}, shared {found.get('SHARED', '?')}"
 
 
+# An instruction line of a cuobjdump listing: (opcode with its modifiers, operands).
+INSTRUCTION = re.compile(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9._]*)\s*([^;]*);")
+
+
 def stray_merges(sass: str) -> list:
     """The F2FP ...MERGE_C instructions of a cuobjdump listing (two fp32 converted into the lower half of a register,
     the upper half taken from register C's lower half) whose C was last written, in listing order, by anything but a
@@ -217,7 +221,7 @@ def stray_merges(sass: str) -> list:
     pointer or a live quotient, instead of its own conversion. Every shipped kernel has none."""
     last, out = {}, []
     for line in sass.splitlines():
-        m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9._]*)\s*([^;]*);", line)
+        m = INSTRUCTION.match(line)
         if not m:
             continue
         op, operands = m.group(1), [o.strip().removesuffix(".reuse") for o in m.group(2).split(",")]
@@ -234,12 +238,7 @@ def stray_merges(sass: str) -> list:
 
 def opcodes(sass: str) -> list:
     """Opcodes of the instructions in a cuobjdump listing (predicates and modifiers dropped)."""
-    out = []
-    for line in sass.splitlines():
-        m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", line)
-        if m:
-            out.append(m.group(1))
-    return out
+    return [m.group(1).split(".")[0] for m in map(INSTRUCTION.match, sass.splitlines()) if m]
 
 
 # The rare branches of the quantize kernels and what --common-path puts in their place.
