@@ -166,8 +166,15 @@ class KernelConfig:
     # Every line of a dual tile asked of L2 (prefetch.global.L2, no register held) before its first slab is loaded, so
     # that its loads wait on L2 rather than on memory (the kernel is bound by the loads it has in flight, above).
     # H200 (2026-12-06, as above, before dual_row_words; E4M3 1x128 / MXFP8 / INT8 asym x copy): 0.696 / 0.577 /
-    # 0.597 without, 0.717 / 0.577 / 0.589 with, 0.671 / 0.567 / 0.538 with and no register prefetch.
-    dual_l2_prefetch: bool = False
+    # 0.597 without, 0.717 / 0.577 / 0.589 with, 0.671 / 0.567 / 0.538 with and no register prefetch. True / False:
+    # every format / none; a tuple: the formats (Format values) that prefetch. H100 on 96 and 88 of its SMs (the
+    # stand-in for an H200's rankings, benchmarks/profile_kernels.py --sms; 2026-12-06, 16384^2 bf16, one process,
+    # off / on / off / on): E4M3 0.780 / 0.799 / 0.779 / 0.796 and 0.776 / 0.792 / 0.768 / 0.788, MXFP8 0.696 / 0.699
+    # / 0.699 / 0.709 and 0.688 / 0.690 / 0.689 / 0.697, INT8 asym 0.653 / 0.642 / 0.650 / 0.643 and 0.629 / 0.620 /
+    # 0.627 / 0.619; on all 132 SMs E4M3 0.800 / 0.796 / 0.796 / 0.800, MXFP8 0.687 / 0.673 / 0.688 / 0.675, INT8
+    # asym 0.709 / 0.696 / 0.704 / 0.702. So fp8 only. Asking L2 for the tile 132 or 4 x 132 tiles ahead of a
+    # program's own instead (programs start about in tile order): E4M3 0.783 / 0.637 on 96 SMs, not kept.
+    dual_l2_prefetch: bool | tuple = ("fp8_e4m3", "fp8_e5m2")
     # X^T's fp8 codes of a dual tile converted and stored four rows to a 32-bit word (triton_quantize._store_dual_words)
     # where its row count is a multiple of 4, instead of the cast of the whole slab. H200 (as above; E4M3 1x128 x
     # copy): 0.696 / 0.701 without, 0.728 with (offline 23.2 -> 21.0 SASS an element); with dual_l2_prefetch and

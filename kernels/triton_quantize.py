@@ -668,9 +668,9 @@ def quantize_dual(x: torch.Tensor, spec: QuantSpec, *, scale_layout: str = "row"
 def dual_plan(spec: QuantSpec, config: KernelConfig, rows: int, dual: bool = True) -> DualPlan:
     """The DUAL_PLAN of a dual-layout launch of `spec` over X of `rows` rows (KernelConfig.dual_slabs or
     dual_slabs_mx_asym, dual_prefetch or dual_prefetch_mx, dual_column_lanes or dual_column_lanes_mx, its lanes at
-    most the tile's rows, dual_late_check, dual_l2_prefetch: compiled only, the interpreter runs no PTX;
-    dual_row_words: float codes, a multiple of 4 rows, and at least 4 rows a thread of a column); of any other
-    launch, DualPlan()."""
+    most the tile's rows, dual_late_check, dual_l2_prefetch where it names spec's format: compiled only, the
+    interpreter runs no PTX; dual_row_words: float codes, a multiple of 4 rows, and at least 4 rows a thread of a
+    column); of any other launch, DualPlan()."""
     if not dual:
         return DualPlan()
     slabs = config.dual_slabs_mx_asym if spec.is_mx or spec.format == Format.INT8_ASYM else config.dual_slabs
@@ -679,8 +679,9 @@ def dual_plan(spec: QuantSpec, config: KernelConfig, rows: int, dual: bool = Tru
     words = (config.dual_row_words and cols > 0 and spec.element.kind == "float" and rows % 4 == 0
              and spec.group_size // lanes >= 4)
     prefetch = config.dual_prefetch_mx if spec.is_mx else config.dual_prefetch
-    return DualPlan(slabs, prefetch, cols, lanes, config.dual_late_check,
-                    config.dual_l2_prefetch and not interpreting(), words)
+    l2 = config.dual_l2_prefetch
+    l2 = l2 if isinstance(l2, bool) else spec.format.value in l2
+    return DualPlan(slabs, prefetch, cols, lanes, config.dual_late_check, l2 and not interpreting(), words)
 
 
 def dual_geometry(K: int, g: int, config: KernelConfig) -> tuple[Tile, int]:

@@ -649,6 +649,20 @@ def test_dual_plans(fmt, plan, defer, rng):
         check_dual(random_input((3 * g + 1, 2 * g + 7), torch.float32, rng).T, spec, config=config)
 
 
+@pytest.mark.parametrize("setting, prefetching", [(DEFAULT.dual_l2_prefetch, {"fp8_e4m3", "fp8_e5m2"}),
+                                                  (True, {"fp8_e4m3", "fp8_e5m2", "int8_sym", "int8_asym", "mxfp8"}),
+                                                  (False, set()), (("mxfp8",), {"mxfp8"})])
+def test_dual_l2_prefetch_formats(setting, prefetching, monkeypatch):
+    """KernelConfig.dual_l2_prefetch: every format, none, or those a tuple names (shipped: the fp8 formats); compiled
+    kernels only (the interpreter runs no PTX)."""
+    config = dataclasses.replace(DEFAULT, dual_l2_prefetch=setting)
+    formats = ["fp8_e4m3", "fp8_e5m2", "int8_sym", "int8_asym", "mxfp8"]
+    monkeypatch.setattr(triton_quantize, "interpreting", lambda: True)
+    assert not any(triton_quantize.dual_plan(QuantSpec(format=f), config, 256).L2 for f in formats)
+    monkeypatch.setattr(triton_quantize, "interpreting", lambda: False)
+    assert {f for f in formats if triton_quantize.dual_plan(QuantSpec(format=f), config, 256).L2} == prefetching
+
+
 def careful_dual_input(g, rows, rng):
     """(rows, 3g + 3) bf16, rows > 2g + 1, for dual tiles of g x g: a NaN (a careful row and a careful column), a run
     of subnormals in a row, a careful row alone in the tile's last rows' slab, a careful column alone past the first
@@ -1083,7 +1097,8 @@ def test_gpu_dual_layout_slabs(fmt, slabs, prefetch, rng):
 @pytest.mark.parametrize("fmt", DUAL_FORMATS)
 @pytest.mark.parametrize("plan", [{}] + DUAL_PLANS + [dict(dual_column_lanes=(4, 16)), dict(dual_l2_prefetch=True),
                                   dict(dual_l2_prefetch=True, dual_prefetch=False),
-                                  dict(dual_l2_prefetch=True, dual_prefetch=False, dual_row_words=True)], ids=fields_id)
+                                  dict(dual_l2_prefetch=True, dual_prefetch=False, dual_row_words=True),
+                                  dict(dual_l2_prefetch=False)], ids=fields_id)
 def test_gpu_dual_plans(fmt, plan, rng):
     config = dataclasses.replace(DEFAULT, **plan)
     for size in [(128, 128), (1000, 3000), (2304, 1536)]:
