@@ -49,7 +49,8 @@ class KernelConfig:
     # H100 (8192, 4) / (2048, 1) / (1024, 1) 16384^2 0.991-0.992 / 0.999-1.000 / 0.985, 8192^2 0.902 / 0.916 / 0.885;
     # the same H100 on 96 SMs (--sms 96, which ranked the dual plans and the NVFP4 launches as the H200 did) 0.889-0.892
     # / 0.905-0.908 / 0.925-0.927, on 88 0.870 / 0.881 / 0.907: (2048, 1) gains on either, (1024, 1) only with
-    # fewer SMs (to be timed on an H200).
+    # fewer SMs (to be timed on an H200; a second H100 session agreed: 96 SMs 0.907-0.908 against 0.927, 88 SMs
+    # 0.879 against 0.906, all 132 0.998-0.999 against 0.988).
     lookup_tile: tuple | None = (16384, 4)
     lookup_tile_amax: tuple | None = (2048, 1)
     # Programs the statistics pass aims at where it can loop (about eight an SM of the largest GPUs), the elements
