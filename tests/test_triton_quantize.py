@@ -650,17 +650,15 @@ def test_dual_plans(fmt, plan, defer, rng):
 
 
 @pytest.mark.parametrize("setting, prefetching", [(DEFAULT.dual_l2_prefetch, {"fp8_e4m3", "fp8_e5m2"}),
-                                                  (True, {"fp8_e4m3", "fp8_e5m2", "int8_sym", "int8_asym", "mxfp8"}),
-                                                  (False, set()), (("mxfp8",), {"mxfp8"})])
+                                                  (True, set(DUAL_FORMATS)), (False, set()), (("mxfp8",), {"mxfp8"})])
 def test_dual_l2_prefetch_formats(setting, prefetching, monkeypatch):
     """KernelConfig.dual_l2_prefetch: every format, none, or those a tuple names (shipped: the fp8 formats); compiled
     kernels only (the interpreter runs no PTX)."""
     config = dataclasses.replace(DEFAULT, dual_l2_prefetch=setting)
-    formats = ["fp8_e4m3", "fp8_e5m2", "int8_sym", "int8_asym", "mxfp8"]
     monkeypatch.setattr(triton_quantize, "interpreting", lambda: True)
-    assert not any(triton_quantize.dual_plan(QuantSpec(format=f), config, 256).L2 for f in formats)
+    assert not any(triton_quantize.dual_plan(QuantSpec(format=f), config, 256).L2 for f in DUAL_FORMATS)
     monkeypatch.setattr(triton_quantize, "interpreting", lambda: False)
-    assert {f for f in formats if triton_quantize.dual_plan(QuantSpec(format=f), config, 256).L2} == prefetching
+    assert {f for f in DUAL_FORMATS if triton_quantize.dual_plan(QuantSpec(format=f), config, 256).L2} == prefetching
 
 
 def careful_dual_input(g, rows, rng):
