@@ -50,7 +50,8 @@ class KernelConfig:
     # the same H100 on 96 SMs (--sms 96, which ranked the dual plans and the NVFP4 launches as the H200 did) 0.889-0.892
     # / 0.905-0.908 / 0.925-0.927, on 88 0.870 / 0.881 / 0.907: (2048, 1) gains on either, (1024, 1) only with
     # fewer SMs (to be timed on an H200; a second H100 session agreed: 96 SMs 0.907-0.908 against 0.927, 88 SMs
-    # 0.879 against 0.906, all 132 0.998-0.999 against 0.988).
+    # 0.879 against 0.906, all 132 0.998-0.999 against 0.988; a third: 96 SMs 0.905-0.906 against 0.925, and (2048, 1)
+    # within 96 / 80 registers (tile_maxnreg) 0.825 / 0.619).
     lookup_tile: tuple | None = (16384, 4)
     lookup_tile_amax: tuple | None = (2048, 1)
     # Programs the statistics pass aims at where it can loop (about eight an SM of the largest GPUs), the elements
@@ -147,7 +148,8 @@ class KernelConfig:
     # 0.645, within 96 registers 0.679 / 0.713 / 0.500, persistent programs (dual_programs 4, 5) 0.29-0.46. ncu of
     # E4M3 (H100): 124 registers, 4 programs an SM (25 % occupancy), 0.39 instructions issued a cycle a scheduler,
     # half the stalls on global loads (long scoreboard), DRAM 72 %, L2 79 %: bound by the loads in flight, which only
-    # shared memory filled asynchronously (TMA) would raise.
+    # shared memory filled asynchronously (TMA) would raise. Column loads that fill whole 32-byte sectors lose (H100
+    # on 96 SMs, 2026-12-06, one process): (2, 4) 0.701-0.707, (4, 8) 0.562, (8, 16) 0.350 against (2, 8) 0.790-0.793.
     dual_column_lanes: tuple | None = (2, 8)
     # The same for MX formats (1 x 32 groups: 32-row tiles, so (2, 8) leaves a thread 4 rows of a column and the
     # column's scale is worked out by 8 lanes). Offline (triton 3.6, sm_90, MXFP8 16384^2, all paths; SASS an element /
