@@ -1,11 +1,12 @@
 """The Triton interpreter's tl.reduce with a combine function, taken over halves of the axis (numpy arrays at once)
 rather than element by element.
 
-The interpreter runs a reduction by a jit function (every kernel's NaN-propagating minima and maxima, the u16x2 and
-bf16x2 ones of the word kernels) as one Python call of the function an element, which made the interpreted word
-kernels cost a second or more a 10,000 words. install() replaces it by a tree: the function applied to the even and
-the odd positions of the axis together, until one is left. For an associative and commutative function (a minimum, a
-maximum) the result is the element-by-element one; any other order of the GPU's own reduction has it too.
+The interpreter runs a reduction by a jit function (the kernels' NaN-propagating minima and maxima, the u16x2 and
+bf16x2 ones of the word kernels) as one Python call of the function an element: 65,472 calls of max_u16x2 through
+tests/ptx_model.py took 9.9 s. install() replaces it by a tree: the function applied to the even and the odd
+positions of the axis at once, halving the axis until one position is left (16 calls for 65,536). For an associative
+and commutative function (a minimum, a maximum) that is the element-by-element result, as the GPU's own order of
+reduction gives it too.
 """
 from __future__ import annotations
 
