@@ -19,7 +19,12 @@ def install() -> None:
     ops = getattr(interpreter, "ReduceOps", None)
     if ops is not None and hasattr(ops, "generic_reduce") and hasattr(ops, "unravel"):
         if not getattr(ops.generic_reduce, "by_halves", False):
+            global ELEMENTWISE
+            ELEMENTWISE = ops.generic_reduce
             ops.generic_reduce = _generic_reduce
+
+
+ELEMENTWISE = None  # the interpreter's own generic_reduce, once install() replaced it
 
 
 def _combine(self, dtypes, a, b):
