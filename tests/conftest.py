@@ -20,11 +20,13 @@ if not HAS_CUDA:
     # Without a GPU the Triton kernels run under the interpreter; triton reads this at import. Their inline PTX runs
     # through tests/ptx_model.py there (the GPU tests compare the compiled PTX with the reference).
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    import interpreter_calls  # noqa: E402
     import interpreter_reduce  # noqa: E402
     import ptx_model  # noqa: E402
 
     ptx_model.install()
     interpreter_reduce.install()  # reductions by a combine function over numpy arrays, not an element at a time
+    interpreter_calls.install()  # helper calls inside a kernel's run without patching triton.language again
 
 
 def pytest_collection_modifyitems(config, items):
