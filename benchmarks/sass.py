@@ -39,6 +39,7 @@ from triton.backends.compiler import GPUTarget
 from profile_kernels import parse_config
 from quantd.kernels import triton_dequantize as td
 from quantd.kernels import triton_asym_pairs as asym
+from quantd.kernels import triton_delayed_words as words
 from quantd.kernels import triton_mxfp4_pairs as pairs
 from quantd.kernels import triton_nvfp4 as nvfp4
 from quantd.kernels import triton_quantize as tq
@@ -116,6 +117,19 @@ def compile_nvfp4():
                  else "*u8" if n.endswith("_ptr") else "i32" for n in fn.arg_names}
     kernel = compile_sm90(fn, signature, constexprs, {"C", "sx_r", "sq_r", "ss_r"}, warps, DEFAULT.nvfp4_maxnreg)
     return kernel, rows * groups * 16 / (warps * 32)
+
+
+def compile_delayed_words():
+    """(compiled kernel, elements a thread handles) of delayed scaling from bf16 words (E4M3, per tensor), at
+    KernelConfig.delayed_words or, where that is None, (1, 1024, 1)."""
+    fn = words._delayed_words_kernel
+    rows, width, warps = DEFAULT.delayed_words or (1, 1024, 1)
+    fmt = element_constants(QuantSpec(granularity="tensor"), exact_fp8=False, guarded=DEFAULT.guarded_quotient)
+    constexprs = dict(ROWS=rows, WIDTH=width, CHUNK=min(width, 64 * warps), FMT=fmt, PACKED=True, ROWS_X=False)
+    signature = {n: "constexpr" if n in constexprs else "*i32" if n == "w_ptr" else "*i16" if n == "codes_ptr"
+                 else "*fp32" if n.endswith("_ptr") else "i32" for n in fn.arg_names}
+    kernel = compile_sm90(fn, signature, constexprs, {"C2", "sw_r"}, warps)
+    return kernel, rows * width * 2 / (warps * 32)
 
 
 def compile_mxfp4_pairs():
@@ -246,7 +260,8 @@ CAREFUL_TILES = [("careful != 0", "False"), ("careful == 0", "True")]
 GUARDED_SCALES = [("if tl.max(((scale < CORRECTED_MIN) | (scale > CORRECTED_MAX)).to(tl.int32)) == 0:", "if True:")]
 RARE_BRANCHES = {"triton_quantize": CAREFUL_TILES + GUARDED_SCALES, "triton_mxfp4_pairs": CAREFUL_TILES,
                  "triton_asym_pairs": CAREFUL_TILES[1:],
-                 "triton_nvfp4": [("if fast:", "if True:")]}
+                 "triton_nvfp4": [("if fast:", "if True:")],
+                 "triton_delayed_words": [("if mag < 0x7F80:", "if True:"), ("if careless:", "if True:")]}
 
 
 def common_path_module(module, folder: str):
@@ -268,12 +283,13 @@ def common_path_module(module, folder: str):
 
 
 def main() -> None:
-    global tq, pairs, asym, nvfp4, DEFAULT
+    global tq, pairs, asym, nvfp4, words, DEFAULT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs="+", default=[16384, 16384])
     ap.add_argument("--dump", default="/tmp/quantd-sass", help="folder for the cubins and SASS listings")
     ap.add_argument("--common-path", action="store_true",
                     help="count a copy of the kernels without the branches for Inf/NaN and extreme scales")
+    ap.add_argument("--only", default="", metavar="REGEX", help="only the kernels whose names match")
     ap.add_argument("--set", default="", metavar="KEY=VALUE[,KEY=VALUE]",
                     help="KernelConfig fields replaced (Python literals, as profile_kernels.py --set)")
     args = ap.parse_args()
@@ -281,7 +297,7 @@ def main() -> None:
         DEFAULT = dataclasses.replace(DEFAULT, **parse_config(args.set))
     os.makedirs(args.dump, exist_ok=True)
     if args.common_path:
-        tq, pairs, asym, nvfp4 = (common_path_module(m, args.dump) for m in (tq, pairs, asym, nvfp4))
+        tq, pairs, asym, nvfp4, words = (common_path_module(m, args.dump) for m in (tq, pairs, asym, nvfp4, words))
     print(f"triton {triton.__version__}, sm_90, input bf16 {args.shape}{', common path' if args.common_path else ''}")
     builds = [(name, lambda spec=spec: compile_quantize(spec, args.shape)) for name, spec in SPECS]
     builds.append(("mxfp4, pairs kernel", compile_mxfp4_pairs))
@@ -291,6 +307,7 @@ def main() -> None:
     tensor = QuantSpec(granularity="tensor")
     builds.append(("fp8 e4m3 tensor, 2nd pass", lambda: compile_quantize(tensor, args.shape, source=tq.SCALE_STATS)))
     builds.append(("fp8 e4m3 tensor, delayed", lambda: compile_quantize(tensor, args.shape, source=tq.SCALE_GIVEN_AMAX)))
+    builds.append(("fp8 e4m3 tensor, delayed words", compile_delayed_words))
     builds.append(("fp8 e4m3 dual 1x128", lambda: compile_quantize(QuantSpec(), args.shape, dual=True)))
     # R, sx_r and sq_r specialized as 1, as launches of one row, a transposed input or one column get them.
     builds.append(("fp8 e4m3 dual 1x128, unit strides",
@@ -298,6 +315,8 @@ def main() -> None:
     for name, spec in DEQUANTIZE_SPECS:
         builds.append((f"dequantize {name}", lambda spec=spec: compile_dequantize(spec, args.shape)))
     for name, build in builds:
+        if not re.search(args.only, name):
+            continue
         kernel, per_thread = build()
         stem = os.path.join(args.dump, re.sub(r"\W+", "_", name))
         sass = sass_of(kernel, stem + ".cubin")

@@ -54,6 +54,13 @@ class KernelConfig:
     # within 96 / 80 registers (tile_maxnreg) 0.825 / 0.619).
     lookup_tile: tuple | None = (16384, 4)
     lookup_tile_amax: tuple | None = (2048, 1)
+    # Delayed scaling of bf16 rows read as int32 words (triton_delayed_words: codes two a cvt, the amax by max.u16x2,
+    # the elements held as words until coded, no select an element where the tile's amax shows none needed):
+    # (rows, words a row, warps) of a program, or None for the programs above (lookup_tile_amax). Offline (triton
+    # 3.6, sm_90, benchmarks/sass.py, E4M3 per tensor; SASS instructions an element on the common path, registers of
+    # the whole kernel): (1, 512, 1) 11.8 / 63, (1, 1024, 1) 8.8 / 80, (1, 1024, 2) 12.5 / 46, against 19.2 / 127
+    # for the programs above at (2048, 1). Not timed on a GPU yet (nor its GPU test run): None until a GPU decides.
+    delayed_words: tuple | None = None
     # Programs the statistics pass aims at where it can loop (about eight an SM of the largest GPUs), the elements
     # of the tile each reads at a time, and its warps. On an H200 (2026-12-04 sweep, 16384^2 bf16 per tensor) 1024
     # programs read at 0.86-0.88 x copy against 0.79-0.81 for 2048 and 0.87 for 512; tiles of 8192 or 16384

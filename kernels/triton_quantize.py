@@ -34,6 +34,7 @@ from .triton_elements import (CORRECTED, CORRECTED_ANY_ZERO, CORRECTED_MAX, CORR
                               min_nan, prefetch_lines, quotient, rint_int32, seen_max, store_scales, tile_coords,
                               widen_fp32)
 from .triton_asym_pairs import asym_pairs
+from .triton_delayed_words import delayed_words
 from .triton_mxfp4_pairs import mxfp4_pairs
 
 # SCALE_SRC of _quantize_tile: where a block's scale comes from.
@@ -553,6 +554,8 @@ def _quantize_into(v, block, spec, given, amax, qt, exact_fp8, config) -> None:
     if given is None and mxfp4_pairs(v, qt.codes, qt.scales, spec, config):
         return
     if given is None and asym_pairs(v, block, qt, spec, config):
+        return
+    if amax is not None and delayed_words(v, spec, given, amax, qt, fmt, config):
         return
     register = given is None and P == 1 and pow2_ceil(br) * pow2_ceil(bc) <= MAX_REGISTER_BLOCK
     stats = None

@@ -235,6 +235,56 @@ def test_guarded_delayed(fmt, rng):
     guarded_delayed_checks(fmt, rng)
 
 
+def delayed_words_checks(launch, rng, monkeypatch, device="cpu") -> None:
+    """Delayed scaling of bf16 rows read as words (KernelConfig.delayed_words = launch): codes, stored scale and amax
+    the reference's for random tensors, rows with an Inf or NaN, all-NaN and all-zero tensors, every bf16 value, ragged
+    tiles, a slice of even row stride, quotients near the points where a code changes, and scales inside and outside
+    [CORRECTED_MIN, CORRECTED_MAX] (own, stale, 2**-100, 2**110), E4M3, E5M2 and power-of-two scales; the inputs the
+    words cannot read (odd width, misaligned, fp32, strided columns) and other specs keep the other programs."""
+    config = dataclasses.replace(DEFAULT, delayed_words=launch)
+    taken = []
+    words = triton_quantize.delayed_words
+    monkeypatch.setattr(triton_quantize, "delayed_words", lambda *a: taken.append(words(*a)) or taken[-1])
+    noisy = random_input((37, 300), torch.bfloat16, rng)
+    noisy[3, 17], noisy[20, 0], noisy[36, 299] = math.inf, math.nan, -math.inf
+    near = (nudged(code_boundaries("fp8_e4m3")[torch.randint(0, 224, (16, 512), generator=rng)], rng)
+            * (3.3 / 448)).bfloat16()
+    near[5, 7], near[9, 100] = 3e38, -3e38  # finite, and quotients past the guard's 2**17 (even past fp32)
+    wide = random_input((40, 402), torch.bfloat16, rng)
+    inputs = [random_input((37, 300), torch.bfloat16, rng), noisy, near, every_16bit(torch.bfloat16).reshape(128, 512),
+              torch.full((4, 64), math.nan, dtype=torch.bfloat16), torch.zeros(5, 70, dtype=torch.bfloat16),
+              wide[:, 2:302], random_input((3, 20, 50), torch.bfloat16, rng)]
+    every = (("fp8_e4m3", "fp32", ("own", 3.3 / 448)), ("fp8_e5m2", "fp32", ("own",)))
+    some = (("fp8_e4m3", "fp32", ("own", 2.0 ** -100, 3.3 / 448)), ("fp8_e5m2", "fp32", ("own", 2.0 ** 110)),
+            ("fp8_e4m3", "pow2", ("stale",)))
+    for x in inputs:
+        for fmt, encoding, scales in every if x.numel() == 65536 else some:
+            spec = QuantSpec(fmt, "tensor", scale_encoding=encoding)
+            own = reference.scale_values(reference_quantize(x, spec)).reshape(())
+            for scale in scales:
+                scale = own if scale == "own" else own * 0.5 if scale == "stale" else torch.tensor(scale)
+                taken.clear()
+                plans.clear()  # a replayed plan launches without deciding again
+                qt, amax = triton_quantize.quantize_with_amax(x.to(device), spec, scale.to(device), config=config)
+                assert taken == [True], (x.shape, spec, scale)
+                assert_same_qt(to_device(qt, "cpu"), reference_quantize(x, spec, scale))
+                assert amax.view(torch.int32).cpu() == reference.amax(x).view(torch.int32), (x, scale)
+    spec, scale = QuantSpec(granularity="tensor"), torch.tensor(0.01)
+    others = [(wide[:, :301], spec), (wide[:, 1:301], spec), (wide.float(), spec), (wide[:, ::2], spec),
+              (wide, QuantSpec("int8_sym", "tensor")), (wide, QuantSpec(group_size=2))]
+    for x, spec in others:
+        taken.clear()
+        plans.clear()
+        scales = torch.full(spec.scale_shape(x.shape), 0.01)
+        qt, amax = triton_quantize.quantize_with_amax(x.to(device), spec, scales.to(device), config=config)
+        assert not any(taken), (x.shape, x.stride(), spec)
+        assert_same_qt(to_device(qt, "cpu"), reference_quantize(x, spec, scales))
+
+
+def test_delayed_words(rng, monkeypatch):
+    delayed_words_checks((4, 256, 1), rng, monkeypatch)
+
+
 def every_16bit(dtype: torch.dtype) -> torch.Tensor:
     """Every bit pattern of a 16-bit float dtype, in order of the patterns as int16 (65536 values)."""
     return torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
@@ -1049,6 +1099,20 @@ def test_gpu_int8_asym_groups_deferred(schedule_, rng):
 @pytest.mark.parametrize("fmt", ("fp8_e4m3", "fp8_e5m2", "int8_sym"))
 def test_gpu_guarded_delayed(fmt, rng):
     guarded_delayed_checks(fmt, rng, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("launch", [(1, 512, 1), (1, 1024, 1), (1, 1024, 2), (2, 128, 1), (4, 256, 4)], ids=str)
+def test_gpu_delayed_words(launch, rng, monkeypatch):
+    """Delayed scaling from bf16 words compiled (the hardware's pair conversions, max.u16x2) at several launches, on
+    the inputs of delayed_words_checks and a large random one."""
+    delayed_words_checks(launch, rng, monkeypatch, "cuda")
+    x = random_input((1000, 8192), torch.bfloat16, rng).cuda()
+    spec, scale = QuantSpec(granularity="tensor"), torch.tensor(0.02, device="cuda")
+    config = dataclasses.replace(DEFAULT, delayed_words=launch)
+    qt, amax = triton_quantize.quantize_with_amax(x, spec, scale, config=config)
+    assert_same_qt(to_device(qt, "cpu"), reference_quantize(x.cpu(), spec, scale.cpu()))
+    assert amax.view(torch.int32).cpu() == reference.amax(x.cpu()).view(torch.int32)
 
 
 @pytest.mark.gpu
