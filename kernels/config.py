@@ -59,8 +59,11 @@ class KernelConfig:
     # (rows, words a row, warps) of a program, or None for the programs above (lookup_tile_amax). Offline (triton
     # 3.6, sm_90, benchmarks/sass.py, E4M3 per tensor; SASS instructions an element on the common path, registers of
     # the whole kernel): (1, 512, 1) 11.8 / 63, (1, 1024, 1) 8.8 / 80, (1, 1024, 2) 12.5 / 46, against 19.2 / 127
-    # for the programs above at (2048, 1). Not timed on a GPU yet (nor its GPU test run): None until a GPU decides.
-    delayed_words: tuple | None = None
+    # for the programs above at (2048, 1). H100 (2026-12-07, driver 580.159.04, torch 2.11, triton 3.6, 16384^2 bf16,
+    # profile_kernels --time --plain tensor_delayed, one process, x copy): on 96 SMs (the H200's bandwidth an SM)
+    # None 0.905 / 0.905, (1, 512, 1) 0.993, (1, 1024, 1) 1.003 / 1.002, (1, 1024, 2) 1.000; on all 132 None 1.000 /
+    # 0.999, (1, 1024, 1) 0.995 / 0.996, (1, 512, 1) 0.988, and 8192^2 0.914 / 0.914 against 0.918 / 0.921.
+    delayed_words: tuple | None = (1, 1024, 1)
     # Programs the statistics pass aims at where it can loop (about eight an SM of the largest GPUs), the elements
     # of the tile each reads at a time, and its warps. On an H200 (2026-12-04 sweep, 16384^2 bf16 per tensor) 1024
     # programs read at 0.86-0.88 x copy against 0.79-0.81 for 2048 and 0.87 for 512; tiles of 8192 or 16384

@@ -269,16 +269,16 @@ def delayed_words_checks(launch, rng, monkeypatch, device="cpu") -> None:
                 assert taken == [True], (x.shape, spec, scale)
                 assert_same_qt(to_device(qt, "cpu"), reference_quantize(x, spec, scale))
                 assert amax.view(torch.int32).cpu() == reference.amax(x).view(torch.int32), (x, scale)
-    spec, scale = QuantSpec(granularity="tensor"), torch.tensor(0.01)
+    spec, wide = QuantSpec(granularity="tensor"), wide.to(device)  # sliced there: .to(device) would copy a slice
     others = [(wide[:, :301], spec), (wide[:, 1:301], spec), (wide.float(), spec), (wide[:, ::2], spec),
               (wide, QuantSpec("int8_sym", "tensor")), (wide, QuantSpec(group_size=2))]
     for x, spec in others:
         taken.clear()
         plans.clear()
         scales = torch.full(spec.scale_shape(x.shape), 0.01)
-        qt, amax = triton_quantize.quantize_with_amax(x.to(device), spec, scales.to(device), config=config)
+        qt, amax = triton_quantize.quantize_with_amax(x, spec, scales.to(device), config=config)
         assert not any(taken), (x.shape, x.stride(), spec)
-        assert_same_qt(to_device(qt, "cpu"), reference_quantize(x, spec, scales))
+        assert_same_qt(to_device(qt, "cpu"), reference_quantize(x.cpu(), spec, scales))
 
 
 def test_delayed_words(rng, monkeypatch):
