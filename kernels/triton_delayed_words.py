@@ -16,9 +16,8 @@ from .launch import inline_ptx
 from .plans import launch
 from .quantize_plan import ElementConstants, as_grid, bytes_of, narrow_launch, pair_words, row_tile_grid
 from .spec import Format, Granularity, QuantizedTensor, QuantSpec, _cdiv
-from .triton_elements import (CORRECTED, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, GUARDED, HW_E4M3, SOFT_FP8, bf16_halves,
-                              encode_float, grid_tile, max_into, max_magnitude_bits, quotient, seen_max,
-                              store_scales)
+from .triton_elements import (CORRECTED, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, GUARDED, bf16_halves, fp8_pairs,
+                              grid_tile, max_into, max_magnitude_bits, quotient, seen_max, store_scales)
 
 FP8 = (Format.FP8_E4M3, Format.FP8_E5M2)
 
@@ -42,22 +41,6 @@ def delayed_words(v: torch.Tensor, spec: QuantSpec, given: torch.Tensor, amax: t
            bytes_of(as_grid(qt.scales, 1, 1)), amax, R, C2, words.stride(0), ROWS=rows, WIDTH=width, CHUNK=chunk,
            FMT=fmt, PACKED=inline_ptx(), ROWS_X=rows_x, num_warps=warps)
     return True
-
-
-@triton.jit
-def fp8_pairs(lo, hi, FMT: tl.constexpr):
-    """int16 words of the fp8 codes of fp32 quotient pairs (lo in the low byte), as encode_float's: by one
-    cvt.rn.satfinite x2 a pair (sm_90 PTX: round to nearest even, +-Inf and overflow saturated, NaN to 0x7F); under
-    EXACT_FP8 by encode_float's integer arithmetic."""
-    if FMT.HW_FP8 != SOFT_FP8 and not FMT.EXACT_FP8:
-        if FMT.HW_FP8 == HW_E4M3:
-            asm: tl.constexpr = "cvt.rn.satfinite.e4m3x2.f32 $0, $2, $1;"
-        else:
-            asm: tl.constexpr = "cvt.rn.satfinite.e5m2x2.f32 $0, $2, $1;"
-        pairs = tl.inline_asm_elementwise(asm, "=h,f,f", [lo, hi], dtype=tl.int16, is_pure=True, pack=1)
-    else:
-        pairs = (encode_float(lo, FMT) | (encode_float(hi, FMT) << 8)).to(tl.int16)
-    return pairs
 
 
 @triton.jit

@@ -298,6 +298,22 @@ def fp8_words(q, FMT: tl.constexpr):
 
 
 @triton.jit
+def fp8_pairs(lo, hi, FMT: tl.constexpr):
+    """int16 words of the fp8 codes of fp32 quotient pairs (lo in the low byte), as encode_float's: by one
+    cvt.rn.satfinite x2 a pair (sm_90 PTX: round to nearest even, +-Inf and overflow saturated, NaN to 0x7F); under
+    EXACT_FP8 by encode_float's integer arithmetic."""
+    if FMT.HW_FP8 != SOFT_FP8 and not FMT.EXACT_FP8:
+        if FMT.HW_FP8 == HW_E4M3:
+            asm: tl.constexpr = "cvt.rn.satfinite.e4m3x2.f32 $0, $2, $1;"
+        else:
+            asm: tl.constexpr = "cvt.rn.satfinite.e5m2x2.f32 $0, $2, $1;"
+        pairs = tl.inline_asm_elementwise(asm, "=h,f,f", [lo, hi], dtype=tl.int16, is_pure=True, pack=1)
+    else:
+        pairs = (encode_float(lo, FMT) | (encode_float(hi, FMT) << 8)).to(tl.int16)
+    return pairs
+
+
+@triton.jit
 def bf16_halves(w):
     """The fp32 values (lo, hi) of the two bf16 elements of int32 words w (element 2i in the low half)."""
     return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
