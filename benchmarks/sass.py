@@ -43,7 +43,7 @@ from quantd.kernels import triton_delayed_words as words
 from quantd.kernels import triton_mxfp4_pairs as pairs
 from quantd.kernels import triton_nvfp4 as nvfp4
 from quantd.kernels import triton_quantize as tq
-from quantd.kernels.config import DEFAULT
+from quantd.kernels.config import DEFAULT, KernelConfig
 from quantd.kernels.quantize_plan import block_geometry, element_constants, schedule, tile_geometry
 from quantd.kernels.spec import E2M1, Format, QuantSpec, ScaleEncoding
 
@@ -121,11 +121,12 @@ def compile_nvfp4():
 
 def compile_delayed_words():
     """(compiled kernel, elements a thread handles) of delayed scaling from bf16 words (E4M3, per tensor), at
-    KernelConfig.delayed_words or, where that is None, (1, 1024, 1)."""
+    KernelConfig.delayed_words or, where that is None, at the field's default."""
     fn = words._delayed_words_kernel
-    rows, width, warps = DEFAULT.delayed_words or (1, 1024, 1)
+    rows, width, warps = DEFAULT.delayed_words or KernelConfig.delayed_words
     fmt = element_constants(QuantSpec(granularity="tensor"), exact_fp8=False, guarded=DEFAULT.guarded_quotient)
-    constexprs = dict(ROWS=rows, WIDTH=width, CHUNK=min(width, 64 * warps), FMT=fmt, PACKED=True, ROWS_X=False)
+    constexprs = dict(ROWS=rows, WIDTH=width, CHUNK=words.careful_chunk(width, warps), FMT=fmt, PACKED=True,
+                      ROWS_X=False)
     signature = {n: "constexpr" if n in constexprs else "*i32" if n == "w_ptr" else "*i16" if n == "codes_ptr"
                  else "*fp32" if n.endswith("_ptr") else "i32" for n in fn.arg_names}
     kernel = compile_sm90(fn, signature, constexprs, {"C2", "sw_r"}, warps)

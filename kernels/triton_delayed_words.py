@@ -36,11 +36,15 @@ def delayed_words(v: torch.Tensor, spec: QuantSpec, given: torch.Tensor, amax: t
     R, C2 = words.shape
     rows, width, warps = narrow_launch(config.delayed_words, C2)
     grid, rows_x = row_tile_grid(_cdiv(C2, width), _cdiv(R, rows))
-    chunk = min(width, 64 * warps)  # the careful tiles' words a row at a time: two a thread
     launch(_delayed_words_kernel, grid, words, codes.reshape(-1).view(torch.int16), given,
-           bytes_of(as_grid(qt.scales, 1, 1)), amax, R, C2, words.stride(0), ROWS=rows, WIDTH=width, CHUNK=chunk,
-           FMT=fmt, PACKED=inline_ptx(), ROWS_X=rows_x, num_warps=warps)
+           bytes_of(as_grid(qt.scales, 1, 1)), amax, R, C2, words.stride(0), ROWS=rows, WIDTH=width,
+           CHUNK=careful_chunk(width, warps), FMT=fmt, PACKED=inline_ptx(), ROWS_X=rows_x, num_warps=warps)
     return True
+
+
+def careful_chunk(width: int, warps: int) -> int:
+    """CHUNK of _delayed_words_kernel: the words a row its careful tiles are coded in at a time, two a thread."""
+    return min(width, 64 * warps)
 
 
 @triton.jit
@@ -60,7 +64,8 @@ def _delayed_words_kernel(w_ptr, codes_ptr, scale_ptr, scales_ptr, amax_ptr, R, 
     r = tile_r * ROWS + tl.arange(0, ROWS)[:, None]
     k = tile_c * WIDTH + tl.arange(0, WIDTH)[None, :]
     mask = (r < R) & (k < C2)
-    w = tl.load(w_ptr + r.to(tl.int64) * sw_r + k, mask=mask, other=0)
+    w_rows = w_ptr + r.to(tl.int64) * sw_r
+    w = tl.load(w_rows + k, mask=mask, other=0)
     seen = seen_max(amax_ptr)
     scale = tl.load(scale_ptr)
     if (tile_r == 0) & (tile_c == 0):
@@ -91,7 +96,7 @@ def _delayed_words_kernel(w_ptr, codes_ptr, scale_ptr, scales_ptr, amax_ptr, R, 
         for c in tl.range(0, WIDTH // CHUNK, loop_unroll_factor=1):
             kc = tile_c * WIDTH + c * CHUNK + tl.arange(0, CHUNK)[None, :]
             mc = (r < R) & (kc < C2)
-            lo, hi = bf16_halves(tl.load(w_ptr + r.to(tl.int64) * sw_r + kc, mask=mc, other=0))
+            lo, hi = bf16_halves(tl.load(w_rows + kc, mask=mc, other=0))
             if in_range:
                 q_lo, q_hi = quotient(lo, scale, GUARDED), quotient(hi, scale, GUARDED)
             else:
