@@ -126,14 +126,28 @@ def _compiled(fn, spec: QuantSpec):
         import torch._dynamo as dynamo
         import torch._inductor.config  # noqa: F401  (fails early where inductor is missing)
         compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+        beside_fx_tracing = _beside_fx_tracing(dynamo.config)
     except Exception as exc:  # pragma: no cover - depends on the installation
         log.warning("quantd CPU backend: torch.compile unavailable (%s); running eagerly", exc)
         return fn
 
     def run(*args):
-        with dynamo.config.patch(recompile_limit=max(dynamo.config.recompile_limit, _RECOMPILE_LIMIT)):
+        with dynamo.config.patch(recompile_limit=max(dynamo.config.recompile_limit, _RECOMPILE_LIMIT),
+                                 **beside_fx_tracing):
             return compiled(*args)
     return run
+
+
+def _beside_fx_tracing(config) -> dict:
+    """Dynamo settings under which a compiled call still compiles and runs while another thread traces with FX.
+
+    torch.fx keeps "tracing" in a global flag, which inductor sets while it compiles; a compiled function called
+    meanwhile from another thread took itself for one being traced: it raised "Detected that you are using FX to
+    symbolically trace a dynamo-optimized function" (torch 2.11, the server's compute threads: one compiling a
+    graph, another calling one). No caller of this backend traces it with FX, so the flag is never ours."""
+    if hasattr(config, "force_compile_during_fx_trace"):
+        return {"force_compile_during_fx_trace": True, "error_on_nested_fx_trace": False}
+    return {"error_on_nested_fx_trace": False}  # older: such a call runs the function eagerly (the same bits)
 
 
 # (fn, spec) pairs whose compilation failed: they run eagerly from then on.

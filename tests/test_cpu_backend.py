@@ -257,3 +257,24 @@ def test_many_specs_and_variants_stay_compiled_in_worker_threads(rng, monkeypatc
     assert set(cpu._eager) == before, f"fell back to eager: {set(cpu._eager) - before}"
     for got, want in results:
         assert_same(got, want)
+
+
+def test_calls_run_compiled_while_another_thread_traces_with_fx(rng, monkeypatch):
+    """torch.fx keeps "tracing" in a global flag that inductor sets while it compiles (make_fx); a compiled call made
+    meanwhile from another thread raised "Detected that you are using FX to symbolically trace a dynamo-optimized
+    function" (the server's compute threads under torch 2.11). With the flag set as another thread's compile sets
+    it: a spec compiled before and one compiled now both run compiled (no eager fallback), with the reference's
+    bits."""
+    import torch.fx._symbolic_trace as fx_trace
+
+    before = QuantSpec("int8_sym", "group", group_size=48)
+    fresh = QuantSpec("fp8_e5m2", "group", group_size=48, scale_encoding="pow2")
+    x = random_input((6, 96), torch.bfloat16, rng)
+    assert_same(cpu.quantize(x, before), reference.quantize(x, before))
+    eager = set(cpu._eager)
+    graphs = counters["stats"]["unique_graphs"]
+    monkeypatch.setattr(fx_trace, "_is_fx_tracing_flag", True)
+    for spec in (before, fresh):
+        assert_same(cpu.quantize(x, spec), reference.quantize(x, spec))
+    assert fx_trace._is_fx_tracing_flag  # left as the other thread has it
+    assert set(cpu._eager) == eager and counters["stats"]["unique_graphs"] == graphs + 1  # the fresh spec's graph
