@@ -97,8 +97,10 @@ def test_every_format_and_granularity_round_trips_bit_identical(client, index, s
     assert_same_quantization(got, want)
     assert got.spec == spec and got.shape == tuple(x.shape)
     # Dequantized values: bit for bit what the server's kernels give when called locally on its device, and
-    # the reference's values (backends may differ in the payload and sign of a NaN).
-    for out_dtype in (None, torch.float32):
+    # the reference's values (backends may differ in the payload and sign of a NaN). Into fp32 as well for every
+    # third spec (a graph more to compile on a CPU server): every granularity and format, MXFP4 by its spec that
+    # dequantizes into fp32.
+    for out_dtype in (None, torch.float32) if index % 3 == 1 else (None,):
         got_deq = client.dequantize(got, out_dtype)
         assert_same_bytes(got_deq, dispatch.dequantize(on_device(want), out_dtype).cpu(), "Dequantize")
         assert_same_values(got_deq, reference.dequantize(want, out_dtype), "Dequantize")

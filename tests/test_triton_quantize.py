@@ -684,18 +684,38 @@ def fields_id(fields: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in fields.items()) or "shipped"
 
 
-@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8_asym", "mxfp8"])
-@pytest.mark.parametrize("plan", DUAL_PLANS, ids=fields_id)
-@pytest.mark.parametrize("defer", [False, True], ids=["careful_in_place", "deferred"])
+def dual_plan_cases(formats=("fp8_e4m3", "int8_asym", "mxfp8")) -> list:
+    """(fmt, plan, defer) of test_dual_plans, each launch once: a case is left out where the launches it makes (the
+    DUAL_PLAN of each input it checks, under the interpreter; in place dual_late_check does nothing) are the shipped
+    plan's, which the other dual tests run, or those of a case before it. Left out so: dual_prefetch_mx and
+    dual_column_lanes_mx outside MX, dual_column_lanes in MX, dual_row_words (no row count below is a multiple of 4)."""
+    cases, seen = [], set()
+    for fmt in formats:
+        for defer in (False, True):
+            for plan in ({}, *DUAL_PLANS):
+                config = dataclasses.replace(DEFAULT, dual_defer=defer, **plan)
+                launches = tuple(triton_quantize.dual_plan(QuantSpec(format=fmt, group_size=g), config, rows)
+                                 ._replace(LATE=defer and config.dual_late_check)
+                                 for g in ((32,) if fmt == "mxfp8" else (128, 32)) for rows in (2 * g + 5, 2 * g + 7))
+                if (fmt, defer, launches) not in seen and plan:
+                    cases.append((fmt, plan, defer))
+                seen.add((fmt, defer, launches))
+    return cases
+
+
+@pytest.mark.parametrize("fmt, plan, defer", dual_plan_cases(),
+                         ids=[f"{'deferred' if defer else 'careful_in_place'}-{fields_id(plan)}-{fmt}"
+                              for fmt, plan, defer in dual_plan_cases()])
 def test_dual_plans(fmt, plan, defer, rng):
     """KernelConfig.dual_column_lanes: the columns' slabs loaded as (columns a thread, rows across lanes), viewed
     with their first axes swapped and stored swapped back; dual_late_check: careful tiles found once a tile, every
     slab first coded as if careless (deferred; in place it does nothing). Careful rows and columns, ragged tiles,
-    1x128 and 1x32 groups, a transposed input (its column stride not 1)."""
+    1x128 and 1x32 groups, a transposed input (its column stride not 1). Each distinct launch once
+    (dual_plan_cases)."""
     config = dataclasses.replace(DEFAULT, dual_defer=defer, **plan)
     for g in (32,) if fmt == "mxfp8" else (128, 32):
         spec = QuantSpec(format=fmt, group_size=g)
-        check_dual(careful_dual_input(g, 2 * g + 5, rng), spec, config=config)
+        check_dual(careful_dual_input(g, 2 * g + 5, rng), spec, config=config)  # rows as dual_plan_cases takes them
         check_dual(random_input((3 * g + 1, 2 * g + 7), torch.float32, rng).T, spec, config=config)
 
 
