@@ -1,6 +1,6 @@
 """Compile kernels/gluon_gemm.py for sm_90 on a machine without a GPU and report what ptxas made of it.
 
-    python benchmarks/gluon_gemm_sass.py [--dump DIR]
+    python benchmarks/gluon_gemm_sass.py [--dump DIR] [--only REGEX]
 
 For each launch variant in gluon_gemm.CONFIGS, in both modes of the kernel (block-scaled: A 1x128 x B
 128x128 scales; per-tensor: one scale for A and one for B, constant along K), and for the E5M2 x E4M3
@@ -99,6 +99,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dump", default="/tmp/quantd-gluon-sass")
     ap.add_argument("--out", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--only", default="", metavar="REGEX", help="only the variants whose labels match")
     args = ap.parse_args()
     os.makedirs(args.dump, exist_ok=True)
     gg = gluon_gemm
@@ -107,6 +108,8 @@ def main() -> None:
     print(f"triton {triton.__version__}, sm_90, out {args.out}")
     for mode, a_dtype, b_dtype, cfg in variants(gg):
         label = f"{mode} {a_dtype} x {b_dtype} | {cfg!r}"
+        if not re.search(args.only, label):
+            continue
         name = re.sub(r"\W+", "_", repr(cfg))
         if (mode, a_dtype, b_dtype) != MODES[0]:  # the block-scaled E4M3 variants keep their file names
             name = re.sub(r"\W+", "_", f"{mode} {a_dtype} {b_dtype} ") + name
