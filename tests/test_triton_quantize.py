@@ -684,13 +684,13 @@ def fields_id(fields: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in fields.items()) or "shipped"
 
 
-def dual_plan_cases(formats=("fp8_e4m3", "int8_asym", "mxfp8")) -> list:
+def dual_plan_cases() -> list:
     """(fmt, plan, defer) of test_dual_plans, each launch once: a case is left out where the launches it makes (the
     DUAL_PLAN of each input it checks, under the interpreter; in place dual_late_check does nothing) are the shipped
     plan's, which the other dual tests run, or those of a case before it. Left out so: dual_prefetch_mx and
     dual_column_lanes_mx outside MX, dual_column_lanes in MX, dual_row_words (no row count below is a multiple of 4)."""
     cases, seen = [], set()
-    for fmt in formats:
+    for fmt in ("fp8_e4m3", "int8_asym", "mxfp8"):
         for defer in (False, True):
             for plan in ({}, *DUAL_PLANS):
                 config = dataclasses.replace(DEFAULT, dual_defer=defer, **plan)
@@ -703,9 +703,12 @@ def dual_plan_cases(formats=("fp8_e4m3", "int8_asym", "mxfp8")) -> list:
     return cases
 
 
-@pytest.mark.parametrize("fmt, plan, defer", dual_plan_cases(),
+DUAL_PLAN_CASES = dual_plan_cases()
+
+
+@pytest.mark.parametrize("fmt, plan, defer", DUAL_PLAN_CASES,
                          ids=[f"{'deferred' if defer else 'careful_in_place'}-{fields_id(plan)}-{fmt}"
-                              for fmt, plan, defer in dual_plan_cases()])
+                              for fmt, plan, defer in DUAL_PLAN_CASES])
 def test_dual_plans(fmt, plan, defer, rng):
     """KernelConfig.dual_column_lanes: the columns' slabs loaded as (columns a thread, rows across lanes), viewed
     with their first axes swapped and stored swapped back; dual_late_check: careful tiles found once a tile, every
