@@ -30,6 +30,12 @@ TENSOR_SCALE_AMAX = tl.constexpr(E4M3.max * E2M1.max)  # the tensor scale's nume
 TS_MAX = tl.constexpr(2.0 ** -9 / CORRECTED_MIN.value)
 TS_MIN = tl.constexpr(E4M3.max / CORRECTED_MAX.value)
 R6 = tl.constexpr(float(numpy.float32(1.0) / numpy.float32(E2M1.max)))  # RN(1 / 6) (numpy: plans record no torch op)
+# The most 1x16 blocks a tile may hold. Compiled by triton 3.6 for sm_90, tiles of 128 blocks or more (32 x 4, 16 x
+# 8, 2 x 64, 1 x 128 blocks, at 1, 2 or 4 warps) coded rows whose length in words is not a multiple of 16 wrongly
+# under a careless tensor scale (scales right, about a third of the code bytes wrong; IEEE-division tiles and the
+# interpreter right), with the PTX encoding and without; every tile of 64 blocks or fewer was exact (H100,
+# 2026-12-07, BENCHMARKS.md).
+MAX_TILE_BLOCKS = 64
 ZERO_SCALE_BITS = int(torch.tensor(NVFP4_ZERO_SCALE).to(torch.float8_e4m3fn).view(torch.uint8))
 
 
@@ -40,9 +46,12 @@ def quantize(v: torch.Tensor, qt: QuantizedTensor, config: KernelConfig, given: 
     finds first); `amax` (a zeroed one-element fp32): receives v's finite amax, found in the quantizing pass. The
     launch: config.nvfp4_launch (narrowed to the rows), nvfp4_maxnreg, packed_encode."""
     _, R, C = v.shape
+    rows, groups, warps = narrow_launch(config.nvfp4_launch, _cdiv(C, NVFP4_BLOCK))
+    if rows * groups > MAX_TILE_BLOCKS:
+        raise ValueError(f"KernelConfig.nvfp4_launch {tuple(config.nvfp4_launch)}: a tile of {rows} x {groups} blocks "
+                         f"(at most {MAX_TILE_BLOCKS}: triton 3.6 miscompiles larger tiles for sm_90, BENCHMARKS.md)")
     source = given if given is not None else block_stats(v, R, C, 1, 1, False, config)
     grid_s = as_grid(qt.scales, R, _cdiv(C, NVFP4_BLOCK))
-    rows, groups, warps = narrow_launch(config.nvfp4_launch, _cdiv(C, NVFP4_BLOCK))
     grid, rows_x = row_tile_grid(_cdiv(C, groups * NVFP4_BLOCK), _cdiv(R, rows))
     words = pair_words(v)
     if words is None:  # elements loaded one by one: lo and hi apart

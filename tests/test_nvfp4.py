@@ -2,6 +2,7 @@
 weights and on every finite bf16 and fp16 value; the CPU backend and the Triton kernel (quotients on and next to
 every rounding midpoint among them) against the reference."""
 import dataclasses
+import itertools
 import math
 
 import pytest
@@ -176,15 +177,25 @@ def test_triton_ragged_and_strided(rng):
     assert_triton_equal(random_input((30, 90), torch.float16, rng)[::2, 3:80])
 
 
-def test_triton_launch_shapes_give_the_same_bits(rng):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_triton_launch_shapes_give_the_same_bits(device, rng):
     """KernelConfig.nvfp4_launch (rows, 1x16 blocks, warps of a program) changes no result: ragged in both tile
-    dimensions, on words and on strided elements."""
-    x = random_input((37, 300), torch.bfloat16, rng)
-    for launch in ((4, 8, 2), (32, 4, 8), (8, 32, 4)):
+    dimensions, on words (rows of 150 and 512 words: unaligned and aligned) and on strided elements, under the
+    tensor's own scale and under a given one, with the amax the pass finds. A tile of more than MAX_TILE_BLOCKS
+    blocks is refused (the compiled kernel coded such tiles wrongly)."""
+    given = torch.tensor([3.5], device=device)
+    inputs = [random_input(shape, torch.bfloat16, rng).to(device) for shape in ((37, 300), (9, 1024))]
+    for x, launch in itertools.product(inputs, ((4, 8, 2), (8, 8, 4), (2, 32, 1), (64, 1, 2))):
         config = dataclasses.replace(DEFAULT, nvfp4_launch=launch)
         for v in (x, x[:, 1:299:2]):
             assert_same_qt(to_device(triton_quantize.quantize(v, SPEC, config=config), "cpu"),
-                           reference.quantize(v, SPEC))
+                           reference.quantize(v.cpu(), SPEC))
+            amax = torch.zeros(1, device=device)
+            got = triton_quantize.quantize(v, SPEC, given, config=config, amax=amax)
+            assert_same_qt(to_device(got, "cpu"), reference.quantize(v.cpu(), SPEC, given.cpu()))
+            assert torch.equal(amax.cpu(), reference.amax(v.cpu()).reshape(1))
+    with pytest.raises(ValueError, match=r"nvfp4_launch \(2, 64, 1\): a tile of 4 x 32 blocks \(at most 64"):
+        triton_quantize.quantize(inputs[0], SPEC, config=dataclasses.replace(DEFAULT, nvfp4_launch=(2, 64, 1)))
 
 
 def test_triton_rows_along_the_grids_x(rng, monkeypatch):
