@@ -109,7 +109,7 @@ def compile_nvfp4():
     """(compiled kernel, elements a thread handles) of the NVFP4 kernel on bf16 input."""
     fn = nvfp4._nvfp4_kernel
     rows, groups, warps = DEFAULT.nvfp4_launch
-    constexprs = dict(ROWS=rows, GROUPS=groups, SCALE_FMT=nvfp4.E4M3_HW, ZERO_BITS=nvfp4.ZERO_SCALE_BITS,
+    constexprs = dict(ROWS=rows, GROUPS=groups, SCALE_FMT=nvfp4.E4M3_HW,
                       BF16_BITS=False, WORDS=nvfp4.BF16_WORDS.value, FROM_AMAX=False, AMAX=False,
                       PACKED=DEFAULT.packed_encode, ROWS_X=False, sx_c=1)  # ss_c: not specialized
     scalars = ("source_ptr", "ts_ptr", "amax_ptr")

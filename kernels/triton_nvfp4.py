@@ -36,7 +36,8 @@ R6 = tl.constexpr(float(numpy.float32(1.0) / numpy.float32(E2M1.max)))  # RN(1 /
 # interpreter right), with the PTX encoding and without; every tile of 64 blocks or fewer was exact (H100,
 # 2026-12-07, BENCHMARKS.md).
 MAX_TILE_BLOCKS = 64
-ZERO_SCALE_BITS = int(torch.tensor(NVFP4_ZERO_SCALE).to(torch.float8_e4m3fn).view(torch.uint8))
+ZERO_BELOW = tl.constexpr(2.0 ** -10)  # the largest fp32 that E4M3 rounds to 0 (half its least subnormal, a tie)
+ZERO_SCALE = tl.constexpr(NVFP4_ZERO_SCALE)  # the scale of a block whose scale rounds to 0
 
 
 def quantize(v: torch.Tensor, qt: QuantizedTensor, config: KernelConfig, given: torch.Tensor | None = None,
@@ -65,7 +66,7 @@ def quantize(v: torch.Tensor, qt: QuantizedTensor, config: KernelConfig, given: 
     launch(_nvfp4_kernel, grid, x, bytes_of(qt.codes), bytes_of(grid_s), source, qt.tensor_scale,
            qt.tensor_scale if amax is None else amax, R, C, sx_r, sx_c, (C + 1) // 2, grid_s.stride(0),
            grid_s.stride(1), ROWS=rows, GROUPS=groups, SCALE_FMT=E4M3_HW if compiled else E4M3_SOFT,
-           ZERO_BITS=ZERO_SCALE_BITS, BF16_BITS=bf16_bits(v), WORDS=words_kind.value, FROM_AMAX=given is None,
+           BF16_BITS=bf16_bits(v), WORDS=words_kind.value, FROM_AMAX=given is None,
            AMAX=amax is not None, PACKED=packed, ROWS_X=rows_x, num_warps=warps, **extra)
 
 
@@ -159,7 +160,7 @@ def _e2m1_words(q_lo, q_hi, w):
 
 @triton.jit(do_not_specialize=["ss_c"])  # a stride of 1 would make the scales' store a pairs' store, shuffled
 def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, source_ptr, ts_ptr, amax_ptr, R, C, sx_r, sx_c, sq_r, ss_r, ss_c,
-                  ROWS: tl.constexpr, GROUPS: tl.constexpr, SCALE_FMT: tl.constexpr, ZERO_BITS: tl.constexpr,
+                  ROWS: tl.constexpr, GROUPS: tl.constexpr, SCALE_FMT: tl.constexpr,
                   BF16_BITS: tl.constexpr, WORDS: tl.constexpr, FROM_AMAX: tl.constexpr, AMAX: tl.constexpr,
                   PACKED: tl.constexpr, ROWS_X: tl.constexpr):
     """Codes and E4M3 scales of tiles of ROWS rows x GROUPS 1x16 blocks, read as pairs of elements (lo, hi:
@@ -194,11 +195,10 @@ def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, source_ptr, ts_ptr, amax_ptr, R,
     careless = (ts <= TS_MAX) & (ts >= TS_MIN)
     rts = tl.math.div_rn(1.0, ts)
     if PACKED:
-        packed, amax = _packed_tile(w, r, g, R, C, ss_r, ss_c, ts, rts, careless, scales_ptr, SCALE_FMT, ZERO_BITS)
+        packed, amax = _packed_tile(w, r, g, R, C, ss_r, ss_c, ts, rts, careless, scales_ptr, SCALE_FMT)
     else:
         amax = tl.max(tl.maximum(finite_abs(lo), finite_abs(hi)), axis=2, keep_dims=True)
-        packed = _scaled_pairs(lo, hi, amax, r, g, R, C, ss_r, ss_c, ts, rts, careless, scales_ptr, SCALE_FMT,
-                               ZERO_BITS)
+        packed = _scaled_pairs(lo, hi, amax, r, g, R, C, ss_r, ss_c, ts, rts, careless, scales_ptr, SCALE_FMT)
     tl.store(codes_ptr + r.to(tl.int64) * sq_r + j, packed.to(tl.uint8), mask=(r < R) & (j < sq_r))
     if AMAX:  # after the codes, which need no amax: H100 (2026-12-06, 16384^2 bf16, given tensor scale, one process)
         # 0.958-0.963 x copy against 0.955-0.956 before them with an acq_rel atomic
@@ -217,8 +217,7 @@ def _tensor_scale(source_ptr, FROM_AMAX: tl.constexpr):
 
 
 @triton.jit
-def _packed_tile(w, r, g, R, C, ss_r, ss_c, ts, rts, careless, scales_ptr, SCALE_FMT: tl.constexpr,
-                 ZERO_BITS: tl.constexpr):
+def _packed_tile(w, r, g, R, C, ss_r, ss_c, ts, rts, careless, scales_ptr, SCALE_FMT: tl.constexpr):
     """(The code bytes, the blocks' finite amax) of one tile of bf16 words w (its scales stored): the amax reduced on
     the magnitude bits of both halves at once (max.u16x2); a tile without Inf or NaN under a careless tensor scale
     encoded by _e2m1_words, any other by _scaled_pairs."""
@@ -227,41 +226,38 @@ def _packed_tile(w, r, g, R, C, ss_r, ss_c, ts, rts, careless, scales_ptr, SCALE
     fast = careless & (tl.max(mag) < 0x7F80)
     if fast:
         amax = (mag << 16).to(tl.float32, bitcast=True)
-        divisor = _block_scales(amax, r, g, R, C, ss_r, ss_c, ts, rts, scales_ptr, SCALE_FMT, ZERO_BITS,
-                                CORRECTED_ANY_ZERO)
+        divisor = _block_scales(amax, r, g, R, C, ss_r, ss_c, ts, rts, scales_ptr, SCALE_FMT, CORRECTED_ANY_ZERO)
         packed = _e2m1_words(quotient(lo, divisor, CORRECTED_ANY_ZERO), quotient(hi, divisor, CORRECTED_ANY_ZERO), w)
     else:  # an Inf or NaN: the amax of the finite elements
         amax = tl.max(tl.maximum(finite_abs(lo), finite_abs(hi)), axis=2, keep_dims=True)
-        packed = _scaled_pairs(lo, hi, amax, r, g, R, C, ss_r, ss_c, ts, rts, careless, scales_ptr, SCALE_FMT,
-                               ZERO_BITS).to(tl.uint8)
+        packed = _scaled_pairs(lo, hi, amax, r, g, R, C, ss_r, ss_c, ts, rts, careless, scales_ptr,
+                               SCALE_FMT).to(tl.uint8)
     return packed, amax
 
 
 @triton.jit
-def _scaled_pairs(lo, hi, amax, r, g, R, C, ss_r, ss_c, ts, rts, careless, scales_ptr, SCALE_FMT: tl.constexpr,
-                  ZERO_BITS: tl.constexpr):
+def _scaled_pairs(lo, hi, amax, r, g, R, C, ss_r, ss_c, ts, rts, careless, scales_ptr, SCALE_FMT: tl.constexpr):
     """The code byte of each pair (lo, hi) (its blocks' scales from amax stored) by e2m1, which takes sign and NaN
     from the elements (and saturates a NaN quotient of an Inf): careless, by quotient's corrected steps (divisors
     too); else by IEEE divisions (the tensor scale decides for every program alike)."""
     if careless:
-        packed = _pairs_by(lo, hi, amax, r, g, R, C, ss_r, ss_c, ts, rts, scales_ptr, SCALE_FMT, ZERO_BITS,
+        packed = _pairs_by(lo, hi, amax, r, g, R, C, ss_r, ss_c, ts, rts, scales_ptr, SCALE_FMT,
                            CORRECTED_ANY_ZERO)
     else:
-        packed = _pairs_by(lo, hi, amax, r, g, R, C, ss_r, ss_c, ts, rts, scales_ptr, SCALE_FMT, ZERO_BITS, DIVIDE)
+        packed = _pairs_by(lo, hi, amax, r, g, R, C, ss_r, ss_c, ts, rts, scales_ptr, SCALE_FMT, DIVIDE)
     return packed
 
 
 @triton.jit
 def _pairs_by(lo, hi, amax, r, g, R, C, ss_r, ss_c, ts, rts, scales_ptr, SCALE_FMT: tl.constexpr,
-              ZERO_BITS: tl.constexpr, QUOTIENT: tl.constexpr):
+              QUOTIENT: tl.constexpr):
     """_scaled_pairs' code bytes, every ratio and quotient by QUOTIENT."""
-    divisor = _block_scales(amax, r, g, R, C, ss_r, ss_c, ts, rts, scales_ptr, SCALE_FMT, ZERO_BITS, QUOTIENT)
+    divisor = _block_scales(amax, r, g, R, C, ss_r, ss_c, ts, rts, scales_ptr, SCALE_FMT, QUOTIENT)
     return (e2m1(quotient(lo, divisor, QUOTIENT), lo) & 0xF) | ((e2m1(quotient(hi, divisor, QUOTIENT), hi) & 0xF) << 4)
 
 
 @triton.jit
-def _block_scales(amax, r, g, R, C, ss_r, ss_c, ts, rts, scales_ptr, SCALE_FMT: tl.constexpr,
-                  ZERO_BITS: tl.constexpr, QUOTIENT: tl.constexpr):
+def _block_scales(amax, r, g, R, C, ss_r, ss_c, ts, rts, scales_ptr, SCALE_FMT: tl.constexpr, QUOTIENT: tl.constexpr):
     """Store the E4M3 scales of the blocks of amax (ROWS, GROUPS, 1) at rows r, blocks g and return their divisors,
     scale / tensor scale. QUOTIENT DIVIDE: both ratios by IEEE division;
     CORRECTED_ANY_ZERO (a careless tensor scale, rts = RN(1 / ts)): by quotient's corrected steps, the same values
@@ -271,8 +267,9 @@ def _block_scales(amax, r, g, R, C, ss_r, ss_c, ts, rts, scales_ptr, SCALE_FMT: 
         s = tl.minimum(ts * corrected(amax, 6.0, R6), 448.0)
     else:
         s = tl.minimum(ts * tl.math.div_rn(amax, 6.0), 448.0)
-    bits = encode_float(s, SCALE_FMT)
-    bits = tl.where(bits == 0, ZERO_BITS, bits)
+    # the reference's 0.125 for a scale that rounds to 0, taken before the encoding, on the fp32 value (a NaN too,
+    # as there): H100 on 96 SMs (2026-12-07) the same time as substituting the encoded zero, 16 instructions fewer
+    bits = encode_float(tl.where(s > ZERO_BELOW, s, ZERO_SCALE), SCALE_FMT)
     if SCALE_FMT.EXACT_FP8:
         value = e4m3_value(bits)
     else:  # the hardware's conversion back (exact)
