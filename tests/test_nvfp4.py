@@ -198,6 +198,19 @@ def test_triton_launch_shapes_give_the_same_bits(device, rng):
         triton_quantize.quantize(inputs[0], SPEC, config=dataclasses.replace(DEFAULT, nvfp4_launch=(2, 64, 1)))
 
 
+@pytest.mark.gpu
+@pytest.mark.xfail(triton.__version__.startswith("3.6."), strict=True,
+                   reason="triton 3.6 miscompiles NVFP4 tiles of 128 blocks or more (triton_nvfp4.MAX_TILE_BLOCKS)")
+def test_gpu_tiles_past_the_limit(rng, monkeypatch):
+    """Tiles of more than MAX_TILE_BLOCKS blocks with the limit lifted, on rows of 500 words (not a multiple of 16),
+    the shape that triton 3.6 coded wrongly: where a compiler codes them right, the limit can go."""
+    monkeypatch.setattr(triton_nvfp4, "MAX_TILE_BLOCKS", 1 << 20)
+    x = random_input((300, 1000), torch.bfloat16, rng, edge_cases=False).cuda()
+    for launch in ((32, 4, 4), (2, 64, 1)):
+        got = triton_quantize.quantize(x, SPEC, config=dataclasses.replace(DEFAULT, nvfp4_launch=launch))
+        assert_same_qt(to_device(got, "cpu"), reference.quantize(x.cpu(), SPEC))
+
+
 def test_triton_rows_along_the_grids_x(rng, monkeypatch):
     """A tensor of more row tiles than a grid has programs along y puts its rows along x (GRID_Y lowered here so
     that small inputs take that path): the same bits, ragged and strided; the MXFP4 pairs kernel too."""
