@@ -13,13 +13,15 @@ the tensor's rows, so that the graph's threads share them (4096^2 on two cores: 
 20 -> 13 ms, as fast as groups).
 
 One graph per (spec, input dtype, explicit scales or not): the number of blocks is
-dynamic and the block size static, so tensors of any shape reuse it. Where compiling fails
+dynamic and the block size static, so tensors of any shape reuse it. Dequantizing graphs are shared by specs
+that differ only in their scale encoding or output dtype (_dequantize_graphs). Where compiling fails
 (no working C++ compiler) the backend logs a warning and runs the same functions eagerly.
 With out= tensors (the server's shared memory) whose layout the blocks match, graphs of
 their own write the results straight into them: no temporary, no copy.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -291,12 +293,13 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
         return values if out is None else out.copy_(values)
     scale = reference.scale_values(qt).reshape(-1, 1)
     zp = None if qt.zero_points is None else qt.zero_points.reshape(-1, 1)
-    if spec.granularity == Granularity.TILE and (_dequantize_tiles, spec) not in _eager:
+    graphs = _dequantize_graphs(spec)
+    if spec.granularity == Granularity.TILE and (_dequantize_tiles, graphs) not in _eager:
         # the codes' bytes padded to whole tiles (as quantize pads its input), so that one graph serves every shape
         c2 = qt.codes.reshape(-1, shape[-1]).view(torch.uint8)
         c4 = reference.tile_grid(c2, spec.tile).contiguous().view(qt.codes.dtype)  # (a bitcast in the graph: scalar)
         _mark_tiles_dynamic(c4, scale, zp)
-        values = _run(_dequantize_tiles, spec, c4, scale, zp, out_dtype)[:c2.shape[0], :c2.shape[1]].reshape(shape)
+        values = _run(_dequantize_tiles, graphs, c4, scale, zp, out_dtype)[:c2.shape[0], :c2.shape[1]].reshape(shape)
         return values.contiguous() if out is None else out.copy_(values)
     if spec.granularity == Granularity.TENSOR:  # the one block as the tensor's rows, its scale broadcast
         codes = _tensor_rows(qt.codes)
@@ -304,15 +307,23 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None, *,
         codes = reference.to_blocks(qt.codes, _code_spec(spec), dtype=qt.codes.dtype)
     elems = spec.group_size if spec.element is E2M1 else codes.shape[1]
     if out is not None and _in_order(codes, qt.codes) and codes.shape[0] * elems == math.prod(shape) \
-            and all(_apart(out, t) for t in qt.stored().values()) and (_dequantize_blocks_into, spec) not in _eager:
+            and all(_apart(out, t) for t in qt.stored().values()) and (_dequantize_blocks_into, graphs) not in _eager:
         values = out.reshape(codes.shape[0], elems)
         _mark_blocks_dynamic(spec, codes, values, per_block=(scale, zp), unbacked=False)
-        _run(_dequantize_blocks_into, spec, codes, scale, zp, values)
+        _run(_dequantize_blocks_into, graphs, codes, scale, zp, values)
         return out
     codes = codes.contiguous()
     _mark_blocks_dynamic(spec, codes, per_block=(scale, zp))
-    values = reference.from_blocks(_run(_dequantize_blocks, spec, codes, scale, zp, out_dtype), spec, shape)
+    values = reference.from_blocks(_run(_dequantize_blocks, graphs, codes, scale, zp, out_dtype), spec, shape)
     return values.contiguous() if out is None else out.copy_(values)
+
+
+@functools.lru_cache(maxsize=None)
+def _dequantize_graphs(spec: QuantSpec) -> QuantSpec:
+    """The spec whose compiled functions dequantize `spec`'s codes: the same but for the scale encoding and the
+    output dtype, which the graphs never see (they take fp32 scale values, and the output dtype as an argument),
+    so that specs differing only in those share their graphs."""
+    return dataclasses.replace(spec, scale_encoding=None, out_dtype="bfloat16")
 
 
 # GEMMs on the CPU are the reference's (fp64 products of the dequantized operands).

@@ -207,6 +207,20 @@ def test_writes_into_out(spec, dtype, rng):
     assert in_order == (spec.granularity.value not in ("tile", "flat") and spec.axis == 0), spec
 
 
+def test_specs_differing_in_scale_encoding_or_output_dtype_share_dequantize_graphs(rng):
+    """Dequantizing graphs take fp32 scale values and the output dtype as an argument: a spec's fp32 and pow2
+    encodings, and its output dtypes, run one graph (compiled once), with the reference's bits."""
+    specs = [QuantSpec("int8_sym", "group", group_size=80), QuantSpec("int8_sym", "group", group_size=80,
+                                                                      scale_encoding="pow2", out_dtype="float32")]
+    x = random_input((6, 160), torch.bfloat16, rng)
+    qts = [cpu.quantize(x, spec) for spec in specs]  # quantizing graphs: one a spec, compiled before the count
+    graphs = counters["stats"]["unique_graphs"]
+    for qt in qts:
+        for out_dtype in (None, torch.bfloat16):
+            assert same_values(cpu.dequantize(qt, out_dtype), reference.dequantize(qt, out_dtype))
+    assert counters["stats"]["unique_graphs"] == graphs + 2  # bf16 and fp32 out (the pow2 spec's default)
+
+
 def test_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog, rng):
     """No working C++ compiler: a warning, then the same bits from the eager functions."""
     import torch._inductor.config as inductor_config
@@ -226,23 +240,23 @@ def test_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog, rng):
 @pytest.mark.slow
 def test_many_specs_and_variants_stay_compiled_in_worker_threads(rng, monkeypatch):
     """As in the server, graphs are compiled in worker threads, for many specs and shapes: one spec through more
-    graphs than dynamo's default limit (8: 3 input dtypes x explicit scales or not x single- or many-element
-    blocks), its first compiled in another thread, then more specs than the graphs one code object may hold
-    (cpu._RECOMPILE_LIMIT, lowered here from 64 to 12 so that fewer graphs are compiled: torch.compile of a
+    graphs than dynamo's default limit (8: of 3 input dtypes x explicit scales or not x single- or many-element
+    blocks, 9), its first compiled in another thread, then more specs than the graphs one code object may hold
+    (cpu._RECOMPILE_LIMIT, lowered here from 64 to 9 so that fewer graphs are compiled: torch.compile of a
     functools.partial once put every spec's graphs under one shared wrapper's code); none falls back to eager, and
     every result is bit-identical to the reference."""
     import concurrent.futures
 
-    monkeypatch.setattr(cpu, "_RECOMPILE_LIMIT", 12)
+    monkeypatch.setattr(cpu, "_RECOMPILE_LIMIT", 9)
     many = QuantSpec("int8_sym", "tensor", scale_encoding="pow2")
     sizes = range(8, 8 * 6, 8)
-    specs = [QuantSpec(fmt, "group", group_size=g) for fmt in ("fp8_e4m3", "int8_sym") for g in sizes]
-    specs += [QuantSpec("fp8_e5m2", "flat", block_size=b) for b in sizes[:2]]
-    specs += [QuantSpec("int8_asym", "group", group_size=g) for g in sizes[:2]]
-    jobs = [(many, shape, dtype, explicit) for dtype in (torch.bfloat16, torch.float16, torch.float32)
-            for explicit in (False, True) for shape in ((9, 40), (1, 1))]
+    specs = [QuantSpec("fp8_e4m3", "group", group_size=g) for g in sizes]
+    specs += [QuantSpec("int8_sym", "group", group_size=g) for g in sizes[:3]]
+    specs += [QuantSpec("fp8_e5m2", "flat", block_size=8), QuantSpec("int8_asym", "group", group_size=8)]
+    jobs = [(many, shape, dtype, explicit) for dtype in (torch.bfloat16, torch.float16)
+            for explicit in (False, True) for shape in ((9, 40), (1, 1))] + [(many, (9, 40), torch.float32, False)]
     jobs += [(spec, (6, 144), torch.bfloat16, False) for spec in specs]
-    assert len({spec for spec, *_ in jobs}) == 15 and len(specs) > cpu._RECOMPILE_LIMIT
+    assert len({spec for spec, *_ in jobs}) == 11 and len(specs) > cpu._RECOMPILE_LIMIT
 
     def run(job):
         spec, shape, dtype, explicit = job
