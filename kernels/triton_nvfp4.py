@@ -32,7 +32,7 @@ TS_MIN = tl.constexpr(E4M3.max / CORRECTED_MAX.value)
 R6 = tl.constexpr(float(numpy.float32(1.0) / numpy.float32(E2M1.max)))  # RN(1 / 6) (numpy: plans record no torch op)
 # The most 1x16 blocks a tile may hold. Compiled by triton 3.6 for sm_90, tiles of 128 blocks or more (32 x 4, 16 x
 # 8, 2 x 64, 1 x 128 blocks, at 1, 2 or 4 warps) coded rows whose length in words is not a multiple of 16 wrongly
-# under a careless tensor scale (scales right, about a third of the code bytes wrong; IEEE-division tiles and the
+# under a careless tensor scale (scales right, 5-23 % of the code bytes wrong; IEEE-division tiles and the
 # interpreter right), with the PTX encoding and without; every tile of 64 blocks or fewer was exact (H100,
 # 2026-12-07, BENCHMARKS.md).
 MAX_TILE_BLOCKS = 64
