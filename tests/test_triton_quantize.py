@@ -684,6 +684,12 @@ def fields_id(fields: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in fields.items()) or "shipped"
 
 
+def dual_plan_inputs(fmt: str) -> list:
+    """(group size, rows of the careful input, shape of the input checked transposed) for each spec test_dual_plans
+    checks: dual_plan_cases compares the launches of these row counts (the transposed input's: its shape[1])."""
+    return [(g, 2 * g + 5, (3 * g + 1, 2 * g + 7)) for g in ((32,) if fmt == "mxfp8" else (128, 32))]
+
+
 def dual_plan_cases() -> list:
     """(fmt, plan, defer) of test_dual_plans, each launch once: a case is left out where the launches it makes (the
     DUAL_PLAN of each input it checks, under the interpreter; in place dual_late_check does nothing) are the shipped
@@ -694,9 +700,9 @@ def dual_plan_cases() -> list:
         for defer in (False, True):
             for plan in ({}, *DUAL_PLANS):
                 config = dataclasses.replace(DEFAULT, dual_defer=defer, **plan)
-                launches = tuple(triton_quantize.dual_plan(QuantSpec(format=fmt, group_size=g), config, rows)
+                launches = tuple(triton_quantize.dual_plan(QuantSpec(format=fmt, group_size=g), config, r)
                                  ._replace(LATE=defer and config.dual_late_check)
-                                 for g in ((32,) if fmt == "mxfp8" else (128, 32)) for rows in (2 * g + 5, 2 * g + 7))
+                                 for g, rows, shape in dual_plan_inputs(fmt) for r in (rows, shape[1]))
                 if (fmt, defer, launches) not in seen and plan:
                     cases.append((fmt, plan, defer))
                 seen.add((fmt, defer, launches))
@@ -716,10 +722,10 @@ def test_dual_plans(fmt, plan, defer, rng):
     1x128 and 1x32 groups, a transposed input (its column stride not 1). Each distinct launch once
     (dual_plan_cases)."""
     config = dataclasses.replace(DEFAULT, dual_defer=defer, **plan)
-    for g in (32,) if fmt == "mxfp8" else (128, 32):
+    for g, rows, shape in dual_plan_inputs(fmt):
         spec = QuantSpec(format=fmt, group_size=g)
-        check_dual(careful_dual_input(g, 2 * g + 5, rng), spec, config=config)  # rows as dual_plan_cases takes them
-        check_dual(random_input((3 * g + 1, 2 * g + 7), torch.float32, rng).T, spec, config=config)
+        check_dual(careful_dual_input(g, rows, rng), spec, config=config)
+        check_dual(random_input(shape, torch.float32, rng).T, spec, config=config)
 
 
 @pytest.mark.parametrize("setting, prefetching", [(DEFAULT.dual_l2_prefetch, {"fp8_e4m3", "fp8_e5m2"}),
