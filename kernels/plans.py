@@ -44,12 +44,24 @@ class _Pointer:
     stride: tuple
 
 
+@dataclasses.dataclass(frozen=True)
+class _Descriptor:
+    """A tensor descriptor argument (a dataclass whose `base` is a tensor: triton's and Gluon's TensorDescriptor):
+    its base as a _Pointer, its other fields as they were."""
+    kind: type
+    base: _Pointer
+    fields: tuple  # (name, value) of every field but base
+
+    def rebuild(self, roots: list[torch.Tensor]):
+        return self.kind(base=_rebuild(roots[self.base.root], self.base), **dict(self.fields))
+
+
 @dataclasses.dataclass
 class _Launch:
     kernel: object  # the JITFunction
     grid: tuple
     values: list  # every parameter's value in order (constexprs too, as Triton's launcher takes them)
-    pointers: list  # (parameter index, _Pointer)
+    pointers: list  # (parameter index, _Pointer or _Descriptor)
     options: dict  # num_warps, maxnreg, ...: for the interpreter's replay
     runner: object = None  # CompiledKernel[grid], compiled only
 
@@ -57,12 +69,17 @@ class _Launch:
         values = self.values.copy()
         if self.runner is not None:
             for i, p in self.pointers:
-                values[i] = roots[p.root].data_ptr() + p.offset
+                values[i] = p.rebuild(roots) if isinstance(p, _Descriptor) else roots[p.root].data_ptr() + p.offset
             self.runner(*values)
             return
         for i, p in self.pointers:
-            values[i] = _rebuild(roots[p.root], p)
+            values[i] = p.rebuild(roots) if isinstance(p, _Descriptor) else _rebuild(roots[p.root], p)
         self.kernel[self.grid](**dict(zip(_parameters(self.kernel)[0], values)), **self.options)
+
+
+def _is_descriptor(v) -> bool:
+    """A tensor descriptor: a dataclass over a tensor `base` (triton.tools.tensor_descriptor, Gluon's)."""
+    return dataclasses.is_dataclass(v) and isinstance(getattr(v, "base", None), torch.Tensor)
 
 
 def _rebuild(root: torch.Tensor, p: _Pointer) -> torch.Tensor:
@@ -104,8 +121,17 @@ class _Recording(TorchDispatchMode):
             return
         pointers = []
         for i, v in enumerate(values):
+            if not constexprs[i] and _is_descriptor(v):
+                p = self._pointer(v.base)
+                if p is None:
+                    self.refused = self.refused or f"argument {names[i]}'s base is not a view of the call's tensors"
+                    return
+                fields = tuple((f.name, getattr(v, f.name)) for f in dataclasses.fields(v) if f.name != "base")
+                pointers.append((i, _Descriptor(type(v), p, fields)))
+                values[i] = None
+                continue
             if not constexprs[i] and not isinstance(v, (torch.Tensor, int, float, type(None))):
-                # a descriptor or other object that may hold an address of this call's: never kept
+                # an object that may hold an address of this call's: never kept
                 self.refused = self.refused or f"argument {names[i]} is a {type(v).__name__}"
                 return
             if isinstance(v, torch.Tensor):

@@ -183,22 +183,30 @@ def _add_through(desc, amount, BLOCK: tl.constexpr):
     desc.store([0], desc.load([0]) + amount)
 
 
-def test_a_launch_argument_other_than_a_tensor_or_number_is_never_kept():
-    """A tensor argument replays as its offset, numbers as they were; any other object (a TMA descriptor, which
-    holds the address of this call's tensor) refuses the plan, so each call builds its own."""
+def test_descriptor_arguments_replay_over_each_calls_tensors():
+    """A tensor argument replays as its offset, numbers as they were, and a TMA descriptor (which holds the address of
+    this call's tensor) as its base's offset, rebuilt over each call's tensors; a descriptor over memory outside the
+    call's tensors refuses the plan, so each call builds its own."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     x = torch.zeros(8)
     for call in range(2):
         how = plans.planned(("add",), [x], x.device, lambda: plans.launch(_add, (1,), x, 8, 2.0, BLOCK=8))
         assert how == ("recorded" if call == 0 else "replayed")
+    assert torch.equal(x, torch.full((8,), 4.0))
     for call in range(2):
-        y = torch.zeros(8)  # a fresh tensor each call: a kept descriptor would write the first one's memory
+        y = torch.zeros(16)  # a fresh tensor each call: a kept descriptor would write the first one's memory
         how = plans.planned(("through",), [y], y.device,
-                            lambda: plans.launch(_add_through, (1,), TensorDescriptor.from_tensor(y, [8]), 2.0,
+                            lambda: plans.launch(_add_through, (1,), TensorDescriptor.from_tensor(y[8:], [8]), 2.0,
+                                                 BLOCK=8))
+        assert how == ("recorded" if call == 0 else "replayed")
+        assert torch.equal(y, torch.tensor([0.0] * 8 + [2.0] * 8))
+    for call in range(2):
+        y, outside = torch.zeros(8), torch.zeros(8)
+        how = plans.planned(("outside",), [y], y.device,
+                            lambda: plans.launch(_add_through, (1,), TensorDescriptor.from_tensor(outside, [8]), 2.0,
                                                  BLOCK=8))
         assert how == ("recorded" if call == 0 else "ran")
-        assert torch.equal(y, torch.full((8,), 2.0))
-    assert torch.equal(x, torch.full((8,), 4.0))
+        assert torch.equal(outside, torch.full((8,), 2.0))
 
 
 def test_outputs_carved_from_one_buffer_replay(rng):
