@@ -256,6 +256,11 @@ class KernelConfig:
     # within 56 registers 0.927.
     nvfp4_launch: tuple = (1, 64, 1)
     nvfp4_maxnreg: int | None = 64
+    # NVFP4 of bf16 words through TMA (triton_nvfp4._nvfp4_tma_kernel): persistent programs of nvfp4_launch's tiles,
+    # (programs an SM, pipeline stages), each program's next tiles copied into shared memory while it codes one, and
+    # its register limit (None: as ptxas chooses); None: one program a tile (_nvfp4_kernel).
+    nvfp4_tma: tuple | None = None
+    nvfp4_tma_maxnreg: int | None = None
     # An MXFP4 program of 16-bit words (triton_mxfp4_pairs): (rows, MX blocks a row, warps). One or two warps
     # (H200, as above): 1 x 64 blocks at 2 warps 185 us, 2 x 32 at 1 warp 186-188 us, 16 x 16 at 4 warps 203 us.
     # With the tile from two grid coordinates (2026-12-05, profile_kernels --time, x copy, one process): (1, 64, 2)
