@@ -3,9 +3,10 @@
 A quantize of a 1024^2 tensor spends ~100-250 us on the host (our planning, Triton's binder and launch checks)
 against a few microseconds of GPU time; every tensor below ~256 MiB is bound by it. `planned(key, roots, body)`
 runs `body` the first time a key is seen and records each `launch` it makes: the compiled kernel, its grid and its
-arguments, each tensor argument as a byte offset into one of the call's `roots` (its input, outputs, explicit
-scales) or into a `scratch` buffer. Later calls with that key refill those pointers and launch the compiled kernels
-directly (Triton's own launcher, `CompiledKernel[grid]`): ~10-20 us a launch.
+arguments, each tensor argument (and a TMA descriptor's base, the descriptor rebuilt at each replay) as a byte
+offset into one of the call's `roots` (its input, outputs, explicit scales) or into a `scratch` buffer. Later calls
+with that key refill those pointers and launch the compiled kernels directly (Triton's own launcher,
+`CompiledKernel[grid]`): ~10-20 us a launch.
 
 The key must fix every decision the body makes: callers key on shapes, strides, dtypes, devices, specs and
 configs, and `planned` adds each root's address modulo 16 (Triton specializes pointers on 16-byte alignment).
