@@ -127,7 +127,8 @@ class _Recording(TorchDispatchMode):
                 if p is None:
                     self.refused = self.refused or f"argument {names[i]}'s base is not a view of the call's tensors"
                     return
-                fields = tuple((f.name, getattr(v, f.name)) for f in dataclasses.fields(v) if f.name != "base")
+                fields = tuple((f.name, getattr(v, f.name)) for f in dataclasses.fields(v)
+                               if f.init and f.name != "base")
                 pointers.append((i, _Descriptor(type(v), p, fields)))
                 values[i] = None
                 continue
