@@ -177,6 +177,17 @@ def test_triton_ragged_and_strided(rng):
     assert_triton_equal(random_input((30, 90), torch.float16, rng)[::2, 3:80])
 
 
+def assert_own_and_given_scales_equal(v: torch.Tensor, given: torch.Tensor, config):
+    """The kernel under `config` against the reference: v under its own tensor scale, and under `given` with the
+    amax the pass finds."""
+    got = triton_quantize.quantize(v, SPEC, config=config)
+    assert_same_qt(to_device(got, "cpu"), reference.quantize(v.cpu(), SPEC))
+    amax = torch.zeros(1, device=v.device)
+    got = triton_quantize.quantize(v, SPEC, given, config=config, amax=amax)
+    assert_same_qt(to_device(got, "cpu"), reference.quantize(v.cpu(), SPEC, given.cpu()))
+    assert torch.equal(amax.cpu(), reference.amax(v.cpu()).reshape(1))
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_triton_launch_shapes_give_the_same_bits(device, rng):
     """KernelConfig.nvfp4_launch (rows, 1x16 blocks, warps of a program) changes no result: ragged in both tile
@@ -188,12 +199,7 @@ def test_triton_launch_shapes_give_the_same_bits(device, rng):
     for x, launch in itertools.product(inputs, ((4, 8, 2), (8, 8, 4), (2, 32, 1), (64, 1, 2))):
         config = dataclasses.replace(DEFAULT, nvfp4_launch=launch)
         for v in (x, x[:, 1:299:2]):
-            assert_same_qt(to_device(triton_quantize.quantize(v, SPEC, config=config), "cpu"),
-                           reference.quantize(v.cpu(), SPEC))
-            amax = torch.zeros(1, device=device)
-            got = triton_quantize.quantize(v, SPEC, given, config=config, amax=amax)
-            assert_same_qt(to_device(got, "cpu"), reference.quantize(v.cpu(), SPEC, given.cpu()))
-            assert torch.equal(amax.cpu(), reference.amax(v.cpu()).reshape(1))
+            assert_own_and_given_scales_equal(v, given, config)
     with pytest.raises(ValueError, match=r"nvfp4_launch \(2, 64, 1\): a tile of 4 x 32 blocks \(at most 64"):
         triton_quantize.quantize(inputs[0], SPEC, config=dataclasses.replace(DEFAULT, nvfp4_launch=(2, 64, 1)))
 
@@ -212,12 +218,7 @@ def test_triton_tma_programs_give_the_same_bits(device, rng, monkeypatch):
         monkeypatch.setattr(triton_nvfp4, "_nvfp4_kernel", None)  # each of these must take the TMA kernel
         for _ in range(2):
             x = random_input(shape, torch.bfloat16, rng).to(device)
-            assert_same_qt(to_device(triton_quantize.quantize(x, SPEC, config=config), "cpu"),
-                           reference.quantize(x.cpu(), SPEC))
-            amax = torch.zeros(1, device=device)
-            got = triton_quantize.quantize(x, SPEC, given, config=config, amax=amax)
-            assert_same_qt(to_device(got, "cpu"), reference.quantize(x.cpu(), SPEC, given.cpu()))
-            assert torch.equal(amax.cpu(), reference.amax(x.cpu()).reshape(1))
+            assert_own_and_given_scales_equal(x, given, config)
         monkeypatch.setattr(triton_nvfp4, "_nvfp4_kernel", one_tile)
         v = x[:, 1:]  # rows of an odd element count: no words, no TMA
         assert_same_qt(to_device(triton_quantize.quantize(v, SPEC, config=config), "cpu"),
