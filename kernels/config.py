@@ -253,14 +253,11 @@ class KernelConfig:
     # 0.806, (2, 64, 2) 0.773, (1, 32, 1) 0.515; 15:58 UTC: (1, 64, 1) 0.802, (1, 128, 2) 0.787, (2, 64, 2) 0.768,
     # (2, 32, 1) 0.771 (ncu: 32 one-warp programs an SM, the block limit; issue and DRAM both near 70 %). H100, code
     # bytes four words an instance (16:15 UTC): (1, 64, 1) 1.004, (1, 64, 2) 0.941, (2, 64, 4) 0.934, (1, 64, 1)
-    # within 56 registers 0.927.
+    # within 56 registers 0.927. Persistent programs of these tiles copied into shared memory by TMA while the one
+    # before is coded (H100, 2026-12-07, given tensor scale against the one-tile launch's 1.004): 16 programs an SM
+    # at 4 stages 0.924, 8 at 4 0.957, (2, 32, 1) tiles 16 at 3 0.935; on 96 SMs 0.744-0.822 against 0.891-0.896.
     nvfp4_launch: tuple = (1, 64, 1)
     nvfp4_maxnreg: int | None = 64
-    # NVFP4 of bf16 words through TMA (triton_nvfp4._nvfp4_tma_kernel): persistent programs of nvfp4_launch's tiles,
-    # (programs an SM, pipeline stages), each program's next tiles copied into shared memory while it codes one, and
-    # its register limit (None: as ptxas chooses); None: one program a tile (_nvfp4_kernel).
-    nvfp4_tma: tuple | None = None
-    nvfp4_tma_maxnreg: int | None = None
     # An MXFP4 program of 16-bit words (triton_mxfp4_pairs): (rows, MX blocks a row, warps). One or two warps
     # (H200, as above): 1 x 64 blocks at 2 warps 185 us, 2 x 32 at 1 warp 186-188 us, 16 x 16 at 4 warps 203 us.
     # With the tile from two grid coordinates (2026-12-05, profile_kernels --time, x copy, one process): (1, 64, 2)

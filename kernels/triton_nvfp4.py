@@ -9,13 +9,12 @@ import numpy
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .config import KernelConfig
 from .launch import inline_ptx, interpreting
 from .plans import launch
 from .quantize_plan import (ElementConstants, as_grid, bf16_bits, bytes_of, element_constants, input_view,
-                            narrow_launch, pair_words, persistent_programs, row_tile_grid)
+                            narrow_launch, pair_words, row_tile_grid)
 from .spec import E2M1, E4M3, NVFP4_BLOCK, NVFP4_ZERO_SCALE, QuantizedTensor, QuantSpec, _cdiv
 from .triton_block_stats import block_stats
 from .triton_elements import (CORRECTED_ANY_ZERO, CORRECTED_MAX, CORRECTED_MIN, DIVIDE, bf16_halves, corrected, e2m1,
@@ -64,16 +63,6 @@ def quantize(v: torch.Tensor, qt: QuantizedTensor, config: KernelConfig, given: 
     compiled = not interpreting()
     packed = inline_ptx() and words_kind is BF16_WORDS and config.packed_encode
     fmt = E4M3_HW if compiled else E4M3_SOFT
-    if packed and config.nvfp4_tma is not None and _tma_fits(words, v.device):
-        programs, stages = config.nvfp4_tma
-        desc = TensorDescriptor(words, [R, words.shape[1]], [words.stride(0), 1], [rows, groups * 8])
-        extra = {} if config.nvfp4_tma_maxnreg is None else {"maxnreg": config.nvfp4_tma_maxnreg}
-        launch(_nvfp4_tma_kernel, (min(tiles_c * tiles_r, persistent_programs(v.device, programs)),), desc,
-               bytes_of(qt.codes), bytes_of(grid_s), source, qt.tensor_scale, qt.tensor_scale if amax is None else amax,
-               R, C, (C + 1) // 2, grid_s.stride(0), grid_s.stride(1), tiles_c, tiles_c * tiles_r, ROWS=rows,
-               GROUPS=groups, SCALE_FMT=fmt, FROM_AMAX=given is None, AMAX=amax is not None, STAGES=stages,
-               num_warps=warps, **extra)
-        return
     grid, rows_x = row_tile_grid(tiles_c, tiles_r)
     extra = {} if config.nvfp4_maxnreg is None else {"maxnreg": config.nvfp4_maxnreg}
     launch(_nvfp4_kernel, grid, x, bytes_of(qt.codes), bytes_of(grid_s), source, qt.tensor_scale,
@@ -81,13 +70,6 @@ def quantize(v: torch.Tensor, qt: QuantizedTensor, config: KernelConfig, given: 
            grid_s.stride(1), ROWS=rows, GROUPS=groups, SCALE_FMT=fmt,
            BF16_BITS=bf16_bits(v), WORDS=words_kind.value, FROM_AMAX=given is None,
            AMAX=amax is not None, PACKED=packed, ROWS_X=rows_x, num_warps=warps, **extra)
-
-
-def _tma_fits(words: torch.Tensor, device: torch.device) -> bool:
-    """Whether bf16 words can be read through a TMA descriptor: a GPU with TMA (sm_90 on) or the interpreter, a
-    16-byte-aligned base and row stride."""
-    tma = device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
-    return tma and words.data_ptr() % 16 == 0 and words.stride(0) * 4 % 16 == 0 and words.shape[1] * 4 >= 16
 
 
 # WORDS of _nvfp4_kernel: how the input is read.
@@ -212,35 +194,6 @@ def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, source_ptr, ts_ptr, amax_ptr, R,
     else:
         amax = tl.max(tl.maximum(finite_abs(lo), finite_abs(hi)), axis=2, keep_dims=True)
         packed = _scaled_pairs(lo, hi, amax, r, g, R, C, ss_r, ss_c, ts, rts, careless, scales_ptr, SCALE_FMT)
-    _store_tile(packed, amax, r, j, R, sq_r, codes_ptr, amax_ptr, seen, AMAX)
-
-
-@triton.jit
-def _nvfp4_tma_kernel(desc, codes_ptr, scales_ptr, source_ptr, ts_ptr, amax_ptr, R, C, sq_r, ss_r, ss_c, tiles_c,
-                      tiles, ROWS: tl.constexpr, GROUPS: tl.constexpr, SCALE_FMT: tl.constexpr,
-                      FROM_AMAX: tl.constexpr, AMAX: tl.constexpr, STAGES: tl.constexpr):
-    """_nvfp4_kernel's PACKED tiles from persistent programs: a program codes tiles pid, pid + programs, ... (a row
-    of tiles after another), each ROWS x GROUPS * 8 bf16 words of tensor descriptor `desc` (R x sq_r words; TMA
-    zero-fills past its edges), copied into shared memory by TMA STAGES - 1 tiles ahead of the one being coded
-    (tl.range's pipelining: mbarrier-tracked, no registers held), so that a program's next loads are in flight
-    while it codes."""
-    pid = tl.program_id(0)
-    seen = seen_max(amax_ptr) if AMAX else 0.0
-    ts, careless, rts = _program_tensor_scale(source_ptr, ts_ptr, pid == 0, FROM_AMAX)
-    for t in tl.range(pid, tiles, tl.num_programs(0), num_stages=STAGES):
-        tile_r = t // tiles_c
-        tile_c = t - tile_r * tiles_c
-        w = tl.reshape(desc.load([tile_r * ROWS, tile_c * (GROUPS * 8)]), (ROWS, GROUPS, 8))
-        r = tile_r * ROWS + tl.arange(0, ROWS)[:, None, None]
-        g = tile_c * GROUPS + tl.arange(0, GROUPS)[None, :, None]
-        j = g * 8 + tl.arange(0, 8)[None, None, :]
-        packed, amax = _packed_tile(w, r, g, R, C, ss_r, ss_c, ts, rts, careless, scales_ptr, SCALE_FMT)
-        _store_tile(packed, amax, r, j, R, sq_r, codes_ptr, amax_ptr, seen, AMAX)
-
-
-@triton.jit
-def _store_tile(packed, amax, r, j, R, sq_r, codes_ptr, amax_ptr, seen, AMAX: tl.constexpr):
-    """Store a tile's code bytes (pairs j of rows r); AMAX: max its blocks' finite amax into amax_ptr."""
     tl.store(codes_ptr + r.to(tl.int64) * sq_r + j, packed.to(tl.uint8), mask=(r < R) & (j < sq_r))
     if AMAX:  # after the codes, which need no amax: H100 (2026-12-06, 16384^2 bf16, given tensor scale, one process)
         # 0.958-0.963 x copy against 0.955-0.956 before them with an acq_rel atomic

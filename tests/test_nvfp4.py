@@ -204,27 +204,6 @@ def test_triton_launch_shapes_give_the_same_bits(device, rng):
         triton_quantize.quantize(inputs[0], SPEC, config=dataclasses.replace(DEFAULT, nvfp4_launch=(2, 64, 1)))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_triton_tma_programs_give_the_same_bits(device, rng, monkeypatch):
-    """KernelConfig.nvfp4_tma (persistent programs whose tiles arrive by TMA) changes no result: rows of 152, 500 and
-    512 words (ragged tiles both ways, TMA's zero fill past the edges), several tiles a program, the tensor's own
-    scale and a given one with the amax found, each shape twice on new tensors (the second call replays the first's
-    plan, its descriptor rebuilt over the new input). Inputs TMA cannot read (unaligned rows) take _nvfp4_kernel."""
-    given = torch.tensor([3.5], device=device)
-    one_tile = triton_nvfp4._nvfp4_kernel
-    for shape, launch, tma in (((37, 304), (1, 64, 1), (2, 3)), ((21, 1000), (4, 8, 2), (3, 2)),
-                               ((9, 1024), (2, 32, 1), (2, 2))):
-        config = dataclasses.replace(DEFAULT, nvfp4_launch=launch, nvfp4_tma=tma)
-        monkeypatch.setattr(triton_nvfp4, "_nvfp4_kernel", None)  # each of these must take the TMA kernel
-        for _ in range(2):
-            x = random_input(shape, torch.bfloat16, rng).to(device)
-            assert_own_and_given_scales_equal(x, given, config)
-        monkeypatch.setattr(triton_nvfp4, "_nvfp4_kernel", one_tile)
-        v = x[:, 1:]  # rows of an odd element count: no words, no TMA
-        assert_same_qt(to_device(triton_quantize.quantize(v, SPEC, config=config), "cpu"),
-                       reference.quantize(v.cpu(), SPEC))
-
-
 @pytest.mark.gpu
 @pytest.mark.xfail(triton.__version__.startswith("3.6."), strict=True,
                    reason="triton 3.6 miscompiles NVFP4 tiles of 128 blocks or more (triton_nvfp4.MAX_TILE_BLOCKS)")
