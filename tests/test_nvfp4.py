@@ -193,7 +193,7 @@ def test_triton_launch_shapes_give_the_same_bits(device, rng):
     """KernelConfig.nvfp4_launch (rows, 1x16 blocks, warps of a program) changes no result: ragged in both tile
     dimensions, on words (rows of 150 and 512 words: unaligned and aligned) and on strided elements, under the
     tensor's own scale and under a given one, with the amax the pass finds. A tile of more than MAX_TILE_BLOCKS
-    blocks is refused (the compiled kernel coded such tiles wrongly)."""
+    blocks is refused (such tiles were once seen compiled wrongly)."""
     given = torch.tensor([3.5], device=device)
     inputs = [random_input(shape, torch.bfloat16, rng).to(device) for shape in ((37, 300), (9, 1024))]
     for x, launch in itertools.product(inputs, ((4, 8, 2), (8, 8, 4), (2, 32, 1), (64, 1, 2))):
@@ -205,16 +205,17 @@ def test_triton_launch_shapes_give_the_same_bits(device, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(triton.__version__.startswith("3.6."), strict=True,
-                   reason="triton 3.6 miscompiles NVFP4 tiles of 128 blocks or more (triton_nvfp4.MAX_TILE_BLOCKS)")
 def test_gpu_tiles_past_the_limit(rng, monkeypatch):
-    """Tiles of more than MAX_TILE_BLOCKS blocks with the limit lifted, on rows of 500 words (not a multiple of 16),
-    the shape that triton 3.6 coded wrongly: where a compiler codes them right, the limit can go."""
+    """Tiles of more than MAX_TILE_BLOCKS blocks with the limit lifted, compiled: rows of 500 and 150 words (not
+    multiples of 16, where tiles of 128 blocks were once seen coded wrongly), random values with and without the
+    edge cases, words and strided elements, under the tensor's own scale and a given one with the amax found. The
+    limit is the guard while that observation is unexplained; this test watches the tiles it refuses."""
     monkeypatch.setattr(triton_nvfp4, "MAX_TILE_BLOCKS", 1 << 20)
-    x = random_input((300, 1000), torch.bfloat16, rng, edge_cases=False).cuda()
-    for launch in ((32, 4, 4), (2, 64, 1)):
-        got = triton_quantize.quantize(x, SPEC, config=dataclasses.replace(DEFAULT, nvfp4_launch=launch))
-        assert_same_qt(to_device(got, "cpu"), reference.quantize(x.cpu(), SPEC))
+    given = torch.tensor([3.5], device="cuda")
+    for cols, edges in itertools.product((1000, 300), (True, False)):
+        x = random_input((300, cols), torch.bfloat16, rng, edge_cases=edges).cuda()
+        for launch, v in itertools.product(((32, 4, 4), (2, 64, 1), (1, 128, 1)), (x, x[:, 1:299:2])):
+            assert_own_and_given_scales_equal(v, given, dataclasses.replace(DEFAULT, nvfp4_launch=launch))
 
 
 def test_triton_rows_along_the_grids_x(rng, monkeypatch):
