@@ -160,6 +160,8 @@ class KernelConfig:
     # half the stalls on global loads (long scoreboard), DRAM 72 %, L2 79 %: bound by the loads in flight, which only
     # shared memory filled asynchronously (TMA) would raise. Column loads that fill whole 32-byte sectors lose (H100
     # on 96 SMs, 2026-12-06, one process): (2, 4) 0.701-0.707, (4, 8) 0.562, (8, 16) 0.350 against (2, 8) 0.790-0.793.
+    # Tiles copied into shared memory by TMA instead (benchmarks/dual_tma_trial.py, 128 x 128 tiles, both reductions
+    # from the one copy; H100, 2026-12-07, one process): 0.295-0.436 x copy (96 SMs 0.219-0.325) against 0.796 (0.792).
     dual_column_lanes: tuple | None = (2, 8)
     # The same for MX formats (1 x 32 groups: 32-row tiles, so (2, 8) leaves a thread 4 rows of a column and the
     # column's scale is worked out by 8 lanes). Offline (triton 3.6, sm_90, MXFP8 16384^2, all paths; SASS an element /
