@@ -375,8 +375,18 @@ def _tuned(kernel, configs):
     if (kernel, id(configs)) not in _AUTOTUNED:
         key = ["M", "N", "K", "SCALE_PER_K", "IS_INT", "HAS_ZP", "SPLIT_K"] if kernel is _scaled_gemm_kernel else [
             "M", "N", "K", "A_FP4", "B_FP4"]
-        _AUTOTUNED[kernel, id(configs)] = (configs, triton.autotune(configs=configs, key=key)(kernel))
+        tuned = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _one_k_block})
+        _AUTOTUNED[kernel, id(configs)] = (configs, tuned(kernel))
     return _AUTOTUNED[kernel, id(configs)][1]
+
+
+def _one_k_block(configs, nargs, **kwargs):
+    """The configs worth trying: without the pair-K ones where K is one K block (their second block is TMA's zero
+    fill, an MMA of nothing). Triton 3.8 compiles the pair-K config of 3 stages with K = 1 (a constant to it) into
+    262,168 bytes of shared memory, more than an H100 or H200 has (196,632 with any other K; 3.6 200,728)."""
+    if nargs["K"] > K_BLOCK:
+        return configs
+    return [c for c in configs if not c.kwargs.get("PAIR_K")] or configs
 
 
 def _grid(M: int, N: int, num_sms: int, split: int = 1):

@@ -467,6 +467,21 @@ def test_every_config(name, config, monkeypatch, rng):
         check(*quantized_pair(m, n, k, spec_a, spec_b, rng))
 
 
+def test_pair_k_configs_sit_out_gemms_of_one_k_block(monkeypatch):
+    """The autotuner tries no pair-K config where K is one K block (its second block is zero fill; triton 3.8
+    compiles the pair-K config of 3 stages at K = 1 past an H100's shared memory) and every config from two blocks
+    on; a list of pair-K configs alone is kept whole."""
+    monkeypatch.setattr(triton_gemm, "INTERPRETER_CONFIG", ALL_CONFIGS["INTERPRETER_CONFIG"])
+    for configs in (ALL_CONFIGS["SCALED_CONFIGS"], triton_gemm.DECODE_CONFIGS):
+        tuned = triton_gemm._tuned(triton_gemm._scaled_gemm_kernel, configs)
+        assert any(c.kwargs.get("PAIR_K") for c in tuned.configs)
+        for k, pair in ((1, False), (128, False), (129, True), (4096, True)):
+            tuned.nargs = {"K": k}
+            assert any(c.kwargs.get("PAIR_K") for c in tuned.prune_configs({})) == pair, k
+    pair_only = [c for c in ALL_CONFIGS["SCALED_CONFIGS"] if c.kwargs.get("PAIR_K")]
+    assert pair_only and triton_gemm._one_k_block(pair_only, {"K": 1}) == pair_only
+
+
 # ---- split K (decode shapes) -------------------------------------------------------------------
 
 SPLIT_PAIRS = [BLOCK_SCALED, FP8_PAIRS[0], FP8_PAIRS[4]]
