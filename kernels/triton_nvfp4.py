@@ -56,7 +56,7 @@ def quantize(v: torch.Tensor, qt: QuantizedTensor, config: KernelConfig, given: 
                          f"(at most {MAX_TILE_BLOCKS}: larger tiles were seen miscompiled for sm_90, BENCHMARKS.md)")
     source = given if given is not None else block_stats(v, R, C, 1, 1, False, config)
     grid_s = as_grid(qt.scales, R, _cdiv(C, NVFP4_BLOCK))
-    tiles_c, tiles_r = _cdiv(C, groups * NVFP4_BLOCK), _cdiv(R, rows)
+    grid, rows_x = row_tile_grid(_cdiv(C, groups * NVFP4_BLOCK), _cdiv(R, rows))
     words = pair_words(v)
     if words is None:  # elements loaded one by one: lo and hi apart
         x, words_kind, sx_r, sx_c = input_view(v), ELEMENTS, v.stride(1), v.stride(2)
@@ -65,9 +65,8 @@ def quantize(v: torch.Tensor, qt: QuantizedTensor, config: KernelConfig, given: 
         words_kind = {torch.bfloat16: BF16_WORDS, torch.float16: FP16_WORDS, torch.float32: FP32_WORDS}[v.dtype]
     compiled = not interpreting()
     packed = inline_ptx() and words_kind is BF16_WORDS and config.packed_encode
-    fmt = E4M3_HW if compiled else E4M3_SOFT
-    grid, rows_x = row_tile_grid(tiles_c, tiles_r)
     extra = {} if config.nvfp4_maxnreg is None else {"maxnreg": config.nvfp4_maxnreg}
+    fmt = E4M3_HW if compiled else E4M3_SOFT
     launch(_nvfp4_kernel, grid, x, bytes_of(qt.codes), bytes_of(grid_s), source, qt.tensor_scale,
            qt.tensor_scale if amax is None else amax, R, C, sx_r, sx_c, (C + 1) // 2, grid_s.stride(0),
            grid_s.stride(1), ROWS=rows, GROUPS=groups, SCALE_FMT=fmt,
@@ -191,7 +190,13 @@ def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, source_ptr, ts_ptr, amax_ptr, R,
     else:
         lo, hi = _load_pairs(x_ptr, r, j, R, C, sq_r, sx_r, sx_c, BF16_BITS, WORDS)
     seen = seen_max(amax_ptr) if AMAX else 0.0
-    ts, careless, rts = _program_tensor_scale(source_ptr, ts_ptr, (tile_r == 0) & (tile_c == 0), FROM_AMAX)
+    ts = _tensor_scale(source_ptr, FROM_AMAX)
+    if (tile_r == 0) & (tile_c == 0):
+        tl.store(ts_ptr, ts)
+    # Every divisor value / ts (value in [2**-9, 448], each rounded monotonically) lies within the range where ts
+    # does; not (in range): a NaN tensor scale is careful too.
+    careless = (ts <= TS_MAX) & (ts >= TS_MIN)
+    rts = tl.math.div_rn(1.0, ts)
     if PACKED:
         packed, amax = _packed_tile(w, r, g, R, C, ss_r, ss_c, ts, rts, careless, scales_ptr, SCALE_FMT)
     else:
@@ -201,17 +206,6 @@ def _nvfp4_kernel(x_ptr, codes_ptr, scales_ptr, source_ptr, ts_ptr, amax_ptr, R,
     if AMAX:  # after the codes, which need no amax: H100 (2026-12-06, 16384^2 bf16, given tensor scale, one process)
         # 0.958-0.963 x copy against 0.955-0.956 before them with an acq_rel atomic
         max_into(amax_ptr, tl.max(tl.max(tl.max(amax, axis=2), axis=1), axis=0), seen)
-
-
-@triton.jit
-def _program_tensor_scale(source_ptr, ts_ptr, first, FROM_AMAX: tl.constexpr):
-    """(ts, careless, RN(1 / ts)) of a program: the tensor scale (_tensor_scale; the `first` program stores it at
-    ts_ptr) and whether it is careless. Every divisor value / ts (value in [2**-9, 448], each rounded monotonically)
-    lies within the range where ts does; not (in range): a NaN tensor scale is careful too."""
-    ts = _tensor_scale(source_ptr, FROM_AMAX)
-    if first:
-        tl.store(ts_ptr, ts)
-    return ts, (ts <= TS_MAX) & (ts >= TS_MIN), tl.math.div_rn(1.0, ts)
 
 
 @triton.jit
