@@ -8,8 +8,8 @@ block-scaled product, the E4M3 x E5M2 per-row one (A and B one scale a row) and 
 work items a tile (SPLIT = 2) with the default variant: triton.compile of the Gluon kernel with the specializations a real launch of contiguous
 operands gets (16-byte aligned pointers and C rows, unit inner strides of C and of row-major scales,
 zero strides of single scales), then
-  * registers, spills, shared memory (cuobjdump -res-usage, and ptxas -v on the PTX, whose
-    warnings also say whether ptxas serialized the wgmma pipeline);
+  * registers, spills, shared memory (cuobjdump -res-usage, and the log of triton's own ptxas -v run, whose
+    warnings also say whether ptxas serialized the wgmma pipeline; every variant is compiled afresh for it);
   * the setmaxnreg split between the partitions;
   * HGMMA / WARPGROUP.DEPBAR counts in the SASS, the wgmma forms (operand types) and wgmma.wait_group
     depths in the PTX (wait_group 1 inside the K loop means block k+1's MMA stays in flight while block k
@@ -20,16 +20,20 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import io
 import os
 import re
-import subprocess
 import sys
 
-import triton
-from triton.backends.compiler import GPUTarget
+# triton runs ptxas with -v; its log (registers, spills, wgmma serialization) is printed only by a compile that runs
+# ptxas, so none comes from the cache
+os.environ.update(TRITON_DUMP_PTXAS_LOG="1", TRITON_ALWAYS_COMPILE="1")
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from quantd.kernels import gluon_gemm
-from sass import cuobjdump
+from quantd.kernels import gluon_gemm  # noqa: E402
+from sass import cuobjdump  # noqa: E402
 
 
 # (mode, A codes, B codes): block-scaled, per-tensor (sa and sb one scale each) or per-row (one a row of A
@@ -84,12 +88,6 @@ def compile_variant(gg, cfg, out: str = "bf16", mode: str = "block-scaled", a_dt
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": cfg.maxnreg})
 
 
-def ptxas_path() -> str:
-    """The ptxas triton itself runs for sm_90 (newer triton ships more than one)."""
-    from triton.backends.nvidia.compiler import get_ptxas
-    return get_ptxas(90).path
-
-
 def wait_depths(ptx: str) -> list:
     """wgmma.wait_group depths in PTX order (1: the newest MMA stays in flight while older ones are read)."""
     return [int(d) for d in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)]
@@ -114,8 +112,10 @@ def main() -> None:
         if (mode, a_dtype, b_dtype) != MODES[0]:  # the block-scaled E4M3 variants keep their file names
             name = re.sub(r"\W+", "_", f"{mode} {a_dtype} {b_dtype} ") + name
         stem = os.path.join(args.dump, name)
+        ptxas = io.StringIO()
         try:
-            k = compile_variant(gg, cfg, args.out, mode, a_dtype, b_dtype)
+            with contextlib.redirect_stdout(ptxas):
+                k = compile_variant(gg, cfg, args.out, mode, a_dtype, b_dtype)
         except Exception as e:
             print(f"\n== {label}\ncompile failed: {type(e).__name__}: {str(e)[:2000]}")
             continue
@@ -128,8 +128,6 @@ def main() -> None:
         with open(stem + ".sass", "w") as f:
             f.write(sass)
         res = cuobjdump("-res-usage", stem + ".cubin", check=False)
-        ptxas = subprocess.run([ptxas_path(), "-arch=sm_90a", "-v", "--warn-on-spills", f"{stem}.ptx", "-o",
-                                f"{stem}.ptxas.cubin"], capture_output=True, text=True)
         ptx = k.asm["ptx"]
         ops = collections.Counter(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9.]*)", sass, re.M))
         hgmma = sum(n for op, n in ops.items() if op.startswith(("HGMMA", "QGMMA")))  # QGMMA: the FP8 form
@@ -139,7 +137,7 @@ def main() -> None:
         print(f"metadata: shared {k.metadata.shared} B, num_warps {k.metadata.num_warps}, "
               f"maxnreg {cfg.maxnreg}, launch warps {getattr(k.metadata, 'num_warps', '?')}")
         print("res-usage:", " ".join(line.strip() for line in res.splitlines() if "REG" in line))
-        for line in (ptxas.stdout + ptxas.stderr).splitlines():
+        for line in ptxas.getvalue().splitlines():
             if "Used" in line or "spill" in line or "arning" in line or "rror" in line or "Performance" in line:
                 print("ptxas:", line.strip())
         print("setmaxnreg:", re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))
