@@ -1,6 +1,6 @@
 """Instructions per decoded element of the MX GEMM's K loop, compiled for sm_90 on a machine without a GPU.
 
-    python benchmarks/gemm_sass.py [--dump DIR] [--fp32-decode]
+    python benchmarks/gemm_sass.py [--dump DIR] [--fp32-decode] [--only REGEX]
 
 For every launch config in triton_gemm.MX_CONFIGS and the pairings MXFP4 x MXFP4 and MXFP8 x MXFP4:
 triton.compile of `_mx_gemm_kernel` for sm_90 with the specializations a real launch of contiguous
@@ -73,6 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dump", default="/tmp/quantd-gemm-sass", help="folder for the cubins and SASS listings")
     ap.add_argument("--fp32-decode", action="store_true", help="count the fp32 decode (packed_decode=False)")
+    ap.add_argument("--only", default="", metavar="REGEX", help="only the configs whose labels match")
     args = ap.parse_args()
     os.makedirs(args.dump, exist_ok=True)
     packed = DEFAULT.packed_decode and not args.fp32_decode
@@ -81,6 +82,8 @@ def main() -> None:
         for cfg in tg.MX_CONFIGS:
             kw = cfg.kwargs
             label = f"{name} {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages}"
+            if not re.search(args.only, label):
+                continue
             kernel = compile_mx(cfg, a_fp4, b_fp4, packed)
             stem = os.path.join(args.dump, re.sub(r"\W+", "_", label))
             sass = sass_of(kernel, stem + ".cubin")
