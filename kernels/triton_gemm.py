@@ -32,6 +32,8 @@ Scales are read through plain pointers with any strides (row- or column-major).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import triton
 import triton.language as tl
@@ -369,24 +371,38 @@ def _launched(configs: list) -> list:
     return INTERPRETER_CONFIG if interpreting() else configs
 
 
-def _tuned(kernel, configs):
-    """`kernel` autotuned over `configs` (one small config under the interpreter), built once per list."""
+def _tuned(kernel, configs, one_k_block: bool = False):
+    """`kernel` autotuned over `configs` (one small config under the interpreter), built once per list;
+    one_k_block: for a GEMM whose K is one K block (_plain_twins)."""
     configs = _launched(configs)
+    if one_k_block:
+        configs = _plain_twins(configs)
     if (kernel, id(configs)) not in _AUTOTUNED:
         key = ["M", "N", "K", "SCALE_PER_K", "IS_INT", "HAS_ZP", "SPLIT_K"] if kernel is _scaled_gemm_kernel else [
             "M", "N", "K", "A_FP4", "B_FP4"]
-        tuned = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _one_k_block})
-        _AUTOTUNED[kernel, id(configs)] = (configs, tuned(kernel))
+        _AUTOTUNED[kernel, id(configs)] = (configs, triton.autotune(configs=configs, key=key)(kernel))
     return _AUTOTUNED[kernel, id(configs)][1]
 
 
-def _one_k_block(configs, nargs, **kwargs):
-    """The configs worth trying: without the pair-K ones where K is one K block (their second block is TMA's zero
-    fill, an MMA of nothing). Triton 3.8 compiles the pair-K config of 3 stages with K = 1 (a constant to it) into
-    262,168 bytes of shared memory, more than an H100 or H200 has (196,632 with any other K; 3.6 200,728)."""
-    if nargs["K"] > K_BLOCK:
-        return configs
-    return [c for c in configs if not c.kwargs.get("PAIR_K")] or configs
+_TWINS = {}
+
+
+def _plain_twins(configs: list) -> list:
+    """`configs` with each pair-K config as its plain twin (the same tiles, warps and stages, one K block an
+    iteration), duplicates left out: for a GEMM whose K is one K block, where a pair's second block is TMA's zero
+    fill. Triton 3.8 compiles the pair-K config of 3 stages with K = 1 (a constant to it) into 262,168 bytes of shared
+    memory, more than an H100 or H200 has (196,632 with any other K; 3.6 200,728), and an autotuner of one config
+    launches it without trying it. One list object per list (the autotuner is built once a list)."""
+    if id(configs) not in _TWINS:
+        twins = []
+        for c in configs:
+            if c.kwargs.get("PAIR_K"):
+                c = copy.copy(c)
+                c.kwargs = {k: v for k, v in c.kwargs.items() if k != "PAIR_K"}
+            if all(t.all_kwargs() != c.all_kwargs() for t in twins):
+                twins.append(c)
+        _TWINS[id(configs)] = (configs, twins)
+    return _TWINS[id(configs)][1]
 
 
 def _grid(M: int, N: int, num_sms: int, split: int = 1):
@@ -526,7 +542,7 @@ def _scaled_matmul(a: QuantizedTensor, b: QuantizedTensor, c: torch.Tensor, conf
     num_sms = _num_programs(c.device, config)
     configs = DECODE_CONFIGS if split > 1 else config.scaled_gemm_configs or SCALED_CONFIGS
     ws = torch.empty((split, M, N), dtype=torch.int32 if is_int else torch.float32, device=c.device) if split > 1 else c
-    _tuned(_scaled_gemm_kernel, configs)[_grid(M, N, num_sms, split)](
+    _tuned(_scaled_gemm_kernel, configs, K <= K_BLOCK)[_grid(M, N, num_sms, split)](
         _descriptor(a.codes, K), _descriptor(b.codes, K), c, sa, sb, za, zb, ws,
         M, N, K, c.stride(0), c.stride(1), sam, sak, sbn, sbk, stride_za, stride_zb,
         ga or K_BLOCK, gb or K_BLOCK, A_ROWS=a_rows, B_ROWS=b_rows,

@@ -467,19 +467,32 @@ def test_every_config(name, config, monkeypatch, rng):
         check(*quantized_pair(m, n, k, spec_a, spec_b, rng))
 
 
-def test_pair_k_configs_sit_out_gemms_of_one_k_block(monkeypatch):
-    """The autotuner tries no pair-K config where K is one K block (its second block is zero fill; triton 3.8
-    compiles the pair-K config of 3 stages at K = 1 past an H100's shared memory) and every config from two blocks
-    on; a list of pair-K configs alone is kept whole."""
+def test_pair_k_configs_sit_out_gemms_of_one_k_block(monkeypatch, rng):
+    """Where K is one K block the autotuner tries each pair-K config as its plain twin (its second block would be
+    zero fill; triton 3.8 compiles the pair-K config of 3 stages at K = 1 past an H100's shared memory), also where a
+    pair-K config is the only one (an autotuner of one config launches it untried: what failed under 3.8 with
+    these tests' first-config-only lists); from two blocks on every config as it is. Products at K = 1 and 128 as the
+    reference's."""
     monkeypatch.setattr(triton_gemm, "INTERPRETER_CONFIG", ALL_CONFIGS["INTERPRETER_CONFIG"])
-    for configs in (ALL_CONFIGS["SCALED_CONFIGS"], triton_gemm.DECODE_CONFIGS):
-        tuned = triton_gemm._tuned(triton_gemm._scaled_gemm_kernel, configs)
-        assert any(c.kwargs.get("PAIR_K") for c in tuned.configs)
-        for k, pair in ((1, False), (128, False), (129, True), (4096, True)):
-            tuned.nargs = {"K": k}
-            assert any(c.kwargs.get("PAIR_K") for c in tuned.prune_configs({})) == pair, k
+    kernel = triton_gemm._scaled_gemm_kernel
+
+    def plain(c):
+        return {k: v for k, v in c.all_kwargs().items() if k != "PAIR_K"}
+
     pair_only = [c for c in ALL_CONFIGS["SCALED_CONFIGS"] if c.kwargs.get("PAIR_K")]
-    assert pair_only and triton_gemm._one_k_block(pair_only, {"K": 1}) == pair_only
+    for configs in (ALL_CONFIGS["SCALED_CONFIGS"], triton_gemm.DECODE_CONFIGS, pair_only,
+                    ALL_CONFIGS["INTERPRETER_CONFIG"]):
+        assert any(c.kwargs.get("PAIR_K") for c in configs)
+        twins = triton_gemm._plain_twins(configs)
+        assert twins is triton_gemm._plain_twins(configs)  # one list: one autotuner
+        assert [c.all_kwargs() for c in twins] == list({str(plain(c)): plain(c) for c in configs}.values())
+        assert triton_gemm._tuned(kernel, configs).configs == triton_gemm._launched(configs)
+        one = triton_gemm._tuned(kernel, configs, one_k_block=True)
+        assert one.configs == triton_gemm._plain_twins(triton_gemm._launched(configs))
+        assert not any(c.kwargs.get("PAIR_K") for c in one.configs)
+    monkeypatch.setattr(triton_gemm, "INTERPRETER_CONFIG", ALL_CONFIGS["INTERPRETER_CONFIG"][1:])  # pair-K alone
+    for k in (1, 128):
+        check(*quantized_pair(3, 5, k, *BLOCK_SCALED, rng))
 
 
 # ---- split K (decode shapes) -------------------------------------------------------------------
