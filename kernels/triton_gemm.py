@@ -372,19 +372,15 @@ def _launched(configs: list) -> list:
 
 
 def _tuned(kernel, configs, one_k_block: bool = False):
-    """`kernel` autotuned over `configs` (one small config under the interpreter), built once per list;
-    one_k_block: for a GEMM whose K is one K block (_plain_twins)."""
+    """`kernel` autotuned over `configs` (one small config under the interpreter), built once per list and
+    one_k_block (a GEMM whose K is one K block: over _plain_twins of the list)."""
     configs = _launched(configs)
-    if one_k_block:
-        configs = _plain_twins(configs)
-    if (kernel, id(configs)) not in _AUTOTUNED:
+    if (kernel, id(configs), one_k_block) not in _AUTOTUNED:
         key = ["M", "N", "K", "SCALE_PER_K", "IS_INT", "HAS_ZP", "SPLIT_K"] if kernel is _scaled_gemm_kernel else [
             "M", "N", "K", "A_FP4", "B_FP4"]
-        _AUTOTUNED[kernel, id(configs)] = (configs, triton.autotune(configs=configs, key=key)(kernel))
-    return _AUTOTUNED[kernel, id(configs)][1]
-
-
-_TWINS = {}
+        tried = _plain_twins(configs) if one_k_block else configs
+        _AUTOTUNED[kernel, id(configs), one_k_block] = (configs, triton.autotune(configs=tried, key=key)(kernel))
+    return _AUTOTUNED[kernel, id(configs), one_k_block][1]
 
 
 def _plain_twins(configs: list) -> list:
@@ -392,17 +388,15 @@ def _plain_twins(configs: list) -> list:
     iteration), duplicates left out: for a GEMM whose K is one K block, where a pair's second block is TMA's zero
     fill. Triton 3.8 compiles the pair-K config of 3 stages with K = 1 (a constant to it) into 262,168 bytes of shared
     memory, more than an H100 or H200 has (196,632 with any other K; 3.6 200,728), and an autotuner of one config
-    launches it without trying it. One list object per list (the autotuner is built once a list)."""
-    if id(configs) not in _TWINS:
-        twins = []
-        for c in configs:
-            if c.kwargs.get("PAIR_K"):
-                c = copy.copy(c)
-                c.kwargs = {k: v for k, v in c.kwargs.items() if k != "PAIR_K"}
-            if all(t.all_kwargs() != c.all_kwargs() for t in twins):
-                twins.append(c)
-        _TWINS[id(configs)] = (configs, twins)
-    return _TWINS[id(configs)][1]
+    launches it without trying it."""
+    twins = []
+    for c in configs:
+        if c.kwargs.get("PAIR_K"):
+            c = copy.copy(c)
+            c.kwargs = {k: v for k, v in c.kwargs.items() if k != "PAIR_K"}
+        if all(t.all_kwargs() != c.all_kwargs() for t in twins):
+            twins.append(c)
+    return twins
 
 
 def _grid(M: int, N: int, num_sms: int, split: int = 1):

@@ -51,9 +51,10 @@ def test_gemm_sass_tool_counts_every_mx_config(tmp_path):
     """benchmarks/gemm_sass.py finds the K loop of every MX GEMM config, without spills; the bf16x2 MXFP4 decode
     (shipped) stays well under the fp32 one (KernelConfig.packed_decode = False, about 5 against 18 instructions per
     element with triton 3.6), which is compiled with the first config only."""
-    first = tg.MX_CONFIGS[0].kwargs
-    first = f"{first['BLOCK_M']}x{first['BLOCK_N']}x{first['BLOCK_K']} w{tg.MX_CONFIGS[0].num_warps} "
-    for flags, configs in (([], len(tg.MX_CONFIGS)), (["--fp32-decode", "--only", re.escape(first)], 1)):
+    cfg = tg.MX_CONFIGS[0]
+    first = re.escape(f" {cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']} w{cfg.num_warps} "
+                      f"s{cfg.num_stages}") + "$"  # gemm_sass.py's label of the config
+    for flags, configs in (([], len(tg.MX_CONFIGS)), (["--fp32-decode", "--only", first], 1)):
         check_gemm_sass(run_tool("gemm_sass.py", "--dump", str(tmp_path), *flags, timeout=900), flags, configs)
 
 
@@ -80,7 +81,7 @@ def test_gluon_kernel_compiles_for_sm90(tmp_path):
     # default in their stages and chains only, which the block-scaled mode compiles)
     deepest = {}
     for cfg in gluon_gemm.CONFIGS:
-        shape = (cfg.chain, cfg.group_m, cfg.warpgroups, cfg.maxnreg, cfg.consumer_regs, cfg.producer_regs)
+        shape = tuple(sorted((k, v) for k, v in vars(cfg).items() if k != "stages"))  # all but the ring's depth
         if shape not in deepest or cfg.stages > deepest[shape].stages:
             deepest[shape] = cfg
     block_scaled = [cfg for cfg in gluon_gemm.CONFIGS if cfg in deepest.values()]

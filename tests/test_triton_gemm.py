@@ -484,11 +484,12 @@ def test_pair_k_configs_sit_out_gemms_of_one_k_block(monkeypatch, rng):
                     ALL_CONFIGS["INTERPRETER_CONFIG"]):
         assert any(c.kwargs.get("PAIR_K") for c in configs)
         twins = triton_gemm._plain_twins(configs)
-        assert twins is triton_gemm._plain_twins(configs)  # one list: one autotuner
         assert [c.all_kwargs() for c in twins] == list({str(plain(c)): plain(c) for c in configs}.values())
         assert triton_gemm._tuned(kernel, configs).configs == triton_gemm._launched(configs)
         one = triton_gemm._tuned(kernel, configs, one_k_block=True)
-        assert one.configs == triton_gemm._plain_twins(triton_gemm._launched(configs))
+        assert one is triton_gemm._tuned(kernel, configs, one_k_block=True)  # one autotuner a list
+        assert [c.all_kwargs() for c in one.configs] == [
+            c.all_kwargs() for c in triton_gemm._plain_twins(triton_gemm._launched(configs))]
         assert not any(c.kwargs.get("PAIR_K") for c in one.configs)
     monkeypatch.setattr(triton_gemm, "INTERPRETER_CONFIG", ALL_CONFIGS["INTERPRETER_CONFIG"][1:])  # pair-K alone
     for k in (1, 128):
