@@ -1,7 +1,7 @@
 """Correctness and speed of each launch variant of the Gluon FP8 GEMM (kernels/gluon_gemm.py) on an H100, in
 both of its modes: block-scaled (A 1x128 x B 128x128) and scales constant along K (per tensor / per row).
 
-    python benchmarks/gluon_gemm_check.py [--sizes 4096 8192] [--no-bench] [--no-check] [--group-m 4 16]
+    python benchmarks/gluon_gemm_check.py [--sizes 4096 8192] [--no-bench] [--no-check] [--group-m 4 16] [--pair]
 
 (a) For M x N x K in 128^3, 257 x 383 x 1100 (ragged), 1000 x 1000 x 4096 and 4096^3, operands quantized
     by the reference (A 1x128 groups, B 128x128 tiles), every launch variant of gluon_gemm.CONFIGS:
@@ -15,7 +15,8 @@ both of its modes: block-scaled (A 1x128 x B 128x128) and scales constant along 
     variant (per tensor also of the one triton_gemm.matmul picks), of the Triton kernel and of cuBLAS: blockwise
     (gemm.cublas_blockwise) for the block-scaled product, per-tensor torch._scaled_mm (use_fast_accum=False) for
     the per-tensor one; and the ratios.
-Each variant is tried on its own: a failure is printed and the others still run (a CUDA fault, though,
+--pair: gluon_gemm.PAIR (programs of two CTAs, B multicast; triton 3.9 on) among the block-scaled variants of (a)
+and (c). Each variant is tried on its own: a failure is printed and the others still run (a CUDA fault, though,
 poisons the context for everything after it; a hang needs the caller's timeout). Exit status 1 when (a) or (b)
 found a failure, after (c) ran.
 """
@@ -57,7 +58,11 @@ def report_failure(what: str, e: Exception) -> None:
     traceback.print_exc(limit=3)
 
 
-def check(gg, shapes) -> bool:
+def block_scaled_configs(gg, pair: bool) -> list:
+    return list(gg.CONFIGS) + ([gg.PAIR] if pair else [])
+
+
+def check(gg, shapes, pair: bool = False) -> bool:
     ok = True
     for m, n, k in shapes:
         qa, qb = operands(m, n, k, m + n + k)
@@ -65,7 +70,7 @@ def check(gg, shapes) -> bool:
         ours_triton = triton_gemm.matmul(qa, qb, torch.float32, config=NO_GLUON)
         print(f"check {m}x{n}x{k}: triton_gemm fp32 out rel err {relative_error(ours_triton, ref):.3e}, "
               f"fp64 product rounded to bf16 {relative_error(ref.float().bfloat16(), ref):.3e}", flush=True)
-        for cfg in gg.CONFIGS:
+        for cfg in block_scaled_configs(gg, pair):
             try:
                 c32 = gg.blockscaled_matmul(qa.codes, qa.scales, qb.codes, qb.scales, torch.float32, config=cfg)
                 c16 = gg.blockscaled_matmul(qa.codes, qa.scales, qb.codes, qb.scales, torch.bfloat16, config=cfg)
@@ -132,10 +137,11 @@ def regrouped(cfg, group_m: int):
     return cfg
 
 
-def bench(gg, sizes, group_ms=(), only=()) -> None:
+def bench(gg, sizes, group_ms=(), only=(), pair: bool = False) -> None:
     """(c) above; group_ms: also CONFIGS[0] and THREE_WARPGROUPS with their tiles walked in those groups; only: the
-    variants whose name ends with one of these (all if none)."""
+    variants whose name ends with one of these (all if none); pair: gluon_gemm.PAIR too (block-scaled only)."""
     configs = list(gg.CONFIGS) + [regrouped(cfg, g) for g in group_ms for cfg in (gg.CONFIGS[0], gg.THREE_WARPGROUPS)]
+    pairs = [gg.PAIR] if pair else []
     configs = [cfg for cfg in configs if not only or repr(cfg).endswith(tuple(only))]
     for s in sizes:
         qa, qb = operands(s, s, s, s)
@@ -154,7 +160,7 @@ def bench(gg, sizes, group_ms=(), only=()) -> None:
 
         record("cublas blockwise (torch scaled_mm)", cublas_blockwise(qa, qb)[0])
         record("triton_gemm.matmul", lambda: triton_gemm.matmul(qa, qb, torch.bfloat16, config=NO_GLUON))
-        for cfg in configs:
+        for cfg in configs + pairs:
             record(repr(cfg), lambda cfg=cfg: gg.blockscaled_matmul(qa.codes, qa.scales, qb.codes, qb.scales,
                                                                      torch.bfloat16, config=cfg))
         for name, tflops in rows.items():
@@ -188,6 +194,7 @@ def main() -> None:
                     help="also time the default and the three-warpgroup variants with tiles walked in these groups")
     ap.add_argument("--only", nargs="*", default=[], metavar="END",
                     help="time only the variants whose names end so (e.g. 'stages5 chain8 group8 regs240/24')")
+    ap.add_argument("--pair", action="store_true", help="gluon_gemm.PAIR too (block-scaled: checked and timed)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/gluon_gemm_check.py needs a CUDA GPU")
@@ -199,13 +206,13 @@ def main() -> None:
     t0 = time.time()
     ok = ok_rows = True
     if not args.no_check:
-        ok = check(gg, SHAPES)
+        ok = check(gg, SHAPES, args.pair)
         print(f"correctness, block-scaled: {'all ok' if ok else 'FAILURES'} ({time.time() - t0:.0f} s)", flush=True)
         ok_rows = check_row_scaled(gg, SHAPES)
         print(f"correctness, per tensor / per row: {'all ok' if ok_rows else 'FAILURES'} ({time.time() - t0:.0f} s)",
               flush=True)
     if not args.no_bench:
-        bench(gg, args.sizes, args.group_m, args.only)
+        bench(gg, args.sizes, args.group_m, args.only, args.pair)
     print(f"done in {time.time() - t0:.0f} s", flush=True)
     if not (ok and ok_rows):
         sys.exit("benchmarks/gluon_gemm_check.py: correctness FAILURES (above)")

@@ -5,7 +5,9 @@
 For each launch variant in gluon_gemm.CONFIGS, in both modes of the kernel (block-scaled: A 1x128 x B
 128x128 scales; per-tensor: one scale for A and one for B, constant along K), and for the E5M2 x E4M3
 block-scaled product, the E4M3 x E5M2 per-row one (A and B one scale a row) and both recipes split over two
-work items a tile (SPLIT = 2) with the default variant: triton.compile of the Gluon kernel with the specializations a real launch of contiguous
+work items a tile (SPLIT = 2) with the default variant, and (triton 3.9 on) the block-scaled E4M3 product over pairs
+of CTAs (gluon_gemm.PAIR, num_ctas 2: its multicast copies of B and the remote arrives on the pair's barrier are
+counted in the PTX): triton.compile of the Gluon kernel with the specializations a real launch of contiguous
 operands gets (16-byte aligned pointers and C rows, unit inner strides of C and of row-major scales,
 zero strides of single scales), then
   * registers, spills, shared memory (cuobjdump -res-usage, and the log of triton's own ptxas -v run, whose
@@ -47,7 +49,8 @@ GL_DTYPES = {"fp8e4nv": "float8e4nv", "fp8e5": "float8e5"}
 
 def variants(gg) -> list:
     return [(mode, a, b, cfg) for mode, a, b in MODES for cfg in gg.CONFIGS] + [
-        (mode, a, b, gg.CONFIGS[0]) for mode, a, b in DEFAULT_ONLY]
+        (mode, a, b, gg.CONFIGS[0]) for mode, a, b in DEFAULT_ONLY] + (
+        [(*MODES[0], gg.PAIR)] if gg.CLUSTER_AVAILABLE else [])
 
 
 def compile_variant(gg, cfg, out: str = "bf16", mode: str = "block-scaled", a_dtype: str = "fp8e4nv",
@@ -57,15 +60,16 @@ def compile_variant(gg, cfg, out: str = "bf16", mode: str = "block-scaled", a_dt
 
     fn = gg._fp8_gemm_kernel
 
-    def desc(dtype, rows):
-        layout = gl.NVMMASharedLayout.get_default_for([rows, gg.K_BLOCK], getattr(gl, GL_DTYPES[dtype]))
+    def desc(dtype, rows, cga=None):
+        extra = {} if cga is None else {"cga_layout": cga}  # a pair of CTAs: rows split, or the block in each
+        layout = gl.NVMMASharedLayout.get_default_for([rows, gg.K_BLOCK], getattr(gl, GL_DTYPES[dtype]), **extra)
         return f"tensordesc<{dtype}[{rows}, {gg.K_BLOCK}],{layout!r}>"
 
     split = mode.endswith(" split")
     mode = mode.removesuffix(" split")
     constexprs = dict(STAGES=cfg.stages, GROUP_M=cfg.group_m, CHAIN=cfg.chain, CONSUMER_REGS=cfg.consumer_regs,
                       PRODUCER_REGS=cfg.producer_regs, SCALE_PER_K=mode == "block-scaled", SPLIT=2 if split else 1,
-                      WGS=cfg.warpgroups,
+                      WGS=cfg.warpgroups, CLUSTER=cfg.cluster,
                       stride_cn=1)
     aligned = {"c_ptr", "sa_ptr", "sb_ptr", "ws_ptr", "stride_cm", "M", "N", "K"}  # as M = N = K = 4096
     if mode == "block-scaled":  # row-major (M, K/128) and (N/128, K/128) scales
@@ -76,7 +80,9 @@ def compile_variant(gg, cfg, out: str = "bf16", mode: str = "block-scaled", a_dt
     else:  # per-row: (M,) and (N,) contiguous, K strides 0
         constexprs.update(stride_sam=1, stride_sbn=1)
         aligned |= {"stride_sak", "stride_sbk"}
-    types = dict(a_desc=desc(a_dtype, gg.TILE if cfg.warpgroups == 2 else 64), b_desc=desc(b_dtype, gg.TILE),
+    pair = cfg.cluster == 2
+    types = dict(a_desc=desc(a_dtype, gg.TILE if cfg.warpgroups == 2 else 64, [[1, 0]] if pair else None),
+                 b_desc=desc(b_dtype, gg.TILE, [[0, 0]] if pair else None),
                  c_ptr=f"*{out}",
                  sa_ptr="*fp32", sb_ptr="*fp32",
                  ws_ptr="*fp32")
@@ -85,7 +91,8 @@ def compile_variant(gg, cfg, out: str = "bf16", mode: str = "block-scaled", a_dt
     attrs = {(i, ): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned}
     src = GluonASTSource(fn=fn, signature=signature, attrs=attrs,
                          constexprs={(names.index(k), ): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": cfg.maxnreg})
+    options = {"num_warps": 4, "maxnreg": cfg.maxnreg} | ({"num_ctas": 2} if pair else {})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def wait_depths(ptx: str) -> list:
@@ -149,6 +156,10 @@ def main() -> None:
         print("PTX wgmma.mma_async:", len(re.findall(r"wgmma\.mma_async", ptx)),
               "wait_group depths in order:", wait_depths(ptx),
               "mbarrier.arrive:", len(re.findall(r"mbarrier\.arrive", ptx)))
+        if cfg.cluster == 2:
+            print("PTX pair: multicast copies", len(re.findall(r"cp\.async\.bulk\.tensor\S*multicast::cluster", ptx)),
+                  "remote arrives", len(re.findall(r"mbarrier\.arrive\.shared::cluster", ptx)),
+                  "waits skipped outside CTA 0", ptx.count("skipWait:"))
         print("top SASS ops:", ", ".join(f"{op} {n}" for op, n in ops.most_common(12)))
 
 

@@ -66,6 +66,14 @@ try:
     AVAILABLE, UNAVAILABLE_REASON = True, ""
 except Exception as e:  # older triton, or a Gluon without the Hopper API
     AVAILABLE, UNAVAILABLE_REASON = False, f"triton {triton.__version__}: Gluon Hopper API unavailable ({e!r})"
+# Pairs of CTAs (GluonConfig.cluster 2) from triton 3.9 on: its arrive on a barrier of the pair reaches CTA 0's
+# (3.7 and 3.8 arrive locally, and the pair's B slots would never be freed; benchmarks/gluon_cluster_probe.py).
+CLUSTER_AVAILABLE = AVAILABLE and tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9)
+if CLUSTER_AVAILABLE:
+    from triton.experimental.gluon.language.nvidia.hopper.cluster import barrier as _cluster_barrier
+    _allocate_mbarrier = mbarrier.allocate_mbarrier
+else:  # names the kernel's pair branch refers to (triton resolves every name of a kernel for its cache key)
+    _cluster_barrier = _allocate_mbarrier = None
 
 K_BLOCK = 128  # one MMA (and one scale group) per 128-wide K block
 TILE = 128  # rows and columns of an output tile
@@ -85,16 +93,22 @@ class GluonConfig:
     other warpgroups' MMAs run (`chain` unused). maxnreg caps the whole program (two: 12 warps, 4 + 4 + 1
     padded to a warpgroup, 65536 / 384 -> 168; three: 16 warps -> 128); consumer_regs and producer_regs are
     the setmaxnreg targets of the worker partitions, and the default (consumer) partition gets what is left.
+    cluster 2 (block-scaled, two warpgroups, triton 3.9 on: CLUSTER_AVAILABLE): the programs run in pairs, a
+    cluster of two CTAs on 256 x 128 tiles, each CTA 64 rows of each warpgroup's 128 with the whole B block,
+    which CTA 0 copies into both CTAs' ring (TMA multicast: B crosses from L2 once for the two); the pair's
+    consumers release each B slot on a barrier in CTA 0 (_fp8_gemm_kernel).
     """
 
     def __init__(self, stages=4, chain=4, group_m=8, maxnreg=168, consumer_regs=240, producer_regs=24,
-                 warpgroups=2):
+                 warpgroups=2, cluster=1):
         self.stages, self.chain, self.group_m, self.warpgroups = stages, chain, group_m, warpgroups
         self.maxnreg, self.consumer_regs, self.producer_regs = maxnreg, consumer_regs, producer_regs
+        self.cluster = cluster
 
     def __repr__(self):
+        pair = " cluster2" if self.cluster == 2 else ""
         return (f"gluon {64 * self.warpgroups}x128x128 stages{self.stages} chain{self.chain} group{self.group_m} "
-                f"regs{self.consumer_regs}/{self.producer_regs}")
+                f"regs{self.consumer_regs}/{self.producer_regs}{pair}")
 
 
 # The first is the default. On an H100 (BENCHMARKS.md): chains of 8 with 4 stages 1009 / 1000 TFLOPS
@@ -108,6 +122,9 @@ class GluonConfig:
 # against 1135-1172 / 1139-1169. 5 stages fit beside fp32 output's staging (ring_stages), 6 only beside 16-bit's.
 THREE_WARPGROUPS = GluonConfig(4, 2, maxnreg=128, consumer_regs=160, warpgroups=3)
 CONFIGS = [GluonConfig(5, 8), GluonConfig(4, 8), GluonConfig(4, 2), GluonConfig(3, 4), THREE_WARPGROUPS]
+# The default's launch over pairs of CTAs (B multicast); not among CONFIGS: compiled for sm_90 (tests/test_sass_tool.py,
+# triton 3.9), not yet run on a GPU (benchmarks/gluon_gemm_check.py --pair times it against the others and cuBLAS).
+PAIR = GluonConfig(5, 8, cluster=2)
 
 
 if AVAILABLE:
@@ -127,13 +144,15 @@ if AVAILABLE:
         return off_m, off_n, k_first, k_end, split
 
     @gluon.jit
-    def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K,
+    def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, b_free, M, N, K,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                  GROUP_M: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr, PIECES: gl.constexpr):
+                  GROUP_M: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr, PIECES: gl.constexpr,
+                  CLUSTER: gl.constexpr):
         """TMA loads of every K block of this program's work items into the slot ring (one warp); A's block in
-        PIECES pieces of a_desc's rows (slots s * PIECES .. s * PIECES + PIECES - 1 of a_bufs)."""
+        PIECES pieces of a_desc's rows (slots s * PIECES .. s * PIECES + PIECES - 1 of a_bufs). CLUSTER 2: each
+        CTA its rows of the pieces, B by CTA 0 into both CTAs' slot once both have freed it (b_free)."""
         items = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N) * SPLIT
-        nbytes: gl.constexpr = (BLOCK_M + BLOCK_N) * BLOCK_K  # one byte a code
+        nbytes: gl.constexpr = (BLOCK_M // CLUSTER + BLOCK_N) * BLOCK_K  # one byte a code, a CTA
         c = 0
         for item in range(gl.program_id(0), items, gl.num_programs(0)):
             off_m, off_n, k_first, k_end, split = _work_item(item, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
@@ -142,12 +161,17 @@ if AVAILABLE:
                 s = c % STAGES
                 # A fresh mbarrier counts as having completed the phase before 0: the first lap waits for nothing.
                 mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
+                if CLUSTER == 2:  # a barrier of the pair, in CTA 0: waited for there only
+                    mbarrier.wait(b_free.index(s), ((c // STAGES) & 1) ^ 1)
                 mbarrier.expect(ready.index(s), nbytes)
                 # Past K (the padding block) TMA writes zeros and still counts the whole box.
                 for j in gl.static_range(PIECES):
                     _tma_load(a_desc, [off_m + j * (BLOCK_M // PIECES), kb * BLOCK_K], ready.index(s),
                               a_bufs.index(s * PIECES + j))
-                _tma_load(b_desc, [off_n, kb * BLOCK_K], ready.index(s), b_bufs.index(s))
+                if CLUSTER == 2:
+                    _tma_load(b_desc, [off_n, kb * BLOCK_K], ready.index(s), b_bufs.index(s), multicast=True)
+                else:
+                    _tma_load(b_desc, [off_n, kb * BLOCK_K], ready.index(s), b_bufs.index(s))
                 c += 1
 
     @gluon.jit
@@ -171,13 +195,15 @@ if AVAILABLE:
             return tok, sa_ptrs, sb_ptr
 
     @gluon.jit
-    def _retire(tok, acc, sa, sb, empty, c, OUTSTANDING: gl.constexpr, STAGES: gl.constexpr,
-                SCALE_PER_K: gl.constexpr):
-        """Wait for the MMA `tok` (leaving OUTSTANDING newer ones running), free its slot, and add its
-        scaled product to the fp32 accumulator (without SCALE_PER_K: the product alone, sa and sb
-        unused); returns (accumulator, the product's registers, now free)."""
+    def _retire(tok, acc, sa, sb, empty, b_free, c, OUTSTANDING: gl.constexpr, STAGES: gl.constexpr,
+                SCALE_PER_K: gl.constexpr, CLUSTER: gl.constexpr):
+        """Wait for the MMA `tok` (leaving OUTSTANDING newer ones running), free its slot (CLUSTER 2: its B on
+        the pair's barrier too), and add its scaled product to the fp32 accumulator (without SCALE_PER_K: the
+        product alone, sa and sb unused); returns (accumulator, the product's registers, now free)."""
         p = warpgroup_mma_wait(num_outstanding=OUTSTANDING, deps=[tok])
         mbarrier.arrive(empty.index(c % STAGES), count=1)
+        if CLUSTER == 2:
+            mbarrier.arrive(b_free.index(c % STAGES), count=1)  # CTA 1's arrives in CTA 0
         # acc += p * scale as inline asm with side effects: LLVM must keep it before the next wgmma
         # that reuses p's registers. (A plain fma is sunk past that wgmma; p's registers then have to
         # live on while the wgmma writes them, and ptxas serializes every wgmma of the kernel.)
@@ -191,9 +217,9 @@ if AVAILABLE:
         return acc, p
 
     @gluon.jit
-    def _chain(a_bufs, b_bufs, ready, empty, x, y, acc, c, kb, sa_ptrs, sb_tile, k_groups, stride_sak, stride_sbk,
-               WG: gl.constexpr, HALF_M: gl.constexpr, STAGES: gl.constexpr, BLOCKS: gl.constexpr,
-               SCALE_PER_K: gl.constexpr, PIECES: gl.constexpr):
+    def _chain(a_bufs, b_bufs, ready, empty, b_free, x, y, acc, c, kb, sa_ptrs, sb_tile, k_groups, stride_sak,
+               stride_sbk, WG: gl.constexpr, HALF_M: gl.constexpr, STAGES: gl.constexpr, BLOCKS: gl.constexpr,
+               SCALE_PER_K: gl.constexpr, PIECES: gl.constexpr, CLUSTER: gl.constexpr):
         """BLOCKS (even) consecutive K blocks from slot c / K block kb, alternating between the product
         tiles x and y: each block's MMA is issued before the previous block's product is waited for
         and scaled, so the tensor cores always have one queued, except while the last is scaled.
@@ -206,41 +232,46 @@ if AVAILABLE:
         for j in gl.static_range(0, BLOCKS, 2):
             ty, say, sby = _issue(a_bufs, b_bufs, ready, c + j + 1, y, sa_ptrs, sb_tile, kb + j + 1, k_groups,
                                   stride_sak, stride_sbk, WG, HALF_M, STAGES, SCALE_PER_K, PIECES)
-            acc, x = _retire(tx, acc, sax, sbx, empty, c + j, 1, STAGES, SCALE_PER_K)
+            acc, x = _retire(tx, acc, sax, sbx, empty, b_free, c + j, 1, STAGES, SCALE_PER_K, CLUSTER)
             if j + 2 < BLOCKS:
                 tx, sax, sbx = _issue(a_bufs, b_bufs, ready, c + j + 2, x, sa_ptrs, sb_tile, kb + j + 2, k_groups,
                                       stride_sak, stride_sbk, WG, HALF_M, STAGES, SCALE_PER_K, PIECES)
-                acc, y = _retire(ty, acc, say, sby, empty, c + j + 1, 1, STAGES, SCALE_PER_K)
+                acc, y = _retire(ty, acc, say, sby, empty, b_free, c + j + 1, 1, STAGES, SCALE_PER_K, CLUSTER)
             else:
-                acc, y = _retire(ty, acc, say, sby, empty, c + j + 1, 0, STAGES, SCALE_PER_K)
+                acc, y = _retire(ty, acc, say, sby, empty, b_free, c + j + 1, 0, STAGES, SCALE_PER_K, CLUSTER)
         return acc, x, y
 
     @gluon.jit
-    def _single(a_bufs, b_bufs, ready, empty, p, acc, c, kb, sa_ptrs, sb_tile, k_groups, stride_sak, stride_sbk,
-                WG: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr, SCALE_PER_K: gl.constexpr,
-                PIECES: gl.constexpr):
+    def _single(a_bufs, b_bufs, ready, empty, b_free, p, acc, c, kb, sa_ptrs, sb_tile, k_groups, stride_sak,
+                stride_sbk, WG: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr, SCALE_PER_K: gl.constexpr,
+                PIECES: gl.constexpr, CLUSTER: gl.constexpr):
         """One K block into the only product tile p: its MMA, waited for, then scaled into the accumulator (the
         other warpgroups' MMAs keep the tensor cores busy meanwhile); returns (accumulator, p)."""
         tok, sa, sb = _issue(a_bufs, b_bufs, ready, c, p, sa_ptrs, sb_tile, kb, k_groups, stride_sak, stride_sbk,
                              WG, ROWS, STAGES, SCALE_PER_K, PIECES)
-        return _retire(tok, acc, sa, sb, empty, c, 0, STAGES, SCALE_PER_K)
+        return _retire(tok, acc, sa, sb, empty, b_free, c, 0, STAGES, SCALE_PER_K, CLUSTER)
 
     @gluon.jit
-    def _consumer(a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, ws_ptr, M, N, K,
+    def _consumer(a_bufs, b_bufs, ready, empty, b_free, c_ptr, sa_ptr, sb_ptr, ws_ptr, M, N, K,
                   stride_cm, stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk,
                   WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                   GROUP_M: gl.constexpr, STAGES: gl.constexpr, CHAIN: gl.constexpr, SCALE_PER_K: gl.constexpr,
-                  SPLIT: gl.constexpr, PIECES: gl.constexpr):
+                  SPLIT: gl.constexpr, PIECES: gl.constexpr, CLUSTER: gl.constexpr):
         """One warpgroup: rows WG*64 .. WG*64+63 of every work item's tile, its K blocks in chains of CHAIN
         (the last pairs in chains of 2), then a masked store of its 64 x 128 piece of C (SPLIT > 1: of the
-        item's fp32 partial, into plane `split` of ws_ptr, (SPLIT, M, N) contiguous).
+        item's fp32 partial, into plane `split` of ws_ptr, (SPLIT, M, N) contiguous). CLUSTER 2: rows
+        WG*128 .. WG*128+127 of the pair's tile, 64 in each CTA (the register layouts' CTA split).
 
         Without SCALE_PER_K the scales are one per row of A and one per row of B (stride 0: one for
         all): read once an item, before its K loop, and applied after it as acc * (sa * sb)."""
-        HALF_M: gl.constexpr = 64  # rows of a warpgroup
-        DOUBLE: gl.constexpr = BLOCK_M == 128  # two product tiles (chains), else one
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                      instr_shape=[16, BLOCK_N, 32])
+        HALF_M: gl.constexpr = 64 * CLUSTER  # rows of a warpgroup (over the pair: 64 a CTA)
+        DOUBLE: gl.constexpr = BLOCK_M == 128 * CLUSTER  # two product tiles (chains), else one
+        if CLUSTER == 2:
+            mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                          instr_shape=[16, BLOCK_N, 32], cga_layout=[[1, 0]])
+        else:
+            mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                          instr_shape=[16, BLOCK_N, 32])
         col_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])  # B's per-row scales (not SCALE_PER_K)
         items = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N) * SPLIT
         k_groups = gl.cdiv(K, BLOCK_K)
@@ -265,36 +296,46 @@ if AVAILABLE:
             acc = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma)
             if DOUBLE:
                 for i in range(pairs // (CHAIN // 2)):
-                    acc, x, y = _chain(a_bufs, b_bufs, ready, empty, x, y, acc, c, kb, sa_ptrs, sb_tile, k_groups,
-                                       stride_sak, stride_sbk, WG, HALF_M, STAGES, CHAIN, SCALE_PER_K, PIECES)
+                    acc, x, y = _chain(a_bufs, b_bufs, ready, empty, b_free, x, y, acc, c, kb, sa_ptrs, sb_tile,
+                                       k_groups, stride_sak, stride_sbk, WG, HALF_M, STAGES, CHAIN, SCALE_PER_K,
+                                       PIECES, CLUSTER)
                     c += CHAIN
                     kb += CHAIN
                 for i in range(pairs % (CHAIN // 2)):
-                    acc, x, y = _chain(a_bufs, b_bufs, ready, empty, x, y, acc, c, kb, sa_ptrs, sb_tile, k_groups,
-                                       stride_sak, stride_sbk, WG, HALF_M, STAGES, 2, SCALE_PER_K, PIECES)
+                    acc, x, y = _chain(a_bufs, b_bufs, ready, empty, b_free, x, y, acc, c, kb, sa_ptrs, sb_tile,
+                                       k_groups, stride_sak, stride_sbk, WG, HALF_M, STAGES, 2, SCALE_PER_K, PIECES,
+                                       CLUSTER)
                     c += 2
                     kb += 2
             else:
                 for i in range(2 * pairs):
-                    acc, x = _single(a_bufs, b_bufs, ready, empty, x, acc, c, kb, sa_ptrs, sb_tile, k_groups,
-                                     stride_sak, stride_sbk, WG, HALF_M, STAGES, SCALE_PER_K, PIECES)
+                    acc, x = _single(a_bufs, b_bufs, ready, empty, b_free, x, acc, c, kb, sa_ptrs, sb_tile,
+                                     k_groups, stride_sak, stride_sbk, WG, HALF_M, STAGES, SCALE_PER_K, PIECES,
+                                     CLUSTER)
                     c += 1
                     kb += 1
             if not SCALE_PER_K:  # as _scaled_gemm_kernel: acc * (sa * sb), sa per row, sb per column
                 sb_cols = gl.convert_layout(sb, gl.SliceLayout(0, mma))
                 acc = acc * (gl.expand_dims(sa, 1) * gl.expand_dims(sb_cols, 0))
             if SPLIT == 1:
-                _store_piece(c_ptr, acc, off_m + WG * HALF_M, off_n, M, N, stride_cm, stride_cn, HALF_M, BLOCK_N)
+                _store_piece(c_ptr, acc, off_m + WG * HALF_M, off_n, M, N, stride_cm, stride_cn, HALF_M, BLOCK_N,
+                             CLUSTER)
             else:
                 _store_piece(ws_ptr + split.to(gl.int64) * M * N, acc, off_m + WG * HALF_M, off_n, M, N, N, 1,
-                             HALF_M, BLOCK_N)
+                             HALF_M, BLOCK_N, CLUSTER)
 
     @gluon.jit
-    def _store_piece(ptr, acc, first_row, off_n, M, N, stride_m, stride_n, ROWS: gl.constexpr, COLS: gl.constexpr):
+    def _store_piece(ptr, acc, first_row, off_n, M, N, stride_m, stride_n, ROWS: gl.constexpr, COLS: gl.constexpr,
+                     CLUSTER: gl.constexpr):
         """Masked store of a ROWS x COLS accumulator piece at (first_row, off_n) of an (M, N) matrix of ptr's
-        dtype: through shared memory into rows of 16-byte pieces, for wide coalesced stores."""
+        dtype: through shared memory into rows of 16-byte pieces, for wide coalesced stores (CLUSTER 2: the
+        rows split between the pair's CTAs, as the accumulator's)."""
         VEC: gl.constexpr = 128 // ptr.dtype.element_ty.primitive_bitwidth  # elements in 16 bytes
-        layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // COLS, COLS // VEC], [4, 1], [1, 0])
+        if CLUSTER == 2:
+            layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // COLS, COLS // VEC], [4, 1], [1, 0],
+                                                    cga_layout=[[1, 0]])
+        else:
+            layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // COLS, COLS // VEC], [4, 1], [1, 0])
         out = gl.convert_layout(acc.to(ptr.dtype.element_ty), layout)
         r = gl.expand_dims(first_row + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout)), 1)
         q = gl.expand_dims(off_n + gl.arange(0, COLS, layout=gl.SliceLayout(0, layout)), 0)
@@ -305,7 +346,7 @@ if AVAILABLE:
                          stride_cm, stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk,
                          STAGES: gl.constexpr, GROUP_M: gl.constexpr, CHAIN: gl.constexpr,
                          CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, SCALE_PER_K: gl.constexpr,
-                         SPLIT: gl.constexpr = 1, WGS: gl.constexpr = 2):
+                         SPLIT: gl.constexpr = 1, WGS: gl.constexpr = 2, CLUSTER: gl.constexpr = 1):
         """C = (A codes x B codes^T) with A's and B's scales; see the module docstring.
 
         SCALE_PER_K: A's 1x128 and B's 128x128 scales, applied to every K block's product. Otherwise
@@ -317,58 +358,76 @@ if AVAILABLE:
         partial goes to plane `split` of ws_ptr ((SPLIT, M, N), contiguous; launch.sum_splits adds them into C).
         WGS consumer warpgroups of 64 rows: 128-row tiles (a_desc's block), or 192-row ones whose A block comes
         in three 64-row pieces (a_desc's block; shapes are powers of two).
+        CLUSTER 2 (num_ctas=2; block-scaled, two warpgroups, one work item a tile): a program is a pair of CTAs
+        on a 256 x 128 tile, a_desc's block a warpgroup's 128 rows (64 a CTA), b_desc's shared by the pair
+        (multicast from CTA 0). `empty` frees each CTA's A slot to its own producer, `b_free` (in CTA 0, both
+        CTAs' consumers arriving) the pair's B slot to CTA 0's.
         Launched with num_warps=4 (the default partition, consumer warpgroup 0).
         """
-        BLOCK_M: gl.constexpr = 64 * WGS
+        BLOCK_M: gl.constexpr = 64 * WGS * CLUSTER
         PIECES: gl.constexpr = BLOCK_M // a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         gl.static_assert(BLOCK_N == 128, "one B scale (128 x 128 tiles) per tile column")
-        gl.static_assert((WGS == 2 and PIECES == 1) or (WGS == 3 and PIECES == 3), "128 x 128 or 3 x 64 x 128 A blocks")
+        gl.static_assert((WGS == 2 and PIECES == CLUSTER) or (WGS == 3 and PIECES == 3 and CLUSTER == 1),
+                         "128 x 128 or 3 x 64 x 128 A blocks, or a pair's 2 x 128 x 128")
+        gl.static_assert(CLUSTER == 1 or (SCALE_PER_K and SPLIT == 1), "pairs: block-scaled, unsplit")
         gl.static_assert(CHAIN % 2 == 0, "K blocks go in pairs")
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * PIECES, BLOCK_M // PIECES, BLOCK_K], a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        if CLUSTER == 2:  # one barrier a CTA, and b_free one of the pair (in CTA 0: counts both CTAs' arrivals)
+            ready = _allocate_mbarrier(batch=STAGES)
+            empty = _allocate_mbarrier(batch=STAGES)
+            b_free = _allocate_mbarrier(batch=STAGES, two_ctas=True)
+        else:
+            ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            b_free = empty  # unused
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)  # the producer's expect; TMA completes the bytes
             mbarrier.init(empty.index(i), count=WGS)  # one arrive per consumer warpgroup
+            if CLUSTER == 2:
+                mbarrier.init(b_free.index(i), count=WGS)  # a CTA's (the pair's barrier counts both)
+        if CLUSTER == 2:
+            _cluster_barrier()  # the barriers' init seen by both CTAs before any arrive or copy
         if WGS == 2:
             gl.warp_specialize([
-                (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, ws_ptr, M, N, K, stride_cm,
-                             stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk, 0, BLOCK_M, BLOCK_N, BLOCK_K,
-                             GROUP_M, STAGES, CHAIN, SCALE_PER_K, SPLIT, PIECES)),
-                (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, ws_ptr, M, N, K, stride_cm,
-                             stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk, 1, BLOCK_M, BLOCK_N, BLOCK_K,
-                             GROUP_M, STAGES, CHAIN, SCALE_PER_K, SPLIT, PIECES)),
-                (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K,
-                             BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, SPLIT, PIECES)),
+                (_consumer, (a_bufs, b_bufs, ready, empty, b_free, c_ptr, sa_ptr, sb_ptr, ws_ptr, M, N, K, stride_cm,
+                             stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk, 0, BLOCK_M, BLOCK_N,
+                             BLOCK_K, GROUP_M, STAGES, CHAIN, SCALE_PER_K, SPLIT, PIECES, CLUSTER)),
+                (_consumer, (a_bufs, b_bufs, ready, empty, b_free, c_ptr, sa_ptr, sb_ptr, ws_ptr, M, N, K, stride_cm,
+                             stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk, 1, BLOCK_M, BLOCK_N,
+                             BLOCK_K, GROUP_M, STAGES, CHAIN, SCALE_PER_K, SPLIT, PIECES, CLUSTER)),
+                (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, b_free, M, N, K,
+                             BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, SPLIT, PIECES, CLUSTER)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
-                (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, ws_ptr, M, N, K, stride_cm,
-                             stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk, 0, BLOCK_M, BLOCK_N, BLOCK_K,
-                             GROUP_M, STAGES, CHAIN, SCALE_PER_K, SPLIT, PIECES)),
-                (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, ws_ptr, M, N, K, stride_cm,
-                             stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk, 1, BLOCK_M, BLOCK_N, BLOCK_K,
-                             GROUP_M, STAGES, CHAIN, SCALE_PER_K, SPLIT, PIECES)),
-                (_consumer, (a_bufs, b_bufs, ready, empty, c_ptr, sa_ptr, sb_ptr, ws_ptr, M, N, K, stride_cm,
-                             stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk, 2, BLOCK_M, BLOCK_N, BLOCK_K,
-                             GROUP_M, STAGES, CHAIN, SCALE_PER_K, SPLIT, PIECES)),
-                (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K,
-                             BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, SPLIT, PIECES)),
+                (_consumer, (a_bufs, b_bufs, ready, empty, b_free, c_ptr, sa_ptr, sb_ptr, ws_ptr, M, N, K, stride_cm,
+                             stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk, 0, BLOCK_M, BLOCK_N,
+                             BLOCK_K, GROUP_M, STAGES, CHAIN, SCALE_PER_K, SPLIT, PIECES, CLUSTER)),
+                (_consumer, (a_bufs, b_bufs, ready, empty, b_free, c_ptr, sa_ptr, sb_ptr, ws_ptr, M, N, K, stride_cm,
+                             stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk, 1, BLOCK_M, BLOCK_N,
+                             BLOCK_K, GROUP_M, STAGES, CHAIN, SCALE_PER_K, SPLIT, PIECES, CLUSTER)),
+                (_consumer, (a_bufs, b_bufs, ready, empty, b_free, c_ptr, sa_ptr, sb_ptr, ws_ptr, M, N, K, stride_cm,
+                             stride_cn, stride_sam, stride_sak, stride_sbn, stride_sbk, 2, BLOCK_M, BLOCK_N,
+                             BLOCK_K, GROUP_M, STAGES, CHAIN, SCALE_PER_K, SPLIT, PIECES, CLUSTER)),
+                (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, b_free, M, N, K,
+                             BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, SPLIT, PIECES, CLUSTER)),
             ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
 
 # ---- host side ----------------------------------------------------------------------------------
 
 
-def _codes_descriptor(codes: torch.Tensor, k: int, rows_per_block: int):
+def _codes_descriptor(codes: torch.Tensor, k: int, rows_per_block: int, cga_layout=None):
     """A TMA descriptor over 2-D FP8 codes (block rows_per_block x 128); layouts TMA cannot read are
-    copied first (launch.tma_rows)."""
+    copied first (launch.tma_rows). cga_layout (a pair of CTAs): [[1, 0]] the block's rows split between the
+    two, [[0, 0]] the whole block in each."""
     codes = tma_rows(codes, k)
     block = [rows_per_block, K_BLOCK]
-    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_CODE_DTYPES[codes.dtype])
+    extra = {} if cga_layout is None else {"cga_layout": cga_layout}
+    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_CODE_DTYPES[codes.dtype], **extra)
     return TensorDescriptor(codes, [codes.shape[0], k], [codes.stride(0), 1], block, layout)
 
 
@@ -438,18 +497,29 @@ def _launch(a_codes, b_codes, c, sa, sb, scale_strides, scale_per_k: bool, confi
     cfg = config or CONFIGS[0]
     if split < 1:
         raise ValueError(f"gluon_gemm: split must be at least 1, got {split}")
-    rows = 64 * cfg.warpgroups  # of a tile
+    pair = cfg.cluster == 2
+    if pair and not (CLUSTER_AVAILABLE and scale_per_k and split == 1 and cfg.warpgroups == 2):
+        raise ValueError(f"gluon_gemm: {cfg} runs block-scaled GEMMs with two warpgroups, unsplit, on triton 3.9 or "
+                         f"later (this is {triton.__version__}, {'block-scaled' if scale_per_k else 'row-scaled'}, "
+                         f"split {split})")
+    rows = 64 * cfg.warpgroups * cfg.cluster  # of a tile
     tiles = -(-M // rows) * -(-N // TILE)
-    grid = (min(sm_count(a_codes.device), tiles * split), )
+    grid = (min(sm_count(a_codes.device) // cfg.cluster, tiles * split), )  # programs: CTAs or pairs of them
     ws = torch.empty((split, M, N), dtype=torch.float32, device=c.device) if split > 1 else c
     stages = ring_stages(cfg, ws.element_size(), shared_memory(c.device))
+    if pair:  # a warpgroup's 128 rows over the pair (64 a CTA); B whole in each
+        a_desc = _codes_descriptor(a_codes, K, TILE, [[1, 0]])
+        b_desc = _codes_descriptor(b_codes, K, TILE, [[0, 0]])
+    else:
+        a_desc = _codes_descriptor(a_codes, K, TILE if cfg.warpgroups == 2 else 64)
+        b_desc = _codes_descriptor(b_codes, K, TILE)
     _fp8_gemm_kernel[grid](
-        _codes_descriptor(a_codes, K, TILE if cfg.warpgroups == 2 else 64), _codes_descriptor(b_codes, K, TILE), c,
-        sa, sb, ws, M, N, K,
+        a_desc, b_desc, c, sa, sb, ws, M, N, K,
         c.stride(0), c.stride(1), *scale_strides,
         STAGES=stages, GROUP_M=cfg.group_m, CHAIN=cfg.chain, CONSUMER_REGS=cfg.consumer_regs,
         PRODUCER_REGS=cfg.producer_regs,
-        SCALE_PER_K=scale_per_k, SPLIT=split, WGS=cfg.warpgroups, num_warps=4, maxnreg=cfg.maxnreg)
+        SCALE_PER_K=scale_per_k, SPLIT=split, WGS=cfg.warpgroups, CLUSTER=cfg.cluster, num_warps=4,
+        num_ctas=cfg.cluster, maxnreg=cfg.maxnreg)
     return sum_splits(ws, c) if split > 1 else c
 
 

@@ -72,7 +72,8 @@ def test_gluon_kernel_compiles_for_sm90(tmp_path):
     modes (block-scaled, per-tensor), with E5M2 operands, with its K blocks split over work items and with three
     consumer warpgroups (192-row tiles), keeps its registers (no spills), uses the FP8
     wgmma, and (two warpgroups) leaves one MMA in flight while a product is promoted (wait_group 1); ptxas does
-    not serialize the wgmmas."""
+    not serialize the wgmmas. From triton 3.9 on also the variant over pairs of CTAs (gluon_gemm.PAIR): B copied
+    by multicast, its slots freed by remote arrives on the pair's barrier, whose waits run in CTA 0 only."""
     if not gluon_gemm.AVAILABLE:
         pytest.fail(gluon_gemm.UNAVAILABLE_REASON)
     default = gluon_gemm.CONFIGS[0]
@@ -92,6 +93,8 @@ def test_gluon_kernel_compiles_for_sm90(tmp_path):
                                        f"per-row fp8e4nv x fp8e5 | {default!r}",
                                        f"block-scaled split fp8e4nv x fp8e4nv | {default!r}",
                                        f"per-row split fp8e4nv x fp8e4nv | {default!r}"]
+    if gluon_gemm.CLUSTER_AVAILABLE:
+        expected.append(f"block-scaled fp8e4nv x fp8e4nv | {gluon_gemm.PAIR!r}")
     only = "^(" + "|".join(map(re.escape, expected)) + ")$"
     stdout = run_tool("gluon_gemm_sass.py", "--dump", str(tmp_path), "--only", only)
     variants = stdout.split("\n== ")[1:]
@@ -111,6 +114,10 @@ def test_gluon_kernel_compiles_for_sm90(tmp_path):
         assert ("1" in depths) if "gluon 128x128x128" in v.splitlines()[0] else set(depths) == {"0"}, v
         fma, add = map(int, re.search(r"promotion: fma\.rn\.f32 (\d+) add\.rn\.f32 (\d+)", v).groups())
         assert (fma > 0 and add == 0) if v.startswith("block-scaled") else (fma == 0 and add > 0), v
+        pair = re.search(r"pair: multicast copies (\d+) remote arrives (\d+) waits skipped outside CTA 0 (\d+)", v)
+        assert (pair is not None) == ("cluster2" in v.splitlines()[0]), v
+        if pair:
+            assert all(int(n) > 0 for n in pair.groups()), v
 
 
 def test_stray_merges_are_found(monkeypatch):

@@ -755,6 +755,42 @@ def test_gpu_gluon_same_products_as_triton(m, n, k, out_dtype, rng, monkeypatch)
         assert relative_error(full, reference.matmul(qa, qb, full.dtype)) <= tolerance(qa.spec, full.dtype)
 
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (130, 7, 383), (257, 383, 1100), (1000, 1000, 4096),
+                                   (2048, 1536, 3072)])
+def test_gpu_gluon_pairs_same_products(m, n, k, rng):
+    """gluon_gemm.PAIR (programs of two CTAs, B multicast, its slots freed on a barrier of the pair) gives the
+    default variant's products bit for bit: tiles of 256 rows, ragged in every dimension, E4M3 and E5M2 A, row- and
+    column-major scales, fp32 and bf16 output, and the same bits every run."""
+    assert torch.cuda.get_device_capability()[0] == 9 and gluon_gemm.AVAILABLE, "needs an sm_90 GPU and Gluon"
+    if not gluon_gemm.CLUSTER_AVAILABLE:
+        pytest.skip(f"pairs of CTAs need triton 3.9 or later (this is {triton.__version__})")
+    for spec_a, spec_b in [BLOCK_SCALED] + BLOCK_SCALED_E5M2:
+        qa, qb = (to_device(q) for q in quantized_pair(m, n, k, spec_a, spec_b, rng))
+        for sa in (qa.scales, qa.scales.t().contiguous().t()):
+            for out_dtype in (torch.float32, torch.bfloat16):
+                what = f"{m}x{n}x{k} {spec_a.describe()} {out_dtype}"
+                args = (qa.codes, sa, qb.codes, qb.scales, out_dtype)
+                ours = gluon_gemm.blockscaled_matmul(*args, config=gluon_gemm.PAIR)
+                assert torch.equal(ours, gluon_gemm.blockscaled_matmul(*args)), what
+                assert torch.equal(gluon_gemm.blockscaled_matmul(*args, config=gluon_gemm.PAIR), ours), what
+
+
+def test_gluon_pairs_refuse_what_they_do_not_run():
+    """gluon_gemm.PAIR runs block-scaled, unsplit GEMMs on triton 3.9 or later; anything else is refused by name
+    before a launch (here on CPU tensors, where _launch is reached directly)."""
+    pair = gluon_gemm.PAIR
+    assert (pair.cluster, pair.warpgroups) == (2, 2) and pair not in gluon_gemm.CONFIGS
+    assert "cluster2" in repr(pair) and all("cluster" not in repr(cfg) for cfg in gluon_gemm.CONFIGS)
+    codes = torch.zeros(4, 128, dtype=torch.float8_e4m3fn)
+    scales = torch.ones(4, 1)
+    for scale_per_k, split, what in ((False, 1, "row-scaled"), (True, 2, "split 2")):
+        with pytest.raises(ValueError, match=f"block-scaled GEMMs with two warpgroups.*{what}"):
+            gluon_gemm._launch(codes, codes, torch.empty(4, 4), scales, scales, (1, 1, 1, 1), scale_per_k, pair,
+                               split)
+
+
 def test_gluon_ring_fits_shared_memory():
     """The ring keeps a variant's depth where it fits beside the output's staging and is cut where it would not (the
     three-warpgroup variant with fp32 output asked an H200 for 262,220 bytes of 232,448 at 4 stages)."""
