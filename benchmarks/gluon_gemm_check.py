@@ -58,10 +58,6 @@ def report_failure(what: str, e: Exception) -> None:
     traceback.print_exc(limit=3)
 
 
-def block_scaled_configs(gg, pair: bool) -> list:
-    return list(gg.CONFIGS) + ([gg.PAIR] if pair else [])
-
-
 def check(gg, shapes, pair: bool = False) -> bool:
     ok = True
     for m, n, k in shapes:
@@ -70,7 +66,7 @@ def check(gg, shapes, pair: bool = False) -> bool:
         ours_triton = triton_gemm.matmul(qa, qb, torch.float32, config=NO_GLUON)
         print(f"check {m}x{n}x{k}: triton_gemm fp32 out rel err {relative_error(ours_triton, ref):.3e}, "
               f"fp64 product rounded to bf16 {relative_error(ref.float().bfloat16(), ref):.3e}", flush=True)
-        for cfg in block_scaled_configs(gg, pair):
+        for cfg in list(gg.CONFIGS) + ([gg.PAIR] if pair else []):
             try:
                 c32 = gg.blockscaled_matmul(qa.codes, qa.scales, qb.codes, qb.scales, torch.float32, config=cfg)
                 c16 = gg.blockscaled_matmul(qa.codes, qa.scales, qb.codes, qb.scales, torch.bfloat16, config=cfg)

@@ -80,9 +80,8 @@ def compile_variant(gg, cfg, out: str = "bf16", mode: str = "block-scaled", a_dt
     else:  # per-row: (M,) and (N,) contiguous, K strides 0
         constexprs.update(stride_sam=1, stride_sbn=1)
         aligned |= {"stride_sak", "stride_sbk"}
-    pair = cfg.cluster == 2
-    types = dict(a_desc=desc(a_dtype, gg.TILE if cfg.warpgroups == 2 else 64, [[1, 0]] if pair else None),
-                 b_desc=desc(b_dtype, gg.TILE, [[0, 0]] if pair else None),
+    (a_rows, a_cga), (b_rows, b_cga) = gg.operand_blocks(cfg)  # the blocks _launch gives the kernel
+    types = dict(a_desc=desc(a_dtype, a_rows, a_cga), b_desc=desc(b_dtype, b_rows, b_cga),
                  c_ptr=f"*{out}",
                  sa_ptr="*fp32", sb_ptr="*fp32",
                  ws_ptr="*fp32")
@@ -91,7 +90,7 @@ def compile_variant(gg, cfg, out: str = "bf16", mode: str = "block-scaled", a_dt
     attrs = {(i, ): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in aligned}
     src = GluonASTSource(fn=fn, signature=signature, attrs=attrs,
                          constexprs={(names.index(k), ): v for k, v in constexprs.items()})
-    options = {"num_warps": 4, "maxnreg": cfg.maxnreg} | ({"num_ctas": 2} if pair else {})
+    options = {"num_warps": 4, "maxnreg": cfg.maxnreg, "num_ctas": cfg.cluster}
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 

@@ -125,6 +125,16 @@ CONFIGS = [GluonConfig(5, 8), GluonConfig(4, 8), GluonConfig(4, 2), GluonConfig(
 # The default's launch over pairs of CTAs (B multicast); not among CONFIGS: compiled for sm_90 (tests/test_sass_tool.py,
 # triton 3.9), not yet run on a GPU (benchmarks/gluon_gemm_check.py --pair times it against the others and cuBLAS).
 PAIR = GluonConfig(5, 8, cluster=2)
+# How a block is laid out over a pair of CTAs (cga_layout bases): its rows split between the two, or whole in each.
+ROWS_SPLIT, WHOLE_IN_EACH = [[1, 0]], [[0, 0]]
+
+
+def operand_blocks(cfg: GluonConfig) -> tuple:
+    """((rows, cga_layout) of A's TMA block, (rows, cga_layout) of B's) of cfg's launch (cga_layout None: one CTA a
+    program): A a warpgroup's rows (64 a piece with three; 128 over a pair, 64 in each CTA), B a 128 x 128 tile."""
+    if cfg.cluster == 2:
+        return (TILE, ROWS_SPLIT), (TILE, WHOLE_IN_EACH)
+    return (TILE if cfg.warpgroups == 2 else 64, None), (TILE, None)
 
 
 if AVAILABLE:
@@ -266,7 +276,7 @@ if AVAILABLE:
         all): read once an item, before its K loop, and applied after it as acc * (sa * sb)."""
         HALF_M: gl.constexpr = 64 * CLUSTER  # rows of a warpgroup (over the pair: 64 a CTA)
         DOUBLE: gl.constexpr = BLOCK_M == 128 * CLUSTER  # two product tiles (chains), else one
-        if CLUSTER == 2:
+        if CLUSTER == 2:  # rows split between the pair (ROWS_SPLIT; triton 3.6 takes no constexpr list here)
             mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                           instr_shape=[16, BLOCK_N, 32], cga_layout=[[1, 0]])
         else:
@@ -331,7 +341,7 @@ if AVAILABLE:
         dtype: through shared memory into rows of 16-byte pieces, for wide coalesced stores (CLUSTER 2: the
         rows split between the pair's CTAs, as the accumulator's)."""
         VEC: gl.constexpr = 128 // ptr.dtype.element_ty.primitive_bitwidth  # elements in 16 bytes
-        if CLUSTER == 2:
+        if CLUSTER == 2:  # ROWS_SPLIT, as the accumulator's
             layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // COLS, COLS // VEC], [4, 1], [1, 0],
                                                     cga_layout=[[1, 0]])
         else:
@@ -422,8 +432,7 @@ if AVAILABLE:
 
 def _codes_descriptor(codes: torch.Tensor, k: int, rows_per_block: int, cga_layout=None):
     """A TMA descriptor over 2-D FP8 codes (block rows_per_block x 128); layouts TMA cannot read are
-    copied first (launch.tma_rows). cga_layout (a pair of CTAs): [[1, 0]] the block's rows split between the
-    two, [[0, 0]] the whole block in each."""
+    copied first (launch.tma_rows). cga_layout (a pair of CTAs): ROWS_SPLIT or WHOLE_IN_EACH."""
     codes = tma_rows(codes, k)
     block = [rows_per_block, K_BLOCK]
     extra = {} if cga_layout is None else {"cga_layout": cga_layout}
@@ -507,14 +516,10 @@ def _launch(a_codes, b_codes, c, sa, sb, scale_strides, scale_per_k: bool, confi
     grid = (min(sm_count(a_codes.device) // cfg.cluster, tiles * split), )  # programs: CTAs or pairs of them
     ws = torch.empty((split, M, N), dtype=torch.float32, device=c.device) if split > 1 else c
     stages = ring_stages(cfg, ws.element_size(), shared_memory(c.device))
-    if pair:  # a warpgroup's 128 rows over the pair (64 a CTA); B whole in each
-        a_desc = _codes_descriptor(a_codes, K, TILE, [[1, 0]])
-        b_desc = _codes_descriptor(b_codes, K, TILE, [[0, 0]])
-    else:
-        a_desc = _codes_descriptor(a_codes, K, TILE if cfg.warpgroups == 2 else 64)
-        b_desc = _codes_descriptor(b_codes, K, TILE)
+    (a_rows, a_cga), (b_rows, b_cga) = operand_blocks(cfg)
     _fp8_gemm_kernel[grid](
-        a_desc, b_desc, c, sa, sb, ws, M, N, K,
+        _codes_descriptor(a_codes, K, a_rows, a_cga), _codes_descriptor(b_codes, K, b_rows, b_cga), c,
+        sa, sb, ws, M, N, K,
         c.stride(0), c.stride(1), *scale_strides,
         STAGES=stages, GROUP_M=cfg.group_m, CHAIN=cfg.chain, CONSUMER_REGS=cfg.consumer_regs,
         PRODUCER_REGS=cfg.producer_regs,
