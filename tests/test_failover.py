@@ -154,6 +154,9 @@ def test_streams_survive_a_replica_dying_mid_run(processes, rng):
     client.streams["Quantize"] = streams
     done = []
     at_kill = {}
+    # The streams after the first third wait for the freeze: on a busy machine the whole run can otherwise end
+    # before this thread is scheduled again (seen in CI: the kill came after the run).
+    frozen = threading.Event()
 
     def kill_victim_mid_stream():
         while len(done) < len(tensors) // 3:
@@ -163,6 +166,7 @@ def test_streams_survive_a_replica_dying_mid_run(processes, rng):
         # those streams hang. Three streams opened after the freeze are sure to include one of them.
         victim.proc.send_signal(signal.SIGSTOP)
         frozen_at = streams.started
+        frozen.set()
         while streams.started < frozen_at + 3 and len(done) < len(tensors):
             time.sleep(0.005)
         time.sleep(0.2)  # the stream's first messages are on their way to the frozen server
@@ -173,6 +177,8 @@ def test_streams_survive_a_replica_dying_mid_run(processes, rng):
     killer.start()
 
     def quantize(i):
+        if i >= len(tensors) // 3:
+            assert frozen.wait(60), "the victim was never frozen"
         result = client.quantize(tensors[i], SPEC, report=False)
         done.append(i)
         return result
