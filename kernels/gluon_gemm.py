@@ -123,7 +123,9 @@ class GluonConfig:
 THREE_WARPGROUPS = GluonConfig(4, 2, maxnreg=128, consumer_regs=160, warpgroups=3)
 CONFIGS = [GluonConfig(5, 8), GluonConfig(4, 8), GluonConfig(4, 2), GluonConfig(3, 4), THREE_WARPGROUPS]
 # The default's launch over pairs of CTAs (B multicast); not among CONFIGS: compiled for sm_90 (tests/test_sass_tool.py,
-# triton 3.9), not yet run on a GPU (benchmarks/gluon_gemm_check.py --pair times it against the others and cuBLAS).
+# triton 3.9). On an H100 (triton 3.9, 2026-12-07) it gave the default's bits at 1 x 1 x 1 and 130 x 7 x 383 (fewer K
+# blocks than ring slots) and hung at 257 x 383 x 1100 (9 K blocks, 6 tiles): experimental until that is found
+# (BENCHMARKS.md; benchmarks/gluon_gemm_check.py --pair times it against the others and cuBLAS).
 PAIR = GluonConfig(5, 8, cluster=2)
 # How a block is laid out over a pair of CTAs (cga_layout bases): its rows split between the two, or whole in each.
 ROWS_SPLIT, WHOLE_IN_EACH = [[1, 0]], [[0, 0]]

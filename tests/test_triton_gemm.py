@@ -15,6 +15,7 @@ test_gpu_fp8_as_accurate_as_cublas), so compiled FP8 x FP8 products are held to 
 """
 import dataclasses
 import math
+import multiprocessing
 
 import pytest
 import torch
@@ -756,16 +757,9 @@ def test_gpu_gluon_same_products_as_triton(m, n, k, out_dtype, rng, monkeypatch)
 
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (130, 7, 383), (257, 383, 1100), (1000, 1000, 4096),
-                                   (2048, 1536, 3072)])
-def test_gpu_gluon_pairs_same_products(m, n, k, rng):
-    """gluon_gemm.PAIR (programs of two CTAs, B multicast, its slots freed on a barrier of the pair) gives the
-    default variant's products bit for bit: tiles of 256 rows, ragged in every dimension, E4M3 and E5M2 A, row- and
-    column-major scales, fp32 and bf16 output, and the same bits every run."""
-    assert torch.cuda.get_device_capability()[0] == 9 and gluon_gemm.AVAILABLE, "needs an sm_90 GPU and Gluon"
-    if not gluon_gemm.CLUSTER_AVAILABLE:
-        pytest.skip(f"pairs of CTAs need triton 3.9 or later (this is {triton.__version__})")
+def pair_products(m, n, k, seed):
+    """test_gpu_gluon_pairs_same_products' checks, in a child process (spawned: a CUDA context of its own)."""
+    rng = torch.Generator().manual_seed(seed)
     for spec_a, spec_b in [BLOCK_SCALED] + BLOCK_SCALED_E5M2:
         qa, qb = (to_device(q) for q in quantized_pair(m, n, k, spec_a, spec_b, rng))
         for sa in (qa.scales, qa.scales.t().contiguous().t()):
@@ -775,6 +769,29 @@ def test_gpu_gluon_pairs_same_products(m, n, k, rng):
                 ours = gluon_gemm.blockscaled_matmul(*args, config=gluon_gemm.PAIR)
                 assert torch.equal(ours, gluon_gemm.blockscaled_matmul(*args)), what
                 assert torch.equal(gluon_gemm.blockscaled_matmul(*args, config=gluon_gemm.PAIR), ours), what
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (130, 7, 383), (256, 128, 768), (257, 383, 1100), (1000, 1000, 4096),
+                                   (2048, 1536, 3072)])
+def test_gpu_gluon_pairs_same_products(m, n, k, rng):
+    """gluon_gemm.PAIR (programs of two CTAs, B multicast, its slots freed on a barrier of the pair) gives the
+    default variant's products bit for bit: tiles of 256 rows, ragged in every dimension, more K blocks than the
+    ring has slots (256 x 128 x 768: 6 of 5), E4M3 and E5M2 A, row- and column-major scales, fp32 and bf16 output,
+    and the same bits every run. In a child process with a deadline: a pair that waits for an arrive that never
+    comes hangs its launch, which fails this test instead of the run (seen on an H100 at 257 x 383 x 1100)."""
+    assert torch.cuda.get_device_capability()[0] == 9 and gluon_gemm.AVAILABLE, "needs an sm_90 GPU and Gluon"
+    if not gluon_gemm.CLUSTER_AVAILABLE:
+        pytest.skip(f"pairs of CTAs need triton 3.9 or later (this is {triton.__version__})")
+    seed = int(torch.randint(0, 1 << 31, (1,), generator=rng))
+    child = multiprocessing.get_context("spawn").Process(target=pair_products, args=(m, n, k, seed))
+    child.start()
+    child.join(120)  # compiling the variants takes seconds; the products milliseconds
+    if child.is_alive():
+        child.kill()
+        child.join()
+        pytest.fail(f"gluon_gemm.PAIR at {m}x{n}x{k} did not finish in 120 s (a hang: seed {seed})")
+    assert child.exitcode == 0, f"gluon_gemm.PAIR at {m}x{n}x{k}: the child failed (its traceback above; seed {seed})"
 
 
 def test_gluon_pairs_refuse_what_they_do_not_run():
