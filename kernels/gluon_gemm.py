@@ -185,12 +185,6 @@ if AVAILABLE:
                 else:
                     _tma_load(b_desc, [off_n, kb * BLOCK_K], ready.index(s), b_bufs.index(s))
                 c += 1
-        if CLUSTER == 2:
-            # CTA 0 stays until the last arrives of CTA 1's consumers on its barriers have landed (every slot freed
-            # once more): a CTA's shared memory must outlive the pair's accesses to it (CTA 1 needs no such tail:
-            # it waits for every copy CTA 0 sends it before its consumers end).
-            for i in gl.static_range(STAGES):
-                mbarrier.wait(b_free.index((c + i) % STAGES), (((c + i) // STAGES) & 1) ^ 1)
 
     @gluon.jit
     def _issue(a_bufs, b_bufs, ready, c, free, sa_ptrs, sb_ptr, kb, k_groups, stride_sak, stride_sbk,
@@ -379,8 +373,8 @@ if AVAILABLE:
         CLUSTER 2 (num_ctas=2; block-scaled, two warpgroups, one work item a tile): a program is a pair of CTAs
         on a 256 x 128 tile, a_desc's block a warpgroup's 128 rows (64 a CTA), b_desc's shared by the pair
         (multicast from CTA 0). `empty` frees each CTA's A slot to its own producer, `b_free` (in CTA 0, both
-        CTAs' consumers arriving) the pair's B slot to CTA 0's, whose producer ends by waiting for every slot's last
-        release (the arrives of CTA 1 land in CTA 0's shared memory).
+        CTAs' consumers arriving) the pair's B slot to CTA 0's. Triton (3.9) ends the warp-specialized region of a
+        cluster with a cluster barrier, so CTA 0's shared memory outlives the arrives of CTA 1 (no producer tail).
         Launched with num_warps=4 (the default partition, consumer warpgroup 0).
         """
         BLOCK_M: gl.constexpr = 64 * WGS * CLUSTER

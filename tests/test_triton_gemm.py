@@ -772,12 +772,13 @@ def pair_products(m, n, k, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (130, 7, 383), (256, 128, 768), (257, 383, 1100), (1000, 1000, 4096),
-                                   (2048, 1536, 3072)])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (130, 7, 383), (512, 256, 512), (256, 128, 768), (257, 383, 1100),
+                                   (1000, 1000, 4096), (2048, 1536, 3072)])
 def test_gpu_gluon_pairs_same_products(m, n, k, rng):
     """gluon_gemm.PAIR (programs of two CTAs, B multicast, its slots freed on a barrier of the pair) gives the
-    default variant's products bit for bit: tiles of 256 rows, ragged in every dimension, more K blocks than the
-    ring has slots (256 x 128 x 768: 6 of 5), E4M3 and E5M2 A, row- and column-major scales, fp32 and bf16 output,
+    default variant's products bit for bit: tiles of 256 rows, ragged in every dimension, several tiles within one
+    lap of the ring (512 x 256 x 512: 4 tiles, 4 K blocks), one tile of more K blocks than the ring has slots
+    (256 x 128 x 768: 6 of 5), E4M3 and E5M2 A, row- and column-major scales, fp32 and bf16 output,
     and the same bits every run. In a child process with a deadline: a pair that waits for an arrive that never
     comes hangs its launch, which fails this test instead of the run (seen on an H100 at 257 x 383 x 1100)."""
     assert torch.cuda.get_device_capability()[0] == 9 and gluon_gemm.AVAILABLE, "needs an sm_90 GPU and Gluon"
