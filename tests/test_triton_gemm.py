@@ -756,7 +756,6 @@ def test_gpu_gluon_same_products_as_triton(m, n, k, out_dtype, rng, monkeypatch)
         assert relative_error(full, reference.matmul(qa, qb, full.dtype)) <= tolerance(qa.spec, full.dtype)
 
 
-
 def pair_products(m, n, k, seed):
     """test_gpu_gluon_pairs_same_products' checks, in a child process (spawned: a CUDA context of its own)."""
     rng = torch.Generator().manual_seed(seed)
