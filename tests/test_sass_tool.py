@@ -120,6 +120,16 @@ def test_gluon_kernel_compiles_for_sm90(tmp_path):
             assert all(int(n) > 0 for n in pair.groups()), v
 
 
+@pytest.mark.skipif(not gluon_gemm.CLUSTER_AVAILABLE, reason="pairs of CTAs need triton 3.9 or later")
+def test_pair_probe_instruments_this_kernel():
+    """benchmarks/gluon_pair_probe.py --progress runs a copy of the kernel with progress stores, patched into this
+    version of its source: each anchor found once, and the copy compiles for sm_90 (a store after each slot copied
+    and each chain, in both CTAs)."""
+    stdout = run_tool("gluon_pair_probe.py", "--compile-only")
+    stores = int(re.search(r"(\d+) global stores in the PTX", stdout).group(1))
+    assert stores > 8, stdout
+
+
 def test_stray_merges_are_found(monkeypatch):
     """sass.stray_merges: a merge of a converted pair with a shifted register (the miscompile's form, from the stack
     pointer R1), not one with a conversion that merged nothing, also where .reuse marks the operand."""
