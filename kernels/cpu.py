@@ -37,6 +37,19 @@ TAKES_OUT = True  # quantize and dequantize write into out= tensors (in the comp
 
 log = logging.getLogger(__name__)
 
+# Whether the block functions run compiled (use_compiler).
+_compiling = True
+
+
+def use_compiler(on: bool) -> None:
+    """Compile the block functions (the default), or run them as they are, in this process: the same bits (they
+    are the reference's), without torch.compile's pause on each spec's and dtype's first call (seconds; importing
+    inductor alone takes several), at a small fraction of the compiled throughput (BENCHMARKS.md, CPU backend). For
+    short-lived servers on small tensors (test suites); `quantd serve --cpu-compile off`."""
+    global _compiling
+    _compiling = bool(on)
+
+
 # Graphs of one spec's code object: input (or code and output) dtypes x explicit scales or not,
 # plus size-1 specializations. Past the default limit (8) dynamo would run eagerly. Dynamo's config
 # is a context variable, so the limit is raised around each call, in the thread making it (the
@@ -157,8 +170,9 @@ _eager = set()
 
 
 def _run(fn, spec, *args):
-    """Run fn compiled; if compiling fails (no C++ compiler, ...), warn and run it eagerly from then on."""
-    if (fn, spec) not in _eager:
+    """Run fn compiled; if compiling fails (no C++ compiler, ...), warn and run it eagerly from then on. Without
+    the compiler (use_compiler) it runs as it is."""
+    if _compiling and (fn, spec) not in _eager:
         try:
             return _compiled(fn, spec)(*args)
         except Exception as exc:
@@ -183,6 +197,8 @@ def _mark_blocks_dynamic(spec: QuantSpec, *tensors, per_block=(), unbacked: bool
     given tensors): a backed block count, which lets inductor write the results straight into them (with unbacked
     counts it computes them apart and copies, twice the time), at the price of a graph of its own for a single
     block."""
+    if not _compiling:  # marks for the compiler only (and the import of dynamo they need)
+        return
     whole = spec.granularity in (Granularity.TENSOR, Granularity.CHANNEL)
     if spec.granularity == Granularity.TENSOR:
         per_block = ()
@@ -199,6 +215,8 @@ def _mark_blocks_dynamic(spec: QuantSpec, *tensors, per_block=(), unbacked: bool
 def _mark_tiles_dynamic(grid: torch.Tensor, *per_tile):
     """Let the tile counts of a (tile rows, bm, tile columns, bn) grid, and the count of per-tile tensors (scales,
     zero points; None skipped), vary without recompiling: unbacked, one graph for every shape."""
+    if not _compiling:
+        return
     torch._dynamo.decorators.mark_unbacked(grid, 0)
     torch._dynamo.decorators.mark_unbacked(grid, 2)
     for t in per_tile:

@@ -23,6 +23,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from quantd.kernels import cpu
 from quantd.protocol import chunks
 from quantd.v1 import quantd_pb2
 
@@ -98,6 +99,7 @@ class QuantdServer:
     def __init__(self, config: ServerConfig, metrics: Metrics | None = None):
         self.config = config
         self.devices = pick_devices(config.device)
+        cpu.use_compiler(config.cpu_compile == "on")  # the process's CPU backend (a setting of the process)
         self.metrics = metrics or Metrics()
         # each device computes in threads of its own: a busy GPU does not hold up requests placed on another
         self.executors = [concurrent.futures.ThreadPoolExecutor(COMPUTE_THREADS, thread_name_prefix=f"quantd-{d}")
@@ -150,8 +152,9 @@ class QuantdServer:
         await self._start_local_socket()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("quantd serving on %s:%d (device %s)", self.config.host, self.port,
-                 ", ".join(map(str, self.devices)))
+        uncompiled = ", CPU backend uncompiled" if self.config.cpu_compile == "off" else ""
+        log.info("quantd serving on %s:%d (device %s%s)", self.config.host, self.port,
+                 ", ".join(map(str, self.devices)), uncompiled)
         if credentials is None and auth is None and not is_loopback(self.config.host):
             log.warning("serving on %s without TLS or tokens: anyone who reaches this address can use the server "
                         "(set QUANTD_TLS_CERT_FILE/QUANTD_TLS_KEY_FILE or QUANTD_AUTH_TOKENS)", self.config.host)

@@ -37,6 +37,9 @@ class ServerConfig:
     local_socket_dir: str = ""             # where the local socket for same-host memory calls goes ("": the
                                            # temporary directory; "off": none)
     shm_unsealed: str = "refuse"           # refuse | allow: named /dev/shm regions, which their client can shrink
+    cpu_compile: str = "on"                # on | off: the CPU backend's graphs through torch.compile, or its block
+                                           # functions run as they are (the same bits; no compile pause on a spec's
+                                           # first call, a small fraction of the throughput: kernels.cpu.use_compiler)
 
     def __post_init__(self):
         if self.log_format not in ("text", "json"):
@@ -51,6 +54,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.shm_unsealed not in ("refuse", "allow"):
             raise ValueError(f"shm_unsealed must be 'refuse' or 'allow', got {self.shm_unsealed!r}")
+        if self.cpu_compile not in ("on", "off"):
+            raise ValueError(f"cpu_compile must be 'on' or 'off', got {self.cpu_compile!r}")
         parts = self.device.split(",")
         single = len(parts) == 1 and (self.device in ("auto", "cpu", "all", "cuda") or _is_cuda_index(self.device))
         if not single and not all(_is_cuda_index(p.strip()) for p in parts):

@@ -136,6 +136,9 @@ def run_measuring_rss(command: list[str], log: Path) -> tuple[int, int]:
 class ServerProcess:
     """`quantd serve --host 127.0.0.1 --port <free> --device cpu [args]` with QUANTD_* `env` on top of this
     process's environment; waits until its health service says SERVING. Its log goes to a temporary file.
+    Its CPU backend runs uncompiled (QUANTD_CPU_COMPILE=off, unless `env` or this environment says otherwise): the
+    same bits, without importing inductor and compiling in every server process (about 10 CPU-seconds each); the
+    compiled graphs are tested in process (test_cpu_backend, the service tests' in-process servers).
     rss() is its resident memory. A free port can be taken by another process (a client's ephemeral port, a
     parallel test) before the server binds it: a server that exits saying so is started again on other ports
     (BIND_RETRIES times)."""
@@ -159,8 +162,8 @@ class ServerProcess:
         if self._metrics:
             command += ["--metrics-port", str(self.metrics_port)]
         self._log = tempfile.NamedTemporaryFile("w+", prefix="quantd-serve-", suffix=".log")
-        self.proc = subprocess.Popen(command + self._args, env={**os.environ, **(self._env or {})},
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        env = {"QUANTD_CPU_COMPILE": "off", **os.environ, **(self._env or {})}
+        self.proc = subprocess.Popen(command + self._args, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     @property
     def target(self) -> str:

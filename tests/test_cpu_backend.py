@@ -237,6 +237,25 @@ def test_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog, rng):
 
 
 
+def test_without_the_compiler_the_same_bits_and_no_graph(monkeypatch, rng):
+    """use_compiler(False) (`quantd serve --cpu-compile off`): every spec's quantize and dequantize, out= included,
+    give the reference's bits from the block functions as they are: nothing traced or compiled, nothing marked."""
+    monkeypatch.setattr(cpu, "_compiling", cpu._compiling)  # restored after the test
+    cpu.use_compiler(False)
+    graphs, compiled = counters["stats"]["unique_graphs"], cpu._compiled.cache_info().currsize
+    for spec, dtype in CASES:
+        x = random_input((33, 97), dtype, rng)
+        want = reference.quantize(x, spec)
+        assert_same(cpu.quantize(x, spec), want)
+        assert same_values(cpu.dequantize(want), reference.dequantize(want))
+        tensors = {name: torch.empty(shape, dtype=tdtype) for name, shape, tdtype in spec.storage(x.shape).tensors()}
+        out = QuantizedTensor.from_stored(tensors, spec, x.shape)
+        assert_same(cpu.quantize(x, spec, out=out), want)
+    assert counters["stats"]["unique_graphs"] == graphs and cpu._compiled.cache_info().currsize == compiled
+    cpu.use_compiler(True)
+    assert cpu._compiling
+
+
 @pytest.mark.slow
 def test_many_specs_and_variants_stay_compiled_in_worker_threads(rng, monkeypatch):
     """As in the server, graphs are compiled in worker threads, for many specs and shapes: one spec through more

@@ -252,7 +252,7 @@ def test_compose_configuration_serves_the_example_job(compose, tmp_path, rng):
     image's health probe, runs the example job's command against a checkpoint, exposes metrics, and drains on
     SIGTERM."""
     env = {k: resolve(v) for k, v in compose["services"]["quantd"]["environment"].items()}
-    env.update(QUANTD_DEVICE="cpu", QUANTD_DRAIN_SECONDS="5")
+    env.update(QUANTD_DEVICE="cpu", QUANTD_DRAIN_SECONDS="5", QUANTD_CPU_COMPILE="on")  # on: as deployed
     env.pop("QUANTD_PORT"), env.pop("QUANTD_METRICS_PORT")  # the harness picks free ones (as flags)
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()

@@ -214,7 +214,7 @@ def free_port() -> int:
 
 def test_quantd_serve_drains_on_sigterm(tmp_path):
     port = free_port()
-    env = {**os.environ, "QUANTD_DRAIN_SECONDS": "20"}
+    env = {**os.environ, "QUANTD_DRAIN_SECONDS": "20", "QUANTD_CPU_COMPILE": "off"}
     process = subprocess.Popen([sys.executable, "-m", "quantd.cli", "serve", "--host", "127.0.0.1",
                                 "--port", str(port), "--device", "cpu"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

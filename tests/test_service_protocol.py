@@ -153,6 +153,11 @@ def test_server_config_from_environment_and_flags():
     assert (cfg.port, cfg.auth_tokens, cfg.device, cfg.max_tensor_bytes) == (7000, ("x", "y"), "cpu", 1000)
     with pytest.raises(ValueError, match="log_format"):
         server_config.ServerConfig(log_format="xml")
+    assert server_config.from_env({"QUANTD_CPU_COMPILE": "off"}).cpu_compile == "off"
+    assert server_config.from_args(parser.parse_args(["--cpu-compile", "on"]), {"QUANTD_CPU_COMPILE": "off"}) \
+        .cpu_compile == "on"
+    with pytest.raises(ValueError, match="cpu_compile must be 'on' or 'off', got 'fast'"):
+        server_config.ServerConfig(cpu_compile="fast")
 
 
 def test_dtype_names_cover_every_code_and_scale_dtype():

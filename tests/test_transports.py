@@ -246,8 +246,8 @@ def test_a_server_down_at_first_still_gets_shm_once_it_is_up():
     port = free_port()
     client = QuantdClient(f"127.0.0.1:{port}", transport="auto")
     assert "UNAVAILABLE" in client._shm_reason()
-    proc = subprocess.Popen(quantd_command() + ["serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    serve = ["serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--cpu-compile", "off"]
+    proc = subprocess.Popen(quantd_command() + serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         with client:
             grpc.channel_ready_future(client.channel).result(timeout=120)
@@ -561,7 +561,7 @@ def test_auto_falls_back_with_the_reason_when_the_server_has_another_shm():
     host: it finds neither the client's memory file nor its named object."""
     port = free_port()
     serve = " ".join(quantd_command() + ["serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-                                         "--shm-unsealed", "allow"])
+                                         "--shm-unsealed", "allow", "--cpu-compile", "off"])
     proc = subprocess.Popen(["unshare", "-m", "-p", "-f", "--mount-proc", "sh", "-c",
                              f"mount -t tmpfs tmpfs /dev/shm && exec {serve}"], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
