@@ -2,9 +2,10 @@
 
     python3 benchmarks/gluon_pair_probe.py [--stages 5] [--chain 8] [--progress] [--wait 6] M N K [M N K ...]
 
-Each shape runs in a process of its own: one launch of GluonConfig(stages, chain, cluster=2) on random E4M3
-operands with 1x128 x 128x128 scales, compared bit for bit with the default variant's product; a launch not done
-`--wait` seconds after it was issued is reported HUNG and its process killed (the next shape starts afresh).
+Each shape runs in a process of its own: one launch of GluonConfig(stages, chain, cluster=2) on E4M3 operands
+quantized as gluon_gemm_check.py's (A 1x128 groups, B 128x128 tiles), compared bit for bit with the default
+variant's product; a launch not done `--wait` seconds after it was issued is reported HUNG and its process killed
+(the next shape starts afresh).
 
 --progress launches an instrumented copy of the kernel instead (the module's source with stores added, loaded
 from a temporary file; the shipped kernel is untouched): per pair of CTAs and per CTA, the producer's slot
@@ -81,8 +82,7 @@ def instrumented_module():
 
 
 def compile_only() -> None:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import gluon_gemm_sass
+    import gluon_gemm_sass  # beside this script (its folder is on the path of a script run)
     gg = instrumented_module()
     if not gg.CLUSTER_AVAILABLE:
         sys.exit(f"pairs of CTAs need triton 3.9 or later; this is {gg.triton.__version__}")
@@ -92,20 +92,18 @@ def compile_only() -> None:
 
 def run_one(stages: int, chain: int, m: int, n: int, k: int, progress: bool, wait: float) -> None:
     import torch
+    from gluon_gemm_check import operands
     from quantd.kernels import gluon_gemm
     gg = instrumented_module() if progress else gluon_gemm
-    g = torch.Generator(device="cuda").manual_seed(m + n + k)
-    a = torch.randn(m, k, device="cuda", generator=g).to(torch.float8_e4m3fn)
-    b = torch.randn(n, k, device="cuda", generator=g).to(torch.float8_e4m3fn)
-    kb = -(-k // 128)
-    sa = torch.rand(m, kb, device="cuda", generator=g) + 0.5
-    sb = torch.rand(-(-n // 128), kb, device="cuda", generator=g) + 0.5
-    want = gluon_gemm.blockscaled_matmul(a, sa, b, sb, torch.float32)
+    qa, qb = operands(m, n, k, m + n + k)
+    args = (qa.codes, qa.scales, qb.codes, qb.scales, torch.float32)
+    kb = qa.scales.shape[1]
+    want = gluon_gemm.blockscaled_matmul(*args)
     if progress:
         gg.PROGRESS = torch.full((PROGRESS_WORDS * torch.cuda.get_device_properties(0).multi_processor_count, ),
                                  -1.0, device="cuda")
     torch.cuda.synchronize()
-    got = gg.blockscaled_matmul(a, sa, b, sb, torch.float32, config=gg.GluonConfig(stages, chain, cluster=2))
+    got = gg.blockscaled_matmul(*args, config=gg.GluonConfig(stages, chain, cluster=2))
     done = torch.cuda.Event()
     done.record()
     start = time.time()  # after the launch call: a first compile is not counted
